@@ -1,0 +1,23 @@
+//! Switchboard: a thread-per-core WebSocket messaging server.
+//!
+//! Layout (see `docs/ARCHITECTURE.md`):
+//! - [`proto`] and [`route`] are sans-IO: bytes and `now` in, bytes and events out.
+//! - [`auth`] verifies JWTs (pure).
+//! - [`shard`] runs one pinned event loop per core over a `Slab` of clients.
+//! - [`io`] holds the only socket/OS calls: listeners, pinning, rlimits.
+//! - [`bridge`] is the one thread that talks to Redis/Kafka (single-node: nothing to forward).
+//! - [`directory`] is the node-wide, lock-free view of which shards hold which rooms and users.
+//! - [`metrics`] merges per-shard counters off the hot path; [`server`] wires it all together.
+
+pub mod auth;
+pub mod bridge;
+pub mod config;
+pub mod directory;
+pub mod doctor;
+pub mod io;
+pub mod limits;
+pub mod metrics;
+pub mod proto;
+pub mod route;
+pub mod server;
+pub mod shard;

@@ -1,0 +1,59 @@
+//! Every fixed bound of the server, named once, with why it is what it is.
+//!
+//! Configurable limits live in [`crate::config::Config`]; these are the structural ones that a
+//! deployment has no reason to change. Units come last in each name.
+
+/// Most shards per node: the room and user directories keep a `u64` shard bitmap.
+pub const SHARDS_MAX: usize = 64;
+
+/// Messages waiting in one shard's inbox from other shards and the bridge. At ~64 B per message
+/// this is 4 MiB per shard at worst; a full inbox is a policy decision counted in
+/// `switchboard_cross_shard_dropped_total`, never a block.
+pub const SHARD_INBOX_CAPACITY: usize = 65_536;
+
+/// Messages waiting for the bridge thread.
+pub const BRIDGE_INBOX_CAPACITY: usize = 65_536;
+
+/// mio events fetched per `poll` call.
+pub const EVENTS_PER_POLL_MAX: usize = 1024;
+
+/// Connections accepted per listener readiness event before the loop turns (fairness).
+pub const ACCEPTS_PER_TURN_MAX: usize = 256;
+
+/// `recv` calls for one connection per readiness event; past this the connection is revisited
+/// next turn so one fast sender cannot starve the shard.
+pub const READS_PER_EVENT_MAX: usize = 4;
+
+/// Inbox messages handled per loop turn before sockets get a turn again.
+pub const INBOX_PER_TURN_MAX: usize = 4096;
+
+/// iovecs gathered into one `writev`. Linux IOV_MAX is 1024; past ~64 the gain is gone.
+pub const IOVECS_PER_WRITE_MAX: usize = 64;
+
+/// HTTP request headers parsed per upgrade request.
+pub const HTTP_HEADERS_MAX: usize = 48;
+
+/// Timer wheel: tick length and slot count (horizon = 51.2 s; later deadlines go round again).
+pub const TIMER_TICK_MS: u64 = 100;
+pub const TIMER_SLOTS: usize = 512;
+
+/// How often a shard publishes its local counters to the shared metrics.
+pub const STATS_PUBLISH_MS: u64 = 250;
+
+/// Longest `clientMsgId`, `to`, `conversationId` and user id accepted, in bytes.
+pub const ID_BYTES_MAX: usize = 256;
+
+/// Longest `attachmentUrl`, in bytes.
+pub const URL_BYTES_MAX: usize = 2048;
+
+/// Longest `id` correlation value copied back to the client, in bytes of JSON.
+pub const CORRELATION_ID_BYTES_MAX: usize = 128;
+
+/// fds kept free for listeners, epoll, eventfds and logs when deriving max_connections.
+pub const FD_RESERVE: u64 = 64;
+
+/// A connection's receive state buffer is released once idle and larger than this.
+pub const RX_RETAIN_BYTES_MAX: usize = 4096;
+
+/// Send-queue slots retained after the queue drains (capacity above this is released).
+pub const SEND_QUEUE_RETAIN_SLOTS: usize = 8;

@@ -1,0 +1,391 @@
+//! Metrics: each shard counts in plain local integers and publishes them to its own
+//! [`ShardStats`] once per `STATS_PUBLISH_MS`; a scrape merges every shard's published values
+//! and renders Prometheus text. Nothing is emitted per message.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use hdrhistogram::Histogram;
+
+/// Why an `error` frame was sent (label `reason`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(usize)]
+pub enum ErrorReason {
+    InvalidJson,
+    UnknownType,
+    RoomRequired,
+    NotSubscribed,
+    RoomFull,
+    NotAllowed,
+    TooManyRooms,
+    RateLimited,
+    TooLarge,
+    Binary,
+    BadRequest,
+    AuthFailed,
+    Busy,
+}
+
+impl ErrorReason {
+    pub const ALL: [ErrorReason; 13] = [
+        ErrorReason::InvalidJson,
+        ErrorReason::UnknownType,
+        ErrorReason::RoomRequired,
+        ErrorReason::NotSubscribed,
+        ErrorReason::RoomFull,
+        ErrorReason::NotAllowed,
+        ErrorReason::TooManyRooms,
+        ErrorReason::RateLimited,
+        ErrorReason::TooLarge,
+        ErrorReason::Binary,
+        ErrorReason::BadRequest,
+        ErrorReason::AuthFailed,
+        ErrorReason::Busy,
+    ];
+    pub fn label(self) -> &'static str {
+        match self {
+            ErrorReason::InvalidJson => "invalid_json",
+            ErrorReason::UnknownType => "unknown_type",
+            ErrorReason::RoomRequired => "room_required",
+            ErrorReason::NotSubscribed => "not_subscribed",
+            ErrorReason::RoomFull => "room_full",
+            ErrorReason::NotAllowed => "not_allowed",
+            ErrorReason::TooManyRooms => "too_many_rooms",
+            ErrorReason::RateLimited => "rate_limited",
+            ErrorReason::TooLarge => "too_large",
+            ErrorReason::Binary => "binary",
+            ErrorReason::BadRequest => "bad_request",
+            ErrorReason::AuthFailed => "auth_failed",
+            ErrorReason::Busy => "busy",
+        }
+    }
+}
+
+/// How a connection ended (label `code`: a close code, or what happened without one).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(usize)]
+pub enum CloseKind {
+    Normal,
+    GoingAway,
+    Protocol,
+    InvalidData,
+    Policy,
+    TooBig,
+    Internal,
+    Unauthorized,
+    TokenExpired,
+    SlowConsumer,
+    RateLimited,
+    /// The peer vanished without a close frame (EOF, reset).
+    Abnormal,
+    /// Dead peer (no traffic within pong_wait) or stalled writes (write_wait).
+    Timeout,
+    /// An HTTP request that was answered and closed, or a handshake that never completed.
+    Http,
+}
+
+impl CloseKind {
+    pub const ALL: [CloseKind; 14] = [
+        CloseKind::Normal,
+        CloseKind::GoingAway,
+        CloseKind::Protocol,
+        CloseKind::InvalidData,
+        CloseKind::Policy,
+        CloseKind::TooBig,
+        CloseKind::Internal,
+        CloseKind::Unauthorized,
+        CloseKind::TokenExpired,
+        CloseKind::SlowConsumer,
+        CloseKind::RateLimited,
+        CloseKind::Abnormal,
+        CloseKind::Timeout,
+        CloseKind::Http,
+    ];
+    pub fn from_code(code: u16) -> CloseKind {
+        match code {
+            1000 => CloseKind::Normal,
+            1001 => CloseKind::GoingAway,
+            1002 => CloseKind::Protocol,
+            1007 => CloseKind::InvalidData,
+            1008 => CloseKind::Policy,
+            1009 => CloseKind::TooBig,
+            4001 => CloseKind::Unauthorized,
+            4003 => CloseKind::TokenExpired,
+            4008 => CloseKind::SlowConsumer,
+            4029 => CloseKind::RateLimited,
+            _ => CloseKind::Internal,
+        }
+    }
+    pub fn label(self) -> &'static str {
+        match self {
+            CloseKind::Normal => "1000",
+            CloseKind::GoingAway => "1001",
+            CloseKind::Protocol => "1002",
+            CloseKind::InvalidData => "1007",
+            CloseKind::Policy => "1008",
+            CloseKind::TooBig => "1009",
+            CloseKind::Internal => "1011",
+            CloseKind::Unauthorized => "4001",
+            CloseKind::TokenExpired => "4003",
+            CloseKind::SlowConsumer => "4008",
+            CloseKind::RateLimited => "4029",
+            CloseKind::Abnormal => "abnormal",
+            CloseKind::Timeout => "timeout",
+            CloseKind::Http => "http",
+        }
+    }
+}
+
+/// Counters a shard keeps locally (plain integers) and publishes once per tick.
+#[derive(Clone, Debug, Default)]
+pub struct LocalStats {
+    pub accepted: u64,
+    pub upgrades: u64,
+    pub upgrade_rejected: u64,
+    pub http_requests: u64,
+    pub frames_in: u64,
+    pub bytes_in: u64,
+    pub frames_out: u64,
+    pub bytes_out: u64,
+    pub writev_calls: u64,
+    pub publishes: u64,
+    pub deliveries: u64,
+    pub broadcasts: u64,
+    pub dms: u64,
+    pub dm_duplicates: u64,
+    pub cross_shard_sent: u64,
+    pub cross_shard_dropped: u64,
+    pub errors: [u64; ErrorReason::ALL.len()],
+    pub closes: [u64; CloseKind::ALL.len()],
+    /// Gauges (current values, not counters).
+    pub connections: u64,
+    pub ws_connections: u64,
+    pub rooms: u64,
+    pub queued_bytes: u64,
+}
+
+/// One shard's published values. Written by the shard once per tick, read by scrapes.
+pub struct ShardStats {
+    values: Vec<AtomicU64>,
+    /// Publish-to-flush latency in µs, merged from the shard's local histogram each tick.
+    pub latency_us: Mutex<Histogram<u64>>,
+}
+
+const SCALARS: usize = 22;
+
+fn flatten(s: &LocalStats) -> Vec<u64> {
+    let mut v = vec![
+        s.accepted,
+        s.upgrades,
+        s.upgrade_rejected,
+        s.http_requests,
+        s.frames_in,
+        s.bytes_in,
+        s.frames_out,
+        s.bytes_out,
+        s.writev_calls,
+        s.publishes,
+        s.deliveries,
+        s.broadcasts,
+        s.dms,
+        s.dm_duplicates,
+        s.cross_shard_sent,
+        s.cross_shard_dropped,
+        s.connections,
+        s.ws_connections,
+        s.rooms,
+        s.queued_bytes,
+        0,
+        0,
+    ];
+    debug_assert_eq!(v.len(), SCALARS);
+    v.extend_from_slice(&s.errors);
+    v.extend_from_slice(&s.closes);
+    v
+}
+
+/// A new latency histogram: 1 µs to 60 s, 2 significant digits.
+pub fn new_latency_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 2).expect("static histogram bounds are valid")
+}
+
+impl Default for ShardStats {
+    fn default() -> Self {
+        let n = flatten(&LocalStats::default()).len();
+        ShardStats {
+            values: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            latency_us: Mutex::new(new_latency_histogram()),
+        }
+    }
+}
+
+impl ShardStats {
+    /// Publish a shard's local counters (called by the owning shard only).
+    pub fn publish(&self, s: &LocalStats) {
+        for (slot, v) in self.values.iter().zip(flatten(s)) {
+            slot.store(v, Ordering::Relaxed);
+        }
+    }
+
+    fn load(&self) -> Vec<u64> {
+        self.values.iter().map(|a| a.load(Ordering::Relaxed)).collect()
+    }
+}
+
+/// Node-level facts the renderer needs besides shard stats.
+pub struct NodeView<'a> {
+    pub shards: &'a [ShardStats],
+    pub rooms: u64,
+    pub users: u64,
+    pub connections: u64,
+    pub max_connections: u64,
+    pub draining: bool,
+    pub dedup_entries: u64,
+    pub limits: Option<&'a crate::doctor::Limits>,
+}
+
+const COUNTERS: [(&str, &str, usize); 16] = [
+    ("switchboard_accepted_total", "TCP connections accepted", 0),
+    ("switchboard_upgrades_total", "WebSocket upgrades completed", 1),
+    ("switchboard_upgrades_rejected_total", "Upgrade requests refused (4xx/5xx)", 2),
+    ("switchboard_http_requests_total", "Plain HTTP requests served", 3),
+    ("switchboard_frames_in_total", "WebSocket frames received", 4),
+    ("switchboard_bytes_in_total", "Bytes received on WebSocket connections", 5),
+    ("switchboard_frames_out_total", "Frames written to sockets", 6),
+    ("switchboard_bytes_out_total", "Bytes written to sockets", 7),
+    ("switchboard_writev_calls_total", "writev system calls", 8),
+    ("switchboard_publishes_total", "Room publishes accepted", 9),
+    ("switchboard_deliveries_total", "Frames queued to a recipient by fan-out", 10),
+    ("switchboard_broadcasts_total", "Broadcasts accepted", 11),
+    ("switchboard_direct_messages_total", "Direct messages accepted", 12),
+    ("switchboard_direct_message_duplicates_total", "Direct messages answered from the dedup window", 13),
+    ("switchboard_cross_shard_sent_total", "Messages sent to other shards", 14),
+    ("switchboard_cross_shard_dropped_total", "Messages dropped because a shard inbox was full", 15),
+];
+
+/// Render the Prometheus text exposition.
+pub fn render(view: &NodeView) -> String {
+    let per_shard: Vec<Vec<u64>> = view.shards.iter().map(ShardStats::load).collect();
+    let mut out = String::with_capacity(8192);
+    let sum = |i: usize| per_shard.iter().map(|v| v[i]).sum::<u64>();
+    for (name, help, i) in COUNTERS {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", sum(i));
+    }
+    let _ = writeln!(
+        out,
+        "# HELP switchboard_connections Open TCP connections per shard (any phase)\n# TYPE switchboard_connections gauge"
+    );
+    for (i, v) in per_shard.iter().enumerate() {
+        let _ = writeln!(out, "switchboard_connections{{shard=\"{i}\"}} {}", v[16]);
+    }
+    let _ = writeln!(
+        out,
+        "# HELP switchboard_websocket_connections Upgraded WebSocket connections per shard\n# TYPE switchboard_websocket_connections gauge"
+    );
+    for (i, v) in per_shard.iter().enumerate() {
+        let _ = writeln!(out, "switchboard_websocket_connections{{shard=\"{i}\"}} {}", v[17]);
+    }
+    let _ = writeln!(
+        out,
+        "# HELP switchboard_send_queue_bytes Bytes queued for clients per shard\n# TYPE switchboard_send_queue_bytes gauge"
+    );
+    for (i, v) in per_shard.iter().enumerate() {
+        let _ = writeln!(out, "switchboard_send_queue_bytes{{shard=\"{i}\"}} {}", v[19]);
+    }
+    let gauges = [
+        ("switchboard_clients", "Upgraded WebSocket connections on this node", view.connections),
+        ("switchboard_max_connections", "Configured (or derived) connection limit", view.max_connections),
+        ("switchboard_rooms", "Rooms with at least one subscriber on this node", view.rooms),
+        ("switchboard_users", "Users with at least one device on this node", view.users),
+        ("switchboard_dedup_entries", "Direct-message dedup entries held", view.dedup_entries),
+        ("switchboard_draining", "1 while the node drains for shutdown", view.draining as u64),
+    ];
+    for (name, help, v) in gauges {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+    }
+    let _ = writeln!(
+        out,
+        "# HELP switchboard_errors_total Error frames sent, by reason\n# TYPE switchboard_errors_total counter"
+    );
+    for (k, r) in ErrorReason::ALL.iter().enumerate() {
+        let _ = writeln!(out, "switchboard_errors_total{{reason=\"{}\"}} {}", r.label(), sum(SCALARS + k));
+    }
+    let base = SCALARS + ErrorReason::ALL.len();
+    let _ = writeln!(
+        out,
+        "# HELP switchboard_closes_total Connections ended, by close code or cause\n# TYPE switchboard_closes_total counter"
+    );
+    for (k, c) in CloseKind::ALL.iter().enumerate() {
+        let _ = writeln!(out, "switchboard_closes_total{{code=\"{}\"}} {}", c.label(), sum(base + k));
+    }
+    let slow = sum(base + CloseKind::SlowConsumer as usize);
+    let _ = writeln!(
+        out,
+        "# HELP switchboard_slow_consumer_closes_total Connections closed 4008 for exceeding send_queue_bytes_max\n# TYPE switchboard_slow_consumer_closes_total counter\nswitchboard_slow_consumer_closes_total {slow}"
+    );
+    render_latency(&mut out, view.shards);
+    if let Some(limits) = view.limits {
+        crate::doctor::prometheus_lines(limits, &mut out);
+    }
+    out
+}
+
+/// Bucket bounds in seconds for the publish-to-flush histogram.
+const LATENCY_BUCKETS_US: [u64; 14] =
+    [50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 1_000_000, 5_000_000];
+
+fn render_latency(out: &mut String, shards: &[ShardStats]) {
+    let mut merged = new_latency_histogram();
+    for s in shards {
+        if let Ok(h) = s.latency_us.lock() {
+            let _ = merged.add(&*h);
+        }
+    }
+    let name = "switchboard_publish_to_flush_seconds";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Time from a frame's creation (publish, DM, reply) to its write to a recipient socket\n# TYPE {name} histogram"
+    );
+    for b in LATENCY_BUCKETS_US {
+        let count: u64 = merged.iter_recorded().filter(|v| v.value_iterated_to() <= b).map(|v| v.count_at_value()).sum();
+        let _ = writeln!(out, "{name}_bucket{{le=\"{}\"}} {count}", b as f64 / 1e6);
+    }
+    let total = merged.len();
+    let sum_s = merged.iter_recorded().map(|v| v.value_iterated_to() as f64 * v.count_at_value() as f64).sum::<f64>() / 1e6;
+    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {total}\n{name}_sum {sum_s}\n{name}_count {total}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_merged_counters_and_histogram() {
+        let shards = [ShardStats::default(), ShardStats::default()];
+        let mut a = LocalStats { deliveries: 5, connections: 2, ..Default::default() };
+        a.errors[ErrorReason::RateLimited as usize] = 3;
+        a.closes[CloseKind::SlowConsumer as usize] = 1;
+        shards[0].publish(&a);
+        shards[1].publish(&LocalStats { deliveries: 7, ..Default::default() });
+        shards[1].latency_us.lock().unwrap().record(300).unwrap();
+        let text = render(&NodeView {
+            shards: &shards,
+            rooms: 1,
+            users: 0,
+            connections: 2,
+            max_connections: 10,
+            draining: false,
+            dedup_entries: 0,
+            limits: None,
+        });
+        assert!(text.contains("switchboard_deliveries_total 12\n"));
+        assert!(text.contains("switchboard_connections{shard=\"0\"} 2\n"));
+        assert!(text.contains("switchboard_errors_total{reason=\"rate_limited\"} 3\n"));
+        assert!(text.contains("switchboard_closes_total{code=\"4008\"} 1\n"));
+        assert!(text.contains("switchboard_slow_consumer_closes_total 1\n"));
+        assert!(text.contains("switchboard_publish_to_flush_seconds_bucket{le=\"0.00025\"} 0\n"));
+        assert!(text.contains("switchboard_publish_to_flush_seconds_bucket{le=\"0.0005\"} 1\n"));
+        assert!(text.contains("switchboard_publish_to_flush_seconds_count 1\n"));
+    }
+}

@@ -1,0 +1,270 @@
+//! The JSON envelope: client commands in (sonic-rs, borrowed), server frames out (written once).
+//!
+//! A server frame is built into a per-shard scratch buffer as `[born_us][ws header][json]` and
+//! frozen into one [`Frame`] (`Arc<[u8]>`), which every recipient's send queue references: a
+//! room publish costs one encode and one allocation however many subscribers it reaches.
+//! Client `data` and `id` are validated by the parser and copied through byte for byte.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use serde::Deserialize;
+use sonic_rs::{JsonValueTrait, LazyValue};
+
+use super::json::{write_str, write_u64, write_uuid};
+use super::ws::{opcode, write_header, HEADER_BYTES_MAX};
+use crate::limits::CORRELATION_ID_BYTES_MAX;
+
+/// A client command. Unknown fields are ignored; every field is optional at this layer and the
+/// handler reports what is missing.
+#[derive(Deserialize, Default)]
+pub struct Command<'a> {
+    #[serde(rename = "type", borrow, default)]
+    pub kind: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    pub id: Option<LazyValue<'a>>,
+    #[serde(borrow, default)]
+    pub room: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    pub data: Option<LazyValue<'a>>,
+    #[serde(borrow, default)]
+    pub token: Option<Cow<'a, str>>,
+    #[serde(rename = "clientMsgId", borrow, default)]
+    pub client_msg_id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    pub to: Option<Cow<'a, str>>,
+    #[serde(rename = "conversationId", borrow, default)]
+    pub conversation_id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    pub content: Option<Cow<'a, str>>,
+    #[serde(rename = "attachmentUrl", borrow, default)]
+    pub attachment_url: Option<Cow<'a, str>>,
+}
+
+/// Parse one text message. `None` means "invalid JSON format" (syntax, a non-object, or a
+/// field of the wrong JSON type).
+pub fn parse_command(text: &[u8]) -> Option<Command<'_>> {
+    sonic_rs::from_slice::<Command>(text).ok()
+}
+
+impl Command<'_> {
+    /// The correlation id as raw JSON, if it is a string or a number of sane length.
+    pub fn correlation_id(&self) -> Option<&str> {
+        let id = self.id.as_ref()?;
+        let raw = id.as_raw_str();
+        ((id.is_str() || id.is_number()) && raw.len() <= CORRELATION_ID_BYTES_MAX).then_some(raw)
+    }
+
+    /// The `data` member as raw JSON (`null` when absent).
+    pub fn data_raw(&self) -> &str {
+        self.data.as_ref().map_or("null", |d| d.as_raw_str())
+    }
+}
+
+/// A complete, immutable server frame shared by all its recipients.
+/// Layout: 8 bytes of creation time (µs on the process clock), then the wire bytes.
+#[derive(Clone, Debug)]
+pub struct Frame(Arc<[u8]>);
+
+const BORN_BYTES: usize = 8;
+const PREFIX_BYTES: usize = BORN_BYTES + HEADER_BYTES_MAX;
+
+impl Frame {
+    /// The bytes to write to the socket.
+    #[inline]
+    pub fn wire(&self) -> &[u8] {
+        &self.0[BORN_BYTES..]
+    }
+
+    /// Creation time in µs on the process clock (for publish-to-flush latency).
+    #[inline]
+    pub fn born_us(&self) -> u64 {
+        let mut b = [0u8; BORN_BYTES];
+        b.copy_from_slice(&self.0[..BORN_BYTES]);
+        u64::from_le_bytes(b)
+    }
+
+    /// Wrap ready-made wire bytes (control frames, HTTP responses).
+    pub fn from_wire(wire: &[u8], born_us: u64) -> Frame {
+        let mut v = Vec::with_capacity(BORN_BYTES + wire.len());
+        v.extend_from_slice(&born_us.to_le_bytes());
+        v.extend_from_slice(wire);
+        Frame(v.into())
+    }
+}
+
+/// Per-shard scratch space for building frames.
+pub struct FrameBuilder {
+    buf: Vec<u8>,
+}
+
+impl Default for FrameBuilder {
+    fn default() -> Self {
+        FrameBuilder { buf: Vec::with_capacity(4096) }
+    }
+}
+
+/// Writes the members of one JSON object.
+pub struct Obj<'b> {
+    out: &'b mut Vec<u8>,
+}
+
+impl Obj<'_> {
+    fn key(&mut self, k: &str) -> &mut Vec<u8> {
+        if self.out.last() != Some(&b'{') {
+            self.out.push(b',');
+        }
+        self.out.push(b'"');
+        self.out.extend_from_slice(k.as_bytes());
+        self.out.extend_from_slice(b"\":");
+        self.out
+    }
+    pub fn str(&mut self, k: &str, v: &str) -> &mut Self {
+        let out = self.key(k);
+        write_str(out, v);
+        self
+    }
+    pub fn opt_str(&mut self, k: &str, v: Option<&str>) -> &mut Self {
+        match v {
+            Some(v) => self.str(k, v),
+            None => self.raw(k, "null"),
+        }
+    }
+    pub fn raw(&mut self, k: &str, raw_json: &str) -> &mut Self {
+        self.key(k).extend_from_slice(raw_json.as_bytes());
+        self
+    }
+    pub fn u64(&mut self, k: &str, v: u64) -> &mut Self {
+        let out = self.key(k);
+        write_u64(out, v);
+        self
+    }
+    pub fn uuid(&mut self, k: &str, v: u128) -> &mut Self {
+        let out = self.key(k);
+        out.push(b'"');
+        write_uuid(out, v);
+        out.push(b'"');
+        self
+    }
+    /// A nested object.
+    pub fn obj(&mut self, k: &str, f: impl FnOnce(&mut Obj)) -> &mut Self {
+        self.key(k).push(b'{');
+        f(&mut Obj { out: self.out });
+        self.out.push(b'}');
+        self
+    }
+    /// `"id":<raw>` when the command carried a correlation id.
+    pub fn id(&mut self, id: Option<&str>) -> &mut Self {
+        if let Some(id) = id {
+            self.raw("id", id);
+        }
+        self
+    }
+}
+
+impl FrameBuilder {
+    /// Build one text frame whose JSON object is written by `f`.
+    pub fn text(&mut self, born_us: u64, f: impl FnOnce(&mut Obj)) -> Frame {
+        self.buf.clear();
+        self.buf.resize(PREFIX_BYTES, 0);
+        self.buf.push(b'{');
+        f(&mut Obj { out: &mut self.buf });
+        self.buf.push(b'}');
+        self.freeze(born_us)
+    }
+
+    fn freeze(&mut self, born_us: u64) -> Frame {
+        let len = self.buf.len() - PREFIX_BYTES;
+        let mut head = [0u8; HEADER_BYTES_MAX];
+        let h = write_header(&mut head, opcode::TEXT, len);
+        let start = PREFIX_BYTES - h - BORN_BYTES;
+        self.buf[start..start + BORN_BYTES].copy_from_slice(&born_us.to_le_bytes());
+        self.buf[PREFIX_BYTES - h..PREFIX_BYTES].copy_from_slice(&head[..h]);
+        Frame(Arc::from(&self.buf[start..]))
+    }
+
+    /// `{"type":"error","id":..,"error":"<text>","timestamp":..}`, with `data.clientMsgId` for
+    /// direct-message failures.
+    pub fn error(
+        &mut self,
+        now_ms: u64,
+        born_us: u64,
+        id: Option<&str>,
+        text: &str,
+        client_msg_id: Option<&str>,
+    ) -> Frame {
+        self.text(born_us, |o| {
+            o.str("type", "error").id(id).str("error", text);
+            if let Some(c) = client_msg_id {
+                o.obj("data", |d| {
+                    d.str("clientMsgId", c);
+                });
+            }
+            o.u64("timestamp", now_ms);
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn json(f: &Frame) -> serde_json::Value {
+        let w = f.wire();
+        assert_eq!(w[0], 0x81);
+        let (len, off) = match w[1] {
+            126 => (u16::from_be_bytes([w[2], w[3]]) as usize, 4),
+            127 => (u64::from_be_bytes(w[2..10].try_into().unwrap()) as usize, 10),
+            n => (n as usize, 2),
+        };
+        assert_eq!(w.len(), off + len);
+        serde_json::from_slice(&w[off..]).unwrap()
+    }
+
+    #[test]
+    fn builds_frames_with_headers_and_birth_time() {
+        let mut b = FrameBuilder::default();
+        let f = b.text(42, |o| {
+            o.str("type", "message").str("room", "a\"b").raw("data", r#"{"x":[1,2]}"#).uuid(
+                "client_id",
+                7,
+            );
+            o.opt_str("user_id", None).u64("timestamp", 1000);
+        });
+        assert_eq!(f.born_us(), 42);
+        let v = json(&f);
+        assert_eq!(v["room"], "a\"b");
+        assert_eq!(v["data"]["x"][1], 2);
+        assert_eq!(v["client_id"], "00000000-0000-0000-0000-000000000007");
+        assert!(v["user_id"].is_null());
+        // Medium and large frames get 16-bit and 64-bit lengths.
+        for n in [200usize, 70_000] {
+            let big = "x".repeat(n);
+            let f = b.text(1, |o| {
+                o.str("type", &big);
+            });
+            assert_eq!(json(&f)["type"].as_str().unwrap().len(), n);
+        }
+    }
+
+    #[test]
+    fn parses_commands_and_correlation_ids() {
+        let c = parse_command(br#"{"type":"publish","room":"chat","data":{"message":"Hello!"},"id":7}"#)
+            .unwrap();
+        assert_eq!(c.kind.as_deref(), Some("publish"));
+        assert_eq!(c.room.as_deref(), Some("chat"));
+        assert_eq!(c.data_raw(), r#"{"message":"Hello!"}"#);
+        assert_eq!(c.correlation_id(), Some("7"));
+        let c = parse_command(br#"{"type":"ping","id":{"nested":1}}"#).unwrap();
+        assert_eq!(c.correlation_id(), None);
+        let c = parse_command(br#"{"type":"p\u0069ng","id":"a\"b"}"#).unwrap();
+        assert_eq!(c.kind.as_deref(), Some("ping"));
+        assert_eq!(c.correlation_id(), Some(r#""a\"b""#));
+        assert!(parse_command(b"not json").is_none());
+        assert!(parse_command(b"[1,2]").is_none());
+        assert!(parse_command(br#"{"type":"publish","room":5}"#).is_none());
+        assert!(parse_command(br#"{"type":"x","data":{"a":tru}}"#).is_none());
+        let c = parse_command(b"{}").unwrap();
+        assert!(c.kind.is_none());
+    }
+}

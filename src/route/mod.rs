@@ -1,0 +1,211 @@
+//! Per-shard routing tables, sans-IO: room -> local subscribers, user -> local devices.
+//!
+//! A subscriber is a shard-local slot (the client's slab index, 4 bytes). Each client keeps,
+//! per room, its position in the room's member list, so leaving is an O(1) `swap_remove`
+//! (the moved member's position is handed back to the caller to fix up). The fan-out plan for a
+//! room is its member slice: publishing walks it once, cloning one `Arc` per member.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use slab::Slab;
+
+/// A client's index in its shard's slab.
+pub type Slot = u32;
+
+/// Room id within one shard's table.
+pub type RoomId = u32;
+
+/// One room's local subscribers.
+#[derive(Debug)]
+pub struct Room {
+    pub name: Arc<str>,
+    pub members: Vec<Slot>,
+}
+
+/// Where one subscription sits: stored by the client, 8 bytes per room.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Membership {
+    pub room: RoomId,
+    pub pos: u32,
+}
+
+/// The outcome of [`RoomTable::join`].
+pub struct Joined {
+    pub membership: Membership,
+    /// This shard had no subscriber of the room before.
+    pub first_local: bool,
+}
+
+/// The outcome of [`RoomTable::leave`].
+pub struct Left {
+    /// A member moved into the vacated position: (its slot, its new position).
+    pub moved: Option<(Slot, u32)>,
+    /// The room has no local subscriber left (and was removed from the table).
+    pub last_local: bool,
+    pub name: Arc<str>,
+}
+
+/// room name -> local members.
+#[derive(Default)]
+pub struct RoomTable {
+    by_name: HashMap<Arc<str>, RoomId>,
+    rooms: Slab<Room>,
+}
+
+impl RoomTable {
+    pub fn lookup(&self, name: &str) -> Option<RoomId> {
+        self.by_name.get(name).copied()
+    }
+
+    pub fn room(&self, id: RoomId) -> &Room {
+        &self.rooms[id as usize]
+    }
+
+    pub fn members(&self, id: RoomId) -> &[Slot] {
+        &self.rooms[id as usize].members
+    }
+
+    /// Local rooms with at least one subscriber.
+    pub fn len(&self) -> usize {
+        self.rooms.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rooms.is_empty()
+    }
+
+    /// The shared name of `name`, creating nothing.
+    pub fn name_of(&self, id: RoomId) -> &Arc<str> {
+        &self.rooms[id as usize].name
+    }
+
+    /// Add `slot` to room `name` (the caller has checked it is not a member yet).
+    pub fn join(&mut self, name: &Arc<str>, slot: Slot) -> Joined {
+        let (id, first_local) = match self.by_name.get(&**name) {
+            Some(&id) => (id, false),
+            None => {
+                let name = name.clone();
+                let id = self.rooms.insert(Room { name: name.clone(), members: Vec::new() }) as RoomId;
+                self.by_name.insert(name, id);
+                (id, true)
+            }
+        };
+        let members = &mut self.rooms[id as usize].members;
+        members.push(slot);
+        Joined { membership: Membership { room: id, pos: (members.len() - 1) as u32 }, first_local }
+    }
+
+    /// Remove the member at `m`.
+    pub fn leave(&mut self, m: Membership) -> Left {
+        let room = &mut self.rooms[m.room as usize];
+        let pos = m.pos as usize;
+        debug_assert!(pos < room.members.len());
+        room.members.swap_remove(pos);
+        let moved = room.members.get(pos).map(|&s| (s, m.pos));
+        let name = room.name.clone();
+        let last_local = room.members.is_empty();
+        if last_local {
+            self.rooms.remove(m.room as usize);
+            self.by_name.remove(&name);
+        } else if room.members.capacity() > 64 && room.members.len() < room.members.capacity() / 4 {
+            room.members.shrink_to(room.members.len() * 2);
+        }
+        Left { moved, last_local, name }
+    }
+}
+
+/// user id -> local device slots.
+#[derive(Default)]
+pub struct UserTable {
+    by_name: HashMap<Arc<str>, Vec<Slot>>,
+}
+
+impl UserTable {
+    /// Register a device; returns the shared user id and whether it is the user's first local device.
+    pub fn add(&mut self, user: &str, slot: Slot) -> (Arc<str>, bool) {
+        if let Some((k, _)) = self.by_name.get_key_value(user) {
+            let k = k.clone();
+            let devices = self.by_name.get_mut(user).expect("key was just found");
+            debug_assert!(!devices.contains(&slot));
+            devices.push(slot);
+            return (k, false);
+        }
+        let k: Arc<str> = Arc::from(user);
+        self.by_name.insert(k.clone(), vec![slot]);
+        (k, true)
+    }
+
+    /// Unregister a device; returns true when it was the user's last local device.
+    pub fn remove(&mut self, user: &str, slot: Slot) -> bool {
+        let Some(v) = self.by_name.get_mut(user) else {
+            debug_assert!(false, "removing an unknown user");
+            return false;
+        };
+        if let Some(i) = v.iter().position(|&s| s == slot) {
+            v.swap_remove(i);
+        }
+        if v.is_empty() {
+            self.by_name.remove(user);
+            true
+        } else {
+            false
+        }
+    }
+
+    pub fn devices(&self, user: &str) -> &[Slot] {
+        self.by_name.get(user).map_or(&[], |v| v.as_slice())
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_name.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_name.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn join_leave_keeps_positions_consistent() {
+        let mut t = RoomTable::default();
+        let mut subs: Vec<Membership> = Vec::new();
+        let r: Arc<str> = Arc::from("r");
+        for slot in 0..10u32 {
+            let j = t.join(&r, slot);
+            assert_eq!(j.first_local, slot == 0);
+            subs.push(j.membership);
+        }
+        // Leave in a scrambled order, fixing up moved members as a shard does.
+        for &slot in &[3u32, 0, 9, 5, 1, 2, 8, 4, 7] {
+            let left = t.leave(subs[slot as usize]);
+            if let Some((moved, pos)) = left.moved {
+                subs[moved as usize].pos = pos;
+            }
+            assert!(!left.last_local);
+            let id = t.lookup("r").unwrap();
+            for (i, &s) in t.members(id).iter().enumerate() {
+                assert_eq!(subs[s as usize].pos as usize, i);
+            }
+        }
+        let left = t.leave(subs[6]);
+        assert!(left.last_local);
+        assert!(t.lookup("r").is_none());
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn users_track_devices() {
+        let mut u = UserTable::default();
+        assert!(u.add("alice", 1).1);
+        assert!(!u.add("alice", 2).1);
+        assert_eq!(u.devices("alice"), &[1, 2]);
+        assert!(!u.remove("alice", 1));
+        assert!(u.remove("alice", 2));
+        assert!(u.devices("alice").is_empty());
+    }
+}

@@ -1,0 +1,186 @@
+//! Wiring: build the node (config, verifier, directory, limits), start the bridge and one
+//! pinned shard thread per core, then wait for SIGTERM/SIGINT and drain.
+//!
+//! Drain: /ready turns 503, every shard stops accepting, flushes what is queued and closes its
+//! clients with 1001 in staggered batches over half of `shutdown_timeout`; whatever is left at
+//! the deadline is dropped. The process exits 0.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use crossbeam_channel::bounded;
+use mio::{Poll, Waker};
+
+use crate::auth::Verifier;
+use crate::bridge::BridgeHandle;
+use crate::config::{AuthMode, Config};
+use crate::directory::Directory;
+use crate::limits::{SHARDS_MAX, SHARD_INBOX_CAPACITY};
+use crate::metrics::ShardStats;
+use crate::shard::{Inbox, Node, Shard, ShardMsg};
+
+/// Start-up failure, said in words an operator can act on.
+#[derive(Debug)]
+pub struct StartError(pub String);
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A running node: its shards, bridge and the handle to stop it.
+pub struct Server {
+    node: Arc<Node>,
+    shards: Vec<std::thread::JoinHandle<()>>,
+    bridge: BridgeHandle,
+    pub addr: SocketAddr,
+}
+
+impl Server {
+    /// Bind, spawn every thread and return; the node serves until [`Server::shutdown`].
+    pub fn start(cfg: Config) -> Result<Server, StartError> {
+        // Limits first: the fd limit decides how many connections are possible.
+        let (soft, hard) = crate::doctor::raise_nofile_limit()
+            .map_err(|e| StartError(format!("cannot read or raise RLIMIT_NOFILE: {e}")))?;
+        let limits = crate::doctor::read_limits();
+        let reachable = crate::doctor::max_connections_for(&limits);
+        let max_connections = if cfg.max_connections == 0 {
+            reachable.max(1)
+        } else {
+            cfg.max_connections
+        };
+        if max_connections > reachable {
+            let msg = format!(
+                "max_connections {max_connections} cannot be reached: RLIMIT_NOFILE soft {soft} hard {hard} allows about {reachable}; run `switchboard doctor --connections {max_connections}` for the fixes"
+            );
+            if cfg.strict {
+                return Err(StartError(msg));
+            }
+            tracing::warn!("{msg}");
+        }
+        for f in crate::doctor::check(&limits, max_connections) {
+            if f.severity == crate::doctor::Severity::Blocking {
+                tracing::warn!(
+                    limit = f.name,
+                    current = %f.current,
+                    required = %f.required,
+                    "kernel limit too low for max_connections; `switchboard doctor --connections {max_connections}` prints the fix"
+                );
+            }
+        }
+
+        let verifier = match cfg.auth_mode {
+            AuthMode::Jwt => Some(Verifier::from_config(&cfg).map_err(|e| StartError(e.to_string()))?),
+            AuthMode::None => {
+                tracing::warn!("auth mode is none: clients are anonymous or claim ?user_id= (development only; set SWITCHBOARD_AUTH_MODE=jwt in production)");
+                None
+            }
+        };
+
+        let n = if cfg.shards == 0 { crate::io::available_cores() } else { cfg.shards };
+        let n = n.clamp(1, SHARDS_MAX);
+        let host: IpAddr =
+            cfg.host.parse().map_err(|_| StartError(format!("config key `host`: not an IP address: {}", cfg.host)))?;
+        let addr = SocketAddr::new(host, cfg.port);
+
+        let mut bridge = BridgeHandle::single_node().map_err(|e| StartError(format!("cannot start the bridge thread: {e}")))?;
+
+        let mut polls = Vec::with_capacity(n);
+        let mut inboxes = Vec::with_capacity(n);
+        let mut receivers = Vec::with_capacity(n);
+        let mut listeners = Vec::with_capacity(n);
+        let shared_listener = if cfg.reuse_port {
+            None
+        } else {
+            Some(
+                crate::io::std_listener(addr, false, cfg.listen_backlog)
+                    .map_err(|e| StartError(format!("cannot listen on {addr}: {e}")))?,
+            )
+        };
+        for i in 0..n {
+            let poll = Poll::new().map_err(|e| StartError(format!("epoll_create failed: {e}")))?;
+            let waker = Waker::new(poll.registry(), mio::Token(usize::MAX - 1))
+                .map_err(|e| StartError(format!("eventfd failed: {e}")))?;
+            let (tx, rx) = bounded::<ShardMsg>(SHARD_INBOX_CAPACITY);
+            inboxes.push(Inbox { tx, waker, wake_pending: AtomicBool::new(false) });
+            receivers.push(rx);
+            polls.push(poll);
+            let l = match &shared_listener {
+                None => crate::io::std_listener(addr, true, cfg.listen_backlog),
+                Some(l) => l.try_clone(),
+            }
+            .map(mio::net::TcpListener::from_std)
+            .map_err(|e| {
+                bridge.shutdown();
+                StartError(format!("cannot listen on {addr} (shard {i}): {e}"))
+            })?;
+            listeners.push(l);
+        }
+
+        let node = Arc::new(Node {
+            dir: Directory::new(cfg.dedup_entries_max),
+            verifier,
+            inboxes,
+            stats: (0..n).map(|_| ShardStats::default()).collect(),
+            draining: AtomicBool::new(false),
+            bridge_healthy: bridge.healthy.clone(),
+            bridge_tx: bridge.tx.clone(),
+            clustered: bridge.clustered,
+            max_connections,
+            epoch: Instant::now(),
+            limits,
+            cfg,
+        });
+
+        let mut shards = Vec::with_capacity(n);
+        for (i, ((poll, listener), rx)) in polls.into_iter().zip(listeners).zip(receivers).enumerate() {
+            let shard = Shard::new(i, node.clone(), poll, listener, rx)
+                .map_err(|e| StartError(format!("shard {i} setup failed: {e}")))?;
+            let pin = node.cfg.pin_cores;
+            let handle = std::thread::Builder::new()
+                .name(format!("switchboard-shard-{i}"))
+                .spawn(move || {
+                    if pin && !crate::io::pin_to_core(i) {
+                        tracing::warn!(shard = i, "could not pin to a core");
+                    }
+                    shard.run();
+                })
+                .map_err(|e| StartError(format!("cannot spawn shard {i}: {e}")))?;
+            shards.push(handle);
+        }
+        tracing::info!(
+            %addr,
+            shards = n,
+            max_connections,
+            auth = ?node.cfg.auth_mode,
+            echo_path = node.cfg.echo_path.as_deref().unwrap_or("off"),
+            "switchboard listening"
+        );
+        Ok(Server { node, shards, bridge, addr })
+    }
+
+    /// Drain and stop: /ready turns 503, every client gets 1001, threads end.
+    pub fn shutdown(mut self) {
+        let started = Instant::now();
+        self.node.draining.store(true, Ordering::SeqCst);
+        for i in 0..self.node.inboxes.len() {
+            // Drain must get through: retry while an inbox is full.
+            while !self.node.send_to_shard(i, ShardMsg::Drain) {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        }
+        for h in self.shards.drain(..) {
+            let _ = h.join();
+        }
+        self.bridge.shutdown();
+        tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "drained; exiting");
+    }
+
+    pub fn node(&self) -> &Arc<Node> {
+        &self.node
+    }
+}
+

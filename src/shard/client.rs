@@ -1,0 +1,173 @@
+//! One connection's state, owned by its shard's slab.
+//!
+//! Byte budget (x86_64), checked by `client_budget` below — the product is memory per idle
+//! connection, so every field earns its place:
+//!
+//! | field            | bytes | why |
+//! |------------------|------:|-----|
+//! | sock             |     4 | fd (mio::net::TcpStream) |
+//! | gen              |     4 | slab generation: stale tokens/timers are ignored |
+//! | phase, flags     |     2 | lifecycle + bit flags |
+//! | rl_strikes       |     2 | rate-limit rejections in a row |
+//! | rl_tokens        |     4 | token bucket level (f32) |
+//! | rl_last_ms       |     4 | last refill, shard-relative ms |
+//! | last_rx_tick     |     4 | liveness (also the accept tick while in HTTP phase) |
+//! | deadline_tick    |     4 | next timer-wheel entry |
+//! | stall_tick       |     4 | when the send queue last made progress |
+//! | exp_s            |     4 | token expiry (Unix s), 0 = none |
+//! | queued           |     4 | bytes in `queue` not yet written |
+//! | head_off         |     4 | bytes of the first queued frame already written |
+//! | id               |    16 | client_id (UUID) |
+//! | user             |    16 | Option<Arc<str>>, shared with the user table |
+//! | rooms            |    24 | Vec<Membership> (8 B per room on the heap) |
+//! | queue            |    32 | VecDeque<Frame> (16 B per queued frame on the heap) |
+//! | rx               |     8 | Option<Box<RxState>>: only while a frame/message is partial |
+//! | grants           |     8 | Option<Arc<Grants>>: JWT room globs / admin |
+//! | **total**        | **144** | + slab entry tag and padding: 152 |
+//!
+//! An idle subscribed connection adds one heap block for `rooms` (~32 B with the allocator's
+//! header) and 4 B in the room's member list; the read buffer is per shard.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use mio::net::TcpStream;
+
+use crate::proto::ws::RxState;
+use crate::proto::Frame;
+use crate::route::Membership;
+
+/// Lifecycle of a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Phase {
+    /// Reading the HTTP request head.
+    Http,
+    /// Upgraded in jwt mode without a token: only `authenticate` is accepted.
+    AwaitAuth,
+    /// Authenticated (or auth mode none): serving commands.
+    Open,
+    /// Upgraded on `echo_path`: frames are echoed, no protocol.
+    Echo,
+    /// A response or close frame is queued; the socket closes once it is flushed and the peer
+    /// has answered or `CLOSING_GRACE_TICKS` passed.
+    Closing,
+}
+
+/// Bit flags in [`Client::flags`].
+pub mod flag {
+    /// In the shard's dirty list (has output to flush).
+    pub const DIRTY: u8 = 1;
+    /// A ping was sent since the last inbound traffic.
+    pub const PING_SENT: u8 = 2;
+    /// `auth.expiring` was sent for the current token.
+    pub const EXPIRING_SENT: u8 = 4;
+    /// Counted in the node's WebSocket connection total.
+    pub const COUNTED: u8 = 8;
+    /// The write side was shut down after the final frame.
+    pub const WRITE_SHUT: u8 = 16;
+    /// Queued in the resume-read list.
+    pub const RESUME_READ: u8 = 32;
+}
+
+/// Permissions from a JWT.
+#[derive(Debug)]
+pub struct Grants {
+    /// Room glob patterns (None = all rooms).
+    pub rooms: Option<Vec<String>>,
+    pub admin: bool,
+}
+
+pub struct Client {
+    pub sock: TcpStream,
+    pub gen: u32,
+    pub phase: Phase,
+    pub flags: u8,
+    pub rl_strikes: u16,
+    pub rl_tokens: f32,
+    pub rl_last_ms: u32,
+    pub last_rx_tick: u32,
+    pub deadline_tick: u32,
+    pub stall_tick: u32,
+    pub exp_s: u32,
+    pub queued: u32,
+    pub head_off: u32,
+    pub id: u128,
+    pub user: Option<Arc<str>>,
+    pub rooms: Vec<Membership>,
+    pub queue: VecDeque<Frame>,
+    pub rx: Option<Box<RxState>>,
+    pub grants: Option<Arc<Grants>>,
+}
+
+impl Client {
+    pub fn new(sock: TcpStream, gen: u32, now_tick: u32, burst: f32, now_ms: u32) -> Client {
+        Client {
+            sock,
+            gen,
+            phase: Phase::Http,
+            flags: 0,
+            rl_strikes: 0,
+            rl_tokens: burst,
+            rl_last_ms: now_ms,
+            last_rx_tick: now_tick,
+            deadline_tick: 0,
+            stall_tick: now_tick,
+            exp_s: 0,
+            queued: 0,
+            head_off: 0,
+            id: uuid::Uuid::new_v4().as_u128(),
+            user: None,
+            rooms: Vec::new(),
+            queue: VecDeque::new(),
+            rx: None,
+            grants: None,
+        }
+    }
+
+    #[inline]
+    pub fn has(&self, f: u8) -> bool {
+        self.flags & f != 0
+    }
+
+    /// May this client use `room`? (JWT `rooms` globs; no grants = everything.)
+    pub fn allows_room(&self, room: &str) -> bool {
+        match self.grants.as_deref() {
+            Some(Grants { rooms: Some(globs), .. }) => {
+                globs.iter().any(|g| crate::auth::glob_match(g, room))
+            }
+            _ => true,
+        }
+    }
+
+    pub fn is_admin(&self) -> bool {
+        self.grants.as_deref().is_some_and(|g| g.admin)
+    }
+
+    /// Token bucket: take one command token. `rate` per second, `burst` max.
+    pub fn take_token(&mut self, now_ms: u32, rate: f32, burst: f32) -> bool {
+        let elapsed = now_ms.wrapping_sub(self.rl_last_ms) as f32 / 1000.0;
+        self.rl_last_ms = now_ms;
+        self.rl_tokens = (self.rl_tokens + elapsed * rate).min(burst);
+        if self.rl_tokens >= 1.0 {
+            self.rl_tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_budget() {
+        // The ledger in the module doc: keep it true.
+        assert!(std::mem::size_of::<Client>() <= 144, "Client is {} B", std::mem::size_of::<Client>());
+        assert!(std::mem::size_of::<slab::Entry<Client>>() <= 152);
+        assert_eq!(std::mem::size_of::<Membership>(), 8);
+        assert_eq!(std::mem::size_of::<Frame>(), 16);
+    }
+}
