@@ -68,6 +68,8 @@ pub mod flag {
     pub const WRITE_SHUT: u8 = 16;
     /// Queued in the resume-read list.
     pub const RESUME_READ: u8 = 32;
+    /// Was upgraded to WebSocket (never cleared; the drain waits for these).
+    pub const WS: u8 = 64;
 }
 
 /// Permissions from a JWT.

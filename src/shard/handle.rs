@@ -195,7 +195,7 @@ impl Shard {
         let now_tick = self.now_tick;
         let auth_deadline = now_tick + self.t.auth;
         let c = &mut self.clients[slot as usize];
-        c.flags |= flag::COUNTED;
+        c.flags |= flag::COUNTED | flag::WS;
         c.last_rx_tick = now_tick;
         c.phase = if is_echo {
             Phase::Echo

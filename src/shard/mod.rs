@@ -1013,16 +1013,19 @@ impl Shard {
         stats.deliveries += members.len() as u64;
     }
 
+    /// Begin draining. The listener stays open so probes see `/ready` = 503 and new upgrades
+    /// are refused with 503; existing clients are closed with 1001 in batches.
     fn start_drain(&mut self) {
         if self.drain.is_some() {
             return;
         }
-        if let Some(mut l) = self.listener.take() {
-            let _ = self.poll.registry().deregister(&mut l);
-        }
         let timeout = ticks(self.node.cfg.shutdown_timeout);
-        let queue: Vec<(u32, u32)> =
-            self.clients.iter().map(|(k, c)| (k as u32, c.gen)).collect();
+        let queue: Vec<(u32, u32)> = self
+            .clients
+            .iter()
+            .filter(|(_, c)| c.phase != Phase::Http)
+            .map(|(k, c)| (k as u32, c.gen))
+            .collect();
         tracing::info!(shard = self.id, clients = queue.len(), "draining");
         self.drain = Some(DrainState {
             queue,
@@ -1032,7 +1035,7 @@ impl Shard {
         });
     }
 
-    /// One drain step; true when the shard is done.
+    /// One drain step; true when the shard is done (no WebSocket client left, or the deadline).
     fn drain_step(&mut self) -> bool {
         let Some(d) = self.drain.as_mut() else { return false };
         let now = self.now_tick;
@@ -1043,25 +1046,25 @@ impl Shard {
             }
             return true;
         }
-        if d.last_batch_tick != now && !d.queue.is_empty() {
-            d.last_batch_tick = now;
+        if d.last_batch_tick == now {
+            return false;
+        }
+        d.last_batch_tick = now;
+        if !d.queue.is_empty() {
             let ticks_left = d.close_by_tick.saturating_sub(now).max(1) as usize;
             let batch = d.queue.len().div_ceil(ticks_left);
             let at = d.queue.len() - batch;
             let batch: Vec<(u32, u32)> = d.queue.split_off(at);
             for (slot, gen) in batch {
-                if !self.live(slot, gen) {
-                    continue;
-                }
-                match self.clients[slot as usize].phase {
-                    Phase::Http => self.close_now(slot, Some(CloseKind::Http)),
-                    Phase::Closing => {}
-                    _ => self.close_with(slot, close::GOING_AWAY, "server shutdown"),
+                if self.live(slot, gen) && self.clients[slot as usize].phase != Phase::Closing {
+                    self.close_with(slot, close::GOING_AWAY, "server shutdown");
                 }
             }
             self.flush_dirty();
+            return false;
         }
-        self.clients.is_empty()
+        // Done once only plain HTTP requests remain (probes; dropped at exit).
+        self.clients.iter().all(|(_, c)| !c.has(flag::WS))
     }
 
     fn publish_stats(&mut self) {

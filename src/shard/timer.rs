@@ -31,6 +31,7 @@ impl Wheel {
         self.now = self.now.max(to);
     }
 
+    #[cfg(test)]
     pub fn now(&self) -> u32 {
         self.now
     }
