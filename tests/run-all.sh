@@ -1,0 +1,249 @@
+#!/usr/bin/env bash
+# The one test command: `bash tests/run-all.sh` (CI runs it through .ci/run).
+#
+# On a fresh Debian machine, as root, with no standard input, it installs what it needs
+# (idempotent: kosoku in a venv under $TARGET_DIR/ci-venv, Debian packages only when missing),
+# then runs, each under a section header and a time limit:
+#   1. cargo fmt --all -- --check
+#   2. cargo clippy --workspace --all-targets -- -D warnings
+#   3. cargo test --workspace            (every unit, integration and doc test; ignored tests
+#                                         are listed by name in the summary, never hidden)
+#   4. python3 -m unittest tests/autobahn/test_compare.py
+#   5. cargo build --release --bin switchboard
+#   6. tests/autobahn/run.sh             (Autobahn conformance against the echo endpoint)
+# A failing step does not stop the later ones (except that Autobahn needs step 5), so one run
+# shows every problem. Exit status is non-zero if any step failed; the last line is
+# `steps: N passed, M failed`.
+#
+# Honoured: CARGO_TARGET_DIR (default ./target), CI=true (no incremental builds),
+# AUTOBAHN_TIME_LIMIT_SECS (see tests/autobahn/run.sh).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
+case "$TARGET_DIR" in /*) ;; *) TARGET_DIR="$ROOT/$TARGET_DIR" ;; esac
+LOG_DIR="$TARGET_DIR/run-all"
+mkdir -p "$LOG_DIR"
+
+# Time limit of each step, in seconds: a hang fails its step instead of eating CI's 90 minutes.
+# Typical on the 2-core machine: fmt seconds, clippy/test/release build a few minutes each,
+# Autobahn a few minutes.
+FMT_TIME_LIMIT_SECS=300
+CLIPPY_TIME_LIMIT_SECS=1800
+TEST_TIME_LIMIT_SECS=2400
+UNITTEST_TIME_LIMIT_SECS=120
+BUILD_TIME_LIMIT_SECS=1800
+# Autobahn's own limit on kosoku is AUTOBAHN_TIME_LIMIT_SECS; this one also covers server
+# start and stop.
+AUTOBAHN_TIME_LIMIT_SECS="${AUTOBAHN_TIME_LIMIT_SECS:-1200}"
+export AUTOBAHN_TIME_LIMIT_SECS
+AUTOBAHN_STEP_TIME_LIMIT_SECS=$((AUTOBAHN_TIME_LIMIT_SECS + 120))
+# SIGTERM to SIGKILL when a step overruns.
+KILL_AFTER_SECS=30
+
+export RUST_BACKTRACE=1
+export PYTHONDONTWRITEBYTECODE=1 # no __pycache__ in the work tree
+if [[ "${CI:-}" == "true" ]]; then
+  export CARGO_INCREMENTAL=0 # a fresh clone gains nothing from incremental state
+fi
+
+RUN_START=$SECONDS
+STEP_NAMES=()
+STEP_RESULTS=()
+STEP_SECS=()
+
+section() {
+  echo
+  echo "================================================================================"
+  echo "== $*"
+  echo "================================================================================"
+}
+
+fatal_install() {
+  echo "run-all: cannot continue: $*" >&2
+  echo "steps: 0 passed, 1 failed"
+  exit 1
+}
+
+# ---- installers (idempotent) -----------------------------------------------------------------
+
+APT_UPDATED=0
+# ensure_debian_packages COMMAND:PACKAGE ...
+# Installs PACKAGE with apt-get when COMMAND is not on PATH and the package is not installed.
+ensure_debian_packages() {
+  local missing=() pair cmd pkg
+  for pair in "$@"; do
+    cmd="${pair%%:*}"
+    pkg="${pair#*:}"
+    if command -v "$cmd" >/dev/null 2>&1; then
+      continue
+    fi
+    if dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed"; then
+      continue
+    fi
+    missing+=("$pkg")
+  done
+  ((${#missing[@]} == 0)) && return 0
+  local how="apt-get update && apt-get install -y ${missing[*]}"
+  if [[ "$(id -u)" != 0 ]]; then
+    fatal_install "missing Debian packages: ${missing[*]}; install them as root: $how"
+  fi
+  echo "run-all: installing Debian packages: ${missing[*]}"
+  if [[ "$APT_UPDATED" == 0 ]]; then
+    DEBIAN_FRONTEND=noninteractive apt-get update -q </dev/null ||
+      fatal_install "apt-get update failed; then install by hand: $how"
+    APT_UPDATED=1
+  fi
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" </dev/null ||
+    fatal_install "apt-get install failed for ${missing[*]}; install by hand: $how"
+}
+
+# A local Redis for the bridge tests, once they need one: call it in the marked place below.
+ensure_redis_server() {
+  ensure_debian_packages redis-server:redis-server
+}
+
+section "setup: tools and packages"
+command -v cargo >/dev/null ||
+  fatal_install "cargo not found: install the Rust toolchain (rustup) and put ~/.cargo/bin on PATH"
+cargo fmt --version >/dev/null 2>&1 ||
+  fatal_install "rustfmt not found: rustup component add rustfmt"
+cargo clippy --version >/dev/null 2>&1 ||
+  fatal_install "clippy not found: rustup component add clippy"
+echo "run-all: $(cargo --version); $(rustc --version)"
+
+# >>> Debian packages the tests need: add COMMAND:PACKAGE pairs here. None yet. <<<
+# When the Redis bridge tests land, add:  ensure_redis_server
+DEBIAN_NEEDS=()
+ensure_debian_packages "${DEBIAN_NEEDS[@]}"
+# python3 runs compare.py and creates the kosoku venv.
+ensure_debian_packages python3:python3
+
+bash tests/autobahn/run.sh --install-only ||
+  fatal_install "kosoku (Autobahn client) could not be installed; see the message above"
+
+# ---- steps ----------------------------------------------------------------------------------
+
+# run_step NAME TIME_LIMIT_SECS COMMAND...: runs COMMAND with errexit in a subshell, records
+# the result. Never exits the script.
+run_step() {
+  local name="$1" limit="$2"
+  shift 2
+  section "$name"
+  local start=$SECONDS rc
+  set +e
+  (
+    set -euo pipefail
+    "$@"
+  )
+  rc=$?
+  set -e
+  local took=$((SECONDS - start))
+  if ((rc == 0)); then
+    STEP_RESULTS+=("ok")
+    echo "-- $name: ok (${took}s)"
+  else
+    if ((rc == 124 || rc == 137)); then
+      STEP_RESULTS+=("FAILED (over its ${limit}s limit)")
+    else
+      STEP_RESULTS+=("FAILED (exit $rc)")
+    fi
+    echo "-- $name: ${STEP_RESULTS[-1]} (${took}s)" >&2
+  fi
+  STEP_NAMES+=("$name")
+  STEP_SECS+=("$took")
+  return 0
+}
+
+skip_step() {
+  section "$1"
+  echo "-- $1: NOT RUN: $2" >&2
+  STEP_NAMES+=("$1")
+  STEP_RESULTS+=("FAILED (not run: $2)")
+  STEP_SECS+=(0)
+}
+
+limited() {
+  local limit="$1"
+  shift
+  timeout --kill-after="$KILL_AFTER_SECS" "$limit" "$@"
+}
+
+step_fmt() {
+  limited "$FMT_TIME_LIMIT_SECS" cargo fmt --all -- --check
+}
+
+step_clippy() {
+  limited "$CLIPPY_TIME_LIMIT_SECS" cargo clippy --workspace --all-targets -- -D warnings
+}
+
+TEST_LOG="$LOG_DIR/cargo-test.log"
+step_test() {
+  limited "$TEST_TIME_LIMIT_SECS" cargo test --workspace 2>&1 | tee "$TEST_LOG"
+  # A test command that ran nothing is a broken test command.
+  local total
+  total="$(sed -nE 's/^test result: [a-zA-Z]+\. ([0-9]+) passed; ([0-9]+) failed.*/\1 \2/p' "$TEST_LOG" |
+    awk '{ n += $1 + $2 } END { print n + 0 }')"
+  if ((total == 0)); then
+    echo "run-all: cargo test ran no test" >&2
+    return 1
+  fi
+}
+
+step_unittest() {
+  limited "$UNITTEST_TIME_LIMIT_SECS" python3 -m unittest -v tests/autobahn/test_compare.py
+}
+
+step_build() {
+  limited "$BUILD_TIME_LIMIT_SECS" cargo build --release --bin switchboard
+}
+
+step_autobahn() {
+  limited "$AUTOBAHN_STEP_TIME_LIMIT_SECS" bash tests/autobahn/run.sh "$TARGET_DIR/release/switchboard"
+}
+
+run_step "cargo fmt --check" "$FMT_TIME_LIMIT_SECS" step_fmt
+run_step "cargo clippy -D warnings" "$CLIPPY_TIME_LIMIT_SECS" step_clippy
+run_step "cargo test --workspace" "$TEST_TIME_LIMIT_SECS" step_test
+run_step "autobahn judge unit tests" "$UNITTEST_TIME_LIMIT_SECS" step_unittest
+run_step "cargo build --release" "$BUILD_TIME_LIMIT_SECS" step_build
+if [[ "${STEP_RESULTS[-1]}" == "ok" ]]; then
+  run_step "autobahn conformance" "$AUTOBAHN_STEP_TIME_LIMIT_SECS" step_autobahn
+else
+  skip_step "autobahn conformance" "the release build failed"
+fi
+
+# ---- summary --------------------------------------------------------------------------------
+
+section "summary"
+passed=0
+failed=0
+for i in "${!STEP_NAMES[@]}"; do
+  printf '  %-28s %-44s %5ss\n' "${STEP_NAMES[$i]}" "${STEP_RESULTS[$i]}" "${STEP_SECS[$i]}"
+  if [[ "${STEP_RESULTS[$i]}" == "ok" ]]; then
+    passed=$((passed + 1))
+  else
+    failed=$((failed + 1))
+  fi
+done
+if [[ -f "$TEST_LOG" ]]; then
+  sed -nE 's/^test result: [a-zA-Z]+\. ([0-9]+) passed; ([0-9]+) failed; ([0-9]+) ignored.*/\1 \2 \3/p' "$TEST_LOG" |
+    awk '{ p += $1; f += $2; i += $3 } END { printf "  cargo test totals: %d passed, %d failed, %d ignored\n", p, f, i }'
+  ignored="$(grep -E '^test .* \.\.\. ignored' "$TEST_LOG" | sed -E 's/^test (.*) \.\.\. ignored.*/\1/' || true)"
+  if [[ -n "$ignored" ]]; then
+    echo "  ignored tests (not run by cargo test; run with -- --ignored):"
+    while IFS= read -r name; do echo "    $name"; done <<<"$ignored"
+  fi
+fi
+if [[ -f "$TARGET_DIR/autobahn/results.json" ]]; then
+  python3 - "$TARGET_DIR/autobahn/results.json" <<'EOF'
+import collections, json, sys
+cases = json.load(open(sys.argv[1], encoding="utf-8"))["cases"]
+c = collections.Counter(v["behavior"] for v in cases.values())
+print("  autobahn cases: " + ", ".join(f"{n} {k}" for k, n in sorted(c.items())) + f" (of {len(cases)})")
+EOF
+fi
+echo "  total time: $((SECONDS - RUN_START))s"
+echo "steps: $passed passed, $failed failed"
+((failed == 0))
