@@ -1,0 +1,413 @@
+//! Command-line parsing for `switchboard-load`: `SUBCOMMAND [--flag value]...`, hand-rolled so
+//! the generator builds fast and every default is visible in one place ([`Opts::default`]).
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
+
+/// Most WebSocket connections one generator process opens (the machine's hard RLIMIT_NOFILE is
+/// 20,000; the rest is kept for publishers, the epoll fd and stdio).
+pub const CONNECTIONS_MAX: usize = 19_500;
+/// Most publisher connections of a fanout run.
+pub const PUBLISHERS_MAX: usize = 400;
+/// Most worker threads.
+pub const THREADS_MAX: usize = 64;
+/// Most source addresses in `--source-ips`.
+pub const SOURCE_IPS_MAX: usize = 256;
+/// Longest run phase one invocation may ask for.
+pub const DURATION_S_MAX: f64 = 3600.0;
+
+/// The scenario to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scenario {
+    Connect,
+    Idle,
+    Fanout,
+    Dm,
+    Churn,
+    Echo,
+}
+
+/// Parsed `--url`.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// `host:port` for the Host header.
+    pub host: String,
+    pub addr: SocketAddr,
+    /// Path of the WebSocket endpoint, e.g. `/ws`.
+    pub path: String,
+}
+
+/// Every option of every scenario.
+#[derive(Debug, Clone)]
+pub struct Opts {
+    pub scenario: Scenario,
+    pub target: Target,
+    pub connections: usize,
+    pub threads: usize,
+    pub duration_s: f64,
+    pub source_ips: Vec<Ipv4Addr>,
+    pub server_pid: Option<u32>,
+    pub json_only: bool,
+    /// Free text copied into the report (run-bench names its runs with it).
+    pub label: String,
+    /// Connections in the middle of connect/upgrade/subscribe at once (all threads together).
+    pub in_flight: usize,
+    /// Time for all connections to be set up before the run is called failed.
+    pub setup_timeout_s: f64,
+    /// Time one connection may take from connect() to subscribed.
+    pub connect_timeout_s: f64,
+    /// fanout: rooms the subscribers are spread over.
+    pub rooms: usize,
+    /// fanout: publisher connections (0 = automatic: one per room, at least rate/50).
+    pub publishers: usize,
+    /// fanout/dm/echo: total sends per second, open loop.
+    pub rate: f64,
+    /// fanout: bytes of the `data` object of each publish; dm: bytes of `content`.
+    pub payload_bytes: usize,
+    /// fanout: fraction of subscribers that never read their socket.
+    pub slow_fraction: f64,
+    /// fanout: SO_RCVBUF of slow subscribers, so that the server feels them quickly.
+    pub slow_rcvbuf: usize,
+    /// Wait after the run for in-flight deliveries.
+    pub drain_s: f64,
+    /// idle: wait after all are subscribed before the measurement window.
+    pub settle_s: f64,
+    /// dm: devices per user.
+    pub devices: usize,
+    /// churn: connect/disconnect cycles.
+    pub cycles: usize,
+    /// churn: hold time of each cycle before disconnecting.
+    pub hold_s: f64,
+    /// churn: allowed RSS growth after the cycles, percent of the baseline.
+    pub rss_tolerance_pct: f64,
+    /// churn: time for /health to come back to the baseline after each cycle.
+    pub baseline_timeout_s: f64,
+}
+
+impl Opts {
+    fn defaults(scenario: Scenario, target: Target) -> Opts {
+        Opts {
+            scenario,
+            target,
+            connections: 1000,
+            threads: 1,
+            duration_s: 10.0,
+            source_ips: (1..=50).map(|d| Ipv4Addr::new(127, 0, 0, d)).collect(),
+            server_pid: None,
+            json_only: false,
+            label: String::new(),
+            in_flight: 256,
+            setup_timeout_s: 90.0,
+            connect_timeout_s: 20.0,
+            rooms: 1,
+            publishers: 0,
+            rate: 100.0,
+            payload_bytes: 64,
+            slow_fraction: 0.0,
+            slow_rcvbuf: 4096,
+            drain_s: 5.0,
+            settle_s: 3.0,
+            devices: 2,
+            cycles: 3,
+            hold_s: 1.0,
+            rss_tolerance_pct: 10.0,
+            baseline_timeout_s: 15.0,
+        }
+    }
+}
+
+pub const USAGE: &str = "\
+usage: switchboard-load SCENARIO [flags]
+       switchboard-load summary FILE.jsonl   (one table row per JSON line)
+
+scenarios: connect | idle | fanout | dm | churn | echo
+
+common flags:
+  --url ws://127.0.0.1:8081/ws   server endpoint (loopback only)
+  --connections N                connections (<= 19500), default 1000
+  --threads T                    event-loop threads, default 1
+  --duration S                   run phase seconds, default 10
+  --source-ips A-B|A,B,..        source addresses, round-robin, default 127.0.0.1-127.0.0.50
+  --server-pid PID               sample the server's CPU and RSS from /proc
+  --in-flight N                  concurrent handshakes, default 256
+  --setup-timeout S              all connections set up within S, default 90
+  --connect-timeout S            one connection set up within S, default 20
+  --drain S                      wait for in-flight deliveries after the run, default 5
+  --json-only                    print only the JSON line
+  --label TEXT                   name of this run, copied into the JSON
+fanout: --rooms K --publishers P --rate R --payload-bytes B --slow-fraction F --slow-rcvbuf BYTES
+dm:     --devices D --rate R --payload-bytes B   (connections = users * devices)
+echo:   --rate R
+idle:   --settle S (window = --duration)
+churn:  --cycles C --hold S --rss-tolerance-pct P --baseline-timeout S
+";
+
+fn parse_target(url: &str) -> Result<Target, String> {
+    let rest = url
+        .strip_prefix("ws://")
+        .ok_or_else(|| format!("--url must start with ws:// (got {url})"))?;
+    let (hostport, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/ws"),
+    };
+    let hostport = if hostport.contains(':') {
+        hostport.to_string()
+    } else {
+        format!("{hostport}:80")
+    };
+    let addr = hostport
+        .to_socket_addrs()
+        .map_err(|e| format!("--url host {hostport}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("--url host {hostport} did not resolve"))?;
+    if !addr.ip().is_loopback() {
+        return Err(format!(
+            "--url {addr} is not a loopback address; this generator only targets 127.0.0.0/8 or ::1"
+        ));
+    }
+    Ok(Target {
+        host: hostport,
+        addr,
+        path: path.to_string(),
+    })
+}
+
+/// Parses `127.0.0.1-127.0.0.50` or `127.0.0.1,127.0.0.2`.
+pub fn parse_source_ips(s: &str) -> Result<Vec<Ipv4Addr>, String> {
+    let mut out = Vec::new();
+    for part in s.split(',').filter(|p| !p.is_empty()) {
+        if let Some((a, b)) = part.split_once('-') {
+            let a: Ipv4Addr = a.trim().parse().map_err(|e| format!("{a}: {e}"))?;
+            let b: Ipv4Addr = b.trim().parse().map_err(|e| format!("{b}: {e}"))?;
+            let (a, b) = (u32::from(a), u32::from(b));
+            if b < a || (b - a) as usize >= SOURCE_IPS_MAX {
+                return Err(format!(
+                    "--source-ips range {part} is empty or over {SOURCE_IPS_MAX}"
+                ));
+            }
+            out.extend((a..=b).map(Ipv4Addr::from));
+        } else {
+            out.push(part.trim().parse().map_err(|e| format!("{part}: {e}"))?);
+        }
+    }
+    if out.is_empty() || out.len() > SOURCE_IPS_MAX {
+        return Err(format!("--source-ips needs 1..={SOURCE_IPS_MAX} addresses"));
+    }
+    if let Some(bad) = out.iter().find(|ip| !IpAddr::V4(**ip).is_loopback()) {
+        return Err(format!("--source-ips {bad} is not a loopback address"));
+    }
+    Ok(out)
+}
+
+fn num<T: std::str::FromStr>(flag: &str, v: &str) -> Result<T, String> {
+    v.parse()
+        .map_err(|_| format!("{flag}: cannot parse '{v}' as a number"))
+}
+
+/// Parses the command line (without argv[0]).
+pub fn parse(args: &[String]) -> Result<Opts, String> {
+    let Some(first) = args.first() else {
+        return Err("missing scenario".into());
+    };
+    let scenario = match first.as_str() {
+        "connect" => Scenario::Connect,
+        "idle" => Scenario::Idle,
+        "fanout" => Scenario::Fanout,
+        "dm" => Scenario::Dm,
+        "churn" => Scenario::Churn,
+        "echo" => Scenario::Echo,
+        "-h" | "--help" | "help" => return Err(String::new()),
+        other => return Err(format!("unknown scenario '{other}'")),
+    };
+    let mut url = "ws://127.0.0.1:8081/ws".to_string();
+    let mut pairs: Vec<(String, String)> = Vec::new();
+    let mut json_only = false;
+    let mut i = 1;
+    while i < args.len() {
+        let flag = args[i].as_str();
+        if flag == "--json-only" {
+            json_only = true;
+            i += 1;
+            continue;
+        }
+        if flag == "-h" || flag == "--help" {
+            return Err(String::new());
+        }
+        if !flag.starts_with("--") {
+            return Err(format!("unexpected argument '{flag}'"));
+        }
+        let (name, value) = match flag.split_once('=') {
+            Some((n, v)) => (n.to_string(), v.to_string()),
+            None => {
+                let v = args
+                    .get(i + 1)
+                    .ok_or_else(|| format!("{flag} needs a value"))?;
+                i += 1;
+                (flag.to_string(), v.clone())
+            }
+        };
+        if name == "--url" {
+            url = value;
+        } else {
+            pairs.push((name, value));
+        }
+        i += 1;
+    }
+    let mut o = Opts::defaults(scenario, parse_target(&url)?);
+    o.json_only = json_only;
+    for (name, v) in pairs {
+        let f = name.as_str();
+        match f {
+            "--connections" => o.connections = num(f, &v)?,
+            "--threads" => o.threads = num(f, &v)?,
+            "--duration" => o.duration_s = num(f, &v)?,
+            "--source-ips" => o.source_ips = parse_source_ips(&v)?,
+            "--server-pid" => o.server_pid = Some(num(f, &v)?),
+            "--label" => o.label = v,
+            "--in-flight" => o.in_flight = num(f, &v)?,
+            "--setup-timeout" => o.setup_timeout_s = num(f, &v)?,
+            "--connect-timeout" => o.connect_timeout_s = num(f, &v)?,
+            "--rooms" => o.rooms = num(f, &v)?,
+            "--publishers" => o.publishers = num(f, &v)?,
+            "--rate" => o.rate = num(f, &v)?,
+            "--payload-bytes" => o.payload_bytes = num(f, &v)?,
+            "--slow-fraction" => o.slow_fraction = num(f, &v)?,
+            "--slow-rcvbuf" => o.slow_rcvbuf = num(f, &v)?,
+            "--drain" => o.drain_s = num(f, &v)?,
+            "--settle" => o.settle_s = num(f, &v)?,
+            "--devices" => o.devices = num(f, &v)?,
+            "--cycles" => o.cycles = num(f, &v)?,
+            "--hold" => o.hold_s = num(f, &v)?,
+            "--rss-tolerance-pct" => o.rss_tolerance_pct = num(f, &v)?,
+            "--baseline-timeout" => o.baseline_timeout_s = num(f, &v)?,
+            _ => return Err(format!("unknown flag {f}")),
+        }
+    }
+    validate(&mut o)?;
+    Ok(o)
+}
+
+fn validate(o: &mut Opts) -> Result<(), String> {
+    if o.connections == 0 || o.connections > CONNECTIONS_MAX {
+        return Err(format!(
+            "--connections {} refused: one process opens 1..={CONNECTIONS_MAX} connections \
+             (RLIMIT_NOFILE); run several processes with different --source-ips for more",
+            o.connections
+        ));
+    }
+    if o.threads == 0 || o.threads > THREADS_MAX {
+        return Err(format!("--threads must be 1..={THREADS_MAX}"));
+    }
+    let finite_pos = |v: f64| v.is_finite() && v > 0.0;
+    if !finite_pos(o.duration_s) || o.duration_s > DURATION_S_MAX {
+        return Err(format!("--duration must be in (0, {DURATION_S_MAX}]"));
+    }
+    for (name, v) in [
+        ("--setup-timeout", o.setup_timeout_s),
+        ("--connect-timeout", o.connect_timeout_s),
+        ("--hold", o.hold_s),
+        ("--baseline-timeout", o.baseline_timeout_s),
+    ] {
+        if !finite_pos(v) || v > DURATION_S_MAX {
+            return Err(format!("{name} must be in (0, {DURATION_S_MAX}]"));
+        }
+    }
+    for (name, v) in [("--drain", o.drain_s), ("--settle", o.settle_s)] {
+        if !v.is_finite() || !(0.0..=DURATION_S_MAX).contains(&v) {
+            return Err(format!("{name} must be in [0, {DURATION_S_MAX}]"));
+        }
+    }
+    if o.in_flight == 0 {
+        return Err("--in-flight must be at least 1".into());
+    }
+    if !o.rate.is_finite() || o.rate <= 0.0 || o.rate > 1_000_000.0 {
+        return Err("--rate must be in (0, 1000000]".into());
+    }
+    if !(0.0..1.0).contains(&o.slow_fraction) {
+        return Err("--slow-fraction must be in [0, 1)".into());
+    }
+    if o.payload_bytes > 60_000 {
+        return Err("--payload-bytes must be <= 60000".into());
+    }
+    if o.rooms == 0 || o.rooms > o.connections {
+        return Err("--rooms must be 1..=connections".into());
+    }
+    if o.scenario == Scenario::Fanout {
+        if o.publishers == 0 {
+            o.publishers = o.rooms.max((o.rate / 50.0).ceil() as usize);
+        }
+        if o.publishers > PUBLISHERS_MAX {
+            return Err(format!("--publishers must be <= {PUBLISHERS_MAX}"));
+        }
+    }
+    if o.scenario == Scenario::Dm {
+        if o.devices == 0 || o.devices > 16 {
+            return Err("--devices must be 1..=16".into());
+        }
+        let per_pair = 2 * o.devices;
+        if o.connections < per_pair {
+            return Err(format!(
+                "dm needs --connections >= 2 * --devices ({per_pair})"
+            ));
+        }
+        // Whole pairs of users only.
+        o.connections -= o.connections % per_pair;
+    }
+    if o.cycles == 0 || o.cycles > 1000 {
+        return Err("--cycles must be 1..=1000".into());
+    }
+    if o.target.addr.is_ipv6() {
+        // Source addresses are IPv4 loopback; with an IPv6 target the kernel picks.
+        o.source_ips.clear();
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(s: &str) -> Vec<String> {
+        s.split_whitespace().map(String::from).collect()
+    }
+
+    #[test]
+    fn parses_fanout_flags() {
+        let o = parse(&args(
+            "fanout --url ws://127.0.0.1:9000/chat --connections 500 --rooms 5 --rate 200 --slow-fraction 0.1 --json-only",
+        ))
+        .expect("valid");
+        assert_eq!(o.scenario, Scenario::Fanout);
+        assert_eq!(o.target.addr.port(), 9000);
+        assert_eq!(o.target.path, "/chat");
+        assert_eq!(o.connections, 500);
+        assert_eq!(o.publishers, 5);
+        assert!(o.json_only);
+        let o = parse(&args("fanout --rate=1000")).expect("valid");
+        assert_eq!(o.publishers, 20);
+    }
+
+    #[test]
+    fn refuses_too_many_connections_and_non_loopback() {
+        let e = parse(&args("connect --connections 19501")).unwrap_err();
+        assert!(e.contains("refused"), "{e}");
+        assert!(parse(&args("connect --url ws://10.0.0.1:80/ws")).is_err());
+        assert!(parse(&args("connect --source-ips 10.0.0.1")).is_err());
+        assert!(parse(&args("connect --bogus 1")).is_err());
+        assert!(parse(&args("connect --connections")).is_err());
+        assert!(parse(&args("nope")).is_err());
+    }
+
+    #[test]
+    fn source_ip_ranges() {
+        let v = parse_source_ips("127.0.0.1-127.0.0.3,127.0.1.1").expect("valid");
+        assert_eq!(v.len(), 4);
+        assert_eq!(v[2], Ipv4Addr::new(127, 0, 0, 3));
+        assert!(parse_source_ips("127.0.0.5-127.0.0.1").is_err());
+    }
+
+    #[test]
+    fn dm_rounds_to_whole_pairs() {
+        let o = parse(&args("dm --connections 10 --devices 2")).expect("valid");
+        assert_eq!(o.connections, 8);
+    }
+}

@@ -1,0 +1,1141 @@
+//! The worker event loops: each thread owns a slice of the connections (global index `i` goes
+//! to thread `i % threads`), one mio `Poll`, one timerfd for the open-loop send schedule and one
+//! read buffer. The controller (main thread) moves all workers through the phases
+//! Setup -> Run -> Drain -> Close through [`Shared`]; workers publish counters there once per
+//! loop turn and hand back a [`WorkerReport`] when they exit.
+//!
+//! Per connection the generator keeps only its socket, a few timestamps, the tail of a partial
+//! frame and unsent bytes: about 200 bytes plus buffers that are freed when empty.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use mio::net::TcpStream;
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token};
+
+use crate::sys::now_ns;
+use crate::ws::{self, Message, Reassembly, Upgrade};
+
+/// Bytes read from a socket per `read` call (one buffer per worker, not per connection).
+const READ_BUF_BYTES: usize = 64 * 1024;
+/// Bytes read from one socket per readiness event before moving on (fairness).
+const READ_PER_EVENT_BYTES_MAX: usize = 1024 * 1024;
+/// Unsent bytes one connection may hold before sends are dropped and counted.
+const OUT_BYTES_MAX: usize = 4 * 1024 * 1024;
+/// Events taken from epoll per wait.
+const EVENTS_MAX: usize = 1024;
+/// Longest epoll wait, so phase changes are seen promptly.
+const POLL_WAIT_MS: u64 = 5;
+/// Interval of the setup-timeout scan over all connections.
+const TIMEOUT_SCAN_NS: u64 = 200_000_000;
+/// Pings awaiting their pong per connection (echo).
+const PENDING_PINGS_MAX: usize = 4096;
+/// Distinct failure reasons kept; later ones are counted under "other".
+const FAILURE_KINDS_MAX: usize = 32;
+/// Sample error texts kept per worker.
+const ERROR_SAMPLES_MAX: usize = 5;
+/// Bytes drained from a slow subscriber at the end to find the server's close frame.
+const SLOW_DRAIN_BYTES_MAX: usize = 16 * 1024 * 1024;
+/// Histogram range: 1 ns .. 120 s, 3 significant digits.
+const HIST_MAX_NS: u64 = 120_000_000_000;
+/// Token of the timerfd in each worker's poll.
+const TIMER_TOKEN: Token = Token(usize::MAX - 1);
+
+/// What one connection does in the scenario.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Subscribes to `room`; `slow` ones stop reading once subscribed.
+    Sub { room: u32, slow: bool },
+    /// Subscribes to `room` and publishes on the schedule.
+    Pub { room: u32 },
+    /// DM device `device` of user `user` (connects with `?user_id=`).
+    Dm { user: u32, device: u32 },
+    /// Connects and does nothing else (echo pings on the schedule).
+    Plain,
+}
+
+/// What the workers do in the run phase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Traffic {
+    None,
+    /// Publishes from `Role::Pub` connections in round-robin order.
+    Publish,
+    /// `message.send` from device 0 of each user to its partner, round-robin over users.
+    Dm,
+    /// Pings from every connection, round-robin.
+    Ping,
+}
+
+/// Everything the workers need to know, fixed for a run.
+pub struct Plan {
+    pub addr: SocketAddr,
+    pub host: String,
+    pub path: String,
+    pub source_ips: Vec<Ipv4Addr>,
+    pub roles: Vec<Role>,
+    pub room_names: Vec<String>,
+    pub user_names: Vec<String>,
+    pub threads: usize,
+    pub in_flight_per_thread: usize,
+    pub connect_timeout_ns: u64,
+    pub slow_rcvbuf: usize,
+    pub traffic: Traffic,
+    /// Global connection indices that send, in round-robin order.
+    pub senders: Vec<usize>,
+    /// Nanoseconds between two sends (all senders together).
+    pub interval_ns: f64,
+    pub payload_bytes: usize,
+    /// Distinguishes this run's message ids from earlier runs (server dedup).
+    pub nonce: u64,
+}
+
+impl Plan {
+    fn dm_partner(&self, user: u32) -> u32 {
+        user ^ 1
+    }
+}
+
+/// Phases driven by the controller.
+pub mod phase {
+    pub const SETUP: u8 = 0;
+    pub const RUN: u8 = 1;
+    pub const DRAIN: u8 = 2;
+    pub const CLOSE: u8 = 3;
+}
+
+/// Counters shared between the workers and the controller.
+pub struct Shared {
+    pub phase: AtomicU8,
+    pub run_start_ns: AtomicU64,
+    pub run_end_ns: AtomicU64,
+    /// Connections fully set up (subscribed or connected).
+    pub ready: AtomicUsize,
+    /// Connections that failed before being ready.
+    pub setup_failed: AtomicUsize,
+    /// Ready connections that were lost before the close phase.
+    pub dropped: AtomicUsize,
+    /// Data deliveries received by connections whose latency counts.
+    pub received: AtomicU64,
+    /// dm: acks received.
+    pub acks: AtomicU64,
+    /// Sends handed to the sockets (publish, message.send, ping).
+    pub sent: AtomicU64,
+    /// fanout: publishes per room.
+    pub published: Vec<AtomicU64>,
+    /// fanout: ready connections per room whose deliveries count (not slow).
+    pub members: Vec<AtomicU64>,
+}
+
+impl Shared {
+    pub fn new(rooms: usize) -> Shared {
+        Shared {
+            phase: AtomicU8::new(phase::SETUP),
+            run_start_ns: AtomicU64::new(0),
+            run_end_ns: AtomicU64::new(0),
+            ready: AtomicUsize::new(0),
+            setup_failed: AtomicUsize::new(0),
+            dropped: AtomicUsize::new(0),
+            received: AtomicU64::new(0),
+            acks: AtomicU64::new(0),
+            sent: AtomicU64::new(0),
+            published: (0..rooms).map(|_| AtomicU64::new(0)).collect(),
+            members: (0..rooms).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+}
+
+fn new_hist() -> Histogram<u64> {
+    // The bounds are constants that hdrhistogram accepts (low 1, high >= 2, 3 sig figs).
+    Histogram::new_with_bounds(1, HIST_MAX_NS, 3).expect("constant histogram bounds are valid")
+}
+
+/// What one worker measured.
+pub struct WorkerReport {
+    /// connect() start -> 101 received.
+    pub handshake: Histogram<u64>,
+    /// subscribe sent -> subscribed received.
+    pub subscribe: Histogram<u64>,
+    /// Delivery latency (fanout message, dm message.create, echo pong).
+    pub latency: Histogram<u64>,
+    /// dm: message.send -> message.ack.
+    pub ack: Histogram<u64>,
+    pub upgrades: u64,
+    pub first_start_ns: u64,
+    pub last_upgrade_ns: u64,
+    pub last_ready_ns: u64,
+    /// Failure reason -> count.
+    pub failures: BTreeMap<String, u64>,
+    /// `error` frames received, and a few of their texts.
+    pub error_frames: u64,
+    pub error_samples: Vec<String>,
+    /// Messages received that the scenario did not expect (not counted as failures).
+    pub other_frames: u64,
+    /// Slow subscribers: closed by the server with 4008, closed otherwise, still open at the end.
+    pub slow_closed_4008: u64,
+    pub slow_closed_other: u64,
+    pub slow_open: u64,
+    /// Sends not made because the connection was gone or its buffer was full.
+    pub sends_dropped: u64,
+}
+
+impl WorkerReport {
+    fn new() -> WorkerReport {
+        WorkerReport {
+            handshake: new_hist(),
+            subscribe: new_hist(),
+            latency: new_hist(),
+            ack: new_hist(),
+            upgrades: 0,
+            first_start_ns: u64::MAX,
+            last_upgrade_ns: 0,
+            last_ready_ns: 0,
+            failures: BTreeMap::new(),
+            error_frames: 0,
+            error_samples: Vec::new(),
+            other_frames: 0,
+            slow_closed_4008: 0,
+            slow_closed_other: 0,
+            slow_open: 0,
+            sends_dropped: 0,
+        }
+    }
+
+    /// Adds `other` into `self`.
+    pub fn merge(&mut self, other: WorkerReport) {
+        // Same bounds on both sides, so `add` cannot fail.
+        let _ = self.handshake.add(&other.handshake);
+        let _ = self.subscribe.add(&other.subscribe);
+        let _ = self.latency.add(&other.latency);
+        let _ = self.ack.add(&other.ack);
+        self.upgrades += other.upgrades;
+        self.first_start_ns = self.first_start_ns.min(other.first_start_ns);
+        self.last_upgrade_ns = self.last_upgrade_ns.max(other.last_upgrade_ns);
+        self.last_ready_ns = self.last_ready_ns.max(other.last_ready_ns);
+        for (k, v) in other.failures {
+            *self.failures.entry(k).or_insert(0) += v;
+        }
+        self.error_frames += other.error_frames;
+        for s in other.error_samples {
+            if self.error_samples.len() < ERROR_SAMPLES_MAX {
+                self.error_samples.push(s);
+            }
+        }
+        self.other_frames += other.other_frames;
+        self.slow_closed_4008 += other.slow_closed_4008;
+        self.slow_closed_other += other.slow_closed_other;
+        self.slow_open += other.slow_open;
+        self.sends_dropped += other.sends_dropped;
+    }
+
+    /// An empty report to merge worker reports into.
+    pub fn empty() -> WorkerReport {
+        WorkerReport::new()
+    }
+
+    fn fail(&mut self, reason: &str) {
+        if self.failures.len() >= FAILURE_KINDS_MAX && !self.failures.contains_key(reason) {
+            *self.failures.entry("other".into()).or_insert(0) += 1;
+        } else {
+            *self.failures.entry(reason.to_string()).or_insert(0) += 1;
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Connecting,
+    Upgrading,
+    WaitConnected,
+    Subscribing,
+    Ready,
+}
+
+struct Conn {
+    sock: TcpStream,
+    gidx: u32,
+    role: Role,
+    state: State,
+    t_start: u64,
+    t_sub: u64,
+    /// Partial frame (or HTTP head) carried over between reads.
+    inbuf: Vec<u8>,
+    out: Vec<u8>,
+    out_at: usize,
+    reasm: Reassembly,
+    /// echo: scheduled send times of pings awaiting pongs.
+    pending: VecDeque<u64>,
+    /// Slow subscriber has stopped reading.
+    muted: bool,
+    /// Close code the server sent, if any.
+    close_code: Option<u16>,
+}
+
+/// Why a connection is being dropped.
+enum Drop {
+    Fail(String),
+    /// The server closed the connection (close frame or EOF).
+    Closed(Option<u16>),
+}
+
+/// Per-worker mutable context, separate from the connection table for disjoint borrows.
+struct Ctx {
+    plan: Arc<Plan>,
+    shared: Arc<Shared>,
+    report: WorkerReport,
+    rng: u64,
+    received: u64,
+    acks: u64,
+    sent: u64,
+    published: Vec<u64>,
+    scratch: Vec<u8>,
+}
+
+impl Ctx {
+    fn mask(&mut self) -> [u8; 4] {
+        // xorshift64: cheap, unpredictable enough for masking keys of a load generator.
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        (self.rng as u32).to_le_bytes()
+    }
+
+    fn flush_counters(&mut self) {
+        if self.received > 0 {
+            self.shared
+                .received
+                .fetch_add(self.received, Ordering::Relaxed);
+            self.received = 0;
+        }
+        if self.acks > 0 {
+            self.shared.acks.fetch_add(self.acks, Ordering::Relaxed);
+            self.acks = 0;
+        }
+        if self.sent > 0 {
+            self.shared.sent.fetch_add(self.sent, Ordering::Relaxed);
+            self.sent = 0;
+        }
+        for (room, n) in self.published.iter_mut().enumerate() {
+            if *n > 0 {
+                self.shared.published[room].fetch_add(*n, Ordering::Relaxed);
+                *n = 0;
+            }
+        }
+    }
+
+    fn error_frame(&mut self, text: &[u8]) {
+        self.report.error_frames += 1;
+        if self.report.error_samples.len() < ERROR_SAMPLES_MAX {
+            let t = String::from_utf8_lossy(&text[..text.len().min(200)]).into_owned();
+            self.report.error_samples.push(t);
+        }
+    }
+}
+
+/// A CLOCK_MONOTONIC timerfd for the open-loop schedule (ns precision, unlike epoll's ms).
+struct TimerFd {
+    fd: OwnedFd,
+}
+
+impl TimerFd {
+    fn new() -> std::io::Result<TimerFd> {
+        // SAFETY: plain syscall; the returned fd is checked and owned below.
+        let fd = unsafe {
+            libc::timerfd_create(
+                libc::CLOCK_MONOTONIC,
+                libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+        Ok(TimerFd {
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+        })
+    }
+
+    /// Arms the timer for absolute monotonic time `at_ns` (0 disarms).
+    fn arm(&self, at_ns: u64) {
+        let spec = libc::itimerspec {
+            it_interval: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            it_value: libc::timespec {
+                tv_sec: (at_ns / 1_000_000_000) as libc::time_t,
+                tv_nsec: (at_ns % 1_000_000_000) as libc::c_long,
+            },
+        };
+        // SAFETY: valid fd and itimerspec; the old value is not requested.
+        unsafe {
+            libc::timerfd_settime(
+                self.fd.as_raw_fd(),
+                libc::TFD_TIMER_ABSTIME,
+                &spec,
+                std::ptr::null_mut(),
+            )
+        };
+    }
+
+    fn clear(&self) {
+        let mut buf = [0u8; 8];
+        // SAFETY: reads at most 8 bytes into a valid 8-byte buffer; EAGAIN is fine.
+        unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), 8) };
+    }
+
+    fn raw(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+/// One event-loop thread.
+pub struct Worker {
+    id: usize,
+    poll: Poll,
+    timer: TimerFd,
+    conns: Vec<Option<Conn>>,
+    /// Global indices of this worker's connections, in connect order.
+    mine: Vec<usize>,
+    next_connect: usize,
+    in_flight: usize,
+    ctx: Ctx,
+    rbuf: Vec<u8>,
+    /// Next global send index of the schedule this worker owns (`None`: owns no sender).
+    next_send: Option<u64>,
+    /// Cached local index of each global connection of this worker (by position in `mine`).
+    local_of: BTreeMap<usize, usize>,
+}
+
+impl Worker {
+    pub fn new(id: usize, plan: Arc<Plan>, shared: Arc<Shared>) -> std::io::Result<Worker> {
+        let poll = Poll::new()?;
+        let timer = TimerFd::new()?;
+        poll.registry()
+            .register(&mut SourceFd(&timer.raw()), TIMER_TOKEN, Interest::READABLE)?;
+        let mine: Vec<usize> = (id..plan.roles.len()).step_by(plan.threads).collect();
+        let local_of = mine.iter().enumerate().map(|(l, g)| (*g, l)).collect();
+        let owns_sender = plan.senders.iter().any(|g| g % plan.threads == id);
+        let rooms = plan.room_names.len();
+        let seed = (now_ns() ^ ((id as u64 + 1) * 0x9E37_79B9_7F4A_7C15)) | 1;
+        Ok(Worker {
+            id,
+            poll,
+            timer,
+            conns: (0..mine.len()).map(|_| None).collect(),
+            mine,
+            next_connect: 0,
+            in_flight: 0,
+            ctx: Ctx {
+                plan,
+                shared,
+                report: WorkerReport::new(),
+                rng: seed,
+                received: 0,
+                acks: 0,
+                sent: 0,
+                published: vec![0; rooms],
+                scratch: Vec::with_capacity(1024),
+            },
+            rbuf: vec![0; READ_BUF_BYTES],
+            next_send: owns_sender.then_some(0),
+            local_of,
+        })
+    }
+
+    /// Runs until the controller sets the close phase; returns the measurements.
+    pub fn run(mut self) -> WorkerReport {
+        let mut events = Events::with_capacity(EVENTS_MAX);
+        let mut last_scan = now_ns();
+        let mut armed_for = 0u64;
+        loop {
+            let ph = self.ctx.shared.phase.load(Ordering::Acquire);
+            if ph == phase::CLOSE {
+                break;
+            }
+            if ph == phase::SETUP {
+                self.start_connects();
+            }
+            if ph == phase::RUN {
+                let next = self.send_due();
+                if next != 0 && next != armed_for {
+                    self.timer.arm(next);
+                    armed_for = next;
+                }
+            }
+            if let Err(e) = self
+                .poll
+                .poll(&mut events, Some(Duration::from_millis(POLL_WAIT_MS)))
+            {
+                if e.kind() != ErrorKind::Interrupted {
+                    self.ctx.report.fail(&format!("epoll: {e}"));
+                    break;
+                }
+            }
+            for ev in events.iter() {
+                let tok = ev.token();
+                if tok == TIMER_TOKEN {
+                    self.timer.clear();
+                    armed_for = 0;
+                    continue;
+                }
+                self.on_event(
+                    tok.0,
+                    ev.is_readable() || ev.is_read_closed() || ev.is_error(),
+                );
+            }
+            let now = now_ns();
+            if now - last_scan > TIMEOUT_SCAN_NS {
+                last_scan = now;
+                self.scan_timeouts(now);
+            }
+            self.ctx.flush_counters();
+        }
+        self.close_all();
+        self.ctx.flush_counters();
+        self.ctx.report
+    }
+
+    fn start_connects(&mut self) {
+        while self.in_flight < self.ctx.plan.in_flight_per_thread
+            && self.next_connect < self.mine.len()
+        {
+            let local = self.next_connect;
+            self.next_connect += 1;
+            let gidx = self.mine[local];
+            match self.open(local, gidx) {
+                Ok(conn) => {
+                    self.conns[local] = Some(conn);
+                    self.in_flight += 1;
+                }
+                Err(e) => {
+                    self.ctx.report.fail(&format!("connect: {e}"));
+                    self.ctx.shared.setup_failed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    fn open(&mut self, local: usize, gidx: usize) -> std::io::Result<Conn> {
+        let plan = &self.ctx.plan;
+        let role = plan.roles[gidx];
+        let domain = socket2::Domain::for_address(plan.addr);
+        let sock = socket2::Socket::new(domain, socket2::Type::STREAM, None)?;
+        sock.set_nonblocking(true)?;
+        sock.set_tcp_nodelay(true)?;
+        if let Role::Sub { slow: true, .. } = role {
+            sock.set_recv_buffer_size(plan.slow_rcvbuf)?;
+        }
+        if !plan.source_ips.is_empty() {
+            let ip = plan.source_ips[gidx % plan.source_ips.len()];
+            // Let connect() pick the port for the full 4-tuple, so each source address has
+            // the whole ephemeral range per destination.
+            let one: libc::c_int = 1;
+            // SAFETY: valid socket fd, option value is a c_int of the given size.
+            unsafe {
+                libc::setsockopt(
+                    sock.as_raw_fd(),
+                    libc::IPPROTO_IP,
+                    libc::IP_BIND_ADDRESS_NO_PORT,
+                    (&one as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            sock.bind(&SocketAddr::new(ip.into(), 0).into())?;
+        }
+        let t_start = now_ns();
+        match sock.connect(&plan.addr.into()) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+            Err(e) => return Err(e),
+        }
+        let mut stream = TcpStream::from_std(std::net::TcpStream::from(sock));
+        self.poll.registry().register(
+            &mut stream,
+            Token(local),
+            Interest::READABLE | Interest::WRITABLE,
+        )?;
+        if self.ctx.report.first_start_ns == u64::MAX {
+            self.ctx.report.first_start_ns = t_start;
+        }
+        Ok(Conn {
+            sock: stream,
+            gidx: gidx as u32,
+            role,
+            state: State::Connecting,
+            t_start,
+            t_sub: 0,
+            inbuf: Vec::new(),
+            out: Vec::new(),
+            out_at: 0,
+            reasm: Reassembly::default(),
+            pending: VecDeque::new(),
+            muted: false,
+            close_code: None,
+        })
+    }
+
+    fn on_event(&mut self, local: usize, readable: bool) {
+        let Some(conn) = self.conns.get_mut(local).and_then(Option::as_mut) else {
+            return;
+        };
+        if conn.muted {
+            return;
+        }
+        let result = drive(conn, &mut self.ctx, &mut self.rbuf, readable);
+        match result {
+            Err(d) => self.drop_conn(local, d),
+            Ok(()) => self.after_drive(local),
+        }
+    }
+
+    /// Bookkeeping after a connection became ready (in-flight slot, muting slow ones).
+    fn after_drive(&mut self, local: usize) {
+        let Some(conn) = self.conns.get_mut(local).and_then(Option::as_mut) else {
+            return;
+        };
+        if conn.state == State::Ready && conn.t_start != 0 {
+            conn.t_start = 0; // marks "counted as ready"
+            self.in_flight -= 1;
+            self.ctx.shared.ready.fetch_add(1, Ordering::Relaxed);
+            self.ctx.report.last_ready_ns = now_ns();
+            if let Role::Sub { room, slow: false } | Role::Pub { room } = conn.role {
+                self.ctx.shared.members[room as usize].fetch_add(1, Ordering::Relaxed);
+            }
+            if let Role::Sub { slow: true, .. } = conn.role {
+                conn.muted = true;
+                if let Err(e) = self.poll.registry().reregister(
+                    &mut conn.sock,
+                    Token(local),
+                    Interest::WRITABLE,
+                ) {
+                    let reason = format!("reregister: {e}");
+                    self.drop_conn(local, Drop::Fail(reason));
+                }
+            }
+        }
+    }
+
+    fn drop_conn(&mut self, local: usize, why: Drop) {
+        let Some(mut conn) = self.conns.get_mut(local).and_then(Option::take) else {
+            return;
+        };
+        let _ = self.poll.registry().deregister(&mut conn.sock);
+        let was_ready = conn.t_start == 0;
+        let reason = match why {
+            Drop::Fail(r) => r,
+            Drop::Closed(Some(code)) => format!("closed by server with code {code}"),
+            Drop::Closed(None) => "closed by server without close frame".to_string(),
+        };
+        let stage = match conn.state {
+            State::Connecting => "connect",
+            State::Upgrading => "upgrade",
+            State::WaitConnected => "wait-connected",
+            State::Subscribing => "subscribe",
+            State::Ready => "ready",
+        };
+        self.ctx.report.fail(&format!("{stage}: {reason}"));
+        if was_ready {
+            self.ctx.shared.dropped.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.in_flight -= 1;
+            self.ctx.shared.setup_failed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn scan_timeouts(&mut self, now: u64) {
+        let limit = self.ctx.plan.connect_timeout_ns;
+        let mut expired = Vec::new();
+        for (local, c) in self.conns.iter().enumerate() {
+            if let Some(c) = c {
+                if c.t_start != 0 && now.saturating_sub(c.t_start) > limit {
+                    expired.push(local);
+                }
+            }
+        }
+        for local in expired {
+            self.drop_conn(local, Drop::Fail("setup timeout".into()));
+        }
+    }
+
+    /// Sends everything that is due on this worker's part of the schedule; returns the time of
+    /// the next send (0 when there is none).
+    fn send_due(&mut self) -> u64 {
+        let Some(mut i) = self.next_send else {
+            return 0;
+        };
+        let plan = Arc::clone(&self.ctx.plan);
+        let start = self.ctx.shared.run_start_ns.load(Ordering::Acquire);
+        let end = self.ctx.shared.run_end_ns.load(Ordering::Acquire);
+        let n = plan.senders.len() as u64;
+        let now = now_ns();
+        loop {
+            // Skip the sends that belong to other workers (at most n steps).
+            let mut skipped = 0;
+            while plan.senders[(i % n) as usize] % plan.threads != self.id {
+                i += 1;
+                skipped += 1;
+                if skipped > n {
+                    self.next_send = None;
+                    return 0;
+                }
+            }
+            let at = start + (i as f64 * plan.interval_ns) as u64;
+            if at >= end {
+                self.next_send = None;
+                return 0;
+            }
+            if at > now {
+                self.next_send = Some(i);
+                return at;
+            }
+            let gidx = plan.senders[(i % n) as usize];
+            self.send_one(gidx, i, at);
+            i += 1;
+        }
+    }
+
+    fn send_one(&mut self, gidx: usize, seq: u64, at: u64) {
+        let Some(&local) = self.local_of.get(&gidx) else {
+            return;
+        };
+        let plan = Arc::clone(&self.ctx.plan);
+        let Some(conn) = self.conns.get_mut(local).and_then(Option::as_mut) else {
+            self.ctx.report.sends_dropped += 1;
+            return;
+        };
+        if conn.state != State::Ready || conn.out.len() - conn.out_at > OUT_BYTES_MAX {
+            self.ctx.report.sends_dropped += 1;
+            return;
+        }
+        let mut msg = std::mem::take(&mut self.ctx.scratch);
+        msg.clear();
+        match (plan.traffic, conn.role) {
+            (Traffic::Publish, Role::Pub { room }) => {
+                publish_json(
+                    &mut msg,
+                    &plan.room_names[room as usize],
+                    seq,
+                    at,
+                    plan.payload_bytes,
+                );
+                self.ctx.published[room as usize] += 1;
+            }
+            (Traffic::Dm, Role::Dm { user, .. }) => {
+                let to = &plan.user_names[plan.dm_partner(user) as usize];
+                dm_json(&mut msg, to, seq, at, plan.nonce, plan.payload_bytes);
+            }
+            (Traffic::Ping, _) => {
+                if conn.pending.len() >= PENDING_PINGS_MAX {
+                    self.ctx.report.sends_dropped += 1;
+                    self.ctx.scratch = msg;
+                    return;
+                }
+                conn.pending.push_back(at);
+                msg.extend_from_slice(format!("{{\"type\":\"ping\",\"id\":{seq}}}").as_bytes());
+            }
+            _ => {
+                self.ctx.scratch = msg;
+                return;
+            }
+        }
+        let mask = self.ctx.mask();
+        ws::encode_frame(&mut conn.out, ws::opcode::TEXT, &msg, mask);
+        self.ctx.scratch = msg;
+        self.ctx.sent += 1;
+        if let Err(d) = flush(conn) {
+            self.drop_conn(local, d);
+        }
+    }
+
+    fn close_all(&mut self) {
+        for local in 0..self.conns.len() {
+            let Some(mut conn) = self.conns[local].take() else {
+                continue;
+            };
+            if conn.muted {
+                // Slow subscriber: read what the server left, to see whether it closed us.
+                conn.muted = false;
+                let mut budget = SLOW_DRAIN_BYTES_MAX;
+                let mut code = None;
+                let mut eof = false;
+                while budget > 0 {
+                    match conn.sock.read(&mut self.rbuf) {
+                        Ok(0) => {
+                            eof = true;
+                            break;
+                        }
+                        Ok(n) => {
+                            budget = budget.saturating_sub(n);
+                            if let Some(c) = find_close(&mut conn, &self.rbuf[..n]) {
+                                code = Some(c);
+                                break;
+                            }
+                        }
+                        Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                        Err(_) => break,
+                    }
+                }
+                match code {
+                    Some(4008) => self.ctx.report.slow_closed_4008 += 1,
+                    Some(_) => self.ctx.report.slow_closed_other += 1,
+                    None if eof => self.ctx.report.slow_closed_other += 1,
+                    None => self.ctx.report.slow_open += 1,
+                }
+            }
+            let mask = self.ctx.mask();
+            ws::encode_close(&mut conn.out, 1000, mask);
+            let _ = flush(&mut conn);
+            let _ = conn.sock.shutdown(std::net::Shutdown::Write);
+            let _ = self.poll.registry().deregister(&mut conn.sock);
+        }
+    }
+}
+
+/// Scans raw bytes of a slow subscriber for a close frame; returns its code.
+fn find_close(conn: &mut Conn, data: &[u8]) -> Option<u16> {
+    let mut tail = std::mem::take(&mut conn.inbuf);
+    tail.extend_from_slice(data);
+    let mut at = 0;
+    let mut code = None;
+    while let Ok(Some((frame, used))) = ws::parse_frame(&tail[at..]) {
+        at += used;
+        if frame.op == ws::opcode::CLOSE {
+            code = Some(if frame.payload.len() >= 2 {
+                u16::from_be_bytes([frame.payload[0], frame.payload[1]])
+            } else {
+                1005
+            });
+            break;
+        }
+    }
+    tail.drain(..at);
+    conn.inbuf = tail;
+    code
+}
+
+/// Writes pending output; keeps the rest for the next writable event.
+fn flush(conn: &mut Conn) -> Result<(), Drop> {
+    while conn.out_at < conn.out.len() {
+        match conn.sock.write(&conn.out[conn.out_at..]) {
+            Ok(0) => return Err(Drop::Fail("write returned 0".into())),
+            Ok(n) => conn.out_at += n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(Drop::Fail(format!("write: {e}"))),
+        }
+    }
+    conn.out.clear();
+    conn.out_at = 0;
+    if conn.out.capacity() > 16 * 1024 {
+        conn.out = Vec::new();
+    }
+    Ok(())
+}
+
+/// Handles one readiness event of one connection.
+fn drive(conn: &mut Conn, ctx: &mut Ctx, rbuf: &mut [u8], readable: bool) -> Result<(), Drop> {
+    if conn.state == State::Connecting {
+        match conn.sock.take_error() {
+            Ok(Some(e)) => return Err(Drop::Fail(format!("{e}"))),
+            Err(e) => return Err(Drop::Fail(format!("{e}"))),
+            Ok(None) => {}
+        }
+        match conn.sock.peer_addr() {
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::NotConnected => return Ok(()),
+            Err(e) => return Err(Drop::Fail(format!("{e}"))),
+        }
+        let plan = Arc::clone(&ctx.plan);
+        let path = match conn.role {
+            Role::Dm { user, .. } => {
+                format!("{}?user_id={}", plan.path, plan.user_names[user as usize])
+            }
+            _ => plan.path.clone(),
+        };
+        let mut key = [0u8; 16];
+        key[..4].copy_from_slice(&ctx.mask());
+        key[4..8].copy_from_slice(&ctx.mask());
+        key[8..12].copy_from_slice(&conn.gidx.to_le_bytes());
+        key[12..].copy_from_slice(&ctx.mask());
+        conn.out
+            .extend_from_slice(&ws::upgrade_request(&plan.host, &path, key));
+        conn.state = State::Upgrading;
+    }
+    flush(conn)?;
+    if !readable {
+        return Ok(());
+    }
+    let mut total = 0;
+    loop {
+        let n = match conn.sock.read(rbuf) {
+            Ok(0) => {
+                return Err(Drop::Closed(conn.close_code));
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => return Err(Drop::Fail(format!("read: {e}"))),
+        };
+        total += n;
+        let mut tail = std::mem::take(&mut conn.inbuf);
+        let res = if tail.is_empty() {
+            let r = on_bytes(conn, ctx, &rbuf[..n]);
+            if let Ok(used) = r {
+                tail.extend_from_slice(&rbuf[used..n]);
+            }
+            r.map(|_| ())
+        } else {
+            tail.extend_from_slice(&rbuf[..n]);
+            let r = on_bytes(conn, ctx, &tail);
+            if let Ok(used) = r {
+                tail.drain(..used);
+            }
+            r.map(|_| ())
+        };
+        if tail.is_empty() && tail.capacity() > 4096 {
+            tail = Vec::new();
+        }
+        conn.inbuf = tail;
+        res?;
+        flush(conn)?;
+        if conn.muted || total >= READ_PER_EVENT_BYTES_MAX {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Consumes whole frames (or the HTTP head) from `data`; returns the bytes used.
+fn on_bytes(conn: &mut Conn, ctx: &mut Ctx, data: &[u8]) -> Result<usize, Drop> {
+    let mut at = 0;
+    if conn.state == State::Upgrading {
+        match ws::parse_upgrade(data) {
+            Upgrade::Incomplete => return Ok(0),
+            Upgrade::Refused(why) => return Err(Drop::Fail(format!("upgrade refused: {why}"))),
+            Upgrade::Done(n) => {
+                let now = now_ns();
+                ctx.report
+                    .handshake
+                    .saturating_record(now.saturating_sub(conn.t_start).max(1));
+                ctx.report.upgrades += 1;
+                ctx.report.last_upgrade_ns = now;
+                conn.state = State::WaitConnected;
+                at = n;
+            }
+        }
+    }
+    loop {
+        let (frame, used) = match ws::parse_frame(&data[at..]) {
+            Ok(Some(x)) => x,
+            Ok(None) => return Ok(at),
+            Err(e) => return Err(Drop::Fail(format!("bad frame from server: {e:?}"))),
+        };
+        at += used;
+        // The reassembly buffer is moved out for the duration of the message so the message
+        // can borrow it while the rest of the connection is mutated (no per-message copy).
+        let mut reasm = std::mem::take(&mut conn.reasm);
+        let result = on_message(conn, ctx, &mut reasm, frame);
+        reasm.shrink();
+        conn.reasm = reasm;
+        result?;
+        if conn.muted {
+            return Ok(at);
+        }
+    }
+}
+
+fn on_message(
+    conn: &mut Conn,
+    ctx: &mut Ctx,
+    reasm: &mut Reassembly,
+    frame: ws::Frame<'_>,
+) -> Result<(), Drop> {
+    let msg = reasm
+        .push(frame)
+        .map_err(|e| Drop::Fail(format!("bad frame from server: {e:?}")))?;
+    match msg {
+        None | Some(Message::Pong) => Ok(()),
+        Some(Message::Text(t)) => on_text(conn, ctx, t),
+        Some(Message::Binary(_)) => {
+            ctx.report.other_frames += 1;
+            Ok(())
+        }
+        Some(Message::Ping(p)) => {
+            let mask = ctx.mask();
+            ws::encode_frame(&mut conn.out, ws::opcode::PONG, p, mask);
+            Ok(())
+        }
+        Some(Message::Close(code)) => {
+            conn.close_code = Some(code);
+            Err(Drop::Closed(Some(code)))
+        }
+    }
+}
+
+/// Handles one complete text message according to the connection's state and role.
+fn on_text(conn: &mut Conn, ctx: &mut Ctx, t: &[u8]) -> Result<(), Drop> {
+    let now = now_ns();
+    if ws::has_type(t, b"error") {
+        if conn.state != State::Ready {
+            let text = String::from_utf8_lossy(&t[..t.len().min(200)]).into_owned();
+            return Err(Drop::Fail(format!("error frame during setup: {text}")));
+        }
+        ctx.error_frame(t);
+        return Ok(());
+    }
+    match conn.state {
+        State::WaitConnected => {
+            if !ws::has_type(t, b"connected") {
+                ctx.report.other_frames += 1;
+                return Ok(());
+            }
+            match conn.role {
+                Role::Sub { room, .. } | Role::Pub { room } => {
+                    let name = &ctx.plan.room_names[room as usize];
+                    let cmd = format!("{{\"type\":\"subscribe\",\"room\":\"{name}\"}}");
+                    let mask = ctx.mask();
+                    ws::encode_frame(&mut conn.out, ws::opcode::TEXT, cmd.as_bytes(), mask);
+                    conn.t_sub = now;
+                    conn.state = State::Subscribing;
+                }
+                Role::Dm { .. } | Role::Plain => conn.state = State::Ready,
+            }
+        }
+        State::Subscribing => {
+            if ws::has_type(t, b"subscribed") {
+                ctx.report
+                    .subscribe
+                    .saturating_record(now.saturating_sub(conn.t_sub).max(1));
+                conn.state = State::Ready;
+                if let Role::Sub { slow: true, .. } = conn.role {
+                    conn.muted = true;
+                }
+            } else {
+                ctx.report.other_frames += 1;
+            }
+        }
+        State::Ready => on_ready_text(conn, ctx, t, now),
+        State::Connecting | State::Upgrading => {}
+    }
+    Ok(())
+}
+
+fn on_ready_text(conn: &mut Conn, ctx: &mut Ctx, t: &[u8], now: u64) {
+    match ctx.plan.traffic {
+        Traffic::Publish => {
+            if ws::has_type(t, b"message") {
+                if let Some(ts) = ws::find_u64(t, b"\"ts\":") {
+                    if ws::find_u64(t, b"\"seq\":").is_some() {
+                        ctx.report
+                            .latency
+                            .saturating_record(now.saturating_sub(ts).max(1));
+                        ctx.received += 1;
+                        return;
+                    }
+                }
+            }
+            ctx.report.other_frames += 1;
+        }
+        Traffic::Dm => {
+            let is_ack = ws::has_type(t, b"message.ack");
+            let is_create = !is_ack && ws::has_type(t, b"message.create");
+            match ws::find_str_u64(t, b"\"clientMsgId\":", b"x") {
+                Some(ts) if is_ack => {
+                    ctx.report
+                        .ack
+                        .saturating_record(now.saturating_sub(ts).max(1));
+                    ctx.acks += 1;
+                }
+                Some(ts) if is_create => {
+                    ctx.report
+                        .latency
+                        .saturating_record(now.saturating_sub(ts).max(1));
+                    ctx.received += 1;
+                }
+                _ => ctx.report.other_frames += 1,
+            }
+        }
+        Traffic::Ping => {
+            if ws::has_type(t, b"pong") {
+                if let Some(at) = conn.pending.pop_front() {
+                    ctx.report
+                        .latency
+                        .saturating_record(now.saturating_sub(at).max(1));
+                    ctx.received += 1;
+                    return;
+                }
+            }
+            ctx.report.other_frames += 1;
+        }
+        Traffic::None => ctx.report.other_frames += 1,
+    }
+}
+
+/// `{"type":"publish","room":R,"data":{"seq":S,"ts":T,"pad":"..."}}` with the `data` object
+/// padded to `payload_bytes` when that is larger than its minimum.
+pub fn publish_json(out: &mut Vec<u8>, room: &str, seq: u64, ts: u64, payload_bytes: usize) {
+    out.extend_from_slice(b"{\"type\":\"publish\",\"room\":\"");
+    out.extend_from_slice(room.as_bytes());
+    out.extend_from_slice(b"\",\"data\":");
+    let data_start = out.len();
+    out.extend_from_slice(format!("{{\"seq\":{seq},\"ts\":{ts},\"pad\":\"").as_bytes());
+    let fixed = out.len() - data_start + 2; // closing `"}`
+    for _ in fixed..payload_bytes {
+        out.push(b'x');
+    }
+    out.extend_from_slice(b"\"}}");
+}
+
+/// A `message.send` whose clientMsgId carries the scheduled time: `x<ts>-<seq>-<nonce>`.
+pub fn dm_json(out: &mut Vec<u8>, to: &str, seq: u64, ts: u64, nonce: u64, content_bytes: usize) {
+    out.extend_from_slice(
+        format!("{{\"type\":\"message.send\",\"clientMsgId\":\"x{ts}-{seq}-{nonce}\",\"to\":\"{to}\",\"content\":\"")
+            .as_bytes(),
+    );
+    for _ in 0..content_bytes.max(1) {
+        out.push(b'x');
+    }
+    out.extend_from_slice(b"\"}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn publish_payload_is_padded_to_size_and_parseable() {
+        let mut v = Vec::new();
+        publish_json(&mut v, "room-1", 42, 123_456_789, 64);
+        let s = std::str::from_utf8(&v).expect("utf8");
+        let parsed: serde_json::Value = serde_json::from_str(s).expect("json");
+        let data = serde_json::to_string(&parsed["data"]).expect("data");
+        assert_eq!(data.len(), 64, "{data}");
+        assert_eq!(parsed["data"]["seq"], 42);
+        assert_eq!(ws::find_u64(&v, b"\"ts\":"), Some(123_456_789));
+        let mut small = Vec::new();
+        publish_json(&mut small, "r", 1, 2, 0);
+        assert!(serde_json::from_slice::<serde_json::Value>(&small).is_ok());
+    }
+
+    #[test]
+    fn dm_message_id_carries_time() {
+        let mut v = Vec::new();
+        dm_json(&mut v, "bob", 7, 99_000, 5, 10);
+        let parsed: serde_json::Value = serde_json::from_slice(&v).expect("json");
+        assert_eq!(parsed["clientMsgId"], "x99000-7-5");
+        assert_eq!(parsed["content"].as_str().map(str::len), Some(10));
+        let echoed =
+            br#"{"type":"message.ack","data":{"clientMsgId":"x99000-7-5","serverMsgId":"s"}}"#;
+        assert_eq!(
+            ws::find_str_u64(echoed, b"\"clientMsgId\":", b"x"),
+            Some(99_000)
+        );
+    }
+}

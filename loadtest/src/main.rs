@@ -1,0 +1,819 @@
+//! `switchboard-load`: a cheap load generator for the Switchboard WebSocket server.
+//!
+//! It shares the machine with the server, so it is built to cost little: mio (epoll) event
+//! loops on `--threads` threads, a hand-written client side of RFC 6455 ([`ws`]), and no JSON
+//! parse on the hot path (it finds `"seq":` / `"ts":` in the payload). The controller in this
+//! file runs one scenario (connect, idle, fanout, dm, churn, echo), samples the server from
+//! /proc, prints a table and one JSON line, and exits 1 when the run had failures.
+
+mod args;
+mod engine;
+mod report;
+mod sys;
+mod ws;
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use args::{Opts, Scenario};
+use engine::{phase, Plan, Role, Shared, Traffic, Worker, WorkerReport};
+use report::Report;
+use sys::{now_ns, ProcSample};
+
+/// Controller polling interval while waiting for the workers.
+const CONTROL_TICK_MS: u64 = 10;
+/// Delay between arming the run and its first scheduled send, so every worker sees it.
+const RUN_LEAD_NS: u64 = 50_000_000;
+/// Grace after the expected end of the run before the watchdog kills the process.
+const WATCHDOG_GRACE_S: f64 = 30.0;
+
+fn main() {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    if argv.first().map(String::as_str) == Some("summary") {
+        std::process::exit(summary(argv.get(1).map(String::as_str)));
+    }
+    let opts = match args::parse(&argv) {
+        Ok(o) => o,
+        Err(e) => {
+            if !e.is_empty() {
+                eprintln!("error: {e}\n");
+            }
+            eprint!("{}", args::USAGE);
+            std::process::exit(2);
+        }
+    };
+    let nofile = match sys::raise_nofile() {
+        Ok(n) => n,
+        Err(e) => {
+            eprintln!("error: cannot raise RLIMIT_NOFILE: {e}");
+            std::process::exit(2);
+        }
+    };
+    let sockets = opts.connections + opts.publishers;
+    if (sockets + 64) as u64 > nofile {
+        eprintln!(
+            "error: {sockets} sockets need more than RLIMIT_NOFILE {nofile} (minus 64 spare)"
+        );
+        std::process::exit(2);
+    }
+    start_watchdog(&opts);
+    let mut report = match opts.scenario {
+        Scenario::Connect => connect(&opts),
+        Scenario::Idle => idle(&opts),
+        Scenario::Fanout => fanout(&opts),
+        Scenario::Dm => dm(&opts),
+        Scenario::Churn => churn(&opts),
+        Scenario::Echo => echo(&opts),
+    };
+    if !opts.label.is_empty() {
+        report.label = opts.label.clone();
+    }
+    if !opts.json_only {
+        print!("{}", report.table());
+    }
+    println!("{}", report.json());
+    if !report.failures.is_empty() {
+        for f in &report.failures {
+            eprintln!("FAILURE: {f}");
+        }
+        std::process::exit(1);
+    }
+}
+
+/// Kills the process if the scenario overruns its bounded time (a hung server, a bug).
+fn start_watchdog(o: &Opts) {
+    let cycles = if o.scenario == Scenario::Churn {
+        o.cycles as f64
+    } else {
+        1.0
+    };
+    let budget = cycles * (o.setup_timeout_s + o.hold_s + o.baseline_timeout_s)
+        + o.settle_s
+        + o.duration_s
+        + o.drain_s
+        + WATCHDOG_GRACE_S;
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs_f64(budget));
+        eprintln!("FAILURE: hard deadline of {budget:.0} s passed; exiting");
+        std::process::exit(3);
+    });
+}
+
+/// The running workers of one connection set.
+struct Session {
+    plan: Arc<Plan>,
+    shared: Arc<Shared>,
+    handles: Vec<JoinHandle<WorkerReport>>,
+    started_ns: u64,
+}
+
+impl Session {
+    fn start(plan: Plan) -> Result<Session, String> {
+        let plan = Arc::new(plan);
+        let shared = Arc::new(Shared::new(plan.room_names.len()));
+        let mut workers = Vec::new();
+        for id in 0..plan.threads {
+            workers.push(
+                Worker::new(id, Arc::clone(&plan), Arc::clone(&shared))
+                    .map_err(|e| format!("worker {id}: {e}"))?,
+            );
+        }
+        let started_ns = now_ns();
+        let mut handles = Vec::new();
+        for (id, w) in workers.into_iter().enumerate() {
+            let h = std::thread::Builder::new()
+                .name(format!("load-{id}"))
+                .spawn(move || w.run())
+                .map_err(|e| format!("spawn: {e}"))?;
+            handles.push(h);
+        }
+        Ok(Session {
+            plan,
+            shared,
+            handles,
+            started_ns,
+        })
+    }
+
+    fn total(&self) -> usize {
+        self.plan.roles.len()
+    }
+
+    /// Waits until every connection is ready or failed; false on timeout.
+    fn wait_setup(&self, timeout_s: f64) -> bool {
+        let deadline = now_ns() + (timeout_s * 1e9) as u64;
+        loop {
+            let done = self.shared.ready.load(Ordering::Relaxed)
+                + self.shared.setup_failed.load(Ordering::Relaxed);
+            if done >= self.total() {
+                return true;
+            }
+            if now_ns() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(CONTROL_TICK_MS));
+        }
+    }
+
+    /// Runs the send schedule for `duration_s`; returns (start, end) in monotonic ns.
+    fn run(&self, duration_s: f64) -> (u64, u64) {
+        let start = now_ns() + RUN_LEAD_NS;
+        let end = start + (duration_s * 1e9) as u64;
+        self.shared.run_start_ns.store(start, Ordering::Release);
+        self.shared.run_end_ns.store(end, Ordering::Release);
+        self.shared.phase.store(phase::RUN, Ordering::Release);
+        sleep_until(end);
+        self.shared.phase.store(phase::DRAIN, Ordering::Release);
+        (start, end)
+    }
+
+    /// Waits up to `drain_s` until `done()` holds; returns the time waited in seconds.
+    fn drain(&self, drain_s: f64, done: impl Fn(&Shared) -> bool) -> f64 {
+        let t0 = now_ns();
+        let deadline = t0 + (drain_s * 1e9) as u64;
+        while !done(&self.shared) && now_ns() < deadline {
+            std::thread::sleep(Duration::from_millis(CONTROL_TICK_MS));
+        }
+        (now_ns() - t0) as f64 / 1e9
+    }
+
+    /// Closes every connection and collects the workers' measurements.
+    fn finish(self) -> (WorkerReport, Arc<Shared>) {
+        self.shared.phase.store(phase::CLOSE, Ordering::Release);
+        let mut total = WorkerReport::empty();
+        for h in self.handles {
+            match h.join() {
+                Ok(r) => total.merge(r),
+                Err(_) => {
+                    let mut r = WorkerReport::empty();
+                    r.failures.insert("worker thread panicked".into(), 1);
+                    total.merge(r);
+                }
+            }
+        }
+        (total, self.shared)
+    }
+}
+
+fn sleep_until(at_ns: u64) {
+    loop {
+        let now = now_ns();
+        if now >= at_ns {
+            return;
+        }
+        std::thread::sleep(Duration::from_nanos((at_ns - now).min(100_000_000)));
+    }
+}
+
+fn base_plan(o: &Opts, roles: Vec<Role>, rooms: usize) -> Plan {
+    let nonce = now_ns() % 1_000_000_007;
+    let threads = o.threads.min(roles.len()).max(1);
+    Plan {
+        addr: o.target.addr,
+        host: o.target.host.clone(),
+        path: o.target.path.clone(),
+        source_ips: o.source_ips.clone(),
+        roles,
+        room_names: (0..rooms).map(|k| format!("lt{nonce}-{k}")).collect(),
+        user_names: Vec::new(),
+        threads,
+        in_flight_per_thread: o.in_flight.div_ceil(threads).max(1),
+        connect_timeout_ns: (o.connect_timeout_s * 1e9) as u64,
+        slow_rcvbuf: o.slow_rcvbuf,
+        traffic: Traffic::None,
+        senders: Vec::new(),
+        interval_ns: 1e9 / o.rate,
+        payload_bytes: o.payload_bytes,
+        nonce,
+    }
+}
+
+fn sub_roles(o: &Opts) -> Vec<Role> {
+    (0..o.connections)
+        .map(|i| Role::Sub {
+            room: (i % o.rooms) as u32,
+            slow: false,
+        })
+        .collect()
+}
+
+fn sample(o: &Opts) -> Option<ProcSample> {
+    o.server_pid.and_then(sys::sample_proc)
+}
+
+fn own_rss_kb() -> Option<u64> {
+    sys::sample_proc(std::process::id()).map(|s| s.rss_kb)
+}
+
+fn failure_rows(r: &mut Report, wr: &WorkerReport) {
+    for (why, n) in &wr.failures {
+        r.fail(format!("{n} x {why}"));
+    }
+    r.put("error_frames", wr.error_frames);
+    if wr.error_frames > 0 {
+        r.fail(format!(
+            "{} error frames from the server, e.g. {:?}",
+            wr.error_frames, wr.error_samples
+        ));
+    }
+    r.put("unexpected_frames", wr.other_frames);
+    if wr.sends_dropped > 0 {
+        r.fail(format!(
+            "{} scheduled sends not made (connection gone or send buffer over limit)",
+            wr.sends_dropped
+        ));
+    }
+}
+
+fn proc_rows(r: &mut Report, label: &str, s: Option<ProcSample>) {
+    if let Some(s) = s {
+        r.put(&format!("server_rss_{label}_kb"), s.rss_kb);
+    }
+}
+
+fn cpu_us(a: Option<ProcSample>, b: Option<ProcSample>) -> Option<f64> {
+    Some((b?.cpu_ns.saturating_sub(a?.cpu_ns)) as f64 / 1000.0)
+}
+
+fn setup_error(scenario: &'static str, e: String) -> Report {
+    let mut r = Report::new(scenario);
+    r.fail(e);
+    r
+}
+
+fn connect(o: &Opts) -> Report {
+    let mut r = Report::new("connect");
+    let before = sample(o);
+    let plan = base_plan(o, sub_roles(o), o.rooms);
+    let s = match Session::start(plan) {
+        Ok(s) => s,
+        Err(e) => return setup_error("connect", e),
+    };
+    let complete = s.wait_setup(o.setup_timeout_s);
+    let after = sample(o);
+    let started = s.started_ns;
+    let ready = s.shared.ready.load(Ordering::Relaxed);
+    let (wr, _) = s.finish();
+    r.put("rooms", o.rooms);
+    r.put("in_flight", o.in_flight);
+    r.put("upgrades", wr.upgrades);
+    let first = wr.first_start_ns.min(started);
+    if wr.last_upgrade_ns > first {
+        r.put_f(
+            "upgrades_per_s",
+            wr.upgrades as f64 / ((wr.last_upgrade_ns - first) as f64 / 1e9),
+            0,
+        );
+    }
+    if wr.last_ready_ns > first {
+        r.put_f(
+            "time_to_all_subscribed_s",
+            (wr.last_ready_ns - first) as f64 / 1e9,
+            3,
+        );
+    }
+    r.put_hist("handshake", &wr.handshake);
+    r.put_hist("subscribe", &wr.subscribe);
+    if let (Some(cpu), true) = (cpu_us(before, after), ready > 0) {
+        r.put_f("server_cpu_us_per_conn", cpu / ready as f64, 1);
+    }
+    proc_rows(&mut r, "before", before);
+    proc_rows(&mut r, "after", after);
+    r.put("connections", o.connections);
+    r.put("ready", ready);
+    if !complete {
+        r.fail(format!(
+            "setup incomplete: {ready} of {} ready after {} s",
+            o.connections, o.setup_timeout_s
+        ));
+    }
+    failure_rows(&mut r, &wr);
+    r
+}
+
+fn idle(o: &Opts) -> Report {
+    let mut r = Report::new("idle");
+    let before = sample(o);
+    let slab_before = sys::sample_slab();
+    let own_before = own_rss_kb();
+    let plan = base_plan(o, sub_roles(o), o.rooms);
+    let s = match Session::start(plan) {
+        Ok(s) => s,
+        Err(e) => return setup_error("idle", e),
+    };
+    let complete = s.wait_setup(o.setup_timeout_s);
+    std::thread::sleep(Duration::from_secs_f64(o.settle_s));
+    let mid = sample(o);
+    let slab_mid = sys::sample_slab();
+    let own_mid = own_rss_kb();
+    std::thread::sleep(Duration::from_secs_f64(o.duration_s));
+    let after = sample(o);
+    let ready = s.shared.ready.load(Ordering::Relaxed);
+    let n = ready.max(1) as f64;
+    r.put("rooms", o.rooms);
+    r.put_f("settle_s", o.settle_s, 1);
+    r.put_f("window_s", o.duration_s, 1);
+    if let (Some(b), Some(a)) = (before, after) {
+        r.put("server_rss_before_kb", b.rss_kb);
+        r.put("server_rss_after_kb", a.rss_kb);
+        r.put_f(
+            "server_rss_bytes_per_conn",
+            (a.rss_kb as f64 - b.rss_kb as f64) * 1024.0 / n,
+            0,
+        );
+    }
+    if let (Some(m), Some(a)) = (mid, after) {
+        let window_ns = a.at_ns.saturating_sub(m.at_ns).max(1) as f64;
+        r.put_f(
+            "server_cpu_pct_idle",
+            a.cpu_ns.saturating_sub(m.cpu_ns) as f64 / window_ns * 100.0,
+            3,
+        );
+    }
+    r.put_f(
+        "kernel_slab_bytes_per_conn_both_ends",
+        (slab_mid.meminfo_slab_kb as f64 - slab_before.meminfo_slab_kb as f64) * 1024.0 / n,
+        0,
+    );
+    if !slab_mid.caches.is_empty() {
+        let total_b: u64 = slab_before.caches.iter().map(|c| c.1).sum();
+        let total_m: u64 = slab_mid.caches.iter().map(|c| c.1).sum();
+        r.put_f(
+            "slabinfo_bytes_per_conn_both_ends",
+            (total_m as f64 - total_b as f64) / n,
+            0,
+        );
+        let top: Vec<String> = sys::slab_growth(&slab_before, &slab_mid, 6)
+            .into_iter()
+            .map(|(name, d)| format!("{name}:{:.0}", d as f64 / n))
+            .collect();
+        r.put("slab_top_growth_bytes_per_conn", top.join(" "));
+    }
+    if let (Some(b), Some(m)) = (own_before, own_mid) {
+        r.put_f(
+            "generator_rss_bytes_per_conn",
+            (m as f64 - b as f64) * 1024.0 / n,
+            0,
+        );
+    }
+    let (wr, _) = s.finish();
+    r.put("connections", o.connections);
+    r.put("ready", ready);
+    if !complete {
+        r.fail(format!(
+            "setup incomplete: {ready} of {} ready after {} s",
+            o.connections, o.setup_timeout_s
+        ));
+    }
+    failure_rows(&mut r, &wr);
+    r
+}
+
+fn fanout(o: &Opts) -> Report {
+    let mut r = Report::new("fanout");
+    let k = o.rooms;
+    let mut roles = Vec::with_capacity(o.connections + o.publishers);
+    let mut slow = 0usize;
+    for i in 0..o.connections {
+        let is_slow =
+            ((i + 1) as f64 * o.slow_fraction).floor() > (i as f64 * o.slow_fraction).floor();
+        let room = i % k;
+        if is_slow {
+            slow += 1;
+        }
+        roles.push(Role::Sub {
+            room: room as u32,
+            slow: is_slow,
+        });
+    }
+    let mut senders = Vec::new();
+    for p in 0..o.publishers {
+        let room = p % k;
+        senders.push(roles.len());
+        roles.push(Role::Pub { room: room as u32 });
+    }
+    let mut plan = base_plan(o, roles, k);
+    plan.traffic = Traffic::Publish;
+    plan.senders = senders;
+    let before = sample(o);
+    let s = match Session::start(plan) {
+        Ok(s) => s,
+        Err(e) => return setup_error("fanout", e),
+    };
+    let complete = s.wait_setup(o.setup_timeout_s);
+    // Deliveries are expected at the connections that were ready when the run started; a
+    // connection that failed setup is reported as such, not as losses.
+    let counted_members: Vec<u64> = s
+        .shared
+        .members
+        .iter()
+        .map(|m| m.load(Ordering::Relaxed))
+        .collect();
+    let after_setup = sample(o);
+    let own_setup = sys::sample_proc(std::process::id());
+    let (start, end) = s.run(o.duration_s);
+    let after_run = sample(o);
+    let own_run = sys::sample_proc(std::process::id());
+    let expected = |sh: &Shared| -> u64 {
+        sh.published
+            .iter()
+            .zip(&counted_members)
+            .map(|(p, m)| p.load(Ordering::Relaxed) * m)
+            .sum()
+    };
+    let drained_s = s.drain(o.drain_s, |sh| {
+        sh.received.load(Ordering::Relaxed) >= expected(sh)
+    });
+    let after_drain = sample(o);
+    let ready = s.shared.ready.load(Ordering::Relaxed);
+    let (wr, shared) = s.finish();
+    let published: u64 = shared
+        .published
+        .iter()
+        .map(|p| p.load(Ordering::Relaxed))
+        .sum();
+    let exp = expected(&shared);
+    let got = shared.received.load(Ordering::Relaxed);
+    let run_s = (end - start) as f64 / 1e9;
+    r.put("rooms", k);
+    r.put("subscribers", o.connections);
+    r.put("publishers", o.publishers);
+    r.put("slow_subscribers", slow);
+    r.put_f("rate_per_s", o.rate, 1);
+    r.put("payload_bytes", o.payload_bytes);
+    r.put_f("run_s", run_s, 2);
+    r.put("published", published);
+    r.put("expected_deliveries", exp);
+    r.put("received_deliveries", got);
+    r.put("lost", exp.saturating_sub(got));
+    r.put("extra", got.saturating_sub(exp));
+    r.put_f("deliveries_per_s", got as f64 / run_s, 0);
+    r.put_f("drain_waited_s", drained_s, 2);
+    r.put_hist("latency", &wr.latency);
+    if let Some(cpu) = cpu_us(after_setup, after_drain) {
+        if got > 0 {
+            r.put_f("server_cpu_us_per_delivery", cpu / got as f64, 3);
+        }
+        if let (Some(a), Some(b)) = (after_setup, after_run) {
+            let win = b.at_ns.saturating_sub(a.at_ns).max(1) as f64;
+            r.put_f(
+                "server_cpu_pct_run",
+                b.cpu_ns.saturating_sub(a.cpu_ns) as f64 / win * 100.0,
+                1,
+            );
+        }
+    }
+    if let (Some(a), Some(b)) = (own_setup, own_run) {
+        let win = b.at_ns.saturating_sub(a.at_ns).max(1) as f64;
+        r.put_f(
+            "generator_cpu_pct_run",
+            b.cpu_ns.saturating_sub(a.cpu_ns) as f64 / win * 100.0,
+            1,
+        );
+    }
+    proc_rows(&mut r, "before", before);
+    proc_rows(&mut r, "after_setup", after_setup);
+    proc_rows(&mut r, "after_run", after_run);
+    if slow > 0 {
+        r.put("slow_closed_4008", wr.slow_closed_4008);
+        r.put("slow_closed_other", wr.slow_closed_other);
+        r.put("slow_still_open", wr.slow_open);
+    }
+    r.put("connections", o.connections + o.publishers);
+    r.put("ready", ready);
+    r.put(
+        "dropped_after_ready",
+        shared.dropped.load(Ordering::Relaxed),
+    );
+    if !complete {
+        r.fail(format!(
+            "setup incomplete: {ready} of {} ready after {} s",
+            o.connections + o.publishers,
+            o.setup_timeout_s
+        ));
+    }
+    if got < exp {
+        r.fail(format!("lost {} of {exp} deliveries", exp - got));
+    }
+    if got > exp {
+        r.fail(format!(
+            "{} deliveries more than expected (duplicates?)",
+            got - exp
+        ));
+    }
+    failure_rows(&mut r, &wr);
+    r
+}
+
+fn dm(o: &Opts) -> Report {
+    let mut r = Report::new("dm");
+    let d = o.devices;
+    let users = o.connections / d;
+    let roles: Vec<Role> = (0..o.connections)
+        .map(|i| Role::Dm {
+            user: (i / d) as u32,
+            device: (i % d) as u32,
+        })
+        .collect();
+    let mut plan = base_plan(o, roles, 0);
+    plan.user_names = (0..users)
+        .map(|u| format!("lt{}u{u}", plan.nonce))
+        .collect();
+    plan.traffic = Traffic::Dm;
+    plan.senders = (0..users).map(|u| u * d).collect();
+    let s = match Session::start(plan) {
+        Ok(s) => s,
+        Err(e) => return setup_error("dm", e),
+    };
+    let complete = s.wait_setup(o.setup_timeout_s);
+    let before = sample(o);
+    let (start, end) = s.run(o.duration_s);
+    let per_send = (2 * d - 1) as u64;
+    let drained_s = s.drain(o.drain_s, |sh| {
+        let sent = sh.sent.load(Ordering::Relaxed);
+        sh.acks.load(Ordering::Relaxed) >= sent
+            && sh.received.load(Ordering::Relaxed) >= sent * per_send
+    });
+    let after = sample(o);
+    let ready = s.shared.ready.load(Ordering::Relaxed);
+    let (wr, shared) = s.finish();
+    let sent = shared.sent.load(Ordering::Relaxed);
+    let acks = shared.acks.load(Ordering::Relaxed);
+    let creates = shared.received.load(Ordering::Relaxed);
+    let run_s = (end - start) as f64 / 1e9;
+    r.put("users", users);
+    r.put("devices_per_user", d);
+    r.put_f("rate_per_s", o.rate, 1);
+    r.put_f("run_s", run_s, 2);
+    r.put("sent", sent);
+    r.put("acks", acks);
+    r.put("expected_creates", sent * per_send);
+    r.put("received_creates", creates);
+    r.put_f("drain_waited_s", drained_s, 2);
+    r.put_hist("ack", &wr.ack);
+    r.put_hist("create", &wr.latency);
+    if let (Some(cpu), true) = (cpu_us(before, after), sent > 0) {
+        r.put_f("server_cpu_us_per_message", cpu / sent as f64, 2);
+    }
+    proc_rows(&mut r, "after", after);
+    r.put("connections", o.connections);
+    r.put("ready", ready);
+    r.put(
+        "dropped_after_ready",
+        shared.dropped.load(Ordering::Relaxed),
+    );
+    if !complete {
+        r.fail(format!(
+            "setup incomplete: {ready} of {} ready",
+            o.connections
+        ));
+    }
+    if acks != sent {
+        r.fail(format!("{sent} message.send but {acks} message.ack"));
+    }
+    if creates != sent * per_send {
+        r.fail(format!(
+            "expected {} message.create, received {creates}",
+            sent * per_send
+        ));
+    }
+    failure_rows(&mut r, &wr);
+    r
+}
+
+fn echo(o: &Opts) -> Report {
+    let mut r = Report::new("echo");
+    let roles = vec![Role::Plain; o.connections];
+    let mut plan = base_plan(o, roles, 0);
+    plan.traffic = Traffic::Ping;
+    plan.senders = (0..o.connections).collect();
+    let s = match Session::start(plan) {
+        Ok(s) => s,
+        Err(e) => return setup_error("echo", e),
+    };
+    let complete = s.wait_setup(o.setup_timeout_s);
+    let before = sample(o);
+    let (start, end) = s.run(o.duration_s);
+    let drained_s = s.drain(o.drain_s, |sh| {
+        sh.received.load(Ordering::Relaxed) >= sh.sent.load(Ordering::Relaxed)
+    });
+    let after = sample(o);
+    let ready = s.shared.ready.load(Ordering::Relaxed);
+    let (wr, shared) = s.finish();
+    let sent = shared.sent.load(Ordering::Relaxed);
+    let got = shared.received.load(Ordering::Relaxed);
+    let run_s = (end - start) as f64 / 1e9;
+    r.put_f("rate_per_s", o.rate, 1);
+    r.put_f("run_s", run_s, 2);
+    r.put("pings", sent);
+    r.put("pongs", got);
+    r.put_f("drain_waited_s", drained_s, 2);
+    r.put_hist("rtt", &wr.latency);
+    if let (Some(cpu), true) = (cpu_us(before, after), sent > 0) {
+        r.put_f("server_cpu_us_per_ping", cpu / sent as f64, 2);
+    }
+    r.put("connections", o.connections);
+    r.put("ready", ready);
+    r.put(
+        "dropped_after_ready",
+        shared.dropped.load(Ordering::Relaxed),
+    );
+    if !complete {
+        r.fail(format!(
+            "setup incomplete: {ready} of {} ready",
+            o.connections
+        ));
+    }
+    if got != sent {
+        r.fail(format!("{sent} pings but {got} pongs"));
+    }
+    failure_rows(&mut r, &wr);
+    r
+}
+
+fn churn(o: &Opts) -> Report {
+    let mut r = Report::new("churn");
+    let health = |r: &mut Report| -> Option<u64> {
+        match sys::get_health(o.target.addr, &o.target.host) {
+            Ok((c, _)) => Some(c),
+            Err(e) => {
+                r.fail(e);
+                None
+            }
+        }
+    };
+    let Some(base_clients) = health(&mut r) else {
+        return r;
+    };
+    let before = sample(o);
+    let mut peak_rss = 0u64;
+    let mut connect_s = Vec::new();
+    let mut back_ms = Vec::new();
+    let mut rss_after_cycle = Vec::new();
+    let mut total = WorkerReport::empty();
+    for cycle in 0..o.cycles {
+        let plan = base_plan(o, sub_roles(o), o.rooms);
+        let s = match Session::start(plan) {
+            Ok(s) => s,
+            Err(e) => {
+                r.fail(e);
+                break;
+            }
+        };
+        let complete = s.wait_setup(o.setup_timeout_s);
+        let ready = s.shared.ready.load(Ordering::Relaxed);
+        connect_s.push((now_ns() - s.started_ns) as f64 / 1e9);
+        if !complete || ready != o.connections {
+            r.fail(format!(
+                "cycle {cycle}: {ready} of {} connections ready",
+                o.connections
+            ));
+        }
+        if let Some(c) = health(&mut r) {
+            if c < base_clients + ready as u64 {
+                r.fail(format!(
+                    "cycle {cycle}: /health clients {c} < baseline {base_clients} + {ready} ready"
+                ));
+            }
+        }
+        std::thread::sleep(Duration::from_secs_f64(o.hold_s));
+        if let Some(s) = sample(o) {
+            peak_rss = peak_rss.max(s.rss_kb);
+        }
+        let (wr, _) = s.finish();
+        total.merge(wr);
+        let t0 = now_ns();
+        let deadline = t0 + (o.baseline_timeout_s * 1e9) as u64;
+        let mut last = None;
+        while now_ns() < deadline {
+            last = sys::get_health(o.target.addr, &o.target.host)
+                .ok()
+                .map(|h| h.0);
+            if last == Some(base_clients) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if last != Some(base_clients) {
+            r.fail(format!(
+                "cycle {cycle}: /health clients {last:?} did not return to {base_clients} within {} s",
+                o.baseline_timeout_s
+            ));
+        }
+        back_ms.push(((now_ns() - t0) as f64 / 1e6).round());
+        if let Some(s) = sample(o) {
+            rss_after_cycle.push(s.rss_kb);
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let after = sample(o);
+    let final_clients = sys::get_health(o.target.addr, &o.target.host)
+        .ok()
+        .map(|h| h.0);
+    r.put("cycles", o.cycles);
+    r.put("connections_per_cycle", o.connections);
+    r.put("baseline_clients", base_clients);
+    r.put("final_clients", final_clients);
+    r.put("cycle_setup_s", format!("{connect_s:.2?}"));
+    r.put("cycle_back_to_baseline_ms", format!("{back_ms:?}"));
+    if let (Some(b), Some(a)) = (before, after) {
+        r.put("server_rss_before_kb", b.rss_kb);
+        r.put("server_rss_peak_kb", peak_rss);
+        r.put("server_rss_after_kb", a.rss_kb);
+        r.put(
+            "server_rss_after_each_cycle_kb",
+            format!("{rss_after_cycle:?}"),
+        );
+        let growth = (a.rss_kb as f64 - b.rss_kb as f64) / b.rss_kb.max(1) as f64 * 100.0;
+        r.put_f("server_rss_growth_pct", growth, 1);
+        // What one cycle of connections costs, and how much of it later cycles keep adding:
+        // allocators keep some memory after the first cycle; a leak keeps growing.
+        let footprint = peak_rss.saturating_sub(b.rss_kb).max(1) as f64;
+        r.put_f(
+            "server_rss_retained_pct_of_peak",
+            (a.rss_kb as f64 - b.rss_kb as f64) / footprint * 100.0,
+            1,
+        );
+        r.put_f("rss_tolerance_pct", o.rss_tolerance_pct, 1);
+        if let (Some(first), Some(last)) = (rss_after_cycle.first(), rss_after_cycle.last()) {
+            let creep = (*last as f64 - *first as f64) / footprint * 100.0;
+            r.put_f("server_rss_creep_pct_of_footprint", creep, 1);
+            if rss_after_cycle.len() >= 2 && creep > o.rss_tolerance_pct {
+                r.fail(format!(
+                    "server RSS kept growing across cycles: {first} -> {last} KiB after cycles 1..{}, \
+                     {creep:.1}% of one cycle's footprint ({footprint:.0} KiB), over the {}% tolerance",
+                    rss_after_cycle.len(),
+                    o.rss_tolerance_pct
+                ));
+            }
+        }
+    }
+    failure_rows(&mut r, &total);
+    r
+}
+
+/// Prints one table row per JSON line of a results file; returns the exit code.
+fn summary(path: Option<&str>) -> i32 {
+    let Some(path) = path else {
+        eprintln!("usage: switchboard-load summary FILE.jsonl");
+        return 2;
+    };
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {path}: {e}");
+            return 2;
+        }
+    };
+    let mut rows = Vec::new();
+    for line in text.lines().filter(|l| l.trim_start().starts_with('{')) {
+        match serde_json::from_str::<serde_json::Value>(line) {
+            Ok(v) => rows.push(report::summary_row(&v)),
+            Err(e) => rows.push(("?".into(), "?".into(), format!("unparsable line: {e}"))),
+        }
+    }
+    print!("{}", report::summary_table(&rows));
+    0
+}
