@@ -79,14 +79,20 @@ impl Directory {
         let rooms = self.rooms.pin();
         let result = rooms.compute(room.clone(), |entry| match entry {
             Some((_, loc)) if max > 0 && loc.members >= max => Operation::Abort(()),
-            Some((_, loc)) => {
-                Operation::Insert(RoomLoc { shards: loc.shards | bit(shard), members: loc.members + 1 })
-            }
-            None => Operation::Insert(RoomLoc { shards: bit(shard), members: 1 }),
+            Some((_, loc)) => Operation::Insert(RoomLoc {
+                shards: loc.shards | bit(shard),
+                members: loc.members + 1,
+            }),
+            None => Operation::Insert(RoomLoc {
+                shards: bit(shard),
+                members: 1,
+            }),
         });
         match result {
             Compute::Inserted(_, loc) | Compute::Updated { new: (_, loc), .. } => {
-                JoinResult::Joined { members: loc.members }
+                JoinResult::Joined {
+                    members: loc.members,
+                }
             }
             _ => JoinResult::Full,
         }
@@ -98,7 +104,11 @@ impl Directory {
         rooms.compute(room.clone(), |entry| match entry {
             Some((_, loc)) => {
                 let members = loc.members.saturating_sub(1);
-                let shards = if last_local { loc.shards & !bit(shard) } else { loc.shards };
+                let shards = if last_local {
+                    loc.shards & !bit(shard)
+                } else {
+                    loc.shards
+                };
                 if members == 0 {
                     Operation::Remove
                 } else {
@@ -188,7 +198,9 @@ impl Directory {
 
     /// Forget a claim (delivery failed; the client may retry).
     pub fn dedup_release(&self, user: &str, client_msg_id: &str) {
-        self.dedup.pin().remove(&*Self::dedup_key(user, client_msg_id));
+        self.dedup
+            .pin()
+            .remove(&*Self::dedup_key(user, client_msg_id));
     }
 
     /// Drop the entry for (user, clientMsgId) if it has expired. Returns whether it did.
@@ -223,9 +235,21 @@ mod tests {
         assert_eq!(d.room_join(&r, 0, 2), JoinResult::Joined { members: 1 });
         assert_eq!(d.room_join(&r, 3, 2), JoinResult::Joined { members: 2 });
         assert_eq!(d.room_join(&r, 1, 2), JoinResult::Full);
-        assert_eq!(d.room("r"), Some(RoomLoc { shards: 0b1001, members: 2 }));
+        assert_eq!(
+            d.room("r"),
+            Some(RoomLoc {
+                shards: 0b1001,
+                members: 2
+            })
+        );
         d.room_leave(&r, 0, true);
-        assert_eq!(d.room("r"), Some(RoomLoc { shards: 0b1000, members: 1 }));
+        assert_eq!(
+            d.room("r"),
+            Some(RoomLoc {
+                shards: 0b1000,
+                members: 1
+            })
+        );
         d.room_leave(&r, 3, true);
         assert_eq!(d.room("r"), None);
         assert_eq!(d.rooms_len(), 0);
@@ -250,11 +274,19 @@ mod tests {
             expires_ms: 100,
         };
         assert!(matches!(d.dedup_claim("alice", "m1", &rec, 10), Claim::New));
-        assert!(matches!(d.dedup_claim("alice", "m1", &rec, 20), Claim::Duplicate(r) if r.server_msg_id == 1));
+        assert!(
+            matches!(d.dedup_claim("alice", "m1", &rec, 20), Claim::Duplicate(r) if r.server_msg_id == 1)
+        );
         assert!(matches!(d.dedup_claim("bob", "m1", &rec, 20), Claim::New));
-        assert!(matches!(d.dedup_claim("carol", "m1", &rec, 20), Claim::Full));
+        assert!(matches!(
+            d.dedup_claim("carol", "m1", &rec, 20),
+            Claim::Full
+        ));
         assert!(!d.dedup_expire("alice", "m1", 50));
         assert!(d.dedup_expire("alice", "m1", 100));
-        assert!(matches!(d.dedup_claim("alice", "m1", &rec, 101), Claim::New));
+        assert!(matches!(
+            d.dedup_claim("alice", "m1", &rec, 101),
+            Claim::New
+        ));
     }
 }

@@ -49,8 +49,12 @@ pub const URL_BYTES_MAX: usize = 2048;
 /// Longest `id` correlation value copied back to the client, in bytes of JSON.
 pub const CORRELATION_ID_BYTES_MAX: usize = 128;
 
-/// fds kept free for listeners, epoll, eventfds and logs when deriving max_connections.
+/// fds kept free when deriving max_connections: stdio, logs, the HTTP probes in flight and
+/// backend sockets, plus [`FD_PER_SHARD`] per shard (listener, epoll, waker eventfd, spare).
+/// `switchboard doctor` plans with its own, larger reserve because it does not know the shard
+/// count.
 pub const FD_RESERVE: u64 = 64;
+pub const FD_PER_SHARD: u64 = 4;
 
 /// A connection's receive state buffer is released once idle and larger than this.
 pub const RX_RETAIN_BYTES_MAX: usize = 4096;

@@ -1,5 +1,6 @@
 //! `switchboard`: run the server (default), or `switchboard doctor` to check kernel limits.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use switchboard::config::{Config, LogFormat};
@@ -8,7 +9,11 @@ use switchboard::server::Server;
 fn init_logging(cfg: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_new(&cfg.log_level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
     match cfg.log_format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Text => builder.init(),
@@ -33,7 +38,10 @@ fn main() -> ExitCode {
         }
     };
     init_logging(&cfg);
-    let signals = match signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT]) {
+    let signals = match signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ]) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("switchboard: cannot install signal handlers: {e}");

@@ -83,10 +83,12 @@ pub enum CloseKind {
     Timeout,
     /// An HTTP request that was answered and closed, or a handshake that never completed.
     Http,
+    /// The peer closed with a code the server does not use itself (e.g. 3000-4999).
+    Other,
 }
 
 impl CloseKind {
-    pub const ALL: [CloseKind; 14] = [
+    pub const ALL: [CloseKind; 15] = [
         CloseKind::Normal,
         CloseKind::GoingAway,
         CloseKind::Protocol,
@@ -101,6 +103,7 @@ impl CloseKind {
         CloseKind::Abnormal,
         CloseKind::Timeout,
         CloseKind::Http,
+        CloseKind::Other,
     ];
     pub fn from_code(code: u16) -> CloseKind {
         match code {
@@ -114,7 +117,8 @@ impl CloseKind {
             4003 => CloseKind::TokenExpired,
             4008 => CloseKind::SlowConsumer,
             4029 => CloseKind::RateLimited,
-            _ => CloseKind::Internal,
+            1011 => CloseKind::Internal,
+            _ => CloseKind::Other,
         }
     }
     pub fn label(self) -> &'static str {
@@ -133,6 +137,7 @@ impl CloseKind {
             CloseKind::Abnormal => "abnormal",
             CloseKind::Timeout => "timeout",
             CloseKind::Http => "http",
+            CloseKind::Other => "other",
         }
     }
 }
@@ -229,7 +234,10 @@ impl ShardStats {
     }
 
     fn load(&self) -> Vec<u64> {
-        self.values.iter().map(|a| a.load(Ordering::Relaxed)).collect()
+        self.values
+            .iter()
+            .map(|a| a.load(Ordering::Relaxed))
+            .collect()
     }
 }
 
@@ -247,21 +255,65 @@ pub struct NodeView<'a> {
 
 const COUNTERS: [(&str, &str, usize); 16] = [
     ("switchboard_accepted_total", "TCP connections accepted", 0),
-    ("switchboard_upgrades_total", "WebSocket upgrades completed", 1),
-    ("switchboard_upgrades_rejected_total", "Upgrade requests refused (4xx/5xx)", 2),
-    ("switchboard_http_requests_total", "Plain HTTP requests served", 3),
-    ("switchboard_frames_in_total", "WebSocket frames received", 4),
-    ("switchboard_bytes_in_total", "Bytes received on WebSocket connections", 5),
-    ("switchboard_frames_out_total", "Frames written to sockets", 6),
+    (
+        "switchboard_upgrades_total",
+        "WebSocket upgrades completed",
+        1,
+    ),
+    (
+        "switchboard_upgrades_rejected_total",
+        "Upgrade requests refused (4xx/5xx)",
+        2,
+    ),
+    (
+        "switchboard_http_requests_total",
+        "Plain HTTP requests served",
+        3,
+    ),
+    (
+        "switchboard_frames_in_total",
+        "WebSocket frames received",
+        4,
+    ),
+    (
+        "switchboard_bytes_in_total",
+        "Bytes received on WebSocket connections",
+        5,
+    ),
+    (
+        "switchboard_frames_out_total",
+        "Frames written to sockets",
+        6,
+    ),
     ("switchboard_bytes_out_total", "Bytes written to sockets", 7),
     ("switchboard_writev_calls_total", "writev system calls", 8),
     ("switchboard_publishes_total", "Room publishes accepted", 9),
-    ("switchboard_deliveries_total", "Frames queued to a recipient by fan-out", 10),
+    (
+        "switchboard_deliveries_total",
+        "Frames queued to a recipient by fan-out",
+        10,
+    ),
     ("switchboard_broadcasts_total", "Broadcasts accepted", 11),
-    ("switchboard_direct_messages_total", "Direct messages accepted", 12),
-    ("switchboard_direct_message_duplicates_total", "Direct messages answered from the dedup window", 13),
-    ("switchboard_cross_shard_sent_total", "Messages sent to other shards", 14),
-    ("switchboard_cross_shard_dropped_total", "Messages dropped because a shard inbox was full", 15),
+    (
+        "switchboard_direct_messages_total",
+        "Direct messages accepted",
+        12,
+    ),
+    (
+        "switchboard_direct_message_duplicates_total",
+        "Direct messages answered from the dedup window",
+        13,
+    ),
+    (
+        "switchboard_cross_shard_sent_total",
+        "Messages sent to other shards",
+        14,
+    ),
+    (
+        "switchboard_cross_shard_dropped_total",
+        "Messages dropped because a shard inbox was full",
+        15,
+    ),
 ];
 
 /// Render the Prometheus text exposition.
@@ -270,7 +322,11 @@ pub fn render(view: &NodeView) -> String {
     let mut out = String::with_capacity(8192);
     let sum = |i: usize| per_shard.iter().map(|v| v[i]).sum::<u64>();
     for (name, help, i) in COUNTERS {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", sum(i));
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+            sum(i)
+        );
     }
     let _ = writeln!(
         out,
@@ -284,22 +340,54 @@ pub fn render(view: &NodeView) -> String {
         "# HELP switchboard_websocket_connections Upgraded WebSocket connections per shard\n# TYPE switchboard_websocket_connections gauge"
     );
     for (i, v) in per_shard.iter().enumerate() {
-        let _ = writeln!(out, "switchboard_websocket_connections{{shard=\"{i}\"}} {}", v[17]);
+        let _ = writeln!(
+            out,
+            "switchboard_websocket_connections{{shard=\"{i}\"}} {}",
+            v[17]
+        );
     }
     let _ = writeln!(
         out,
         "# HELP switchboard_send_queue_bytes Bytes queued for clients per shard\n# TYPE switchboard_send_queue_bytes gauge"
     );
     for (i, v) in per_shard.iter().enumerate() {
-        let _ = writeln!(out, "switchboard_send_queue_bytes{{shard=\"{i}\"}} {}", v[19]);
+        let _ = writeln!(
+            out,
+            "switchboard_send_queue_bytes{{shard=\"{i}\"}} {}",
+            v[19]
+        );
     }
     let gauges = [
-        ("switchboard_clients", "Upgraded WebSocket connections on this node", view.connections),
-        ("switchboard_max_connections", "Configured (or derived) connection limit", view.max_connections),
-        ("switchboard_rooms", "Rooms with at least one subscriber on this node", view.rooms),
-        ("switchboard_users", "Users with at least one device on this node", view.users),
-        ("switchboard_dedup_entries", "Direct-message dedup entries held", view.dedup_entries),
-        ("switchboard_draining", "1 while the node drains for shutdown", view.draining as u64),
+        (
+            "switchboard_clients",
+            "Upgraded WebSocket connections on this node",
+            view.connections,
+        ),
+        (
+            "switchboard_max_connections",
+            "Configured (or derived) connection limit",
+            view.max_connections,
+        ),
+        (
+            "switchboard_rooms",
+            "Rooms with at least one subscriber on this node",
+            view.rooms,
+        ),
+        (
+            "switchboard_users",
+            "Users with at least one device on this node",
+            view.users,
+        ),
+        (
+            "switchboard_dedup_entries",
+            "Direct-message dedup entries held",
+            view.dedup_entries,
+        ),
+        (
+            "switchboard_draining",
+            "1 while the node drains for shutdown",
+            view.draining as u64,
+        ),
     ];
     for (name, help, v) in gauges {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
@@ -309,7 +397,12 @@ pub fn render(view: &NodeView) -> String {
         "# HELP switchboard_errors_total Error frames sent, by reason\n# TYPE switchboard_errors_total counter"
     );
     for (k, r) in ErrorReason::ALL.iter().enumerate() {
-        let _ = writeln!(out, "switchboard_errors_total{{reason=\"{}\"}} {}", r.label(), sum(SCALARS + k));
+        let _ = writeln!(
+            out,
+            "switchboard_errors_total{{reason=\"{}\"}} {}",
+            r.label(),
+            sum(SCALARS + k)
+        );
     }
     let base = SCALARS + ErrorReason::ALL.len();
     let _ = writeln!(
@@ -317,7 +410,12 @@ pub fn render(view: &NodeView) -> String {
         "# HELP switchboard_closes_total Connections ended, by close code or cause\n# TYPE switchboard_closes_total counter"
     );
     for (k, c) in CloseKind::ALL.iter().enumerate() {
-        let _ = writeln!(out, "switchboard_closes_total{{code=\"{}\"}} {}", c.label(), sum(base + k));
+        let _ = writeln!(
+            out,
+            "switchboard_closes_total{{code=\"{}\"}} {}",
+            c.label(),
+            sum(base + k)
+        );
     }
     let slow = sum(base + CloseKind::SlowConsumer as usize);
     let _ = writeln!(
@@ -332,8 +430,10 @@ pub fn render(view: &NodeView) -> String {
 }
 
 /// Bucket bounds in seconds for the publish-to-flush histogram.
-const LATENCY_BUCKETS_US: [u64; 14] =
-    [50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 1_000_000, 5_000_000];
+const LATENCY_BUCKETS_US: [u64; 14] = [
+    50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 1_000_000,
+    5_000_000,
+];
 
 fn render_latency(out: &mut String, shards: &[ShardStats]) {
     let mut merged = new_latency_histogram();
@@ -348,12 +448,24 @@ fn render_latency(out: &mut String, shards: &[ShardStats]) {
         "# HELP {name} Time from a frame's creation (publish, DM, reply) to its write to a recipient socket\n# TYPE {name} histogram"
     );
     for b in LATENCY_BUCKETS_US {
-        let count: u64 = merged.iter_recorded().filter(|v| v.value_iterated_to() <= b).map(|v| v.count_at_value()).sum();
+        let count: u64 = merged
+            .iter_recorded()
+            .filter(|v| v.value_iterated_to() <= b)
+            .map(|v| v.count_at_value())
+            .sum();
         let _ = writeln!(out, "{name}_bucket{{le=\"{}\"}} {count}", b as f64 / 1e6);
     }
     let total = merged.len();
-    let sum_s = merged.iter_recorded().map(|v| v.value_iterated_to() as f64 * v.count_at_value() as f64).sum::<f64>() / 1e6;
-    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {total}\n{name}_sum {sum_s}\n{name}_count {total}");
+    let sum_s = merged
+        .iter_recorded()
+        .map(|v| v.value_iterated_to() as f64 * v.count_at_value() as f64)
+        .sum::<f64>()
+        / 1e6;
+    let _ = writeln!(
+        out,
+        "{name}_bucket{{le=\"+Inf\"}} {total}\n{name}_sum {}\n{name}_count {total}",
+        sum_s + 0.0
+    );
 }
 
 #[cfg(test)]
@@ -363,11 +475,18 @@ mod tests {
     #[test]
     fn renders_merged_counters_and_histogram() {
         let shards = [ShardStats::default(), ShardStats::default()];
-        let mut a = LocalStats { deliveries: 5, connections: 2, ..Default::default() };
+        let mut a = LocalStats {
+            deliveries: 5,
+            connections: 2,
+            ..Default::default()
+        };
         a.errors[ErrorReason::RateLimited as usize] = 3;
         a.closes[CloseKind::SlowConsumer as usize] = 1;
         shards[0].publish(&a);
-        shards[1].publish(&LocalStats { deliveries: 7, ..Default::default() });
+        shards[1].publish(&LocalStats {
+            deliveries: 7,
+            ..Default::default()
+        });
         shards[1].latency_us.lock().unwrap().record(300).unwrap();
         let text = render(&NodeView {
             shards: &shards,

@@ -17,7 +17,7 @@ use crate::auth::Verifier;
 use crate::bridge::BridgeHandle;
 use crate::config::{AuthMode, Config};
 use crate::directory::Directory;
-use crate::limits::{SHARDS_MAX, SHARD_INBOX_CAPACITY};
+use crate::limits::{FD_PER_SHARD, FD_RESERVE, SHARDS_MAX, SHARD_INBOX_CAPACITY};
 use crate::metrics::ShardStats;
 use crate::shard::{Inbox, Node, Shard, ShardMsg};
 
@@ -46,7 +46,13 @@ impl Server {
         let (soft, hard) = crate::doctor::raise_nofile_limit()
             .map_err(|e| StartError(format!("cannot read or raise RLIMIT_NOFILE: {e}")))?;
         let limits = crate::doctor::read_limits();
-        let reachable = crate::doctor::max_connections_for(&limits);
+        let n = if cfg.shards == 0 {
+            crate::io::available_cores()
+        } else {
+            cfg.shards
+        };
+        let n = n.clamp(1, SHARDS_MAX);
+        let reachable = soft.saturating_sub(FD_RESERVE + FD_PER_SHARD * n as u64);
         let max_connections = if cfg.max_connections == 0 {
             reachable.max(1)
         } else {
@@ -73,20 +79,25 @@ impl Server {
         }
 
         let verifier = match cfg.auth_mode {
-            AuthMode::Jwt => Some(Verifier::from_config(&cfg).map_err(|e| StartError(e.to_string()))?),
+            AuthMode::Jwt => {
+                Some(Verifier::from_config(&cfg).map_err(|e| StartError(e.to_string()))?)
+            }
             AuthMode::None => {
                 tracing::warn!("auth mode is none: clients are anonymous or claim ?user_id= (development only; set SWITCHBOARD_AUTH_MODE=jwt in production)");
                 None
             }
         };
 
-        let n = if cfg.shards == 0 { crate::io::available_cores() } else { cfg.shards };
-        let n = n.clamp(1, SHARDS_MAX);
-        let host: IpAddr =
-            cfg.host.parse().map_err(|_| StartError(format!("config key `host`: not an IP address: {}", cfg.host)))?;
+        let host: IpAddr = cfg.host.parse().map_err(|_| {
+            StartError(format!(
+                "config key `host`: not an IP address: {}",
+                cfg.host
+            ))
+        })?;
         let addr = SocketAddr::new(host, cfg.port);
 
-        let mut bridge = BridgeHandle::single_node().map_err(|e| StartError(format!("cannot start the bridge thread: {e}")))?;
+        let mut bridge = BridgeHandle::single_node()
+            .map_err(|e| StartError(format!("cannot start the bridge thread: {e}")))?;
 
         let mut polls = Vec::with_capacity(n);
         let mut inboxes = Vec::with_capacity(n);
@@ -105,7 +116,11 @@ impl Server {
             let waker = Waker::new(poll.registry(), mio::Token(usize::MAX - 1))
                 .map_err(|e| StartError(format!("eventfd failed: {e}")))?;
             let (tx, rx) = bounded::<ShardMsg>(SHARD_INBOX_CAPACITY);
-            inboxes.push(Inbox { tx, waker, wake_pending: AtomicBool::new(false) });
+            inboxes.push(Inbox {
+                tx,
+                waker,
+                wake_pending: AtomicBool::new(false),
+            });
             receivers.push(rx);
             polls.push(poll);
             let l = match &shared_listener {
@@ -136,7 +151,9 @@ impl Server {
         });
 
         let mut shards = Vec::with_capacity(n);
-        for (i, ((poll, listener), rx)) in polls.into_iter().zip(listeners).zip(receivers).enumerate() {
+        for (i, ((poll, listener), rx)) in
+            polls.into_iter().zip(listeners).zip(receivers).enumerate()
+        {
             let shard = Shard::new(i, node.clone(), poll, listener, rx)
                 .map_err(|e| StartError(format!("shard {i} setup failed: {e}")))?;
             let pin = node.cfg.pin_cores;
@@ -159,7 +176,12 @@ impl Server {
             echo_path = node.cfg.echo_path.as_deref().unwrap_or("off"),
             "switchboard listening"
         );
-        Ok(Server { node, shards, bridge, addr })
+        Ok(Server {
+            node,
+            shards,
+            bridge,
+            addr,
+        })
     }
 
     /// Drain and stop: /ready turns 503, every client gets 1001, threads end.
@@ -176,11 +198,13 @@ impl Server {
             let _ = h.join();
         }
         self.bridge.shutdown();
-        tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "drained; exiting");
+        tracing::info!(
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "drained; exiting"
+        );
     }
 
     pub fn node(&self) -> &Arc<Node> {
         &self.node
     }
 }
-

@@ -12,7 +12,11 @@ use socket2::{Domain, Protocol, Socket, Type};
 use crate::config::Config;
 
 /// A non-blocking listener on `addr`, with SO_REUSEPORT when asked (one per shard).
-pub fn std_listener(addr: SocketAddr, reuse_port: bool, backlog: u32) -> io::Result<std::net::TcpListener> {
+pub fn std_listener(
+    addr: SocketAddr,
+    reuse_port: bool,
+    backlog: u32,
+) -> io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     if reuse_port {
@@ -42,7 +46,9 @@ pub fn configure_stream(stream: &mio::net::TcpStream, cfg: &Config) -> io::Resul
 /// Pin the calling thread to core `index` modulo the cores available. Returns whether it did.
 pub fn pin_to_core(index: usize) -> bool {
     match core_affinity::get_core_ids() {
-        Some(cores) if !cores.is_empty() => core_affinity::set_for_current(cores[index % cores.len()]),
+        Some(cores) if !cores.is_empty() => {
+            core_affinity::set_for_current(cores[index % cores.len()])
+        }
         _ => false,
     }
 }

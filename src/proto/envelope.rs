@@ -100,7 +100,9 @@ pub struct FrameBuilder {
 
 impl Default for FrameBuilder {
     fn default() -> Self {
-        FrameBuilder { buf: Vec::with_capacity(4096) }
+        FrameBuilder {
+            buf: Vec::with_capacity(4096),
+        }
     }
 }
 
@@ -214,7 +216,10 @@ mod tests {
         assert_eq!(w[0], 0x81);
         let (len, off) = match w[1] {
             126 => (u16::from_be_bytes([w[2], w[3]]) as usize, 4),
-            127 => (u64::from_be_bytes(w[2..10].try_into().unwrap()) as usize, 10),
+            127 => (
+                u64::from_be_bytes(w[2..10].try_into().unwrap()) as usize,
+                10,
+            ),
             n => (n as usize, 2),
         };
         assert_eq!(w.len(), off + len);
@@ -225,10 +230,10 @@ mod tests {
     fn builds_frames_with_headers_and_birth_time() {
         let mut b = FrameBuilder::default();
         let f = b.text(42, |o| {
-            o.str("type", "message").str("room", "a\"b").raw("data", r#"{"x":[1,2]}"#).uuid(
-                "client_id",
-                7,
-            );
+            o.str("type", "message")
+                .str("room", "a\"b")
+                .raw("data", r#"{"x":[1,2]}"#)
+                .uuid("client_id", 7);
             o.opt_str("user_id", None).u64("timestamp", 1000);
         });
         assert_eq!(f.born_us(), 42);
@@ -249,8 +254,10 @@ mod tests {
 
     #[test]
     fn parses_commands_and_correlation_ids() {
-        let c = parse_command(br#"{"type":"publish","room":"chat","data":{"message":"Hello!"},"id":7}"#)
-            .unwrap();
+        let c = parse_command(
+            br#"{"type":"publish","room":"chat","data":{"message":"Hello!"},"id":7}"#,
+        )
+        .unwrap();
         assert_eq!(c.kind.as_deref(), Some("publish"));
         assert_eq!(c.room.as_deref(), Some("chat"));
         assert_eq!(c.data_raw(), r#"{"message":"Hello!"}"#);

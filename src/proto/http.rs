@@ -49,7 +49,12 @@ pub fn parse_request(buf: &[u8]) -> Parsed<'_> {
         Some((p, q)) => (p, Some(q)),
         None => (target, None),
     };
-    let mut head = RequestHead { method, path, query, ..RequestHead::default() };
+    let mut head = RequestHead {
+        method,
+        path,
+        query,
+        ..RequestHead::default()
+    };
     for h in req.headers.iter() {
         let Ok(value) = std::str::from_utf8(h.value) else {
             continue;
@@ -77,7 +82,9 @@ pub fn parse_request(buf: &[u8]) -> Parsed<'_> {
 
 /// Comma-separated header token list contains `token` (case-insensitive).
 fn has_token(value: &str, token: &str) -> bool {
-    value.split(',').any(|t| t.trim().eq_ignore_ascii_case(token))
+    value
+        .split(',')
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
 /// Whether the subprotocol list offers `name`.
@@ -143,6 +150,14 @@ pub fn response(status: u16, content_type: &str, body: &[u8]) -> Vec<u8> {
     out
 }
 
+/// The same response without its body (for HEAD), keeping Content-Length.
+pub fn head_only(mut response: Vec<u8>) -> Vec<u8> {
+    if let Some(end) = response.windows(4).position(|w| w == b"\r\n\r\n") {
+        response.truncate(end + 4);
+    }
+    response
+}
+
 /// A JSON error response: `{"error":"<text>"}`.
 pub fn json_error(status: u16, text: &str) -> Vec<u8> {
     let mut body = Vec::with_capacity(text.len() + 12);
@@ -160,7 +175,9 @@ mod tests {
 
     #[test]
     fn parses_an_upgrade() {
-        let Parsed::Complete(head, used) = parse_request(UPGRADE) else { panic!() };
+        let Parsed::Complete(head, used) = parse_request(UPGRADE) else {
+            panic!()
+        };
         assert_eq!(used, UPGRADE.len());
         assert_eq!(head.path, "/ws");
         assert_eq!(head.query, Some("token=abc&x=1"));
@@ -173,17 +190,23 @@ mod tests {
     #[test]
     fn partial_and_invalid() {
         assert!(matches!(parse_request(&UPGRADE[..40]), Parsed::Partial));
-        assert!(matches!(parse_request(b"\x16\x03\x01garbage\r\n\r\n"), Parsed::Invalid));
+        assert!(matches!(
+            parse_request(b"\x16\x03\x01garbage\r\n\r\n"),
+            Parsed::Invalid
+        ));
         let Parsed::Complete(head, _) = parse_request(b"GET /health HTTP/1.1\r\n\r\n") else {
             panic!()
         };
-        assert_eq!(head.upgrade_problem(), Some("expected a websocket upgrade request"));
+        assert_eq!(
+            head.upgrade_problem(),
+            Some("expected a websocket upgrade request")
+        );
     }
 
     #[test]
     fn accept_key_from_rfc6455_example() {
         let r = String::from_utf8(switching_protocols("dGhlIHNhbXBsZSBub25jZQ==", None)).unwrap();
         assert!(r.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"));
-        assert!(!r.contains("Protocol"));
+        assert!(!r.contains("Sec-WebSocket-Protocol"));
     }
 }

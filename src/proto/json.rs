@@ -59,7 +59,12 @@ pub fn write_u64(out: &mut Vec<u8>, mut v: u64) {
 /// Append a UUID in canonical hyphenated lowercase form (no quotes).
 pub fn write_uuid(out: &mut Vec<u8>, id: u128) {
     let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
-    out.extend_from_slice(uuid::Uuid::from_u128(id).hyphenated().encode_lower(&mut buf).as_bytes());
+    out.extend_from_slice(
+        uuid::Uuid::from_u128(id)
+            .hyphenated()
+            .encode_lower(&mut buf)
+            .as_bytes(),
+    );
 }
 
 /// Days since 1970-01-01 to (year, month, day), proleptic Gregorian (Howard Hinnant's algorithm).
@@ -96,7 +101,15 @@ mod tests {
 
     #[test]
     fn escaping_matches_serde_json() {
-        for s in ["plain", "q\"uote", "back\\slash", "nl\n\r\t", "\u{1}\u{1f}", "é 日本 🎉", ""] {
+        for s in [
+            "plain",
+            "q\"uote",
+            "back\\slash",
+            "nl\n\r\t",
+            "\u{1}\u{1f}",
+            "é 日本 🎉",
+            "",
+        ] {
             let mut out = Vec::new();
             write_str(&mut out, s);
             let back: String = serde_json::from_slice(&out).unwrap();

@@ -86,14 +86,23 @@ impl RoomTable {
             Some(&id) => (id, false),
             None => {
                 let name = name.clone();
-                let id = self.rooms.insert(Room { name: name.clone(), members: Vec::new() }) as RoomId;
+                let id = self.rooms.insert(Room {
+                    name: name.clone(),
+                    members: Vec::new(),
+                }) as RoomId;
                 self.by_name.insert(name, id);
                 (id, true)
             }
         };
         let members = &mut self.rooms[id as usize].members;
         members.push(slot);
-        Joined { membership: Membership { room: id, pos: (members.len() - 1) as u32 }, first_local }
+        Joined {
+            membership: Membership {
+                room: id,
+                pos: (members.len() - 1) as u32,
+            },
+            first_local,
+        }
     }
 
     /// Remove the member at `m`.
@@ -111,7 +120,11 @@ impl RoomTable {
         } else if room.members.capacity() > 64 && room.members.len() < room.members.capacity() / 4 {
             room.members.shrink_to(room.members.len() * 2);
         }
-        Left { moved, last_local, name }
+        Left {
+            moved,
+            last_local,
+            name,
+        }
     }
 }
 

@@ -20,7 +20,8 @@ use crate::proto::{Command, Frame};
 use super::{flag, ConnRef, Grants, Phase, Shard, ShardMsg};
 
 /// Namespace for conversation ids derived from two user ids (UUID v5).
-const CONVERSATION_NS: uuid::Uuid = uuid::Uuid::from_u128(0x6f1c_3a52_9d0e_4b7a_8c21_5e4f_0a9b_7d13);
+const CONVERSATION_NS: uuid::Uuid =
+    uuid::Uuid::from_u128(0x6f1c_3a52_9d0e_4b7a_8c21_5e4f_0a9b_7d13);
 
 /// A stable conversation id for two users, the same whichever of them asks.
 pub fn derive_conversation_id(a: &str, b: &str) -> String {
@@ -124,6 +125,11 @@ impl Shard {
             }
             _ => http::json_error(404, "not found"),
         };
+        let reply = if method == "HEAD" {
+            http::head_only(reply)
+        } else {
+            reply
+        };
         self.http_reply(slot, reply);
     }
 
@@ -184,7 +190,8 @@ impl Shard {
             self.reject(slot, 503, "server is at maximum capacity");
             return false;
         }
-        let protocol = http::offers_protocol(head.ws_protocols, "switchboard").then_some("switchboard");
+        let protocol =
+            http::offers_protocol(head.ws_protocols, "switchboard").then_some("switchboard");
         let Some(key) = head.ws_key else {
             node.dir.connections.fetch_sub(1, Ordering::Relaxed);
             return false;
@@ -217,7 +224,7 @@ impl Shard {
             self.set_identity(slot, &user, None);
         }
         let c = &self.clients[slot as usize];
-        let (id, user) = (c.id, c.user.clone());
+        let (id, user) = (c.uuid(), c.user.clone());
         let f = self.fb.text(self.now_us, |o| {
             o.str("type", "connected")
                 .obj("data", |d| {
@@ -242,7 +249,10 @@ impl Shard {
         c.user = Some(arc);
         if let Some(claims) = claims {
             c.exp_s = claims.exp.min(u32::MAX as u64) as u32;
-            c.grants = Some(Arc::new(Grants { rooms: claims.rooms.clone(), admin: claims.admin }));
+            c.grants = Some(Arc::new(Grants {
+                rooms: claims.rooms.clone(),
+                admin: claims.admin,
+            }));
         }
     }
 
@@ -265,16 +275,33 @@ impl Shard {
                 self.close_with(slot, close::RATE_LIMITED, "rate limit exceeded");
                 return false;
             }
-            self.send_error(slot, ErrorReason::RateLimited, None, "rate limit exceeded", None);
+            // Parsing costs little next to a frame, and the client can correlate the refusal.
+            let id = parse_command(payload).and_then(|c| c.correlation_id().map(str::to_owned));
+            self.send_error(
+                slot,
+                ErrorReason::RateLimited,
+                id.as_deref(),
+                "rate limit exceeded",
+                None,
+            );
             return true;
         }
         c.rl_strikes = 0;
         if op == ws::opcode::BINARY {
-            self.send_error(slot, ErrorReason::Binary, None, "binary frames are not supported", None);
+            // A binary frame has no JSON envelope, so there is no id to copy back.
+            self.send_error(
+                slot,
+                ErrorReason::Binary,
+                None,
+                "binary frames are not supported",
+                None,
+            );
             return true;
         }
         self.on_command(slot, payload);
-        self.clients.get(slot as usize).is_some_and(|c| c.phase != Phase::Closing)
+        self.clients
+            .get(slot as usize)
+            .is_some_and(|c| c.phase != Phase::Closing)
     }
 
     fn send_error(
@@ -286,13 +313,21 @@ impl Shard {
         client_msg_id: Option<&str>,
     ) {
         self.stats.errors[reason as usize] += 1;
-        let f = self.fb.error(self.now_ms, self.now_us, id, text, client_msg_id);
+        let f = self
+            .fb
+            .error(self.now_ms, self.now_us, id, text, client_msg_id);
         self.enqueue(slot, f);
     }
 
     fn on_command(&mut self, slot: u32, text: &[u8]) {
         let Some(cmd) = parse_command(text) else {
-            self.send_error(slot, ErrorReason::InvalidJson, None, "invalid JSON format", None);
+            self.send_error(
+                slot,
+                ErrorReason::InvalidJson,
+                None,
+                "invalid JSON format",
+                None,
+            );
             return;
         };
         let id = cmd.correlation_id();
@@ -314,18 +349,36 @@ impl Shard {
             }
             "authenticate" => self.cmd_authenticate(slot, &cmd, id),
             "message.send" => self.cmd_message_send(slot, &cmd, id),
-            _ => self.send_error(slot, ErrorReason::UnknownType, id, "unknown message type", None),
+            _ => self.send_error(
+                slot,
+                ErrorReason::UnknownType,
+                id,
+                "unknown message type",
+                None,
+            ),
         }
     }
 
     /// The room named by a command, or the error already sent.
     fn room_arg<'c>(&mut self, slot: u32, cmd: &'c Command, id: Option<&str>) -> Option<&'c str> {
         let Some(room) = non_empty(&cmd.room) else {
-            self.send_error(slot, ErrorReason::RoomRequired, id, "room name is required", None);
+            self.send_error(
+                slot,
+                ErrorReason::RoomRequired,
+                id,
+                "room name is required",
+                None,
+            );
             return None;
         };
         if room.len() > self.node.cfg.max_room_name_bytes {
-            self.send_error(slot, ErrorReason::BadRequest, id, "room name too long", None);
+            self.send_error(
+                slot,
+                ErrorReason::BadRequest,
+                id,
+                "room name too long",
+                None,
+            );
             return None;
         }
         Some(room)
@@ -339,7 +392,9 @@ impl Shard {
     }
 
     fn cmd_subscribe(&mut self, slot: u32, cmd: &Command, id: Option<&str>) {
-        let Some(room) = self.room_arg(slot, cmd, id) else { return };
+        let Some(room) = self.room_arg(slot, cmd, id) else {
+            return;
+        };
         let c = &self.clients[slot as usize];
         if !c.allows_room(room) {
             self.send_error(slot, ErrorReason::NotAllowed, id, "not allowed", None);
@@ -359,7 +414,13 @@ impl Shard {
             let max = self.node.cfg.max_connections_per_room;
             match self.node.dir.room_join(&name, self.id, max) {
                 JoinResult::Full => {
-                    self.send_error(slot, ErrorReason::RoomFull, id, "room is at maximum capacity", None);
+                    self.send_error(
+                        slot,
+                        ErrorReason::RoomFull,
+                        id,
+                        "room is at maximum capacity",
+                        None,
+                    );
                     return;
                 }
                 JoinResult::Joined { members } => {
@@ -382,21 +443,33 @@ impl Shard {
     }
 
     fn cmd_unsubscribe(&mut self, slot: u32, cmd: &Command, id: Option<&str>) {
-        let Some(room) = self.room_arg(slot, cmd, id) else { return };
+        let Some(room) = self.room_arg(slot, cmd, id) else {
+            return;
+        };
         let Some((idx, _)) = self.membership(slot, room) else {
-            self.send_error(slot, ErrorReason::NotSubscribed, id, "not subscribed to this room", None);
+            self.send_error(
+                slot,
+                ErrorReason::NotSubscribed,
+                id,
+                "not subscribed to this room",
+                None,
+            );
             return;
         };
         let m = self.clients[slot as usize].rooms.swap_remove(idx);
         let left = self.rooms.leave(m);
         if let Some((moved, pos)) = left.moved {
-            if let Some(mm) =
-                self.clients.get_mut(moved as usize).and_then(|mc| mc.rooms.iter_mut().find(|x| x.room == m.room))
+            if let Some(mm) = self
+                .clients
+                .get_mut(moved as usize)
+                .and_then(|mc| mc.rooms.iter_mut().find(|x| x.room == m.room))
             {
                 mm.pos = pos;
             }
         }
-        self.node.dir.room_leave(&left.name, self.id, left.last_local);
+        self.node
+            .dir
+            .room_leave(&left.name, self.id, left.last_local);
         let f = self.fb.text(self.now_us, |o| {
             o.str("type", "unsubscribed")
                 .id(id)
@@ -410,15 +483,31 @@ impl Shard {
     }
 
     fn cmd_publish(&mut self, slot: u32, cmd: &Command, id: Option<&str>) {
-        let Some(room) = self.room_arg(slot, cmd, id) else { return };
+        let Some(room) = self.room_arg(slot, cmd, id) else {
+            return;
+        };
         let Some((_, rid)) = self.membership(slot, room) else {
-            self.send_error(slot, ErrorReason::NotSubscribed, id, "not subscribed to this room", None);
+            self.send_error(
+                slot,
+                ErrorReason::NotSubscribed,
+                id,
+                "not subscribed to this room",
+                None,
+            );
             return;
         };
         let c = &self.clients[slot as usize];
-        let (client_id, user) = (c.id, c.user.clone());
+        // A refreshed token may have narrowed the rooms claim since the subscribe.
+        if !c.allows_room(room) {
+            self.send_error(slot, ErrorReason::NotAllowed, id, "not allowed", None);
+            return;
+        }
+        let (client_id, user) = (c.uuid(), c.user.clone());
         let f = self.fb.text(self.now_us, |o| {
-            o.str("type", "message").str("room", room).raw("data", cmd.data_raw()).uuid("client_id", client_id);
+            o.str("type", "message")
+                .str("room", room)
+                .raw("data", cmd.data_raw())
+                .uuid("client_id", client_id);
             if let Some(u) = user.as_deref() {
                 o.str("user_id", u);
             }
@@ -428,16 +517,35 @@ impl Shard {
         self.deliver_room(rid, &f);
         let name = self.rooms.name_of(rid).clone();
         let others = self.node.dir.room(room).map_or(0, |r| r.shards) & !(1u64 << self.id);
-        self.fan_to_shards(others, |frame| ShardMsg::Room { room: name.clone(), frame }, &f);
+        self.fan_to_shards(
+            others,
+            |frame| ShardMsg::Room {
+                room: name.clone(),
+                frame,
+            },
+            &f,
+        );
         if self.node.clustered
-            && self.node.bridge_tx.try_send(BridgeMsg::RoomPublish { room: name, frame: f }).is_err()
+            && self
+                .node
+                .bridge_tx
+                .try_send(BridgeMsg::RoomPublish {
+                    room: name,
+                    frame: f,
+                })
+                .is_err()
         {
             self.stats.cross_shard_dropped += 1;
         }
     }
 
     /// Send `frame` to every shard whose bit is set in `bits`. Returns false if any inbox was full.
-    fn fan_to_shards(&mut self, mut bits: u64, make: impl Fn(Frame) -> ShardMsg, frame: &Frame) -> bool {
+    fn fan_to_shards(
+        &mut self,
+        mut bits: u64,
+        make: impl Fn(Frame) -> ShardMsg,
+        frame: &Frame,
+    ) -> bool {
         let mut ok = true;
         while bits != 0 {
             let shard = bits.trailing_zeros() as usize;
@@ -464,9 +572,11 @@ impl Shard {
             self.send_error(slot, ErrorReason::NotAllowed, id, "not allowed", None);
             return;
         }
-        let (client_id, user) = (c.id, c.user.clone());
+        let (client_id, user) = (c.uuid(), c.user.clone());
         let f = self.fb.text(self.now_us, |o| {
-            o.str("type", "message").raw("data", cmd.data_raw()).uuid("client_id", client_id);
+            o.str("type", "message")
+                .raw("data", cmd.data_raw())
+                .uuid("client_id", client_id);
             if let Some(u) = user.as_deref() {
                 o.str("user_id", u);
             }
@@ -481,7 +591,10 @@ impl Shard {
     pub(super) fn auth_failed_close(&mut self, slot: u32, id: Option<&str>, text: &str) {
         self.stats.errors[ErrorReason::AuthFailed as usize] += 1;
         let f = self.fb.text(self.now_us, |o| {
-            o.str("type", "auth.failed").id(id).str("error", text).u64("timestamp", self.now_ms);
+            o.str("type", "auth.failed")
+                .id(id)
+                .str("error", text)
+                .u64("timestamp", self.now_ms);
         });
         self.enqueue(slot, f);
         self.close_with(slot, close::UNAUTHORIZED, "unauthorized");
@@ -489,14 +602,20 @@ impl Shard {
 
     fn cmd_authenticate(&mut self, slot: u32, cmd: &Command, id: Option<&str>) {
         let node = self.node.clone();
-        let Some(verifier) = node.verifier.as_ref().filter(|_| node.cfg.auth_mode == AuthMode::Jwt) else {
+        let Some(verifier) = node
+            .verifier
+            .as_ref()
+            .filter(|_| node.cfg.auth_mode == AuthMode::Jwt)
+        else {
             self.send_error(slot, ErrorReason::NotAllowed, id, "not allowed", None);
             return;
         };
         let awaiting = self.clients[slot as usize].phase == Phase::AwaitAuth;
         let result = match non_empty(&cmd.token) {
             None => Err("token is required"),
-            Some(token) => verifier.verify(token, self.now_ms / 1000).map_err(|e| e.as_str()),
+            Some(token) => verifier
+                .verify(token, self.now_ms / 1000)
+                .map_err(|e| e.as_str()),
         };
         let claims = match result {
             Ok(claims) => claims,
@@ -507,7 +626,10 @@ impl Shard {
             Err(text) => {
                 self.stats.errors[ErrorReason::AuthFailed as usize] += 1;
                 let f = self.fb.text(self.now_us, |o| {
-                    o.str("type", "auth.failed").id(id).str("error", text).u64("timestamp", self.now_ms);
+                    o.str("type", "auth.failed")
+                        .id(id)
+                        .str("error", text)
+                        .u64("timestamp", self.now_ms);
                 });
                 self.enqueue(slot, f);
                 return;
@@ -533,13 +655,17 @@ impl Shard {
             }
             c.exp_s = claims.exp.min(u32::MAX as u64) as u32;
             c.flags &= !flag::EXPIRING_SENT;
-            c.grants = Some(Arc::new(Grants { rooms: claims.rooms.clone(), admin: claims.admin }));
+            c.grants = Some(Arc::new(Grants {
+                rooms: claims.rooms.clone(),
+                admin: claims.admin,
+            }));
         }
         let f = self.fb.text(self.now_us, |o| {
             o.str("type", "auth.success")
                 .id(id)
                 .obj("data", |d| {
-                    d.str("user_id", &claims.sub).u64("expires_at", claims.exp * 1000);
+                    d.str("user_id", &claims.sub)
+                        .u64("expires_at", claims.exp * 1000);
                 })
                 .u64("timestamp", self.now_ms);
         });
@@ -555,27 +681,59 @@ impl Shard {
             return;
         };
         let Some(cmid) = cmid.filter(|c| c.len() <= ID_BYTES_MAX) else {
-            self.send_error(slot, ErrorReason::BadRequest, id, "clientMsgId is required", None);
+            self.send_error(
+                slot,
+                ErrorReason::BadRequest,
+                id,
+                "clientMsgId is required",
+                None,
+            );
             return;
         };
         let Some(to) = non_empty(&cmd.to).filter(|t| t.len() <= ID_BYTES_MAX) else {
-            self.send_error(slot, ErrorReason::BadRequest, id, "to is required", Some(cmid));
+            self.send_error(
+                slot,
+                ErrorReason::BadRequest,
+                id,
+                "to is required",
+                Some(cmid),
+            );
             return;
         };
         let content = cmd.content.as_deref().unwrap_or("");
         let attachment = non_empty(&cmd.attachment_url);
-        if content.len() > self.node.cfg.max_dm_content_bytes || attachment.is_some_and(|a| a.len() > URL_BYTES_MAX) {
-            self.send_error(slot, ErrorReason::TooLarge, id, "message too large", Some(cmid));
+        if content.len() > self.node.cfg.max_dm_content_bytes
+            || attachment.is_some_and(|a| a.len() > URL_BYTES_MAX)
+        {
+            self.send_error(
+                slot,
+                ErrorReason::TooLarge,
+                id,
+                "message too large",
+                Some(cmid),
+            );
             return;
         }
         if content.is_empty() && attachment.is_none() {
-            self.send_error(slot, ErrorReason::BadRequest, id, "content is required", Some(cmid));
+            self.send_error(
+                slot,
+                ErrorReason::BadRequest,
+                id,
+                "content is required",
+                Some(cmid),
+            );
             return;
         }
         let conversation: Arc<str> = match non_empty(&cmd.conversation_id) {
             Some(c) if c.len() <= ID_BYTES_MAX => Arc::from(c),
             Some(_) => {
-                self.send_error(slot, ErrorReason::BadRequest, id, "conversationId too long", Some(cmid));
+                self.send_error(
+                    slot,
+                    ErrorReason::BadRequest,
+                    id,
+                    "conversationId too long",
+                    Some(cmid),
+                );
                 return;
             }
             None => Arc::from(derive_conversation_id(&user, to)),
@@ -593,12 +751,19 @@ impl Shard {
                 return;
             }
             Claim::Full => {
-                self.send_error(slot, ErrorReason::Busy, id, "server busy, retry later", Some(cmid));
+                self.send_error(
+                    slot,
+                    ErrorReason::Busy,
+                    id,
+                    "server busy, retry later",
+                    Some(cmid),
+                );
                 return;
             }
             Claim::New => {}
         }
-        self.dedup_fifo.push_back((record.expires_ms, user.clone(), cmid.into()));
+        self.dedup_fifo
+            .push_back((record.expires_ms, user.clone(), cmid.into()));
         let sent_at = rfc3339_ms(record.sent_at_ms);
         let f = self.fb.text(self.now_us, |o| {
             o.str("type", "message.create")
@@ -614,28 +779,48 @@ impl Shard {
                 })
                 .u64("timestamp", self.now_ms);
         });
-        let me = ConnRef { shard: self.id as u16, slot, gen: self.clients[slot as usize].gen };
+        let me = ConnRef {
+            shard: self.id as u16,
+            slot,
+            gen: self.clients[slot as usize].gen,
+        };
         let self_bit = 1u64 << self.id;
-        // The recipient's devices, then the sender's other devices (once, if they are the same user).
-        self.deliver_user(to, &f, None);
+        // The recipient's devices, then the sender's other devices (once, if they are the same
+        // user; the sending device gets the ack, not its own message).
+        let to_self = *user == *to;
+        self.deliver_user(to, &f, to_self.then_some(me));
         let to_arc: Arc<str> = Arc::from(to);
         let mut ok = self.fan_to_shards(
             self.node.dir.user_shards(to) & !self_bit,
-            |frame| ShardMsg::User { user: to_arc.clone(), frame, except: None },
+            |frame| ShardMsg::User {
+                user: to_arc.clone(),
+                frame,
+                except: None,
+            },
             &f,
         );
-        if *user != *to {
+        if !to_self {
             self.deliver_user(&user, &f, Some(me));
             ok &= self.fan_to_shards(
                 self.node.dir.user_shards(&user) & !self_bit,
-                |frame| ShardMsg::User { user: user.clone(), frame, except: Some(me) },
+                |frame| ShardMsg::User {
+                    user: user.clone(),
+                    frame,
+                    except: Some(me),
+                },
                 &f,
             );
         }
         if !ok {
             // Some device could not be reached: no ack for what was not delivered; the client retries.
             self.node.dir.dedup_release(&user, cmid);
-            self.send_error(slot, ErrorReason::Busy, id, "server busy, retry later", Some(cmid));
+            self.send_error(
+                slot,
+                ErrorReason::Busy,
+                id,
+                "server busy, retry later",
+                Some(cmid),
+            );
             return;
         }
         self.stats.dms += 1;
@@ -665,9 +850,18 @@ mod tests {
 
     #[test]
     fn conversation_ids_are_symmetric_and_distinct() {
-        assert_eq!(derive_conversation_id("alice", "bob"), derive_conversation_id("bob", "alice"));
-        assert_ne!(derive_conversation_id("alice", "bob"), derive_conversation_id("alice", "carol"));
+        assert_eq!(
+            derive_conversation_id("alice", "bob"),
+            derive_conversation_id("bob", "alice")
+        );
+        assert_ne!(
+            derive_conversation_id("alice", "bob"),
+            derive_conversation_id("alice", "carol")
+        );
         // The separator keeps ("ab","c") and ("a","bc") apart.
-        assert_ne!(derive_conversation_id("ab", "c"), derive_conversation_id("a", "bc"));
+        assert_ne!(
+            derive_conversation_id("ab", "c"),
+            derive_conversation_id("a", "bc")
+        );
     }
 }

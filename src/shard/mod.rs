@@ -47,7 +47,11 @@ pub enum ShardMsg {
     /// Deliver to every local connection that has completed auth.
     All { frame: Frame },
     /// Deliver to the local devices of `user`, except one connection.
-    User { user: Arc<str>, frame: Frame, except: Option<ConnRef> },
+    User {
+        user: Arc<str>,
+        frame: Frame,
+        except: Option<ConnRef>,
+    },
     /// Stop accepting and close every client with 1001 in batches.
     Drain,
 }
@@ -177,11 +181,16 @@ struct Timing {
 }
 
 fn ticks(d: Duration) -> u32 {
-    (d.as_millis() as u64).div_ceil(TIMER_TICK_MS).max(1).min(u32::MAX as u64) as u32
+    (d.as_millis() as u64)
+        .div_ceil(TIMER_TICK_MS)
+        .max(1)
+        .min(u32::MAX as u64) as u32
 }
 
 fn unix_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn token(slot: usize, gen: u32) -> Token {
@@ -197,7 +206,8 @@ impl Shard {
         inbox: Receiver<ShardMsg>,
     ) -> io::Result<Shard> {
         let mut listener = listener;
-        poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)?;
         let cfg = &node.cfg;
         let t = Timing {
             handshake: ticks(cfg.handshake_timeout),
@@ -315,7 +325,9 @@ impl Shard {
     }
 
     fn live(&self, slot: u32, gen: u32) -> bool {
-        self.clients.get(slot as usize).is_some_and(|c| c.gen == gen)
+        self.clients
+            .get(slot as usize)
+            .is_some_and(|c| c.gen == gen)
     }
 
     // ---------------------------------------------------------------- accept
@@ -323,7 +335,9 @@ impl Shard {
     fn accept(&mut self) {
         self.accept_pending = false;
         for _ in 0..ACCEPTS_PER_TURN_MAX {
-            let Some(listener) = self.listener.as_ref() else { return };
+            let Some(listener) = self.listener.as_ref() else {
+                return;
+            };
             match listener.accept() {
                 Ok((stream, _)) => self.on_accept(stream),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -360,7 +374,11 @@ impl Shard {
         if self
             .poll
             .registry()
-            .register(&mut stream, token(slot, gen), Interest::READABLE | Interest::WRITABLE)
+            .register(
+                &mut stream,
+                token(slot, gen),
+                Interest::READABLE | Interest::WRITABLE,
+            )
             .is_err()
         {
             return;
@@ -378,7 +396,9 @@ impl Shard {
     fn on_readable(&mut self, slot: u32) {
         let mut buf = std::mem::take(&mut self.read_buf);
         for i in 0..READS_PER_EVENT_MAX {
-            let Some(c) = self.clients.get_mut(slot as usize) else { break };
+            let Some(c) = self.clients.get_mut(slot as usize) else {
+                break;
+            };
             let r = c.sock.read(&mut buf);
             match r {
                 Ok(0) => {
@@ -416,7 +436,9 @@ impl Shard {
 
     /// The peer closed or reset the connection.
     fn peer_gone(&mut self, slot: u32) {
-        let Some(c) = self.clients.get(slot as usize) else { return };
+        let Some(c) = self.clients.get(slot as usize) else {
+            return;
+        };
         let kind = match c.phase {
             Phase::Closing => None, // already counted when the close began
             Phase::Http => Some(CloseKind::Http),
@@ -427,7 +449,9 @@ impl Shard {
 
     /// Handle bytes read for `slot`. Returns false when the connection stopped reading.
     fn on_bytes(&mut self, slot: u32, data: &mut [u8]) -> bool {
-        let Some(c) = self.clients.get_mut(slot as usize) else { return false };
+        let Some(c) = self.clients.get_mut(slot as usize) else {
+            return false;
+        };
         match c.phase {
             Phase::Closing => true, // discard until the peer's close or EOF
             Phase::Http => self.on_http_bytes(slot, data),
@@ -446,7 +470,10 @@ impl Shard {
         if rx.partial.len() + data.len() > max + self.node.cfg.max_message_size {
             // Far past any head we would accept; stop buffering.
             rx.partial.truncate(0);
-            self.http_reply(slot, crate::proto::http::json_error(431, "request header too large"));
+            self.http_reply(
+                slot,
+                crate::proto::http::json_error(431, "request header too large"),
+            );
             return false;
         }
         rx.partial.extend_from_slice(data);
@@ -467,7 +494,10 @@ impl Shard {
 
     fn on_ws_bytes(&mut self, slot: u32, data: &mut [u8]) -> bool {
         let c = &mut self.clients[slot as usize];
-        let mut pending = c.rx.as_mut().map(|rx| std::mem::take(&mut rx.partial)).unwrap_or_default();
+        let mut pending =
+            c.rx.as_mut()
+                .map(|rx| std::mem::take(&mut rx.partial))
+                .unwrap_or_default();
         let used;
         let alive;
         if pending.is_empty() {
@@ -506,7 +536,9 @@ impl Shard {
         let max = self.node.cfg.max_message_size;
         let mut pos = 0;
         while pos < data.len() {
-            let Some(c) = self.clients.get(slot as usize) else { return (pos, false) };
+            let Some(c) = self.clients.get(slot as usize) else {
+                return (pos, false);
+            };
             if c.phase == Phase::Closing {
                 return (pos, false);
             }
@@ -517,7 +549,12 @@ impl Shard {
                     return (pos, false);
                 }
                 Ok(ws::Decoded::NeedMore) => break,
-                Ok(ws::Decoded::Frame { fin, opcode, payload, consumed }) => {
+                Ok(ws::Decoded::Frame {
+                    fin,
+                    opcode,
+                    payload,
+                    consumed,
+                }) => {
                     let range = pos + payload.start..pos + payload.end;
                     pos += consumed;
                     self.stats.frames_in += 1;
@@ -533,7 +570,9 @@ impl Shard {
     /// A protocol violation: error frame for size, then close with the code.
     fn ws_violation(&mut self, slot: u32, e: ws::WsError) {
         if e == ws::WsError::TooBig {
-            let f = self.fb.error(self.now_ms, self.now_us, None, "message too large", None);
+            let f = self
+                .fb
+                .error(self.now_ms, self.now_us, None, "message too large", None);
             self.stats.errors[ErrorReason::TooLarge as usize] += 1;
             self.enqueue(slot, f);
         }
@@ -544,7 +583,8 @@ impl Shard {
     fn on_frame(&mut self, slot: u32, fin: bool, op: u8, payload: &mut [u8]) -> bool {
         match op {
             ws::opcode::PING => {
-                let pong = Frame::from_wire(&ws::frame_bytes(ws::opcode::PONG, payload), self.now_us);
+                let pong =
+                    Frame::from_wire(&ws::frame_bytes(ws::opcode::PONG, payload), self.now_us);
                 self.enqueue(slot, pong);
                 true
             }
@@ -570,13 +610,16 @@ impl Shard {
                     Ok(ws::Assembled::Stored) => true,
                     Ok(ws::Assembled::Whole) => self.on_message(slot, op, payload),
                     Ok(ws::Assembled::Complete(op)) => {
-                        let mut msg = c
-                            .rx
-                            .as_mut()
-                            .map(|rx| std::mem::take(&mut rx.fragments))
-                            .unwrap_or_default();
+                        let mut msg =
+                            c.rx.as_mut()
+                                .map(|rx| std::mem::take(&mut rx.fragments))
+                                .unwrap_or_default();
                         let alive = self.on_message(slot, op, &mut msg);
-                        if let Some(rx) = self.clients.get_mut(slot as usize).and_then(|c| c.rx.as_mut()) {
+                        if let Some(rx) = self
+                            .clients
+                            .get_mut(slot as usize)
+                            .and_then(|c| c.rx.as_mut())
+                        {
                             msg.clear();
                             if msg.capacity() <= RX_RETAIN_BYTES_MAX {
                                 rx.fragments = msg;
@@ -602,7 +645,9 @@ impl Shard {
     /// Queue a frame for one client (replies; fan-out uses the same rules via `push_frame`).
     fn enqueue(&mut self, slot: u32, frame: Frame) {
         let limit = self.node.cfg.send_queue_bytes_max;
-        let Some(c) = self.clients.get_mut(slot as usize) else { return };
+        let Some(c) = self.clients.get_mut(slot as usize) else {
+            return;
+        };
         push_frame(
             c,
             slot,
@@ -641,14 +686,19 @@ impl Shard {
             if c.queue.is_empty() {
                 break;
             }
-            let mut iov: [IoSlice; IOVECS_PER_WRITE_MAX] = [IoSlice::new(&[]); IOVECS_PER_WRITE_MAX];
+            let mut iov: [IoSlice; IOVECS_PER_WRITE_MAX] =
+                [IoSlice::new(&[]); IOVECS_PER_WRITE_MAX];
             let mut n_iov = 0;
             let mut total = 0;
             for (i, f) in c.queue.iter().enumerate() {
                 if n_iov == IOVECS_PER_WRITE_MAX || total >= write_max {
                     break;
                 }
-                let w = if i == 0 { &f.wire()[c.head_off as usize..] } else { f.wire() };
+                let w = if i == 0 {
+                    &f.wire()[c.head_off as usize..]
+                } else {
+                    f.wire()
+                };
                 iov[n_iov] = IoSlice::new(w);
                 n_iov += 1;
                 total += w.len();
@@ -657,7 +707,8 @@ impl Shard {
             self.stats.writev_calls += 1;
             match r {
                 Ok(0) => {
-                    self.doomed.push((slot, c.gen, Doom::Drop(CloseKind::Abnormal)));
+                    self.doomed
+                        .push((slot, c.gen, Doom::Drop(CloseKind::Abnormal)));
                     return;
                 }
                 Ok(mut n) => {
@@ -688,7 +739,8 @@ impl Shard {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(_) => {
-                    self.doomed.push((slot, c.gen, Doom::Drop(CloseKind::Abnormal)));
+                    self.doomed
+                        .push((slot, c.gen, Doom::Drop(CloseKind::Abnormal)));
                     return;
                 }
             }
@@ -709,7 +761,9 @@ impl Shard {
     /// Begin a graceful close: the client stops being a participant now, frames already queued
     /// are still written, then the close frame, then the socket closes.
     fn close_with(&mut self, slot: u32, code: u16, reason: &str) {
-        let Some(c) = self.clients.get_mut(slot as usize) else { return };
+        let Some(c) = self.clients.get_mut(slot as usize) else {
+            return;
+        };
         if c.phase == Phase::Closing {
             return;
         }
@@ -807,7 +861,8 @@ impl Shard {
             match doom {
                 Doom::Close(code, reason) => self.close_with(slot, code, reason),
                 Doom::Drop(kind) => {
-                    let kind = (self.clients[slot as usize].phase != Phase::Closing).then_some(kind);
+                    let kind =
+                        (self.clients[slot as usize].phase != Phase::Closing).then_some(kind);
                     self.close_now(slot, kind);
                 }
             }
@@ -878,7 +933,8 @@ impl Shard {
                 if !c.has(flag::PING_SENT) {
                     if now >= c.last_rx_tick + self.t.ping {
                         c.flags |= flag::PING_SENT;
-                        let ping = Frame::from_wire(&ws::frame_bytes(ws::opcode::PING, b""), self.now_us);
+                        let ping =
+                            Frame::from_wire(&ws::frame_bytes(ws::opcode::PING, b""), self.now_us);
                         self.enqueue(slot, ping);
                     } else {
                         next = next.min(c.last_rx_tick + self.t.ping);
@@ -943,9 +999,13 @@ impl Shard {
     // ---------------------------------------------------------------- inbox, drain, stats
 
     fn drain_inbox(&mut self) {
-        self.node.inboxes[self.id].wake_pending.store(false, Ordering::SeqCst);
+        self.node.inboxes[self.id]
+            .wake_pending
+            .store(false, Ordering::SeqCst);
         for _ in 0..INBOX_PER_TURN_MAX {
-            let Ok(msg) = self.inbox.try_recv() else { break };
+            let Ok(msg) = self.inbox.try_recv() else {
+                break;
+            };
             match msg {
                 ShardMsg::Room { room, frame } => {
                     if let Some(id) = self.rooms.lookup(&room) {
@@ -953,7 +1013,11 @@ impl Shard {
                     }
                 }
                 ShardMsg::All { frame } => self.deliver_all(&frame),
-                ShardMsg::User { user, frame, except } => self.deliver_user(&user, &frame, except),
+                ShardMsg::User {
+                    user,
+                    frame,
+                    except,
+                } => self.deliver_user(&user, &frame, except),
                 ShardMsg::Drain => self.start_drain(),
             }
         }
@@ -987,27 +1051,65 @@ impl Shard {
 
     /// The local devices of `user`, except one connection, get `frame`.
     fn deliver_user(&mut self, user: &str, frame: &Frame, except: Option<ConnRef>) {
-        let except = except.filter(|e| e.shard as usize == self.id).map(|e| (e.slot, e.gen));
+        let except = except
+            .filter(|e| e.shard as usize == self.id)
+            .map(|e| (e.slot, e.gen));
         let limit = self.node.cfg.send_queue_bytes_max;
-        let Shard { users, clients, dirty, doomed, stats, now_tick, .. } = self;
+        let Shard {
+            users,
+            clients,
+            dirty,
+            doomed,
+            stats,
+            now_tick,
+            ..
+        } = self;
         for &slot in users.devices(user) {
-            let Some(c) = clients.get_mut(slot as usize) else { continue };
+            let Some(c) = clients.get_mut(slot as usize) else {
+                continue;
+            };
             if except == Some((slot, c.gen)) || c.phase != Phase::Open {
                 continue;
             }
             stats.deliveries += 1;
-            push_frame(c, slot, frame.clone(), limit, *now_tick, dirty, doomed, stats);
+            push_frame(
+                c,
+                slot,
+                frame.clone(),
+                limit,
+                *now_tick,
+                dirty,
+                doomed,
+                stats,
+            );
         }
     }
 
     /// The local subscribers of room `id` get `frame`: the fan-out inner loop.
     fn deliver_room(&mut self, id: crate::route::RoomId, frame: &Frame) {
         let limit = self.node.cfg.send_queue_bytes_max;
-        let Shard { rooms, clients, dirty, doomed, stats, now_tick, .. } = self;
+        let Shard {
+            rooms,
+            clients,
+            dirty,
+            doomed,
+            stats,
+            now_tick,
+            ..
+        } = self;
         let members = rooms.members(id);
         for &slot in members {
             if let Some(c) = clients.get_mut(slot as usize) {
-                push_frame(c, slot, frame.clone(), limit, *now_tick, dirty, doomed, stats);
+                push_frame(
+                    c,
+                    slot,
+                    frame.clone(),
+                    limit,
+                    *now_tick,
+                    dirty,
+                    doomed,
+                    stats,
+                );
             }
         }
         stats.deliveries += members.len() as u64;
@@ -1037,7 +1139,9 @@ impl Shard {
 
     /// One drain step; true when the shard is done (no WebSocket client left, or the deadline).
     fn drain_step(&mut self) -> bool {
-        let Some(d) = self.drain.as_mut() else { return false };
+        let Some(d) = self.drain.as_mut() else {
+            return false;
+        };
         let now = self.now_tick;
         if now >= d.hard_tick {
             let slots: Vec<u32> = self.clients.iter().map(|(k, _)| k as u32).collect();
@@ -1099,7 +1203,11 @@ fn push_frame(
     }
     let len = frame.wire().len() as u32;
     if c.queued as usize + len as usize > limit {
-        doomed.push((slot, c.gen, Doom::Close(close::SLOW_CONSUMER, "slow consumer")));
+        doomed.push((
+            slot,
+            c.gen,
+            Doom::Close(close::SLOW_CONSUMER, "slow consumer"),
+        ));
         return;
     }
     if c.queue.is_empty() {

@@ -11,7 +11,10 @@ pub struct Wheel {
 
 impl Wheel {
     pub fn new(now: u32) -> Wheel {
-        Wheel { slots: (0..TIMER_SLOTS).map(|_| Vec::new()).collect(), now }
+        Wheel {
+            slots: (0..TIMER_SLOTS).map(|_| Vec::new()).collect(),
+            now,
+        }
     }
 
     /// Schedule `(slot, gen)` at `tick` (at the earliest the next tick). Returns the tick used.
