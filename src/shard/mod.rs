@@ -895,6 +895,9 @@ impl Shard {
             self.on_timer(slot);
         }
         fired.clear();
+        if fired.capacity() > 65_536 {
+            fired = Vec::new();
+        }
         self.fired = fired;
         self.expire_dedup();
     }

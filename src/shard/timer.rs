@@ -29,7 +29,10 @@ impl Wheel {
         let steps = to.saturating_sub(self.now).min(TIMER_SLOTS as u32);
         for _ in 0..steps {
             self.now = self.now.wrapping_add(1);
-            out.append(&mut self.slots[self.now as usize % TIMER_SLOTS]);
+            // Take the Vec so its buffer is freed: a slot that once held a burst of entries
+            // must not keep that capacity for every later lap (churn showed steady RSS creep).
+            let mut due = std::mem::take(&mut self.slots[self.now as usize % TIMER_SLOTS]);
+            out.append(&mut due);
         }
         self.now = self.now.max(to);
     }
