@@ -52,7 +52,7 @@ fn strict_refuses_a_max_connections_the_fd_limit_cannot_reach() {
 #[test]
 fn without_strict_it_warns_and_serves() {
     let port = free_port().to_string();
-    let mut child = Command::new("prlimit")
+    let child = Command::new("prlimit")
         .args(["--nofile=256:256", "--", BIN, "--max-connections", "1000"])
         .env("SWITCHBOARD_HOST", "127.0.0.1")
         .env("SWITCHBOARD_PORT", &port)
