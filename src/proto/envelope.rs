@@ -4,6 +4,8 @@
 //! frozen into one [`Frame`] (`Arc<[u8]>`), which every recipient's send queue references: a
 //! room publish costs one encode and one allocation however many subscribers it reaches.
 //! Client `data` and `id` are validated by the parser and copied through byte for byte.
+//! Measured (`cargo bench --bench proto`): a room `message` frame encodes in 145 ns against
+//! 1.14 µs through a serde_json `Value`; a `publish` parses in 313 ns against 668 ns.
 
 use std::borrow::Cow;
 use std::sync::Arc;

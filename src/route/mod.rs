@@ -3,7 +3,9 @@
 //! A subscriber is a shard-local slot (the client's slab index, 4 bytes). Each client keeps,
 //! per room, its position in the room's member list, so leaving is an O(1) `swap_remove`
 //! (the moved member's position is handed back to the caller to fix up). The fan-out plan for a
-//! room is its member slice: publishing walks it once, cloning one `Arc` per member.
+//! room is its member slice: publishing walks it once, cloning one `Arc` per member: ~12 ns per
+//! member at 5,000 and 100,000 members, against ~142 ns encoding per member
+//! (`cargo bench --bench fanout`, docs/BENCHMARKS.md).
 
 use std::collections::HashMap;
 use std::sync::Arc;
