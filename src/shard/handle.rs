@@ -165,6 +165,12 @@ impl Shard {
                             Ok(c) => claims = Some(c),
                             Err(e) => {
                                 self.stats.errors[ErrorReason::AuthFailed as usize] += 1;
+                                // The reason only: tokens never reach the logs.
+                                tracing::debug!(
+                                    shard = self.id,
+                                    reason = e.as_str(),
+                                    "upgrade refused: bad token"
+                                );
                                 self.reject(slot, 401, e.as_str());
                                 return false;
                             }
@@ -225,6 +231,13 @@ impl Shard {
         }
         let c = &self.clients[slot as usize];
         let (id, user) = (c.uuid(), c.user.clone());
+        tracing::debug!(
+            shard = self.id,
+            client_id = %uuid::Uuid::from_u128(id),
+            user_id = user.as_deref().unwrap_or("-"),
+            awaiting_auth = await_auth,
+            "connected"
+        );
         let f = self.fb.text(self.now_us, |o| {
             o.str("type", "connected")
                 .obj("data", |d| {

@@ -768,6 +768,16 @@ impl Shard {
             return;
         }
         let was_ws = c.phase != Phase::Http;
+        if was_ws {
+            tracing::debug!(
+                shard = self.id,
+                client_id = %uuid::Uuid::from_u128(c.uuid()),
+                user_id = c.user.as_deref().unwrap_or("-"),
+                code,
+                reason,
+                "closing"
+            );
+        }
         if code == close::SLOW_CONSUMER {
             // Free the backlog; only a partly written frame must finish.
             let keep = usize::from(c.head_off > 0);
@@ -850,6 +860,14 @@ impl Shard {
         self.stats.connections -= 1;
         if let Some(kind) = kind {
             self.stats.closes[kind as usize] += 1;
+            if c.has(flag::WS) {
+                tracing::debug!(
+                    shard = self.id,
+                    client_id = %uuid::Uuid::from_u128(c.uuid()),
+                    cause = kind.label(),
+                    "dropped"
+                );
+            }
         }
     }
 

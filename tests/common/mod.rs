@@ -509,7 +509,7 @@ fn read_http_reply(s: &mut TcpStream) -> std::io::Result<HttpReply> {
             .find(|(k, _)| k == "content-length")
             .and_then(|(_, v)| v.parse().ok());
         let mut chunk = [0u8; 4096];
-        while len.map_or(true, |l| body.len() < l) && body.len() < HTTP_RESPONSE_BYTES_MAX {
+        while len.is_none_or(|l| body.len() < l) && body.len() < HTTP_RESPONSE_BYTES_MAX {
             let n = s.read(&mut chunk)?;
             if n == 0 {
                 break;
