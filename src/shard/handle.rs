@@ -470,19 +470,7 @@ impl Shard {
             return;
         };
         let m = self.clients[slot as usize].rooms.swap_remove(idx);
-        let left = self.rooms.leave(m);
-        if let Some((moved, pos)) = left.moved {
-            if let Some(mm) = self
-                .clients
-                .get_mut(moved as usize)
-                .and_then(|mc| mc.rooms.iter_mut().find(|x| x.room == m.room))
-            {
-                mm.pos = pos;
-            }
-        }
-        self.node
-            .dir
-            .room_leave(&left.name, self.id, left.last_local);
+        self.leave_room(m);
         let f = self.fb.text(self.now_us, |o| {
             o.str("type", "unsubscribed")
                 .id(id)

@@ -825,15 +825,7 @@ impl Shard {
         let counted = c.has(flag::COUNTED);
         c.flags &= !flag::COUNTED;
         for m in memberships {
-            let left = self.rooms.leave(m);
-            if let Some((moved, pos)) = left.moved {
-                if let Some(mc) = self.clients.get_mut(moved as usize) {
-                    if let Some(mm) = mc.rooms.iter_mut().find(|x| x.room == m.room) {
-                        mm.pos = pos;
-                    }
-                }
-            }
-            self.node.dir.room_leave(&left.name, shard, left.last_local);
+            self.leave_room(m);
         }
         if let Some(user) = user {
             if self.users.remove(&user, slot) {
@@ -844,6 +836,24 @@ impl Shard {
             self.node.dir.connections.fetch_sub(1, Ordering::Relaxed);
             self.stats.ws_connections -= 1;
         }
+    }
+
+    /// Take one membership out of the room table (fixing up the member moved into its place)
+    /// and out of the node directory. The caller has removed it from the client's own list.
+    fn leave_room(&mut self, m: crate::route::Membership) {
+        let left = self.rooms.leave(m);
+        if let Some((moved, pos)) = left.moved {
+            if let Some(mm) = self
+                .clients
+                .get_mut(moved as usize)
+                .and_then(|mc| mc.rooms.iter_mut().find(|x| x.room == m.room))
+            {
+                mm.pos = pos;
+            }
+        }
+        self.node
+            .dir
+            .room_leave(&left.name, self.id, left.last_local);
     }
 
     /// Drop the connection now.
