@@ -12,7 +12,8 @@
 //!
 //! Rules enforced (each maps to a close code): client frames must be masked, RSV bits zero,
 //! no reserved opcodes, control frames final and <= 125 bytes, continuation only inside a
-//! fragmented message (all 1002); text must be UTF-8, checked fail-fast across fragments (1007);
+//! fragmented message (all 1002); text must be UTF-8, checked fail-fast across fragments and
+//! while one large frame is still arriving (1007);
 //! a message above the configured maximum is refused from its header alone (1009).
 
 use std::io::Cursor;
@@ -100,6 +101,9 @@ pub struct RxState {
     pub frag_opcode: u8,
     /// Prefix of `fragments` already known to be valid UTF-8.
     pub utf8_checked: u32,
+    /// Payload prefix of the incomplete text frame in `partial` already known to be valid
+    /// UTF-8 (fail-fast while a large frame is still arriving); 0 when a new frame starts.
+    pub partial_checked: u32,
 }
 
 impl RxState {
@@ -249,6 +253,50 @@ fn check_utf8_prefix(state: &mut RxState, fin: bool) -> Result<(), WsError> {
         }
         Err(_) => Err(WsError::InvalidUtf8),
     }
+}
+
+/// Fail fast on invalid UTF-8 in a text frame whose payload is still arriving.
+///
+/// `buf` starts at the frame's header and holds less than the whole frame. `in_text_message`
+/// says a fragmented text message is in progress with no character cut at its end (a
+/// continuation frame is then checked too). `from` is the payload prefix already validated by
+/// the previous call; the new validated length is returned, so each byte is checked about
+/// once. The bytes are unmasked in place for the check and masked again (XOR is its own
+/// inverse), so `decode_frame` later sees them exactly as they arrived.
+pub fn check_partial_text(
+    buf: &mut [u8],
+    in_text_message: bool,
+    from: usize,
+) -> Result<usize, WsError> {
+    let mut cursor = Cursor::new(&*buf);
+    let Ok(Some((header, len))) = FrameHeader::parse(&mut cursor) else {
+        return Ok(from);
+    };
+    let start = cursor.position() as usize;
+    let op = opcode_byte(header.opcode);
+    let is_text = op == opcode::TEXT || (op == opcode::CONTINUATION && in_text_message);
+    let Some(mask) = header.mask.filter(|_| is_text) else {
+        return Ok(from);
+    };
+    let avail = (buf.len() - start).min(len.min(usize::MAX as u64) as usize);
+    if avail <= from {
+        return Ok(from);
+    }
+    let region = &mut buf[start + from..start + avail];
+    let rotated = [
+        mask[from % 4],
+        mask[(from + 1) % 4],
+        mask[(from + 2) % 4],
+        mask[(from + 3) % 4],
+    ];
+    apply_mask(region, rotated);
+    let verdict = match std::str::from_utf8(region) {
+        Ok(_) => Ok(avail),
+        Err(e) if e.error_len().is_none() => Ok(from + e.valid_up_to()),
+        Err(_) => Err(WsError::InvalidUtf8),
+    };
+    apply_mask(region, rotated);
+    verdict
 }
 
 /// Validate a close frame payload; returns the status code to echo.
@@ -476,6 +524,41 @@ mod tests {
         assert_eq!(
             assemble(&mut rx, true, opcode::CONTINUATION, &[0; 60], 100).err(),
             Some(WsError::TooBig)
+        );
+    }
+
+    #[test]
+    fn partial_text_frames_fail_fast_and_stay_masked() {
+        // A valid text frame, arriving in pieces: each piece is checked once, bytes unchanged.
+        let text = "héllo wörld, ünïcode".repeat(3);
+        let whole = masked(opcode::TEXT, true, text.as_bytes());
+        let mut checked = 0;
+        for cut in [3, 9, 10, 30, whole.len() - 1] {
+            let mut part = whole[..cut].to_vec();
+            checked = check_partial_text(&mut part, false, checked).unwrap();
+            assert_eq!(part, &whole[..cut], "bytes must be left masked");
+            assert!(checked <= cut);
+        }
+        assert!(checked > 0);
+        // Invalid bytes in the middle are refused before the frame is complete.
+        let mut bad = b"valid start ".to_vec();
+        bad.extend_from_slice(&[0xff, 0xfe]);
+        bad.extend_from_slice(&[b'x'; 100]);
+        let frame = masked(opcode::TEXT, true, &bad);
+        let mut part = frame[..30].to_vec();
+        assert_eq!(
+            check_partial_text(&mut part, false, 0),
+            Err(WsError::InvalidUtf8)
+        );
+        // Binary frames and continuations outside a text message are not checked.
+        let mut bin = masked(opcode::BINARY, true, &bad)[..30].to_vec();
+        assert_eq!(check_partial_text(&mut bin, false, 0), Ok(0));
+        let mut cont = masked(opcode::CONTINUATION, true, &bad)[..30].to_vec();
+        assert_eq!(check_partial_text(&mut cont, false, 0), Ok(0));
+        let mut cont = masked(opcode::CONTINUATION, true, &bad)[..30].to_vec();
+        assert_eq!(
+            check_partial_text(&mut cont, true, 0),
+            Err(WsError::InvalidUtf8)
         );
     }
 

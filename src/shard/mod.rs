@@ -548,13 +548,37 @@ impl Shard {
                     self.ws_violation(slot, e);
                     return (pos, false);
                 }
-                Ok(ws::Decoded::NeedMore) => break,
+                Ok(ws::Decoded::NeedMore) => {
+                    // A large text frame still arriving: refuse bad UTF-8 now, not at its end.
+                    let c = &mut self.clients[slot as usize];
+                    let (in_text, from) = c.rx.as_ref().map_or((false, 0), |rx| {
+                        (
+                            rx.frag_opcode == ws::opcode::TEXT
+                                && rx.utf8_checked as usize == rx.fragments.len(),
+                            rx.partial_checked as usize,
+                        )
+                    });
+                    match ws::check_partial_text(&mut data[pos..], in_text, from) {
+                        Ok(n) if n > 0 => {
+                            c.rx.get_or_insert_with(Box::default).partial_checked = n as u32
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            self.ws_violation(slot, e);
+                            return (pos, false);
+                        }
+                    }
+                    break;
+                }
                 Ok(ws::Decoded::Frame {
                     fin,
                     opcode,
                     payload,
                     consumed,
                 }) => {
+                    if let Some(rx) = self.clients[slot as usize].rx.as_mut() {
+                        rx.partial_checked = 0;
+                    }
                     let range = pos + payload.start..pos + payload.end;
                     pos += consumed;
                     self.stats.frames_in += 1;
