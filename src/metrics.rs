@@ -177,7 +177,7 @@ pub struct ShardStats {
     pub latency_us: Mutex<Histogram<u64>>,
 }
 
-const SCALARS: usize = 22;
+const SCALARS: usize = 20;
 
 fn flatten(s: &LocalStats) -> Vec<u64> {
     let mut v = vec![
@@ -201,8 +201,6 @@ fn flatten(s: &LocalStats) -> Vec<u64> {
         s.ws_connections,
         s.rooms,
         s.queued_bytes,
-        0,
-        0,
     ];
     debug_assert_eq!(v.len(), SCALARS);
     v.extend_from_slice(&s.errors);

@@ -6,7 +6,7 @@
 //! configured there is nothing to forward, the bridge reports itself healthy, and its thread
 //! just drains its inbox until shutdown. The Redis and Kafka implementations plug in here.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -30,8 +30,6 @@ pub struct BridgeHandle {
     pub healthy: Arc<AtomicBool>,
     /// Whether any backend is configured (single node: false, and shards never forward).
     pub clustered: bool,
-    /// Messages the bridge has taken from its inbox.
-    pub received: Arc<AtomicU64>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -39,16 +37,13 @@ impl BridgeHandle {
     /// Start the single-node bridge.
     pub fn single_node() -> std::io::Result<BridgeHandle> {
         let (tx, rx) = bounded(BRIDGE_INBOX_CAPACITY);
-        let received = Arc::new(AtomicU64::new(0));
-        let counter = received.clone();
         let thread = std::thread::Builder::new()
             .name("switchboard-bridge".into())
-            .spawn(move || run_single_node(rx, counter))?;
+            .spawn(move || run_single_node(rx))?;
         Ok(BridgeHandle {
             tx,
             healthy: Arc::new(AtomicBool::new(true)),
             clustered: false,
-            received,
             thread: Some(thread),
         })
     }
@@ -66,9 +61,8 @@ impl BridgeHandle {
     }
 }
 
-fn run_single_node(rx: Receiver<BridgeMsg>, received: Arc<AtomicU64>) {
+fn run_single_node(rx: Receiver<BridgeMsg>) {
     while let Ok(msg) = rx.recv() {
-        received.fetch_add(1, Ordering::Relaxed);
         match msg {
             // No other node exists: nothing to forward.
             BridgeMsg::RoomPublish { .. } => {}

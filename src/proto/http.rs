@@ -92,21 +92,21 @@ pub fn offers_protocol(protocols: Option<&str>, name: &str) -> bool {
     protocols.is_some_and(|p| p.split(',').any(|t| t.trim() == name))
 }
 
-impl RequestHead<'_> {
-    /// Why this is not a valid WebSocket upgrade, if it is not.
-    pub fn upgrade_problem(&self) -> Option<&'static str> {
+impl<'a> RequestHead<'a> {
+    /// The `Sec-WebSocket-Key` of a valid WebSocket upgrade, or why this is not one.
+    pub fn upgrade_key(&self) -> Result<&'a str, &'static str> {
         if self.method != "GET" {
-            return Some("websocket upgrade requires GET");
+            return Err("websocket upgrade requires GET");
         }
         if !self.upgrade_websocket || !self.connection_upgrade {
-            return Some("expected a websocket upgrade request");
+            return Err("expected a websocket upgrade request");
         }
         if self.ws_version != Some("13") {
-            return Some("unsupported Sec-WebSocket-Version (need 13)");
+            return Err("unsupported Sec-WebSocket-Version (need 13)");
         }
         match self.ws_key {
-            Some(k) if k.len() == 24 => None,
-            _ => Some("missing or invalid Sec-WebSocket-Key"),
+            Some(k) if k.len() == 24 => Ok(k),
+            _ => Err("missing or invalid Sec-WebSocket-Key"),
         }
     }
 }
@@ -182,7 +182,7 @@ mod tests {
         assert_eq!(head.path, "/ws");
         assert_eq!(head.query, Some("token=abc&x=1"));
         assert_eq!(head.origin, Some("https://a.example"));
-        assert!(head.upgrade_problem().is_none());
+        assert_eq!(head.upgrade_key(), Ok("dGhlIHNhbXBsZSBub25jZQ=="));
         assert!(offers_protocol(head.ws_protocols, "switchboard"));
         assert!(!offers_protocol(head.ws_protocols, "bearer"));
     }
@@ -198,8 +198,8 @@ mod tests {
             panic!()
         };
         assert_eq!(
-            head.upgrade_problem(),
-            Some("expected a websocket upgrade request")
+            head.upgrade_key(),
+            Err("expected a websocket upgrade request")
         );
     }
 

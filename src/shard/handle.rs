@@ -82,12 +82,12 @@ impl Shard {
     }
 
     fn reject(&mut self, slot: u32, status: u16, text: &str) {
-        self.stats.upgrade_rejected += 1;
+        self.out.stats.upgrade_rejected += 1;
         self.http_reply(slot, http::json_error(status, text));
     }
 
     fn serve_http(&mut self, slot: u32, method: &str, path: &str) {
-        self.stats.http_requests += 1;
+        self.out.stats.http_requests += 1;
         if method != "GET" && method != "HEAD" {
             self.http_reply(slot, http::json_error(405, "method not allowed"));
             return;
@@ -135,10 +135,13 @@ impl Shard {
 
     /// Validate and perform an upgrade. Returns false when the request was refused.
     fn upgrade(&mut self, slot: u32, head: &http::RequestHead, is_echo: bool) -> bool {
-        if let Some(problem) = head.upgrade_problem() {
-            self.reject(slot, 400, problem);
-            return false;
-        }
+        let key = match head.upgrade_key() {
+            Ok(key) => key,
+            Err(problem) => {
+                self.reject(slot, 400, problem);
+                return false;
+            }
+        };
         let node = self.node.clone();
         let cfg = &node.cfg;
         if !cfg.allowed_origins.is_empty() {
@@ -164,7 +167,7 @@ impl Shard {
                         Some((token, _)) => match verifier.verify(&token, self.now_ms / 1000) {
                             Ok(c) => claims = Some(c),
                             Err(e) => {
-                                self.stats.errors[ErrorReason::AuthFailed as usize] += 1;
+                                self.out.stats.errors[ErrorReason::AuthFailed as usize] += 1;
                                 // The reason only: tokens never reach the logs.
                                 tracing::debug!(
                                     shard = self.id,
@@ -198,13 +201,9 @@ impl Shard {
         }
         let protocol =
             http::offers_protocol(head.ws_protocols, "switchboard").then_some("switchboard");
-        let Some(key) = head.ws_key else {
-            node.dir.connections.fetch_sub(1, Ordering::Relaxed);
-            return false;
-        };
         let response = Frame::from_wire(&http::switching_protocols(key, protocol), self.now_us);
-        self.stats.upgrades += 1;
-        self.stats.ws_connections += 1;
+        self.out.stats.upgrades += 1;
+        self.out.stats.ws_connections += 1;
         let now_tick = self.now_tick;
         let auth_deadline = now_tick + self.t.auth;
         let c = &mut self.clients[slot as usize];
@@ -325,7 +324,7 @@ impl Shard {
         text: &str,
         client_msg_id: Option<&str>,
     ) {
-        self.stats.errors[reason as usize] += 1;
+        self.out.stats.errors[reason as usize] += 1;
         let f = self
             .fb
             .error(self.now_ms, self.now_us, id, text, client_msg_id);
@@ -404,6 +403,26 @@ impl Shard {
         c.rooms.iter().position(|m| m.room == rid).map(|i| (i, rid))
     }
 
+    /// The client's membership of `room`, or the `not subscribed to this room` error sent.
+    fn subscribed_to(
+        &mut self,
+        slot: u32,
+        room: &str,
+        id: Option<&str>,
+    ) -> Option<(usize, crate::route::RoomId)> {
+        let found = self.membership(slot, room);
+        if found.is_none() {
+            self.send_error(
+                slot,
+                ErrorReason::NotSubscribed,
+                id,
+                "not subscribed to this room",
+                None,
+            );
+        }
+        found
+    }
+
     fn cmd_subscribe(&mut self, slot: u32, cmd: &Command, id: Option<&str>) {
         let Some(room) = self.room_arg(slot, cmd, id) else {
             return;
@@ -459,14 +478,7 @@ impl Shard {
         let Some(room) = self.room_arg(slot, cmd, id) else {
             return;
         };
-        let Some((idx, _)) = self.membership(slot, room) else {
-            self.send_error(
-                slot,
-                ErrorReason::NotSubscribed,
-                id,
-                "not subscribed to this room",
-                None,
-            );
+        let Some((idx, _)) = self.subscribed_to(slot, room, id) else {
             return;
         };
         let m = self.clients[slot as usize].rooms.swap_remove(idx);
@@ -487,14 +499,7 @@ impl Shard {
         let Some(room) = self.room_arg(slot, cmd, id) else {
             return;
         };
-        let Some((_, rid)) = self.membership(slot, room) else {
-            self.send_error(
-                slot,
-                ErrorReason::NotSubscribed,
-                id,
-                "not subscribed to this room",
-                None,
-            );
+        let Some((_, rid)) = self.subscribed_to(slot, room, id) else {
             return;
         };
         let c = &self.clients[slot as usize];
@@ -514,7 +519,7 @@ impl Shard {
             }
             o.u64("timestamp", self.now_ms);
         });
-        self.stats.publishes += 1;
+        self.out.stats.publishes += 1;
         self.deliver_room(rid, &f);
         let name = self.rooms.name_of(rid).clone();
         let others = self.node.dir.room(room).map_or(0, |r| r.shards) & !(1u64 << self.id);
@@ -536,7 +541,7 @@ impl Shard {
                 })
                 .is_err()
         {
-            self.stats.cross_shard_dropped += 1;
+            self.out.stats.cross_shard_dropped += 1;
         }
     }
 
@@ -552,9 +557,9 @@ impl Shard {
             let shard = bits.trailing_zeros() as usize;
             bits &= bits - 1;
             if self.node.send_to_shard(shard, make(frame.clone())) {
-                self.stats.cross_shard_sent += 1;
+                self.out.stats.cross_shard_sent += 1;
             } else {
-                self.stats.cross_shard_dropped += 1;
+                self.out.stats.cross_shard_dropped += 1;
                 ok = false;
             }
         }
@@ -583,14 +588,14 @@ impl Shard {
             }
             o.u64("timestamp", self.now_ms);
         });
-        self.stats.broadcasts += 1;
+        self.out.stats.broadcasts += 1;
         self.deliver_all(&f);
         let others = self.all_other_shards();
         self.fan_to_shards(others, |frame| ShardMsg::All { frame }, &f);
     }
 
     pub(super) fn auth_failed_close(&mut self, slot: u32, id: Option<&str>, text: &str) {
-        self.stats.errors[ErrorReason::AuthFailed as usize] += 1;
+        self.out.stats.errors[ErrorReason::AuthFailed as usize] += 1;
         let f = self.fb.text(self.now_us, |o| {
             o.str("type", "auth.failed")
                 .id(id)
@@ -625,7 +630,7 @@ impl Shard {
                 return;
             }
             Err(text) => {
-                self.stats.errors[ErrorReason::AuthFailed as usize] += 1;
+                self.out.stats.errors[ErrorReason::AuthFailed as usize] += 1;
                 let f = self.fb.text(self.now_us, |o| {
                     o.str("type", "auth.failed")
                         .id(id)
@@ -644,7 +649,7 @@ impl Shard {
         } else {
             let c = &mut self.clients[slot as usize];
             if c.user.as_deref() != Some(claims.sub.as_str()) {
-                self.stats.errors[ErrorReason::AuthFailed as usize] += 1;
+                self.out.stats.errors[ErrorReason::AuthFailed as usize] += 1;
                 let f = self.fb.text(self.now_us, |o| {
                     o.str("type", "auth.failed")
                         .id(id)
@@ -747,7 +752,7 @@ impl Shard {
         };
         match self.node.dir.dedup_claim(&user, cmid, &record, self.now_ms) {
             Claim::Duplicate(prev) => {
-                self.stats.dm_duplicates += 1;
+                self.out.stats.dm_duplicates += 1;
                 self.send_ack(slot, id, cmid, &prev);
                 return;
             }
@@ -824,7 +829,7 @@ impl Shard {
             );
             return;
         }
-        self.stats.dms += 1;
+        self.out.stats.dms += 1;
         self.send_ack(slot, id, cmid, &record);
     }
 

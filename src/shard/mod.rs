@@ -149,12 +149,10 @@ pub struct Shard {
     next_gen: u32,
     read_buf: Vec<u8>,
     fb: FrameBuilder,
-    dirty: Vec<u32>,
+    out: Outbox,
     resume: Vec<u32>,
-    doomed: Vec<(u32, u32, Doom)>,
     wheel: timer::Wheel,
     fired: Vec<(u32, u32)>,
-    stats: LocalStats,
     hist: hdrhistogram::Histogram<u64>,
     dedup_fifo: std::collections::VecDeque<(u64, Arc<str>, Box<str>)>,
     drain: Option<DrainState>,
@@ -221,6 +219,7 @@ impl Shard {
             burst: cfg.rate_limit_burst as f32,
         };
         let read_buf = vec![0u8; cfg.read_buffer_size];
+        let queue_limit = cfg.send_queue_bytes_max;
         let now_us = node.now_us();
         let now_tick = (now_us / 1000 / TIMER_TICK_MS) as u32;
         Ok(Shard {
@@ -236,12 +235,15 @@ impl Shard {
             next_gen: 1,
             read_buf,
             fb: FrameBuilder::default(),
-            dirty: Vec::new(),
+            out: Outbox {
+                dirty: Vec::new(),
+                doomed: Vec::new(),
+                stats: LocalStats::default(),
+                queue_limit,
+            },
             resume: Vec::new(),
-            doomed: Vec::new(),
             wheel: timer::Wheel::new(now_tick),
             fired: Vec::new(),
-            stats: LocalStats::default(),
             hist: new_latency_histogram(),
             dedup_fifo: std::collections::VecDeque::new(),
             drain: None,
@@ -385,8 +387,8 @@ impl Shard {
         }
         let c = Client::new(stream, gen, self.now_tick, self.t.burst, rel_ms);
         entry.insert(c);
-        self.stats.accepted += 1;
-        self.stats.connections += 1;
+        self.out.stats.accepted += 1;
+        self.out.stats.connections += 1;
         let deadline = self.now_tick + self.t.handshake;
         self.schedule(slot as u32, deadline);
     }
@@ -406,7 +408,7 @@ impl Shard {
                     break;
                 }
                 Ok(n) => {
-                    self.stats.bytes_in += n as u64;
+                    self.out.stats.bytes_in += n as u64;
                     let full = n == buf.len();
                     if !self.on_bytes(slot, &mut buf[..n]) {
                         break;
@@ -466,16 +468,9 @@ impl Shard {
     fn on_http_bytes(&mut self, slot: u32, data: &[u8]) -> bool {
         let max = self.node.cfg.max_request_header_bytes;
         let c = &mut self.clients[slot as usize];
+        // Bounded: `on_http_head` refuses an incomplete head past `max` (431), so at most
+        // `max` + one read is ever held here.
         let rx = c.rx.get_or_insert_with(Box::default);
-        if rx.partial.len() + data.len() > max + self.node.cfg.max_message_size {
-            // Far past any head we would accept; stop buffering.
-            rx.partial.truncate(0);
-            self.http_reply(
-                slot,
-                crate::proto::http::json_error(431, "request header too large"),
-            );
-            return false;
-        }
         rx.partial.extend_from_slice(data);
         let mut pending = std::mem::take(&mut rx.partial);
         let keep_reading = self.on_http_head(slot, &mut pending, max);
@@ -581,7 +576,7 @@ impl Shard {
                     }
                     let range = pos + payload.start..pos + payload.end;
                     pos += consumed;
-                    self.stats.frames_in += 1;
+                    self.out.stats.frames_in += 1;
                     if !self.on_frame(slot, fin, opcode, &mut data[range]) {
                         return (pos, false);
                     }
@@ -597,7 +592,7 @@ impl Shard {
             let f = self
                 .fb
                 .error(self.now_ms, self.now_us, None, "message too large", None);
-            self.stats.errors[ErrorReason::TooLarge as usize] += 1;
+            self.out.stats.errors[ErrorReason::TooLarge as usize] += 1;
             self.enqueue(slot, f);
         }
         self.close_with(slot, e.code(), e.reason());
@@ -662,30 +657,19 @@ impl Shard {
         let c = &mut self.clients[slot as usize];
         if !c.has(flag::DIRTY) && !c.queue.is_empty() {
             c.flags |= flag::DIRTY;
-            self.dirty.push(slot);
+            self.out.dirty.push(slot);
         }
     }
 
-    /// Queue a frame for one client (replies; fan-out uses the same rules via `push_frame`).
+    /// Queue a frame for one client (replies; fan-out uses the same `Outbox::push`).
     fn enqueue(&mut self, slot: u32, frame: Frame) {
-        let limit = self.node.cfg.send_queue_bytes_max;
-        let Some(c) = self.clients.get_mut(slot as usize) else {
-            return;
-        };
-        push_frame(
-            c,
-            slot,
-            frame,
-            limit,
-            self.now_tick,
-            &mut self.dirty,
-            &mut self.doomed,
-            &mut self.stats,
-        );
+        if let Some(c) = self.clients.get_mut(slot as usize) {
+            self.out.push(c, slot, frame, self.now_tick);
+        }
     }
 
     fn flush_dirty(&mut self) {
-        let mut dirty = std::mem::take(&mut self.dirty);
+        let mut dirty = std::mem::take(&mut self.out.dirty);
         for &slot in &dirty {
             if let Some(c) = self.clients.get_mut(slot as usize) {
                 c.flags &= !flag::DIRTY;
@@ -697,8 +681,8 @@ impl Shard {
         if dirty.capacity() > 65_536 {
             dirty.shrink_to(1024);
         }
-        debug_assert!(self.dirty.is_empty());
-        self.dirty = dirty;
+        debug_assert!(self.out.dirty.is_empty());
+        self.out.dirty = dirty;
     }
 
     /// Write as much of the client's queue as the socket takes.
@@ -728,16 +712,17 @@ impl Shard {
                 total += w.len();
             }
             let r = c.sock.write_vectored(&iov[..n_iov]);
-            self.stats.writev_calls += 1;
+            self.out.stats.writev_calls += 1;
             match r {
                 Ok(0) => {
-                    self.doomed
+                    self.out
+                        .doomed
                         .push((slot, c.gen, Doom::Drop(CloseKind::Abnormal)));
                     return;
                 }
                 Ok(mut n) => {
-                    self.stats.bytes_out += n as u64;
-                    self.stats.queued_bytes -= n as u64;
+                    self.out.stats.bytes_out += n as u64;
+                    self.out.stats.queued_bytes -= n as u64;
                     c.queued -= n as u32;
                     c.stall_tick = self.now_tick;
                     let wrote_all = n == total;
@@ -749,7 +734,7 @@ impl Shard {
                             c.head_off = 0;
                             let born = front.born_us();
                             let _ = self.hist.record(now_us.saturating_sub(born).max(1));
-                            self.stats.frames_out += 1;
+                            self.out.stats.frames_out += 1;
                             c.queue.pop_front();
                         } else {
                             c.head_off += n as u32;
@@ -763,7 +748,8 @@ impl Shard {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(_) => {
-                    self.doomed
+                    self.out
+                        .doomed
                         .push((slot, c.gen, Doom::Drop(CloseKind::Abnormal)));
                     return;
                 }
@@ -808,7 +794,7 @@ impl Shard {
             let dropped: usize = c.queue.iter().skip(keep).map(|f| f.wire().len()).sum();
             c.queue.truncate(keep);
             c.queued -= dropped as u32;
-            self.stats.queued_bytes -= dropped as u64;
+            self.out.stats.queued_bytes -= dropped as u64;
         }
         self.detach(slot);
         let c = &mut self.clients[slot as usize];
@@ -819,10 +805,10 @@ impl Shard {
             let len = f.wire().len() as u32;
             c.queue.push_back(f);
             c.queued += len;
-            self.stats.queued_bytes += len as u64;
-            self.stats.closes[CloseKind::from_code(code) as usize] += 1;
+            self.out.stats.queued_bytes += len as u64;
+            self.out.stats.closes[CloseKind::from_code(code) as usize] += 1;
         } else {
-            self.stats.closes[CloseKind::Http as usize] += 1;
+            self.out.stats.closes[CloseKind::Http as usize] += 1;
         }
         let deadline = self.now_tick + CLOSING_GRACE_TICKS;
         self.schedule(slot, deadline);
@@ -836,7 +822,7 @@ impl Shard {
         let len = f.wire().len() as u32;
         c.queue.push_back(f);
         c.queued += len;
-        self.stats.queued_bytes += len as u64;
+        self.out.stats.queued_bytes += len as u64;
         self.close_with(slot, 0, "");
     }
 
@@ -858,7 +844,7 @@ impl Shard {
         }
         if counted {
             self.node.dir.connections.fetch_sub(1, Ordering::Relaxed);
-            self.stats.ws_connections -= 1;
+            self.out.stats.ws_connections -= 1;
         }
     }
 
@@ -890,10 +876,10 @@ impl Shard {
         }
         let mut c = self.clients.remove(slot as usize);
         let _ = self.poll.registry().deregister(&mut c.sock);
-        self.stats.queued_bytes -= c.queued as u64;
-        self.stats.connections -= 1;
+        self.out.stats.queued_bytes -= c.queued as u64;
+        self.out.stats.connections -= 1;
         if let Some(kind) = kind {
-            self.stats.closes[kind as usize] += 1;
+            self.out.stats.closes[kind as usize] += 1;
             if c.has(flag::WS) {
                 tracing::debug!(
                     shard = self.id,
@@ -906,7 +892,7 @@ impl Shard {
     }
 
     fn process_doomed(&mut self) {
-        while let Some((slot, gen, doom)) = self.doomed.pop() {
+        while let Some((slot, gen, doom)) = self.out.doomed.pop() {
             if !self.live(slot, gen) {
                 continue;
             }
@@ -1084,24 +1070,19 @@ impl Shard {
 
     /// Every local client past auth gets `frame`.
     fn deliver_all(&mut self, frame: &Frame) {
-        let limit = self.node.cfg.send_queue_bytes_max;
+        let Shard {
+            clients,
+            out,
+            now_tick,
+            ..
+        } = self;
         let mut n = 0;
-        for (slot, c) in self.clients.iter_mut() {
+        for (slot, c) in clients.iter_mut() {
             if c.phase == Phase::Open {
-                n += 1;
-                push_frame(
-                    c,
-                    slot as u32,
-                    frame.clone(),
-                    limit,
-                    self.now_tick,
-                    &mut self.dirty,
-                    &mut self.doomed,
-                    &mut self.stats,
-                );
+                n += u64::from(out.push(c, slot as u32, frame.clone(), *now_tick));
             }
         }
-        self.stats.deliveries += n;
+        out.stats.deliveries += n;
     }
 
     /// The local devices of `user`, except one connection, get `frame`.
@@ -1109,65 +1090,41 @@ impl Shard {
         let except = except
             .filter(|e| e.shard as usize == self.id)
             .map(|e| (e.slot, e.gen));
-        let limit = self.node.cfg.send_queue_bytes_max;
         let Shard {
             users,
             clients,
-            dirty,
-            doomed,
-            stats,
+            out,
             now_tick,
             ..
         } = self;
+        let mut n = 0;
         for &slot in users.devices(user) {
             let Some(c) = clients.get_mut(slot as usize) else {
                 continue;
             };
-            if except == Some((slot, c.gen)) || c.phase != Phase::Open {
-                continue;
+            if except != Some((slot, c.gen)) && c.phase == Phase::Open {
+                n += u64::from(out.push(c, slot, frame.clone(), *now_tick));
             }
-            stats.deliveries += 1;
-            push_frame(
-                c,
-                slot,
-                frame.clone(),
-                limit,
-                *now_tick,
-                dirty,
-                doomed,
-                stats,
-            );
         }
+        out.stats.deliveries += n;
     }
 
     /// The local subscribers of room `id` get `frame`: the fan-out inner loop.
     fn deliver_room(&mut self, id: crate::route::RoomId, frame: &Frame) {
-        let limit = self.node.cfg.send_queue_bytes_max;
         let Shard {
             rooms,
             clients,
-            dirty,
-            doomed,
-            stats,
+            out,
             now_tick,
             ..
         } = self;
-        let members = rooms.members(id);
-        for &slot in members {
+        let mut n = 0;
+        for &slot in rooms.members(id) {
             if let Some(c) = clients.get_mut(slot as usize) {
-                push_frame(
-                    c,
-                    slot,
-                    frame.clone(),
-                    limit,
-                    *now_tick,
-                    dirty,
-                    doomed,
-                    stats,
-                );
+                n += u64::from(out.push(c, slot, frame.clone(), *now_tick));
             }
         }
-        stats.deliveries += members.len() as u64;
+        out.stats.deliveries += n;
     }
 
     /// Begin draining. The listener stays open so probes see `/ready` = 503 and new upgrades
@@ -1228,9 +1185,9 @@ impl Shard {
 
     fn publish_stats(&mut self) {
         self.last_stats_ms = self.now_ms;
-        self.stats.rooms = self.rooms.len() as u64;
+        self.out.stats.rooms = self.rooms.len() as u64;
         let shared = &self.node.stats[self.id];
-        shared.publish(&self.stats);
+        shared.publish(&self.out.stats);
         if !self.hist.is_empty() {
             if let Ok(mut h) = shared.latency_us.lock() {
                 let _ = h.add(&self.hist);
@@ -1240,39 +1197,44 @@ impl Shard {
     }
 }
 
-/// Queue `frame` on `c`, enforcing the send-queue byte limit (over it: doomed with 4008).
-#[allow(clippy::too_many_arguments)]
-#[inline]
-fn push_frame(
-    c: &mut Client,
-    slot: u32,
-    frame: Frame,
-    limit: usize,
-    now_tick: u32,
-    dirty: &mut Vec<u32>,
-    doomed: &mut Vec<(u32, u32, Doom)>,
-    stats: &mut LocalStats,
-) {
-    if c.phase == Phase::Closing {
-        return;
-    }
-    let len = frame.wire().len() as u32;
-    if c.queued as usize + len as usize > limit {
-        doomed.push((
-            slot,
-            c.gen,
-            Doom::Close(close::SLOW_CONSUMER, "slow consumer"),
-        ));
-        return;
-    }
-    if c.queue.is_empty() {
-        c.stall_tick = now_tick;
-    }
-    c.queued += len;
-    stats.queued_bytes += len as u64;
-    c.queue.push_back(frame);
-    if !c.has(flag::DIRTY) {
-        c.flags |= flag::DIRTY;
-        dirty.push(slot);
+/// Queued output's bookkeeping: the dirty list, connections doomed during a pass, and the
+/// shard's counters. Kept apart from the slab and the routing tables so the fan-out loop can
+/// borrow a member list, the clients and this at the same time.
+struct Outbox {
+    dirty: Vec<u32>,
+    doomed: Vec<(u32, u32, Doom)>,
+    stats: LocalStats,
+    /// `send_queue_bytes_max`.
+    queue_limit: usize,
+}
+
+impl Outbox {
+    /// Queue `frame` on `c`, enforcing the send-queue byte limit (over it: doomed with 4008).
+    /// Returns whether the frame was queued.
+    #[inline]
+    fn push(&mut self, c: &mut Client, slot: u32, frame: Frame, now_tick: u32) -> bool {
+        if c.phase == Phase::Closing {
+            return false;
+        }
+        let len = frame.wire().len() as u32;
+        if c.queued as usize + len as usize > self.queue_limit {
+            self.doomed.push((
+                slot,
+                c.gen,
+                Doom::Close(close::SLOW_CONSUMER, "slow consumer"),
+            ));
+            return false;
+        }
+        if c.queue.is_empty() {
+            c.stall_tick = now_tick;
+        }
+        c.queued += len;
+        self.stats.queued_bytes += len as u64;
+        c.queue.push_back(frame);
+        if !c.has(flag::DIRTY) {
+            c.flags |= flag::DIRTY;
+            self.dirty.push(slot);
+        }
+        true
     }
 }
