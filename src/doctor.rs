@@ -267,14 +267,9 @@ fn sysctl_fix(key: &str, value: &str) -> String {
     format!("sysctl -w {key}='{value}'\necho '{key} = {value}' >> {SYSCTL_FILE}")
 }
 
-/// fd count needed for `target` connections.
-fn fds_needed(target: u64) -> u64 {
-    target.saturating_add(FD_RESERVE)
-}
-
 /// The RLIMIT_NOFILE (and fs.nr_open) value the fixes propose for `target`.
 fn nofile_to_set(target: u64) -> u64 {
-    fds_needed(target).max(NOFILE_SUGGESTED_MIN)
+    target.saturating_add(FD_RESERVE).max(NOFILE_SUGGESTED_MIN)
 }
 
 fn nofile_fix(target: u64) -> String {
@@ -302,8 +297,14 @@ fn unreadable(name: &'static str, path: &str) -> Finding {
 /// per idle socket ([`KERNEL_BYTES_PER_IDLE_SOCKET`]) plus user-space
 /// [`USER_BYTES_PER_CONNECTION`] per connection.
 pub fn check(limits: &Limits, target: u64) -> Vec<Finding> {
+    check_with_fd_reserve(limits, target, FD_RESERVE)
+}
+
+/// [`check`] with a known fd reserve: the server passes its own (it knows its shard count),
+/// the `doctor` command plans with [`FD_RESERVE`].
+pub fn check_with_fd_reserve(limits: &Limits, target: u64, fd_reserve: u64) -> Vec<Finding> {
     let mut out = Vec::with_capacity(10);
-    let need_fds = fds_needed(target);
+    let need_fds = target.saturating_add(fd_reserve);
     out.push(check_nofile_soft(limits, target, need_fds));
     out.push(check_nofile_hard(limits, target, need_fds));
     out.push(check_nr_open(limits, target, need_fds));
@@ -335,7 +336,10 @@ fn check_nofile_soft(limits: &Limits, target: u64, need: u64) -> Finding {
     let (severity, why) = if limits.nofile_soft >= need {
         (
             Severity::Ok,
-            format!("{target} connections + {FD_RESERVE} reserved fds fit under the soft limit"),
+            format!(
+                "{target} connections + {} reserved fds fit under the soft limit",
+                need - target
+            ),
         )
     } else if limits.nofile_hard >= need {
         (
@@ -381,9 +385,10 @@ fn check_nofile_hard(limits: &Limits, target: u64, need: u64) -> Finding {
             "the server can raise its soft limit far enough".into()
         } else {
             format!(
-                "an unprivileged process cannot raise its hard fd limit: at most {} connections ({} - {FD_RESERVE} reserved)",
-                limits.nofile_hard.saturating_sub(FD_RESERVE),
-                fmt_limit(limits.nofile_hard)
+                "an unprivileged process cannot raise its hard fd limit: at most {} connections ({} - {} reserved)",
+                limits.nofile_hard.saturating_sub(need - target),
+                fmt_limit(limits.nofile_hard),
+                need - target
             )
         },
         fix: if ok {

@@ -67,7 +67,8 @@ impl Server {
             }
             tracing::warn!("{msg}");
         }
-        for f in crate::doctor::check(&limits, max_connections) {
+        let fd_reserve = FD_RESERVE + FD_PER_SHARD * n as u64;
+        for f in crate::doctor::check_with_fd_reserve(&limits, max_connections, fd_reserve) {
             if f.severity == crate::doctor::Severity::Blocking {
                 tracing::warn!(
                     limit = f.name,
