@@ -104,11 +104,12 @@ impl Server {
         let mut inboxes = Vec::with_capacity(n);
         let mut receivers = Vec::with_capacity(n);
         let mut listeners = Vec::with_capacity(n);
+        let stream_opts = crate::io::StreamOptions::from_config(&cfg);
         let shared_listener = if cfg.reuse_port {
             None
         } else {
             Some(
-                crate::io::std_listener(addr, false, cfg.listen_backlog)
+                crate::io::std_listener(addr, false, cfg.listen_backlog, stream_opts)
                     .map_err(|e| StartError(format!("cannot listen on {addr}: {e}")))?,
             )
         };
@@ -125,7 +126,7 @@ impl Server {
             receivers.push(rx);
             polls.push(poll);
             let l = match &shared_listener {
-                None => crate::io::std_listener(addr, true, cfg.listen_backlog),
+                None => crate::io::std_listener(addr, true, cfg.listen_backlog, stream_opts),
                 Some(l) => l.try_clone(),
             }
             .map(mio::net::TcpListener::from_std)

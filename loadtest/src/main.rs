@@ -220,6 +220,7 @@ fn base_plan(o: &Opts, roles: Vec<Role>, rooms: usize) -> Plan {
         user_names: Vec::new(),
         threads,
         in_flight_per_thread: o.in_flight.div_ceil(threads).max(1),
+        batch_ns: o.batch_us * 1000,
         connect_timeout_ns: (o.connect_timeout_s * 1e9) as u64,
         slow_rcvbuf: o.slow_rcvbuf,
         traffic: Traffic::None,

@@ -12,7 +12,8 @@ mod client;
 mod handle;
 mod timer;
 
-use std::io::{self, IoSlice, Read, Write};
+use std::io::{self, IoSlice, Read};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -358,10 +359,7 @@ impl Shard {
     }
 
     fn on_accept(&mut self, mut stream: mio::net::TcpStream) {
-        if let Err(e) = crate::io::configure_stream(&stream, &self.node.cfg) {
-            tracing::debug!(error = %e, "socket options failed; dropping connection");
-            return;
-        }
+        // Socket options come from the listener (`io::StreamOptions`): no syscall here.
         let gen = self.next_gen;
         self.next_gen = self.next_gen.wrapping_add(1).max(1);
         if self.next_gen == u32::MAX {
@@ -711,7 +709,7 @@ impl Shard {
                 n_iov += 1;
                 total += w.len();
             }
-            let r = c.sock.write_vectored(&iov[..n_iov]);
+            let r = crate::io::send_vectored(c.sock.as_raw_fd(), &iov[..n_iov]);
             self.out.stats.writev_calls += 1;
             match r {
                 Ok(0) => {
