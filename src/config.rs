@@ -52,7 +52,7 @@ pub struct Config {
     pub so_rcvbuf: u32,
     /// `WEBSOCKET_READ_BUFFER_SIZE`. Per-shard read buffer (bytes read per recv call).
     pub read_buffer_size: usize,
-    /// `WEBSOCKET_WRITE_BUFFER_SIZE`. Most bytes handed to one writev call.
+    /// `WEBSOCKET_WRITE_BUFFER_SIZE`. Most bytes handed to one send/sendmsg call.
     pub write_buffer_size: usize,
     /// WebSocket paths (the first is canonical; the rest are aliases for older clients).
     pub ws_paths: Vec<String>,
@@ -82,6 +82,10 @@ pub struct Config {
     pub pong_wait: Duration,
     /// `WEBSOCKET_WRITE_WAIT`. Queued output that makes no progress this long closes the connection.
     pub write_wait: Duration,
+    /// Minimum time between two writes to one connection (0 = write as soon as possible).
+    /// The first frame after a quiet period and replies to the client's own commands go out at
+    /// once; fan-out frames to a connection written less than this ago wait and share a write.
+    pub write_coalesce: Duration,
     /// Commands per second a connection may sustain (token bucket refill).
     pub rate_limit_per_sec: u32,
     /// Token bucket size (burst).
@@ -162,6 +166,7 @@ impl Default for Config {
             ping_interval: Duration::from_secs(54),
             pong_wait: Duration::from_secs(60),
             write_wait: Duration::from_secs(10),
+            write_coalesce: Duration::from_millis(50),
             rate_limit_per_sec: 100,
             rate_limit_burst: 200,
             rate_limit_max_violations: 50,
@@ -548,7 +553,7 @@ config_keys! {
     read_buffer_size: Bytes = "64KiB", "SWITCHBOARD_READ_BUFFER_SIZE", Some("WEBSOCKET_READ_BUFFER_SIZE"),
         "Per-shard read buffer (bytes read per recv call). At least 4096.";
     write_buffer_size: Bytes = "256KiB", "SWITCHBOARD_WRITE_BUFFER_SIZE", Some("WEBSOCKET_WRITE_BUFFER_SIZE"),
-        "Most bytes handed to one writev call. At least 4096.";
+        "Most bytes handed to one send/sendmsg call. At least 4096.";
     ws_paths: List = "/ws,/socket/connect,/ws/chat,/api/v1/ws", "SWITCHBOARD_WS_PATHS", None,
         "WebSocket paths; the first is canonical, the rest are aliases for older clients.";
     echo_path: OptText = "", "SWITCHBOARD_ECHO_PATH", None,
@@ -575,6 +580,8 @@ config_keys! {
         "A connection silent this long is dropped.";
     write_wait: Dur = "10s", "SWITCHBOARD_WRITE_WAIT", Some("WEBSOCKET_WRITE_WAIT"),
         "Queued output that makes no progress this long closes the connection.";
+    write_coalesce: Dur = "50ms", "SWITCHBOARD_WRITE_COALESCE", None,
+        "Least time between two writes to one connection, up to 5s; 0 = off. Fan-out frames for a connection written less than this ago wait and share one write (fewer syscalls, up to this much added latency); the first frame after a quiet period and replies go out at once.";
     rate_limit_per_sec: U32 = "100", "SWITCHBOARD_RATE_LIMIT_PER_SEC", None,
         "Commands per second a connection may sustain (token bucket refill). At least 1.";
     rate_limit_burst: U32 = "200", "SWITCHBOARD_RATE_LIMIT_BURST", None,
@@ -980,6 +987,12 @@ impl Config {
         }
         nonzero("handshake_timeout", self.handshake_timeout)?;
         nonzero("write_wait", self.write_wait)?;
+        if self.write_coalesce > Duration::from_secs(5) {
+            return fail(
+                "write_coalesce",
+                format!("{:?} is over the 5s maximum", self.write_coalesce),
+            );
+        }
         nonzero("auth_timeout", self.auth_timeout)?;
         nonzero("shutdown_timeout", self.shutdown_timeout)?;
         nonzero("dedup_window", self.dedup_window)?;
@@ -1779,6 +1792,10 @@ mod tests {
                 Box::new(|c| c.handshake_timeout = Duration::ZERO),
             ),
             ("write_wait", Box::new(|c| c.write_wait = Duration::ZERO)),
+            (
+                "write_coalesce",
+                Box::new(|c| c.write_coalesce = Duration::from_millis(5001)),
+            ),
             (
                 "auth_timeout",
                 Box::new(|c| c.auth_timeout = Duration::ZERO),

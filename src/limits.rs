@@ -27,7 +27,7 @@ pub const READS_PER_EVENT_MAX: usize = 4;
 /// Inbox messages handled per loop turn before sockets get a turn again.
 pub const INBOX_PER_TURN_MAX: usize = 4096;
 
-/// iovecs gathered into one `writev`. Linux IOV_MAX is 1024; past ~64 the gain is gone.
+/// iovecs gathered into one `sendmsg`. Linux IOV_MAX is 1024; past ~64 the gain is gone.
 pub const IOVECS_PER_WRITE_MAX: usize = 64;
 
 /// HTTP request headers parsed per upgrade request.

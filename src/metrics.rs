@@ -284,7 +284,11 @@ const COUNTERS: [(&str, &str, usize); 16] = [
         6,
     ),
     ("switchboard_bytes_out_total", "Bytes written to sockets", 7),
-    ("switchboard_writev_calls_total", "writev system calls", 8),
+    (
+        "switchboard_writev_calls_total",
+        "send/sendmsg system calls on client sockets",
+        8,
+    ),
     ("switchboard_publishes_total", "Room publishes accepted", 9),
     (
         "switchboard_deliveries_total",

@@ -5,7 +5,7 @@
 //!
 //! | field            | bytes | why |
 //! |------------------|------:|-----|
-//! | sock             |     4 | fd (mio::net::TcpStream; 16 B in debug builds) |
+//! | sock             |     4 | fd (mio::net::TcpStream; 16 B in debug builds, Client +16) |
 //! | gen              |     4 | slab generation: stale tokens/timers are ignored |
 //! | phase, flags     |     2 | lifecycle + bit flags |
 //! | rl_strikes       |     2 | rate-limit rejections in a row |
@@ -17,13 +17,14 @@
 //! | exp_s            |     4 | token expiry (Unix s), 0 = none |
 //! | queued           |     4 | bytes in `queue` not yet written |
 //! | head_off         |     4 | bytes of the first queued frame already written |
+//! | last_write_ms    |     4 | last write, shard-relative ms (write_coalesce) |
 //! | id               |    16 | client_id (UUID as two u64: a u128 would force 16-byte alignment) |
 //! | user             |    16 | Option<Arc<str>>, shared with the user table |
 //! | rooms            |    24 | Vec<Membership> (8 B per room on the heap) |
 //! | queue            |    32 | VecDeque<Frame> (16 B per queued frame on the heap) |
 //! | rx               |     8 | Option<Box<RxState>>: only while a frame/message is partial |
 //! | grants           |     8 | Option<Arc<Grants>>: JWT room globs / admin |
-//! | **total**        | **148** | padded to 152; + slab entry tag: 160 |
+//! | **total**        | **152** | no padding left; + slab entry tag: 160 |
 //!
 //! An idle subscribed connection adds one heap block for `rooms` (~32 B with the allocator's
 //! header) and 4 B in the room's member list; the read buffer is per shard.
@@ -70,6 +71,8 @@ pub mod flag {
     pub const RESUME_READ: u8 = 32;
     /// Was upgraded to WebSocket (never cleared; the drain waits for these).
     pub const WS: u8 = 64;
+    /// Has a reply or a close frame queued: written this turn, never held by write_coalesce.
+    pub const URGENT: u8 = 128;
 }
 
 /// Permissions from a JWT.
@@ -94,6 +97,7 @@ pub struct Client {
     pub exp_s: u32,
     pub queued: u32,
     pub head_off: u32,
+    pub last_write_ms: u32,
     pub id: [u64; 2],
     pub user: Option<Arc<str>>,
     pub rooms: Vec<Membership>,
@@ -118,6 +122,8 @@ impl Client {
             exp_s: 0,
             queued: 0,
             head_off: 0,
+            // Far in the past (wrapping): the first frame is never held by write_coalesce.
+            last_write_ms: now_ms.wrapping_sub(1 << 31),
             id: {
                 let (hi, lo) = uuid::Uuid::new_v4().as_u64_pair();
                 [hi, lo]
@@ -176,8 +182,9 @@ mod tests {
     fn client_budget() {
         // The ledger in the module doc: keep it true.
         // mio adds an 8-byte selector id to every socket in debug builds only (4 -> 16 B with
-        // alignment; the Client grows by 8 because the fd already shared a word).
-        let debug_extra = if cfg!(debug_assertions) { 8 } else { 0 };
+        // alignment; the Client grows by 16: the twelve 4-byte fields after it then end
+        // half-way into a word).
+        let debug_extra = if cfg!(debug_assertions) { 16 } else { 0 };
         let stream = if cfg!(debug_assertions) { 16 } else { 4 };
         assert_eq!(std::mem::size_of::<mio::net::TcpStream>(), stream);
         let size = std::mem::size_of::<Client>();

@@ -1,0 +1,84 @@
+//! `write_coalesce` over real sockets: fan-out frames for a connection written less than
+//! `write_coalesce` ago are held and share one write; replies (here a pong) are never held and
+//! take the held frames with them, in order; after a quiet period a frame goes out at once.
+//! The window is 3 s so that "held" and "not held" are seconds apart, not a race.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Event, TestServer};
+use serde_json::json;
+
+fn expect_message(c: &mut common::Client, n: u64) {
+    let v = c.expect_type("message");
+    assert_eq!(v["data"]["n"], n, "{v}");
+}
+
+#[test]
+fn fan_out_is_held_for_the_window_replies_are_not_and_quiet_connections_are_not() {
+    let server = TestServer::start(&[("SWITCHBOARD_WRITE_COALESCE", "3s")]);
+    let mut sub = server.connect("/ws");
+    let mut publ = server.connect("/ws");
+    sub.subscribe("co");
+    publ.subscribe("co");
+
+    // `subscribed` was just written to `sub`: a fan-out frame now waits for the window.
+    publ.send_json(json!({"type": "publish", "room": "co", "data": {"n": 1}}));
+    sub.expect_silence(1000);
+    expect_message(&mut sub, 1);
+
+    // Written again just now; the next frame is held, but a reply is urgent and carries the
+    // held frame out ahead of it.
+    publ.send_json(json!({"type": "publish", "room": "co", "data": {"n": 2}}));
+    std::thread::sleep(Duration::from_millis(200));
+    let asked = Instant::now();
+    sub.send_json(json!({"type": "ping"}));
+    expect_message(&mut sub, 2);
+    sub.expect_type("pong");
+    assert!(
+        asked.elapsed() < Duration::from_secs(2),
+        "the pong waited for the coalescing window ({:?})",
+        asked.elapsed()
+    );
+
+    // After a quiet period longer than the window, a frame is written at once.
+    std::thread::sleep(Duration::from_millis(3300));
+    let sent = Instant::now();
+    publ.send_json(json!({"type": "publish", "room": "co", "data": {"n": 3}}));
+    expect_message(&mut sub, 3);
+    assert!(
+        sent.elapsed() < Duration::from_secs(2),
+        "a frame after a quiet period was held ({:?})",
+        sent.elapsed()
+    );
+
+    // The publisher got every frame too, in order.
+    for n in 1..=3 {
+        expect_message(&mut publ, n);
+    }
+    match publ.next_event(Duration::from_millis(100)) {
+        Event::Timeout => {}
+        other => panic!("unexpected frame for the publisher: {other:?}"),
+    }
+    server.assert_serving();
+}
+
+#[test]
+fn zero_is_accepted_and_holds_nothing() {
+    let server = TestServer::start(&[("SWITCHBOARD_WRITE_COALESCE", "0")]);
+    let mut sub = server.connect("/ws");
+    let mut publ = server.connect("/ws");
+    sub.subscribe("co0");
+    publ.subscribe("co0");
+    let sent = Instant::now();
+    for n in 1..=3 {
+        publ.send_json(json!({"type": "publish", "room": "co0", "data": {"n": n}}));
+        expect_message(&mut sub, n);
+    }
+    assert!(
+        sent.elapsed() < Duration::from_secs(2),
+        "frames were held with write_coalesce=0 ({:?})",
+        sent.elapsed()
+    );
+}
