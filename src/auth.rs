@@ -515,6 +515,16 @@ pub fn query_param<'a>(query: &'a str, name: &str) -> Option<Cow<'a, str>> {
         .map(|(_, v)| percent_decode(v))
 }
 
+/// Every value of `name` in a query string, in order, percent-decoded (`?a=1&a=2`).
+pub fn query_params<'a>(query: &'a str, name: &'a str) -> impl Iterator<Item = Cow<'a, str>> {
+    let query = query.strip_prefix('?').unwrap_or(query);
+    query
+        .split('&')
+        .map(|pair| pair.split_once('=').unwrap_or((pair, "")))
+        .filter(move |(k, _)| percent_decode(k) == name)
+        .map(|(_, v)| percent_decode(v))
+}
+
 fn percent_decode(s: &str) -> Cow<'_, str> {
     if !s.bytes().any(|b| b == b'%' || b == b'+') {
         return Cow::Borrowed(s);

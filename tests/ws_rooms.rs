@@ -297,3 +297,84 @@ fn unsubscribe_on_disconnect_frees_the_room() {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
+
+#[test]
+fn subscribe_in_the_url_replies_after_connected_in_order() {
+    let server = TestServer::start(&[]);
+    let mut a = server.connect("/ws?subscribe=url-a&subscribe=url%20b&subscribe=url-a");
+    let s1 = a.expect_type("subscribed");
+    assert_eq!(s1["room"], "url-a", "{s1}");
+    assert_eq!(
+        s1["data"],
+        json!({"room": "url-a", "client_count": 1}),
+        "{s1}"
+    );
+    assert!(s1.get("id").is_none(), "no command, no id: {s1}");
+    let s2 = a.expect_type("subscribed");
+    assert_eq!(
+        s2["data"],
+        json!({"room": "url b", "client_count": 1}),
+        "{s2}"
+    );
+    // A repeated room is a repeated subscribe: answered again, joined once.
+    let s3 = a.expect_type("subscribed");
+    assert_eq!(
+        s3["data"],
+        json!({"room": "url-a", "client_count": 1}),
+        "{s3}"
+    );
+
+    // It is a real subscription: another client's publish arrives.
+    let mut b = server.connect("/ws");
+    let joined = b.subscribe("url b");
+    assert_eq!(joined["data"]["client_count"], 2, "{joined}");
+    b.send_json(json!({"type": "publish", "room": "url b", "data": {"k": 1}}));
+    let m = a.expect_type("message");
+    assert_eq!(m["room"], "url b", "{m}");
+    assert_eq!(m["data"], json!({"k": 1}), "{m}");
+    a.expect_silence(100);
+}
+
+#[test]
+fn subscribe_in_the_url_reports_each_bad_room_like_the_command() {
+    let server = TestServer::start(&[
+        ("SWITCHBOARD_MAX_ROOMS_PER_CONNECTION", "1"),
+        ("SWITCHBOARD_MAX_ROOM_NAME_BYTES", "8"),
+    ]);
+    let mut a = server.connect("/ws?subscribe=&subscribe=much-too-long&subscribe=ok&subscribe=two");
+    a.expect_error("room name is required");
+    a.expect_error("room name too long");
+    let s = a.expect_type("subscribed");
+    assert_eq!(s["room"], "ok", "{s}");
+    a.expect_error("too many rooms");
+    a.expect_silence(100);
+    server.assert_serving();
+}
+
+#[test]
+fn subscribe_in_the_url_follows_the_token_and_needs_one_on_the_upgrade() {
+    use common::jwt::{self, SECRET};
+    let server = TestServer::start(&[
+        ("SWITCHBOARD_AUTH_MODE", "jwt"),
+        ("SWITCHBOARD_JWT_SECRET", SECRET),
+    ]);
+    let token =
+        jwt::hs256(&json!({"sub": "u1", "exp": common::now_s() + 300, "rooms": ["team-*"]}));
+    let mut a = server.connect(&format!(
+        "/ws?token={token}&subscribe=team-1&subscribe=secret"
+    ));
+    let s = a.expect_type("subscribed");
+    assert_eq!(s["room"], "team-1", "{s}");
+    a.expect_error("not allowed");
+
+    // Without a token on the upgrade the grants are unknown until `authenticate`.
+    let r = server.raw_upgrade("/ws?subscribe=team-1", &[]);
+    assert_eq!(r.status, 400, "{r:?}");
+    assert_eq!(
+        r.json(),
+        json!({"error": "subscribe in the URL needs a token on the upgrade"})
+    );
+    // The refusal touched nobody else.
+    a.send_json(json!({"type": "ping"}));
+    a.expect_type("pong");
+}

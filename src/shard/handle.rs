@@ -5,7 +5,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use crate::auth::{query_param, token_from_upgrade, Claims};
+use crate::auth::{query_param, query_params, token_from_upgrade, Claims};
 use crate::bridge::BridgeMsg;
 use crate::config::AuthMode;
 use crate::directory::{AckRecord, Claim, JoinResult};
@@ -192,6 +192,18 @@ impl Shard {
                 }
             }
         }
+        let url_rooms = head
+            .query
+            .is_some_and(|q| query_params(q, "subscribe").next().is_some());
+        if url_rooms && (await_auth || is_echo) {
+            // The grants that decide these subscriptions come with the token.
+            self.reject(
+                slot,
+                400,
+                "subscribe in the URL needs a token on the upgrade",
+            );
+            return false;
+        }
         // Capacity.
         let before = node.dir.connections.fetch_add(1, Ordering::Relaxed);
         if before >= node.max_connections {
@@ -247,6 +259,19 @@ impl Shard {
                 .u64("timestamp", self.now_ms);
         });
         self.enqueue(slot, f);
+        // `?subscribe=a&subscribe=b`: subscribe as if the client had sent the commands right
+        // after `connected`; the replies share the upgrade's write.
+        if url_rooms && !await_auth {
+            for room in head
+                .query
+                .into_iter()
+                .flat_map(|q| query_params(q, "subscribe"))
+            {
+                if let Some(room) = self.valid_room(slot, Some(&room), None) {
+                    self.subscribe(slot, room, None);
+                }
+            }
+        }
         self.schedule(slot, now_tick + 1);
         true
     }
@@ -373,7 +398,17 @@ impl Shard {
 
     /// The room named by a command, or the error already sent.
     fn room_arg<'c>(&mut self, slot: u32, cmd: &'c Command, id: Option<&str>) -> Option<&'c str> {
-        let Some(room) = non_empty(&cmd.room) else {
+        self.valid_room(slot, non_empty(&cmd.room), id)
+    }
+
+    /// A usable room name, or the error sent.
+    fn valid_room<'r>(
+        &mut self,
+        slot: u32,
+        room: Option<&'r str>,
+        id: Option<&str>,
+    ) -> Option<&'r str> {
+        let Some(room) = room.filter(|r| !r.is_empty()) else {
             self.send_error(
                 slot,
                 ErrorReason::RoomRequired,
@@ -424,9 +459,13 @@ impl Shard {
     }
 
     fn cmd_subscribe(&mut self, slot: u32, cmd: &Command, id: Option<&str>) {
-        let Some(room) = self.room_arg(slot, cmd, id) else {
-            return;
-        };
+        if let Some(room) = self.room_arg(slot, cmd, id) {
+            self.subscribe(slot, room, id);
+        }
+    }
+
+    /// Subscribe `slot` to `room` (a valid name) and queue `subscribed` or the error.
+    fn subscribe(&mut self, slot: u32, room: &str, id: Option<&str>) {
         let c = &self.clients[slot as usize];
         if !c.allows_room(room) {
             self.send_error(slot, ErrorReason::NotAllowed, id, "not allowed", None);
