@@ -86,6 +86,9 @@ pub struct Config {
     /// The first frame after a quiet period and replies to the client's own commands go out at
     /// once; fan-out frames to a connection written less than this ago wait and share a write.
     pub write_coalesce: Duration,
+    /// Frames per second queued on one shard from which `write_coalesce` applies (it stops
+    /// below half of it); 0 = always. Measured over `LOAD_WINDOW_MS` windows.
+    pub write_coalesce_min_rate: u32,
     /// Commands per second a connection may sustain (token bucket refill).
     pub rate_limit_per_sec: u32,
     /// Token bucket size (burst).
@@ -167,6 +170,7 @@ impl Default for Config {
             pong_wait: Duration::from_secs(60),
             write_wait: Duration::from_secs(10),
             write_coalesce: Duration::from_millis(50),
+            write_coalesce_min_rate: 50_000,
             rate_limit_per_sec: 100,
             rate_limit_burst: 200,
             rate_limit_max_violations: 50,
@@ -582,6 +586,8 @@ config_keys! {
         "Queued output that makes no progress this long closes the connection.";
     write_coalesce: Dur = "50ms", "SWITCHBOARD_WRITE_COALESCE", None,
         "Least time between two writes to one connection, up to 5s; 0 = off. Fan-out frames for a connection written less than this ago wait and share one write (fewer syscalls, up to this much added latency); the first frame after a quiet period and replies go out at once.";
+    write_coalesce_min_rate: U32 = "50000", "SWITCHBOARD_WRITE_COALESCE_MIN_RATE", None,
+        "write_coalesce applies only while a shard queues at least this many frames per second (measured over 100 ms; it stops below half of it), so a lightly loaded server never holds a frame. 0 = always.";
     rate_limit_per_sec: U32 = "100", "SWITCHBOARD_RATE_LIMIT_PER_SEC", None,
         "Commands per second a connection may sustain (token bucket refill). At least 1.";
     rate_limit_burst: U32 = "200", "SWITCHBOARD_RATE_LIMIT_BURST", None,
@@ -1964,5 +1970,25 @@ mod tests {
         cfg.validate().expect("example validates");
         assert_eq!(cfg.auth_mode, AuthMode::Jwt);
         assert_eq!(cfg.max_connections, 500_000);
+    }
+
+    #[test]
+    fn write_coalesce_keys_parse() {
+        let ok = Config::load(
+            &[],
+            &env_of(&[
+                ("SWITCHBOARD_WRITE_COALESCE_MIN_RATE", "0"),
+                ("SWITCHBOARD_WRITE_COALESCE", "20ms"),
+            ]),
+        )
+        .expect("valid");
+        assert_eq!(ok.write_coalesce_min_rate, 0);
+        assert_eq!(ok.write_coalesce, Duration::from_millis(20));
+        let e = Config::load(
+            &[],
+            &env_of(&[("SWITCHBOARD_WRITE_COALESCE_MIN_RATE", "-1")]),
+        )
+        .expect_err("negative");
+        assert_eq!(e.key, "write_coalesce_min_rate", "{e:?}");
     }
 }

@@ -39,6 +39,8 @@ pub const TIMER_SLOTS: usize = 512;
 
 /// How often a shard publishes its local counters to the shared metrics.
 pub const STATS_PUBLISH_MS: u64 = 250;
+/// Window over which a shard measures how busy it is (the `write_coalesce_load` gate).
+pub const LOAD_WINDOW_MS: u64 = 100;
 
 /// Longest `clientMsgId`, `to`, `conversationId` and user id accepted, in bytes.
 pub const ID_BYTES_MAX: usize = 256;

@@ -1,7 +1,10 @@
 //! `write_coalesce` over real sockets: fan-out frames for a connection written less than
 //! `write_coalesce` ago are held and share one write; replies (here a pong) are never held and
 //! take the held frames with them, in order; after a quiet period a frame goes out at once.
-//! The window is 3 s so that "held" and "not held" are seconds apart, not a race.
+//! The window is 3 s so that "held" and "not held" are seconds apart, not a race. Holding
+//! applies only while a shard queues many frames per second (`write_coalesce_min_rate`); the
+//! first test sets that to 0 (always), the last checks that an idle server with the default
+//! gate holds nothing.
 
 mod common;
 
@@ -17,7 +20,10 @@ fn expect_message(c: &mut common::Client, n: u64) {
 
 #[test]
 fn fan_out_is_held_for_the_window_replies_are_not_and_quiet_connections_are_not() {
-    let server = TestServer::start(&[("SWITCHBOARD_WRITE_COALESCE", "3s")]);
+    let server = TestServer::start(&[
+        ("SWITCHBOARD_WRITE_COALESCE", "3s"),
+        ("SWITCHBOARD_WRITE_COALESCE_MIN_RATE", "0"),
+    ]);
     let mut sub = server.connect("/ws");
     let mut publ = server.connect("/ws");
     sub.subscribe("co");
@@ -64,21 +70,37 @@ fn fan_out_is_held_for_the_window_replies_are_not_and_quiet_connections_are_not(
     server.assert_serving();
 }
 
-#[test]
-fn zero_is_accepted_and_holds_nothing() {
-    let server = TestServer::start(&[("SWITCHBOARD_WRITE_COALESCE", "0")]);
+/// Back-to-back frames to one connection: each must arrive long before a 3 s hold would end.
+fn assert_not_held(env: &[(&str, &str)], room: &str) {
+    let server = TestServer::start(env);
     let mut sub = server.connect("/ws");
     let mut publ = server.connect("/ws");
-    sub.subscribe("co0");
-    publ.subscribe("co0");
+    sub.subscribe(room);
+    publ.subscribe(room);
     let sent = Instant::now();
     for n in 1..=3 {
-        publ.send_json(json!({"type": "publish", "room": "co0", "data": {"n": n}}));
+        publ.send_json(json!({"type": "publish", "room": room, "data": {"n": n}}));
         expect_message(&mut sub, n);
     }
     assert!(
         sent.elapsed() < Duration::from_secs(2),
-        "frames were held with write_coalesce=0 ({:?})",
+        "frames were held with {env:?} ({:?})",
         sent.elapsed()
     );
+}
+
+#[test]
+fn zero_window_holds_nothing() {
+    assert_not_held(
+        &[
+            ("SWITCHBOARD_WRITE_COALESCE", "0"),
+            ("SWITCHBOARD_WRITE_COALESCE_MIN_RATE", "0"),
+        ],
+        "co0",
+    );
+}
+
+#[test]
+fn an_idle_server_holds_nothing_with_the_default_rate_gate() {
+    assert_not_held(&[("SWITCHBOARD_WRITE_COALESCE", "3s")], "co-idle");
 }

@@ -24,6 +24,8 @@ pub enum Scenario {
     Dm,
     Churn,
     Echo,
+    /// No server: the kernel's cost of accept, epoll_ctl, send and recv on this machine.
+    Floor,
 }
 
 /// Parsed `--url`.
@@ -54,6 +56,8 @@ pub struct Opts {
     /// Microseconds a worker sleeps when a non-blocking poll found nothing, instead of
     /// blocking in epoll (0 = block). See the USAGE text.
     pub batch_us: u64,
+    /// Subscribers subscribe in the upgrade URL (`?subscribe=`) instead of with a command.
+    pub url_subscribe: bool,
     /// Time for all connections to be set up before the run is called failed.
     pub setup_timeout_s: f64,
     /// Time one connection may take from connect() to subscribed.
@@ -100,6 +104,7 @@ impl Opts {
             label: String::new(),
             in_flight: 256,
             batch_us: 0,
+            url_subscribe: false,
             setup_timeout_s: 90.0,
             connect_timeout_s: 20.0,
             rooms: 1,
@@ -123,7 +128,7 @@ pub const USAGE: &str = "\
 usage: switchboard-load SCENARIO [flags]
        switchboard-load summary FILE.jsonl   (one table row per JSON line)
 
-scenarios: connect | idle | fanout | dm | churn | echo
+scenarios: connect | idle | fanout | dm | churn | echo | floor
 
 common flags:
   --url ws://127.0.0.1:8081/ws   server endpoint (loopback only)
@@ -133,6 +138,8 @@ common flags:
   --source-ips A-B|A,B,..        source addresses, round-robin, default 127.0.0.1-127.0.0.50
   --server-pid PID               sample the server's CPU and RSS from /proc
   --in-flight N                  concurrent handshakes, default 256
+  --url-subscribe                subscribe in the upgrade URL (?subscribe=ROOM) instead of
+                                 sending a subscribe command after `connected`
   --batch-us U                   during the run, poll without blocking and sleep U us when
                                  nothing is ready (0: block in epoll, the default); keeps the
                                  server from paying a loopback wake-up per delivered frame,
@@ -145,6 +152,8 @@ common flags:
 fanout: --rooms K --publishers P --rate R --payload-bytes B --slow-fraction F --slow-rcvbuf BYTES
 dm:     --devices D --rate R --payload-bytes B   (connections = users * devices)
 echo:   --rate R
+floor:  --connections N (no server is used; the kernel's per-call costs and the floors
+        they put under the targets)
 idle:   --settle S (window = --duration)
 churn:  --cycles C --hold S --rss-tolerance-pct P --baseline-timeout S
 ";
@@ -223,17 +232,24 @@ pub fn parse(args: &[String]) -> Result<Opts, String> {
         "dm" => Scenario::Dm,
         "churn" => Scenario::Churn,
         "echo" => Scenario::Echo,
+        "floor" => Scenario::Floor,
         "-h" | "--help" | "help" => return Err(String::new()),
         other => return Err(format!("unknown scenario '{other}'")),
     };
     let mut url = "ws://127.0.0.1:8081/ws".to_string();
     let mut pairs: Vec<(String, String)> = Vec::new();
     let mut json_only = false;
+    let mut url_subscribe = false;
     let mut i = 1;
     while i < args.len() {
         let flag = args[i].as_str();
         if flag == "--json-only" {
             json_only = true;
+            i += 1;
+            continue;
+        }
+        if flag == "--url-subscribe" {
+            url_subscribe = true;
             i += 1;
             continue;
         }
@@ -262,6 +278,7 @@ pub fn parse(args: &[String]) -> Result<Opts, String> {
     }
     let mut o = Opts::defaults(scenario, parse_target(&url)?);
     o.json_only = json_only;
+    o.url_subscribe = url_subscribe;
     for (name, v) in pairs {
         let f = name.as_str();
         match f {

@@ -86,6 +86,8 @@ pub struct Plan {
     pub in_flight_per_thread: usize,
     /// Run phase: sleep this long when a non-blocking poll is empty (0 = block in epoll).
     pub batch_ns: u64,
+    /// Subscribe with `?subscribe=ROOM` on the upgrade instead of a command.
+    pub url_subscribe: bool,
     pub connect_timeout_ns: u64,
     pub slow_rcvbuf: usize,
     pub traffic: Traffic,
@@ -878,6 +880,10 @@ fn drive(conn: &mut Conn, ctx: &mut Ctx, rbuf: &mut [u8], readable: bool) -> Res
             Role::Dm { user, .. } => {
                 format!("{}?user_id={}", plan.path, plan.user_names[user as usize])
             }
+            // Room names are `lt<digits>-<digits>`: nothing to percent-encode.
+            Role::Sub { room, .. } | Role::Pub { room } if plan.url_subscribe => {
+                format!("{}?subscribe={}", plan.path, plan.room_names[room as usize])
+            }
             _ => plan.path.clone(),
         };
         let mut key = [0u8; 16];
@@ -1020,6 +1026,11 @@ fn on_text(conn: &mut Conn, ctx: &mut Ctx, t: &[u8]) -> Result<(), Drop> {
                 return Ok(());
             }
             match conn.role {
+                Role::Sub { .. } | Role::Pub { .. } if ctx.plan.url_subscribe => {
+                    // `subscribed` follows `connected` in the same write.
+                    conn.t_sub = now;
+                    conn.state = State::Subscribing;
+                }
                 Role::Sub { room, .. } | Role::Pub { room } => {
                     let name = &ctx.plan.room_names[room as usize];
                     let cmd = format!("{{\"type\":\"subscribe\",\"room\":\"{name}\"}}");

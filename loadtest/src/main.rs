@@ -8,6 +8,7 @@
 
 mod args;
 mod engine;
+mod floor;
 mod report;
 mod sys;
 mod ws;
@@ -60,6 +61,7 @@ fn main() {
     }
     start_watchdog(&opts);
     let mut report = match opts.scenario {
+        Scenario::Floor => floor::run(opts.connections, nofile),
         Scenario::Connect => connect(&opts),
         Scenario::Idle => idle(&opts),
         Scenario::Fanout => fanout(&opts),
@@ -221,6 +223,7 @@ fn base_plan(o: &Opts, roles: Vec<Role>, rooms: usize) -> Plan {
         threads,
         in_flight_per_thread: o.in_flight.div_ceil(threads).max(1),
         batch_ns: o.batch_us * 1000,
+        url_subscribe: o.url_subscribe,
         connect_timeout_ns: (o.connect_timeout_s * 1e9) as u64,
         slow_rcvbuf: o.slow_rcvbuf,
         traffic: Traffic::None,

@@ -194,6 +194,25 @@ pub fn summary_row(v: &Value) -> (String, String, String) {
             num(v, "server_rss_after_kb"),
             v["server_rss_after_each_cycle_kb"].as_str().unwrap_or("-")
         ),
+        "saturation" => format!(
+            "{} subscribers: highest rate with p99 <= 250 ms and 0 lost: {}/s = {} deliveries/s (p99 {} ms, server {} CPU-us/delivery)",
+            num(v, "subscribers"),
+            num(v, "rate_per_s"),
+            num(v, "deliveries_per_s"),
+            ms(v, "latency_p99_us"),
+            num(v, "server_cpu_us_per_delivery")
+        ),
+        "floor" => format!(
+            "no server, {conns} loopback pairs, thread CPU per call: accept {} us, epoll add {} us, send {} us, recv {} us; floors: connect {} us/conn ({} with ?subscribe=), last of 19,500 reached after {} ms, last of 500 after {} ms",
+            num(v, "accept_us"),
+            num(v, "epoll_add_us"),
+            num(v, "send_us"),
+            num(v, "recv_us"),
+            num(v, "connect_floor_us"),
+            num(v, "connect_url_subscribe_floor_us"),
+            num(v, "fanout_19500_last_ms_floor"),
+            num(v, "fanout_500_last_ms_floor")
+        ),
         _ => String::new(),
     };
     let fails = v["failures"].as_array().map_or(0, Vec::len);

@@ -161,6 +161,10 @@ pub struct Shard {
     /// (due, in ms since the node started; slot; generation). Each client is in it at most
     /// once (it keeps its DIRTY flag while waiting), so it is bounded by the shard's clients.
     deferred: std::collections::BinaryHeap<std::cmp::Reverse<(u64, u32, u32)>>,
+    /// Rate gate of `write_coalesce`: whether it applies now, and the start of the current
+    /// measuring window (frames queued in it are counted in `out.pushed`).
+    coalesce_on: bool,
+    load_window_start_us: u64,
     // Clocks, refreshed once per loop turn.
     now_us: u64,
     now_ms: u64,
@@ -183,6 +187,8 @@ struct Timing {
     burst: f32,
     /// `write_coalesce` in ms (0 = off).
     coalesce_ms: u32,
+    /// `write_coalesce_min_rate`: frames/s that turn coalescing on (off below half).
+    coalesce_min_rate: u32,
 }
 
 fn ticks(d: Duration) -> u32 {
@@ -225,6 +231,7 @@ impl Shard {
             rate: cfg.rate_limit_per_sec as f32,
             burst: cfg.rate_limit_burst as f32,
             coalesce_ms: cfg.write_coalesce.as_millis().min(u32::MAX as u128) as u32,
+            coalesce_min_rate: cfg.write_coalesce_min_rate,
         };
         let read_buf = vec![0u8; cfg.read_buffer_size];
         let queue_limit = cfg.send_queue_bytes_max;
@@ -248,6 +255,7 @@ impl Shard {
                 doomed: Vec::new(),
                 stats: LocalStats::default(),
                 queue_limit,
+                pushed: 0,
             },
             resume: Vec::new(),
             wheel: timer::Wheel::new(now_tick),
@@ -256,6 +264,8 @@ impl Shard {
             dedup_fifo: std::collections::VecDeque::new(),
             drain: None,
             deferred: std::collections::BinaryHeap::new(),
+            coalesce_on: t.coalesce_min_rate == 0,
+            load_window_start_us: now_us,
             now_us,
             now_ms: unix_ms(),
             now_tick,
@@ -294,6 +304,7 @@ impl Shard {
                 }
             }
             self.refresh_clock();
+            self.update_rate_gate();
             for ev in events.iter() {
                 match ev.token() {
                     LISTENER => self.accept(),
@@ -706,6 +717,7 @@ impl Shard {
         for &slot in &dirty {
             if let Some(c) = self.clients.get_mut(slot as usize) {
                 if coalesce > 0
+                    && self.coalesce_on
                     && !c.has(flag::URGENT)
                     && c.phase != Phase::Closing
                     && rel_ms.wrapping_sub(c.last_write_ms) < coalesce
@@ -726,6 +738,28 @@ impl Shard {
         }
         debug_assert!(self.out.dirty.is_empty());
         self.out.dirty = dirty;
+    }
+
+    /// Every `LOAD_WINDOW_MS`: the frames queued on this shard per second (the offered load,
+    /// which does not change with how they are written) decide whether `write_coalesce`
+    /// applies: on from `write_coalesce_min_rate`, off below half of it. A lightly loaded
+    /// shard never holds a frame back; a busy one trades a little latency for far fewer sends.
+    fn update_rate_gate(&mut self) {
+        let elapsed_us = self.now_us.saturating_sub(self.load_window_start_us);
+        if elapsed_us < LOAD_WINDOW_MS * 1000 {
+            return;
+        }
+        let min = u64::from(self.t.coalesce_min_rate);
+        let rate = self.out.pushed * 1_000_000 / elapsed_us.max(1);
+        self.coalesce_on = if min == 0 {
+            true
+        } else if self.coalesce_on {
+            rate * 2 >= min
+        } else {
+            rate >= min
+        };
+        self.load_window_start_us = self.now_us;
+        self.out.pushed = 0;
     }
 
     /// Moves the deferred connections whose time has come back to the dirty list, as urgent.
@@ -1270,6 +1304,8 @@ struct Outbox {
     stats: LocalStats,
     /// `send_queue_bytes_max`.
     queue_limit: usize,
+    /// Frames queued since the rate gate's window started (see `update_rate_gate`).
+    pushed: u64,
 }
 
 impl Outbox {
@@ -1294,6 +1330,7 @@ impl Outbox {
         }
         c.queued += len;
         self.stats.queued_bytes += len as u64;
+        self.pushed += 1;
         c.queue.push_back(frame);
         if !c.has(flag::DIRTY) {
             c.flags |= flag::DIRTY;
