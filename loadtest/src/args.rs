@@ -116,7 +116,7 @@ impl Opts {
             drain_s: 5.0,
             settle_s: 3.0,
             devices: 2,
-            cycles: 3,
+            cycles: 6,
             hold_s: 1.0,
             rss_tolerance_pct: 10.0,
             baseline_timeout_s: 15.0,
