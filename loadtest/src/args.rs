@@ -6,6 +6,8 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
 /// Most WebSocket connections one generator process opens (the machine's hard RLIMIT_NOFILE is
 /// 20,000; the rest is kept for publishers, the epoll fd and stdio).
 pub const CONNECTIONS_MAX: usize = 19_500;
+/// Generator processes one run may use (`--processes`).
+pub const PROCESSES_MAX: usize = 16;
 /// Most publisher connections of a fanout run.
 pub const PUBLISHERS_MAX: usize = 400;
 /// Most worker threads.
@@ -58,6 +60,8 @@ pub struct Opts {
     pub batch_us: u64,
     /// Subscribers subscribe in the upgrade URL (`?subscribe=`) instead of with a command.
     pub url_subscribe: bool,
+    /// Generator processes sharing the connections (each with its own fd limit).
+    pub processes: usize,
     /// Time for all connections to be set up before the run is called failed.
     pub setup_timeout_s: f64,
     /// Time one connection may take from connect() to subscribed.
@@ -105,6 +109,7 @@ impl Opts {
             in_flight: 256,
             batch_us: 0,
             url_subscribe: false,
+            processes: 1,
             setup_timeout_s: 90.0,
             connect_timeout_s: 20.0,
             rooms: 1,
@@ -132,12 +137,15 @@ scenarios: connect | idle | fanout | dm | churn | echo | floor
 
 common flags:
   --url ws://127.0.0.1:8081/ws   server endpoint (loopback only)
-  --connections N                connections (<= 19500), default 1000
+  --connections N                connections (<= 19500 per process), default 1000
   --threads T                    event-loop threads, default 1
   --duration S                   run phase seconds, default 10
   --source-ips A-B|A,B,..        source addresses, round-robin, default 127.0.0.1-127.0.0.50
   --server-pid PID               sample the server's CPU and RSS from /proc
   --in-flight N                  concurrent handshakes, default 256
+  --processes P                  run P generator processes, each with every P-th connection
+                                 and its own fd limit (up to 19,500 connections each); one
+                                 report for all, default 1
   --url-subscribe                subscribe in the upgrade URL (?subscribe=ROOM) instead of
                                  sending a subscribe command after `connected`
   --batch-us U                   during the run, poll without blocking and sleep U us when
@@ -290,6 +298,7 @@ pub fn parse(args: &[String]) -> Result<Opts, String> {
             "--label" => o.label = v,
             "--in-flight" => o.in_flight = num(f, &v)?,
             "--batch-us" => o.batch_us = num(f, &v)?,
+            "--processes" => o.processes = num(f, &v)?,
             "--setup-timeout" => o.setup_timeout_s = num(f, &v)?,
             "--connect-timeout" => o.connect_timeout_s = num(f, &v)?,
             "--rooms" => o.rooms = num(f, &v)?,
@@ -313,10 +322,13 @@ pub fn parse(args: &[String]) -> Result<Opts, String> {
 }
 
 fn validate(o: &mut Opts) -> Result<(), String> {
-    if o.connections == 0 || o.connections > CONNECTIONS_MAX {
+    if o.processes == 0 || o.processes > PROCESSES_MAX {
+        return Err(format!("--processes must be 1..={PROCESSES_MAX}"));
+    }
+    if o.connections == 0 || o.connections > CONNECTIONS_MAX * o.processes {
         return Err(format!(
             "--connections {} refused: one process opens 1..={CONNECTIONS_MAX} connections \
-             (RLIMIT_NOFILE); run several processes with different --source-ips for more",
+             (RLIMIT_NOFILE); add --processes for more (each takes every P-th connection)",
             o.connections
         ));
     }

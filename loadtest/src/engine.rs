@@ -88,6 +88,10 @@ pub struct Plan {
     pub batch_ns: u64,
     /// Subscribe with `?subscribe=ROOM` on the upgrade instead of a command.
     pub url_subscribe: bool,
+    /// This process's index among `procs` generator processes (`--processes`); a process
+    /// opens the connections whose global index `i` has `i % procs == proc_index`.
+    pub proc_index: usize,
+    pub procs: usize,
     pub connect_timeout_ns: u64,
     pub slow_rcvbuf: usize,
     pub traffic: Traffic,
@@ -401,7 +405,9 @@ impl TimerFd {
 
 /// One event-loop thread.
 pub struct Worker {
-    id: usize,
+    /// Global worker index across processes, and the number of workers in all.
+    gid: usize,
+    workers: usize,
     poll: Poll,
     timer: TimerFd,
     conns: Vec<Option<Conn>>,
@@ -423,13 +429,18 @@ impl Worker {
         let timer = TimerFd::new()?;
         poll.registry()
             .register(&mut SourceFd(&timer.raw()), TIMER_TOKEN, Interest::READABLE)?;
-        let mine: Vec<usize> = (id..plan.roles.len()).step_by(plan.threads).collect();
+        // Global worker `gid` of `workers` (all threads of all processes) owns index i when
+        // i % workers == gid; with one process this is thread `i % threads`.
+        let workers = plan.threads * plan.procs.max(1);
+        let gid = plan.proc_index * plan.threads + id;
+        let mine: Vec<usize> = (gid..plan.roles.len()).step_by(workers).collect();
         let local_of = mine.iter().enumerate().map(|(l, g)| (*g, l)).collect();
-        let owns_sender = plan.senders.iter().any(|g| g % plan.threads == id);
+        let owns_sender = plan.senders.iter().any(|g| g % workers == gid);
         let rooms = plan.room_names.len();
         let seed = (now_ns() ^ ((id as u64 + 1) * 0x9E37_79B9_7F4A_7C15)) | 1;
         Ok(Worker {
-            id,
+            gid,
+            workers,
             poll,
             timer,
             conns: (0..mine.len()).map(|_| None).collect(),
@@ -701,7 +712,7 @@ impl Worker {
         loop {
             // Skip the sends that belong to other workers (at most n steps).
             let mut skipped = 0;
-            while plan.senders[(i % n) as usize] % plan.threads != self.id {
+            while plan.senders[(i % n) as usize] % self.workers != self.gid {
                 i += 1;
                 skipped += 1;
                 if skipped > n {
@@ -1141,6 +1152,90 @@ pub fn dm_json(out: &mut Vec<u8>, to: &str, seq: u64, ts: u64, nonce: u64, conte
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn plan_and_report_cross_the_process_boundary_intact() {
+        let plan = Plan {
+            addr: "127.0.0.1:18081".parse().unwrap(),
+            host: "127.0.0.1:18081".into(),
+            path: "/ws".into(),
+            source_ips: vec![Ipv4Addr::new(127, 0, 0, 7)],
+            roles: vec![
+                Role::Sub {
+                    room: 3,
+                    slow: false,
+                },
+                Role::Sub {
+                    room: 0,
+                    slow: true,
+                },
+                Role::Pub { room: 1 },
+                Role::Dm { user: 9, device: 1 },
+                Role::Plain,
+            ],
+            room_names: vec!["a".into(), "b c".into()],
+            user_names: vec!["u\"1".into()],
+            threads: 2,
+            in_flight_per_thread: 128,
+            connect_timeout_ns: 5,
+            slow_rcvbuf: 4096,
+            traffic: Traffic::Publish,
+            senders: vec![2],
+            interval_ns: 2.5e6,
+            payload_bytes: 64,
+            nonce: 77,
+            batch_ns: 100_000,
+            url_subscribe: true,
+            proc_index: 1,
+            procs: 3,
+        };
+        let back = Plan::from_json(&plan.to_json()).expect("plan parses back");
+        assert_eq!(back.roles, plan.roles);
+        assert_eq!(back.room_names, plan.room_names);
+        assert_eq!(back.user_names, plan.user_names);
+        assert_eq!(back.source_ips, plan.source_ips);
+        assert_eq!(back.senders, plan.senders);
+        assert_eq!(
+            (back.addr, back.traffic, back.interval_ns),
+            (plan.addr, plan.traffic, plan.interval_ns)
+        );
+        assert_eq!(
+            (back.proc_index, back.procs, back.url_subscribe),
+            (1, 3, true)
+        );
+
+        let mut r = WorkerReport::new();
+        for v in [1_000u64, 2_000, 2_000, 50_000_000] {
+            r.latency.saturating_record(v);
+        }
+        r.upgrades = 4;
+        r.first_start_ns = 11;
+        r.fail("connect: refused");
+        let back = WorkerReport::from_json(&r.to_json());
+        assert_eq!(back.latency.len(), 4);
+        assert_eq!(
+            back.latency.value_at_quantile(0.5),
+            r.latency.value_at_quantile(0.5)
+        );
+        assert_eq!(back.latency.max(), r.latency.max());
+        assert_eq!((back.upgrades, back.first_start_ns), (4, 11));
+        assert_eq!(back.failures, r.failures);
+    }
+
+    #[test]
+    fn child_snapshots_add_up_in_the_controller() {
+        let total = Shared::new(2);
+        let a = [5u64, 1, 0, 100, 0, 7, 3, 4, 10, 20];
+        shared_apply_delta(&total, &[], &a);
+        let a2 = [6u64, 1, 0, 150, 0, 9, 4, 4, 10, 20];
+        shared_apply_delta(&total, &a, &a2);
+        let b = [2u64, 0, 0, 40, 0, 0, 0, 0, 5, 5];
+        shared_apply_delta(&total, &[], &b);
+        assert_eq!(
+            shared_snapshot(&total),
+            vec![8, 1, 0, 190, 0, 9, 4, 4, 15, 25]
+        );
+    }
+
     use super::*;
 
     #[test]
@@ -1171,5 +1266,248 @@ mod tests {
             ws::find_str_u64(echoed, b"\"clientMsgId\":", b"x"),
             Some(99_000)
         );
+    }
+}
+
+// ------------------------------------------------------------------ between processes
+//
+// With `--processes P` the controller runs P copies of this binary (`switchboard-load child`)
+// and talks to them over their stdin/stdout; these are the values that cross.
+
+fn role_code(r: &Role) -> String {
+    match *r {
+        Role::Sub { room, slow: false } => format!("s{room}"),
+        Role::Sub { room, slow: true } => format!("w{room}"),
+        Role::Pub { room } => format!("p{room}"),
+        Role::Dm { user, device } => format!("d{user}.{device}"),
+        Role::Plain => "n".into(),
+    }
+}
+
+fn role_parse(t: &str) -> Option<Role> {
+    let (k, rest) = t.split_at(1.min(t.len()));
+    Some(match k {
+        "s" => Role::Sub {
+            room: rest.parse().ok()?,
+            slow: false,
+        },
+        "w" => Role::Sub {
+            room: rest.parse().ok()?,
+            slow: true,
+        },
+        "p" => Role::Pub {
+            room: rest.parse().ok()?,
+        },
+        "d" => {
+            let (u, d) = rest.split_once('.')?;
+            Role::Dm {
+                user: u.parse().ok()?,
+                device: d.parse().ok()?,
+            }
+        }
+        "n" => Role::Plain,
+        _ => return None,
+    })
+}
+
+fn traffic_code(t: Traffic) -> &'static str {
+    match t {
+        Traffic::None => "none",
+        Traffic::Publish => "publish",
+        Traffic::Dm => "dm",
+        Traffic::Ping => "ping",
+    }
+}
+
+impl Plan {
+    /// The plan as one JSON value, for a child process (`proc_index` set by the caller).
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "addr": self.addr.to_string(),
+            "host": self.host,
+            "path": self.path,
+            "source_ips": self.source_ips.iter().map(|ip| ip.to_string()).collect::<Vec<_>>(),
+            "roles": self.roles.iter().map(role_code).collect::<Vec<_>>().join(" "),
+            "room_names": self.room_names,
+            "user_names": self.user_names,
+            "threads": self.threads,
+            "in_flight_per_thread": self.in_flight_per_thread,
+            "connect_timeout_ns": self.connect_timeout_ns,
+            "slow_rcvbuf": self.slow_rcvbuf,
+            "traffic": traffic_code(self.traffic),
+            "senders": self.senders,
+            "interval_ns": self.interval_ns,
+            "payload_bytes": self.payload_bytes,
+            "nonce": self.nonce,
+            "batch_ns": self.batch_ns,
+            "url_subscribe": self.url_subscribe,
+            "proc_index": self.proc_index,
+            "procs": self.procs,
+        })
+    }
+
+    pub fn from_json(v: &serde_json::Value) -> Result<Plan, String> {
+        let s = |k: &str| v[k].as_str().map(str::to_owned).ok_or(format!("plan: {k}"));
+        let u = |k: &str| v[k].as_u64().ok_or(format!("plan: {k}"));
+        let strings = |k: &str| -> Result<Vec<String>, String> {
+            v[k].as_array()
+                .ok_or(format!("plan: {k}"))?
+                .iter()
+                .map(|x| x.as_str().map(str::to_owned).ok_or(format!("plan: {k}")))
+                .collect()
+        };
+        let roles = s("roles")?
+            .split(' ')
+            .filter(|t| !t.is_empty())
+            .map(|t| role_parse(t).ok_or(format!("plan: role {t:?}")))
+            .collect::<Result<Vec<_>, _>>()?;
+        let traffic = match s("traffic")?.as_str() {
+            "none" => Traffic::None,
+            "publish" => Traffic::Publish,
+            "dm" => Traffic::Dm,
+            "ping" => Traffic::Ping,
+            t => return Err(format!("plan: traffic {t:?}")),
+        };
+        Ok(Plan {
+            addr: s("addr")?.parse().map_err(|_| "plan: addr".to_string())?,
+            host: s("host")?,
+            path: s("path")?,
+            source_ips: strings("source_ips")?
+                .iter()
+                .map(|ip| ip.parse().map_err(|_| format!("plan: ip {ip}")))
+                .collect::<Result<_, _>>()?,
+            roles,
+            room_names: strings("room_names")?,
+            user_names: strings("user_names")?,
+            threads: u("threads")? as usize,
+            in_flight_per_thread: u("in_flight_per_thread")? as usize,
+            connect_timeout_ns: u("connect_timeout_ns")?,
+            slow_rcvbuf: u("slow_rcvbuf")? as usize,
+            traffic,
+            senders: v["senders"]
+                .as_array()
+                .ok_or("plan: senders")?
+                .iter()
+                .map(|x| x.as_u64().map(|n| n as usize).ok_or("plan: senders"))
+                .collect::<Result<_, _>>()?,
+            interval_ns: v["interval_ns"].as_f64().ok_or("plan: interval_ns")?,
+            payload_bytes: u("payload_bytes")? as usize,
+            nonce: u("nonce")?,
+            batch_ns: u("batch_ns")?,
+            url_subscribe: v["url_subscribe"].as_bool().ok_or("plan: url_subscribe")?,
+            proc_index: u("proc_index")? as usize,
+            procs: u("procs")? as usize,
+        })
+    }
+}
+
+fn hist_json(h: &Histogram<u64>) -> serde_json::Value {
+    let pairs: Vec<[u64; 2]> = h
+        .iter_recorded()
+        .map(|v| [v.value_iterated_to(), v.count_at_value()])
+        .collect();
+    serde_json::json!(pairs)
+}
+
+fn hist_from(v: &serde_json::Value) -> Histogram<u64> {
+    let mut h = new_hist();
+    for pair in v.as_array().into_iter().flatten() {
+        if let (Some(value), Some(count)) = (pair[0].as_u64(), pair[1].as_u64()) {
+            let _ = h.record_n(value.clamp(1, HIST_MAX_NS), count);
+        }
+    }
+    h
+}
+
+impl WorkerReport {
+    /// The report as one JSON value (histograms as [value, count] pairs of their buckets).
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "handshake": hist_json(&self.handshake),
+            "subscribe": hist_json(&self.subscribe),
+            "latency": hist_json(&self.latency),
+            "ack": hist_json(&self.ack),
+            "upgrades": self.upgrades,
+            "first_start_ns": self.first_start_ns,
+            "last_upgrade_ns": self.last_upgrade_ns,
+            "last_ready_ns": self.last_ready_ns,
+            "failures": self.failures,
+            "error_frames": self.error_frames,
+            "error_samples": self.error_samples,
+            "other_frames": self.other_frames,
+            "slow_closed_4008": self.slow_closed_4008,
+            "slow_closed_other": self.slow_closed_other,
+            "slow_open": self.slow_open,
+            "sends_dropped": self.sends_dropped,
+        })
+    }
+
+    pub fn from_json(v: &serde_json::Value) -> WorkerReport {
+        let u = |k: &str| v[k].as_u64().unwrap_or(0);
+        let mut r = WorkerReport::new();
+        r.handshake = hist_from(&v["handshake"]);
+        r.subscribe = hist_from(&v["subscribe"]);
+        r.latency = hist_from(&v["latency"]);
+        r.ack = hist_from(&v["ack"]);
+        r.upgrades = u("upgrades");
+        r.first_start_ns = v["first_start_ns"].as_u64().unwrap_or(u64::MAX);
+        r.last_upgrade_ns = u("last_upgrade_ns");
+        r.last_ready_ns = u("last_ready_ns");
+        if let Some(m) = v["failures"].as_object() {
+            for (k, n) in m {
+                r.failures.insert(k.clone(), n.as_u64().unwrap_or(1));
+            }
+        }
+        r.error_frames = u("error_frames");
+        r.error_samples = v["error_samples"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|x| x.as_str().map(str::to_owned))
+            .collect();
+        r.other_frames = u("other_frames");
+        r.slow_closed_4008 = u("slow_closed_4008");
+        r.slow_closed_other = u("slow_closed_other");
+        r.slow_open = u("slow_open");
+        r.sends_dropped = u("sends_dropped");
+        r
+    }
+}
+
+/// The counters of [`Shared`] a child reports to the controller, as numbers in a fixed order:
+/// ready, setup_failed, dropped, received, acks, sent, then published and members per room.
+pub fn shared_snapshot(sh: &Shared) -> Vec<u64> {
+    let mut v = vec![
+        sh.ready.load(Ordering::Relaxed) as u64,
+        sh.setup_failed.load(Ordering::Relaxed) as u64,
+        sh.dropped.load(Ordering::Relaxed) as u64,
+        sh.received.load(Ordering::Relaxed),
+        sh.acks.load(Ordering::Relaxed),
+        sh.sent.load(Ordering::Relaxed),
+    ];
+    v.extend(sh.published.iter().map(|p| p.load(Ordering::Relaxed)));
+    v.extend(sh.members.iter().map(|m| m.load(Ordering::Relaxed)));
+    v
+}
+
+/// Adds `new - old` of one child's snapshot to the controller's totals (counters only grow,
+/// but the arithmetic wraps so a shrinking one is carried correctly too).
+pub fn shared_apply_delta(sh: &Shared, old: &[u64], new: &[u64]) {
+    let d = |i: usize| {
+        new.get(i)
+            .copied()
+            .unwrap_or(0)
+            .wrapping_sub(old.get(i).copied().unwrap_or(0))
+    };
+    sh.ready.fetch_add(d(0) as usize, Ordering::Relaxed);
+    sh.setup_failed.fetch_add(d(1) as usize, Ordering::Relaxed);
+    sh.dropped.fetch_add(d(2) as usize, Ordering::Relaxed);
+    sh.received.fetch_add(d(3), Ordering::Relaxed);
+    sh.acks.fetch_add(d(4), Ordering::Relaxed);
+    sh.sent.fetch_add(d(5), Ordering::Relaxed);
+    let rooms = sh.published.len();
+    for k in 0..rooms {
+        sh.published[k].fetch_add(d(6 + k), Ordering::Relaxed);
+        sh.members[k].fetch_add(d(6 + rooms + k), Ordering::Relaxed);
     }
 }

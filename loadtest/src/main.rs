@@ -9,6 +9,7 @@
 mod args;
 mod engine;
 mod floor;
+mod remote;
 mod report;
 mod sys;
 mod ws;
@@ -37,6 +38,9 @@ fn main() {
     if argv.first().map(String::as_str) == Some("summary") {
         std::process::exit(summary(argv.get(1).map(String::as_str)));
     }
+    if argv.first().map(String::as_str) == Some(remote::CHILD_ARG) {
+        std::process::exit(remote::child_main(start_threads, join_threads));
+    }
     let opts = match args::parse(&argv) {
         Ok(o) => o,
         Err(e) => {
@@ -54,10 +58,12 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let sockets = opts.connections + opts.publishers;
-    if (sockets + 64) as u64 > nofile {
+    // Each process holds its share of the sockets (`--processes`).
+    let sockets = (opts.connections + opts.publishers).div_ceil(opts.processes.max(1));
+    if opts.scenario != Scenario::Floor && (sockets + 64) as u64 > nofile {
         eprintln!(
-            "error: {sockets} sockets need more than RLIMIT_NOFILE {nofile} (minus 64 spare)"
+            "error: {sockets} sockets per process need more than RLIMIT_NOFILE {nofile} \
+             (minus 64 spare); add --processes"
         );
         std::process::exit(2);
     }
@@ -105,38 +111,39 @@ fn start_watchdog(o: &Opts) {
     });
 }
 
-/// The running workers of one connection set.
+/// The running workers of one connection set: threads of this process, or (`--processes P`)
+/// child processes that each run a share of the workers and report over a pipe.
 struct Session {
     plan: Arc<Plan>,
     shared: Arc<Shared>,
-    handles: Vec<JoinHandle<WorkerReport>>,
+    workers: Workers,
     started_ns: u64,
+}
+
+enum Workers {
+    Local(Vec<JoinHandle<WorkerReport>>),
+    Remote(remote::Children),
 }
 
 impl Session {
     fn start(plan: Plan) -> Result<Session, String> {
         let plan = Arc::new(plan);
         let shared = Arc::new(Shared::new(plan.room_names.len()));
-        let mut workers = Vec::new();
-        for id in 0..plan.threads {
-            workers.push(
-                Worker::new(id, Arc::clone(&plan), Arc::clone(&shared))
-                    .map_err(|e| format!("worker {id}: {e}"))?,
-            );
+        if plan.procs > 1 {
+            let started_ns = now_ns();
+            let children = remote::Children::spawn(&plan, Arc::clone(&shared))?;
+            return Ok(Session {
+                plan,
+                shared,
+                workers: Workers::Remote(children),
+                started_ns,
+            });
         }
-        let started_ns = now_ns();
-        let mut handles = Vec::new();
-        for (id, w) in workers.into_iter().enumerate() {
-            let h = std::thread::Builder::new()
-                .name(format!("load-{id}"))
-                .spawn(move || w.run())
-                .map_err(|e| format!("spawn: {e}"))?;
-            handles.push(h);
-        }
+        let (handles, started_ns) = start_threads(&plan, &shared)?;
         Ok(Session {
             plan,
             shared,
-            handles,
+            workers: Workers::Local(handles),
             started_ns,
         })
     }
@@ -157,19 +164,32 @@ impl Session {
             if now_ns() > deadline {
                 return false;
             }
+            if let Workers::Remote(c) = &self.workers {
+                if let Some(e) = c.lost() {
+                    eprintln!("FAILURE: {e}");
+                    return false;
+                }
+            }
             std::thread::sleep(Duration::from_millis(CONTROL_TICK_MS));
         }
     }
 
-    /// Runs the send schedule for `duration_s`; returns (start, end) in monotonic ns.
+    /// Runs the send schedule for `duration_s`; returns (start, end) in monotonic ns (one
+    /// clock for every process on the machine).
     fn run(&self, duration_s: f64) -> (u64, u64) {
         let start = now_ns() + RUN_LEAD_NS;
         let end = start + (duration_s * 1e9) as u64;
         self.shared.run_start_ns.store(start, Ordering::Release);
         self.shared.run_end_ns.store(end, Ordering::Release);
         self.shared.phase.store(phase::RUN, Ordering::Release);
+        if let Workers::Remote(c) = &self.workers {
+            c.command(&format!("RUN {start} {end}"));
+        }
         sleep_until(end);
         self.shared.phase.store(phase::DRAIN, Ordering::Release);
+        if let Workers::Remote(c) = &self.workers {
+            c.command("DRAIN");
+        }
         (start, end)
     }
 
@@ -186,19 +206,50 @@ impl Session {
     /// Closes every connection and collects the workers' measurements.
     fn finish(self) -> (WorkerReport, Arc<Shared>) {
         self.shared.phase.store(phase::CLOSE, Ordering::Release);
-        let mut total = WorkerReport::empty();
-        for h in self.handles {
-            match h.join() {
-                Ok(r) => total.merge(r),
-                Err(_) => {
-                    let mut r = WorkerReport::empty();
-                    r.failures.insert("worker thread panicked".into(), 1);
-                    total.merge(r);
-                }
-            }
-        }
+        let total = match self.workers {
+            Workers::Local(handles) => join_threads(handles),
+            Workers::Remote(children) => children.finish(),
+        };
         (total, self.shared)
     }
+}
+
+fn start_threads(
+    plan: &Arc<Plan>,
+    shared: &Arc<Shared>,
+) -> Result<(Vec<JoinHandle<WorkerReport>>, u64), String> {
+    let mut workers = Vec::new();
+    for id in 0..plan.threads {
+        workers.push(
+            Worker::new(id, Arc::clone(plan), Arc::clone(shared))
+                .map_err(|e| format!("worker {id}: {e}"))?,
+        );
+    }
+    let started_ns = now_ns();
+    let mut handles = Vec::new();
+    for (id, w) in workers.into_iter().enumerate() {
+        let h = std::thread::Builder::new()
+            .name(format!("load-{id}"))
+            .spawn(move || w.run())
+            .map_err(|e| format!("spawn: {e}"))?;
+        handles.push(h);
+    }
+    Ok((handles, started_ns))
+}
+
+fn join_threads(handles: Vec<JoinHandle<WorkerReport>>) -> WorkerReport {
+    let mut total = WorkerReport::empty();
+    for h in handles {
+        match h.join() {
+            Ok(r) => total.merge(r),
+            Err(_) => {
+                let mut r = WorkerReport::empty();
+                r.failures.insert("worker thread panicked".into(), 1);
+                total.merge(r);
+            }
+        }
+    }
+    total
 }
 
 fn sleep_until(at_ns: u64) {
@@ -226,6 +277,8 @@ fn base_plan(o: &Opts, roles: Vec<Role>, rooms: usize) -> Plan {
         in_flight_per_thread: o.in_flight.div_ceil(threads).max(1),
         batch_ns: o.batch_us * 1000,
         url_subscribe: o.url_subscribe,
+        proc_index: 0,
+        procs: o.processes,
         connect_timeout_ns: (o.connect_timeout_s * 1e9) as u64,
         slow_rcvbuf: o.slow_rcvbuf,
         traffic: Traffic::None,
@@ -249,8 +302,20 @@ fn sample(o: &Opts) -> Option<ProcSample> {
     o.server_pid.and_then(sys::sample_proc)
 }
 
+/// The generator itself: this process plus its `--processes` children (CPU and RSS summed).
+fn own_sample() -> Option<ProcSample> {
+    let mut total = sys::sample_proc(std::process::id())?;
+    for pid in remote::child_pids() {
+        if let Some(c) = sys::sample_proc(pid) {
+            total.cpu_ns += c.cpu_ns;
+            total.rss_kb += c.rss_kb;
+        }
+    }
+    Some(total)
+}
+
 fn own_rss_kb() -> Option<u64> {
-    sys::sample_proc(std::process::id()).map(|s| s.rss_kb)
+    own_sample().map(|s| s.rss_kb)
 }
 
 fn failure_rows(r: &mut Report, wr: &WorkerReport) {
@@ -397,7 +462,8 @@ fn idle(o: &Opts) -> Report {
             .collect();
         r.put("slab_top_growth_bytes_per_conn", top.join(" "));
     }
-    if let (Some(b), Some(m)) = (own_before, own_mid) {
+    // With --processes the children's whole RSS would count: reported for one process only.
+    if let (Some(b), Some(m), 1) = (own_before, own_mid, o.processes) {
         r.put_f(
             "generator_rss_bytes_per_conn",
             (m as f64 - b as f64) * 1024.0 / n,
@@ -458,10 +524,10 @@ fn fanout(o: &Opts) -> Report {
         .map(|m| m.load(Ordering::Relaxed))
         .collect();
     let after_setup = sample(o);
-    let own_setup = sys::sample_proc(std::process::id());
+    let own_setup = own_sample();
     let (start, end) = s.run(o.duration_s);
     let after_run = sample(o);
-    let own_run = sys::sample_proc(std::process::id());
+    let own_run = own_sample();
     let expected = |sh: &Shared| -> u64 {
         sh.published
             .iter()
