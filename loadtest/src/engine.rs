@@ -1150,125 +1150,6 @@ pub fn dm_json(out: &mut Vec<u8>, to: &str, seq: u64, ts: u64, nonce: u64, conte
     out.extend_from_slice(b"\"}");
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn plan_and_report_cross_the_process_boundary_intact() {
-        let plan = Plan {
-            addr: "127.0.0.1:18081".parse().unwrap(),
-            host: "127.0.0.1:18081".into(),
-            path: "/ws".into(),
-            source_ips: vec![Ipv4Addr::new(127, 0, 0, 7)],
-            roles: vec![
-                Role::Sub {
-                    room: 3,
-                    slow: false,
-                },
-                Role::Sub {
-                    room: 0,
-                    slow: true,
-                },
-                Role::Pub { room: 1 },
-                Role::Dm { user: 9, device: 1 },
-                Role::Plain,
-            ],
-            room_names: vec!["a".into(), "b c".into()],
-            user_names: vec!["u\"1".into()],
-            threads: 2,
-            in_flight_per_thread: 128,
-            connect_timeout_ns: 5,
-            slow_rcvbuf: 4096,
-            traffic: Traffic::Publish,
-            senders: vec![2],
-            interval_ns: 2.5e6,
-            payload_bytes: 64,
-            nonce: 77,
-            batch_ns: 100_000,
-            url_subscribe: true,
-            proc_index: 1,
-            procs: 3,
-        };
-        let back = Plan::from_json(&plan.to_json()).expect("plan parses back");
-        assert_eq!(back.roles, plan.roles);
-        assert_eq!(back.room_names, plan.room_names);
-        assert_eq!(back.user_names, plan.user_names);
-        assert_eq!(back.source_ips, plan.source_ips);
-        assert_eq!(back.senders, plan.senders);
-        assert_eq!(
-            (back.addr, back.traffic, back.interval_ns),
-            (plan.addr, plan.traffic, plan.interval_ns)
-        );
-        assert_eq!(
-            (back.proc_index, back.procs, back.url_subscribe),
-            (1, 3, true)
-        );
-
-        let mut r = WorkerReport::new();
-        for v in [1_000u64, 2_000, 2_000, 50_000_000] {
-            r.latency.saturating_record(v);
-        }
-        r.upgrades = 4;
-        r.first_start_ns = 11;
-        r.fail("connect: refused");
-        let back = WorkerReport::from_json(&r.to_json());
-        assert_eq!(back.latency.len(), 4);
-        assert_eq!(
-            back.latency.value_at_quantile(0.5),
-            r.latency.value_at_quantile(0.5)
-        );
-        assert_eq!(back.latency.max(), r.latency.max());
-        assert_eq!((back.upgrades, back.first_start_ns), (4, 11));
-        assert_eq!(back.failures, r.failures);
-    }
-
-    #[test]
-    fn child_snapshots_add_up_in_the_controller() {
-        let total = Shared::new(2);
-        let a = [5u64, 1, 0, 100, 0, 7, 3, 4, 10, 20];
-        shared_apply_delta(&total, &[], &a);
-        let a2 = [6u64, 1, 0, 150, 0, 9, 4, 4, 10, 20];
-        shared_apply_delta(&total, &a, &a2);
-        let b = [2u64, 0, 0, 40, 0, 0, 0, 0, 5, 5];
-        shared_apply_delta(&total, &[], &b);
-        assert_eq!(
-            shared_snapshot(&total),
-            vec![8, 1, 0, 190, 0, 9, 4, 4, 15, 25]
-        );
-    }
-
-    use super::*;
-
-    #[test]
-    fn publish_payload_is_padded_to_size_and_parseable() {
-        let mut v = Vec::new();
-        publish_json(&mut v, "room-1", 42, 123_456_789, 64);
-        let s = std::str::from_utf8(&v).expect("utf8");
-        let parsed: serde_json::Value = serde_json::from_str(s).expect("json");
-        let data = serde_json::to_string(&parsed["data"]).expect("data");
-        assert_eq!(data.len(), 64, "{data}");
-        assert_eq!(parsed["data"]["seq"], 42);
-        assert_eq!(ws::find_u64(&v, b"\"ts\":"), Some(123_456_789));
-        let mut small = Vec::new();
-        publish_json(&mut small, "r", 1, 2, 0);
-        assert!(serde_json::from_slice::<serde_json::Value>(&small).is_ok());
-    }
-
-    #[test]
-    fn dm_message_id_carries_time() {
-        let mut v = Vec::new();
-        dm_json(&mut v, "bob", 7, 99_000, 5, 10);
-        let parsed: serde_json::Value = serde_json::from_slice(&v).expect("json");
-        assert_eq!(parsed["clientMsgId"], "x99000-7-5");
-        assert_eq!(parsed["content"].as_str().map(str::len), Some(10));
-        let echoed =
-            br#"{"type":"message.ack","data":{"clientMsgId":"x99000-7-5","serverMsgId":"s"}}"#;
-        assert_eq!(
-            ws::find_str_u64(echoed, b"\"clientMsgId\":", b"x"),
-            Some(99_000)
-        );
-    }
-}
-
 // ------------------------------------------------------------------ between processes
 //
 // With `--processes P` the controller runs P copies of this binary (`switchboard-load child`)
@@ -1509,5 +1390,124 @@ pub fn shared_apply_delta(sh: &Shared, old: &[u64], new: &[u64]) {
     for k in 0..rooms {
         sh.published[k].fetch_add(d(6 + k), Ordering::Relaxed);
         sh.members[k].fetch_add(d(6 + rooms + k), Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn plan_and_report_cross_the_process_boundary_intact() {
+        let plan = Plan {
+            addr: "127.0.0.1:18081".parse().unwrap(),
+            host: "127.0.0.1:18081".into(),
+            path: "/ws".into(),
+            source_ips: vec![Ipv4Addr::new(127, 0, 0, 7)],
+            roles: vec![
+                Role::Sub {
+                    room: 3,
+                    slow: false,
+                },
+                Role::Sub {
+                    room: 0,
+                    slow: true,
+                },
+                Role::Pub { room: 1 },
+                Role::Dm { user: 9, device: 1 },
+                Role::Plain,
+            ],
+            room_names: vec!["a".into(), "b c".into()],
+            user_names: vec!["u\"1".into()],
+            threads: 2,
+            in_flight_per_thread: 128,
+            connect_timeout_ns: 5,
+            slow_rcvbuf: 4096,
+            traffic: Traffic::Publish,
+            senders: vec![2],
+            interval_ns: 2.5e6,
+            payload_bytes: 64,
+            nonce: 77,
+            batch_ns: 100_000,
+            url_subscribe: true,
+            proc_index: 1,
+            procs: 3,
+        };
+        let back = Plan::from_json(&plan.to_json()).expect("plan parses back");
+        assert_eq!(back.roles, plan.roles);
+        assert_eq!(back.room_names, plan.room_names);
+        assert_eq!(back.user_names, plan.user_names);
+        assert_eq!(back.source_ips, plan.source_ips);
+        assert_eq!(back.senders, plan.senders);
+        assert_eq!(
+            (back.addr, back.traffic, back.interval_ns),
+            (plan.addr, plan.traffic, plan.interval_ns)
+        );
+        assert_eq!(
+            (back.proc_index, back.procs, back.url_subscribe),
+            (1, 3, true)
+        );
+
+        let mut r = WorkerReport::new();
+        for v in [1_000u64, 2_000, 2_000, 50_000_000] {
+            r.latency.saturating_record(v);
+        }
+        r.upgrades = 4;
+        r.first_start_ns = 11;
+        r.fail("connect: refused");
+        let back = WorkerReport::from_json(&r.to_json());
+        assert_eq!(back.latency.len(), 4);
+        assert_eq!(
+            back.latency.value_at_quantile(0.5),
+            r.latency.value_at_quantile(0.5)
+        );
+        assert_eq!(back.latency.max(), r.latency.max());
+        assert_eq!((back.upgrades, back.first_start_ns), (4, 11));
+        assert_eq!(back.failures, r.failures);
+    }
+
+    #[test]
+    fn child_snapshots_add_up_in_the_controller() {
+        let total = Shared::new(2);
+        let a = [5u64, 1, 0, 100, 0, 7, 3, 4, 10, 20];
+        shared_apply_delta(&total, &[], &a);
+        let a2 = [6u64, 1, 0, 150, 0, 9, 4, 4, 10, 20];
+        shared_apply_delta(&total, &a, &a2);
+        let b = [2u64, 0, 0, 40, 0, 0, 0, 0, 5, 5];
+        shared_apply_delta(&total, &[], &b);
+        assert_eq!(
+            shared_snapshot(&total),
+            vec![8, 1, 0, 190, 0, 9, 4, 4, 15, 25]
+        );
+    }
+
+    use super::*;
+
+    #[test]
+    fn publish_payload_is_padded_to_size_and_parseable() {
+        let mut v = Vec::new();
+        publish_json(&mut v, "room-1", 42, 123_456_789, 64);
+        let s = std::str::from_utf8(&v).expect("utf8");
+        let parsed: serde_json::Value = serde_json::from_str(s).expect("json");
+        let data = serde_json::to_string(&parsed["data"]).expect("data");
+        assert_eq!(data.len(), 64, "{data}");
+        assert_eq!(parsed["data"]["seq"], 42);
+        assert_eq!(ws::find_u64(&v, b"\"ts\":"), Some(123_456_789));
+        let mut small = Vec::new();
+        publish_json(&mut small, "r", 1, 2, 0);
+        assert!(serde_json::from_slice::<serde_json::Value>(&small).is_ok());
+    }
+
+    #[test]
+    fn dm_message_id_carries_time() {
+        let mut v = Vec::new();
+        dm_json(&mut v, "bob", 7, 99_000, 5, 10);
+        let parsed: serde_json::Value = serde_json::from_slice(&v).expect("json");
+        assert_eq!(parsed["clientMsgId"], "x99000-7-5");
+        assert_eq!(parsed["content"].as_str().map(str::len), Some(10));
+        let echoed =
+            br#"{"type":"message.ack","data":{"clientMsgId":"x99000-7-5","serverMsgId":"s"}}"#;
+        assert_eq!(
+            ws::find_str_u64(echoed, b"\"clientMsgId\":", b"x"),
+            Some(99_000)
+        );
     }
 }
