@@ -158,8 +158,10 @@ pub struct Shard {
     dedup_fifo: std::collections::VecDeque<(u64, Arc<str>, Box<str>)>,
     drain: Option<DrainState>,
     /// Connections whose fan-out frames wait for `write_coalesce` (see [`Shard::flush_dirty`]):
-    /// (due, in ms since the node started; slot; generation). Each client is in it at most
-    /// once (it keeps its DIRTY flag while waiting), so it is bounded by the shard's clients.
+    /// (due, in ms since the node started; slot; generation). A client waits in it once per
+    /// deferral (it keeps DIRTY while waiting); an urgent write can leave an entry stale, which
+    /// is skipped when due. Bounded by `DEFERRED_PER_CLIENT_MAX` x clients: past that, frames
+    /// are written at once instead of held.
     deferred: std::collections::BinaryHeap<std::cmp::Reverse<(u64, u32, u32)>>,
     /// Rate gate of `write_coalesce`: whether it applies now, and the start of the current
     /// measuring window (frames queued in it are counted in `out.pushed`).
@@ -693,7 +695,7 @@ impl Shard {
     }
 
     /// Write `slot` this turn. A DIRTY client may be waiting in `deferred`, so it is put on
-    /// the dirty list again (a duplicate entry only costs a second, empty flush check).
+    /// the dirty list again (`flush_dirty` skips the duplicate once the client is no longer DIRTY).
     fn make_urgent(&mut self, slot: u32) {
         let c = &mut self.clients[slot as usize];
         if c.has(flag::URGENT) || c.queue.is_empty() {
@@ -712,12 +714,18 @@ impl Shard {
     fn flush_dirty(&mut self) {
         let mut dirty = std::mem::take(&mut self.out.dirty);
         let coalesce = self.t.coalesce_ms;
+        let deferred_max = DEFERRED_PER_CLIENT_MAX * self.clients.len();
         let rel_ms = self.rel_ms();
         let now_ms = self.now_us / 1000;
         for &slot in &dirty {
             if let Some(c) = self.clients.get_mut(slot as usize) {
+                if !c.has(flag::DIRTY) {
+                    // A duplicate entry (see `make_urgent`) already flushed this turn.
+                    continue;
+                }
                 if coalesce > 0
                     && self.coalesce_on
+                    && self.deferred.len() < deferred_max
                     && !c.has(flag::URGENT)
                     && c.phase != Phase::Closing
                     && rel_ms.wrapping_sub(c.last_write_ms) < coalesce
