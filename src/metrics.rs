@@ -168,6 +168,11 @@ pub struct LocalStats {
     pub ws_connections: u64,
     pub rooms: u64,
     pub queued_bytes: u64,
+    /// 1 while `write_coalesce` applies on the shard (its rate gate is on).
+    pub coalesce_on: u64,
+    /// Entries in the shard's `write_coalesce` hold heap (connections waiting, plus entries
+    /// left stale by an urgent write, which expire within one window).
+    pub coalesce_held: u64,
 }
 
 /// One shard's published values. Written by the shard once per tick, read by scrapes.
@@ -177,7 +182,7 @@ pub struct ShardStats {
     pub latency_us: Mutex<Histogram<u64>>,
 }
 
-const SCALARS: usize = 20;
+const SCALARS: usize = 22;
 
 fn flatten(s: &LocalStats) -> Vec<u64> {
     let mut v = vec![
@@ -201,6 +206,8 @@ fn flatten(s: &LocalStats) -> Vec<u64> {
         s.ws_connections,
         s.rooms,
         s.queued_bytes,
+        s.coalesce_on,
+        s.coalesce_held,
     ];
     debug_assert_eq!(v.len(), SCALARS);
     v.extend_from_slice(&s.errors);
@@ -357,6 +364,28 @@ pub fn render(view: &NodeView) -> String {
             out,
             "switchboard_send_queue_bytes{{shard=\"{i}\"}} {}",
             v[19]
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP switchboard_write_coalesce_active 1 while write_coalesce holds fan-out frames on the shard (its frame rate is over write_coalesce_min_rate)\n# TYPE switchboard_write_coalesce_active gauge"
+    );
+    for (i, v) in per_shard.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "switchboard_write_coalesce_active{{shard=\"{i}\"}} {}",
+            v[20]
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP switchboard_write_coalesce_held Entries in the shard's write_coalesce hold queue (connections waiting to be written)\n# TYPE switchboard_write_coalesce_held gauge"
+    );
+    for (i, v) in per_shard.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "switchboard_write_coalesce_held{{shard=\"{i}\"}} {}",
+            v[21]
         );
     }
     let gauges = [

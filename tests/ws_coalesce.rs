@@ -10,7 +10,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Event, TestServer};
+use common::{metric, Event, TestServer};
 use serde_json::json;
 
 fn expect_message(c: &mut common::Client, n: u64) {
@@ -67,6 +67,48 @@ fn fan_out_is_held_for_the_window_replies_are_not_and_quiet_connections_are_not(
         Event::Timeout => {}
         other => panic!("unexpected frame for the publisher: {other:?}"),
     }
+    server.assert_serving();
+}
+
+/// Replies to a connection whose fan-out is held must not leave entries behind in the hold
+/// queue: each reply used to leave one for a whole window (a leak proportional to the reply
+/// rate under load). With a 3 s window, 30 pings after a held frame leave at most one entry
+/// per connection.
+#[test]
+fn replies_do_not_pile_up_in_the_hold_queue() {
+    let server = TestServer::start(&[
+        ("SWITCHBOARD_WRITE_COALESCE", "3s"),
+        ("SWITCHBOARD_WRITE_COALESCE_MIN_RATE", "0"),
+        ("SWITCHBOARD_SHARDS", "1"),
+    ]);
+    let mut sub = server.connect("/ws");
+    let mut publ = server.connect("/ws");
+    sub.subscribe("co-pile");
+    publ.subscribe("co-pile");
+    publ.send_json(json!({"type": "publish", "room": "co-pile", "data": {"n": 1}}));
+    std::thread::sleep(Duration::from_millis(100));
+    for _ in 0..30 {
+        sub.send_json(json!({"type": "ping"}));
+        publ.send_json(json!({"type": "ping"}));
+    }
+    // The held frame goes out ahead of the first pong.
+    expect_message(&mut sub, 1);
+    expect_message(&mut publ, 1);
+    for _ in 0..30 {
+        sub.expect_type("pong");
+        publ.expect_type("pong");
+    }
+    let text = server.wait_metrics("write_coalesce_active=1", |t| {
+        metric(t, "switchboard_write_coalesce_active") == Some(1)
+    });
+    // Stats are published every 250 ms: take a snapshot from after the pings.
+    std::thread::sleep(Duration::from_millis(400));
+    let (_, text2) = server.http_get("/metrics");
+    let held = metric(&text2, "switchboard_write_coalesce_held");
+    assert!(
+        held.is_some_and(|h| h <= 2),
+        "held {held:?}\n{text}\n{text2}"
+    );
     server.assert_serving();
 }
 

@@ -5,27 +5,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{TestServer, RECV_TIMEOUT};
+use common::{metric, TestServer, RECV_TIMEOUT};
 use serde_json::{json, Value};
-
-/// Sum of every sample of metric `name` (all label sets).
-fn metric(text: &str, name: &str) -> Option<u64> {
-    let mut found = None;
-    for line in text.lines() {
-        let Some(rest) = line.strip_prefix(name) else {
-            continue;
-        };
-        let value = if let Some(r) = rest.strip_prefix('{') {
-            r.split_once("} ").map(|(_, v)| v)
-        } else {
-            rest.strip_prefix(' ')
-        };
-        if let Some(v) = value.and_then(|v| v.trim().parse::<f64>().ok()) {
-            *found.get_or_insert(0) += v as u64;
-        }
-    }
-    found
-}
 
 fn health(server: &TestServer) -> Value {
     let (status, body) = server.http_get("/health");

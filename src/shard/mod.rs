@@ -1294,6 +1294,8 @@ impl Shard {
     fn publish_stats(&mut self) {
         self.last_stats_ms = self.now_ms;
         self.out.stats.rooms = self.rooms.len() as u64;
+        self.out.stats.coalesce_on = u64::from(self.coalesce_on);
+        self.out.stats.coalesce_held = self.deferred.len() as u64;
         let shared = &self.node.stats[self.id];
         shared.publish(&self.out.stats);
         if !self.hist.is_empty() {
