@@ -37,6 +37,17 @@ pub const HTTP_HEADERS_MAX: usize = 48;
 pub const TIMER_TICK_MS: u64 = 100;
 pub const TIMER_SLOTS: usize = 512;
 
+/// Directory maps (papaya): old entries retired per thread before reclamation runs. Each
+/// reclamation issues one `membarrier` (an IPI to every core; ~15 us in this VM) and every
+/// subscribe, unsubscribe, connect and disconnect retires an entry, so seize's default of 32
+/// cost one barrier per 32 of them. At 1024 the retired entries held per thread stay small
+/// (a room or user entry is under 100 bytes).
+pub const DIRECTORY_RECLAIM_BATCH: usize = 1024;
+/// Directory maps: slots allocated up front (they grow, incrementally, past it).
+pub const DIRECTORY_INITIAL_CAPACITY: usize = 1024;
+/// Directory maps: entries moved per write while a resize is in progress (papaya's default).
+pub const DIRECTORY_RESIZE_CHUNK: usize = 64;
+
 /// How often a shard publishes its local counters to the shared metrics.
 pub const STATS_PUBLISH_MS: u64 = 250;
 /// Entries the `write_coalesce` heap may hold per client of the shard (stale ones included)
