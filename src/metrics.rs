@@ -325,6 +325,35 @@ const COUNTERS: [(&str, &str, usize); 16] = [
     ),
 ];
 
+/// Per-shard gauges: name, help, index in [`flatten`]'s order.
+const SHARD_GAUGES: [(&str, &str, usize); 5] = [
+    (
+        "switchboard_connections",
+        "Open TCP connections per shard (any phase)",
+        16,
+    ),
+    (
+        "switchboard_websocket_connections",
+        "Upgraded WebSocket connections per shard",
+        17,
+    ),
+    (
+        "switchboard_send_queue_bytes",
+        "Bytes queued for clients per shard",
+        19,
+    ),
+    (
+        "switchboard_write_coalesce_active",
+        "1 while write_coalesce holds fan-out frames on the shard (its frame rate is over write_coalesce_min_rate)",
+        20,
+    ),
+    (
+        "switchboard_write_coalesce_held",
+        "Entries in the shard's write_coalesce hold queue (connections waiting to be written)",
+        21,
+    ),
+];
+
 /// Render the Prometheus text exposition.
 pub fn render(view: &NodeView) -> String {
     let per_shard: Vec<Vec<u64>> = view.shards.iter().map(ShardStats::load).collect();
@@ -337,56 +366,11 @@ pub fn render(view: &NodeView) -> String {
             sum(i)
         );
     }
-    let _ = writeln!(
-        out,
-        "# HELP switchboard_connections Open TCP connections per shard (any phase)\n# TYPE switchboard_connections gauge"
-    );
-    for (i, v) in per_shard.iter().enumerate() {
-        let _ = writeln!(out, "switchboard_connections{{shard=\"{i}\"}} {}", v[16]);
-    }
-    let _ = writeln!(
-        out,
-        "# HELP switchboard_websocket_connections Upgraded WebSocket connections per shard\n# TYPE switchboard_websocket_connections gauge"
-    );
-    for (i, v) in per_shard.iter().enumerate() {
-        let _ = writeln!(
-            out,
-            "switchboard_websocket_connections{{shard=\"{i}\"}} {}",
-            v[17]
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP switchboard_send_queue_bytes Bytes queued for clients per shard\n# TYPE switchboard_send_queue_bytes gauge"
-    );
-    for (i, v) in per_shard.iter().enumerate() {
-        let _ = writeln!(
-            out,
-            "switchboard_send_queue_bytes{{shard=\"{i}\"}} {}",
-            v[19]
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP switchboard_write_coalesce_active 1 while write_coalesce holds fan-out frames on the shard (its frame rate is over write_coalesce_min_rate)\n# TYPE switchboard_write_coalesce_active gauge"
-    );
-    for (i, v) in per_shard.iter().enumerate() {
-        let _ = writeln!(
-            out,
-            "switchboard_write_coalesce_active{{shard=\"{i}\"}} {}",
-            v[20]
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP switchboard_write_coalesce_held Entries in the shard's write_coalesce hold queue (connections waiting to be written)\n# TYPE switchboard_write_coalesce_held gauge"
-    );
-    for (i, v) in per_shard.iter().enumerate() {
-        let _ = writeln!(
-            out,
-            "switchboard_write_coalesce_held{{shard=\"{i}\"}} {}",
-            v[21]
-        );
+    for (name, help, i) in SHARD_GAUGES {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for (shard, v) in per_shard.iter().enumerate() {
+            let _ = writeln!(out, "{name}{{shard=\"{shard}\"}} {}", v[i]);
+        }
     }
     let gauges = [
         (
