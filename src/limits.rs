@@ -53,7 +53,7 @@ pub const STATS_PUBLISH_MS: u64 = 250;
 /// Entries the `write_coalesce` heap may hold per client of the shard (stale ones included)
 /// before frames are written at once instead of held.
 pub const DEFERRED_PER_CLIENT_MAX: usize = 2;
-/// Window over which a shard measures how busy it is (the `write_coalesce_load` gate).
+/// Window over which a shard measures how busy it is (the `write_coalesce_min_rate` gate).
 pub const LOAD_WINDOW_MS: u64 = 100;
 
 /// Longest `clientMsgId`, `to`, `conversationId` and user id accepted, in bytes.
