@@ -68,6 +68,12 @@ pub struct Config {
     pub max_connections_per_room: u32,
     /// Rooms one connection may be subscribed to.
     pub max_rooms_per_connection: usize,
+    /// Connections (devices) one user may hold on this node.
+    pub max_connections_per_user: usize,
+    /// Room name globs whose publishes are sequenced by one owner shard (one order everywhere).
+    pub ordered_rooms: Vec<String>,
+    /// Add the serving shard's index to `connected.data.shard`.
+    pub expose_shard: bool,
     /// Longest room name in bytes.
     pub max_room_name_bytes: usize,
     /// Bytes queued for one connection before it is closed with 4008.
@@ -162,6 +168,9 @@ impl Default for Config {
             max_connections: 0,
             max_connections_per_room: 100_000,
             max_rooms_per_connection: 128,
+            max_connections_per_user: 64,
+            ordered_rooms: Vec::new(),
+            expose_shard: false,
             max_room_name_bytes: 256,
             send_queue_bytes_max: 1024 * 1024,
             handshake_timeout: Duration::from_secs(5),
@@ -570,6 +579,12 @@ config_keys! {
         "Subscribers per room; 0 = unlimited.";
     max_rooms_per_connection: Count = "128", "SWITCHBOARD_MAX_ROOMS_PER_CONNECTION", None,
         "Rooms one connection may be subscribed to. At least 1.";
+    max_connections_per_user: Count = "64", "SWITCHBOARD_MAX_CONNECTIONS_PER_USER", None,
+        "Connections (devices) one user may hold on this node; above it the upgrade gets 429 and an in-band authenticate closes with 1008. 1 to 65535.";
+    ordered_rooms: List = "", "SWITCHBOARD_ORDERED_ROOMS", None,
+        "Room name globs whose publishes go through one owner shard, so every subscriber on every shard sees one order (one extra hop for publishers on other shards); empty = none.";
+    expose_shard: Flag = "false", "SWITCHBOARD_EXPOSE_SHARD", None,
+        "Add the serving shard's index to connected.data.shard (tests and debugging).";
     max_room_name_bytes: Bytes = "256", "SWITCHBOARD_MAX_ROOM_NAME_BYTES", None,
         "Longest room name in bytes, 1 to 4096.";
     send_queue_bytes_max: Bytes = "1MiB", "SWITCHBOARD_SEND_QUEUE_BYTES_MAX", None,
@@ -959,6 +974,13 @@ impl Config {
         at_least("write_buffer_size", self.write_buffer_size, 4096)?;
         at_least("send_queue_bytes_max", self.send_queue_bytes_max, 4096)?;
         at_least("max_rooms_per_connection", self.max_rooms_per_connection, 1)?;
+        at_least("max_connections_per_user", self.max_connections_per_user, 1)?;
+        if self.max_connections_per_user > 65_535 {
+            return fail(
+                "max_connections_per_user",
+                format!("{} is above 65535", self.max_connections_per_user),
+            );
+        }
         if !(1..=4096).contains(&self.max_room_name_bytes) {
             fail(
                 "max_room_name_bytes",

@@ -1,61 +1,49 @@
-//! The node-wide directory: which shards hold subscribers of a room and devices of a user, how
-//! many members a room has, and the direct-message dedup window.
+//! The node-wide directory: which shards hold subscribers of a room and devices of a user.
+//! Routing only: it answers "which shards" and reports the node-level transitions (a room's
+//! first subscriber on this node and its last one gone; a user's first device on this node and
+//! the last one gone), which presence and the bridge's Redis SUBSCRIBE/UNSUBSCRIBE need.
+//! Admission (room capacity, devices per user, node connections) lives in [`crate::admission`];
+//! DM idempotency in [`crate::dedup`].
 //!
-//! Shards read it on the message path (a publish asks which other shards to forward to; a
-//! direct message asks which shards hold the recipient), so it is a lock-free map (papaya:
-//! reads are a hash lookup under an epoch guard, writes are atomic compare-and-swap updates).
-//! Only the owning shard sets or clears its own bit, on its first local member or device and
-//! its last, so the bitmaps never disagree with the shards' own tables. A shard sets its bit
-//! *before* replying `subscribed`, so any publish that happens after the client saw the reply
-//! reaches it.
+//! Lock-free (papaya) because the publish and DM paths read it. Each entry is an `Arc` of
+//! atomics updated in place: a subscribe on a shard that already has subscribers of the room
+//! touches no map at all (the shard's own table answers), a shard's first/last member sets or
+//! clears its bit with one `fetch_or`/`fetch_and`, and the map itself changes only when the
+//! node's first shard arrives or its last one leaves. Removing an entry races with another
+//! shard arriving: the remover deletes only the entry it emptied and only while it is still
+//! empty; the arriver checks that the entry it set its bit on is still the map's, else retries.
+//! Transitions are facts at the moment of the atomic operation; consumers that act on them
+//! from another thread (the bridge) re-read [`Directory::room_shards`] before acting, because
+//! two shards' reports can reach them in either order.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use papaya::{Compute, Operation};
+use papaya::Operation;
 
-/// A room's node-wide state.
+/// One room's or one user's node-wide entry, updated in place.
+#[derive(Debug, Default)]
+pub struct Entry {
+    /// Bit i set: shard i has at least one local subscriber (room) or device (user).
+    pub shards: AtomicU64,
+    /// Members (room) or devices (user) on this node; maintained by [`crate::admission`].
+    pub count: AtomicU32,
+}
+
+/// A node-level transition reported by [`Directory::arrive`] / [`Directory::depart`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RoomLoc {
-    /// Bit i set: shard i has local subscribers.
-    pub shards: u64,
-    /// Subscribers on this node.
-    pub members: u32,
+pub enum Transition {
+    /// Nothing changed at node level (other shards already or still hold it).
+    None,
+    /// The first shard of the node now holds it.
+    FirstOnNode,
+    /// No shard of the node holds it any more.
+    LastOnNode,
 }
 
-/// What a direct message was acked with, kept for the dedup window.
-#[derive(Clone, Debug)]
-pub struct AckRecord {
-    pub server_msg_id: u128,
-    pub conversation_id: Arc<str>,
-    pub sent_at_ms: u64,
-    pub expires_ms: u64,
-}
-
-/// The outcome of [`Directory::room_join`].
-#[derive(Debug, PartialEq, Eq)]
-pub enum JoinResult {
-    Joined { members: u32 },
-    Full,
-}
-
-/// The outcome of [`Directory::dedup_claim`].
-pub enum Claim {
-    /// First time: the caller delivers and acks.
-    New,
-    /// Seen within the window: ack again with this record, do not deliver.
-    Duplicate(AckRecord),
-    /// The dedup table is at `dedup_entries_max`.
-    Full,
-}
-
-pub struct Directory {
-    rooms: papaya::HashMap<Arc<str>, RoomLoc>,
-    users: papaya::HashMap<Arc<str>, u64>,
-    dedup: papaya::HashMap<Box<str>, AckRecord>,
-    dedup_max: usize,
-    /// Upgraded WebSocket connections on this node (for max_connections and /health).
-    pub connections: AtomicU64,
+/// One map of names to entries (rooms or users).
+pub struct Names {
+    map: papaya::HashMap<Arc<str>, Arc<Entry>>,
 }
 
 /// A directory map with every papaya option set: SipHash with a random key (room and user
@@ -77,65 +65,166 @@ fn bit(shard: usize) -> u64 {
     1u64 << shard
 }
 
-impl Directory {
-    pub fn new(dedup_max: usize) -> Directory {
-        Directory {
-            rooms: new_map(),
-            users: new_map(),
-            dedup: new_map(),
-            dedup_max,
-            connections: AtomicU64::new(0),
+impl Default for Names {
+    fn default() -> Self {
+        Names { map: new_map() }
+    }
+}
+
+impl Names {
+    /// The entry for `name`, created if absent (used by admission before the shard joins).
+    pub fn entry(&self, name: &Arc<str>) -> Arc<Entry> {
+        let map = self.map.pin();
+        if let Some(e) = map.get(&**name) {
+            return e.clone();
         }
+        map.get_or_insert_with(name.clone(), Arc::default).clone()
     }
 
-    /// Count one more member of `room` from `shard`, unless the room is at `max` (0 = no limit).
-    pub fn room_join(&self, room: &Arc<str>, shard: usize, max: u32) -> JoinResult {
-        let rooms = self.rooms.pin();
-        let result = rooms.compute(room.clone(), |entry| match entry {
-            Some((_, loc)) if max > 0 && loc.members >= max => Operation::Abort(()),
-            Some((_, loc)) => Operation::Insert(RoomLoc {
-                shards: loc.shards | bit(shard),
-                members: loc.members + 1,
-            }),
-            None => Operation::Insert(RoomLoc {
-                shards: bit(shard),
-                members: 1,
-            }),
-        });
-        match result {
-            Compute::Inserted(_, loc) | Compute::Updated { new: (_, loc), .. } => {
-                JoinResult::Joined {
-                    members: loc.members,
-                }
-            }
-            _ => JoinResult::Full,
-        }
+    /// The entry for `name` if the node holds it.
+    pub fn get(&self, name: &str) -> Option<Arc<Entry>> {
+        self.map.pin().get(name).cloned()
     }
 
-    /// Count one member of `room` gone from `shard`; `last_local` clears the shard's bit.
-    pub fn room_leave(&self, room: &Arc<str>, shard: usize, last_local: bool) {
-        let rooms = self.rooms.pin();
-        rooms.compute(room.clone(), |entry| match entry {
-            Some((_, loc)) => {
-                let members = loc.members.saturating_sub(1);
-                let shards = if last_local {
-                    loc.shards & !bit(shard)
+    /// Shard `shard` got its first local holder of `name`. Call once per shard-local first.
+    pub fn arrive(&self, name: &Arc<str>, shard: usize) -> Transition {
+        loop {
+            let e = self.entry(name);
+            let prev = e.shards.fetch_or(bit(shard), Ordering::AcqRel);
+            debug_assert!(prev & bit(shard) == 0, "shard arrived twice");
+            // Still the map's entry? A concurrent depart may have removed it as empty.
+            if self
+                .map
+                .pin()
+                .get(&**name)
+                .is_some_and(|cur| Arc::ptr_eq(cur, &e))
+            {
+                return if prev == 0 {
+                    Transition::FirstOnNode
                 } else {
-                    loc.shards
+                    Transition::None
                 };
-                if members == 0 {
-                    Operation::Remove
-                } else {
-                    Operation::Insert(RoomLoc { shards, members })
-                }
             }
-            None => Operation::Abort(()),
+            e.shards.fetch_and(!bit(shard), Ordering::AcqRel);
+        }
+    }
+
+    /// Shard `shard` lost its last local holder of `name`.
+    pub fn depart(&self, name: &Arc<str>, shard: usize) -> Transition {
+        let Some(e) = self.get(name) else {
+            debug_assert!(false, "depart without arrive");
+            return Transition::None;
+        };
+        let prev = e.shards.fetch_and(!bit(shard), Ordering::AcqRel);
+        if prev & !bit(shard) != 0 {
+            return Transition::None;
+        }
+        self.remove_if_empty(name, &e);
+        Transition::LastOnNode
+    }
+
+    /// Remove `e` from the map if it is still the entry for `name`, holds no shard and counts
+    /// nobody (admission may have counted a member whose shard has not arrived yet).
+    pub fn remove_if_empty(&self, name: &Arc<str>, e: &Arc<Entry>) {
+        self.map.pin().compute(name.clone(), |cur| match cur {
+            Some((_, cur))
+                if Arc::ptr_eq(cur, e)
+                    && cur.shards.load(Ordering::Acquire) == 0
+                    && cur.count.load(Ordering::Acquire) == 0 =>
+            {
+                Operation::Remove
+            }
+            _ => Operation::Abort::<Arc<Entry>, ()>(()),
         });
     }
 
-    /// The room's node-wide state, if it has members.
-    pub fn room(&self, room: &str) -> Option<RoomLoc> {
-        self.rooms.pin().get(room).copied()
+    /// Count one more holder of `name` unless `max` (0 = none) are counted already. Returns the
+    /// new count, or `None` when full. The count is taken on the map's current entry.
+    pub fn count_up(&self, name: &Arc<str>, max: u32) -> Option<u32> {
+        loop {
+            let e = self.entry(name);
+            let n = e.count.fetch_add(1, Ordering::AcqRel);
+            if max > 0 && n >= max {
+                self.count_down_entry(name, &e);
+                return None;
+            }
+            if self
+                .map
+                .pin()
+                .get(&**name)
+                .is_some_and(|cur| Arc::ptr_eq(cur, &e))
+            {
+                return Some(n + 1);
+            }
+            e.count.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Count one holder of `name` gone (the reverse of a successful [`Names::count_up`]).
+    pub fn count_down(&self, name: &Arc<str>) {
+        if let Some(e) = self.get(name) {
+            self.count_down_entry(name, &e);
+        } else {
+            debug_assert!(false, "count_down without count_up");
+        }
+    }
+
+    fn count_down_entry(&self, name: &Arc<str>, e: &Arc<Entry>) {
+        let prev = e.count.fetch_sub(1, Ordering::AcqRel);
+        debug_assert!(prev > 0);
+        if prev == 1 && e.shards.load(Ordering::Acquire) == 0 {
+            self.remove_if_empty(name, e);
+        }
+    }
+
+    /// The node-wide count for `name` (0 when absent).
+    pub fn count(&self, name: &str) -> u32 {
+        self.map
+            .pin()
+            .get(name)
+            .map_or(0, |e| e.count.load(Ordering::Acquire))
+    }
+
+    /// Shards holding `name` (0 = none on this node).
+    pub fn shards(&self, name: &str) -> u64 {
+        self.map
+            .pin()
+            .get(name)
+            .map_or(0, |e| e.shards.load(Ordering::Acquire))
+    }
+
+    /// Names held on this node.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
+
+/// Rooms and users of this node.
+#[derive(Default)]
+pub struct Directory {
+    pub rooms: Names,
+    pub users: Names,
+    /// Upgraded WebSocket connections on this node (for max_connections and /health).
+    pub connections: AtomicU64,
+}
+
+impl Directory {
+    pub fn new() -> Directory {
+        Directory::default()
+    }
+
+    /// Shards with subscribers of `room`.
+    pub fn room_shards(&self, room: &str) -> u64 {
+        self.rooms.shards(room)
+    }
+
+    /// Shards with devices of `user`.
+    pub fn user_shards(&self, user: &str) -> u64 {
+        self.users.shards(user)
     }
 
     /// Rooms with at least one member on this node.
@@ -143,98 +232,22 @@ impl Directory {
         self.rooms.len()
     }
 
-    /// Shard `shard` now has a device of `user`.
-    pub fn user_add(&self, user: &Arc<str>, shard: usize) {
-        self.users.pin().compute(user.clone(), |entry| match entry {
-            Some((_, bits)) => Operation::Insert::<_, ()>(bits | bit(shard)),
-            None => Operation::Insert(bit(shard)),
-        });
-    }
-
-    /// Shard `shard` has no device of `user` any more.
-    pub fn user_remove(&self, user: &Arc<str>, shard: usize) {
-        self.users.pin().compute(user.clone(), |entry| match entry {
-            Some((_, bits)) if bits & !bit(shard) == 0 => Operation::Remove,
-            Some((_, bits)) => Operation::Insert(bits & !bit(shard)),
-            None => Operation::Abort(()),
-        });
-    }
-
-    /// Shards holding devices of `user` (0 = offline on this node).
-    pub fn user_shards(&self, user: &str) -> u64 {
-        self.users.pin().get(user).copied().unwrap_or(0)
-    }
-
     /// Users with at least one device on this node.
     pub fn users_len(&self) -> usize {
         self.users.len()
     }
 
-    fn dedup_key(user: &str, client_msg_id: &str) -> Box<str> {
-        let mut k = String::with_capacity(user.len() + 1 + client_msg_id.len());
-        k.push_str(user);
-        k.push('\0');
-        k.push_str(client_msg_id);
-        k.into_boxed_str()
-    }
-
-    /// Claim (user, clientMsgId) for `record`, or find the earlier ack.
-    pub fn dedup_claim(
-        &self,
-        user: &str,
-        client_msg_id: &str,
-        record: &AckRecord,
-        now_ms: u64,
-    ) -> Claim {
-        let key = Self::dedup_key(user, client_msg_id);
-        let map = self.dedup.pin();
-        if let Some(prev) = map.get(&key) {
-            if prev.expires_ms > now_ms {
-                return Claim::Duplicate(prev.clone());
-            }
-        }
-        if map.len() >= self.dedup_max {
-            return Claim::Full;
-        }
-        let mut dup = None;
-        map.compute(key, |entry| match entry {
-            Some((_, prev)) if prev.expires_ms > now_ms => {
-                dup = Some(prev.clone());
-                Operation::Abort(())
-            }
-            _ => Operation::Insert(record.clone()),
-        });
-        match dup {
-            Some(prev) => Claim::Duplicate(prev),
-            None => Claim::New,
-        }
-    }
-
-    /// Forget a claim (delivery failed; the client may retry).
-    pub fn dedup_release(&self, user: &str, client_msg_id: &str) {
-        self.dedup
-            .pin()
-            .remove(&*Self::dedup_key(user, client_msg_id));
-    }
-
-    /// Drop the entry for (user, clientMsgId) if it has expired. Returns whether it did.
-    pub fn dedup_expire(&self, user: &str, client_msg_id: &str, now_ms: u64) -> bool {
-        let key = Self::dedup_key(user, client_msg_id);
-        matches!(
-            self.dedup.pin().compute(key, |entry| match entry {
-                Some((_, rec)) if rec.expires_ms <= now_ms => Operation::Remove,
-                _ => Operation::Abort::<AckRecord, ()>(()),
-            }),
-            Compute::Removed(..)
-        )
-    }
-
-    pub fn dedup_len(&self) -> usize {
-        self.dedup.len()
-    }
-
     pub fn connections(&self) -> u64 {
         self.connections.load(Ordering::Relaxed)
+    }
+}
+
+impl crate::route::Locate for Directory {
+    fn room_shards(&self, room: &str) -> u64 {
+        self.rooms.shards(room)
+    }
+    fn user_shards(&self, user: &str) -> u64 {
+        self.users.shards(user)
     }
 }
 
@@ -243,64 +256,63 @@ mod tests {
     use super::*;
 
     #[test]
-    fn room_bits_and_capacity() {
-        let d = Directory::new(10);
+    fn transitions_first_and_last_on_node() {
+        let d = Directory::new();
         let r: Arc<str> = Arc::from("r");
-        assert_eq!(d.room_join(&r, 0, 2), JoinResult::Joined { members: 1 });
-        assert_eq!(d.room_join(&r, 3, 2), JoinResult::Joined { members: 2 });
-        assert_eq!(d.room_join(&r, 1, 2), JoinResult::Full);
-        assert_eq!(
-            d.room("r"),
-            Some(RoomLoc {
-                shards: 0b1001,
-                members: 2
-            })
-        );
-        d.room_leave(&r, 0, true);
-        assert_eq!(
-            d.room("r"),
-            Some(RoomLoc {
-                shards: 0b1000,
-                members: 1
-            })
-        );
-        d.room_leave(&r, 3, true);
-        assert_eq!(d.room("r"), None);
+        assert_eq!(d.rooms.arrive(&r, 0), Transition::FirstOnNode);
+        assert_eq!(d.rooms.arrive(&r, 3), Transition::None);
+        assert_eq!(d.room_shards("r"), 0b1001);
+        assert_eq!(d.rooms.depart(&r, 0), Transition::None);
+        assert_eq!(d.room_shards("r"), 0b1000);
+        assert_eq!(d.rooms.depart(&r, 3), Transition::LastOnNode);
+        assert_eq!(d.room_shards("r"), 0);
         assert_eq!(d.rooms_len(), 0);
+        // And again after removal: a fresh entry.
+        assert_eq!(d.rooms.arrive(&r, 1), Transition::FirstOnNode);
+        assert_eq!(d.rooms_len(), 1);
     }
 
     #[test]
-    fn users_and_dedup() {
-        let d = Directory::new(2);
+    fn counts_admit_up_to_max_and_keep_the_entry() {
+        let d = Directory::new();
         let u: Arc<str> = Arc::from("alice");
-        d.user_add(&u, 0);
-        d.user_add(&u, 1);
-        assert_eq!(d.user_shards("alice"), 0b11);
-        d.user_remove(&u, 0);
-        d.user_remove(&u, 1);
-        assert_eq!(d.user_shards("alice"), 0);
+        assert_eq!(d.users.count_up(&u, 2), Some(1));
+        assert_eq!(d.users.count_up(&u, 2), Some(2));
+        assert_eq!(d.users.count_up(&u, 2), None);
+        assert_eq!(d.users.count("alice"), 2);
+        assert_eq!(d.users.arrive(&u, 0), Transition::FirstOnNode);
+        d.users.count_down(&u);
+        assert_eq!(d.users.depart(&u, 0), Transition::LastOnNode);
+        // Still counted once: the entry stays until the count drops.
+        assert_eq!(d.users_len(), 1);
+        d.users.count_down(&u);
         assert_eq!(d.users_len(), 0);
+        assert_eq!(d.users.count_up(&u, 0), Some(1), "0 = no limit");
+    }
 
-        let rec = AckRecord {
-            server_msg_id: 1,
-            conversation_id: Arc::from("c"),
-            sent_at_ms: 5,
-            expires_ms: 100,
-        };
-        assert!(matches!(d.dedup_claim("alice", "m1", &rec, 10), Claim::New));
-        assert!(
-            matches!(d.dedup_claim("alice", "m1", &rec, 20), Claim::Duplicate(r) if r.server_msg_id == 1)
-        );
-        assert!(matches!(d.dedup_claim("bob", "m1", &rec, 20), Claim::New));
-        assert!(matches!(
-            d.dedup_claim("carol", "m1", &rec, 20),
-            Claim::Full
-        ));
-        assert!(!d.dedup_expire("alice", "m1", 50));
-        assert!(d.dedup_expire("alice", "m1", 100));
-        assert!(matches!(
-            d.dedup_claim("alice", "m1", &rec, 101),
-            Claim::New
-        ));
+    #[test]
+    fn concurrent_arrive_and_depart_never_lose_a_shard() {
+        // Two threads flip their own bits on one name many times; at the end both are gone
+        // and the map is empty, and at every arrive the bit is visible in the map.
+        let d = Arc::new(Directory::new());
+        let name: Arc<str> = Arc::from("hot");
+        let threads: Vec<_> = (0..2)
+            .map(|shard| {
+                let d = d.clone();
+                let name = name.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..20_000 {
+                        d.rooms.arrive(&name, shard);
+                        assert!(d.room_shards("hot") & (1 << shard) != 0);
+                        d.rooms.depart(&name, shard);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(d.room_shards("hot"), 0);
+        assert_eq!(d.rooms_len(), 0);
     }
 }

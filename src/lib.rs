@@ -6,14 +6,19 @@
 //! - [`shard`] runs one pinned event loop per core over a `Slab` of clients.
 //! - [`io`] holds the only socket/OS calls: listeners, pinning, rlimits.
 //! - [`bridge`] is the one thread that talks to Redis/Kafka (single-node: nothing to forward).
-//! - [`directory`] is the node-wide, lock-free view of which shards hold which rooms and users.
+//! - [`directory`] is the node-wide, lock-free view of which shards hold which rooms and users;
+//!   [`admission`] decides whether one more connection, member or device fits; [`dedup`] holds
+//!   the DM idempotency claims.
 //! - [`metrics`] merges per-shard counters off the hot path; [`server`] wires it all together.
 
+pub mod admission;
 pub mod auth;
 pub mod bridge;
 pub mod config;
+pub mod dedup;
 pub mod directory;
 pub mod doctor;
+pub mod fault;
 pub mod io;
 pub mod limits;
 pub mod metrics;

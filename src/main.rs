@@ -60,6 +60,9 @@ fn main() -> ExitCode {
     if let Some(sig) = signals.forever().next() {
         tracing::info!(signal = sig, "shutting down: draining connections");
     }
-    server.shutdown();
+    if server.shutdown() {
+        // A shard died (logged): exit non-zero so the service manager restarts the node.
+        return ExitCode::from(1);
+    }
     ExitCode::SUCCESS
 }

@@ -25,10 +25,12 @@ pub enum ErrorReason {
     BadRequest,
     AuthFailed,
     Busy,
+    TooManyDevices,
+    Internal,
 }
 
 impl ErrorReason {
-    pub const ALL: [ErrorReason; 13] = [
+    pub const ALL: [ErrorReason; 15] = [
         ErrorReason::InvalidJson,
         ErrorReason::UnknownType,
         ErrorReason::RoomRequired,
@@ -42,6 +44,8 @@ impl ErrorReason {
         ErrorReason::BadRequest,
         ErrorReason::AuthFailed,
         ErrorReason::Busy,
+        ErrorReason::TooManyDevices,
+        ErrorReason::Internal,
     ];
     pub fn label(self) -> &'static str {
         match self {
@@ -58,6 +62,8 @@ impl ErrorReason {
             ErrorReason::BadRequest => "bad_request",
             ErrorReason::AuthFailed => "auth_failed",
             ErrorReason::Busy => "busy",
+            ErrorReason::TooManyDevices => "too_many_devices",
+            ErrorReason::Internal => "internal",
         }
     }
 }

@@ -14,12 +14,13 @@ use crossbeam_channel::bounded;
 use mio::{Poll, Waker};
 
 use crate::auth::Verifier;
-use crate::bridge::BridgeHandle;
+use crate::bridge::{BridgeHandle, Shards};
 use crate::config::{AuthMode, Config};
+use crate::dedup::DedupTable;
 use crate::directory::Directory;
 use crate::limits::{FD_PER_SHARD, FD_RESERVE, SHARDS_MAX, SHARD_INBOX_CAPACITY};
 use crate::metrics::ShardStats;
-use crate::shard::{Inbox, Node, Shard, ShardMsg};
+use crate::shard::{Inbox, Inboxes, Node, SendFailure, Shard, ShardMsg};
 
 /// Start-up failure, said in words an operator can act on.
 #[derive(Debug)]
@@ -97,9 +98,6 @@ impl Server {
         })?;
         let addr = SocketAddr::new(host, cfg.port);
 
-        let mut bridge = BridgeHandle::single_node()
-            .map_err(|e| StartError(format!("cannot start the bridge thread: {e}")))?;
-
         let mut polls = Vec::with_capacity(n);
         let mut inboxes = Vec::with_capacity(n);
         let mut receivers = Vec::with_capacity(n);
@@ -130,15 +128,32 @@ impl Server {
                 Some(l) => l.try_clone(),
             }
             .map(mio::net::TcpListener::from_std)
-            .map_err(|e| {
-                bridge.shutdown();
-                StartError(format!("cannot listen on {addr} (shard {i}): {e}"))
-            })?;
+            .map_err(|e| StartError(format!("cannot listen on {addr} (shard {i}): {e}")))?;
             listeners.push(l);
         }
 
+        // The bridge is built with the shard inboxes, so it can deliver what other nodes send.
+        let faults = Arc::new(crate::fault::Faults::from_env());
+        if faults.is_active() {
+            tracing::warn!(
+                faults = ?faults,
+                "test fault injection is on ({}); never set it in production",
+                crate::fault::ENV
+            );
+        }
+        let inboxes = Arc::new(Inboxes(inboxes, faults.clone()));
+        let node_id: u32 = rand_node_id();
+        let bridge = BridgeHandle::single_node(Shards {
+            inboxes: inboxes.clone(),
+            node_id,
+        })
+        .map_err(|e| StartError(format!("cannot start the bridge thread: {e}")))?;
+
         let node = Arc::new(Node {
-            dir: Directory::new(cfg.dedup_entries_max),
+            id: node_id,
+            dir: Directory::new(),
+            dedup: DedupTable::new(cfg.dedup_entries_max),
+            failed: std::sync::OnceLock::new(),
             verifier,
             inboxes,
             stats: (0..n).map(|_| ShardStats::default()).collect(),
@@ -149,6 +164,7 @@ impl Server {
             max_connections,
             epoch: Instant::now(),
             limits,
+            faults,
             cfg,
         });
 
@@ -159,13 +175,21 @@ impl Server {
             let shard = Shard::new(i, node.clone(), poll, listener, rx)
                 .map_err(|e| StartError(format!("shard {i} setup failed: {e}")))?;
             let pin = node.cfg.pin_cores;
+            let shard_node = node.clone();
             let handle = std::thread::Builder::new()
                 .name(format!("switchboard-shard-{i}"))
                 .spawn(move || {
                     if pin && !crate::io::pin_to_core(i) {
                         tracing::warn!(shard = i, "could not pin to a core");
                     }
-                    shard.run();
+                    let outcome =
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| shard.run()));
+                    let cause = match outcome {
+                        Ok(Ok(())) => return,
+                        Ok(Err(e)) => format!("shard {i} stopped: {e}"),
+                        Err(p) => format!("shard {i} panicked: {}", panic_text(&p)),
+                    };
+                    shard_died(&shard_node, cause);
                 })
                 .map_err(|e| StartError(format!("cannot spawn shard {i}: {e}")))?;
             shards.push(handle);
@@ -186,27 +210,73 @@ impl Server {
         })
     }
 
-    /// Drain and stop: /ready turns 503, every client gets 1001, threads end.
-    pub fn shutdown(mut self) {
+    /// Drain and stop: /ready turns 503, every client gets 1001, threads end. Returns
+    /// whether the node stopped because a shard died (the process then exits non-zero).
+    pub fn shutdown(mut self) -> bool {
         let started = Instant::now();
         self.node.draining.store(true, Ordering::SeqCst);
+        let deadline = started + self.node.cfg.shutdown_timeout;
         for i in 0..self.node.inboxes.len() {
-            // Drain must get through: retry while an inbox is full.
-            while !self.node.send_to_shard(i, ShardMsg::Drain) {
-                std::thread::sleep(std::time::Duration::from_millis(10));
+            // Drain must get through: retry while an inbox is full, but not past the drain
+            // deadline, and never for a shard that has died (its inbox is disconnected).
+            loop {
+                match self.node.inboxes.send(i, ShardMsg::Drain) {
+                    Ok(()) | Err(SendFailure::Dead) => break,
+                    Err(SendFailure::Full) if Instant::now() >= deadline => {
+                        tracing::error!(shard = i, "inbox full until the drain deadline");
+                        break;
+                    }
+                    Err(SendFailure::Full) => {
+                        std::thread::sleep(std::time::Duration::from_millis(10))
+                    }
+                }
             }
         }
         for h in self.shards.drain(..) {
             let _ = h.join();
         }
         self.bridge.shutdown();
+        let failed = self.node.failed.get().is_some();
         tracing::info!(
             elapsed_ms = started.elapsed().as_millis() as u64,
+            failed,
             "drained; exiting"
         );
+        failed
     }
 
     pub fn node(&self) -> &Arc<Node> {
         &self.node
+    }
+}
+
+/// A random node id for [`crate::route::ConnRef`] (not 0, so a zeroed reference never matches).
+fn rand_node_id() -> u32 {
+    let (hi, _) = uuid::Uuid::new_v4().as_u64_pair();
+    (hi as u32).max(1)
+}
+
+fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "unknown panic payload".to_owned()
+    }
+}
+
+/// A shard thread ended by a fault (a programmer error): the node is half-alive, so it goes
+/// down. `/ready` turns red at once, the cause is logged once, and the process is asked to
+/// stop as on SIGTERM: the live shards drain within `shutdown_timeout` and the process exits
+/// non-zero, for the service manager to restart it.
+fn shard_died(node: &Node, cause: String) {
+    if node.failed.set(cause.clone()).is_ok() {
+        tracing::error!(cause = %cause, "a shard died: the node stops (drain, then exit 1)");
+        // SAFETY: raising a signal on our own process has no memory-safety conditions; the
+        // handler installed by main (signal-hook) turns it into the drain.
+        unsafe {
+            libc::raise(libc::SIGTERM);
+        }
     }
 }

@@ -3,13 +3,25 @@
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 use sonic_rs::JsonValueTrait;
-use switchboard::proto::envelope::{parse_command, FrameBuilder};
+use switchboard::proto::envelope::{parse_as, parse_head, raw_or_null, FrameBuilder};
+
+/// The rooms service's fields of a publish.
+#[derive(serde::Deserialize)]
+struct RoomCmd<'a> {
+    #[serde(borrow, default)]
+    room: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow, default)]
+    data: Option<sonic_rs::LazyValue<'a>>,
+}
 
 fuzz_target!(|data: &[u8]| {
-    if let Some(cmd) = parse_command(data) {
+    let Some(head) = parse_head(data) else {
+        return;
+    };
+    if let Some(cmd) = parse_as::<RoomCmd>(data) {
         let mut b = FrameBuilder::default();
         let f = b.text(0, |o| {
-            o.str("type", "message").id(cmd.correlation_id()).raw("data", cmd.data_raw());
+            o.str("type", "message").id(head.correlation_id()).raw("data", raw_or_null(&cmd.data));
             if let Some(room) = cmd.room.as_deref() {
                 o.str("room", room);
             }

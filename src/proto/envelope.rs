@@ -17,50 +17,46 @@ use super::json::{write_str, write_u64, write_uuid};
 use super::ws::{opcode, write_header, HEADER_BYTES_MAX};
 use crate::limits::CORRELATION_ID_BYTES_MAX;
 
-/// A client command. Unknown fields are ignored; every field is optional at this layer and the
-/// handler reports what is missing.
+/// What every client command shares: its `type` and its correlation `id`. Each service parses
+/// the rest of the same text into its own typed struct ([`parse_as`]), so a field of the wrong
+/// type in a command that does not use it never rejects the message. Unknown fields are
+/// ignored; the whole text is still validated as JSON here.
 #[derive(Deserialize, Default)]
-pub struct Command<'a> {
+pub struct Head<'a> {
     #[serde(rename = "type", borrow, default)]
     pub kind: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     pub id: Option<LazyValue<'a>>,
-    #[serde(borrow, default)]
-    pub room: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    pub data: Option<LazyValue<'a>>,
-    #[serde(borrow, default)]
-    pub token: Option<Cow<'a, str>>,
-    #[serde(rename = "clientMsgId", borrow, default)]
-    pub client_msg_id: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    pub to: Option<Cow<'a, str>>,
-    #[serde(rename = "conversationId", borrow, default)]
-    pub conversation_id: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    pub content: Option<Cow<'a, str>>,
-    #[serde(rename = "attachmentUrl", borrow, default)]
-    pub attachment_url: Option<Cow<'a, str>>,
 }
 
-/// Parse one text message. `None` means "invalid JSON format" (syntax, a non-object, or a
-/// field of the wrong JSON type).
-pub fn parse_command(text: &[u8]) -> Option<Command<'_>> {
-    sonic_rs::from_slice::<Command>(text).ok()
+/// Parse one text message's head. `None` means "invalid JSON format" (syntax, a non-object,
+/// or a `type` that is not a string).
+pub fn parse_head(text: &[u8]) -> Option<Head<'_>> {
+    sonic_rs::from_slice::<Head>(text).ok()
 }
 
-impl Command<'_> {
+/// Parse a command's own fields. `None`: a field the command uses has the wrong JSON type.
+pub fn parse_as<'a, T: Deserialize<'a>>(text: &'a [u8]) -> Option<T> {
+    sonic_rs::from_slice::<T>(text).ok()
+}
+
+impl Head<'_> {
     /// The correlation id as raw JSON, if it is a string or a number of sane length.
     pub fn correlation_id(&self) -> Option<&str> {
         let id = self.id.as_ref()?;
         let raw = id.as_raw_str();
         ((id.is_str() || id.is_number()) && raw.len() <= CORRELATION_ID_BYTES_MAX).then_some(raw)
     }
+}
 
-    /// The `data` member as raw JSON (`null` when absent).
-    pub fn data_raw(&self) -> &str {
-        self.data.as_ref().map_or("null", |d| d.as_raw_str())
-    }
+/// The raw JSON of an optional member (`null` when absent).
+pub fn raw_or_null<'a>(v: &'a Option<LazyValue<'_>>) -> &'a str {
+    v.as_ref().map_or("null", |d| d.as_raw_str())
+}
+
+/// An optional string member that is present and not empty.
+pub fn non_empty<'a>(v: &'a Option<Cow<'_, str>>) -> Option<&'a str> {
+    v.as_deref().filter(|s| !s.is_empty())
 }
 
 /// A complete, immutable server frame shared by all its recipients.
@@ -254,26 +250,39 @@ mod tests {
         }
     }
 
+    #[derive(Deserialize)]
+    struct Publish<'a> {
+        #[serde(borrow, default)]
+        room: Option<Cow<'a, str>>,
+        #[serde(borrow, default)]
+        data: Option<LazyValue<'a>>,
+    }
+
     #[test]
-    fn parses_commands_and_correlation_ids() {
-        let c = parse_command(
-            br#"{"type":"publish","room":"chat","data":{"message":"Hello!"},"id":7}"#,
-        )
-        .unwrap();
-        assert_eq!(c.kind.as_deref(), Some("publish"));
-        assert_eq!(c.room.as_deref(), Some("chat"));
-        assert_eq!(c.data_raw(), r#"{"message":"Hello!"}"#);
-        assert_eq!(c.correlation_id(), Some("7"));
-        let c = parse_command(br#"{"type":"ping","id":{"nested":1}}"#).unwrap();
-        assert_eq!(c.correlation_id(), None);
-        let c = parse_command(br#"{"type":"p\u0069ng","id":"a\"b"}"#).unwrap();
-        assert_eq!(c.kind.as_deref(), Some("ping"));
-        assert_eq!(c.correlation_id(), Some(r#""a\"b""#));
-        assert!(parse_command(b"not json").is_none());
-        assert!(parse_command(b"[1,2]").is_none());
-        assert!(parse_command(br#"{"type":"publish","room":5}"#).is_none());
-        assert!(parse_command(br#"{"type":"x","data":{"a":tru}}"#).is_none());
-        let c = parse_command(b"{}").unwrap();
-        assert!(c.kind.is_none());
+    fn parses_heads_and_correlation_ids() {
+        let text = br#"{"type":"publish","room":"chat","data":{"message":"Hello!"},"id":7}"#;
+        let h = parse_head(text).unwrap();
+        assert_eq!(h.kind.as_deref(), Some("publish"));
+        assert_eq!(h.correlation_id(), Some("7"));
+        let p: Publish = parse_as(text).unwrap();
+        assert_eq!(p.room.as_deref(), Some("chat"));
+        assert_eq!(raw_or_null(&p.data), r#"{"message":"Hello!"}"#);
+        let h = parse_head(br#"{"type":"ping","id":{"nested":1}}"#).unwrap();
+        assert_eq!(h.correlation_id(), None);
+        let h = parse_head(br#"{"type":"p\u0069ng","id":"a\"b"}"#).unwrap();
+        assert_eq!(h.kind.as_deref(), Some("ping"));
+        assert_eq!(h.correlation_id(), Some(r#""a\"b""#));
+        assert!(parse_head(b"not json").is_none());
+        assert!(parse_head(b"[1,2]").is_none());
+        assert!(parse_head(br#"{"type":5}"#).is_none());
+        // Invalid JSON anywhere is refused, also inside members the head does not read.
+        assert!(parse_head(br#"{"type":"x","data":{"a":tru}}"#).is_none());
+        assert!(parse_head(br#"{"type":"x","data":[1,}"#).is_none());
+        // A wrong type in a field a command does not use does not reject it ...
+        assert!(parse_head(br#"{"type":"ping","room":5,"to":[1]}"#).is_some());
+        // ... and in a field it uses, the command's own parse says so.
+        assert!(parse_as::<Publish>(br#"{"type":"publish","room":5}"#).is_none());
+        let h = parse_head(b"{}").unwrap();
+        assert!(h.kind.is_none());
     }
 }

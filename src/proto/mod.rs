@@ -8,4 +8,4 @@ pub mod http;
 pub mod json;
 pub mod ws;
 
-pub use envelope::{Command, Frame, FrameBuilder};
+pub use envelope::{Frame, FrameBuilder, Head};

@@ -137,18 +137,22 @@ pub struct UserTable {
 }
 
 impl UserTable {
-    /// Register a device; returns the shared user id and whether it is the user's first local device.
-    pub fn add(&mut self, user: &str, slot: Slot) -> (Arc<str>, bool) {
-        if let Some((k, _)) = self.by_name.get_key_value(user) {
-            let k = k.clone();
-            let devices = self.by_name.get_mut(user).expect("key was just found");
+    /// The shared id of `user` if it has a local device.
+    pub fn key(&self, user: &str) -> Option<Arc<str>> {
+        self.by_name.get_key_value(user).map(|(k, _)| k.clone())
+    }
+
+    /// Register a device; returns whether it is the user's first local device. Devices per
+    /// user are bounded by `max_connections_per_user` (admission), so the device list stays
+    /// short and removing one is a short scan.
+    pub fn add(&mut self, user: &Arc<str>, slot: Slot) -> bool {
+        if let Some(devices) = self.by_name.get_mut(&**user) {
             debug_assert!(!devices.contains(&slot));
             devices.push(slot);
-            return (k, false);
+            return false;
         }
-        let k: Arc<str> = Arc::from(user);
-        self.by_name.insert(k.clone(), vec![slot]);
-        (k, true)
+        self.by_name.insert(user.clone(), vec![slot]);
+        true
     }
 
     /// Unregister a device; returns true when it was the user's last local device.
@@ -216,11 +220,198 @@ mod tests {
     #[test]
     fn users_track_devices() {
         let mut u = UserTable::default();
-        assert!(u.add("alice", 1).1);
-        assert!(!u.add("alice", 2).1);
+        let alice: Arc<str> = Arc::from("alice");
+        assert!(u.key("alice").is_none());
+        assert!(u.add(&alice, 1));
+        assert!(!u.add(&alice, 2));
+        assert!(Arc::ptr_eq(&u.key("alice").unwrap(), &alice));
         assert_eq!(u.devices("alice"), &[1, 2]);
         assert!(!u.remove("alice", 1));
         assert!(u.remove("alice", 2));
         assert!(u.devices("alice").is_empty());
+    }
+}
+
+/// Names one connection: its node, shard, slab slot and generation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConnRef {
+    /// The node's random id (chosen at start; see `Node::id`).
+    pub node: u32,
+    pub shard: u16,
+    pub slot: u32,
+    pub gen: u32,
+}
+
+/// Who a delivery is for: the one type every service hands to the delivery seam.
+#[derive(Clone, Debug)]
+pub enum Target {
+    /// Subscribers of a room, except one connection (e.g. the sender of a typing event).
+    Room {
+        room: Arc<str>,
+        except: Option<ConnRef>,
+    },
+    /// Every device of a user, except one connection (the sending device).
+    User {
+        user: Arc<str>,
+        except: Option<ConnRef>,
+    },
+    /// Every connection past authentication.
+    All,
+    /// One connection.
+    Conn(ConnRef),
+}
+
+impl Target {
+    pub fn room(room: Arc<str>) -> Target {
+        Target::Room { room, except: None }
+    }
+
+    pub fn except(&self) -> Option<ConnRef> {
+        match self {
+            Target::Room { except, .. } | Target::User { except, .. } => *except,
+            Target::All | Target::Conn(_) => None,
+        }
+    }
+}
+
+/// Where the shards of a node hold a target's recipients.
+pub trait Locate {
+    fn room_shards(&self, room: &str) -> u64;
+    fn user_shards(&self, user: &str) -> u64;
+}
+
+/// The delivery plan: whether this shard has recipients, which other shards get the frame,
+/// and whether the bridge carries it to other nodes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Plan {
+    pub local: bool,
+    pub shards: u64,
+    pub bridge: bool,
+}
+
+/// Where the frame for `target` goes, seen from shard `me` of node `node` with `n_shards`
+/// shards. `forward`: the frame originates on this node and a bridge to other nodes exists
+/// (a frame that arrived from the bridge is never sent back to it).
+pub fn plan(
+    target: &Target,
+    dir: &impl Locate,
+    node: u32,
+    me: usize,
+    n_shards: usize,
+    forward: bool,
+) -> Plan {
+    let all = if n_shards >= 64 {
+        u64::MAX
+    } else {
+        (1u64 << n_shards) - 1
+    };
+    let (bits, bridge) = match target {
+        Target::Room { room, .. } => (dir.room_shards(room), forward),
+        Target::User { user, .. } => (dir.user_shards(user), forward),
+        Target::All => (all, forward),
+        Target::Conn(c) if c.node == node => ((1u64 << c.shard) & all, false),
+        Target::Conn(_) => (0, forward),
+    };
+    let me_bit = 1u64 << me;
+    Plan {
+        local: bits & me_bit != 0,
+        shards: bits & !me_bit,
+        bridge,
+    }
+}
+
+#[cfg(test)]
+mod plan_tests {
+    use super::*;
+
+    struct Dir;
+    impl Locate for Dir {
+        fn room_shards(&self, room: &str) -> u64 {
+            if room == "r" {
+                0b101
+            } else {
+                0
+            }
+        }
+        fn user_shards(&self, user: &str) -> u64 {
+            if user == "u" {
+                0b010
+            } else {
+                0
+            }
+        }
+    }
+
+    #[test]
+    fn plans_local_shards_and_bridge() {
+        let room = Target::room(Arc::from("r"));
+        assert_eq!(
+            plan(&room, &Dir, 7, 0, 3, false),
+            Plan {
+                local: true,
+                shards: 0b100,
+                bridge: false
+            }
+        );
+        assert_eq!(
+            plan(&room, &Dir, 7, 1, 3, true),
+            Plan {
+                local: false,
+                shards: 0b101,
+                bridge: true
+            }
+        );
+        let user = Target::User {
+            user: Arc::from("u"),
+            except: None,
+        };
+        assert_eq!(
+            plan(&user, &Dir, 7, 1, 3, false),
+            Plan {
+                local: true,
+                shards: 0,
+                bridge: false
+            }
+        );
+        assert_eq!(
+            plan(&Target::All, &Dir, 7, 2, 3, false),
+            Plan {
+                local: true,
+                shards: 0b011,
+                bridge: false
+            }
+        );
+        let here = ConnRef {
+            node: 7,
+            shard: 2,
+            slot: 1,
+            gen: 1,
+        };
+        assert_eq!(
+            plan(&Target::Conn(here), &Dir, 7, 0, 3, true),
+            Plan {
+                local: false,
+                shards: 0b100,
+                bridge: false
+            }
+        );
+        let elsewhere = ConnRef { node: 8, ..here };
+        assert_eq!(
+            plan(&Target::Conn(elsewhere), &Dir, 7, 0, 3, true),
+            Plan {
+                local: false,
+                shards: 0,
+                bridge: true
+            }
+        );
+        let nobody = Target::room(Arc::from("empty"));
+        assert_eq!(
+            plan(&nobody, &Dir, 7, 0, 3, false),
+            Plan {
+                local: false,
+                shards: 0,
+                bridge: false
+            }
+        );
     }
 }

@@ -1,16 +1,30 @@
 //! A shard: one pinned thread, one mio `Poll`, one listener (SO_REUSEPORT), a `Slab` of
-//! clients with generation-tagged tokens, a coarse timer wheel, and a bounded inbox (+ one
+//! clients with generation-tagged tokens, a keyed timer wheel, and a bounded inbox (+ one
 //! `Waker`) for messages from other shards and the bridge.
 //!
 //! One loop turn: poll; accept; read and handle frames (replies and fan-out only *queue*
 //! shared frames); drain the inbox; fire timers; close what was doomed; then flush every dirty
-//! connection with `send`/`sendmsg`, many frames per call (see `flush_dirty` for `write_coalesce`). Nothing here takes a lock on the message
-//! path; another shard's clients are reached only through its inbox (`try_send`, counted when
-//! full, never blocking).
+//! connection with `send`/`sendmsg`, many frames per call (see `flush_dirty` for
+//! `write_coalesce`). Nothing here takes a lock on the message path; another shard's clients
+//! are reached only through its inbox (`try_send`, counted when full, never blocking).
+//!
+//! Files: `read` (accept, recv, frame decoding), `write` (queues, coalescing, flush),
+//! `closing`, `timers`, `deliver` (the delivery seam's execution and the inbox), `http` (the
+//! plain endpoints and the upgrade), and `service/` (one module per capability, behind the
+//! command table in `service/mod.rs`).
 
 mod client;
-mod handle;
+mod closing;
+mod deliver;
+mod dispatch;
+mod http;
+mod read;
+pub mod service;
 mod timer;
+mod timers;
+mod write;
+
+use write::Outbox;
 
 use std::io::{self, IoSlice, Read};
 use std::os::fd::AsRawFd;
@@ -23,17 +37,20 @@ use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
 
+pub use crate::route::{ConnRef, Target};
 pub use client::{flag, Client, Grants, Phase};
+pub use timer::TimerKey;
 
 use crate::auth::Verifier;
 use crate::bridge::BridgeMsg;
 use crate::config::Config;
+use crate::dedup::DedupTable;
 use crate::directory::Directory;
 use crate::limits::*;
 use crate::metrics::{new_latency_histogram, CloseKind, ErrorReason, LocalStats, ShardStats};
 use crate::proto::ws::{self, close};
 use crate::proto::{Frame, FrameBuilder};
-use crate::route::{RoomTable, UserTable};
+use crate::route::UserTable;
 
 const LISTENER: Token = Token(usize::MAX);
 const WAKER: Token = Token(usize::MAX - 1);
@@ -41,28 +58,15 @@ const WAKER: Token = Token(usize::MAX - 1);
 /// Ticks a closing connection waits for the peer's close reply or EOF before it is dropped.
 const CLOSING_GRACE_TICKS: u32 = 20;
 
-/// A message for a shard from another shard or the bridge.
+/// A message for a shard from another shard or the bridge: a delivery, a service's own
+/// message, or control. A feature that only relays frames uses `Deliver` and adds nothing here.
 pub enum ShardMsg {
-    /// Deliver to the local subscribers of `room`.
-    Room { room: Arc<str>, frame: Frame },
-    /// Deliver to every local connection that has completed auth.
-    All { frame: Frame },
-    /// Deliver to the local devices of `user`, except one connection.
-    User {
-        user: Arc<str>,
-        frame: Frame,
-        except: Option<ConnRef>,
-    },
+    /// Deliver `frame` to this shard's recipients of `target`.
+    Deliver { target: Target, frame: Frame },
+    /// A message for one service module (see `service::ServiceMsg`).
+    Service(service::ServiceMsg),
     /// Stop accepting and close every client with 1001 in batches.
     Drain,
-}
-
-/// Names one connection on one shard.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ConnRef {
-    pub shard: u16,
-    pub slot: u32,
-    pub gen: u32,
 }
 
 /// A shard's inbox as seen by senders.
@@ -73,35 +77,73 @@ pub struct Inbox {
     pub wake_pending: AtomicBool,
 }
 
+/// Why a message could not be queued for a shard.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SendFailure {
+    /// The inbox is at `SHARD_INBOX_CAPACITY`: a policy decision of the caller, counted.
+    Full,
+    /// The shard thread has ended (it died, or the node is stopping).
+    Dead,
+}
+
+/// Every shard's inbox: what shards and the bridge use to reach a shard.
+pub struct Inboxes(pub Vec<Inbox>, pub Arc<crate::fault::Faults>);
+
+impl Inboxes {
+    /// Queue `msg` for `shard` without blocking.
+    pub fn send(&self, shard: usize, msg: ShardMsg) -> Result<(), SendFailure> {
+        if matches!(msg, ShardMsg::Deliver { .. }) && self.1.refuse_delivery(shard) {
+            return Err(SendFailure::Full);
+        }
+        let inbox = &self.0[shard];
+        match inbox.tx.try_send(msg) {
+            Ok(()) => {
+                if !inbox.wake_pending.swap(true, Ordering::SeqCst) {
+                    let _ = inbox.waker.wake();
+                }
+                Ok(())
+            }
+            Err(TrySendError::Full(_)) => Err(SendFailure::Full),
+            Err(TrySendError::Disconnected(_)) => Err(SendFailure::Dead),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
 /// Everything the shards share, read-mostly. Built once by the server.
 pub struct Node {
+    /// This node's random id (in every [`ConnRef`]).
+    pub id: u32,
     pub cfg: Config,
     pub dir: Directory,
+    pub dedup: DedupTable,
     pub verifier: Option<Verifier>,
-    pub inboxes: Vec<Inbox>,
+    pub inboxes: Arc<Inboxes>,
     pub stats: Vec<ShardStats>,
     pub draining: AtomicBool,
+    /// Set once when a shard thread dies: the node is going down (see `server`).
+    pub failed: std::sync::OnceLock<String>,
     pub bridge_healthy: Arc<AtomicBool>,
     pub bridge_tx: Sender<BridgeMsg>,
     pub clustered: bool,
     pub max_connections: u64,
     pub epoch: Instant,
     pub limits: crate::doctor::Limits,
+    /// Test-only fault injection ([`crate::fault`]); all off in deployments.
+    pub faults: Arc<crate::fault::Faults>,
 }
 
 impl Node {
-    /// Queue `msg` for `shard` without blocking; false when its inbox is full.
+    /// Queue `msg` for `shard` without blocking; false when it could not be queued.
     pub fn send_to_shard(&self, shard: usize, msg: ShardMsg) -> bool {
-        let inbox = &self.inboxes[shard];
-        match inbox.tx.try_send(msg) {
-            Ok(()) => {
-                if !inbox.wake_pending.swap(true, Ordering::SeqCst) {
-                    let _ = inbox.waker.wake();
-                }
-                true
-            }
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => false,
-        }
+        self.inboxes.send(shard, msg).is_ok()
     }
 
     /// µs since the node started (the clock frames are stamped with).
@@ -109,9 +151,11 @@ impl Node {
         self.epoch.elapsed().as_micros() as u64
     }
 
-    /// /ready: not draining and every configured backend up.
+    /// /ready: not draining, no shard dead, and every configured backend up.
     pub fn ready(&self) -> Result<(), &'static str> {
-        if self.draining.load(Ordering::Relaxed) {
+        if self.failed.get().is_some() {
+            Err("shard failed")
+        } else if self.draining.load(Ordering::Relaxed) {
             Err("draining")
         } else if !self.bridge_healthy.load(Ordering::Relaxed) {
             Err("backend unavailable")
@@ -145,7 +189,6 @@ pub struct Shard {
     accept_pending: bool,
     inbox: Receiver<ShardMsg>,
     clients: Slab<Client>,
-    rooms: RoomTable,
     users: UserTable,
     next_gen: u32,
     read_buf: Vec<u8>,
@@ -153,9 +196,11 @@ pub struct Shard {
     out: Outbox,
     resume: Vec<u32>,
     wheel: timer::Wheel,
-    fired: Vec<(u32, u32)>,
+    fired: Vec<TimerKey>,
     hist: hdrhistogram::Histogram<u64>,
-    dedup_fifo: std::collections::VecDeque<(u64, Arc<str>, Box<str>)>,
+    dedup_fifo: crate::dedup::Expiry,
+    /// Side tables of the service modules.
+    svc: service::Services,
     drain: Option<DrainState>,
     /// Connections whose fan-out frames wait for `write_coalesce` (see [`Shard::flush_dirty`]):
     /// (due, in ms since the node started; slot; generation). A client waits in it once per
@@ -247,7 +292,6 @@ impl Shard {
             accept_pending: false,
             inbox,
             clients: Slab::new(),
-            rooms: RoomTable::default(),
             users: UserTable::default(),
             next_gen: 1,
             read_buf,
@@ -263,7 +307,8 @@ impl Shard {
             wheel: timer::Wheel::new(now_tick),
             fired: Vec::new(),
             hist: new_latency_histogram(),
-            dedup_fifo: std::collections::VecDeque::new(),
+            dedup_fifo: crate::dedup::Expiry::default(),
+            svc: service::Services::default(),
             drain: None,
             deferred: std::collections::BinaryHeap::new(),
             coalesce_on: t.coalesce_min_rate == 0,
@@ -287,8 +332,12 @@ impl Shard {
         (self.now_us / 1000) as u32
     }
 
-    /// Run until drained.
-    pub fn run(mut self) {
+    /// Run until drained. An error is a fault that ends the shard (the node then stops).
+    pub fn run(mut self) -> io::Result<()> {
+        let panic_at_ms = match self.node.faults.shard_panic_after {
+            Some((shard, ms)) if shard == self.id => Some(self.now_ms + ms),
+            _ => None,
+        };
         let mut events = Events::with_capacity(EVENTS_PER_POLL_MAX);
         loop {
             let timeout = if !self.resume.is_empty() || self.accept_pending {
@@ -301,11 +350,13 @@ impl Shard {
             };
             if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
                 if e.kind() != io::ErrorKind::Interrupted {
-                    tracing::error!(shard = self.id, error = %e, "poll failed; shard stops");
-                    return;
+                    return Err(e);
                 }
             }
             self.refresh_clock();
+            if panic_at_ms.is_some_and(|at| self.now_ms >= at) {
+                panic!("injected fault: {}=shard_panic_after", crate::fault::ENV);
+            }
             self.update_rate_gate();
             for ev in events.iter() {
                 match ev.token() {
@@ -347,7 +398,7 @@ impl Shard {
             }
             if self.drain.is_some() && self.drain_step() {
                 self.publish_stats();
-                return;
+                return Ok(());
             }
         }
     }
@@ -356,883 +407,6 @@ impl Shard {
         self.clients
             .get(slot as usize)
             .is_some_and(|c| c.gen == gen)
-    }
-
-    // ---------------------------------------------------------------- accept
-
-    fn accept(&mut self) {
-        self.accept_pending = false;
-        for _ in 0..ACCEPTS_PER_TURN_MAX {
-            let Some(listener) = self.listener.as_ref() else {
-                return;
-            };
-            match listener.accept() {
-                Ok((stream, _)) => self.on_accept(stream),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    // EMFILE/ENFILE and friends: leave the backlog and retry next turn.
-                    if e.raw_os_error() != Some(libc::ECONNABORTED) {
-                        self.accept_pending = true;
-                        tracing::warn!(shard = self.id, error = %e, "accept failed; retrying");
-                        return;
-                    }
-                }
-            }
-        }
-        self.accept_pending = true;
-    }
-
-    fn on_accept(&mut self, mut stream: mio::net::TcpStream) {
-        // Socket options come from the listener (`io::StreamOptions`): no syscall here.
-        let gen = self.next_gen;
-        self.next_gen = self.next_gen.wrapping_add(1).max(1);
-        if self.next_gen == u32::MAX {
-            self.next_gen = 1;
-        }
-        let rel_ms = self.rel_ms();
-        let entry = self.clients.vacant_entry();
-        let slot = entry.key();
-        if slot > u32::MAX as usize - 2 {
-            return;
-        }
-        if self
-            .poll
-            .registry()
-            .register(
-                &mut stream,
-                token(slot, gen),
-                Interest::READABLE | Interest::WRITABLE,
-            )
-            .is_err()
-        {
-            return;
-        }
-        let c = Client::new(stream, gen, self.now_tick, self.t.burst, rel_ms);
-        entry.insert(c);
-        self.out.stats.accepted += 1;
-        self.out.stats.connections += 1;
-        let deadline = self.now_tick + self.t.handshake;
-        self.schedule(slot as u32, deadline);
-    }
-
-    // ---------------------------------------------------------------- read
-
-    fn on_readable(&mut self, slot: u32) {
-        let mut buf = std::mem::take(&mut self.read_buf);
-        for i in 0..READS_PER_EVENT_MAX {
-            let Some(c) = self.clients.get_mut(slot as usize) else {
-                break;
-            };
-            let r = c.sock.read(&mut buf);
-            match r {
-                Ok(0) => {
-                    self.peer_gone(slot);
-                    break;
-                }
-                Ok(n) => {
-                    self.out.stats.bytes_in += n as u64;
-                    let full = n == buf.len();
-                    if !self.on_bytes(slot, &mut buf[..n]) {
-                        break;
-                    }
-                    if !full {
-                        break;
-                    }
-                    if i + 1 == READS_PER_EVENT_MAX {
-                        if let Some(c) = self.clients.get_mut(slot as usize) {
-                            if !c.has(flag::RESUME_READ) {
-                                c.flags |= flag::RESUME_READ;
-                                self.resume.push(slot);
-                            }
-                        }
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => {
-                    self.peer_gone(slot);
-                    break;
-                }
-            }
-        }
-        self.read_buf = buf;
-    }
-
-    /// The peer closed or reset the connection.
-    fn peer_gone(&mut self, slot: u32) {
-        let Some(c) = self.clients.get(slot as usize) else {
-            return;
-        };
-        let kind = match c.phase {
-            Phase::Closing => None, // already counted when the close began
-            Phase::Http => Some(CloseKind::Http),
-            _ => Some(CloseKind::Abnormal),
-        };
-        self.close_now(slot, kind);
-    }
-
-    /// Handle bytes read for `slot`. Returns false when the connection stopped reading.
-    fn on_bytes(&mut self, slot: u32, data: &mut [u8]) -> bool {
-        let Some(c) = self.clients.get_mut(slot as usize) else {
-            return false;
-        };
-        match c.phase {
-            Phase::Closing => true, // discard until the peer's close or EOF
-            Phase::Http => self.on_http_bytes(slot, data),
-            _ => {
-                c.last_rx_tick = self.now_tick;
-                c.flags &= !flag::PING_SENT;
-                self.on_ws_bytes(slot, data)
-            }
-        }
-    }
-
-    fn on_http_bytes(&mut self, slot: u32, data: &[u8]) -> bool {
-        let max = self.node.cfg.max_request_header_bytes;
-        let c = &mut self.clients[slot as usize];
-        // Bounded: `on_http_head` refuses an incomplete head past `max` (431), so at most
-        // `max` + one read is ever held here.
-        let rx = c.rx.get_or_insert_with(Box::default);
-        rx.partial.extend_from_slice(data);
-        let mut pending = std::mem::take(&mut rx.partial);
-        let keep_reading = self.on_http_head(slot, &mut pending, max);
-        if let Some(c) = self.clients.get_mut(slot as usize) {
-            if let Some(rx) = c.rx.as_mut() {
-                if rx.partial.is_empty() && c.phase == Phase::Http {
-                    rx.partial = pending;
-                }
-                if rx.is_idle() {
-                    c.rx = None;
-                }
-            }
-        }
-        keep_reading
-    }
-
-    fn on_ws_bytes(&mut self, slot: u32, data: &mut [u8]) -> bool {
-        let c = &mut self.clients[slot as usize];
-        let mut pending =
-            c.rx.as_mut()
-                .map(|rx| std::mem::take(&mut rx.partial))
-                .unwrap_or_default();
-        let used;
-        let alive;
-        if pending.is_empty() {
-            (used, alive) = self.decode_frames(slot, data);
-            if alive && used < data.len() {
-                pending.extend_from_slice(&data[used..]);
-            }
-        } else {
-            pending.extend_from_slice(data);
-            (used, alive) = self.decode_frames(slot, &mut pending);
-            pending.drain(..used);
-        }
-        if !alive {
-            return false;
-        }
-        if let Some(c) = self.clients.get_mut(slot as usize) {
-            if !pending.is_empty() {
-                c.rx.get_or_insert_with(Box::default).partial = pending;
-            } else if let Some(rx) = c.rx.as_mut() {
-                rx.partial = pending;
-                if rx.partial.capacity() > RX_RETAIN_BYTES_MAX {
-                    rx.partial = Vec::new();
-                }
-                if rx.is_idle() {
-                    c.rx = None;
-                }
-            }
-            c.phase != Phase::Closing
-        } else {
-            false
-        }
-    }
-
-    /// Decode and handle frames at the start of `data`. Returns (bytes used, still open).
-    fn decode_frames(&mut self, slot: u32, data: &mut [u8]) -> (usize, bool) {
-        let max = self.node.cfg.max_message_size;
-        let mut pos = 0;
-        while pos < data.len() {
-            let Some(c) = self.clients.get(slot as usize) else {
-                return (pos, false);
-            };
-            if c.phase == Phase::Closing {
-                return (pos, false);
-            }
-            let held = c.rx.as_ref().map_or(0, |r| r.fragments.len());
-            match ws::decode_frame(&mut data[pos..], max.saturating_sub(held)) {
-                Err(e) => {
-                    self.ws_violation(slot, e);
-                    return (pos, false);
-                }
-                Ok(ws::Decoded::NeedMore) => {
-                    // A large text frame still arriving: refuse bad UTF-8 now, not at its end.
-                    let c = &mut self.clients[slot as usize];
-                    let (in_text, from) = c.rx.as_ref().map_or((false, 0), |rx| {
-                        (
-                            rx.frag_opcode == ws::opcode::TEXT
-                                && rx.utf8_checked as usize == rx.fragments.len(),
-                            rx.partial_checked as usize,
-                        )
-                    });
-                    match ws::check_partial_text(&mut data[pos..], in_text, from) {
-                        Ok(n) if n > 0 => {
-                            c.rx.get_or_insert_with(Box::default).partial_checked = n as u32
-                        }
-                        Ok(_) => {}
-                        Err(e) => {
-                            self.ws_violation(slot, e);
-                            return (pos, false);
-                        }
-                    }
-                    break;
-                }
-                Ok(ws::Decoded::Frame {
-                    fin,
-                    opcode,
-                    payload,
-                    consumed,
-                }) => {
-                    if let Some(rx) = self.clients[slot as usize].rx.as_mut() {
-                        rx.partial_checked = 0;
-                    }
-                    let range = pos + payload.start..pos + payload.end;
-                    pos += consumed;
-                    self.out.stats.frames_in += 1;
-                    if !self.on_frame(slot, fin, opcode, &mut data[range]) {
-                        return (pos, false);
-                    }
-                }
-            }
-        }
-        (pos, true)
-    }
-
-    /// A protocol violation: error frame for size, then close with the code.
-    fn ws_violation(&mut self, slot: u32, e: ws::WsError) {
-        if e == ws::WsError::TooBig {
-            let f = self
-                .fb
-                .error(self.now_ms, self.now_us, None, "message too large", None);
-            self.out.stats.errors[ErrorReason::TooLarge as usize] += 1;
-            self.enqueue(slot, f);
-        }
-        self.close_with(slot, e.code(), e.reason());
-    }
-
-    /// One frame. Returns false when the connection is closing.
-    fn on_frame(&mut self, slot: u32, fin: bool, op: u8, payload: &mut [u8]) -> bool {
-        match op {
-            ws::opcode::PING => {
-                let pong =
-                    Frame::from_wire(&ws::frame_bytes(ws::opcode::PONG, payload), self.now_us);
-                self.enqueue(slot, pong);
-                true
-            }
-            ws::opcode::PONG => true,
-            ws::opcode::CLOSE => {
-                match ws::parse_close(payload) {
-                    Ok(code) => {
-                        let code = code.unwrap_or(close::NORMAL);
-                        self.close_with(slot, code, "");
-                    }
-                    Err(e) => self.close_with(slot, e.code(), e.reason()),
-                }
-                false
-            }
-            _ => {
-                let max = self.node.cfg.max_message_size;
-                let c = &mut self.clients[slot as usize];
-                match ws::assemble(&mut c.rx, fin, op, payload, max) {
-                    Err(e) => {
-                        self.ws_violation(slot, e);
-                        false
-                    }
-                    Ok(ws::Assembled::Stored) => true,
-                    Ok(ws::Assembled::Whole) => self.on_message(slot, op, payload),
-                    Ok(ws::Assembled::Complete(op)) => {
-                        let mut msg =
-                            c.rx.as_mut()
-                                .map(|rx| std::mem::take(&mut rx.fragments))
-                                .unwrap_or_default();
-                        let alive = self.on_message(slot, op, &mut msg);
-                        if let Some(rx) = self
-                            .clients
-                            .get_mut(slot as usize)
-                            .and_then(|c| c.rx.as_mut())
-                        {
-                            msg.clear();
-                            if msg.capacity() <= RX_RETAIN_BYTES_MAX {
-                                rx.fragments = msg;
-                            }
-                        }
-                        alive
-                    }
-                }
-            }
-        }
-    }
-
-    // ---------------------------------------------------------------- output
-
-    fn mark_dirty(&mut self, slot: u32) {
-        let c = &mut self.clients[slot as usize];
-        if !c.has(flag::DIRTY) && !c.queue.is_empty() {
-            c.flags |= flag::DIRTY;
-            self.out.dirty.push(slot);
-        }
-    }
-
-    /// Queue a reply for one client (fan-out uses the same `Outbox::push`). Replies are
-    /// urgent: they are written this turn even when `write_coalesce` holds fan-out back.
-    fn enqueue(&mut self, slot: u32, frame: Frame) {
-        if let Some(c) = self.clients.get_mut(slot as usize) {
-            if self.out.push(c, slot, frame, self.now_tick) {
-                self.make_urgent(slot);
-            }
-        }
-    }
-
-    /// Write `slot` this turn. A DIRTY client may be waiting in `deferred`, so it is put on
-    /// the dirty list again (`flush_dirty` skips the duplicate once the client is no longer DIRTY).
-    fn make_urgent(&mut self, slot: u32) {
-        let c = &mut self.clients[slot as usize];
-        if c.has(flag::URGENT) || c.queue.is_empty() {
-            return;
-        }
-        c.flags |= flag::URGENT | flag::DIRTY;
-        self.out.dirty.push(slot);
-    }
-
-    /// Write every dirty connection, except that with `write_coalesce` on, a connection
-    /// written less than that long ago and holding only fan-out frames waits until that much
-    /// time has passed since its last write (in `deferred`), so frames arriving meanwhile share
-    /// one `send`. On this project's VM a send costs ~7 us of kernel time whatever its size, so
-    /// at high per-connection rates this is the difference between one send per frame and one
-    /// per several frames.
-    fn flush_dirty(&mut self) {
-        let mut dirty = std::mem::take(&mut self.out.dirty);
-        let coalesce = self.t.coalesce_ms;
-        let deferred_max = DEFERRED_PER_CLIENT_MAX * self.clients.len();
-        let rel_ms = self.rel_ms();
-        let now_ms = self.now_us / 1000;
-        for &slot in &dirty {
-            if let Some(c) = self.clients.get_mut(slot as usize) {
-                if !c.has(flag::DIRTY) {
-                    // A duplicate entry (see `make_urgent`) already flushed this turn.
-                    continue;
-                }
-                if coalesce > 0
-                    && self.coalesce_on
-                    && self.deferred.len() < deferred_max
-                    && !c.has(flag::URGENT)
-                    && c.phase != Phase::Closing
-                    && rel_ms.wrapping_sub(c.last_write_ms) < coalesce
-                {
-                    // Stays DIRTY: pushes meanwhile only add to its queue.
-                    let due = now_ms + u64::from(coalesce - rel_ms.wrapping_sub(c.last_write_ms));
-                    self.deferred.push(std::cmp::Reverse((due, slot, c.gen)));
-                    continue;
-                }
-                c.flags &= !(flag::DIRTY | flag::URGENT);
-                self.flush(slot);
-            }
-        }
-        dirty.clear();
-        // Keep the allocation unless a burst left it huge.
-        if dirty.capacity() > 65_536 {
-            dirty.shrink_to(1024);
-        }
-        debug_assert!(self.out.dirty.is_empty());
-        self.out.dirty = dirty;
-    }
-
-    /// Every `LOAD_WINDOW_MS`: the frames queued on this shard per second (the offered load,
-    /// which does not change with how they are written) decide whether `write_coalesce`
-    /// applies: on from `write_coalesce_min_rate`, off below half of it. A lightly loaded
-    /// shard never holds a frame back; a busy one trades a little latency for far fewer sends.
-    fn update_rate_gate(&mut self) {
-        let elapsed_us = self.now_us.saturating_sub(self.load_window_start_us);
-        if elapsed_us < LOAD_WINDOW_MS * 1000 {
-            return;
-        }
-        let min = u64::from(self.t.coalesce_min_rate);
-        let rate = self.out.pushed * 1_000_000 / elapsed_us.max(1);
-        self.coalesce_on = if min == 0 {
-            true
-        } else if self.coalesce_on {
-            rate * 2 >= min
-        } else {
-            rate >= min
-        };
-        self.load_window_start_us = self.now_us;
-        self.out.pushed = 0;
-    }
-
-    /// Moves the deferred connections whose time has come back to the dirty list, as urgent.
-    fn release_deferred(&mut self) {
-        let now_ms = self.now_us / 1000;
-        while let Some(&std::cmp::Reverse((due, slot, gen))) = self.deferred.peek() {
-            if due > now_ms {
-                break;
-            }
-            self.deferred.pop();
-            if let Some(c) = self.clients.get_mut(slot as usize) {
-                if c.gen == gen && c.has(flag::DIRTY) {
-                    c.flags |= flag::URGENT;
-                    self.out.dirty.push(slot);
-                }
-            }
-        }
-        if self.deferred.is_empty() && self.deferred.capacity() > 65_536 {
-            self.deferred.shrink_to(1024);
-        }
-    }
-
-    /// Write as much of the client's queue as the socket takes.
-    fn flush(&mut self, slot: u32) {
-        let write_max = self.node.cfg.write_buffer_size;
-        let now_us = self.now_us;
-        let c = &mut self.clients[slot as usize];
-        loop {
-            if c.queue.is_empty() {
-                break;
-            }
-            let mut iov: [IoSlice; IOVECS_PER_WRITE_MAX] =
-                [IoSlice::new(&[]); IOVECS_PER_WRITE_MAX];
-            let mut n_iov = 0;
-            let mut total = 0;
-            for (i, f) in c.queue.iter().enumerate() {
-                if n_iov == IOVECS_PER_WRITE_MAX || total >= write_max {
-                    break;
-                }
-                let w = if i == 0 {
-                    &f.wire()[c.head_off as usize..]
-                } else {
-                    f.wire()
-                };
-                iov[n_iov] = IoSlice::new(w);
-                n_iov += 1;
-                total += w.len();
-            }
-            let r = crate::io::send_vectored(c.sock.as_raw_fd(), &iov[..n_iov]);
-            self.out.stats.writev_calls += 1;
-            match r {
-                Ok(0) => {
-                    self.out
-                        .doomed
-                        .push((slot, c.gen, Doom::Drop(CloseKind::Abnormal)));
-                    return;
-                }
-                Ok(mut n) => {
-                    c.last_write_ms = (now_us / 1000) as u32;
-                    self.out.stats.bytes_out += n as u64;
-                    self.out.stats.queued_bytes -= n as u64;
-                    c.queued -= n as u32;
-                    c.stall_tick = self.now_tick;
-                    let wrote_all = n == total;
-                    while n > 0 {
-                        let Some(front) = c.queue.front() else { break };
-                        let left = front.wire().len() - c.head_off as usize;
-                        if n >= left {
-                            n -= left;
-                            c.head_off = 0;
-                            let born = front.born_us();
-                            let _ = self.hist.record(now_us.saturating_sub(born).max(1));
-                            self.out.stats.frames_out += 1;
-                            c.queue.pop_front();
-                        } else {
-                            c.head_off += n as u32;
-                            n = 0;
-                        }
-                    }
-                    if !wrote_all {
-                        break; // the socket is full: wait for writable
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => {
-                    self.out
-                        .doomed
-                        .push((slot, c.gen, Doom::Drop(CloseKind::Abnormal)));
-                    return;
-                }
-            }
-        }
-        if c.queue.is_empty() {
-            if c.queue.capacity() > SEND_QUEUE_RETAIN_SLOTS {
-                c.queue = std::collections::VecDeque::new();
-            }
-            if c.phase == Phase::Closing && !c.has(flag::WRITE_SHUT) {
-                c.flags |= flag::WRITE_SHUT;
-                let _ = c.sock.shutdown(std::net::Shutdown::Write);
-            }
-        }
-    }
-
-    // ---------------------------------------------------------------- closing
-
-    /// Begin a graceful close: the client stops being a participant now, frames already queued
-    /// are still written, then the close frame, then the socket closes.
-    fn close_with(&mut self, slot: u32, code: u16, reason: &str) {
-        let Some(c) = self.clients.get_mut(slot as usize) else {
-            return;
-        };
-        if c.phase == Phase::Closing {
-            return;
-        }
-        let was_ws = c.phase != Phase::Http;
-        if was_ws {
-            tracing::debug!(
-                shard = self.id,
-                client_id = %uuid::Uuid::from_u128(c.uuid()),
-                user_id = c.user.as_deref().unwrap_or("-"),
-                code,
-                reason,
-                "closing"
-            );
-        }
-        if code == close::SLOW_CONSUMER {
-            // Free the backlog; only a partly written frame must finish.
-            let keep = usize::from(c.head_off > 0);
-            let dropped: usize = c.queue.iter().skip(keep).map(|f| f.wire().len()).sum();
-            c.queue.truncate(keep);
-            c.queued -= dropped as u32;
-            self.out.stats.queued_bytes -= dropped as u64;
-        }
-        self.detach(slot);
-        let c = &mut self.clients[slot as usize];
-        c.phase = Phase::Closing;
-        c.rx = None;
-        if was_ws {
-            let f = Frame::from_wire(&ws::close_frame(code, reason), self.now_us);
-            let len = f.wire().len() as u32;
-            c.queue.push_back(f);
-            c.queued += len;
-            self.out.stats.queued_bytes += len as u64;
-            self.out.stats.closes[CloseKind::from_code(code) as usize] += 1;
-        } else {
-            self.out.stats.closes[CloseKind::Http as usize] += 1;
-        }
-        let deadline = self.now_tick + CLOSING_GRACE_TICKS;
-        self.schedule(slot, deadline);
-        self.make_urgent(slot);
-    }
-
-    /// Answer an HTTP request and close after the response is written.
-    fn http_reply(&mut self, slot: u32, bytes: Vec<u8>) {
-        let f = Frame::from_wire(&bytes, self.now_us);
-        let c = &mut self.clients[slot as usize];
-        let len = f.wire().len() as u32;
-        c.queue.push_back(f);
-        c.queued += len;
-        self.out.stats.queued_bytes += len as u64;
-        self.close_with(slot, 0, "");
-    }
-
-    /// Remove the client from rooms, users and node counts (it stops receiving).
-    fn detach(&mut self, slot: u32) {
-        let shard = self.id;
-        let c = &mut self.clients[slot as usize];
-        let memberships = std::mem::take(&mut c.rooms);
-        let user = c.user.take();
-        let counted = c.has(flag::COUNTED);
-        c.flags &= !flag::COUNTED;
-        for m in memberships {
-            self.leave_room(m);
-        }
-        if let Some(user) = user {
-            if self.users.remove(&user, slot) {
-                self.node.dir.user_remove(&user, shard);
-            }
-        }
-        if counted {
-            self.node.dir.connections.fetch_sub(1, Ordering::Relaxed);
-            self.out.stats.ws_connections -= 1;
-        }
-    }
-
-    /// Take one membership out of the room table (fixing up the member moved into its place)
-    /// and out of the node directory. The caller has removed it from the client's own list.
-    fn leave_room(&mut self, m: crate::route::Membership) {
-        let left = self.rooms.leave(m);
-        if let Some((moved, pos)) = left.moved {
-            if let Some(mm) = self
-                .clients
-                .get_mut(moved as usize)
-                .and_then(|mc| mc.rooms.iter_mut().find(|x| x.room == m.room))
-            {
-                mm.pos = pos;
-            }
-        }
-        self.node
-            .dir
-            .room_leave(&left.name, self.id, left.last_local);
-    }
-
-    /// Drop the connection now.
-    fn close_now(&mut self, slot: u32, kind: Option<CloseKind>) {
-        if !self.clients.contains(slot as usize) {
-            return;
-        }
-        if self.clients[slot as usize].phase != Phase::Closing {
-            self.detach(slot);
-        }
-        // No epoll_ctl(DEL): the fd is never duplicated, so closing it (dropping `c`) removes
-        // it from the epoll set; events of this batch still queued for it are stale by
-        // generation. One system call less per disconnect.
-        let c = self.clients.remove(slot as usize);
-        self.out.stats.queued_bytes -= c.queued as u64;
-        self.out.stats.connections -= 1;
-        if let Some(kind) = kind {
-            self.out.stats.closes[kind as usize] += 1;
-            if c.has(flag::WS) {
-                tracing::debug!(
-                    shard = self.id,
-                    client_id = %uuid::Uuid::from_u128(c.uuid()),
-                    cause = kind.label(),
-                    "dropped"
-                );
-            }
-        }
-    }
-
-    fn process_doomed(&mut self) {
-        while let Some((slot, gen, doom)) = self.out.doomed.pop() {
-            if !self.live(slot, gen) {
-                continue;
-            }
-            match doom {
-                Doom::Close(code, reason) => self.close_with(slot, code, reason),
-                Doom::Drop(kind) => {
-                    let kind =
-                        (self.clients[slot as usize].phase != Phase::Closing).then_some(kind);
-                    self.close_now(slot, kind);
-                }
-            }
-        }
-    }
-
-    // ---------------------------------------------------------------- timers
-
-    /// Make sure a wheel entry fires at or before `tick`.
-    fn schedule(&mut self, slot: u32, tick: u32) {
-        let c = &mut self.clients[slot as usize];
-        if c.deadline_tick > self.now_tick && c.deadline_tick <= tick {
-            return;
-        }
-        c.deadline_tick = self.wheel.schedule(tick, slot, c.gen);
-    }
-
-    fn run_timers(&mut self) {
-        let mut fired = std::mem::take(&mut self.fired);
-        self.wheel.advance(self.now_tick, &mut fired);
-        for &(slot, gen) in &fired {
-            if !self.live(slot, gen) {
-                continue;
-            }
-            let c = &mut self.clients[slot as usize];
-            if c.deadline_tick > self.now_tick {
-                continue; // a stale entry; the live one is later
-            }
-            c.deadline_tick = 0;
-            self.on_timer(slot);
-        }
-        fired.clear();
-        if fired.capacity() > 65_536 {
-            fired = Vec::new();
-        }
-        self.fired = fired;
-        self.expire_dedup();
-    }
-
-    fn on_timer(&mut self, slot: u32) {
-        let now = self.now_tick;
-        let now_s = (self.now_ms / 1000) as u32;
-        let c = &mut self.clients[slot as usize];
-        let next = match c.phase {
-            Phase::Http => {
-                if now >= c.last_rx_tick + self.t.handshake {
-                    self.close_now(slot, Some(CloseKind::Http));
-                    return;
-                }
-                c.last_rx_tick + self.t.handshake
-            }
-            Phase::Closing => {
-                self.close_now(slot, None);
-                return;
-            }
-            // While awaiting auth, exp_s holds the auth deadline tick.
-            Phase::AwaitAuth if now >= c.exp_s => {
-                self.auth_failed_close(slot, None, "authentication timeout");
-                return;
-            }
-            Phase::AwaitAuth | Phase::Open | Phase::Echo => {
-                if now >= c.last_rx_tick + self.t.pong {
-                    self.close_now(slot, Some(CloseKind::Timeout));
-                    return;
-                }
-                if c.queued > 0 && now >= c.stall_tick + self.t.write_wait {
-                    self.close_now(slot, Some(CloseKind::Timeout));
-                    return;
-                }
-                let mut next = c.last_rx_tick + self.t.pong;
-                if !c.has(flag::PING_SENT) {
-                    if now >= c.last_rx_tick + self.t.ping {
-                        c.flags |= flag::PING_SENT;
-                        let ping =
-                            Frame::from_wire(&ws::frame_bytes(ws::opcode::PING, b""), self.now_us);
-                        self.enqueue(slot, ping);
-                    } else {
-                        next = next.min(c.last_rx_tick + self.t.ping);
-                    }
-                }
-                let c = &mut self.clients[slot as usize];
-                if c.queued > 0 {
-                    next = next.min(c.stall_tick + self.t.write_wait);
-                }
-                if c.phase == Phase::AwaitAuth {
-                    next = next.min(c.exp_s);
-                } else if c.exp_s > 0 {
-                    if now_s >= c.exp_s.saturating_add(self.t.grace_s) {
-                        let f = self.fb.text(self.now_us, |o| {
-                            o.str("type", "auth.expired").u64("timestamp", self.now_ms);
-                        });
-                        self.enqueue(slot, f);
-                        self.close_with(slot, close::TOKEN_EXPIRED, "token expired");
-                        return;
-                    }
-                    let warn_at = c.exp_s.saturating_sub(self.t.refresh_window_s);
-                    if now_s >= warn_at && !c.has(flag::EXPIRING_SENT) {
-                        c.flags |= flag::EXPIRING_SENT;
-                        let exp_ms = c.exp_s as u64 * 1000;
-                        let f = self.fb.text(self.now_us, |o| {
-                            o.str("type", "auth.expiring")
-                                .obj("data", |d| {
-                                    d.u64("expires_at", exp_ms);
-                                })
-                                .u64("timestamp", self.now_ms);
-                        });
-                        self.enqueue(slot, f);
-                    }
-                    let c = &self.clients[slot as usize];
-                    let target_s = if c.has(flag::EXPIRING_SENT) {
-                        c.exp_s.saturating_add(self.t.grace_s)
-                    } else {
-                        warn_at
-                    };
-                    let secs = target_s.saturating_sub(now_s);
-                    next = next.min(now + ticks(Duration::from_secs(secs as u64)));
-                }
-                next
-            }
-        };
-        if self.clients.contains(slot as usize) {
-            self.schedule(slot, next);
-        }
-    }
-
-    fn expire_dedup(&mut self) {
-        while let Some((exp, _, _)) = self.dedup_fifo.front() {
-            if *exp > self.now_ms {
-                break;
-            }
-            if let Some((_, user, cmid)) = self.dedup_fifo.pop_front() {
-                self.node.dir.dedup_expire(&user, &cmid, self.now_ms);
-            }
-        }
-    }
-
-    // ---------------------------------------------------------------- inbox, drain, stats
-
-    fn drain_inbox(&mut self) {
-        self.node.inboxes[self.id]
-            .wake_pending
-            .store(false, Ordering::SeqCst);
-        for _ in 0..INBOX_PER_TURN_MAX {
-            let Ok(msg) = self.inbox.try_recv() else {
-                break;
-            };
-            match msg {
-                ShardMsg::Room { room, frame } => {
-                    if let Some(id) = self.rooms.lookup(&room) {
-                        self.deliver_room(id, &frame);
-                    }
-                }
-                ShardMsg::All { frame } => self.deliver_all(&frame),
-                ShardMsg::User {
-                    user,
-                    frame,
-                    except,
-                } => self.deliver_user(&user, &frame, except),
-                ShardMsg::Drain => self.start_drain(),
-            }
-        }
-        if !self.inbox.is_empty() {
-            // More than one turn's worth: come back without sleeping.
-            let _ = self.node.inboxes[self.id].waker.wake();
-        }
-    }
-
-    /// Every local client past auth gets `frame`.
-    fn deliver_all(&mut self, frame: &Frame) {
-        let Shard {
-            clients,
-            out,
-            now_tick,
-            ..
-        } = self;
-        let mut n = 0;
-        for (slot, c) in clients.iter_mut() {
-            if c.phase == Phase::Open {
-                n += u64::from(out.push(c, slot as u32, frame.clone(), *now_tick));
-            }
-        }
-        out.stats.deliveries += n;
-    }
-
-    /// The local devices of `user`, except one connection, get `frame`.
-    fn deliver_user(&mut self, user: &str, frame: &Frame, except: Option<ConnRef>) {
-        let except = except
-            .filter(|e| e.shard as usize == self.id)
-            .map(|e| (e.slot, e.gen));
-        let Shard {
-            users,
-            clients,
-            out,
-            now_tick,
-            ..
-        } = self;
-        let mut n = 0;
-        for &slot in users.devices(user) {
-            let Some(c) = clients.get_mut(slot as usize) else {
-                continue;
-            };
-            if except != Some((slot, c.gen)) && c.phase == Phase::Open {
-                n += u64::from(out.push(c, slot, frame.clone(), *now_tick));
-            }
-        }
-        out.stats.deliveries += n;
-    }
-
-    /// The local subscribers of room `id` get `frame`: the fan-out inner loop.
-    fn deliver_room(&mut self, id: crate::route::RoomId, frame: &Frame) {
-        let Shard {
-            rooms,
-            clients,
-            out,
-            now_tick,
-            ..
-        } = self;
-        let mut n = 0;
-        for &slot in rooms.members(id) {
-            if let Some(c) = clients.get_mut(slot as usize) {
-                n += u64::from(out.push(c, slot, frame.clone(), *now_tick));
-            }
-        }
-        out.stats.deliveries += n;
     }
 
     /// Begin draining. The listener stays open so probes see `/ready` = 503 and new upgrades
@@ -1293,7 +467,7 @@ impl Shard {
 
     fn publish_stats(&mut self) {
         self.last_stats_ms = self.now_ms;
-        self.out.stats.rooms = self.rooms.len() as u64;
+        self.out.stats.rooms = self.svc.rooms.table.len() as u64;
         self.out.stats.coalesce_on = u64::from(self.coalesce_on);
         self.out.stats.coalesce_held = self.deferred.len() as u64;
         let shared = &self.node.stats[self.id];
@@ -1304,50 +478,5 @@ impl Shard {
             }
             self.hist.reset();
         }
-    }
-}
-
-/// Queued output's bookkeeping: the dirty list, connections doomed during a pass, and the
-/// shard's counters. Kept apart from the slab and the routing tables so the fan-out loop can
-/// borrow a member list, the clients and this at the same time.
-struct Outbox {
-    dirty: Vec<u32>,
-    doomed: Vec<(u32, u32, Doom)>,
-    stats: LocalStats,
-    /// `send_queue_bytes_max`.
-    queue_limit: usize,
-    /// Frames queued since the rate gate's window started (see `update_rate_gate`).
-    pushed: u64,
-}
-
-impl Outbox {
-    /// Queue `frame` on `c`, enforcing the send-queue byte limit (over it: doomed with 4008).
-    /// Returns whether the frame was queued.
-    #[inline]
-    fn push(&mut self, c: &mut Client, slot: u32, frame: Frame, now_tick: u32) -> bool {
-        if c.phase == Phase::Closing {
-            return false;
-        }
-        let len = frame.wire().len() as u32;
-        if c.queued as usize + len as usize > self.queue_limit {
-            self.doomed.push((
-                slot,
-                c.gen,
-                Doom::Close(close::SLOW_CONSUMER, "slow consumer"),
-            ));
-            return false;
-        }
-        if c.queue.is_empty() {
-            c.stall_tick = now_tick;
-        }
-        c.queued += len;
-        self.stats.queued_bytes += len as u64;
-        self.pushed += 1;
-        c.queue.push_back(frame);
-        if !c.has(flag::DIRTY) {
-            c.flags |= flag::DIRTY;
-            self.dirty.push(slot);
-        }
-        true
     }
 }

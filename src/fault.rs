@@ -1,0 +1,87 @@
+//! Test-only fault injection, so the integration tests can make the rare failures happen on
+//! purpose (a full shard inbox, a shard thread dying, a bug inside one command). Set by the
+//! environment variable `SWITCHBOARD_TEST_FAULT`, read once at start; unset (every real
+//! deployment) it is all `None` and costs one predictable branch where it is checked, never on
+//! the per-recipient path. Comma-separated entries:
+//! - `refuse_deliveries:S:N`: the first N deliveries queued for shard S fail as if its inbox
+//!   were full;
+//! - `shard_panic_after:S:MS`: shard S panics MS milliseconds after it starts;
+//! - `panic_on_command:TYPE`: handling a client command of type TYPE panics (inside the
+//!   command: the connection is closed with 1011, the shard goes on).
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// The environment variable that carries the faults.
+pub const ENV: &str = "SWITCHBOARD_TEST_FAULT";
+
+#[derive(Debug, Default)]
+pub struct Faults {
+    pub refuse_deliveries: Option<(usize, AtomicU32)>,
+    pub shard_panic_after: Option<(usize, u64)>,
+    pub panic_on_command: Option<String>,
+}
+
+impl Faults {
+    pub fn from_env() -> Faults {
+        std::env::var(ENV)
+            .map(|v| Faults::parse(&v))
+            .unwrap_or_default()
+    }
+
+    pub fn parse(spec: &str) -> Faults {
+        let mut f = Faults::default();
+        for entry in spec.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+            let parts: Vec<&str> = entry.split(':').collect();
+            match parts.as_slice() {
+                ["refuse_deliveries", s, n] => {
+                    if let (Ok(s), Ok(n)) = (s.parse(), n.parse()) {
+                        f.refuse_deliveries = Some((s, AtomicU32::new(n)));
+                    }
+                }
+                ["shard_panic_after", s, ms] => {
+                    if let (Ok(s), Ok(ms)) = (s.parse(), ms.parse()) {
+                        f.shard_panic_after = Some((s, ms));
+                    }
+                }
+                ["panic_on_command", t] => f.panic_on_command = Some((*t).to_owned()),
+                _ => eprintln!("{ENV}: ignoring unknown fault {entry:?}"),
+            }
+        }
+        f
+    }
+
+    /// Whether a delivery queued for `shard` must fail now (and count it).
+    pub fn refuse_delivery(&self, shard: usize) -> bool {
+        match &self.refuse_deliveries {
+            Some((s, left)) if *s == shard => left
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+                .is_ok(),
+            _ => false,
+        }
+    }
+
+    pub fn is_active(&self) -> bool {
+        self.refuse_deliveries.is_some()
+            || self.shard_panic_after.is_some()
+            || self.panic_on_command.is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_counts_down() {
+        let f =
+            Faults::parse("refuse_deliveries:1:2, shard_panic_after:0:500,panic_on_command:x.y");
+        assert!(f.is_active());
+        assert_eq!(f.shard_panic_after, Some((0, 500)));
+        assert_eq!(f.panic_on_command.as_deref(), Some("x.y"));
+        assert!(!f.refuse_delivery(0));
+        assert!(f.refuse_delivery(1));
+        assert!(f.refuse_delivery(1));
+        assert!(!f.refuse_delivery(1));
+        assert!(!Faults::parse("").is_active());
+    }
+}

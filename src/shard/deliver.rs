@@ -1,0 +1,187 @@
+//! The delivery seam, executed on a shard: every service hands a [`Target`] and one encoded
+//! [`Frame`] to [`Shard::deliver`], which asks the sans-IO plan ([`crate::route::plan`]) where
+//! the recipients are, queues the frame on this shard's recipients, hands a clone of it to
+//! each other shard that has some (one `ShardMsg::Deliver` each), and to the bridge when other
+//! nodes may have some. A frame is encoded once and shared by every recipient on every shard.
+//! The inbox side ([`Shard::drain_inbox`]) runs the local part for frames from elsewhere.
+
+use super::*;
+
+/// What a delivery could not reach.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Missed {
+    /// Shards whose inbox was full or dead (their recipients did not get the frame).
+    pub shards: u64,
+    /// The bridge's inbox was full (other nodes did not get the frame).
+    pub bridge: bool,
+}
+
+impl Shard {
+    /// This shard's reference for connection `slot`.
+    pub(crate) fn conn_ref(&self, slot: u32) -> ConnRef {
+        ConnRef {
+            node: self.node.id,
+            shard: self.id as u16,
+            slot,
+            gen: self.clients[slot as usize].gen,
+        }
+    }
+
+    /// Deliver `frame` to every recipient of `target`, here, on other shards and (clustered)
+    /// on other nodes. Returns what could not be reached (full inboxes, counted).
+    pub(crate) fn deliver(&mut self, target: &Target, frame: &Frame) -> Missed {
+        let n = self.node.inboxes.len();
+        let p = crate::route::plan(
+            target,
+            &self.node.dir,
+            self.node.id,
+            self.id,
+            n,
+            self.node.clustered,
+        );
+        self.deliver_plan(target, frame, p.local, p.shards, p.bridge)
+    }
+
+    /// Deliver `frame` to `target`'s recipients on the shards in `shards` only (this one
+    /// included if its bit is set), never through the bridge: a retry that finishes an
+    /// earlier partial delivery.
+    pub(crate) fn deliver_to_shards(
+        &mut self,
+        target: &Target,
+        frame: &Frame,
+        shards: u64,
+    ) -> Missed {
+        let me = 1u64 << self.id;
+        self.deliver_plan(target, frame, shards & me != 0, shards & !me, false)
+    }
+
+    fn deliver_plan(
+        &mut self,
+        target: &Target,
+        frame: &Frame,
+        local: bool,
+        mut shards: u64,
+        bridge: bool,
+    ) -> Missed {
+        let mut missed = Missed::default();
+        if local {
+            self.deliver_local(target, frame);
+        }
+        while shards != 0 {
+            let shard = shards.trailing_zeros() as usize;
+            shards &= shards - 1;
+            let msg = ShardMsg::Deliver {
+                target: target.clone(),
+                frame: frame.clone(),
+            };
+            if self.node.inboxes.send(shard, msg).is_ok() {
+                self.out.stats.cross_shard_sent += 1;
+            } else {
+                self.out.stats.cross_shard_dropped += 1;
+                missed.shards |= 1u64 << shard;
+            }
+        }
+        if bridge {
+            let msg = BridgeMsg::Deliver {
+                target: target.clone(),
+                frame: frame.clone(),
+            };
+            if self.node.bridge_tx.try_send(msg).is_err() {
+                self.out.stats.cross_shard_dropped += 1;
+                missed.bridge = true;
+            }
+        }
+        missed
+    }
+
+    /// Queue `frame` on this shard's recipients of `target`.
+    pub(super) fn deliver_local(&mut self, target: &Target, frame: &Frame) {
+        let except = target
+            .except()
+            .filter(|e| e.node == self.node.id && e.shard as usize == self.id)
+            .map(|e| (e.slot, e.gen));
+        let Shard {
+            svc,
+            users,
+            clients,
+            out,
+            now_tick,
+            ..
+        } = self;
+        let now_tick = *now_tick;
+        let mut n = 0u64;
+        match target {
+            Target::Room { room, .. } => {
+                let rooms = &svc.rooms.table;
+                let Some(id) = rooms.lookup(room) else {
+                    return;
+                };
+                let members = rooms.members(id);
+                match except {
+                    // The fan-out inner loop: one Arc clone per member.
+                    None => {
+                        for &slot in members {
+                            if let Some(c) = clients.get_mut(slot as usize) {
+                                n += u64::from(out.push(c, slot, frame.clone(), now_tick));
+                            }
+                        }
+                    }
+                    Some((xs, xg)) => {
+                        for &slot in members {
+                            if let Some(c) = clients.get_mut(slot as usize) {
+                                if slot != xs || c.gen != xg {
+                                    n += u64::from(out.push(c, slot, frame.clone(), now_tick));
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            Target::User { user, .. } => {
+                for &slot in users.devices(user) {
+                    let Some(c) = clients.get_mut(slot as usize) else {
+                        continue;
+                    };
+                    if except != Some((slot, c.gen)) && c.phase == Phase::Open {
+                        n += u64::from(out.push(c, slot, frame.clone(), now_tick));
+                    }
+                }
+            }
+            Target::All => {
+                for (slot, c) in clients.iter_mut() {
+                    if c.phase == Phase::Open {
+                        n += u64::from(out.push(c, slot as u32, frame.clone(), now_tick));
+                    }
+                }
+            }
+            Target::Conn(r) => {
+                if let Some(c) = clients.get_mut(r.slot as usize) {
+                    if c.gen == r.gen && c.phase == Phase::Open {
+                        n += u64::from(out.push(c, r.slot, frame.clone(), now_tick));
+                    }
+                }
+            }
+        }
+        out.stats.deliveries += n;
+    }
+
+    pub(super) fn drain_inbox(&mut self) {
+        self.node.inboxes.0[self.id]
+            .wake_pending
+            .store(false, Ordering::SeqCst);
+        for _ in 0..INBOX_PER_TURN_MAX {
+            let Ok(msg) = self.inbox.try_recv() else {
+                break;
+            };
+            match msg {
+                ShardMsg::Deliver { target, frame } => self.deliver_local(&target, &frame),
+                ShardMsg::Service(m) => service::on_msg(self, m),
+                ShardMsg::Drain => self.start_drain(),
+            }
+        }
+        if !self.inbox.is_empty() {
+            // More than one turn's worth: come back without sleeping.
+            let _ = self.node.inboxes.0[self.id].waker.wake();
+        }
+    }
+}

@@ -1,0 +1,107 @@
+//! Service modules: one per capability (`rooms`, `dm`, `session` today), each owning its
+//! state in side tables keyed by connection, each with the same small set of entry points:
+//! - commands: rows of [`COMMANDS`] (a type name and a handler that parses its own typed
+//!   struct from the message text);
+//! - `on_msg`: a [`ServiceMsg`] from another shard or the bridge;
+//! - `on_timer`: a wheel entry with the service's own key ([`Shard::schedule_service`]);
+//! - `on_attach` / `on_detach`: a connection got its identity / stops being a participant.
+//!
+//! Everything a service sends goes through the delivery seam ([`Shard::deliver`] with a
+//! [`Target`]) or is a reply ([`Shard::reply`], [`Shard::send_error`]).
+//!
+//! Adding a relayed command type: write its handler in its service module (parse, check,
+//! encode once, `deliver`), add one row to [`COMMANDS`], document it in docs/PROTOCOL.md.
+
+pub mod dm;
+pub mod rooms;
+pub mod session;
+
+use std::collections::HashMap;
+use std::sync::LazyLock;
+
+use super::Shard;
+
+/// A command as the dispatcher hands it to a handler.
+pub struct Cmd<'a> {
+    /// The `type` value.
+    pub kind: &'a str,
+    /// The correlation id (raw JSON), copied into the reply or error.
+    pub id: Option<&'a str>,
+    /// The whole message text, for the handler's own typed parse.
+    pub text: &'a [u8],
+}
+
+/// A command handler: `(shard, connection slot, command)`.
+pub type Handler = fn(&mut Shard, u32, &Cmd<'_>);
+
+/// The command table: `type` -> handler. One row per client command type.
+pub static COMMANDS: &[(&str, Handler)] = &[
+    ("subscribe", rooms::subscribe),
+    ("unsubscribe", rooms::unsubscribe),
+    ("publish", rooms::publish),
+    ("broadcast", rooms::broadcast),
+    ("message.send", dm::send),
+    ("ping", session::ping),
+    ("authenticate", session::authenticate),
+];
+
+static TABLE: LazyLock<HashMap<&'static str, Handler>> = LazyLock::new(|| {
+    let map: HashMap<_, _> = COMMANDS.iter().copied().collect();
+    assert_eq!(map.len(), COMMANDS.len(), "a command type is listed twice");
+    map
+});
+
+/// The handler for a command type.
+pub fn handler(kind: &str) -> Option<Handler> {
+    TABLE.get(kind).copied()
+}
+
+/// Messages for one service from another shard or the bridge.
+pub enum ServiceMsg {
+    Rooms(rooms::Msg),
+}
+
+/// Service ids in wheel keys ([`super::TimerKey::Service`]): one constant per service that
+/// schedules timers (none of today's services does; typing TTLs and call ring timeouts will).
+pub mod id {}
+
+pub fn on_msg(sh: &mut Shard, m: ServiceMsg) {
+    match m {
+        ServiceMsg::Rooms(m) => rooms::on_msg(sh, m),
+    }
+}
+
+pub fn on_timer(sh: &mut Shard, service: u8, key: u64) {
+    let _ = (sh, key);
+    debug_assert!(false, "timer for unknown service {service}");
+}
+
+/// A connection got its identity (user id set; the directory knows the device).
+pub fn on_attach(sh: &mut Shard, slot: u32) {
+    let _ = (sh, slot);
+}
+
+/// A connection stops being a participant (closing or closed): end its service state.
+pub fn on_detach(sh: &mut Shard, slot: u32) {
+    rooms::on_detach(sh, slot);
+}
+
+/// The side tables of every service on one shard.
+#[derive(Default)]
+pub struct Services {
+    pub rooms: rooms::State,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_command_has_one_row() {
+        for (kind, _) in COMMANDS {
+            assert!(handler(kind).is_some(), "{kind}");
+        }
+        assert!(handler("dance").is_none());
+        assert_eq!(TABLE.len(), COMMANDS.len());
+    }
+}
