@@ -73,6 +73,10 @@ fn free_port() -> u16 {
 }
 
 /// One running server process, killed on drop.
+/// Connections tried before giving up on landing one on a given shard (each lands on a given
+/// one of 2 shards with probability ~1/2).
+const SHARD_PLACEMENT_ATTEMPTS_MAX: usize = 64;
+
 pub struct TestServer {
     child: Child,
     pub port: u16,
@@ -169,7 +173,7 @@ impl TestServer {
         (r.status, r.body)
     }
 
-    fn try_http_get(&self, path: &str) -> Option<(u16, String)> {
+    pub fn try_http_get(&self, path: &str) -> Option<(u16, String)> {
         let mut s = TcpStream::connect_timeout(&self.addr(), Duration::from_millis(500)).ok()?;
         s.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
         s.write_all(
@@ -225,6 +229,26 @@ impl TestServer {
             });
         c.read_welcome();
         c
+    }
+
+    /// Connect until the kernel's SO_REUSEPORT hash lands the connection on `shard` (the
+    /// server must run with `SWITCHBOARD_EXPOSE_SHARD=true`, which puts the serving shard in
+    /// `connected.data.shard`), so cross-shard cases are tested on purpose, not by luck.
+    pub fn connect_on_shard(&self, path_and_query: &str, shard: u64) -> Client {
+        for _ in 0..SHARD_PLACEMENT_ATTEMPTS_MAX {
+            let c = self.connect(path_and_query);
+            let got = c.welcome["data"]["shard"].as_u64().unwrap_or_else(|| {
+                panic!(
+                    "connected has no data.shard (start the server with SWITCHBOARD_EXPOSE_SHARD=true): {}",
+                    c.welcome
+                )
+            });
+            if got == shard {
+                return c;
+            }
+            c.close();
+        }
+        panic!("no connection landed on shard {shard} in {SHARD_PLACEMENT_ATTEMPTS_MAX} attempts");
     }
 
     /// Connect a client whose socket receive buffer is `rcvbuf` bytes (a slow reader).
