@@ -1023,7 +1023,19 @@ struct Loader<'s> {
     cfg: Config,
     sources: Sources,
     warnings: Vec<String>,
+    /// Legacy paths already warned about as having no effect (one warning each).
+    no_effect_warned: Vec<&'static str>,
     structured: &'s [StructuredKey],
+}
+
+/// How a legacy setting is named in a warning: `websocket.timeout in app.yaml`,
+/// `env WEBSOCKET_TIMEOUT`.
+fn legacy_label(name: &str, source: Source<'_>) -> String {
+    match source {
+        Source::File { path, .. } => format!("{name} in {path}"),
+        Source::Env(env) => format!("env {env}"),
+        Source::Flag(flag) => format!("flag {flag}"),
+    }
 }
 
 impl Loader<'_> {
@@ -1032,6 +1044,7 @@ impl Loader<'_> {
             cfg: Config::default(),
             sources: Sources::default(),
             warnings: Vec::new(),
+            no_effect_warned: Vec::new(),
             structured,
         }
     }
@@ -1081,22 +1094,25 @@ impl Loader<'_> {
         };
         if *v < BUFFER_SIZE_MIN {
             self.warnings.push(format!(
-                "{name} {v} {source} is the old service's per-connection buffer size; \
-                 Switchboard's {key} is one buffer per shard, so it was raised to the \
-                 {BUFFER_SIZE_MIN}-byte minimum (set {key} to silence this)"
+                "{} = {v}: the old service's per-connection buffer size; here {key} is one \
+                 buffer per shard, so it was raised to the {BUFFER_SIZE_MIN}-byte minimum \
+                 (set {key} to {BUFFER_SIZE_MIN} or more to silence this)",
+                legacy_label(name, source)
             ));
             *v = BUFFER_SIZE_MIN;
         }
     }
 
     /// One warning per legacy setting without effect, however many sources set it.
-    fn no_effect(&mut self, path: &str, source: Source<'_>, why: &str) {
-        let name = path.strip_prefix("websocket.").unwrap_or(path);
-        let line = format!("websocket {name} ({source}) has no effect here: {why}");
-        let tag = format!("websocket {name} (");
-        if !self.warnings.iter().any(|w| w.starts_with(&tag)) {
-            self.warnings.push(line);
+    fn no_effect(&mut self, path: &'static str, source: Source<'_>, why: &str) {
+        if self.no_effect_warned.contains(&path) {
+            return;
         }
+        self.no_effect_warned.push(path);
+        self.warnings.push(format!(
+            "{} has no effect here: {why}",
+            legacy_label(path, source)
+        ));
     }
 
     /// Applies a YAML document (nested maps allowed) on top of what is loaded.
@@ -1145,7 +1161,7 @@ impl Loader<'_> {
                 self.set_structured(s, v, source)?;
                 continue;
             }
-            if let Some((_, legacy)) = LEGACY_YAML.iter().find(|(p, _)| *p == path) {
+            if let Some((legacy_path, legacy)) = LEGACY_YAML.iter().find(|(p, _)| *p == path) {
                 match legacy {
                     Legacy::Key(key) => {
                         let raw = yaml_raw(v).map_err(|m| {
@@ -1154,7 +1170,7 @@ impl Loader<'_> {
                         self.set(key, &raw, source)?;
                         self.legacy_buffer_floor(key, &path, source);
                     }
-                    Legacy::NoEffect(why) => self.no_effect(&path, source, why),
+                    Legacy::NoEffect(why) => self.no_effect(legacy_path, source, why),
                 }
                 continue;
             }
@@ -2787,17 +2803,25 @@ mod tests {
         assert_eq!(cfg.write_buffer_size, BUFFER_SIZE_MIN);
         let w = &loaded.warnings;
         assert_eq!(w.len(), 4, "{w:#?}");
-        assert!(w[0].starts_with("websocket enabled (in "), "{w:#?}");
-        assert!(w[0].contains("has no effect here"), "{w:#?}");
-        assert!(w[1].starts_with("websocket timeout (in "), "{w:#?}");
+        assert_eq!(
+            w[0],
+            format!(
+                "websocket.enabled in {path} has no effect here: Switchboard is the WebSocket \
+                 server itself, so it is always on"
+            )
+        );
+        assert!(w[1].starts_with(&format!("websocket.timeout in {path} has no effect here")));
         assert!(w[1].contains("pong_wait"), "{w:#?}");
-        assert!(
-            w[2].starts_with("websocket.read_buffer_size 1024 in ")
-                && w[2].contains("raised to the 4096-byte minimum"),
-            "{w:#?}"
+        assert_eq!(
+            w[2],
+            format!(
+                "websocket.read_buffer_size in {path} = 1024: the old service's per-connection \
+                 buffer size; here read_buffer_size is one buffer per shard, so it was raised \
+                 to the 4096-byte minimum (set read_buffer_size to 4096 or more to silence this)"
+            )
         );
         assert!(
-            w[3].starts_with("websocket.write_buffer_size 1024"),
+            w[3].starts_with("websocket.write_buffer_size in "),
             "{w:#?}"
         );
         // The same settings from the old env names warn once each, not twice.
@@ -2832,7 +2856,7 @@ mod tests {
         assert_eq!(loaded.config.write_buffer_size, 4096);
         assert_eq!(loaded.warnings.len(), 2, "{:#?}", loaded.warnings);
         assert!(
-            loaded.warnings[0].contains("WEBSOCKET_READ_BUFFER_SIZE 1024 from env"),
+            loaded.warnings[0].starts_with("env WEBSOCKET_READ_BUFFER_SIZE = 1024: "),
             "{:#?}",
             loaded.warnings
         );
