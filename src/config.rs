@@ -749,10 +749,21 @@ pub(crate) struct StructuredKey {
     pub env: &'static str,
     /// Parses the value and stores it in its field; Err is what was expected.
     pub apply: fn(&mut Config, &serde_norway::Value) -> Result<(), String>,
+    /// One line of meaning, for `--help` and docs/CONFIG.md (listed after [`KEYS`]; the
+    /// default of a structured key is always "none").
+    pub doc: &'static str,
+}
+
+impl StructuredKey {
+    fn flag(&self) -> String {
+        format!("--{}", self.key.replace('_', "-"))
+    }
 }
 
 /// The structured keys of the product. None yet; the loader and a unit test with a test-only
-/// key keep the path working for the issues that add them.
+/// key (`test_paths` in the tests below) keep the path working. Adding one: a typed field in
+/// [`Config`] with its default, a row here with a parser into it, and its range checks in
+/// `validate_from`; `--help` and docs/CONFIG.md list it after the scalar keys.
 static STRUCTURED: &[StructuredKey] = &[];
 
 /// How a key of the rooms service's documented `websocket:` block maps here.
@@ -1748,6 +1759,14 @@ impl Config {
             }
             out.push('\n');
         }
+        for s in STRUCTURED {
+            out.push_str(&format!(
+                "  {} <YAML>   [default: (none)]\n      {}\n      env: {}\n",
+                s.flag(),
+                s.doc,
+                s.env
+            ));
+        }
         out
     }
 }
@@ -1950,11 +1969,21 @@ mod tests {
             .filter(|l| !l.starts_with(' '))
             .filter_map(|l| l.split_once(':').map(|(name, _)| name))
             .collect();
+        // Structured keys are fields too, declared in STRUCTURED instead of KEYS.
+        let fields: Vec<&str> = fields
+            .into_iter()
+            .filter(|f| !STRUCTURED.iter().any(|s| s.key == *f))
+            .collect();
         let keys: Vec<&str> = KEYS.iter().map(|k| k.key).collect();
         assert_eq!(
             fields, keys,
             "KEYS must list every Config field, in field order"
         );
+        for s in STRUCTURED {
+            assert_eq!(s.env, format!("SWITCHBOARD_{}", s.key.to_ascii_uppercase()));
+            assert!(!s.doc.is_empty(), "{} has no doc", s.key);
+            assert!(!KEYS.iter().any(|k| k.key == s.key), "{} twice", s.key);
+        }
         for k in KEYS {
             assert_eq!(k.env, format!("SWITCHBOARD_{}", k.key.to_ascii_uppercase()));
             assert!(!k.doc.is_empty(), "{} has no doc", k.key);
@@ -2662,6 +2691,15 @@ mod tests {
                 k.doc
             ));
         }
+        for s in STRUCTURED {
+            out.push_str(&format!(
+                "| `{}` | `{}` | `{} <YAML>` | (none) | {} |\n",
+                s.key,
+                s.env,
+                s.flag(),
+                s.doc
+            ));
+        }
         out
     }
 
@@ -2939,6 +2977,7 @@ mod tests {
         key: "test_paths",
         env: "SWITCHBOARD_TEST_PATHS",
         apply: test_paths,
+        doc: "Test only: WebSocket paths as a list of maps with `path`.",
     }];
 
     fn load_structured(a: &[&str], env: &[(&str, &str)]) -> Result<Loaded, ConfigError> {
