@@ -66,14 +66,13 @@ pub struct Config {
     pub max_connections: u64,
     /// `WEBSOCKET_LIMITS_MAX_CONNECTIONS_PER_ROOM`. 0 = unlimited.
     pub max_connections_per_room: u32,
+    /// Connections (devices) one user may hold on this node, 1 to 65535; above it the upgrade
+    /// gets 429 and an in-band `authenticate` gets an error (Centrifugo's `user_connection_limit`).
+    pub max_connections_per_user: usize,
     /// Rooms one connection may be subscribed to.
     pub max_rooms_per_connection: usize,
-    /// Connections (devices) one user may hold on this node.
-    pub max_connections_per_user: usize,
     /// Room name globs whose publishes are sequenced by one owner shard (one order everywhere).
     pub ordered_rooms: Vec<String>,
-    /// Add the serving shard's index to `connected.data.shard`.
-    pub expose_shard: bool,
     /// Longest room name in bytes.
     pub max_room_name_bytes: usize,
     /// Bytes queued for one connection before it is closed with 4008.
@@ -82,6 +81,12 @@ pub struct Config {
     pub handshake_timeout: Duration,
     /// Largest HTTP upgrade request head in bytes (431 above it).
     pub max_request_header_bytes: usize,
+    /// Largest HTTP request body (Content-Length), 1 KiB to 64 MiB; 413 above it.
+    pub http_body_bytes_max: usize,
+    /// Idle time a kept-alive HTTP connection waits for its next request (at least 1 s).
+    pub http_keepalive_timeout: Duration,
+    /// Requests served on one HTTP connection before it is closed (at least 1).
+    pub http_keepalive_requests_max: u32,
     /// `WEBSOCKET_PING_INTERVAL`. Server ping period on a quiet connection.
     pub ping_interval: Duration,
     /// `WEBSOCKET_PONG_WAIT`. A connection silent this long is dropped.
@@ -133,6 +138,14 @@ pub struct Config {
     /// Longest DM `content` in bytes.
     pub max_dm_content_bytes: usize,
 
+    // --- server HTTP API ---
+    /// Key for the server HTTP API (`X-API-Key: <key>` or `Authorization: apikey <key>`);
+    /// None = API off. Never logged or echoed in errors.
+    pub api_key: Option<String>,
+    /// Origins allowed to call the HTTP API from a browser (CORS, preflight OPTIONS); `*` = any;
+    /// empty = no CORS headers.
+    pub cors_origins: Vec<String>,
+
     // --- operations ---
     /// Drain deadline after SIGTERM/SIGINT.
     pub shutdown_timeout: Duration,
@@ -141,6 +154,8 @@ pub struct Config {
     pub log_level: String,
     /// Refuse to start when max_connections cannot be reached with the machine's limits.
     pub strict: bool,
+    /// Add the serving shard's index to `connected.data.shard` (tests and debugging).
+    pub expose_shard: bool,
 }
 
 impl Default for Config {
@@ -167,14 +182,16 @@ impl Default for Config {
             max_message_size: 64 * 1024,
             max_connections: 0,
             max_connections_per_room: 100_000,
-            max_rooms_per_connection: 128,
             max_connections_per_user: 64,
+            max_rooms_per_connection: 128,
             ordered_rooms: Vec::new(),
-            expose_shard: false,
             max_room_name_bytes: 256,
             send_queue_bytes_max: 1024 * 1024,
             handshake_timeout: Duration::from_secs(5),
             max_request_header_bytes: 8 * 1024,
+            http_body_bytes_max: 1024 * 1024,
+            http_keepalive_timeout: Duration::from_secs(5),
+            http_keepalive_requests_max: 1000,
             ping_interval: Duration::from_secs(54),
             pong_wait: Duration::from_secs(60),
             write_wait: Duration::from_secs(10),
@@ -198,10 +215,13 @@ impl Default for Config {
             dedup_window: Duration::from_secs(300),
             dedup_entries_max: 1_000_000,
             max_dm_content_bytes: 16 * 1024,
+            api_key: None,
+            cors_origins: Vec::new(),
             shutdown_timeout: Duration::from_secs(30),
             log_format: LogFormat::Text,
             log_level: "info".into(),
             strict: false,
+            expose_shard: false,
         }
     }
 }
@@ -211,8 +231,9 @@ impl Default for Config {
 // ---------------------------------------------------------------------------------------------
 
 /// A configuration problem. `key` names the offending config key (or flag, or `config` for the
-/// file itself); the process should print the error and exit non-zero. The one exception is
-/// `key == "help"`: `message` is the help text, to be printed before exiting 0.
+/// file itself); the process should print the error to stderr and exit 2. Two exceptions:
+/// [`ConfigError::is_help`] and [`ConfigError::is_version`]: `message` is the text to print to
+/// stdout before exiting 0.
 #[derive(Debug)]
 pub struct ConfigError {
     pub key: String,
@@ -225,6 +246,18 @@ impl ConfigError {
             key: key.into(),
             message: message.into(),
         }
+    }
+}
+
+impl ConfigError {
+    /// `--help`, `-h` or `help`: print `message` (the help) and exit 0.
+    pub fn is_help(&self) -> bool {
+        self.key == HELP_KEY && self.message.starts_with("Usage: ")
+    }
+
+    /// `--version` or `-V`: print `message` and exit 0.
+    pub fn is_version(&self) -> bool {
+        self.key == VERSION_KEY && self.message.starts_with("switchboard ")
     }
 }
 
@@ -320,7 +353,7 @@ impl Raw {
 
     /// How the value is quoted in an error message. Secrets are never echoed.
     fn shown(&self, key: &str) -> String {
-        if key == "jwt_secret" {
+        if key == "jwt_secret" || key == "api_key" {
             return "<redacted>".into();
         }
         match self {
@@ -577,14 +610,12 @@ config_keys! {
         "Connection limit per node (503 above it); 0 = derived from RLIMIT_NOFILE at start.";
     max_connections_per_room: U32 = "100000", "SWITCHBOARD_MAX_CONNECTIONS_PER_ROOM", Some("WEBSOCKET_LIMITS_MAX_CONNECTIONS_PER_ROOM"),
         "Subscribers per room; 0 = unlimited.";
+    max_connections_per_user: Count = "64", "SWITCHBOARD_MAX_CONNECTIONS_PER_USER", None,
+        "Connections (devices) one user may hold on this node, 1 to 65535; above it the upgrade gets 429 / in-band authenticate gets an error.";
     max_rooms_per_connection: Count = "128", "SWITCHBOARD_MAX_ROOMS_PER_CONNECTION", None,
         "Rooms one connection may be subscribed to. At least 1.";
-    max_connections_per_user: Count = "64", "SWITCHBOARD_MAX_CONNECTIONS_PER_USER", None,
-        "Connections (devices) one user may hold on this node; above it the upgrade gets 429 and an in-band authenticate closes with 1008. 1 to 65535.";
     ordered_rooms: List = "", "SWITCHBOARD_ORDERED_ROOMS", None,
         "Room name globs whose publishes go through one owner shard, so every subscriber on every shard sees one order (one extra hop for publishers on other shards); empty = none.";
-    expose_shard: Flag = "false", "SWITCHBOARD_EXPOSE_SHARD", None,
-        "Add the serving shard's index to connected.data.shard (tests and debugging).";
     max_room_name_bytes: Bytes = "256", "SWITCHBOARD_MAX_ROOM_NAME_BYTES", None,
         "Longest room name in bytes, 1 to 4096.";
     send_queue_bytes_max: Bytes = "1MiB", "SWITCHBOARD_SEND_QUEUE_BYTES_MAX", None,
@@ -593,6 +624,12 @@ config_keys! {
         "Time from TCP accept to a complete upgrade request.";
     max_request_header_bytes: Bytes = "8KiB", "SWITCHBOARD_MAX_REQUEST_HEADER_BYTES", None,
         "Largest HTTP request head (431 above it), 1 KiB to 1 MiB.";
+    http_body_bytes_max: Bytes = "1MiB", "SWITCHBOARD_HTTP_BODY_BYTES_MAX", None,
+        "Largest HTTP request body (Content-Length); 413 above it. 1 KiB to 64 MiB.";
+    http_keepalive_timeout: Dur = "5s", "SWITCHBOARD_HTTP_KEEPALIVE_TIMEOUT", None,
+        "Idle time a kept-alive HTTP connection waits for its next request. At least 1s.";
+    http_keepalive_requests_max: U32 = "1000", "SWITCHBOARD_HTTP_KEEPALIVE_REQUESTS_MAX", None,
+        "Requests served on one HTTP connection before it is closed. At least 1.";
     ping_interval: Dur = "54s", "SWITCHBOARD_PING_INTERVAL", Some("WEBSOCKET_PING_INTERVAL"),
         "Server ping period on a quiet connection; must be below pong_wait.";
     pong_wait: Dur = "60s", "SWITCHBOARD_PONG_WAIT", Some("WEBSOCKET_PONG_WAIT"),
@@ -638,7 +675,11 @@ config_keys! {
     dedup_entries_max: Count = "1000000", "SWITCHBOARD_DEDUP_ENTRIES_MAX", None,
         "Most remembered (user, clientMsgId) pairs per node. At least 1.";
     max_dm_content_bytes: Bytes = "16KiB", "SWITCHBOARD_MAX_DM_CONTENT_BYTES", None,
-        "Longest direct-message content in bytes. At least 1.";
+        "Longest direct-message content in bytes, 1 B to 64 MiB.";
+    api_key: OptText = "", "SWITCHBOARD_API_KEY", None,
+        "Key for the server HTTP API (X-API-Key or Authorization: apikey <key>); empty = API off. Prefer the env var: flags show in ps. Never logged.";
+    cors_origins: List = "", "SWITCHBOARD_CORS_ORIGINS", None,
+        "Origins allowed to call the HTTP API from a browser (CORS, preflight OPTIONS), e.g. https://app.example; * = any; empty = no CORS headers.";
     shutdown_timeout: Dur = "30s", "SWITCHBOARD_SHUTDOWN_TIMEOUT", None,
         "Drain deadline after SIGTERM/SIGINT.";
     log_format: LogFormatKind = "text", "SWITCHBOARD_LOG_FORMAT", None,
@@ -647,11 +688,18 @@ config_keys! {
         "tracing filter directive, e.g. info or switchboard=debug.";
     strict: Flag = "false", "SWITCHBOARD_STRICT", None,
         "Refuse to start when max_connections cannot be reached with the machine's limits.";
+    expose_shard: Flag = "false", "SWITCHBOARD_EXPOSE_SHARD", None,
+        "Add the serving shard's index to connected.data.shard (for tests and debugging).";
 }
 
-/// Where a value came from, for error messages.
+/// Where a value came from, for error messages and cross-field checks.
+#[derive(Clone, Copy)]
 enum Source<'a> {
-    File(&'a str),
+    /// A YAML file; `at` is the dotted path when the key was not written flat at the top level.
+    File {
+        path: &'a str,
+        at: Option<&'a str>,
+    },
     Env(&'a str),
     Flag(&'a str),
 }
@@ -659,10 +707,25 @@ enum Source<'a> {
 impl std::fmt::Display for Source<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Source::File(path) => write!(f, "in {path}"),
+            Source::File { path, at: None } => write!(f, "in {path}"),
+            Source::File { path, at: Some(at) } => write!(f, "in {path} at {at}"),
             Source::Env(name) => write!(f, "from env {name}"),
             Source::Flag(flag) => write!(f, "from flag {flag}"),
         }
+    }
+}
+
+/// Which source set each key last; a key absent here holds its default. Cross-field errors
+/// quote it so the operator knows which file line, env var or flag to change.
+#[derive(Default)]
+struct Sources(std::collections::HashMap<String, String>);
+
+impl Sources {
+    fn of(&self, key: &str) -> String {
+        self.0
+            .get(key)
+            .cloned()
+            .unwrap_or_else(|| "default".to_owned())
     }
 }
 
@@ -677,13 +740,110 @@ fn apply(cfg: &mut Config, key: &str, raw: &Raw, source: Source<'_>) -> Result<(
     }
 }
 
+/// A key whose value is structured (a list of maps, a map of lists): the loader hands the raw
+/// YAML value to `apply` instead of flattening it. This is how keys such as room patterns or
+/// topic mappings are added: one row here with a parser into the key's own typed field.
+///
+/// The same key is accepted at `key` (flat) or nested (`a: {b: ...}` for `a_b`) in the file,
+/// from `SWITCHBOARD_<KEY>` and from `--key-with-dashes`; env and flag values are parsed as
+/// YAML flow text (so JSON works: `[{"pattern": "chat.*", "max": 10}]`).
+pub(crate) struct StructuredKey {
+    /// Flat key name, as for [`KeyInfo::key`].
+    pub key: &'static str,
+    /// `SWITCHBOARD_<KEY>`.
+    pub env: &'static str,
+    /// Parses the value and stores it in its field; Err is what was expected.
+    pub apply: fn(&mut Config, &serde_norway::Value) -> Result<(), String>,
+    /// One line of meaning, for `--help` and docs/CONFIG.md (listed after [`KEYS`]; the
+    /// default of a structured key is always "none").
+    pub doc: &'static str,
+}
+
+impl StructuredKey {
+    fn flag(&self) -> String {
+        format!("--{}", self.key.replace('_', "-"))
+    }
+}
+
+/// The structured keys of the product. None yet; the loader and a unit test with a test-only
+/// key (`test_paths` in the tests below) keep the path working. Adding one: a typed field in
+/// [`Config`] with its default, a row here with a parser into it, and its range checks in
+/// `validate_from`; `--help` and docs/CONFIG.md list it after the scalar keys.
+static STRUCTURED: &[StructuredKey] = &[];
+
+/// How a key of the rooms service's documented `websocket:` block maps here.
+enum Legacy {
+    /// Same meaning as this native key.
+    Key(&'static str),
+    /// Accepted for compatibility, with one start-up warning giving this reason.
+    NoEffect(&'static str),
+}
+
+/// The rooms service's documented YAML block (`websocket:` with `limits:` inside), as written
+/// there. Its env names are these paths upper-cased with `_` (`WEBSOCKET_LIMITS_MAX_CONNECTIONS`).
+static LEGACY_YAML: &[(&str, Legacy)] = &[
+    (
+        "websocket.enabled",
+        Legacy::NoEffect("Switchboard is the WebSocket server itself, so it is always on"),
+    ),
+    ("websocket.host", Legacy::Key("host")),
+    ("websocket.port", Legacy::Key("port")),
+    (
+        "websocket.timeout",
+        Legacy::NoEffect(
+            "the old service's single timeout is split here into handshake_timeout, \
+             auth_timeout, pong_wait and write_wait; set those instead",
+        ),
+    ),
+    (
+        "websocket.read_buffer_size",
+        Legacy::Key("read_buffer_size"),
+    ),
+    (
+        "websocket.write_buffer_size",
+        Legacy::Key("write_buffer_size"),
+    ),
+    (
+        "websocket.max_message_size",
+        Legacy::Key("max_message_size"),
+    ),
+    ("websocket.ping_interval", Legacy::Key("ping_interval")),
+    ("websocket.pong_wait", Legacy::Key("pong_wait")),
+    ("websocket.write_wait", Legacy::Key("write_wait")),
+    (
+        "websocket.limits.max_connections",
+        Legacy::Key("max_connections"),
+    ),
+    (
+        "websocket.limits.max_connections_per_room",
+        Legacy::Key("max_connections_per_room"),
+    ),
+];
+
+/// `websocket.limits.max_connections` -> `WEBSOCKET_LIMITS_MAX_CONNECTIONS`.
+fn legacy_env_name(path: &str) -> String {
+    path.replace('.', "_").to_ascii_uppercase()
+}
+
+/// Env variables with the `SWITCHBOARD_` prefix that are not settings but are read elsewhere
+/// (so they draw no "unknown variable" warning).
+const ENV_NOT_SETTINGS: &[&str] = &[CONFIG_FILE_ENV, "SWITCHBOARD_BLESS_DOCS", crate::fault::ENV];
+
+/// Largest edit distance at which a name is offered as "did you mean".
+const SUGGEST_DISTANCE_MAX: usize = 3;
+
+/// The candidate closest to `name` by edit distance, if it is close enough to be a likely typo.
+fn closest<'c>(name: &str, candidates: impl Iterator<Item = &'c str>) -> Option<&'c str> {
+    candidates
+        .map(|c| (edit_distance(name, c), c))
+        .filter(|(d, _)| *d <= SUGGEST_DISTANCE_MAX)
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, c)| c)
+}
+
 /// The key closest to `name` by edit distance, if it is close enough to be a likely typo.
 fn suggest(name: &str) -> Option<&'static str> {
-    KEYS.iter()
-        .map(|k| (edit_distance(name, k.key), k.key))
-        .filter(|(d, _)| *d <= 3)
-        .min_by_key(|(d, _)| *d)
-        .map(|(_, k)| k)
+    closest(name, KEYS.iter().map(|k| k.key))
 }
 
 /// Levenshtein distance; inputs are short config names (bounded by the caller's input).
@@ -712,18 +872,48 @@ fn unknown(what: &str, name: &str, dashes: bool) -> String {
     }
 }
 
+/// "unknown key" for a YAML path, suggesting the closest path that would be accepted there.
+fn unknown_path(path: &str, structured: &[StructuredKey]) -> String {
+    let parent = path.rsplit_once('.').map(|(p, _)| p);
+    let flat_names = KEYS
+        .iter()
+        .map(|k| k.key)
+        .chain(structured.iter().map(|s| s.key));
+    let mut candidates: Vec<String> = Vec::new();
+    for name in flat_names {
+        candidates.push(name.to_owned());
+        if let Some(p) = parent {
+            let head = format!("{}_", p.replace('.', "_"));
+            if let Some(rest) = name.strip_prefix(&head) {
+                candidates.push(format!("{p}.{rest}"));
+            }
+        }
+    }
+    candidates.extend(LEGACY_YAML.iter().map(|(p, _)| (*p).to_owned()));
+    match closest(path, candidates.iter().map(String::as_str)) {
+        Some(c) => format!("unknown key; did you mean `{c}`?"),
+        None => "unknown key; see --help for the list".to_owned(),
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Loading
 // ---------------------------------------------------------------------------------------------
 
+/// What a CLI flag sets.
+enum FlagTarget {
+    Key(&'static str),
+    Structured(&'static str),
+}
+
 /// Flags parsed from the command line, applied last.
 struct CliArgs {
     config_path: Option<String>,
-    /// (key, value, flag as typed) in command-line order.
-    values: Vec<(&'static str, String, String)>,
+    /// (target, value, flag as typed) in command-line order.
+    values: Vec<(FlagTarget, String, String)>,
 }
 
-fn parse_args(args: &[String]) -> Result<CliArgs, ConfigError> {
+fn parse_args(args: &[String], structured: &[StructuredKey]) -> Result<CliArgs, ConfigError> {
     let mut out = CliArgs {
         config_path: None,
         values: Vec::new(),
@@ -732,13 +922,17 @@ fn parse_args(args: &[String]) -> Result<CliArgs, ConfigError> {
     while i < args.len() {
         let arg = &args[i];
         i += 1;
-        if arg == "--help" || arg == "-h" {
-            return Err(ConfigError::new("help", Config::help_text()));
+        if matches!(arg.as_str(), "--help" | "-h" | "help") || arg.starts_with("--help=") {
+            return Err(ConfigError::new(HELP_KEY, Config::help_text()));
+        }
+        if matches!(arg.as_str(), "--version" | "-V") || arg.starts_with("--version=") {
+            return Err(ConfigError::new(VERSION_KEY, version_text()));
         }
         let Some(body) = arg.strip_prefix("--") else {
             return Err(ConfigError::new(
                 arg.as_str(),
-                "unexpected argument; settings are given as --key value",
+                "unexpected argument; settings are given as --key value, and the only \
+                 subcommands are `doctor` and `help`",
             ));
         };
         let (name, inline) = match body.split_once('=') {
@@ -746,14 +940,22 @@ fn parse_args(args: &[String]) -> Result<CliArgs, ConfigError> {
             None => (body, None),
         };
         let flag = format!("--{name}");
-        let info = if name == "config" || name.contains('_') {
+        let target = if name == "config" || name.contains('_') {
             None
         } else {
             let key = name.replace('-', "_");
-            KEYS.iter().find(|k| k.key == key)
+            KEYS.iter()
+                .find(|k| k.key == key)
+                .map(|k| FlagTarget::Key(k.key))
+                .or_else(|| {
+                    structured
+                        .iter()
+                        .find(|s| s.key == key)
+                        .map(|s| FlagTarget::Structured(s.key))
+                })
         };
-        let bool_flag = info.is_some_and(|k| is_bool_key(k.key));
-        if name != "config" && info.is_none() {
+        let bool_flag = matches!(target, Some(FlagTarget::Key(k)) if is_bool_key(k));
+        if name != "config" && target.is_none() {
             return Err(ConfigError::new(flag, unknown("flag", name, true)));
         }
         let value = match inline {
@@ -773,15 +975,15 @@ fn parse_args(args: &[String]) -> Result<CliArgs, ConfigError> {
                 _ => return Err(ConfigError::new(flag, "missing value")),
             },
         };
-        match info {
-            Some(k) => out.values.push((k.key, value, flag)),
+        match target {
+            Some(t) => out.values.push((t, value, flag)),
             None => out.config_path = Some(value),
         }
     }
     Ok(out)
 }
 
-/// Turns one YAML value into a [`Raw`]; flat files only.
+/// Turns one YAML value into a [`Raw`] for a key that takes one value or a list of values.
 fn yaml_raw(value: &serde_norway::Value) -> Result<Raw, String> {
     use serde_norway::Value;
     let scalar = |v: &Value| -> Option<String> {
@@ -799,9 +1001,10 @@ fn yaml_raw(value: &serde_norway::Value) -> Result<Raw, String> {
             .map(|v| scalar(v).ok_or_else(|| "expected a list of plain values".to_owned()))
             .collect::<Result<Vec<_>, _>>()
             .map(Raw::List),
-        v => scalar(v).map(Raw::Text).ok_or_else(|| {
-            "expected a plain value or a list (the file is flat, no nesting)".into()
-        }),
+        Value::Mapping(_) => Err("expected a plain value or a list, not a map".into()),
+        v => scalar(v)
+            .map(Raw::Text)
+            .ok_or_else(|| "expected a plain value or a list".into()),
     }
 }
 
@@ -822,17 +1025,253 @@ fn read_config_file(path: &str) -> Result<String, ConfigError> {
     Ok(text)
 }
 
-impl Config {
-    /// defaults <- YAML file (`--config PATH` in args, else env SWITCHBOARD_CONFIG) <- WEBSOCKET_*
-    /// env <- SWITCHBOARD_* env <- CLI flags; then validate().
-    /// `args` are the CLI args after the program name (no subcommand). `env` looks up an
-    /// environment variable.
-    pub fn load(
+/// A loaded configuration and the warnings to log once logging is up (one line each).
+#[derive(Debug)]
+pub struct Loaded {
+    pub config: Config,
+    /// Accepted-but-odd input: legacy keys without effect, legacy buffer sizes raised to the
+    /// floor, misspelled-looking env variables. Never contains a secret value.
+    pub warnings: Vec<String>,
+}
+
+/// One load in progress: the values so far, which source set each, and the warnings.
+struct Loader<'s> {
+    cfg: Config,
+    sources: Sources,
+    warnings: Vec<String>,
+    /// Legacy paths already warned about as having no effect (one warning each).
+    no_effect_warned: Vec<&'static str>,
+    structured: &'s [StructuredKey],
+}
+
+/// How a legacy setting is named in a warning: `websocket.timeout in app.yaml`,
+/// `env WEBSOCKET_TIMEOUT`.
+fn legacy_label(name: &str, source: Source<'_>) -> String {
+    match source {
+        Source::File { path, .. } => format!("{name} in {path}"),
+        Source::Env(env) => format!("env {env}"),
+        Source::Flag(flag) => format!("flag {flag}"),
+    }
+}
+
+impl Loader<'_> {
+    fn new(structured: &[StructuredKey]) -> Loader<'_> {
+        Loader {
+            cfg: Config::default(),
+            sources: Sources::default(),
+            warnings: Vec::new(),
+            no_effect_warned: Vec::new(),
+            structured,
+        }
+    }
+
+    fn set(&mut self, key: &str, raw: &Raw, source: Source<'_>) -> Result<(), ConfigError> {
+        apply(&mut self.cfg, key, raw, source)?;
+        self.sources.0.insert(key.to_owned(), source.to_string());
+        Ok(())
+    }
+
+    fn set_structured(
+        &mut self,
+        s: &StructuredKey,
+        value: &serde_norway::Value,
+        source: Source<'_>,
+    ) -> Result<(), ConfigError> {
+        (s.apply)(&mut self.cfg, value)
+            .map_err(|m| ConfigError::new(s.key, format!("invalid value {source}: {m}")))?;
+        self.sources.0.insert(s.key.to_owned(), source.to_string());
+        Ok(())
+    }
+
+    /// Structured values from env and flags arrive as YAML flow (or JSON) text.
+    fn set_structured_text(
+        &mut self,
+        s: &StructuredKey,
+        text: &str,
+        source: Source<'_>,
+    ) -> Result<(), ConfigError> {
+        let value: serde_norway::Value = serde_norway::from_str(text).map_err(|e| {
+            ConfigError::new(
+                s.key,
+                format!("invalid value {source}: expected YAML or JSON: {e}"),
+            )
+        })?;
+        self.set_structured(s, &value, source)
+    }
+
+    /// The old service's buffer sizes were per connection (1 KiB in its docs); here the read
+    /// and write buffers are per shard with a 4096-byte floor. A small value from the old
+    /// service's names is raised to the floor with a warning instead of stopping the start.
+    fn legacy_buffer_floor(&mut self, key: &str, name: &str, source: Source<'_>) {
+        let v = match key {
+            "read_buffer_size" => &mut self.cfg.read_buffer_size,
+            "write_buffer_size" => &mut self.cfg.write_buffer_size,
+            _ => return,
+        };
+        if *v < BUFFER_SIZE_MIN {
+            self.warnings.push(format!(
+                "{} = {v}: the old service's per-connection buffer size; here {key} is one \
+                 buffer per shard, so it was raised to the {BUFFER_SIZE_MIN}-byte minimum \
+                 (set {key} to {BUFFER_SIZE_MIN} or more to silence this)",
+                legacy_label(name, source)
+            ));
+            *v = BUFFER_SIZE_MIN;
+        }
+    }
+
+    /// One warning per legacy setting without effect, however many sources set it.
+    fn no_effect(&mut self, path: &'static str, source: Source<'_>, why: &str) {
+        if self.no_effect_warned.contains(&path) {
+            return;
+        }
+        self.no_effect_warned.push(path);
+        self.warnings.push(format!(
+            "{} has no effect here: {why}",
+            legacy_label(path, source)
+        ));
+    }
+
+    /// Applies a YAML document (nested maps allowed) on top of what is loaded.
+    fn apply_yaml(&mut self, text: &str, origin: &str) -> Result<(), ConfigError> {
+        use serde_norway::Value;
+        let doc: Value = serde_norway::from_str(text)
+            .map_err(|e| ConfigError::new("config", format!("{origin}: invalid YAML: {e}")))?;
+        match doc {
+            Value::Null => Ok(()),
+            Value::Mapping(map) => self.walk(&map, "", origin),
+            _ => Err(ConfigError::new(
+                "config",
+                format!("{origin}: expected a mapping of key: value at the top level"),
+            )),
+        }
+    }
+
+    /// One map of the file. A path names a key when, with dots read as `_`, it is a key
+    /// (`jwt: {secret: s}` is `jwt_secret`), or when it is a key of the old `websocket:` block;
+    /// a structured key takes its whole value; any other map is walked into when some key
+    /// lies below it. Anything else is refused, naming the full path.
+    fn walk(
+        &mut self,
+        map: &serde_norway::Mapping,
+        prefix: &str,
+        origin: &str,
+    ) -> Result<(), ConfigError> {
+        use serde_norway::Value;
+        for (k, v) in map {
+            let Value::String(name) = k else {
+                return Err(ConfigError::new(
+                    format!("{prefix}{k:?}"),
+                    format!("{origin}: keys must be strings"),
+                ));
+            };
+            let path = if prefix.is_empty() {
+                name.clone()
+            } else {
+                format!("{prefix}.{name}")
+            };
+            let at = (!prefix.is_empty()).then_some(path.as_str());
+            let source = Source::File { path: origin, at };
+            let flat = path.replace('.', "_");
+            let structured = self.structured;
+            if let Some(s) = structured.iter().find(|s| s.key == flat) {
+                self.set_structured(s, v, source)?;
+                continue;
+            }
+            if let Some((legacy_path, legacy)) = LEGACY_YAML.iter().find(|(p, _)| *p == path) {
+                match legacy {
+                    Legacy::Key(key) => {
+                        let raw = yaml_raw(v).map_err(|m| {
+                            ConfigError::new(path.as_str(), format!("in {origin}: {m}"))
+                        })?;
+                        self.set(key, &raw, source)?;
+                        self.legacy_buffer_floor(key, &path, source);
+                    }
+                    Legacy::NoEffect(why) => self.no_effect(legacy_path, source, why),
+                }
+                continue;
+            }
+            // A map where keys lie below is walked into, even when the path is itself a key
+            // (`max_connections: {per_user: 3}` is max_connections_per_user).
+            if let Value::Mapping(inner) = v {
+                if self.is_parent(&path) {
+                    self.walk(inner, &path, origin)?;
+                    continue;
+                }
+            }
+            if let Some(info) = KEYS.iter().find(|k| k.key == flat) {
+                let raw = yaml_raw(v).map_err(|m| {
+                    ConfigError::new(
+                        path.as_str(),
+                        format!("in {origin}: {m} (`{flat}` takes one value)"),
+                    )
+                })?;
+                self.set(info.key, &raw, source)?;
+                continue;
+            }
+            return Err(ConfigError::new(
+                path.as_str(),
+                format!("{origin}: {}", unknown_path(&path, self.structured)),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Some accepted path lies below `path`.
+    fn is_parent(&self, path: &str) -> bool {
+        let head = format!("{}_", path.replace('.', "_"));
+        let dotted = format!("{path}.");
+        KEYS.iter().any(|k| k.key.starts_with(&head))
+            || self.structured.iter().any(|s| s.key.starts_with(&head))
+            || LEGACY_YAML.iter().any(|(p, _)| p.starts_with(&dotted))
+    }
+
+    /// Warns about `SWITCHBOARD_*` variables that are no setting (naming the closest one) and
+    /// `WEBSOCKET_*` ones close to a name the old service had.
+    fn check_env_names(&mut self, env_names: &[String]) {
+        for name in env_names {
+            if let Some(rest) = name.strip_prefix("SWITCHBOARD_") {
+                let known = KEYS.iter().any(|k| k.env == name)
+                    || self.structured.iter().any(|s| s.env == name)
+                    || ENV_NOT_SETTINGS.contains(&name.as_str());
+                if known || rest.is_empty() {
+                    continue;
+                }
+                let envs = KEYS
+                    .iter()
+                    .map(|k| k.env)
+                    .chain(self.structured.iter().map(|s| s.env));
+                self.warnings.push(match closest(name, envs) {
+                    Some(env) => format!(
+                        "env {name} is not a setting and is ignored; did you mean {env}?"
+                    ),
+                    None => format!(
+                        "env {name} is not a setting and is ignored; `switchboard --help` lists them"
+                    ),
+                });
+            } else if name.starts_with("WEBSOCKET_") {
+                let legacy: Vec<String> = LEGACY_YAML
+                    .iter()
+                    .map(|(p, _)| legacy_env_name(p))
+                    .collect();
+                if legacy.iter().any(|l| l == name) {
+                    continue;
+                }
+                if let Some(l) = closest(name, legacy.iter().map(String::as_str)) {
+                    self.warnings.push(format!(
+                        "env {name} is not a setting of the old service and is ignored; did you mean {l}?"
+                    ));
+                }
+            }
+        }
+    }
+
+    fn load(
+        mut self,
         args: &[String],
         env: &dyn Fn(&str) -> Option<String>,
-    ) -> Result<Config, ConfigError> {
-        let cli = parse_args(args)?;
-        let mut cfg = Config::default();
+        env_names: &[String],
+    ) -> Result<Loaded, ConfigError> {
+        let cli = parse_args(args, self.structured)?;
 
         let path = cli.config_path.clone().or_else(|| env(CONFIG_FILE_ENV));
         if let Some(path) = path {
@@ -840,69 +1279,107 @@ impl Config {
                 return Err(ConfigError::new("config", "empty config file path"));
             }
             let text = read_config_file(&path)?;
-            cfg.apply_yaml(&text, &path)?;
+            self.apply_yaml(&text, &path)?;
         }
 
-        for info in KEYS {
-            if let Some(legacy) = info.legacy_env {
-                if let Some(v) = env(legacy) {
-                    apply(&mut cfg, info.key, &Raw::Text(v), Source::Env(legacy))?;
+        for (path, legacy) in LEGACY_YAML {
+            let name = legacy_env_name(path);
+            let Some(v) = env(&name) else { continue };
+            let source = Source::Env(&name);
+            match legacy {
+                Legacy::Key(key) => {
+                    self.set(key, &Raw::Text(v), source)?;
+                    self.legacy_buffer_floor(key, &name, source);
                 }
+                Legacy::NoEffect(why) => self.no_effect(path, source, why),
             }
         }
         for info in KEYS {
             if let Some(v) = env(info.env) {
-                apply(&mut cfg, info.key, &Raw::Text(v), Source::Env(info.env))?;
+                self.set(info.key, &Raw::Text(v), Source::Env(info.env))?;
             }
         }
-        for (key, value, flag) in cli.values {
-            apply(&mut cfg, key, &Raw::Text(value), Source::Flag(&flag))?;
+        let structured = self.structured;
+        for s in structured {
+            if let Some(v) = env(s.env) {
+                self.set_structured_text(s, &v, Source::Env(s.env))?;
+            }
+        }
+        self.check_env_names(env_names);
+        for (target, value, flag) in cli.values {
+            match target {
+                FlagTarget::Key(key) => self.set(key, &Raw::Text(value), Source::Flag(&flag))?,
+                FlagTarget::Structured(key) => {
+                    if let Some(s) = structured.iter().find(|s| s.key == key) {
+                        self.set_structured_text(s, &value, Source::Flag(&flag))?;
+                    }
+                }
+            }
         }
 
-        cfg.validate()?;
-        Ok(cfg)
+        self.cfg.validate_from(Some(&self.sources))?;
+        Ok(Loaded {
+            config: self.cfg,
+            warnings: self.warnings,
+        })
+    }
+}
+
+/// `switchboard <version>`, as `--version` prints it.
+pub fn version_text() -> String {
+    format!("switchboard {}", env!("CARGO_PKG_VERSION"))
+}
+
+impl Config {
+    /// defaults <- YAML file (`--config PATH` in args, else env SWITCHBOARD_CONFIG) <- WEBSOCKET_*
+    /// env <- SWITCHBOARD_* env <- CLI flags; then validate(). Warnings are dropped: the server
+    /// uses [`Config::load_with_warnings`].
+    /// `args` are the CLI args after the program name (no subcommand). `env` looks up an
+    /// environment variable.
+    pub fn load(
+        args: &[String],
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        Config::load_with_warnings(args, env, &[]).map(|l| l.config)
     }
 
-    /// Applies a flat YAML document on top of `self`. `origin` names the file in errors.
+    /// [`Config::load`], plus the warnings to log once logging is up. `env_names` are the names
+    /// of the variables in the environment (values are read through `env`), checked for
+    /// misspelled `SWITCHBOARD_*` / `WEBSOCKET_*` names.
+    pub fn load_with_warnings(
+        args: &[String],
+        env: &dyn Fn(&str) -> Option<String>,
+        env_names: &[String],
+    ) -> Result<Loaded, ConfigError> {
+        Loader::new(STRUCTURED).load(args, env, env_names)
+    }
+
+    /// Applies a YAML document on top of `self` (tests and the docs example).
+    #[cfg(test)]
     fn apply_yaml(&mut self, text: &str, origin: &str) -> Result<(), ConfigError> {
-        use serde_norway::Value;
-        let doc: Value = serde_norway::from_str(text)
-            .map_err(|e| ConfigError::new("config", format!("{origin}: invalid YAML: {e}")))?;
-        let map = match doc {
-            Value::Null => return Ok(()),
-            Value::Mapping(map) => map,
-            _ => {
-                return Err(ConfigError::new(
-                    "config",
-                    format!("{origin}: expected a mapping of key: value at the top level"),
-                ))
-            }
-        };
-        for (k, v) in &map {
-            let Value::String(key) = k else {
-                return Err(ConfigError::new(
-                    format!("{k:?}"),
-                    format!("{origin}: keys must be strings"),
-                ));
-            };
-            if !KEYS.iter().any(|info| info.key == key) {
-                return Err(ConfigError::new(
-                    key.as_str(),
-                    format!("{origin}: {}", unknown("key", key, false)),
-                ));
-            }
-            let raw = yaml_raw(v)
-                .map_err(|m| ConfigError::new(key.as_str(), format!("in {origin}: {m}")))?;
-            apply(self, key, &raw, Source::File(origin))?;
-        }
-        Ok(())
+        let mut loader = Loader::new(STRUCTURED);
+        loader.cfg = std::mem::take(self);
+        let out = loader.apply_yaml(text, origin);
+        *self = loader.cfg;
+        out
     }
 
-    /// Checks every cross-field and range rule. Every error names its key.
+    /// Checks every range and cross-field rule. Every error names its key.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_from(None)
+    }
+
+    /// [`Config::validate`]; with `sources`, a cross-field error says which source set each
+    /// value it names.
+    fn validate_from(&self, sources: Option<&Sources>) -> Result<(), ConfigError> {
         fn fail(key: &str, message: String) -> Result<(), ConfigError> {
             Err(ConfigError::new(key, message))
         }
+        // " (from env X)" after a value in a cross-field error; nothing without sources.
+        let from = |key: &str| match sources {
+            Some(s) => format!(" ({})", s.of(key)),
+            None => String::new(),
+        };
         fn check_path(key: &str, p: &str) -> Result<(), ConfigError> {
             if !p.starts_with('/') {
                 return fail(key, format!("path {p:?} must start with '/'"));
@@ -927,12 +1404,25 @@ impl Config {
             }
             Ok(())
         }
-        fn at_least(key: &str, v: usize, min: usize) -> Result<(), ConfigError> {
+        fn at_least(key: &str, v: u64, min: u64) -> Result<(), ConfigError> {
             if v < min {
                 return fail(key, format!("must be at least {min}, got {v}"));
             }
             Ok(())
         }
+        fn between(key: &str, v: u64, min: u64, max: u64, why: &str) -> Result<(), ConfigError> {
+            if !(min..=max).contains(&v) {
+                return fail(
+                    key,
+                    format!("must be between {min} and {max}{why}, got {v}"),
+                );
+            }
+            Ok(())
+        }
+        fn at_most(key: &str, v: u64, max: u64, why: &str) -> Result<(), ConfigError> {
+            between(key, v, 0, max, why)
+        }
+        let size = |v: usize| v as u64;
 
         if self.port == 0 {
             fail("port", "must be 1-65535, got 0".into())?;
@@ -958,7 +1448,14 @@ impl Config {
         if let Some(p) = &self.echo_path {
             check_path("echo_path", p)?;
             if self.ws_paths.contains(p) {
-                fail("echo_path", format!("path {p:?} is also in ws_paths"))?;
+                fail(
+                    "echo_path",
+                    format!(
+                        "path {p:?}{} is also in ws_paths{}",
+                        from("echo_path"),
+                        from("ws_paths")
+                    ),
+                )?;
             }
         }
         if !(MESSAGE_SIZE_MIN..=MESSAGE_SIZE_MAX).contains(&self.max_message_size) {
@@ -970,51 +1467,135 @@ impl Config {
                 ),
             )?;
         }
-        at_least("read_buffer_size", self.read_buffer_size, 4096)?;
-        at_least("write_buffer_size", self.write_buffer_size, 4096)?;
-        at_least("send_queue_bytes_max", self.send_queue_bytes_max, 4096)?;
-        at_least("max_rooms_per_connection", self.max_rooms_per_connection, 1)?;
-        at_least("max_connections_per_user", self.max_connections_per_user, 1)?;
-        if self.max_connections_per_user > 65_535 {
-            return fail(
-                "max_connections_per_user",
-                format!("{} is above 65535", self.max_connections_per_user),
-            );
-        }
-        if !(1..=4096).contains(&self.max_room_name_bytes) {
-            fail(
-                "max_room_name_bytes",
-                format!(
-                    "must be between 1 and 4096, got {}",
-                    self.max_room_name_bytes
-                ),
+        let buffer_why = " bytes (one buffer per shard)";
+        for (key, v) in [
+            ("read_buffer_size", self.read_buffer_size),
+            ("write_buffer_size", self.write_buffer_size),
+        ] {
+            between(
+                key,
+                size(v),
+                BUFFER_SIZE_MIN as u64,
+                BUFFER_SIZE_MAX as u64,
+                buffer_why,
             )?;
         }
-        if !(1024..=1024 * 1024).contains(&self.max_request_header_bytes) {
-            fail(
-                "max_request_header_bytes",
-                format!(
-                    "must be between 1024 and 1MiB, got {}",
-                    self.max_request_header_bytes
-                ),
+        between(
+            "send_queue_bytes_max",
+            size(self.send_queue_bytes_max),
+            BUFFER_SIZE_MIN as u64,
+            SEND_QUEUE_BYTES_CEILING as u64,
+            " (the queued byte count per connection is a u32)",
+        )?;
+        for (key, v) in [("so_sndbuf", self.so_sndbuf), ("so_rcvbuf", self.so_rcvbuf)] {
+            at_most(
+                key,
+                u64::from(v),
+                SOCKET_BUFFER_BYTES_MAX as u64,
+                " (setsockopt takes a C int and the kernel doubles it)",
             )?;
         }
-        at_least("max_dm_content_bytes", self.max_dm_content_bytes, 1)?;
-        at_least("dedup_entries_max", self.dedup_entries_max, 1)?;
+        at_most(
+            "listen_backlog",
+            u64::from(self.listen_backlog),
+            LISTEN_BACKLOG_MAX as u64,
+            " (listen(2) takes a C int)",
+        )?;
+        at_most(
+            "max_connections",
+            self.max_connections,
+            CONNECTIONS_MAX,
+            " (every connection is one file descriptor, a C int)",
+        )?;
+        between(
+            "max_connections_per_user",
+            size(self.max_connections_per_user),
+            1,
+            CONNECTIONS_PER_USER_MAX as u64,
+            "",
+        )?;
+        at_least(
+            "max_rooms_per_connection",
+            size(self.max_rooms_per_connection),
+            1,
+        )?;
+        between(
+            "max_room_name_bytes",
+            size(self.max_room_name_bytes),
+            1,
+            4096,
+            "",
+        )?;
+        between(
+            "max_request_header_bytes",
+            size(self.max_request_header_bytes),
+            1024,
+            1024 * 1024,
+            " (1KiB to 1MiB)",
+        )?;
+        between(
+            "http_body_bytes_max",
+            size(self.http_body_bytes_max),
+            HTTP_BODY_BYTES_MIN as u64,
+            HTTP_BODY_BYTES_LIMIT as u64,
+            " (1KiB to 64MiB)",
+        )?;
+        at_least(
+            "http_keepalive_requests_max",
+            u64::from(self.http_keepalive_requests_max),
+            1,
+        )?;
+        between(
+            "max_dm_content_bytes",
+            size(self.max_dm_content_bytes),
+            1,
+            MESSAGE_SIZE_MAX as u64,
+            " (a DM travels in one message)",
+        )?;
+        at_least("dedup_entries_max", size(self.dedup_entries_max), 1)?;
 
+        for (key, d) in [
+            ("handshake_timeout", self.handshake_timeout),
+            ("ping_interval", self.ping_interval),
+            ("pong_wait", self.pong_wait),
+            ("write_wait", self.write_wait),
+            ("http_keepalive_timeout", self.http_keepalive_timeout),
+            ("jwt_leeway", self.jwt_leeway),
+            ("auth_timeout", self.auth_timeout),
+            ("token_refresh_window", self.token_refresh_window),
+            ("token_expiry_grace", self.token_expiry_grace),
+            ("dedup_window", self.dedup_window),
+            ("shutdown_timeout", self.shutdown_timeout),
+        ] {
+            if d > DURATION_MAX {
+                fail(
+                    key,
+                    format!("{d:?} is over the 24h maximum for any duration"),
+                )?;
+            }
+        }
         nonzero("ping_interval", self.ping_interval)?;
         nonzero("pong_wait", self.pong_wait)?;
         if self.ping_interval >= self.pong_wait {
             fail(
                 "ping_interval",
                 format!(
-                    "must be less than pong_wait ({:?}), got {:?}",
-                    self.pong_wait, self.ping_interval
+                    "must be less than pong_wait: ping_interval {:?}{} >= pong_wait {:?}{}",
+                    self.ping_interval,
+                    from("ping_interval"),
+                    self.pong_wait,
+                    from("pong_wait"),
                 ),
             )?;
         }
         nonzero("handshake_timeout", self.handshake_timeout)?;
         nonzero("write_wait", self.write_wait)?;
+        if self.http_keepalive_timeout < Duration::from_secs(1) {
+            fail(
+                "http_keepalive_timeout",
+                format!("must be at least 1s, got {:?}", self.http_keepalive_timeout),
+            )?;
+        }
         if self.write_coalesce > Duration::from_secs(5) {
             return fail(
                 "write_coalesce",
@@ -1030,24 +1611,59 @@ impl Config {
             ("rate_limit_burst", self.rate_limit_burst),
             ("rate_limit_max_violations", self.rate_limit_max_violations),
         ] {
-            at_least(key, v as usize, 1)?;
+            at_least(key, u64::from(v), 1)?;
         }
         if self.log_level.trim().is_empty() {
             fail("log_level", "must not be empty".into())?;
         }
+        if let Some(k) = &self.api_key {
+            // A header value: visible ASCII only. The key itself is never echoed.
+            if !k.bytes().all(|b| b.is_ascii_graphic()) {
+                fail(
+                    "api_key",
+                    "must be visible ASCII without spaces (it travels in an HTTP header)".into(),
+                )?;
+            }
+        }
+        for o in &self.cors_origins {
+            if o == "*" {
+                if self.cors_origins.len() > 1 {
+                    fail(
+                        "cors_origins",
+                        "`*` allows every origin; list it alone".into(),
+                    )?;
+                }
+                continue;
+            }
+            let rest = o
+                .strip_prefix("https://")
+                .or_else(|| o.strip_prefix("http://"));
+            if !matches!(rest, Some(r) if !r.is_empty() && !r.contains('/')) {
+                fail(
+                    "cors_origins",
+                    format!(
+                        "{o:?} is not an origin; expected scheme://host[:port] without a path, e.g. https://app.example, or *"
+                    ),
+                )?;
+            }
+        }
 
         if self.auth_mode == AuthMode::Jwt {
-            self.validate_jwt()?;
+            self.validate_jwt(&from)?;
         }
         Ok(())
     }
 
-    fn validate_jwt(&self) -> Result<(), ConfigError> {
+    fn validate_jwt(&self, from: &dyn Fn(&str) -> String) -> Result<(), ConfigError> {
         let key = "jwt_algorithms";
         if self.jwt_algorithms.is_empty() {
             return Err(ConfigError::new(
                 key,
-                "must list at least one algorithm in jwt mode",
+                format!(
+                    "must list at least one algorithm in jwt mode (auth_mode jwt{}, jwt_algorithms{})",
+                    from("auth_mode"),
+                    from("jwt_algorithms")
+                ),
             ));
         }
         let mut family = None;
@@ -1077,15 +1693,22 @@ impl Config {
             if !matches!(self.jwt_secret.as_deref(), Some(s) if !s.is_empty()) {
                 return Err(ConfigError::new(
                     "jwt_secret",
-                    "is required for HS256/HS384/HS512 in jwt mode",
+                    format!(
+                        "is required for {} in jwt mode (auth_mode jwt{}, jwt_algorithms{})",
+                        self.jwt_algorithms.join("/"),
+                        from("auth_mode"),
+                        from("jwt_algorithms")
+                    ),
                 ));
             }
         } else if !matches!(self.jwt_public_key_file.as_deref(), Some(s) if !s.is_empty()) {
             return Err(ConfigError::new(
                 "jwt_public_key_file",
                 format!(
-                    "is required for {} in jwt mode",
-                    self.jwt_algorithms.join("/")
+                    "is required for {} in jwt mode (auth_mode jwt{}, jwt_algorithms{})",
+                    self.jwt_algorithms.join("/"),
+                    from("auth_mode"),
+                    from("jwt_algorithms")
                 ),
             ));
         }
@@ -1100,9 +1723,13 @@ impl Config {
     /// Usage plus every key with its flag, env vars, default and meaning.
     pub fn help_text() -> String {
         let mut out = String::from(
-            "Usage: switchboard [--config PATH] [--<key> VALUE]...\n\
+            "Usage: switchboard [--config PATH] [--<key> VALUE]...\n       \
+             switchboard doctor [--connections N] [--json]   check this machine's limits\n       \
+             switchboard help | --help | --version\n\
              \n\
              Thread-per-core WebSocket messaging server.\n\
+             `switchboard doctor` says whether this machine can hold N connections and prints\n\
+             the exact fix for each limit that is too low (see `switchboard doctor --help`).\n\
              \n\
              Settings, later wins: built-in defaults, the YAML file given by --config PATH (or env\n\
              SWITCHBOARD_CONFIG), legacy WEBSOCKET_* env vars, SWITCHBOARD_* env vars, flags.\n\
@@ -1112,8 +1739,11 @@ impl Config {
              Lists: comma-separated. An empty value turns an optional setting off.\n\
              \n\
              Options:\n  \
-             --config <PATH>\n      YAML file of flat `key: value` lines (keys as below).\n  \
-             -h, --help\n      Print this help.\n",
+             --config <PATH>\n      YAML file of `key: value` lines (keys as below; nested maps\n      \
+             join with `_`: `jwt: {secret: s}` is jwt_secret; the old `websocket:` block is\n      \
+             accepted as documented, see docs/CONFIG.md).\n  \
+             -h, --help\n      Print this help.\n  \
+             -V, --version\n      Print the version.\n",
         );
         for k in KEYS {
             let default = if k.default.is_empty() {
@@ -1134,6 +1764,14 @@ impl Config {
             }
             out.push('\n');
         }
+        for s in STRUCTURED {
+            out.push_str(&format!(
+                "  {} <YAML>   [default: (none)]\n      {}\n      env: {}\n",
+                s.flag(),
+                s.doc,
+                s.env
+            ));
+        }
         out
     }
 }
@@ -1144,6 +1782,36 @@ pub const SHARDS_MAX: usize = 64;
 pub const MESSAGE_SIZE_MIN: usize = 125;
 /// Largest `max_message_size`: 64 MiB.
 pub const MESSAGE_SIZE_MAX: usize = 64 * 1024 * 1024;
+/// Smallest `read_buffer_size` / `write_buffer_size` / `send_queue_bytes_max`: one page, below
+/// which every frame header and HTTP head would need several calls.
+pub const BUFFER_SIZE_MIN: usize = 4096;
+/// Largest `read_buffer_size` / `write_buffer_size` (one buffer per shard): 64 MiB, the
+/// largest message; more only costs memory.
+pub const BUFFER_SIZE_MAX: usize = 64 * 1024 * 1024;
+/// Largest `send_queue_bytes_max`: 1 GiB. A connection's queued byte count is a u32; 1 GiB plus
+/// one largest message (64 MiB) stays far below u32::MAX, so the 4008 check never wraps.
+pub const SEND_QUEUE_BYTES_CEILING: usize = 1 << 30;
+/// Largest `so_sndbuf` / `so_rcvbuf`: 1 GiB. setsockopt takes a C int and the kernel doubles
+/// the value, so anything above i32::MAX / 2 would wrap.
+pub const SOCKET_BUFFER_BYTES_MAX: u32 = 1 << 30;
+/// Largest `listen_backlog`: listen(2) takes a C int.
+pub const LISTEN_BACKLOG_MAX: u32 = i32::MAX as u32;
+/// Largest `max_connections`: every connection is one fd, and an fd is a C int.
+pub const CONNECTIONS_MAX: u64 = i32::MAX as u64;
+/// Largest `max_connections_per_user`: far above any person's devices; bounds the per-user
+/// device list that is scanned when one device leaves.
+pub const CONNECTIONS_PER_USER_MAX: usize = 65_535;
+/// Smallest and largest `http_body_bytes_max`.
+pub const HTTP_BODY_BYTES_MIN: usize = 1024;
+pub const HTTP_BODY_BYTES_LIMIT: usize = 64 * 1024 * 1024;
+/// Longest accepted duration (all duration keys but `write_coalesce`, capped at 5 s): 24 h.
+/// Token windows are kept as u32 seconds, DM dedup expiry as milliseconds added to now and
+/// timers as u32 ticks of 100 ms; 24 h keeps every one of them far from overflow.
+pub const DURATION_MAX: Duration = Duration::from_secs(24 * 3600);
+/// [`ConfigError::key`] of the "print the help and exit 0" outcome of [`Config::load`].
+pub const HELP_KEY: &str = "help";
+/// [`ConfigError::key`] of the "print the version and exit 0" outcome of [`Config::load`].
+pub const VERSION_KEY: &str = "version";
 
 // ---------------------------------------------------------------------------------------------
 // Value syntax
@@ -1306,11 +1974,21 @@ mod tests {
             .filter(|l| !l.starts_with(' '))
             .filter_map(|l| l.split_once(':').map(|(name, _)| name))
             .collect();
+        // Structured keys are fields too, declared in STRUCTURED instead of KEYS.
+        let fields: Vec<&str> = fields
+            .into_iter()
+            .filter(|f| !STRUCTURED.iter().any(|s| s.key == *f))
+            .collect();
         let keys: Vec<&str> = KEYS.iter().map(|k| k.key).collect();
         assert_eq!(
             fields, keys,
             "KEYS must list every Config field, in field order"
         );
+        for s in STRUCTURED {
+            assert_eq!(s.env, format!("SWITCHBOARD_{}", s.key.to_ascii_uppercase()));
+            assert!(!s.doc.is_empty(), "{} has no doc", s.key);
+            assert!(!KEYS.iter().any(|k| k.key == s.key), "{} twice", s.key);
+        }
         for k in KEYS {
             assert_eq!(k.env, format!("SWITCHBOARD_{}", k.key.to_ascii_uppercase()));
             assert!(!k.doc.is_empty(), "{} has no doc", k.key);
@@ -1470,7 +2148,7 @@ mod tests {
         assert_eq!(e.key, "limits");
         let e = yaml_err("port:\n  nested: 1\n");
         assert_eq!(e.key, "port");
-        assert!(e.message.contains("flat"), "{e}");
+        assert!(e.message.contains("not a map"), "{e}");
         assert_eq!(yaml_err("- a\n- b\n").key, "config");
         assert_eq!(yaml_err("port: [1, 2\n").key, "config");
         assert_eq!(yaml_err("port: 1\nport: 2\n").key, "config");
@@ -1843,6 +2521,63 @@ mod tests {
                 Box::new(|c| c.rate_limit_max_violations = 0),
             ),
             ("log_level", Box::new(|c| c.log_level = " ".into())),
+            (
+                "send_queue_bytes_max",
+                Box::new(|c| c.send_queue_bytes_max = SEND_QUEUE_BYTES_CEILING + 1),
+            ),
+            (
+                "write_buffer_size",
+                Box::new(|c| c.write_buffer_size = BUFFER_SIZE_MAX + 1),
+            ),
+            (
+                "so_rcvbuf",
+                Box::new(|c| c.so_rcvbuf = SOCKET_BUFFER_BYTES_MAX + 1),
+            ),
+            (
+                "max_connections_per_user",
+                Box::new(|c| c.max_connections_per_user = 0),
+            ),
+            (
+                "max_connections_per_user",
+                Box::new(|c| c.max_connections_per_user = 65_536),
+            ),
+            (
+                "http_body_bytes_max",
+                Box::new(|c| c.http_body_bytes_max = 1023),
+            ),
+            (
+                "http_body_bytes_max",
+                Box::new(|c| c.http_body_bytes_max = HTTP_BODY_BYTES_LIMIT + 1),
+            ),
+            (
+                "http_keepalive_timeout",
+                Box::new(|c| c.http_keepalive_timeout = Duration::from_millis(999)),
+            ),
+            (
+                "http_keepalive_requests_max",
+                Box::new(|c| c.http_keepalive_requests_max = 0),
+            ),
+            (
+                "max_dm_content_bytes",
+                Box::new(|c| c.max_dm_content_bytes = MESSAGE_SIZE_MAX + 1),
+            ),
+            (
+                "shutdown_timeout",
+                Box::new(|c| c.shutdown_timeout = DURATION_MAX + Duration::from_secs(1)),
+            ),
+            ("api_key", Box::new(|c| c.api_key = Some("a b".into()))),
+            (
+                "cors_origins",
+                Box::new(|c| c.cors_origins = vec!["app.example".into()]),
+            ),
+            (
+                "cors_origins",
+                Box::new(|c| c.cors_origins = vec!["https://app.example/".into()]),
+            ),
+            (
+                "cors_origins",
+                Box::new(|c| c.cors_origins = vec!["*".into(), "https://a.example".into()]),
+            ),
             ("jwt_algorithms", Box::new(|c| *c = jwt_cfg(&[]))),
             ("jwt_algorithms", Box::new(|c| *c = jwt_cfg(&["none"]))),
             ("jwt_algorithms", Box::new(|c| *c = jwt_cfg(&["hs256"]))),
@@ -1906,6 +2641,17 @@ mod tests {
             Box::new(|c| c.echo_path = Some("/echo".into())),
             Box::new(|c| c.ping_interval = c.pong_wait - Duration::from_millis(1)),
             Box::new(|c| c.jwt_algorithms.clear()), // not in jwt mode
+            Box::new(|c| c.send_queue_bytes_max = SEND_QUEUE_BYTES_CEILING),
+            Box::new(|c| c.max_connections_per_user = 65_535),
+            Box::new(|c| c.http_body_bytes_max = HTTP_BODY_BYTES_MIN),
+            Box::new(|c| c.http_body_bytes_max = HTTP_BODY_BYTES_LIMIT),
+            Box::new(|c| c.http_keepalive_timeout = Duration::from_secs(1)),
+            Box::new(|c| c.dedup_window = DURATION_MAX),
+            Box::new(|c| c.cors_origins = vec!["*".into()]),
+            Box::new(|c| {
+                c.cors_origins = vec!["https://a.example".into(), "http://b.example:8080".into()]
+            }),
+            Box::new(|c| c.api_key = Some("k-0123456789".into())),
             Box::new(|c| *c = jwt_cfg(&["HS256", "HS384", "HS512"])),
             Box::new(|c| *c = jwt_cfg(&["RS256", "RS512", "PS256", "PS384"])),
             Box::new(|c| *c = jwt_cfg(&["ES256", "ES384"])),
@@ -1950,6 +2696,15 @@ mod tests {
                 k.doc
             ));
         }
+        for s in STRUCTURED {
+            out.push_str(&format!(
+                "| `{}` | `{}` | `{} <YAML>` | (none) | {} |\n",
+                s.key,
+                s.env,
+                s.flag(),
+                s.doc
+            ));
+        }
         out
     }
 
@@ -1981,17 +2736,27 @@ mod tests {
     }
 
     #[test]
-    fn config_md_example_is_valid() {
+    fn config_md_examples_are_valid() {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/CONFIG.md");
         let doc = std::fs::read_to_string(path).expect("docs/CONFIG.md exists");
-        let start = doc.find("```yaml\n").expect("an example yaml block") + "```yaml\n".len();
-        let len = doc[start..].find("```").expect("end of the yaml block");
-        let mut cfg = Config::default();
-        cfg.apply_yaml(&doc[start..start + len], "CONFIG.md")
-            .expect("example parses");
-        cfg.validate().expect("example validates");
-        assert_eq!(cfg.auth_mode, AuthMode::Jwt);
-        assert_eq!(cfg.max_connections, 500_000);
+        let example_at = doc.find("## Example").expect("an Example section");
+        let mut blocks = 0;
+        let mut rest = 0;
+        while let Some(found) = doc[rest..].find("```yaml\n") {
+            let start = rest + found + "```yaml\n".len();
+            let len = doc[start..].find("```").expect("end of the yaml block");
+            let mut cfg = Config::default();
+            cfg.apply_yaml(&doc[start..start + len], "CONFIG.md")
+                .unwrap_or_else(|e| panic!("block at byte {start} does not parse: {e}"));
+            cfg.validate().expect("example validates");
+            if start > example_at {
+                assert_eq!(cfg.auth_mode, AuthMode::Jwt);
+                assert_eq!(cfg.max_connections, 500_000);
+            }
+            blocks += 1;
+            rest = start + len;
+        }
+        assert!(blocks >= 3, "CONFIG.md has {blocks} yaml blocks");
     }
 
     #[test]
@@ -2012,5 +2777,447 @@ mod tests {
         )
         .expect_err("negative");
         assert_eq!(e.key, "write_coalesce_min_rate", "{e:?}");
+    }
+
+    fn load_warn(a: &[&str], env: &[(&str, &str)]) -> Loaded {
+        let names: Vec<String> = env.iter().map(|(k, _)| (*k).to_owned()).collect();
+        Config::load_with_warnings(&args(a), &env_of(env), &names)
+            .unwrap_or_else(|e| panic!("load failed: {e}"))
+    }
+
+    #[test]
+    fn nested_yaml_joins_the_path_with_underscores() {
+        let mut cfg = Config::default();
+        cfg.apply_yaml(
+            "jwt:\n  secret: s3cret\n  algorithms: [HS384]\nrate_limit:\n  per_sec: 5\n  burst: 9\n\
+             max:\n  connections:\n    per_user: 3\nhttp: {keepalive_timeout: 2s}\n",
+            "t.yaml",
+        )
+        .expect("nested native keys");
+        assert_eq!(cfg.jwt_secret.as_deref(), Some("s3cret"));
+        assert_eq!(cfg.jwt_algorithms, vec!["HS384"]);
+        assert_eq!((cfg.rate_limit_per_sec, cfg.rate_limit_burst), (5, 9));
+        assert_eq!(cfg.max_connections_per_user, 3);
+        assert_eq!(cfg.http_keepalive_timeout, Duration::from_secs(2));
+        // A bad nested value names the key and where it was written.
+        let e = yaml_err("jwt:\n  leeway: soon\n");
+        assert_eq!(e.key, "jwt_leeway");
+        assert!(e.message.contains("in test.yaml at jwt.leeway"), "{e}");
+    }
+
+    /// The rooms service's documented block, verbatim (its README, "Full Configuration Example").
+    const ROOMS_SERVICE_BLOCK: &str = r#"websocket:
+  enabled: true
+  host: "0.0.0.0"
+  port: 8081
+  timeout: "30s"
+  read_buffer_size: 1024
+  write_buffer_size: 1024
+  max_message_size: 512000  # 500KB
+  ping_interval: "54s"
+  pong_wait: "60s"
+  write_wait: "10s"
+  
+  limits:
+    max_connections: 10000       # 0 = unlimited
+    max_connections_per_room: 1000  # 0 = unlimited
+"#;
+
+    #[test]
+    fn rooms_service_block_is_accepted_as_written() {
+        let file = TempFile::new("rooms-block", ROOMS_SERVICE_BLOCK);
+        let path = file.path();
+        let loaded = load_warn(&["--config", &path], &[]);
+        let cfg = &loaded.config;
+        assert_eq!((cfg.host.as_str(), cfg.port), ("0.0.0.0", 8081));
+        assert_eq!(cfg.max_message_size, 512_000);
+        assert_eq!(
+            (cfg.ping_interval, cfg.pong_wait, cfg.write_wait),
+            (
+                Duration::from_secs(54),
+                Duration::from_secs(60),
+                Duration::from_secs(10)
+            )
+        );
+        assert_eq!(cfg.max_connections, 10_000);
+        assert_eq!(cfg.max_connections_per_room, 1_000);
+        // The old per-connection buffers are raised to the per-shard floor.
+        assert_eq!(cfg.read_buffer_size, BUFFER_SIZE_MIN);
+        assert_eq!(cfg.write_buffer_size, BUFFER_SIZE_MIN);
+        let w = &loaded.warnings;
+        assert_eq!(w.len(), 4, "{w:#?}");
+        assert_eq!(
+            w[0],
+            format!(
+                "websocket.enabled in {path} has no effect here: Switchboard is the WebSocket \
+                 server itself, so it is always on"
+            )
+        );
+        assert!(w[1].starts_with(&format!("websocket.timeout in {path} has no effect here")));
+        assert!(w[1].contains("pong_wait"), "{w:#?}");
+        assert_eq!(
+            w[2],
+            format!(
+                "websocket.read_buffer_size in {path} = 1024: the old service's per-connection \
+                 buffer size; here read_buffer_size is one buffer per shard, so it was raised \
+                 to the 4096-byte minimum (set read_buffer_size to 4096 or more to silence this)"
+            )
+        );
+        assert!(
+            w[3].starts_with("websocket.write_buffer_size in "),
+            "{w:#?}"
+        );
+        // The same settings from the old env names warn once each, not twice.
+        let loaded = load_warn(
+            &["--config", &path],
+            &[("WEBSOCKET_ENABLED", "true"), ("WEBSOCKET_TIMEOUT", "30s")],
+        );
+        assert_eq!(loaded.warnings.len(), 4, "{:#?}", loaded.warnings);
+        // The "production" snippet of the same README: limits only.
+        let mut cfg = Config::default();
+        cfg.apply_yaml(
+            "websocket:\n  limits:\n    max_connections: 50000\n    max_connections_per_room: 5000\n",
+            "t",
+        )
+        .expect("limits block");
+        assert_eq!(
+            (cfg.max_connections, cfg.max_connections_per_room),
+            (50_000, 5_000)
+        );
+    }
+
+    #[test]
+    fn legacy_buffer_sizes_are_raised_native_ones_refused() {
+        let loaded = load_warn(
+            &[],
+            &[
+                ("WEBSOCKET_READ_BUFFER_SIZE", "1024"),
+                ("WEBSOCKET_WRITE_BUFFER_SIZE", "2048"),
+            ],
+        );
+        assert_eq!(loaded.config.read_buffer_size, 4096);
+        assert_eq!(loaded.config.write_buffer_size, 4096);
+        assert_eq!(loaded.warnings.len(), 2, "{:#?}", loaded.warnings);
+        assert!(
+            loaded.warnings[0].starts_with("env WEBSOCKET_READ_BUFFER_SIZE = 1024: "),
+            "{:#?}",
+            loaded.warnings
+        );
+        // At or above the floor the old names are taken as they are, without a warning.
+        let loaded = load_warn(&[], &[("WEBSOCKET_READ_BUFFER_SIZE", "8192")]);
+        assert_eq!(loaded.config.read_buffer_size, 8192);
+        assert!(loaded.warnings.is_empty(), "{:#?}", loaded.warnings);
+        // Native names keep refusing.
+        assert_eq!(
+            load_err(&[], &[("SWITCHBOARD_READ_BUFFER_SIZE", "1024")]).key,
+            "read_buffer_size"
+        );
+        assert_eq!(
+            load_err(&["--write-buffer-size", "1024"], &[]).key,
+            "write_buffer_size"
+        );
+        let file = TempFile::new("native-buf", "read_buffer_size: 1024\n");
+        assert_eq!(
+            load_err(&["--config", &file.path()], &[]).key,
+            "read_buffer_size"
+        );
+    }
+
+    #[test]
+    fn unknown_nested_keys_name_the_full_path() {
+        let e = yaml_err("websocket:\n  limits:\n    max_conections: 5\n");
+        assert_eq!(e.key, "websocket.limits.max_conections");
+        assert!(
+            e.message
+                .contains("unknown key; did you mean `websocket.limits.max_connections`?"),
+            "{e}"
+        );
+        let e = yaml_err("websocket:\n  prot: 1\n");
+        assert_eq!(e.key, "websocket.prot");
+        assert!(e.message.contains("`websocket.port`"), "{e}");
+        let e = yaml_err("jwt:\n  secrte: x\n");
+        assert_eq!(e.key, "jwt.secrte");
+        assert!(e.message.contains("`jwt.secret`"), "{e}");
+        let e = yaml_err("websocket:\n  limits: 5\n");
+        assert_eq!(e.key, "websocket.limits");
+        let e = yaml_err("nothing:\n  here: 1\n");
+        assert_eq!(e.key, "nothing");
+        assert!(e.message.contains("see --help"), "{e}");
+    }
+
+    #[test]
+    fn legacy_yaml_paths_match_the_legacy_env_names() {
+        for (path, legacy) in LEGACY_YAML {
+            if let Legacy::Key(key) = legacy {
+                let info = KEYS.iter().find(|k| k.key == *key).expect("a key");
+                assert_eq!(info.legacy_env, Some(legacy_env_name(path).as_str()));
+            }
+        }
+        let with_legacy = KEYS.iter().filter(|k| k.legacy_env.is_some()).count();
+        let keys = LEGACY_YAML
+            .iter()
+            .filter(|(_, l)| matches!(l, Legacy::Key(_)))
+            .count();
+        assert_eq!(with_legacy, keys);
+    }
+
+    /// A structured key for this test only: `test_paths: [{path: /a}, ...]` sets ws_paths.
+    fn test_paths(cfg: &mut Config, v: &serde_norway::Value) -> Result<(), String> {
+        use serde_norway::Value;
+        let Value::Sequence(items) = v else {
+            return Err("expected a list of maps with `path`".into());
+        };
+        let mut paths = Vec::with_capacity(items.len());
+        for item in items {
+            match item.get("path") {
+                Some(Value::String(p)) => paths.push(p.clone()),
+                _ => return Err("expected a list of maps with `path`".into()),
+            }
+        }
+        cfg.ws_paths = paths;
+        Ok(())
+    }
+
+    const TEST_STRUCTURED: &[StructuredKey] = &[StructuredKey {
+        key: "test_paths",
+        env: "SWITCHBOARD_TEST_PATHS",
+        apply: test_paths,
+        doc: "Test only: WebSocket paths as a list of maps with `path`.",
+    }];
+
+    fn load_structured(a: &[&str], env: &[(&str, &str)]) -> Result<Loaded, ConfigError> {
+        let names: Vec<String> = env.iter().map(|(k, _)| (*k).to_owned()).collect();
+        Loader::new(TEST_STRUCTURED).load(&args(a), &env_of(env), &names)
+    }
+
+    #[test]
+    fn structured_keys_take_a_list_of_maps_from_every_source() {
+        let flat = TempFile::new("structured", "test_paths:\n  - path: /a\n  - path: /b\n");
+        let cfg = load_structured(&["--config", &flat.path()], &[])
+            .expect("flat")
+            .config;
+        assert_eq!(cfg.ws_paths, vec!["/a", "/b"]);
+        let nested = TempFile::new("structured-nested", "test:\n  paths: [{path: /n}]\n");
+        let cfg = load_structured(&["--config", &nested.path()], &[])
+            .expect("nested")
+            .config;
+        assert_eq!(cfg.ws_paths, vec!["/n"]);
+        let loaded = load_structured(&[], &[("SWITCHBOARD_TEST_PATHS", r#"[{"path": "/e"}]"#)])
+            .expect("env JSON");
+        assert_eq!(loaded.config.ws_paths, vec!["/e"]);
+        assert!(loaded.warnings.is_empty(), "{:#?}", loaded.warnings);
+        let cfg = load_structured(&["--test-paths", "[{path: /f}]"], &[])
+            .expect("flag")
+            .config;
+        assert_eq!(cfg.ws_paths, vec!["/f"]);
+        let Err(e) = load_structured(&["--test-paths", "/f"], &[]) else {
+            panic!("a scalar is not a list of maps");
+        };
+        assert_eq!(e.key, "test_paths");
+        assert!(e.message.contains("from flag --test-paths"), "{e}");
+        // Validation still runs on what the structured key set.
+        let bad = TempFile::new("structured-bad", "test_paths: [{path: nope}]\n");
+        let Err(e) = load_structured(&["--config", &bad.path()], &[]) else {
+            panic!("relative path accepted");
+        };
+        assert_eq!(e.key, "ws_paths");
+        // Without the declaration the same file is an unknown key.
+        assert_eq!(load_err(&["--config", &flat.path()], &[]).key, "test_paths");
+    }
+
+    #[test]
+    fn misspelled_env_names_warn_with_the_closest_key() {
+        let loaded = load_warn(
+            &[],
+            &[
+                ("SWITCHBOARD_PROT", "1"),
+                ("SWITCHBOARD_PORT", "9000"),
+                ("SWITCHBOARD_CONFIG_DIR_OF_SOMETHING_ELSE", "x"),
+                ("WEBSOCKET_PROT", "1"),
+                ("WEBSOCKET_TOTALLY_UNRELATED_THING", "1"),
+                ("WEBSOCKET_PONG_WAIT", "61s"),
+            ],
+        );
+        assert_eq!(loaded.config.port, 9000);
+        let w = &loaded.warnings;
+        assert_eq!(w.len(), 3, "{w:#?}");
+        assert_eq!(
+            w[0],
+            "env SWITCHBOARD_PROT is not a setting and is ignored; did you mean SWITCHBOARD_PORT?"
+        );
+        assert!(
+            w[1].contains("SWITCHBOARD_CONFIG_DIR_OF_SOMETHING_ELSE"),
+            "{w:#?}"
+        );
+        assert!(w[1].contains("--help"), "{w:#?}");
+        assert!(w[2].contains("did you mean WEBSOCKET_PORT?"), "{w:#?}");
+        // Known names, including the config file and the no-effect legacy ones, are quiet.
+        let loaded = load_warn(
+            &[],
+            &[
+                ("SWITCHBOARD_BLESS_DOCS", "1"),
+                ("SWITCHBOARD_API_KEY", "k"),
+                ("WEBSOCKET_LIMITS_MAX_CONNECTIONS", "5"),
+            ],
+        );
+        assert!(loaded.warnings.is_empty(), "{:#?}", loaded.warnings);
+    }
+
+    #[test]
+    fn cross_field_errors_say_where_each_value_came_from() {
+        let e = load_err(&["--ping-interval", "60s"], &[]);
+        assert_eq!(e.key, "ping_interval");
+        assert_eq!(
+            e.message,
+            "must be less than pong_wait: ping_interval 60s (from flag --ping-interval) >= pong_wait 60s (default)"
+        );
+        let file = TempFile::new("cross", "websocket:\n  pong_wait: 10s\n");
+        let e = load_err(
+            &["--config", &file.path()],
+            &[("SWITCHBOARD_PING_INTERVAL", "20s")],
+        );
+        assert!(
+            e.message
+                .contains("ping_interval 20s (from env SWITCHBOARD_PING_INTERVAL)"),
+            "{e}"
+        );
+        assert!(
+            e.message.contains(&format!(
+                "pong_wait 10s (in {} at websocket.pong_wait)",
+                file.path()
+            )),
+            "{e}"
+        );
+        let e = load_err(&["--auth-mode", "jwt"], &[]);
+        assert_eq!(e.key, "jwt_secret");
+        assert!(
+            e.message.contains("auth_mode jwt (from flag --auth-mode)"),
+            "{e}"
+        );
+        assert!(e.message.contains("jwt_algorithms (default)"), "{e}");
+        let e = load_err(&[], &[("SWITCHBOARD_ECHO_PATH", "/ws")]);
+        assert_eq!(e.key, "echo_path");
+        assert!(
+            e.message.contains("(from env SWITCHBOARD_ECHO_PATH)"),
+            "{e}"
+        );
+        assert!(e.message.contains("ws_paths (default)"), "{e}");
+        // validate() on a config built in code names no source.
+        let e = invalid(|c| c.ping_interval = c.pong_wait);
+        assert!(!e.message.contains("default"), "{e}");
+    }
+
+    #[test]
+    fn size_keys_are_bounded_by_their_types() {
+        // send_queue_bytes_max: the per-connection count is a u32.
+        let ok = Config::load(
+            &[],
+            &env_of(&[("SWITCHBOARD_SEND_QUEUE_BYTES_MAX", "1GiB")]),
+        )
+        .expect("1 GiB");
+        assert_eq!(ok.send_queue_bytes_max, SEND_QUEUE_BYTES_CEILING);
+        for v in ["1073741825", "4GiB", "4100000000", "5GiB"] {
+            let e = load_err(&[], &[("SWITCHBOARD_SEND_QUEUE_BYTES_MAX", v)]);
+            assert_eq!(e.key, "send_queue_bytes_max", "{v}");
+            assert!(e.message.contains("u32"), "{e}");
+        }
+        const { assert!(SEND_QUEUE_BYTES_CEILING + MESSAGE_SIZE_MAX < u32::MAX as usize) };
+        assert_eq!(
+            load_err(&[], &[("SWITCHBOARD_SO_SNDBUF", "2GiB")]).key,
+            "so_sndbuf"
+        );
+        assert_eq!(
+            load_err(&[], &[("SWITCHBOARD_LISTEN_BACKLOG", "4294967295")]).key,
+            "listen_backlog"
+        );
+        assert_eq!(
+            load_err(&[], &[("SWITCHBOARD_MAX_CONNECTIONS", "4294967296")]).key,
+            "max_connections"
+        );
+        assert_eq!(
+            load_err(&[], &[("SWITCHBOARD_READ_BUFFER_SIZE", "1GiB")]).key,
+            "read_buffer_size"
+        );
+        // Durations: token windows are u32 seconds, dedup expiry is ms added to now.
+        for key in [
+            "TOKEN_REFRESH_WINDOW",
+            "TOKEN_EXPIRY_GRACE",
+            "DEDUP_WINDOW",
+            "JWT_LEEWAY",
+        ] {
+            let name = format!("SWITCHBOARD_{key}");
+            let e = load_err(&[], &[(&name, "1193047h")]);
+            assert_eq!(e.key, key.to_ascii_lowercase(), "{e}");
+            assert!(e.message.contains("24h maximum"), "{e}");
+        }
+    }
+
+    #[test]
+    fn new_http_and_user_keys_parse() {
+        let cfg = Config::load(
+            &args(&[
+                "--max-connections-per-user",
+                "3",
+                "--http-body-bytes-max",
+                "2MiB",
+                "--http-keepalive-timeout",
+                "7s",
+                "--http-keepalive-requests-max",
+                "9",
+                "--cors-origins",
+                "https://a.example,http://b.example:8080",
+                "--expose-shard",
+            ]),
+            &env_of(&[("SWITCHBOARD_API_KEY", "k-123")]),
+        )
+        .expect("valid");
+        assert_eq!(cfg.max_connections_per_user, 3);
+        assert_eq!(cfg.http_body_bytes_max, 2 << 20);
+        assert_eq!(cfg.http_keepalive_timeout, Duration::from_secs(7));
+        assert_eq!(cfg.http_keepalive_requests_max, 9);
+        assert_eq!(cfg.api_key.as_deref(), Some("k-123"));
+        assert_eq!(
+            cfg.cors_origins,
+            vec!["https://a.example", "http://b.example:8080"]
+        );
+        assert!(cfg.expose_shard);
+        let cfg = Config::load(&[], &env_of(&[("SWITCHBOARD_API_KEY", "")])).expect("empty");
+        assert_eq!(cfg.api_key, None);
+        // The key is never echoed, even when refused.
+        let e = load_err(&[], &[("SWITCHBOARD_API_KEY", "hunter2 with space")]);
+        assert_eq!(e.key, "api_key");
+        assert!(!e.to_string().contains("hunter2"), "{e}");
+        let mut cfg = Config::default();
+        let e = apply(
+            &mut cfg,
+            "api_key",
+            &Raw::List(vec!["hunter2".into()]),
+            Source::Env("X"),
+        )
+        .expect_err("a list is not a key");
+        assert!(!e.message.contains("hunter2"), "{e}");
+    }
+
+    #[test]
+    fn help_and_version_and_stray_arguments() {
+        let e = load_err(&["help"], &[]);
+        assert!(e.is_help(), "{e}");
+        assert_eq!(e.message, Config::help_text());
+        assert!(Config::help_text().contains("switchboard doctor"));
+        assert!(Config::help_text().contains("--version"));
+        for a in ["--version", "-V"] {
+            let e = load_err(&[a], &[]);
+            assert!(e.is_version(), "{e}");
+            assert_eq!(
+                e.message,
+                format!("switchboard {}", env!("CARGO_PKG_VERSION"))
+            );
+        }
+        for a in ["serve", "version", "helpme"] {
+            let e = load_err(&[a], &[]);
+            assert!(!e.is_help() && !e.is_version(), "{a}: {e}");
+            assert_eq!(e.key, a);
+            assert!(e.message.contains("unexpected argument"), "{e}");
+        }
     }
 }

@@ -16,6 +16,8 @@
 
 use std::fmt::Write as _;
 
+use crate::limits::fd_reserve;
+
 /// Kernel bytes held by one idle, established TCP socket on the server end: the `TCP` slab
 /// object (~2.5 KB), `sock_inode_cache` (~0.86 KB), `dentry` and `filp` for its fd (~0.2 KB each),
 /// its epoll registration (~0.2-0.3 KB) and slab overhead. Measured 2026-11-22 on kernel
@@ -29,13 +31,10 @@ pub const KERNEL_BYTES_PER_IDLE_SOCKET: u64 = 4_300;
 /// timers, partial-frame state, rooms list head), confirmed in docs/BENCHMARKS.md.
 pub const USER_BYTES_PER_CONNECTION: u64 = 1_024;
 
-/// File descriptors kept back from the connection budget: one listener, one epoll fd, one
-/// waker eventfd and one timer per shard (at most 64 shards: 256), plus the HTTP/metrics
-/// connections, Redis and Kafka sockets, log files, stdio and the process's own /proc reads.
-pub const FD_RESERVE: u64 = 512;
-
-/// Connection target when `--connections` is not given.
-pub const DEFAULT_TARGET: u64 = 100_000;
+// File descriptors kept back from the connection budget: [`crate::limits::fd_reserve`], the
+// same function the server uses; the doctor assumes one shard per core ([`Limits::cores`]).
+// Without `--connections` the target is what the server would derive from these limits
+// ([`derived_target`]).
 
 /// Largest accepted `--connections` (a typo guard; far above what one node holds).
 pub const TARGET_MAX: u64 = 100_000_000;
@@ -93,6 +92,22 @@ pub struct Limits {
     pub mem_available_bytes: Option<u64>,
     /// Page size in bytes (tcp_mem is in pages).
     pub page_size: u64,
+    /// CPUs this process may run on: the server's shard count by default, so the fd reserve.
+    pub cores: usize,
+    /// Whether this process could raise its own hard RLIMIT_NOFILE; decides what the advice
+    /// about the hard limit says.
+    pub privilege: Privilege,
+}
+
+/// What this process may do to its hard RLIMIT_NOFILE.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Privilege {
+    /// Not root and without CAP_SYS_RESOURCE: the hard limit can only go down.
+    Unprivileged,
+    /// Effective uid 0 but without CAP_SYS_RESOURCE (a container, usually): no raise either.
+    RootWithoutCapability,
+    /// CAP_SYS_RESOURCE: the hard limit may be raised up to fs.nr_open.
+    CanRaiseHardLimit,
 }
 
 /// How a finding bears on the target.
@@ -141,6 +156,30 @@ fn read_u64(path: &str) -> Option<u64> {
 fn read_fields(path: &str) -> Option<Vec<u64>> {
     let text = std::fs::read_to_string(path).ok()?;
     text.split_whitespace().map(|f| f.parse().ok()).collect()
+}
+
+/// From /proc/self/status: CAP_SYS_RESOURCE (bit 24 of `CapEff`) and the effective uid (second
+/// field of `Uid:`). Unreadable = unprivileged.
+fn read_privilege() -> Privilege {
+    const CAP_SYS_RESOURCE: u32 = 24;
+    let Ok(text) = std::fs::read_to_string("/proc/self/status") else {
+        return Privilege::Unprivileged;
+    };
+    let cap = text
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .is_some_and(|caps| caps & (1 << CAP_SYS_RESOURCE) != 0);
+    let root = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|ids| ids.split_whitespace().nth(1))
+        == Some("0");
+    match (cap, root) {
+        (true, _) => Privilege::CanRaiseHardLimit,
+        (false, true) => Privilege::RootWithoutCapability,
+        (false, false) => Privilege::Unprivileged,
+    }
 }
 
 /// MemAvailable in bytes from /proc/meminfo.
@@ -201,23 +240,33 @@ pub fn read_limits() -> Limits {
         conntrack_max: read_u64("/proc/sys/net/netfilter/nf_conntrack_max"),
         mem_available_bytes: read_mem_available(),
         page_size: u64::try_from(page).ok().filter(|p| *p > 0).unwrap_or(4096),
+        cores: crate::io::available_cores().clamp(1, crate::limits::SHARDS_MAX),
+        privilege: read_privilege(),
     }
 }
 
-/// Highest connection count the fd limits allow (soft nofile minus [`FD_RESERVE`]).
-pub fn max_connections_for(limits: &Limits) -> u64 {
-    limits.nofile_soft.saturating_sub(FD_RESERVE)
+/// Highest connection count the soft fd limit allows for a node of `shards` shards (soft
+/// nofile minus [`fd_reserve`]), as the server derives max_connections.
+pub fn max_connections_for(limits: &Limits, shards: usize) -> u64 {
+    limits.nofile_soft.saturating_sub(fd_reserve(shards))
 }
 
 /// Connections the fd limits allow once the server has raised its soft limit to the hard limit
 /// (or to fs.nr_open when the hard limit is unlimited), as [`raise_nofile_limit`] does.
-fn max_connections_after_raise(limits: &Limits) -> u64 {
+fn max_connections_after_raise(limits: &Limits, reserve: u64) -> u64 {
     let reachable = if limits.nofile_hard == UNLIMITED {
         limits.nr_open.unwrap_or(limits.nofile_soft)
     } else {
         limits.nofile_hard
     };
-    reachable.max(limits.nofile_soft).saturating_sub(FD_RESERVE)
+    reachable.max(limits.nofile_soft).saturating_sub(reserve)
+}
+
+/// The target `switchboard doctor` checks without `--connections`: the max_connections a
+/// server started here with defaults (one shard per core, `max_connections: 0`) would derive
+/// after raising its soft limit. At least 1, at most [`TARGET_MAX`].
+pub fn derived_target(limits: &Limits) -> u64 {
+    max_connections_after_raise(limits, fd_reserve(limits.cores)).clamp(1, TARGET_MAX)
 }
 
 /// setrlimit: raise RLIMIT_NOFILE soft to hard; returns (soft, hard) after.
@@ -268,12 +317,12 @@ fn sysctl_fix(key: &str, value: &str) -> String {
 }
 
 /// The RLIMIT_NOFILE (and fs.nr_open) value the fixes propose for `target`.
-fn nofile_to_set(target: u64) -> u64 {
-    target.saturating_add(FD_RESERVE).max(NOFILE_SUGGESTED_MIN)
+fn nofile_to_set(target: u64, reserve: u64) -> u64 {
+    target.saturating_add(reserve).max(NOFILE_SUGGESTED_MIN)
 }
 
-fn nofile_fix(target: u64) -> String {
-    let v = nofile_to_set(target);
+fn nofile_fix(target: u64, reserve: u64) -> String {
+    let v = nofile_to_set(target, reserve);
     format!(
         "mkdir -p /etc/systemd/system/switchboard.service.d && printf '[Service]\\nLimitNOFILE={v}\\n' > /etc/systemd/system/switchboard.service.d/nofile.conf && systemctl daemon-reload && systemctl restart switchboard   # systemd (tuning/systemd/switchboard.service sets it)\n\
          prlimit --pid \"$(pidof switchboard)\" --nofile={v}:{v}   # a running server, no restart\n\
@@ -293,19 +342,19 @@ fn unreadable(name: &'static str, path: &str) -> Finding {
     }
 }
 
-/// Pure: which limits block or threaten `target` connections. Memory check uses the kernel bytes
-/// per idle socket ([`KERNEL_BYTES_PER_IDLE_SOCKET`]) plus user-space
-/// [`USER_BYTES_PER_CONNECTION`] per connection.
+/// Pure: which limits block or threaten `target` connections, with the fd reserve of one shard
+/// per core. Memory check uses the kernel bytes per idle socket
+/// ([`KERNEL_BYTES_PER_IDLE_SOCKET`]) plus user-space [`USER_BYTES_PER_CONNECTION`] per
+/// connection.
 pub fn check(limits: &Limits, target: u64) -> Vec<Finding> {
-    check_with_fd_reserve(limits, target, FD_RESERVE)
+    check_with_fd_reserve(limits, target, fd_reserve(limits.cores))
 }
 
-/// [`check`] with a known fd reserve: the server passes its own (it knows its shard count),
-/// the `doctor` command plans with [`FD_RESERVE`].
+/// [`check`] with a known fd reserve: the server passes [`fd_reserve`] of its shard count.
 pub fn check_with_fd_reserve(limits: &Limits, target: u64, fd_reserve: u64) -> Vec<Finding> {
     let mut out = Vec::with_capacity(10);
     let need_fds = target.saturating_add(fd_reserve);
-    out.push(check_nofile_soft(limits, target, need_fds));
+    out.push(check_nofile_soft(limits, target, need_fds, fd_reserve));
     out.push(check_nofile_hard(limits, target, need_fds));
     out.push(check_nr_open(limits, target, need_fds));
     out.push(check_file_max(limits, need_fds));
@@ -332,7 +381,7 @@ pub fn check_with_fd_reserve(limits: &Limits, target: u64, fd_reserve: u64) -> V
     out
 }
 
-fn check_nofile_soft(limits: &Limits, target: u64, need: u64) -> Finding {
+fn check_nofile_soft(limits: &Limits, target: u64, need: u64, reserve: u64) -> Finding {
     let (severity, why) = if limits.nofile_soft >= need {
         (
             Severity::Ok,
@@ -355,7 +404,7 @@ fn check_nofile_soft(limits: &Limits, target: u64, need: u64) -> Finding {
             Severity::Blocking,
             format!(
                 "every connection is one fd: the soft limit allows {} connections and cannot be raised past the hard limit ({})",
-                max_connections_for(limits),
+                limits.nofile_soft.saturating_sub(reserve),
                 fmt_limit(limits.nofile_hard)
             ),
         )
@@ -367,7 +416,7 @@ fn check_nofile_soft(limits: &Limits, target: u64, need: u64) -> Finding {
         fix: if severity == Severity::Ok {
             String::new()
         } else {
-            nofile_fix(target)
+            nofile_fix(target, need - target)
         },
         severity,
         why,
@@ -384,17 +433,33 @@ fn check_nofile_hard(limits: &Limits, target: u64, need: u64) -> Finding {
         why: if ok {
             "the server can raise its soft limit far enough".into()
         } else {
-            format!(
-                "an unprivileged process cannot raise its hard fd limit: at most {} connections ({} - {} reserved)",
+            let allows = format!(
+                "the hard fd limit allows at most {} connections ({} - {} reserved)",
                 limits.nofile_hard.saturating_sub(need - target),
                 fmt_limit(limits.nofile_hard),
                 need - target
-            )
+            );
+            match limits.privilege {
+                Privilege::CanRaiseHardLimit => format!(
+                    "{allows}; this process has CAP_SYS_RESOURCE, so the limit can be raised here, \
+                     but the server only raises its soft limit to the hard one: start it with a \
+                     higher hard limit"
+                ),
+                Privilege::RootWithoutCapability => format!(
+                    "{allows}; this process runs as root but without CAP_SYS_RESOURCE (a container?), \
+                     so it cannot raise its hard limit: raise it where the process is started \
+                     (the container runtime's --ulimit nofile=N:N, systemd LimitNOFILE)"
+                ),
+                Privilege::Unprivileged => format!(
+                    "{allows}; an unprivileged process cannot raise its hard fd limit: raise it as \
+                     root for the server's service or login session"
+                ),
+            }
         },
         fix: if ok {
             String::new()
         } else {
-            nofile_fix(target)
+            nofile_fix(target, need - target)
         },
     }
 }
@@ -420,7 +485,7 @@ fn check_nr_open(limits: &Limits, target: u64, need: u64) -> Finding {
         fix: if ok {
             String::new()
         } else {
-            sysctl_fix(name, &nofile_to_set(target).to_string())
+            sysctl_fix(name, &nofile_to_set(target, need - target).to_string())
         },
     }
 }
@@ -631,9 +696,9 @@ fn check_port_range(limits: &Limits, target: u64) -> Finding {
     }
 }
 
-/// Append Prometheus gauges (# HELP/# TYPE lines, names switchboard_limit_*) for the limits.
-/// Limits that could not be read are left out.
-pub fn prometheus_lines(limits: &Limits, out: &mut String) {
+/// Append Prometheus gauges (# HELP/# TYPE lines, names switchboard_limit_*) for the limits of
+/// a node of `shards` shards. Limits that could not be read are left out.
+pub fn prometheus_lines(limits: &Limits, shards: usize, out: &mut String) {
     let mut gauge = |name: &str, help: &str, samples: &[(&str, Option<u64>)]| {
         if samples.iter().all(|(_, v)| v.is_none()) {
             return;
@@ -660,8 +725,8 @@ pub fn prometheus_lines(limits: &Limits, out: &mut String) {
     );
     gauge(
         "max_connections",
-        "Connections the soft fd limit allows (soft nofile minus the fd reserve).",
-        &[("", Some(max_connections_for(limits)))],
+        "Connections the soft fd limit allows (soft nofile minus the fd reserve of this node's shards).",
+        &[("", Some(max_connections_for(limits, shards)))],
     );
     gauge(
         "nr_open",
@@ -728,16 +793,21 @@ pub fn prometheus_lines(limits: &Limits, out: &mut String) {
 }
 
 const USAGE: &str = "usage: switchboard doctor [--connections N] [--json]\n\
-  Checks this machine's limits for N connections (default 100000).\n\
+  Checks this machine's limits for N connections (default: what the server would derive from\n\
+  the current fd limits, one shard per core).\n\
   Exit status: 0 nothing blocks N, 1 something blocks N, 2 bad usage.";
 
 enum Parsed {
-    Run { target: u64, json: bool },
+    /// `target` None = [`derived_target`].
+    Run {
+        target: Option<u64>,
+        json: bool,
+    },
     Help,
 }
 
 fn parse_args(args: &[String]) -> Result<Parsed, String> {
-    let mut target = DEFAULT_TARGET;
+    let mut target = None;
     let mut json = false;
     let mut it = args.iter();
     while let Some(arg) = it.next() {
@@ -756,14 +826,16 @@ fn parse_args(args: &[String]) -> Result<Parsed, String> {
                 None => return Err(format!("unknown argument '{other}'")),
             },
         };
-        target = value
-            .replace('_', "")
-            .parse::<u64>()
-            .ok()
-            .filter(|n| (1..=TARGET_MAX).contains(n))
-            .ok_or_else(|| {
-                format!("--connections must be an integer 1..={TARGET_MAX}, got '{value}'")
-            })?;
+        target = Some(
+            value
+                .replace('_', "")
+                .parse::<u64>()
+                .ok()
+                .filter(|n| (1..=TARGET_MAX).contains(n))
+                .ok_or_else(|| {
+                    format!("--connections must be an integer 1..={TARGET_MAX}, got '{value}'")
+                })?,
+        );
     }
     Ok(Parsed::Run { target, json })
 }
@@ -806,18 +878,22 @@ fn verdict(findings: &[Finding]) -> Severity {
     }
 }
 
-fn render_json(limits: &Limits, target: u64, findings: &[Finding]) -> String {
+fn render_json(limits: &Limits, plan: &Plan, findings: &[Finding]) -> String {
     let mut o = String::with_capacity(4096);
+    let reserve = fd_reserve(limits.cores);
     let _ = write!(
         o,
-        "{{\"connections\":{target},\"verdict\":\"{}\",\"max_connections_by_fd\":{},\"max_connections_by_fd_after_raise\":{},",
+        "{{\"connections\":{},\"connections_derived\":{},\"verdict\":\"{}\",\"max_connections_by_fd\":{},\"max_connections_by_fd_after_raise\":{},",
+        plan.target,
+        plan.derived,
         verdict(findings).label(),
-        max_connections_for(limits),
-        max_connections_after_raise(limits)
+        max_connections_for(limits, limits.cores),
+        max_connections_after_raise(limits, reserve)
     );
     let _ = write!(
         o,
-        "\"kernel_bytes_per_idle_socket\":{KERNEL_BYTES_PER_IDLE_SOCKET},\"user_bytes_per_connection\":{USER_BYTES_PER_CONNECTION},\"fd_reserve\":{FD_RESERVE},"
+        "\"kernel_bytes_per_idle_socket\":{KERNEL_BYTES_PER_IDLE_SOCKET},\"user_bytes_per_connection\":{USER_BYTES_PER_CONNECTION},\"fd_reserve\":{reserve},\"shards\":{},",
+        limits.cores
     );
     o.push_str("\"limits\":{");
     let finite = |v: u64| (v != UNLIMITED).then_some(v);
@@ -878,12 +954,32 @@ fn render_json(limits: &Limits, target: u64, findings: &[Finding]) -> String {
     o
 }
 
-fn render_table(limits: &Limits, target: u64, findings: &[Finding]) -> String {
+/// What the doctor checks: the target and whether it was derived (no `--connections`).
+struct Plan {
+    target: u64,
+    derived: bool,
+}
+
+fn render_table(limits: &Limits, plan: &Plan, findings: &[Finding]) -> String {
     let mut o = String::with_capacity(4096);
+    let target = plan.target;
+    let reserve = fd_reserve(limits.cores);
     let _ = writeln!(
         o,
         "switchboard doctor: can this machine hold {target} connections?"
     );
+    let _ = writeln!(
+        o,
+        "fd reserve: {reserve} (64 + 4 per shard x {} shards, one per core)",
+        limits.cores
+    );
+    if plan.derived {
+        let _ = writeln!(
+            o,
+            "({target} is what the server derives here with max_connections: 0, from the fd limit \
+             after raising soft to hard, minus the fd reserve; plan for more with --connections N)"
+        );
+    }
     let name_w = findings.iter().map(|f| f.name.len()).max().unwrap_or(0);
     let cur_w = findings.iter().map(|f| f.current.len()).max().unwrap_or(0);
     let _ = writeln!(
@@ -901,6 +997,8 @@ fn render_table(limits: &Limits, target: u64, findings: &[Finding]) -> String {
             f.required
         );
     }
+    // The same fix (the fd limit's, for soft and hard) is printed once, at its first finding.
+    let mut printed: Vec<(&str, &str)> = Vec::new();
     for f in findings.iter().filter(|f| f.severity != Severity::Ok) {
         let _ = writeln!(
             o,
@@ -909,11 +1007,17 @@ fn render_table(limits: &Limits, target: u64, findings: &[Finding]) -> String {
             f.name,
             f.why
         );
-        if !f.fix.is_empty() {
-            let _ = writeln!(o, "  fix:");
-            for line in f.fix.lines() {
-                let _ = writeln!(o, "    {line}");
-            }
+        if f.fix.is_empty() {
+            continue;
+        }
+        if let Some((first, _)) = printed.iter().find(|(_, fix)| *fix == f.fix) {
+            let _ = writeln!(o, "  fix: the same as for {first} above");
+            continue;
+        }
+        printed.push((f.name, &f.fix));
+        let _ = writeln!(o, "  fix:");
+        for line in f.fix.lines() {
+            let _ = writeln!(o, "    {line}");
         }
     }
     let count = |s: Severity| findings.iter().filter(|f| f.severity == s).count();
@@ -930,15 +1034,15 @@ fn render_table(limits: &Limits, target: u64, findings: &[Finding]) -> String {
          fd limits allow {} connections now, {} once the server raises soft to hard; \
          memory model {KERNEL_BYTES_PER_IDLE_SOCKET} B kernel + {USER_BYTES_PER_CONNECTION} B server \
          per idle connection",
-        max_connections_for(limits),
-        max_connections_after_raise(limits)
+        max_connections_for(limits, limits.cores),
+        max_connections_after_raise(limits, reserve)
     );
     o
 }
 
 /// `switchboard doctor [--connections N] [--json]` (args after "doctor"). Human table by default,
 /// --json one JSON object. Exit 0 when nothing blocks N, 1 when something blocks, 2 on bad usage.
-/// Default N: [`DEFAULT_TARGET`].
+/// Default N: [`derived_target`].
 pub fn cli_main(args: &[String]) -> i32 {
     let (target, json) = match parse_args(args) {
         Ok(Parsed::Run { target, json }) => (target, json),
@@ -952,11 +1056,15 @@ pub fn cli_main(args: &[String]) -> i32 {
         }
     };
     let limits = read_limits();
-    let findings = check(&limits, target);
+    let plan = Plan {
+        target: target.unwrap_or_else(|| derived_target(&limits)),
+        derived: target.is_none(),
+    };
+    let findings = check(&limits, plan.target);
     if json {
-        println!("{}", render_json(&limits, target, &findings));
+        println!("{}", render_json(&limits, &plan, &findings));
     } else {
-        print!("{}", render_table(&limits, target, &findings));
+        print!("{}", render_table(&limits, &plan, &findings));
     }
     if verdict(&findings) == Severity::Blocking {
         1
@@ -984,8 +1092,13 @@ mod tests {
             conntrack_max: None,
             mem_available_bytes: Some(64 << 30),
             page_size: 4096,
+            cores: 4,
+            privilege: Privilege::Unprivileged,
         }
     }
+
+    /// fd_reserve of [`roomy`]'s 4 cores: 64 + 4 x 4.
+    const RESERVE4: u64 = 80;
 
     fn find<'a>(f: &'a [Finding], name: &str) -> &'a Finding {
         f.iter()
@@ -1028,7 +1141,23 @@ mod tests {
         assert_eq!(hard.severity, Severity::Blocking);
         assert!(hard.fix.contains("LimitNOFILE=1048576"), "{}", hard.fix);
         assert!(hard.fix.contains("prlimit"), "{}", hard.fix);
-        assert!(hard.why.contains("19488"), "{}", hard.why);
+        assert!(hard.why.contains("19920"), "{}", hard.why);
+        assert!(hard.why.contains("unprivileged"), "{}", hard.why);
+        for (privilege, says) in [
+            (Privilege::CanRaiseHardLimit, "has CAP_SYS_RESOURCE"),
+            (Privilege::RootWithoutCapability, "runs as root but without"),
+        ] {
+            let f = check(
+                &Limits {
+                    privilege,
+                    ..l.clone()
+                },
+                100_000,
+            );
+            let why = &find(&f, "RLIMIT_NOFILE hard").why;
+            assert!(!why.contains("unprivileged"), "{why}");
+            assert!(why.contains(says), "{why}");
+        }
         assert_eq!(find(&f, "RLIMIT_NOFILE soft").severity, Severity::Blocking);
         // nr_open is high enough, so only the rlimit needs raising.
         assert_eq!(find(&f, "fs.nr_open").severity, Severity::Ok);
@@ -1037,11 +1166,12 @@ mod tests {
     #[test]
     fn fd_budget_edge_is_exact() {
         let l = Limits {
-            nofile_soft: 100_000 + FD_RESERVE,
-            nofile_hard: 100_000 + FD_RESERVE,
+            nofile_soft: 100_000 + RESERVE4,
+            nofile_hard: 100_000 + RESERVE4,
             ..roomy()
         };
-        assert_eq!(max_connections_for(&l), 100_000);
+        assert_eq!(fd_reserve(4), RESERVE4);
+        assert_eq!(max_connections_for(&l, 4), 100_000);
         assert_eq!(
             find(&check(&l, 100_000), "RLIMIT_NOFILE hard").severity,
             Severity::Ok
@@ -1051,10 +1181,10 @@ mod tests {
             Severity::Blocking
         );
         let tiny = Limits {
-            nofile_soft: 100,
+            nofile_soft: 80,
             ..roomy()
         };
-        assert_eq!(max_connections_for(&tiny), 0);
+        assert_eq!(max_connections_for(&tiny, 4), 0);
     }
 
     #[test]
@@ -1068,7 +1198,7 @@ mod tests {
         let nr = find(&f, "fs.nr_open");
         assert_eq!(nr.severity, Severity::Blocking);
         assert!(
-            nr.fix.starts_with("sysctl -w fs.nr_open='5000512'"),
+            nr.fix.starts_with("sysctl -w fs.nr_open='5000080'"),
             "{}",
             nr.fix
         );
@@ -1082,12 +1212,12 @@ mod tests {
             file_nr: Some(60_000),
             ..roomy()
         };
-        // 90_000 free < 100_512 needed.
+        // 90_000 free < 100_080 needed.
         assert_eq!(
             find(&check(&l, 100_000), "fs.file-max").severity,
             Severity::Blocking
         );
-        // 90_000 free >= 75_512 needed but < 125 % of it.
+        // 90_000 free >= 75_080 needed but < 125 % of it.
         assert_eq!(
             find(&check(&l, 75_000), "fs.file-max").severity,
             Severity::Warn
@@ -1262,7 +1392,7 @@ mod tests {
         assert_eq!(find(&f, "net.core.somaxconn").current, "unreadable");
         assert_eq!(verdict(&f), Severity::Warn);
         let mut prom = String::new();
-        prometheus_lines(&l, &mut prom);
+        prometheus_lines(&l, 2, &mut prom);
         assert!(!prom.contains("switchboard_limit_file_max"));
         assert!(prom.contains("switchboard_limit_nofile_soft 4194304"));
     }
@@ -1280,7 +1410,7 @@ mod tests {
             conntrack_max: Some(262_144),
             ..roomy()
         };
-        prometheus_lines(&l, &mut out);
+        prometheus_lines(&l, 2, &mut out);
         assert!(out.contains("# HELP switchboard_limit_nofile_hard "));
         assert!(out.contains(
             "# TYPE switchboard_limit_nofile_hard gauge\nswitchboard_limit_nofile_hard 4194304\n"
@@ -1288,7 +1418,8 @@ mod tests {
         assert!(out.contains("switchboard_limit_tcp_mem_pages{level=\"pressure\"} 2000000\n"));
         assert!(out.contains("switchboard_limit_ip_local_port_range{bound=\"first\"} 1024\n"));
         assert!(out.contains("switchboard_limit_conntrack_max 262144\n"));
-        assert!(out.contains("switchboard_limit_max_connections 4193792\n"));
+        // The server's reserve for its 2 shards: 4194304 - (64 + 4 x 2).
+        assert!(out.contains("switchboard_limit_max_connections 4194232\n"));
         // Every sample line belongs to a declared gauge.
         for line in out.lines().filter(|l| !l.starts_with('#')) {
             let metric = line.split(['{', ' ']).next().unwrap_or("");
@@ -1302,21 +1433,21 @@ mod tests {
         assert!(matches!(
             parse_args(&s(&[])),
             Ok(Parsed::Run {
-                target: DEFAULT_TARGET,
+                target: None,
                 json: false
             })
         ));
         assert!(matches!(
             parse_args(&s(&["--json", "--connections", "1_000_000"])),
             Ok(Parsed::Run {
-                target: 1_000_000,
+                target: Some(1_000_000),
                 json: true
             })
         ));
         assert!(matches!(
             parse_args(&s(&["--connections=5"])),
             Ok(Parsed::Run {
-                target: 5,
+                target: Some(5),
                 json: false
             })
         ));
@@ -1325,6 +1456,71 @@ mod tests {
         assert!(parse_args(&s(&["--connections", "-3"])).is_err());
         assert!(parse_args(&s(&["--connections", "many"])).is_err());
         assert!(parse_args(&s(&["--frobnicate"])).is_err());
+    }
+
+    #[test]
+    fn default_target_is_what_the_server_derives() {
+        // A dev box: soft 1024, hard 20000, 2 cores. The server raises soft to 20000 and
+        // derives 20000 - (64 + 4 x 2) = 19928; that is what the doctor checks, and it passes.
+        let l = Limits {
+            nofile_soft: 1024,
+            nofile_hard: 20_000,
+            cores: 2,
+            mem_available_bytes: Some(4 << 30),
+            ..roomy()
+        };
+        assert_eq!(derived_target(&l), 19_928);
+        assert_ne!(verdict(&check(&l, derived_target(&l))), Severity::Blocking);
+        let plan = Plan {
+            target: derived_target(&l),
+            derived: true,
+        };
+        let out = render_table(&l, &plan, &check(&l, plan.target));
+        assert!(
+            out.contains("can this machine hold 19928 connections?"),
+            "{out}"
+        );
+        assert!(out.contains("is what the server derives here"), "{out}");
+        assert!(out.contains("fd reserve: 72"), "{out}");
+        // Unlimited hard: fs.nr_open is the ceiling, as in raise_nofile_limit.
+        let l = Limits {
+            nofile_hard: UNLIMITED,
+            nr_open: Some(1_048_576),
+            cores: 1,
+            ..l
+        };
+        assert_eq!(derived_target(&l), 1_048_576 - 68);
+        let l = Limits {
+            nofile_soft: 10,
+            nofile_hard: 10,
+            ..l
+        };
+        assert_eq!(derived_target(&l), 1);
+    }
+
+    #[test]
+    fn the_fd_fix_is_printed_once() {
+        let l = Limits {
+            nofile_soft: 256,
+            nofile_hard: 256,
+            ..roomy()
+        };
+        let plan = Plan {
+            target: 1000,
+            derived: false,
+        };
+        let f = check(&l, 1000);
+        assert_eq!(
+            find(&f, "RLIMIT_NOFILE soft").fix,
+            find(&f, "RLIMIT_NOFILE hard").fix
+        );
+        let out = render_table(&l, &plan, &f);
+        assert_eq!(out.matches("LimitNOFILE=").count(), 1, "{out}");
+        assert!(
+            out.contains("fix: the same as for RLIMIT_NOFILE soft above"),
+            "{out}"
+        );
+        assert!(!out.contains("is what the server derives"), "{out}");
     }
 
     #[test]

@@ -65,12 +65,19 @@ pub const URL_BYTES_MAX: usize = 2048;
 /// Longest `id` correlation value copied back to the client, in bytes of JSON.
 pub const CORRELATION_ID_BYTES_MAX: usize = 128;
 
-/// fds kept free when deriving max_connections: stdio, logs, the HTTP probes in flight and
-/// backend sockets, plus [`FD_PER_SHARD`] per shard (listener, epoll, waker eventfd, spare).
-/// `switchboard doctor` plans with its own, larger reserve because it does not know the shard
-/// count.
+/// fds kept free when deriving max_connections, whatever the shard count: stdio, logs, the
+/// HTTP probes in flight and backend sockets. Used only through [`fd_reserve`].
 pub const FD_RESERVE: u64 = 64;
+/// fds each shard holds besides its connections: listener, epoll, waker eventfd, one spare.
 pub const FD_PER_SHARD: u64 = 4;
+
+/// The one fd reserve: file descriptors that are not connections, for a node of `shards`
+/// shards (`FD_RESERVE + FD_PER_SHARD * shards`; 72 for 2 shards). The server derives
+/// max_connections as the soft RLIMIT_NOFILE minus this, `switchboard doctor` plans with it
+/// (assuming one shard per core), and `switchboard_limit_max_connections` reports it.
+pub fn fd_reserve(shards: usize) -> u64 {
+    FD_RESERVE + FD_PER_SHARD * shards.clamp(1, SHARDS_MAX) as u64
+}
 
 /// A connection's receive state buffer is released once idle and larger than this.
 pub const RX_RETAIN_BYTES_MAX: usize = 4096;

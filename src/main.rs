@@ -1,4 +1,8 @@
-//! `switchboard`: run the server (default), or `switchboard doctor` to check kernel limits.
+//! `switchboard`: run the server (default), `switchboard doctor` to check kernel limits, or
+//! `switchboard help` / `--help` / `--version`.
+//!
+//! Exit status: 0 after a drain or after printing help/version, 1 when the server cannot start,
+//! 2 on a configuration or usage error (printed to stderr).
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -26,9 +30,14 @@ fn main() -> ExitCode {
         let code = switchboard::doctor::cli_main(&args[1..]);
         return ExitCode::from(code.clamp(0, 255) as u8);
     }
-    let cfg = match Config::load(&args, &|k| std::env::var(k).ok()) {
-        Ok(cfg) => cfg,
-        Err(e) if e.key == "help" => {
+    // Only the names: values are read one by one through the lookup below.
+    let env_names: Vec<String> = std::env::vars_os()
+        .filter_map(|(k, _)| k.into_string().ok())
+        .filter(|k| k.starts_with("SWITCHBOARD_") || k.starts_with("WEBSOCKET_"))
+        .collect();
+    let loaded = match Config::load_with_warnings(&args, &|k| std::env::var(k).ok(), &env_names) {
+        Ok(loaded) => loaded,
+        Err(e) if e.is_help() || e.is_version() => {
             println!("{}", e.message);
             return ExitCode::SUCCESS;
         }
@@ -37,7 +46,11 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let cfg = loaded.config;
     init_logging(&cfg);
+    for w in &loaded.warnings {
+        tracing::warn!("config: {w}");
+    }
     let signals = match signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGINT,

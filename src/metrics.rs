@@ -445,7 +445,7 @@ pub fn render(view: &NodeView) -> String {
     );
     render_latency(&mut out, view.shards);
     if let Some(limits) = view.limits {
-        crate::doctor::prometheus_lines(limits, &mut out);
+        crate::doctor::prometheus_lines(limits, view.shards.len(), &mut out);
     }
     out
 }

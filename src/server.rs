@@ -18,7 +18,7 @@ use crate::bridge::{BridgeHandle, Shards};
 use crate::config::{AuthMode, Config};
 use crate::dedup::DedupTable;
 use crate::directory::Directory;
-use crate::limits::{FD_PER_SHARD, FD_RESERVE, SHARDS_MAX, SHARD_INBOX_CAPACITY};
+use crate::limits::{fd_reserve, SHARDS_MAX, SHARD_INBOX_CAPACITY};
 use crate::metrics::ShardStats;
 use crate::shard::{Inbox, Inboxes, Node, SendFailure, Shard, ShardMsg};
 
@@ -53,7 +53,7 @@ impl Server {
             cfg.shards
         };
         let n = n.clamp(1, SHARDS_MAX);
-        let reachable = soft.saturating_sub(FD_RESERVE + FD_PER_SHARD * n as u64);
+        let reachable = soft.saturating_sub(fd_reserve(n));
         let max_connections = if cfg.max_connections == 0 {
             reachable.max(1)
         } else {
@@ -68,8 +68,7 @@ impl Server {
             }
             tracing::warn!("{msg}");
         }
-        let fd_reserve = FD_RESERVE + FD_PER_SHARD * n as u64;
-        for f in crate::doctor::check_with_fd_reserve(&limits, max_connections, fd_reserve) {
+        for f in crate::doctor::check_with_fd_reserve(&limits, max_connections, fd_reserve(n)) {
             if f.severity == crate::doctor::Severity::Blocking {
                 tracing::warn!(
                     limit = f.name,

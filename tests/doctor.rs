@@ -1,6 +1,7 @@
 //! `switchboard doctor` end to end: the real binary on this machine's real limits, plus limits
 //! lowered with `prlimit` to show the blocking path. Exit codes: 0 nothing blocks, 1 something
-//! blocks, 2 bad usage.
+//! blocks, 2 bad usage. Also the binary's other first-run entry points: `help`, `--help`,
+//! `--version` and a stray argument.
 
 use std::process::{Command, Output};
 
@@ -37,6 +38,24 @@ fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
+/// The one fd reserve for one shard per core, as the server and the doctor compute it.
+fn reserve_here() -> u64 {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    switchboard::limits::fd_reserve(cores)
+}
+
+/// This process holds CAP_SYS_RESOURCE (from /proc/self/status).
+fn can_raise_hard_limit() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|h| u64::from_str_radix(h.trim(), 16).ok())
+        })
+        .is_some_and(|caps| caps & (1 << 24) != 0)
+}
+
 #[test]
 fn a_thousand_connections_fit_here() {
     let o = doctor(&["--connections", "1000"]);
@@ -66,6 +85,29 @@ fn half_a_million_is_blocked_by_the_fd_limit() {
         out.contains("verdict: BLOCKED for 500000 connections"),
         "{out}"
     );
+    // The advice fits the privileges it runs with.
+    assert_eq!(
+        out.contains("an unprivileged process cannot raise its hard fd limit"),
+        !can_raise_hard_limit() && !out.contains("runs as root"),
+        "{out}"
+    );
+}
+
+#[test]
+fn without_connections_it_checks_what_the_server_would_derive() {
+    let o = doctor(&[]);
+    let out = stdout(&o);
+    assert!(out.contains("is what the server derives here"), "{out}");
+    let Some(hard) = nofile_hard().filter(|h| *h < 100_000_000) else {
+        return; // unlimited: the target comes from fs.nr_open
+    };
+    let target = hard - reserve_here();
+    assert!(
+        out.contains(&format!("can this machine hold {target} connections?")),
+        "{out}"
+    );
+    // The server starts here without a limit warning, so the doctor must not say BLOCKED.
+    assert_eq!(o.status.code(), Some(0), "{out}");
 }
 
 #[test]
@@ -79,7 +121,18 @@ fn a_low_prlimit_blocks_even_a_thousand_and_names_the_fix() {
         out.contains("prlimit --pid \"$(pidof switchboard)\" --nofile=1048576:1048576"),
         "{out}"
     );
-    assert!(out.contains("fd limits allow 0 connections now"), "{out}");
+    // The same fix for soft and hard is printed once.
+    assert_eq!(out.matches("LimitNOFILE=").count(), 1, "{out}");
+    assert!(
+        out.contains("fix: the same as for RLIMIT_NOFILE soft above"),
+        "{out}"
+    );
+    // The reserve is the server's: 64 + 4 per shard, one shard per core.
+    let now = 256 - reserve_here();
+    assert!(
+        out.contains(&format!("fd limits allow {now} connections now")),
+        "{out}"
+    );
 }
 
 #[test]
@@ -118,7 +171,8 @@ fn json_carries_the_verdicts() {
     assert_eq!(blocked.status.code(), Some(1));
     let v: serde_json::Value = serde_json::from_slice(&blocked.stdout).expect("JSON");
     assert_eq!(v["verdict"], "blocking");
-    assert_eq!(v["max_connections_by_fd"], 0);
+    assert_eq!(v["max_connections_by_fd"], 256 - reserve_here());
+    assert_eq!(v["fd_reserve"], reserve_here());
     let hard = v["findings"]
         .as_array()
         .and_then(|a| a.iter().find(|f| f["name"] == "RLIMIT_NOFILE hard"))
@@ -148,4 +202,35 @@ fn bad_usage_exits_two() {
     let help = doctor(&["--help"]);
     assert_eq!(help.status.code(), Some(0));
     assert!(stdout(&help).contains("usage: switchboard doctor"));
+}
+
+#[test]
+fn help_version_and_stray_arguments() {
+    let run = |args: &[&str]| {
+        Command::new(BIN)
+            .args(args)
+            .output()
+            .expect("run switchboard")
+    };
+    for args in [&["help"][..], &["--help"], &["-h"]] {
+        let o = run(args);
+        assert_eq!(o.status.code(), Some(0), "{args:?}");
+        let out = stdout(&o);
+        assert!(out.starts_with("Usage: switchboard"), "{args:?}: {out}");
+        assert!(out.contains("switchboard doctor"), "{out}");
+        assert!(o.stderr.is_empty(), "{args:?}");
+    }
+    let o = run(&["--version"]);
+    assert_eq!(o.status.code(), Some(0));
+    assert_eq!(
+        stdout(&o),
+        format!("switchboard {}\n", env!("CARGO_PKG_VERSION"))
+    );
+    for args in [&["serve"][..], &["version"], &["--port", "1", "extra"]] {
+        let o = run(args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}");
+        assert!(o.stdout.is_empty(), "{args:?}: {}", stdout(&o));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("unexpected argument"), "{args:?}: {err}");
+    }
 }

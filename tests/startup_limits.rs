@@ -109,3 +109,23 @@ fn soft_limit_is_raised_to_hard_and_limits_are_metrics() {
     }
     assert!(body.contains("switchboard_max_connections "), "{body}");
 }
+
+/// One fd reserve everywhere: the derived max_connections the server uses and logs is the
+/// `switchboard_limit_max_connections` gauge, soft limit minus `limits::fd_reserve(shards)`.
+#[test]
+fn one_fd_reserve_for_the_limit_and_the_gauge() {
+    let server = TestServer::start(&[]);
+    let (status, body) = server.http_get("/metrics");
+    assert_eq!(status, 200);
+    let value = |name: &str| -> u64 {
+        body.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in:\n{body}"))
+    };
+    let soft = value("switchboard_limit_nofile_soft");
+    let shards: usize = common::SHARDS.parse().unwrap();
+    let expected = soft - switchboard::limits::fd_reserve(shards);
+    assert_eq!(value("switchboard_max_connections"), expected);
+    assert_eq!(value("switchboard_limit_max_connections"), expected);
+}

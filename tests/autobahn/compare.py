@@ -315,7 +315,7 @@ def main(argv: list[str]) -> int:
             raise ResultsError(
                 f"{args.expected}: not found; create it with tests/autobahn/run.sh --update"
             )
-        return check(got, load_cases(args.expected), args.reports)
+        return check(got, load_cases(args.expected), args.reports, sys.stdout)
     except ResultsError as e:
         print(f"autobahn: error: {e}", file=sys.stderr)
         return 2

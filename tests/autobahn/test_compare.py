@@ -7,6 +7,7 @@ regression or a failed case through is caught without running kosoku or the serv
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -92,6 +93,15 @@ class Files(unittest.TestCase):
     def tearDown(self):
         self.tmp.cleanup()
 
+    def main(self, argv):
+        """compare.main with its output captured, so an error these tests provoke on purpose is
+        checked here instead of printed as `autobahn: error:` in a passing run."""
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            rc = compare.main(argv)
+        self.out, self.err = out.getvalue(), err.getvalue()
+        return rc
+
     def write(self, name, doc):
         path = os.path.join(self.dir, name)
         with open(path, "w", encoding="utf-8") as f:
@@ -131,13 +141,16 @@ class Files(unittest.TestCase):
             )
         results = os.path.join(self.dir, "results.json")
         expected = os.path.join(self.dir, "expected.json")
-        self.assertEqual(compare.main(["normalize", results, reports]), 0)
+        self.assertEqual(self.main(["normalize", results, reports]), 0)
         with open(results, encoding="utf-8") as f:
             doc = json.load(f)
         self.assertEqual(list(doc["cases"]), ["1.1.1", "9.3.1"])
         # No expected file yet: an error, not a silent pass.
-        self.assertEqual(compare.main(["check", results, expected]), 2)
-        self.assertEqual(compare.main(["check", "--update", results, expected]), 0)
+        self.assertEqual(self.main(["check", results, expected]), 2)
+        self.assertIn("expected.json: not found; create it with", self.err)
+        self.assertEqual(self.main(["check", "--update", results, expected]), 0)
+        self.assertIn("results match the expected file", self.out)
+        self.assertEqual(self.err, "")
         self.assertEqual(compare.load_cases(expected), compare.load_cases(results))
         self.assertIn("result: slow", compare.case_detail([reports], "9.3.1"))
 
@@ -160,12 +173,14 @@ class Files(unittest.TestCase):
     def test_malformed_expected_is_an_error(self):
         results = self.write("results.json", {"cases": {"1.1.1": verdict("OK")}})
         expected = self.write("expected.json", {"cases": {"1.1.1": {"behavior": 1}}})
-        self.assertEqual(compare.main(["check", results, expected]), 2)
+        self.assertEqual(self.main(["check", results, expected]), 2)
+        self.assertIn('needs string "behavior"', self.err)
 
     def test_missing_index_is_an_error(self):
         self.assertEqual(
-            compare.main(["normalize", os.path.join(self.dir, "r.json"), self.dir]), 2
+            self.main(["normalize", os.path.join(self.dir, "r.json"), self.dir]), 2
         )
+        self.assertIn("index.json: not found", self.err)
 
 
 if __name__ == "__main__":
