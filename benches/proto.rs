@@ -85,7 +85,11 @@ fn parse(c: &mut Criterion) {
         b.iter(|| {
             let head = parse_head(black_box(PUBLISH)).unwrap();
             let cmd: RoomCmd = parse_as(black_box(PUBLISH)).unwrap();
-            black_box((head.kind.is_some(), raw_or_null(&cmd.data).len()))
+            black_box((
+                head.kind.is_some(),
+                cmd.room.is_some(),
+                raw_or_null(&cmd.data).len(),
+            ))
         })
     });
     g.bench_function("serde_json_value", |b| {

@@ -1,8 +1,12 @@
 //! The OS boundary: listening sockets (SO_REUSEPORT), per-connection socket options, core
-//! pinning. Everything that is a syscall outside mio's read/write lives here.
+//! pinning, and the shard's whole I/O surface: [`accept`], [`register`], [`recv`],
+//! [`send_vectored`], [`shutdown_write`]. The shard never calls the OS otherwise; what to write
+//! is gathered from a send queue and what was written committed back to it by sans-IO
+//! functions (`shard::write::{gather, commit}`), so a completion-based backend can drive the
+//! same queues with the same accounting.
 //!
-//! epoll through mio is the backend. io_uring (tokio-uring) is planned behind a cargo feature
-//! and this same narrow surface; it is not built yet.
+//! epoll through mio is the backend. io_uring is planned behind this same narrow surface; it
+//! is not built yet.
 
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
@@ -59,6 +63,38 @@ pub fn std_listener(
     socket.bind(&addr.into())?;
     socket.listen(backlog.min(i32::MAX as u32) as i32)?;
     Ok(socket.into())
+}
+
+/// Accept one connection from a non-blocking listener (`WouldBlock` when none is waiting).
+#[inline]
+pub fn accept(listener: &mio::net::TcpListener) -> io::Result<mio::net::TcpStream> {
+    listener.accept().map(|(stream, _)| stream)
+}
+
+/// Register a connection for readable and writable readiness under `token` (edge-triggered).
+#[inline]
+pub fn register(
+    poll: &mio::Poll,
+    stream: &mut mio::net::TcpStream,
+    token: mio::Token,
+) -> io::Result<()> {
+    poll.registry().register(
+        stream,
+        token,
+        mio::Interest::READABLE | mio::Interest::WRITABLE,
+    )
+}
+
+/// Read what the socket has into `buf` (0 = the peer closed; `WouldBlock` = nothing now).
+#[inline]
+pub fn recv(stream: &mut mio::net::TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    std::io::Read::read(stream, buf)
+}
+
+/// Shut the write side after the last frame (the peer sees EOF after our close frame).
+#[inline]
+pub fn shutdown_write(stream: &mio::net::TcpStream) {
+    let _ = stream.shutdown(std::net::Shutdown::Write);
 }
 
 /// Writes `bufs` to a connected non-blocking socket with `send` (one buffer) or `sendmsg`

@@ -12,8 +12,8 @@ impl Shard {
             let Some(listener) = self.listener.as_ref() else {
                 return;
             };
-            match listener.accept() {
-                Ok((stream, _)) => self.on_accept(stream),
+            match crate::io::accept(listener) {
+                Ok(stream) => self.on_accept(stream),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
@@ -42,16 +42,7 @@ impl Shard {
         if slot > u32::MAX as usize - 2 {
             return;
         }
-        if self
-            .poll
-            .registry()
-            .register(
-                &mut stream,
-                token(slot, gen),
-                Interest::READABLE | Interest::WRITABLE,
-            )
-            .is_err()
-        {
+        if crate::io::register(&self.poll, &mut stream, token(slot, gen)).is_err() {
             return;
         }
         let c = Client::new(stream, gen, self.now_tick, self.t.burst, rel_ms);
@@ -70,7 +61,7 @@ impl Shard {
             let Some(c) = self.clients.get_mut(slot as usize) else {
                 break;
             };
-            let r = c.sock.read(&mut buf);
+            let r = crate::io::recv(&mut c.sock, &mut buf);
             match r {
                 Ok(0) => {
                     self.peer_gone(slot);

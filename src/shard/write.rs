@@ -2,6 +2,8 @@
 //! dirty connections, split into gathering what to write (`io::gather`) and committing what the
 //! kernel took (`io::commit`), so a completion-based backend can drive the same queues.
 
+use std::collections::VecDeque;
+
 use super::*;
 
 impl Shard {
@@ -121,7 +123,7 @@ impl Shard {
         }
     }
 
-    /// Write as much of the client's queue as the socket takes.
+    /// Write as much of the client's queue as the socket takes: gather, one send, commit.
     pub(super) fn flush(&mut self, slot: u32) {
         let write_max = self.node.cfg.write_buffer_size;
         let now_us = self.now_us;
@@ -132,21 +134,7 @@ impl Shard {
             }
             let mut iov: [IoSlice; IOVECS_PER_WRITE_MAX] =
                 [IoSlice::new(&[]); IOVECS_PER_WRITE_MAX];
-            let mut n_iov = 0;
-            let mut total = 0;
-            for (i, f) in c.queue.iter().enumerate() {
-                if n_iov == IOVECS_PER_WRITE_MAX || total >= write_max {
-                    break;
-                }
-                let w = if i == 0 {
-                    &f.wire()[c.head_off as usize..]
-                } else {
-                    f.wire()
-                };
-                iov[n_iov] = IoSlice::new(w);
-                n_iov += 1;
-                total += w.len();
-            }
+            let (n_iov, total) = gather(&c.queue, c.head_off, write_max, &mut iov);
             let r = crate::io::send_vectored(c.sock.as_raw_fd(), &iov[..n_iov]);
             self.out.stats.writev_calls += 1;
             match r {
@@ -156,29 +144,18 @@ impl Shard {
                         .push((slot, c.gen, Doom::Drop(CloseKind::Abnormal)));
                     return;
                 }
-                Ok(mut n) => {
+                Ok(n) => {
                     c.last_write_ms = (now_us / 1000) as u32;
                     self.out.stats.bytes_out += n as u64;
                     self.out.stats.queued_bytes -= n as u64;
                     c.queued -= n as u32;
                     c.stall_tick = self.now_tick;
-                    let wrote_all = n == total;
-                    while n > 0 {
-                        let Some(front) = c.queue.front() else { break };
-                        let left = front.wire().len() - c.head_off as usize;
-                        if n >= left {
-                            n -= left;
-                            c.head_off = 0;
-                            let born = front.born_us();
-                            let _ = self.hist.record(now_us.saturating_sub(born).max(1));
-                            self.out.stats.frames_out += 1;
-                            c.queue.pop_front();
-                        } else {
-                            c.head_off += n as u32;
-                            n = 0;
-                        }
-                    }
-                    if !wrote_all {
+                    let hist = &mut self.hist;
+                    let frames = commit(&mut c.queue, &mut c.head_off, n, |f| {
+                        let _ = hist.record(now_us.saturating_sub(f.born_us()).max(1));
+                    });
+                    self.out.stats.frames_out += frames;
+                    if n != total {
                         break; // the socket is full: wait for writable
                     }
                 }
@@ -198,7 +175,7 @@ impl Shard {
             }
             if c.phase == Phase::Closing && !c.has(flag::WRITE_SHUT) {
                 c.flags |= flag::WRITE_SHUT;
-                let _ = c.sock.shutdown(std::net::Shutdown::Write);
+                crate::io::shutdown_write(&c.sock);
             }
         }
     }
@@ -250,5 +227,104 @@ impl Outbox {
             self.dirty.push(slot);
         }
         true
+    }
+}
+
+/// Gather what to write next from a send queue: up to `iov.len()` frames and about
+/// `write_max` bytes, the first from `head_off` (its part already written). Returns (iovecs
+/// used, bytes in them). Sans-IO: a readiness backend hands the slices to `sendmsg`, a
+/// completion backend to a submitted send, and both hand the count written to [`commit`].
+pub(super) fn gather<'q>(
+    queue: &'q VecDeque<Frame>,
+    head_off: u32,
+    write_max: usize,
+    iov: &mut [IoSlice<'q>],
+) -> (usize, usize) {
+    let mut n_iov = 0;
+    let mut total = 0;
+    for (i, f) in queue.iter().enumerate() {
+        if n_iov == iov.len() || total >= write_max {
+            break;
+        }
+        let w = if i == 0 {
+            &f.wire()[head_off as usize..]
+        } else {
+            f.wire()
+        };
+        iov[n_iov] = IoSlice::new(w);
+        n_iov += 1;
+        total += w.len();
+    }
+    (n_iov, total)
+}
+
+/// Commit `n` bytes written from the front of a send queue: pop every frame written whole
+/// (calling `done` with each), and leave `head_off` at the part of the next one written.
+/// Returns the frames completed. `n` must not exceed what [`gather`] offered.
+pub(super) fn commit(
+    queue: &mut VecDeque<Frame>,
+    head_off: &mut u32,
+    mut n: usize,
+    mut done: impl FnMut(&Frame),
+) -> u64 {
+    let mut frames = 0;
+    while n > 0 {
+        let Some(front) = queue.front() else {
+            debug_assert!(false, "committed more than was queued");
+            break;
+        };
+        let left = front.wire().len() - *head_off as usize;
+        if n >= left {
+            n -= left;
+            *head_off = 0;
+            done(front);
+            frames += 1;
+            queue.pop_front();
+        } else {
+            *head_off += n as u32;
+            n = 0;
+        }
+    }
+    frames
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn q(frames: &[&[u8]]) -> VecDeque<Frame> {
+        frames.iter().map(|w| Frame::from_wire(w, 7)).collect()
+    }
+
+    #[test]
+    fn gather_respects_head_offset_iovecs_and_byte_budget() {
+        let queue = q(&[b"aaaa", b"bb", b"cccccc"]);
+        let mut iov = [IoSlice::new(&[]); 2];
+        assert_eq!(gather(&queue, 1, 1 << 20, &mut iov), (2, 5));
+        assert_eq!(&*iov[0], b"aaa");
+        assert_eq!(&*iov[1], b"bb");
+        let mut iov = [IoSlice::new(&[]); 8];
+        // The budget is checked before each frame: a frame that starts under it goes whole.
+        assert_eq!(gather(&queue, 0, 5, &mut iov), (2, 6));
+        assert_eq!(gather(&VecDeque::new(), 0, 5, &mut iov), (0, 0));
+    }
+
+    #[test]
+    fn commit_pops_whole_frames_and_keeps_a_short_write_offset() {
+        let mut queue = q(&[b"aaaa", b"bb", b"cccccc"]);
+        let mut head = 1u32;
+        let mut seen = Vec::new();
+        // A short send: the rest of the first frame and half of the second.
+        let n = commit(&mut queue, &mut head, 4, |f| seen.push(f.wire().to_vec()));
+        assert_eq!(n, 1);
+        assert_eq!(seen, vec![b"aaaa".to_vec()]);
+        assert_eq!((queue.len(), head), (2, 1));
+        // Nothing written: nothing changes.
+        assert_eq!(commit(&mut queue, &mut head, 0, |_| {}), 0);
+        assert_eq!((queue.len(), head), (2, 1));
+        // The rest of everything.
+        assert_eq!(commit(&mut queue, &mut head, 1 + 6, |_| {}), 2);
+        assert!(queue.is_empty());
+        assert_eq!(head, 0);
     }
 }
