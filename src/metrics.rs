@@ -522,4 +522,210 @@ mod tests {
         assert!(text.contains("switchboard_publish_to_flush_seconds_bucket{le=\"0.0005\"} 1\n"));
         assert!(text.contains("switchboard_publish_to_flush_seconds_count 1\n"));
     }
+
+    /// Two shards with a distinct value in every field, and one latency sample.
+    fn sample_text() -> String {
+        let shards = [ShardStats::default(), ShardStats::default()];
+        for (k, shard) in shards.iter().enumerate() {
+            let base = 1000 * (k as u64 + 1);
+            let mut s = LocalStats {
+                accepted: base + 1,
+                upgrades: base + 2,
+                upgrade_rejected: base + 3,
+                http_requests: base + 4,
+                frames_in: base + 5,
+                bytes_in: base + 6,
+                frames_out: base + 7,
+                bytes_out: base + 8,
+                writev_calls: base + 9,
+                publishes: base + 10,
+                deliveries: base + 11,
+                broadcasts: base + 12,
+                dms: base + 13,
+                dm_duplicates: base + 14,
+                cross_shard_sent: base + 15,
+                cross_shard_dropped: base + 16,
+                connections: base + 17,
+                ws_connections: base + 18,
+                rooms: base + 19,
+                queued_bytes: base + 20,
+                coalesce_on: base + 21,
+                coalesce_held: base + 22,
+                ..Default::default()
+            };
+            for (i, e) in s.errors.iter_mut().enumerate() {
+                *e = base + 100 + i as u64;
+            }
+            for (i, c) in s.closes.iter_mut().enumerate() {
+                *c = base + 200 + i as u64;
+            }
+            shard.publish(&s);
+        }
+        shards[1].latency_us.lock().unwrap().record(300).unwrap();
+        render(&NodeView {
+            shards: &shards,
+            rooms: 31,
+            users: 32,
+            connections: 33,
+            max_connections: 34,
+            draining: true,
+            dedup_entries: 35,
+            limits: None,
+        })
+    }
+
+    /// The text rendered by the hand-indexed tables before `stats!` (commit 310a268), byte
+    /// for byte: names, labels, help, order and values must not change.
+    const SAMPLE_BEFORE_TABLE: &str = r#"# HELP switchboard_accepted_total TCP connections accepted
+# TYPE switchboard_accepted_total counter
+switchboard_accepted_total 3002
+# HELP switchboard_upgrades_total WebSocket upgrades completed
+# TYPE switchboard_upgrades_total counter
+switchboard_upgrades_total 3004
+# HELP switchboard_upgrades_rejected_total Upgrade requests refused (4xx/5xx)
+# TYPE switchboard_upgrades_rejected_total counter
+switchboard_upgrades_rejected_total 3006
+# HELP switchboard_http_requests_total Plain HTTP requests served
+# TYPE switchboard_http_requests_total counter
+switchboard_http_requests_total 3008
+# HELP switchboard_frames_in_total WebSocket frames received
+# TYPE switchboard_frames_in_total counter
+switchboard_frames_in_total 3010
+# HELP switchboard_bytes_in_total Bytes received on WebSocket connections
+# TYPE switchboard_bytes_in_total counter
+switchboard_bytes_in_total 3012
+# HELP switchboard_frames_out_total Frames written to sockets
+# TYPE switchboard_frames_out_total counter
+switchboard_frames_out_total 3014
+# HELP switchboard_bytes_out_total Bytes written to sockets
+# TYPE switchboard_bytes_out_total counter
+switchboard_bytes_out_total 3016
+# HELP switchboard_writev_calls_total send/sendmsg system calls on client sockets
+# TYPE switchboard_writev_calls_total counter
+switchboard_writev_calls_total 3018
+# HELP switchboard_publishes_total Room publishes accepted
+# TYPE switchboard_publishes_total counter
+switchboard_publishes_total 3020
+# HELP switchboard_deliveries_total Frames queued to a recipient by fan-out
+# TYPE switchboard_deliveries_total counter
+switchboard_deliveries_total 3022
+# HELP switchboard_broadcasts_total Broadcasts accepted
+# TYPE switchboard_broadcasts_total counter
+switchboard_broadcasts_total 3024
+# HELP switchboard_direct_messages_total Direct messages accepted
+# TYPE switchboard_direct_messages_total counter
+switchboard_direct_messages_total 3026
+# HELP switchboard_direct_message_duplicates_total Direct messages answered from the dedup window
+# TYPE switchboard_direct_message_duplicates_total counter
+switchboard_direct_message_duplicates_total 3028
+# HELP switchboard_cross_shard_sent_total Messages sent to other shards
+# TYPE switchboard_cross_shard_sent_total counter
+switchboard_cross_shard_sent_total 3030
+# HELP switchboard_cross_shard_dropped_total Messages dropped because a shard inbox was full
+# TYPE switchboard_cross_shard_dropped_total counter
+switchboard_cross_shard_dropped_total 3032
+# HELP switchboard_connections Open TCP connections per shard (any phase)
+# TYPE switchboard_connections gauge
+switchboard_connections{shard="0"} 1017
+switchboard_connections{shard="1"} 2017
+# HELP switchboard_websocket_connections Upgraded WebSocket connections per shard
+# TYPE switchboard_websocket_connections gauge
+switchboard_websocket_connections{shard="0"} 1018
+switchboard_websocket_connections{shard="1"} 2018
+# HELP switchboard_send_queue_bytes Bytes queued for clients per shard
+# TYPE switchboard_send_queue_bytes gauge
+switchboard_send_queue_bytes{shard="0"} 1020
+switchboard_send_queue_bytes{shard="1"} 2020
+# HELP switchboard_write_coalesce_active 1 while write_coalesce holds fan-out frames on the shard (its frame rate is over write_coalesce_min_rate)
+# TYPE switchboard_write_coalesce_active gauge
+switchboard_write_coalesce_active{shard="0"} 1021
+switchboard_write_coalesce_active{shard="1"} 2021
+# HELP switchboard_write_coalesce_held Entries in the shard's write_coalesce hold queue (connections waiting to be written)
+# TYPE switchboard_write_coalesce_held gauge
+switchboard_write_coalesce_held{shard="0"} 1022
+switchboard_write_coalesce_held{shard="1"} 2022
+# HELP switchboard_clients Upgraded WebSocket connections on this node
+# TYPE switchboard_clients gauge
+switchboard_clients 33
+# HELP switchboard_max_connections Configured (or derived) connection limit
+# TYPE switchboard_max_connections gauge
+switchboard_max_connections 34
+# HELP switchboard_rooms Rooms with at least one subscriber on this node
+# TYPE switchboard_rooms gauge
+switchboard_rooms 31
+# HELP switchboard_users Users with at least one device on this node
+# TYPE switchboard_users gauge
+switchboard_users 32
+# HELP switchboard_dedup_entries Direct-message dedup entries held
+# TYPE switchboard_dedup_entries gauge
+switchboard_dedup_entries 35
+# HELP switchboard_draining 1 while the node drains for shutdown
+# TYPE switchboard_draining gauge
+switchboard_draining 1
+# HELP switchboard_errors_total Error frames sent, by reason
+# TYPE switchboard_errors_total counter
+switchboard_errors_total{reason="invalid_json"} 3200
+switchboard_errors_total{reason="unknown_type"} 3202
+switchboard_errors_total{reason="room_required"} 3204
+switchboard_errors_total{reason="not_subscribed"} 3206
+switchboard_errors_total{reason="room_full"} 3208
+switchboard_errors_total{reason="not_allowed"} 3210
+switchboard_errors_total{reason="too_many_rooms"} 3212
+switchboard_errors_total{reason="rate_limited"} 3214
+switchboard_errors_total{reason="too_large"} 3216
+switchboard_errors_total{reason="binary"} 3218
+switchboard_errors_total{reason="bad_request"} 3220
+switchboard_errors_total{reason="auth_failed"} 3222
+switchboard_errors_total{reason="busy"} 3224
+# HELP switchboard_closes_total Connections ended, by close code or cause
+# TYPE switchboard_closes_total counter
+switchboard_closes_total{code="1000"} 3400
+switchboard_closes_total{code="1001"} 3402
+switchboard_closes_total{code="1002"} 3404
+switchboard_closes_total{code="1007"} 3406
+switchboard_closes_total{code="1008"} 3408
+switchboard_closes_total{code="1009"} 3410
+switchboard_closes_total{code="1011"} 3412
+switchboard_closes_total{code="4001"} 3414
+switchboard_closes_total{code="4003"} 3416
+switchboard_closes_total{code="4008"} 3418
+switchboard_closes_total{code="4029"} 3420
+switchboard_closes_total{code="abnormal"} 3422
+switchboard_closes_total{code="timeout"} 3424
+switchboard_closes_total{code="http"} 3426
+switchboard_closes_total{code="other"} 3428
+# HELP switchboard_slow_consumer_closes_total Connections closed 4008 for exceeding send_queue_bytes_max
+# TYPE switchboard_slow_consumer_closes_total counter
+switchboard_slow_consumer_closes_total 3418
+# HELP switchboard_publish_to_flush_seconds Time from a frame's creation (publish, DM, reply) to its write to a recipient socket
+# TYPE switchboard_publish_to_flush_seconds histogram
+switchboard_publish_to_flush_seconds_bucket{le="0.00005"} 0
+switchboard_publish_to_flush_seconds_bucket{le="0.0001"} 0
+switchboard_publish_to_flush_seconds_bucket{le="0.00025"} 0
+switchboard_publish_to_flush_seconds_bucket{le="0.0005"} 1
+switchboard_publish_to_flush_seconds_bucket{le="0.001"} 1
+switchboard_publish_to_flush_seconds_bucket{le="0.0025"} 1
+switchboard_publish_to_flush_seconds_bucket{le="0.005"} 1
+switchboard_publish_to_flush_seconds_bucket{le="0.01"} 1
+switchboard_publish_to_flush_seconds_bucket{le="0.025"} 1
+switchboard_publish_to_flush_seconds_bucket{le="0.05"} 1
+switchboard_publish_to_flush_seconds_bucket{le="0.1"} 1
+switchboard_publish_to_flush_seconds_bucket{le="0.25"} 1
+switchboard_publish_to_flush_seconds_bucket{le="1"} 1
+switchboard_publish_to_flush_seconds_bucket{le="5"} 1
+switchboard_publish_to_flush_seconds_bucket{le="+Inf"} 1
+switchboard_publish_to_flush_seconds_sum 0.000301
+switchboard_publish_to_flush_seconds_count 1
+"#;
+
+    #[test]
+    fn renders_the_same_text_as_before_the_table() {
+        let text = sample_text();
+        if text != SAMPLE_BEFORE_TABLE {
+            for (a, b) in text.lines().zip(SAMPLE_BEFORE_TABLE.lines()) {
+                assert_eq!(a, b);
+            }
+            assert_eq!(text.len(), SAMPLE_BEFORE_TABLE.len());
+        }
+    }
 }
