@@ -14,6 +14,7 @@ pub mod bridge;
 pub mod config;
 pub mod directory;
 pub mod doctor;
+pub mod http;
 pub mod io;
 pub mod limits;
 pub mod metrics;
