@@ -15,8 +15,11 @@ pub enum Version {
 /// A parsed request, borrowed from the read buffer: the head fields the server acts on and
 /// the body. Header values are trimmed; of a header sent twice the last one wins (except
 /// Content-Length and Transfer-Encoding, which [`parse_request`] refuses when ambiguous).
-/// Headers whose value is not UTF-8 are ignored (again except those two).
-#[derive(Debug, Default)]
+/// Headers whose value is not UTF-8 are ignored (again except those two). `Debug` prints
+/// `authorization`, `api_key`, `query` and `ws_protocols` (each may carry a token, e.g.
+/// `?token=` or `bearer.<jwt>`) as `<redacted>` and the body as its length: a logged request
+/// leaks no secret.
+#[derive(Default)]
 pub struct Request<'a> {
     pub method: &'a str,
     /// The target before `?`, not percent-decoded (the router decodes captured segments).
@@ -48,6 +51,32 @@ pub struct Request<'a> {
     pub ac_request_headers: Option<&'a str>,
     /// Exactly `content_length` bytes (empty without one). Always empty from [`parse_head`].
     pub body: &'a [u8],
+}
+
+impl std::fmt::Debug for Request<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let redacted = |v: Option<&str>| v.map(|_| "<redacted>");
+        f.debug_struct("Request")
+            .field("method", &self.method)
+            .field("path", &self.path)
+            .field("query", &self.query.map(|_| "<redacted>"))
+            .field("version", &self.version)
+            .field("upgrade_websocket", &self.upgrade_websocket)
+            .field("connection_upgrade", &self.connection_upgrade)
+            .field("keep_alive", &self.keep_alive)
+            .field("ws_key", &self.ws_key)
+            .field("ws_version", &self.ws_version)
+            .field("ws_protocols", &redacted(self.ws_protocols))
+            .field("origin", &self.origin)
+            .field("authorization", &redacted(self.authorization))
+            .field("api_key", &redacted(self.api_key))
+            .field("content_type", &self.content_type)
+            .field("content_length", &self.content_length)
+            .field("ac_request_method", &self.ac_request_method)
+            .field("ac_request_headers", &self.ac_request_headers)
+            .field("body_len", &self.body.len())
+            .finish()
+    }
 }
 
 /// The name the shard's upgrade path has used since before `http/`: the same type.

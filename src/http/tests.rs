@@ -691,3 +691,12 @@ fn percent_decode_bounds() {
     assert_eq!(percent_decode("%e2%82%AC").as_deref(), Ok("\u{20ac}"));
     assert_eq!(percent_decode("%"), Err("bad percent-encoding in path"));
 }
+
+#[test]
+fn debug_redacts_secrets() {
+    let buf = b"POST /ws?token=tok-secret HTTP/1.1\r\nAuthorization: Bearer jwt-secret\r\nX-API-Key: key-secret\r\nSec-WebSocket-Protocol: bearer.proto-secret\r\nContent-Length: 11\r\n\r\nbody-secret";
+    let (r, _) = complete(buf);
+    let shown = format!("{:?}", parse_request(buf, HEAD, BODY)) + &format!("{r:?}");
+    assert!(!shown.contains("secret"), "{shown}");
+    assert!(shown.contains("<redacted>") && shown.contains("body_len: 11"));
+}
