@@ -25,13 +25,20 @@ pub const TOKEN_BYTES_MAX: usize = 8192;
 pub const SUB_BYTES_MAX: usize = 256;
 /// Largest public key file read, in bytes (an RSA-8192 PEM is about 1.5 KiB).
 pub const PUBLIC_KEY_FILE_BYTES_MAX: u64 = 64 * 1024;
+/// Latest expiry a [`Claims`] carries, Unix seconds: `u32::MAX` (2106-02-07), the width the
+/// shard stores. A token's `exp` beyond it (`u64::MAX`, `1e300`, ...) is clamped here, in
+/// [`Verifier::verify`], so that no caller's `exp * 1000` (milliseconds) can overflow: at most
+/// 4.3e12, far below `u64::MAX`. Clamping rather than rejecting keeps "a token that never
+/// expires" working; the connection is simply re-checked in 2106.
+pub const EXP_S_MAX: u64 = u32::MAX as u64;
 
 /// What a verified token grants.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Claims {
     /// The user id (`sub`), 1 to [`SUB_BYTES_MAX`] bytes.
     pub sub: String,
-    /// Expiry, Unix seconds.
+    /// Expiry, Unix seconds, never above [`EXP_S_MAX`] (a larger `exp` claim is clamped), so
+    /// `exp * 1000` and `exp as u32` are safe in any caller.
     pub exp: u64,
     /// Glob patterns of the rooms the user may use; None = all rooms.
     pub rooms: Option<Vec<String>>,
@@ -360,7 +367,13 @@ impl Verifier {
             })?
             .claims;
 
-        let exp = raw.exp.as_ref().ok_or(AuthError::MissingExp)?.secs(false);
+        // Clamped at the source: peer input must not overflow a caller's arithmetic.
+        let exp = raw
+            .exp
+            .as_ref()
+            .ok_or(AuthError::MissingExp)?
+            .secs(false)
+            .min(EXP_S_MAX);
         if now_unix_s > exp.saturating_add(self.leeway_s) {
             return Err(AuthError::Expired);
         }
@@ -782,6 +795,39 @@ mod tests {
             .is_ok());
         assert_eq!(
             strict.verify(&hs(&json!({"sub": "a", "exp": NOW - 1})), NOW),
+            Err(AuthError::Expired)
+        );
+    }
+
+    #[test]
+    fn huge_exp_is_clamped_so_callers_cannot_overflow() {
+        let v = hs256();
+        let exp_of = |exp: Value| {
+            v.verify(&hs(&json!({"sub": "a", "exp": exp})), NOW)
+                .map(|c| c.exp)
+        };
+        for huge in [
+            json!(u64::MAX),
+            json!(i64::MAX),
+            json!(1e300),
+            json!(f64::MAX),
+            json!(EXP_S_MAX + 1),
+        ] {
+            let exp = exp_of(huge.clone()).expect("a far-future token is valid");
+            assert_eq!(exp, EXP_S_MAX, "{huge}");
+            // What the shard does with it (cmd_authenticate): must not overflow.
+            assert!(exp.checked_mul(1000).is_some());
+            assert_eq!(u32::try_from(exp), Ok(u32::MAX));
+        }
+        assert_eq!(exp_of(json!(EXP_S_MAX)), Ok(EXP_S_MAX));
+        assert_eq!(
+            exp_of(json!(NOW + 10)),
+            Ok(NOW + 10),
+            "ordinary exp untouched"
+        );
+        // Past the clamp, a token is expired like any other.
+        assert_eq!(
+            v.verify(&hs(&json!({"sub": "a", "exp": u64::MAX})), EXP_S_MAX + 6),
             Err(AuthError::Expired)
         );
     }

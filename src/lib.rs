@@ -19,6 +19,7 @@ pub mod dedup;
 pub mod directory;
 pub mod doctor;
 pub mod fault;
+pub mod http;
 pub mod io;
 pub mod limits;
 pub mod metrics;

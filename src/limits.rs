@@ -84,3 +84,19 @@ pub const RX_RETAIN_BYTES_MAX: usize = 4096;
 
 /// Send-queue slots retained after the queue drains (capacity above this is released).
 pub const SEND_QUEUE_RETAIN_SLOTS: usize = 8;
+
+/// Largest HTTP request body the server API reads by default, in bytes (an API call carries
+/// one message or one small JSON command; a message is bounded far below this). Callers pass
+/// it to `http::parse_request` as `body_max`; a larger Content-Length is answered 413 before
+/// the body is read.
+pub const HTTP_BODY_BYTES_MAX: usize = 64 * 1024;
+/// Longest captured path segment (`{id}` in a route), decoded, in bytes: an id.
+pub const HTTP_PATH_PARAM_BYTES_MAX: usize = ID_BYTES_MAX;
+/// Captured segments per route pattern.
+pub const HTTP_ROUTE_PARAMS_MAX: usize = 4;
+/// Longest API key accepted for comparison, in bytes; longer ones are refused unread.
+pub const HTTP_API_KEY_BYTES_MAX: usize = 256;
+/// Configured CORS origins (each request compares against all of them).
+pub const HTTP_CORS_ORIGINS_MAX: usize = 64;
+/// `Access-Control-Max-Age` of a preflight answer: browsers cache it this long, in seconds.
+pub const HTTP_CORS_MAX_AGE_S: u64 = 600;
