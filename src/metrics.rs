@@ -238,6 +238,10 @@ stats! {
     // ---- cross-shard
     cross_shard_sent: Counter("switchboard_cross_shard_sent_total", "Messages sent to other shards"),
     cross_shard_dropped: Counter("switchboard_cross_shard_dropped_total", "Messages dropped because a shard inbox was full"),
+    // ---- the bridge
+    bridge_dropped: Counter("switchboard_bridge_dropped_total", "Messages for other nodes or the bridge dropped because its inbox was full"),
+    // ---- HTTP keep-alive
+    http_keepalive_reuses: Counter("switchboard_http_keepalive_reuses_total", "HTTP requests served on a connection that had already served one"),
     // ---- gauges (current values, not counters)
     connections: ShardGauge("switchboard_connections", "Open TCP connections per shard (any phase)"),
     ws_connections: ShardGauge("switchboard_websocket_connections", "Upgraded WebSocket connections per shard"),

@@ -87,7 +87,7 @@ impl Shard {
                 frame: frame.clone(),
             };
             if self.node.bridge_tx.try_send(msg).is_err() {
-                self.out.stats.cross_shard_dropped += 1;
+                self.out.stats.bridge_dropped += 1;
                 missed.bridge = true;
             }
         }

@@ -6,52 +6,50 @@ use std::sync::atomic::Ordering;
 use super::*;
 use crate::auth::{query_param, query_params, token_from_upgrade, Claims};
 use crate::config::AuthMode;
+use crate::http;
+use crate::http::{RouteSpec, Status};
 use crate::limits::ID_BYTES_MAX;
 use crate::metrics::NodeView;
-use crate::proto::http::{self, Parsed};
 
 impl Shard {
     // ------------------------------------------------------------ HTTP
 
-    /// A request head may be complete in `buf`. Returns false when the connection stops reading.
-    pub(super) fn on_http_head(&mut self, slot: u32, buf: &mut Vec<u8>, max: usize) -> bool {
-        let used = match http::parse_request(buf) {
-            Parsed::Partial => {
-                if buf.len() > max {
-                    self.reject(slot, 431, "request header too large");
+    /// Serve every complete request at the start of `buf` (keep-alive and pipelining); what
+    /// is left in `buf` is the start of an incomplete one. An upgrade hands the bytes after
+    /// its head to the WebSocket decoder; bytes after any other request are the next request,
+    /// never frames. Returns false when the connection stops reading.
+    pub(super) fn on_http_head(&mut self, slot: u32, buf: &mut Vec<u8>, head_max: usize) -> bool {
+        let body_max = self.node.cfg.http_body_bytes_max;
+        loop {
+            match crate::http::parse_request(buf, head_max, body_max) {
+                crate::http::Parsed::Partial => return true,
+                crate::http::Parsed::Error(e) => {
+                    self.out.stats.upgrade_rejected += 1;
+                    self.http_reply(slot, e.response());
                     return false;
                 }
-                return true;
-            }
-            Parsed::Invalid => {
-                self.reject(slot, 400, "bad request");
-                return false;
-            }
-            Parsed::Complete(_, used) if used > max => {
-                self.reject(slot, 431, "request header too large");
-                return false;
-            }
-            Parsed::Complete(head, used) => {
-                let cfg = &self.node.cfg;
-                let is_echo = cfg.echo_path.as_deref() == Some(head.path);
-                if is_echo || cfg.ws_paths.iter().any(|p| p == head.path) {
-                    if !self.upgrade(slot, &head, is_echo) {
+                crate::http::Parsed::Complete(req, used) => {
+                    let cfg = &self.node.cfg;
+                    let is_echo = cfg.echo_path.as_deref() == Some(req.path);
+                    if is_echo || cfg.ws_paths.iter().any(|p| p == req.path) {
+                        if !self.upgrade(slot, &req, is_echo) {
+                            return false;
+                        }
+                        // Bytes after the head are the client's first frames.
+                        let mut rest = buf.split_off(used);
+                        buf.clear();
+                        return rest.is_empty() || self.on_ws_bytes(slot, &mut rest);
+                    }
+                    if !self.serve_http(slot, &req) {
                         return false;
                     }
-                } else {
-                    self.serve_http(slot, head.method, head.path);
-                    return false;
+                    buf.drain(..used);
+                    if buf.is_empty() {
+                        return true;
+                    }
                 }
-                used
             }
-        };
-        // Bytes after the head are the client's first frames.
-        let mut rest = buf.split_off(used);
-        buf.clear();
-        if rest.is_empty() {
-            return true;
         }
-        self.on_ws_bytes(slot, &mut rest)
     }
 
     pub(super) fn reject(&mut self, slot: u32, status: u16, text: &str) {
@@ -59,55 +57,78 @@ impl Shard {
         self.http_reply(slot, http::json_error(status, text));
     }
 
-    fn serve_http(&mut self, slot: u32, method: &str, path: &str) {
+    /// Answer one plain HTTP request. Returns whether the connection stays open for another
+    /// (keep-alive: asked for by the client, under `http_keepalive_requests_max`, not draining).
+    fn serve_http(&mut self, slot: u32, req: &crate::http::Request) -> bool {
+        use crate::http::{route, Response, Routed, Status};
         self.out.stats.http_requests += 1;
-        if method != "GET" && method != "HEAD" {
-            self.http_reply(slot, http::json_error(405, "method not allowed"));
-            return;
+        let served = self.clients[slot as usize].exp_s;
+        if served > 0 {
+            self.out.stats.http_keepalive_reuses += 1;
         }
-        let node = &self.node;
-        let reply = match path {
-            "/health" => {
-                let body = format!(
-                    "{{\"status\":\"healthy\",\"clients\":{},\"rooms\":{}}}",
-                    node.dir.connections(),
-                    node.dir.rooms_len()
-                );
-                http::response(200, "application/json", body.as_bytes())
+        let node = self.node.clone();
+        let keep = req.keep_alive
+            && served.saturating_add(1) < node.cfg.http_keepalive_requests_max
+            && !node.draining.load(Ordering::Relaxed);
+        if req.method == "OPTIONS" {
+            if let Some(bytes) = self.cors.preflight_response(req, keep) {
+                return self.http_respond(slot, bytes, keep);
             }
-            "/live" => http::response(200, "application/json", b"{\"status\":\"alive\"}"),
-            "/ready" => match node.ready() {
-                Ok(()) => http::response(200, "application/json", b"{\"status\":\"ready\"}"),
-                Err(why) => {
-                    let body = format!("{{\"status\":\"not ready\",\"reason\":\"{why}\"}}");
-                    http::response(503, "application/json", body.as_bytes())
-                }
-            },
-            "/metrics" | "/prometheus/metrics" => {
-                let text = crate::metrics::render(&NodeView {
-                    shards: &node.stats,
-                    rooms: node.dir.rooms_len() as u64,
-                    users: node.dir.users_len() as u64,
-                    connections: node.dir.connections(),
-                    max_connections: node.max_connections,
-                    draining: node.draining.load(Ordering::Relaxed),
-                    dedup_entries: node.dedup.len() as u64,
-                    limits: Some(&node.limits),
-                });
-                http::response(200, "text/plain; version=0.0.4", text.as_bytes())
-            }
-            _ => http::json_error(404, "not found"),
-        };
-        let reply = if method == "HEAD" {
-            http::head_only(reply)
+        }
+        let json = "application/json";
+        let mut allow = None;
+        let (status, ctype, body): (Status, &str, Vec<u8>) = if req.path.starts_with("/api/") {
+            api_gate(&node, req)
         } else {
-            reply
+            match route(ROUTES, req.method, req.path) {
+                Routed::Found(r, _) => endpoint(&node, r),
+                Routed::MethodNotAllowed(a) => {
+                    allow = Some(a);
+                    (
+                        Status::METHOD_NOT_ALLOWED,
+                        json,
+                        http::json_error_body("method not allowed"),
+                    )
+                }
+                Routed::BadRequest(text) => {
+                    (Status::BAD_REQUEST, json, http::json_error_body(text))
+                }
+                Routed::NotFound => (Status::NOT_FOUND, json, http::json_error_body("not found")),
+            }
         };
-        self.http_reply(slot, reply);
+        let mut r = Response::new(status, ctype, &body);
+        r.keep_alive = keep;
+        r.allow = allow.as_deref();
+        r.cors = self.cors.headers(req.origin);
+        r.head_request = req.is_head();
+        let bytes = r.to_vec();
+        self.http_respond(slot, bytes, keep)
+    }
+
+    /// Queue a response; keep the connection for the next request or close after it.
+    fn http_respond(&mut self, slot: u32, bytes: Vec<u8>, keep: bool) -> bool {
+        if !keep {
+            self.http_reply(slot, bytes);
+            return false;
+        }
+        let f = Frame::from_wire(&bytes, self.now_us);
+        let now = self.now_tick;
+        let c = &mut self.clients[slot as usize];
+        // In the HTTP phase `exp_s` counts the requests served on the connection, and
+        // `last_rx_tick` is when it went idle: the next request must complete within
+        // `http_keepalive_timeout` of it.
+        c.exp_s = c.exp_s.saturating_add(1);
+        c.last_rx_tick = now;
+        self.reply(slot, f);
+        let deadline = now + self.t.keepalive;
+        self.schedule(slot, deadline);
+        true
     }
 
     /// Validate and perform an upgrade. Returns false when the request was refused.
     fn upgrade(&mut self, slot: u32, head: &http::RequestHead, is_echo: bool) -> bool {
+        // `exp_s` counted kept-alive requests in the HTTP phase; from here it is the token's.
+        self.clients[slot as usize].exp_s = 0;
         let key = match head.upgrade_key() {
             Ok(key) => key,
             Err(problem) => {
@@ -256,5 +277,87 @@ impl Shard {
         }
         self.schedule(slot, now_tick + 1);
         true
+    }
+}
+
+/// The plain endpoints. `HEAD` is served wherever `GET` is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Route {
+    Health,
+    Live,
+    Ready,
+    Metrics,
+}
+
+const ROUTES: &[RouteSpec<Route>] = &[
+    ("GET /health", Route::Health),
+    ("GET /live", Route::Live),
+    ("GET /ready", Route::Ready),
+    ("GET /metrics", Route::Metrics),
+    ("GET /prometheus/metrics", Route::Metrics),
+];
+
+fn endpoint(node: &Node, r: Route) -> (Status, &'static str, Vec<u8>) {
+    let json = "application/json";
+    match r {
+        Route::Health => {
+            let body = format!(
+                "{{\"status\":\"healthy\",\"clients\":{},\"rooms\":{}}}",
+                node.dir.connections(),
+                node.dir.rooms_len()
+            );
+            (Status::OK, json, body.into_bytes())
+        }
+        Route::Live => (Status::OK, json, b"{\"status\":\"alive\"}".to_vec()),
+        Route::Ready => match node.ready() {
+            Ok(()) => (Status::OK, json, b"{\"status\":\"ready\"}".to_vec()),
+            Err(why) => {
+                let body = format!("{{\"status\":\"not ready\",\"reason\":\"{why}\"}}");
+                (Status::SERVICE_UNAVAILABLE, json, body.into_bytes())
+            }
+        },
+        Route::Metrics => {
+            let text = crate::metrics::render(&NodeView {
+                shards: &node.stats,
+                rooms: node.dir.rooms_len() as u64,
+                users: node.dir.users_len() as u64,
+                connections: node.dir.connections(),
+                max_connections: node.max_connections,
+                draining: node.draining.load(Ordering::Relaxed),
+                dedup_entries: node.dedup.len() as u64,
+                limits: Some(&node.limits),
+            });
+            (Status::OK, "text/plain; version=0.0.4", text.into_bytes())
+        }
+    }
+}
+
+/// The server API's door (`/api/...`): off without an `api_key` (404, saying so), 401 without
+/// the right key (`X-API-Key: <key>` or `Authorization: apikey <key>`). No endpoint is behind
+/// it in this release, so a request with the right key gets 404 `not found`.
+fn api_gate(node: &Node, req: &crate::http::Request) -> (Status, &'static str, Vec<u8>) {
+    let json = "application/json";
+    match node.cfg.api_key.as_deref() {
+        None => (
+            Status::NOT_FOUND,
+            json,
+            http::json_error_body("the server API is off (no api_key configured)"),
+        ),
+        Some(key) if !crate::http::api_key_ok(req, key) => (
+            Status::UNAUTHORIZED,
+            json,
+            http::json_error_body("invalid or missing API key"),
+        ),
+        Some(_) => (Status::NOT_FOUND, json, http::json_error_body("not found")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_table_is_valid() {
+        crate::http::check_table(ROUTES).unwrap();
     }
 }

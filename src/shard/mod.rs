@@ -201,6 +201,8 @@ pub struct Shard {
     dedup_fifo: crate::dedup::Expiry,
     /// Side tables of the service modules.
     svc: service::Services,
+    /// CORS for the HTTP endpoints (`cors_origins`).
+    cors: crate::http::Cors,
     drain: Option<DrainState>,
     /// Connections whose fan-out frames wait for `write_coalesce` (see [`Shard::flush_dirty`]):
     /// (due, in ms since the node started; slot; generation). A client waits in it once per
@@ -224,6 +226,8 @@ pub struct Shard {
 /// Config durations converted to ticks and floats once.
 struct Timing {
     handshake: u32,
+    /// `http_keepalive_timeout`.
+    keepalive: u32,
     ping: u32,
     pong: u32,
     write_wait: u32,
@@ -269,6 +273,7 @@ impl Shard {
         let cfg = &node.cfg;
         let t = Timing {
             handshake: ticks(cfg.handshake_timeout),
+            keepalive: ticks(cfg.http_keepalive_timeout),
             ping: ticks(cfg.ping_interval),
             pong: ticks(cfg.pong_wait),
             write_wait: ticks(cfg.write_wait),
@@ -281,6 +286,8 @@ impl Shard {
             coalesce_min_rate: cfg.write_coalesce_min_rate,
         };
         let read_buf = vec![0u8; cfg.read_buffer_size];
+        let cors = crate::http::Cors::new(&cfg.cors_origins)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         let queue_limit = cfg.send_queue_bytes_max;
         let now_us = node.now_us();
         let now_tick = (now_us / 1000 / TIMER_TICK_MS) as u32;
@@ -309,6 +316,7 @@ impl Shard {
             hist: new_latency_histogram(),
             dedup_fifo: crate::dedup::Expiry::default(),
             svc: service::Services::default(),
+            cors,
             drain: None,
             deferred: std::collections::BinaryHeap::new(),
             coalesce_on: t.coalesce_min_rate == 0,

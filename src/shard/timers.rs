@@ -52,11 +52,19 @@ impl Shard {
         let c = &mut self.clients[slot as usize];
         let next = match c.phase {
             Phase::Http => {
-                if now >= c.last_rx_tick + self.t.handshake {
+                // A first request must complete within handshake_timeout of the accept; a
+                // kept-alive connection (`exp_s` requests served) within http_keepalive_timeout
+                // of its last response.
+                let limit = if c.exp_s > 0 {
+                    self.t.keepalive
+                } else {
+                    self.t.handshake
+                };
+                if now >= c.last_rx_tick + limit {
                     self.close_now(slot, Some(CloseKind::Http));
                     return;
                 }
-                c.last_rx_tick + self.t.handshake
+                c.last_rx_tick + limit
             }
             Phase::Closing => {
                 self.close_now(slot, None);

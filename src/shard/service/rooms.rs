@@ -383,7 +383,7 @@ fn report_transition(sh: &mut Shard, room: Arc<str>, t: Transition) {
     if t != Transition::None && sh.node.clustered {
         let msg = BridgeMsg::Room { room, t };
         if sh.node.bridge_tx.try_send(msg).is_err() {
-            sh.out.stats.cross_shard_dropped += 1;
+            sh.out.stats.bridge_dropped += 1;
         }
     }
 }

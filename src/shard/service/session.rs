@@ -85,7 +85,7 @@ fn report_transition(sh: &mut Shard, user: Arc<str>, t: Transition) {
     if t != Transition::None && sh.node.clustered {
         let msg = BridgeMsg::User { user, t };
         if sh.node.bridge_tx.try_send(msg).is_err() {
-            sh.out.stats.cross_shard_dropped += 1;
+            sh.out.stats.bridge_dropped += 1;
         }
     }
 }
