@@ -680,19 +680,11 @@ switchboard_publish_to_flush_seconds_count 1
 "#;
 
     #[test]
-    fn renders_the_same_text_as_before_the_table() {
+    fn renders_every_line_it_rendered_before_the_table() {
+        // Every line the hand-written renderer produced is still produced, in the same order
+        // and with the same bytes: rows added since (the bridge, HTTP keep-alive, new error
+        // reasons and close kinds) add lines and change none.
         let text = sample_text();
-        // Everything up to the labelled families (the table's rows and the node gauges) is
-        // byte-identical.
-        let cut = "# HELP switchboard_errors_total";
-        let (before, _) = SAMPLE_BEFORE_TABLE.split_once(cut).unwrap();
-        let (now, _) = text.split_once(cut).unwrap();
-        for (a, b) in now.lines().zip(before.lines()) {
-            assert_eq!(a, b);
-        }
-        assert_eq!(now, before);
-        // After it, every line of before is still there in order: a variant appended to
-        // ErrorReason or CloseKind adds its own lines and changes none.
         let mut lines = text.lines();
         for want in SAMPLE_BEFORE_TABLE.lines() {
             assert!(lines.any(|l| l == want), "missing or out of order: {want}");
