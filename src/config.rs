@@ -71,8 +71,8 @@ pub struct Config {
     pub max_connections_per_user: usize,
     /// Rooms one connection may be subscribed to.
     pub max_rooms_per_connection: usize,
-    /// Room name globs whose publishes are sequenced by one owner shard (one order everywhere).
-    pub ordered_rooms: Vec<String>,
+    /// Options per room name pattern (`rooms`, a structured key; first match wins).
+    pub rooms: Vec<crate::room_options::RoomOptions>,
     /// Longest room name in bytes.
     pub max_room_name_bytes: usize,
     /// Bytes queued for one connection before it is closed with 4008.
@@ -184,7 +184,7 @@ impl Default for Config {
             max_connections_per_room: 100_000,
             max_connections_per_user: 64,
             max_rooms_per_connection: 128,
-            ordered_rooms: Vec::new(),
+            rooms: Vec::new(),
             max_room_name_bytes: 256,
             send_queue_bytes_max: 1024 * 1024,
             handshake_timeout: Duration::from_secs(5),
@@ -614,8 +614,6 @@ config_keys! {
         "Connections (devices) one user may hold on this node, 1 to 65535; above it the upgrade gets 429 / in-band authenticate gets an error.";
     max_rooms_per_connection: Count = "128", "SWITCHBOARD_MAX_ROOMS_PER_CONNECTION", None,
         "Rooms one connection may be subscribed to. At least 1.";
-    ordered_rooms: List = "", "SWITCHBOARD_ORDERED_ROOMS", None,
-        "Room name globs whose publishes go through one owner shard, so every subscriber on every shard sees one order (one extra hop for publishers on other shards); empty = none.";
     max_room_name_bytes: Bytes = "256", "SWITCHBOARD_MAX_ROOM_NAME_BYTES", None,
         "Longest room name in bytes, 1 to 4096.";
     send_queue_bytes_max: Bytes = "1MiB", "SWITCHBOARD_SEND_QUEUE_BYTES_MAX", None,
@@ -765,11 +763,19 @@ impl StructuredKey {
     }
 }
 
-/// The structured keys of the product. None yet; the loader and a unit test with a test-only
+/// The structured keys of the product: `rooms` (see [`crate::room_options`]). A unit test with a test-only
 /// key (`test_paths` in the tests below) keep the path working. Adding one: a typed field in
 /// [`Config`] with its default, a row here with a parser into it, and its range checks in
 /// `validate_from`; `--help` and docs/CONFIG.md list it after the scalar keys.
-static STRUCTURED: &[StructuredKey] = &[];
+static STRUCTURED: &[StructuredKey] = &[StructuredKey {
+    key: "rooms",
+    env: "SWITCHBOARD_ROOMS",
+    apply: |cfg, v| {
+        cfg.rooms = crate::room_options::parse(v)?;
+        Ok(())
+    },
+    doc: "Options per room name pattern, first match wins: a list of {pattern, ordered, history_size, history_ttl, join_leave, presence} (docs/CONFIG.md#rooms). Rooms no pattern matches have everything off.",
+}];
 
 /// How a key of the rooms service's documented `websocket:` block maps here.
 enum Legacy {

@@ -208,6 +208,8 @@ impl Names {
 pub struct Directory {
     pub rooms: Names,
     pub users: Names,
+    /// Server-side subscriptions that are not rooms (e.g. presence watchers of a user).
+    pub topics: Names,
     /// Upgraded WebSocket connections on this node (for max_connections and /health).
     pub connections: AtomicU64,
 }
@@ -248,6 +250,9 @@ impl crate::route::Locate for Directory {
     }
     fn user_shards(&self, user: &str) -> u64 {
         self.users.shards(user)
+    }
+    fn topic_shards(&self, topic: &str) -> u64 {
+        self.topics.shards(topic)
     }
 }
 

@@ -24,6 +24,7 @@ pub mod io;
 pub mod limits;
 pub mod metrics;
 pub mod proto;
+pub mod room_options;
 pub mod route;
 pub mod server;
 pub mod shard;

@@ -231,6 +231,7 @@ stats! {
     // ---- rooms
     publishes: Counter("switchboard_publishes_total", "Room publishes accepted"),
     deliveries: Counter("switchboard_deliveries_total", "Frames queued to a recipient by fan-out"),
+    droppable_dropped: Counter("switchboard_droppable_dropped_total", "Droppable frames (typing) not queued because the recipient had over half of send_queue_bytes_max queued"),
     broadcasts: Counter("switchboard_broadcasts_total", "Broadcasts accepted"),
     // ---- direct messages
     dms: Counter("switchboard_direct_messages_total", "Direct messages accepted"),

@@ -110,7 +110,10 @@ fn a_panic_inside_one_command_closes_that_connection_with_1011_only() {
 fn ordered_rooms_are_seen_in_one_order_on_every_shard() {
     let server = TestServer::start(&[
         EXPOSE,
-        ("SWITCHBOARD_ORDERED_ROOMS", "ord-*"),
+        (
+            "SWITCHBOARD_ROOMS",
+            r#"[{"pattern": "ord-*", "ordered": true}]"#,
+        ),
         ("SWITCHBOARD_RATE_LIMIT_PER_SEC", "100000"),
         ("SWITCHBOARD_RATE_LIMIT_BURST", "100000"),
     ]);

@@ -65,6 +65,13 @@ pub fn non_empty<'a>(v: &'a Option<Cow<'_, str>>) -> Option<&'a str> {
 pub struct Frame(Arc<[u8]>);
 
 const BORN_BYTES: usize = 8;
+/// The top bit of the born prefix marks a droppable frame (µs since start never reach it).
+const DROPPABLE: u64 = 1 << 63;
+
+/// The `born_us` to build a droppable frame with (see [`Frame::is_droppable`]).
+pub fn droppable(born_us: u64) -> u64 {
+    born_us | DROPPABLE
+}
 const PREFIX_BYTES: usize = BORN_BYTES + HEADER_BYTES_MAX;
 
 impl Frame {
@@ -77,6 +84,18 @@ impl Frame {
     /// Creation time in µs on the process clock (for publish-to-flush latency).
     #[inline]
     pub fn born_us(&self) -> u64 {
+        self.prefix() & !DROPPABLE
+    }
+
+    /// Whether the frame may be dropped for a connection that is falling behind (typing
+    /// indicators: stale in seconds, never replayed). Built with [`droppable`].
+    #[inline]
+    pub fn is_droppable(&self) -> bool {
+        self.prefix() & DROPPABLE != 0
+    }
+
+    #[inline]
+    fn prefix(&self) -> u64 {
         let mut b = [0u8; BORN_BYTES];
         b.copy_from_slice(&self.0[..BORN_BYTES]);
         u64::from_le_bytes(b)
@@ -235,6 +254,13 @@ mod tests {
             o.opt_str("user_id", None).u64("timestamp", 1000);
         });
         assert_eq!(f.born_us(), 42);
+        assert!(!f.is_droppable());
+        let d = b.text(droppable(42), |o| {
+            o.str("type", "typing.start");
+        });
+        assert!(d.is_droppable());
+        assert_eq!(d.born_us(), 42);
+        assert_eq!(json(&d)["type"], "typing.start");
         let v = json(&f);
         assert_eq!(v["room"], "a\"b");
         assert_eq!(v["data"]["x"][1], 2);

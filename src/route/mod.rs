@@ -23,6 +23,8 @@ pub type RoomId = u32;
 pub struct Room {
     pub name: Arc<str>,
     pub members: Vec<Slot>,
+    /// The room's options index (`room_options::index_for`), fixed while the room exists here.
+    pub opts: u16,
 }
 
 /// Where one subscription sits: stored by the client, 8 bytes per room.
@@ -84,6 +86,11 @@ impl RoomTable {
 
     /// Add `slot` to room `name` (the caller has checked it is not a member yet).
     pub fn join(&mut self, name: &Arc<str>, slot: Slot) -> Joined {
+        self.join_with(name, slot, || 0)
+    }
+
+    /// [`RoomTable::join`], with the room's options index computed only if the room is new.
+    pub fn join_with(&mut self, name: &Arc<str>, slot: Slot, opts: impl FnOnce() -> u16) -> Joined {
         let (id, first_local) = match self.by_name.get(&**name) {
             Some(&id) => (id, false),
             None => {
@@ -91,6 +98,7 @@ impl RoomTable {
                 let id = self.rooms.insert(Room {
                     name: name.clone(),
                     members: Vec::new(),
+                    opts: opts(),
                 }) as RoomId;
                 self.by_name.insert(name, id);
                 (id, true)
@@ -130,7 +138,7 @@ impl RoomTable {
     }
 }
 
-/// user id -> local device slots.
+/// name -> local slots: user id -> devices ([`UserTable`]), topic -> members ([`TopicTable`]).
 #[derive(Default)]
 pub struct UserTable {
     by_name: HashMap<Arc<str>, Vec<Slot>>,
@@ -232,6 +240,9 @@ mod tests {
     }
 }
 
+/// topic -> local member slots (same structure as the user table).
+pub type TopicTable = UserTable;
+
 /// Names one connection: its node, shard, slab slot and generation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ConnRef {
@@ -255,6 +266,12 @@ pub enum Target {
         user: Arc<str>,
         except: Option<ConnRef>,
     },
+    /// Every connection that joined a topic (a server-side subscription that is not a room:
+    /// presence watchers of a user, for one), except one connection.
+    Topic {
+        topic: Arc<str>,
+        except: Option<ConnRef>,
+    },
     /// Every connection past authentication.
     All,
     /// One connection.
@@ -268,7 +285,9 @@ impl Target {
 
     pub fn except(&self) -> Option<ConnRef> {
         match self {
-            Target::Room { except, .. } | Target::User { except, .. } => *except,
+            Target::Room { except, .. }
+            | Target::User { except, .. }
+            | Target::Topic { except, .. } => *except,
             Target::All | Target::Conn(_) => None,
         }
     }
@@ -278,6 +297,7 @@ impl Target {
 pub trait Locate {
     fn room_shards(&self, room: &str) -> u64;
     fn user_shards(&self, user: &str) -> u64;
+    fn topic_shards(&self, topic: &str) -> u64;
 }
 
 /// The delivery plan: whether this shard has recipients, which other shards get the frame,
@@ -308,6 +328,7 @@ pub fn plan(
     let (bits, bridge) = match target {
         Target::Room { room, .. } => (dir.room_shards(room), forward),
         Target::User { user, .. } => (dir.user_shards(user), forward),
+        Target::Topic { topic, .. } => (dir.topic_shards(topic), forward),
         Target::All => (all, forward),
         Target::Conn(c) if c.node == node => ((1u64 << c.shard) & all, false),
         Target::Conn(_) => (0, forward),
@@ -336,6 +357,13 @@ mod plan_tests {
         fn user_shards(&self, user: &str) -> u64 {
             if user == "u" {
                 0b010
+            } else {
+                0
+            }
+        }
+        fn topic_shards(&self, topic: &str) -> u64 {
+            if topic == "t" {
+                0b110
             } else {
                 0
             }
@@ -402,6 +430,18 @@ mod plan_tests {
                 local: false,
                 shards: 0,
                 bridge: true
+            }
+        );
+        let topic = Target::Topic {
+            topic: Arc::from("t"),
+            except: None,
+        };
+        assert_eq!(
+            plan(&topic, &Dir, 7, 2, 3, false),
+            Plan {
+                local: true,
+                shards: 0b010,
+                bridge: false
             }
         );
         let nobody = Target::room(Arc::from("empty"));

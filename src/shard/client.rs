@@ -14,7 +14,7 @@
 //! | last_rx_tick     |     4 | liveness (also the accept tick while in HTTP phase) |
 //! | deadline_tick    |     4 | next timer-wheel entry |
 //! | stall_tick       |     4 | when the send queue last made progress |
-//! | exp_s            |     4 | token expiry (Unix s), 0 = none |
+//! | exp_s            |     4 | token expiry (Unix s), 0 = none; the auth deadline tick while awaiting auth; requests served while an HTTP connection is kept alive |
 //! | queued           |     4 | bytes in `queue` not yet written |
 //! | head_off         |     4 | bytes of the first queued frame already written |
 //! | last_write_ms    |     4 | last write, shard-relative ms (write_coalesce) |

@@ -103,6 +103,7 @@ impl Shard {
         let Shard {
             svc,
             users,
+            topics,
             clients,
             out,
             now_tick,
@@ -147,6 +148,16 @@ impl Shard {
                     }
                 }
             }
+            Target::Topic { topic, .. } => {
+                for &slot in topics.devices(topic) {
+                    let Some(c) = clients.get_mut(slot as usize) else {
+                        continue;
+                    };
+                    if except != Some((slot, c.gen)) && c.phase == Phase::Open {
+                        n += u64::from(out.push(c, slot, frame.clone(), now_tick));
+                    }
+                }
+            }
             Target::All => {
                 for (slot, c) in clients.iter_mut() {
                     if c.phase == Phase::Open {
@@ -163,6 +174,59 @@ impl Shard {
             }
         }
         out.stats.deliveries += n;
+    }
+
+    /// Join `slot` to `topic` (a server-side subscription delivered with [`Target::Topic`]).
+    /// False if it is already a member. The caller bounds how many topics a connection joins.
+    #[allow(dead_code)] // first user: presence watchers
+    pub(crate) fn topic_join(&mut self, slot: u32, topic: &str) -> bool {
+        let list = self.topics_of.entry(slot).or_default();
+        if list.iter().any(|t| &**t == topic) {
+            return false;
+        }
+        let key = self.topics.key(topic).unwrap_or_else(|| Arc::from(topic));
+        list.push(key.clone());
+        if self.topics.add(&key, slot) {
+            self.node.dir.topics.arrive(&key, self.id);
+        }
+        true
+    }
+
+    /// Take `slot` out of `topic`. False if it was not a member.
+    #[allow(dead_code)] // first user: presence watchers
+    pub(crate) fn topic_leave(&mut self, slot: u32, topic: &str) -> bool {
+        let Some(list) = self.topics_of.get_mut(&slot) else {
+            return false;
+        };
+        let Some(i) = list.iter().position(|t| &**t == topic) else {
+            return false;
+        };
+        let key = list.swap_remove(i);
+        if list.is_empty() {
+            self.topics_of.remove(&slot);
+        }
+        if self.topics.remove(&key, slot) {
+            self.node.dir.topics.depart(&key, self.id);
+        }
+        true
+    }
+
+    /// Topics `slot` is a member of.
+    #[allow(dead_code)] // first user: presence watchers
+    pub(crate) fn topics_joined(&self, slot: u32) -> usize {
+        self.topics_of.get(&slot).map_or(0, Vec::len)
+    }
+
+    /// Leave every topic (the connection is detaching).
+    pub(super) fn leave_all_topics(&mut self, slot: u32) {
+        let Some(list) = self.topics_of.remove(&slot) else {
+            return;
+        };
+        for key in list {
+            if self.topics.remove(&key, slot) {
+                self.node.dir.topics.depart(&key, self.id);
+            }
+        }
     }
 
     pub(super) fn drain_inbox(&mut self) {

@@ -190,6 +190,10 @@ pub struct Shard {
     inbox: Receiver<ShardMsg>,
     clients: Slab<Client>,
     users: UserTable,
+    /// Server-side subscriptions that are not rooms ([`Target::Topic`]), and per connection
+    /// the topics it joined (only connections that joined one have an entry).
+    topics: crate::route::TopicTable,
+    topics_of: std::collections::HashMap<u32, Vec<Arc<str>>>,
     next_gen: u32,
     read_buf: Vec<u8>,
     fb: FrameBuilder,
@@ -300,6 +304,8 @@ impl Shard {
             inbox,
             clients: Slab::new(),
             users: UserTable::default(),
+            topics: Default::default(),
+            topics_of: Default::default(),
             next_gen: 1,
             read_buf,
             fb: FrameBuilder::default(),

@@ -39,7 +39,7 @@ impl Shard {
         let rel_ms = self.rel_ms();
         let entry = self.clients.vacant_entry();
         let slot = entry.key();
-        if slot > u32::MAX as usize - 2 {
+        if slot > timer::SLOT_MAX as usize {
             return;
         }
         if crate::io::register(&self.poll, &mut stream, token(slot, gen)).is_err() {

@@ -12,18 +12,16 @@ impl Shard {
         if c.deadline_tick > self.now_tick && c.deadline_tick <= tick {
             return;
         }
-        c.deadline_tick = self
-            .wheel
-            .schedule(tick, TimerKey::Conn { slot, gen: c.gen });
+        c.deadline_tick = self.wheel.schedule(tick, TimerKey::conn(slot, c.gen));
     }
 
     pub(super) fn run_timers(&mut self) {
         let mut fired = std::mem::take(&mut self.fired);
         self.wheel.advance(self.now_tick, &mut fired);
         for &key in &fired {
-            let (slot, gen) = match key {
-                TimerKey::Conn { slot, gen } => (slot, gen),
-                TimerKey::Service { service, key } => {
+            let (slot, gen) = match key.get() {
+                timer::Timer::Conn { slot, gen } => (slot, gen),
+                timer::Timer::Service { service, key } => {
                     service::on_timer(self, service, key);
                     continue;
                 }
@@ -148,7 +146,6 @@ impl Shard {
     /// (No service of this release schedules one yet; typing TTLs and call ring timeouts do.)
     #[allow(dead_code)]
     pub(crate) fn schedule_service(&mut self, tick: u32, service: u8, key: u64) -> u32 {
-        self.wheel
-            .schedule(tick, TimerKey::Service { service, key })
+        self.wheel.schedule(tick, TimerKey::service(service, key))
     }
 }

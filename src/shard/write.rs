@@ -207,6 +207,11 @@ impl Outbox {
             return false;
         }
         let len = frame.wire().len() as u32;
+        if frame.is_droppable() && c.queued as usize > self.queue_limit / 2 {
+            // Falling behind: a droppable frame (typing) is the first thing to go.
+            self.stats.droppable_dropped += 1;
+            return false;
+        }
         if c.queued > 0 && c.queued as usize + len as usize > self.queue_limit {
             self.doomed.push((
                 slot,

@@ -36,13 +36,19 @@ pub type Handler = fn(&mut Shard, u32, &Cmd<'_>);
 
 /// The command table: `type` -> handler. One row per client command type.
 pub static COMMANDS: &[(&str, Handler)] = &[
+    // ---- rooms
     ("subscribe", rooms::subscribe),
     ("unsubscribe", rooms::unsubscribe),
     ("publish", rooms::publish),
     ("broadcast", rooms::broadcast),
+    // ---- direct messages
     ("message.send", dm::send),
+    // ---- session
     ("ping", session::ping),
     ("authenticate", session::authenticate),
+    // ---- typing and receipts
+    // ---- presence
+    // ---- calls
 ];
 
 static TABLE: LazyLock<HashMap<&'static str, Handler>> = LazyLock::new(|| {
@@ -59,37 +65,60 @@ pub fn handler(kind: &str) -> Option<Handler> {
 /// Messages for one service from another shard or the bridge.
 pub enum ServiceMsg {
     Rooms(rooms::Msg),
+    // ---- presence
+    // ---- calls
 }
 
 /// Service ids in wheel keys ([`super::TimerKey::Service`]): one constant per service that
 /// schedules timers (none of today's services does; typing TTLs and call ring timeouts will).
-pub mod id {}
+pub mod id {
+    // ---- typing and receipts
+    // ---- presence
+    // ---- calls
+}
 
 pub fn on_msg(sh: &mut Shard, m: ServiceMsg) {
     match m {
         ServiceMsg::Rooms(m) => rooms::on_msg(sh, m),
+        // ---- presence
+        // ---- calls
     }
 }
 
 pub fn on_timer(sh: &mut Shard, service: u8, key: u64) {
-    let _ = (sh, key);
-    debug_assert!(false, "timer for unknown service {service}");
+    #[allow(clippy::match_single_binding)]
+    match service {
+        // ---- typing and receipts
+        // ---- presence
+        // ---- calls
+        _ => {
+            let _ = (sh, key);
+            debug_assert!(false, "timer for unknown service {service}");
+        }
+    }
 }
 
 /// A connection got its identity (user id set; the directory knows the device).
 pub fn on_attach(sh: &mut Shard, slot: u32) {
+    // ---- presence
     let _ = (sh, slot);
 }
 
 /// A connection stops being a participant (closing or closed): end its service state.
 pub fn on_detach(sh: &mut Shard, slot: u32) {
     rooms::on_detach(sh, slot);
+    // ---- typing and receipts
+    // ---- presence
+    // ---- calls
 }
 
 /// The side tables of every service on one shard.
 #[derive(Default)]
 pub struct Services {
     pub rooms: rooms::State,
+    // ---- typing and receipts
+    // ---- presence
+    // ---- calls
 }
 
 #[cfg(test)]

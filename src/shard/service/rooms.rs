@@ -7,7 +7,8 @@
 //! the directory's room entry (shards with members, member count for capacity).
 //!
 //! Order: publishes from two shards into one room could interleave differently on each shard.
-//! Rooms matching `ordered_rooms` have one owner shard on the node (a fixed hash of the name):
+//! Sequenced rooms (options `ordered`, history or room presence; see [`crate::room_options`])
+//! have one owner shard on the node (a fixed hash of the name):
 //! a publish on another shard is handed to the owner ([`Msg::Sequence`]), which encodes it and
 //! delivers it to every shard, so every subscriber on every shard sees one order. Other rooms
 //! keep the direct path with no extra hop.
@@ -136,7 +137,8 @@ pub fn publish(sh: &mut Shard, slot: u32, cmd: &Cmd<'_>) {
     let (client_id, user) = (client.uuid(), client.user.clone());
     let name = sh.svc.rooms.table.name_of(rid).clone();
     sh.out.stats.publishes += 1;
-    if is_ordered(sh, room) {
+    let opts = crate::room_options::at(&sh.node.cfg.rooms, sh.svc.rooms.table.room(rid).opts);
+    if opts.sequenced() {
         let own = owner(room, sh.node.inboxes.len());
         if own != sh.id {
             let msg = crate::shard::ShardMsg::Service(super::ServiceMsg::Rooms(Msg::Sequence {
@@ -168,11 +170,6 @@ pub fn publish(sh: &mut Shard, slot: u32, cmd: &Cmd<'_>) {
         user.as_deref(),
     );
     sh.deliver(&Target::room(name), &f);
-}
-
-fn is_ordered(sh: &Shard, room: &str) -> bool {
-    let globs = &sh.node.cfg.ordered_rooms;
-    !globs.is_empty() && globs.iter().any(|g| crate::auth::glob_match(g, room))
 }
 
 /// The `message` frame of a publish (`room` set) or a broadcast.
@@ -336,7 +333,10 @@ pub fn join(sh: &mut Shard, slot: u32, room: &str, id: Option<&str>) {
             );
             return;
         };
-        let joined = sh.svc.rooms.table.join(&name, slot);
+        let rooms_cfg = &sh.node.cfg.rooms;
+        let joined = sh.svc.rooms.table.join_with(&name, slot, || {
+            crate::room_options::index_for(rooms_cfg, &name)
+        });
         sh.clients[slot as usize].rooms.push(joined.membership);
         if joined.first_local {
             let t = sh.node.dir.rooms.arrive(&name, sh.id);
