@@ -44,6 +44,9 @@ pub struct Claims {
     pub rooms: Option<Vec<String>>,
     /// `role: "admin"`: may `broadcast`.
     pub admin: bool,
+    /// `allowed_users`: the users this one may address with typing, receipts, calls and
+    /// presence watches when `address_policy` is `claim`; None = the claim is absent.
+    pub allowed_users: Option<Vec<String>>,
 }
 
 impl Claims {
@@ -214,6 +217,8 @@ struct RawClaims {
     rooms: Option<Vec<String>>,
     #[serde(default)]
     role: Option<Role>,
+    #[serde(default)]
+    allowed_users: Option<Vec<String>>,
 }
 
 /// Verifies tokens against the configured key, algorithms, audience, issuer and leeway.
@@ -406,6 +411,7 @@ impl Verifier {
             exp,
             rooms: raw.rooms,
             admin: matches!(raw.role, Some(Role::Name(r)) if r == "admin"),
+            allowed_users: raw.allowed_users,
         })
     }
 }
@@ -698,7 +704,8 @@ mod tests {
                     sub: "alice".into(),
                     exp: NOW + 3600,
                     rooms: None,
-                    admin: false
+                    admin: false,
+                    allowed_users: None,
                 }
             );
         }
@@ -1270,6 +1277,7 @@ mod tests {
             exp: 1,
             rooms: None,
             admin: false,
+            allowed_users: None,
         };
         assert!(all.allows_room("anything"));
         let none = Claims {

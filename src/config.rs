@@ -28,6 +28,16 @@ pub enum LogFormat {
     Json,
 }
 
+/// Who a user may address with typing, receipts, calls and presence watches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AddressPolicy {
+    /// Anyone (as direct messages allow).
+    Any,
+    /// Only the users in the token's `allowed_users` claim (a connection without the claim,
+    /// or without a token, may address nobody).
+    Claim,
+}
+
 /// The whole validated configuration. Field names are the config keys.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -71,6 +81,11 @@ pub struct Config {
     pub max_connections_per_user: usize,
     /// Rooms one connection may be subscribed to.
     pub max_rooms_per_connection: usize,
+    /// Who a user may address with typing, receipts, calls and presence watches.
+    pub address_policy: AddressPolicy,
+    // ---- typing and receipts
+    // ---- presence
+    // ---- calls
     /// Options per room name pattern (`rooms`, a structured key; first match wins).
     pub rooms: Vec<crate::room_options::RoomOptions>,
     /// Longest room name in bytes.
@@ -184,6 +199,7 @@ impl Default for Config {
             max_connections_per_room: 100_000,
             max_connections_per_user: 64,
             max_rooms_per_connection: 128,
+            address_policy: AddressPolicy::Any,
             rooms: Vec::new(),
             max_room_name_bytes: 256,
             send_queue_bytes_max: 1024 * 1024,
@@ -538,6 +554,19 @@ impl Kind for LogFormatKind {
     }
 }
 
+struct AddressPolicyKind;
+impl Kind for AddressPolicyKind {
+    type Out = AddressPolicy;
+    const HINT: &'static str = "<any|claim>";
+    fn parse(raw: &Raw) -> Result<AddressPolicy, String> {
+        match raw.text()?.trim().to_ascii_lowercase().as_str() {
+            "any" => Ok(AddressPolicy::Any),
+            "claim" => Ok(AddressPolicy::Claim),
+            _ => Err("expected any or claim".into()),
+        }
+    }
+}
+
 /// The one table: each row names the field, its kind (parser), default text, env names and doc.
 /// It generates `KEYS`, `set_key`, `is_bool_key` and `value_hint`, so no field is handled by
 /// hand per source.
@@ -614,6 +643,11 @@ config_keys! {
         "Connections (devices) one user may hold on this node, 1 to 65535; above it the upgrade gets 429 / in-band authenticate gets an error.";
     max_rooms_per_connection: Count = "128", "SWITCHBOARD_MAX_ROOMS_PER_CONNECTION", None,
         "Rooms one connection may be subscribed to. At least 1.";
+    address_policy: AddressPolicyKind = "any", "SWITCHBOARD_ADDRESS_POLICY", None,
+        "Who a user may address with typing, receipts, calls and presence watches: any (as direct messages) or claim (only the users in the token's allowed_users claim).";
+    // ---- typing and receipts
+    // ---- presence
+    // ---- calls
     max_room_name_bytes: Bytes = "256", "SWITCHBOARD_MAX_ROOM_NAME_BYTES", None,
         "Longest room name in bytes, 1 to 4096.";
     send_queue_bytes_max: Bytes = "1MiB", "SWITCHBOARD_SEND_QUEUE_BYTES_MAX", None,

@@ -81,6 +81,8 @@ pub struct Grants {
     /// Room glob patterns (None = all rooms).
     pub rooms: Option<Vec<String>>,
     pub admin: bool,
+    /// The JWT `allowed_users` claim (see `address_policy`).
+    pub allowed_users: Option<Vec<String>>,
 }
 
 pub struct Client {

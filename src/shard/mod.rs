@@ -246,7 +246,7 @@ struct Timing {
     coalesce_min_rate: u32,
 }
 
-fn ticks(d: Duration) -> u32 {
+pub(crate) fn ticks(d: Duration) -> u32 {
     (d.as_millis() as u64)
         .div_ceil(TIMER_TICK_MS)
         .max(1)

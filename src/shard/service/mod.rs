@@ -13,6 +13,7 @@
 //! encode once, `deliver`), add one row to [`COMMANDS`], document it in docs/PROTOCOL.md.
 
 pub mod dm;
+pub mod policy;
 pub mod rooms;
 pub mod session;
 
@@ -110,6 +111,19 @@ pub fn on_detach(sh: &mut Shard, slot: u32) {
     // ---- typing and receipts
     // ---- presence
     // ---- calls
+}
+
+/// A connection with an identity joined `room` (`opts`: the room's options index). Rooms
+/// that track presence (`room_options::RoomOptions::tracks_presence`) are what presence acts on.
+pub fn on_room_joined(sh: &mut Shard, slot: u32, room: &std::sync::Arc<str>, opts: u16) {
+    // ---- presence
+    let _ = (sh, slot, room, opts);
+}
+
+/// A connection with an identity left `room` (unsubscribe, a narrower claim, or detach).
+pub fn on_room_left(sh: &mut Shard, slot: u32, room: &std::sync::Arc<str>, opts: u16) {
+    // ---- presence
+    let _ = (sh, slot, room, opts);
 }
 
 /// The side tables of every service on one shard.

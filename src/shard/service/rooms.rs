@@ -99,7 +99,7 @@ pub fn unsubscribe(sh: &mut Shard, slot: u32, cmd: &Cmd<'_>) {
         return;
     };
     let m = sh.clients[slot as usize].rooms.swap_remove(idx);
-    leave(sh, m);
+    leave(sh, slot, m);
     send_unsubscribed(sh, slot, room, cmd.id);
 }
 
@@ -227,7 +227,7 @@ pub fn on_msg(sh: &mut Shard, m: Msg) {
 pub fn on_detach(sh: &mut Shard, slot: u32) {
     let memberships = std::mem::take(&mut sh.clients[slot as usize].rooms);
     for m in memberships {
-        leave(sh, m);
+        leave(sh, slot, m);
     }
 }
 
@@ -243,7 +243,7 @@ pub fn on_grants_changed(sh: &mut Shard, slot: u32) {
             continue;
         }
         sh.clients[slot as usize].rooms.swap_remove(i);
-        leave(sh, m);
+        leave(sh, slot, m);
         send_unsubscribed(sh, slot, &name, None);
     }
 }
@@ -338,9 +338,13 @@ pub fn join(sh: &mut Shard, slot: u32, room: &str, id: Option<&str>) {
             crate::room_options::index_for(rooms_cfg, &name)
         });
         sh.clients[slot as usize].rooms.push(joined.membership);
+        let opts = sh.svc.rooms.table.room(joined.membership.room).opts;
         if joined.first_local {
             let t = sh.node.dir.rooms.arrive(&name, sh.id);
-            report_transition(sh, name, t);
+            report_transition(sh, name.clone(), t);
+        }
+        if tracks_presence(sh, slot, opts) {
+            super::on_room_joined(sh, slot, &name, opts);
         }
         count
     };
@@ -359,7 +363,8 @@ pub fn join(sh: &mut Shard, slot: u32, room: &str, id: Option<&str>) {
 
 /// Take one membership out of the room table (fixing up the member moved into its place),
 /// the node count and the directory. The caller has removed it from the client's own list.
-fn leave(sh: &mut Shard, m: Membership) {
+fn leave(sh: &mut Shard, slot: u32, m: Membership) {
+    let opts = sh.svc.rooms.table.room(m.room).opts;
     let left = sh.svc.rooms.table.leave(m);
     if let Some((moved, pos)) = left.moved {
         if let Some(mm) = sh
@@ -371,10 +376,21 @@ fn leave(sh: &mut Shard, m: Membership) {
         }
     }
     crate::admission::room_leave(&sh.node, &left.name);
+    if tracks_presence(sh, slot, opts) {
+        super::on_room_left(sh, slot, &left.name, opts);
+    }
     if left.last_local {
         let t = sh.node.dir.rooms.depart(&left.name, sh.id);
         report_transition(sh, left.name, t);
     }
+}
+
+/// Whether a join or leave of `slot` in a room with options `opts` concerns room presence: an
+/// identified connection in a room that tracks presence (one lookup; nothing else otherwise).
+fn tracks_presence(sh: &Shard, slot: u32, opts: u16) -> bool {
+    opts != 0
+        && sh.clients[slot as usize].user.is_some()
+        && crate::room_options::at(&sh.node.cfg.rooms, opts).tracks_presence()
 }
 
 /// Tell the bridge a room's node-level first subscriber arrived or its last one left (it

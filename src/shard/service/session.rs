@@ -62,6 +62,7 @@ pub fn set_identity(
         c.grants = Some(Arc::new(Grants {
             rooms: claims.rooms.clone(),
             admin: claims.admin,
+            allowed_users: claims.allowed_users.clone(),
         }));
     }
     super::on_attach(sh, slot);
@@ -163,6 +164,7 @@ pub fn authenticate(sh: &mut Shard, slot: u32, cmd: &Cmd<'_>) {
         c.grants = Some(Arc::new(Grants {
             rooms: claims.rooms.clone(),
             admin: claims.admin,
+            allowed_users: claims.allowed_users.clone(),
         }));
         // A narrower rooms claim: leave what it no longer allows.
         super::rooms::on_grants_changed(sh, slot);
