@@ -83,6 +83,8 @@ pub struct Config {
     pub max_rooms_per_connection: usize,
     /// Who a user may address with typing, receipts, calls and presence watches.
     pub address_policy: AddressPolicy,
+    /// Bytes of room history one node keeps (split over its shards).
+    pub history_bytes_max: usize,
     // ---- typing and receipts
     // ---- presence
     // ---- calls
@@ -200,6 +202,7 @@ impl Default for Config {
             max_connections_per_user: 64,
             max_rooms_per_connection: 128,
             address_policy: AddressPolicy::Any,
+            history_bytes_max: 64 * 1024 * 1024,
             rooms: Vec::new(),
             max_room_name_bytes: 256,
             send_queue_bytes_max: 1024 * 1024,
@@ -645,6 +648,8 @@ config_keys! {
         "Rooms one connection may be subscribed to. At least 1.";
     address_policy: AddressPolicyKind = "any", "SWITCHBOARD_ADDRESS_POLICY", None,
         "Who a user may address with typing, receipts, calls and presence watches: any (as direct messages) or claim (only the users in the token's allowed_users claim).";
+    history_bytes_max: Bytes = "64MiB", "SWITCHBOARD_HISTORY_BYTES_MAX", None,
+        "Bytes of room history one node keeps, split over its shards; past it the oldest messages go first. 64 KiB to 16 GiB.";
     // ---- typing and receipts
     // ---- presence
     // ---- calls
@@ -1565,6 +1570,13 @@ impl Config {
             1,
             4096,
             "",
+        )?;
+        between(
+            "history_bytes_max",
+            size(self.history_bytes_max),
+            64 * 1024,
+            16 << 30,
+            " (64KiB to 16GiB)",
         )?;
         between(
             "max_request_header_bytes",

@@ -233,6 +233,9 @@ stats! {
     deliveries: Counter("switchboard_deliveries_total", "Frames queued to a recipient by fan-out"),
     droppable_dropped: Counter("switchboard_droppable_dropped_total", "Droppable frames (typing) not queued because the recipient had over half of send_queue_bytes_max queued"),
     broadcasts: Counter("switchboard_broadcasts_total", "Broadcasts accepted"),
+    history_appended: Counter("switchboard_history_appended_total", "Room messages kept in history (rooms with history_size > 0)"),
+    history_trimmed: Counter("switchboard_history_trimmed_total", "History entries dropped for the byte budget (history_bytes_max) or the room bound"),
+    history_replayed: Counter("switchboard_history_resumes_total", "Subscribes that asked to resume (since) and were answered"),
     // ---- direct messages
     dms: Counter("switchboard_direct_messages_total", "Direct messages accepted"),
     dm_duplicates: Counter("switchboard_direct_message_duplicates_total", "Direct messages answered from the dedup window"),
@@ -301,6 +304,16 @@ impl ShardStats {
             .map(|a| a.load(Ordering::Relaxed))
             .collect()
     }
+}
+
+/// Every row's value summed over the shards, in table order (field name, value): counters are
+/// totals since start, gauges the node's current value. For `/api/stats`.
+pub fn totals(shards: &[ShardStats]) -> Vec<(&'static str, u64)> {
+    let per_shard: Vec<Vec<u64>> = shards.iter().map(ShardStats::load).collect();
+    ROWS.iter()
+        .enumerate()
+        .map(|(i, r)| (r.field, per_shard.iter().map(|v| v[i]).sum()))
+        .collect()
 }
 
 /// Node-level facts the renderer needs besides shard stats.

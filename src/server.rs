@@ -193,6 +193,11 @@ impl Server {
                 .map_err(|e| StartError(format!("cannot spawn shard {i}: {e}")))?;
             shards.push(handle);
         }
+        if node.cfg.api_key.is_some() {
+            tracing::info!("server API on: /api/publish, /api/broadcast, /api/users/{{id}}/send, /api/users/{{id}}/disconnect, /api/stats (X-API-Key or Authorization: apikey)");
+        } else {
+            tracing::info!("server API off: no api_key configured (SWITCHBOARD_API_KEY)");
+        }
         tracing::info!(
             %addr,
             shards = n,

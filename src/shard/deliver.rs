@@ -104,6 +104,8 @@ impl Shard {
             svc,
             users,
             topics,
+            http_waiting,
+            http_resume,
             clients,
             out,
             now_tick,
@@ -169,11 +171,22 @@ impl Shard {
                 if let Some(c) = clients.get_mut(r.slot as usize) {
                     if c.gen == r.gen && c.phase == Phase::Open {
                         n += u64::from(out.push(c, r.slot, frame.clone(), now_tick));
+                    } else if c.gen == r.gen && c.phase == Phase::Http {
+                        // The answer to a server API request that waited for another shard.
+                        if let Some(keep) = http_waiting.remove(&(r.slot, r.gen)) {
+                            out.push(c, r.slot, frame.clone(), now_tick);
+                            http_resume.push((r.slot, keep));
+                        }
                     }
                 }
             }
         }
         out.stats.deliveries += n;
+    }
+
+    /// The local devices of `user` (slots).
+    pub(crate) fn devices_of(&self, user: &str) -> Vec<u32> {
+        self.users.devices(user).to_vec()
     }
 
     /// Join `slot` to `topic` (a server-side subscription delivered with [`Target::Topic`]).

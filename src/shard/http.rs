@@ -40,8 +40,14 @@ impl Shard {
                         buf.clear();
                         return rest.is_empty() || self.on_ws_bytes(slot, &mut rest);
                     }
-                    if !self.serve_http(slot, &req) {
-                        return false;
+                    match self.serve_http(slot, &req) {
+                        Served::Closing => return false,
+                        Served::KeepOpen => {}
+                        Served::Waiting => {
+                            // The answer comes from another shard; what follows waits for it.
+                            buf.drain(..used);
+                            return true;
+                        }
                     }
                     buf.drain(..used);
                     if buf.is_empty() {
@@ -57,9 +63,9 @@ impl Shard {
         self.http_reply(slot, http::json_error(status, text));
     }
 
-    /// Answer one plain HTTP request. Returns whether the connection stays open for another
-    /// (keep-alive: asked for by the client, under `http_keepalive_requests_max`, not draining).
-    fn serve_http(&mut self, slot: u32, req: &crate::http::Request) -> bool {
+    /// Answer one plain HTTP request. Keep-alive: asked for by the client, under
+    /// `http_keepalive_requests_max`, not draining.
+    fn serve_http(&mut self, slot: u32, req: &crate::http::Request) -> Served {
         use crate::http::{route, Response, Routed, Status};
         self.out.stats.http_requests += 1;
         let served = self.clients[slot as usize].exp_s;
@@ -78,7 +84,25 @@ impl Shard {
         let json = "application/json";
         let mut allow = None;
         let (status, ctype, body): (Status, &str, Vec<u8>) = if req.path.starts_with("/api/") {
-            api_gate(&node, req)
+            match self.api_request(slot, req, keep) {
+                ApiAnswer::Now(status, body, a) => {
+                    allow = a;
+                    (status, json, body)
+                }
+                ApiAnswer::Later => {
+                    // Counted as served now; the response is delivered to this connection by
+                    // the shard that orders the room (`rooms::answer_api`).
+                    let now = self.now_tick;
+                    let gen = self.clients[slot as usize].gen;
+                    let c = &mut self.clients[slot as usize];
+                    c.exp_s = c.exp_s.saturating_add(1);
+                    c.last_rx_tick = now;
+                    self.http_waiting.insert((slot, gen), keep);
+                    let deadline = now + self.t.keepalive;
+                    self.schedule(slot, deadline);
+                    return Served::Waiting;
+                }
+            }
         } else {
             match route(ROUTES, req.method, req.path) {
                 Routed::Found(r, _) => endpoint(&node, r),
@@ -105,11 +129,74 @@ impl Shard {
         self.http_respond(slot, bytes, keep)
     }
 
+    /// A request under `/api/`: the key, then the API's routes.
+    fn api_request(&mut self, slot: u32, req: &crate::http::Request, keep: bool) -> ApiAnswer {
+        use crate::http::{route, Routed};
+        use service::api::{self, Outcome};
+        let Some(key) = self.node.cfg.api_key.clone() else {
+            return ApiAnswer::now(
+                Status::NOT_FOUND,
+                "the server API is off (no api_key configured)",
+            );
+        };
+        if !crate::http::api_key_ok(req, &key) {
+            return ApiAnswer::now(Status::UNAUTHORIZED, "invalid or missing API key");
+        }
+        if req.method == "POST"
+            && req.content_type.is_some_and(|t| {
+                !t.trim()
+                    .to_ascii_lowercase()
+                    .starts_with("application/json")
+            })
+        {
+            return ApiAnswer::now(
+                Status::UNSUPPORTED_MEDIA_TYPE,
+                "content type must be application/json",
+            );
+        }
+        let outcome = match route(API_ROUTES, req.method, req.path) {
+            Routed::Found(r, params) => match r {
+                Api::Publish => api::publish(self, slot, req.body, keep),
+                Api::Broadcast => api::broadcast(self, req.body),
+                Api::UserSend => api::user_send(self, params.get(0).unwrap_or(""), req.body),
+                Api::Disconnect => api::disconnect(self, params.get(0).unwrap_or("")),
+                Api::Stats => api::stats(self),
+            },
+            Routed::MethodNotAllowed(a) => {
+                return ApiAnswer::Now(
+                    Status::METHOD_NOT_ALLOWED,
+                    http::json_error_body("method not allowed"),
+                    Some(a),
+                )
+            }
+            Routed::BadRequest(text) => return ApiAnswer::now(Status::BAD_REQUEST, text),
+            Routed::NotFound => return ApiAnswer::now(Status::NOT_FOUND, "not found"),
+        };
+        match outcome {
+            Outcome::Now(status, body) => ApiAnswer::Now(status, body, None),
+            Outcome::Later => ApiAnswer::Later,
+        }
+    }
+
+    /// The answer to a waiting API request arrived (queued by `deliver_local`): carry on with
+    /// what the client pipelined behind it, or close if it asked to.
+    pub(super) fn http_resume(&mut self, slot: u32, keep: bool) {
+        if !self.clients.contains(slot as usize) {
+            return;
+        }
+        if !keep {
+            self.close_with(slot, 0, "");
+            return;
+        }
+        self.make_urgent(slot);
+        self.on_http_bytes(slot, &[]);
+    }
+
     /// Queue a response; keep the connection for the next request or close after it.
-    fn http_respond(&mut self, slot: u32, bytes: Vec<u8>, keep: bool) -> bool {
+    fn http_respond(&mut self, slot: u32, bytes: Vec<u8>, keep: bool) -> Served {
         if !keep {
             self.http_reply(slot, bytes);
-            return false;
+            return Served::Closing;
         }
         let f = Frame::from_wire(&bytes, self.now_us);
         let now = self.now_tick;
@@ -122,7 +209,7 @@ impl Shard {
         self.reply(slot, f);
         let deadline = now + self.t.keepalive;
         self.schedule(slot, deadline);
-        true
+        Served::KeepOpen
     }
 
     /// Validate and perform an upgrade. Returns false when the request was refused.
@@ -271,7 +358,7 @@ impl Shard {
                 .flat_map(|q| query_params(q, "subscribe"))
             {
                 if let Some(room) = service::rooms::valid_room(self, slot, Some(&room), None) {
-                    service::rooms::join(self, slot, room, None);
+                    service::rooms::join(self, slot, room, None, None);
                 }
             }
         }
@@ -332,32 +419,53 @@ fn endpoint(node: &Node, r: Route) -> (Status, &'static str, Vec<u8>) {
     }
 }
 
-/// The server API's door (`/api/...`): off without an `api_key` (404, saying so), 401 without
-/// the right key (`X-API-Key: <key>` or `Authorization: apikey <key>`). No endpoint is behind
-/// it in this release, so a request with the right key gets 404 `not found`.
-fn api_gate(node: &Node, req: &crate::http::Request) -> (Status, &'static str, Vec<u8>) {
-    let json = "application/json";
-    match node.cfg.api_key.as_deref() {
-        None => (
-            Status::NOT_FOUND,
-            json,
-            http::json_error_body("the server API is off (no api_key configured)"),
-        ),
-        Some(key) if !crate::http::api_key_ok(req, key) => (
-            Status::UNAUTHORIZED,
-            json,
-            http::json_error_body("invalid or missing API key"),
-        ),
-        Some(_) => (Status::NOT_FOUND, json, http::json_error_body("not found")),
+/// What `serve_http` did with a request.
+enum Served {
+    /// The response is queued and the connection closes after it.
+    Closing,
+    /// The response is queued; the connection waits for the next request.
+    KeepOpen,
+    /// The response comes later from another shard; further requests wait for it.
+    Waiting,
+}
+
+/// An API request's answer: now (status, JSON body, `Allow` for a 405) or later.
+enum ApiAnswer {
+    Now(Status, Vec<u8>, Option<String>),
+    Later,
+}
+
+impl ApiAnswer {
+    fn now(status: Status, text: &str) -> ApiAnswer {
+        ApiAnswer::Now(status, http::json_error_body(text), None)
     }
 }
+
+/// The server API's routes (behind the API key).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Api {
+    Publish,
+    Broadcast,
+    UserSend,
+    Disconnect,
+    Stats,
+}
+
+const API_ROUTES: &[RouteSpec<Api>] = &[
+    ("POST /api/publish", Api::Publish),
+    ("POST /api/broadcast", Api::Broadcast),
+    ("POST /api/users/{id}/send", Api::UserSend),
+    ("POST /api/users/{id}/disconnect", Api::Disconnect),
+    ("GET /api/stats", Api::Stats),
+];
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn routes_table_is_valid() {
+    fn routes_tables_are_valid() {
         crate::http::check_table(ROUTES).unwrap();
+        crate::http::check_table(API_ROUTES).unwrap();
     }
 }

@@ -194,6 +194,10 @@ pub struct Shard {
     /// the topics it joined (only connections that joined one have an entry).
     topics: crate::route::TopicTable,
     topics_of: std::collections::HashMap<u32, Vec<Arc<str>>>,
+    /// HTTP connections waiting for another shard's answer to a server API request (slot,
+    /// generation -> keep-alive), and those whose answer arrived this turn.
+    http_waiting: std::collections::HashMap<(u32, u32), bool>,
+    http_resume: Vec<(u32, bool)>,
     next_gen: u32,
     read_buf: Vec<u8>,
     fb: FrameBuilder,
@@ -306,6 +310,8 @@ impl Shard {
             users: UserTable::default(),
             topics: Default::default(),
             topics_of: Default::default(),
+            http_waiting: Default::default(),
+            http_resume: Vec::new(),
             next_gen: 1,
             read_buf,
             fb: FrameBuilder::default(),
@@ -395,6 +401,9 @@ impl Shard {
                 self.accept();
             }
             self.drain_inbox();
+            for (slot, keep) in std::mem::take(&mut self.http_resume) {
+                self.http_resume(slot, keep);
+            }
             let resume = std::mem::take(&mut self.resume);
             for slot in &resume {
                 if let Some(c) = self.clients.get_mut(*slot as usize) {

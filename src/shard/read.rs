@@ -128,10 +128,19 @@ impl Shard {
     pub(super) fn on_http_bytes(&mut self, slot: u32, data: &[u8]) -> bool {
         let max = self.node.cfg.max_request_header_bytes;
         let c = &mut self.clients[slot as usize];
-        // Bounded: `on_http_head` refuses an incomplete head past `max` (431), so at most
-        // `max` + one read is ever held here.
+        let waiting = self.http_waiting.contains_key(&(slot, c.gen));
+        // Bounded: `on_http_head` refuses an incomplete head past `max` (431) and a body past
+        // `http_body_bytes_max` (413), so at most one request and one read is held here; while
+        // an API answer is awaited, bytes are only kept, up to the same bound.
         let rx = c.rx.get_or_insert_with(Box::default);
+        if waiting && rx.partial.len() + data.len() > max + self.node.cfg.http_body_bytes_max {
+            self.close_now(slot, Some(CloseKind::Http));
+            return false;
+        }
         rx.partial.extend_from_slice(data);
+        if waiting {
+            return true;
+        }
         let mut pending = std::mem::take(&mut rx.partial);
         let keep_reading = self.on_http_head(slot, &mut pending, max);
         if let Some(c) = self.clients.get_mut(slot as usize) {

@@ -1023,3 +1023,91 @@ pub fn metric(text: &str, name: &str) -> Option<u64> {
     }
     found
 }
+
+/// One raw HTTP/1.1 connection that reads responses exactly (keeps what follows one).
+pub struct HttpConn {
+    s: TcpStream,
+    buf: Vec<u8>,
+}
+
+#[derive(Debug)]
+pub struct HttpResp {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl HttpResp {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+impl HttpConn {
+    pub fn open(server: &TestServer) -> HttpConn {
+        let s = TcpStream::connect(server.addr()).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        HttpConn { s, buf: Vec::new() }
+    }
+
+    pub fn send(&mut self, raw: &[u8]) {
+        self.s.write_all(raw).expect("write");
+    }
+
+    fn fill(&mut self) -> bool {
+        let mut chunk = [0u8; 8192];
+        match self.s.read(&mut chunk) {
+            Ok(0) | Err(_) => false,
+            Ok(n) => {
+                self.buf.extend_from_slice(&chunk[..n]);
+                true
+            }
+        }
+    }
+
+    /// The next response, or None when the connection closed first.
+    pub fn response(&mut self) -> Option<HttpResp> {
+        let end = loop {
+            if let Some(p) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break p + 4;
+            }
+            if !self.fill() {
+                return None;
+            }
+        };
+        let head = String::from_utf8_lossy(&self.buf[..end]).into_owned();
+        let mut lines = head.split("\r\n");
+        let status = lines.next()?.split(' ').nth(1)?.parse().ok()?;
+        let headers: Vec<(String, String)> = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+            .collect();
+        let len: usize = headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or(0);
+        while self.buf.len() < end + len {
+            if !self.fill() {
+                return None;
+            }
+        }
+        let body = String::from_utf8_lossy(&self.buf[end..end + len]).into_owned();
+        self.buf.drain(..end + len);
+        Some(HttpResp {
+            status,
+            headers,
+            body,
+        })
+    }
+
+    /// True when the server closes the connection within `within`.
+    pub fn closed_within(&mut self, within: Duration) -> bool {
+        self.s.set_read_timeout(Some(within)).unwrap();
+        let mut b = [0u8; 64];
+        matches!(self.s.read(&mut b), Ok(0))
+    }
+}

@@ -12,7 +12,9 @@
 //! Adding a relayed command type: write its handler in its service module (parse, check,
 //! encode once, `deliver`), add one row to [`COMMANDS`], document it in docs/PROTOCOL.md.
 
+pub mod api;
 pub mod dm;
+pub mod history;
 pub mod policy;
 pub mod rooms;
 pub mod session;
@@ -66,6 +68,7 @@ pub fn handler(kind: &str) -> Option<Handler> {
 /// Messages for one service from another shard or the bridge.
 pub enum ServiceMsg {
     Rooms(rooms::Msg),
+    Api(api::Msg),
     // ---- presence
     // ---- calls
 }
@@ -81,6 +84,7 @@ pub mod id {
 pub fn on_msg(sh: &mut Shard, m: ServiceMsg) {
     match m {
         ServiceMsg::Rooms(m) => rooms::on_msg(sh, m),
+        ServiceMsg::Api(m) => api::on_msg(sh, m),
         // ---- presence
         // ---- calls
     }

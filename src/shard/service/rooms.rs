@@ -12,8 +12,18 @@
 //! a publish on another shard is handed to the owner ([`Msg::Sequence`]), which encodes it and
 //! delivers it to every shard, so every subscriber on every shard sees one order. Other rooms
 //! keep the direct path with no extra hop.
+//!
+//! History (rooms with `history_size` > 0): the owner assigns each message its `offset` and
+//! keeps it ([`super::history::Store`]). A subscribe to such a room on another shard asks the
+//! owner ([`Msg::Resume`]): the owner answers in its sequence order with the room's position
+//! and, given `since`, the missed messages ([`Msg::Resumed`]); the asking shard joins the
+//! connection only then, queues the missed messages and then `subscribed`. Messages the owner
+//! sequences after answering reach that shard after the answer (one sender, one FIFO inbox),
+//! and its directory bit is set before it asks, so the connection misses nothing and gets
+//! nothing twice.
 
 use std::borrow::Cow;
+use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
 use std::sync::Arc;
 
@@ -25,23 +35,70 @@ use crate::bridge::BridgeMsg;
 use crate::directory::Transition;
 use crate::metrics::ErrorReason;
 use crate::proto::envelope::{non_empty, parse_as, raw_or_null};
-use crate::route::{Membership, RoomId, Target};
-use crate::shard::Shard;
+use crate::proto::Frame;
+use crate::route::{ConnRef, Membership, RoomId, Target};
+use crate::shard::{Phase, Shard};
 
-/// Per-shard state of the rooms service: room -> local members.
+/// Per-shard state of the rooms service.
 #[derive(Default)]
 pub struct State {
+    /// room -> local members.
     pub table: crate::route::RoomTable,
+    /// History of the rooms this shard owns.
+    pub history: History,
+    /// Subscribes waiting for the owner's answer, per room (the shard's directory bit for the
+    /// room is held for them) and per connection (counted against max_rooms_per_connection).
+    pending_rooms: HashMap<Arc<str>, u32>,
+    pending_conns: HashMap<(u32, u32), u32>,
+    /// Rooms whose directory bit this shard set for a pending subscribe before it had a member.
+    pre_arrived: HashSet<Arc<str>>,
+}
+
+/// The history store, created on first use with the shard's share of `history_bytes_max`.
+#[derive(Default)]
+pub struct History(Option<super::history::Store>);
+
+/// A server API publish waiting for the owner: where its HTTP response goes.
+pub struct ApiReply {
+    pub conn: ConnRef,
+    pub keep_alive: bool,
 }
 
 /// Rooms messages between shards.
 pub enum Msg {
-    /// A publish into an ordered room, for its owner shard to encode and deliver.
+    /// A publish into a sequenced room, for its owner shard to encode and deliver.
     Sequence {
         room: Arc<str>,
+        opts: u16,
         client_id: u128,
         user: Option<Arc<str>>,
         data: Box<str>,
+        /// The frame `type` (`message` for clients; the server API may set another).
+        kind: Box<str>,
+        /// Set for a server API publish: the owner answers its HTTP request.
+        api: Option<ApiReply>,
+    },
+    /// A subscribe to a room with history on another shard: the position, and what was
+    /// missed since `since`, please.
+    Resume {
+        room: Arc<str>,
+        opts: u16,
+        since: Option<(u64, Box<str>)>,
+        conn: ConnRef,
+        id: Option<Box<str>>,
+        count: u32,
+    },
+    /// The owner's answer to [`Msg::Resume`].
+    Resumed {
+        room: Arc<str>,
+        opts: u16,
+        conn: ConnRef,
+        id: Option<Box<str>>,
+        count: u32,
+        position: super::history::Position,
+        /// `Some` when the subscribe asked to recover; the frames are what it missed.
+        recovered: Option<bool>,
+        frames: Vec<Frame>,
     },
 }
 
@@ -51,7 +108,23 @@ struct RoomCmd<'a> {
     room: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     data: Option<LazyValue<'a>>,
+    #[serde(borrow, default)]
+    since: Option<Since<'a>>,
 }
+
+/// `since: {offset, epoch}` of a resuming subscribe.
+#[derive(Deserialize)]
+struct Since<'a> {
+    offset: u64,
+    #[serde(borrow)]
+    epoch: Cow<'a, str>,
+}
+
+/// Longest `epoch` accepted in `since` (epochs are 16 hex characters).
+const EPOCH_BYTES_MAX: usize = 64;
+
+/// The `client_id` of messages published through the server API (the nil UUID).
+pub const API_CLIENT_ID: u128 = 0;
 
 #[derive(Deserialize)]
 struct DataCmd<'a> {
@@ -83,8 +156,22 @@ pub fn subscribe(sh: &mut Shard, slot: u32, cmd: &Cmd<'_>) {
     let Some(c) = parse::<RoomCmd>(sh, slot, cmd) else {
         return;
     };
+    let since = match &c.since {
+        Some(s) if s.epoch.len() > EPOCH_BYTES_MAX => {
+            sh.send_error(
+                slot,
+                ErrorReason::BadRequest,
+                cmd.id,
+                "epoch too long",
+                None,
+            );
+            return;
+        }
+        Some(s) => Some((s.offset, &*s.epoch)),
+        None => None,
+    };
     if let Some(room) = valid_room(sh, slot, non_empty(&c.room), cmd.id) {
-        join(sh, slot, room, cmd.id);
+        join(sh, slot, room, cmd.id, since);
     }
 }
 
@@ -136,59 +223,191 @@ pub fn publish(sh: &mut Shard, slot: u32, cmd: &Cmd<'_>) {
     }
     let (client_id, user) = (client.uuid(), client.user.clone());
     let name = sh.svc.rooms.table.name_of(rid).clone();
+    let opts = sh.svc.rooms.table.room(rid).opts;
     sh.out.stats.publishes += 1;
-    let opts = crate::room_options::at(&sh.node.cfg.rooms, sh.svc.rooms.table.room(rid).opts);
-    if opts.sequenced() {
-        let own = owner(room, sh.node.inboxes.len());
-        if own != sh.id {
-            let msg = crate::shard::ShardMsg::Service(super::ServiceMsg::Rooms(Msg::Sequence {
-                room: name,
-                client_id,
-                user,
-                data: raw_or_null(&c.data).into(),
-            }));
-            if sh.node.inboxes.send(own, msg).is_ok() {
-                sh.out.stats.cross_shard_sent += 1;
-            } else {
-                sh.out.stats.cross_shard_dropped += 1;
-                sh.send_error(
-                    slot,
-                    ErrorReason::Busy,
-                    id,
-                    "server busy, retry later",
-                    None,
-                );
-            }
-            return;
-        }
+    let data = raw_or_null(&c.data);
+    if let Routed::Busy = route_publish(sh, name, opts, client_id, user, data, "message", None) {
+        sh.send_error(
+            slot,
+            ErrorReason::Busy,
+            id,
+            "server busy, retry later",
+            None,
+        );
     }
-    let f = encode_message(
-        sh,
-        Some(&name),
-        raw_or_null(&c.data),
-        client_id,
-        user.as_deref(),
-    );
-    sh.deliver(&Target::room(name), &f);
 }
 
-/// The `message` frame of a publish (`room` set) or a broadcast.
-fn encode_message(
+/// Where a publish went.
+pub enum Routed {
+    /// Ordered and delivered here; the position where the room has history.
+    Here(Option<super::history::Position>),
+    /// Handed to the room's owner shard (which answers a server API publish itself).
+    Owner,
+    /// The owner's inbox was full: nothing was published.
+    Busy,
+}
+
+/// Publish into `room` from this shard: directly, or through the room's owner when it is
+/// sequenced. With `api` set and the owner elsewhere, the owner answers the HTTP request.
+#[allow(clippy::too_many_arguments)]
+fn route_publish(
+    sh: &mut Shard,
+    room: Arc<str>,
+    opts: u16,
+    client_id: u128,
+    user: Option<Arc<str>>,
+    data: &str,
+    kind: &str,
+    api: Option<ApiReply>,
+) -> Routed {
+    let options = crate::room_options::at(&sh.node.cfg.rooms, opts);
+    if options.sequenced() {
+        let own = owner(&room, sh.node.inboxes.len());
+        if own != sh.id {
+            let msg = crate::shard::ShardMsg::Service(super::ServiceMsg::Rooms(Msg::Sequence {
+                room,
+                opts,
+                client_id,
+                user,
+                data: data.into(),
+                kind: kind.into(),
+                api,
+            }));
+            return if sh.node.inboxes.send(own, msg).is_ok() {
+                sh.out.stats.cross_shard_sent += 1;
+                Routed::Owner
+            } else {
+                sh.out.stats.cross_shard_dropped += 1;
+                Routed::Busy
+            };
+        }
+    }
+    Routed::Here(sequence(
+        sh,
+        room,
+        opts,
+        client_id,
+        user.as_deref(),
+        data,
+        kind,
+    ))
+}
+
+/// Encode and deliver a publish on the shard that orders it (the owner of a sequenced room, or
+/// any shard for the others): with history, assign the offset and keep the frame.
+fn sequence(
+    sh: &mut Shard,
+    room: Arc<str>,
+    opts: u16,
+    client_id: u128,
+    user: Option<&str>,
+    data: &str,
+    kind: &str,
+) -> Option<super::history::Position> {
+    let options = crate::room_options::at(&sh.node.cfg.rooms, opts);
+    let (size, ttl_ms) = (options.history_size, options.history_ttl.as_millis() as u64);
+    let position = (size > 0).then(|| {
+        let (offset, epoch) = history(sh).next_offset(&room);
+        super::history::Position { offset, epoch }
+    });
+    let offset = position.as_ref().map(|p| p.offset);
+    let f = encode_message(sh, Some(&room), data, client_id, user, offset, kind);
+    if let Some(offset) = offset {
+        let now_ms = sh.now_ms;
+        let store = history(sh);
+        let trimmed = store.trimmed;
+        store.append(&room, offset, now_ms, f.clone(), size, ttl_ms);
+        let newly = store.trimmed - trimmed;
+        sh.out.stats.history_trimmed += newly;
+        sh.out.stats.history_appended += 1;
+    }
+    sh.deliver(&Target::room(room), &f);
+    position
+}
+
+/// This shard's history store (created with its share of `history_bytes_max`).
+fn history(sh: &mut Shard) -> &mut super::history::Store {
+    let shards = sh.node.inboxes.len().max(1);
+    let budget = sh.node.cfg.history_bytes_max / shards;
+    sh.svc
+        .rooms
+        .history
+        .0
+        .get_or_insert_with(|| super::history::Store::new(budget))
+}
+
+/// The body of a server API publish's answer: `{"ok":true}`, with `offset` and `epoch` in a
+/// room with history.
+pub fn api_body(position: Option<&super::history::Position>) -> Vec<u8> {
+    let mut body = Vec::with_capacity(96);
+    body.extend_from_slice(b"{\"ok\":true");
+    if let Some(p) = position {
+        body.extend_from_slice(b",\"offset\":");
+        crate::proto::json::write_u64(&mut body, p.offset);
+        body.extend_from_slice(b",\"epoch\":");
+        crate::proto::json::write_str(&mut body, &p.epoch);
+    }
+    body.push(b'}');
+    body
+}
+
+/// Answer a server API publish that waited for this (owner) shard.
+fn answer_api(sh: &mut Shard, api: &ApiReply, position: Option<&super::history::Position>) {
+    let body = api_body(position);
+    let mut r = crate::http::Response::new(crate::http::Status::OK, "application/json", &body);
+    r.keep_alive = api.keep_alive;
+    let f = Frame::from_wire(&r.to_vec(), sh.now_us);
+    sh.deliver(&Target::Conn(api.conn), &f);
+}
+
+/// A server API publish (`POST /api/publish`) from the HTTP connection `slot`: the frame
+/// a client publish makes (with `client_id` [`API_CLIENT_ID`] and `type` `kind`), taking part
+/// in history. The HTTP response (with the offset and epoch where the room has history) is
+/// delivered to the connection when the room's order is decided, here or on its owner.
+pub fn api_publish(
+    sh: &mut Shard,
+    slot: u32,
+    room: &str,
+    data: &str,
+    kind: &str,
+    keep_alive: bool,
+) -> Routed {
+    let name: Arc<str> = match sh.svc.rooms.table.lookup(room) {
+        Some(rid) => sh.svc.rooms.table.name_of(rid).clone(),
+        None => Arc::from(room),
+    };
+    let opts = crate::room_options::index_for(&sh.node.cfg.rooms, room);
+    sh.out.stats.publishes += 1;
+    let api = ApiReply {
+        conn: sh.conn_ref(slot),
+        keep_alive,
+    };
+    route_publish(sh, name, opts, API_CLIENT_ID, None, data, kind, Some(api))
+}
+
+/// The `message` frame of a publish (`room` set) or a broadcast; `offset` in rooms with
+/// history; `kind` is the frame type (`message` but for the server API's own types).
+pub fn encode_message(
     sh: &mut Shard,
     room: Option<&str>,
     data: &str,
     client_id: u128,
     user: Option<&str>,
-) -> crate::proto::Frame {
+    offset: Option<u64>,
+    kind: &str,
+) -> Frame {
     let now_ms = sh.now_ms;
     sh.fb.text(sh.now_us, |o| {
-        o.str("type", "message");
+        o.str("type", kind);
         if let Some(room) = room {
             o.str("room", room);
         }
         o.raw("data", data).uuid("client_id", client_id);
         if let Some(u) = user {
             o.str("user_id", u);
+        }
+        if let Some(offset) = offset {
+            o.u64("offset", offset);
         }
         o.u64("timestamp", now_ms);
     })
@@ -204,7 +423,15 @@ pub fn broadcast(sh: &mut Shard, slot: u32, cmd: &Cmd<'_>) {
         return;
     }
     let (client_id, user) = (client.uuid(), client.user.clone());
-    let f = encode_message(sh, None, raw_or_null(&c.data), client_id, user.as_deref());
+    let f = encode_message(
+        sh,
+        None,
+        raw_or_null(&c.data),
+        client_id,
+        user.as_deref(),
+        None,
+        "message",
+    );
     sh.out.stats.broadcasts += 1;
     sh.deliver(&Target::All, &f);
 }
@@ -213,13 +440,150 @@ pub fn on_msg(sh: &mut Shard, m: Msg) {
     match m {
         Msg::Sequence {
             room,
+            opts,
             client_id,
             user,
             data,
+            kind,
+            api,
         } => {
-            let f = encode_message(sh, Some(&room), &data, client_id, user.as_deref());
-            sh.deliver(&Target::room(room), &f);
+            let position = sequence(sh, room, opts, client_id, user.as_deref(), &data, &kind);
+            if let Some(api) = api {
+                answer_api(sh, &api, position.as_ref());
+            }
         }
+        Msg::Resume {
+            room,
+            opts,
+            since,
+            conn,
+            id,
+            count,
+        } => {
+            let (position, recovered, frames) =
+                recover(sh, &room, opts, since.as_ref().map(|(o, e)| (*o, &**e)));
+            let answer = crate::shard::ShardMsg::Service(super::ServiceMsg::Rooms(Msg::Resumed {
+                room,
+                opts,
+                conn,
+                id,
+                count,
+                position,
+                recovered,
+                frames,
+            }));
+            if sh.node.inboxes.send(conn.shard as usize, answer).is_err() {
+                // The asking shard is overloaded (or stopping): its subscribe stays unanswered
+                // and the client retries; counted.
+                sh.out.stats.cross_shard_dropped += 1;
+            }
+        }
+        Msg::Resumed {
+            room,
+            opts,
+            conn,
+            id,
+            count,
+            position,
+            recovered,
+            frames,
+        } => resumed(sh, room, opts, conn, id, count, position, recovered, frames),
+    }
+}
+
+/// On the owner: the room's position and, given `since`, what was missed.
+fn recover(
+    sh: &mut Shard,
+    room: &Arc<str>,
+    opts: u16,
+    since: Option<(u64, &str)>,
+) -> (super::history::Position, Option<bool>, Vec<Frame>) {
+    let options = crate::room_options::at(&sh.node.cfg.rooms, opts);
+    let (size, ttl_ms) = (options.history_size, options.history_ttl.as_millis() as u64);
+    let now_ms = sh.now_ms;
+    let store = history(sh);
+    match since {
+        None => (store.position(room), None, Vec::new()),
+        Some((offset, epoch)) => {
+            let r = store.since(room, offset, epoch, size, ttl_ms, now_ms);
+            (r.position, Some(r.recovered), r.frames)
+        }
+    }
+}
+
+/// On the asking shard: the owner answered a subscribe to a room with history.
+#[allow(clippy::too_many_arguments)]
+fn resumed(
+    sh: &mut Shard,
+    room: Arc<str>,
+    opts: u16,
+    conn: ConnRef,
+    id: Option<Box<str>>,
+    count: u32,
+    position: super::history::Position,
+    recovered: Option<bool>,
+    frames: Vec<Frame>,
+) {
+    let st = &mut sh.svc.rooms;
+    if let Some(n) = st.pending_rooms.get_mut(&room) {
+        *n -= 1;
+        if *n == 0 {
+            st.pending_rooms.remove(&room);
+        }
+    }
+    if let Some(n) = st.pending_conns.get_mut(&(conn.slot, conn.gen)) {
+        *n -= 1;
+        if *n == 0 {
+            st.pending_conns.remove(&(conn.slot, conn.gen));
+        }
+    }
+    let slot = conn.slot;
+    let live = sh
+        .clients
+        .get(slot as usize)
+        .is_some_and(|c| c.gen == conn.gen && c.phase == Phase::Open);
+    if !live || membership(sh, slot, &room).is_some() {
+        // Gone while the owner answered (or joined meanwhile): undo the admission count and
+        // release the directory bit held for it.
+        crate::admission::room_leave(&sh.node, &room);
+        release_pre_arrival(sh, &room);
+        if live {
+            send_subscribed(
+                sh,
+                slot,
+                &room,
+                id.as_deref(),
+                count,
+                Some((&position, recovered)),
+            );
+        }
+        return;
+    }
+    attach(sh, slot, room.clone(), opts);
+    for f in frames {
+        sh.reply(slot, f);
+    }
+    sh.out.stats.history_replayed += u64::from(recovered.is_some());
+    send_subscribed(
+        sh,
+        slot,
+        &room,
+        id.as_deref(),
+        count,
+        Some((&position, recovered)),
+    );
+}
+
+/// A pending subscribe ended without joining: if nothing else holds the room on this shard,
+/// clear the directory bit that was set for it.
+fn release_pre_arrival(sh: &mut Shard, room: &Arc<str>) {
+    let st = &mut sh.svc.rooms;
+    if st.pending_rooms.contains_key(room) || st.table.lookup(room).is_some() {
+        return;
+    }
+    if st.pre_arrived.remove(room) {
+        let t = sh.node.dir.rooms.depart(room, sh.id);
+        report_transition(sh, room.clone(), t);
     }
 }
 
@@ -305,49 +669,147 @@ fn subscribed_to(
     found
 }
 
-/// Subscribe `slot` to `room` (a valid name) and queue `subscribed` or the error.
-pub fn join(sh: &mut Shard, slot: u32, room: &str, id: Option<&str>) {
+/// Subscribe `slot` to `room` (a valid name) and queue `subscribed` or the error. In a room
+/// with history, `since` asks for what was missed (replayed before `subscribed`).
+pub fn join(sh: &mut Shard, slot: u32, room: &str, id: Option<&str>, since: Option<(u64, &str)>) {
     let c = &sh.clients[slot as usize];
     if !c.allows_room(room) {
         sh.send_error(slot, ErrorReason::NotAllowed, id, "not allowed", None);
         return;
     }
-    let count = if membership(sh, slot, room).is_some() {
-        sh.node.dir.rooms.count(room).max(1)
-    } else {
-        if c.rooms.len() >= sh.node.cfg.max_rooms_per_connection {
-            sh.send_error(slot, ErrorReason::TooManyRooms, id, "too many rooms", None);
-            return;
-        }
-        let name = match sh.svc.rooms.table.lookup(room) {
-            Some(rid) => sh.svc.rooms.table.name_of(rid).clone(),
-            None => Arc::from(room),
-        };
-        let Some(count) = crate::admission::room_join(&sh.node, &name) else {
-            sh.send_error(
-                slot,
-                ErrorReason::RoomFull,
-                id,
-                "room is at maximum capacity",
-                None,
-            );
-            return;
-        };
-        let rooms_cfg = &sh.node.cfg.rooms;
-        let joined = sh.svc.rooms.table.join_with(&name, slot, || {
-            crate::room_options::index_for(rooms_cfg, &name)
-        });
-        sh.clients[slot as usize].rooms.push(joined.membership);
-        let opts = sh.svc.rooms.table.room(joined.membership.room).opts;
-        if joined.first_local {
-            let t = sh.node.dir.rooms.arrive(&name, sh.id);
-            report_transition(sh, name.clone(), t);
-        }
-        if tracks_presence(sh, slot, opts) {
-            super::on_room_joined(sh, slot, &name, opts);
-        }
-        count
+    if membership(sh, slot, room).is_some() {
+        // Already subscribed: the answer again, nothing replayed.
+        let count = sh.node.dir.rooms.count(room).max(1);
+        send_subscribed(sh, slot, room, id, count, None);
+        return;
+    }
+    let key = (slot, c.gen);
+    let pending = sh.svc.rooms.pending_conns.get(&key).copied().unwrap_or(0) as usize;
+    if c.rooms.len() + pending >= sh.node.cfg.max_rooms_per_connection {
+        sh.send_error(slot, ErrorReason::TooManyRooms, id, "too many rooms", None);
+        return;
+    }
+    let (name, opts) = match sh.svc.rooms.table.lookup(room) {
+        Some(rid) => (
+            sh.svc.rooms.table.name_of(rid).clone(),
+            sh.svc.rooms.table.room(rid).opts,
+        ),
+        None => (
+            Arc::from(room),
+            crate::room_options::index_for(&sh.node.cfg.rooms, room),
+        ),
     };
+    let Some(count) = crate::admission::room_join(&sh.node, &name) else {
+        sh.send_error(
+            slot,
+            ErrorReason::RoomFull,
+            id,
+            "room is at maximum capacity",
+            None,
+        );
+        return;
+    };
+    let options = crate::room_options::at(&sh.node.cfg.rooms, opts);
+    if options.history_size == 0 {
+        attach(sh, slot, name.clone(), opts);
+        // `since` on a room without history: nothing can be recovered.
+        let history = since.map(|_| {
+            (
+                super::history::Position {
+                    offset: 0,
+                    epoch: String::new(),
+                },
+                Some(false),
+            )
+        });
+        let h = history.as_ref().map(|(p, r)| (p, *r));
+        send_subscribed_with(sh, slot, room, id, count, h, false);
+        return;
+    }
+    let own = owner(&name, sh.node.inboxes.len());
+    if own == sh.id {
+        attach(sh, slot, name.clone(), opts);
+        let (position, recovered, frames) = recover(sh, &name, opts, since);
+        for f in frames {
+            sh.reply(slot, f);
+        }
+        sh.out.stats.history_replayed += u64::from(recovered.is_some());
+        send_subscribed(sh, slot, room, id, count, Some((&position, recovered)));
+        return;
+    }
+    // Ask the owner. Hold the room's directory bit now, so what the owner sequences after it
+    // answers is delivered to this shard too.
+    let st = &mut sh.svc.rooms;
+    let first_here = st.table.lookup(&name).is_none() && !st.pending_rooms.contains_key(&name);
+    if first_here && !st.pre_arrived.contains(&name) {
+        st.pre_arrived.insert(name.clone());
+        let t = sh.node.dir.rooms.arrive(&name, sh.id);
+        report_transition(sh, name.clone(), t);
+    }
+    let conn = sh.conn_ref(slot);
+    let msg = crate::shard::ShardMsg::Service(super::ServiceMsg::Rooms(Msg::Resume {
+        room: name.clone(),
+        opts,
+        since: since.map(|(o, e)| (o, e.into())),
+        conn,
+        id: id.map(Into::into),
+        count,
+    }));
+    if sh.node.inboxes.send(own, msg).is_err() {
+        sh.out.stats.cross_shard_dropped += 1;
+        crate::admission::room_leave(&sh.node, &name);
+        release_pre_arrival(sh, &name);
+        sh.send_error(
+            slot,
+            ErrorReason::Busy,
+            id,
+            "server busy, retry later",
+            None,
+        );
+        return;
+    }
+    let st = &mut sh.svc.rooms;
+    *st.pending_rooms.entry(name).or_default() += 1;
+    *st.pending_conns.entry(key).or_default() += 1;
+}
+
+/// Add `slot` to the room's local members (admission is done): the room table, the client's
+/// memberships, the directory on the shard's first member, room presence.
+fn attach(sh: &mut Shard, slot: u32, name: Arc<str>, opts: u16) {
+    let joined = sh.svc.rooms.table.join_with(&name, slot, || opts);
+    sh.clients[slot as usize].rooms.push(joined.membership);
+    let opts = sh.svc.rooms.table.room(joined.membership.room).opts;
+    if joined.first_local && !sh.svc.rooms.pre_arrived.remove(&name) {
+        let t = sh.node.dir.rooms.arrive(&name, sh.id);
+        report_transition(sh, name.clone(), t);
+    }
+    if tracks_presence(sh, slot, opts) {
+        super::on_room_joined(sh, slot, &name, opts);
+    }
+}
+
+fn send_subscribed(
+    sh: &mut Shard,
+    slot: u32,
+    room: &str,
+    id: Option<&str>,
+    count: u32,
+    history: Option<(&super::history::Position, Option<bool>)>,
+) {
+    send_subscribed_with(sh, slot, room, id, count, history, true);
+}
+
+/// `subscribed` with `client_count`; in a room with history `offset` and `epoch` (the room's
+/// position), and `recovered` when the subscribe asked to resume.
+fn send_subscribed_with(
+    sh: &mut Shard,
+    slot: u32,
+    room: &str,
+    id: Option<&str>,
+    count: u32,
+    history: Option<(&super::history::Position, Option<bool>)>,
+    with_position: bool,
+) {
     let now_ms = sh.now_ms;
     let f = sh.fb.text(sh.now_us, |o| {
         o.str("type", "subscribed")
@@ -355,6 +817,14 @@ pub fn join(sh: &mut Shard, slot: u32, room: &str, id: Option<&str>) {
             .str("room", room)
             .obj("data", |d| {
                 d.str("room", room).u64("client_count", count as u64);
+                if let Some((p, recovered)) = history {
+                    if with_position {
+                        d.u64("offset", p.offset).str("epoch", &p.epoch);
+                    }
+                    if let Some(r) = recovered {
+                        d.raw("recovered", if r { "true" } else { "false" });
+                    }
+                }
             })
             .u64("timestamp", now_ms);
     });

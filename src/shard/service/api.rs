@@ -1,0 +1,306 @@
+//! The server HTTP API for backends (PROTOCOL.md section 7), behind the API key:
+//! `POST /api/publish {room, data, type?}`, `POST /api/broadcast {data, type?}`,
+//! `POST /api/users/{id}/send {type?, data}`, `POST /api/users/{id}/disconnect`,
+//! `GET /api/stats`. This is how the replaced services' "service layer" reaches clients.
+//!
+//! Everything goes through the delivery seam as a client's command would: a published room
+//! message is the frame a client publish makes (with `client_id` [`rooms::API_CLIENT_ID`], the
+//! nil UUID, and no `user_id`), sequenced by the room's owner and kept in its history; a
+//! publish into a room ordered on another shard is answered when the owner has ordered it
+//! (the HTTP connection waits; later pipelined requests wait behind it). Errors are JSON with
+//! the socket protocol's texts.
+
+use std::borrow::Cow;
+
+use serde::Deserialize;
+use sonic_rs::LazyValue;
+
+use super::rooms;
+use crate::http::{json_error_body, Status};
+use crate::proto::envelope::raw_or_null;
+use crate::route::Target;
+use crate::shard::{Shard, ShardMsg};
+
+/// Longest `type` a backend may give a frame, in bytes.
+pub const API_TYPE_BYTES_MAX: usize = 64;
+
+/// Frame types of the protocol itself, which a backend may not send as its own (clients would
+/// take them for the server's replies and events).
+const RESERVED_TYPES: &[&str] = &[
+    "connected",
+    "subscribed",
+    "unsubscribed",
+    "pong",
+    "error",
+    "auth.success",
+    "auth.failed",
+    "auth.expiring",
+    "auth.expired",
+    "message.ack",
+    "message.create",
+    "message.delivered",
+    "message.read",
+    "typing.start",
+    "typing.stop",
+    "sync.done",
+];
+/// Prefixes of protocol types (every presence and call event).
+const RESERVED_PREFIXES: &[&str] = &["presence.", "call."];
+
+/// Messages of the API between shards.
+pub enum Msg {
+    /// Close every local device of `user` (`POST /api/users/{id}/disconnect`).
+    Disconnect { user: std::sync::Arc<str> },
+}
+
+/// What an API request produced: a response now, or one the room's owner sends later.
+pub enum Outcome {
+    Now(Status, Vec<u8>),
+    Later,
+}
+
+fn err(status: Status, text: &str) -> Outcome {
+    Outcome::Now(status, json_error_body(text))
+}
+
+fn ok(body: String) -> Outcome {
+    Outcome::Now(Status::OK, body.into_bytes())
+}
+
+/// The frame type a backend asked for (default `default`), or the error text.
+fn frame_type<'a>(kind: Option<&'a str>, default: &'a str) -> Result<&'a str, &'static str> {
+    let Some(kind) = kind else {
+        return Ok(default);
+    };
+    let valid = !kind.is_empty()
+        && kind.len() <= API_TYPE_BYTES_MAX
+        && kind
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':'));
+    if !valid {
+        return Err("invalid type");
+    }
+    if RESERVED_TYPES.contains(&kind) || RESERVED_PREFIXES.iter().any(|p| kind.starts_with(p)) {
+        return Err("type is reserved");
+    }
+    Ok(kind)
+}
+
+#[derive(Deserialize)]
+struct PublishBody<'a> {
+    #[serde(borrow, default)]
+    room: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    data: Option<LazyValue<'a>>,
+    #[serde(rename = "type", borrow, default)]
+    kind: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct DataBody<'a> {
+    #[serde(borrow, default)]
+    data: Option<LazyValue<'a>>,
+    #[serde(rename = "type", borrow, default)]
+    kind: Option<Cow<'a, str>>,
+}
+
+fn parse<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, Outcome> {
+    sonic_rs::from_slice::<T>(body).map_err(|_| err(Status::BAD_REQUEST, "invalid JSON format"))
+}
+
+/// `POST /api/publish`.
+pub fn publish(sh: &mut Shard, slot: u32, body: &[u8], keep_alive: bool) -> Outcome {
+    let b: PublishBody = match parse(body) {
+        Ok(b) => b,
+        Err(o) => return o,
+    };
+    let Some(room) = b.room.as_deref().filter(|r| !r.is_empty()) else {
+        return err(Status::BAD_REQUEST, "room name is required");
+    };
+    if room.len() > sh.node.cfg.max_room_name_bytes {
+        return err(Status::BAD_REQUEST, "room name too long");
+    }
+    if b.data.is_none() {
+        return err(Status::BAD_REQUEST, "data is required");
+    }
+    let kind = match frame_type(b.kind.as_deref(), "message") {
+        Ok(k) => k,
+        Err(text) => return err(Status::BAD_REQUEST, text),
+    };
+    match rooms::api_publish(sh, slot, room, raw_or_null(&b.data), kind, keep_alive) {
+        rooms::Routed::Here(position) => {
+            Outcome::Now(Status::OK, rooms::api_body(position.as_ref()))
+        }
+        rooms::Routed::Owner => Outcome::Later,
+        rooms::Routed::Busy => err(Status::SERVICE_UNAVAILABLE, "server busy, retry later"),
+    }
+}
+
+/// `POST /api/broadcast`.
+pub fn broadcast(sh: &mut Shard, body: &[u8]) -> Outcome {
+    let b: DataBody = match parse(body) {
+        Ok(b) => b,
+        Err(o) => return o,
+    };
+    if b.data.is_none() {
+        return err(Status::BAD_REQUEST, "data is required");
+    }
+    let kind = match frame_type(b.kind.as_deref(), "message") {
+        Ok(k) => k,
+        Err(text) => return err(Status::BAD_REQUEST, text),
+    };
+    let f = rooms::encode_message(
+        sh,
+        None,
+        raw_or_null(&b.data),
+        rooms::API_CLIENT_ID,
+        None,
+        None,
+        kind,
+    );
+    sh.out.stats.broadcasts += 1;
+    sh.deliver(&Target::All, &f);
+    ok("{\"ok\":true}".into())
+}
+
+/// `POST /api/users/{id}/send`: `{"type": <type or notification>, "data": ..., "timestamp"}`
+/// to every device of the user.
+pub fn user_send(sh: &mut Shard, user: &str, body: &[u8]) -> Outcome {
+    if user.is_empty() || user.len() > crate::limits::ID_BYTES_MAX {
+        return err(Status::BAD_REQUEST, "invalid user id");
+    }
+    let b: DataBody = match parse(body) {
+        Ok(b) => b,
+        Err(o) => return o,
+    };
+    if b.data.is_none() {
+        return err(Status::BAD_REQUEST, "data is required");
+    }
+    let kind = match frame_type(b.kind.as_deref(), "notification") {
+        Ok(k) => k,
+        Err(text) => return err(Status::BAD_REQUEST, text),
+    };
+    let devices = sh.node.dir.users.count(user);
+    let now_ms = sh.now_ms;
+    let data = raw_or_null(&b.data);
+    let f = sh.fb.text(sh.now_us, |o| {
+        o.str("type", kind)
+            .raw("data", data)
+            .u64("timestamp", now_ms);
+    });
+    sh.deliver(
+        &Target::User {
+            user: std::sync::Arc::from(user),
+            except: None,
+        },
+        &f,
+    );
+    let mut out = String::from("{\"ok\":true,\"user_id\":");
+    let mut buf = Vec::new();
+    crate::proto::json::write_str(&mut buf, user);
+    out.push_str(&String::from_utf8_lossy(&buf));
+    out.push_str(&format!(",\"devices\":{devices}}}"));
+    ok(out)
+}
+
+/// `POST /api/users/{id}/disconnect`: every device of the user on the node is closed with
+/// 1008 `disconnected by the server API`.
+pub fn disconnect(sh: &mut Shard, user: &str) -> Outcome {
+    if user.is_empty() || user.len() > crate::limits::ID_BYTES_MAX {
+        return err(Status::BAD_REQUEST, "invalid user id");
+    }
+    let devices = sh.node.dir.users.count(user);
+    let key = std::sync::Arc::<str>::from(user);
+    let mut shards = sh.node.dir.user_shards(user);
+    while shards != 0 {
+        let i = shards.trailing_zeros() as usize;
+        shards &= shards - 1;
+        if i == sh.id {
+            disconnect_local(sh, &key);
+        } else {
+            let msg = ShardMsg::Service(super::ServiceMsg::Api(Msg::Disconnect {
+                user: key.clone(),
+            }));
+            if sh.node.inboxes.send(i, msg).is_err() {
+                sh.out.stats.cross_shard_dropped += 1;
+                return err(Status::SERVICE_UNAVAILABLE, "server busy, retry later");
+            }
+        }
+    }
+    let mut buf = Vec::new();
+    crate::proto::json::write_str(&mut buf, user);
+    ok(format!(
+        "{{\"ok\":true,\"user_id\":{},\"devices\":{devices}}}",
+        String::from_utf8_lossy(&buf)
+    ))
+}
+
+fn disconnect_local(sh: &mut Shard, user: &str) {
+    for slot in sh.devices_of(user) {
+        sh.close_with(
+            slot,
+            crate::proto::ws::close::POLICY,
+            "disconnected by the server API",
+        );
+    }
+}
+
+pub fn on_msg(sh: &mut Shard, m: Msg) {
+    match m {
+        Msg::Disconnect { user } => disconnect_local(sh, &user),
+    }
+}
+
+/// `GET /api/stats`: this node's numbers (`"scope":"node"`: with one node they are the whole
+/// service's; a cluster adds cluster-wide ones).
+pub fn stats(sh: &Shard) -> Outcome {
+    let node = &sh.node;
+    let mut out = format!(
+        "{{\"scope\":\"node\",\"node_id\":\"{:08x}\",\"uptime_s\":{},\"shards\":{},\"connections\":{},\"max_connections\":{},\"rooms\":{},\"users\":{},\"draining\":{}",
+        node.id,
+        node.epoch.elapsed().as_secs(),
+        node.inboxes.len(),
+        node.dir.connections(),
+        node.max_connections,
+        node.dir.rooms_len(),
+        node.dir.users_len(),
+        node.draining.load(std::sync::atomic::Ordering::Relaxed),
+    );
+    out.push_str(",\"counters\":{");
+    for (i, (name, v)) in crate::metrics::totals(&node.stats).iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&format!("\"{name}\":{v}"));
+    }
+    out.push_str("}}");
+    ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frame_types_are_checked() {
+        assert_eq!(frame_type(None, "message"), Ok("message"));
+        assert_eq!(
+            frame_type(Some("room_update"), "message"),
+            Ok("room_update")
+        );
+        assert_eq!(frame_type(Some("notification"), "x"), Ok("notification"));
+        assert_eq!(frame_type(Some("connected"), "x"), Err("type is reserved"));
+        assert_eq!(
+            frame_type(Some("message.ack"), "x"),
+            Err("type is reserved")
+        );
+        assert_eq!(
+            frame_type(Some("presence.online"), "x"),
+            Err("type is reserved")
+        );
+        assert_eq!(frame_type(Some("call.ended"), "x"), Err("type is reserved"));
+        assert_eq!(frame_type(Some(""), "x"), Err("invalid type"));
+        assert_eq!(frame_type(Some("has space"), "x"), Err("invalid type"));
+        assert_eq!(frame_type(Some(&"x".repeat(65)), "x"), Err("invalid type"));
+    }
+}
