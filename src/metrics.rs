@@ -306,13 +306,15 @@ impl ShardStats {
     }
 }
 
-/// Every row's value summed over the shards, in table order (field name, value): counters are
-/// totals since start, gauges the node's current value. For `/api/stats`.
-pub fn totals(shards: &[ShardStats]) -> Vec<(&'static str, u64)> {
+/// Every rendered row's value summed over the shards, in table order: (field name, kind,
+/// value); a counter is a total since start, a gauge the node's current value. For
+/// `/api/stats`.
+pub fn totals(shards: &[ShardStats]) -> Vec<(&'static str, Kind, u64)> {
     let per_shard: Vec<Vec<u64>> = shards.iter().map(ShardStats::load).collect();
     ROWS.iter()
         .enumerate()
-        .map(|(i, r)| (r.field, per_shard.iter().map(|v| v[i]).sum()))
+        .filter(|(_, r)| r.kind != Kind::Hidden)
+        .map(|(i, r)| (r.field, r.kind, per_shard.iter().map(|v| v[i]).sum()))
         .collect()
 }
 

@@ -170,6 +170,7 @@ fn broadcast_send_stats_and_disconnect() {
     assert_eq!(v["connections"], 3, "{v}");
     assert_eq!(v["users"], 1);
     assert!(v["counters"]["broadcasts"].is_u64(), "{v}");
+    assert!(v["gauges"]["ws_connections"].is_u64(), "{v}");
 
     let (status, v) = call(&s, "/api/users/bob/disconnect", &json!({}));
     assert_eq!((status, v["devices"].as_u64()), (200, Some(2)));
@@ -247,9 +248,11 @@ fn api_errors_are_json_with_the_protocol_texts() {
         (r.status, r.body.as_str()),
         (400, r#"{"error":"invalid JSON format"}"#)
     );
-    c.send(format!("POST /api/publish HTTP/1.1\r\nHost: t\r\nX-API-Key: {KEY}\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\n{{}}").as_bytes());
+    // Whatever the Content-Type says (curl -d sends form-urlencoded), the body is JSON.
+    c.send(format!("POST /api/publish HTTP/1.1\r\nHost: t\r\nX-API-Key: {KEY}\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 24\r\n\r\n{{\"room\":\"r\",\"data\":null}}").as_bytes());
     let r = c.response().unwrap();
-    assert_eq!(r.status, 415);
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(r.body, r#"{"error":"data is required"}"#);
     c.send(format!("GET /api/publish HTTP/1.1\r\nHost: t\r\nX-API-Key: {KEY}\r\n\r\n").as_bytes());
     let r = c.response().unwrap();
     assert_eq!((r.status, r.header("allow")), (405, Some("POST")));

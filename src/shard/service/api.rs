@@ -252,7 +252,8 @@ pub fn on_msg(sh: &mut Shard, m: Msg) {
 }
 
 /// `GET /api/stats`: this node's numbers (`"scope":"node"`: with one node they are the whole
-/// service's; a cluster adds cluster-wide ones).
+/// service's; a cluster adds cluster-wide ones). `counters` are totals since start and
+/// `gauges` current values, summed over shards, as of their last publication (every 250 ms).
 pub fn stats(sh: &Shard) -> Outcome {
     let node = &sh.node;
     let mut out = format!(
@@ -266,14 +267,23 @@ pub fn stats(sh: &Shard) -> Outcome {
         node.dir.users_len(),
         node.draining.load(std::sync::atomic::Ordering::Relaxed),
     );
-    out.push_str(",\"counters\":{");
-    for (i, (name, v)) in crate::metrics::totals(&node.stats).iter().enumerate() {
-        if i > 0 {
-            out.push(',');
+    let totals = crate::metrics::totals(&node.stats);
+    for (section, kind) in [
+        ("counters", crate::metrics::Kind::Counter),
+        ("gauges", crate::metrics::Kind::ShardGauge),
+    ] {
+        out.push_str(&format!(",\"{section}\":{{"));
+        let mut first = true;
+        for (name, _, v) in totals.iter().filter(|(_, k, _)| *k == kind) {
+            if !first {
+                out.push(',');
+            }
+            first = false;
+            out.push_str(&format!("\"{name}\":{v}"));
         }
-        out.push_str(&format!("\"{name}\":{v}"));
+        out.push('}');
     }
-    out.push_str("}}");
+    out.push('}');
     ok(out)
 }
 
