@@ -624,6 +624,15 @@ mod tests {
     }
 
     #[test]
+    fn entry_budget() {
+        // Per typing state: the entry in the slab, plus its index in the connection's list;
+        // per typing connection: one map entry (slot, gen, Vec). Idle connections: nothing.
+        assert_eq!(std::mem::size_of::<TypingTarget>(), 32);
+        assert_eq!(std::mem::size_of::<Entry>(), 64);
+        assert_eq!(std::mem::size_of::<ConnStates>(), 32);
+    }
+
+    #[test]
     fn keys_fit_the_wheel_and_serials_wrap() {
         assert!(key_of(u32::MAX as usize, u32::MAX) <= SERVICE_KEY_MAX);
         let mut t = Table {
