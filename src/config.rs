@@ -86,6 +86,10 @@ pub struct Config {
     /// Bytes of room history one node keeps (split over its shards).
     pub history_bytes_max: usize,
     // ---- typing and receipts
+    /// A `typing.start` not renewed within this long ends with a server `typing.stop` (>= 1 s).
+    pub typing_ttl: Duration,
+    /// Most `messageIds` in one `mark.delivered` / `mark.read` (1 to `RECEIPT_MESSAGE_IDS_LIMIT`).
+    pub max_receipt_message_ids: usize,
     // ---- presence
     // ---- calls
     /// Options per room name pattern (`rooms`, a structured key; first match wins).
@@ -203,6 +207,9 @@ impl Default for Config {
             max_rooms_per_connection: 128,
             address_policy: AddressPolicy::Any,
             history_bytes_max: 64 * 1024 * 1024,
+            // ---- typing and receipts
+            typing_ttl: Duration::from_secs(6),
+            max_receipt_message_ids: 100,
             rooms: Vec::new(),
             max_room_name_bytes: 256,
             send_queue_bytes_max: 1024 * 1024,
@@ -651,6 +658,10 @@ config_keys! {
     history_bytes_max: Bytes = "64MiB", "SWITCHBOARD_HISTORY_BYTES_MAX", None,
         "Bytes of room history one node keeps, split over its shards; past it the oldest messages go first. 64 KiB to 16 GiB.";
     // ---- typing and receipts
+    typing_ttl: Dur = "6s", "SWITCHBOARD_TYPING_TTL", None,
+        "A typing.start not renewed within this long ends with a typing.stop sent by the server. 1s to 24h.";
+    max_receipt_message_ids: Count = "100", "SWITCHBOARD_MAX_RECEIPT_MESSAGE_IDS", None,
+        "Most messageIds in one mark.delivered or mark.read (more: error too many messageIds), 1 to 10000.";
     // ---- presence
     // ---- calls
     max_room_name_bytes: Bytes = "256", "SWITCHBOARD_MAX_ROOM_NAME_BYTES", None,
@@ -1605,6 +1616,20 @@ impl Config {
             " (a DM travels in one message)",
         )?;
         at_least("dedup_entries_max", size(self.dedup_entries_max), 1)?;
+        // ---- typing and receipts
+        if self.typing_ttl < Duration::from_secs(1) || self.typing_ttl > DURATION_MAX {
+            fail(
+                "typing_ttl",
+                format!("must be between 1s and 24h, got {:?}", self.typing_ttl),
+            )?;
+        }
+        between(
+            "max_receipt_message_ids",
+            size(self.max_receipt_message_ids),
+            1,
+            RECEIPT_MESSAGE_IDS_LIMIT as u64,
+            "",
+        )?;
 
         for (key, d) in [
             ("handshake_timeout", self.handshake_timeout),
@@ -1856,6 +1881,9 @@ pub const CONNECTIONS_PER_USER_MAX: usize = 65_535;
 /// Smallest and largest `http_body_bytes_max`.
 pub const HTTP_BODY_BYTES_MIN: usize = 1024;
 pub const HTTP_BODY_BYTES_LIMIT: usize = 64 * 1024 * 1024;
+/// Largest `max_receipt_message_ids`: a receipt is one frame fanned out to every device of two
+/// users; 10,000 ids of 256 bytes is ~2.6 MB per copy, far past what a client marks at once.
+pub const RECEIPT_MESSAGE_IDS_LIMIT: usize = 10_000;
 /// Longest accepted duration (all duration keys but `write_coalesce`, capped at 5 s): 24 h.
 /// Token windows are kept as u32 seconds, DM dedup expiry as milliseconds added to now and
 /// timers as u32 ticks of 100 ms; 24 h keeps every one of them far from overflow.
@@ -3271,5 +3299,45 @@ mod tests {
             assert_eq!(e.key, a);
             assert!(e.message.contains("unexpected argument"), "{e}");
         }
+    }
+
+    // ---- typing and receipts
+    #[test]
+    fn typing_and_receipt_keys_parse_and_validate() {
+        let cfg = Config::load(
+            &args(&["--typing-ttl", "1s"]),
+            &env_of(&[("SWITCHBOARD_MAX_RECEIPT_MESSAGE_IDS", "7")]),
+        )
+        .expect("valid");
+        assert_eq!(cfg.typing_ttl, Duration::from_secs(1));
+        assert_eq!(cfg.max_receipt_message_ids, 7);
+        for (key, mutate) in [
+            (
+                "typing_ttl",
+                Box::new(|c: &mut Config| c.typing_ttl = Duration::from_millis(999)) as Mutation,
+            ),
+            (
+                "typing_ttl",
+                Box::new(|c: &mut Config| c.typing_ttl = DURATION_MAX + Duration::from_secs(1)),
+            ),
+            (
+                "max_receipt_message_ids",
+                Box::new(|c: &mut Config| c.max_receipt_message_ids = 0),
+            ),
+            (
+                "max_receipt_message_ids",
+                Box::new(|c: &mut Config| {
+                    c.max_receipt_message_ids = RECEIPT_MESSAGE_IDS_LIMIT + 1
+                }),
+            ),
+        ] {
+            assert_eq!(invalid(mutate).key, key);
+        }
+        let cfg = Config {
+            typing_ttl: DURATION_MAX,
+            max_receipt_message_ids: RECEIPT_MESSAGE_IDS_LIMIT,
+            ..Config::default()
+        };
+        cfg.validate().expect("edges are valid");
     }
 }

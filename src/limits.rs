@@ -100,3 +100,9 @@ pub const HTTP_API_KEY_BYTES_MAX: usize = 256;
 pub const HTTP_CORS_ORIGINS_MAX: usize = 64;
 /// `Access-Control-Max-Age` of a preflight answer: browsers cache it this long, in seconds.
 pub const HTTP_CORS_MAX_AGE_S: u64 = 600;
+
+// ---- typing and receipts
+/// Typing states (room or conversation) one connection holds at once. A person types in one
+/// place at a time; 16 covers a client that shows several drafts and bounds the per-connection
+/// list the service scans on every `typing.*` command. Past it: `too many typing targets`.
+pub const TYPING_TARGETS_PER_CONNECTION_MAX: usize = 16;

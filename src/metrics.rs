@@ -239,6 +239,11 @@ stats! {
     // ---- direct messages
     dms: Counter("switchboard_direct_messages_total", "Direct messages accepted"),
     dm_duplicates: Counter("switchboard_direct_message_duplicates_total", "Direct messages answered from the dedup window"),
+    // ---- typing and receipts
+    typing_sent: Counter("switchboard_typing_events_total", "typing.start / typing.stop events handed to the delivery seam (one per event, however many recipients), the server's own stops included"),
+    typing_coalesced: Counter("switchboard_typing_coalesced_total", "typing.start renewals within typing_ttl that sent nothing (coalesced)"),
+    typing_ttl_stops: Counter("switchboard_typing_ttl_stops_total", "typing.stop events the server sent because a typing.start was not renewed within typing_ttl"),
+    receipts_sent: Counter("switchboard_receipts_total", "message.delivered / message.read receipts handed to the delivery seam"),
     // ---- cross-shard
     cross_shard_sent: Counter("switchboard_cross_shard_sent_total", "Messages sent to other shards"),
     cross_shard_dropped: Counter("switchboard_cross_shard_dropped_total", "Messages dropped because a shard inbox was full"),

@@ -142,9 +142,8 @@ impl Shard {
         self.dedup_fifo.run(&self.node.dedup, self.now_ms);
     }
 
-    /// Schedule a service timer: `service::on_timer(service, key)` runs at `tick` or later.
-    /// (No service of this release schedules one yet; typing TTLs and call ring timeouts do.)
-    #[allow(dead_code)]
+    /// Schedule a service timer: `service::on_timer(service, key)` runs at `tick` or later
+    /// (typing TTLs, presence grace, call ring timeouts).
     pub(crate) fn schedule_service(&mut self, tick: u32, service: u8, key: u64) -> u32 {
         self.wheel.schedule(tick, TimerKey::service(service, key))
     }

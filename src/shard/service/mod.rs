@@ -16,8 +16,10 @@ pub mod api;
 pub mod dm;
 pub mod history;
 pub mod policy;
+pub mod receipts;
 pub mod rooms;
 pub mod session;
+pub mod typing;
 
 use std::collections::HashMap;
 use std::sync::LazyLock;
@@ -50,6 +52,10 @@ pub static COMMANDS: &[(&str, Handler)] = &[
     ("ping", session::ping),
     ("authenticate", session::authenticate),
     // ---- typing and receipts
+    ("typing.start", typing::start),
+    ("typing.stop", typing::stop),
+    ("mark.delivered", receipts::delivered),
+    ("mark.read", receipts::read),
     // ---- presence
     // ---- calls
 ];
@@ -77,6 +83,8 @@ pub enum ServiceMsg {
 /// schedules timers (none of today's services does; typing TTLs and call ring timeouts will).
 pub mod id {
     // ---- typing and receipts
+    /// Typing states' TTLs (key: [`super::typing::Table`]'s slab index and serial).
+    pub const TYPING: u8 = 1;
     // ---- presence
     // ---- calls
 }
@@ -94,6 +102,7 @@ pub fn on_timer(sh: &mut Shard, service: u8, key: u64) {
     #[allow(clippy::match_single_binding)]
     match service {
         // ---- typing and receipts
+        id::TYPING => typing::on_timer(sh, key),
         // ---- presence
         // ---- calls
         _ => {
@@ -113,6 +122,7 @@ pub fn on_attach(sh: &mut Shard, slot: u32) {
 pub fn on_detach(sh: &mut Shard, slot: u32) {
     rooms::on_detach(sh, slot);
     // ---- typing and receipts
+    typing::on_detach(sh, slot);
     // ---- presence
     // ---- calls
 }
@@ -135,6 +145,7 @@ pub fn on_room_left(sh: &mut Shard, slot: u32, room: &std::sync::Arc<str>, opts:
 pub struct Services {
     pub rooms: rooms::State,
     // ---- typing and receipts
+    pub typing: typing::Table,
     // ---- presence
     // ---- calls
 }
