@@ -85,6 +85,15 @@ pub struct Config {
     pub address_policy: AddressPolicy,
     // ---- typing and receipts
     // ---- presence
+    /// How long a user stays online after its last device left (a reconnect inside it sends
+    /// nothing to watchers).
+    pub presence_offline_grace: Duration,
+    /// Users one connection may watch with `presence.watch`.
+    pub max_watched_users_per_connection: usize,
+    /// `user_ids` in one `presence.query` / `presence.watch` / `presence.unwatch`.
+    pub max_presence_query_users: usize,
+    /// Users listed in one room `presence.state` (past it `truncated: true`).
+    pub max_presence_room_users: usize,
     // ---- calls
     /// Options per room name pattern (`rooms`, a structured key; first match wins).
     pub rooms: Vec<crate::room_options::RoomOptions>,
@@ -200,6 +209,10 @@ impl Default for Config {
             max_connections_per_user: 64,
             max_rooms_per_connection: 128,
             address_policy: AddressPolicy::Any,
+            presence_offline_grace: Duration::from_secs(5),
+            max_watched_users_per_connection: 1000,
+            max_presence_query_users: 100,
+            max_presence_room_users: 1000,
             rooms: Vec::new(),
             max_room_name_bytes: 256,
             send_queue_bytes_max: 1024 * 1024,
@@ -647,6 +660,14 @@ config_keys! {
         "Who a user may address with typing, receipts, calls and presence watches: any (as direct messages) or claim (only the users in the token's allowed_users claim).";
     // ---- typing and receipts
     // ---- presence
+    presence_offline_grace: Dur = "5s", "SWITCHBOARD_PRESENCE_OFFLINE_GRACE", None,
+        "How long a user stays online after its last device left; a reconnect inside it sends watchers nothing. 1s to 24h.";
+    max_watched_users_per_connection: Count = "1000", "SWITCHBOARD_MAX_WATCHED_USERS_PER_CONNECTION", None,
+        "Users one connection may watch (presence.watch), 1 to 100000; past it `too many watched users`.";
+    max_presence_query_users: Count = "100", "SWITCHBOARD_MAX_PRESENCE_QUERY_USERS", None,
+        "user_ids in one presence.query, presence.watch or presence.unwatch, 1 to 10000; past it `too many user_ids`.";
+    max_presence_room_users: Count = "1000", "SWITCHBOARD_MAX_PRESENCE_ROOM_USERS", None,
+        "Users listed in one room presence.state, 1 to 100000; a bigger room's answer is cut there with truncated: true.";
     // ---- calls
     max_room_name_bytes: Bytes = "256", "SWITCHBOARD_MAX_ROOM_NAME_BYTES", None,
         "Longest room name in bytes, 1 to 4096.";
@@ -1593,6 +1614,34 @@ impl Config {
             " (a DM travels in one message)",
         )?;
         at_least("dedup_entries_max", size(self.dedup_entries_max), 1)?;
+        // ---- presence
+        between(
+            "max_watched_users_per_connection",
+            size(self.max_watched_users_per_connection),
+            1,
+            100_000,
+            "",
+        )?;
+        between(
+            "max_presence_query_users",
+            size(self.max_presence_query_users),
+            1,
+            10_000,
+            "",
+        )?;
+        between(
+            "max_presence_room_users",
+            size(self.max_presence_room_users),
+            1,
+            100_000,
+            "",
+        )?;
+        if self.presence_offline_grace < Duration::from_secs(1) {
+            fail(
+                "presence_offline_grace",
+                format!("must be at least 1s, got {:?}", self.presence_offline_grace),
+            )?;
+        }
 
         for (key, d) in [
             ("handshake_timeout", self.handshake_timeout),
@@ -1606,6 +1655,7 @@ impl Config {
             ("token_expiry_grace", self.token_expiry_grace),
             ("dedup_window", self.dedup_window),
             ("shutdown_timeout", self.shutdown_timeout),
+            ("presence_offline_grace", self.presence_offline_grace),
         ] {
             if d > DURATION_MAX {
                 fail(

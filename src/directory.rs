@@ -203,6 +203,47 @@ impl Names {
     }
 }
 
+/// User presence records: user -> the latest immutable record its owner shard published
+/// (`service::presence`). One writer per user (its owner shard, a fixed hash of the id), any
+/// number of readers (`presence.query` and the answer to `presence.watch` on every shard read
+/// it without a round trip). Changes are rare (a session starting or ending, a status set),
+/// so a record is replaced whole. Bounded by the owners: users with a device on the node plus
+/// at most `PRESENCE_OFFLINE_USERS_MAX` remembered offline users.
+pub struct PresenceRecords {
+    map: papaya::HashMap<Arc<str>, Arc<crate::shard::service::presence::Record>>,
+}
+
+impl Default for PresenceRecords {
+    fn default() -> Self {
+        PresenceRecords { map: new_map() }
+    }
+}
+
+impl PresenceRecords {
+    /// The user's record (None: never seen on this node, or forgotten).
+    pub fn get(&self, user: &str) -> Option<Arc<crate::shard::service::presence::Record>> {
+        self.map.pin().get(user).cloned()
+    }
+
+    /// Replace the user's record (its owner shard only).
+    pub fn set(&self, user: Arc<str>, rec: Arc<crate::shard::service::presence::Record>) {
+        self.map.pin().insert(user, rec);
+    }
+
+    /// Forget the user (its owner shard only).
+    pub fn remove(&self, user: &str) {
+        self.map.pin().remove(user);
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
+
 /// Rooms and users of this node.
 #[derive(Default)]
 pub struct Directory {
@@ -210,6 +251,8 @@ pub struct Directory {
     pub users: Names,
     /// Server-side subscriptions that are not rooms (e.g. presence watchers of a user).
     pub topics: Names,
+    /// User presence (status, text, last_seen) as each user's owner shard published it.
+    pub presence: PresenceRecords,
     /// Upgraded WebSocket connections on this node (for max_connections and /health).
     pub connections: AtomicU64,
 }

@@ -14,6 +14,7 @@
 
 pub mod dm;
 pub mod policy;
+pub mod presence;
 pub mod rooms;
 pub mod session;
 
@@ -49,6 +50,10 @@ pub static COMMANDS: &[(&str, Handler)] = &[
     ("authenticate", session::authenticate),
     // ---- typing and receipts
     // ---- presence
+    ("presence.update", presence::update),
+    ("presence.watch", presence::watch),
+    ("presence.unwatch", presence::unwatch),
+    ("presence.query", presence::query),
     // ---- calls
 ];
 
@@ -67,6 +72,7 @@ pub fn handler(kind: &str) -> Option<Handler> {
 pub enum ServiceMsg {
     Rooms(rooms::Msg),
     // ---- presence
+    Presence(presence::Msg),
     // ---- calls
 }
 
@@ -75,6 +81,8 @@ pub enum ServiceMsg {
 pub mod id {
     // ---- typing and receipts
     // ---- presence
+    /// Offline grace timers (key = the owner's per-user key) and the owed-report retry (key 0).
+    pub const PRESENCE: u8 = 2;
     // ---- calls
 }
 
@@ -82,6 +90,7 @@ pub fn on_msg(sh: &mut Shard, m: ServiceMsg) {
     match m {
         ServiceMsg::Rooms(m) => rooms::on_msg(sh, m),
         // ---- presence
+        ServiceMsg::Presence(m) => presence::on_msg(sh, m),
         // ---- calls
     }
 }
@@ -91,6 +100,7 @@ pub fn on_timer(sh: &mut Shard, service: u8, key: u64) {
     match service {
         // ---- typing and receipts
         // ---- presence
+        id::PRESENCE => presence::on_timer(sh, key),
         // ---- calls
         _ => {
             let _ = (sh, key);
@@ -102,7 +112,7 @@ pub fn on_timer(sh: &mut Shard, service: u8, key: u64) {
 /// A connection got its identity (user id set; the directory knows the device).
 pub fn on_attach(sh: &mut Shard, slot: u32) {
     // ---- presence
-    let _ = (sh, slot);
+    presence::on_attach(sh, slot);
 }
 
 /// A connection stops being a participant (closing or closed): end its service state.
@@ -110,6 +120,7 @@ pub fn on_detach(sh: &mut Shard, slot: u32) {
     rooms::on_detach(sh, slot);
     // ---- typing and receipts
     // ---- presence
+    presence::on_detach(sh, slot);
     // ---- calls
 }
 
@@ -117,13 +128,13 @@ pub fn on_detach(sh: &mut Shard, slot: u32) {
 /// that track presence (`room_options::RoomOptions::tracks_presence`) are what presence acts on.
 pub fn on_room_joined(sh: &mut Shard, slot: u32, room: &std::sync::Arc<str>, opts: u16) {
     // ---- presence
-    let _ = (sh, slot, room, opts);
+    presence::on_room_joined(sh, slot, room, opts);
 }
 
 /// A connection with an identity left `room` (unsubscribe, a narrower claim, or detach).
 pub fn on_room_left(sh: &mut Shard, slot: u32, room: &std::sync::Arc<str>, opts: u16) {
     // ---- presence
-    let _ = (sh, slot, room, opts);
+    presence::on_room_left(sh, slot, room, opts);
 }
 
 /// The side tables of every service on one shard.
@@ -132,6 +143,7 @@ pub struct Services {
     pub rooms: rooms::State,
     // ---- typing and receipts
     // ---- presence
+    pub presence: presence::State,
     // ---- calls
 }
 
