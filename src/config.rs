@@ -2707,6 +2707,23 @@ mod tests {
                     c.jwt_public_key_file = None;
                 }),
             ),
+            // ---- presence
+            (
+                "presence_offline_grace",
+                Box::new(|c| c.presence_offline_grace = Duration::from_millis(999)),
+            ),
+            (
+                "max_watched_users_per_connection",
+                Box::new(|c| c.max_watched_users_per_connection = 0),
+            ),
+            (
+                "max_presence_query_users",
+                Box::new(|c| c.max_presence_query_users = 10_001),
+            ),
+            (
+                "max_presence_room_users",
+                Box::new(|c| c.max_presence_room_users = 0),
+            ),
         ];
         for (key, mutate) in cases {
             let e = invalid(mutate);
@@ -2746,6 +2763,11 @@ mod tests {
             Box::new(|c| *c = jwt_cfg(&["RS256", "RS512", "PS256", "PS384"])),
             Box::new(|c| *c = jwt_cfg(&["ES256", "ES384"])),
             Box::new(|c| *c = jwt_cfg(&["EdDSA"])),
+            // ---- presence
+            Box::new(|c| c.presence_offline_grace = Duration::from_secs(1)),
+            Box::new(|c| c.max_watched_users_per_connection = 100_000),
+            Box::new(|c| c.max_presence_query_users = 1),
+            Box::new(|c| c.max_presence_room_users = 1),
         ];
         for mutate in ok {
             let mut cfg = Config::default();
