@@ -91,6 +91,15 @@ pub struct Config {
     /// Most `messageIds` in one `mark.delivered` / `mark.read` (1 to `RECEIPT_MESSAGE_IDS_LIMIT`).
     pub max_receipt_message_ids: usize,
     // ---- presence
+    /// How long a user stays online after its last device left (a reconnect inside it sends
+    /// nothing to watchers).
+    pub presence_offline_grace: Duration,
+    /// Users one connection may watch with `presence.watch`.
+    pub max_watched_users_per_connection: usize,
+    /// `user_ids` in one `presence.query` / `presence.watch` / `presence.unwatch`.
+    pub max_presence_query_users: usize,
+    /// Users listed in one room `presence.state` (past it `truncated: true`).
+    pub max_presence_room_users: usize,
     // ---- calls
     /// Options per room name pattern (`rooms`, a structured key; first match wins).
     pub rooms: Vec<crate::room_options::RoomOptions>,
@@ -210,6 +219,10 @@ impl Default for Config {
             // ---- typing and receipts
             typing_ttl: Duration::from_secs(6),
             max_receipt_message_ids: 100,
+            presence_offline_grace: Duration::from_secs(5),
+            max_watched_users_per_connection: 1000,
+            max_presence_query_users: 100,
+            max_presence_room_users: 1000,
             rooms: Vec::new(),
             max_room_name_bytes: 256,
             send_queue_bytes_max: 1024 * 1024,
@@ -663,6 +676,14 @@ config_keys! {
     max_receipt_message_ids: Count = "100", "SWITCHBOARD_MAX_RECEIPT_MESSAGE_IDS", None,
         "Most messageIds in one mark.delivered or mark.read (more: error too many messageIds), 1 to 10000.";
     // ---- presence
+    presence_offline_grace: Dur = "5s", "SWITCHBOARD_PRESENCE_OFFLINE_GRACE", None,
+        "How long a user stays online after its last device left; a reconnect inside it sends watchers nothing. 1s to 24h.";
+    max_watched_users_per_connection: Count = "1000", "SWITCHBOARD_MAX_WATCHED_USERS_PER_CONNECTION", None,
+        "Users one connection may watch (presence.watch), 1 to 100000; past it `too many watched users`.";
+    max_presence_query_users: Count = "100", "SWITCHBOARD_MAX_PRESENCE_QUERY_USERS", None,
+        "user_ids in one presence.query, presence.watch or presence.unwatch, 1 to 10000; past it `too many user_ids`.";
+    max_presence_room_users: Count = "1000", "SWITCHBOARD_MAX_PRESENCE_ROOM_USERS", None,
+        "Users listed in one room presence.state, 1 to 100000; a bigger room's answer is cut there with truncated: true.";
     // ---- calls
     max_room_name_bytes: Bytes = "256", "SWITCHBOARD_MAX_ROOM_NAME_BYTES", None,
         "Longest room name in bytes, 1 to 4096.";
@@ -1630,6 +1651,34 @@ impl Config {
             RECEIPT_MESSAGE_IDS_LIMIT as u64,
             "",
         )?;
+        // ---- presence
+        between(
+            "max_watched_users_per_connection",
+            size(self.max_watched_users_per_connection),
+            1,
+            100_000,
+            "",
+        )?;
+        between(
+            "max_presence_query_users",
+            size(self.max_presence_query_users),
+            1,
+            10_000,
+            "",
+        )?;
+        between(
+            "max_presence_room_users",
+            size(self.max_presence_room_users),
+            1,
+            100_000,
+            "",
+        )?;
+        if self.presence_offline_grace < Duration::from_secs(1) {
+            fail(
+                "presence_offline_grace",
+                format!("must be at least 1s, got {:?}", self.presence_offline_grace),
+            )?;
+        }
 
         for (key, d) in [
             ("handshake_timeout", self.handshake_timeout),
@@ -1643,6 +1692,7 @@ impl Config {
             ("token_expiry_grace", self.token_expiry_grace),
             ("dedup_window", self.dedup_window),
             ("shutdown_timeout", self.shutdown_timeout),
+            ("presence_offline_grace", self.presence_offline_grace),
         ] {
             if d > DURATION_MAX {
                 fail(
@@ -2697,6 +2747,23 @@ mod tests {
                     c.jwt_public_key_file = None;
                 }),
             ),
+            // ---- presence
+            (
+                "presence_offline_grace",
+                Box::new(|c| c.presence_offline_grace = Duration::from_millis(999)),
+            ),
+            (
+                "max_watched_users_per_connection",
+                Box::new(|c| c.max_watched_users_per_connection = 0),
+            ),
+            (
+                "max_presence_query_users",
+                Box::new(|c| c.max_presence_query_users = 10_001),
+            ),
+            (
+                "max_presence_room_users",
+                Box::new(|c| c.max_presence_room_users = 0),
+            ),
         ];
         for (key, mutate) in cases {
             let e = invalid(mutate);
@@ -2736,6 +2803,11 @@ mod tests {
             Box::new(|c| *c = jwt_cfg(&["RS256", "RS512", "PS256", "PS384"])),
             Box::new(|c| *c = jwt_cfg(&["ES256", "ES384"])),
             Box::new(|c| *c = jwt_cfg(&["EdDSA"])),
+            // ---- presence
+            Box::new(|c| c.presence_offline_grace = Duration::from_secs(1)),
+            Box::new(|c| c.max_watched_users_per_connection = 100_000),
+            Box::new(|c| c.max_presence_query_users = 1),
+            Box::new(|c| c.max_presence_room_users = 1),
         ];
         for mutate in ok {
             let mut cfg = Config::default();

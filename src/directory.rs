@@ -10,13 +10,18 @@
 //! touches no map at all (the shard's own table answers), a shard's first/last member sets or
 //! clears its bit with one `fetch_or`/`fetch_and`, and the map itself changes only when the
 //! node's first shard arrives or its last one leaves. Removing an entry races with another
-//! shard arriving: the remover deletes only the entry it emptied and only while it is still
-//! empty; the arriver checks that the entry it set its bit on is still the map's, else retries.
+//! shard adding to it, and a check inside the map's `compute` cannot see atomics change
+//! under it, so removal is a tombstone handshake, all in one total order (SeqCst): the
+//! remover that finds the entry empty sets `dead`, looks again, and either finds it still
+//! empty and takes it out of the map or finds it used and clears `dead`; an adder adds first,
+//! then reads `dead`, and when it is set takes its addition back and retries (on the same
+//! entry until the remover has decided, then on a new one). An adder that read `dead` clear
+//! added before the remover's second look, which therefore sees it and keeps the entry.
 //! Transitions are facts at the moment of the atomic operation; consumers that act on them
 //! from another thread (the bridge) re-read [`Directory::room_shards`] before acting, because
 //! two shards' reports can reach them in either order.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use papaya::Operation;
@@ -28,6 +33,9 @@ pub struct Entry {
     pub shards: AtomicU64,
     /// Members (room) or devices (user) on this node; maintained by [`crate::admission`].
     pub count: AtomicU32,
+    /// Set by a remover that found the entry empty, before it takes it out of the map (see
+    /// [`Names::remove_if_empty`]): whoever then adds to the entry backs out and retries.
+    dead: AtomicBool,
 }
 
 /// A node-level transition reported by [`Directory::arrive`] / [`Directory::depart`].
@@ -90,22 +98,20 @@ impl Names {
     pub fn arrive(&self, name: &Arc<str>, shard: usize) -> Transition {
         loop {
             let e = self.entry(name);
-            let prev = e.shards.fetch_or(bit(shard), Ordering::AcqRel);
+            let prev = e.shards.fetch_or(bit(shard), Ordering::SeqCst);
             debug_assert!(prev & bit(shard) == 0, "shard arrived twice");
-            // Still the map's entry? A concurrent depart may have removed it as empty.
-            if self
-                .map
-                .pin()
-                .get(&**name)
-                .is_some_and(|cur| Arc::ptr_eq(cur, &e))
-            {
-                return if prev == 0 {
-                    Transition::FirstOnNode
-                } else {
-                    Transition::None
-                };
+            if e.dead.load(Ordering::SeqCst) {
+                // Being removed: take the bit back and retry (a new entry, or this one again
+                // if the remover found it in use).
+                e.shards.fetch_and(!bit(shard), Ordering::SeqCst);
+                std::hint::spin_loop();
+                continue;
             }
-            e.shards.fetch_and(!bit(shard), Ordering::AcqRel);
+            return if prev == 0 {
+                Transition::FirstOnNode
+            } else {
+                Transition::None
+            };
         }
     }
 
@@ -115,7 +121,7 @@ impl Names {
             debug_assert!(false, "depart without arrive");
             return Transition::None;
         };
-        let prev = e.shards.fetch_and(!bit(shard), Ordering::AcqRel);
+        let prev = e.shards.fetch_and(!bit(shard), Ordering::SeqCst);
         if prev & !bit(shard) != 0 {
             return Transition::None;
         }
@@ -123,40 +129,41 @@ impl Names {
         Transition::LastOnNode
     }
 
-    /// Remove `e` from the map if it is still the entry for `name`, holds no shard and counts
-    /// nobody (admission may have counted a member whose shard has not arrived yet).
+    /// Take `e` out of the map if it holds no shard and counts nobody (admission may have
+    /// counted a member whose shard has not arrived yet); see the module doc for the handshake.
     pub fn remove_if_empty(&self, name: &Arc<str>, e: &Arc<Entry>) {
+        let empty = |e: &Entry| {
+            e.shards.load(Ordering::SeqCst) == 0 && e.count.load(Ordering::SeqCst) == 0
+        };
+        if !empty(e) || e.dead.swap(true, Ordering::SeqCst) {
+            return; // in use, or another remover is deciding
+        }
+        if !empty(e) {
+            e.dead.store(false, Ordering::SeqCst);
+            return;
+        }
         self.map.pin().compute(name.clone(), |cur| match cur {
-            Some((_, cur))
-                if Arc::ptr_eq(cur, e)
-                    && cur.shards.load(Ordering::Acquire) == 0
-                    && cur.count.load(Ordering::Acquire) == 0 =>
-            {
-                Operation::Remove
-            }
+            Some((_, cur)) if Arc::ptr_eq(cur, e) => Operation::Remove,
             _ => Operation::Abort::<Arc<Entry>, ()>(()),
         });
     }
 
     /// Count one more holder of `name` unless `max` (0 = none) are counted already. Returns the
-    /// new count, or `None` when full. The count is taken on the map's current entry.
+    /// new count, or `None` when full.
     pub fn count_up(&self, name: &Arc<str>, max: u32) -> Option<u32> {
         loop {
             let e = self.entry(name);
-            let n = e.count.fetch_add(1, Ordering::AcqRel);
+            let n = e.count.fetch_add(1, Ordering::SeqCst);
+            if e.dead.load(Ordering::SeqCst) {
+                e.count.fetch_sub(1, Ordering::SeqCst);
+                std::hint::spin_loop();
+                continue;
+            }
             if max > 0 && n >= max {
                 self.count_down_entry(name, &e);
                 return None;
             }
-            if self
-                .map
-                .pin()
-                .get(&**name)
-                .is_some_and(|cur| Arc::ptr_eq(cur, &e))
-            {
-                return Some(n + 1);
-            }
-            e.count.fetch_sub(1, Ordering::AcqRel);
+            return Some(n + 1);
         }
     }
 
@@ -170,9 +177,9 @@ impl Names {
     }
 
     fn count_down_entry(&self, name: &Arc<str>, e: &Arc<Entry>) {
-        let prev = e.count.fetch_sub(1, Ordering::AcqRel);
+        let prev = e.count.fetch_sub(1, Ordering::SeqCst);
         debug_assert!(prev > 0);
-        if prev == 1 && e.shards.load(Ordering::Acquire) == 0 {
+        if prev == 1 && e.shards.load(Ordering::SeqCst) == 0 {
             self.remove_if_empty(name, e);
         }
     }
@@ -203,6 +210,47 @@ impl Names {
     }
 }
 
+/// User presence records: user -> the latest immutable record its owner shard published
+/// (`service::presence`). One writer per user (its owner shard, a fixed hash of the id), any
+/// number of readers (`presence.query` and the answer to `presence.watch` on every shard read
+/// it without a round trip). Changes are rare (a session starting or ending, a status set),
+/// so a record is replaced whole. Bounded by the owners: users with a device on the node plus
+/// at most `PRESENCE_OFFLINE_USERS_MAX` remembered offline users.
+pub struct PresenceRecords {
+    map: papaya::HashMap<Arc<str>, Arc<crate::shard::service::presence::Record>>,
+}
+
+impl Default for PresenceRecords {
+    fn default() -> Self {
+        PresenceRecords { map: new_map() }
+    }
+}
+
+impl PresenceRecords {
+    /// The user's record (None: never seen on this node, or forgotten).
+    pub fn get(&self, user: &str) -> Option<Arc<crate::shard::service::presence::Record>> {
+        self.map.pin().get(user).cloned()
+    }
+
+    /// Replace the user's record (its owner shard only).
+    pub fn set(&self, user: Arc<str>, rec: Arc<crate::shard::service::presence::Record>) {
+        self.map.pin().insert(user, rec);
+    }
+
+    /// Forget the user (its owner shard only).
+    pub fn remove(&self, user: &str) {
+        self.map.pin().remove(user);
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
+
 /// Rooms and users of this node.
 #[derive(Default)]
 pub struct Directory {
@@ -210,6 +258,8 @@ pub struct Directory {
     pub users: Names,
     /// Server-side subscriptions that are not rooms (e.g. presence watchers of a user).
     pub topics: Names,
+    /// User presence (status, text, last_seen) as each user's owner shard published it.
+    pub presence: PresenceRecords,
     /// Upgraded WebSocket connections on this node (for max_connections and /health).
     pub connections: AtomicU64,
 }
@@ -296,6 +346,38 @@ mod tests {
     }
 
     #[test]
+    fn concurrent_counts_and_arrivals_never_lose_one() {
+        // Two threads count up and down on one name, a third arrives and departs: every
+        // count_up is matched, no count is lost to a removal, and the map ends empty.
+        let d = Arc::new(Directory::new());
+        let name: Arc<str> = Arc::from("hot");
+        let threads: Vec<_> = (0..3)
+            .map(|t| {
+                let d = d.clone();
+                let name = name.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..5_000 {
+                        if t == 2 {
+                            d.users.arrive(&name, 5);
+                            assert!(d.users.shards("hot") & (1 << 5) != 0);
+                            d.users.depart(&name, 5);
+                        } else {
+                            assert!(d.users.count_up(&name, 0).is_some());
+                            assert!(d.users.count("hot") >= 1);
+                            d.users.count_down(&name);
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(d.users.count("hot"), 0);
+        assert_eq!(d.users_len(), 0);
+    }
+
+    #[test]
     fn concurrent_arrive_and_depart_never_lose_a_shard() {
         // Two threads flip their own bits on one name many times; at the end both are gone
         // and the map is empty, and at every arrive the bit is visible in the map.
@@ -306,7 +388,7 @@ mod tests {
                 let d = d.clone();
                 let name = name.clone();
                 std::thread::spawn(move || {
-                    for _ in 0..20_000 {
+                    for _ in 0..5_000 {
                         d.rooms.arrive(&name, shard);
                         assert!(d.room_shards("hot") & (1 << shard) != 0);
                         d.rooms.depart(&name, shard);

@@ -106,3 +106,15 @@ pub const HTTP_CORS_MAX_AGE_S: u64 = 600;
 /// place at a time; 16 covers a client that shows several drafts and bounds the per-connection
 /// list the service scans on every `typing.*` command. Past it: `too many typing targets`.
 pub const TYPING_TARGETS_PER_CONNECTION_MAX: usize = 16;
+// ---- presence
+/// Longest `text` of `presence.update`, in bytes (a status line, shown beside a name; every
+/// watcher's copy of every change carries it).
+pub const PRESENCE_TEXT_BYTES_MAX: usize = 256;
+/// Offline users whose presence a node remembers (`last_seen`), shared out between the owner
+/// shards; past it the oldest offline users are forgotten and read as never seen (`offline`,
+/// `last_seen: null`). About 200 B each: 20 MB at the bound.
+pub const PRESENCE_OFFLINE_USERS_MAX: usize = 100_000;
+/// Presence reports (a user's first/last device on a shard, a device in or out of a room that
+/// tracks presence) waiting on one shard for an owner whose inbox was full, retried every
+/// tick in order; past it a report is dropped and counted (`switchboard_presence_reports_dropped_total`).
+pub const PRESENCE_OWED_MAX: usize = 65_536;

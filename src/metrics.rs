@@ -244,6 +244,13 @@ stats! {
     typing_coalesced: Counter("switchboard_typing_coalesced_total", "typing.start renewals within typing_ttl that sent nothing (coalesced)"),
     typing_ttl_stops: Counter("switchboard_typing_ttl_stops_total", "typing.stop events the server sent because a typing.start was not renewed within typing_ttl"),
     receipts_sent: Counter("switchboard_receipts_total", "message.delivered / message.read receipts handed to the delivery seam"),
+    // ---- presence
+    presence_changes: Counter("switchboard_presence_changes_total", "User presence events sent to watchers (presence.online, presence.offline, presence.update), one per change"),
+    presence_room_events: Counter("switchboard_presence_room_events_total", "Room presence events sent to rooms (presence.join, presence.leave)"),
+    presence_queries: Counter("switchboard_presence_queries_total", "presence.query and presence.watch commands answered with presence.state"),
+    presence_reports_owed: Counter("switchboard_presence_reports_owed_total", "Presence reports queued for retry because the owner shard's inbox was full"),
+    presence_reports_dropped: Counter("switchboard_presence_reports_dropped_total", "Presence reports dropped because PRESENCE_OWED_MAX reports already waited"),
+    presence_forgotten: Counter("switchboard_presence_forgotten_total", "Offline users forgotten at PRESENCE_OFFLINE_USERS_MAX (they read as never seen)"),
     // ---- cross-shard
     cross_shard_sent: Counter("switchboard_cross_shard_sent_total", "Messages sent to other shards"),
     cross_shard_dropped: Counter("switchboard_cross_shard_dropped_total", "Messages dropped because a shard inbox was full"),

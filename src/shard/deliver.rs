@@ -191,7 +191,6 @@ impl Shard {
 
     /// Join `slot` to `topic` (a server-side subscription delivered with [`Target::Topic`]).
     /// False if it is already a member. The caller bounds how many topics a connection joins.
-    #[allow(dead_code)] // first user: presence watchers
     pub(crate) fn topic_join(&mut self, slot: u32, topic: &str) -> bool {
         let list = self.topics_of.entry(slot).or_default();
         if list.iter().any(|t| &**t == topic) {
@@ -206,7 +205,6 @@ impl Shard {
     }
 
     /// Take `slot` out of `topic`. False if it was not a member.
-    #[allow(dead_code)] // first user: presence watchers
     pub(crate) fn topic_leave(&mut self, slot: u32, topic: &str) -> bool {
         let Some(list) = self.topics_of.get_mut(&slot) else {
             return false;
@@ -225,7 +223,6 @@ impl Shard {
     }
 
     /// Topics `slot` is a member of.
-    #[allow(dead_code)] // first user: presence watchers
     pub(crate) fn topics_joined(&self, slot: u32) -> usize {
         self.topics_of.get(&slot).map_or(0, Vec::len)
     }

@@ -16,6 +16,7 @@ pub mod api;
 pub mod dm;
 pub mod history;
 pub mod policy;
+pub mod presence;
 pub mod receipts;
 pub mod rooms;
 pub mod session;
@@ -57,6 +58,10 @@ pub static COMMANDS: &[(&str, Handler)] = &[
     ("mark.delivered", receipts::delivered),
     ("mark.read", receipts::read),
     // ---- presence
+    ("presence.update", presence::update),
+    ("presence.watch", presence::watch),
+    ("presence.unwatch", presence::unwatch),
+    ("presence.query", presence::query),
     // ---- calls
 ];
 
@@ -76,6 +81,7 @@ pub enum ServiceMsg {
     Rooms(rooms::Msg),
     Api(api::Msg),
     // ---- presence
+    Presence(presence::Msg),
     // ---- calls
 }
 
@@ -86,6 +92,8 @@ pub mod id {
     /// Typing states' TTLs (key: [`super::typing::Table`]'s slab index and serial).
     pub const TYPING: u8 = 1;
     // ---- presence
+    /// Offline grace timers (key = the owner's per-user key) and the owed-report retry (key 0).
+    pub const PRESENCE: u8 = 2;
     // ---- calls
 }
 
@@ -94,6 +102,7 @@ pub fn on_msg(sh: &mut Shard, m: ServiceMsg) {
         ServiceMsg::Rooms(m) => rooms::on_msg(sh, m),
         ServiceMsg::Api(m) => api::on_msg(sh, m),
         // ---- presence
+        ServiceMsg::Presence(m) => presence::on_msg(sh, m),
         // ---- calls
     }
 }
@@ -104,6 +113,7 @@ pub fn on_timer(sh: &mut Shard, service: u8, key: u64) {
         // ---- typing and receipts
         id::TYPING => typing::on_timer(sh, key),
         // ---- presence
+        id::PRESENCE => presence::on_timer(sh, key),
         // ---- calls
         _ => {
             let _ = (sh, key);
@@ -115,7 +125,7 @@ pub fn on_timer(sh: &mut Shard, service: u8, key: u64) {
 /// A connection got its identity (user id set; the directory knows the device).
 pub fn on_attach(sh: &mut Shard, slot: u32) {
     // ---- presence
-    let _ = (sh, slot);
+    presence::on_attach(sh, slot);
 }
 
 /// A connection stops being a participant (closing or closed): end its service state.
@@ -124,6 +134,7 @@ pub fn on_detach(sh: &mut Shard, slot: u32) {
     // ---- typing and receipts
     typing::on_detach(sh, slot);
     // ---- presence
+    presence::on_detach(sh, slot);
     // ---- calls
 }
 
@@ -131,13 +142,13 @@ pub fn on_detach(sh: &mut Shard, slot: u32) {
 /// that track presence (`room_options::RoomOptions::tracks_presence`) are what presence acts on.
 pub fn on_room_joined(sh: &mut Shard, slot: u32, room: &std::sync::Arc<str>, opts: u16) {
     // ---- presence
-    let _ = (sh, slot, room, opts);
+    presence::on_room_joined(sh, slot, room, opts);
 }
 
 /// A connection with an identity left `room` (unsubscribe, a narrower claim, or detach).
 pub fn on_room_left(sh: &mut Shard, slot: u32, room: &std::sync::Arc<str>, opts: u16) {
     // ---- presence
-    let _ = (sh, slot, room, opts);
+    presence::on_room_left(sh, slot, room, opts);
 }
 
 /// The side tables of every service on one shard.
@@ -147,6 +158,7 @@ pub struct Services {
     // ---- typing and receipts
     pub typing: typing::Table,
     // ---- presence
+    pub presence: presence::State,
     // ---- calls
 }
 

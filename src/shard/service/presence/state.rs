@@ -1,0 +1,634 @@
+//! The sans-IO core of presence: what the owner shard of a user (or of a room) decides, given
+//! the node's device counts and the time, with no sockets, no frames and no clock of its own.
+//!
+//! Owns, for the users this shard owns (a fixed hash of the user id): whether the user is
+//! online as watchers see it, the status and text the user chose, `last_seen`, the pending
+//! offline grace (one keyed timer per user at most), and the oldest-first list of offline
+//! users it still remembers. For the rooms it owns that track presence: room -> user ->
+//! devices in the room, node-wide. It returns [`Out`]: a record to publish in the directory,
+//! an event for watchers, records to forget, a timer to schedule. The glue in the parent
+//! module turns those into frames and deliveries; it must not decide anything itself.
+//!
+//! Device counts are inputs (`devices`: the directory's node-wide count, read when the owner
+//! acts), because reports from two shards can arrive in either order: the owner never counts
+//! devices itself, it only re-checks.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+/// A user's status as the directory record holds it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Status {
+    /// No device connected (after the grace), or never seen.
+    Offline,
+    Online,
+    Away,
+    Busy,
+    /// Connected, but looks offline to everyone else.
+    Invisible,
+}
+
+impl Status {
+    /// A status a client may set with `presence.update` (`offline` is not one).
+    pub fn settable(s: &str) -> Option<Status> {
+        match s {
+            "online" => Some(Status::Online),
+            "away" => Some(Status::Away),
+            "busy" => Some(Status::Busy),
+            "invisible" => Some(Status::Invisible),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Offline => "offline",
+            Status::Online => "online",
+            Status::Away => "away",
+            Status::Busy => "busy",
+            Status::Invisible => "invisible",
+        }
+    }
+
+    /// Whether others see the user online.
+    pub fn visible(self) -> bool {
+        matches!(self, Status::Online | Status::Away | Status::Busy)
+    }
+}
+
+/// A user's presence as its owner last published it: immutable, replaced whole on change
+/// (changes are rare; readers on every shard take an `Arc` clone without a round trip).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    pub status: Status,
+    pub text: Option<Box<str>>,
+    /// Unix ms the user was last seen by others: when the last device left (offline) or when
+    /// the user went invisible. 0 = never (`null`).
+    pub last_seen_ms: u64,
+}
+
+/// What one reader sees of a user.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct View<'a> {
+    pub status: &'static str,
+    pub text: Option<&'a str>,
+    pub devices: u32,
+    /// 0 = `null` (online, or never seen).
+    pub last_seen_ms: u64,
+}
+
+/// The view of `rec` (None: never seen or forgotten) for a reader; `devices` is the node-wide
+/// count; `is_self`: the reader is the user (who sees its own true status, invisible included).
+pub fn view(rec: Option<&Record>, devices: u32, is_self: bool) -> View<'_> {
+    let Some(r) = rec else {
+        return View {
+            status: Status::Offline.as_str(),
+            text: None,
+            devices: if is_self { devices } else { 0 },
+            last_seen_ms: 0,
+        };
+    };
+    if r.status.visible() || (is_self && r.status == Status::Invisible) {
+        View {
+            status: r.status.as_str(),
+            text: r.text.as_deref(),
+            devices,
+            last_seen_ms: 0,
+        }
+    } else {
+        View {
+            status: Status::Offline.as_str(),
+            text: None,
+            devices: if is_self { devices } else { 0 },
+            last_seen_ms: r.last_seen_ms,
+        }
+    }
+}
+
+/// An event for a user's watchers (its data is the published record's public view).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Event {
+    Online,
+    Offline,
+    Update,
+}
+
+impl Event {
+    pub fn type_name(self) -> &'static str {
+        match self {
+            Event::Online => "presence.online",
+            Event::Offline => "presence.offline",
+            Event::Update => "presence.update",
+        }
+    }
+}
+
+/// What the glue must do after one owner step.
+#[derive(Debug, Default)]
+pub struct Out {
+    /// Replace the user's directory record with this one.
+    pub publish: Option<(Arc<str>, Arc<Record>)>,
+    /// Tell the user's watchers (with the published record).
+    pub event: Option<Event>,
+    /// Remove these users' records (forgotten, oldest offline first).
+    pub forget: Vec<Arc<str>>,
+    /// Schedule the grace timer `key` to fire at `due_ms` (Unix ms) or later.
+    pub timer: Option<(u64, u64)>,
+}
+
+/// One owned user.
+#[derive(Debug)]
+struct User {
+    /// Online as watchers were told (a device arrived; not yet offline after the grace).
+    connected: bool,
+    /// The chosen status while connected (Online, Away, Busy, Invisible).
+    status: Status,
+    text: Option<Box<str>>,
+    last_seen_ms: u64,
+    /// When the latest device left (Unix ms), for `last_seen`.
+    left_ms: u64,
+    /// The offline grace ends at this time (a device left; re-checked when due).
+    due_ms: Option<u64>,
+    /// The live wheel entry's key (at most one per user).
+    timer: Option<u64>,
+    /// Position in the offline list while offline.
+    offline_seq: Option<u64>,
+}
+
+impl User {
+    fn record(&self) -> Record {
+        Record {
+            status: if self.connected {
+                self.status
+            } else {
+                Status::Offline
+            },
+            text: if self.connected {
+                self.text.clone()
+            } else {
+                None
+            },
+            last_seen_ms: self.last_seen_ms,
+        }
+    }
+}
+
+/// The presence state one shard owns.
+#[derive(Debug, Default)]
+pub struct Owner {
+    users: HashMap<Arc<str>, User>,
+    /// Offline users still remembered, oldest first (seq -> user).
+    offline: BTreeMap<u64, Arc<str>>,
+    next_seq: u64,
+    /// Live grace timer keys -> user.
+    timers: HashMap<u64, Arc<str>>,
+    /// Grace timer keys start at 1 (0 is the glue's retry timer).
+    next_key: u64,
+    /// Rooms that track presence: room -> user -> devices in the room (node-wide).
+    rooms: HashMap<Arc<str>, HashMap<Arc<str>, u32>>,
+}
+
+/// Largest grace timer key (the wheel takes 56-bit service keys).
+const KEY_MAX: u64 = (1 << 56) - 1;
+
+impl Owner {
+    fn publish(out: &mut Out, user: &Arc<str>, u: &User) {
+        out.publish = Some((user.clone(), Arc::new(u.record())));
+    }
+
+    /// A shard reported a user's first local device. `devices`: the node-wide count now.
+    pub fn arrive(&mut self, user: &Arc<str>, devices: u32) -> Out {
+        let mut out = Out::default();
+        if devices == 0 {
+            // The device came and went; its departure follows (or the user is still offline).
+            return out;
+        }
+        let u = self.users.entry(user.clone()).or_insert_with(|| User {
+            connected: false,
+            status: Status::Offline,
+            text: None,
+            last_seen_ms: 0,
+            left_ms: 0,
+            due_ms: None,
+            timer: None,
+            offline_seq: None,
+        });
+        if u.connected {
+            // Back inside the grace (or another shard's first device): no event.
+            u.due_ms = None;
+            return out;
+        }
+        u.connected = true;
+        u.status = Status::Online;
+        u.text = None;
+        if let Some(seq) = u.offline_seq.take() {
+            self.offline.remove(&seq);
+        }
+        Self::publish(&mut out, user, u);
+        out.event = Some(Event::Online);
+        out
+    }
+
+    /// A shard reported a user's last local device gone at `at_ms`: offline after `grace_ms`
+    /// unless a device is back by then.
+    pub fn depart(&mut self, user: &Arc<str>, at_ms: u64, grace_ms: u64) -> Out {
+        let mut out = Out::default();
+        let Some(u) = self.users.get_mut(user) else {
+            return out;
+        };
+        if !u.connected {
+            return out;
+        }
+        u.left_ms = u.left_ms.max(at_ms);
+        let due = at_ms.saturating_add(grace_ms);
+        u.due_ms = Some(u.due_ms.map_or(due, |d| d.max(due)));
+        if u.timer.is_none() {
+            self.next_key = if self.next_key >= KEY_MAX {
+                1
+            } else {
+                self.next_key + 1
+            };
+            let key = self.next_key;
+            u.timer = Some(key);
+            self.timers.insert(key, user.clone());
+            out.timer = Some((key, due));
+        }
+        out
+    }
+
+    /// The grace timer `key` fired at `now_ms`. `devices` gives the node-wide count of a user;
+    /// `offline_max`: offline users this owner remembers at most.
+    pub fn fire(
+        &mut self,
+        key: u64,
+        now_ms: u64,
+        offline_max: usize,
+        devices: impl FnOnce(&str) -> u32,
+    ) -> Out {
+        let mut out = Out::default();
+        let Some(user) = self.timers.get(&key).cloned() else {
+            return out;
+        };
+        let Some(u) = self.users.get_mut(&user).filter(|u| u.timer == Some(key)) else {
+            self.timers.remove(&key);
+            return out;
+        };
+        match u.due_ms {
+            Some(due) if due > now_ms => {
+                out.timer = Some((key, due));
+                return out;
+            }
+            Some(_) => {}
+            None => {
+                u.timer = None;
+                self.timers.remove(&key);
+                return out;
+            }
+        }
+        u.timer = None;
+        u.due_ms = None;
+        self.timers.remove(&key);
+        if devices(&user) > 0 {
+            return out; // back within the grace
+        }
+        let was_visible = u.status.visible();
+        u.connected = false;
+        if was_visible {
+            u.last_seen_ms = u.left_ms;
+        } // an invisible user has looked offline since it went invisible: keep that time
+        u.status = Status::Offline;
+        u.text = None;
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        u.offline_seq = Some(seq);
+        self.offline.insert(seq, user.clone());
+        Self::publish(&mut out, &user, u);
+        if was_visible {
+            out.event = Some(Event::Offline);
+        }
+        while self.offline.len() > offline_max.max(1) {
+            let Some((_, old)) = self.offline.pop_first() else {
+                break;
+            };
+            self.users.remove(&old);
+            out.forget.push(old);
+        }
+        out
+    }
+
+    /// The user chose `status` (and `text`, None = none) at `now_ms`; `devices`: node-wide.
+    pub fn set_status(
+        &mut self,
+        user: &Arc<str>,
+        status: Status,
+        text: Option<Box<str>>,
+        devices: u32,
+        now_ms: u64,
+    ) -> Out {
+        debug_assert!(status != Status::Offline);
+        let mut out = Out::default();
+        let known_connected = self.users.get(user).is_some_and(|u| u.connected);
+        if !known_connected && devices == 0 {
+            // Every device left before this arrived: nothing to set (no departure would end it).
+            return out;
+        }
+        let u = self.users.entry(user.clone()).or_insert_with(|| User {
+            connected: false,
+            status: Status::Offline,
+            text: None,
+            last_seen_ms: 0,
+            left_ms: 0,
+            due_ms: None,
+            timer: None,
+            offline_seq: None,
+        });
+        let before = u.record();
+        let was_visible = u.connected && u.status.visible();
+        u.connected = true;
+        if let Some(seq) = u.offline_seq.take() {
+            self.offline.remove(&seq);
+        }
+        u.status = status;
+        u.text = text;
+        let now_visible = status.visible();
+        if was_visible && !now_visible {
+            u.last_seen_ms = now_ms;
+        }
+        let after = u.record();
+        if after != before {
+            Self::publish(&mut out, user, u);
+        }
+        out.event = match (was_visible, now_visible) {
+            (false, true) => Some(Event::Online),
+            (true, false) => Some(Event::Offline),
+            (true, true) if after != before => Some(Event::Update),
+            _ => None,
+        };
+        out
+    }
+
+    /// A device of `user` joined `room` (a room that tracks presence): true when it is the
+    /// user's first device in the room on the node.
+    pub fn room_join(&mut self, room: &Arc<str>, user: &Arc<str>) -> bool {
+        let users = self.rooms.entry(room.clone()).or_default();
+        let n = users.entry(user.clone()).or_insert(0);
+        *n += 1;
+        *n == 1
+    }
+
+    /// A device of `user` left `room`: true when it was the user's last device in the room.
+    pub fn room_leave(&mut self, room: &str, user: &str) -> bool {
+        let Some(users) = self.rooms.get_mut(room) else {
+            debug_assert!(false, "room leave without join");
+            return false;
+        };
+        let Some(n) = users.get_mut(user) else {
+            debug_assert!(false, "room leave without join");
+            return false;
+        };
+        *n -= 1;
+        if *n > 0 {
+            return false;
+        }
+        users.remove(user);
+        if users.is_empty() {
+            self.rooms.remove(room);
+        }
+        true
+    }
+
+    /// Up to `cap` of `room`'s users with their device counts (in no particular order), and
+    /// the room's total number of users.
+    pub fn room_users(&self, room: &str, cap: usize) -> (Vec<(&str, u32)>, usize) {
+        let Some(users) = self.rooms.get(room) else {
+            return (Vec::new(), 0);
+        };
+        let list = users.iter().take(cap).map(|(u, n)| (&**u, *n)).collect();
+        (list, users.len())
+    }
+
+    /// Owned users with state (online, in the grace, or remembered offline).
+    pub fn users_len(&self) -> usize {
+        self.users.len()
+    }
+
+    /// Live grace timers.
+    pub fn timers_len(&self) -> usize {
+        self.timers.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GRACE: u64 = 5_000;
+
+    fn u(s: &str) -> Arc<str> {
+        Arc::from(s)
+    }
+
+    fn status(out: &Out) -> Option<Status> {
+        out.publish.as_ref().map(|(_, r)| r.status)
+    }
+
+    #[test]
+    fn first_device_is_online_and_a_second_is_silent() {
+        let mut o = Owner::default();
+        let bob = u("bob");
+        let out = o.arrive(&bob, 1);
+        assert_eq!(out.event, Some(Event::Online));
+        assert_eq!(status(&out), Some(Status::Online));
+        let out = o.arrive(&bob, 2);
+        assert!(out.event.is_none() && out.publish.is_none());
+    }
+
+    #[test]
+    fn arrival_with_no_device_left_changes_nothing() {
+        let mut o = Owner::default();
+        let out = o.arrive(&u("bob"), 0);
+        assert!(out.event.is_none() && out.publish.is_none());
+        assert!(o.depart(&u("bob"), 10, GRACE).timer.is_none());
+        assert_eq!(o.users_len(), 0);
+    }
+
+    #[test]
+    fn offline_only_after_the_grace_and_with_no_device() {
+        let mut o = Owner::default();
+        let bob = u("bob");
+        o.arrive(&bob, 1);
+        let out = o.depart(&bob, 1_000, GRACE);
+        let (key, due) = out.timer.expect("a grace timer");
+        assert_eq!(due, 6_000);
+        // Fired early (a wheel lap or a stale entry): rescheduled, no event.
+        let out = o.fire(key, 2_000, 10, |_| 0);
+        assert_eq!(out.timer, Some((key, 6_000)));
+        assert!(out.event.is_none());
+        let out = o.fire(key, 6_000, 10, |_| 0);
+        assert_eq!(out.event, Some(Event::Offline));
+        let rec = out.publish.unwrap().1;
+        assert_eq!(rec.status, Status::Offline);
+        assert_eq!(
+            rec.last_seen_ms, 1_000,
+            "last_seen is when the last device left"
+        );
+        assert_eq!(o.timers_len(), 0);
+    }
+
+    #[test]
+    fn back_inside_the_grace_does_not_flap() {
+        let mut o = Owner::default();
+        let bob = u("bob");
+        o.arrive(&bob, 1);
+        let (key, _) = o.depart(&bob, 1_000, GRACE).timer.unwrap();
+        let out = o.arrive(&bob, 1);
+        assert!(out.event.is_none() && out.publish.is_none());
+        let out = o.fire(key, 6_000, 10, |_| 1);
+        assert!(out.event.is_none() && out.timer.is_none());
+        assert_eq!(o.timers_len(), 0);
+    }
+
+    #[test]
+    fn reports_in_either_order_are_rechecked_against_the_count() {
+        // Two shards: shard A's device leaves while shard B's arrives; B's arrival is
+        // processed first (count 1), then A's departure: the timer finds B's device.
+        let mut o = Owner::default();
+        let bob = u("bob");
+        assert_eq!(o.arrive(&bob, 1).event, Some(Event::Online));
+        assert!(o.arrive(&bob, 1).event.is_none());
+        let (key, _) = o.depart(&bob, 1_000, GRACE).timer.unwrap();
+        let out = o.fire(key, 6_000, 10, |_| 1);
+        assert!(out.event.is_none());
+        // A later departure extends one pending timer instead of adding one.
+        let (key, _) = o.depart(&bob, 7_000, GRACE).timer.unwrap();
+        assert!(o.depart(&bob, 8_000, GRACE).timer.is_none());
+        assert_eq!(o.timers_len(), 1);
+        let out = o.fire(key, 12_000, 10, |_| 0);
+        assert_eq!(out.timer, Some((key, 13_000)));
+        let out = o.fire(key, 13_000, 10, |_| 0);
+        assert_eq!(out.event, Some(Event::Offline));
+        assert_eq!(out.publish.unwrap().1.last_seen_ms, 8_000);
+    }
+
+    #[test]
+    fn stale_timer_keys_do_nothing() {
+        let mut o = Owner::default();
+        assert!(o.fire(99, 0, 10, |_| 0).event.is_none());
+    }
+
+    #[test]
+    fn updates_and_invisible() {
+        let mut o = Owner::default();
+        let bob = u("bob");
+        o.arrive(&bob, 1);
+        let out = o.set_status(&bob, Status::Away, Some("lunch".into()), 1, 100);
+        assert_eq!(out.event, Some(Event::Update));
+        let rec = out.publish.unwrap().1;
+        assert_eq!(
+            (rec.status, rec.text.as_deref()),
+            (Status::Away, Some("lunch"))
+        );
+        // The same again: no event, nothing published.
+        let out = o.set_status(&bob, Status::Away, Some("lunch".into()), 1, 200);
+        assert!(out.event.is_none() && out.publish.is_none());
+        // Invisible looks like going offline, with last_seen = then.
+        let out = o.set_status(&bob, Status::Invisible, None, 1, 300);
+        assert_eq!(out.event, Some(Event::Offline));
+        let rec = out.publish.unwrap().1;
+        assert_eq!(rec.status, Status::Invisible);
+        let v = view(Some(&rec), 1, false);
+        assert_eq!((v.status, v.devices, v.last_seen_ms), ("offline", 0, 300));
+        let v = view(Some(&rec), 1, true);
+        assert_eq!((v.status, v.devices), ("invisible", 1));
+        // Leaving while invisible: offline silently, last_seen stays the invisible time.
+        let (key, _) = o.depart(&bob, 1_000, GRACE).timer.unwrap();
+        let out = o.fire(key, 6_000, 10, |_| 0);
+        assert!(out.event.is_none());
+        assert_eq!(out.publish.unwrap().1.last_seen_ms, 300);
+        // A new session starts online (status and text do not outlive the session).
+        let out = o.arrive(&bob, 1);
+        assert_eq!(out.event, Some(Event::Online));
+        let rec = out.publish.unwrap().1;
+        assert_eq!((rec.status, rec.text.as_deref()), (Status::Online, None));
+    }
+
+    #[test]
+    fn back_from_invisible_is_online() {
+        let mut o = Owner::default();
+        let bob = u("bob");
+        o.arrive(&bob, 1);
+        o.set_status(&bob, Status::Invisible, None, 1, 10);
+        let out = o.set_status(&bob, Status::Busy, None, 1, 20);
+        assert_eq!(out.event, Some(Event::Online));
+        assert_eq!(status(&out), Some(Status::Busy));
+    }
+
+    #[test]
+    fn an_update_before_the_arrival_report_counts_as_arrival() {
+        let mut o = Owner::default();
+        let bob = u("bob");
+        let out = o.set_status(&bob, Status::Invisible, None, 1, 10);
+        assert!(
+            out.event.is_none(),
+            "never seen online, invisible: nothing to tell"
+        );
+        assert!(o.arrive(&bob, 1).event.is_none());
+        // With no device left, an update is ignored (no departure would ever end it).
+        let out = o.set_status(&u("carol"), Status::Online, None, 0, 10);
+        assert!(out.publish.is_none());
+        assert_eq!(o.users_len(), 1);
+    }
+
+    #[test]
+    fn forgets_the_oldest_offline_users_past_the_limit() {
+        let mut o = Owner::default();
+        let mut forgotten = Vec::new();
+        for (i, name) in ["a", "b", "c"].iter().enumerate() {
+            let user = u(name);
+            o.arrive(&user, 1);
+            let (key, due) = o.depart(&user, i as u64, GRACE).timer.unwrap();
+            forgotten.extend(o.fire(key, due, 2, |_| 0).forget);
+        }
+        assert_eq!(forgotten, vec![u("a")]);
+        assert_eq!(o.users_len(), 2);
+        // Coming back online takes a user off the offline list.
+        o.arrive(&u("b"), 1);
+        let user = u("d");
+        o.arrive(&user, 1);
+        let (key, due) = o.depart(&user, 10, GRACE).timer.unwrap();
+        assert!(o.fire(key, due, 2, |_| 0).forget.is_empty());
+    }
+
+    #[test]
+    fn never_seen_reads_offline() {
+        let v = view(None, 0, false);
+        assert_eq!(
+            v,
+            View {
+                status: "offline",
+                text: None,
+                devices: 0,
+                last_seen_ms: 0
+            }
+        );
+    }
+
+    #[test]
+    fn room_presence_counts_devices_per_user() {
+        let mut o = Owner::default();
+        let (r, a, b) = (u("r"), u("a"), u("b"));
+        assert!(o.room_join(&r, &a));
+        assert!(!o.room_join(&r, &a));
+        assert!(o.room_join(&r, &b));
+        let (mut list, count) = o.room_users("r", 10);
+        list.sort_unstable();
+        assert_eq!((list, count), (vec![("a", 2), ("b", 1)], 2));
+        let (list, count) = o.room_users("r", 1);
+        assert_eq!((list.len(), count), (1, 2), "capped, count stays the total");
+        assert!(!o.room_leave("r", "a"));
+        assert!(o.room_leave("r", "a"));
+        assert!(o.room_leave("r", "b"));
+        assert_eq!(o.room_users("r", 10), (Vec::new(), 0));
+        assert!(o.rooms.is_empty());
+    }
+}
