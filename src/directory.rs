@@ -210,6 +210,9 @@ pub struct Directory {
     pub users: Names,
     /// Server-side subscriptions that are not rooms (e.g. presence watchers of a user).
     pub topics: Names,
+    /// Calls (ringing or active) per user on this node, counted by the calls service's owner
+    /// shards against `max_calls_per_user` (`count` only; no shard bits).
+    pub calls: Names,
     /// Upgraded WebSocket connections on this node (for max_connections and /health).
     pub connections: AtomicU64,
 }

@@ -12,6 +12,7 @@
 //! Adding a relayed command type: write its handler in its service module (parse, check,
 //! encode once, `deliver`), add one row to [`COMMANDS`], document it in docs/PROTOCOL.md.
 
+pub mod calls;
 pub mod dm;
 pub mod policy;
 pub mod rooms;
@@ -50,6 +51,10 @@ pub static COMMANDS: &[(&str, Handler)] = &[
     // ---- typing and receipts
     // ---- presence
     // ---- calls
+    ("call.offer", calls::offer),
+    ("call.answer", calls::answer),
+    ("call.ice", calls::ice),
+    ("call.hangup", calls::hangup),
 ];
 
 static TABLE: LazyLock<HashMap<&'static str, Handler>> = LazyLock::new(|| {
@@ -68,6 +73,7 @@ pub enum ServiceMsg {
     Rooms(rooms::Msg),
     // ---- presence
     // ---- calls
+    Calls(Box<calls::Msg>),
 }
 
 /// Service ids in wheel keys ([`super::TimerKey::Service`]): one constant per service that
@@ -76,6 +82,8 @@ pub mod id {
     // ---- typing and receipts
     // ---- presence
     // ---- calls
+    /// Call ring timeouts (key: the call's slab index and generation on its owner shard).
+    pub const CALLS: u8 = 3;
 }
 
 pub fn on_msg(sh: &mut Shard, m: ServiceMsg) {
@@ -83,6 +91,7 @@ pub fn on_msg(sh: &mut Shard, m: ServiceMsg) {
         ServiceMsg::Rooms(m) => rooms::on_msg(sh, m),
         // ---- presence
         // ---- calls
+        ServiceMsg::Calls(m) => calls::on_msg(sh, m),
     }
 }
 
@@ -92,6 +101,7 @@ pub fn on_timer(sh: &mut Shard, service: u8, key: u64) {
         // ---- typing and receipts
         // ---- presence
         // ---- calls
+        id::CALLS => calls::on_timer(sh, key),
         _ => {
             let _ = (sh, key);
             debug_assert!(false, "timer for unknown service {service}");
@@ -111,6 +121,7 @@ pub fn on_detach(sh: &mut Shard, slot: u32) {
     // ---- typing and receipts
     // ---- presence
     // ---- calls
+    calls::on_detach(sh, slot);
 }
 
 /// A connection with an identity joined `room` (`opts`: the room's options index). Rooms
@@ -133,6 +144,7 @@ pub struct Services {
     // ---- typing and receipts
     // ---- presence
     // ---- calls
+    pub calls: calls::State,
 }
 
 #[cfg(test)]
