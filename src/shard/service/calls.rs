@@ -1275,8 +1275,8 @@ fn untrack_local(sh: &mut Shard, slot: u32, peer: &str, call_id: &str) {
     }
 }
 
-pub fn on_msg(sh: &mut Shard, m: Box<Msg>) {
-    match *m {
+pub fn on_msg(sh: &mut Shard, m: Msg) {
+    match m {
         Msg::Owner(input) => run(sh, input),
         Msg::Untrack {
             conn,

@@ -91,7 +91,7 @@ pub fn on_msg(sh: &mut Shard, m: ServiceMsg) {
         ServiceMsg::Rooms(m) => rooms::on_msg(sh, m),
         // ---- presence
         // ---- calls
-        ServiceMsg::Calls(m) => calls::on_msg(sh, m),
+        ServiceMsg::Calls(m) => calls::on_msg(sh, *m),
     }
 }
 
