@@ -246,6 +246,7 @@ stats! {
     // ---- calls
     calls_offered: Counter("switchboard_calls_offered_total", "Calls offered and ringing (call.offer accepted)"),
     calls_answered: Counter("switchboard_calls_answered_total", "Calls answered (call.answer accepted)"),
+    calls_unavailable: Counter("switchboard_calls_unavailable_total", "Offers ended with call.ended unavailable because the callee had no device connected"),
     calls_busy: Counter("switchboard_calls_busy_total", "Offers refused with call.ended busy because the callee was at max_calls_per_user"),
     calls_ended_hangup: Counter("switchboard_calls_ended_hangup_total", "Calls ended by call.hangup (cancel, reject or hang-up)"),
     calls_ended_timeout: Counter("switchboard_calls_ended_timeout_total", "Calls ended unanswered after ring_timeout"),

@@ -432,6 +432,12 @@ fn errors_carry_the_call_id() {
     let v = b.expect_type("call.ice");
     assert_eq!(v["data"]["candidate"], "candidate:1");
 
+    // A callee with no device connected: nothing to ring, the offer ends at once.
+    offer(&mut a, "nobody", "u-1");
+    expect_ended(&mut a, "u-1", "unavailable");
+    hangup(&mut a, "nobody", "u-1");
+    expect_call_error(&mut a, "unknown call", "u-1", None);
+
     // Without an identity nothing can be called.
     let mut anon = server.connect_on_shard("/ws", 1);
     anon.send_json(

@@ -16,9 +16,9 @@
 //!
 //! **Parties and disconnects.** The offering connection and, once answered, the answering
 //! connection are the call's two parties. Each party's own shard keeps, in [`State::conns`],
-//! the calls that connection is a party to (added before the command is forwarded, removed
-//! by the owner's [`Msg::Untrack`] when the call ends or the command is refused; at most
-//! `max_calls_per_user` per connection). `on_detach` forwards [`Input::Gone`] for each to
+//! the calls that connection is a party to (each offer or answer adds a use before it is
+//! forwarded; the owner's [`Msg::Untrack`] takes the use back when the call ends or the
+//! command is refused; at most `max_calls_per_user` entries per connection). `on_detach` forwards [`Input::Gone`] for each to
 //! its owner, which ends the call with `disconnected` for the other side. Nothing is kept for
 //! a connection that is in no call.
 //!
@@ -254,12 +254,6 @@ struct Call {
     deadline: u32,
 }
 
-impl Call {
-    fn is_party(&self, conn: ConnRef) -> bool {
-        self.caller_conn == conn || self.answered == Some(conn)
-    }
-}
-
 const GEN_MASK: u32 = (1 << 24) - 1;
 
 /// The calls one shard owns: calls by slab index, the calls of each user pair (for lookup by
@@ -344,10 +338,8 @@ impl Calls {
         }
     }
 
-    /// Refuse `req`: the error, and (unless the connection is a party of a live call with
-    /// that id, whose entry must stay) the untrack of the entry its shard added.
-    /// `tracked`: the command was an offer or answer, for which the requester's shard added
-    /// an entry.
+    /// Refuse `req`: the error, and for an offer or answer (`tracked`: the requester's shard
+    /// counted one more use of the entry for the call) the untrack that takes it back.
     fn refuse(
         &self,
         req: Req,
@@ -357,10 +349,7 @@ impl Calls {
         tracked: bool,
         out: &mut Vec<Action>,
     ) {
-        let party = self
-            .find(&req.user, &peer, &call_id)
-            .is_some_and(|i| self.slab[i].is_party(req.conn));
-        if tracked && !party {
+        if tracked {
             out.push(Action::Untrack {
                 conn: req.conn,
                 peer,
@@ -725,7 +714,15 @@ fn ended(dest: Dest, call_id: &str, reason: &'static str) -> Action {
 /// The calls a connection is a party to, on its own shard.
 struct ConnCalls {
     gen: u32,
-    calls: Vec<(Arc<str>, Box<str>)>,
+    calls: Vec<Tracked>,
+}
+
+/// One call a connection is a party to.
+struct Tracked {
+    peer: Arc<str>,
+    call_id: Box<str>,
+    /// Offers and answers for it not yet untracked by the owner (usually 1).
+    uses: u32,
 }
 
 /// Per-shard state of the calls service.
@@ -960,22 +957,26 @@ fn sdp_command(sh: &mut Shard, slot: u32, cmd: &Cmd<'_>, is_offer: bool) {
         );
         return;
     }
+    // Nobody to ring: on one node the directory knows at once (clustered, the callee may be
+    // on another node, so the offer rings until ring_timeout).
+    if is_offer && !sh.node.clustered && sh.node.dir.user_shards(&to) == 0 {
+        sh.out.stats.calls_unavailable += 1;
+        apply(sh, ended(Dest::Conn(req.conn), call_id, "unavailable"));
+        return;
+    }
     // This connection becomes a party (the caller, or the answering device): remember it
     // here, so a disconnect ends the call; the owner untracks it if it refuses.
-    let added = match track(sh, slot, &to, call_id) {
-        Some(added) => added,
-        None => {
-            send_error(
-                sh,
-                slot,
-                cmd.id,
-                ErrorReason::BadRequest,
-                "too many calls",
-                Some(call_id),
-            );
-            return;
-        }
-    };
+    if !track(sh, slot, &to, call_id) {
+        send_error(
+            sh,
+            slot,
+            cmd.id,
+            ErrorReason::BadRequest,
+            "too many calls",
+            Some(call_id),
+        );
+        return;
+    }
     let (call_id, sdp): (Box<str>, Box<str>) = (call_id.into(), sdp.into());
     let input = if is_offer {
         Input::Offer {
@@ -993,9 +994,7 @@ fn sdp_command(sh: &mut Shard, slot: u32, cmd: &Cmd<'_>, is_offer: bool) {
         }
     };
     if !forward(sh, input) {
-        if added {
-            untrack_local(sh, slot, &to, &call_id);
-        }
+        untrack_local(sh, slot, &to, &call_id);
         send_error(
             sh,
             slot,
@@ -1234,9 +1233,11 @@ fn apply(sh: &mut Shard, a: Action) {
     }
 }
 
-/// Remember that `slot` is a party to `(peer, call_id)`: `Some(true)` added, `Some(false)`
-/// already there, `None` the connection is at `max_calls_per_user`.
-fn track(sh: &mut Shard, slot: u32, peer: &Arc<str>, call_id: &str) -> Option<bool> {
+/// Remember that `slot` is a party to `(peer, call_id)`: one more use of its entry (every
+/// offer or answer adds one, every `Untrack` takes one back, so an untrack of an earlier call
+/// with the same id that arrives late leaves the new call's use in place). False: the
+/// connection already has `max_calls_per_user` entries.
+fn track(sh: &mut Shard, slot: u32, peer: &Arc<str>, call_id: &str) -> bool {
     let gen = sh.clients[slot as usize].gen;
     let max = sh.node.cfg.max_calls_per_user;
     let e = sh.svc.calls.conns.entry(slot).or_insert_with(|| ConnCalls {
@@ -1248,19 +1249,29 @@ fn track(sh: &mut Shard, slot: u32, peer: &Arc<str>, call_id: &str) -> Option<bo
         e.gen = gen;
         e.calls.clear();
     }
-    if e.calls.iter().any(|(p, c)| p == peer && &**c == call_id) {
-        return Some(false);
+    if let Some(t) = e
+        .calls
+        .iter_mut()
+        .find(|t| &t.peer == peer && &*t.call_id == call_id)
+    {
+        t.uses = t.uses.saturating_add(1);
+        return true;
     }
     if e.calls.len() >= max {
         if e.calls.is_empty() {
             sh.svc.calls.conns.remove(&slot);
         }
-        return None;
+        return false;
     }
-    e.calls.push((peer.clone(), call_id.into()));
-    Some(true)
+    e.calls.push(Tracked {
+        peer: peer.clone(),
+        call_id: call_id.into(),
+        uses: 1,
+    });
+    true
 }
 
+/// One use of `slot`'s entry for `(peer, call_id)` is over.
 fn untrack_local(sh: &mut Shard, slot: u32, peer: &str, call_id: &str) {
     let gen = sh.clients.get(slot as usize).map(|c| c.gen);
     let Some(e) = sh.svc.calls.conns.get_mut(&slot) else {
@@ -1269,7 +1280,16 @@ fn untrack_local(sh: &mut Shard, slot: u32, peer: &str, call_id: &str) {
     if Some(e.gen) != gen {
         return;
     }
-    e.calls.retain(|(p, c)| !(&**p == peer && &**c == call_id));
+    if let Some(i) = e
+        .calls
+        .iter()
+        .position(|t| &*t.peer == peer && &*t.call_id == call_id)
+    {
+        e.calls[i].uses -= 1;
+        if e.calls[i].uses == 0 {
+            e.calls.swap_remove(i);
+        }
+    }
     if e.calls.is_empty() {
         sh.svc.calls.conns.remove(&slot);
     }
@@ -1309,7 +1329,7 @@ pub fn on_detach(sh: &mut Shard, slot: u32) {
         return;
     };
     let conn = sh.conn_ref(slot);
-    for (peer, call_id) in e.calls {
+    for Tracked { peer, call_id, .. } in e.calls {
         // Lost (a full inbox): the call lingers until the other side hangs up or, while
         // ringing, the ring timeout (counted in cross_shard_dropped).
         forward(
@@ -1615,10 +1635,13 @@ mod tests {
                 err(B2, CallError::AlreadyAnswered, "c1")
             ]
         );
-        // A repeated answer from the answering device keeps its entry.
+        // A repeated answer from the answering device gives back the use it added.
         assert_eq!(
             t.answer("bob", B1, "alice", "c1"),
-            vec![err(B1, CallError::AlreadyAnswered, "c1")]
+            vec![
+                untrack(B1, "alice", "c1"),
+                err(B1, CallError::AlreadyAnswered, "c1")
+            ]
         );
         assert_eq!(
             t.hangup("bob", B1, "alice", "c1", None),
@@ -1673,7 +1696,10 @@ mod tests {
         // The caller cannot answer its own call; a stranger does not find it.
         assert_eq!(
             t.answer("alice", A, "bob", "c3"),
-            vec![err(A, CallError::UnknownCall, "c3")]
+            vec![
+                untrack(A, "bob", "c3"),
+                err(A, CallError::UnknownCall, "c3")
+            ]
         );
         let carol = conn(1, 30);
         assert_eq!(
@@ -1807,7 +1833,7 @@ mod tests {
         // A taken id between the same users; the same id between other users is fine.
         assert_eq!(
             t.offer("alice", A, "bob", "c1"),
-            vec![err(A, CallError::InUse, "c1")]
+            vec![untrack(A, "bob", "c1"), err(A, CallError::InUse, "c1")]
         );
         let a2 = conn(1, 12);
         assert_eq!(
