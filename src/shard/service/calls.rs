@@ -1126,7 +1126,9 @@ fn run(sh: &mut Shard, input: Input) {
     };
     let cx = Ctx {
         now: sh.now_tick,
-        ring_ticks: crate::shard::ticks(node.cfg.ring_timeout),
+        // One tick more: `now` is the current tick's start, so the call rings at least
+        // ring_timeout (and at most one tick longer).
+        ring_ticks: crate::shard::ticks(node.cfg.ring_timeout) + 1,
     };
     let mut out = std::mem::take(&mut sh.svc.calls.actions);
     sh.svc
@@ -1884,6 +1886,40 @@ mod tests {
             .filter(|i| owner("alice", &format!("user-{i}"), 2) == 0)
             .count();
         assert!((400..600).contains(&on_zero), "{on_zero}");
+    }
+
+    #[test]
+    fn config_bounds() {
+        use crate::config::Config;
+        use std::time::Duration;
+        let check = |f: &dyn Fn(&mut Config)| {
+            let mut c = Config::default();
+            f(&mut c);
+            c.validate().map_err(|e| e.key)
+        };
+        assert_eq!(check(&|_| {}), Ok(()));
+        assert_eq!(check(&|c| c.ring_timeout = Duration::from_secs(1)), Ok(()));
+        assert_eq!(
+            check(&|c| c.ring_timeout = Duration::from_secs(3600)),
+            Ok(())
+        );
+        assert_eq!(check(&|c| c.max_calls_per_user = 1), Ok(()));
+        assert_eq!(
+            check(&|c| c.max_calls_per_user = CALLS_PER_USER_LIMIT),
+            Ok(())
+        );
+        for bad in [Duration::from_millis(999), Duration::from_secs(3601)] {
+            assert_eq!(
+                check(&|c| c.ring_timeout = bad),
+                Err("ring_timeout".to_string())
+            );
+        }
+        for bad in [0, CALLS_PER_USER_LIMIT + 1] {
+            assert_eq!(
+                check(&|c| c.max_calls_per_user = bad),
+                Err("max_calls_per_user".to_string())
+            );
+        }
     }
 
     #[test]
