@@ -101,6 +101,10 @@ pub struct Config {
     /// Users listed in one room `presence.state` (past it `truncated: true`).
     pub max_presence_room_users: usize,
     // ---- calls
+    /// Time a call rings unanswered before both sides get `call.ended` `timeout` (1 s to 1 h).
+    pub ring_timeout: Duration,
+    /// Calls (ringing or active) one user may be a party to on this node, 1 to 1024.
+    pub max_calls_per_user: usize,
     /// Options per room name pattern (`rooms`, a structured key; first match wins).
     pub rooms: Vec<crate::room_options::RoomOptions>,
     /// Longest room name in bytes.
@@ -223,6 +227,8 @@ impl Default for Config {
             max_watched_users_per_connection: 1000,
             max_presence_query_users: 100,
             max_presence_room_users: 1000,
+            ring_timeout: Duration::from_secs(45),
+            max_calls_per_user: 4,
             rooms: Vec::new(),
             max_room_name_bytes: 256,
             send_queue_bytes_max: 1024 * 1024,
@@ -685,6 +691,10 @@ config_keys! {
     max_presence_room_users: Count = "1000", "SWITCHBOARD_MAX_PRESENCE_ROOM_USERS", None,
         "Users listed in one room presence.state, 1 to 100000; a bigger room's answer is cut there with truncated: true.";
     // ---- calls
+    ring_timeout: Dur = "45s", "SWITCHBOARD_RING_TIMEOUT", None,
+        "Time a call rings unanswered before both sides get call.ended with reason timeout, 1s to 1h.";
+    max_calls_per_user: Count = "4", "SWITCHBOARD_MAX_CALLS_PER_USER", None,
+        "Calls (ringing or active) one user may be a party to on this node, 1 to 1024; the caller over it gets too many calls, a callee over it makes the offer end with busy.";
     max_room_name_bytes: Bytes = "256", "SWITCHBOARD_MAX_ROOM_NAME_BYTES", None,
         "Longest room name in bytes, 1 to 4096.";
     send_queue_bytes_max: Bytes = "1MiB", "SWITCHBOARD_SEND_QUEUE_BYTES_MAX", None,
@@ -1677,6 +1687,22 @@ impl Config {
             fail(
                 "presence_offline_grace",
                 format!("must be at least 1s, got {:?}", self.presence_offline_grace),
+            )?;
+        }
+        // ---- calls
+        between(
+            "max_calls_per_user",
+            size(self.max_calls_per_user),
+            1,
+            crate::shard::service::calls::CALLS_PER_USER_LIMIT as u64,
+            "",
+        )?;
+        if self.ring_timeout < Duration::from_secs(1)
+            || self.ring_timeout > Duration::from_secs(3600)
+        {
+            fail(
+                "ring_timeout",
+                format!("must be between 1s and 1h, got {:?}", self.ring_timeout),
             )?;
         }
 

@@ -132,9 +132,8 @@ impl Names {
     /// Take `e` out of the map if it holds no shard and counts nobody (admission may have
     /// counted a member whose shard has not arrived yet); see the module doc for the handshake.
     pub fn remove_if_empty(&self, name: &Arc<str>, e: &Arc<Entry>) {
-        let empty = |e: &Entry| {
-            e.shards.load(Ordering::SeqCst) == 0 && e.count.load(Ordering::SeqCst) == 0
-        };
+        let empty =
+            |e: &Entry| e.shards.load(Ordering::SeqCst) == 0 && e.count.load(Ordering::SeqCst) == 0;
         if !empty(e) || e.dead.swap(true, Ordering::SeqCst) {
             return; // in use, or another remover is deciding
         }
@@ -260,6 +259,9 @@ pub struct Directory {
     pub topics: Names,
     /// User presence (status, text, last_seen) as each user's owner shard published it.
     pub presence: PresenceRecords,
+    /// Calls (ringing or active) per user on this node, counted by the calls service's owner
+    /// shards against `max_calls_per_user` (`count` only; no shard bits).
+    pub calls: Names,
     /// Upgraded WebSocket connections on this node (for max_connections and /health).
     pub connections: AtomicU64,
 }

@@ -258,6 +258,15 @@ stats! {
     bridge_dropped: Counter("switchboard_bridge_dropped_total", "Messages for other nodes or the bridge dropped because its inbox was full"),
     // ---- HTTP keep-alive
     http_keepalive_reuses: Counter("switchboard_http_keepalive_reuses_total", "HTTP requests served on a connection that had already served one"),
+    // ---- calls
+    calls_offered: Counter("switchboard_calls_offered_total", "Calls offered and ringing (call.offer accepted)"),
+    calls_answered: Counter("switchboard_calls_answered_total", "Calls answered (call.answer accepted)"),
+    calls_unavailable: Counter("switchboard_calls_unavailable_total", "Offers ended with call.ended unavailable because the callee had no device connected"),
+    calls_busy: Counter("switchboard_calls_busy_total", "Offers refused with call.ended busy because the callee was at max_calls_per_user"),
+    calls_ended_hangup: Counter("switchboard_calls_ended_hangup_total", "Calls ended by call.hangup (cancel, reject or hang-up)"),
+    calls_ended_timeout: Counter("switchboard_calls_ended_timeout_total", "Calls ended unanswered after ring_timeout"),
+    calls_ended_disconnected: Counter("switchboard_calls_ended_disconnected_total", "Calls ended because a party connection went away"),
+    calls_ended_glare: Counter("switchboard_calls_ended_glare_total", "Offers ended by glare (two users calling each other at once)"),
     // ---- gauges (current values, not counters)
     connections: ShardGauge("switchboard_connections", "Open TCP connections per shard (any phase)"),
     ws_connections: ShardGauge("switchboard_websocket_connections", "Upgraded WebSocket connections per shard"),

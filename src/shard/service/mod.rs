@@ -13,6 +13,7 @@
 //! encode once, `deliver`), add one row to [`COMMANDS`], document it in docs/PROTOCOL.md.
 
 pub mod api;
+pub mod calls;
 pub mod dm;
 pub mod history;
 pub mod policy;
@@ -63,6 +64,10 @@ pub static COMMANDS: &[(&str, Handler)] = &[
     ("presence.unwatch", presence::unwatch),
     ("presence.query", presence::query),
     // ---- calls
+    ("call.offer", calls::offer),
+    ("call.answer", calls::answer),
+    ("call.ice", calls::ice),
+    ("call.hangup", calls::hangup),
 ];
 
 static TABLE: LazyLock<HashMap<&'static str, Handler>> = LazyLock::new(|| {
@@ -83,6 +88,7 @@ pub enum ServiceMsg {
     // ---- presence
     Presence(presence::Msg),
     // ---- calls
+    Calls(Box<calls::Msg>),
 }
 
 /// Service ids in wheel keys ([`super::TimerKey::Service`]): one constant per service that
@@ -95,6 +101,8 @@ pub mod id {
     /// Offline grace timers (key = the owner's per-user key) and the owed-report retry (key 0).
     pub const PRESENCE: u8 = 2;
     // ---- calls
+    /// Call ring timeouts (key: the call's slab index and generation on its owner shard).
+    pub const CALLS: u8 = 3;
 }
 
 pub fn on_msg(sh: &mut Shard, m: ServiceMsg) {
@@ -104,6 +112,7 @@ pub fn on_msg(sh: &mut Shard, m: ServiceMsg) {
         // ---- presence
         ServiceMsg::Presence(m) => presence::on_msg(sh, m),
         // ---- calls
+        ServiceMsg::Calls(m) => calls::on_msg(sh, *m),
     }
 }
 
@@ -115,6 +124,7 @@ pub fn on_timer(sh: &mut Shard, service: u8, key: u64) {
         // ---- presence
         id::PRESENCE => presence::on_timer(sh, key),
         // ---- calls
+        id::CALLS => calls::on_timer(sh, key),
         _ => {
             let _ = (sh, key);
             debug_assert!(false, "timer for unknown service {service}");
@@ -136,6 +146,7 @@ pub fn on_detach(sh: &mut Shard, slot: u32) {
     // ---- presence
     presence::on_detach(sh, slot);
     // ---- calls
+    calls::on_detach(sh, slot);
 }
 
 /// A connection with an identity joined `room` (`opts`: the room's options index). Rooms
@@ -160,6 +171,7 @@ pub struct Services {
     // ---- presence
     pub presence: presence::State,
     // ---- calls
+    pub calls: calls::State,
 }
 
 #[cfg(test)]

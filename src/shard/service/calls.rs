@@ -1,0 +1,1939 @@
+//! Calls: the WebRTC signalling relay (`call.offer`, `call.answer`, `call.ice`, `call.hangup`;
+//! PROTOCOL.md section 5, docs/protocol/calls.md). The server relays SDP and ICE candidates
+//! and keeps each call's state (ringing, active); it never looks inside them and never
+//! persists them.
+//!
+//! **Where a call lives.** Both users' commands for one call must meet in one place, so a
+//! call's state is kept on an owner shard chosen by the pair of users ([`owner`]: a fixed
+//! hash of the two ids, sorted, like `rooms::owner`). A command on any other shard is checked
+//! there (identity, fields, limits, `policy::may_address`) and handed to the owner as
+//! `ServiceMsg::Calls(Box<Msg>)` (boxed: the inbox is an array of `ShardMsg` slots, and a
+//! call message is larger than the rest). The owner runs the sans-IO [`Calls`] machine, which
+//! returns [`Action`]s, and the glue turns them into frames delivered through the seam
+//! ([`Target::User`] for every device of a callee, [`Target::Conn`] for one connection on any
+//! shard, errors to the requester included). Glare (both users calling each other at once) is
+//! decided on the owner, where both offers arrive.
+//!
+//! **Parties and disconnects.** The offering connection and, once answered, the answering
+//! connection are the call's two parties. Each party's own shard keeps, in [`State::conns`],
+//! the calls that connection is a party to (each offer or answer adds a use before it is
+//! forwarded; the owner's [`Msg::Untrack`] takes the use back when the call ends or the
+//! command is refused; at most `max_calls_per_user` entries per connection). `on_detach` forwards [`Input::Gone`] for each to
+//! its owner, which ends the call with `disconnected` for the other side. Nothing is kept for
+//! a connection that is in no call.
+//!
+//! **Limits.** Calls per user node-wide (`max_calls_per_user`, counted in
+//! `Directory::calls`, so a user's calls on different owner shards add up), calls per shard
+//! ([`CALLS_PER_SHARD_MAX`]), `call_id` ([`CALL_ID_BYTES_MAX`]), SDP ([`CALL_SDP_BYTES_MAX`]),
+//! candidate ([`CALL_CANDIDATE_BYTES_MAX`]) and hangup reason ([`CALL_REASON_BYTES_MAX`]).
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+use std::sync::Arc;
+
+use serde::Deserialize;
+use slab::Slab;
+use sonic_rs::LazyValue;
+
+use super::Cmd;
+use crate::directory::Names;
+use crate::limits::ID_BYTES_MAX;
+use crate::metrics::ErrorReason;
+use crate::proto::envelope::{non_empty, parse_as};
+use crate::proto::Frame;
+use crate::route::{ConnRef, Target};
+use crate::shard::Shard;
+
+/// Longest `call_id`, in bytes (a UUID is 36; room for a client's own scheme).
+pub const CALL_ID_BYTES_MAX: usize = 128;
+/// Largest `sdp` value (offer or answer), in bytes of JSON. Browser SDPs are 2-10 KB; a
+/// simulcast offer with many codecs stays under 20 KB.
+pub const CALL_SDP_BYTES_MAX: usize = 32 * 1024;
+/// Largest `candidate` value, in bytes of JSON (an `RTCIceCandidateInit` is ~200 B).
+pub const CALL_CANDIDATE_BYTES_MAX: usize = 2048;
+/// Longest hangup `reason`, in bytes.
+pub const CALL_REASON_BYTES_MAX: usize = 64;
+/// Calls (ringing or active) one shard owns. A call costs ~200 B plus its ids, so the bound
+/// holds the calls of one shard under ~20 MiB; past it offers get `server busy, retry later`.
+pub const CALLS_PER_SHARD_MAX: usize = 65_536;
+
+/// Largest `max_calls_per_user` (each party connection keeps a list of this many at most,
+/// scanned linearly).
+pub const CALLS_PER_USER_LIMIT: usize = 1024;
+
+/// The owner shard of the calls between `a` and `b`: a fixed hash of the two ids sorted (the
+/// same on every shard and run, whichever of them asks).
+pub fn owner(a: &str, b: &str, shards: usize) -> usize {
+    let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
+    let h = BuildHasherDefault::<DefaultHasher>::default().hash_one((lo, hi));
+    (h % shards.max(1) as u64) as usize
+}
+
+// ------------------------------------------------------------------ the sans-IO machine
+
+/// Who sent a command: the connection (where errors go), its user, the command's `id`.
+#[derive(Clone, Debug)]
+pub struct Req {
+    pub conn: ConnRef,
+    pub user: Arc<str>,
+    pub id: Option<Box<str>>,
+}
+
+/// What the owner's machine is told.
+#[derive(Debug)]
+pub enum Input {
+    Offer {
+        req: Req,
+        to: Arc<str>,
+        call_id: Box<str>,
+        sdp: Box<str>,
+    },
+    Answer {
+        req: Req,
+        to: Arc<str>,
+        call_id: Box<str>,
+        sdp: Box<str>,
+    },
+    Ice {
+        req: Req,
+        to: Arc<str>,
+        call_id: Box<str>,
+        candidate: Box<str>,
+    },
+    Hangup {
+        req: Req,
+        to: Arc<str>,
+        call_id: Box<str>,
+        reason: Option<Box<str>>,
+    },
+    /// A party connection of `user` went away (its shard's `on_detach`).
+    Gone {
+        conn: ConnRef,
+        user: Arc<str>,
+        peer: Arc<str>,
+        call_id: Box<str>,
+    },
+    /// A ring deadline entry fired (the key of an [`Action::Schedule`]).
+    Timer { key: u64 },
+}
+
+/// Calls messages between shards (boxed in `ServiceMsg::Calls`).
+pub enum Msg {
+    /// For the owner shard of the call's pair.
+    Owner(Input),
+    /// For the shard of `conn`: it is no longer a party to `(peer, call_id)`.
+    Untrack {
+        conn: ConnRef,
+        peer: Arc<str>,
+        call_id: Box<str>,
+    },
+}
+
+/// Where an event goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Dest {
+    /// One connection on any shard.
+    Conn(ConnRef),
+    /// Every device of `user` (except one).
+    User {
+        user: Arc<str>,
+        except: Option<ConnRef>,
+    },
+}
+
+/// An event frame's content (`call_id` travels beside it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    Incoming { from: Arc<str>, sdp: Box<str> },
+    Answer { from: Arc<str>, sdp: Box<str> },
+    Ice { from: Arc<str>, candidate: Box<str> },
+    Ended { reason: Cow<'static, str> },
+}
+
+/// An error the owner sends back to the requester (with `data.call_id`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CallError {
+    /// No such call between these two users, it ended, or the requester is not one of its
+    /// connections: the client should drop its state for the call.
+    UnknownCall,
+    /// An offer whose `call_id` is taken by a live call between the same users: pick a new id.
+    InUse,
+    /// An answer for a call another device (or this one) already answered.
+    AlreadyAnswered,
+    /// ICE from a callee device before it answered: send `call.answer` first.
+    NotAnswered,
+    /// The caller is at `max_calls_per_user`: hang up a call first.
+    TooManyCalls,
+    /// The owner shard is at `CALLS_PER_SHARD_MAX`: retry later.
+    ServerBusy,
+}
+
+impl CallError {
+    pub fn text(self) -> &'static str {
+        match self {
+            CallError::UnknownCall => "unknown call",
+            CallError::InUse => "call_id already in use",
+            CallError::AlreadyAnswered => "call already answered",
+            CallError::NotAnswered => "call not answered",
+            CallError::TooManyCalls => "too many calls",
+            CallError::ServerBusy => "server busy, retry later",
+        }
+    }
+
+    pub fn reason(self) -> ErrorReason {
+        match self {
+            CallError::ServerBusy => ErrorReason::Busy,
+            _ => ErrorReason::BadRequest,
+        }
+    }
+}
+
+/// What the glue does for the machine.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Deliver an event frame for `call_id`.
+    Event {
+        dest: Dest,
+        call_id: Box<str>,
+        event: Event,
+    },
+    /// Send the requester an error.
+    Error {
+        conn: ConnRef,
+        id: Option<Box<str>>,
+        err: CallError,
+        call_id: Box<str>,
+    },
+    /// Feed `Input::Timer { key }` back at `tick` or later.
+    Schedule { tick: u32, key: u64 },
+    /// `conn` is no longer a party to `(peer, call_id)` (its shard drops the entry).
+    Untrack {
+        conn: ConnRef,
+        peer: Arc<str>,
+        call_id: Box<str>,
+    },
+}
+
+/// Node-wide calls per user: one more (unless at the limit) or one fewer.
+pub trait Counts {
+    fn up(&mut self, user: &Arc<str>) -> bool;
+    fn down(&mut self, user: &Arc<str>);
+}
+
+/// Counters the glue moves into the shard's stats after each input.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub offered: u64,
+    pub answered: u64,
+    pub busy: u64,
+    pub ended_hangup: u64,
+    pub ended_timeout: u64,
+    pub ended_disconnected: u64,
+    pub ended_glare: u64,
+}
+
+/// The clock and settings an input is handled with.
+#[derive(Clone, Copy, Debug)]
+pub struct Ctx {
+    pub now: u32,
+    /// `ring_timeout` in wheel ticks.
+    pub ring_ticks: u32,
+}
+
+struct Call {
+    /// Generation in the timer key (24 bits): a reused slab index never takes an old timer.
+    gen: u32,
+    id: Box<str>,
+    caller: Arc<str>,
+    callee: Arc<str>,
+    caller_conn: ConnRef,
+    /// The answering connection; `None` while ringing.
+    answered: Option<ConnRef>,
+    /// Ring deadline tick (meaningful while ringing).
+    deadline: u32,
+}
+
+const GEN_MASK: u32 = (1 << 24) - 1;
+
+/// The calls one shard owns: calls by slab index, the calls of each user pair (for lookup by
+/// `call_id` and glare), and the counters. No I/O, no clock: inputs in, actions out.
+#[derive(Default)]
+pub struct Calls {
+    slab: Slab<Call>,
+    pairs: HashMap<(Arc<str>, Arc<str>), Vec<u32>>,
+    next_gen: u32,
+    pub stats: Stats,
+}
+
+fn pair(a: &Arc<str>, b: &Arc<str>) -> (Arc<str>, Arc<str>) {
+    if a <= b {
+        (a.clone(), b.clone())
+    } else {
+        (b.clone(), a.clone())
+    }
+}
+
+impl Calls {
+    /// Calls owned now.
+    pub fn len(&self) -> usize {
+        self.slab.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slab.is_empty()
+    }
+
+    fn find(&self, a: &Arc<str>, b: &Arc<str>, call_id: &str) -> Option<usize> {
+        let list = self.pairs.get(&pair(a, b))?;
+        list.iter()
+            .map(|&i| i as usize)
+            .find(|&i| &*self.slab[i].id == call_id)
+    }
+
+    fn key(&self, i: usize) -> u64 {
+        (u64::from(self.slab[i].gen) << 32) | i as u64
+    }
+
+    /// Handle one input, appending what to do to `out`.
+    pub fn handle(
+        &mut self,
+        input: Input,
+        cx: Ctx,
+        counts: &mut impl Counts,
+        out: &mut Vec<Action>,
+    ) {
+        match input {
+            Input::Offer {
+                req,
+                to,
+                call_id,
+                sdp,
+            } => self.offer(req, to, call_id, sdp, cx, counts, out),
+            Input::Answer {
+                req,
+                to,
+                call_id,
+                sdp,
+            } => self.answer(req, to, call_id, sdp, out),
+            Input::Ice {
+                req,
+                to,
+                call_id,
+                candidate,
+            } => self.ice(req, to, call_id, candidate, out),
+            Input::Hangup {
+                req,
+                to,
+                call_id,
+                reason,
+            } => self.hangup(req, to, call_id, reason, counts, out),
+            Input::Gone {
+                conn,
+                user,
+                peer,
+                call_id,
+            } => self.gone(conn, user, peer, call_id, counts, out),
+            Input::Timer { key } => self.timer(key, cx, counts, out),
+        }
+    }
+
+    /// Refuse `req`: the error, and for an offer or answer (`tracked`: the requester's shard
+    /// counted one more use of the entry for the call) the untrack that takes it back.
+    fn refuse(
+        &self,
+        req: Req,
+        peer: Arc<str>,
+        call_id: Box<str>,
+        err: CallError,
+        tracked: bool,
+        out: &mut Vec<Action>,
+    ) {
+        if tracked {
+            out.push(Action::Untrack {
+                conn: req.conn,
+                peer,
+                call_id: call_id.clone(),
+            });
+        }
+        out.push(Action::Error {
+            conn: req.conn,
+            id: req.id,
+            err,
+            call_id,
+        });
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn offer(
+        &mut self,
+        req: Req,
+        to: Arc<str>,
+        call_id: Box<str>,
+        sdp: Box<str>,
+        cx: Ctx,
+        counts: &mut impl Counts,
+        out: &mut Vec<Action>,
+    ) {
+        if self.find(&req.user, &to, &call_id).is_some() {
+            return self.refuse(req, to, call_id, CallError::InUse, true, out);
+        }
+        // Glare: the other user's offer to this one is still ringing. The offer of the user
+        // whose id sorts first survives.
+        let glare = self.pairs.get(&pair(&req.user, &to)).and_then(|list| {
+            list.iter().map(|&i| i as usize).find(|&i| {
+                let c = &self.slab[i];
+                c.answered.is_none() && c.caller == to && c.callee == req.user
+            })
+        });
+        if let Some(j) = glare {
+            self.stats.ended_glare += 1;
+            if req.user < to {
+                // The ringing call loses: its caller and every device that rang hear why.
+                let c = &self.slab[j];
+                let id = c.id.clone();
+                out.push(ended(Dest::Conn(c.caller_conn), &id, "glare"));
+                out.push(ended(
+                    Dest::User {
+                        user: c.callee.clone(),
+                        except: None,
+                    },
+                    &id,
+                    "glare",
+                ));
+                self.remove(j, counts, out);
+            } else {
+                // This offer loses; nobody else saw it.
+                out.push(ended(Dest::Conn(req.conn), &call_id, "glare"));
+                out.push(Action::Untrack {
+                    conn: req.conn,
+                    peer: to,
+                    call_id,
+                });
+                return;
+            }
+        }
+        if self.slab.len() >= CALLS_PER_SHARD_MAX {
+            return self.refuse(req, to, call_id, CallError::ServerBusy, true, out);
+        }
+        if !counts.up(&req.user) {
+            return self.refuse(req, to, call_id, CallError::TooManyCalls, true, out);
+        }
+        if !counts.up(&to) {
+            counts.down(&req.user);
+            self.stats.busy += 1;
+            out.push(ended(Dest::Conn(req.conn), &call_id, "busy"));
+            out.push(Action::Untrack {
+                conn: req.conn,
+                peer: to,
+                call_id,
+            });
+            return;
+        }
+        let gen = self.next_gen & GEN_MASK;
+        self.next_gen = self.next_gen.wrapping_add(1);
+        let deadline = cx.now.wrapping_add(cx.ring_ticks.max(1));
+        let i = self.slab.insert(Call {
+            gen,
+            id: call_id.clone(),
+            caller: req.user.clone(),
+            callee: to.clone(),
+            caller_conn: req.conn,
+            answered: None,
+            deadline,
+        });
+        self.pairs
+            .entry(pair(&req.user, &to))
+            .or_default()
+            .push(i as u32);
+        self.stats.offered += 1;
+        out.push(Action::Schedule {
+            tick: deadline,
+            key: self.key(i),
+        });
+        out.push(Action::Event {
+            dest: Dest::User {
+                user: to,
+                except: None,
+            },
+            call_id,
+            event: Event::Incoming {
+                from: req.user,
+                sdp,
+            },
+        });
+    }
+
+    fn answer(
+        &mut self,
+        req: Req,
+        to: Arc<str>,
+        call_id: Box<str>,
+        sdp: Box<str>,
+        out: &mut Vec<Action>,
+    ) {
+        let Some(i) = self.find(&req.user, &to, &call_id) else {
+            return self.refuse(req, to, call_id, CallError::UnknownCall, true, out);
+        };
+        let c = &self.slab[i];
+        if c.callee != req.user {
+            return self.refuse(req, to, call_id, CallError::UnknownCall, true, out);
+        }
+        if c.answered.is_some() {
+            return self.refuse(req, to, call_id, CallError::AlreadyAnswered, true, out);
+        }
+        let caller_conn = c.caller_conn;
+        self.slab[i].answered = Some(req.conn);
+        self.stats.answered += 1;
+        out.push(Action::Event {
+            dest: Dest::Conn(caller_conn),
+            call_id: call_id.clone(),
+            event: Event::Answer {
+                from: req.user.clone(),
+                sdp,
+            },
+        });
+        out.push(ended(
+            Dest::User {
+                user: req.user,
+                except: Some(req.conn),
+            },
+            &call_id,
+            "answered_elsewhere",
+        ));
+    }
+
+    fn ice(
+        &mut self,
+        req: Req,
+        to: Arc<str>,
+        call_id: Box<str>,
+        candidate: Box<str>,
+        out: &mut Vec<Action>,
+    ) {
+        let Some(i) = self.find(&req.user, &to, &call_id) else {
+            return self.refuse(req, to, call_id, CallError::UnknownCall, false, out);
+        };
+        let c = &self.slab[i];
+        let dest = if req.conn == c.caller_conn {
+            match c.answered {
+                // Before the answer: every device that rings (the caller cannot know which one
+                // will answer).
+                None => Dest::User {
+                    user: c.callee.clone(),
+                    except: None,
+                },
+                Some(a) => Dest::Conn(a),
+            }
+        } else if c.answered == Some(req.conn) {
+            Dest::Conn(c.caller_conn)
+        } else if c.answered.is_none() && c.callee == req.user {
+            return self.refuse(req, to, call_id, CallError::NotAnswered, false, out);
+        } else {
+            return self.refuse(req, to, call_id, CallError::UnknownCall, false, out);
+        };
+        out.push(Action::Event {
+            dest,
+            call_id,
+            event: Event::Ice {
+                from: req.user,
+                candidate,
+            },
+        });
+    }
+
+    fn hangup(
+        &mut self,
+        req: Req,
+        to: Arc<str>,
+        call_id: Box<str>,
+        reason: Option<Box<str>>,
+        counts: &mut impl Counts,
+        out: &mut Vec<Action>,
+    ) {
+        let Some(i) = self.find(&req.user, &to, &call_id) else {
+            return self.refuse(req, to, call_id, CallError::UnknownCall, false, out);
+        };
+        let given = |default: &'static str| -> Cow<'static, str> {
+            match &reason {
+                Some(r) => Cow::Owned(r.to_string()),
+                None => Cow::Borrowed(default),
+            }
+        };
+        let c = &self.slab[i];
+        if req.conn == c.caller_conn {
+            // The caller hangs up (a cancel while ringing).
+            let dest = match c.answered {
+                None => Dest::User {
+                    user: c.callee.clone(),
+                    except: None,
+                },
+                Some(a) => Dest::Conn(a),
+            };
+            out.push(Action::Event {
+                dest,
+                call_id: call_id.clone(),
+                event: Event::Ended {
+                    reason: given("hangup"),
+                },
+            });
+        } else if c.answered == Some(req.conn) {
+            out.push(Action::Event {
+                dest: Dest::Conn(c.caller_conn),
+                call_id: call_id.clone(),
+                event: Event::Ended {
+                    reason: given("hangup"),
+                },
+            });
+        } else if c.answered.is_none() && c.callee == req.user {
+            // A ringing device declines: the caller hears `rejected`, the callee's other
+            // devices stop ringing.
+            out.push(Action::Event {
+                dest: Dest::Conn(c.caller_conn),
+                call_id: call_id.clone(),
+                event: Event::Ended {
+                    reason: given("rejected"),
+                },
+            });
+            out.push(ended(
+                Dest::User {
+                    user: req.user.clone(),
+                    except: Some(req.conn),
+                },
+                &call_id,
+                "rejected_elsewhere",
+            ));
+        } else {
+            return self.refuse(req, to, call_id, CallError::UnknownCall, false, out);
+        }
+        self.stats.ended_hangup += 1;
+        self.remove(i, counts, out);
+    }
+
+    fn gone(
+        &mut self,
+        conn: ConnRef,
+        user: Arc<str>,
+        peer: Arc<str>,
+        call_id: Box<str>,
+        counts: &mut impl Counts,
+        out: &mut Vec<Action>,
+    ) {
+        let Some(i) = self.find(&user, &peer, &call_id) else {
+            return; // ended already
+        };
+        let c = &self.slab[i];
+        let dest = if conn == c.caller_conn {
+            match c.answered {
+                None => Dest::User {
+                    user: c.callee.clone(),
+                    except: None,
+                },
+                Some(a) => Dest::Conn(a),
+            }
+        } else if c.answered == Some(conn) {
+            Dest::Conn(c.caller_conn)
+        } else {
+            return; // not a party (a stale entry)
+        };
+        out.push(ended(dest, &call_id, "disconnected"));
+        self.stats.ended_disconnected += 1;
+        self.remove(i, counts, out);
+    }
+
+    fn timer(&mut self, key: u64, cx: Ctx, counts: &mut impl Counts, out: &mut Vec<Action>) {
+        let i = (key & 0xFFFF_FFFF) as usize;
+        let gen = (key >> 32) as u32;
+        let Some(c) = self
+            .slab
+            .get(i)
+            .filter(|c| c.gen == gen && c.answered.is_none())
+        else {
+            return; // answered or ended: a stale entry
+        };
+        // Wrapping tick compare: the deadline is at most a ring_timeout ahead.
+        if (c.deadline.wrapping_sub(cx.now) as i32) > 0 {
+            out.push(Action::Schedule {
+                tick: c.deadline,
+                key,
+            });
+            return;
+        }
+        out.push(ended(Dest::Conn(c.caller_conn), &c.id, "timeout"));
+        out.push(ended(
+            Dest::User {
+                user: c.callee.clone(),
+                except: None,
+            },
+            &c.id,
+            "timeout",
+        ));
+        self.stats.ended_timeout += 1;
+        self.remove(i, counts, out);
+    }
+
+    /// End call `i`: free its counts, untrack its party connections, drop it.
+    fn remove(&mut self, i: usize, counts: &mut impl Counts, out: &mut Vec<Action>) {
+        let c = self.slab.remove(i);
+        let p = pair(&c.caller, &c.callee);
+        if let Some(list) = self.pairs.get_mut(&p) {
+            list.retain(|&x| x as usize != i);
+            if list.is_empty() {
+                self.pairs.remove(&p);
+            }
+        }
+        counts.down(&c.caller);
+        counts.down(&c.callee);
+        out.push(Action::Untrack {
+            conn: c.caller_conn,
+            peer: c.callee.clone(),
+            call_id: c.id.clone(),
+        });
+        if let Some(a) = c.answered {
+            out.push(Action::Untrack {
+                conn: a,
+                peer: c.caller,
+                call_id: c.id,
+            });
+        }
+    }
+}
+
+fn ended(dest: Dest, call_id: &str, reason: &'static str) -> Action {
+    Action::Event {
+        dest,
+        call_id: call_id.into(),
+        event: Event::Ended {
+            reason: Cow::Borrowed(reason),
+        },
+    }
+}
+
+// ------------------------------------------------------------------ the shard glue
+
+/// The calls a connection is a party to, on its own shard.
+struct ConnCalls {
+    gen: u32,
+    calls: Vec<Tracked>,
+}
+
+/// One call a connection is a party to.
+struct Tracked {
+    peer: Arc<str>,
+    call_id: Box<str>,
+    /// Offers and answers for it not yet untracked by the owner (usually 1).
+    uses: u32,
+}
+
+/// Per-shard state of the calls service.
+#[derive(Default)]
+pub struct State {
+    /// The calls this shard owns.
+    pub machine: Calls,
+    /// Connections of this shard that are a party to a call: slot -> (peer, call_id) list.
+    /// Only connections in a call have an entry; each list holds at most `max_calls_per_user`.
+    conns: HashMap<u32, ConnCalls>,
+    /// Reused action buffer.
+    actions: Vec<Action>,
+}
+
+/// The node-wide per-user call counts (`Directory::calls`), at `max_calls_per_user`.
+struct NodeCounts<'a> {
+    names: &'a Names,
+    max: u32,
+}
+
+impl Counts for NodeCounts<'_> {
+    fn up(&mut self, user: &Arc<str>) -> bool {
+        self.names.count_up(user, self.max).is_some()
+    }
+    fn down(&mut self, user: &Arc<str>) {
+        self.names.count_down(user);
+    }
+}
+
+#[derive(Deserialize)]
+struct SdpCmd<'a> {
+    #[serde(borrow, default)]
+    to: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    call_id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    sdp: Option<LazyValue<'a>>,
+}
+
+#[derive(Deserialize)]
+struct IceCmd<'a> {
+    #[serde(borrow, default)]
+    to: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    call_id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    candidate: Option<LazyValue<'a>>,
+}
+
+#[derive(Deserialize)]
+struct HangupCmd<'a> {
+    #[serde(borrow, default)]
+    to: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    call_id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    reason: Option<Cow<'a, str>>,
+}
+
+fn parse<'a, T: Deserialize<'a>>(sh: &mut Shard, slot: u32, cmd: &Cmd<'a>) -> Option<T> {
+    let parsed = parse_as::<T>(cmd.text);
+    if parsed.is_none() {
+        send_error(
+            sh,
+            slot,
+            cmd.id,
+            ErrorReason::InvalidJson,
+            "invalid JSON format",
+            None,
+        );
+    }
+    parsed
+}
+
+/// An error frame, with `data.call_id` when the command had a usable one.
+fn error_frame(sh: &mut Shard, id: Option<&str>, text: &str, call_id: Option<&str>) -> Frame {
+    let now_ms = sh.now_ms;
+    sh.fb.text(sh.now_us, |o| {
+        o.str("type", "error").id(id).str("error", text);
+        if let Some(c) = call_id {
+            o.obj("data", |d| {
+                d.str("call_id", c);
+            });
+        }
+        o.u64("timestamp", now_ms);
+    })
+}
+
+fn send_error(
+    sh: &mut Shard,
+    slot: u32,
+    id: Option<&str>,
+    reason: ErrorReason,
+    text: &str,
+    call_id: Option<&str>,
+) {
+    sh.out.stats.errors[reason as usize] += 1;
+    let f = error_frame(sh, id, text, call_id);
+    sh.reply(slot, f);
+}
+
+/// A JSON payload that is present: not absent, `null` or `""`.
+fn payload<'v>(v: &'v Option<LazyValue<'_>>) -> Option<&'v str> {
+    v.as_ref()
+        .map(|v| v.as_raw_str())
+        .filter(|r| *r != "null" && *r != "\"\"")
+}
+
+/// The checks every call command shares, in order: an identity, a `call_id`, a `to` that is
+/// someone else. Returns the requester and the peer, or the error sent.
+fn front(
+    sh: &mut Shard,
+    slot: u32,
+    cmd: &Cmd<'_>,
+    to: &Option<Cow<'_, str>>,
+    call_id: &Option<Cow<'_, str>>,
+) -> Option<(Req, Arc<str>)> {
+    let id = cmd.id;
+    let cid = non_empty(call_id);
+    let usable = cid.filter(|c| c.len() <= CALL_ID_BYTES_MAX);
+    let Some(user) = sh.clients[slot as usize].user.clone() else {
+        send_error(sh, slot, id, ErrorReason::NotAllowed, "not allowed", usable);
+        return None;
+    };
+    let Some(cid) = cid else {
+        send_error(
+            sh,
+            slot,
+            id,
+            ErrorReason::BadRequest,
+            "call_id is required",
+            None,
+        );
+        return None;
+    };
+    if cid.len() > CALL_ID_BYTES_MAX {
+        send_error(
+            sh,
+            slot,
+            id,
+            ErrorReason::BadRequest,
+            "call_id too long",
+            None,
+        );
+        return None;
+    }
+    let Some(to) = non_empty(to).filter(|t| t.len() <= ID_BYTES_MAX) else {
+        send_error(
+            sh,
+            slot,
+            id,
+            ErrorReason::BadRequest,
+            "to is required",
+            Some(cid),
+        );
+        return None;
+    };
+    if to == &*user {
+        send_error(
+            sh,
+            slot,
+            id,
+            ErrorReason::NotAllowed,
+            "not allowed",
+            Some(cid),
+        );
+        return None;
+    }
+    let to: Arc<str> = match sh.users.key(to) {
+        Some(k) => k,
+        None => Arc::from(to),
+    };
+    let req = Req {
+        conn: sh.conn_ref(slot),
+        user,
+        id: id.map(Box::from),
+    };
+    Some((req, to))
+}
+
+fn too_large(sh: &mut Shard, slot: u32, cmd: &Cmd<'_>, call_id: &str) {
+    send_error(
+        sh,
+        slot,
+        cmd.id,
+        ErrorReason::TooLarge,
+        "message too large",
+        Some(call_id),
+    );
+}
+
+/// `call.offer {to, call_id, sdp}`.
+pub fn offer(sh: &mut Shard, slot: u32, cmd: &Cmd<'_>) {
+    sdp_command(sh, slot, cmd, true);
+}
+
+/// `call.answer {to, call_id, sdp}`.
+pub fn answer(sh: &mut Shard, slot: u32, cmd: &Cmd<'_>) {
+    sdp_command(sh, slot, cmd, false);
+}
+
+fn sdp_command(sh: &mut Shard, slot: u32, cmd: &Cmd<'_>, is_offer: bool) {
+    let Some(c) = parse::<SdpCmd>(sh, slot, cmd) else {
+        return;
+    };
+    let Some((req, to)) = front(sh, slot, cmd, &c.to, &c.call_id) else {
+        return;
+    };
+    let call_id = non_empty(&c.call_id).unwrap_or_default();
+    let Some(sdp) = payload(&c.sdp) else {
+        send_error(
+            sh,
+            slot,
+            cmd.id,
+            ErrorReason::BadRequest,
+            "sdp is required",
+            Some(call_id),
+        );
+        return;
+    };
+    if sdp.len() > CALL_SDP_BYTES_MAX {
+        return too_large(sh, slot, cmd, call_id);
+    }
+    if is_offer && !super::policy::may_address(sh, slot, &to) {
+        send_error(
+            sh,
+            slot,
+            cmd.id,
+            ErrorReason::NotAllowed,
+            "not allowed",
+            Some(call_id),
+        );
+        return;
+    }
+    // Nobody to ring: on one node the directory knows at once (clustered, the callee may be
+    // on another node, so the offer rings until ring_timeout).
+    if is_offer && !sh.node.clustered && sh.node.dir.user_shards(&to) == 0 {
+        sh.out.stats.calls_unavailable += 1;
+        apply(sh, ended(Dest::Conn(req.conn), call_id, "unavailable"));
+        return;
+    }
+    // This connection becomes a party (the caller, or the answering device): remember it
+    // here, so a disconnect ends the call; the owner untracks it if it refuses.
+    if !track(sh, slot, &to, call_id) {
+        send_error(
+            sh,
+            slot,
+            cmd.id,
+            ErrorReason::BadRequest,
+            "too many calls",
+            Some(call_id),
+        );
+        return;
+    }
+    let (call_id, sdp): (Box<str>, Box<str>) = (call_id.into(), sdp.into());
+    let input = if is_offer {
+        Input::Offer {
+            req,
+            to: to.clone(),
+            call_id: call_id.clone(),
+            sdp,
+        }
+    } else {
+        Input::Answer {
+            req,
+            to: to.clone(),
+            call_id: call_id.clone(),
+            sdp,
+        }
+    };
+    if !forward(sh, input) {
+        untrack_local(sh, slot, &to, &call_id);
+        send_error(
+            sh,
+            slot,
+            cmd.id,
+            ErrorReason::Busy,
+            "server busy, retry later",
+            Some(&call_id),
+        );
+    }
+}
+
+/// `call.ice {to, call_id, candidate}`.
+pub fn ice(sh: &mut Shard, slot: u32, cmd: &Cmd<'_>) {
+    let Some(c) = parse::<IceCmd>(sh, slot, cmd) else {
+        return;
+    };
+    let Some((req, to)) = front(sh, slot, cmd, &c.to, &c.call_id) else {
+        return;
+    };
+    let call_id = non_empty(&c.call_id).unwrap_or_default();
+    let Some(candidate) = payload(&c.candidate) else {
+        send_error(
+            sh,
+            slot,
+            cmd.id,
+            ErrorReason::BadRequest,
+            "candidate is required",
+            Some(call_id),
+        );
+        return;
+    };
+    if candidate.len() > CALL_CANDIDATE_BYTES_MAX {
+        return too_large(sh, slot, cmd, call_id);
+    }
+    let input = Input::Ice {
+        req,
+        to,
+        call_id: call_id.into(),
+        candidate: candidate.into(),
+    };
+    if !forward(sh, input) {
+        send_error(
+            sh,
+            slot,
+            cmd.id,
+            ErrorReason::Busy,
+            "server busy, retry later",
+            Some(call_id),
+        );
+    }
+}
+
+/// `call.hangup {to, call_id, reason?}`.
+pub fn hangup(sh: &mut Shard, slot: u32, cmd: &Cmd<'_>) {
+    let Some(c) = parse::<HangupCmd>(sh, slot, cmd) else {
+        return;
+    };
+    let Some((req, to)) = front(sh, slot, cmd, &c.to, &c.call_id) else {
+        return;
+    };
+    let call_id = non_empty(&c.call_id).unwrap_or_default();
+    let reason = non_empty(&c.reason);
+    if reason.is_some_and(|r| r.len() > CALL_REASON_BYTES_MAX) {
+        send_error(
+            sh,
+            slot,
+            cmd.id,
+            ErrorReason::BadRequest,
+            "reason too long",
+            Some(call_id),
+        );
+        return;
+    }
+    let input = Input::Hangup {
+        req,
+        to,
+        call_id: call_id.into(),
+        reason: reason.map(Box::from),
+    };
+    if !forward(sh, input) {
+        send_error(
+            sh,
+            slot,
+            cmd.id,
+            ErrorReason::Busy,
+            "server busy, retry later",
+            Some(call_id),
+        );
+    }
+}
+
+/// The owner shard of an input's pair.
+fn owner_of(sh: &Shard, a: &str, b: &str) -> usize {
+    owner(a, b, sh.node.inboxes.len())
+}
+
+/// Hand `input` to its owner (run it here if this shard owns the pair). False when the
+/// owner's inbox could not take it (counted).
+fn forward(sh: &mut Shard, input: Input) -> bool {
+    let own = match &input {
+        Input::Offer { req, to, .. }
+        | Input::Answer { req, to, .. }
+        | Input::Ice { req, to, .. }
+        | Input::Hangup { req, to, .. } => owner_of(sh, &req.user, to),
+        Input::Gone { user, peer, .. } => owner_of(sh, user, peer),
+        Input::Timer { .. } => sh.id,
+    };
+    if own == sh.id {
+        run(sh, input);
+        return true;
+    }
+    let msg =
+        crate::shard::ShardMsg::Service(super::ServiceMsg::Calls(Box::new(Msg::Owner(input))));
+    if sh.node.inboxes.send(own, msg).is_ok() {
+        sh.out.stats.cross_shard_sent += 1;
+        true
+    } else {
+        sh.out.stats.cross_shard_dropped += 1;
+        false
+    }
+}
+
+/// Run one input through this shard's machine and carry out its actions.
+fn run(sh: &mut Shard, input: Input) {
+    let node = sh.node.clone();
+    let mut counts = NodeCounts {
+        names: &node.dir.calls,
+        max: node.cfg.max_calls_per_user.min(u32::MAX as usize) as u32,
+    };
+    let cx = Ctx {
+        now: sh.now_tick,
+        // One tick more: `now` is the current tick's start, so the call rings at least
+        // ring_timeout (and at most one tick longer).
+        ring_ticks: crate::shard::ticks(node.cfg.ring_timeout) + 1,
+    };
+    let mut out = std::mem::take(&mut sh.svc.calls.actions);
+    sh.svc
+        .calls
+        .machine
+        .handle(input, cx, &mut counts, &mut out);
+    let s = std::mem::take(&mut sh.svc.calls.machine.stats);
+    let st = &mut sh.out.stats;
+    st.calls_offered += s.offered;
+    st.calls_answered += s.answered;
+    st.calls_busy += s.busy;
+    st.calls_ended_hangup += s.ended_hangup;
+    st.calls_ended_timeout += s.ended_timeout;
+    st.calls_ended_disconnected += s.ended_disconnected;
+    st.calls_ended_glare += s.ended_glare;
+    for a in out.drain(..) {
+        apply(sh, a);
+    }
+    sh.svc.calls.actions = out;
+}
+
+fn apply(sh: &mut Shard, a: Action) {
+    match a {
+        Action::Event {
+            dest,
+            call_id,
+            event,
+        } => {
+            let now_ms = sh.now_ms;
+            let f = sh.fb.text(sh.now_us, |o| {
+                let kind = match &event {
+                    Event::Incoming { .. } => "call.incoming",
+                    Event::Answer { .. } => "call.answer",
+                    Event::Ice { .. } => "call.ice",
+                    Event::Ended { .. } => "call.ended",
+                };
+                o.str("type", kind)
+                    .obj("data", |d| {
+                        d.str("call_id", &call_id);
+                        match &event {
+                            Event::Incoming { from, sdp } | Event::Answer { from, sdp } => {
+                                d.str("from", from).raw("sdp", sdp);
+                            }
+                            Event::Ice { from, candidate } => {
+                                d.str("from", from).raw("candidate", candidate);
+                            }
+                            Event::Ended { reason } => {
+                                d.str("reason", reason);
+                            }
+                        }
+                    })
+                    .u64("timestamp", now_ms);
+            });
+            let target = match dest {
+                Dest::Conn(c) => Target::Conn(c),
+                Dest::User { user, except } => Target::User { user, except },
+            };
+            // A frame a full inbox could not take is lost like any signalling packet; the
+            // ring timeout or a hangup still ends the call (counted in cross_shard_dropped).
+            sh.deliver(&target, &f);
+        }
+        Action::Error {
+            conn,
+            id,
+            err,
+            call_id,
+        } => {
+            sh.out.stats.errors[err.reason() as usize] += 1;
+            let f = error_frame(sh, id.as_deref(), err.text(), Some(&call_id));
+            sh.deliver(&Target::Conn(conn), &f);
+        }
+        Action::Schedule { tick, key } => {
+            sh.schedule_service(tick, super::id::CALLS, key);
+        }
+        Action::Untrack {
+            conn,
+            peer,
+            call_id,
+        } => {
+            if conn.node == sh.node.id && conn.shard as usize == sh.id {
+                if sh
+                    .clients
+                    .get(conn.slot as usize)
+                    .is_some_and(|c| c.gen == conn.gen)
+                {
+                    untrack_local(sh, conn.slot, &peer, &call_id);
+                }
+            } else {
+                let msg = crate::shard::ShardMsg::Service(super::ServiceMsg::Calls(Box::new(
+                    Msg::Untrack {
+                        conn,
+                        peer,
+                        call_id,
+                    },
+                )));
+                // Lost (a full inbox): the stale entry only costs a `Gone` the owner ignores.
+                if sh.node.inboxes.send(conn.shard as usize, msg).is_ok() {
+                    sh.out.stats.cross_shard_sent += 1;
+                } else {
+                    sh.out.stats.cross_shard_dropped += 1;
+                }
+            }
+        }
+    }
+}
+
+/// Remember that `slot` is a party to `(peer, call_id)`: one more use of its entry (every
+/// offer or answer adds one, every `Untrack` takes one back, so an untrack of an earlier call
+/// with the same id that arrives late leaves the new call's use in place). False: the
+/// connection already has `max_calls_per_user` entries.
+fn track(sh: &mut Shard, slot: u32, peer: &Arc<str>, call_id: &str) -> bool {
+    let gen = sh.clients[slot as usize].gen;
+    let max = sh.node.cfg.max_calls_per_user;
+    let e = sh.svc.calls.conns.entry(slot).or_insert_with(|| ConnCalls {
+        gen,
+        calls: Vec::new(),
+    });
+    if e.gen != gen {
+        // Left by an earlier connection in this slot (on_detach clears it; defensive).
+        e.gen = gen;
+        e.calls.clear();
+    }
+    if let Some(t) = e
+        .calls
+        .iter_mut()
+        .find(|t| &t.peer == peer && &*t.call_id == call_id)
+    {
+        t.uses = t.uses.saturating_add(1);
+        return true;
+    }
+    if e.calls.len() >= max {
+        if e.calls.is_empty() {
+            sh.svc.calls.conns.remove(&slot);
+        }
+        return false;
+    }
+    e.calls.push(Tracked {
+        peer: peer.clone(),
+        call_id: call_id.into(),
+        uses: 1,
+    });
+    true
+}
+
+/// One use of `slot`'s entry for `(peer, call_id)` is over.
+fn untrack_local(sh: &mut Shard, slot: u32, peer: &str, call_id: &str) {
+    let gen = sh.clients.get(slot as usize).map(|c| c.gen);
+    let Some(e) = sh.svc.calls.conns.get_mut(&slot) else {
+        return;
+    };
+    if Some(e.gen) != gen {
+        return;
+    }
+    if let Some(i) = e
+        .calls
+        .iter()
+        .position(|t| &*t.peer == peer && &*t.call_id == call_id)
+    {
+        e.calls[i].uses -= 1;
+        if e.calls[i].uses == 0 {
+            e.calls.swap_remove(i);
+        }
+    }
+    if e.calls.is_empty() {
+        sh.svc.calls.conns.remove(&slot);
+    }
+}
+
+pub fn on_msg(sh: &mut Shard, m: Msg) {
+    match m {
+        Msg::Owner(input) => run(sh, input),
+        Msg::Untrack {
+            conn,
+            peer,
+            call_id,
+        } => {
+            if sh
+                .clients
+                .get(conn.slot as usize)
+                .is_some_and(|c| c.gen == conn.gen)
+            {
+                untrack_local(sh, conn.slot, &peer, &call_id);
+            }
+        }
+    }
+}
+
+pub fn on_timer(sh: &mut Shard, key: u64) {
+    run(sh, Input::Timer { key });
+}
+
+/// The connection is going away: every call it is a party to ends (`disconnected` for the
+/// other side), on each call's owner.
+pub fn on_detach(sh: &mut Shard, slot: u32) {
+    let Some(e) = sh.svc.calls.conns.remove(&slot) else {
+        return;
+    };
+    let c = &sh.clients[slot as usize];
+    let Some(user) = c.user.clone().filter(|_| c.gen == e.gen) else {
+        return;
+    };
+    let conn = sh.conn_ref(slot);
+    for Tracked { peer, call_id, .. } in e.calls {
+        // Lost (a full inbox): the call lingers until the other side hangs up or, while
+        // ringing, the ring timeout (counted in cross_shard_dropped).
+        forward(
+            sh,
+            Input::Gone {
+                conn,
+                user: user.clone(),
+                peer,
+                call_id,
+            },
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const RING: u32 = 450;
+
+    fn conn(shard: u16, slot: u32) -> ConnRef {
+        ConnRef {
+            node: 1,
+            shard,
+            slot,
+            gen: 1,
+        }
+    }
+
+    fn u(s: &str) -> Arc<str> {
+        Arc::from(s)
+    }
+
+    /// Per-user counts in a map, at `max`.
+    struct MapCounts {
+        max: u32,
+        n: HashMap<Arc<str>, u32>,
+    }
+
+    impl Counts for MapCounts {
+        fn up(&mut self, user: &Arc<str>) -> bool {
+            let n = self.n.entry(user.clone()).or_default();
+            if *n >= self.max {
+                return false;
+            }
+            *n += 1;
+            true
+        }
+        fn down(&mut self, user: &Arc<str>) {
+            let n = self.n.get_mut(user).expect("down without up");
+            *n -= 1;
+            if *n == 0 {
+                self.n.remove(user);
+            }
+        }
+    }
+
+    struct T {
+        m: Calls,
+        counts: MapCounts,
+        now: u32,
+    }
+
+    impl T {
+        fn new(max: u32) -> T {
+            T {
+                m: Calls::default(),
+                counts: MapCounts {
+                    max,
+                    n: HashMap::new(),
+                },
+                now: 1000,
+            }
+        }
+
+        fn run(&mut self, input: Input) -> Vec<Action> {
+            let mut out = Vec::new();
+            let cx = Ctx {
+                now: self.now,
+                ring_ticks: RING,
+            };
+            self.m.handle(input, cx, &mut self.counts, &mut out);
+            out
+        }
+
+        fn offer(&mut self, from: &str, c: ConnRef, to: &str, id: &str) -> Vec<Action> {
+            self.run(Input::Offer {
+                req: req(from, c),
+                to: u(to),
+                call_id: id.into(),
+                sdp: "\"o\"".into(),
+            })
+        }
+
+        fn answer(&mut self, from: &str, c: ConnRef, to: &str, id: &str) -> Vec<Action> {
+            self.run(Input::Answer {
+                req: req(from, c),
+                to: u(to),
+                call_id: id.into(),
+                sdp: "\"a\"".into(),
+            })
+        }
+
+        fn ice(&mut self, from: &str, c: ConnRef, to: &str, id: &str) -> Vec<Action> {
+            self.run(Input::Ice {
+                req: req(from, c),
+                to: u(to),
+                call_id: id.into(),
+                candidate: "{}".into(),
+            })
+        }
+
+        fn hangup(
+            &mut self,
+            from: &str,
+            c: ConnRef,
+            to: &str,
+            id: &str,
+            reason: Option<&str>,
+        ) -> Vec<Action> {
+            self.run(Input::Hangup {
+                req: req(from, c),
+                to: u(to),
+                call_id: id.into(),
+                reason: reason.map(Box::from),
+            })
+        }
+
+        fn gone(&mut self, user: &str, c: ConnRef, peer: &str, id: &str) -> Vec<Action> {
+            self.run(Input::Gone {
+                conn: c,
+                user: u(user),
+                peer: u(peer),
+                call_id: id.into(),
+            })
+        }
+
+        fn count(&self, user: &str) -> u32 {
+            self.counts.n.get(user).copied().unwrap_or(0)
+        }
+    }
+
+    fn req(user: &str, c: ConnRef) -> Req {
+        Req {
+            conn: c,
+            user: u(user),
+            id: Some("7".into()),
+        }
+    }
+
+    fn user(name: &str, except: Option<ConnRef>) -> Dest {
+        Dest::User {
+            user: u(name),
+            except,
+        }
+    }
+
+    fn ev(dest: Dest, id: &str, event: Event) -> Action {
+        Action::Event {
+            dest,
+            call_id: id.into(),
+            event,
+        }
+    }
+
+    fn end(dest: Dest, id: &str, reason: &'static str) -> Action {
+        ended(dest, id, reason)
+    }
+
+    fn err(c: ConnRef, e: CallError, id: &str) -> Action {
+        Action::Error {
+            conn: c,
+            id: Some("7".into()),
+            err: e,
+            call_id: id.into(),
+        }
+    }
+
+    fn untrack(c: ConnRef, peer: &str, id: &str) -> Action {
+        Action::Untrack {
+            conn: c,
+            peer: u(peer),
+            call_id: id.into(),
+        }
+    }
+
+    fn schedule_key(out: &[Action]) -> u64 {
+        out.iter()
+            .find_map(|a| match a {
+                Action::Schedule { key, .. } => Some(*key),
+                _ => None,
+            })
+            .expect("a schedule action")
+    }
+
+    // alice's device A on shard 0, bob's devices B1 (shard 1) and B2 (shard 0).
+    const A: ConnRef = ConnRef {
+        node: 1,
+        shard: 0,
+        slot: 10,
+        gen: 1,
+    };
+    const B1: ConnRef = ConnRef {
+        node: 1,
+        shard: 1,
+        slot: 20,
+        gen: 1,
+    };
+    const B2: ConnRef = ConnRef {
+        node: 1,
+        shard: 0,
+        slot: 21,
+        gen: 1,
+    };
+
+    #[test]
+    fn offer_answer_ice_hangup() {
+        let mut t = T::new(4);
+        let out = t.offer("alice", A, "bob", "c1");
+        assert_eq!(out.len(), 2);
+        assert_eq!(
+            out[0],
+            Action::Schedule {
+                tick: 1000 + RING,
+                key: schedule_key(&out)
+            }
+        );
+        assert_eq!(
+            out[1],
+            ev(
+                user("bob", None),
+                "c1",
+                Event::Incoming {
+                    from: u("alice"),
+                    sdp: "\"o\"".into()
+                }
+            )
+        );
+        assert_eq!((t.count("alice"), t.count("bob")), (1, 1));
+        // Before the answer the caller's candidates reach every ringing device; a ringing
+        // device's own candidates are refused.
+        assert_eq!(
+            t.ice("alice", A, "bob", "c1"),
+            vec![ev(
+                user("bob", None),
+                "c1",
+                Event::Ice {
+                    from: u("alice"),
+                    candidate: "{}".into()
+                }
+            )]
+        );
+        assert_eq!(
+            t.ice("bob", B1, "alice", "c1"),
+            vec![err(B1, CallError::NotAnswered, "c1")]
+        );
+        let out = t.answer("bob", B1, "alice", "c1");
+        assert_eq!(
+            out,
+            vec![
+                ev(
+                    Dest::Conn(A),
+                    "c1",
+                    Event::Answer {
+                        from: u("bob"),
+                        sdp: "\"a\"".into()
+                    }
+                ),
+                end(user("bob", Some(B1)), "c1", "answered_elsewhere"),
+            ]
+        );
+        // After: only between A and B1.
+        assert_eq!(
+            t.ice("alice", A, "bob", "c1"),
+            vec![ev(
+                Dest::Conn(B1),
+                "c1",
+                Event::Ice {
+                    from: u("alice"),
+                    candidate: "{}".into()
+                }
+            )]
+        );
+        assert_eq!(
+            t.ice("bob", B1, "alice", "c1"),
+            vec![ev(
+                Dest::Conn(A),
+                "c1",
+                Event::Ice {
+                    from: u("bob"),
+                    candidate: "{}".into()
+                }
+            )]
+        );
+        assert_eq!(
+            t.ice("bob", B2, "alice", "c1"),
+            vec![err(B2, CallError::UnknownCall, "c1")]
+        );
+        assert_eq!(
+            t.answer("bob", B2, "alice", "c1"),
+            vec![
+                untrack(B2, "alice", "c1"),
+                err(B2, CallError::AlreadyAnswered, "c1")
+            ]
+        );
+        // A repeated answer from the answering device gives back the use it added.
+        assert_eq!(
+            t.answer("bob", B1, "alice", "c1"),
+            vec![
+                untrack(B1, "alice", "c1"),
+                err(B1, CallError::AlreadyAnswered, "c1")
+            ]
+        );
+        assert_eq!(
+            t.hangup("bob", B1, "alice", "c1", None),
+            vec![
+                end(Dest::Conn(A), "c1", "hangup"),
+                untrack(A, "bob", "c1"),
+                untrack(B1, "alice", "c1"),
+            ]
+        );
+        assert!(t.m.is_empty());
+        assert!(t.counts.n.is_empty());
+        let s = t.m.stats;
+        assert_eq!((s.offered, s.answered, s.ended_hangup), (1, 1, 1));
+        // Ended: every command about it is an unknown call.
+        assert_eq!(
+            t.hangup("alice", A, "bob", "c1", None),
+            vec![err(A, CallError::UnknownCall, "c1")]
+        );
+        assert_eq!(
+            t.ice("alice", A, "bob", "c1"),
+            vec![err(A, CallError::UnknownCall, "c1")]
+        );
+    }
+
+    #[test]
+    fn caller_cancel_and_callee_reject() {
+        let mut t = T::new(4);
+        t.offer("alice", A, "bob", "c1");
+        assert_eq!(
+            t.hangup("alice", A, "bob", "c1", Some("cancel")),
+            vec![
+                end_owned(user("bob", None), "c1", "cancel"),
+                untrack(A, "bob", "c1")
+            ]
+        );
+        t.offer("alice", A, "bob", "c2");
+        assert_eq!(
+            t.hangup("bob", B2, "alice", "c2", None),
+            vec![
+                end(Dest::Conn(A), "c2", "rejected"),
+                end(user("bob", Some(B2)), "c2", "rejected_elsewhere"),
+                untrack(A, "bob", "c2"),
+            ]
+        );
+        // Only the offering connection speaks for the caller.
+        t.offer("alice", A, "bob", "c3");
+        let a2 = conn(1, 11);
+        assert_eq!(
+            t.hangup("alice", a2, "bob", "c3", None),
+            vec![err(a2, CallError::UnknownCall, "c3")]
+        );
+        // The caller cannot answer its own call; a stranger does not find it.
+        assert_eq!(
+            t.answer("alice", A, "bob", "c3"),
+            vec![
+                untrack(A, "bob", "c3"),
+                err(A, CallError::UnknownCall, "c3")
+            ]
+        );
+        let carol = conn(1, 30);
+        assert_eq!(
+            t.answer("carol", carol, "alice", "c3"),
+            vec![
+                untrack(carol, "alice", "c3"),
+                err(carol, CallError::UnknownCall, "c3")
+            ]
+        );
+        assert_eq!(t.m.len(), 1);
+    }
+
+    fn end_owned(dest: Dest, id: &str, reason: &str) -> Action {
+        Action::Event {
+            dest,
+            call_id: id.into(),
+            event: Event::Ended {
+                reason: Cow::Owned(reason.to_string()),
+            },
+        }
+    }
+
+    #[test]
+    fn ring_timeout() {
+        let mut t = T::new(4);
+        let key = schedule_key(&t.offer("alice", A, "bob", "c1"));
+        // Fired early (a wheel lap): scheduled again, nothing else.
+        t.now += RING - 1;
+        assert_eq!(
+            t.run(Input::Timer { key }),
+            vec![Action::Schedule {
+                tick: 1000 + RING,
+                key
+            }]
+        );
+        t.now += 1;
+        assert_eq!(
+            t.run(Input::Timer { key }),
+            vec![
+                end(Dest::Conn(A), "c1", "timeout"),
+                end(user("bob", None), "c1", "timeout"),
+                untrack(A, "bob", "c1"),
+            ]
+        );
+        assert_eq!(t.m.stats.ended_timeout, 1);
+        assert!(t.counts.n.is_empty());
+        // Stale: nothing.
+        assert!(t.run(Input::Timer { key }).is_empty());
+        // An answered call does not time out; a reused slab index does not take an old key.
+        let key2 = schedule_key(&t.offer("alice", A, "bob", "c2"));
+        assert_ne!(key, key2);
+        t.answer("bob", B1, "alice", "c2");
+        t.now += RING;
+        assert!(t.run(Input::Timer { key: key2 }).is_empty());
+        assert!(t.run(Input::Timer { key }).is_empty());
+        assert_eq!(t.m.len(), 1);
+    }
+
+    #[test]
+    fn glare_keeps_the_offer_of_the_first_id() {
+        // bob rings alice; then alice offers to bob: alice < bob, so bob's call ends.
+        let mut t = T::new(4);
+        t.offer("bob", B1, "alice", "b-call");
+        let out = t.offer("alice", A, "bob", "a-call");
+        assert_eq!(out[0], end(Dest::Conn(B1), "b-call", "glare"));
+        assert_eq!(out[1], end(user("alice", None), "b-call", "glare"));
+        assert_eq!(out[2], untrack(B1, "alice", "b-call"));
+        assert!(matches!(out[3], Action::Schedule { .. }));
+        assert!(matches!(
+            &out[4],
+            Action::Event {
+                event: Event::Incoming { .. },
+                ..
+            }
+        ));
+        assert_eq!(t.m.len(), 1);
+        assert_eq!((t.count("alice"), t.count("bob")), (1, 1));
+
+        // The other order: alice rings bob, then bob offers: bob's offer loses, only bob hears.
+        let mut t = T::new(4);
+        t.offer("alice", A, "bob", "a-call");
+        assert_eq!(
+            t.offer("bob", B1, "alice", "b-call"),
+            vec![
+                end(Dest::Conn(B1), "b-call", "glare"),
+                untrack(B1, "alice", "b-call")
+            ]
+        );
+        assert_eq!(t.m.len(), 1);
+        assert_eq!(t.m.stats.ended_glare, 1);
+        // Once answered, a new offer the other way is a second call, not glare.
+        t.answer("bob", B2, "alice", "a-call");
+        let out = t.offer("bob", B1, "alice", "b-call");
+        assert!(matches!(out[1], Action::Event { .. }), "{out:?}");
+        assert_eq!(t.m.len(), 2);
+    }
+
+    #[test]
+    fn disconnects_end_calls() {
+        let mut t = T::new(4);
+        t.offer("alice", A, "bob", "c1");
+        // A ringing device that goes away is not a party.
+        assert!(t.gone("bob", B2, "alice", "c1").is_empty());
+        // The caller goes while ringing: every device that rang hears.
+        assert_eq!(
+            t.gone("alice", A, "bob", "c1"),
+            vec![
+                end(user("bob", None), "c1", "disconnected"),
+                untrack(A, "bob", "c1")
+            ]
+        );
+        t.offer("alice", A, "bob", "c2");
+        t.answer("bob", B1, "alice", "c2");
+        assert_eq!(
+            t.gone("bob", B1, "alice", "c2"),
+            vec![
+                end(Dest::Conn(A), "c2", "disconnected"),
+                untrack(A, "bob", "c2"),
+                untrack(B1, "alice", "c2"),
+            ]
+        );
+        assert!(t.gone("bob", B1, "alice", "c2").is_empty());
+        assert_eq!(t.m.stats.ended_disconnected, 2);
+        assert!(t.m.is_empty() && t.counts.n.is_empty());
+    }
+
+    #[test]
+    fn limits_and_ids() {
+        let mut t = T::new(2);
+        t.offer("alice", A, "bob", "c1");
+        // A taken id between the same users; the same id between other users is fine.
+        assert_eq!(
+            t.offer("alice", A, "bob", "c1"),
+            vec![untrack(A, "bob", "c1"), err(A, CallError::InUse, "c1")]
+        );
+        let a2 = conn(1, 12);
+        assert_eq!(
+            t.offer("alice", a2, "bob", "c1"),
+            vec![untrack(a2, "bob", "c1"), err(a2, CallError::InUse, "c1")]
+        );
+        t.offer("carol", conn(1, 30), "dave", "c1");
+        t.offer("alice", A, "erin", "c2");
+        assert_eq!(t.count("alice"), 2);
+        assert_eq!(
+            t.offer("alice", A, "frank", "c3"),
+            vec![
+                untrack(A, "frank", "c3"),
+                err(A, CallError::TooManyCalls, "c3")
+            ]
+        );
+        // The callee at its limit: the caller hears busy, nothing rings.
+        let g = conn(1, 40);
+        t.offer("gina", g, "bob", "g1");
+        assert_eq!(t.count("bob"), 2);
+        let h = conn(1, 41);
+        assert_eq!(
+            t.offer("hank", h, "bob", "h1"),
+            vec![end(Dest::Conn(h), "h1", "busy"), untrack(h, "bob", "h1")]
+        );
+        assert_eq!(t.count("hank"), 0);
+        assert_eq!(t.m.stats.busy, 1);
+    }
+
+    #[test]
+    fn calls_per_shard_are_bounded() {
+        let mut t = T::new(u32::MAX);
+        for i in 0..CALLS_PER_SHARD_MAX {
+            t.offer(&format!("u{i}"), conn(0, i as u32), "hub", "c");
+        }
+        let x = conn(0, 1 << 30);
+        assert_eq!(
+            t.offer("late", x, "hub", "c"),
+            vec![untrack(x, "hub", "c"), err(x, CallError::ServerBusy, "c")]
+        );
+    }
+
+    #[test]
+    fn owners_are_symmetric_and_spread() {
+        assert_eq!(owner("alice", "bob", 2), owner("bob", "alice", 2));
+        assert_eq!(owner("alice", "bob", 1), 0);
+        let on_zero = (0..1000)
+            .filter(|i| owner("alice", &format!("user-{i}"), 2) == 0)
+            .count();
+        assert!((400..600).contains(&on_zero), "{on_zero}");
+    }
+
+    #[test]
+    fn config_bounds() {
+        use crate::config::Config;
+        use std::time::Duration;
+        let check = |f: &dyn Fn(&mut Config)| {
+            let mut c = Config::default();
+            f(&mut c);
+            c.validate().map_err(|e| e.key)
+        };
+        assert_eq!(check(&|_| {}), Ok(()));
+        assert_eq!(check(&|c| c.ring_timeout = Duration::from_secs(1)), Ok(()));
+        assert_eq!(
+            check(&|c| c.ring_timeout = Duration::from_secs(3600)),
+            Ok(())
+        );
+        assert_eq!(check(&|c| c.max_calls_per_user = 1), Ok(()));
+        assert_eq!(
+            check(&|c| c.max_calls_per_user = CALLS_PER_USER_LIMIT),
+            Ok(())
+        );
+        for bad in [Duration::from_millis(999), Duration::from_secs(3601)] {
+            assert_eq!(
+                check(&|c| c.ring_timeout = bad),
+                Err("ring_timeout".to_string())
+            );
+        }
+        for bad in [0, CALLS_PER_USER_LIMIT + 1] {
+            assert_eq!(
+                check(&|c| c.max_calls_per_user = bad),
+                Err("max_calls_per_user".to_string())
+            );
+        }
+    }
+
+    #[test]
+    fn error_texts() {
+        for (e, text) in [
+            (CallError::UnknownCall, "unknown call"),
+            (CallError::InUse, "call_id already in use"),
+            (CallError::AlreadyAnswered, "call already answered"),
+            (CallError::NotAnswered, "call not answered"),
+            (CallError::TooManyCalls, "too many calls"),
+            (CallError::ServerBusy, "server busy, retry later"),
+        ] {
+            assert_eq!(e.text(), text);
+        }
+        assert_eq!(CallError::ServerBusy.reason(), ErrorReason::Busy);
+    }
+}
