@@ -17,7 +17,7 @@ use super::Cmd;
 use crate::dedup::{AckRecord, Claim, Owed};
 use crate::limits::{ID_BYTES_MAX, URL_BYTES_MAX};
 use crate::metrics::ErrorReason;
-use crate::proto::envelope::{non_empty, parse_as};
+use crate::proto::envelope::non_empty;
 use crate::proto::json::rfc3339_ms;
 use crate::route::Target;
 use crate::shard::Shard;
@@ -52,14 +52,7 @@ struct SendCmd<'a> {
 
 pub fn send(sh: &mut Shard, slot: u32, cmd: &Cmd<'_>) {
     let id = cmd.id;
-    let Some(m) = parse_as::<SendCmd>(cmd.text) else {
-        sh.send_error(
-            slot,
-            ErrorReason::InvalidJson,
-            id,
-            "invalid JSON format",
-            None,
-        );
+    let Some(m) = super::parse::<SendCmd>(sh, slot, cmd) else {
         return;
     };
     let cmid = non_empty(&m.client_msg_id);

@@ -38,6 +38,38 @@ pub struct Cmd<'a> {
     pub text: &'a [u8],
 }
 
+/// A command's own fields parsed from its text, or `invalid JSON format` sent (a field the
+/// command reads has the wrong JSON type) and `None`.
+pub fn parse<'a, T: serde::Deserialize<'a>>(sh: &mut Shard, slot: u32, cmd: &Cmd<'a>) -> Option<T> {
+    let parsed = crate::proto::envelope::parse_as::<T>(cmd.text);
+    if parsed.is_none() {
+        sh.send_error(
+            slot,
+            crate::metrics::ErrorReason::InvalidJson,
+            cmd.id,
+            "invalid JSON format",
+            None,
+        );
+    }
+    parsed
+}
+
+/// The connection's user id, or `not allowed` sent and `None` (for the commands between
+/// identified users: direct messages, typing, receipts, presence, calls).
+pub fn identity(sh: &mut Shard, slot: u32, id: Option<&str>) -> Option<std::sync::Arc<str>> {
+    let user = sh.clients[slot as usize].user.clone();
+    if user.is_none() {
+        sh.send_error(
+            slot,
+            crate::metrics::ErrorReason::NotAllowed,
+            id,
+            "not allowed",
+            None,
+        );
+    }
+    user
+}
+
 /// A command handler: `(shard, connection slot, command)`.
 pub type Handler = fn(&mut Shard, u32, &Cmd<'_>);
 

@@ -37,13 +37,13 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
-use super::{Cmd, ServiceMsg};
+use super::{identity, parse, Cmd, ServiceMsg};
 use crate::limits::{
     ID_BYTES_MAX, PRESENCE_OFFLINE_USERS_MAX, PRESENCE_OWED_MAX, PRESENCE_TEXT_BYTES_MAX,
     TIMER_TICK_MS,
 };
 use crate::metrics::ErrorReason;
-use crate::proto::envelope::{non_empty, parse_as};
+use crate::proto::envelope::non_empty;
 use crate::proto::json::{rfc3339_ms, write_str, write_u64};
 use crate::proto::Frame;
 use crate::route::{ConnRef, Target};
@@ -465,29 +465,6 @@ struct UsersCmd<'a> {
     user_ids: Option<Vec<Cow<'a, str>>>,
     #[serde(borrow, default)]
     room: Option<Cow<'a, str>>,
-}
-
-fn parse<'a, T: Deserialize<'a>>(sh: &mut Shard, slot: u32, cmd: &Cmd<'a>) -> Option<T> {
-    let parsed = parse_as::<T>(cmd.text);
-    if parsed.is_none() {
-        sh.send_error(
-            slot,
-            ErrorReason::InvalidJson,
-            cmd.id,
-            "invalid JSON format",
-            None,
-        );
-    }
-    parsed
-}
-
-/// The connection's user id, or `not allowed` sent (presence is between identified users).
-fn identity(sh: &mut Shard, slot: u32, id: Option<&str>) -> Option<Arc<str>> {
-    let user = sh.clients[slot as usize].user.clone();
-    if user.is_none() {
-        sh.send_error(slot, ErrorReason::NotAllowed, id, "not allowed", None);
-    }
-    user
 }
 
 /// The error text for a `user_ids` entry that is not a usable id.

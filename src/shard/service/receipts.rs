@@ -17,7 +17,7 @@ use sonic_rs::{JsonValueTrait, LazyValue};
 use super::Cmd;
 use crate::limits::ID_BYTES_MAX;
 use crate::metrics::ErrorReason;
-use crate::proto::envelope::{non_empty, parse_as};
+use crate::proto::envelope::non_empty;
 use crate::proto::json::rfc3339_ms;
 use crate::route::Target;
 use crate::shard::Shard;
@@ -106,18 +106,10 @@ pub fn read(sh: &mut Shard, slot: u32, cmd: &Cmd<'_>) {
 
 fn mark(sh: &mut Shard, slot: u32, cmd: &Cmd<'_>, kind: &str) {
     let id = cmd.id;
-    let Some(m) = parse_as::<MarkCmd>(cmd.text) else {
-        sh.send_error(
-            slot,
-            ErrorReason::InvalidJson,
-            id,
-            "invalid JSON format",
-            None,
-        );
+    let Some(m) = super::parse::<MarkCmd>(sh, slot, cmd) else {
         return;
     };
-    let Some(user) = sh.clients[slot as usize].user.clone() else {
-        sh.send_error(slot, ErrorReason::NotAllowed, id, "not allowed", None);
+    let Some(user) = super::identity(sh, slot, id) else {
         return;
     };
     let Some(to) = non_empty(&m.to).filter(|t| t.len() <= ID_BYTES_MAX) else {

@@ -30,11 +30,11 @@ use std::sync::Arc;
 use serde::Deserialize;
 use sonic_rs::LazyValue;
 
-use super::Cmd;
+use super::{parse, Cmd};
 use crate::bridge::BridgeMsg;
 use crate::directory::Transition;
 use crate::metrics::ErrorReason;
-use crate::proto::envelope::{non_empty, parse_as, raw_or_null};
+use crate::proto::envelope::{non_empty, raw_or_null};
 use crate::proto::Frame;
 use crate::route::{ConnRef, Membership, RoomId, Target};
 use crate::shard::{Phase, Shard};
@@ -136,20 +136,6 @@ struct DataCmd<'a> {
 pub fn owner(room: &str, shards: usize) -> usize {
     let h = BuildHasherDefault::<DefaultHasher>::default().hash_one(room);
     (h % shards.max(1) as u64) as usize
-}
-
-fn parse<'a, T: Deserialize<'a>>(sh: &mut Shard, slot: u32, cmd: &Cmd<'a>) -> Option<T> {
-    let parsed = parse_as::<T>(cmd.text);
-    if parsed.is_none() {
-        sh.send_error(
-            slot,
-            ErrorReason::InvalidJson,
-            cmd.id,
-            "invalid JSON format",
-            None,
-        );
-    }
-    parsed
 }
 
 pub fn subscribe(sh: &mut Shard, slot: u32, cmd: &Cmd<'_>) {

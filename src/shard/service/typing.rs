@@ -25,7 +25,7 @@ use slab::Slab;
 use super::Cmd;
 use crate::limits::{ID_BYTES_MAX, TYPING_TARGETS_PER_CONNECTION_MAX};
 use crate::metrics::ErrorReason;
-use crate::proto::envelope::{droppable, non_empty, parse_as};
+use crate::proto::envelope::{droppable, non_empty};
 use crate::proto::Frame;
 use crate::route::{ConnRef, Target};
 use crate::shard::timer::SERVICE_KEY_MAX;
@@ -270,18 +270,10 @@ pub fn stop(sh: &mut Shard, slot: u32, cmd: &Cmd<'_>) {
 
 fn handle(sh: &mut Shard, slot: u32, cmd: &Cmd<'_>, starting: bool) {
     let id = cmd.id;
-    let Some(c) = parse_as::<TypingCmd>(cmd.text) else {
-        sh.send_error(
-            slot,
-            ErrorReason::InvalidJson,
-            id,
-            "invalid JSON format",
-            None,
-        );
+    let Some(c) = super::parse::<TypingCmd>(sh, slot, cmd) else {
         return;
     };
-    let Some(user) = sh.clients[slot as usize].user.clone() else {
-        sh.send_error(slot, ErrorReason::NotAllowed, id, "not allowed", None);
+    let Some(user) = super::identity(sh, slot, id) else {
         return;
     };
     let derived;
