@@ -91,6 +91,10 @@ impl Shard {
         // it from the epoll set; events of this batch still queued for it are stale by
         // generation. One system call less per disconnect.
         let c = self.clients.remove(slot as usize);
+        // A server API request still waiting for another shard's answer: nobody to answer.
+        if !self.http_waiting.is_empty() {
+            self.http_waiting.remove(&(slot, c.gen));
+        }
         self.out.stats.queued_bytes -= c.queued as u64;
         self.out.stats.connections -= 1;
         if let Some(kind) = kind {
