@@ -18,7 +18,7 @@ use std::thread::JoinHandle;
 use crossbeam_channel::{bounded, Receiver, Sender};
 
 use crate::directory::{Directory, Transition};
-use crate::limits::BRIDGE_INBOX_CAPACITY;
+use crate::limits::BRIDGE_INBOX_SINGLE_NODE_CAPACITY;
 use crate::proto::Frame;
 use crate::route::Target;
 use crate::shard::{Inboxes, ShardMsg};
@@ -56,7 +56,9 @@ pub struct Shards {
 impl BridgeHandle {
     /// Start the single-node bridge.
     pub fn single_node(shards: Shards) -> std::io::Result<BridgeHandle> {
-        let (tx, rx) = bounded(BRIDGE_INBOX_CAPACITY);
+        // Shards send nothing to a bridge that is not clustered: a few slots for Shutdown,
+        // not BRIDGE_INBOX_CAPACITY (whose slots, all touched at creation, cost MiBs).
+        let (tx, rx) = bounded(BRIDGE_INBOX_SINGLE_NODE_CAPACITY);
         let thread = std::thread::Builder::new()
             .name("switchboard-bridge".into())
             .spawn(move || run_single_node(rx, shards))?;

@@ -249,7 +249,7 @@ impl Shard {
             };
             match msg {
                 ShardMsg::Deliver { target, frame } => self.deliver_local(&target, &frame),
-                ShardMsg::Service(m) => service::on_msg(self, m),
+                ShardMsg::Service(m) => service::on_msg(self, *m),
                 ShardMsg::Drain => self.start_drain(),
             }
         }

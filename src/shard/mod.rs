@@ -63,10 +63,19 @@ const CLOSING_GRACE_TICKS: u32 = 20;
 pub enum ShardMsg {
     /// Deliver `frame` to this shard's recipients of `target`.
     Deliver { target: Target, frame: Frame },
-    /// A message for one service module (see `service::ServiceMsg`).
-    Service(service::ServiceMsg),
+    /// A message for one service module (see `service::ServiceMsg`), boxed: service messages
+    /// are the rare ones and some are large, while every inbox slot is as large as the
+    /// largest variant (65,536 slots per shard, all touched when the channel is built).
+    Service(Box<service::ServiceMsg>),
     /// Stop accepting and close every client with 1001 in batches.
     Drain,
+}
+
+impl ShardMsg {
+    /// A service message (boxed; see [`ShardMsg::Service`]).
+    pub fn service(m: service::ServiceMsg) -> ShardMsg {
+        ShardMsg::Service(Box::new(m))
+    }
 }
 
 /// A shard's inbox as seen by senders.
@@ -501,5 +510,22 @@ impl Shard {
             }
             self.hist.reset();
         }
+    }
+}
+
+#[cfg(test)]
+mod msg_budget {
+    use super::*;
+
+    #[test]
+    fn inbox_slots_stay_small() {
+        // Every inbox has SHARD_INBOX_CAPACITY slots of the largest variant, all touched when
+        // the channel is built: 64 B a message is 4 MiB per shard (plus crossbeam's stamp).
+        assert!(
+            std::mem::size_of::<ShardMsg>() <= 64,
+            "{}",
+            std::mem::size_of::<ShardMsg>()
+        );
+        assert!(std::mem::size_of::<Target>() <= 48);
     }
 }

@@ -218,7 +218,7 @@ pub fn disconnect(sh: &mut Shard, user: &str) -> Outcome {
         if i == sh.id {
             disconnect_local(sh, &key);
         } else {
-            let msg = ShardMsg::Service(super::ServiceMsg::Api(Msg::Disconnect {
+            let msg = ShardMsg::service(super::ServiceMsg::Api(Msg::Disconnect {
                 user: key.clone(),
             }));
             if sh.node.inboxes.send(i, msg).is_err() {

@@ -1107,7 +1107,7 @@ fn forward(sh: &mut Shard, input: Input) -> bool {
         return true;
     }
     let msg =
-        crate::shard::ShardMsg::Service(super::ServiceMsg::Calls(Box::new(Msg::Owner(input))));
+        crate::shard::ShardMsg::service(super::ServiceMsg::Calls(Box::new(Msg::Owner(input))));
     if sh.node.inboxes.send(own, msg).is_ok() {
         sh.out.stats.cross_shard_sent += 1;
         true
@@ -1217,7 +1217,7 @@ fn apply(sh: &mut Shard, a: Action) {
                     untrack_local(sh, conn.slot, &peer, &call_id);
                 }
             } else {
-                let msg = crate::shard::ShardMsg::Service(super::ServiceMsg::Calls(Box::new(
+                let msg = crate::shard::ShardMsg::service(super::ServiceMsg::Calls(Box::new(
                     Msg::Untrack {
                         conn,
                         peer,

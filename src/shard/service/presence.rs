@@ -130,7 +130,7 @@ fn report(sh: &mut Shard, to: usize, msg: Msg) {
     if sh
         .node
         .inboxes
-        .send(to, ShardMsg::Service(ServiceMsg::Presence(msg)))
+        .send(to, ShardMsg::service(ServiceMsg::Presence(msg)))
         .is_ok()
     {
         sh.out.stats.cross_shard_sent += 1;
@@ -161,7 +161,7 @@ fn retry_owed(sh: &mut Shard) {
         if sh
             .node
             .inboxes
-            .send(to, ShardMsg::Service(ServiceMsg::Presence(msg)))
+            .send(to, ShardMsg::service(ServiceMsg::Presence(msg)))
             .is_ok()
         {
             sh.out.stats.cross_shard_sent += 1;
@@ -185,7 +185,7 @@ fn request(sh: &mut Shard, to: usize, msg: Msg) -> bool {
     let ok = sh
         .node
         .inboxes
-        .send(to, ShardMsg::Service(ServiceMsg::Presence(msg)))
+        .send(to, ShardMsg::service(ServiceMsg::Presence(msg)))
         .is_ok();
     if ok {
         sh.out.stats.cross_shard_sent += 1;
@@ -387,7 +387,12 @@ fn apply(sh: &mut Shard, out: state::Out) {
         sh.out.stats.presence_forgotten += 1;
     }
     if let Some((user, rec)) = out.publish {
-        sh.node.dir.presence.set(user.clone(), rec.clone());
+        if state::is_plain_online(&rec) {
+            // The common state needs no record: no record and a device reads online.
+            sh.node.dir.presence.remove(&user);
+        } else {
+            sh.node.dir.presence.set(user.clone(), rec.clone());
+        }
         if let Some(ev) = out.event {
             let v = state::view(Some(&rec), 0, false);
             let f = encode_user(sh, ev.type_name(), None, &user, &v);

@@ -250,7 +250,7 @@ fn route_publish(
     if options.sequenced() {
         let own = owner(&room, sh.node.inboxes.len());
         if own != sh.id {
-            let msg = crate::shard::ShardMsg::Service(super::ServiceMsg::Rooms(Msg::Sequence {
+            let msg = crate::shard::ShardMsg::service(super::ServiceMsg::Rooms(Msg::Sequence {
                 room,
                 opts,
                 client_id,
@@ -448,7 +448,7 @@ pub fn on_msg(sh: &mut Shard, m: Msg) {
         } => {
             let (position, recovered, frames) =
                 recover(sh, &room, opts, since.as_ref().map(|(o, e)| (*o, &**e)));
-            let answer = crate::shard::ShardMsg::Service(super::ServiceMsg::Rooms(Msg::Resumed {
+            let answer = crate::shard::ShardMsg::service(super::ServiceMsg::Rooms(Msg::Resumed {
                 room,
                 opts,
                 conn,
@@ -733,7 +733,7 @@ pub fn join(sh: &mut Shard, slot: u32, room: &str, id: Option<&str>, since: Opti
         report_transition(sh, name.clone(), t);
     }
     let conn = sh.conn_ref(slot);
-    let msg = crate::shard::ShardMsg::Service(super::ServiceMsg::Rooms(Msg::Resume {
+    let msg = crate::shard::ShardMsg::service(super::ServiceMsg::Rooms(Msg::Resume {
         room: name.clone(),
         opts,
         since: since.map(|(o, e)| (o, e.into())),

@@ -81,6 +81,15 @@ pub struct View<'a> {
 /// count; `is_self`: the reader is the user (who sees its own true status, invisible included).
 pub fn view(rec: Option<&Record>, devices: u32, is_self: bool) -> View<'_> {
     let Some(r) = rec else {
+        if devices > 0 {
+            // A connected user in the plain online state has no record (`is_plain_online`).
+            return View {
+                status: Status::Online.as_str(),
+                text: None,
+                devices,
+                last_seen_ms: 0,
+            };
+        }
         return View {
             status: Status::Offline.as_str(),
             text: None,
@@ -136,6 +145,22 @@ pub struct Out {
     pub timer: Option<(u64, u64)>,
 }
 
+/// Whether `rec` is the plain online state, which is kept as no record at all (the
+/// directory holds records only for users away, busy, invisible, with a text, in their
+/// offline grace or offline): most online users then cost no presence record.
+pub fn is_plain_online(rec: &Arc<Record>) -> bool {
+    Arc::ptr_eq(rec, &ONLINE)
+}
+
+/// The record of a connected user in the plain online state (status online, no text).
+static ONLINE: std::sync::LazyLock<Arc<Record>> = std::sync::LazyLock::new(|| {
+    Arc::new(Record {
+        status: Status::Online,
+        text: None,
+        last_seen_ms: 0,
+    })
+});
+
 /// One owned user.
 #[derive(Debug)]
 struct User {
@@ -168,7 +193,12 @@ impl User {
             } else {
                 None
             },
-            last_seen_ms: self.last_seen_ms,
+            // Shown only while the user looks offline (see `view`).
+            last_seen_ms: if self.connected && self.status.visible() {
+                0
+            } else {
+                self.last_seen_ms
+            },
         }
     }
 }
@@ -193,7 +223,15 @@ const KEY_MAX: u64 = (1 << 56) - 1;
 
 impl Owner {
     fn publish(out: &mut Out, user: &Arc<str>, u: &User) {
-        out.publish = Some((user.clone(), Arc::new(u.record())));
+        let rec = u.record();
+        // Most online users are in the plain online state: they share one record, so an
+        // online user costs no allocation of its own for it.
+        let rec = if rec == **ONLINE {
+            ONLINE.clone()
+        } else {
+            Arc::new(rec)
+        };
+        out.publish = Some((user.clone(), rec));
     }
 
     /// A shard reported a user's first local device. `devices`: the node-wide count now.
@@ -214,8 +252,11 @@ impl Owner {
             offline_seq: None,
         });
         if u.connected {
-            // Back inside the grace (or another shard's first device): no event.
-            u.due_ms = None;
+            // Back inside the grace (or another shard's first device): no event; the grace
+            // record, if any, goes back to the connected one.
+            if u.due_ms.take().is_some() {
+                Self::publish(&mut out, user, u);
+            }
             return out;
         }
         u.connected = true;
@@ -240,6 +281,18 @@ impl Owner {
             return out;
         }
         u.left_ms = u.left_ms.max(at_ms);
+        if u.status.visible() && u.due_ms.is_none() {
+            // In the grace the user still reads online (with 0 devices): an explicit record,
+            // since no record and no device reads offline.
+            out.publish = Some((
+                user.clone(),
+                Arc::new(Record {
+                    status: u.status,
+                    text: u.text.clone(),
+                    last_seen_ms: u.left_ms.max(1),
+                }),
+            ));
+        }
         let due = at_ms.saturating_add(grace_ms);
         u.due_ms = Some(u.due_ms.map_or(due, |d| d.max(due)));
         if u.timer.is_none() {
@@ -476,13 +529,32 @@ mod tests {
     }
 
     #[test]
+    fn plain_online_users_need_no_record() {
+        let mut o = Owner::default();
+        let ann = u("ann");
+        let out = o.arrive(&ann, 1);
+        assert!(is_plain_online(&out.publish.unwrap().1));
+        // No record and a device: online; no record and none: offline, never seen.
+        assert_eq!(view(None, 2, false).status, "online");
+        assert_eq!(view(None, 2, false).devices, 2);
+        assert_eq!(view(None, 0, false).status, "offline");
+        assert_eq!(view(None, 0, false).last_seen_ms, 0);
+    }
+
+    #[test]
     fn back_inside_the_grace_does_not_flap() {
         let mut o = Owner::default();
         let bob = u("bob");
         o.arrive(&bob, 1);
-        let (key, _) = o.depart(&bob, 1_000, GRACE).timer.unwrap();
+        let out = o.depart(&bob, 1_000, GRACE);
+        // In the grace bob reads online with 0 devices: an explicit record.
+        let (_, rec) = out.publish.clone().unwrap();
+        assert_eq!(view(Some(&rec), 0, false).status, "online");
+        let (key, _) = out.timer.unwrap();
         let out = o.arrive(&bob, 1);
-        assert!(out.event.is_none() && out.publish.is_none());
+        // Back: no event, and the record goes back to the plain online one (none kept).
+        assert!(out.event.is_none());
+        assert!(is_plain_online(&out.publish.unwrap().1));
         let out = o.fire(key, 6_000, 10, |_| 1);
         assert!(out.event.is_none() && out.timer.is_none());
         assert_eq!(o.timers_len(), 0);
