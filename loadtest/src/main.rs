@@ -1199,7 +1199,7 @@ fn typing_storm(o: &Opts) -> Report {
     r.put("events_received", events);
     r.put_f("events_per_s", events as f64 / run_s, 0);
     r.put("frames_saved_by_coalescing", saved);
-    if saved + events > 0 {
+    if events > 0 {
         r.put_f(
             "coalescing_saved_pct",
             saved as f64 / (saved + events) as f64 * 100.0,
