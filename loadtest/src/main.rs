@@ -9,6 +9,8 @@
 mod args;
 mod engine;
 mod floor;
+#[cfg(test)]
+mod mock;
 mod remote;
 mod report;
 mod sys;
@@ -1403,4 +1405,69 @@ fn summary(path: Option<&str>) -> i32 {
     }
     print!("{}", report::summary_table(&rows));
     0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(line: &str) -> Opts {
+        let argv: Vec<String> = line.split_whitespace().map(String::from).collect();
+        args::parse(&argv).expect("valid arguments")
+    }
+
+    fn get(r: &Report, key: &str) -> serde_json::Value {
+        r.json()[key].clone()
+    }
+
+    #[test]
+    fn typing_storm_counts_coalesced_renewals_against_a_mock_server() {
+        let url = mock::start(Duration::from_secs(1), Duration::from_millis(100));
+        let r = typing_storm(&opts(&format!(
+            "typing-storm --url {url} --connections 12 --typers 3 --renew 0.2 --typing-ttl 1 \
+             --stop-every 3 --duration 1.3 --drain 2 --source-ips 127.0.0.1"
+        )));
+        assert!(r.failures.is_empty(), "{:?}\n{}", r.failures, r.table());
+        let first = get(&r, "first_starts").as_u64().unwrap();
+        let renewals = get(&r, "renewals").as_u64().unwrap();
+        let stops = get(&r, "stops").as_u64().unwrap();
+        assert!(first >= 3 && renewals >= 3 && stops >= 3, "{}", r.table());
+        assert_eq!(get(&r, "start_events").as_u64(), Some(first * 11));
+        assert_eq!(
+            get(&r, "frames_saved_by_coalescing").as_u64(),
+            Some(renewals * 11)
+        );
+        assert!(get(&r, "typing_start_count").as_u64().unwrap() > 0);
+    }
+
+    #[test]
+    fn presence_churn_expects_offline_and_online_per_cycle_against_a_mock_server() {
+        let url = mock::start(Duration::from_secs(6), Duration::from_millis(100));
+        let r = presence_churn(&opts(&format!(
+            "presence-churn --url {url} --connections 8 --churners 4 --watch 2 --rate 4 \
+             --away 0.6 --grace 0.1 --duration 2 --drain 2 --source-ips 127.0.0.1"
+        )));
+        assert!(r.failures.is_empty(), "{:?}\n{}", r.failures, r.table());
+        assert_eq!(get(&r, "mode"), "events");
+        let cycles = get(&r, "disconnects").as_u64().unwrap();
+        assert!(cycles >= 4, "{}", r.table());
+        // 8 watchers x 2 users over 4 churners: 4 watchers each, an offline and an online.
+        assert_eq!(get(&r, "expected_events").as_u64(), Some(cycles * 8));
+        assert_eq!(get(&r, "offline_events").as_u64(), Some(cycles * 4));
+        assert!(get(&r, "online_count").as_u64().unwrap() > 0);
+    }
+
+    #[test]
+    fn presence_churn_blips_inside_the_grace_give_no_event() {
+        let url = mock::start(Duration::from_secs(6), Duration::from_millis(1200));
+        let r = presence_churn(&opts(&format!(
+            "presence-churn --url {url} --connections 4 --churners 2 --watch 1 --rate 4 \
+             --away 0.2 --grace 1.2 --duration 1 --drain 2 --source-ips 127.0.0.1"
+        )));
+        assert!(r.failures.is_empty(), "{:?}\n{}", r.failures, r.table());
+        assert_eq!(get(&r, "mode"), "blips");
+        assert!(get(&r, "disconnects").as_u64().unwrap() >= 2);
+        assert_eq!(get(&r, "online_events").as_u64(), Some(0));
+        assert_eq!(get(&r, "offline_events").as_u64(), Some(0));
+    }
 }
