@@ -3,7 +3,8 @@
 //! It shares the machine with the server, so it is built to cost little: mio (epoll) event
 //! loops on `--threads` threads, a hand-written client side of RFC 6455 ([`ws`]), and no JSON
 //! parse on the hot path (it finds `"seq":` / `"ts":` in the payload). The controller in this
-//! file runs one scenario (connect, idle, fanout, dm, churn, echo), samples the server from
+//! file runs one scenario (connect, idle, fanout, dm, churn, echo, and issue 10's
+//! history-resume, typing-storm, presence-churn), samples the server from
 //! /proc, prints a table and one JSON line, and exits 1 when the run had failures.
 
 mod args;
