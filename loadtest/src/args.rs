@@ -19,7 +19,8 @@ pub const DURATION_S_MAX: f64 = 3600.0;
 /// Most messages a history-resume run publishes while the subscribers are away (or before, as
 /// warm-up).
 pub const GAP_MESSAGES_MAX: u64 = 100_000;
-/// Most users one presence watcher watches (`--watch`).
+/// Most users one presence watcher watches (`--watch`; the server's
+/// max_watched_users_per_connection default; sent 100 per frame).
 pub const WATCH_MAX: usize = 1000;
 /// Shortest time a churner stays connected in one cycle (`--rate` x `--away` must leave it).
 pub const CHURN_ONLINE_S_MIN: f64 = 0.2;

@@ -46,6 +46,9 @@ const ERROR_SAMPLES_MAX: usize = 5;
 const SLOW_DRAIN_BYTES_MAX: usize = 16 * 1024 * 1024;
 /// Histogram range: 1 ns .. 120 s, 3 significant digits.
 const HIST_MAX_NS: u64 = 120_000_000_000;
+/// presence-churn: user ids per `presence.watch` frame (the server's max_presence_query_users
+/// default); a longer watch list goes in several frames.
+const WATCH_FRAME_USERS: usize = 100;
 /// Token of the timerfd in each worker's poll.
 const TIMER_TOKEN: Token = Token(usize::MAX - 1);
 
@@ -109,6 +112,8 @@ pub mod kind {
     pub const ONLINE_EVENTS: usize = 4;
     pub const OFFLINE_EVENTS: usize = 5;
     pub const EARLY_EVENTS: usize = 6;
+    /// presence-churn: `presence.state` answers to the watch frames.
+    pub const WATCH_STATES: usize = 7;
 
     pub const SLOTS: usize = 8;
 }
@@ -1482,19 +1487,16 @@ fn on_text(conn: &mut Conn, ctx: &mut Ctx, t: &[u8]) -> Result<(), Drop> {
                     conn.state = State::Subscribing;
                 }
                 Role::Watcher { first } => {
-                    let mut cmd = String::from("{\"type\":\"presence.watch\",\"user_ids\":[");
-                    let users = ctx.plan.user_names.len();
-                    for j in 0..ctx.plan.watch {
-                        if j > 0 {
-                            cmd.push(',');
-                        }
-                        cmd.push('"');
-                        cmd.push_str(&ctx.plan.user_names[(first as usize + j) % users]);
-                        cmd.push('"');
+                    let plan = Arc::clone(&ctx.plan);
+                    let users = plan.user_names.len();
+                    let ids: Vec<&str> = (0..plan.watch)
+                        .map(|j| plan.user_names[(first as usize + j) % users].as_str())
+                        .collect();
+                    for chunk in ids.chunks(WATCH_FRAME_USERS) {
+                        let cmd = watch_json(chunk);
+                        let mask = ctx.mask();
+                        ws::encode_frame(&mut conn.out, ws::opcode::TEXT, cmd.as_bytes(), mask);
                     }
-                    cmd.push_str("]}");
-                    let mask = ctx.mask();
-                    ws::encode_frame(&mut conn.out, ws::opcode::TEXT, cmd.as_bytes(), mask);
                     conn.state = State::Ready;
                 }
                 Role::Dm { .. } | Role::Plain | Role::Churner { .. } => conn.state = State::Ready,
@@ -1644,6 +1646,9 @@ fn on_ready_text(conn: &mut Conn, ctx: &mut Ctx, t: &[u8], now: u64) {
                 (kind::ONLINE_EVENTS, "online", 0)
             } else if ws::has_type(t, b"presence.offline") {
                 (kind::OFFLINE_EVENTS, "offline", ctx.plan.user_names.len())
+            } else if ws::has_type(t, b"presence.state") {
+                ctx.kind[kind::WATCH_STATES] += 1;
+                return;
             } else {
                 ctx.report.other_frames += 1;
                 return;
@@ -1709,6 +1714,21 @@ fn on_ready_text(conn: &mut Conn, ctx: &mut Ctx, t: &[u8], now: u64) {
         }
         Traffic::None => ctx.report.other_frames += 1,
     }
+}
+
+/// `{"type":"presence.watch","user_ids":[...]}` for `users`.
+pub fn watch_json(users: &[&str]) -> String {
+    let mut cmd = String::from("{\"type\":\"presence.watch\",\"user_ids\":[");
+    for (j, u) in users.iter().enumerate() {
+        if j > 0 {
+            cmd.push(',');
+        }
+        cmd.push('"');
+        cmd.push_str(u);
+        cmd.push('"');
+    }
+    cmd.push_str("]}");
+    cmd
 }
 
 /// presence-churn: how many watchers watch each of `users` churners (watcher `first` watches
@@ -2219,6 +2239,16 @@ mod tests {
         let p = br#"{"type":"presence.offline","data":{"user_id":"lt7p3","status":"offline","text":null,"last_seen":"2026-12-01T21:00:00.000Z"},"timestamp":1}"#;
         assert!(ws::has_type(p, b"presence.offline") && !ws::has_type(p, b"presence.online"));
         assert_eq!(ws::find_str_u64(p, b"\"user_id\":", b"lt7p"), Some(3));
+    }
+
+    #[test]
+    fn watch_frames_parse_as_json() {
+        let v: serde_json::Value =
+            serde_json::from_str(&watch_json(&["lt1p0", "lt1p1"])).expect("json");
+        assert_eq!(v["type"], "presence.watch");
+        assert_eq!(v["user_ids"], serde_json::json!(["lt1p0", "lt1p1"]));
+        let v: serde_json::Value = serde_json::from_str(&watch_json(&[])).expect("json");
+        assert_eq!(v["user_ids"], serde_json::json!([]));
     }
 
     #[test]

@@ -1336,6 +1336,7 @@ fn presence_churn(o: &Opts) -> Report {
     r.put("offline_events", offline);
     r.put_f("events_per_s", events as f64 / run_s, 0);
     r.put("events_at_watch_time", shared.k(kind::EARLY_EVENTS));
+    r.put("watch_states", shared.k(kind::WATCH_STATES));
     r.put_f("drain_waited_s", drained_s, 2);
     // From the churner's connect() (online) or close (offline, so grace included) to the
     // watcher's event.
@@ -1456,6 +1457,8 @@ mod tests {
         assert_eq!(get(&r, "expected_events").as_u64(), Some(cycles * 8));
         assert_eq!(get(&r, "offline_events").as_u64(), Some(cycles * 4));
         assert!(get(&r, "online_count").as_u64().unwrap() > 0);
+        assert_eq!(get(&r, "watch_states").as_u64(), Some(8));
+        assert_eq!(get(&r, "unexpected_frames").as_u64(), Some(0));
     }
 
     #[test]

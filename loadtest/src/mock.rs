@@ -237,6 +237,10 @@ fn command(state: &Mutex<State>, id: u64, payload: &[u8], ttl: Duration) {
                     s.watchers.entry(u.to_string()).or_default().insert(id);
                 }
             }
+            s.send(
+                id,
+                &json!({"type": "presence.state", "data": {"users": []}}),
+            );
         }
         _ => s.send(
             id,
