@@ -1625,6 +1625,10 @@ fn on_ready_text(conn: &mut Conn, ctx: &mut Ctx, t: &[u8], now: u64) {
             ctx.report.other_frames += 1;
         }
         Traffic::Typing => {
+            if ctx.shared.phase.load(Ordering::Relaxed) == phase::CLOSE {
+                // Stops from the other members' disconnects at the end: not part of the run.
+                return;
+            }
             let (slot, name) = if ws::has_type(t, b"typing.start") {
                 (kind::START_EVENTS, "typing_start")
             } else if ws::has_type(t, b"typing.stop") {

@@ -1342,6 +1342,18 @@ fn presence_churn(o: &Opts) -> Report {
     // watcher's event.
     r.put_hist("online", &wr.hist("online"));
     r.put_hist("offline", &wr.hist("offline"));
+    let off = wr.hist("offline");
+    if !off.is_empty() {
+        // The same percentiles less the grace: what the server adds to it (timer ticks).
+        let grace_us = o.grace_s * 1e6;
+        for (name, q) in [("p50", 0.5), ("p99", 0.99)] {
+            r.put_f(
+                &format!("offline_{name}_past_grace_us"),
+                off.value_at_quantile(q) as f64 / 1000.0 - grace_us,
+                1,
+            );
+        }
+    }
     if let Some(cpu) = cpu_us(before, after) {
         if changes > 0 {
             r.put_f("server_cpu_us_per_change", cpu / changes as f64, 2);
