@@ -16,6 +16,14 @@ pub const THREADS_MAX: usize = 64;
 pub const SOURCE_IPS_MAX: usize = 256;
 /// Longest run phase one invocation may ask for.
 pub const DURATION_S_MAX: f64 = 3600.0;
+/// Most messages a history-resume run publishes while the subscribers are away (or before, as
+/// warm-up).
+pub const GAP_MESSAGES_MAX: u64 = 100_000;
+/// Most users one presence watcher watches (`--watch`; the server's
+/// max_watched_users_per_connection default; sent 100 per frame).
+pub const WATCH_MAX: usize = 1000;
+/// Shortest time a churner stays connected in one cycle (`--rate` x `--away` must leave it).
+pub const CHURN_ONLINE_S_MIN: f64 = 0.2;
 
 /// The scenario to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,6 +36,12 @@ pub enum Scenario {
     Echo,
     /// No server: the kernel's cost of accept, epoll_ctl, send and recv on this machine.
     Floor,
+    /// Subscribers of a room with history leave, miss `--messages`, and resume at once.
+    HistoryResume,
+    /// `--typers` of one room's members renew `typing.start` (and sometimes stop).
+    TypingStorm,
+    /// `--churners` reconnect at `--rate` while the connections watch their presence.
+    PresenceChurn,
 }
 
 /// Parsed `--url`.
@@ -92,6 +106,26 @@ pub struct Opts {
     pub rss_tolerance_pct: f64,
     /// churn: time for /health to come back to the baseline after each cycle.
     pub baseline_timeout_s: f64,
+    /// history-resume: messages published while the subscribers are away (the gap).
+    pub messages: u64,
+    /// history-resume: messages published before they leave (each remembers the last one).
+    pub warmup: u64,
+    /// typing-storm: connections among `--connections` that type.
+    pub typers: usize,
+    /// typing-storm: seconds between two typing commands of one typer.
+    pub renew_s: f64,
+    /// typing-storm: every K-th command of a typer is `typing.stop` (0 = never).
+    pub stop_every: u64,
+    /// typing-storm: the server's typing_ttl (renewals must come faster).
+    pub typing_ttl_s: f64,
+    /// presence-churn: users that reconnect (beside the `--connections` watchers).
+    pub churners: usize,
+    /// presence-churn: users each watcher watches.
+    pub watch: usize,
+    /// presence-churn: seconds a churner stays away in each cycle.
+    pub away_s: f64,
+    /// presence-churn: the server's presence_offline_grace.
+    pub grace_s: f64,
 }
 
 impl Opts {
@@ -125,6 +159,24 @@ impl Opts {
             hold_s: 1.0,
             rss_tolerance_pct: 10.0,
             baseline_timeout_s: 15.0,
+            messages: 100,
+            warmup: 3,
+            typers: 0,
+            renew_s: 2.0,
+            stop_every: 5,
+            typing_ttl_s: 6.0,
+            churners: 1000,
+            watch: 10,
+            away_s: 6.0,
+            grace_s: 5.0,
+        }
+    }
+
+    /// Sockets the run opens in all processes together.
+    pub fn sockets(&self) -> usize {
+        match self.scenario {
+            Scenario::PresenceChurn => self.connections + self.churners,
+            _ => self.connections + self.publishers,
         }
     }
 }
@@ -134,6 +186,7 @@ usage: switchboard-load SCENARIO [flags]
        switchboard-load summary FILE.jsonl   (one table row per JSON line)
 
 scenarios: connect | idle | fanout | dm | churn | echo | floor
+           history-resume | typing-storm | presence-churn
 
 common flags:
   --url ws://127.0.0.1:8081/ws   server endpoint (loopback only)
@@ -164,6 +217,15 @@ floor:  --connections N (no server is used; the kernel's per-call costs and the 
         they put under the targets)
 idle:   --settle S (window = --duration)
 churn:  --cycles C --hold S --rss-tolerance-pct P --baseline-timeout S
+history-resume: --connections N subscribers of one room named bench-*, which the server must
+        keep history for; --warmup W (3) messages, all leave, --messages G (100) published,
+        all resume at once (--in-flight at a time) with since {offset, epoch}
+typing-storm: --connections S members (?user_id=) of one room, --typers T (S/10) of them
+        send typing.start every --renew S (2), every --stop-every K-th (5, 0 = never) is
+        typing.stop; --typing-ttl S (6) is the server's TTL; one process only
+presence-churn: --connections W watchers, each --watch K (10) of --churners U (1000) users
+        that reconnect at --rate R per second in total, each away --away S (6); --grace S (5)
+        is the server's presence_offline_grace; one process only
 ";
 
 fn parse_target(url: &str) -> Result<Target, String> {
@@ -241,6 +303,9 @@ pub fn parse(args: &[String]) -> Result<Opts, String> {
         "churn" => Scenario::Churn,
         "echo" => Scenario::Echo,
         "floor" => Scenario::Floor,
+        "history-resume" => Scenario::HistoryResume,
+        "typing-storm" => Scenario::TypingStorm,
+        "presence-churn" => Scenario::PresenceChurn,
         "-h" | "--help" | "help" => return Err(String::new()),
         other => return Err(format!("unknown scenario '{other}'")),
     };
@@ -314,6 +379,16 @@ pub fn parse(args: &[String]) -> Result<Opts, String> {
             "--hold" => o.hold_s = num(f, &v)?,
             "--rss-tolerance-pct" => o.rss_tolerance_pct = num(f, &v)?,
             "--baseline-timeout" => o.baseline_timeout_s = num(f, &v)?,
+            "--messages" => o.messages = num(f, &v)?,
+            "--warmup" => o.warmup = num(f, &v)?,
+            "--typers" => o.typers = num(f, &v)?,
+            "--renew" => o.renew_s = num(f, &v)?,
+            "--stop-every" => o.stop_every = num(f, &v)?,
+            "--typing-ttl" => o.typing_ttl_s = num(f, &v)?,
+            "--churners" => o.churners = num(f, &v)?,
+            "--watch" => o.watch = num(f, &v)?,
+            "--away" => o.away_s = num(f, &v)?,
+            "--grace" => o.grace_s = num(f, &v)?,
             _ => return Err(format!("unknown flag {f}")),
         }
     }
@@ -390,6 +465,12 @@ fn validate(o: &mut Opts) -> Result<(), String> {
         // Whole pairs of users only.
         o.connections -= o.connections % per_pair;
     }
+    match o.scenario {
+        Scenario::HistoryResume => validate_history(o)?,
+        Scenario::TypingStorm => validate_typing(o)?,
+        Scenario::PresenceChurn => validate_presence(o)?,
+        _ => {}
+    }
     if o.cycles == 0 || o.cycles > 1000 {
         return Err("--cycles must be 1..=1000".into());
     }
@@ -397,6 +478,93 @@ fn validate(o: &mut Opts) -> Result<(), String> {
         // Source addresses are IPv4 loopback; with an IPv6 target the kernel picks.
         o.source_ips.clear();
     }
+    Ok(())
+}
+
+fn validate_history(o: &mut Opts) -> Result<(), String> {
+    if o.messages == 0 || o.messages > GAP_MESSAGES_MAX || o.warmup > GAP_MESSAGES_MAX {
+        return Err(format!(
+            "--messages must be 1..={GAP_MESSAGES_MAX} and --warmup 0..={GAP_MESSAGES_MAX}"
+        ));
+    }
+    // One publisher connection sends the warm-up and the gap.
+    o.publishers = 1;
+    o.rooms = 1;
+    Ok(())
+}
+
+fn one_process(o: &Opts) -> Result<(), String> {
+    if o.processes != 1 {
+        return Err(format!(
+            "{:?} runs in one process (its latencies read the senders' times from memory); \
+             drop --processes",
+            o.scenario
+        ));
+    }
+    Ok(())
+}
+
+fn validate_typing(o: &mut Opts) -> Result<(), String> {
+    one_process(o)?;
+    if o.typers == 0 {
+        o.typers = (o.connections / 10).max(1);
+    }
+    if o.typers > o.connections || o.connections < 2 {
+        return Err("--typers must be 1..=--connections, and --connections at least 2".into());
+    }
+    let finite_pos = |v: f64| v.is_finite() && v > 0.0;
+    if !finite_pos(o.typing_ttl_s) || !finite_pos(o.renew_s) || o.renew_s >= o.typing_ttl_s {
+        return Err(format!(
+            "--renew {} must be shorter than --typing-ttl {} (the server's typing_ttl), or \
+             every renewal would start a new typing state",
+            o.renew_s, o.typing_ttl_s
+        ));
+    }
+    o.rate = o.typers as f64 / o.renew_s;
+    o.rooms = 1;
+    Ok(())
+}
+
+fn validate_presence(o: &mut Opts) -> Result<(), String> {
+    one_process(o)?;
+    if o.churners == 0 || o.watch == 0 || o.watch > WATCH_MAX.min(o.churners) {
+        return Err(format!(
+            "--churners must be at least 1 and --watch 1..={WATCH_MAX} and <= --churners"
+        ));
+    }
+    if o.sockets() > CONNECTIONS_MAX {
+        return Err(format!(
+            "--connections {} watchers + --churners {} are over {CONNECTIONS_MAX} sockets for \
+             one process",
+            o.connections, o.churners
+        ));
+    }
+    let finite_pos = |v: f64| v.is_finite() && v > 0.0;
+    if !finite_pos(o.away_s) || !finite_pos(o.grace_s) {
+        return Err("--away and --grace must be > 0".into());
+    }
+    // Each churner reconnects once per cycle; the cycle must hold the time away and a short
+    // time online.
+    let cycle = o.churners as f64 / o.rate;
+    if cycle < o.away_s + CHURN_ONLINE_S_MIN {
+        return Err(format!(
+            "{} churners at --rate {}/s reconnect each every {cycle:.2} s, too short for \
+             --away {} s plus {CHURN_ONLINE_S_MIN} s online: raise --churners to at least {} \
+             or lower --rate or --away",
+            o.churners,
+            o.rate,
+            o.away_s,
+            ((o.away_s + CHURN_ONLINE_S_MIN) * o.rate).ceil()
+        ));
+    }
+    if o.duration_s < cycle {
+        return Err(format!(
+            "--duration {} is shorter than one churn cycle ({cycle:.2} s): no churner would \
+             come back",
+            o.duration_s
+        ));
+    }
+    o.rooms = 1;
     Ok(())
 }
 
@@ -441,6 +609,48 @@ mod tests {
         assert_eq!(v.len(), 4);
         assert_eq!(v[2], Ipv4Addr::new(127, 0, 0, 3));
         assert!(parse_source_ips("127.0.0.5-127.0.0.1").is_err());
+    }
+
+    #[test]
+    fn parses_the_issue_10_scenarios() {
+        let o = parse(&args(
+            "history-resume --connections 10000 --messages 100 --warmup 2 --processes 2",
+        ))
+        .expect("valid");
+        assert_eq!(o.scenario, Scenario::HistoryResume);
+        assert_eq!((o.messages, o.warmup, o.publishers), (100, 2, 1));
+        assert_eq!(o.sockets(), 10_001);
+        assert!(parse(&args("history-resume --messages 0")).is_err());
+
+        let o = parse(&args(
+            "typing-storm --connections 5000 --typers 1000 --renew 2",
+        ))
+        .expect("valid");
+        assert_eq!(o.scenario, Scenario::TypingStorm);
+        assert_eq!(o.rate, 500.0);
+        assert_eq!(o.stop_every, 5);
+        let o = parse(&args("typing-storm --connections 50")).expect("valid");
+        assert_eq!(o.typers, 5);
+        let e = parse(&args("typing-storm --renew 6")).unwrap_err();
+        assert!(e.contains("shorter than --typing-ttl"), "{e}");
+        assert!(parse(&args("typing-storm --processes 2 --connections 100")).is_err());
+        assert!(parse(&args("typing-storm --connections 10 --typers 11")).is_err());
+
+        let o = parse(&args(
+            "presence-churn --connections 10000 --churners 7000 --rate 1000 --away 6 --watch 20",
+        ))
+        .expect("valid");
+        assert_eq!(o.scenario, Scenario::PresenceChurn);
+        assert_eq!(o.sockets(), 17_000);
+        assert_eq!((o.watch, o.away_s, o.grace_s), (20, 6.0, 5.0));
+        let e = parse(&args("presence-churn --churners 1000 --rate 1000 --away 6")).unwrap_err();
+        assert!(e.contains("at least 6200"), "{e}");
+        assert!(parse(&args("presence-churn --connections 19000 --churners 1000")).is_err());
+        assert!(parse(&args("presence-churn --watch 0")).is_err());
+        assert!(parse(&args(
+            "presence-churn --churners 100 --rate 10 --duration 5"
+        ))
+        .is_err());
     }
 
     #[test]

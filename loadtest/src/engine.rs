@@ -7,7 +7,8 @@
 //! Per connection the generator keeps only its socket, a few timestamps, the tail of a partial
 //! frame and unsent bytes: about 200 bytes plus buffers that are freed when empty.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, VecDeque};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -45,6 +46,9 @@ const ERROR_SAMPLES_MAX: usize = 5;
 const SLOW_DRAIN_BYTES_MAX: usize = 16 * 1024 * 1024;
 /// Histogram range: 1 ns .. 120 s, 3 significant digits.
 const HIST_MAX_NS: u64 = 120_000_000_000;
+/// presence-churn: user ids per `presence.watch` frame (the server's max_presence_query_users
+/// default); a longer watch list goes in several frames.
+const WATCH_FRAME_USERS: usize = 100;
 /// Token of the timerfd in each worker's poll.
 const TIMER_TOKEN: Token = Token(usize::MAX - 1);
 
@@ -59,6 +63,59 @@ pub enum Role {
     Dm { user: u32, device: u32 },
     /// Connects and does nothing else (echo pings on the schedule).
     Plain,
+    /// typing-storm: user `user` (`?user_id=`), subscribed to `room`; typers are senders.
+    Member { user: u32, room: u32 },
+    /// presence-churn: `?user_id=` of churning user `user`; leaves and comes back on schedule.
+    Churner { user: u32 },
+    /// presence-churn: watches `--watch` churners from `first` on (wrapping).
+    Watcher { first: u32 },
+}
+
+/// Why a connection was opened: the first time (setup), again to resume a room's history, or
+/// again on a churner's schedule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Open {
+    Setup,
+    Resume,
+    Churn,
+}
+
+/// Slots of [`Shared::kind`]: counters whose meaning depends on the scenario.
+pub mod kind {
+    /// history-resume: messages the publisher got back (all of them are stored then).
+    pub const PUB_GOT: usize = 0;
+    /// history-resume: replayed messages received by resuming subscribers.
+    pub const REPLAYED: usize = 1;
+    /// history-resume: `subscribed` with `recovered: true` / anything else.
+    pub const RECOVERED: usize = 2;
+    pub const NOT_RECOVERED: usize = 3;
+    /// history-resume: subscribers that left.
+    pub const LEFT: usize = 4;
+    /// history-resume: replayed offsets missing / seen twice or out of order.
+    pub const MISSING: usize = 5;
+    pub const DUPLICATE: usize = 6;
+
+    /// typing-storm: `typing.start` while not typing (produces events), renewals (coalesced),
+    /// `typing.stop` while typing.
+    pub const FIRST_STARTS: usize = 0;
+    pub const RENEWALS: usize = 1;
+    pub const STOPS: usize = 2;
+    /// typing-storm: events received.
+    pub const START_EVENTS: usize = 4;
+    pub const STOP_EVENTS: usize = 5;
+
+    /// presence-churn: disconnects, reconnects started, events the completed cycles should
+    /// produce, events received.
+    pub const DISCONNECTS: usize = 0;
+    pub const RECONNECTS: usize = 1;
+    pub const EXPECTED_EVENTS: usize = 3;
+    pub const ONLINE_EVENTS: usize = 4;
+    pub const OFFLINE_EVENTS: usize = 5;
+    pub const EARLY_EVENTS: usize = 6;
+    /// presence-churn: `presence.state` answers to the watch frames.
+    pub const WATCH_STATES: usize = 7;
+
+    pub const SLOTS: usize = 8;
 }
 
 /// What the workers do in the run phase.
@@ -71,6 +128,13 @@ pub enum Traffic {
     Dm,
     /// Pings from every connection, round-robin.
     Ping,
+    /// history-resume: the publisher's bursts ([`Shared::burst_target`]), the subscribers'
+    /// leave (`LEAVE`) and resume (`RESUME`).
+    History,
+    /// typing-storm: `typing.start` / `typing.stop` from the senders, round-robin.
+    Typing,
+    /// presence-churn: churners leave and come back on their own schedule.
+    Presence,
 }
 
 /// Everything the workers need to know, fixed for a run.
@@ -102,6 +166,14 @@ pub struct Plan {
     pub payload_bytes: usize,
     /// Distinguishes this run's message ids from earlier runs (server dedup).
     pub nonce: u64,
+    /// history-resume: messages published while the subscribers are away.
+    pub gap: u64,
+    /// typing-storm: every K-th command of a typer is `typing.stop` (0 = never).
+    pub stop_every: u64,
+    /// presence-churn: users per watcher, and each churner's cycle and time away.
+    pub watch: usize,
+    pub cycle_ns: u64,
+    pub away_ns: u64,
 }
 
 impl Plan {
@@ -116,6 +188,10 @@ pub mod phase {
     pub const RUN: u8 = 1;
     pub const DRAIN: u8 = 2;
     pub const CLOSE: u8 = 3;
+    /// history-resume: subscribers close their connections and remember where they were.
+    pub const LEAVE: u8 = 4;
+    /// history-resume: they reconnect (`--in-flight` at a time) and subscribe with `since`.
+    pub const RESUME: u8 = 5;
 }
 
 /// Counters shared between the workers and the controller.
@@ -139,6 +215,17 @@ pub struct Shared {
     pub published: Vec<AtomicU64>,
     /// fanout: ready connections per room whose deliveries count (not slow).
     pub members: Vec<AtomicU64>,
+    /// Reconnected connections that are ready again / that failed before being ready.
+    pub again_ready: AtomicUsize,
+    pub again_failed: AtomicUsize,
+    /// history-resume: publishes the publisher must have sent so far (the controller raises it).
+    pub burst_target: AtomicU64,
+    /// Scenario counters, see [`kind`].
+    pub kind: [AtomicU64; kind::SLOTS],
+    /// typing-storm / presence-churn: per user, the monotonic time of the last command or
+    /// connect (and, after `users`, disconnect) that should produce an event; receivers read
+    /// it for their latency (one process only).
+    pub marks: Vec<AtomicU64>,
 }
 
 impl Shared {
@@ -155,7 +242,23 @@ impl Shared {
             sent: AtomicU64::new(0),
             published: (0..rooms).map(|_| AtomicU64::new(0)).collect(),
             members: (0..rooms).map(|_| AtomicU64::new(0)).collect(),
+            again_ready: AtomicUsize::new(0),
+            again_failed: AtomicUsize::new(0),
+            burst_target: AtomicU64::new(0),
+            kind: std::array::from_fn(|_| AtomicU64::new(0)),
+            marks: Vec::new(),
         }
+    }
+
+    /// With `marks` latency slots (typing-storm, presence-churn).
+    pub fn with_marks(rooms: usize, marks: usize) -> Shared {
+        let mut s = Shared::new(rooms);
+        s.marks = (0..marks).map(|_| AtomicU64::new(0)).collect();
+        s
+    }
+
+    pub fn k(&self, slot: usize) -> u64 {
+        self.kind[slot].load(Ordering::Relaxed)
     }
 }
 
@@ -191,6 +294,10 @@ pub struct WorkerReport {
     pub slow_open: u64,
     /// Sends not made because the connection was gone or its buffer was full.
     pub sends_dropped: u64,
+    /// Scenario histograms by name (history-resume, typing-storm, presence-churn).
+    pub hists: BTreeMap<String, Histogram<u64>>,
+    /// Time the last reconnected connection was ready again.
+    pub last_again_ns: u64,
 }
 
 impl WorkerReport {
@@ -212,7 +319,25 @@ impl WorkerReport {
             slow_closed_other: 0,
             slow_open: 0,
             sends_dropped: 0,
+            hists: BTreeMap::new(),
+            last_again_ns: 0,
         }
+    }
+
+    /// Records `ns` in the histogram `name` (created on first use).
+    fn rec(&mut self, name: &str, ns: u64) {
+        if let Some(h) = self.hists.get_mut(name) {
+            h.saturating_record(ns.max(1));
+            return;
+        }
+        let mut h = new_hist();
+        h.saturating_record(ns.max(1));
+        self.hists.insert(name.to_string(), h);
+    }
+
+    /// The histogram `name`, empty when nothing was recorded.
+    pub fn hist(&self, name: &str) -> Histogram<u64> {
+        self.hists.get(name).cloned().unwrap_or_else(new_hist)
     }
 
     /// Adds `other` into `self`.
@@ -240,6 +365,17 @@ impl WorkerReport {
         self.slow_closed_other += other.slow_closed_other;
         self.slow_open += other.slow_open;
         self.sends_dropped += other.sends_dropped;
+        for (k, h) in other.hists {
+            match self.hists.get_mut(&k) {
+                Some(mine) => {
+                    let _ = mine.add(&h);
+                }
+                None => {
+                    self.hists.insert(k, h);
+                }
+            }
+        }
+        self.last_again_ns = self.last_again_ns.max(other.last_again_ns);
     }
 
     /// An empty report to merge worker reports into.
@@ -283,6 +419,12 @@ struct Conn {
     muted: bool,
     /// Close code the server sent, if any.
     close_code: Option<u16>,
+    open: Open,
+    /// history-resume: the room's epoch from `subscribed` and the offset of the last message.
+    epoch: Option<Box<str>>,
+    offset: u64,
+    /// typing-storm: a `typing.start` was sent and not stopped.
+    typing: bool,
 }
 
 /// Why a connection is being dropped.
@@ -303,6 +445,9 @@ struct Ctx {
     sent: u64,
     published: Vec<u64>,
     scratch: Vec<u8>,
+    kind: [u64; kind::SLOTS],
+    /// typing-storm / presence-churn: user names are this prefix and the user's index.
+    user_prefix: Vec<u8>,
 }
 
 impl Ctx {
@@ -328,6 +473,12 @@ impl Ctx {
         if self.sent > 0 {
             self.shared.sent.fetch_add(self.sent, Ordering::Relaxed);
             self.sent = 0;
+        }
+        for (slot, n) in self.kind.iter_mut().enumerate() {
+            if *n > 0 {
+                self.shared.kind[slot].fetch_add(*n, Ordering::Relaxed);
+                *n = 0;
+            }
         }
         for (room, n) in self.published.iter_mut().enumerate() {
             if *n > 0 {
@@ -421,6 +572,18 @@ pub struct Worker {
     next_send: Option<u64>,
     /// Cached local index of each global connection of this worker (by position in `mine`).
     local_of: BTreeMap<usize, usize>,
+    /// history-resume: where each subscriber that left was (offset, epoch), by local index.
+    memo: Vec<Option<(u64, Option<Box<str>>)>>,
+    left: bool,
+    next_reconnect: usize,
+    /// history-resume: this worker's publisher and the publishes it has made.
+    burst_local: Option<usize>,
+    burst_sent: u64,
+    /// presence-churn: (time, local, reconnect?) of this worker's churners, earliest first.
+    churn: BinaryHeap<Reverse<(u64, usize, bool)>>,
+    churn_started: bool,
+    /// presence-churn: watchers per churning user (all of them, from the plan).
+    watchers_of: Vec<u32>,
 }
 
 impl Worker {
@@ -438,6 +601,16 @@ impl Worker {
         let owns_sender = plan.senders.iter().any(|g| g % workers == gid);
         let rooms = plan.room_names.len();
         let seed = (now_ns() ^ ((id as u64 + 1) * 0x9E37_79B9_7F4A_7C15)) | 1;
+        let burst_local = mine
+            .iter()
+            .position(|g| matches!(plan.roles[*g], Role::Pub { .. }))
+            .filter(|_| plan.traffic == Traffic::History);
+        let watchers_of = if plan.traffic == Traffic::Presence {
+            watchers_of(&plan.roles, plan.user_names.len(), plan.watch)
+        } else {
+            Vec::new()
+        };
+        let user_prefix = user_prefix(&plan).into_bytes();
         Ok(Worker {
             gid,
             workers,
@@ -457,10 +630,20 @@ impl Worker {
                 sent: 0,
                 published: vec![0; rooms],
                 scratch: Vec::with_capacity(1024),
+                kind: [0; kind::SLOTS],
+                user_prefix,
             },
             rbuf: vec![0; READ_BUF_BYTES],
             next_send: owns_sender.then_some(0),
             local_of,
+            memo: Vec::new(),
+            left: false,
+            next_reconnect: 0,
+            burst_local,
+            burst_sent: 0,
+            churn: BinaryHeap::new(),
+            churn_started: false,
+            watchers_of,
         })
     }
 
@@ -482,8 +665,24 @@ impl Worker {
             if ph == phase::SETUP {
                 self.start_connects();
             }
-            if ph == phase::RUN {
-                let next = self.send_due();
+            if self.burst_local.is_some() {
+                self.burst_due();
+            }
+            if ph == phase::LEAVE && !self.left {
+                self.left = true;
+                self.leave_all();
+            }
+            if ph == phase::RESUME {
+                self.start_reconnects();
+            }
+            if ph == phase::RUN || ph == phase::DRAIN {
+                let mut next = if ph == phase::RUN { self.send_due() } else { 0 };
+                if self.ctx.plan.traffic == Traffic::Presence {
+                    let c = self.churn_due(ph);
+                    if c != 0 && (next == 0 || c < next) {
+                        next = c;
+                    }
+                }
                 if next != 0 && next != armed_for {
                     self.timer.arm(next);
                     armed_for = next;
@@ -612,6 +811,10 @@ impl Worker {
             pending: VecDeque::new(),
             muted: false,
             close_code: None,
+            open: Open::Setup,
+            epoch: None,
+            offset: 0,
+            typing: false,
         })
     }
 
@@ -634,12 +837,24 @@ impl Worker {
         let Some(conn) = self.conns.get_mut(local).and_then(Option::as_mut) else {
             return;
         };
+        if conn.state == State::Ready && conn.t_start != 0 && conn.open != Open::Setup {
+            conn.t_start = 0; // marks "counted as ready"
+            if conn.open == Open::Resume {
+                self.in_flight -= 1;
+            }
+            self.ctx.shared.again_ready.fetch_add(1, Ordering::Relaxed);
+            self.ctx.report.last_again_ns = now_ns();
+            return;
+        }
         if conn.state == State::Ready && conn.t_start != 0 {
             conn.t_start = 0; // marks "counted as ready"
             self.in_flight -= 1;
             self.ctx.shared.ready.fetch_add(1, Ordering::Relaxed);
             self.ctx.report.last_ready_ns = now_ns();
-            if let Role::Sub { room, slow: false } | Role::Pub { room } = conn.role {
+            if let Role::Sub { room, slow: false }
+            | Role::Pub { room }
+            | Role::Member { room, .. } = conn.role
+            {
                 self.ctx.shared.members[room as usize].fetch_add(1, Ordering::Relaxed);
             }
             if let Role::Sub { slow: true, .. } = conn.role {
@@ -677,10 +892,184 @@ impl Worker {
         self.ctx.report.fail(&format!("{stage}: {reason}"));
         if was_ready {
             self.ctx.shared.dropped.fetch_add(1, Ordering::Relaxed);
-        } else {
+        } else if conn.open == Open::Setup {
             self.in_flight -= 1;
             self.ctx.shared.setup_failed.fetch_add(1, Ordering::Relaxed);
+        } else {
+            if conn.open == Open::Resume {
+                self.in_flight -= 1;
+            }
+            self.ctx.shared.again_failed.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Closes a connection on purpose (1000), without counting it as lost; returns it.
+    fn leave(&mut self, local: usize) -> Option<Conn> {
+        let mut conn = self.conns.get_mut(local).and_then(Option::take)?;
+        let mask = self.ctx.mask();
+        ws::encode_close(&mut conn.out, 1000, mask);
+        let _ = flush(&mut conn);
+        let _ = conn.sock.shutdown(std::net::Shutdown::Write);
+        let _ = self.poll.registry().deregister(&mut conn.sock);
+        Some(conn)
+    }
+
+    /// Opens connection `local` again; false (counted) when the socket could not be opened.
+    fn reopen(&mut self, local: usize, why: Open) -> Option<&mut Conn> {
+        let gidx = self.mine[local];
+        match self.open(local, gidx) {
+            Ok(mut conn) => {
+                conn.open = why;
+                if let Some(Some((offset, epoch))) = self.memo.get_mut(local).map(Option::take) {
+                    conn.offset = offset;
+                    conn.epoch = epoch;
+                }
+                if why == Open::Resume {
+                    self.in_flight += 1;
+                }
+                self.conns[local] = Some(conn);
+                self.conns[local].as_mut()
+            }
+            Err(e) => {
+                self.ctx.report.fail(&format!("reconnect: {e}"));
+                self.ctx.shared.again_failed.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+        }
+    }
+
+    /// history-resume: every ready subscriber leaves and remembers where it was.
+    fn leave_all(&mut self) {
+        self.memo = (0..self.conns.len()).map(|_| None).collect();
+        for local in 0..self.conns.len() {
+            let ready_sub = matches!(
+                self.conns[local].as_ref(),
+                Some(c) if c.state == State::Ready && matches!(c.role, Role::Sub { .. })
+            );
+            if !ready_sub {
+                continue;
+            }
+            if let Some(conn) = self.leave(local) {
+                self.memo[local] = Some((conn.offset, conn.epoch));
+                self.ctx.kind[kind::LEFT] += 1;
+            }
+        }
+    }
+
+    /// history-resume: reconnects the subscribers that left, `in_flight` at a time.
+    fn start_reconnects(&mut self) {
+        while self.in_flight < self.ctx.plan.in_flight_per_thread
+            && self.next_reconnect < self.memo.len()
+        {
+            let local = self.next_reconnect;
+            self.next_reconnect += 1;
+            if self.memo[local].is_some() {
+                self.reopen(local, Open::Resume);
+            }
+        }
+    }
+
+    /// history-resume: the publisher sends up to [`Shared::burst_target`] publishes.
+    fn burst_due(&mut self) {
+        let Some(local) = self.burst_local else {
+            return;
+        };
+        let target = self.ctx.shared.burst_target.load(Ordering::Acquire);
+        let plan = Arc::clone(&self.ctx.plan);
+        while self.burst_sent < target {
+            let Some(conn) = self.conns.get_mut(local).and_then(Option::as_mut) else {
+                return;
+            };
+            if conn.state != State::Ready {
+                return;
+            }
+            let Role::Pub { room } = conn.role else {
+                return;
+            };
+            let mut msg = std::mem::take(&mut self.ctx.scratch);
+            msg.clear();
+            let at = now_ns();
+            publish_json(
+                &mut msg,
+                &plan.room_names[room as usize],
+                self.burst_sent,
+                at,
+                plan.payload_bytes,
+            );
+            let mask = self.ctx.mask();
+            ws::encode_frame(&mut conn.out, ws::opcode::TEXT, &msg, mask);
+            self.ctx.scratch = msg;
+            self.ctx.sent += 1;
+            self.burst_sent += 1;
+            if let Err(d) = flush(conn) {
+                self.drop_conn(local, d);
+                return;
+            }
+        }
+    }
+
+    /// presence-churn: runs the churners' leaves and returns that are due; returns the time of
+    /// the next one (0 when none).
+    fn churn_due(&mut self, ph: u8) -> u64 {
+        let plan = Arc::clone(&self.ctx.plan);
+        let start = self.ctx.shared.run_start_ns.load(Ordering::Acquire);
+        let end = self.ctx.shared.run_end_ns.load(Ordering::Acquire);
+        let users = plan.user_names.len().max(1) as u64;
+        if !self.churn_started && ph == phase::RUN {
+            self.churn_started = true;
+            // Churner u first leaves at start + u/users of a cycle: the leaves (and the returns,
+            // `away` later) are spread evenly at `users / cycle` per second.
+            for (local, g) in self.mine.iter().enumerate() {
+                if let Role::Churner { user } = plan.roles[*g] {
+                    let at = start + plan.cycle_ns * u64::from(user) / users;
+                    self.churn.push(Reverse((at, local, false)));
+                }
+            }
+        }
+        let now = now_ns();
+        while let Some(Reverse((at, local, back))) = self.churn.peek().copied() {
+            if at > now {
+                return at;
+            }
+            self.churn.pop();
+            let Some(&Role::Churner { user }) = self.mine.get(local).map(|g| &plan.roles[*g])
+            else {
+                continue;
+            };
+            if back {
+                self.ctx.shared.marks[user as usize].store(now_ns(), Ordering::Relaxed);
+                self.ctx.kind[kind::RECONNECTS] += 1;
+                if self.reopen(local, Open::Churn).is_some() {
+                    self.churn
+                        .push(Reverse((at - plan.away_ns + plan.cycle_ns, local, false)));
+                }
+                continue;
+            }
+            // Only whole cycles: leave when the return still falls inside the run.
+            if at + plan.away_ns > end || ph != phase::RUN {
+                continue;
+            }
+            let was_ready =
+                matches!(self.conns[local].as_ref(), Some(c) if c.state == State::Ready);
+            if !was_ready {
+                self.ctx
+                    .report
+                    .fail("churn: not connected when its next leave was due");
+            }
+            let users_n = plan.user_names.len();
+            self.ctx.shared.marks[users_n + user as usize].store(now_ns(), Ordering::Relaxed);
+            if let Some(conn) = self.leave(local) {
+                if conn.t_start != 0 {
+                    // A return that had not finished: it counts as failed, not as lost.
+                    self.ctx.shared.again_failed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            self.ctx.kind[kind::DISCONNECTS] += 1;
+            self.ctx.kind[kind::EXPECTED_EVENTS] +=
+                2 * u64::from(self.watchers_of.get(user as usize).copied().unwrap_or(0));
+            self.churn.push(Reverse((at + plan.away_ns, local, true)));
+        }
+        0
     }
 
     fn scan_timeouts(&mut self, now: u64) {
@@ -764,6 +1153,29 @@ impl Worker {
             (Traffic::Dm, Role::Dm { user, .. }) => {
                 let to = &plan.user_names[plan.dm_partner(user) as usize];
                 dm_json(&mut msg, to, seq, at, plan.nonce, plan.payload_bytes);
+            }
+            (Traffic::Typing, Role::Member { room, user }) => {
+                let typers = plan.senders.len() as u64;
+                let Some((stop, slot)) = typing_step(seq, typers, plan.stop_every, conn.typing)
+                else {
+                    // A stop while not typing would produce nothing: not sent.
+                    self.ctx.scratch = msg;
+                    return;
+                };
+                self.ctx.kind[slot] += 1;
+                if slot != kind::RENEWALS {
+                    // The scheduled time, so a stalled sender is counted in the latency.
+                    self.ctx.shared.marks[user as usize].store(at, Ordering::Relaxed);
+                }
+                conn.typing = !stop;
+                let ty = if stop { "typing.stop" } else { "typing.start" };
+                msg.extend_from_slice(
+                    format!(
+                        "{{\"type\":\"{ty}\",\"room\":\"{}\"}}",
+                        plan.room_names[room as usize]
+                    )
+                    .as_bytes(),
+                );
             }
             (Traffic::Ping, _) => {
                 if conn.pending.len() >= PENDING_PINGS_MAX {
@@ -888,8 +1300,18 @@ fn drive(conn: &mut Conn, ctx: &mut Ctx, rbuf: &mut [u8], readable: bool) -> Res
         }
         let plan = Arc::clone(&ctx.plan);
         let path = match conn.role {
-            Role::Dm { user, .. } => {
+            Role::Dm { user, .. } | Role::Churner { user } => {
                 format!("{}?user_id={}", plan.path, plan.user_names[user as usize])
+            }
+            Role::Member { user, room } if plan.url_subscribe => format!(
+                "{}?user_id={}&subscribe={}",
+                plan.path, plan.user_names[user as usize], plan.room_names[room as usize]
+            ),
+            Role::Member { user, .. } => {
+                format!("{}?user_id={}", plan.path, plan.user_names[user as usize])
+            }
+            Role::Watcher { .. } => {
+                format!("{}?user_id=lt{}w{}", plan.path, plan.nonce, conn.gidx)
             }
             // Room names are `lt<digits>-<digits>`: nothing to percent-encode.
             Role::Sub { room, .. } | Role::Pub { room } if plan.url_subscribe => {
@@ -1037,12 +1459,26 @@ fn on_text(conn: &mut Conn, ctx: &mut Ctx, t: &[u8]) -> Result<(), Drop> {
                 return Ok(());
             }
             match conn.role {
-                Role::Sub { .. } | Role::Pub { .. } if ctx.plan.url_subscribe => {
+                Role::Sub { room, .. } if conn.open == Open::Resume => {
+                    let name = &ctx.plan.room_names[room as usize];
+                    let epoch = conn.epoch.as_deref().unwrap_or("");
+                    let cmd = format!(
+                        "{{\"type\":\"subscribe\",\"room\":\"{name}\",\"since\":{{\"offset\":{},\"epoch\":\"{epoch}\"}}}}",
+                        conn.offset
+                    );
+                    let mask = ctx.mask();
+                    ws::encode_frame(&mut conn.out, ws::opcode::TEXT, cmd.as_bytes(), mask);
+                    conn.t_sub = now;
+                    conn.state = State::Subscribing;
+                }
+                Role::Sub { .. } | Role::Pub { .. } | Role::Member { .. }
+                    if ctx.plan.url_subscribe =>
+                {
                     // `subscribed` follows `connected` in the same write.
                     conn.t_sub = now;
                     conn.state = State::Subscribing;
                 }
-                Role::Sub { room, .. } | Role::Pub { room } => {
+                Role::Sub { room, .. } | Role::Pub { room } | Role::Member { room, .. } => {
                     let name = &ctx.plan.room_names[room as usize];
                     let cmd = format!("{{\"type\":\"subscribe\",\"room\":\"{name}\"}}");
                     let mask = ctx.mask();
@@ -1050,11 +1486,37 @@ fn on_text(conn: &mut Conn, ctx: &mut Ctx, t: &[u8]) -> Result<(), Drop> {
                     conn.t_sub = now;
                     conn.state = State::Subscribing;
                 }
-                Role::Dm { .. } | Role::Plain => conn.state = State::Ready,
+                Role::Watcher { first } => {
+                    let plan = Arc::clone(&ctx.plan);
+                    let users = plan.user_names.len();
+                    let ids: Vec<&str> = (0..plan.watch)
+                        .map(|j| plan.user_names[(first as usize + j) % users].as_str())
+                        .collect();
+                    for chunk in ids.chunks(WATCH_FRAME_USERS) {
+                        let cmd = watch_json(chunk);
+                        let mask = ctx.mask();
+                        ws::encode_frame(&mut conn.out, ws::opcode::TEXT, cmd.as_bytes(), mask);
+                    }
+                    conn.state = State::Ready;
+                }
+                Role::Dm { .. } | Role::Plain | Role::Churner { .. } => conn.state = State::Ready,
             }
         }
+        State::Subscribing if conn.open == Open::Resume => on_resume_text(conn, ctx, t, now)?,
         State::Subscribing => {
             if ws::has_type(t, b"subscribed") {
+                if ctx.plan.traffic == Traffic::History {
+                    let Some(epoch) = ws::find_str(t, b"\"epoch\":") else {
+                        return Err(Drop::Fail(
+                            "subscribed without epoch: the room keeps no history; start the \
+                             server with SWITCHBOARD_ROOMS='[{\"pattern\":\"bench-*\",\
+                             \"history_size\":200}]'"
+                                .into(),
+                        ));
+                    };
+                    conn.epoch = Some(String::from_utf8_lossy(epoch).into());
+                    conn.offset = ws::find_u64(t, b"\"offset\":").unwrap_or(0);
+                }
                 ctx.report
                     .subscribe
                     .saturating_record(now.saturating_sub(conn.t_sub).max(1));
@@ -1072,8 +1534,143 @@ fn on_text(conn: &mut Conn, ctx: &mut Ctx, t: &[u8]) -> Result<(), Drop> {
     Ok(())
 }
 
+/// history-resume: a resuming subscriber's frames up to `subscribed`: the replayed messages,
+/// each exactly one offset after the one before, then `subscribed` with `recovered: true` at
+/// the offset of the last one.
+fn on_resume_text(conn: &mut Conn, ctx: &mut Ctx, t: &[u8], now: u64) -> Result<(), Drop> {
+    if ws::has_type(t, b"message") {
+        let Some(off) = ws::find_u64(t, b"\"offset\":") else {
+            ctx.report.fail("resume: replayed message without offset");
+            return Ok(());
+        };
+        let (missing, duplicate) = offset_step(conn.offset, off);
+        ctx.kind[kind::MISSING] += missing;
+        ctx.kind[kind::DUPLICATE] += duplicate;
+        conn.offset = conn.offset.max(off);
+        ctx.kind[kind::REPLAYED] += 1;
+        return Ok(());
+    }
+    if !ws::has_type(t, b"subscribed") {
+        ctx.report.other_frames += 1;
+        return Ok(());
+    }
+    let recovered = ws::find_bool(t, b"\"recovered\":") == Some(true);
+    if let Some(at) = ws::find_u64(t, b"\"offset\":") {
+        // Messages before this offset that did not come are missing.
+        ctx.kind[kind::MISSING] += at.saturating_sub(conn.offset);
+    }
+    if recovered {
+        ctx.kind[kind::RECOVERED] += 1;
+    } else {
+        ctx.kind[kind::NOT_RECOVERED] += 1;
+        ctx.report
+            .fail("resume: subscribed without recovered: true");
+    }
+    let phase_start = ctx.shared.run_start_ns.load(Ordering::Relaxed);
+    ctx.report.rec("resume", now.saturating_sub(conn.t_start));
+    ctx.report.rec("replay", now.saturating_sub(conn.t_sub));
+    ctx.report
+        .rec("resume_wait", now.saturating_sub(phase_start));
+    conn.state = State::Ready;
+    Ok(())
+}
+
+/// (missing, duplicate) when offset `next` follows `last`: one more is right, a jump misses the
+/// ones between, an offset not after `last` is a duplicate (or out of order).
+pub fn offset_step(last: u64, next: u64) -> (u64, u64) {
+    if next == last + 1 {
+        (0, 0)
+    } else if next > last {
+        (next - last - 1, 0)
+    } else {
+        (0, 1)
+    }
+}
+
+/// typing-storm: send `seq` of the schedule goes to typer `seq % typers` as its round
+/// `seq / typers`; every `stop_every`-th round is a stop. Returns (is a stop, the [`kind`] slot
+/// it counts in: first start, renewal or stop), or `None` for a stop while not typing (nothing
+/// to send).
+pub fn typing_step(seq: u64, typers: u64, stop_every: u64, typing: bool) -> Option<(bool, usize)> {
+    let round = seq / typers.max(1);
+    let stop = stop_every > 0 && (round + 1).is_multiple_of(stop_every);
+    match (stop, typing) {
+        (false, false) => Some((false, kind::FIRST_STARTS)),
+        (false, true) => Some((false, kind::RENEWALS)),
+        (true, true) => Some((true, kind::STOPS)),
+        (true, false) => None,
+    }
+}
+
+/// The user index in a frame's `"user_id":"<prefix><index>"`.
+fn event_user(ctx: &Ctx, t: &[u8]) -> Option<usize> {
+    let u = ws::find_str_u64(t, b"\"user_id\":", &ctx.user_prefix)? as usize;
+    (u < ctx.plan.user_names.len()).then_some(u)
+}
+
 fn on_ready_text(conn: &mut Conn, ctx: &mut Ctx, t: &[u8], now: u64) {
     match ctx.plan.traffic {
+        Traffic::History => {
+            if ws::has_type(t, b"message") {
+                if let Some(off) = ws::find_u64(t, b"\"offset\":") {
+                    conn.offset = conn.offset.max(off);
+                }
+                if matches!(conn.role, Role::Pub { .. }) {
+                    ctx.kind[kind::PUB_GOT] += 1;
+                } else {
+                    ctx.received += 1;
+                }
+                return;
+            }
+            ctx.report.other_frames += 1;
+        }
+        Traffic::Typing => {
+            if ctx.shared.phase.load(Ordering::Relaxed) == phase::CLOSE {
+                // Stops from the other members' disconnects at the end: not part of the run.
+                return;
+            }
+            let (slot, name) = if ws::has_type(t, b"typing.start") {
+                (kind::START_EVENTS, "typing_start")
+            } else if ws::has_type(t, b"typing.stop") {
+                (kind::STOP_EVENTS, "typing_stop")
+            } else {
+                ctx.report.other_frames += 1;
+                return;
+            };
+            ctx.kind[slot] += 1;
+            if let Some(u) = event_user(ctx, t) {
+                let at = ctx.shared.marks[u].load(Ordering::Relaxed);
+                if at != 0 {
+                    ctx.report.rec(name, now.saturating_sub(at));
+                }
+            }
+        }
+        Traffic::Presence => {
+            let (slot, name, mark_base) = if ws::has_type(t, b"presence.online") {
+                (kind::ONLINE_EVENTS, "online", 0)
+            } else if ws::has_type(t, b"presence.offline") {
+                (kind::OFFLINE_EVENTS, "offline", ctx.plan.user_names.len())
+            } else if ws::has_type(t, b"presence.state") {
+                ctx.kind[kind::WATCH_STATES] += 1;
+                return;
+            } else {
+                ctx.report.other_frames += 1;
+                return;
+            };
+            let ph = ctx.shared.phase.load(Ordering::Relaxed);
+            if ph != phase::RUN && ph != phase::DRAIN {
+                // The state at watch time, not a change of the run.
+                ctx.kind[kind::EARLY_EVENTS] += 1;
+                return;
+            }
+            ctx.kind[slot] += 1;
+            if let Some(u) = event_user(ctx, t) {
+                let at = ctx.shared.marks[mark_base + u].load(Ordering::Relaxed);
+                if at != 0 {
+                    ctx.report.rec(name, now.saturating_sub(at));
+                }
+            }
+        }
         Traffic::Publish => {
             if ws::has_type(t, b"message") {
                 if let Some(ts) = ws::find_u64(t, b"\"ts\":") {
@@ -1123,6 +1720,48 @@ fn on_ready_text(conn: &mut Conn, ctx: &mut Ctx, t: &[u8], now: u64) {
     }
 }
 
+/// `{"type":"presence.watch","user_ids":[...]}` for `users`.
+pub fn watch_json(users: &[&str]) -> String {
+    let mut cmd = String::from("{\"type\":\"presence.watch\",\"user_ids\":[");
+    for (j, u) in users.iter().enumerate() {
+        if j > 0 {
+            cmd.push(',');
+        }
+        cmd.push('"');
+        cmd.push_str(u);
+        cmd.push('"');
+    }
+    cmd.push_str("]}");
+    cmd
+}
+
+/// presence-churn: how many watchers watch each of `users` churners (watcher `first` watches
+/// `first .. first + watch`, wrapping).
+pub fn watchers_of(roles: &[Role], users: usize, watch: usize) -> Vec<u32> {
+    let mut n = vec![0u32; users];
+    if users == 0 {
+        return n;
+    }
+    for r in roles {
+        if let Role::Watcher { first } = r {
+            for j in 0..watch.min(users) {
+                n[(*first as usize + j) % users] += 1;
+            }
+        }
+    }
+    n
+}
+
+/// The part of the scenario's user names before the user's index: `lt<nonce>t` (typing),
+/// `lt<nonce>p` (presence churners).
+pub fn user_prefix(plan: &Plan) -> String {
+    match plan.traffic {
+        Traffic::Typing => format!("lt{}t", plan.nonce),
+        Traffic::Presence => format!("lt{}p", plan.nonce),
+        _ => format!("lt{}u", plan.nonce),
+    }
+}
+
 /// `{"type":"publish","room":R,"data":{"seq":S,"ts":T,"pad":"..."}}` with the `data` object
 /// padded to `payload_bytes` when that is larger than its minimum.
 pub fn publish_json(out: &mut Vec<u8>, room: &str, seq: u64, ts: u64, payload_bytes: usize) {
@@ -1162,6 +1801,9 @@ fn role_code(r: &Role) -> String {
         Role::Pub { room } => format!("p{room}"),
         Role::Dm { user, device } => format!("d{user}.{device}"),
         Role::Plain => "n".into(),
+        Role::Member { user, room } => format!("m{user}.{room}"),
+        Role::Churner { user } => format!("c{user}"),
+        Role::Watcher { first } => format!("v{first}"),
     }
 }
 
@@ -1187,6 +1829,19 @@ fn role_parse(t: &str) -> Option<Role> {
             }
         }
         "n" => Role::Plain,
+        "m" => {
+            let (u, r) = rest.split_once('.')?;
+            Role::Member {
+                user: u.parse().ok()?,
+                room: r.parse().ok()?,
+            }
+        }
+        "c" => Role::Churner {
+            user: rest.parse().ok()?,
+        },
+        "v" => Role::Watcher {
+            first: rest.parse().ok()?,
+        },
         _ => return None,
     })
 }
@@ -1197,6 +1852,9 @@ fn traffic_code(t: Traffic) -> &'static str {
         Traffic::Publish => "publish",
         Traffic::Dm => "dm",
         Traffic::Ping => "ping",
+        Traffic::History => "history",
+        Traffic::Typing => "typing",
+        Traffic::Presence => "presence",
     }
 }
 
@@ -1224,6 +1882,11 @@ impl Plan {
             "url_subscribe": self.url_subscribe,
             "proc_index": self.proc_index,
             "procs": self.procs,
+            "gap": self.gap,
+            "stop_every": self.stop_every,
+            "watch": self.watch,
+            "cycle_ns": self.cycle_ns,
+            "away_ns": self.away_ns,
         })
     }
 
@@ -1247,6 +1910,9 @@ impl Plan {
             "publish" => Traffic::Publish,
             "dm" => Traffic::Dm,
             "ping" => Traffic::Ping,
+            "history" => Traffic::History,
+            "typing" => Traffic::Typing,
+            "presence" => Traffic::Presence,
             t => return Err(format!("plan: traffic {t:?}")),
         };
         Ok(Plan {
@@ -1278,6 +1944,11 @@ impl Plan {
             url_subscribe: v["url_subscribe"].as_bool().ok_or("plan: url_subscribe")?,
             proc_index: u("proc_index")? as usize,
             procs: u("procs")? as usize,
+            gap: u("gap")?,
+            stop_every: u("stop_every")?,
+            watch: u("watch")? as usize,
+            cycle_ns: u("cycle_ns")?,
+            away_ns: u("away_ns")?,
         })
     }
 }
@@ -1320,6 +1991,8 @@ impl WorkerReport {
             "slow_closed_other": self.slow_closed_other,
             "slow_open": self.slow_open,
             "sends_dropped": self.sends_dropped,
+            "hists": self.hists.iter().map(|(k, h)| (k.clone(), hist_json(h))).collect::<serde_json::Map<_, _>>(),
+            "last_again_ns": self.last_again_ns,
         })
     }
 
@@ -1351,12 +2024,19 @@ impl WorkerReport {
         r.slow_closed_other = u("slow_closed_other");
         r.slow_open = u("slow_open");
         r.sends_dropped = u("sends_dropped");
+        if let Some(m) = v["hists"].as_object() {
+            for (k, h) in m {
+                r.hists.insert(k.clone(), hist_from(h));
+            }
+        }
+        r.last_again_ns = u("last_again_ns");
         r
     }
 }
 
 /// The counters of [`Shared`] a child reports to the controller, as numbers in a fixed order:
-/// ready, setup_failed, dropped, received, acks, sent, then published and members per room.
+/// ready, setup_failed, dropped, received, acks, sent, again_ready, again_failed, the
+/// [`kind`] slots, then published and members per room.
 pub fn shared_snapshot(sh: &Shared) -> Vec<u64> {
     let mut v = vec![
         sh.ready.load(Ordering::Relaxed) as u64,
@@ -1365,7 +2045,10 @@ pub fn shared_snapshot(sh: &Shared) -> Vec<u64> {
         sh.received.load(Ordering::Relaxed),
         sh.acks.load(Ordering::Relaxed),
         sh.sent.load(Ordering::Relaxed),
+        sh.again_ready.load(Ordering::Relaxed) as u64,
+        sh.again_failed.load(Ordering::Relaxed) as u64,
     ];
+    v.extend(sh.kind.iter().map(|k| k.load(Ordering::Relaxed)));
     v.extend(sh.published.iter().map(|p| p.load(Ordering::Relaxed)));
     v.extend(sh.members.iter().map(|m| m.load(Ordering::Relaxed)));
     v
@@ -1386,10 +2069,16 @@ pub fn shared_apply_delta(sh: &Shared, old: &[u64], new: &[u64]) {
     sh.received.fetch_add(d(3), Ordering::Relaxed);
     sh.acks.fetch_add(d(4), Ordering::Relaxed);
     sh.sent.fetch_add(d(5), Ordering::Relaxed);
+    sh.again_ready.fetch_add(d(6) as usize, Ordering::Relaxed);
+    sh.again_failed.fetch_add(d(7) as usize, Ordering::Relaxed);
+    for (slot, k) in sh.kind.iter().enumerate() {
+        k.fetch_add(d(8 + slot), Ordering::Relaxed);
+    }
+    let base = 8 + kind::SLOTS;
     let rooms = sh.published.len();
     for k in 0..rooms {
-        sh.published[k].fetch_add(d(6 + k), Ordering::Relaxed);
-        sh.members[k].fetch_add(d(6 + rooms + k), Ordering::Relaxed);
+        sh.published[k].fetch_add(d(base + k), Ordering::Relaxed);
+        sh.members[k].fetch_add(d(base + rooms + k), Ordering::Relaxed);
     }
 }
 
@@ -1414,6 +2103,9 @@ mod tests {
                 Role::Pub { room: 1 },
                 Role::Dm { user: 9, device: 1 },
                 Role::Plain,
+                Role::Member { user: 4, room: 0 },
+                Role::Churner { user: 12 },
+                Role::Watcher { first: 998 },
             ],
             room_names: vec!["a".into(), "b c".into()],
             user_names: vec!["u\"1".into()],
@@ -1430,6 +2122,11 @@ mod tests {
             url_subscribe: true,
             proc_index: 1,
             procs: 3,
+            gap: 100,
+            stop_every: 5,
+            watch: 10,
+            cycle_ns: 7_000_000_000,
+            away_ns: 6_000_000_000,
         };
         let back = Plan::from_json(&plan.to_json()).expect("plan parses back");
         assert_eq!(back.roles, plan.roles);
@@ -1445,6 +2142,16 @@ mod tests {
             (back.proc_index, back.procs, back.url_subscribe),
             (1, 3, true)
         );
+        assert_eq!(
+            (
+                back.gap,
+                back.stop_every,
+                back.watch,
+                back.cycle_ns,
+                back.away_ns
+            ),
+            (100, 5, 10, 7_000_000_000, 6_000_000_000)
+        );
 
         let mut r = WorkerReport::new();
         for v in [1_000u64, 2_000, 2_000, 50_000_000] {
@@ -1453,7 +2160,13 @@ mod tests {
         r.upgrades = 4;
         r.first_start_ns = 11;
         r.fail("connect: refused");
+        r.rec("resume", 5_000);
+        r.rec("resume", 7_000);
+        r.last_again_ns = 99;
         let back = WorkerReport::from_json(&r.to_json());
+        assert_eq!(back.hist("resume").len(), 2);
+        assert_eq!(back.hist("missing").len(), 0);
+        assert_eq!(back.last_again_ns, 99);
         assert_eq!(back.latency.len(), 4);
         assert_eq!(
             back.latency.value_at_quantile(0.5),
@@ -1466,17 +2179,92 @@ mod tests {
 
     #[test]
     fn child_snapshots_add_up_in_the_controller() {
+        // ready, setup_failed, dropped, received, acks, sent, again_ready, again_failed,
+        // 8 kind slots, published x2, members x2.
+        let snap = |head: [u64; 8], k1: u64, rooms: [u64; 4]| -> Vec<u64> {
+            let mut v = head.to_vec();
+            let mut kinds = [0u64; kind::SLOTS];
+            kinds[1] = k1;
+            v.extend(kinds);
+            v.extend(rooms);
+            v
+        };
         let total = Shared::new(2);
-        let a = [5u64, 1, 0, 100, 0, 7, 3, 4, 10, 20];
+        let a = snap([5, 1, 0, 100, 0, 7, 2, 0], 3, [3, 4, 10, 20]);
         shared_apply_delta(&total, &[], &a);
-        let a2 = [6u64, 1, 0, 150, 0, 9, 4, 4, 10, 20];
+        let a2 = snap([6, 1, 0, 150, 0, 9, 3, 1], 5, [4, 4, 10, 20]);
         shared_apply_delta(&total, &a, &a2);
-        let b = [2u64, 0, 0, 40, 0, 0, 0, 0, 5, 5];
+        let b = snap([2, 0, 0, 40, 0, 0, 1, 0], 1, [0, 0, 5, 5]);
         shared_apply_delta(&total, &[], &b);
         assert_eq!(
             shared_snapshot(&total),
-            vec![8, 1, 0, 190, 0, 9, 4, 4, 15, 25]
+            snap([8, 1, 0, 190, 0, 9, 4, 1], 6, [4, 4, 15, 25])
         );
+        assert_eq!(total.k(1), 6);
+    }
+
+    #[test]
+    fn replayed_offsets_are_judged_one_step_at_a_time() {
+        assert_eq!(offset_step(3, 4), (0, 0));
+        assert_eq!(offset_step(3, 7), (3, 0));
+        assert_eq!(offset_step(3, 3), (0, 1));
+        assert_eq!(offset_step(3, 1), (0, 1));
+        assert_eq!(offset_step(0, 1), (0, 0));
+    }
+
+    #[test]
+    fn typers_start_renew_and_stop_in_rounds() {
+        // 3 typers, every 3rd round a stop: one typer's rounds are start, renew, stop, start...
+        let mut typing = false;
+        let mut got = Vec::new();
+        for round in 0..7u64 {
+            let seq = round * 3 + 1; // typer 1
+            match typing_step(seq, 3, 3, typing) {
+                Some((stop, slot)) => {
+                    typing = !stop;
+                    got.push(slot);
+                }
+                None => got.push(usize::MAX),
+            }
+        }
+        use kind::{FIRST_STARTS as F, RENEWALS as R, STOPS as S};
+        assert_eq!(got, vec![F, R, S, F, R, S, F]);
+        assert_eq!(typing_step(7, 3, 3, false), None);
+        // stop_every 0: never a stop.
+        assert_eq!(typing_step(1_000, 1, 0, true), Some((false, R)));
+    }
+
+    #[test]
+    fn typing_event_user_is_read_from_the_frame() {
+        let t = br#"{"type":"typing.start","room":"r","data":{"user_id":"lt7t42","room":"r"},"timestamp":1}"#;
+        assert!(ws::has_type(t, b"typing.start"));
+        assert_eq!(ws::find_str_u64(t, b"\"user_id\":", b"lt7t"), Some(42));
+        assert_eq!(ws::find_str_u64(t, b"\"user_id\":", b"lt8t"), None);
+        let p = br#"{"type":"presence.offline","data":{"user_id":"lt7p3","status":"offline","text":null,"last_seen":"2026-12-01T21:00:00.000Z"},"timestamp":1}"#;
+        assert!(ws::has_type(p, b"presence.offline") && !ws::has_type(p, b"presence.online"));
+        assert_eq!(ws::find_str_u64(p, b"\"user_id\":", b"lt7p"), Some(3));
+    }
+
+    #[test]
+    fn watch_frames_parse_as_json() {
+        let v: serde_json::Value =
+            serde_json::from_str(&watch_json(&["lt1p0", "lt1p1"])).expect("json");
+        assert_eq!(v["type"], "presence.watch");
+        assert_eq!(v["user_ids"], serde_json::json!(["lt1p0", "lt1p1"]));
+        let v: serde_json::Value = serde_json::from_str(&watch_json(&[])).expect("json");
+        assert_eq!(v["user_ids"], serde_json::json!([]));
+    }
+
+    #[test]
+    fn watchers_are_spread_over_the_churners() {
+        let roles: Vec<Role> = (0..10u32)
+            .map(|w| Role::Watcher { first: w * 3 % 5 })
+            .chain((0..5).map(|u| Role::Churner { user: u }))
+            .collect();
+        let n = watchers_of(&roles, 5, 3);
+        assert_eq!(n.iter().sum::<u32>(), 30);
+        assert_eq!(n, vec![6, 6, 6, 6, 6]);
+        assert_eq!(watchers_of(&roles, 0, 3), Vec::<u32>::new());
     }
 
     use super::*;

@@ -3,12 +3,15 @@
 //! It shares the machine with the server, so it is built to cost little: mio (epoll) event
 //! loops on `--threads` threads, a hand-written client side of RFC 6455 ([`ws`]), and no JSON
 //! parse on the hot path (it finds `"seq":` / `"ts":` in the payload). The controller in this
-//! file runs one scenario (connect, idle, fanout, dm, churn, echo), samples the server from
+//! file runs one scenario (connect, idle, fanout, dm, churn, echo, and issue 10's
+//! history-resume, typing-storm, presence-churn), samples the server from
 //! /proc, prints a table and one JSON line, and exits 1 when the run had failures.
 
 mod args;
 mod engine;
 mod floor;
+#[cfg(test)]
+mod mock;
 mod remote;
 mod report;
 mod sys;
@@ -20,7 +23,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use args::{Opts, Scenario};
-use engine::{phase, Plan, Role, Shared, Traffic, Worker, WorkerReport};
+use engine::{kind, phase, Plan, Role, Shared, Traffic, Worker, WorkerReport};
 use report::Report;
 use sys::{now_ns, ProcSample};
 
@@ -32,6 +35,11 @@ const RUN_LEAD_NS: u64 = 50_000_000;
 const CHURN_VERDICT_CYCLES_MIN: usize = 4;
 /// Grace after the expected end of the run before the watchdog kills the process.
 const WATCHDOG_GRACE_S: f64 = 30.0;
+/// presence-churn: wait after setup for the watch commands to be taken.
+const WATCH_SETTLE_S: f64 = 0.5;
+/// presence-churn: how far `--away` must be from `--grace` for the events to be predictable
+/// (the server's timers tick every 100 ms).
+const GRACE_MARGIN_S: f64 = 0.5;
 
 fn main() {
     let argv: Vec<String> = std::env::args().skip(1).collect();
@@ -59,7 +67,7 @@ fn main() {
         }
     };
     // Each process holds its share of the sockets (`--processes`).
-    let sockets = (opts.connections + opts.publishers).div_ceil(opts.processes.max(1));
+    let sockets = opts.sockets().div_ceil(opts.processes.max(1));
     if opts.scenario != Scenario::Floor && (sockets + 64) as u64 > nofile {
         eprintln!(
             "error: {sockets} sockets per process need more than RLIMIT_NOFILE {nofile} \
@@ -76,6 +84,9 @@ fn main() {
         Scenario::Dm => dm(&opts),
         Scenario::Churn => churn(&opts),
         Scenario::Echo => echo(&opts),
+        Scenario::HistoryResume => history_resume(&opts),
+        Scenario::TypingStorm => typing_storm(&opts),
+        Scenario::PresenceChurn => presence_churn(&opts),
     };
     if !opts.label.is_empty() {
         report.label = opts.label.clone();
@@ -99,7 +110,14 @@ fn start_watchdog(o: &Opts) {
     } else {
         1.0
     };
+    // history-resume waits for a second setup (the resume) and three drains.
+    let extra = match o.scenario {
+        Scenario::HistoryResume => o.setup_timeout_s + 3.0 * o.drain_s,
+        Scenario::PresenceChurn => WATCH_SETTLE_S,
+        _ => 0.0,
+    };
     let budget = cycles * (o.setup_timeout_s + o.hold_s + o.baseline_timeout_s)
+        + extra
         + o.settle_s
         + o.duration_s
         + o.drain_s
@@ -128,7 +146,14 @@ enum Workers {
 impl Session {
     fn start(plan: Plan) -> Result<Session, String> {
         let plan = Arc::new(plan);
-        let shared = Arc::new(Shared::new(plan.room_names.len()));
+        // Latency marks per user: typing (last event-producing command), presence (connect,
+        // then disconnect).
+        let marks = match plan.traffic {
+            Traffic::Typing => plan.user_names.len(),
+            Traffic::Presence => 2 * plan.user_names.len(),
+            _ => 0,
+        };
+        let shared = Arc::new(Shared::with_marks(plan.room_names.len(), marks));
         if plan.procs > 1 {
             let started_ns = now_ns();
             let children = remote::Children::spawn(&plan, Arc::clone(&shared))?;
@@ -191,6 +216,23 @@ impl Session {
             c.command("DRAIN");
         }
         (start, end)
+    }
+
+    /// history-resume: moves every worker to phase `ph`, `start_ns` being its start.
+    fn set_phase(&self, ph: u8, start_ns: u64) {
+        self.shared.run_start_ns.store(start_ns, Ordering::Release);
+        self.shared.phase.store(ph, Ordering::Release);
+        if let Workers::Remote(c) = &self.workers {
+            c.command(&format!("PHASE {ph} {start_ns}"));
+        }
+    }
+
+    /// history-resume: the publisher publishes until it has sent `total` in all.
+    fn burst(&self, total: u64) {
+        self.shared.burst_target.store(total, Ordering::Release);
+        if let Workers::Remote(c) = &self.workers {
+            c.command(&format!("BURST {total}"));
+        }
     }
 
     /// Waits up to `drain_s` until `done()` holds; returns the time waited in seconds.
@@ -286,6 +328,11 @@ fn base_plan(o: &Opts, roles: Vec<Role>, rooms: usize) -> Plan {
         interval_ns: 1e9 / o.rate,
         payload_bytes: o.payload_bytes,
         nonce,
+        gap: o.messages,
+        stop_every: o.stop_every,
+        watch: o.watch,
+        cycle_ns: (o.churners as f64 / o.rate * 1e9) as u64,
+        away_ns: (o.away_s * 1e9) as u64,
     }
 }
 
@@ -880,6 +927,476 @@ fn churn(o: &Opts) -> Report {
     r
 }
 
+fn history_resume(o: &Opts) -> Report {
+    const NAME: &str = "history-resume";
+    let mut r = Report::new(NAME);
+    let n = o.connections;
+    let mut roles: Vec<Role> = (0..n)
+        .map(|_| Role::Sub {
+            room: 0,
+            slow: false,
+        })
+        .collect();
+    roles.push(Role::Pub { room: 0 });
+    let mut plan = base_plan(o, roles, 1);
+    // `bench-*` is the pattern the server is started with (history on).
+    plan.room_names = vec![format!("bench-{}-0", plan.nonce)];
+    plan.traffic = Traffic::History;
+    let before = sample(o);
+    let s = match Session::start(plan) {
+        Ok(s) => s,
+        Err(e) => return setup_error(NAME, e),
+    };
+    let complete = s.wait_setup(o.setup_timeout_s);
+    let ready = s.shared.ready.load(Ordering::Relaxed);
+    if !complete || ready < n + 1 {
+        // Nothing to resume from: report the setup and stop here.
+        let (wr, _) = s.finish();
+        r.put("connections", n + 1);
+        r.put("ready", ready);
+        r.fail(format!(
+            "setup incomplete: {ready} of {} ready after {} s",
+            n + 1,
+            o.setup_timeout_s
+        ));
+        failure_rows(&mut r, &wr);
+        return r;
+    }
+    let subs = ready.saturating_sub(1) as u64;
+    // Warm-up: every subscriber gets a few messages and remembers the last offset.
+    let w = o.warmup;
+    s.burst(w);
+    let warm_s = s.drain(o.drain_s, |sh| {
+        sh.k(kind::PUB_GOT) >= w && sh.received.load(Ordering::Relaxed) >= w * subs
+    });
+    let warm_got = s.shared.received.load(Ordering::Relaxed);
+    let clients_before = sys::get_health(o.target.addr, &o.target.host).ok();
+    s.set_phase(phase::LEAVE, now_ns());
+    s.drain(o.drain_s, |sh| sh.k(kind::LEFT) >= subs);
+    let left = s.shared.k(kind::LEFT);
+    // The server must have seen them go before the gap, or some would get it live.
+    let mut gone_s = None;
+    if let Some((c0, _)) = clients_before {
+        let t0 = now_ns();
+        let deadline = t0 + (o.baseline_timeout_s * 1e9) as u64;
+        while now_ns() < deadline {
+            match sys::get_health(o.target.addr, &o.target.host) {
+                Ok((c, _)) if c + left <= c0 => {
+                    gone_s = Some((now_ns() - t0) as f64 / 1e9);
+                    break;
+                }
+                _ => std::thread::sleep(Duration::from_millis(CONTROL_TICK_MS)),
+            }
+        }
+    }
+    let g = o.messages;
+    s.burst(w + g);
+    let gap_s = s.drain(o.drain_s, |sh| sh.k(kind::PUB_GOT) >= w + g);
+    let stored = s.shared.k(kind::PUB_GOT).saturating_sub(w);
+    let at_resume = sample(o);
+    let own_resume = own_sample();
+    let t0 = now_ns();
+    s.set_phase(phase::RESUME, t0);
+    let resumed_all = {
+        let deadline = t0 + (o.setup_timeout_s * 1e9) as u64;
+        loop {
+            let done = s.shared.again_ready.load(Ordering::Relaxed)
+                + s.shared.again_failed.load(Ordering::Relaxed);
+            if done as u64 >= left {
+                break true;
+            }
+            if now_ns() > deadline {
+                break false;
+            }
+            std::thread::sleep(Duration::from_millis(CONTROL_TICK_MS));
+        }
+    };
+    let after = sample(o);
+    let own_after = own_sample();
+    let (wr, shared) = s.finish();
+    let resumed = shared.again_ready.load(Ordering::Relaxed) as u64;
+    let failed = shared.again_failed.load(Ordering::Relaxed) as u64;
+    let replayed = shared.k(kind::REPLAYED);
+    let recovered = shared.k(kind::RECOVERED);
+    let not_recovered = shared.k(kind::NOT_RECOVERED);
+    let missing = shared.k(kind::MISSING);
+    let duplicates = shared.k(kind::DUPLICATE);
+    let expected = left * g;
+    r.put("subscribers", n);
+    r.put("messages", g);
+    r.put("warmup", w);
+    r.put("in_flight", o.in_flight);
+    r.put("warmup_deliveries", warm_got);
+    r.put_f("warmup_waited_s", warm_s, 2);
+    r.put("left", left);
+    if let Some(t) = gone_s {
+        r.put_f("server_saw_all_leave_s", t, 2);
+    }
+    r.put("gap_stored", stored);
+    r.put_f("gap_waited_s", gap_s, 3);
+    r.put("resumed", resumed);
+    r.put("resume_failed", failed);
+    r.put("recovered", recovered);
+    r.put("not_recovered", not_recovered);
+    r.put("expected_replayed", expected);
+    r.put("replayed", replayed);
+    r.put("missing", missing);
+    r.put("duplicates", duplicates);
+    let all_s = wr.last_again_ns.saturating_sub(t0) as f64 / 1e9;
+    if resumed > 0 {
+        r.put_f("time_to_all_recovered_s", all_s, 3);
+        r.put_f("resumes_per_s", resumed as f64 / all_s.max(1e-9), 0);
+    }
+    // Per subscriber: its reconnect -> recovered; the resume's start -> its recovered (queued
+    // behind --in-flight); subscribe with since -> subscribed (the server's replay).
+    r.put_hist("resume", &wr.hist("resume"));
+    r.put_hist("resume_wait", &wr.hist("resume_wait"));
+    r.put_hist("replay", &wr.hist("replay"));
+    r.put_hist("handshake", &wr.handshake);
+    if let Some(cpu) = cpu_us(at_resume, after) {
+        if resumed > 0 {
+            r.put_f("server_cpu_us_per_resume", cpu / resumed as f64, 1);
+        }
+        if replayed > 0 {
+            r.put_f(
+                "server_cpu_us_per_replayed_message",
+                cpu / replayed as f64,
+                3,
+            );
+        }
+        if let (Some(a), Some(b)) = (at_resume, after) {
+            let win = b.at_ns.saturating_sub(a.at_ns).max(1) as f64;
+            r.put_f(
+                "server_cpu_pct_resume",
+                b.cpu_ns.saturating_sub(a.cpu_ns) as f64 / win * 100.0,
+                1,
+            );
+        }
+    }
+    if let (Some(a), Some(b)) = (own_resume, own_after) {
+        let win = b.at_ns.saturating_sub(a.at_ns).max(1) as f64;
+        r.put_f(
+            "generator_cpu_pct_resume",
+            b.cpu_ns.saturating_sub(a.cpu_ns) as f64 / win * 100.0,
+            1,
+        );
+    }
+    proc_rows(&mut r, "before", before);
+    proc_rows(&mut r, "at_resume", at_resume);
+    proc_rows(&mut r, "after", after);
+    r.put("connections", n + 1);
+    r.put("ready", ready);
+    r.put(
+        "dropped_after_ready",
+        shared.dropped.load(Ordering::Relaxed),
+    );
+    if warm_got < w * subs {
+        r.fail(format!(
+            "warm-up: {warm_got} of {} deliveries within {} s",
+            w * subs,
+            o.drain_s
+        ));
+    }
+    if left < subs {
+        r.fail(format!("only {left} of {subs} subscribers left"));
+    }
+    if clients_before.is_some() && gone_s.is_none() {
+        r.fail(format!(
+            "/health still counted the subscribers that left after {} s",
+            o.baseline_timeout_s
+        ));
+    }
+    if stored < g {
+        r.fail(format!(
+            "the publisher got {stored} of its {g} gap messages back within {} s",
+            o.drain_s
+        ));
+    }
+    if !resumed_all {
+        r.fail(format!(
+            "resume incomplete: {resumed} of {left} resumed after {} s",
+            o.setup_timeout_s
+        ));
+    }
+    if not_recovered > 0 {
+        r.fail(format!(
+            "{not_recovered} subscribed without recovered: true"
+        ));
+    }
+    if missing > 0 || duplicates > 0 {
+        r.fail(format!(
+            "replay: {missing} offsets missing, {duplicates} duplicate or out of order"
+        ));
+    }
+    if replayed != expected {
+        r.fail(format!(
+            "replayed {replayed} messages, expected {expected} ({left} x {g})"
+        ));
+    }
+    failure_rows(&mut r, &wr);
+    r
+}
+
+fn typing_storm(o: &Opts) -> Report {
+    const NAME: &str = "typing-storm";
+    let mut r = Report::new(NAME);
+    let members_n = o.connections;
+    let t = o.typers;
+    let roles: Vec<Role> = (0..members_n)
+        .map(|u| Role::Member {
+            user: u as u32,
+            room: 0,
+        })
+        .collect();
+    let mut plan = base_plan(o, roles, 1);
+    plan.user_names = (0..members_n)
+        .map(|u| format!("lt{}t{u}", plan.nonce))
+        .collect();
+    plan.traffic = Traffic::Typing;
+    // Typers spread evenly over the members (and so over the threads).
+    plan.senders = (0..t).map(|k| k * members_n / t).collect();
+    let s = match Session::start(plan) {
+        Ok(s) => s,
+        Err(e) => return setup_error(NAME, e),
+    };
+    let complete = s.wait_setup(o.setup_timeout_s);
+    let members = s.shared.members[0].load(Ordering::Relaxed);
+    let others = members.saturating_sub(1);
+    let before = sample(o);
+    let own_before = own_sample();
+    let (start, end) = s.run(o.duration_s);
+    let own_run = own_sample();
+    let drained_s = s.drain(o.drain_s, |sh| {
+        sh.k(kind::START_EVENTS) >= sh.k(kind::FIRST_STARTS) * others
+            && sh.k(kind::STOP_EVENTS) >= sh.k(kind::STOPS) * others
+    });
+    let after = sample(o);
+    let ready = s.shared.ready.load(Ordering::Relaxed);
+    let (wr, shared) = s.finish();
+    let sent = shared.sent.load(Ordering::Relaxed);
+    let first = shared.k(kind::FIRST_STARTS);
+    let renewals = shared.k(kind::RENEWALS);
+    let stops = shared.k(kind::STOPS);
+    let start_ev = shared.k(kind::START_EVENTS);
+    let stop_ev = shared.k(kind::STOP_EVENTS);
+    let (exp_start, exp_stop) = (first * others, stops * others);
+    let events = start_ev + stop_ev;
+    // Without coalescing every renewal would reach every other member too.
+    let saved = renewals * others;
+    let run_s = (end - start) as f64 / 1e9;
+    r.put("members", members_n);
+    r.put("typers", t);
+    r.put_f("renew_s", o.renew_s, 2);
+    r.put("stop_every", o.stop_every);
+    r.put_f("typing_ttl_s", o.typing_ttl_s, 1);
+    r.put_f("commands_per_s", o.rate, 1);
+    r.put_f("run_s", run_s, 2);
+    r.put("commands_sent", sent);
+    r.put("first_starts", first);
+    r.put("renewals", renewals);
+    r.put("stops", stops);
+    r.put("expected_start_events", exp_start);
+    r.put("start_events", start_ev);
+    r.put("expected_stop_events", exp_stop);
+    r.put("stop_events", stop_ev);
+    r.put("events_received", events);
+    r.put_f("events_per_s", events as f64 / run_s, 0);
+    r.put("frames_saved_by_coalescing", saved);
+    if events > 0 {
+        r.put_f(
+            "coalescing_saved_pct",
+            saved as f64 / (saved + events) as f64 * 100.0,
+            1,
+        );
+    }
+    r.put_f("drain_waited_s", drained_s, 2);
+    r.put_hist("typing_start", &wr.hist("typing_start"));
+    r.put_hist("typing_stop", &wr.hist("typing_stop"));
+    if let (Some(cpu), true) = (cpu_us(before, after), events > 0) {
+        r.put_f("server_cpu_us_per_typing_event", cpu / events as f64, 3);
+        r.put_f("server_cpu_us_per_command", cpu / sent.max(1) as f64, 2);
+    }
+    if let (Some(a), Some(b)) = (own_before, own_run) {
+        let win = b.at_ns.saturating_sub(a.at_ns).max(1) as f64;
+        r.put_f(
+            "generator_cpu_pct_run",
+            b.cpu_ns.saturating_sub(a.cpu_ns) as f64 / win * 100.0,
+            1,
+        );
+    }
+    proc_rows(&mut r, "after", after);
+    r.put("connections", members_n);
+    r.put("ready", ready);
+    r.put(
+        "dropped_after_ready",
+        shared.dropped.load(Ordering::Relaxed),
+    );
+    if !complete {
+        r.fail(format!(
+            "setup incomplete: {ready} of {members_n} ready after {} s",
+            o.setup_timeout_s
+        ));
+    }
+    if start_ev != exp_start {
+        r.fail(format!(
+            "{start_ev} typing.start events, expected {exp_start} ({first} first starts x \
+             {others} other members); the server drops typing first under backpressure \
+             (see its counters)"
+        ));
+    }
+    if stop_ev < exp_stop {
+        r.fail(format!(
+            "{stop_ev} typing.stop events, expected at least {exp_stop} ({stops} stops x {others})"
+        ));
+    }
+    failure_rows(&mut r, &wr);
+    r
+}
+
+fn presence_churn(o: &Opts) -> Report {
+    const NAME: &str = "presence-churn";
+    let mut r = Report::new(NAME);
+    let w = o.connections;
+    let u = o.churners;
+    let mut roles: Vec<Role> = (0..w)
+        .map(|i| Role::Watcher {
+            first: ((i * o.watch) % u) as u32,
+        })
+        .collect();
+    roles.extend((0..u).map(|k| Role::Churner { user: k as u32 }));
+    let mut plan = base_plan(o, roles, 0);
+    plan.user_names = (0..u).map(|k| format!("lt{}p{k}", plan.nonce)).collect();
+    plan.traffic = Traffic::Presence;
+    let s = match Session::start(plan) {
+        Ok(s) => s,
+        Err(e) => return setup_error(NAME, e),
+    };
+    let complete = s.wait_setup(o.setup_timeout_s);
+    std::thread::sleep(Duration::from_secs_f64(WATCH_SETTLE_S));
+    let before = sample(o);
+    let (start, end) = s.run(o.duration_s);
+    // Does a leave outlast the grace (offline, then online on return), or is it a blip the
+    // grace hides (no event at all)? Too close to the grace to tell: not judged.
+    let mode = if o.away_s >= o.grace_s + GRACE_MARGIN_S {
+        "events"
+    } else if o.away_s + GRACE_MARGIN_S <= o.grace_s {
+        "blips"
+    } else {
+        "unjudged"
+    };
+    let received = |sh: &Shared| sh.k(kind::ONLINE_EVENTS) + sh.k(kind::OFFLINE_EVENTS);
+    let drained_s = match mode {
+        "events" => s.drain(o.drain_s, |sh| {
+            received(sh) >= sh.k(kind::EXPECTED_EVENTS)
+                && sh.again_ready.load(Ordering::Relaxed) as u64
+                    + sh.again_failed.load(Ordering::Relaxed) as u64
+                    >= sh.k(kind::RECONNECTS)
+        }),
+        // Long enough for an offline that should not come.
+        _ => s.drain(o.drain_s.min(o.grace_s + GRACE_MARGIN_S), |_| false),
+    };
+    let after = sample(o);
+    let ready = s.shared.ready.load(Ordering::Relaxed);
+    let (wr, shared) = s.finish();
+    let disconnects = shared.k(kind::DISCONNECTS);
+    let reconnects = shared.k(kind::RECONNECTS);
+    let back = shared.again_ready.load(Ordering::Relaxed) as u64;
+    let back_failed = shared.again_failed.load(Ordering::Relaxed) as u64;
+    let online = shared.k(kind::ONLINE_EVENTS);
+    let offline = shared.k(kind::OFFLINE_EVENTS);
+    let events = online + offline;
+    let expected = match mode {
+        "events" => Some(shared.k(kind::EXPECTED_EVENTS)),
+        "blips" => Some(0),
+        _ => None,
+    };
+    let run_s = (end - start) as f64 / 1e9;
+    let changes = if mode == "events" {
+        disconnects + reconnects
+    } else {
+        0
+    };
+    r.put("watchers", w);
+    r.put("churners", u);
+    r.put("watch_per_watcher", o.watch);
+    r.put_f("watchers_per_churner", (w * o.watch) as f64 / u as f64, 1);
+    r.put_f("reconnects_per_s_target", o.rate, 1);
+    r.put_f("away_s", o.away_s, 2);
+    r.put_f("grace_s", o.grace_s, 2);
+    r.put_f("cycle_s", u as f64 / o.rate, 2);
+    r.put("mode", mode);
+    r.put_f("run_s", run_s, 2);
+    r.put("disconnects", disconnects);
+    r.put("reconnects", reconnects);
+    r.put("reconnected", back);
+    r.put("reconnect_failed", back_failed);
+    r.put("presence_changes", changes);
+    r.put("expected_events", expected);
+    r.put("online_events", online);
+    r.put("offline_events", offline);
+    r.put_f("events_per_s", events as f64 / run_s, 0);
+    r.put("events_at_watch_time", shared.k(kind::EARLY_EVENTS));
+    r.put("watch_states", shared.k(kind::WATCH_STATES));
+    r.put_f("drain_waited_s", drained_s, 2);
+    // From the churner's connect() (online) or close (offline, so grace included) to the
+    // watcher's event.
+    r.put_hist("online", &wr.hist("online"));
+    r.put_hist("offline", &wr.hist("offline"));
+    let off = wr.hist("offline");
+    if !off.is_empty() {
+        // The same percentiles less the grace: what the server adds to it (timer ticks).
+        let grace_us = o.grace_s * 1e6;
+        for (name, q) in [("p50", 0.5), ("p99", 0.99)] {
+            r.put_f(
+                &format!("offline_{name}_past_grace_us"),
+                off.value_at_quantile(q) as f64 / 1000.0 - grace_us,
+                1,
+            );
+        }
+    }
+    if let Some(cpu) = cpu_us(before, after) {
+        if changes > 0 {
+            r.put_f("server_cpu_us_per_change", cpu / changes as f64, 2);
+        }
+        if events > 0 {
+            r.put_f("server_cpu_us_per_event", cpu / events as f64, 3);
+        }
+        if reconnects > 0 {
+            r.put_f("server_cpu_us_per_reconnect", cpu / reconnects as f64, 2);
+        }
+    }
+    proc_rows(&mut r, "after", after);
+    r.put("connections", w + u);
+    r.put("ready", ready);
+    r.put(
+        "dropped_after_ready",
+        shared.dropped.load(Ordering::Relaxed),
+    );
+    if !complete {
+        r.fail(format!(
+            "setup incomplete: {ready} of {} ready after {} s",
+            w + u,
+            o.setup_timeout_s
+        ));
+    }
+    if back + back_failed < reconnects || back_failed > 0 {
+        r.fail(format!(
+            "{reconnects} reconnects: {back} back, {back_failed} failed"
+        ));
+    }
+    if let Some(exp) = expected {
+        if events != exp {
+            r.fail(format!(
+                "{events} presence events ({online} online, {offline} offline), expected {exp} \
+                 (mode {mode}: --away {} s against --grace {} s)",
+                o.away_s, o.grace_s
+            ));
+        }
+    }
+    failure_rows(&mut r, &wr);
+    r
+}
+
 /// Prints one table row per JSON line of a results file; returns the exit code.
 fn summary(path: Option<&str>) -> i32 {
     let Some(path) = path else {
@@ -902,4 +1419,71 @@ fn summary(path: Option<&str>) -> i32 {
     }
     print!("{}", report::summary_table(&rows));
     0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(line: &str) -> Opts {
+        let argv: Vec<String> = line.split_whitespace().map(String::from).collect();
+        args::parse(&argv).expect("valid arguments")
+    }
+
+    fn get(r: &Report, key: &str) -> serde_json::Value {
+        r.json()[key].clone()
+    }
+
+    #[test]
+    fn typing_storm_counts_coalesced_renewals_against_a_mock_server() {
+        let url = mock::start(Duration::from_secs(1), Duration::from_millis(100));
+        let r = typing_storm(&opts(&format!(
+            "typing-storm --url {url} --connections 12 --typers 3 --renew 0.2 --typing-ttl 1 \
+             --stop-every 3 --duration 1.3 --drain 2 --source-ips 127.0.0.1"
+        )));
+        assert!(r.failures.is_empty(), "{:?}\n{}", r.failures, r.table());
+        let first = get(&r, "first_starts").as_u64().unwrap();
+        let renewals = get(&r, "renewals").as_u64().unwrap();
+        let stops = get(&r, "stops").as_u64().unwrap();
+        assert!(first >= 3 && renewals >= 3 && stops >= 3, "{}", r.table());
+        assert_eq!(get(&r, "start_events").as_u64(), Some(first * 11));
+        assert_eq!(
+            get(&r, "frames_saved_by_coalescing").as_u64(),
+            Some(renewals * 11)
+        );
+        assert!(get(&r, "typing_start_count").as_u64().unwrap() > 0);
+    }
+
+    #[test]
+    fn presence_churn_expects_offline_and_online_per_cycle_against_a_mock_server() {
+        let url = mock::start(Duration::from_secs(6), Duration::from_millis(100));
+        let r = presence_churn(&opts(&format!(
+            "presence-churn --url {url} --connections 8 --churners 4 --watch 2 --rate 4 \
+             --away 0.6 --grace 0.1 --duration 2 --drain 2 --source-ips 127.0.0.1"
+        )));
+        assert!(r.failures.is_empty(), "{:?}\n{}", r.failures, r.table());
+        assert_eq!(get(&r, "mode"), "events");
+        let cycles = get(&r, "disconnects").as_u64().unwrap();
+        assert!(cycles >= 4, "{}", r.table());
+        // 8 watchers x 2 users over 4 churners: 4 watchers each, an offline and an online.
+        assert_eq!(get(&r, "expected_events").as_u64(), Some(cycles * 8));
+        assert_eq!(get(&r, "offline_events").as_u64(), Some(cycles * 4));
+        assert!(get(&r, "online_count").as_u64().unwrap() > 0);
+        assert_eq!(get(&r, "watch_states").as_u64(), Some(8));
+        assert_eq!(get(&r, "unexpected_frames").as_u64(), Some(0));
+    }
+
+    #[test]
+    fn presence_churn_blips_inside_the_grace_give_no_event() {
+        let url = mock::start(Duration::from_secs(6), Duration::from_millis(1200));
+        let r = presence_churn(&opts(&format!(
+            "presence-churn --url {url} --connections 4 --churners 2 --watch 1 --rate 4 \
+             --away 0.2 --grace 1.2 --duration 1 --drain 2 --source-ips 127.0.0.1"
+        )));
+        assert!(r.failures.is_empty(), "{:?}\n{}", r.failures, r.table());
+        assert_eq!(get(&r, "mode"), "blips");
+        assert!(get(&r, "disconnects").as_u64().unwrap() >= 2);
+        assert_eq!(get(&r, "online_events").as_u64(), Some(0));
+        assert_eq!(get(&r, "offline_events").as_u64(), Some(0));
+    }
 }

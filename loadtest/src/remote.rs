@@ -4,7 +4,8 @@
 //! the children's stdin/stdout:
 //!
 //! - controller -> child: the plan as one JSON line (with the child's `proc_index`), then
-//!   `RUN <start_ns> <end_ns>`, `DRAIN`, `CLOSE`. CLOCK_MONOTONIC is one clock for every
+//!   `RUN <start_ns> <end_ns>`, `DRAIN`, `CLOSE`; history-resume adds `BURST <n>` (publishes
+//!   the publisher must have made) and `PHASE <phase> <start_ns>` (leave, resume). CLOCK_MONOTONIC is one clock for every
 //!   process on the machine, so a start time and the send timestamps mean the same everywhere.
 //! - child -> controller: `S n n n ...` (its [`Shared`] counters, every `SNAPSHOT_MS`), and
 //!   after `CLOSE` one `R {json}` line with its merged [`WorkerReport`].
@@ -232,6 +233,20 @@ pub fn child_main(start: StartFn, join: JoinFn) -> i32 {
                 shared.phase.store(phase::RUN, Ordering::Release);
             }
             Some("DRAIN") => shared.phase.store(phase::DRAIN, Ordering::Release),
+            Some("PHASE") => {
+                let ph = it
+                    .next()
+                    .and_then(|t| t.parse().ok())
+                    .unwrap_or(phase::CLOSE);
+                if let Some(start_ns) = it.next().and_then(|t| t.parse().ok()) {
+                    shared.run_start_ns.store(start_ns, Ordering::Release);
+                }
+                shared.phase.store(ph, Ordering::Release);
+            }
+            Some("BURST") => {
+                let n = it.next().and_then(|t| t.parse().ok()).unwrap_or(0);
+                shared.burst_target.store(n, Ordering::Release);
+            }
             Some("CLOSE") => break,
             _ => {}
         }

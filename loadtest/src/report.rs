@@ -194,6 +194,44 @@ pub fn summary_row(v: &Value) -> (String, String, String) {
             num(v, "server_rss_after_kb"),
             v["server_rss_after_each_cycle_kb"].as_str().unwrap_or("-")
         ),
+        "history-resume" => format!(
+            "{} subscribers resume a {}-message gap: all recovered in {} s; per subscriber p50/p99 {}/{} ms; {} of {} replayed, {} missing, {} duplicate; server {} CPU-us/resume",
+            num(v, "subscribers"),
+            num(v, "messages"),
+            num(v, "time_to_all_recovered_s"),
+            ms(v, "resume_p50_us"),
+            ms(v, "resume_p99_us"),
+            num(v, "replayed"),
+            num(v, "expected_replayed"),
+            num(v, "missing"),
+            num(v, "duplicates"),
+            num(v, "server_cpu_us_per_resume")
+        ),
+        "typing-storm" => format!(
+            "{} typers in a room of {}: {} commands, {} events, {} frames saved by coalescing; start p50/p99 {}/{} ms; server {} CPU-us/event",
+            num(v, "typers"),
+            num(v, "members"),
+            num(v, "commands_sent"),
+            num(v, "events_received"),
+            num(v, "frames_saved_by_coalescing"),
+            ms(v, "typing_start_p50_us"),
+            ms(v, "typing_start_p99_us"),
+            num(v, "server_cpu_us_per_typing_event")
+        ),
+        "presence-churn" => format!(
+            "{} watchers x {} churners at {}/s ({}): {} events/s; online p50/p99 {}/{} ms, offline p50/p99 {}/{} ms (grace {} s); server {} CPU-us/change",
+            num(v, "watchers"),
+            num(v, "churners"),
+            num(v, "reconnects_per_s_target"),
+            v["mode"].as_str().unwrap_or("-"),
+            num(v, "events_per_s"),
+            ms(v, "online_p50_us"),
+            ms(v, "online_p99_us"),
+            ms(v, "offline_p50_us"),
+            ms(v, "offline_p99_us"),
+            num(v, "grace_s"),
+            num(v, "server_cpu_us_per_change")
+        ),
         "saturation" => format!(
             "{} subscribers: highest rate with p99 <= 250 ms and 0 lost: {}/s = {} deliveries/s (p99 {} ms, server {} CPU-us/delivery)",
             num(v, "subscribers"),
@@ -264,5 +302,13 @@ mod tests {
         assert_eq!((label.as_str(), ok.as_str()), ("echo", "ok"));
         assert!(text.contains("p50/p99/p99.9 1.50/-/-"), "{text}");
         assert!(summary_table(&[(label, ok, text)]).starts_with("run"));
+        let (_, ok, text) = summary_row(&json!({"scenario":"history-resume","ok":true,
+            "subscribers":10000,"messages":100,"time_to_all_recovered_s":1.5,
+            "resume_p50_us":2000.0,"replayed":1000000,"expected_replayed":1000000,
+            "missing":0,"duplicates":0}));
+        assert_eq!(ok, "ok");
+        assert!(text.starts_with("10000 subscribers resume a 100-message gap: all recovered in 1.50 s; per subscriber p50/p99 2.00/- ms"), "{text}");
+        let (_, _, text) = summary_row(&json!({"scenario":"presence-churn","mode":"events"}));
+        assert!(text.contains("(events)"), "{text}");
     }
 }

@@ -321,6 +321,32 @@ pub fn find_str_u64(text: &[u8], key: &[u8], prefix: &[u8]) -> Option<u64> {
     (digits > 0).then_some(n)
 }
 
+/// The string value after `key` (e.g. `"epoch":`), without its quotes; `None` when the value
+/// is not a string or holds an escape (the server's epochs and ids never do).
+pub fn find_str<'a>(text: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
+    let at = memchr::memmem::find(text, key)? + key.len();
+    let rest = &text[at..];
+    let start = rest.iter().position(|b| !b.is_ascii_whitespace())?;
+    let rest = rest[start..].strip_prefix(b"\"")?;
+    let end = memchr::memchr2(b'"', b'\\', rest)?;
+    (rest[end] == b'"').then_some(&rest[..end])
+}
+
+/// The boolean after `key` (e.g. `"recovered":`); `None` when absent or not a boolean.
+pub fn find_bool(text: &[u8], key: &[u8]) -> Option<bool> {
+    let at = memchr::memmem::find(text, key)? + key.len();
+    let rest = &text[at..];
+    let start = rest.iter().position(|b| !b.is_ascii_whitespace())?;
+    let rest = &rest[start..];
+    if rest.starts_with(b"true") {
+        Some(true)
+    } else if rest.starts_with(b"false") {
+        Some(false)
+    } else {
+        None
+    }
+}
+
 /// True when the first `"type":` key of `text` has the string value `ty` (whitespace after the
 /// colon allowed). Server frames put `type` first, so user data cannot shadow it.
 pub fn has_type(text: &[u8], ty: &[u8]) -> bool {
@@ -522,6 +548,24 @@ mod tests {
         assert!(has_type(br#"{"type": "pong"}"#, b"pong"));
         assert!(!has_type(br#"{"type":"pon"#, b"pong"));
         assert!(!has_type(b"{}", b"pong"));
+    }
+
+    #[test]
+    fn find_str_and_find_bool_read_values_after_keys() {
+        let t = br#"{"type":"subscribed","room":"r","data":{"offset":7,"epoch": "9f3a","recovered":true},"timestamp":5}"#;
+        assert_eq!(find_str(t, b"\"epoch\":"), Some(&b"9f3a"[..]));
+        assert_eq!(find_str(t, b"\"room\":"), Some(&b"r"[..]));
+        assert_eq!(find_str(t, b"\"offset\":"), None);
+        assert_eq!(find_str(br#"{"epoch":"a\"b"}"#, b"\"epoch\":"), None);
+        assert_eq!(find_str(br#"{"epoch":"abc"#, b"\"epoch\":"), None);
+        assert_eq!(find_str(b"{}", b"\"epoch\":"), None);
+        assert_eq!(find_bool(t, b"\"recovered\":"), Some(true));
+        assert_eq!(
+            find_bool(br#"{"recovered": false}"#, b"\"recovered\":"),
+            Some(false)
+        );
+        assert_eq!(find_bool(br#"{"recovered":1}"#, b"\"recovered\":"), None);
+        assert_eq!(find_bool(b"{}", b"\"recovered\":"), None);
     }
 
     #[test]
