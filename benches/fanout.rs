@@ -1,5 +1,5 @@
 //! The fan-out plan: one room publish to N local subscribers. Switchboard encodes the frame
-//! once and queues an `Arc` clone per member (what `Shard::deliver_room` does); the naive
+//! once and queues an `Arc` clone per member (what `Shard::deliver_local` does for a room); the naive
 //! baseline encodes a frame per recipient, as servers without shared buffers do.
 //!
 //! Run: `cargo bench --bench fanout`.
