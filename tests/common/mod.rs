@@ -246,7 +246,9 @@ impl TestServer {
             if got == shard {
                 return c;
             }
-            c.close();
+            // Wait for the server's close reply: it detaches a connection (rooms, devices,
+            // presence counts) before it answers, so the next step sees it gone.
+            c.close_and_wait();
         }
         panic!("no connection landed on shard {shard} in {SHARD_PLACEMENT_ATTEMPTS_MAX} attempts");
     }
@@ -716,6 +718,19 @@ impl Client {
     pub fn close(mut self) {
         let _ = self.ws.close(None);
         let _ = self.ws.flush();
+    }
+
+    /// Close and read until the server's close frame (or the end of the stream) arrives.
+    pub fn close_and_wait(mut self) {
+        let _ = self.ws.close(None);
+        let _ = self.ws.flush();
+        let deadline = Instant::now() + RECV_TIMEOUT;
+        while Instant::now() < deadline {
+            match self.ws.read() {
+                Ok(Message::Close(_)) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
     }
 }
 
