@@ -25,6 +25,8 @@ use serde_norway::Value;
 pub const ROOM_PATTERNS_MAX: usize = 256;
 /// Most messages kept per room (`history_size`).
 pub const HISTORY_SIZE_MAX: u32 = 100_000;
+/// Longest `history_ttl` (30 days; beyond it a room's history is bounded by its size anyway).
+pub const HISTORY_TTL_MAX: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// The options of the rooms one pattern matches.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -134,6 +136,9 @@ pub fn parse(v: &Value) -> Result<Vec<RoomOptions>, String> {
                         ),
                         _ => return Err(at("a duration such as 10m")),
                     };
+                    if o.history_ttl > HISTORY_TTL_MAX {
+                        return Err(at("a duration of at most 30 days"));
+                    }
                 }
                 other => {
                     return Err(format!(
@@ -199,6 +204,7 @@ mod tests {
             ("- pattern: a\n  history_size: 100001", "history_size"),
             ("- pattern: a\n  join_leave: maybe", "join_leave"),
             ("- pattern: a\n  history_ttl: soon", "history_ttl"),
+            ("- pattern: a\n  history_ttl: 800h", "at most 30 days"),
             ("pattern: a", "list of maps"),
         ] {
             let e = parse(&yaml(bad)).unwrap_err();

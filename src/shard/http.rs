@@ -146,7 +146,13 @@ impl Shard {
         // application/x-www-form-urlencoded, and a body that is not JSON is refused anyway.
         let outcome = match route(API_ROUTES, req.method, req.path) {
             Routed::Found(r, params) => match r {
-                Api::Publish => api::publish(self, slot, req.body, keep),
+                Api::Publish => {
+                    let origin = match self.cors.headers(req.origin) {
+                        crate::http::CorsHeaders::Origin(o) => Some(o),
+                        _ => None,
+                    };
+                    api::publish(self, slot, req.body, keep, origin)
+                }
                 Api::Broadcast => api::broadcast(self, req.body),
                 Api::UserSend => api::user_send(self, params.get(0).unwrap_or(""), req.body),
                 Api::Disconnect => api::disconnect(self, params.get(0).unwrap_or("")),

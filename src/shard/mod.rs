@@ -101,8 +101,14 @@ pub struct Inboxes(pub Vec<Inbox>, pub Arc<crate::fault::Faults>);
 impl Inboxes {
     /// Queue `msg` for `shard` without blocking.
     pub fn send(&self, shard: usize, msg: ShardMsg) -> Result<(), SendFailure> {
+        self.try_send(shard, msg).map_err(|(why, _)| why)
+    }
+
+    /// [`Inboxes::send`], handing the message back when it could not be queued (to keep it
+    /// for a retry).
+    pub fn try_send(&self, shard: usize, msg: ShardMsg) -> Result<(), (SendFailure, ShardMsg)> {
         if matches!(msg, ShardMsg::Deliver { .. }) && self.1.refuse_delivery(shard) {
-            return Err(SendFailure::Full);
+            return Err((SendFailure::Full, msg));
         }
         let inbox = &self.0[shard];
         match inbox.tx.try_send(msg) {
@@ -112,8 +118,8 @@ impl Inboxes {
                 }
                 Ok(())
             }
-            Err(TrySendError::Full(_)) => Err(SendFailure::Full),
-            Err(TrySendError::Disconnected(_)) => Err(SendFailure::Dead),
+            Err(TrySendError::Full(m)) => Err((SendFailure::Full, m)),
+            Err(TrySendError::Disconnected(m)) => Err((SendFailure::Dead, m)),
         }
     }
 

@@ -109,7 +109,13 @@ fn parse<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, Outcome> {
 }
 
 /// `POST /api/publish`.
-pub fn publish(sh: &mut Shard, slot: u32, body: &[u8], keep_alive: bool) -> Outcome {
+pub fn publish(
+    sh: &mut Shard,
+    slot: u32,
+    body: &[u8],
+    keep_alive: bool,
+    cors_origin: Option<&str>,
+) -> Outcome {
     let b: PublishBody = match parse(body) {
         Ok(b) => b,
         Err(o) => return o,
@@ -127,7 +133,15 @@ pub fn publish(sh: &mut Shard, slot: u32, body: &[u8], keep_alive: bool) -> Outc
         Ok(k) => k,
         Err(text) => return err(Status::BAD_REQUEST, text),
     };
-    match rooms::api_publish(sh, slot, room, raw_or_null(&b.data), kind, keep_alive) {
+    match rooms::api_publish(
+        sh,
+        slot,
+        room,
+        raw_or_null(&b.data),
+        kind,
+        keep_alive,
+        cors_origin,
+    ) {
         rooms::Routed::Here(position) => {
             Outcome::Now(Status::OK, rooms::api_body(position.as_ref()))
         }

@@ -73,6 +73,9 @@ pub struct Store {
     rooms: HashMap<Arc<str>, RoomHistory>,
     /// Every stored entry by age: seq -> room (the budget trims from the front).
     by_age: BTreeMap<u64, Arc<str>>,
+    /// Every room by its last write (or creation): last_seq -> room, so the room written
+    /// longest ago is found in O(log n) when `ROOMS_WITH_HISTORY_MAX` is reached.
+    by_last: BTreeMap<u64, Arc<str>>,
     seq: u64,
     bytes: usize,
     budget: usize,
@@ -96,6 +99,7 @@ impl Store {
         Store {
             rooms: HashMap::new(),
             by_age: BTreeMap::new(),
+            by_last: BTreeMap::new(),
             seq: 0,
             bytes: 0,
             budget,
@@ -114,26 +118,27 @@ impl Store {
     }
 
     fn room_mut(&mut self, room: &Arc<str>) -> &mut RoomHistory {
-        if !self.rooms.contains_key(&**room) && self.rooms.len() >= ROOMS_WITH_HISTORY_MAX {
-            self.forget_oldest_room();
+        if !self.rooms.contains_key(&**room) {
+            if self.rooms.len() >= ROOMS_WITH_HISTORY_MAX {
+                self.forget_oldest_room();
+            }
+            self.seq += 1;
+            self.by_last.insert(self.seq, room.clone());
+            self.rooms.insert(
+                room.clone(),
+                RoomHistory {
+                    epoch: new_epoch(),
+                    next: 1,
+                    entries: VecDeque::new(),
+                    last_seq: self.seq,
+                },
+            );
         }
-        self.rooms
-            .entry(room.clone())
-            .or_insert_with(|| RoomHistory {
-                epoch: new_epoch(),
-                next: 1,
-                entries: VecDeque::new(),
-                last_seq: 0,
-            })
+        self.rooms.get_mut(&**room).expect("inserted above")
     }
 
     fn forget_oldest_room(&mut self) {
-        let Some(oldest) = self
-            .rooms
-            .iter()
-            .min_by_key(|(_, h)| h.last_seq)
-            .map(|(k, _)| k.clone())
-        else {
+        let Some((_, oldest)) = self.by_last.pop_first() else {
             return;
         };
         if let Some(h) = self.rooms.remove(&oldest) {
@@ -164,10 +169,11 @@ impl Store {
         size: u32,
         ttl_ms: u64,
     ) {
+        let bytes = entry_bytes(&frame);
+        self.room_mut(room);
         self.seq += 1;
         let seq = self.seq;
-        let bytes = entry_bytes(&frame);
-        let h = self.room_mut(room);
+        let h = self.rooms.get_mut(&**room).expect("room_mut created it");
         debug_assert!(h.entries.back().is_none_or(|e| e.offset < offset));
         h.entries.push_back(Entry {
             offset,
@@ -175,7 +181,9 @@ impl Store {
             seq,
             frame,
         });
+        self.by_last.remove(&h.last_seq);
         h.last_seq = seq;
+        self.by_last.insert(seq, room.clone());
         self.by_age.insert(seq, room.clone());
         self.bytes += bytes;
         self.trim_room(room, size, ttl_ms, at_ms);
@@ -199,7 +207,7 @@ impl Store {
         };
         while let Some(front) = h.entries.front() {
             let too_many = h.entries.len() > size as usize;
-            let too_old = ttl_ms > 0 && front.at_ms + ttl_ms <= now_ms;
+            let too_old = ttl_ms > 0 && front.at_ms.saturating_add(ttl_ms) <= now_ms;
             if !(too_many || too_old) {
                 break;
             }
@@ -316,6 +324,19 @@ mod tests {
         assert_eq!(p.offset, 0);
         assert!(s.since(&fresh, 0, &p.epoch, 3, 0, 1000).recovered);
         assert_ne!(p.epoch, epoch);
+    }
+
+    #[test]
+    fn rooms_are_forgotten_oldest_written_first() {
+        let mut s = Store::new(1 << 20);
+        let (a, b): (Arc<str>, Arc<str>) = (Arc::from("a"), Arc::from("b"));
+        publish(&mut s, &a, 1, 10, 0);
+        publish(&mut s, &b, 2, 10, 0);
+        publish(&mut s, &a, 3, 10, 0);
+        s.forget_oldest_room();
+        assert_eq!(s.rooms(), 1);
+        assert!(s.rooms.contains_key("a"), "b was written longest ago");
+        assert_eq!(s.by_last.len(), 1);
     }
 
     #[test]

@@ -126,6 +126,8 @@ pub enum ServiceMsg {
 /// Service ids in wheel keys ([`super::TimerKey::Service`]): one constant per service that
 /// schedules timers (none of today's services does; typing TTLs and call ring timeouts will).
 pub mod id {
+    /// Rooms: the retry of subscribe answers an inbox could not take.
+    pub const ROOMS: u8 = 4;
     // ---- typing and receipts
     /// Typing states' TTLs (key: [`super::typing::Table`]'s slab index and serial).
     pub const TYPING: u8 = 1;
@@ -151,6 +153,7 @@ pub fn on_msg(sh: &mut Shard, m: ServiceMsg) {
 pub fn on_timer(sh: &mut Shard, service: u8, key: u64) {
     #[allow(clippy::match_single_binding)]
     match service {
+        id::ROOMS => rooms::on_timer(sh, key),
         // ---- typing and receipts
         id::TYPING => typing::on_timer(sh, key),
         // ---- presence

@@ -52,7 +52,16 @@ pub struct State {
     pending_conns: HashMap<(u32, u32), u32>,
     /// Rooms whose directory bit this shard set for a pending subscribe before it had a member.
     pre_arrived: HashSet<Arc<str>>,
+    /// Answers to other shards' subscribes that found their inbox full, retried in order every
+    /// tick: a lost answer would leave the subscriber unanswered and its shard's pending state
+    /// behind for good. Bounded by [`RESUME_ANSWERS_OWED_MAX`].
+    owed: std::collections::VecDeque<(usize, crate::shard::ShardMsg)>,
+    retry_scheduled: bool,
 }
+
+/// Subscribe answers one shard keeps for retry while the asking shard's inbox is full; past
+/// it an answer is dropped and counted (`switchboard_cross_shard_dropped_total`).
+pub const RESUME_ANSWERS_OWED_MAX: usize = 65_536;
 
 /// The history store, created on first use with the shard's share of `history_bytes_max`.
 #[derive(Default)]
@@ -62,6 +71,8 @@ pub struct History(Option<super::history::Store>);
 pub struct ApiReply {
     pub conn: ConnRef,
     pub keep_alive: bool,
+    /// The request's `Origin` when `cors_origins` allows it (the answer carries it).
+    pub cors_origin: Option<Box<str>>,
 }
 
 /// Rooms messages between shards.
@@ -342,6 +353,9 @@ fn answer_api(sh: &mut Shard, api: &ApiReply, position: Option<&super::history::
     let body = api_body(position);
     let mut r = crate::http::Response::new(crate::http::Status::OK, "application/json", &body);
     r.keep_alive = api.keep_alive;
+    if let Some(o) = api.cors_origin.as_deref() {
+        r.cors = crate::http::CorsHeaders::Origin(o);
+    }
     let f = Frame::from_wire(&r.to_vec(), sh.now_us);
     sh.deliver(&Target::Conn(api.conn), &f);
 }
@@ -357,6 +371,7 @@ pub fn api_publish(
     data: &str,
     kind: &str,
     keep_alive: bool,
+    cors_origin: Option<&str>,
 ) -> Routed {
     let name: Arc<str> = match sh.svc.rooms.table.lookup(room) {
         Some(rid) => sh.svc.rooms.table.name_of(rid).clone(),
@@ -367,6 +382,7 @@ pub fn api_publish(
     let api = ApiReply {
         conn: sh.conn_ref(slot),
         keep_alive,
+        cors_origin: cors_origin.map(Into::into),
     };
     route_publish(sh, name, opts, API_CLIENT_ID, None, data, kind, Some(api))
 }
@@ -448,7 +464,7 @@ pub fn on_msg(sh: &mut Shard, m: Msg) {
         } => {
             let (position, recovered, frames) =
                 recover(sh, &room, opts, since.as_ref().map(|(o, e)| (*o, &**e)));
-            let answer = crate::shard::ShardMsg::service(super::ServiceMsg::Rooms(Msg::Resumed {
+            let answer = Msg::Resumed {
                 room,
                 opts,
                 conn,
@@ -457,12 +473,8 @@ pub fn on_msg(sh: &mut Shard, m: Msg) {
                 position,
                 recovered,
                 frames,
-            }));
-            if sh.node.inboxes.send(conn.shard as usize, answer).is_err() {
-                // The asking shard is overloaded (or stopping): its subscribe stays unanswered
-                // and the client retries; counted.
-                sh.out.stats.cross_shard_dropped += 1;
-            }
+            };
+            owe_or_send(sh, conn.shard as usize, answer);
         }
         Msg::Resumed {
             room,
@@ -474,6 +486,49 @@ pub fn on_msg(sh: &mut Shard, m: Msg) {
             recovered,
             frames,
         } => resumed(sh, room, opts, conn, id, count, position, recovered, frames),
+    }
+}
+
+/// Send a subscribe's answer to the asking shard, or keep it for the retry when its inbox is
+/// full (answers stay in order: once one is owed, the later ones queue behind it).
+fn owe_or_send(sh: &mut Shard, shard: usize, answer: Msg) {
+    let msg = crate::shard::ShardMsg::service(super::ServiceMsg::Rooms(answer));
+    let msg = if sh.svc.rooms.owed.is_empty() {
+        match sh.node.inboxes.try_send(shard, msg) {
+            Ok(()) | Err((crate::shard::SendFailure::Dead, _)) => return,
+            Err((crate::shard::SendFailure::Full, msg)) => msg,
+        }
+    } else {
+        msg
+    };
+    if sh.svc.rooms.owed.len() >= RESUME_ANSWERS_OWED_MAX {
+        sh.out.stats.cross_shard_dropped += 1;
+        return;
+    }
+    sh.svc.rooms.owed.push_back((shard, msg));
+    schedule_retry(sh);
+}
+
+fn schedule_retry(sh: &mut Shard) {
+    if !sh.svc.rooms.retry_scheduled {
+        sh.svc.rooms.retry_scheduled = true;
+        let next = sh.now_tick + 1;
+        sh.schedule_service(next, super::id::ROOMS, 0);
+    }
+}
+
+/// The retry tick: send the owed answers in order, as far as the inboxes take them.
+pub fn on_timer(sh: &mut Shard, _key: u64) {
+    sh.svc.rooms.retry_scheduled = false;
+    while let Some((shard, msg)) = sh.svc.rooms.owed.pop_front() {
+        match sh.node.inboxes.try_send(shard, msg) {
+            Ok(()) | Err((crate::shard::SendFailure::Dead, _)) => {}
+            Err((crate::shard::SendFailure::Full, msg)) => {
+                sh.svc.rooms.owed.push_front((shard, msg));
+                schedule_retry(sh);
+                return;
+            }
+        }
     }
 }
 
@@ -528,6 +583,19 @@ fn resumed(
         .clients
         .get(slot as usize)
         .is_some_and(|c| c.gen == conn.gen && c.phase == Phase::Open);
+    // A refresh may have narrowed the rooms claim while the owner answered.
+    if live && !sh.clients[slot as usize].allows_room(&room) {
+        crate::admission::room_leave(&sh.node, &room);
+        release_pre_arrival(sh, &room);
+        sh.send_error(
+            slot,
+            ErrorReason::NotAllowed,
+            id.as_deref(),
+            "not allowed",
+            None,
+        );
+        return;
+    }
     if !live || membership(sh, slot, &room).is_some() {
         // Gone while the owner answered (or joined meanwhile): undo the admission count and
         // release the directory bit held for it.
@@ -836,8 +904,15 @@ fn leave(sh: &mut Shard, slot: u32, m: Membership) {
         super::on_room_left(sh, slot, &left.name, opts);
     }
     if left.last_local {
-        let t = sh.node.dir.rooms.depart(&left.name, sh.id);
-        report_transition(sh, left.name, t);
+        if sh.svc.rooms.pending_rooms.contains_key(&left.name) {
+            // A subscribe still waits for the owner: keep the shard's directory bit for it
+            // (its answer attaches or releases it), or the owner's next messages skip this
+            // shard and that subscriber misses them.
+            sh.svc.rooms.pre_arrived.insert(left.name);
+        } else {
+            let t = sh.node.dir.rooms.depart(&left.name, sh.id);
+            report_transition(sh, left.name, t);
+        }
     }
 }
 

@@ -472,12 +472,11 @@ impl Owner {
 
     /// A device of `user` left `room`: true when it was the user's last device in the room.
     pub fn room_leave(&mut self, room: &str, user: &str) -> bool {
+        // A join may be missing: its report was dropped past PRESENCE_OWED_MAX (counted).
         let Some(users) = self.rooms.get_mut(room) else {
-            debug_assert!(false, "room leave without join");
             return false;
         };
         let Some(n) = users.get_mut(user) else {
-            debug_assert!(false, "room leave without join");
             return false;
         };
         *n -= 1;
