@@ -207,7 +207,8 @@ impl Outbox {
             return false;
         }
         let len = frame.wire().len() as u32;
-        if frame.is_droppable() && c.queued as usize > self.queue_limit / 2 {
+        // The queue test first: a reader that keeps up never reads the frame's prefix here.
+        if c.queued as usize > self.queue_limit / 2 && frame.is_droppable() {
             // Falling behind: a droppable frame (typing) is the first thing to go.
             self.stats.droppable_dropped += 1;
             return false;
