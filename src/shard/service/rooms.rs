@@ -357,7 +357,13 @@ fn answer_api(sh: &mut Shard, api: &ApiReply, position: Option<&super::history::
         r.cors = crate::http::CorsHeaders::Origin(o);
     }
     let f = Frame::from_wire(&r.to_vec(), sh.now_us);
-    sh.deliver(&Target::Conn(api.conn), &f);
+    // Through the retry queue, not a plain delivery: a lost answer would leave the HTTP
+    // client waiting until its keep-alive timeout for a publish that happened.
+    let msg = crate::shard::ShardMsg::Deliver {
+        target: Target::Conn(api.conn),
+        frame: f,
+    };
+    owe_or_send_msg(sh, api.conn.shard as usize, msg);
 }
 
 /// A server API publish (`POST /api/publish`) from the HTTP connection `slot`: the frame
@@ -493,6 +499,12 @@ pub fn on_msg(sh: &mut Shard, m: Msg) {
 /// full (answers stay in order: once one is owed, the later ones queue behind it).
 fn owe_or_send(sh: &mut Shard, shard: usize, answer: Msg) {
     let msg = crate::shard::ShardMsg::service(super::ServiceMsg::Rooms(answer));
+    owe_or_send_msg(sh, shard, msg);
+}
+
+/// [`owe_or_send`] for any answer the rooms service owes another shard (also the HTTP answer
+/// to a server API publish).
+fn owe_or_send_msg(sh: &mut Shard, shard: usize, msg: crate::shard::ShardMsg) {
     let msg = if sh.svc.rooms.owed.is_empty() {
         match sh.node.inboxes.try_send(shard, msg) {
             Ok(()) | Err((crate::shard::SendFailure::Dead, _)) => return,
