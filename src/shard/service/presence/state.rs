@@ -181,6 +181,20 @@ struct User {
 }
 
 impl User {
+    /// A user with no state yet: offline, never seen.
+    fn offline() -> User {
+        User {
+            connected: false,
+            status: Status::Offline,
+            text: None,
+            last_seen_ms: 0,
+            left_ms: 0,
+            due_ms: None,
+            timer: None,
+            offline_seq: None,
+        }
+    }
+
     fn record(&self) -> Record {
         Record {
             status: if self.connected {
@@ -256,16 +270,7 @@ impl Owner {
             out.event = Some(Event::Online);
             return out;
         }
-        let u = self.users.entry(user.clone()).or_insert_with(|| User {
-            connected: false,
-            status: Status::Offline,
-            text: None,
-            last_seen_ms: 0,
-            left_ms: 0,
-            due_ms: None,
-            timer: None,
-            offline_seq: None,
-        });
+        let u = self.users.get_mut(user).expect("checked above");
         if u.connected {
             // Back inside the grace (or another shard's first device): no event; the grace
             // record, if any, goes back to the connected one.
@@ -298,12 +303,7 @@ impl Owner {
                 User {
                     connected: true,
                     status: Status::Online,
-                    text: None,
-                    last_seen_ms: 0,
-                    left_ms: 0,
-                    due_ms: None,
-                    timer: None,
-                    offline_seq: None,
+                    ..User::offline()
                 },
             );
         }
@@ -426,16 +426,7 @@ impl Owner {
             // Every device left before this arrived: nothing to set (no departure would end it).
             return out;
         }
-        let u = self.users.entry(user.clone()).or_insert_with(|| User {
-            connected: false,
-            status: Status::Offline,
-            text: None,
-            last_seen_ms: 0,
-            left_ms: 0,
-            due_ms: None,
-            timer: None,
-            offline_seq: None,
-        });
+        let u = self.users.entry(user.clone()).or_insert_with(User::offline);
         let before = u.record();
         let was_visible = u.connected && u.status.visible();
         u.connected = true;
