@@ -28,3 +28,4 @@ pub mod room_options;
 pub mod route;
 pub mod server;
 pub mod shard;
+pub mod store;

@@ -1,0 +1,454 @@
+//! The behaviour every [`Store`] implementation must have, as one test body: the in-memory
+//! store's unit tests and the PostgreSQL integration test (`tests/store_pg.rs`) both call
+//! [`run_all`]. Every user and thread id is prefixed, so runs against a shared database do not
+//! see each other; ids are compared relative to each other, never to fixed numbers.
+//!
+//! Test code: it panics on a failed check.
+
+use std::sync::Arc;
+
+use super::*;
+
+/// Run every check against `store`. `p` prefixes every user and thread id (unique per run).
+pub async fn run_all<S: Store>(store: &S, p: &str) {
+    dm_creates_thread_and_orders(store, p).await;
+    idempotent_in_and_across_batches(store, p).await;
+    participants_are_enforced(store, p).await;
+    group_threads(store, p).await;
+    threads_list_and_paginate(store, p).await;
+    messages_paginate_newest_first(store, p).await;
+    marks_move_forward(store, p).await;
+    sync_pages(store, p).await;
+    notifications(store, p).await;
+    store.ping().await.expect("ping");
+}
+
+fn a(s: String) -> Arc<str> {
+    Arc::from(s)
+}
+
+/// A DM from `from` to `to` in `thread`, with a fresh server id.
+pub fn dm(thread: &str, from: &str, to: &str, cmid: &str, content: &str) -> NewMessage {
+    NewMessage {
+        server_msg_id: uuid::Uuid::now_v7().as_u128(),
+        event_id: uuid::Uuid::now_v7().as_u128(),
+        thread: Arc::from(thread),
+        sender: Arc::from(from),
+        to: Some(Arc::from(to)),
+        client_msg_id: Some(Arc::from(cmid)),
+        content: Arc::from(content),
+        attachment_url: None,
+        sent_at_ms: 1_700_000_000_000,
+    }
+}
+
+fn new_of(out: &Appended) -> &Message {
+    match out {
+        Appended::New { message, .. } => message,
+        other => panic!("expected New, got {other:?}"),
+    }
+}
+
+fn found<T: std::fmt::Debug>(l: Lookup<T>) -> T {
+    match l {
+        Lookup::Found(t) => t,
+        other => panic!("expected Found, got {other:?}"),
+    }
+}
+
+async fn dm_creates_thread_and_orders<S: Store>(s: &S, p: &str) {
+    let (al, bo, t) = (format!("{p}al"), format!("{p}bo"), format!("{p}t1"));
+    let out = s
+        .append(&[dm(&t, &al, &bo, "c1", "one"), dm(&t, &bo, &al, "c2", "two")])
+        .await
+        .unwrap();
+    assert_eq!(out.len(), 2);
+    let (m1, m2) = (new_of(&out[0]).clone(), new_of(&out[1]).clone());
+    assert_eq!((m1.seq, m2.seq), (1, 2));
+    assert!(m2.id > m1.id, "ids increase in batch order");
+    assert_eq!(m1.thread_numeric_id, m2.thread_numeric_id);
+    assert_eq!(&*m1.content, "one");
+    assert_eq!(m1.to.as_deref(), Some(&*bo));
+    if let Appended::New { participants, .. } = &out[0] {
+        let mut got: Vec<&str> = participants.iter().map(|u| &**u).collect();
+        got.sort_unstable();
+        assert_eq!(got, [&*al, &*bo]);
+    }
+    // A later batch continues the thread's sequence and the global ids.
+    let out = s.append(&[dm(&t, &al, &bo, "c3", "three")]).await.unwrap();
+    let m3 = new_of(&out[0]);
+    assert_eq!(m3.seq, 3);
+    assert!(m3.id > m2.id);
+    let view = found(s.thread(&al, &ThreadRef::Id(a(t.clone()))).await.unwrap());
+    assert_eq!(view.kind, ThreadKind::Direct);
+    assert_eq!(view.participants, vec![a(al.clone()), a(bo.clone())]);
+    assert_eq!(view.last_seq, 3);
+    assert_eq!(view.last_message.as_ref().map(|m| m.id), Some(m3.id));
+    // Unread for al: bo's one message; for bo: al's two.
+    assert_eq!(view.unread, 1);
+    let bview = found(s.thread(&bo, &ThreadRef::Id(a(t.clone()))).await.unwrap());
+    assert_eq!(bview.unread, 2);
+    // The numeric id names the same thread.
+    let by_num = found(
+        s.thread(&al, &ThreadRef::parse(&view.numeric_id.to_string()))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(by_num.id, view.id);
+    assert_eq!(
+        s.thread(&al, &ThreadRef::Id(a(format!("{p}nope"))))
+            .await
+            .unwrap(),
+        Lookup::NotFound
+    );
+}
+
+async fn idempotent_in_and_across_batches<S: Store>(s: &S, p: &str) {
+    let (al, bo, t) = (format!("{p}al2"), format!("{p}bo2"), format!("{p}t2"));
+    let first = dm(&t, &al, &bo, "same", "x");
+    let again = dm(&t, &al, &bo, "same", "x (retry)");
+    let out = s.append(&[first.clone(), again.clone()]).await.unwrap();
+    let m = new_of(&out[0]).clone();
+    assert_eq!(out[1], Appended::Duplicate(m.clone()), "in-batch duplicate");
+    let out = s.append(&[again]).await.unwrap();
+    assert_eq!(out[0], Appended::Duplicate(m.clone()), "later duplicate");
+    assert_eq!(m.server_msg_id, first.server_msg_id);
+    // The same clientMsgId from another sender is another message.
+    let out = s.append(&[dm(&t, &bo, &al, "same", "y")]).await.unwrap();
+    assert_eq!(new_of(&out[0]).seq, 2);
+    // No clientMsgId: never deduplicated.
+    let mut anon = dm(&t, &al, &bo, "", "z");
+    anon.client_msg_id = None;
+    let out = s.append(&[anon.clone(), anon]).await.unwrap();
+    assert_eq!((new_of(&out[0]).seq, new_of(&out[1]).seq), (3, 4));
+}
+
+async fn participants_are_enforced<S: Store>(s: &S, p: &str) {
+    let (al, bo, cy, t) = (
+        format!("{p}al3"),
+        format!("{p}bo3"),
+        format!("{p}cy3"),
+        format!("{p}t3"),
+    );
+    s.append(&[dm(&t, &al, &bo, "1", "hi")]).await.unwrap();
+    let out = s
+        .append(&[
+            dm(&t, &cy, &al, "2", "intruder"),
+            dm(&t, &al, &cy, "3", "to outsider"),
+            dm(&t, &bo, &al, "4", "fine"),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(out[0], Appended::Refused(Refusal::NotParticipant));
+    assert_eq!(out[1], Appended::Refused(Refusal::NotParticipant));
+    assert_eq!(new_of(&out[2]).seq, 2, "refusals take no seq");
+    let mut into_nothing = dm(&format!("{p}missing"), &al, &bo, "5", "x");
+    into_nothing.to = None;
+    let out = s.append(&[into_nothing]).await.unwrap();
+    assert_eq!(out[0], Appended::Refused(Refusal::UnknownThread));
+    assert_eq!(
+        s.thread(&cy, &ThreadRef::Id(a(t.clone()))).await.unwrap(),
+        Lookup::Forbidden
+    );
+    assert_eq!(
+        s.messages(&cy, &ThreadRef::Id(a(t)), None, 10)
+            .await
+            .unwrap(),
+        Lookup::Forbidden
+    );
+}
+
+async fn group_threads<S: Store>(s: &S, p: &str) {
+    let (al, bo, cy) = (format!("{p}al4"), format!("{p}bo4"), format!("{p}cy4"));
+    let new = NewThread {
+        id: Some(a(format!("{p}g1"))),
+        creator: a(al.clone()),
+        participants: vec![a(bo.clone()), a(cy.clone()), a(bo.clone()), a(al.clone())],
+        title: Some(Arc::from("team")),
+        created_at_ms: 1_700_000_000_000,
+    };
+    let Created::New(view) = s.create_thread(&new).await.unwrap() else {
+        panic!("expected a new thread");
+    };
+    assert_eq!(view.kind, ThreadKind::Group);
+    assert_eq!(
+        view.participants,
+        vec![a(al.clone()), a(bo.clone()), a(cy.clone())]
+    );
+    assert_eq!(view.title.as_deref(), Some("team"));
+    assert_eq!(view.last_seq, 0);
+    // Creating it again: the same thread, for a participant.
+    match s.create_thread(&new).await.unwrap() {
+        Created::Exists(Lookup::Found(v)) => assert_eq!(v.numeric_id, view.numeric_id),
+        other => panic!("{other:?}"),
+    }
+    let mut stranger = new.clone();
+    stranger.creator = a(format!("{p}zed4"));
+    assert_eq!(
+        s.create_thread(&stranger).await.unwrap(),
+        Created::Exists(Lookup::Forbidden)
+    );
+    // A message without `to` reaches every participant.
+    let mut m = dm(&view.id, &bo, "", "g", "hello team");
+    m.to = None;
+    let out = s.append(&[m]).await.unwrap();
+    match &out[0] {
+        Appended::New {
+            message,
+            participants,
+        } => {
+            assert_eq!(message.seq, 1);
+            assert_eq!(message.to, None);
+            let mut got = participants.clone();
+            got.sort();
+            assert_eq!(got, view.participants);
+        }
+        other => panic!("{other:?}"),
+    }
+    // A store-made id when none is asked for.
+    let anon = NewThread {
+        id: None,
+        ..new.clone()
+    };
+    let Created::New(v2) = s.create_thread(&anon).await.unwrap() else {
+        panic!("expected a new thread");
+    };
+    assert_ne!(v2.id, view.id);
+    assert!(v2.numeric_id > view.numeric_id);
+}
+
+async fn threads_list_and_paginate<S: Store>(s: &S, p: &str) {
+    let me = format!("{p}me5");
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let t = format!("{p}t5-{i}");
+        s.append(&[dm(&t, &me, &format!("{p}peer5-{i}"), &format!("c{i}"), "m")])
+            .await
+            .unwrap();
+        ids.push(t);
+    }
+    // Thread 1 becomes the most recent.
+    s.append(&[dm(&ids[1], &me, &format!("{p}peer5-1"), "again", "m2")])
+        .await
+        .unwrap();
+    let page1 = s.threads(&me, None, 2).await.unwrap();
+    let got: Vec<&str> = page1.items.iter().map(|t| &*t.id).collect();
+    assert_eq!(got, [&*ids[1], &*ids[4]]);
+    let page2 = s.threads(&me, page1.next, 2).await.unwrap();
+    let got: Vec<&str> = page2.items.iter().map(|t| &*t.id).collect();
+    assert_eq!(got, [&*ids[3], &*ids[2]]);
+    let page3 = s.threads(&me, page2.next, 2).await.unwrap();
+    let got: Vec<&str> = page3.items.iter().map(|t| &*t.id).collect();
+    assert_eq!(got, [&*ids[0]]);
+    assert_eq!(page3.next, None);
+    assert!(s
+        .threads(&format!("{p}nobody5"), None, 10)
+        .await
+        .unwrap()
+        .items
+        .is_empty());
+}
+
+async fn messages_paginate_newest_first<S: Store>(s: &S, p: &str) {
+    let (al, bo, t) = (format!("{p}al6"), format!("{p}bo6"), format!("{p}t6"));
+    let batch: Vec<NewMessage> = (0..7)
+        .map(|i| dm(&t, &al, &bo, &format!("c{i}"), &format!("m{i}")))
+        .collect();
+    s.append(&batch).await.unwrap();
+    let r = ThreadRef::Id(a(t.clone()));
+    let p1 = found(s.messages(&bo, &r, None, 3).await.unwrap());
+    let seqs: Vec<u64> = p1.items.iter().map(|m| m.seq).collect();
+    assert_eq!(seqs, [7, 6, 5]);
+    assert_eq!(p1.next, Some(5));
+    let p2 = found(s.messages(&bo, &r, p1.next, 3).await.unwrap());
+    assert_eq!(
+        p2.items.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        [4, 3, 2]
+    );
+    let p3 = found(s.messages(&bo, &r, p2.next, 3).await.unwrap());
+    assert_eq!(p3.items.iter().map(|m| m.seq).collect::<Vec<_>>(), [1]);
+    assert_eq!(p3.next, None);
+    assert_eq!(&*p3.items[0].content, "m0");
+    // An exact fit ends with no next page.
+    let p = found(s.messages(&bo, &r, Some(4), 3).await.unwrap());
+    assert_eq!(p.items.len(), 3);
+    assert_eq!(p.next, None);
+}
+
+async fn marks_move_forward<S: Store>(s: &S, p: &str) {
+    let (al, bo, t) = (format!("{p}al7"), format!("{p}bo7"), format!("{p}t7"));
+    let batch: Vec<NewMessage> = (0..4)
+        .map(|i| dm(&t, &al, &bo, &format!("c{i}"), "m"))
+        .collect();
+    let out = s.append(&batch).await.unwrap();
+    let msgs: Vec<Message> = out.iter().map(|o| new_of(o).clone()).collect();
+    let mark = |ids: Vec<MessageRef>| MarkRequest {
+        user: a(bo.clone()),
+        mark: Mark::Read,
+        thread: Some(a(t.clone())),
+        messages: ids,
+        at_ms: 1_700_000_000_500,
+    };
+    let m = found(
+        s.mark(&mark(vec![MessageRef::ServerId(msgs[2].server_msg_id)]))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(m.up_to_seq, 3);
+    assert_eq!(m.messages.len(), 1);
+    assert_eq!(m.messages[0].sender, a(al.clone()));
+    let view = found(s.thread(&bo, &ThreadRef::Id(a(t.clone()))).await.unwrap());
+    assert_eq!((view.read_seq, view.unread), (3, 1));
+    // An older mark does not move it back; numeric ids work too.
+    let m = found(
+        s.mark(&mark(vec![MessageRef::Number(msgs[0].id)]))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(m.up_to_seq, 3);
+    // Unknown ids are ignored; only unknown ids: NotFound.
+    let m = found(
+        s.mark(&mark(vec![
+            MessageRef::Number(u64::MAX >> 2),
+            MessageRef::ServerId(msgs[3].server_msg_id),
+        ]))
+        .await
+        .unwrap(),
+    );
+    assert_eq!(m.up_to_seq, 4);
+    assert_eq!(
+        s.mark(&mark(vec![MessageRef::ServerId(7)])).await.unwrap(),
+        Lookup::NotFound
+    );
+    // No thread named: taken from the message (the REST form).
+    let mut rest = mark(vec![MessageRef::ServerId(msgs[1].server_msg_id)]);
+    rest.thread = None;
+    rest.user = a(al.clone());
+    let m = found(s.mark(&rest).await.unwrap());
+    assert_eq!((&*m.thread, m.up_to_seq), (&*t, 2));
+    // Someone else's thread.
+    let mut other = mark(vec![MessageRef::ServerId(msgs[1].server_msg_id)]);
+    other.user = a(format!("{p}zed7"));
+    assert_eq!(s.mark(&other).await.unwrap(), Lookup::Forbidden);
+    other.thread = None;
+    assert_eq!(s.mark(&other).await.unwrap(), Lookup::Forbidden);
+    // Delivered marks are kept apart from read marks.
+    let mut d = mark(vec![MessageRef::ServerId(msgs[3].server_msg_id)]);
+    d.mark = Mark::Delivered;
+    d.user = a(al.clone());
+    assert_eq!(found(s.mark(&d).await.unwrap()).up_to_seq, 4);
+    let view = found(s.thread(&al, &ThreadRef::Id(a(t))).await.unwrap());
+    assert_eq!(view.read_seq, 2, "delivered does not mark read");
+}
+
+async fn sync_pages<S: Store>(s: &S, p: &str) {
+    let (al, bo, cy) = (format!("{p}al8"), format!("{p}bo8"), format!("{p}cy8"));
+    let (t1, t2) = (format!("{p}t8a"), format!("{p}t8b"));
+    let start = s.sync(&al, None, 10).await.unwrap();
+    assert!(start.messages.is_empty());
+    assert!(!start.more);
+    let mut batch = Vec::new();
+    for i in 0..5 {
+        batch.push(dm(&t1, &bo, &al, &format!("a{i}"), "to al"));
+        batch.push(dm(&t2, &cy, &bo, &format!("b{i}"), "not al's"));
+    }
+    batch.push(dm(&t1, &al, &bo, "own", "al's own"));
+    let out = s.append(&batch).await.unwrap();
+    let al_ids: Vec<u64> = out
+        .iter()
+        .map(new_of)
+        .filter(|m| m.thread == a(t1.clone()))
+        .map(|m| m.id)
+        .collect();
+    assert_eq!(al_ids.len(), 6);
+    let since = al_ids[0] - 1;
+    let p1 = s.sync(&al, Some(since), 4).await.unwrap();
+    assert_eq!(
+        p1.messages.iter().map(|m| m.id).collect::<Vec<_>>(),
+        al_ids[..4]
+    );
+    assert!(p1.more);
+    assert_eq!(p1.cursor, al_ids[3]);
+    let p2 = s.sync(&al, Some(p1.cursor), 4).await.unwrap();
+    assert_eq!(
+        p2.messages.iter().map(|m| m.id).collect::<Vec<_>>(),
+        al_ids[4..]
+    );
+    assert!(!p2.more);
+    assert_eq!(
+        &*p2.messages[1].content, "al's own",
+        "own messages are synced too"
+    );
+    let p3 = s.sync(&al, Some(p2.cursor), 4).await.unwrap();
+    assert!(p3.messages.is_empty());
+    assert_eq!(p3.cursor, p2.cursor);
+    assert!(!p3.more);
+    // No `since`: the newest page, oldest first.
+    let latest = s.sync(&al, None, 2).await.unwrap();
+    assert_eq!(
+        latest.messages.iter().map(|m| m.id).collect::<Vec<_>>(),
+        al_ids[4..]
+    );
+    assert_eq!(latest.cursor, al_ids[5]);
+    assert!(!latest.more);
+}
+
+async fn notifications<S: Store>(s: &S, p: &str) {
+    let me = format!("{p}me9");
+    let n = |i: u32, key: Option<&str>| NewNotification {
+        user: a(me.clone()),
+        kind: Arc::from("jobs.posted"),
+        data_json: Arc::from(format!(r#"{{"n":{i}}}"#)),
+        source_key: key.map(Arc::from),
+        created_at_ms: 1_700_000_000_000 + u64::from(i),
+    };
+    let mut ids = Vec::new();
+    for i in 0..4 {
+        let (stored, fresh) = s
+            .add_notification(&n(i, Some(&format!("jobs.posted/0/{i}"))))
+            .await
+            .unwrap();
+        assert!(fresh);
+        assert!(!stored.read);
+        ids.push(stored.id);
+    }
+    assert!(ids.windows(2).all(|w| w[1] > w[0]));
+    let (again, fresh) = s
+        .add_notification(&n(9, Some("jobs.posted/0/2")))
+        .await
+        .unwrap();
+    assert!(!fresh);
+    assert_eq!(again.id, ids[2]);
+    assert_eq!(&*again.data_json, r#"{"n":2}"#);
+    let page = s.notifications(&me, false, None, 3).await.unwrap();
+    assert_eq!(
+        page.items.iter().map(|n| n.id).collect::<Vec<_>>(),
+        [ids[3], ids[2], ids[1]]
+    );
+    let rest = s.notifications(&me, false, page.next, 3).await.unwrap();
+    assert_eq!(
+        rest.items.iter().map(|n| n.id).collect::<Vec<_>>(),
+        [ids[0]]
+    );
+    assert_eq!(rest.next, None);
+    assert!(found(s.notification_read(&me, ids[1]).await.unwrap()).read);
+    assert_eq!(
+        s.notification_read(&format!("{p}zed9"), ids[1])
+            .await
+            .unwrap(),
+        Lookup::NotFound
+    );
+    let unread = s.notifications(&me, true, None, 10).await.unwrap();
+    assert_eq!(
+        unread.items.iter().map(|n| n.id).collect::<Vec<_>>(),
+        [ids[3], ids[2], ids[0]]
+    );
+    assert_eq!(s.notifications_read_all(&me).await.unwrap(), 3);
+    assert_eq!(s.notifications_read_all(&me).await.unwrap(), 0);
+    assert!(s
+        .notifications(&me, true, None, 10)
+        .await
+        .unwrap()
+        .items
+        .is_empty());
+}
