@@ -165,12 +165,17 @@ pub struct Config {
     pub token_expiry_grace: Duration,
 
     // --- direct messages ---
-    /// Same clientMsgId from the same user within this window is acked again, not re-delivered.
-    pub dedup_window: Duration,
-    /// Most remembered (user, clientMsgId) pairs per node.
-    pub dedup_entries_max: usize,
     /// Longest DM `content` in bytes.
     pub max_dm_content_bytes: usize,
+
+    // --- the message store ---
+    /// PostgreSQL for the message store (`postgres://user:pass@host:port/db`); None = the
+    /// in-memory store. Never logged with its password.
+    pub database_url: Option<String>,
+    /// Byte budget of the in-memory store (no `database_url`): past it the oldest messages go.
+    pub store_memory_bytes: usize,
+    /// Longest a store call may take: a DM past it gets an error and no ack, REST a 503.
+    pub store_timeout: Duration,
 
     // --- server HTTP API ---
     /// Key for the server HTTP API (`X-API-Key: <key>` or `Authorization: apikey <key>`);
@@ -257,8 +262,9 @@ impl Default for Config {
             auth_timeout: Duration::from_secs(10),
             token_refresh_window: Duration::from_secs(60),
             token_expiry_grace: Duration::from_secs(10),
-            dedup_window: Duration::from_secs(300),
-            dedup_entries_max: 1_000_000,
+            database_url: None,
+            store_memory_bytes: 256 * 1024 * 1024,
+            store_timeout: Duration::from_secs(5),
             max_dm_content_bytes: 16 * 1024,
             api_key: None,
             cors_origins: Vec::new(),
@@ -398,7 +404,7 @@ impl Raw {
 
     /// How the value is quoted in an error message. Secrets are never echoed.
     fn shown(&self, key: &str) -> String {
-        if key == "jwt_secret" || key == "api_key" {
+        if key == "jwt_secret" || key == "api_key" || key == "database_url" {
             return "<redacted>".into();
         }
         match self {
@@ -749,12 +755,15 @@ config_keys! {
         "auth.expiring is sent this long before exp.";
     token_expiry_grace: Dur = "10s", "SWITCHBOARD_TOKEN_EXPIRY_GRACE", None,
         "auth.expired and close 4003 this long after exp.";
-    dedup_window: Dur = "5m", "SWITCHBOARD_DEDUP_WINDOW", None,
-        "A repeated clientMsgId from the same user within this window is acked, not re-delivered.";
-    dedup_entries_max: Count = "1000000", "SWITCHBOARD_DEDUP_ENTRIES_MAX", None,
-        "Most remembered (user, clientMsgId) pairs per node. At least 1.";
     max_dm_content_bytes: Bytes = "16KiB", "SWITCHBOARD_MAX_DM_CONTENT_BYTES", None,
         "Longest direct-message content in bytes, 1 B to 64 MiB.";
+    // ---- the message store
+    database_url: OptText = "", "SWITCHBOARD_DATABASE_URL", None,
+        "PostgreSQL for the message store (postgres://user:password@host:port/database); empty = the in-memory store, which forgets on restart. Prefer the env var: flags show in ps. The password is never logged.";
+    store_memory_bytes: Bytes = "256MiB", "SWITCHBOARD_STORE_MEMORY_BYTES", None,
+        "Byte budget of the in-memory message store (used when database_url is empty): past it the oldest messages are evicted. At least 1 MiB.";
+    store_timeout: Dur = "5s", "SWITCHBOARD_STORE_TIMEOUT", None,
+        "Longest a message-store call may take: a direct message past it gets an error and no ack, a REST call 503. 100ms to 5m.";
     api_key: OptText = "", "SWITCHBOARD_API_KEY", None,
         "Key for the server HTTP API (X-API-Key or Authorization: apikey <key>); empty = API off. Prefer the env var: flags show in ps. Never logged.";
     cors_origins: List = "", "SWITCHBOARD_CORS_ORIGINS", None,
@@ -1646,7 +1655,7 @@ impl Config {
             MESSAGE_SIZE_MAX as u64,
             " (a DM travels in one message)",
         )?;
-        at_least("dedup_entries_max", size(self.dedup_entries_max), 1)?;
+        at_least("store_memory_bytes", size(self.store_memory_bytes), 1 << 20)?;
         // ---- typing and receipts
         if self.typing_ttl < Duration::from_secs(1) || self.typing_ttl > DURATION_MAX {
             fail(
@@ -1716,7 +1725,7 @@ impl Config {
             ("auth_timeout", self.auth_timeout),
             ("token_refresh_window", self.token_refresh_window),
             ("token_expiry_grace", self.token_expiry_grace),
-            ("dedup_window", self.dedup_window),
+            ("store_timeout", self.store_timeout),
             ("shutdown_timeout", self.shutdown_timeout),
             ("presence_offline_grace", self.presence_offline_grace),
         ] {
@@ -1757,7 +1766,12 @@ impl Config {
         }
         nonzero("auth_timeout", self.auth_timeout)?;
         nonzero("shutdown_timeout", self.shutdown_timeout)?;
-        nonzero("dedup_window", self.dedup_window)?;
+        if self.store_timeout < Duration::from_millis(100) {
+            return fail(
+                "store_timeout",
+                format!("{:?} is under the 100ms minimum", self.store_timeout),
+            );
+        }
 
         for (key, v) in [
             ("rate_limit_per_sec", self.rate_limit_per_sec),
@@ -1961,7 +1975,7 @@ pub const HTTP_BODY_BYTES_LIMIT: usize = 64 * 1024 * 1024;
 /// users; 10,000 ids of 256 bytes is ~2.6 MB per copy, far past what a client marks at once.
 pub const RECEIPT_MESSAGE_IDS_LIMIT: usize = 10_000;
 /// Longest accepted duration (all duration keys but `write_coalesce`, capped at 5 s): 24 h.
-/// Token windows are kept as u32 seconds, DM dedup expiry as milliseconds added to now and
+/// Token windows are kept as u32 seconds, deadlines as milliseconds added to now and
 /// timers as u32 ticks of 100 ms; 24 h keeps every one of them far from overflow.
 pub const DURATION_MAX: Duration = Duration::from_secs(24 * 3600);
 /// [`ConfigError::key`] of the "print the help and exit 0" outcome of [`Config::load`].
@@ -2642,7 +2656,10 @@ mod tests {
                 "max_dm_content_bytes",
                 Box::new(|c| c.max_dm_content_bytes = 0),
             ),
-            ("dedup_entries_max", Box::new(|c| c.dedup_entries_max = 0)),
+            (
+                "store_memory_bytes",
+                Box::new(|c| c.store_memory_bytes = (1 << 20) - 1),
+            ),
             (
                 "ping_interval",
                 Box::new(|c| c.ping_interval = Duration::ZERO),
@@ -2667,8 +2684,8 @@ mod tests {
                 Box::new(|c| c.shutdown_timeout = Duration::ZERO),
             ),
             (
-                "dedup_window",
-                Box::new(|c| c.dedup_window = Duration::ZERO),
+                "store_timeout",
+                Box::new(|c| c.store_timeout = Duration::from_millis(99)),
             ),
             ("rate_limit_per_sec", Box::new(|c| c.rate_limit_per_sec = 0)),
             ("rate_limit_burst", Box::new(|c| c.rate_limit_burst = 0)),
@@ -2819,7 +2836,8 @@ mod tests {
             Box::new(|c| c.http_body_bytes_max = HTTP_BODY_BYTES_MIN),
             Box::new(|c| c.http_body_bytes_max = HTTP_BODY_BYTES_LIMIT),
             Box::new(|c| c.http_keepalive_timeout = Duration::from_secs(1)),
-            Box::new(|c| c.dedup_window = DURATION_MAX),
+            Box::new(|c| c.store_timeout = DURATION_MAX),
+            Box::new(|c| c.store_memory_bytes = 1 << 20),
             Box::new(|c| c.cors_origins = vec!["*".into()]),
             Box::new(|c| {
                 c.cors_origins = vec!["https://a.example".into(), "http://b.example:8080".into()]
@@ -3316,11 +3334,11 @@ mod tests {
             load_err(&[], &[("SWITCHBOARD_READ_BUFFER_SIZE", "1GiB")]).key,
             "read_buffer_size"
         );
-        // Durations: token windows are u32 seconds, dedup expiry is ms added to now.
+        // Durations: token windows are u32 seconds, deadlines are ms added to now.
         for key in [
             "TOKEN_REFRESH_WINDOW",
             "TOKEN_EXPIRY_GRACE",
-            "DEDUP_WINDOW",
+            "STORE_TIMEOUT",
             "JWT_LEEWAY",
         ] {
             let name = format!("SWITCHBOARD_{key}");

@@ -3,7 +3,7 @@
 //! first subscriber on this node and its last one gone; a user's first device on this node and
 //! the last one gone), which presence and the bridge's Redis SUBSCRIBE/UNSUBSCRIBE need.
 //! Admission (room capacity, devices per user, node connections) lives in [`crate::admission`];
-//! DM idempotency in [`crate::dedup`].
+//! DM idempotency in the message store ([`crate::store`]).
 //!
 //! Lock-free (papaya) because the publish and DM paths read it. Each entry is an `Arc` of
 //! atomics updated in place: a subscribe on a shard that already has subscribers of the room

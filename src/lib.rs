@@ -5,17 +5,16 @@
 //! - [`auth`] verifies JWTs (pure).
 //! - [`shard`] runs one pinned event loop per core over a `Slab` of clients.
 //! - [`io`] holds the only socket/OS calls: listeners, pinning, rlimits.
-//! - [`bridge`] is the one thread that talks to Redis/Kafka (single-node: nothing to forward).
+//! - [`bridge`] is the one thread that talks to the outside: the message [`store`] (in memory or
+//!   PostgreSQL), and Redis/Kafka to come (single node: nothing to forward).
 //! - [`directory`] is the node-wide, lock-free view of which shards hold which rooms and users;
-//!   [`admission`] decides whether one more connection, member or device fits; [`dedup`] holds
-//!   the DM idempotency claims.
+//!   [`admission`] decides whether one more connection, member or device fits.
 //! - [`metrics`] merges per-shard counters off the hot path; [`server`] wires it all together.
 
 pub mod admission;
 pub mod auth;
 pub mod bridge;
 pub mod config;
-pub mod dedup;
 pub mod directory;
 pub mod doctor;
 pub mod fault;

@@ -347,7 +347,8 @@ pub struct NodeView<'a> {
     pub connections: u64,
     pub max_connections: u64,
     pub draining: bool,
-    pub dedup_entries: u64,
+    /// The message store's counters (kept by the bridge).
+    pub store: Option<&'a crate::bridge::store::StoreStats>,
     pub limits: Option<&'a crate::doctor::Limits>,
 }
 
@@ -392,11 +393,6 @@ pub fn render(view: &NodeView) -> String {
             view.users,
         ),
         (
-            "switchboard_dedup_entries",
-            "Direct-message dedup entries held",
-            view.dedup_entries,
-        ),
-        (
             "switchboard_draining",
             "1 while the node drains for shutdown",
             view.draining as u64,
@@ -435,6 +431,9 @@ pub fn render(view: &NodeView) -> String {
         out,
         "# HELP switchboard_slow_consumer_closes_total Connections closed 4008 for exceeding send_queue_bytes_max\n# TYPE switchboard_slow_consumer_closes_total counter\nswitchboard_slow_consumer_closes_total {slow}"
     );
+    if let Some(s) = view.store {
+        crate::bridge::store::prometheus_lines(s, &mut out);
+    }
     render_latency(&mut out, view.shards);
     if let Some(limits) = view.limits {
         crate::doctor::prometheus_lines(limits, view.shards.len(), &mut out);
@@ -508,7 +507,7 @@ mod tests {
             connections: 2,
             max_connections: 10,
             draining: false,
-            dedup_entries: 0,
+            store: None,
             limits: None,
         });
         assert!(text.contains("switchboard_deliveries_total 12\n"));
@@ -567,7 +566,7 @@ mod tests {
             connections: 33,
             max_connections: 34,
             draining: true,
-            dedup_entries: 35,
+            store: None,
             limits: None,
         })
     }
@@ -654,9 +653,6 @@ switchboard_rooms 31
 # HELP switchboard_users Users with at least one device on this node
 # TYPE switchboard_users gauge
 switchboard_users 32
-# HELP switchboard_dedup_entries Direct-message dedup entries held
-# TYPE switchboard_dedup_entries gauge
-switchboard_dedup_entries 35
 # HELP switchboard_draining 1 while the node drains for shutdown
 # TYPE switchboard_draining gauge
 switchboard_draining 1
@@ -759,7 +755,7 @@ switchboard_publish_to_flush_seconds_count 1
             connections: 0,
             max_connections: 0,
             draining: false,
-            dedup_entries: 0,
+            store: None,
             limits: None,
         });
         for (i, r) in ROWS.iter().enumerate() {

@@ -14,9 +14,8 @@ use crossbeam_channel::bounded;
 use mio::{Poll, Waker};
 
 use crate::auth::Verifier;
-use crate::bridge::{BridgeHandle, Shards};
+use crate::bridge::BridgeHandle;
 use crate::config::{AuthMode, Config};
-use crate::dedup::DedupTable;
 use crate::directory::Directory;
 use crate::limits::{fd_reserve, SHARDS_MAX, SHARD_INBOX_CAPACITY};
 use crate::metrics::ShardStats;
@@ -142,30 +141,30 @@ impl Server {
         }
         let inboxes = Arc::new(Inboxes(inboxes, faults.clone()));
         let node_id: u32 = rand_node_id();
-        let bridge = BridgeHandle::single_node(Shards {
-            inboxes: inboxes.clone(),
-            node_id,
-        })
-        .map_err(|e| StartError(format!("cannot start the bridge thread: {e}")))?;
+        let (bridge_tx, bridge_rx) = crate::bridge::inbox();
 
         let node = Arc::new(Node {
             id: node_id,
             dir: Directory::new(),
-            dedup: DedupTable::new(cfg.dedup_entries_max),
             failed: std::sync::OnceLock::new(),
             verifier,
             inboxes,
             stats: (0..n).map(|_| ShardStats::default()).collect(),
             draining: AtomicBool::new(false),
-            bridge_healthy: bridge.healthy.clone(),
-            bridge_tx: bridge.tx.clone(),
-            clustered: bridge.clustered,
+            bridge_healthy: Arc::new(AtomicBool::new(true)),
+            bridge_tx,
+            clustered: false,
+            store_stats: Default::default(),
             max_connections,
             epoch: Instant::now(),
             limits,
             faults,
             cfg,
         });
+
+        // The bridge starts before the shards, so the store is being set up while they start.
+        let bridge = BridgeHandle::start(node.clone(), bridge_rx)
+            .map_err(|e| StartError(format!("cannot start the bridge thread: {e}")))?;
 
         let mut shards = Vec::with_capacity(n);
         for (i, ((poll, listener), rx)) in

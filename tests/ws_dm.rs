@@ -26,9 +26,18 @@ fn assert_ack(ack: &Value, client_msg_id: &str) -> Value {
     fields.sort_unstable();
     assert_eq!(
         fields,
-        ["clientMsgId", "conversationId", "sentAt", "serverMsgId"],
+        [
+            "clientMsgId",
+            "conversationId",
+            "cursor",
+            "sentAt",
+            "seq",
+            "serverMsgId"
+        ],
         "{ack}"
     );
+    assert!(d["cursor"].as_u64().is_some_and(|c| c > 0), "{ack}");
+    assert!(d["seq"].as_u64().is_some_and(|c| c > 0), "{ack}");
     assert_eq!(d["clientMsgId"], client_msg_id);
     assert_uuid(&d["serverMsgId"]);
     assert!(
@@ -67,6 +76,9 @@ fn assert_create(
         None => assert!(d["attachmentUrl"].is_null(), "{m}"),
     }
     assert_eq!(d["sentAt"], ack["sentAt"], "{m}");
+    assert_eq!(d["serverMsgId"], ack["serverMsgId"], "{m}");
+    assert_eq!(d["cursor"], ack["cursor"], "{m}");
+    assert_eq!(d["seq"], ack["seq"], "{m}");
 }
 
 #[test]

@@ -8,44 +8,9 @@ use std::time::{Duration, Instant};
 
 use common::jwt::{self, SECRET};
 use common::{now_s, Event, TestServer};
-use serde_json::{json, Value};
+use serde_json::json;
 
 const EXPOSE: (&str, &str) = ("SWITCHBOARD_EXPOSE_SHARD", "true");
-
-fn dm(cmid: &str, to: &str, content: &str) -> Value {
-    json!({"type": "message.send", "clientMsgId": cmid, "to": to, "content": content})
-}
-
-#[test]
-fn a_partial_dm_delivery_is_finished_by_the_retry_with_the_same_ids_and_no_duplicate() {
-    // The first delivery handed to shard 1 fails as if its inbox were full.
-    let server = TestServer::start(&[EXPOSE, ("SWITCHBOARD_TEST_FAULT", "refuse_deliveries:1:1")]);
-    let mut alice = server.connect_on_shard("/ws?user_id=alice", 0);
-    let mut bob0 = server.connect_on_shard("/ws?user_id=bob", 0);
-    let mut bob1 = server.connect_on_shard("/ws?user_id=bob", 1);
-
-    alice.send_json(dm("c-1", "bob", "hi"));
-    let e = alice.expect_error("server busy, retry later");
-    assert_eq!(e["data"]["clientMsgId"], "c-1");
-    let first = bob0.expect_type("message.create");
-    bob1.expect_silence(300);
-
-    // The client's retry reaches only the device that missed it, under the same ids.
-    alice.send_json(dm("c-1", "bob", "hi"));
-    let ack = alice.expect_type("message.ack");
-    let second = bob1.expect_type("message.create");
-    assert_eq!(second["data"]["eventId"], first["data"]["eventId"]);
-    assert_eq!(second["data"]["serverMsgId"], first["data"]["serverMsgId"]);
-    assert_eq!(ack["data"]["serverMsgId"], first["data"]["serverMsgId"]);
-    bob0.expect_silence(300);
-
-    // And a third send is a plain duplicate: the same ack, nobody gets it again.
-    alice.send_json(dm("c-1", "bob", "hi"));
-    let again = alice.expect_type("message.ack");
-    assert_eq!(again["data"]["serverMsgId"], ack["data"]["serverMsgId"]);
-    bob0.expect_silence(200);
-    bob1.expect_silence(200);
-}
 
 #[test]
 fn a_dead_shard_takes_the_node_down_cleanly() {

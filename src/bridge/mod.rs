@@ -1,27 +1,31 @@
-//! The bridge: the one thread per node that carries cross-node traffic (Redis pub/sub and
-//! presence, Kafka persistence and notifications), with reconnects and capped backoff.
+//! The bridge: the one thread per node that talks to everything outside the node: the message
+//! store ([`store`]: in memory, or PostgreSQL), and the Redis and Kafka clients to come, with
+//! reconnects and capped backoff. It runs a tokio current-thread runtime; shards never run on
+//! it and never block on it.
 //!
-//! Shards never block on it: they `try_send` into its bounded inbox and count what a full
-//! inbox drops. It talks back through the shards' own inboxes ([`Inboxes`]), built before it:
-//! what arrives from other nodes is delivered with [`deliver_inbound`], the same plan the
-//! shards use, never sent back out.
+//! Shards `try_send` into its bounded inbox (a tokio channel: its slots are allocated as they
+//! fill, so the 65,536-slot bound costs nothing while idle) and count or refuse what a full
+//! inbox drops. It talks back through the shards' own inboxes ([`Inboxes`]): frames for this
+//! node's connections go out with [`deliver_inbound`], the same plan the shards use.
 //!
-//! This is the single-node implementation: with neither Redis nor Kafka configured there is
-//! nothing to forward, `clustered` is false so shards never send to it (the no-op costs
-//! nothing on the message path), the bridge reports itself healthy, and its thread just drains
-//! its inbox until shutdown. The Redis and Kafka implementations plug in here.
+//! With no Redis or Kafka configured, `clustered` is false: shards send it only store jobs
+//! (direct messages, `sync`, receipts, the REST API), never room traffic.
+
+pub mod store;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use crossbeam_channel::{bounded, Receiver, Sender};
+use tokio::sync::mpsc;
 
 use crate::directory::{Directory, Transition};
-use crate::limits::BRIDGE_INBOX_SINGLE_NODE_CAPACITY;
+use crate::limits::BRIDGE_INBOX_CAPACITY;
 use crate::proto::Frame;
 use crate::route::Target;
-use crate::shard::{Inboxes, ShardMsg};
+use crate::shard::{Inboxes, Node, ShardMsg};
+
+pub use store::StoreJob;
 
 /// What shards hand to the bridge.
 pub enum BridgeMsg {
@@ -33,17 +37,24 @@ pub enum BridgeMsg {
     Room { room: Arc<str>, t: Transition },
     /// A user's first device on this node arrived, or the last one left (same caveat).
     User { user: Arc<str>, t: Transition },
-    /// Stop the bridge thread.
+    /// Work for the message store (boxed: jobs are larger than the other variants).
+    Store(Box<StoreJob>),
+    /// Stop the bridge thread (after the store has finished the jobs it holds).
     Shutdown,
 }
 
-/// The shards' view of the bridge.
+/// The sending side of the bridge inbox, as shards hold it.
+pub type BridgeTx = mpsc::Sender<BridgeMsg>;
+
+/// The bridge inbox: created before the node (which holds the sender), handed to
+/// [`BridgeHandle::start`] once the node exists.
+pub fn inbox() -> (BridgeTx, mpsc::Receiver<BridgeMsg>) {
+    mpsc::channel(BRIDGE_INBOX_CAPACITY)
+}
+
+/// The node's handle on the bridge thread.
 pub struct BridgeHandle {
-    pub tx: Sender<BridgeMsg>,
-    /// False while a configured backend is unreachable (/ready answers 503).
-    pub healthy: Arc<AtomicBool>,
-    /// Whether any backend is configured (single node: false, and shards never forward).
-    pub clustered: bool,
+    tx: BridgeTx,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -54,43 +65,47 @@ pub struct Shards {
 }
 
 impl BridgeHandle {
-    /// Start the single-node bridge.
-    pub fn single_node(shards: Shards) -> std::io::Result<BridgeHandle> {
-        // Shards send nothing to a bridge that is not clustered: a few slots for Shutdown,
-        // not BRIDGE_INBOX_CAPACITY (whose slots, all touched at creation, cost MiBs).
-        let (tx, rx) = bounded(BRIDGE_INBOX_SINGLE_NODE_CAPACITY);
+    /// Start the bridge thread for `node`, reading `rx` (from [`inbox`]). Its runtime and
+    /// the store are set up on the thread; a store that cannot be reached yet is retried
+    /// there while the node serves (readiness says so).
+    pub fn start(node: Arc<Node>, rx: mpsc::Receiver<BridgeMsg>) -> std::io::Result<Self> {
+        let tx = node.bridge_tx.clone();
         let thread = std::thread::Builder::new()
             .name("switchboard-bridge".into())
-            .spawn(move || run_single_node(rx, shards))?;
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_io()
+                    .enable_time()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        tracing::error!(error = %e, "the bridge runtime cannot start: no direct messages, sync or REST API on this node");
+                        node.bridge_healthy.store(false, Ordering::Relaxed);
+                        return;
+                    }
+                };
+                let local = tokio::task::LocalSet::new();
+                local.block_on(&rt, store::run(node, rx));
+            })?;
         Ok(BridgeHandle {
             tx,
-            healthy: Arc::new(AtomicBool::new(true)),
-            clustered: false,
             thread: Some(thread),
         })
     }
 
-    pub fn is_healthy(&self) -> bool {
-        self.healthy.load(Ordering::Relaxed)
-    }
-
-    /// Stop the thread and wait for it.
+    /// Stop the thread and wait for it: the store finishes the jobs it already holds.
     pub fn shutdown(&mut self) {
-        let _ = self.tx.send(BridgeMsg::Shutdown);
+        let _ = self.tx.try_send(BridgeMsg::Shutdown);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
     }
 }
 
-fn run_single_node(rx: Receiver<BridgeMsg>, _shards: Shards) {
-    while let Ok(msg) = rx.recv() {
-        match msg {
-            // No other node exists: nothing to forward or subscribe to.
-            BridgeMsg::Deliver { .. } | BridgeMsg::Room { .. } | BridgeMsg::User { .. } => {}
-            BridgeMsg::Shutdown => break,
-        }
-    }
+/// Whether the bridge is reachable and its backends healthy (`/ready`).
+pub fn healthy(flag: &AtomicBool) -> bool {
+    flag.load(Ordering::Relaxed)
 }
 
 /// Deliver a frame that arrived from another node to this node's recipients of `target`:
@@ -127,7 +142,7 @@ mod tests {
         for _ in 0..3 {
             let poll = mio::Poll::new().unwrap();
             let waker = mio::Waker::new(poll.registry(), mio::Token(0)).unwrap();
-            let (tx, rx) = bounded(1);
+            let (tx, rx) = crossbeam_channel::bounded(1);
             inboxes.push(Inbox {
                 tx,
                 waker,

@@ -110,6 +110,13 @@ impl Frame {
     }
 }
 
+/// Append one JSON object written by `f` to `out` (an HTTP body, say).
+pub fn write_object(out: &mut Vec<u8>, f: impl FnOnce(&mut Obj)) {
+    out.push(b'{');
+    f(&mut Obj { out });
+    out.push(b'}');
+}
+
 /// Per-shard scratch space for building frames.
 pub struct FrameBuilder {
     buf: Vec<u8>,
@@ -164,6 +171,9 @@ impl Obj<'_> {
         write_uuid(out, v);
         out.push(b'"');
         self
+    }
+    pub fn bool(&mut self, k: &str, v: bool) -> &mut Self {
+        self.raw(k, if v { "true" } else { "false" })
     }
     /// A nested object.
     pub fn obj(&mut self, k: &str, f: impl FnOnce(&mut Obj)) -> &mut Self {

@@ -42,19 +42,6 @@ impl Shard {
         self.deliver_plan(target, frame, p.local, p.shards, p.bridge)
     }
 
-    /// Deliver `frame` to `target`'s recipients on the shards in `shards` only (this one
-    /// included if its bit is set), never through the bridge: a retry that finishes an
-    /// earlier partial delivery.
-    pub(crate) fn deliver_to_shards(
-        &mut self,
-        target: &Target,
-        frame: &Frame,
-        shards: u64,
-    ) -> Missed {
-        let me = 1u64 << self.id;
-        self.deliver_plan(target, frame, shards & me != 0, shards & !me, false)
-    }
-
     fn deliver_plan(
         &mut self,
         target: &Target,

@@ -153,6 +153,14 @@ impl Shard {
                     };
                     api::publish(self, slot, req.body, keep, origin)
                 }
+                Api::Notify => {
+                    let origin = match self.cors.headers(req.origin) {
+                        crate::http::CorsHeaders::Origin(o) => Some(o),
+                        _ => None,
+                    };
+                    let user = params.get(0).unwrap_or("");
+                    api::notify(self, slot, user, req.body, keep, origin)
+                }
                 Api::Broadcast => api::broadcast(self, req.body),
                 Api::UserSend => api::user_send(self, params.get(0).unwrap_or(""), req.body),
                 Api::Disconnect => api::disconnect(self, params.get(0).unwrap_or("")),
@@ -407,7 +415,7 @@ fn endpoint(node: &Node, r: Route) -> (Status, &'static str, Vec<u8>) {
                 connections: node.dir.connections(),
                 max_connections: node.max_connections,
                 draining: node.draining.load(Ordering::Relaxed),
-                dedup_entries: node.dedup.len() as u64,
+                store: Some(&node.store_stats),
                 limits: Some(&node.limits),
             });
             (Status::OK, "text/plain; version=0.0.4", text.into_bytes())
@@ -444,6 +452,7 @@ enum Api {
     Broadcast,
     UserSend,
     Disconnect,
+    Notify,
     Stats,
 }
 
@@ -452,6 +461,7 @@ const API_ROUTES: &[RouteSpec<Api>] = &[
     ("POST /api/broadcast", Api::Broadcast),
     ("POST /api/users/{id}/send", Api::UserSend),
     ("POST /api/users/{id}/disconnect", Api::Disconnect),
+    ("POST /api/users/{id}/notifications", Api::Notify),
     ("GET /api/stats", Api::Stats),
 ];
 

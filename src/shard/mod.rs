@@ -44,7 +44,6 @@ pub use timer::TimerKey;
 use crate::auth::Verifier;
 use crate::bridge::BridgeMsg;
 use crate::config::Config;
-use crate::dedup::DedupTable;
 use crate::directory::Directory;
 use crate::limits::*;
 use crate::metrics::{new_latency_histogram, CloseKind, ErrorReason, LocalStats, ShardStats};
@@ -138,16 +137,20 @@ pub struct Node {
     pub id: u32,
     pub cfg: Config,
     pub dir: Directory,
-    pub dedup: DedupTable,
     pub verifier: Option<Verifier>,
     pub inboxes: Arc<Inboxes>,
     pub stats: Vec<ShardStats>,
     pub draining: AtomicBool,
     /// Set once when a shard thread dies: the node is going down (see `server`).
     pub failed: std::sync::OnceLock<String>,
+    /// False while a configured Redis or Kafka is unreachable (none exists yet: always true).
     pub bridge_healthy: Arc<AtomicBool>,
-    pub bridge_tx: Sender<BridgeMsg>,
+    pub bridge_tx: crate::bridge::BridgeTx,
+    /// Whether other nodes exist to forward room traffic to (false: shards send the bridge
+    /// store jobs only).
     pub clustered: bool,
+    /// The message store's counters, kept by the bridge; `up` is its readiness.
+    pub store_stats: crate::bridge::store::StoreStats,
     pub max_connections: u64,
     pub epoch: Instant,
     pub limits: crate::doctor::Limits,
@@ -172,6 +175,8 @@ impl Node {
             Err("shard failed")
         } else if self.draining.load(Ordering::Relaxed) {
             Err("draining")
+        } else if self.store_stats.up.load(Ordering::Relaxed) == 0 {
+            Err("message store unavailable")
         } else if !self.bridge_healthy.load(Ordering::Relaxed) {
             Err("backend unavailable")
         } else {
@@ -221,7 +226,6 @@ pub struct Shard {
     wheel: timer::Wheel,
     fired: Vec<TimerKey>,
     hist: hdrhistogram::Histogram<u64>,
-    dedup_fifo: crate::dedup::Expiry,
     /// Side tables of the service modules.
     svc: service::Services,
     /// CORS for the HTTP endpoints (`cors_origins`).
@@ -341,7 +345,6 @@ impl Shard {
             wheel: timer::Wheel::new(now_tick),
             fired: Vec::new(),
             hist: new_latency_histogram(),
-            dedup_fifo: crate::dedup::Expiry::default(),
             svc: service::Services::default(),
             cors,
             drain: None,

@@ -41,7 +41,6 @@ impl Shard {
             fired = Vec::new();
         }
         self.fired = fired;
-        self.expire_dedup();
     }
 
     pub(super) fn on_timer(&mut self, slot: u32) {
@@ -136,10 +135,6 @@ impl Shard {
         if self.clients.contains(slot as usize) {
             self.schedule(slot, next);
         }
-    }
-
-    pub(super) fn expire_dedup(&mut self) {
-        self.dedup_fifo.run(&self.node.dedup, self.now_ms);
     }
 
     /// Schedule a service timer: `service::on_timer(service, key)` runs at `tick` or later

@@ -27,6 +27,7 @@
 
 pub mod conformance;
 pub mod memory;
+pub mod reconnect;
 
 use std::sync::Arc;
 

@@ -13,7 +13,7 @@
 use std::borrow::Cow;
 
 use serde::Deserialize;
-use sonic_rs::LazyValue;
+use sonic_rs::{JsonValueTrait, LazyValue};
 
 use super::rooms;
 use crate::http::{json_error_body, Status};
@@ -215,6 +215,83 @@ pub fn user_send(sh: &mut Shard, user: &str, body: &[u8]) -> Outcome {
     out.push_str(&String::from_utf8_lossy(&buf));
     out.push_str(&format!(",\"devices\":{devices}}}"));
     ok(out)
+}
+
+#[derive(Deserialize)]
+struct NotifyBody<'a> {
+    #[serde(borrow, default)]
+    kind: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    data: Option<LazyValue<'a>>,
+    /// The caller's idempotency key: the same key for the same user stores nothing new.
+    #[serde(borrow, default)]
+    id: Option<Cow<'a, str>>,
+}
+
+/// `POST /api/users/{id}/notifications {kind, data, id?}`: store a notification for the user
+/// (listed by `GET /api/v1/notifications`) and deliver `{"type":"notification","data":{id,
+/// kind, data, read, createdAt}}` to every device. Answered by the bridge once stored: 201,
+/// or 200 with the first one for a repeated `id`.
+pub fn notify(
+    sh: &mut Shard,
+    slot: u32,
+    user: &str,
+    body: &[u8],
+    keep: bool,
+    cors: Option<&str>,
+) -> Outcome {
+    use crate::bridge::store::{StoreJob, BUSY};
+    if user.is_empty() || user.len() > crate::limits::ID_BYTES_MAX {
+        return err(Status::BAD_REQUEST, "invalid user id");
+    }
+    let b: NotifyBody = match parse(body) {
+        Ok(b) => b,
+        Err(o) => return o,
+    };
+    let kind = match b.kind.as_deref() {
+        None | Some("") => return err(Status::BAD_REQUEST, "kind is required"),
+        Some(k) => match frame_type(Some(k), "") {
+            Ok(k) => k,
+            Err(_) => {
+                return err(
+                    Status::BAD_REQUEST,
+                    "kind must be 1 to 64 bytes of letters, digits and . _ - :",
+                )
+            }
+        },
+    };
+    let Some(data) = b.data.as_ref().filter(|d| d.is_object()) else {
+        return err(Status::BAD_REQUEST, "data must be a JSON object");
+    };
+    if b.id
+        .as_ref()
+        .is_some_and(|k| k.is_empty() || k.len() > crate::limits::ID_BYTES_MAX)
+    {
+        return err(Status::BAD_REQUEST, "id must be 1 to 256 bytes");
+    }
+    let n = crate::store::NewNotification {
+        user: std::sync::Arc::from(user),
+        kind: std::sync::Arc::from(kind),
+        data_json: std::sync::Arc::from(data.as_raw_str()),
+        source_key: b.id.as_deref().map(std::sync::Arc::from),
+        created_at_ms: sh.now_ms,
+    };
+    let job = StoreJob::Notify {
+        origin: sh.conn_ref(slot),
+        keep,
+        cors: cors.map(std::sync::Arc::from),
+        n,
+    };
+    if sh
+        .node
+        .bridge_tx
+        .try_send(crate::bridge::BridgeMsg::Store(Box::new(job)))
+        .is_err()
+    {
+        sh.out.stats.bridge_dropped += 1;
+        return err(Status::SERVICE_UNAVAILABLE, BUSY);
+    }
+    Outcome::Later
 }
 
 /// `POST /api/users/{id}/disconnect`: every device of the user on the node is closed with

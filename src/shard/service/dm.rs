@@ -1,12 +1,12 @@
-//! Direct messages: `message.send` (PROTOCOL.md section 3). The sender gets `message.ack`;
-//! every device of `to` and every other device of the sender gets `message.create`, on any
-//! shard, through the delivery seam ([`Target::User`]).
+//! Direct messages: `message.send` and `sync` (PROTOCOL.md sections 3 and 6). The shard checks
+//! the command and hands it to the bridge's message store ([`crate::bridge::store`]), which
+//! stores it (batched with other DMs), delivers `message.create` to every device of every
+//! participant (the sending device excepted) through the delivery seam, and then acks the
+//! sender; a store that fails or times out gets the sender an error and no ack.
 //!
-//! Idempotency is the node's [`crate::dedup::DedupTable`]: the claim is made before delivery
-//! and carries the ids every copy uses, so a retried `clientMsgId` gets the same ack and the
-//! same `eventId`. When a shard could not be handed the event (its inbox full), the claim
-//! records the shards still owed and the sender gets `server busy, retry later` without an
-//! ack; the retry delivers to those shards only. No device ever gets one message twice.
+//! Idempotency is the store's: `(sender, clientMsgId)` is unique there, so a retry gets the
+//! first copy's ack and is not delivered again (for as long as the store holds the message:
+//! PostgreSQL forever, the in-memory store until it evicts it).
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -14,13 +14,16 @@ use std::sync::Arc;
 use serde::Deserialize;
 
 use super::Cmd;
-use crate::dedup::{AckRecord, Claim, Owed};
+use crate::bridge::store::{Answer, StoreJob, BUSY};
+use crate::bridge::BridgeMsg;
 use crate::limits::{ID_BYTES_MAX, URL_BYTES_MAX};
 use crate::metrics::ErrorReason;
 use crate::proto::envelope::non_empty;
-use crate::proto::json::rfc3339_ms;
-use crate::route::Target;
 use crate::shard::Shard;
+use crate::store::{NewMessage, PAGE_LIMIT_MAX};
+
+/// Messages one `sync` returns when it names no `limit`.
+pub const SYNC_LIMIT_DEFAULT: usize = 100;
 
 /// Namespace for conversation ids derived from two user ids (UUID v5).
 const CONVERSATION_NS: uuid::Uuid =
@@ -71,10 +74,11 @@ pub fn send(sh: &mut Shard, slot: u32, cmd: &Cmd<'_>) {
         return;
     };
     let bad = |sh: &mut Shard, reason, text| sh.send_error(slot, reason, id, text, Some(cmid));
-    let Some(to) = non_empty(&m.to).filter(|t| t.len() <= ID_BYTES_MAX) else {
-        bad(sh, ErrorReason::BadRequest, "to is required");
+    let to = non_empty(&m.to);
+    if to.is_some_and(|t| t.len() > ID_BYTES_MAX) {
+        bad(sh, ErrorReason::BadRequest, "to is too long");
         return;
-    };
+    }
     let content = m.content.as_deref().unwrap_or("");
     let attachment = non_empty(&m.attachment_url);
     if content.len() > sh.node.cfg.max_dm_content_bytes
@@ -87,126 +91,100 @@ pub fn send(sh: &mut Shard, slot: u32, cmd: &Cmd<'_>) {
         bad(sh, ErrorReason::BadRequest, "content is required");
         return;
     }
-    let conversation: Arc<str> = match non_empty(&m.conversation_id) {
-        Some(c) if c.len() <= ID_BYTES_MAX => Arc::from(c),
-        Some(_) => {
+    let thread: Arc<str> = match (non_empty(&m.conversation_id), to) {
+        (Some(c), _) if c.len() > ID_BYTES_MAX => {
             bad(sh, ErrorReason::BadRequest, "conversationId too long");
             return;
         }
-        None => Arc::from(derive_conversation_id(&user, to)),
+        (Some(c), _) => Arc::from(c),
+        (None, Some(to)) => Arc::from(derive_conversation_id(&user, to)),
+        // A group thread is named by its conversationId; a DM needs its peer.
+        (None, None) => {
+            bad(sh, ErrorReason::BadRequest, "to is required");
+            return;
+        }
     };
-    let now_ms = sh.now_ms;
-    let fresh = AckRecord {
+    let msg = NewMessage {
         server_msg_id: uuid::Uuid::now_v7().as_u128(),
         event_id: uuid::Uuid::now_v7().as_u128(),
-        conversation_id: conversation,
-        sent_at_ms: now_ms,
-        expires_ms: now_ms + sh.node.cfg.dedup_window.as_millis() as u64,
-        owed: Owed::default(),
+        thread,
+        sender: user,
+        to: to.map(Arc::from),
+        client_msg_id: Some(Arc::from(cmid)),
+        content: Arc::from(content),
+        attachment_url: attachment.map(Arc::from),
+        sent_at_ms: sh.now_ms,
     };
-    if sh.dedup_fifo.len() >= sh.node.dedup.max() {
-        bad(sh, ErrorReason::Busy, "server busy, retry later");
-        return;
-    }
-    let (record, retry) = match sh.node.dedup.claim(&user, cmid, &fresh, now_ms) {
-        Claim::Duplicate(prev) => {
-            sh.out.stats.dm_duplicates += 1;
-            send_ack(sh, slot, id, cmid, &prev);
-            return;
-        }
-        Claim::Full => {
-            bad(sh, ErrorReason::Busy, "server busy, retry later");
-            return;
-        }
-        Claim::Incomplete(prev) => {
-            sh.out.stats.dm_duplicates += 1;
-            (prev, true)
-        }
-        Claim::New => {
-            let pushed = sh
-                .dedup_fifo
-                .push(&sh.node.dedup, fresh.expires_ms, user.clone(), cmid);
-            debug_assert!(pushed, "checked above");
-            (fresh, false)
-        }
+    let job = StoreJob::Send {
+        origin: sh.conn_ref(slot),
+        answer: Answer::Ws {
+            id: id.map(Box::from),
+        },
+        msg,
     };
-    let sent_at = rfc3339_ms(record.sent_at_ms);
-    let f = sh.fb.text(sh.now_us, |o| {
-        o.str("type", "message.create")
-            .obj("data", |d| {
-                d.uuid("eventId", record.event_id)
-                    .uuid("serverMsgId", record.server_msg_id)
-                    .str("clientMsgId", cmid)
-                    .str("from", &user)
-                    .str("to", to)
-                    .str("conversationId", &record.conversation_id)
-                    .str("content", content)
-                    .opt_str("attachmentUrl", attachment)
-                    .str("sentAt", &sent_at);
-            })
-            .u64("timestamp", now_ms);
-    });
-    let me = sh.conn_ref(slot);
-    // The recipient's devices, then the sender's other devices (once, if they are the same
-    // user; the sending device gets the ack, not its own message).
-    let to_self = *user == *to;
-    let to_target = Target::User {
-        user: Arc::from(to),
-        except: to_self.then_some(me),
-    };
-    let from_target = Target::User {
-        user: user.clone(),
-        except: Some(me),
-    };
-    let owed = if retry {
-        let to_missed = sh.deliver_to_shards(&to_target, &f, record.owed.to).shards;
-        let from_missed = sh
-            .deliver_to_shards(&from_target, &f, record.owed.from)
-            .shards;
-        Owed {
-            to: to_missed,
-            from: from_missed,
-        }
-    } else {
-        let to_missed = sh.deliver(&to_target, &f).shards;
-        let from_missed = if to_self {
-            0
-        } else {
-            sh.deliver(&from_target, &f).shards
-        };
-        Owed {
-            to: to_missed,
-            from: from_missed,
-        }
-    };
-    if !owed.is_empty() || retry {
-        sh.node.dedup.settle(&user, cmid, owed);
-    }
-    if !owed.is_empty() {
-        // Some device could not be reached: no ack for what was not delivered. The claim
-        // remembers who is still owed; the client's retry delivers to them, same ids.
-        bad(sh, ErrorReason::Busy, "server busy, retry later");
+    if sh
+        .node
+        .bridge_tx
+        .try_send(BridgeMsg::Store(Box::new(job)))
+        .is_err()
+    {
+        sh.out.stats.bridge_dropped += 1;
+        bad(sh, ErrorReason::Busy, BUSY);
         return;
     }
     sh.out.stats.dms += 1;
-    send_ack(sh, slot, id, cmid, &record);
 }
 
-fn send_ack(sh: &mut Shard, slot: u32, id: Option<&str>, cmid: &str, rec: &AckRecord) {
-    let sent_at = rfc3339_ms(rec.sent_at_ms);
-    let now_ms = sh.now_ms;
-    let f = sh.fb.text(sh.now_us, |o| {
-        o.str("type", "message.ack")
-            .id(id)
-            .obj("data", |d| {
-                d.str("clientMsgId", cmid)
-                    .uuid("serverMsgId", rec.server_msg_id)
-                    .str("conversationId", &rec.conversation_id)
-                    .str("sentAt", &sent_at);
-            })
-            .u64("timestamp", now_ms);
-    });
-    sh.reply(slot, f);
+#[derive(Deserialize)]
+struct SyncCmd {
+    #[serde(default)]
+    since: Option<u64>,
+    #[serde(default)]
+    limit: Option<u64>,
+}
+
+/// `sync {since?, limit?}`: the user's `message.create` events after `since` (a `cursor`),
+/// oldest first, then `sync.done {cursor, more, truncated}`.
+pub fn sync(sh: &mut Shard, slot: u32, cmd: &Cmd<'_>) {
+    let id = cmd.id;
+    let Some(m) = super::parse::<SyncCmd>(sh, slot, cmd) else {
+        return;
+    };
+    let Some(user) = sh.clients[slot as usize].user.clone() else {
+        sh.send_error(slot, ErrorReason::NotAllowed, id, "not allowed", None);
+        return;
+    };
+    let limit = match m.limit {
+        None => SYNC_LIMIT_DEFAULT,
+        Some(n) if n >= 1 && n <= PAGE_LIMIT_MAX as u64 => n as usize,
+        Some(_) => {
+            let text = const_format_limit();
+            sh.send_error(slot, ErrorReason::BadRequest, id, text, None);
+            return;
+        }
+    };
+    let job = StoreJob::Sync {
+        origin: sh.conn_ref(slot),
+        id: id.map(Box::from),
+        user,
+        since: m.since,
+        limit,
+    };
+    if sh
+        .node
+        .bridge_tx
+        .try_send(BridgeMsg::Store(Box::new(job)))
+        .is_err()
+    {
+        sh.out.stats.bridge_dropped += 1;
+        sh.send_error(slot, ErrorReason::Busy, id, BUSY, None);
+    }
+}
+
+/// The error text of a `sync` limit out of range.
+fn const_format_limit() -> &'static str {
+    const _: () = assert!(PAGE_LIMIT_MAX == 200, "update the text below");
+    "limit must be 1 to 200"
 }
 
 #[cfg(test)]

@@ -82,6 +82,7 @@ pub static COMMANDS: &[(&str, Handler)] = &[
     ("broadcast", rooms::broadcast),
     // ---- direct messages
     ("message.send", dm::send),
+    ("sync", dm::sync),
     // ---- session
     ("ping", session::ping),
     ("authenticate", session::authenticate),

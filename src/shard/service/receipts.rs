@@ -15,12 +15,15 @@ use serde::Deserialize;
 use sonic_rs::{JsonValueTrait, LazyValue};
 
 use super::Cmd;
+use crate::bridge::store::StoreJob;
+use crate::bridge::BridgeMsg;
 use crate::limits::ID_BYTES_MAX;
 use crate::metrics::ErrorReason;
 use crate::proto::envelope::non_empty;
 use crate::proto::json::rfc3339_ms;
 use crate::route::Target;
 use crate::shard::Shard;
+use crate::store::{Mark, MarkRequest, MessageRef, MARK_IDS_MAX};
 
 #[derive(Deserialize)]
 struct MarkCmd<'a> {
@@ -176,11 +179,44 @@ fn mark(sh: &mut Shard, slot: u32, cmd: &Cmd<'_>, kind: &str) {
             .shards;
     }
     sh.out.stats.receipts_sent += 1;
+    record(sh, &user, conversation, ids, kind == "message.read");
     if missed != 0 {
         // Some device could not be reached (a shard inbox full). A receipt is idempotent:
         // the client may send it again, and a device that got it twice changes nothing.
         let text = "server busy, retry later";
         sh.send_error(slot, ErrorReason::Busy, id, text, None);
+    }
+}
+
+/// Record the receipt in the message store (its read state and unread counts), in jobs of at
+/// most [`MARK_IDS_MAX`] ids. Ids that name no stored message (a client's own ids) are skipped
+/// there; a full bridge inbox loses only the stored state, never the live receipt.
+fn record(sh: &mut Shard, user: &Arc<str>, conversation: &str, raw_ids: &str, read: bool) {
+    let mut refs = Vec::new();
+    for item in sonic_rs::to_array_iter(raw_ids).flatten() {
+        let r = match item.as_str() {
+            Some(s) => MessageRef::parse(s),
+            None => item.as_u64().map(MessageRef::Number),
+        };
+        refs.extend(r);
+    }
+    let thread: Arc<str> = Arc::from(conversation);
+    for chunk in refs.chunks(MARK_IDS_MAX) {
+        let job = StoreJob::Mark(MarkRequest {
+            user: user.clone(),
+            mark: if read { Mark::Read } else { Mark::Delivered },
+            thread: Some(thread.clone()),
+            messages: chunk.to_vec(),
+            at_ms: sh.now_ms,
+        });
+        if sh
+            .node
+            .bridge_tx
+            .try_send(BridgeMsg::Store(Box::new(job)))
+            .is_err()
+        {
+            sh.out.stats.bridge_dropped += 1;
+        }
     }
 }
 

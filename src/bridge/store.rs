@@ -1,0 +1,678 @@
+//! The message store's side of the bridge: what shards hand over as [`StoreJob`]s, run
+//! against the node's [`Store`] on the bridge's runtime, and answered through the shards'
+//! inboxes.
+//!
+//! **Direct messages** (`message.send`, `POST /api/v1/messages/threads/:id/messages`) go to
+//! one writer task that commits them in batches: while one [`Store::append`] runs, the next
+//! batch accumulates (at most [`APPEND_BATCH_MAX`]), so durability costs one commit per batch,
+//! not per message. For each stored message the writer builds the `message.create` frame once,
+//! hands it to every participant's devices (the sender's other devices included) through the
+//! delivery seam, then answers the origin: `message.ack` on a socket, `201` on REST. A failed
+//! or timed-out batch answers every job in it with an error and no ack; nothing was acked, so
+//! nothing is lost, and a retry with the same `clientMsgId` is deduplicated by the store.
+//!
+//! **Reads and updates** (`sync`, receipts, notifications, the REST API's reads) run as local
+//! tasks, at most [`STORE_READS_IN_FLIGHT_MAX`] at once; more waiting jobs than
+//! [`STORE_JOBS_QUEUED_MAX`] are refused with "server busy, retry later".
+//!
+//! Every store call is bounded by `store_timeout`. The store's health (a ping every
+//! [`HEALTH_INTERVAL`]) is the bridge's readiness.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, Notify, Semaphore};
+
+use super::{deliver_inbound, BridgeMsg, Shards};
+use crate::http::{CorsHeaders, Response, Status};
+use crate::proto::envelope::{FrameBuilder, Obj};
+use crate::proto::json::rfc3339_ms;
+use crate::proto::Frame;
+use crate::route::{ConnRef, Target};
+use crate::shard::Node;
+use crate::store::{
+    memory::MemoryStore, Appended, MarkRequest, Message, NewMessage, NewNotification, Store,
+    StoreError, APPEND_BATCH_MAX,
+};
+
+/// Store jobs running at once (reads, marks, notifications): bounds PostgreSQL round trips in
+/// flight beside the writer's (the pool's size bounds connections).
+pub const STORE_READS_IN_FLIGHT_MAX: usize = 64;
+
+/// Store jobs accepted but not yet finished (DMs waiting for their batch included). Past it a
+/// job is answered "server busy, retry later" at once.
+pub const STORE_JOBS_QUEUED_MAX: usize = 65_536;
+
+/// Most bytes of `message.create` frames one `sync` answer carries; a page stops early
+/// (`more: true`) past it, so a sync never comes near `send_queue_bytes_max`.
+pub const SYNC_PAGE_BYTES_MAX: usize = 256 * 1024;
+
+/// How often the store's health is checked (and a lost PostgreSQL noticed by `/ready`).
+pub const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The error text of a DM (or REST call) the store could not take: nothing was acked.
+pub const STORE_UNAVAILABLE: &str = "message store unavailable, retry later";
+
+/// The error text when the bridge has more store jobs than it holds.
+pub const BUSY: &str = "server busy, retry later";
+
+/// How the origin of a job is answered.
+pub enum Answer {
+    /// A WebSocket command: frames to the connection; `id` echoed.
+    Ws { id: Option<Box<str>> },
+    /// A waiting HTTP request: one response, then the connection carries on (`keep`) or closes.
+    Http { keep: bool, cors: Option<Arc<str>> },
+}
+
+/// Work for the message store, from a shard.
+pub enum StoreJob {
+    /// Store a message, deliver it to every participant's devices, answer the origin.
+    Send {
+        origin: ConnRef,
+        answer: Answer,
+        msg: NewMessage,
+    },
+    /// `sync {since}`: the user's messages after `since`, then `sync.done`.
+    Sync {
+        origin: ConnRef,
+        id: Option<Box<str>>,
+        user: Arc<str>,
+        since: Option<u64>,
+        limit: usize,
+    },
+    /// Record a `mark.read` / `mark.delivered` (the live receipt went out from the shard).
+    Mark(MarkRequest),
+    /// Store a notification (server API), deliver it to the user's devices, answer `201`.
+    Notify {
+        origin: ConnRef,
+        keep: bool,
+        cors: Option<Arc<str>>,
+        n: NewNotification,
+    },
+}
+
+/// Counters and gauges of the store, kept by the bridge and rendered by `/metrics`.
+#[derive(Default)]
+pub struct StoreStats {
+    pub batches: AtomicU64,
+    pub stored: AtomicU64,
+    pub duplicates: AtomicU64,
+    pub refused: AtomicU64,
+    pub failed: AtomicU64,
+    pub busy: AtomicU64,
+    pub live_missed: AtomicU64,
+    pub syncs: AtomicU64,
+    pub queued: AtomicU64,
+    pub last_batch: AtomicU64,
+    /// 1 while the store answers its health check.
+    pub up: AtomicU64,
+}
+
+/// Which store the node uses, from its configuration.
+pub fn kind_for(node: &Node) -> &'static str {
+    if node.cfg.database_url.is_some() {
+        "postgres"
+    } else {
+        "memory"
+    }
+}
+
+/// The bridge thread's main task.
+pub async fn run(node: Arc<Node>, rx: mpsc::Receiver<BridgeMsg>) {
+    match node.cfg.database_url.clone() {
+        None => {
+            let budget = node.cfg.store_memory_bytes;
+            tracing::info!(
+                budget_bytes = budget,
+                "message store: in memory (it forgets every thread, message and notification on restart; set database_url for PostgreSQL)"
+            );
+            let store = Rc::new(MemoryStore::new(budget));
+            serve(node, rx, store).await;
+        }
+        Some(_url) => {
+            // The PostgreSQL store is being written; until it lands a configured database is
+            // reported down (DMs get errors, /ready 503) rather than silently ignored.
+            tracing::error!("database_url is set but this build has no PostgreSQL store yet");
+            let store = Rc::new(crate::store::reconnect::Reconnecting::new(
+                "postgres",
+                || async {
+                    Err::<MemoryStore, _>(StoreError::Unavailable(
+                        "no PostgreSQL store in this build".into(),
+                    ))
+                },
+            ));
+            serve(node, rx, store).await;
+        }
+    }
+}
+
+/// What the store's tasks share.
+struct Ctx<S> {
+    node: Arc<Node>,
+    shards: Shards,
+    store: Rc<S>,
+    timeout: Duration,
+    fb: RefCell<FrameBuilder>,
+    /// DMs waiting for the writer.
+    sends: RefCell<VecDeque<Send>>,
+    wake_writer: Notify,
+    jobs: Cell<usize>,
+    reads: Semaphore,
+}
+
+struct Send {
+    origin: ConnRef,
+    answer: Answer,
+    msg: NewMessage,
+}
+
+async fn serve<S: Store + 'static>(
+    node: Arc<Node>,
+    mut rx: mpsc::Receiver<BridgeMsg>,
+    store: Rc<S>,
+) {
+    let ctx = Rc::new(Ctx {
+        shards: Shards {
+            inboxes: node.inboxes.clone(),
+            node_id: node.id,
+        },
+        timeout: node.cfg.store_timeout,
+        node,
+        store,
+        fb: RefCell::new(FrameBuilder::default()),
+        sends: RefCell::new(VecDeque::new()),
+        wake_writer: Notify::new(),
+        jobs: Cell::new(0),
+        reads: Semaphore::new(STORE_READS_IN_FLIGHT_MAX),
+    });
+    let writer = tokio::task::spawn_local(writer(ctx.clone()));
+    let health = tokio::task::spawn_local(health(ctx.clone()));
+    let mut batch = Vec::with_capacity(256);
+    'outer: loop {
+        if rx.recv_many(&mut batch, 256).await == 0 {
+            break;
+        }
+        for msg in batch.drain(..) {
+            match msg {
+                BridgeMsg::Store(job) => accept(&ctx, *job),
+                // Single node: nothing to forward or subscribe to (the Redis bridge will).
+                BridgeMsg::Deliver { .. } | BridgeMsg::Room { .. } | BridgeMsg::User { .. } => {}
+                BridgeMsg::Shutdown => break 'outer,
+            }
+        }
+    }
+    // Finish what was accepted: every DM in the writer's queue is stored and answered (or
+    // failed) before the thread ends.
+    health.abort();
+    ctx.wake_writer.notify_one();
+    while ctx.jobs.get() > 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        if !ctx.sends.borrow().is_empty() {
+            ctx.wake_writer.notify_one();
+        }
+    }
+    writer.abort();
+}
+
+fn accept<S: Store + 'static>(ctx: &Rc<Ctx<S>>, job: StoreJob) {
+    if ctx.jobs.get() >= STORE_JOBS_QUEUED_MAX {
+        ctx.node.store_stats.busy.fetch_add(1, Ordering::Relaxed);
+        refuse(ctx, job, BUSY);
+        return;
+    }
+    ctx.jobs.set(ctx.jobs.get() + 1);
+    ctx.node
+        .store_stats
+        .queued
+        .store(ctx.jobs.get() as u64, Ordering::Relaxed);
+    match job {
+        StoreJob::Send {
+            origin,
+            answer,
+            msg,
+        } => {
+            ctx.sends.borrow_mut().push_back(Send {
+                origin,
+                answer,
+                msg,
+            });
+            ctx.wake_writer.notify_one();
+        }
+        other => {
+            let ctx = ctx.clone();
+            tokio::task::spawn_local(async move {
+                let _permit = ctx.reads.acquire().await;
+                run_job(&ctx, other).await;
+                done(&ctx, 1);
+            });
+        }
+    }
+}
+
+fn done<S>(ctx: &Ctx<S>, n: usize) {
+    ctx.jobs.set(ctx.jobs.get() - n);
+    ctx.node
+        .store_stats
+        .queued
+        .store(ctx.jobs.get() as u64, Ordering::Relaxed);
+}
+
+/// Answer a job that will not run.
+fn refuse<S>(ctx: &Ctx<S>, job: StoreJob, text: &str) {
+    match job {
+        StoreJob::Send {
+            origin,
+            answer,
+            msg,
+        } => answer_error(ctx, origin, &answer, msg.client_msg_id.as_deref(), text),
+        StoreJob::Sync { origin, id, .. } => {
+            answer_error(ctx, origin, &Answer::Ws { id }, None, text)
+        }
+        StoreJob::Notify {
+            origin, keep, cors, ..
+        } => answer_error(ctx, origin, &Answer::Http { keep, cors }, None, text),
+        StoreJob::Mark(_) => {}
+    }
+}
+
+async fn bounded<T>(
+    timeout: Duration,
+    f: impl std::future::Future<Output = crate::store::Result<T>>,
+) -> crate::store::Result<T> {
+    match tokio::time::timeout(timeout, f).await {
+        Ok(r) => r,
+        Err(_) => Err(StoreError::Timeout),
+    }
+}
+
+/// The DM writer: one batch at a time, in arrival order.
+async fn writer<S: Store + 'static>(ctx: Rc<Ctx<S>>) {
+    loop {
+        let jobs: Vec<Send> = {
+            let mut q = ctx.sends.borrow_mut();
+            let n = q.len().min(APPEND_BATCH_MAX);
+            q.drain(..n).collect()
+        };
+        if jobs.is_empty() {
+            ctx.wake_writer.notified().await;
+            continue;
+        }
+        let msgs: Vec<NewMessage> = jobs.iter().map(|j| j.msg.clone()).collect();
+        let stats = &ctx.node.store_stats;
+        stats.batches.fetch_add(1, Ordering::Relaxed);
+        stats.last_batch.store(jobs.len() as u64, Ordering::Relaxed);
+        match bounded(ctx.timeout, ctx.store.append(&msgs)).await {
+            Ok(outs) if outs.len() == jobs.len() => {
+                for (job, out) in jobs.iter().zip(outs) {
+                    complete(&ctx, job, out);
+                }
+            }
+            Ok(_) => {
+                tracing::error!("the message store answered a batch with the wrong count");
+                fail_all(&ctx, &jobs, &StoreError::Unavailable("bad answer".into()));
+            }
+            Err(e) => fail_all(&ctx, &jobs, &e),
+        }
+        done(&ctx, jobs.len());
+    }
+}
+
+fn fail_all<S>(ctx: &Ctx<S>, jobs: &[Send], e: &StoreError) {
+    ctx.node
+        .store_stats
+        .failed
+        .fetch_add(jobs.len() as u64, Ordering::Relaxed);
+    tracing::warn!(error = %e, messages = jobs.len(), "a batch of direct messages was not stored; the senders got errors and no ack");
+    for j in jobs {
+        answer_error(
+            ctx,
+            j.origin,
+            &j.answer,
+            j.msg.client_msg_id.as_deref(),
+            STORE_UNAVAILABLE,
+        );
+    }
+}
+
+fn complete<S>(ctx: &Ctx<S>, job: &Send, out: Appended) {
+    let stats = &ctx.node.store_stats;
+    match out {
+        Appended::New {
+            message,
+            participants,
+        } => {
+            stats.stored.fetch_add(1, Ordering::Relaxed);
+            let frame = message_create(ctx, &message);
+            let mut missed = 0;
+            for p in participants {
+                // The sending socket gets the ack, not its own message; a REST sender has no
+                // device to skip.
+                let except = (p == message.sender && matches!(job.answer, Answer::Ws { .. }))
+                    .then_some(job.origin);
+                let target = Target::User { user: p, except };
+                missed +=
+                    deliver_inbound(&ctx.shards, &ctx.node.dir, target, frame.clone()).count_ones();
+            }
+            if missed > 0 {
+                // Stored, so not lost: the devices on those shards get it from `sync`.
+                stats
+                    .live_missed
+                    .fetch_add(u64::from(missed), Ordering::Relaxed);
+            }
+            answer_stored(ctx, job, &message);
+        }
+        Appended::Duplicate(message) => {
+            stats.duplicates.fetch_add(1, Ordering::Relaxed);
+            answer_stored(ctx, job, &message);
+        }
+        Appended::Refused(r) => {
+            stats.refused.fetch_add(1, Ordering::Relaxed);
+            answer_error(
+                ctx,
+                job.origin,
+                &job.answer,
+                job.msg.client_msg_id.as_deref(),
+                r.text(),
+            );
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The `data` of `message.create` (and of each `sync` replay).
+fn message_data(d: &mut Obj, m: &Message) {
+    d.uuid("eventId", m.event_id)
+        .uuid("serverMsgId", m.server_msg_id)
+        .opt_str("clientMsgId", m.client_msg_id.as_deref())
+        .str("from", &m.sender)
+        .opt_str("to", m.to.as_deref())
+        .str("conversationId", &m.thread)
+        .str("content", &m.content)
+        .opt_str("attachmentUrl", m.attachment_url.as_deref())
+        .str("sentAt", &rfc3339_ms(m.sent_at_ms))
+        .u64("cursor", m.id)
+        .u64("seq", m.seq);
+}
+
+fn message_create<S>(ctx: &Ctx<S>, m: &Message) -> Frame {
+    let now = now_ms();
+    ctx.fb.borrow_mut().text(ctx.node.now_us(), |o| {
+        o.str("type", "message.create")
+            .obj("data", |d| message_data(d, m))
+            .u64("timestamp", now);
+    })
+}
+
+/// Answer a stored (or already stored) message to its origin.
+fn answer_stored<S>(ctx: &Ctx<S>, job: &Send, m: &Message) {
+    match &job.answer {
+        Answer::Ws { id } => {
+            let now = now_ms();
+            let f = ctx.fb.borrow_mut().text(ctx.node.now_us(), |o| {
+                o.str("type", "message.ack")
+                    .id(id.as_deref())
+                    .obj("data", |d| {
+                        d.opt_str("clientMsgId", m.client_msg_id.as_deref())
+                            .uuid("serverMsgId", m.server_msg_id)
+                            .str("conversationId", &m.thread)
+                            .str("sentAt", &rfc3339_ms(m.sent_at_ms))
+                            .u64("cursor", m.id)
+                            .u64("seq", m.seq);
+                    })
+                    .u64("timestamp", now);
+            });
+            to_conn(ctx, job.origin, f);
+        }
+        Answer::Http { keep, cors } => {
+            let mut body = Vec::with_capacity(256);
+            crate::proto::envelope::write_object(&mut body, |o| message_data(o, m));
+            http_answer(
+                ctx,
+                job.origin,
+                Status::CREATED,
+                &body,
+                *keep,
+                cors.as_deref(),
+            );
+        }
+    }
+}
+
+fn answer_error<S>(
+    ctx: &Ctx<S>,
+    origin: ConnRef,
+    answer: &Answer,
+    client_msg_id: Option<&str>,
+    text: &str,
+) {
+    match answer {
+        Answer::Ws { id } => {
+            let f = ctx.fb.borrow_mut().error(
+                now_ms(),
+                ctx.node.now_us(),
+                id.as_deref(),
+                text,
+                client_msg_id,
+            );
+            to_conn(ctx, origin, f);
+        }
+        Answer::Http { keep, cors } => {
+            let status = match text {
+                t if t == STORE_UNAVAILABLE || t == BUSY => Status::SERVICE_UNAVAILABLE,
+                t if t == crate::store::Refusal::UnknownThread.text() => Status::NOT_FOUND,
+                t if t == crate::store::Refusal::NotParticipant.text() => Status::FORBIDDEN,
+                _ => Status::BAD_REQUEST,
+            };
+            let body = crate::http::json_error_body(text);
+            http_answer(ctx, origin, status, &body, *keep, cors.as_deref());
+        }
+    }
+}
+
+fn to_conn<S>(ctx: &Ctx<S>, origin: ConnRef, f: Frame) {
+    if deliver_inbound(&ctx.shards, &ctx.node.dir, Target::Conn(origin), f) != 0 {
+        ctx.node
+            .store_stats
+            .live_missed
+            .fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// The response to a waiting HTTP request (its shard resumes the connection).
+fn http_answer<S>(
+    ctx: &Ctx<S>,
+    origin: ConnRef,
+    status: Status,
+    body: &[u8],
+    keep: bool,
+    cors: Option<&str>,
+) {
+    let mut r = Response::new(status, "application/json", body);
+    r.keep_alive = keep;
+    r.cors = cors.map_or(CorsHeaders::Off, CorsHeaders::Origin);
+    let f = Frame::from_wire(&r.to_vec(), ctx.node.now_us());
+    to_conn(ctx, origin, f);
+}
+
+async fn run_job<S: Store>(ctx: &Ctx<S>, job: StoreJob) {
+    match job {
+        StoreJob::Send { .. } => unreachable!("sends go to the writer"),
+        StoreJob::Mark(req) => {
+            if let Err(e) = bounded(ctx.timeout, ctx.store.mark(&req)).await {
+                // The live receipt went out; only the stored read state is behind.
+                ctx.node.store_stats.failed.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(error = %e, "a receipt was not stored");
+            }
+        }
+        StoreJob::Sync {
+            origin,
+            id,
+            user,
+            since,
+            limit,
+        } => sync(ctx, origin, id, &user, since, limit).await,
+        StoreJob::Notify {
+            origin,
+            keep,
+            cors,
+            n,
+        } => notify(ctx, origin, keep, cors, n).await,
+    }
+}
+
+async fn sync<S: Store>(
+    ctx: &Ctx<S>,
+    origin: ConnRef,
+    id: Option<Box<str>>,
+    user: &str,
+    since: Option<u64>,
+    limit: usize,
+) {
+    ctx.node.store_stats.syncs.fetch_add(1, Ordering::Relaxed);
+    let page = match bounded(ctx.timeout, ctx.store.sync(user, since, limit)).await {
+        Ok(p) => p,
+        Err(_) => {
+            answer_error(ctx, origin, &Answer::Ws { id }, None, STORE_UNAVAILABLE);
+            return;
+        }
+    };
+    // Every replayed message and the `sync.done` go out as one write: a full inbox cannot
+    // leave a gap in the middle of a page.
+    let mut wire = Vec::with_capacity(4096);
+    let mut cursor = since.unwrap_or(0);
+    let mut more = page.more;
+    let now = now_ms();
+    let born = ctx.node.now_us();
+    let mut fb = ctx.fb.borrow_mut();
+    for (i, m) in page.messages.iter().enumerate() {
+        if wire.len() >= SYNC_PAGE_BYTES_MAX {
+            more = more || i < page.messages.len();
+            break;
+        }
+        let f = fb.text(born, |o| {
+            o.str("type", "message.create")
+                .obj("data", |d| message_data(d, m))
+                .u64("timestamp", now);
+        });
+        wire.extend_from_slice(f.wire());
+        cursor = m.id;
+    }
+    if page.messages.is_empty() {
+        cursor = page.cursor;
+    }
+    let f = fb.text(born, |o| {
+        o.str("type", "sync.done")
+            .id(id.as_deref())
+            .obj("data", |d| {
+                d.u64("cursor", cursor)
+                    .bool("more", more)
+                    .bool("truncated", page.truncated);
+            })
+            .u64("timestamp", now);
+    });
+    drop(fb);
+    wire.extend_from_slice(f.wire());
+    to_conn(ctx, origin, Frame::from_wire(&wire, born));
+}
+
+async fn notify<S: Store>(
+    ctx: &Ctx<S>,
+    origin: ConnRef,
+    keep: bool,
+    cors: Option<Arc<str>>,
+    n: NewNotification,
+) {
+    let (stored, fresh) = match bounded(ctx.timeout, ctx.store.add_notification(&n)).await {
+        Ok(r) => r,
+        Err(_) => {
+            let answer = Answer::Http { keep, cors };
+            answer_error(ctx, origin, &answer, None, STORE_UNAVAILABLE);
+            return;
+        }
+    };
+    if fresh {
+        let now = now_ms();
+        let f = ctx.fb.borrow_mut().text(ctx.node.now_us(), |o| {
+            o.str("type", "notification")
+                .obj("data", |d| notification_data(d, &stored))
+                .u64("timestamp", now);
+        });
+        let target = Target::User {
+            user: stored.user.clone(),
+            except: None,
+        };
+        deliver_inbound(&ctx.shards, &ctx.node.dir, target, f);
+    }
+    let mut body = Vec::with_capacity(256);
+    crate::proto::envelope::write_object(&mut body, |o| notification_data(o, &stored));
+    let status = if fresh { Status::CREATED } else { Status::OK };
+    http_answer(ctx, origin, status, &body, keep, cors.as_deref());
+}
+
+/// The `data` of a `notification` frame: `{id, kind, ...the record's fields, createdAt}`.
+pub fn notification_data(d: &mut Obj, n: &crate::store::Notification) {
+    d.u64("id", n.id)
+        .str("kind", &n.kind)
+        .raw("data", &n.data_json)
+        .bool("read", n.read)
+        .str("createdAt", &rfc3339_ms(n.created_at_ms));
+}
+
+async fn health<S: Store>(ctx: Rc<Ctx<S>>) {
+    let mut was = None;
+    loop {
+        let up = bounded(ctx.timeout.min(HEALTH_INTERVAL * 2), ctx.store.ping())
+            .await
+            .is_ok();
+        ctx.node
+            .store_stats
+            .up
+            .store(u64::from(up), Ordering::Relaxed);
+        ctx.node
+            .bridge_healthy
+            .store(up, std::sync::atomic::Ordering::Relaxed);
+        if was != Some(up) {
+            if up {
+                tracing::info!(store = ctx.store.kind(), "message store up");
+            } else {
+                tracing::warn!(store = ctx.store.kind(), "message store down: direct messages get errors and no ack, /ready answers 503, retrying");
+            }
+            was = Some(up);
+        }
+        tokio::time::sleep(HEALTH_INTERVAL).await;
+    }
+}
+
+/// The store's lines of `/metrics`.
+pub fn prometheus_lines(s: &StoreStats, out: &mut String) {
+    use std::fmt::Write;
+    let rows: [(&str, &str, &str, &AtomicU64); 11] = [
+        ("switchboard_store_batches_total", "counter", "Batches of direct messages committed to the message store (or failed)", &s.batches),
+        ("switchboard_store_messages_total", "counter", "Messages stored", &s.stored),
+        ("switchboard_store_duplicates_total", "counter", "Messages not stored again: (sender, clientMsgId) was stored before", &s.duplicates),
+        ("switchboard_store_refused_total", "counter", "Messages refused by the store (not a participant, no such conversation)", &s.refused),
+        ("switchboard_store_failed_total", "counter", "Messages and receipts the store failed or timed out on (the senders got errors, no ack)", &s.failed),
+        ("switchboard_store_busy_total", "counter", "Store jobs refused because STORE_JOBS_QUEUED_MAX were waiting", &s.busy),
+        ("switchboard_store_live_missed_total", "counter", "Live message.create or answers a full shard inbox could not take (stored: sync returns them)", &s.live_missed),
+        ("switchboard_store_syncs_total", "counter", "sync calls answered", &s.syncs),
+        ("switchboard_store_jobs_queued", "gauge", "Store jobs accepted and not yet finished", &s.queued),
+        ("switchboard_store_last_batch_size", "gauge", "Messages in the last committed batch", &s.last_batch),
+        ("switchboard_store_up", "gauge", "1 while the message store answers its health check", &s.up),
+    ];
+    for (name, kind, help, v) in rows {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}",
+            v.load(Ordering::Relaxed)
+        );
+    }
+}
