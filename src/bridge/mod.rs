@@ -33,8 +33,25 @@ pub enum BridgeMsg {
     Room { room: Arc<str>, t: Transition },
     /// A user's first device on this node arrived, or the last one left (same caveat).
     User { user: Arc<str>, t: Transition },
+    /// A job for the message store (boxed: rare next to deliveries, and large).
+    Store(Box<StoreJob>),
     /// Stop the bridge thread.
     Shutdown,
+}
+
+/// Work for the message store, which only the bridge thread calls.
+pub enum StoreJob {
+    /// A REST API request, parsed and authenticated on the shard: run it
+    /// (`crate::rest::execute`) as `user` and answer the HTTP connection `origin`, which waits,
+    /// with one `ShardMsg::Deliver { target: Target::Conn(origin), frame }` of the whole
+    /// response (`crate::rest::http_response` with `keep` and `cors`, the origin to echo).
+    Rest {
+        origin: crate::route::ConnRef,
+        user: Arc<str>,
+        op: crate::rest::RestOp,
+        keep: bool,
+        cors: Option<Arc<str>>,
+    },
 }
 
 /// The shards' view of the bridge.
@@ -87,7 +104,10 @@ fn run_single_node(rx: Receiver<BridgeMsg>, _shards: Shards) {
     while let Ok(msg) = rx.recv() {
         match msg {
             // No other node exists: nothing to forward or subscribe to.
-            BridgeMsg::Deliver { .. } | BridgeMsg::Room { .. } | BridgeMsg::User { .. } => {}
+            BridgeMsg::Deliver { .. }
+            | BridgeMsg::Room { .. }
+            | BridgeMsg::User { .. }
+            | BridgeMsg::Store(_) => {}
             BridgeMsg::Shutdown => break,
         }
     }
