@@ -67,7 +67,7 @@ fn refused(
     (r.status, text.to_owned())
 }
 
-fn as_user<'a>(u: &'a str) -> [(&'static str, &'a str); 1] {
+fn as_user(u: &str) -> [(&'static str, &str); 1] {
     [("X-User-Id", u)]
 }
 
