@@ -221,7 +221,8 @@ impl Shard {
                         Some(id.allowed_users.as_deref().unwrap_or(&[]))
                     }
                 };
-                match rest::presence::answer(&node.dir, &id.user, &p, allowed) {
+                let (snapshot, now_ms) = (&mut self.rest_online, self.now_ms);
+                match rest::presence::answer(&node.dir, &id.user, &p, allowed, snapshot, now_ms) {
                     Ok(body) => ApiAnswer::Now(Status::OK, body, None),
                     Err(e) => e.into(),
                 }

@@ -226,6 +226,8 @@ pub struct Shard {
     svc: service::Services,
     /// CORS for the HTTP endpoints (`cors_origins`).
     cors: crate::http::Cors,
+    /// The node's online users as `GET /api/v1/presence/online` last listed them here.
+    rest_online: crate::rest::presence::Snapshot,
     drain: Option<DrainState>,
     /// Connections whose fan-out frames wait for `write_coalesce` (see [`Shard::flush_dirty`]):
     /// (due, in ms since the node started; slot; generation). A client waits in it once per
@@ -344,6 +346,7 @@ impl Shard {
             dedup_fifo: crate::dedup::Expiry::default(),
             svc: service::Services::default(),
             cors,
+            rest_online: Default::default(),
             drain: None,
             deferred: std::collections::BinaryHeap::new(),
             coalesce_on: t.coalesce_min_rate == 0,
