@@ -720,3 +720,259 @@ fn mark_read_answers_the_thread_and_emits_the_receipt() {
         "message not found"
     );
 }
+
+/// The whole REST flow against the real in-memory store (the DM writer's part, `append`,
+/// done here as the bridge would).
+#[test]
+fn against_the_memory_store() {
+    use crate::store::conformance::dm;
+    use crate::store::memory::MemoryStore;
+    let s = MemoryStore::new(1 << 20);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let ex = |user: &str, op: RestOp| rt.block_on(execute(&s, user, op, NOW));
+    let conv = derive_conversation_id("al", "bo");
+    let out = rt
+        .block_on(s.append(&[
+            dm(&conv, "al", "bo", "c1", "one"),
+            dm(&conv, "al", "bo", "c2", "two"),
+        ]))
+        .unwrap();
+    let Appended::New { message: first, .. } = &out[0] else {
+        panic!()
+    };
+
+    let v = body(&ex(
+        "bo",
+        RestOp::ListThreads {
+            before: None,
+            limit: 10,
+        },
+    ));
+    assert_eq!(v["threads"][0]["id"], conv.as_str());
+    assert_eq!(
+        (v["threads"][0]["unreadCount"].as_u64(), &v["next"]),
+        (Some(2), &Value::Null)
+    );
+    let numeric = v["threads"][0]["numericId"].as_u64().unwrap();
+    let by_number = ThreadRef::parse(&numeric.to_string());
+    let v = body(&ex(
+        "bo",
+        RestOp::GetThread {
+            thread: by_number.clone(),
+        },
+    ));
+    assert_eq!(
+        (v["kind"].as_str(), v["lastMessage"]["content"].as_str()),
+        (Some("direct"), Some("two"))
+    );
+    let p1 = body(&ex(
+        "bo",
+        RestOp::ListMessages {
+            thread: by_number.clone(),
+            before: None,
+            limit: 1,
+        },
+    ));
+    assert_eq!(
+        (p1["messages"][0]["seq"].as_u64(), p1["next"].as_u64()),
+        (Some(2), Some(2))
+    );
+    let p2 = body(&ex(
+        "bo",
+        RestOp::ListMessages {
+            thread: by_number.clone(),
+            before: Some(2),
+            limit: 1,
+        },
+    ));
+    assert_eq!(
+        (p2["messages"][0]["content"].as_str(), &p2["next"]),
+        (Some("one"), &Value::Null)
+    );
+
+    // A REST send: resolved here, appended by the writer, answered from the outcome.
+    let send = |cmid: &str| RestOp::SendMessage {
+        thread: by_number.clone(),
+        content: a("three"),
+        attachment_url: None,
+        client_msg_id: Some(a(cmid)),
+    };
+    let e = ex("bo", send("r1"));
+    let [Effect::Send(m)] = e.effects.as_slice() else {
+        panic!("{e:?}")
+    };
+    assert_eq!((&*m.thread, m.to.as_deref()), (conv.as_str(), Some("al")));
+    let stored = rt.block_on(s.append(std::slice::from_ref(m))).unwrap();
+    let answer = render_appended(&stored[0]);
+    let v = body(&answer);
+    assert_eq!(
+        (answer.status, v["seq"].as_u64(), v["senderId"].as_str()),
+        (Status::CREATED, Some(3), Some("bo"))
+    );
+    let Effect::Send(again) = &ex("bo", send("r1")).effects[0] else {
+        panic!()
+    };
+    let dup = render_appended(&rt.block_on(s.append(std::slice::from_ref(again))).unwrap()[0]);
+    assert_eq!(
+        (dup.status, body(&dup)["id"].clone()),
+        (Status::OK, v["id"].clone())
+    );
+
+    // bo reads al's first message: readSeq 1, one of al's left unread; the receipt names al.
+    let e = ex(
+        "bo",
+        RestOp::MarkRead {
+            message: MessageRef::ServerId(first.server_msg_id),
+        },
+    );
+    let v = body(&e);
+    assert_eq!(
+        (v["readSeq"].as_u64(), v["unreadCount"].as_u64()),
+        (Some(1), Some(1))
+    );
+    let [Effect::Receipt { marked, by, .. }] = e.effects.as_slice() else {
+        panic!()
+    };
+    assert_eq!(
+        (&**by, &*marked.messages[0].sender, &*marked.thread),
+        ("bo", "al", conv.as_str())
+    );
+    assert_eq!(
+        err(&ex(
+            "bo",
+            RestOp::MarkRead {
+                message: MessageRef::Number(u64::MAX >> 3)
+            }
+        ))
+        .0,
+        404
+    );
+    assert_eq!(
+        err(&ex(
+            "cy",
+            RestOp::MarkRead {
+                message: MessageRef::ServerId(first.server_msg_id)
+            }
+        ))
+        .0,
+        403
+    );
+
+    // "A thread with bo" is their DM conversation.
+    let e = ex(
+        "al",
+        RestOp::CreateThread {
+            id: None,
+            participants: vec![a("bo")],
+            title: None,
+        },
+    );
+    assert_eq!(
+        (e.status, body(&e)["id"].as_str()),
+        (Status::OK, Some(conv.as_str()))
+    );
+    let e = ex(
+        "al",
+        RestOp::CreateThread {
+            id: None,
+            participants: vec![a("bo"), a("cy")],
+            title: Some(a("team")),
+        },
+    );
+    assert_eq!(e.status, Status::CREATED);
+    let g = body(&e);
+    assert_eq!(g["participants"], json!(["al", "bo", "cy"]));
+    let gid = ThreadRef::parse(g["id"].as_str().unwrap());
+    assert_eq!(
+        body(&ex(
+            "cy",
+            RestOp::GetThread {
+                thread: gid.clone()
+            }
+        ))["title"],
+        "team"
+    );
+    assert_eq!(
+        err(&ex(
+            "dan",
+            RestOp::GetThread {
+                thread: gid.clone()
+            }
+        ))
+        .0,
+        403
+    );
+    assert_eq!(
+        err(&ex(
+            "dan",
+            RestOp::ListMessages {
+                thread: gid,
+                before: None,
+                limit: 5
+            }
+        ))
+        .0,
+        403
+    );
+    assert_eq!(
+        err(&ex(
+            "al",
+            RestOp::GetThread {
+                thread: ThreadRef::parse("nope")
+            }
+        ))
+        .0,
+        404
+    );
+
+    // Notifications.
+    for i in 0..3u64 {
+        let n = NewNotification {
+            user: a("al"),
+            kind: a("jobs.posted"),
+            data_json: a(&format!(r#"{{"n":{i}}}"#)),
+            source_key: Some(a(&format!("jobs.posted/0/{i}"))),
+            created_at_ms: NOW + i,
+        };
+        rt.block_on(s.add_notification(&n)).unwrap();
+    }
+    let v = body(&ex(
+        "al",
+        RestOp::ListNotifications {
+            unread_only: true,
+            before: None,
+            limit: 2,
+        },
+    ));
+    assert_eq!(
+        (
+            v["notifications"][0]["data"]["n"].as_u64(),
+            v["next"].is_u64()
+        ),
+        (Some(2), true)
+    );
+    let newest = v["notifications"][0]["id"].as_u64().unwrap();
+    assert_eq!(
+        body(&ex("al", RestOp::NotificationRead { id: newest }))["read"],
+        true
+    );
+    assert_eq!(
+        err(&ex("bo", RestOp::NotificationRead { id: newest })).0,
+        404
+    );
+    assert_eq!(
+        body(&ex("al", RestOp::NotificationsReadAll)),
+        json!({"updated": 2})
+    );
+    let v = body(&ex(
+        "al",
+        RestOp::ListNotifications {
+            unread_only: true,
+            before: None,
+            limit: 2,
+        },
+    ));
+    assert_eq!(v, json!({"notifications": [], "next": null}));
+}
