@@ -199,6 +199,15 @@ impl Names {
             .map_or(0, |e| e.shards.load(Ordering::Acquire))
     }
 
+    /// Call `f` with every name in the map, in no particular order: one O(n) pass, for the
+    /// rare listings (the REST API's online users), never on a message path. Entries added or
+    /// removed during the pass may or may not be seen.
+    pub fn for_each_name(&self, mut f: impl FnMut(&Arc<str>)) {
+        for (name, _) in self.map.pin().iter() {
+            f(name);
+        }
+    }
+
     /// Names held on this node.
     pub fn len(&self) -> usize {
         self.map.len()
@@ -239,6 +248,14 @@ impl PresenceRecords {
     /// Forget the user (its owner shard only).
     pub fn remove(&self, user: &str) {
         self.map.pin().remove(user);
+    }
+
+    /// Call `f` with every record, in no particular order (one O(n) pass; see
+    /// [`Names::for_each_name`]).
+    pub fn for_each(&self, mut f: impl FnMut(&Arc<str>, &crate::shard::service::presence::Record)) {
+        for (name, rec) in self.map.pin().iter() {
+            f(name, rec);
+        }
     }
 
     pub fn len(&self) -> usize {

@@ -9,6 +9,7 @@
 //!   PostgreSQL), and Redis/Kafka to come (single node: nothing to forward).
 //! - [`directory`] is the node-wide, lock-free view of which shards hold which rooms and users;
 //!   [`admission`] decides whether one more connection, member or device fits.
+//! - [`rest`] is the messaging REST API (`/api/v1/`): parsed on the shards, run on the bridge.
 //! - [`metrics`] merges per-shard counters off the hot path; [`server`] wires it all together.
 
 pub mod admission;
@@ -23,6 +24,7 @@ pub mod io;
 pub mod limits;
 pub mod metrics;
 pub mod proto;
+pub mod rest;
 pub mod room_options;
 pub mod route;
 pub mod server;

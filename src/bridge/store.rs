@@ -93,6 +93,16 @@ pub enum StoreJob {
         cors: Option<Arc<str>>,
         n: NewNotification,
     },
+    /// A REST API request, parsed and authenticated on the shard: run it
+    /// ([`crate::rest::execute`]) as `user` and answer the waiting HTTP connection `origin`
+    /// with the whole response (`keep`, and `cors` the origin to echo).
+    Rest {
+        origin: ConnRef,
+        user: Arc<str>,
+        op: crate::rest::RestOp,
+        keep: bool,
+        cors: Option<Arc<str>>,
+    },
 }
 
 /// Counters and gauges of the store, kept by the bridge and rendered by `/metrics`.
@@ -274,6 +284,9 @@ fn refuse<S>(ctx: &Ctx<S>, job: StoreJob, text: &str) {
         }
         StoreJob::Notify {
             origin, keep, cors, ..
+        }
+        | StoreJob::Rest {
+            origin, keep, cors, ..
         } => answer_error(ctx, origin, &Answer::Http { keep, cors }, None, text),
         StoreJob::Mark(_) => {}
     }
@@ -340,20 +353,23 @@ fn fail_all<S>(ctx: &Ctx<S>, jobs: &[Send], e: &StoreError) {
 
 fn complete<S>(ctx: &Ctx<S>, job: &Send, out: Appended) {
     let stats = &ctx.node.store_stats;
-    match out {
+    match &out {
         Appended::New {
             message,
             participants,
         } => {
             stats.stored.fetch_add(1, Ordering::Relaxed);
-            let frame = message_create(ctx, &message);
+            let frame = message_create(ctx, message);
             let mut missed = 0;
             for p in participants {
                 // The sending socket gets the ack, not its own message; a REST sender has no
                 // device to skip.
-                let except = (p == message.sender && matches!(job.answer, Answer::Ws { .. }))
+                let except = (*p == message.sender && matches!(job.answer, Answer::Ws { .. }))
                     .then_some(job.origin);
-                let target = Target::User { user: p, except };
+                let target = Target::User {
+                    user: p.clone(),
+                    except,
+                };
                 missed +=
                     deliver_inbound(&ctx.shards, &ctx.node.dir, target, frame.clone()).count_ones();
             }
@@ -363,22 +379,29 @@ fn complete<S>(ctx: &Ctx<S>, job: &Send, out: Appended) {
                     .live_missed
                     .fetch_add(u64::from(missed), Ordering::Relaxed);
             }
-            answer_stored(ctx, job, &message);
         }
-        Appended::Duplicate(message) => {
+        Appended::Duplicate(_) => {
             stats.duplicates.fetch_add(1, Ordering::Relaxed);
-            answer_stored(ctx, job, &message);
         }
-        Appended::Refused(r) => {
+        Appended::Refused(_) => {
             stats.refused.fetch_add(1, Ordering::Relaxed);
-            answer_error(
-                ctx,
-                job.origin,
-                &job.answer,
-                job.msg.client_msg_id.as_deref(),
-                r.text(),
-            );
         }
+    }
+    match (&job.answer, &out) {
+        (Answer::Http { keep, cors }, _) => {
+            let r = crate::rest::render_appended(&out);
+            http_answer(ctx, job.origin, r.status, &r.body, *keep, cors.as_deref());
+        }
+        (Answer::Ws { id }, Appended::New { message, .. } | Appended::Duplicate(message)) => {
+            ack(ctx, job.origin, id.as_deref(), message)
+        }
+        (Answer::Ws { .. }, Appended::Refused(r)) => answer_error(
+            ctx,
+            job.origin,
+            &job.answer,
+            job.msg.client_msg_id.as_deref(),
+            r.text(),
+        ),
     }
 }
 
@@ -412,39 +435,23 @@ fn message_create<S>(ctx: &Ctx<S>, m: &Message) -> Frame {
     })
 }
 
-/// Answer a stored (or already stored) message to its origin.
-fn answer_stored<S>(ctx: &Ctx<S>, job: &Send, m: &Message) {
-    match &job.answer {
-        Answer::Ws { id } => {
-            let now = now_ms();
-            let f = ctx.fb.borrow_mut().text(ctx.node.now_us(), |o| {
-                o.str("type", "message.ack")
-                    .id(id.as_deref())
-                    .obj("data", |d| {
-                        d.opt_str("clientMsgId", m.client_msg_id.as_deref())
-                            .uuid("serverMsgId", m.server_msg_id)
-                            .str("conversationId", &m.thread)
-                            .str("sentAt", &rfc3339_ms(m.sent_at_ms))
-                            .u64("cursor", m.id)
-                            .u64("seq", m.seq);
-                    })
-                    .u64("timestamp", now);
-            });
-            to_conn(ctx, job.origin, f);
-        }
-        Answer::Http { keep, cors } => {
-            let mut body = Vec::with_capacity(256);
-            crate::proto::envelope::write_object(&mut body, |o| message_data(o, m));
-            http_answer(
-                ctx,
-                job.origin,
-                Status::CREATED,
-                &body,
-                *keep,
-                cors.as_deref(),
-            );
-        }
-    }
+/// `message.ack` for a stored (or already stored) message.
+fn ack<S>(ctx: &Ctx<S>, origin: ConnRef, id: Option<&str>, m: &Message) {
+    let now = now_ms();
+    let f = ctx.fb.borrow_mut().text(ctx.node.now_us(), |o| {
+        o.str("type", "message.ack")
+            .id(id)
+            .obj("data", |d| {
+                d.opt_str("clientMsgId", m.client_msg_id.as_deref())
+                    .uuid("serverMsgId", m.server_msg_id)
+                    .str("conversationId", &m.thread)
+                    .str("sentAt", &rfc3339_ms(m.sent_at_ms))
+                    .u64("cursor", m.id)
+                    .u64("seq", m.seq);
+            })
+            .u64("timestamp", now);
+    });
+    to_conn(ctx, origin, f);
 }
 
 fn answer_error<S>(
@@ -526,6 +533,90 @@ async fn run_job<S: Store>(ctx: &Ctx<S>, job: StoreJob) {
             cors,
             n,
         } => notify(ctx, origin, keep, cors, n).await,
+        StoreJob::Rest {
+            origin,
+            user,
+            op,
+            keep,
+            cors,
+        } => rest(ctx, origin, &user, op, keep, cors).await,
+    }
+}
+
+/// Run a REST request; a message it sends joins the writer's queue and is answered from there.
+async fn rest<S: Store>(
+    ctx: &Ctx<S>,
+    origin: ConnRef,
+    user: &str,
+    op: crate::rest::RestOp,
+    keep: bool,
+    cors: Option<Arc<str>>,
+) {
+    use crate::rest::Effect;
+    let run = crate::rest::execute(&*ctx.store, user, op, now_ms());
+    let done = match tokio::time::timeout(ctx.timeout, run).await {
+        Ok(e) => e,
+        Err(_) => crate::rest::store_unavailable(),
+    };
+    let mut answered_later = false;
+    for effect in done.effects {
+        match effect {
+            Effect::Send(msg) => {
+                // Counted as a job of its own: the writer finishes it.
+                ctx.jobs.set(ctx.jobs.get() + 1);
+                ctx.sends.borrow_mut().push_back(Send {
+                    origin,
+                    answer: Answer::Http {
+                        keep,
+                        cors: cors.clone(),
+                    },
+                    msg,
+                });
+                ctx.wake_writer.notify_one();
+                answered_later = true;
+            }
+            Effect::Receipt { marked, by, at_ms } => receipt(ctx, &marked, &by, at_ms),
+        }
+    }
+    if !answered_later {
+        http_answer(ctx, origin, done.status, &done.body, keep, cors.as_deref());
+    }
+}
+
+/// `message.read` for a read recorded over REST: to the devices of the senders of the marked
+/// messages and the reader's own devices (as `mark.read` relays it).
+fn receipt<S>(ctx: &Ctx<S>, marked: &crate::store::Marked, by: &Arc<str>, at_ms: u64) {
+    let now = now_ms();
+    let at = rfc3339_ms(at_ms);
+    let f = ctx.fb.borrow_mut().text(ctx.node.now_us(), |o| {
+        o.str("type", "message.read")
+            .obj("data", |d| {
+                d.str("conversationId", &marked.thread)
+                    .arr("messageIds", |a| {
+                        for m in &marked.messages {
+                            a.uuid(m.server_msg_id);
+                        }
+                    })
+                    .str("by", by)
+                    .str("at", &at);
+            })
+            .u64("timestamp", now);
+    });
+    let mut users: Vec<&Arc<str>> = marked.messages.iter().map(|m| &m.sender).collect();
+    users.push(by);
+    users.sort_unstable();
+    users.dedup();
+    for u in users {
+        let target = Target::User {
+            user: u.clone(),
+            except: None,
+        };
+        if deliver_inbound(&ctx.shards, &ctx.node.dir, target, f.clone()) != 0 {
+            ctx.node
+                .store_stats
+                .live_missed
+                .fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 

@@ -6,8 +6,9 @@ use super::{CorsHeaders, Request, Response, Status};
 
 /// Methods a preflight allows (every method the API routes use).
 pub const ALLOW_METHODS: &str = "GET, POST, PUT, DELETE, OPTIONS";
-/// Request headers a preflight allows.
-pub const ALLOW_HEADERS: &str = "Authorization, Content-Type, X-API-Key";
+/// Request headers a preflight allows (`X-User-Id`: the REST API's identity in auth mode
+/// `none`).
+pub const ALLOW_HEADERS: &str = "Authorization, Content-Type, X-API-Key, X-User-Id";
 
 /// The configured allowed origins. Empty = CORS off (no CORS header is ever sent); `*` in
 /// the list = any origin. The allowed origin is echoed (never a literal `*`) with `Vary:

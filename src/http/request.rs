@@ -42,6 +42,9 @@ pub struct Request<'a> {
     pub authorization: Option<&'a str>,
     /// The raw `X-API-Key` value (a secret: never log it). Check it with [`super::api_key_ok`].
     pub api_key: Option<&'a str>,
+    /// `X-User-Id`: the identity a REST request claims when `auth_mode` is `none`
+    /// (development; ignored in jwt mode).
+    pub user_id: Option<&'a str>,
     pub content_type: Option<&'a str>,
     /// The declared body length; None when there is no Content-Length.
     pub content_length: Option<usize>,
@@ -70,6 +73,7 @@ impl std::fmt::Debug for Request<'_> {
             .field("origin", &self.origin)
             .field("authorization", &redacted(self.authorization))
             .field("api_key", &redacted(self.api_key))
+            .field("user_id", &self.user_id)
             .field("content_type", &self.content_type)
             .field("content_length", &self.content_length)
             .field("ac_request_method", &self.ac_request_method)
@@ -272,6 +276,8 @@ fn parse_head_inner(buf: &[u8]) -> Head<'_> {
             r.authorization = Some(value);
         } else if name.eq_ignore_ascii_case("x-api-key") {
             r.api_key = Some(value);
+        } else if name.eq_ignore_ascii_case("x-user-id") {
+            r.user_id = Some(value);
         } else if name.eq_ignore_ascii_case("content-type") {
             r.content_type = Some(value);
         } else if name.eq_ignore_ascii_case("access-control-request-method") {

@@ -453,7 +453,7 @@ fn cors_listed_origins() {
         .unwrap();
     assert_eq!(
         text(&ok),
-        "HTTP/1.1 204 No Content\r\nCache-Control: no-store\r\nAccess-Control-Allow-Origin: https://a.example\r\nVary: Origin\r\nAccess-Control-Allow-Methods: GET, POST, PUT, DELETE, OPTIONS\r\nAccess-Control-Allow-Headers: Authorization, Content-Type, X-API-Key\r\nAccess-Control-Max-Age: 600\r\nConnection: keep-alive\r\n\r\n"
+        "HTTP/1.1 204 No Content\r\nCache-Control: no-store\r\nAccess-Control-Allow-Origin: https://a.example\r\nVary: Origin\r\nAccess-Control-Allow-Methods: GET, POST, PUT, DELETE, OPTIONS\r\nAccess-Control-Allow-Headers: Authorization, Content-Type, X-API-Key, X-User-Id\r\nAccess-Control-Max-Age: 600\r\nConnection: keep-alive\r\n\r\n"
     );
     let refused = cors
         .preflight_response(&preflight_req(Some("https://evil.example")), false)

@@ -110,13 +110,6 @@ impl Frame {
     }
 }
 
-/// Append one JSON object written by `f` to `out` (an HTTP body, say).
-pub fn write_object(out: &mut Vec<u8>, f: impl FnOnce(&mut Obj)) {
-    out.push(b'{');
-    f(&mut Obj { out });
-    out.push(b'}');
-}
-
 /// Per-shard scratch space for building frames.
 pub struct FrameBuilder {
     buf: Vec<u8>,
@@ -172,9 +165,6 @@ impl Obj<'_> {
         out.push(b'"');
         self
     }
-    pub fn bool(&mut self, k: &str, v: bool) -> &mut Self {
-        self.raw(k, if v { "true" } else { "false" })
-    }
     /// A nested object.
     pub fn obj(&mut self, k: &str, f: impl FnOnce(&mut Obj)) -> &mut Self {
         self.key(k).push(b'{');
@@ -187,6 +177,72 @@ impl Obj<'_> {
         if let Some(id) = id {
             self.raw("id", id);
         }
+        self
+    }
+    pub fn bool(&mut self, k: &str, v: bool) -> &mut Self {
+        self.raw(k, if v { "true" } else { "false" })
+    }
+    pub fn null(&mut self, k: &str) -> &mut Self {
+        self.raw(k, "null")
+    }
+    /// `v`, or `null`.
+    pub fn opt_u64(&mut self, k: &str, v: Option<u64>) -> &mut Self {
+        match v {
+            Some(v) => self.u64(k, v),
+            None => self.null(k),
+        }
+    }
+    /// A nested array whose elements `f` writes.
+    pub fn arr(&mut self, k: &str, f: impl FnOnce(&mut Arr)) -> &mut Self {
+        self.key(k).push(b'[');
+        f(&mut Arr { out: self.out });
+        self.out.push(b']');
+        self
+    }
+}
+
+/// Writes one JSON object `{...}` (members written by `f`) at the end of `out`: for bodies
+/// that are not frames (HTTP responses).
+pub fn write_object(out: &mut Vec<u8>, f: impl FnOnce(&mut Obj)) {
+    out.push(b'{');
+    f(&mut Obj { out });
+    out.push(b'}');
+}
+
+/// Writes the elements of one JSON array (see [`Obj::arr`]).
+pub struct Arr<'b> {
+    out: &'b mut Vec<u8>,
+}
+
+impl Arr<'_> {
+    fn sep(&mut self) -> &mut Vec<u8> {
+        if self.out.last() != Some(&b'[') {
+            self.out.push(b',');
+        }
+        self.out
+    }
+    pub fn str(&mut self, v: &str) -> &mut Self {
+        let out = self.sep();
+        write_str(out, v);
+        self
+    }
+    pub fn u64(&mut self, v: u64) -> &mut Self {
+        let out = self.sep();
+        write_u64(out, v);
+        self
+    }
+    pub fn uuid(&mut self, v: u128) -> &mut Self {
+        let out = self.sep();
+        out.push(b'"');
+        write_uuid(out, v);
+        out.push(b'"');
+        self
+    }
+    /// An object element.
+    pub fn obj(&mut self, f: impl FnOnce(&mut Obj)) -> &mut Self {
+        self.sep().push(b'{');
+        f(&mut Obj { out: self.out });
+        self.out.push(b'}');
         self
     }
 }
@@ -284,6 +340,35 @@ mod tests {
             });
             assert_eq!(json(&f)["type"].as_str().unwrap().len(), n);
         }
+    }
+
+    #[test]
+    fn writes_plain_objects_and_arrays() {
+        let mut out = Vec::new();
+        write_object(&mut out, |o| {
+            o.bool("t", true)
+                .bool("f", false)
+                .null("n")
+                .opt_u64("a", Some(3))
+                .opt_u64("b", None)
+                .arr("empty", |_| {})
+                .arr("mixed", |a| {
+                    a.str("x\"y").u64(7).uuid(1).obj(|o| {
+                        o.arr("inner", |a| {
+                            a.u64(1).u64(2);
+                        });
+                    });
+                    a.obj(|_| {});
+                })
+                .str("after", "z");
+        });
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"t": true, "f": false, "n": null, "a": 3, "b": null,
+                "empty": [], "mixed": ["x\"y", 7, "00000000-0000-0000-0000-000000000001",
+                {"inner": [1, 2]}, {}], "after": "z"})
+        );
     }
 
     #[derive(Deserialize)]

@@ -83,15 +83,24 @@ impl Shard {
         }
         let json = "application/json";
         let mut allow = None;
-        let (status, ctype, body): (Status, &str, Vec<u8>) = if req.path.starts_with("/api/") {
-            match self.api_request(slot, req, keep) {
+        let api = if req.path.starts_with(crate::rest::PREFIX) {
+            // The messaging REST API: a user's token, not the server API key.
+            Some(self.rest_request(slot, req, keep))
+        } else if req.path.starts_with("/api/") {
+            Some(self.api_request(slot, req, keep))
+        } else {
+            None
+        };
+        let (status, ctype, body): (Status, &str, Vec<u8>) = if let Some(answer) = api {
+            match answer {
                 ApiAnswer::Now(status, body, a) => {
                     allow = a;
                     (status, json, body)
                 }
                 ApiAnswer::Later => {
                     // Counted as served now; the response is delivered to this connection by
-                    // the shard that orders the room (`rooms::answer_api`).
+                    // the shard that orders the room (`rooms::answer_api`) or, for the REST
+                    // API, by the bridge that ran it against the store.
                     let now = self.now_tick;
                     let gen = self.clients[slot as usize].gen;
                     let c = &mut self.clients[slot as usize];
@@ -179,6 +188,75 @@ impl Shard {
         match outcome {
             Outcome::Now(status, body) => ApiAnswer::Now(status, body, None),
             Outcome::Later => ApiAnswer::Later,
+        }
+    }
+
+    /// A request under `/api/v1/` (the messaging REST API, `crate::rest`): authenticated as
+    /// the upgrade would be, parsed here; presence answered here from the directory, store
+    /// requests handed to the bridge (the connection waits for its answer; a full bridge
+    /// inbox is 503 `server busy, retry later`).
+    fn rest_request(&mut self, slot: u32, req: &crate::http::Request, keep: bool) -> ApiAnswer {
+        use crate::bridge::{BridgeMsg, StoreJob};
+        use crate::rest::{self, Op};
+        let node = self.node.clone();
+        let cfg = &node.cfg;
+        let id = match rest::identify(
+            req,
+            cfg.auth_mode,
+            node.verifier.as_ref(),
+            self.now_ms / 1000,
+        ) {
+            Ok(id) => id,
+            Err(e) => {
+                if e.status == Status::UNAUTHORIZED {
+                    self.out.stats.errors[ErrorReason::AuthFailed as usize] += 1;
+                }
+                return e.into();
+            }
+        };
+        let limits = rest::Limits {
+            content_bytes_max: cfg.max_dm_content_bytes,
+        };
+        let op = match rest::parse(req, &limits) {
+            Ok(op) => op,
+            Err(e) => return e.into(),
+        };
+        match op {
+            Op::Presence(p) => {
+                let allowed = match cfg.address_policy {
+                    crate::config::AddressPolicy::Any => None,
+                    crate::config::AddressPolicy::Claim => {
+                        Some(id.allowed_users.as_deref().unwrap_or(&[]))
+                    }
+                };
+                let (snapshot, now_ms) = (&mut self.rest_online, self.now_ms);
+                match rest::presence::answer(&node.dir, &id.user, &p, allowed, snapshot, now_ms) {
+                    Ok(body) => ApiAnswer::Now(Status::OK, body, None),
+                    Err(e) => e.into(),
+                }
+            }
+            Op::Store(op) => {
+                let cors = match self.cors.headers(req.origin) {
+                    crate::http::CorsHeaders::Origin(o) => Some(Arc::from(o)),
+                    _ => None,
+                };
+                let job = StoreJob::Rest {
+                    origin: self.conn_ref(slot),
+                    user: id.user,
+                    op,
+                    keep,
+                    cors,
+                };
+                if node
+                    .bridge_tx
+                    .try_send(BridgeMsg::Store(Box::new(job)))
+                    .is_err()
+                {
+                    self.out.stats.bridge_dropped += 1;
+                    return ApiAnswer::now(Status::SERVICE_UNAVAILABLE, "server busy, retry later");
+                }
+                ApiAnswer::Later
+            }
         }
     }
 
@@ -445,6 +523,12 @@ impl ApiAnswer {
     }
 }
 
+impl From<crate::rest::RestError> for ApiAnswer {
+    fn from(e: crate::rest::RestError) -> ApiAnswer {
+        ApiAnswer::Now(e.status, e.body(), e.allow)
+    }
+}
+
 /// The server API's routes (behind the API key).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Api {
@@ -473,5 +557,9 @@ mod tests {
     fn routes_tables_are_valid() {
         crate::http::check_table(ROUTES).unwrap();
         crate::http::check_table(API_ROUTES).unwrap();
+        // No REST route falls under the server API's table, and the reverse.
+        for (spec, _) in API_ROUTES {
+            assert!(!spec.contains(crate::rest::PREFIX), "{spec}");
+        }
     }
 }

@@ -230,6 +230,8 @@ pub struct Shard {
     svc: service::Services,
     /// CORS for the HTTP endpoints (`cors_origins`).
     cors: crate::http::Cors,
+    /// The node's online users as `GET /api/v1/presence/online` last listed them here.
+    rest_online: crate::rest::presence::Snapshot,
     drain: Option<DrainState>,
     /// Connections whose fan-out frames wait for `write_coalesce` (see [`Shard::flush_dirty`]):
     /// (due, in ms since the node started; slot; generation). A client waits in it once per
@@ -347,6 +349,7 @@ impl Shard {
             hist: new_latency_histogram(),
             svc: service::Services::default(),
             cors,
+            rest_online: Default::default(),
             drain: None,
             deferred: std::collections::BinaryHeap::new(),
             coalesce_on: t.coalesce_min_rate == 0,

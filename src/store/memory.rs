@@ -48,22 +48,28 @@
 //! A unit test recounts everything from scratch and checks it against the running total; the
 //! bench `store_memory` checks the total against a counting allocator.
 //!
-//! Not counted: at most two part-filled log chunks (2 x [`MESSAGE_CHUNK`] x 176 B = 88 KiB),
+//! Not counted: at most two part-filled log chunks (2 x [`MESSAGE_CHUNK`] x 160 B = 80 KiB),
 //! and the allocator's own headers and rounding.
 //!
-//! Per item, on x86-64 (string lengths in bytes; sizes from `size_of`):
+//! Per item on x86-64 (string lengths in bytes; struct sizes from `size_of`, checked by the
+//! test `the_ledger_is_the_documented_one`):
 //!
 //! | item | bytes |
 //! |------|-------|
-//! | message | 176 log slot + 49 `serverMsgId` entry + 16 + content + (16 + attachment) + (16 + clientMsgId + 73 dedup entry) |
-//! | | + 8 per participant and 8 in its thread (deque slots, counted by capacity) |
-//! | thread | 318 + 16 + id + (16 + title) + 72 per participant (40 read state, 32 their activity index) |
-//! | user | 193 + 16 + user id |
-//! | notification | 304 + 16 + kind + 16 + data + (16 + source key + 73 dedup entry) |
+//! | message | 160 log slot + 49 `serverMsgId` entry + (16 + content) + (16 + attachment) + (16 + clientMsgId + 61 dedup entry) |
+//! | | + its position deque slots, 8 in its thread and 8 per participant (counted by capacity) |
+//! | thread | 277 (its struct in the numeric index, the text index entry, the empty-thread index entry) + (16 + id) + (16 + title) + 40 per participant (read state) |
+//! | user | 193 + (16 + user id) + their position deque + their B-trees: 192 for up to 11 threads (about 35 per thread past that), 104 each for up to 11 notifications and unread ones |
+//! | notification | 201 + (16 + kind) + (16 + data) + (16 + source key + 61 dedup entry) |
 //!
-//! A DM of 100 bytes of content with a 36-byte `clientMsgId` in a long DM thread: 498 B
-//! accounted; measured (heap held per message, counting allocator, 100,000 DMs over 1,000
-//! threads): see `cargo bench --bench store_memory` and docs/BENCHMARKS.md.
+//! A DM of 100 bytes of content with a 36-byte `clientMsgId` (ids of 36 bytes) counts 438 B
+//! plus its deque slots: 479 B per DM in threads of 100 messages, measured 479 B by a counting
+//! allocator; 1,124 B (measured 1,072 B) when every DM thread holds two, its thread and two users
+//! spread over them (`cargo bench --bench store_memory`, docs/BENCHMARKS.md). So the default
+//! 256 MiB holds about 560,000 DMs.
+//!
+//! Unread counts and thread pages cover the messages still held; a thread whose messages were
+//! all evicted keeps its `last_seq`, its read state and its place in its users' lists.
 //!
 //! ## Eviction (when a store call would pass the budget)
 //! 1. The oldest messages, store-wide, by id (FIFO). Evicting a message also evicts its dedup
@@ -71,7 +77,7 @@
 //!    message. That is acceptable: clients retry within minutes (the ack timeout and the
 //!    reconnect), while eviction takes the oldest message in the store, which at any useful
 //!    budget is hours or days old; a store that evicts what a client is still retrying is
-//!    under-sized, and its log line and `evicted_messages` say so.
+//!    under-sized, and its `evicted_messages` counter says so.
 //! 2. The oldest read notifications, then the oldest notifications.
 //! 3. Only when nothing else is left: the least recently active threads that hold no message
 //!    (their read state and participants go with them, and users left with no thread and no
@@ -88,6 +94,7 @@
 //! possible when the budget holds nothing but empty threads.
 
 use std::cell::RefCell;
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::mem::size_of;
 use std::sync::Arc;
@@ -95,20 +102,26 @@ use std::sync::Arc;
 use super::{
     activity_key, Appended, Created, Lookup, Mark, MarkRequest, Marked, Message, MessageRef,
     NewMessage, NewNotification, NewThread, Notification, Page, Refusal, Result, Store, StoreError,
-    SyncPage, ThreadKind, ThreadRef, ThreadView, MARK_IDS_MAX, PAGE_LIMIT_MAX, UNREAD_COUNT_MAX,
+    SyncPage, ThreadKind, ThreadRef, ThreadView, APPEND_BATCH_MAX, MARK_IDS_MAX, PAGE_LIMIT_MAX,
+    THREAD_PARTICIPANTS_MAX, THREAD_TITLE_BYTES_MAX, UNREAD_COUNT_MAX,
 };
 
-/// The default of `store_memory_bytes`: room for about half a million DMs (see the module
-/// doc's ledger) on a node that has no PostgreSQL.
+/// The proposed default of `store_memory_bytes`: about 560,000 DMs of 100 bytes (see the
+/// module doc's ledger) on a node that has no PostgreSQL.
 pub const STORE_MEMORY_BYTES_DEFAULT: usize = 256 * 1024 * 1024;
 
-/// Messages per log chunk. The log grows and shrinks a chunk at a time (45 KiB), so it never
+/// Messages per log chunk. The log grows and shrinks a chunk at a time (40 KiB), so it never
 /// copies itself and never holds more than two part-filled chunks it does not use.
 pub const MESSAGE_CHUNK: usize = 256;
 
 /// Position deques with at most this many slots are not shrunk when they empty partly (an
 /// empty one always gives its memory back).
 const DEQUE_SHRINK_SLOTS_MIN: usize = 16;
+
+/// The most a position deque holding one message keeps (what the size checks allow per
+/// deque): a deque shrinks to twice its length once a quarter full, and not below
+/// [`DEQUE_SHRINK_SLOTS_MIN`] slots.
+const DEQUE_RESIDUE_BYTES: usize = DEQUE_SHRINK_SLOTS_MIN * size_of::<u64>();
 
 // ---- The byte ledger -------------------------------------------------------------------
 
@@ -223,6 +236,13 @@ pub fn thread_bytes(id: &str, title: &Option<Arc<str>>, participants: usize) -> 
 /// The bytes a user is counted at (their position deque apart).
 pub fn user_bytes(user: &str) -> usize {
     USER_FIXED_BYTES + arc_str_bytes(user.len())
+}
+
+/// The most a user taking part only in the threads a size check keeps, with only the message
+/// it checks, is counted at: with their activity index's first leaf and their position deque's
+/// residue.
+pub fn user_floor_bytes(user: &str) -> usize {
+    user_bytes(user) + btree_leaf_bytes(size_of::<u64>(), size_of::<u64>()) + DEQUE_RESIDUE_BYTES
 }
 
 /// The bytes a notification is counted at.
@@ -379,8 +399,6 @@ struct Thread {
     last_seq: u64,
     /// Id of its newest message, held or not (0: none yet).
     last_message_id: u64,
-    /// Its participants' user bytes (for the size check of a batch naming it).
-    users_bytes: usize,
 }
 
 impl Thread {
@@ -448,6 +466,9 @@ struct Inner {
     /// The last id of the one sequence of message ids and thread numeric ids.
     last_id: u64,
     last_notification_id: u64,
+    /// The most a thread with its users (each at [`user_floor_bytes`]) has cost: the size
+    /// check's cheap bound.
+    thread_side_max: usize,
     log: Log,
     by_server_id: HashMap<u128, u64>,
     dedup: HashMap<(Arc<str>, Arc<str>), u64>,
@@ -478,6 +499,7 @@ impl MemoryStore {
                 bytes: 0,
                 last_id: 0,
                 last_notification_id: 0,
+                thread_side_max: 0,
                 log: Log::default(),
                 by_server_id: HashMap::new(),
                 dedup: HashMap::new(),
@@ -543,6 +565,51 @@ impl MemoryStore {
     }
 }
 
+/// What the DM thread `m` would make costs, its users included, and those users; `None` for a
+/// message without `to` (it makes no thread).
+fn new_dm_side_bytes(m: &NewMessage) -> Option<(usize, Vec<&str>)> {
+    let to = m.to.as_deref()?;
+    let users: Vec<&str> = if *m.sender == *to {
+        vec![&*m.sender]
+    } else {
+        vec![&*m.sender, to]
+    };
+    let bytes = thread_bytes_of(m.thread.len(), &None, users.len())
+        + DEQUE_RESIDUE_BYTES
+        + users.iter().map(|u| user_floor_bytes(u)).sum::<usize>();
+    Some((bytes, users))
+}
+
+/// The bound of every list: `limit` within 1..=[`PAGE_LIMIT_MAX`] (as the PostgreSQL store).
+fn page_limit(limit: usize) -> usize {
+    limit.clamp(1, PAGE_LIMIT_MAX)
+}
+
+/// A title cut to [`THREAD_TITLE_BYTES_MAX`] at a character boundary (the REST layer refuses
+/// longer ones; the store keeps its bound whatever it is handed, as the PostgreSQL store).
+fn bounded_title(title: &Option<Arc<str>>) -> Option<Arc<str>> {
+    let t = title.as_ref()?;
+    if t.len() <= THREAD_TITLE_BYTES_MAX {
+        return Some(t.clone());
+    }
+    let mut end = THREAD_TITLE_BYTES_MAX;
+    while !t.is_char_boundary(end) {
+        end -= 1;
+    }
+    Some(Arc::from(&t[..end]))
+}
+
+/// The users of a new group thread: the creator and the others, sorted, without duplicates,
+/// at most [`THREAD_PARTICIPANTS_MAX`] (the creator and the first others by id; the REST
+/// layer refuses more, the store keeps its bound, as the PostgreSQL store).
+fn group_users(new: &NewThread) -> Vec<Arc<str>> {
+    let mut others = sorted_unique(new.participants.clone());
+    others.retain(|u| *u != new.creator);
+    others.truncate(THREAD_PARTICIPANTS_MAX - 1);
+    others.push(new.creator.clone());
+    sorted_unique(others)
+}
+
 fn sorted_unique(mut users: Vec<Arc<str>>) -> Vec<Arc<str>> {
     users.sort_unstable();
     users.dedup();
@@ -599,7 +666,7 @@ impl Inner {
         let mut users_bytes = 0;
         for u in &users {
             let user = self.user_entry(u);
-            users_bytes += user_bytes(u);
+            users_bytes += user_floor_bytes(u);
             self.update_user(&user, |u| u.threads.insert(numeric_id, numeric_id));
             participants.push(Participant {
                 user,
@@ -619,9 +686,10 @@ impl Inner {
             first_seq: 1,
             last_seq: 0,
             last_message_id: 0,
-            users_bytes,
         };
         self.bytes += t.bytes();
+        let side = t.bytes() + DEQUE_RESIDUE_BYTES + users_bytes;
+        self.thread_side_max = self.thread_side_max.max(side);
         self.empty_threads.insert(t.key(), numeric_id);
         self.by_text.insert(id, numeric_id);
         self.threads.insert(numeric_id, t);
@@ -667,21 +735,20 @@ impl Inner {
     /// Refuse a batch holding an entry that cannot fit even in a store emptied of everything
     /// but the threads the batch names (and their users).
     fn check_batch_fits(&self, batch: &[NewMessage]) -> Result<()> {
-        // Cheap bound first: a named thread and its users counted once per entry.
-        let mut threads_sum = 0usize;
+        // A cheap bound first, with no lookup: each entry's thread counted at the most any
+        // thread has cost, or at what its new DM thread would.
+        let mut sum = 0usize;
         let mut item_max = 0usize;
         for m in batch {
-            let Some(side) = self.thread_side_bytes(m, None) else {
-                continue;
-            };
-            threads_sum = threads_sum.saturating_add(side);
+            let side = new_dm_side_bytes(m).map_or(0, |(bytes, _)| bytes);
+            sum = sum.saturating_add(side.max(self.thread_side_max));
             item_max = item_max.max(message_bytes_of(
                 &m.content,
                 &m.attachment_url,
                 &m.client_msg_id,
             ));
         }
-        if threads_sum.saturating_add(item_max) <= self.budget {
+        if sum.saturating_add(item_max) <= self.budget {
             return Ok(());
         }
         // Exact: each thread and each user once.
@@ -690,8 +757,7 @@ impl Inner {
         let mut pinned = 0usize;
         for m in batch {
             if seen_threads.insert(&m.thread) {
-                let side = self.thread_side_bytes(m, Some(&mut seen_users));
-                pinned = pinned.saturating_add(side.unwrap_or(0));
+                pinned = pinned.saturating_add(self.thread_side_bytes(m, &mut seen_users));
             }
         }
         if pinned.saturating_add(item_max) > self.budget {
@@ -700,45 +766,38 @@ impl Inner {
         Ok(())
     }
 
-    /// The bytes of the thread `m` goes to (made if it would be) and of its users not yet in
-    /// `seen` (all of them when `seen` is `None`); `None` if `m` would be refused.
-    fn thread_side_bytes<'a>(
-        &'a self,
-        m: &'a NewMessage,
-        seen: Option<&mut HashSet<&'a str>>,
-    ) -> Option<usize> {
+    /// The bytes of the thread `m` goes to (made if it would be; 0 if `m` would be refused)
+    /// and of its users not yet in `seen`, each at least [`user_floor_bytes`].
+    fn thread_side_bytes<'a>(&'a self, m: &'a NewMessage, seen: &mut HashSet<&'a str>) -> usize {
         let (thread, users): (usize, Vec<&'a str>) = match self.by_text.get(&*m.thread) {
             Some(nid) => {
                 let t = &self.threads[nid];
-                if seen.is_none() {
-                    return Some(t.bytes() + t.users_bytes);
+                let thread = t.bytes() + DEQUE_RESIDUE_BYTES;
+                (thread, t.participants.iter().map(|p| &*p.user).collect())
+            }
+            None => match new_dm_side_bytes(m) {
+                None => return 0,
+                Some((_, users)) => {
+                    let thread = thread_bytes_of(m.thread.len(), &None, users.len());
+                    (thread + DEQUE_RESIDUE_BYTES, users)
                 }
-                (t.bytes(), t.participants.iter().map(|p| &*p.user).collect())
-            }
-            None => {
-                let to = m.to.as_ref()?;
-                let users: Vec<&'a str> = if m.sender == *to {
-                    vec![&*m.sender]
-                } else {
-                    vec![&*m.sender, &**to]
-                };
-                (thread_bytes_of(m.thread.len(), &None, users.len()), users)
-            }
+            },
         };
-        let users = match seen {
-            None => users.iter().map(|u| user_bytes(u)).sum::<usize>(),
-            Some(seen) => users
-                .into_iter()
-                .filter(|u| seen.insert(u))
-                .map(user_bytes)
-                .sum(),
-        };
-        Some(thread + users)
+        let users: usize = users
+            .into_iter()
+            .filter(|u| seen.insert(u))
+            .map(user_floor_bytes)
+            .sum();
+        thread + users
     }
 
     // ---- Writes ----
 
     fn append(&mut self, batch: &[NewMessage]) -> Result<Vec<Appended>> {
+        debug_assert!(
+            batch.len() <= APPEND_BATCH_MAX,
+            "the bridge batches at most APPEND_BATCH_MAX"
+        );
         self.check_batch_fits(batch)?;
         let mut out = Vec::with_capacity(batch.len());
         for m in batch {
@@ -844,9 +903,8 @@ impl Inner {
                 }));
             }
         }
-        let mut users = new.participants.clone();
-        users.push(new.creator.clone());
-        let users = sorted_unique(users);
+        let users = group_users(new);
+        let title = bounded_title(&new.title);
         let id: Arc<str> = match &new.id {
             Some(id) => id.clone(),
             None => loop {
@@ -856,18 +914,13 @@ impl Inner {
                 }
             },
         };
-        let need = thread_bytes(&id, &new.title, users.len())
-            + users.iter().map(|u| user_bytes(u)).sum::<usize>();
+        let need = thread_bytes(&id, &title, users.len())
+            + DEQUE_RESIDUE_BYTES
+            + users.iter().map(|u| user_floor_bytes(u)).sum::<usize>();
         if need > self.budget {
             return Err(StoreError::Full);
         }
-        let nid = self.insert_thread(
-            id,
-            ThreadKind::Group,
-            new.title.clone(),
-            users,
-            new.created_at_ms,
-        );
+        let nid = self.insert_thread(id, ThreadKind::Group, title, users, new.created_at_ms);
         self.evict_to_budget(&Pin::Thread(nid));
         Ok(Created::New(self.view(&self.threads[&nid], &new.creator)))
     }
@@ -947,8 +1000,9 @@ impl Inner {
                 return Ok((self.notifications[id].clone(), false));
             }
         }
-        let need =
-            notification_bytes_of(&n.kind, &n.data_json, &n.source_key) + user_bytes(&n.user);
+        let need = notification_bytes_of(&n.kind, &n.data_json, &n.source_key)
+            + user_bytes(&n.user)
+            + 2 * btree_leaf_bytes(size_of::<u64>(), 0);
         if need > self.budget {
             return Err(StoreError::Full);
         }
@@ -1015,8 +1069,8 @@ impl Inner {
                 || self.evict_notification(pin)
                 || self.evict_thread(pin);
             if !freed {
-                // Only the pinned items are left: the size checks let through at most the
-                // growth of a position deque past the budget, given back as it shrinks.
+                // Only the pinned items are left, which the size checks made sure fit: not
+                // reached (the tests check `bytes_used() <= budget()` after every call).
                 break;
             }
         }
@@ -1060,16 +1114,21 @@ impl Inner {
         if t.held.is_empty() {
             empty_threads.insert(t.key(), t.numeric_id);
         }
-        if by_server_id.get(&m.server_msg_id) == Some(&pos) {
-            by_server_id.remove(&m.server_msg_id);
-        }
-        if let Some(c) = &m.client_msg_id {
-            let key = (m.sender.clone(), c.clone());
-            if dedup.get(&key) == Some(&pos) {
-                dedup.remove(&key);
+        *bytes -= message_bytes(&m);
+        // Guarded: a later message with the same key would own the entry (never for
+        // `(sender, clientMsgId)`, which is deduplicated; a `serverMsgId` is a fresh UUID).
+        if let Entry::Occupied(e) = by_server_id.entry(m.server_msg_id) {
+            if *e.get() == pos {
+                e.remove();
             }
         }
-        *bytes -= message_bytes(&m);
+        if let Some(c) = m.client_msg_id {
+            if let Entry::Occupied(e) = dedup.entry((m.sender, c)) {
+                if *e.get() == pos {
+                    e.remove();
+                }
+            }
+        }
         self.evicted_messages += 1;
         true
     }
@@ -1144,7 +1203,7 @@ impl Inner {
     // ---- Reads ----
 
     fn threads_page(&self, user: &str, before: Option<u64>, limit: usize) -> Page<ThreadView> {
-        let limit = limit.min(PAGE_LIMIT_MAX);
+        let limit = page_limit(limit);
         let Some(u) = self.users.get(user) else {
             return Page {
                 items: Vec::new(),
@@ -1169,7 +1228,7 @@ impl Inner {
         before: Option<u64>,
         limit: usize,
     ) -> Lookup<Page<Message>> {
-        let limit = limit.min(PAGE_LIMIT_MAX) as u64;
+        let limit = page_limit(limit) as u64;
         let Some(nid) = self.resolve_thread(r) else {
             return Lookup::NotFound;
         };
@@ -1181,7 +1240,7 @@ impl Inner {
             Some(b) => b.saturating_sub(1).min(t.last_seq),
             None => t.last_seq,
         };
-        if limit == 0 || t.held.is_empty() || top < t.first_seq {
+        if t.held.is_empty() || top < t.first_seq {
             return Lookup::Found(Page {
                 items: Vec::new(),
                 next: None,
@@ -1199,7 +1258,7 @@ impl Inner {
     }
 
     fn sync(&self, user: &str, since: Option<u64>, limit: usize) -> SyncPage {
-        let limit = limit.min(PAGE_LIMIT_MAX);
+        let limit = page_limit(limit);
         let Some(u) = self.users.get(user) else {
             return SyncPage {
                 messages: Vec::new(),
@@ -1241,7 +1300,7 @@ impl Inner {
         before: Option<u64>,
         limit: usize,
     ) -> Page<Notification> {
-        let limit = limit.min(PAGE_LIMIT_MAX);
+        let limit = page_limit(limit);
         let Some(u) = self.users.get(user) else {
             return Page {
                 items: Vec::new(),
@@ -1459,7 +1518,7 @@ mod tests {
         assert_eq!(size_of::<Option<Message>>(), 160);
         assert_eq!(MESSAGE_FIXED_BYTES, 160 + 49);
         assert_eq!(DEDUP_ENTRY_BYTES, 61);
-        assert_eq!(THREAD_FIXED_BYTES, 289);
+        assert_eq!(THREAD_FIXED_BYTES, 277);
         assert_eq!(PARTICIPANT_BYTES, 40);
         assert_eq!(btree_leaf_bytes(8, 8), 192);
         assert_eq!(btree_leaf_bytes(8, 0), 104);
@@ -1902,5 +1961,31 @@ mod tests {
         let nid = i.by_text["old"];
         assert_eq!(i.threads[&nid].held.capacity(), 0);
         assert_eq!(i.users["al"].messages.capacity(), 0);
+    }
+
+    #[test]
+    fn a_group_keeps_its_bounds_whatever_it_is_handed() {
+        let s = MemoryStore::new(STORE_MEMORY_BYTES_DEFAULT);
+        let mut others: Vec<Arc<str>> = (0..THREAD_PARTICIPANTS_MAX + 10)
+            .map(|i| Arc::from(format!("u{i:04}")))
+            .collect();
+        others.reverse();
+        let new = NewThread {
+            id: None,
+            creator: a("zz-creator"),
+            participants: others,
+            title: Some(Arc::from("é".repeat(THREAD_TITLE_BYTES_MAX))),
+            created_at_ms: 0,
+        };
+        let Created::New(v) = now(s.create_thread(&new)).unwrap() else {
+            panic!("a new thread");
+        };
+        assert_eq!(v.participants.len(), THREAD_PARTICIPANTS_MAX);
+        assert!(v.participants.contains(&a("zz-creator")));
+        assert_eq!(&*v.participants[0], "u0000", "the first others by id");
+        let title = v.title.unwrap();
+        assert_eq!(title.len(), THREAD_TITLE_BYTES_MAX);
+        assert!(title.chars().all(|c| c == 'é'));
+        check(&s);
     }
 }
