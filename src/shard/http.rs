@@ -107,7 +107,7 @@ impl Shard {
                     c.exp_s = c.exp_s.saturating_add(1);
                     c.last_rx_tick = now;
                     self.http_waiting.insert((slot, gen), keep);
-                    let deadline = now + self.t.keepalive;
+                    let deadline = now + self.t.keepalive.max(self.t.answer_wait);
                     self.schedule(slot, deadline);
                     return Served::Waiting;
                 }

@@ -257,6 +257,9 @@ struct Timing {
     handshake: u32,
     /// `http_keepalive_timeout`.
     keepalive: u32,
+    /// Longest an HTTP request waits for its answer from another shard or the bridge:
+    /// `store_timeout` plus 2 s, so the bridge's own timeout answers first.
+    answer_wait: u32,
     ping: u32,
     pong: u32,
     write_wait: u32,
@@ -303,6 +306,7 @@ impl Shard {
         let t = Timing {
             handshake: ticks(cfg.handshake_timeout),
             keepalive: ticks(cfg.http_keepalive_timeout),
+            answer_wait: ticks(cfg.store_timeout + Duration::from_secs(2)),
             ping: ticks(cfg.ping_interval),
             pong: ticks(cfg.pong_wait),
             write_wait: ticks(cfg.write_wait),

@@ -52,12 +52,24 @@ impl Shard {
                 // A first request must complete within handshake_timeout of the accept; a
                 // kept-alive connection (`exp_s` requests served) within http_keepalive_timeout
                 // of its last response.
-                let limit = if c.exp_s > 0 {
+                // A request waiting for another shard or the bridge gets `answer_wait`, which
+                // outlasts `store_timeout`: the bridge answers first, even with an error.
+                let waiting = self.http_waiting.contains_key(&(slot, c.gen));
+                let limit = if waiting {
+                    self.t.keepalive.max(self.t.answer_wait)
+                } else if c.exp_s > 0 {
                     self.t.keepalive
                 } else {
                     self.t.handshake
                 };
                 if now >= c.last_rx_tick + limit {
+                    if waiting {
+                        let gen = c.gen;
+                        self.http_waiting.remove(&(slot, gen));
+                        let text = "no answer in time, retry later";
+                        self.http_reply(slot, crate::http::json_error(503, text));
+                        return;
+                    }
                     self.close_now(slot, Some(CloseKind::Http));
                     return;
                 }

@@ -1,0 +1,438 @@
+//! The messaging REST API end to end, through the bridge and the message store, with real
+//! sockets: a DM is stored, listed over REST, marked read over REST, and the sender's devices
+//! see `message.read`; group threads created over REST and written to from the socket; paging
+//! edges; who may see what; notifications from the server API listed and marked read.
+//!
+//! Every body runs against the in-memory store and against PostgreSQL (`common::pg`).
+
+mod common;
+
+use common::{Client, HttpConn, TestServer};
+use serde_json::{json, Value};
+
+const KEY: &str = "api-key-rs";
+
+macro_rules! both_stores {
+    ($($name:ident),* $(,)?) => {
+        mod memory {
+            $(#[test] fn $name() { super::$name(&[]); })*
+        }
+    };
+}
+
+both_stores!(
+    a_dm_is_listed_marked_read_over_rest_and_the_sender_sees_it,
+    group_threads_over_rest_and_the_socket,
+    messages_and_threads_page_without_gaps_or_repeats,
+    nobody_sees_anothers_threads,
+    notifications_from_the_server_api_are_listed_and_marked_read,
+);
+
+fn start(env: &[(&str, &str)]) -> TestServer {
+    let mut all: Vec<(&str, &str)> = env.to_vec();
+    all.push(("SWITCHBOARD_API_KEY", KEY));
+    TestServer::start(&all)
+}
+
+/// `(status, body)` of one request as `user` (auth mode none: `X-User-Id`).
+fn rest(s: &TestServer, method: &str, path: &str, user: &str, body: Option<Value>) -> (u16, Value) {
+    let mut r = format!("{method} {path} HTTP/1.1\r\nHost: t\r\nX-User-Id: {user}\r\n");
+    let b = body.map(|b| b.to_string()).unwrap_or_default();
+    if !b.is_empty() || method != "GET" {
+        r.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            b.len()
+        ));
+    }
+    r.push_str("\r\n");
+    r.push_str(&b);
+    let mut c = HttpConn::open(s);
+    c.send(r.as_bytes());
+    let resp = c
+        .response()
+        .unwrap_or_else(|| panic!("no response to {method} {path}"));
+    let v = serde_json::from_str(&resp.body)
+        .unwrap_or_else(|_| panic!("not JSON ({}): {}", resp.status, resp.body));
+    (resp.status, v)
+}
+
+fn api_post(s: &TestServer, path: &str, body: Value) -> (u16, Value) {
+    let b = body.to_string();
+    let raw = format!(
+        "POST {path} HTTP/1.1\r\nHost: t\r\nX-API-Key: {KEY}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}",
+        b.len()
+    );
+    let mut c = HttpConn::open(s);
+    c.send(raw.as_bytes());
+    let r = c.response().expect("a response");
+    (
+        r.status,
+        serde_json::from_str(&r.body).unwrap_or(Value::Null),
+    )
+}
+
+fn send(c: &mut Client, cmid: &str, to: &str, content: &str) -> Value {
+    c.send_json(json!({"type": "message.send", "clientMsgId": cmid, "to": to, "content": content}));
+    c.expect_type("message.ack")["data"].clone()
+}
+
+fn a_dm_is_listed_marked_read_over_rest_and_the_sender_sees_it(env: &[(&str, &str)]) {
+    let s = start(env);
+    let mut alice = s.connect("/ws?user_id=alice");
+    let mut alice2 = s.connect("/ws?user_id=alice");
+    let mut bob = s.connect("/ws?user_id=bob");
+    let a1 = send(&mut alice, "d-1", "bob", "first");
+    let a2 = send(&mut alice, "d-2", "bob", "second");
+    for c in [&mut alice2, &mut bob] {
+        c.expect_type("message.create");
+        c.expect_type("message.create");
+    }
+    let conv = a1["conversationId"].as_str().unwrap();
+
+    // Bob's thread list: one thread, two unread, the last message.
+    let (st, v) = rest(&s, "GET", "/api/v1/messages/threads", "bob", None);
+    assert_eq!(st, 200, "{v}");
+    let threads = v["threads"].as_array().unwrap();
+    assert_eq!(threads.len(), 1, "{v}");
+    assert_eq!(threads[0]["id"], conv);
+    assert_eq!(threads[0]["unreadCount"], 2);
+    assert_eq!(threads[0]["lastMessage"]["serverMsgId"], a2["serverMsgId"]);
+    assert_eq!(v["next"], Value::Null);
+
+    // The messages, newest first, with the socket's ids.
+    let (st, v) = rest(
+        &s,
+        "GET",
+        &format!("/api/v1/messages/threads/{conv}/messages"),
+        "bob",
+        None,
+    );
+    assert_eq!(st, 200, "{v}");
+    let msgs = v["messages"].as_array().unwrap();
+    assert_eq!(msgs.len(), 2);
+    assert_eq!(msgs[0]["serverMsgId"], a2["serverMsgId"]);
+    assert_eq!(msgs[0]["content"], "second");
+    assert_eq!(msgs[1]["serverMsgId"], a1["serverMsgId"]);
+    assert_eq!(msgs[1]["cursor"], a1["cursor"]);
+    assert_eq!(msgs[1]["senderId"], "alice");
+
+    // Bob marks the second read over REST: alice's devices see message.read; bob's count is 0.
+    let sid = a2["serverMsgId"].as_str().unwrap();
+    let (st, v) = rest(
+        &s,
+        "PUT",
+        &format!("/api/v1/messages/{sid}/read"),
+        "bob",
+        None,
+    );
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["unreadCount"], 0, "{v}");
+    assert_eq!(v["readSeq"], 2);
+    for c in [&mut alice, &mut alice2] {
+        let r = c.expect_type("message.read");
+        assert_eq!(r["data"]["conversationId"], conv);
+        assert_eq!(r["data"]["messageIds"], json!([sid]));
+        assert_eq!(r["data"]["by"], "bob");
+    }
+    bob.expect_type("message.read");
+    // The numeric id names the same message; marking an older one changes nothing.
+    let (st, v) = rest(
+        &s,
+        "PUT",
+        &format!("/api/v1/messages/{}/read", a1["cursor"]),
+        "bob",
+        None,
+    );
+    assert_eq!((st, &v["readSeq"]), (200, &json!(2)), "{v}");
+    // (The receipt is relayed again, as a repeated mark.read would be.)
+    for c in [&mut alice, &mut alice2, &mut bob] {
+        let r = c.expect_type("message.read");
+        assert_eq!(r["data"]["messageIds"], json!([a1["serverMsgId"]]));
+    }
+
+    // A read over the socket is stored as well: alice reads bob's reply.
+    let b1 = send(&mut bob, "d-3", "alice", "reply");
+    let (_, v) = rest(
+        &s,
+        "GET",
+        &format!("/api/v1/messages/threads/{conv}"),
+        "alice",
+        None,
+    );
+    assert_eq!(v["unreadCount"], 1, "{v}");
+    alice.expect_type("message.create");
+    alice2.expect_type("message.create");
+    alice.send_json(
+        json!({"type": "mark.read", "to": "bob", "conversationId": conv,
+        "messageIds": [b1["serverMsgId"]]}),
+    );
+    bob.expect_type("message.read");
+    alice2.expect_type("message.read");
+    let mut unread = Value::Null;
+    for _ in 0..50 {
+        let (_, v) = rest(
+            &s,
+            "GET",
+            &format!("/api/v1/messages/threads/{conv}"),
+            "alice",
+            None,
+        );
+        unread = v["unreadCount"].clone();
+        if unread == 0 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(unread, 0, "the socket's mark.read reached the store");
+
+    // Sending over REST: stored, acked with 201, delivered live to both users' devices.
+    let (st, v) = rest(
+        &s,
+        "POST",
+        &format!("/api/v1/messages/threads/{conv}/messages"),
+        "bob",
+        Some(json!({"content": "from rest", "clientMsgId": "r-1"})),
+    );
+    assert_eq!(st, 201, "{v}");
+    assert_eq!(v["seq"], 4);
+    for c in [&mut alice, &mut alice2, &mut bob] {
+        let m = c.expect_type("message.create");
+        assert_eq!(m["data"]["serverMsgId"], v["serverMsgId"]);
+        assert_eq!(m["data"]["from"], "bob");
+        assert_eq!(m["data"]["to"], "alice");
+    }
+    // The same client id again: 200 with the first message, nobody gets it twice.
+    let (st, again) = rest(
+        &s,
+        "POST",
+        &format!("/api/v1/messages/threads/{conv}/messages"),
+        "bob",
+        Some(json!({"content": "from rest", "clientMsgId": "r-1"})),
+    );
+    assert_eq!(st, 200, "{again}");
+    assert_eq!(again["serverMsgId"], v["serverMsgId"]);
+    alice.expect_silence(200);
+}
+
+fn group_threads_over_rest_and_the_socket(env: &[(&str, &str)]) {
+    let s = start(env);
+    let mut bob = s.connect("/ws?user_id=bob");
+    let mut carol = s.connect("/ws?user_id=carol");
+    let (st, t) = rest(
+        &s,
+        "POST",
+        "/api/v1/messages/threads",
+        "alice",
+        Some(json!({"participants": ["bob", "carol"], "title": "launch"})),
+    );
+    assert_eq!(st, 201, "{t}");
+    assert_eq!(t["kind"], "group");
+    assert_eq!(t["participants"], json!(["alice", "bob", "carol"]));
+    let id = t["id"].as_str().unwrap().to_owned();
+    // A message.send with the group's conversationId and no `to` reaches every participant.
+    let mut alice = s.connect("/ws?user_id=alice");
+    alice.send_json(json!({"type": "message.send", "clientMsgId": "g-1",
+        "conversationId": id, "content": "hello all"}));
+    let ack = alice.expect_type("message.ack");
+    for c in [&mut bob, &mut carol] {
+        let m = c.expect_type("message.create");
+        assert_eq!(m["data"]["conversationId"], id.as_str());
+        assert_eq!(m["data"]["to"], Value::Null);
+        assert_eq!(m["data"]["serverMsgId"], ack["data"]["serverMsgId"]);
+    }
+    // By numeric id too.
+    let (st, v) = rest(
+        &s,
+        "GET",
+        &format!("/api/v1/messages/threads/{}", t["numericId"]),
+        "carol",
+        None,
+    );
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["id"], id.as_str());
+    assert_eq!(v["unreadCount"], 1);
+    // An outsider can neither read it nor write into it.
+    let (st, v) = rest(
+        &s,
+        "GET",
+        &format!("/api/v1/messages/threads/{id}"),
+        "dave",
+        None,
+    );
+    assert_eq!(st, 403, "{v}");
+    let mut dave = s.connect("/ws?user_id=dave");
+    dave.send_json(json!({"type": "message.send", "clientMsgId": "g-2",
+        "conversationId": id, "content": "let me in"}));
+    dave.expect_error("not a participant of this conversation");
+    let (st, _) = rest(
+        &s,
+        "POST",
+        &format!("/api/v1/messages/threads/{id}/messages"),
+        "dave",
+        Some(json!({"content": "x"})),
+    );
+    assert_eq!(st, 403);
+}
+
+fn messages_and_threads_page_without_gaps_or_repeats(env: &[(&str, &str)]) {
+    let s = start(env);
+    let mut alice = s.connect("/ws?user_id=alice");
+    let mut conv = String::new();
+    for i in 0..7 {
+        conv = send(&mut alice, &format!("p-{i}"), "bob", &format!("m{i}"))["conversationId"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+    }
+    let mut seen = Vec::new();
+    let mut path = format!("/api/v1/messages/threads/{conv}/messages?limit=3");
+    loop {
+        let (st, v) = rest(&s, "GET", &path, "bob", None);
+        assert_eq!(st, 200, "{v}");
+        for m in v["messages"].as_array().unwrap() {
+            seen.push(m["seq"].as_u64().unwrap());
+        }
+        match v["next"].as_u64() {
+            Some(n) => {
+                path = format!("/api/v1/messages/threads/{conv}/messages?limit=3&before={n}")
+            }
+            None => break,
+        }
+    }
+    assert_eq!(seen, [7, 6, 5, 4, 3, 2, 1]);
+    // Threads: five conversations, paged by two, most recent first.
+    for i in 0..4 {
+        send(&mut alice, &format!("t-{i}"), &format!("peer{i}"), "x");
+    }
+    let mut ids = Vec::new();
+    let mut path = "/api/v1/messages/threads?limit=2".to_owned();
+    loop {
+        let (st, v) = rest(&s, "GET", &path, "alice", None);
+        assert_eq!(st, 200, "{v}");
+        for t in v["threads"].as_array().unwrap() {
+            ids.push(t["participants"].clone());
+        }
+        match v["next"].as_u64() {
+            Some(n) => path = format!("/api/v1/messages/threads?limit=2&before={n}"),
+            None => break,
+        }
+    }
+    assert_eq!(ids.len(), 5);
+    assert_eq!(ids[0], json!(["alice", "peer3"]));
+    assert_eq!(ids[4], json!(["alice", "bob"]));
+    // Limits out of range are refused before the store.
+    let (st, v) = rest(&s, "GET", "/api/v1/messages/threads?limit=0", "alice", None);
+    assert_eq!(st, 400, "{v}");
+}
+
+fn nobody_sees_anothers_threads(env: &[(&str, &str)]) {
+    let s = start(env);
+    let mut alice = s.connect("/ws?user_id=alice");
+    let a = send(&mut alice, "n-1", "bob", "private");
+    let conv = a["conversationId"].as_str().unwrap();
+    let (st, v) = rest(&s, "GET", "/api/v1/messages/threads", "eve", None);
+    assert_eq!((st, v["threads"].as_array().map(Vec::len)), (200, Some(0)));
+    for path in [
+        format!("/api/v1/messages/threads/{conv}"),
+        format!("/api/v1/messages/threads/{conv}/messages"),
+    ] {
+        let (st, v) = rest(&s, "GET", &path, "eve", None);
+        assert_eq!(st, 403, "{path}: {v}");
+        assert!(v["error"].is_string());
+    }
+    let sid = a["serverMsgId"].as_str().unwrap();
+    let (st, _) = rest(
+        &s,
+        "PUT",
+        &format!("/api/v1/messages/{sid}/read"),
+        "eve",
+        None,
+    );
+    assert_eq!(st, 403);
+    let (st, v) = rest(
+        &s,
+        "GET",
+        "/api/v1/messages/threads/no-such-thread",
+        "eve",
+        None,
+    );
+    assert_eq!(st, 404, "{v}");
+    let (st, _) = rest(
+        &s,
+        "PUT",
+        "/api/v1/messages/01a23400-0000-7000-8000-000000000000/read",
+        "alice",
+        None,
+    );
+    assert_eq!(st, 404);
+}
+
+fn notifications_from_the_server_api_are_listed_and_marked_read(env: &[(&str, &str)]) {
+    let s = start(env);
+    let mut bob = s.connect("/ws?user_id=bob");
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let (st, v) = api_post(
+            &s,
+            "/api/users/bob/notifications",
+            json!({"kind": "jobs.posted", "data": {"jobId": i}, "id": format!("jobs.posted/0/{i}")}),
+        );
+        assert_eq!(st, 201, "{v}");
+        let live = bob.expect_type("notification");
+        assert_eq!(live["data"]["id"], v["id"]);
+        assert_eq!(live["data"]["kind"], "jobs.posted");
+        assert_eq!(live["data"]["data"]["jobId"], i);
+        ids.push(v["id"].as_u64().unwrap());
+    }
+    // The same source id again: the first one, 200, nothing delivered.
+    let (st, v) = api_post(
+        &s,
+        "/api/users/bob/notifications",
+        json!({"kind": "jobs.posted", "data": {"jobId": 9}, "id": "jobs.posted/0/1"}),
+    );
+    assert_eq!((st, v["id"].as_u64()), (200, Some(ids[1])), "{v}");
+    bob.expect_silence(200);
+    // Bad bodies.
+    for (body, text) in [
+        (json!({"data": {}}), "kind is required"),
+        (
+            json!({"kind": "x", "data": 5}),
+            "data must be a JSON object",
+        ),
+    ] {
+        let (st, v) = api_post(&s, "/api/users/bob/notifications", body);
+        assert_eq!((st, v["error"].as_str()), (400, Some(text)));
+    }
+
+    let (st, v) = rest(&s, "GET", "/api/v1/notifications", "bob", None);
+    assert_eq!(st, 200, "{v}");
+    let got: Vec<u64> = v["notifications"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(got, [ids[2], ids[1], ids[0]]);
+    let (st, v) = rest(
+        &s,
+        "PUT",
+        &format!("/api/v1/notifications/{}/read", ids[0]),
+        "bob",
+        None,
+    );
+    assert_eq!((st, &v["read"]), (200, &json!(true)), "{v}");
+    let (st, _) = rest(
+        &s,
+        "PUT",
+        &format!("/api/v1/notifications/{}/read", ids[0]),
+        "eve",
+        None,
+    );
+    assert_eq!(st, 404, "another user's notification is not found");
+    let (_, v) = rest(&s, "GET", "/api/v1/notifications?unread=true", "bob", None);
+    assert_eq!(v["notifications"].as_array().unwrap().len(), 2, "{v}");
+    let (st, v) = rest(&s, "PUT", "/api/v1/notifications/read-all", "bob", None);
+    assert_eq!((st, &v["updated"]), (200, &json!(2)), "{v}");
+    let (_, v) = rest(&s, "GET", "/api/v1/notifications?unread=true", "bob", None);
+    assert_eq!(v["notifications"], json!([]));
+}
