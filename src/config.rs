@@ -763,7 +763,7 @@ config_keys! {
     store_memory_bytes: Bytes = "256MiB", "SWITCHBOARD_STORE_MEMORY_BYTES", None,
         "Byte budget of the in-memory message store (used when database_url is empty): past it the oldest messages are evicted. At least 1 MiB.";
     store_timeout: Dur = "5s", "SWITCHBOARD_STORE_TIMEOUT", None,
-        "Longest a message-store call may take: a direct message past it gets an error and no ack, a REST call 503. 100ms to 5m.";
+        "Longest a message-store call may take: a direct message past it gets an error and no ack, a REST call 503. At least 100ms.";
     api_key: OptText = "", "SWITCHBOARD_API_KEY", None,
         "Key for the server HTTP API (X-API-Key or Authorization: apikey <key>); empty = API off. Prefer the env var: flags show in ps. Never logged.";
     cors_origins: List = "", "SWITCHBOARD_CORS_ORIGINS", None,
