@@ -33,9 +33,11 @@
 //!   notification (dedup). Hash maps use std's `RandomState` (SipHash, randomly keyed) on
 //!   purpose: user ids and client ids are peer input.
 //!
-//! An append of a DM costs two hash lookups and three inserts, one log push, three deque pushes
-//! and two B-tree moves (the thread to the top of each participant's activity index): O(1) per
-//! message, O(participants) for a group message.
+//! An append of a DM costs six hash lookups (its dedup key, its thread by text id and by
+//! number, its two users) and two inserts (its `serverMsgId` and dedup key), a log push, three
+//! deque pushes and two B-tree moves (the thread to the top of each participant's activity
+//! index); in a full store, the eviction of the oldest message costs about as much again. O(1)
+//! per DM, O(participants) per group message, whatever the store holds.
 //!
 //! ## Byte budget
 //! Every held item is counted when stored and uncounted when evicted, by the functions below
