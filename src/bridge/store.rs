@@ -120,6 +120,11 @@ pub struct StoreStats {
     pub last_batch: AtomicU64,
     /// 1 while the store answers its health check.
     pub up: AtomicU64,
+    /// The in-memory store's occupancy (zero with PostgreSQL), refreshed every health check.
+    pub memory_bytes: AtomicU64,
+    pub memory_budget: AtomicU64,
+    pub memory_messages: AtomicU64,
+    pub evicted_messages: AtomicU64,
 }
 
 /// Which store the node uses, from its configuration.
@@ -724,13 +729,16 @@ async fn health<S: Store>(ctx: Rc<Ctx<S>>) {
         let up = bounded(ctx.timeout.min(HEALTH_INTERVAL * 2), ctx.store.ping())
             .await
             .is_ok();
-        ctx.node
-            .store_stats
-            .up
-            .store(u64::from(up), Ordering::Relaxed);
-        ctx.node
-            .bridge_healthy
-            .store(up, std::sync::atomic::Ordering::Relaxed);
+        let stats = &ctx.node.store_stats;
+        stats.up.store(u64::from(up), Ordering::Relaxed);
+        if let Some(m) = ctx.store.memory_stats() {
+            stats.memory_bytes.store(m.bytes_used as u64, Ordering::Relaxed);
+            stats.memory_budget.store(m.budget_bytes as u64, Ordering::Relaxed);
+            stats.memory_messages.store(m.messages as u64, Ordering::Relaxed);
+            stats
+                .evicted_messages
+                .store(m.evicted_messages, Ordering::Relaxed);
+        }
         if was != Some(up) {
             if up {
                 tracing::info!(store = ctx.store.kind(), "message store up");
@@ -746,7 +754,7 @@ async fn health<S: Store>(ctx: Rc<Ctx<S>>) {
 /// The store's lines of `/metrics`.
 pub fn prometheus_lines(s: &StoreStats, out: &mut String) {
     use std::fmt::Write;
-    let rows: [(&str, &str, &str, &AtomicU64); 11] = [
+    let rows: [(&str, &str, &str, &AtomicU64); 15] = [
         ("switchboard_store_batches_total", "counter", "Batches of direct messages committed to the message store (or failed)", &s.batches),
         ("switchboard_store_messages_total", "counter", "Messages stored", &s.stored),
         ("switchboard_store_duplicates_total", "counter", "Messages not stored again: (sender, clientMsgId) was stored before", &s.duplicates),
@@ -758,6 +766,10 @@ pub fn prometheus_lines(s: &StoreStats, out: &mut String) {
         ("switchboard_store_jobs_queued", "gauge", "Store jobs accepted and not yet finished", &s.queued),
         ("switchboard_store_last_batch_size", "gauge", "Messages in the last committed batch", &s.last_batch),
         ("switchboard_store_up", "gauge", "1 while the message store answers its health check", &s.up),
+        ("switchboard_store_memory_bytes", "gauge", "Bytes the in-memory store accounts for (0 with PostgreSQL)", &s.memory_bytes),
+        ("switchboard_store_memory_budget_bytes", "gauge", "The in-memory store's budget, store_memory_bytes (0 with PostgreSQL)", &s.memory_budget),
+        ("switchboard_store_memory_messages", "gauge", "Messages the in-memory store holds", &s.memory_messages),
+        ("switchboard_store_evicted_messages_total", "counter", "Messages the in-memory store evicted to stay within its budget", &s.evicted_messages),
     ];
     for (name, kind, help, v) in rows {
         let _ = writeln!(

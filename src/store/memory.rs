@@ -1388,6 +1388,10 @@ impl Inner {
 }
 
 impl Store for MemoryStore {
+    fn memory_stats(&self) -> Option<MemoryStats> {
+        Some(self.stats())
+    }
+
     fn kind(&self) -> &'static str {
         "memory"
     }

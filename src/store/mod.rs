@@ -406,6 +406,11 @@ pub trait Store {
 
     /// A cheap round trip (PostgreSQL: `SELECT 1`), for `/ready` and reconnects.
     async fn ping(&self) -> Result<()>;
+
+    /// The in-memory store's occupancy, for `/metrics` (read once per health check).
+    fn memory_stats(&self) -> Option<memory::MemoryStats> {
+        None
+    }
 }
 
 /// The sort key of a thread in [`Store::threads`] (most recent activity first), which `before`
