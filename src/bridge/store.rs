@@ -732,9 +732,15 @@ async fn health<S: Store>(ctx: Rc<Ctx<S>>) {
         let stats = &ctx.node.store_stats;
         stats.up.store(u64::from(up), Ordering::Relaxed);
         if let Some(m) = ctx.store.memory_stats() {
-            stats.memory_bytes.store(m.bytes_used as u64, Ordering::Relaxed);
-            stats.memory_budget.store(m.budget_bytes as u64, Ordering::Relaxed);
-            stats.memory_messages.store(m.messages as u64, Ordering::Relaxed);
+            stats
+                .memory_bytes
+                .store(m.bytes_used as u64, Ordering::Relaxed);
+            stats
+                .memory_budget
+                .store(m.budget_bytes as u64, Ordering::Relaxed);
+            stats
+                .memory_messages
+                .store(m.messages as u64, Ordering::Relaxed);
             stats
                 .evicted_messages
                 .store(m.evicted_messages, Ordering::Relaxed);

@@ -15,7 +15,6 @@ use serde::Deserialize;
 
 use super::Cmd;
 use crate::bridge::store::{Answer, StoreJob, BUSY};
-use crate::bridge::BridgeMsg;
 use crate::limits::{ID_BYTES_MAX, URL_BYTES_MAX};
 use crate::metrics::ErrorReason;
 use crate::proto::envelope::non_empty;
@@ -122,13 +121,7 @@ pub fn send(sh: &mut Shard, slot: u32, cmd: &Cmd<'_>) {
         },
         msg,
     };
-    if sh
-        .node
-        .bridge_tx
-        .try_send(BridgeMsg::Store(Box::new(job)))
-        .is_err()
-    {
-        sh.out.stats.bridge_dropped += 1;
+    if !sh.to_store(job) {
         bad(sh, ErrorReason::Busy, BUSY);
         return;
     }
@@ -170,13 +163,7 @@ pub fn sync(sh: &mut Shard, slot: u32, cmd: &Cmd<'_>) {
         since: m.since,
         limit,
     };
-    if sh
-        .node
-        .bridge_tx
-        .try_send(BridgeMsg::Store(Box::new(job)))
-        .is_err()
-    {
-        sh.out.stats.bridge_dropped += 1;
+    if !sh.to_store(job) {
         sh.send_error(slot, ErrorReason::Busy, id, BUSY, None);
     }
 }
