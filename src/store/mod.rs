@@ -26,6 +26,7 @@
 //!   [`PAGE_LIMIT_MAX`].
 
 pub mod conformance;
+pub mod pg;
 
 use std::sync::Arc;
 
