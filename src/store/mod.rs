@@ -27,6 +27,7 @@
 
 pub mod conformance;
 pub mod memory;
+pub mod pg;
 pub mod reconnect;
 
 use std::sync::Arc;

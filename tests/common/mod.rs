@@ -3,10 +3,12 @@
 //!
 //! Owns: starting and stopping one server per test ([`TestServer`]), a WebSocket client on
 //! tungstenite with read timeouts ([`Client`]), a raw-socket client for what tungstenite will not
-//! send ([`RawWs`], [`HttpReply`]), and JWT minting ([`jwt`]). Every wait here is bounded, so a
-//! missing frame fails the test instead of hanging it. Each test binary includes this module and
-//! uses a part of it.
+//! send ([`RawWs`], [`HttpReply`]), JWT minting ([`jwt`]), and throwaway PostgreSQL clusters for
+//! the message store tests ([`pg`]). Every wait here is bounded, so a missing frame fails the
+//! test instead of hanging it. Each test binary includes this module and uses a part of it.
 #![allow(dead_code)]
+
+pub mod pg;
 
 use std::collections::HashSet;
 use std::io::{ErrorKind, Read, Write};
