@@ -18,6 +18,12 @@ macro_rules! both_stores {
         mod memory {
             $(#[test] fn $name() { super::$name(&[]); })*
         }
+        mod postgres {
+            $(#[test] fn $name() {
+                let url = super::common::pg::database(stringify!($name));
+                super::$name(&[("SWITCHBOARD_DATABASE_URL", &url)]);
+            })*
+        }
     };
 }
 
@@ -35,7 +41,9 @@ both_stores!(
 fn start(env: &[(&str, &str)], extra: &[(&'static str, &'static str)]) -> TestServer {
     let mut all: Vec<(&str, &str)> = env.to_vec();
     all.extend_from_slice(extra);
-    TestServer::start(&all)
+    let s = TestServer::start(&all);
+    s.wait_ready();
+    s
 }
 
 fn dm(cmid: &str, to: &str, content: &str) -> Value {

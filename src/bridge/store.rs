@@ -34,6 +34,8 @@ use crate::proto::json::rfc3339_ms;
 use crate::proto::Frame;
 use crate::route::{ConnRef, Target};
 use crate::shard::Node;
+use crate::store::pg::{PgConfig, PgStore};
+use crate::store::reconnect::Reconnecting;
 use crate::store::{
     memory::MemoryStore, Appended, MarkRequest, Message, NewMessage, NewNotification, Store,
     StoreError, APPEND_BATCH_MAX,
@@ -50,6 +52,9 @@ pub const STORE_JOBS_QUEUED_MAX: usize = 65_536;
 /// Most bytes of `message.create` frames one `sync` answer carries; a page stops early
 /// (`more: true`) past it, so a sync never comes near `send_queue_bytes_max`.
 pub const SYNC_PAGE_BYTES_MAX: usize = 256 * 1024;
+
+/// Added to `store_timeout` for the bridge's own deadline on a store call.
+pub const BACKSTOP: Duration = Duration::from_millis(500);
 
 /// How often the store's health is checked (and a lost PostgreSQL noticed by `/ready`).
 pub const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
@@ -148,21 +153,43 @@ pub async fn run(node: Arc<Node>, rx: mpsc::Receiver<BridgeMsg>) {
             let store = Rc::new(MemoryStore::new(budget));
             serve(node, rx, store).await;
         }
-        Some(_url) => {
-            // The PostgreSQL store is being written; until it lands a configured database is
-            // reported down (DMs get errors, /ready 503) rather than silently ignored.
-            tracing::error!("database_url is set but this build has no PostgreSQL store yet");
-            let store = Rc::new(crate::store::reconnect::Reconnecting::new(
-                "postgres",
-                || async {
-                    Err::<MemoryStore, _>(StoreError::Unavailable(
-                        "no PostgreSQL store in this build".into(),
-                    ))
-                },
-            ));
+        Some(url) => {
+            let pg = pg_config(&node.cfg, url);
+            tracing::info!(
+                host = %url_host(&pg.url),
+                pool_size = pg.pool_size,
+                "message store: PostgreSQL (durable); connecting and applying migrations"
+            );
+            // Set up in the background: the node serves (and says the store is down) while
+            // the database cannot be reached.
+            let store = Rc::new(Reconnecting::new("postgres", move || {
+                PgStore::connect(pg.clone())
+            }));
             serve(node, rx, store).await;
         }
     }
+}
+
+/// The PostgreSQL settings from the node's configuration: the pool's size and connect
+/// timeout from their keys; every per-call bound from `store_timeout` (a statement, a wait for
+/// a pooled connection, an idle transaction, and the client-side deadline), so the store's own
+/// timeout answers before the bridge's backstop. The rest are `pg`'s documented defaults.
+pub fn pg_config(cfg: &crate::config::Config, url: String) -> PgConfig {
+    let mut pg = PgConfig::new(url);
+    pg.pool_size = cfg.database_pool_size;
+    pg.connect_timeout = cfg.database_connect_timeout;
+    pg.statement_timeout = cfg.store_timeout;
+    pg.pool_wait_timeout = cfg.store_timeout;
+    pg.idle_in_transaction_timeout = cfg.store_timeout;
+    pg.call_timeout = cfg.store_timeout;
+    pg
+}
+
+/// `host:port` of a `postgres://` URL, for the log (never the user or password).
+fn url_host(url: &str) -> &str {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, r)| r);
+    rest.split(['/', '?']).next().unwrap_or("")
 }
 
 /// What the store's tasks share.
@@ -297,11 +324,13 @@ fn refuse<S>(ctx: &Ctx<S>, job: StoreJob, text: &str) {
     }
 }
 
+/// Run a store call under `timeout` plus [`BACKSTOP`] (the store's own deadline is `timeout`
+/// and answers first; this one catches a store that does not keep it).
 async fn bounded<T>(
     timeout: Duration,
     f: impl std::future::Future<Output = crate::store::Result<T>>,
 ) -> crate::store::Result<T> {
-    match tokio::time::timeout(timeout, f).await {
+    match tokio::time::timeout(timeout + BACKSTOP, f).await {
         Ok(r) => r,
         Err(_) => Err(StoreError::Timeout),
     }

@@ -20,7 +20,7 @@ impl Shard {
     /// Hand a job to the message store on the bridge without blocking. False (and counted in
     /// `switchboard_bridge_dropped_total`) when the bridge inbox is full: the caller answers
     /// `server busy, retry later`.
-    pub(crate) fn to_store(&mut self, job: crate::bridge::StoreJob) -> bool {
+    pub(crate) fn hand_to_store(&mut self, job: crate::bridge::StoreJob) -> bool {
         let msg = crate::bridge::BridgeMsg::Store(Box::new(job));
         if self.node.bridge_tx.try_send(msg).is_err() {
             self.out.stats.bridge_dropped += 1;

@@ -247,7 +247,7 @@ impl Shard {
                     keep,
                     cors,
                 };
-                if !self.to_store(job) {
+                if !self.hand_to_store(job) {
                     return ApiAnswer::now(Status::SERVICE_UNAVAILABLE, "server busy, retry later");
                 }
                 ApiAnswer::Later

@@ -282,7 +282,7 @@ pub fn notify(
         cors: cors.map(std::sync::Arc::from),
         n,
     };
-    if !sh.to_store(job) {
+    if !sh.hand_to_store(job) {
         return err(Status::SERVICE_UNAVAILABLE, BUSY);
     }
     Outcome::Later

@@ -121,7 +121,7 @@ pub fn send(sh: &mut Shard, slot: u32, cmd: &Cmd<'_>) {
         },
         msg,
     };
-    if !sh.to_store(job) {
+    if !sh.hand_to_store(job) {
         bad(sh, ErrorReason::Busy, BUSY);
         return;
     }
@@ -163,7 +163,7 @@ pub fn sync(sh: &mut Shard, slot: u32, cmd: &Cmd<'_>) {
         since: m.since,
         limit,
     };
-    if !sh.to_store(job) {
+    if !sh.hand_to_store(job) {
         sh.send_error(slot, ErrorReason::Busy, id, BUSY, None);
     }
 }

@@ -209,7 +209,7 @@ fn record(sh: &mut Shard, user: &Arc<str>, conversation: &str, raw_ids: &str, re
             at_ms: sh.now_ms,
         });
         // A full inbox loses only the stored state (counted), never the live receipt.
-        sh.to_store(job);
+        sh.hand_to_store(job);
     }
 }
 
