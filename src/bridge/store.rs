@@ -249,13 +249,21 @@ async fn serve<S: Store + 'static>(
     }
     // Finish what was accepted: every DM in the writer's queue is stored and answered (or
     // failed) before the thread ends.
+    // Bounded by shutdown_timeout: with the database down every batch takes store_timeout.
     health.abort();
     ctx.wake_writer.notify_one();
-    while ctx.jobs.get() > 0 {
+    let deadline = tokio::time::Instant::now() + ctx.node.cfg.shutdown_timeout;
+    while ctx.jobs.get() > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(5)).await;
         if !ctx.sends.borrow().is_empty() {
             ctx.wake_writer.notify_one();
         }
+    }
+    if ctx.jobs.get() > 0 {
+        tracing::warn!(
+            jobs = ctx.jobs.get(),
+            "store jobs unfinished at the shutdown deadline (none of them was acked)"
+        );
     }
     writer.abort();
 }
