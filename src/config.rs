@@ -1666,6 +1666,16 @@ impl Config {
             " (a DM travels in one message)",
         )?;
         at_least("store_memory_bytes", size(self.store_memory_bytes), 1 << 20)?;
+        if let Some(url) = &self.database_url {
+            // Only the URL form: its password has one place, which the log never prints (the
+            // key=value form is refused rather than risk printing it).
+            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                return fail(
+                    "database_url",
+                    "must be a postgres://user:password@host:port/database URL".into(),
+                );
+            }
+        }
         between(
             "database_pool_size",
             size(self.database_pool_size),

@@ -341,7 +341,7 @@ impl Shard {
                 }
                 _ => {
                     if let Some(u) = head.query.and_then(|q| query_param(q, "user_id")) {
-                        if u.is_empty() || u.len() > ID_BYTES_MAX {
+                        if u.is_empty() || u.len() > ID_BYTES_MAX || u.contains('\0') {
                             self.reject(slot, 400, "invalid user_id");
                             return false;
                         }
