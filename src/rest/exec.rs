@@ -113,6 +113,9 @@ pub fn render_appended(a: &Appended) -> Executed {
         Appended::Refused(Refusal::NotParticipant) => {
             Executed::error(Status::FORBIDDEN, NOT_PARTICIPANT)
         }
+        Appended::Refused(r @ (Refusal::InvalidText | Refusal::NumericThreadId)) => {
+            Executed::error(Status::BAD_REQUEST, r.text())
+        }
     }
 }
 
@@ -186,6 +189,7 @@ async fn run<S: Store>(
             });
             let new = NewThread {
                 id,
+                kind: crate::store::ThreadKind::Group,
                 creator: Arc::from(user),
                 participants: others,
                 title,
@@ -194,6 +198,7 @@ async fn run<S: Store>(
             match store.create_thread(&new).await? {
                 Created::New(v) => thread_body(Status::CREATED, &v),
                 Created::Exists(l) => lookup(l, THREAD_NOT_FOUND, |v| thread_body(Status::OK, &v)),
+                Created::Refused(r) => Executed::error(Status::BAD_REQUEST, r.text()),
             }
         }
         RestOp::SendMessage {

@@ -33,6 +33,17 @@
 //!   stored copies ([`PgStore::append_retries`] counts it). The threads of the previous batches
 //!   are remembered (`ThreadCache`), checked against the counter, so a steady stream of DMs
 //!   looks up only new threads. The counter lock is held for one round trip plus the commit.
+//! - **Data the server refuses.** PostgreSQL text cannot hold U+0000: every entry, thread and
+//!   notification with a NUL is refused in Rust before any SQL ([`Refusal::InvalidText`]), and
+//!   a read naming one finds nothing without a query, so one bad DM can never fail the batch
+//!   it shares with other senders. Should the server still refuse a batch's data (SQLSTATE
+//!   class 22), the append runs once more in a new transaction, entry by entry, each under a
+//!   savepoint (one round trip per entry, under the counter lock, bounded by the call's
+//!   deadline): the entries it refuses are `InvalidText` and take no id and no seq, the others
+//!   commit together, so the batch stays atomic. At most one such split per call.
+//! - **DMs only into their pair's thread.** An entry with `to` goes only into a `direct`
+//!   thread whose participants are exactly its sender and recipient (`kind` is read with the
+//!   batch's threads and kept in the cache); no thread is created with an all-digit id.
 //! - **Bounded reads.** Every list stops at `limit` + 1 rows (the extra row says whether a next
 //!   page exists) and every query runs on an index; unread counts stop at [`UNREAD_COUNT_MAX`]
 //!   (a count over a LIMITed subquery). The price of the insert-only append is paid here: a
@@ -77,10 +88,10 @@ use tokio_postgres::types::{FromSql, ToSql, Type};
 use tokio_postgres::{NoTls, Row, Statement};
 
 use super::{
-    Appended, Created, Lookup, Mark, MarkRequest, Marked, Message, MessageRef, NewMessage,
-    NewNotification, NewThread, Notification, Page, Refusal, Result, Store, StoreError, SyncPage,
-    ThreadKind, ThreadRef, ThreadView, APPEND_BATCH_MAX, MARK_IDS_MAX, PAGE_LIMIT_MAX,
-    THREAD_PARTICIPANTS_MAX, THREAD_TITLE_BYTES_MAX, UNREAD_COUNT_MAX,
+    has_nul, is_numeric_id, Appended, Created, Lookup, Mark, MarkRequest, Marked, Message,
+    MessageRef, NewMessage, NewNotification, NewThread, Noted, Notification, Page, Refusal, Result,
+    Store, StoreError, SyncPage, ThreadKind, ThreadRef, ThreadView, APPEND_BATCH_MAX, MARK_IDS_MAX,
+    PAGE_LIMIT_MAX, THREAD_PARTICIPANTS_MAX, THREAD_TITLE_BYTES_MAX, UNREAD_COUNT_MAX,
 };
 
 /// Connections in the pool. The bridge runs one append at a time (group commit) next to a few
@@ -352,6 +363,7 @@ struct Cached {
     nid: i64,
     last_seq: i64,
     users: Arc<[Arc<str>]>,
+    direct: bool,
 }
 
 impl ThreadCache {
@@ -391,6 +403,13 @@ enum Fail {
     Db(tokio_postgres::Error),
     /// The database answered something this build cannot use (a broken invariant of its data).
     Bad(String),
+}
+
+/// Whether the server refused a statement's data (SQLSTATE class 22, "data exception": a
+/// text it cannot hold, a value out of range): the request's fault, not the database's, so
+/// retrying the same data fails the same way.
+fn is_data_exception(e: &tokio_postgres::Error) -> bool {
+    e.code().is_some_and(|c| c.code().starts_with("22"))
 }
 
 impl From<tokio_postgres::Error> for Fail {
@@ -649,13 +668,14 @@ const LOCK_IDS: Sql = Sql {
 };
 
 /// The batch's existing threads ($1: text ids): numeric id, newest seq (one probe of the
-/// (thread_nid, seq) index), participants sorted.
+/// (thread_nid, seq) index), participants sorted, whether it is direct.
 const APPEND_THREADS: Sql = Sql {
     text: "SELECT t.id, t.numeric_id, \
              COALESCE((SELECT max(m.seq) FROM switchboard_messages m \
                        WHERE m.thread_nid = t.numeric_id), 0), \
              ARRAY(SELECT p.user_id FROM switchboard_participants p \
-                   WHERE p.thread_nid = t.numeric_id ORDER BY p.user_id) \
+                   WHERE p.thread_nid = t.numeric_id ORDER BY p.user_id), \
+             t.kind = 'direct' \
            FROM unnest($1::text[]) AS k(id) JOIN switchboard_threads t ON t.id = k.id",
     types: &[T_TEXTS],
 };
@@ -712,13 +732,13 @@ const APPEND_WRITE: Sql = Sql {
     ],
 };
 
-/// A group thread ($1 id, $2 title, $3 created_at_ms, $4 participants) with the next id, unless
-/// the id is taken (no row then). Runs under the counter lock.
+/// A thread ($1 id, $2 title, $3 created_at_ms, $4 participants, $5 kind) with the next id,
+/// unless the id is taken (no row then). Runs under the counter lock.
 const CREATE_THREAD: Sql = Sql {
     text: "WITH c AS (SELECT value + 1 AS nid FROM switchboard_counters WHERE name = 'ids'), \
            t AS ( \
              INSERT INTO switchboard_threads (id, numeric_id, kind, title, created_at_ms) \
-             SELECT $1, c.nid, 'group', $2, $3 FROM c \
+             SELECT $1, c.nid, $5, $2, $3 FROM c \
              ON CONFLICT (id) DO NOTHING RETURNING numeric_id \
            ), p AS ( \
              INSERT INTO switchboard_participants (thread_nid, user_id, read_seq, delivered_seq) \
@@ -729,7 +749,7 @@ const CREATE_THREAD: Sql = Sql {
              WHERE name = 'ids' AND EXISTS (SELECT 1 FROM t) \
            ) \
            SELECT numeric_id FROM t",
-    types: &[T_TEXT, T_TEXT, T_INT8, T_TEXTS],
+    types: &[T_TEXT, T_TEXT, T_INT8, T_TEXTS, T_TEXT],
 };
 
 /// The user's threads ($1) with an activity key (store::activity_key) below $2, most recent
@@ -939,12 +959,15 @@ const NOTIFICATIONS_READ_ALL: Sql = Sql {
 };
 
 /// A thread as an append sees it while resolving its batch.
+#[derive(Clone)]
 struct ThreadState<'a> {
     nid: i64,
     /// Its newest seq (0: no message yet).
     last_seq: i64,
     /// Sorted.
     users: Arc<[Arc<str>]>,
+    /// `kind = 'direct'`.
+    direct: bool,
     /// Created by this batch (a first DM): its participants, to insert, and its time.
     created: Option<(Vec<&'a str>, i64)>,
 }
@@ -952,6 +975,12 @@ struct ThreadState<'a> {
 impl ThreadState<'_> {
     fn has(&self, user: &str) -> bool {
         self.users.binary_search_by(|u| (**u).cmp(user)).is_ok()
+    }
+
+    /// Whether its users are exactly `{a, b}` (`{a}` when `a == b`).
+    fn is_pair(&self, a: &str, b: &str) -> bool {
+        let want = if a == b { 1 } else { 2 };
+        self.users.len() == want && self.has(a) && self.has(b)
     }
 }
 
@@ -983,12 +1012,115 @@ struct Stored {
     by_server_id: HashMap<u128, Message>,
 }
 
+impl Stored {
+    /// Forget the copy `resolve` recorded for `m` (its write was rolled back).
+    fn forget(&mut self, m: &NewMessage) {
+        self.by_server_id.remove(&m.server_msg_id);
+        if let Some(c) = &m.client_msg_id {
+            self.by_key.remove(&(m.sender.clone(), c.clone()));
+        }
+    }
+}
+
+/// The parameters of [`APPEND_WRITE`] for `w`, with the counter's new value.
+fn write_params<'w>(w: &'w WriteSet<'_>, counter: &'w i64) -> [&'w (dyn ToSql + Sync); 17] {
+    [
+        &w.t_id,
+        &w.t_nid,
+        &w.t_created,
+        &w.p_nid,
+        &w.p_user,
+        &w.m_id,
+        &w.m_nid,
+        &w.m_seq,
+        &w.m_smid,
+        &w.m_eid,
+        &w.m_sender,
+        &w.m_recipient,
+        &w.m_cmid,
+        &w.m_content,
+        &w.m_attachment,
+        &w.m_sent_at,
+        counter,
+    ]
+}
+
+/// Name of the savepoint [`split_writes`] puts each entry under.
+const ENTRY_SAVEPOINT: &str = "switchboard_entry";
+
+/// Write `batch` entry by entry inside the open transaction (the counter lock held, the
+/// batch's threads and stored copies in `threads` and `stored`), each entry's rows under a
+/// savepoint: an entry the server refuses with a data exception is rolled back to it and
+/// refused with [`Refusal::InvalidText`] (it takes no id and no seq), the others are kept;
+/// then COMMIT. One round trip per written entry. Returns the outcomes and the counter's new
+/// value.
+async fn split_writes<'a>(
+    c: &Object,
+    write_q: &Statement,
+    batch: &'a [NewMessage],
+    threads: &mut HashMap<&'a str, ThreadState<'a>>,
+    stored: &mut Stored,
+    last_id: i64,
+) -> std::result::Result<(Vec<Appended>, i64), Fail> {
+    let save = format!("SAVEPOINT {ENTRY_SAVEPOINT}");
+    let release = format!("RELEASE SAVEPOINT {ENTRY_SAVEPOINT}");
+    let undo = format!("ROLLBACK TO SAVEPOINT {ENTRY_SAVEPOINT}; {release}");
+    let mut out = Vec::with_capacity(batch.len());
+    let mut last = last_id;
+    for nm in batch {
+        let before = threads.get(&*nm.thread).cloned();
+        let (mut one, w, next) = resolve(std::slice::from_ref(nm), threads, stored, last)?;
+        let outcome = one
+            .pop()
+            .ok_or_else(|| Fail::Bad("no outcome for an entry".into()))?;
+        if w.m_id.is_empty() {
+            out.push(outcome);
+            continue;
+        }
+        let params = write_params(&w, &next);
+        let (saved, written, released) = tokio::join!(
+            biased;
+            c.batch_execute(&save),
+            c.execute(write_q, &params),
+            c.batch_execute(&release),
+        );
+        saved?;
+        match written {
+            Ok(_) => {
+                released?;
+                last = next;
+                if let Some(st) = threads.get_mut(&*nm.thread) {
+                    st.created = None;
+                }
+                out.push(outcome);
+            }
+            Err(e) if is_data_exception(&e) => {
+                // The RELEASE behind it failed in the aborted transaction; back to the mark.
+                c.batch_execute(&undo).await?;
+                match before {
+                    Some(st) => {
+                        threads.insert(&nm.thread, st);
+                    }
+                    None => {
+                        threads.remove(&*nm.thread);
+                    }
+                }
+                stored.forget(nm);
+                out.push(Appended::Refused(Refusal::InvalidText));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    c.batch_execute("COMMIT").await?;
+    Ok((out, last))
+}
+
 /// Resolve a batch in order against what is stored (see the module doc): the outcomes, what to
 /// write, and the counter's new value. Pure, so the rules are tested without a database.
 fn resolve<'a>(
     batch: &'a [NewMessage],
     threads: &mut HashMap<&'a str, ThreadState<'a>>,
-    mut stored: Stored,
+    stored: &mut Stored,
     last_id: i64,
 ) -> std::result::Result<(Vec<Appended>, WriteSet<'a>, i64), Fail> {
     let mut next = last_id;
@@ -1001,6 +1133,12 @@ fn resolve<'a>(
     let mut out = Vec::with_capacity(batch.len());
     let mut w = WriteSet::default();
     for nm in batch {
+        // Checked here, before any SQL: PostgreSQL text cannot hold it, and one such entry
+        // would fail the whole batch's statement.
+        if nm.has_nul() {
+            out.push(Appended::Refused(Refusal::InvalidText));
+            continue;
+        }
         let key = nm
             .client_msg_id
             .as_ref()
@@ -1018,7 +1156,12 @@ fn resolve<'a>(
         let st = match threads.entry(&*nm.thread) {
             Entry::Occupied(e) => {
                 let st = e.into_mut();
-                if !st.has(&nm.sender) || nm.to.as_ref().is_some_and(|to| !st.has(to)) {
+                let allowed = match &nm.to {
+                    // A DM only into the pair's own direct thread (see `store::Store`).
+                    Some(to) => st.direct && st.is_pair(&nm.sender, to),
+                    None => st.has(&nm.sender),
+                };
+                if !allowed {
                     out.push(Appended::Refused(Refusal::NotParticipant));
                     continue;
                 }
@@ -1029,6 +1172,10 @@ fn resolve<'a>(
                     out.push(Appended::Refused(Refusal::UnknownThread));
                     continue;
                 };
+                if is_numeric_id(&nm.thread) {
+                    out.push(Appended::Refused(Refusal::NumericThreadId));
+                    continue;
+                }
                 let mut users: Vec<&'a str> = vec![&*nm.sender, &**to];
                 users.sort_unstable();
                 users.dedup();
@@ -1036,6 +1183,7 @@ fn resolve<'a>(
                     nid: take_id()?,
                     last_seq: 0,
                     users: users.iter().map(|u| Arc::from(*u)).collect(),
+                    direct: true,
                     created: Some((users, i64_of(nm.sent_at_ms))),
                 })
             }
@@ -1292,6 +1440,13 @@ fn thread_number(r: &ThreadRef) -> (&str, Option<i64>) {
     }
 }
 
+fn empty_page<T>() -> Page<T> {
+    Page {
+        items: Vec::new(),
+        next: None,
+    }
+}
+
 /// A page's items and the `next` key of its last item, from `limit + 1` fetched rows.
 fn paged<T>(mut items: Vec<T>, limit: usize, key: impl Fn(&T) -> u64) -> Page<T> {
     let next = if items.len() > limit {
@@ -1307,7 +1462,8 @@ fn paged<T>(mut items: Vec<T>, limit: usize, key: impl Fn(&T) -> u64) -> Page<T>
 /// entries that have one, and every server id.
 fn stored_keys(batch: &[NewMessage]) -> (Vec<&str>, Vec<&str>, Vec<String>) {
     let (mut senders, mut cmids) = (Vec::new(), Vec::new());
-    for m in batch {
+    // An entry with a NUL is refused before any lookup (and its texts are no parameter).
+    for m in batch.iter().filter(|m| !m.has_nul()) {
         if let Some(c) = &m.client_msg_id {
             senders.push(&*m.sender);
             cmids.push(&**c);
@@ -1338,6 +1494,7 @@ fn thread_states<'a>(
                 nid: get(&row, 1)?,
                 last_seq: get(&row, 2)?,
                 users: users.into(),
+                direct: get(&row, 4)?,
                 created: None,
             },
         );
@@ -1354,6 +1511,12 @@ impl Store for PgStore {
     /// (a retried send is rare), and the write's unique keys catch one; only then is the batch
     /// resolved again, in a second transaction, with the stored copies. Threads the
     /// `ThreadCache` knows are not looked up when its guess holds (see the module doc).
+    ///
+    /// Entries with a NUL are refused in Rust before any SQL ([`Refusal::InvalidText`]). Should
+    /// the server still refuse the batch's data (SQLSTATE class 22), the batch runs once more,
+    /// entry by entry in one transaction (each under a savepoint, one round trip each): the
+    /// entries it refuses are [`Refusal::InvalidText`], the others commit together. At most
+    /// one such split per call, so the call stays atomic and bounded.
     async fn append(&self, batch: &[NewMessage]) -> Result<Vec<Appended>> {
         debug_assert!(
             batch.len() <= APPEND_BATCH_MAX,
@@ -1362,7 +1525,12 @@ impl Store for PgStore {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        let mut thread_ids: Vec<&str> = batch.iter().map(|m| &*m.thread).collect();
+        // An entry with a NUL is refused before any lookup: its texts are no parameter.
+        let mut thread_ids: Vec<&str> = batch
+            .iter()
+            .filter(|m| !m.has_nul())
+            .map(|m| &*m.thread)
+            .collect();
         thread_ids.sort_unstable();
         thread_ids.dedup();
         self.run(async |c| {
@@ -1370,6 +1538,7 @@ impl Store for PgStore {
             let threads_q = prepare(c, &APPEND_THREADS).await?;
             let write_q = prepare(c, &APPEND_WRITE).await?;
             let mut probe = false;
+            let mut split = false;
             loop {
                 let (senders, cmids, server_ids) = if probe {
                     stored_keys(batch)
@@ -1424,6 +1593,7 @@ impl Store for PgStore {
                             nid: h.nid,
                             last_seq: h.last_seq,
                             users: h.users,
+                            direct: h.direct,
                             created: None,
                         };
                         (id, state)
@@ -1444,71 +1614,77 @@ impl Store for PgStore {
                     }
                     stored.by_server_id.insert(m.server_msg_id, m);
                 }
-                let (out, w, counter) = resolve(batch, &mut threads, stored, last_id)?;
-                if w.m_id.is_empty() {
-                    c.batch_execute("COMMIT").await?;
-                    return Ok(out);
-                }
-                // Round trip 2: the writes and the commit, pipelined.
-                let params: [&(dyn ToSql + Sync); 17] = [
-                    &w.t_id,
-                    &w.t_nid,
-                    &w.t_created,
-                    &w.p_nid,
-                    &w.p_user,
-                    &w.m_id,
-                    &w.m_nid,
-                    &w.m_seq,
-                    &w.m_smid,
-                    &w.m_eid,
-                    &w.m_sender,
-                    &w.m_recipient,
-                    &w.m_cmid,
-                    &w.m_content,
-                    &w.m_attachment,
-                    &w.m_sent_at,
-                    &counter,
-                ];
-                let (written, committed) = tokio::join!(
-                    biased;
-                    c.execute(&write_q, &params),
-                    c.batch_execute("COMMIT"),
-                );
-                match written {
-                    // A key is stored already: the COMMIT behind it rolled back; again, asking.
-                    Err(e) if !probe && e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
-                        committed?;
-                        probe = true;
-                        self.retries.fetch_add(1, Ordering::Relaxed);
-                        // Mostly a retried send; if it was a (thread, seq) clash instead, the
-                        // cache misled, so the second try looks everything up.
-                        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-                        cache.epoch = None;
-                    }
-                    written => {
-                        written?;
-                        committed?;
-                        let states = threads.iter().map(|(id, st)| {
-                            let state = Cached {
-                                nid: st.nid,
-                                last_seq: st.last_seq,
-                                users: st.users.clone(),
-                            };
-                            (*id, state)
-                        });
-                        self.cache
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .committed(last_id, counter, states);
+                let (out, counter) = if split {
+                    // Entry by entry (see the doc above); commits.
+                    split_writes(c, &write_q, batch, &mut threads, &mut stored, last_id).await?
+                } else {
+                    let (out, w, counter) = resolve(batch, &mut threads, &mut stored, last_id)?;
+                    if w.m_id.is_empty() {
+                        c.batch_execute("COMMIT").await?;
                         return Ok(out);
                     }
-                }
+                    // Round trip 2: the writes and the commit, pipelined.
+                    let params = write_params(&w, &counter);
+                    let (written, committed) = tokio::join!(
+                        biased;
+                        c.execute(&write_q, &params),
+                        c.batch_execute("COMMIT"),
+                    );
+                    match written {
+                        // A key is stored already: the COMMIT behind it rolled back; again,
+                        // asking.
+                        Err(e) if !probe && e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
+                            committed?;
+                            probe = true;
+                            self.retries.fetch_add(1, Ordering::Relaxed);
+                            // Mostly a retried send; if it was a (thread, seq) clash instead,
+                            // the cache misled, so the second try looks everything up.
+                            let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+                            cache.epoch = None;
+                            continue;
+                        }
+                        // The server refused some entry's data (rolled back): once more, entry
+                        // by entry, asking for stored keys (a retried send may be among them).
+                        Err(e) if is_data_exception(&e) => {
+                            committed?;
+                            split = true;
+                            probe = true;
+                            continue;
+                        }
+                        written => {
+                            written?;
+                            committed?;
+                        }
+                    }
+                    (out, counter)
+                };
+                let states = threads.iter().map(|(id, st)| {
+                    let state = Cached {
+                        nid: st.nid,
+                        last_seq: st.last_seq,
+                        users: st.users.clone(),
+                        direct: st.direct,
+                    };
+                    (*id, state)
+                });
+                self.cache
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .committed(last_id, counter, states);
+                return Ok(out);
             }
         })
         .await
     }
 
     async fn create_thread(&self, new: &NewThread) -> Result<Created> {
+        // Before any SQL, as the in-memory store checks them.
+        if new.has_nul() {
+            return Ok(Created::Refused(Refusal::InvalidText));
+        }
+        if new.id.as_deref().is_some_and(is_numeric_id) {
+            return Ok(Created::Refused(Refusal::NumericThreadId));
+        }
         let id: Arc<str> = match &new.id {
             Some(id) => id.clone(),
             None => Arc::from(uuid_text(uuid::Uuid::now_v7().as_u128())),
@@ -1517,6 +1693,9 @@ impl Store for PgStore {
         users.push(new.creator.clone());
         users.sort_unstable();
         users.dedup();
+        if new.kind == ThreadKind::Direct && users.len() > 2 {
+            return Ok(Created::Refused(Refusal::NotParticipant));
+        }
         // The REST layer refuses more; a store keeps its bound whatever it is handed (the
         // creator always stays).
         if users.len() > THREAD_PARTICIPANTS_MAX {
@@ -1546,13 +1725,14 @@ impl Store for PgStore {
         });
         let user_texts: Vec<&str> = users.iter().map(|u| &**u).collect();
         let created_at = i64_of(new.created_at_ms);
+        let kind_text = new.kind.as_str();
         let nid = self
             .run(async |c| {
                 let lock = prepare(c, &LOCK_IDS).await?;
                 let create = prepare(c, &CREATE_THREAD).await?;
                 let (id_text, title_text) = (&*id, title.as_deref());
-                let params: [&(dyn ToSql + Sync); 4] =
-                    [&id_text, &title_text, &created_at, &user_texts];
+                let params: [&(dyn ToSql + Sync); 5] =
+                    [&id_text, &title_text, &created_at, &user_texts, &kind_text];
                 let (begun, locked, created, committed) = tokio::join!(
                     biased;
                     c.batch_execute(BEGIN),
@@ -1562,29 +1742,42 @@ impl Store for PgStore {
                 );
                 begun?;
                 let start: i64 = get(&locked?, 0)?;
-                let created = created?;
+                let created = match created {
+                    // The server refused its data (the checks above make this unlikely): the
+                    // request's fault; the COMMIT behind it rolled back.
+                    Err(e) if is_data_exception(&e) => {
+                        committed?;
+                        return Ok(Err(Refusal::InvalidText));
+                    }
+                    created => created?,
+                };
                 committed?;
                 let Some(row) = created else {
-                    return Ok(None);
+                    return Ok(Ok(None));
                 };
                 let nid: i64 = get(&row, 0)?;
                 let state = Cached {
                     nid,
                     last_seq: 0,
                     users: users.iter().cloned().collect(),
+                    direct: new.kind == ThreadKind::Direct,
                 };
                 self.cache
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .committed(start, nid, std::iter::once((&*id, state)));
-                Ok(Some(u64_of(nid, "thread id")?))
+                Ok(Ok(Some(u64_of(nid, "thread id")?)))
             })
             .await?;
+        let nid = match nid {
+            Ok(nid) => nid,
+            Err(refusal) => return Ok(Created::Refused(refusal)),
+        };
         match nid {
             Some(numeric_id) => Ok(Created::New(ThreadView {
                 id,
                 numeric_id,
-                kind: ThreadKind::Group,
+                kind: new.kind,
                 title,
                 participants: users,
                 created_at_ms: new.created_at_ms,
@@ -1593,9 +1786,19 @@ impl Store for PgStore {
                 read_seq: 0,
                 unread: 0,
             })),
-            None => Ok(Created::Exists(
-                self.thread(&new.creator, &ThreadRef::Id(id)).await?,
-            )),
+            None => {
+                let found = self.thread(&new.creator, &ThreadRef::Id(id)).await?;
+                Ok(Created::Exists(match found {
+                    // A direct create finds only the pair's own direct thread.
+                    Lookup::Found(v)
+                        if new.kind == ThreadKind::Direct
+                            && (v.kind != ThreadKind::Direct || v.participants != users) =>
+                    {
+                        Lookup::Forbidden
+                    }
+                    other => other,
+                }))
+            }
         }
     }
 
@@ -1605,6 +1808,10 @@ impl Store for PgStore {
         before: Option<u64>,
         limit: usize,
     ) -> Result<Page<ThreadView>> {
+        // No stored text holds a NUL (nor can a parameter): nothing to find.
+        if has_nul(user) {
+            return Ok(empty_page());
+        }
         let limit = page_limit(limit);
         let before = before.map_or(i64::MAX, i64_of);
         let fetch = (limit + 1) as i64;
@@ -1629,6 +1836,9 @@ impl Store for PgStore {
 
     async fn thread(&self, user: &str, thread: &ThreadRef) -> Result<Lookup<ThreadView>> {
         let (text, number) = thread_number(thread);
+        if has_nul(user) || has_nul(text) {
+            return Ok(Lookup::NotFound);
+        }
         let unread_max = UNREAD_COUNT_MAX as i64;
         self.run(async |c| {
             let q = prepare(c, &THREAD).await?;
@@ -1655,6 +1865,9 @@ impl Store for PgStore {
     ) -> Result<Lookup<Page<Message>>> {
         let limit = page_limit(limit);
         let (text, number) = thread_number(thread);
+        if has_nul(user) || has_nul(text) {
+            return Ok(Lookup::NotFound);
+        }
         let before = before.map_or(i64::MAX, i64_of);
         let fetch = (limit + 1) as i64;
         self.run(async |c| {
@@ -1680,6 +1893,9 @@ impl Store for PgStore {
     }
 
     async fn mark(&self, req: &MarkRequest) -> Result<Lookup<Marked>> {
+        if has_nul(&req.user) || req.thread.as_deref().is_some_and(has_nul) {
+            return Ok(Lookup::NotFound);
+        }
         let named = &req.messages[..req.messages.len().min(MARK_IDS_MAX)];
         let mut numbers = Vec::new();
         let mut server_ids = Vec::new();
@@ -1772,6 +1988,14 @@ impl Store for PgStore {
     }
 
     async fn sync(&self, user: &str, since: Option<u64>, limit: usize) -> Result<SyncPage> {
+        if has_nul(user) {
+            return Ok(SyncPage {
+                messages: Vec::new(),
+                cursor: since.unwrap_or(0),
+                more: false,
+                truncated: false,
+            });
+        }
         let limit = page_limit(limit);
         self.run(async |c| match since {
             Some(since) => {
@@ -1810,7 +2034,11 @@ impl Store for PgStore {
         .await
     }
 
-    async fn add_notification(&self, n: &NewNotification) -> Result<(Notification, bool)> {
+    async fn store_notification(&self, n: &NewNotification) -> Result<Noted> {
+        // Before any SQL, as the in-memory store checks it.
+        if n.has_nul() {
+            return Ok(Noted::Refused(Refusal::InvalidText));
+        }
         let params = (
             &*n.user,
             &*n.kind,
@@ -1820,16 +2048,25 @@ impl Store for PgStore {
         );
         self.run(async |c| {
             let q = prepare(c, &ADD_NOTIFICATION).await?;
-            let rows = c
+            let rows = match c
                 .query(&q, &[&params.0, &params.1, &params.2, &params.3, &params.4])
-                .await?;
+                .await
+            {
+                // The server refused its data (the check above makes this unlikely).
+                Err(e) if is_data_exception(&e) => return Ok(Noted::Refused(Refusal::InvalidText)),
+                rows => rows?,
+            };
             if let Some(row) = rows.first() {
-                return Ok((notification_at(row)?, get(row, 7)?));
+                let stored = notification_at(row)?;
+                return Ok(match get::<bool>(row, 7)? {
+                    true => Noted::New(stored),
+                    false => Noted::Exists(stored),
+                });
             }
             // Another node inserted the same key while this statement ran: read it now.
             let q = prepare(c, &NOTIFICATION_BY_KEY).await?;
             match c.query_opt(&q, &[&params.0, &params.3]).await? {
-                Some(row) => Ok((notification_at(&row)?, false)),
+                Some(row) => Ok(Noted::Exists(notification_at(&row)?)),
                 None => Err(Fail::Bad(
                     "a notification key conflicted but is not stored".into(),
                 )),
@@ -1845,6 +2082,9 @@ impl Store for PgStore {
         before: Option<u64>,
         limit: usize,
     ) -> Result<Page<Notification>> {
+        if has_nul(user) {
+            return Ok(empty_page());
+        }
         let limit = page_limit(limit);
         let before = before.map_or(i64::MAX, i64_of);
         let fetch = (limit + 1) as i64;
@@ -1869,6 +2109,9 @@ impl Store for PgStore {
         let Ok(id) = i64::try_from(id) else {
             return Ok(Lookup::NotFound);
         };
+        if has_nul(user) {
+            return Ok(Lookup::NotFound);
+        }
         self.run(async |c| {
             let q = prepare(c, &NOTIFICATION_READ).await?;
             match c.query_opt(&q, &[&user, &id]).await? {
@@ -1880,6 +2123,9 @@ impl Store for PgStore {
     }
 
     async fn notifications_read_all(&self, user: &str) -> Result<u64> {
+        if has_nul(user) {
+            return Ok(0);
+        }
         self.run(async |c| {
             let q = prepare(c, &NOTIFICATIONS_READ_ALL).await?;
             Ok(c.execute(&q, &[&user]).await?)
@@ -1921,7 +2167,8 @@ mod tests {
             dm("u", "al", None, None, 5),
             dm("t", "al", Some("bo"), None, 1),
         ];
-        let (out, w, last) = resolve(&batch, &mut HashMap::new(), Stored::default(), 10).unwrap();
+        let (out, w, last) =
+            resolve(&batch, &mut HashMap::new(), &mut Stored::default(), 10).unwrap();
         // Thread 11, then messages 12 and 13; the refusals and duplicates take nothing.
         let new: Vec<(u64, u64)> = out
             .iter()
@@ -1956,6 +2203,7 @@ mod tests {
                 nid: 3,
                 last_seq: 7,
                 users: vec![Arc::from("al"), Arc::from("bo")].into(),
+                direct: true,
                 created: None,
             },
         );
@@ -1963,7 +2211,7 @@ mod tests {
             dm("t", "bo", None, None, 1),
             dm("t", "al", Some("bo"), None, 2),
         ];
-        let (out, w, last) = resolve(&batch, &mut threads, Stored::default(), 20).unwrap();
+        let (out, w, last) = resolve(&batch, &mut threads, &mut Stored::default(), 20).unwrap();
         assert!(
             matches!(&out[1], Appended::New { message, .. } if message.seq == 9 && message.id == 22)
         );
@@ -1981,6 +2229,7 @@ mod tests {
             nid: 1,
             last_seq: seq,
             users: vec![Arc::from("al")].into(),
+            direct: false,
         };
         let mut c = ThreadCache {
             epoch: None,

@@ -99,10 +99,10 @@ impl Store for Fake {
     async fn sync(&self, _: &str, _: Option<u64>, _: usize) -> crate::store::Result<SyncPage> {
         panic!("REST has no sync")
     }
-    async fn add_notification(
+    async fn store_notification(
         &self,
         _: &NewNotification,
-    ) -> crate::store::Result<(Notification, bool)> {
+    ) -> crate::store::Result<crate::store::Noted> {
         panic!("REST adds no notification")
     }
     async fn notifications(
