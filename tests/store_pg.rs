@@ -363,7 +363,7 @@ fn server_stopped_and_restarted_under_a_stream() {
     let mut cfg = config(&url);
     cfg.connect_timeout = Duration::from_secs(1);
     cfg.pool_wait_timeout = Duration::from_secs(1);
-    cfg.pool_create_timeout = Duration::from_secs(1);
+    // The pool create timeout follows connect_timeout.
     cfg.statement_timeout = Duration::from_secs(2);
     cfg.idle_in_transaction_timeout = Duration::from_secs(2);
     cfg.call_timeout = Duration::from_secs(3);
@@ -511,7 +511,7 @@ fn timeouts_are_bounded_and_recoverable() {
     let mut cfg = config(&url);
     cfg.statement_timeout = Duration::from_millis(500);
     cfg.call_timeout = Duration::from_secs(2);
-    cfg.pool_create_timeout = Duration::from_secs(1);
+    // The pool's create timeout follows it.
     cfg.connect_timeout = Duration::from_secs(1);
     rt().block_on(async {
         let store = connect(cfg).await;

@@ -101,8 +101,6 @@ pub const POOL_SIZE_DEFAULT: usize = 8;
 pub const CONNECT_TIMEOUT_DEFAULT: Duration = Duration::from_secs(5);
 /// Waiting for a free pooled connection when all are busy.
 pub const POOL_WAIT_TIMEOUT_DEFAULT: Duration = Duration::from_secs(5);
-/// Creating a pooled connection (connect, start-up, the read-write check).
-pub const POOL_CREATE_TIMEOUT_DEFAULT: Duration = Duration::from_secs(5);
 /// Checking a pooled connection before reuse (no round trip: it only asks whether it closed).
 pub const POOL_RECYCLE_TIMEOUT_DEFAULT: Duration = Duration::from_secs(1);
 /// The server aborts any one statement after this (waiting for the id counter lock included).
@@ -111,7 +109,8 @@ pub const STATEMENT_TIMEOUT_DEFAULT: Duration = Duration::from_secs(5);
 /// between an append's two round trips cannot hold the id counter lock for longer.
 pub const IDLE_IN_TRANSACTION_TIMEOUT_DEFAULT: Duration = Duration::from_secs(5);
 /// The whole of one store call on the client side: pool wait and every round trip. It covers
-/// what the server cannot (a silent network, a stopped server that never answers).
+/// what the server cannot (a silent network, a stopped server that never answers). Must be
+/// longer than the statement timeout (checked at start).
 pub const CALL_TIMEOUT_DEFAULT: Duration = Duration::from_secs(10);
 /// The schema migrations at start (they may build indexes on large tables), including the wait
 /// for another node that is migrating the same database.
@@ -171,16 +170,22 @@ pub struct PgConfig {
     pub connect_timeout: Duration,
     /// Waiting for a free connection when all `pool_size` are busy ([`StoreError::Timeout`]).
     pub pool_wait_timeout: Duration,
-    /// Creating one new connection ([`StoreError::Unavailable`] when it passes).
-    pub pool_create_timeout: Duration,
+    /// Creating one new pooled connection: connect, start-up and the read-write check
+    /// ([`StoreError::Unavailable`] when it passes). `None` (what [`PgConfig::new`] sets):
+    /// the same as `connect_timeout`, whatever that is set to later, so the one connect
+    /// setting (`database_connect_timeout`) bounds a whole connection attempt; `Some` to set it
+    /// apart.
+    pub pool_create_timeout: Option<Duration>,
     /// Checking a pooled connection before reuse.
     pub pool_recycle_timeout: Duration,
     /// The server's `statement_timeout` for every session (whole milliseconds, at least 1).
     pub statement_timeout: Duration,
     /// The server's `idle_in_transaction_session_timeout` (whole milliseconds, at least 1).
     pub idle_in_transaction_timeout: Duration,
-    /// Client-side deadline of one store call (pool wait and all its round trips); should be
-    /// longer than `statement_timeout` so that the server's clean timeout fires first.
+    /// Client-side deadline of one store call (pool wait and all its round trips); must be
+    /// longer than `statement_timeout` so that the server's clean timeout fires first (a
+    /// statement cancelled by the server leaves its connection reusable; one cut by this
+    /// deadline is closed). [`PgConfig::check`] refuses it otherwise.
     pub call_timeout: Duration,
     /// Deadline of the migrations at start (and the server's `statement_timeout` while they run).
     pub migration_timeout: Duration,
@@ -202,7 +207,7 @@ impl PgConfig {
             pool_size: POOL_SIZE_DEFAULT,
             connect_timeout: CONNECT_TIMEOUT_DEFAULT,
             pool_wait_timeout: POOL_WAIT_TIMEOUT_DEFAULT,
-            pool_create_timeout: POOL_CREATE_TIMEOUT_DEFAULT,
+            pool_create_timeout: None,
             pool_recycle_timeout: POOL_RECYCLE_TIMEOUT_DEFAULT,
             statement_timeout: STATEMENT_TIMEOUT_DEFAULT,
             idle_in_transaction_timeout: IDLE_IN_TRANSACTION_TIMEOUT_DEFAULT,
@@ -216,15 +221,21 @@ impl PgConfig {
         }
     }
 
+    /// The pool create timeout in force: [`PgConfig::pool_create_timeout`], else
+    /// `connect_timeout`.
+    pub fn pool_create_timeout(&self) -> Duration {
+        self.pool_create_timeout.unwrap_or(self.connect_timeout)
+    }
+
     /// The settings that make no sense, said so that the operator can fix them.
-    fn check(&self) -> std::result::Result<(), String> {
+    pub fn check(&self) -> std::result::Result<(), String> {
         if self.pool_size == 0 {
             return Err("the PostgreSQL pool size must be at least 1".into());
         }
         let positive = [
             ("connect timeout", self.connect_timeout),
             ("pool wait timeout", self.pool_wait_timeout),
-            ("pool create timeout", self.pool_create_timeout),
+            ("pool create timeout", self.pool_create_timeout()),
             ("pool recycle timeout", self.pool_recycle_timeout),
             ("call timeout", self.call_timeout),
             ("migration timeout", self.migration_timeout),
@@ -251,6 +262,16 @@ impl PgConfig {
         }
         if self.keepalive_retries == 0 {
             return Err("the PostgreSQL keepalive retries must be at least 1".into());
+        }
+        if self.call_timeout <= self.statement_timeout {
+            return Err(format!(
+                "the PostgreSQL call timeout ({} ms) must be longer than the statement timeout \
+                 ({} ms), so that the server cancels a slow statement cleanly before the client \
+                 gives up on the call: set it longer (for example the statement timeout plus \
+                 500 ms)",
+                self.call_timeout.as_millis(),
+                self.statement_timeout.as_millis()
+            ));
         }
         Ok(())
     }
@@ -311,7 +332,7 @@ impl fmt::Debug for PgConfig {
             .field("pool_size", &self.pool_size)
             .field("connect_timeout", &self.connect_timeout)
             .field("pool_wait_timeout", &self.pool_wait_timeout)
-            .field("pool_create_timeout", &self.pool_create_timeout)
+            .field("pool_create_timeout", &self.pool_create_timeout())
             .field("pool_recycle_timeout", &self.pool_recycle_timeout)
             .field("statement_timeout", &self.statement_timeout)
             .field(
@@ -1263,7 +1284,7 @@ impl PgStore {
         let pool = Pool::builder(manager)
             .max_size(cfg.pool_size)
             .wait_timeout(Some(cfg.pool_wait_timeout))
-            .create_timeout(Some(cfg.pool_create_timeout))
+            .create_timeout(Some(cfg.pool_create_timeout()))
             .recycle_timeout(Some(cfg.pool_recycle_timeout))
             .queue_mode(QueueMode::Fifo)
             .runtime(Runtime::Tokio1)
@@ -2264,6 +2285,26 @@ mod tests {
         bad = cfg.clone();
         bad.pool_size = 0;
         assert!(bad.check().is_err());
+        // The call deadline must outlast the server's statement timeout.
+        bad = cfg.clone();
+        bad.call_timeout = bad.statement_timeout;
+        let why = bad.check().unwrap_err();
+        assert!(
+            why.contains(
+                "call timeout (5000 ms) must be longer than the statement timeout (5000 ms)"
+            ),
+            "{why}"
+        );
+        bad.call_timeout = bad.statement_timeout + Duration::from_millis(500);
+        assert!(bad.check().is_ok());
+        // The pool's create timeout follows the connect timeout unless set apart.
+        let mut c = cfg.clone();
+        c.connect_timeout = Duration::from_millis(1500);
+        assert_eq!(c.pool_create_timeout(), Duration::from_millis(1500));
+        c.pool_create_timeout = Some(Duration::from_secs(7));
+        assert_eq!(c.pool_create_timeout(), Duration::from_secs(7));
+        c.pool_create_timeout = Some(Duration::ZERO);
+        assert!(c.check().is_err());
         assert!(PgConfig::new("postgres://u@h/db?sslmode=require")
             .pg_config()
             .is_err());
