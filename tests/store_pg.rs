@@ -196,6 +196,53 @@ fn a_data_exception_refuses_its_entry_alone() {
     });
 }
 
+/// A thread list and `sync` consider only the user's newest `threads_per_read_max` threads
+/// (by numeric id): set to 3 here, a user in 5 threads sees the 3 newest, even when an older
+/// one has the latest message.
+#[test]
+fn reads_consider_a_bounded_number_of_threads() {
+    let url = pg::database("threads_per_read");
+    rt().block_on(async {
+        let mut cfg = config(&url);
+        cfg.threads_per_read_max = 3;
+        let store = connect(cfg).await;
+        let mut threads = Vec::new();
+        for i in 0..5 {
+            let t = format!("tp-t{i}");
+            store
+                .append(&[dm(
+                    &t,
+                    "tp-me",
+                    &format!("tp-peer{i}"),
+                    &format!("c{i}"),
+                    "m",
+                )])
+                .await
+                .unwrap();
+            threads.push(t);
+        }
+        // The oldest thread gets the newest message.
+        store
+            .append(&[dm(&threads[0], "tp-peer0", "tp-me", "late", "late")])
+            .await
+            .unwrap();
+        let page = store.threads("tp-me", None, 10).await.unwrap();
+        let got: Vec<&str> = page.items.iter().map(|t| &*t.id).collect();
+        assert_eq!(got, ["tp-t4", "tp-t3", "tp-t2"]);
+        assert_eq!(page.next, None);
+        let synced = store.sync("tp-me", Some(0), 10).await.unwrap();
+        let got: Vec<&str> = synced.messages.iter().map(|m| &*m.thread).collect();
+        assert_eq!(got, ["tp-t2", "tp-t3", "tp-t4"]);
+        let latest = store.sync("tp-me", None, 10).await.unwrap();
+        assert_eq!(latest.messages.len(), 3);
+        // The others still answer by id.
+        assert!(matches!(
+            store.thread("tp-me", &ThreadRef::Id("tp-t0".into())).await.unwrap(),
+            Lookup::Found(v) if v.last_seq == 2
+        ));
+    });
+}
+
 /// Two stores on one database (two nodes) append interleaved batches into the same threads
 /// while a reader follows a user's `sync` cursor: the reader must see every message exactly once
 /// (a message committed with an id below a cursor already returned would be missed), seqs must

@@ -50,6 +50,9 @@
 //!   user's thread list and `sync` probe each thread the user takes part in (one index probe for
 //!   its newest message id, sorted or merged), about 2 ms for a user in 200 threads of a store
 //!   of 20,000 threads and 400,000 messages; a thread page is one index range scan (0.15 ms).
+//!   A call considers at most [`THREADS_PER_READ_MAX`] (10,000) of the user's threads, their
+//!   newest by numeric id, taken from the participants index with a LIMIT: a user in more
+//!   threads does not see the older ones in the list or in `sync`.
 //! - **Faults.** Every call has a deadline ([`PgConfig::call_timeout`]) over the pool wait and
 //!   all its round trips, on top of the server's `statement_timeout`; a call that fails inside
 //!   a transaction rolls it back before its connection returns to the pool, and a connection
@@ -125,6 +128,16 @@ pub const TCP_USER_TIMEOUT_DEFAULT: Duration = Duration::from_secs(30);
 /// Shown in `pg_stat_activity`.
 pub const APPLICATION_NAME_DEFAULT: &str = "switchboard";
 
+/// Most threads of one user one thread list or `sync` call considers: the user's newest by
+/// numeric id (the order they were created in, and the user added: participants join a thread
+/// only when it is made), read from the participants index with a LIMIT. Each costs one index
+/// probe (its newest message id: no activity column is kept, so that appends only insert), so
+/// this bounds the call at 10,000 probes, about 100 ms at the 10 us per probe measured
+/// (see the module doc). A user in more threads does not
+/// see their older ones in the thread list or in `sync` (they stay readable by id); the
+/// in-memory store has no such bound (its per-user activity index makes a page cheap).
+pub const THREADS_PER_READ_MAX: usize = 10_000;
+
 /// Threads `ThreadCache` remembers (cleared when full: it is only a guess that saves lookups).
 pub const THREAD_CACHE_ENTRIES_MAX: usize = 65_536;
 
@@ -197,6 +210,9 @@ pub struct PgConfig {
     pub tcp_user_timeout: Duration,
     /// `application_name` of every session.
     pub application_name: String,
+    /// Most threads of one user a thread list or `sync` considers ([`THREADS_PER_READ_MAX`],
+    /// at least 1; tests set it low).
+    pub threads_per_read_max: usize,
 }
 
 impl PgConfig {
@@ -218,6 +234,7 @@ impl PgConfig {
             keepalive_retries: KEEPALIVE_RETRIES_DEFAULT,
             tcp_user_timeout: TCP_USER_TIMEOUT_DEFAULT,
             application_name: APPLICATION_NAME_DEFAULT.to_owned(),
+            threads_per_read_max: THREADS_PER_READ_MAX,
         }
     }
 
@@ -262,6 +279,9 @@ impl PgConfig {
         }
         if self.keepalive_retries == 0 {
             return Err("the PostgreSQL keepalive retries must be at least 1".into());
+        }
+        if self.threads_per_read_max == 0 {
+            return Err("the PostgreSQL threads per read must be at least 1".into());
         }
         if self.call_timeout <= self.statement_timeout {
             return Err(format!(
@@ -346,6 +366,7 @@ impl fmt::Debug for PgConfig {
             .field("keepalive_retries", &self.keepalive_retries)
             .field("tcp_user_timeout", &self.tcp_user_timeout)
             .field("application_name", &self.application_name)
+            .field("threads_per_read_max", &self.threads_per_read_max)
             .finish()
     }
 }
@@ -774,8 +795,9 @@ const CREATE_THREAD: Sql = Sql {
 };
 
 /// The user's threads ($1) with an activity key (store::activity_key) below $2, most recent
-/// first, $3 rows, unread cap $4. Visits every thread of the user (one index probe each for
-/// its newest message id), then sorts the keys: the price of an append that updates nothing.
+/// first, $3 rows, unread cap $4, among the user's newest $5 threads by numeric id (see
+/// [`THREADS_PER_READ_MAX`]). Visits each of those (one index probe each for its newest
+/// message id), then sorts the keys: the price of an append that updates nothing.
 const THREADS: Sql = Sql {
     text: concat!(
         "SELECT ",
@@ -784,17 +806,17 @@ const THREADS: Sql = Sql {
          FROM ( \
            SELECT r.thread_nid, r.user_id, r.read_seq, l.last_id, \
                   COALESCE(l.last_id, r.thread_nid) AS activity \
-           FROM switchboard_participants r \
+           FROM (SELECT q.thread_nid, q.user_id, q.read_seq FROM switchboard_participants q \
+                 WHERE q.user_id = $1 ORDER BY q.thread_nid DESC LIMIT $5) r \
            CROSS JOIN LATERAL (SELECT max(m.id) AS last_id FROM switchboard_messages m \
                                WHERE m.thread_nid = r.thread_nid) l \
-           WHERE r.user_id = $1 \
          ) p \
          JOIN switchboard_threads t ON t.numeric_id = p.thread_nid \
          LEFT JOIN switchboard_messages lm ON lm.id = p.last_id \
          WHERE p.activity < $2 \
          ORDER BY p.activity DESC LIMIT $3"
     ),
-    types: &[T_TEXT, T_INT8, T_INT8, T_INT8],
+    types: &[T_TEXT, T_INT8, T_INT8, T_INT8, T_INT8],
 };
 
 /// One thread for viewer $1: text id $2, else numeric id $3 (NULL: none); unread cap $4.
@@ -869,35 +891,39 @@ const MARK_DELIVERED: Sql = Sql {
     types: &[T_INT8, T_TEXT, T_INT8],
 };
 
-/// User $1's messages with id above $2, oldest first, $3 of them: every thread of the user
-/// is probed from the cursor on in the (thread_nid, id) index, and the probes merged.
+/// User $1's messages with id above $2, oldest first, $3 of them: each of the user's newest $4
+/// threads by numeric id ([`THREADS_PER_READ_MAX`]) is probed from the cursor on in the
+/// (thread_nid, id) index, and the probes merged.
 const SYNC_SINCE: Sql = Sql {
     text: concat!(
         "SELECT ",
         message_columns!("m", "t"),
-        " FROM switchboard_participants p \
+        " FROM (SELECT q.thread_nid FROM switchboard_participants q \
+                WHERE q.user_id = $1 ORDER BY q.thread_nid DESC LIMIT $4) p \
          JOIN switchboard_threads t ON t.numeric_id = p.thread_nid \
          CROSS JOIN LATERAL ( \
            SELECT * FROM switchboard_messages m \
            WHERE m.thread_nid = p.thread_nid AND m.id > $2 ORDER BY m.id LIMIT $3 \
          ) m \
-         WHERE p.user_id = $1 \
          ORDER BY m.id LIMIT $3"
     ),
-    types: &[T_TEXT, T_INT8, T_INT8],
+    types: &[T_TEXT, T_INT8, T_INT8, T_INT8],
 };
 
 /// User $1's newest $2 messages, newest first: they lie in the user's $2 threads with the
-/// newest last messages, so only those are read past their newest id.
+/// newest last messages (among their newest $3 threads by numeric id), so only those are read
+/// past their newest id.
 const SYNC_LATEST: Sql = Sql {
     text: concat!(
         "SELECT ",
         message_columns!("m", "t"),
         " FROM ( \
-           SELECT r.thread_nid FROM switchboard_participants r \
+           SELECT r.thread_nid \
+           FROM (SELECT q.thread_nid FROM switchboard_participants q \
+                 WHERE q.user_id = $1 ORDER BY q.thread_nid DESC LIMIT $3) r \
            CROSS JOIN LATERAL (SELECT max(m.id) AS last_id FROM switchboard_messages m \
                                WHERE m.thread_nid = r.thread_nid) l \
-           WHERE r.user_id = $1 AND l.last_id IS NOT NULL \
+           WHERE l.last_id IS NOT NULL \
            ORDER BY l.last_id DESC LIMIT $2 \
          ) p \
          JOIN switchboard_threads t ON t.numeric_id = p.thread_nid \
@@ -907,7 +933,7 @@ const SYNC_LATEST: Sql = Sql {
          ) m \
          ORDER BY m.id DESC LIMIT $2"
     ),
-    types: &[T_TEXT, T_INT8],
+    types: &[T_TEXT, T_INT8, T_INT8],
 };
 
 macro_rules! notification_columns {
@@ -1308,6 +1334,11 @@ impl PgStore {
     /// second transaction to find it, since start (a metric: a high rate costs throughput).
     pub fn append_retries(&self) -> u64 {
         self.retries.load(Ordering::Relaxed)
+    }
+
+    /// [`PgConfig::threads_per_read_max`] as a parameter.
+    fn threads_per_read(&self) -> i64 {
+        i64::try_from(self.cfg.threads_per_read_max).unwrap_or(i64::MAX)
     }
 
     /// The pool's size, idle connections and waiting callers (for `/ready` and metrics).
@@ -1837,9 +1868,12 @@ impl Store for PgStore {
         let before = before.map_or(i64::MAX, i64_of);
         let fetch = (limit + 1) as i64;
         let unread_max = UNREAD_COUNT_MAX as i64;
+        let threads_max = self.threads_per_read();
         self.run(async |c| {
             let q = prepare(c, &THREADS).await?;
-            let rows = c.query(&q, &[&user, &before, &fetch, &unread_max]).await?;
+            let rows = c
+                .query(&q, &[&user, &before, &fetch, &unread_max, &threads_max])
+                .await?;
             let mut items = Vec::with_capacity(rows.len());
             for row in &rows {
                 let (view, _) = thread_view_at(row)?;
@@ -2018,11 +2052,14 @@ impl Store for PgStore {
             });
         }
         let limit = page_limit(limit);
+        let threads_max = self.threads_per_read();
         self.run(async |c| match since {
             Some(since) => {
                 let q = prepare(c, &SYNC_SINCE).await?;
                 let fetch = (limit + 1) as i64;
-                let rows = c.query(&q, &[&user, &i64_of(since), &fetch]).await?;
+                let rows = c
+                    .query(&q, &[&user, &i64_of(since), &fetch, &threads_max])
+                    .await?;
                 let mut messages = rows
                     .iter()
                     .map(|r| message_at(r, 0))
@@ -2038,7 +2075,7 @@ impl Store for PgStore {
             }
             None => {
                 let q = prepare(c, &SYNC_LATEST).await?;
-                let rows = c.query(&q, &[&user, &(limit as i64)]).await?;
+                let rows = c.query(&q, &[&user, &(limit as i64), &threads_max]).await?;
                 let mut messages = rows
                     .iter()
                     .map(|r| message_at(r, 0))
@@ -2269,6 +2306,31 @@ mod tests {
         // A commit that lands after a later one was recorded changes nothing.
         c.committed(8, 11, [("a", st(2))].into_iter());
         assert_eq!((c.epoch, c.threads["a"].last_seq), (Some(13), 5));
+    }
+
+    #[test]
+    fn thread_lists_and_sync_read_a_bounded_set_of_threads() {
+        // Each read takes the user's threads from a LIMITed scan of the participants index,
+        // never all of them.
+        for (q, param) in [(&THREADS, "$5"), (&SYNC_SINCE, "$4"), (&SYNC_LATEST, "$3")] {
+            let bounded = format!(
+                "FROM switchboard_participants q WHERE q.user_id = $1 ORDER BY q.thread_nid DESC LIMIT {param}"
+            );
+            let text: String = q.text.split_whitespace().collect::<Vec<_>>().join(" ");
+            assert!(text.contains(&bounded), "{text}");
+            assert_eq!(text.matches("switchboard_participants").count(), {
+                // THREADS reads the participants again for each listed thread's members.
+                if std::ptr::eq(q, &THREADS) {
+                    2
+                } else {
+                    1
+                }
+            });
+        }
+        assert_eq!(
+            PgConfig::new("postgres://h/db").threads_per_read_max,
+            THREADS_PER_READ_MAX
+        );
     }
 
     #[test]
