@@ -48,7 +48,7 @@ pub(super) fn no_nul(s: &str) -> Result<(), RestError> {
 }
 
 /// A path id, checked for NUL.
-fn path_id<'a>(seg: &'a str) -> Result<&'a str, RestError> {
+fn path_id(seg: &str) -> Result<&str, RestError> {
     no_nul(seg)?;
     Ok(seg)
 }
