@@ -478,9 +478,9 @@ pub trait Store {
     /// ([`Noted::Exists`]); a NUL in any of its texts is [`Noted::Refused`].
     async fn store_notification(&self, n: &NewNotification) -> Result<Noted>;
 
-    /// [`Store::store_notification`] in the older shape: the notification and whether it is
-    /// new. Transitional, for the bridge until it answers [`Noted::Refused`] itself (400):
-    /// here a refusal is [`StoreError::Unavailable`] with the refusal's text.
+    /// [`Store::store_notification`] as `(notification, new)`, for callers that have already
+    /// checked the texts (tests): a refusal comes back as [`StoreError::Unavailable`] with the
+    /// refusal's text. The bridge calls `store_notification` and answers a refusal with 400.
     async fn add_notification(&self, n: &NewNotification) -> Result<(Notification, bool)> {
         match self.store_notification(n).await? {
             Noted::New(stored) => Ok((stored, true)),
