@@ -5,6 +5,7 @@
 //!
 //! Every body runs against the in-memory store and against PostgreSQL (`common::pg`).
 
+#[macro_use]
 mod common;
 
 use common::{Client, HttpConn, TestServer};
@@ -12,20 +13,6 @@ use serde_json::{json, Value};
 use switchboard::shard::service::dm::derive_conversation_id;
 
 const KEY: &str = "api-key-rs";
-
-macro_rules! both_stores {
-    ($($name:ident),* $(,)?) => {
-        mod memory {
-            $(#[test] fn $name() { super::$name(&[]); })*
-        }
-        mod postgres {
-            $(#[test] fn $name() {
-                let url = super::common::pg::database(stringify!($name));
-                super::$name(&[("SWITCHBOARD_DATABASE_URL", &url)]);
-            })*
-        }
-    };
-}
 
 both_stores!(
     a_dm_is_listed_marked_read_over_rest_and_the_sender_sees_it,

@@ -362,7 +362,10 @@ impl Shard {
             );
             return false;
         }
-        if claims.as_ref().is_some_and(|c| crate::store::has_nul(&c.sub)) {
+        if claims
+            .as_ref()
+            .is_some_and(|c| crate::store::has_nul(&c.sub))
+        {
             // The message store cannot hold such a user id.
             self.reject(slot, 400, service::dm::NUL_TEXT);
             return false;
