@@ -112,6 +112,7 @@ impl Shard {
         } = self;
         let now_tick = *now_tick;
         let mut n = 0u64;
+        let mut urgent = None;
         match target {
             Target::Room { room, .. } => {
                 let rooms = &svc.rooms.table;
@@ -169,7 +170,12 @@ impl Shard {
             Target::Conn(r) => {
                 if let Some(c) = clients.get_mut(r.slot as usize) {
                     if c.gen == r.gen && c.phase == Phase::Open {
-                        n += u64::from(out.push(c, r.slot, frame.clone(), now_tick));
+                        // One connection's answer (an ack, an error, a sync page, a call
+                        // signal): a reply, written this turn, never held by write_coalesce.
+                        if out.push(c, r.slot, frame.clone(), now_tick) {
+                            n += 1;
+                            urgent = Some(r.slot);
+                        }
                     } else if c.gen == r.gen && c.phase == Phase::Http {
                         // The answer to a server API request that waited for another shard.
                         if let Some(keep) = http_waiting.remove(&(r.slot, r.gen)) {
@@ -181,6 +187,9 @@ impl Shard {
             }
         }
         out.stats.deliveries += n;
+        if let Some(slot) = urgent {
+            self.make_urgent(slot);
+        }
     }
 
     /// The local devices of `user` (slots).
