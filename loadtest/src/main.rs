@@ -397,6 +397,57 @@ fn proc_rows(r: &mut Report, label: &str, s: Option<ProcSample>) {
     }
 }
 
+fn threads_sample(o: &Opts) -> Vec<sys::ThreadSample> {
+    o.server_pid.map(sys::sample_threads).unwrap_or_default()
+}
+
+/// Server and generator CPU in % of one core over the run window, and what the rest of the
+/// machine used meanwhile (`other_cpu_pct_run`: other processes, such as builds, and kernel
+/// work not charged to either; on a shared machine a run with much of it is suspect).
+fn run_cpu_rows(
+    r: &mut Report,
+    server: (Option<ProcSample>, Option<ProcSample>),
+    own: (Option<ProcSample>, Option<ProcSample>),
+    machine: (Option<u64>, Option<u64>),
+) {
+    let mut ours = 0.0;
+    let mut win_ns = 0.0;
+    for (key, pair) in [
+        ("server_cpu_pct_run", server),
+        ("generator_cpu_pct_run", own),
+    ] {
+        if let (Some(a), Some(b)) = pair {
+            let win = b.at_ns.saturating_sub(a.at_ns).max(1) as f64;
+            let pct = b.cpu_ns.saturating_sub(a.cpu_ns) as f64 / win * 100.0;
+            ours += pct;
+            win_ns = win;
+            r.put_f(key, pct, 1);
+        }
+    }
+    if let ((Some(a), Some(b)), true) = (machine, win_ns > 0.0) {
+        let busy = b.saturating_sub(a) as f64 / win_ns * 100.0;
+        r.put_f("machine_busy_pct_run", busy, 1);
+        r.put_f("other_cpu_pct_run", (busy - ours).max(0.0), 1);
+    }
+}
+
+/// The server's CPU per thread over the run window (which thread is the limit: a shard, or
+/// the bridge that runs the message store).
+fn thread_rows(
+    r: &mut Report,
+    before: &[sys::ThreadSample],
+    after: &[sys::ThreadSample],
+    a: Option<ProcSample>,
+    b: Option<ProcSample>,
+) {
+    if let (Some(a), Some(b), false) = (a, b, after.is_empty()) {
+        r.put(
+            "server_threads_cpu_pct_run",
+            sys::thread_cpu_pct(before, after, b.at_ns.saturating_sub(a.at_ns)),
+        );
+    }
+}
+
 fn cpu_us(a: Option<ProcSample>, b: Option<ProcSample>) -> Option<f64> {
     Some((b?.cpu_ns.saturating_sub(a?.cpu_ns)) as f64 / 1000.0)
 }
@@ -694,7 +745,14 @@ fn dm(o: &Opts) -> Report {
     };
     let complete = s.wait_setup(o.setup_timeout_s);
     let before = sample(o);
+    let threads_before = threads_sample(o);
+    let own_before = own_sample();
+    let busy_before = sys::machine_busy_ns();
     let (start, end) = s.run(o.duration_s);
+    let after_run = sample(o);
+    let threads_after = threads_sample(o);
+    let own_run = own_sample();
+    let busy_run = sys::machine_busy_ns();
     let per_send = (2 * d - 1) as u64;
     let drained_s = s.drain(o.drain_s, |sh| {
         let sent = sh.sent.load(Ordering::Relaxed);
@@ -722,6 +780,13 @@ fn dm(o: &Opts) -> Report {
     if let (Some(cpu), true) = (cpu_us(before, after), sent > 0) {
         r.put_f("server_cpu_us_per_message", cpu / sent as f64, 2);
     }
+    run_cpu_rows(
+        &mut r,
+        (before, after_run),
+        (own_before, own_run),
+        (busy_before, busy_run),
+    );
+    thread_rows(&mut r, &threads_before, &threads_after, before, after_run);
     proc_rows(&mut r, "after", after);
     r.put("connections", o.connections);
     r.put("ready", ready);
@@ -1455,7 +1520,9 @@ fn rest_read(o: &Opts) -> Report {
     };
     let ready = shared.ready.load(Ordering::Relaxed);
     let before = sample(o);
+    let threads_before = threads_sample(o);
     let own_before = own_sample();
+    let busy_before = sys::machine_busy_ns();
     let start = now_ns() + RUN_LEAD_NS;
     let end = start + (o.duration_s * 1e9) as u64;
     shared.run_start_ns.store(start, Ordering::Release);
@@ -1464,7 +1531,9 @@ fn rest_read(o: &Opts) -> Report {
     sleep_until(end);
     let ok_in_run = shared.k(kind::REST_OK);
     let after_run = sample(o);
+    let threads_after = threads_sample(o);
     let own_run = own_sample();
+    let busy_run = sys::machine_busy_ns();
     shared.phase.store(phase::DRAIN, Ordering::Release);
     let settled = |sh: &Shared| {
         sh.k(kind::REST_DONE) + sh.k(kind::REST_BACKLOG_DROPPED) >= sh.k(kind::REST_SCHEDULED)
@@ -1544,22 +1613,13 @@ fn rest_read(o: &Opts) -> Report {
     if let (Some(cpu), true) = (cpu_us(before, after), okn > 0) {
         r.put_f("server_cpu_us_per_request", cpu / okn as f64, 2);
     }
-    if let (Some(a), Some(b)) = (before, after_run) {
-        let win = b.at_ns.saturating_sub(a.at_ns).max(1) as f64;
-        r.put_f(
-            "server_cpu_pct_run",
-            b.cpu_ns.saturating_sub(a.cpu_ns) as f64 / win * 100.0,
-            1,
-        );
-    }
-    if let (Some(a), Some(b)) = (own_before, own_run) {
-        let win = b.at_ns.saturating_sub(a.at_ns).max(1) as f64;
-        r.put_f(
-            "generator_cpu_pct_run",
-            b.cpu_ns.saturating_sub(a.cpu_ns) as f64 / win * 100.0,
-            1,
-        );
-    }
+    run_cpu_rows(
+        &mut r,
+        (before, after_run),
+        (own_before, own_run),
+        (busy_before, busy_run),
+    );
+    thread_rows(&mut r, &threads_before, &threads_after, before, after_run);
     proc_rows(&mut r, "after", after);
     r.put("connections", o.connections);
     r.put("ready", ready);

@@ -105,6 +105,83 @@ fn cpu_from_stat(pid: u32) -> Option<u64> {
     Some((utime + stime) * 1_000_000_000 / tck)
 }
 
+/// CPU time the whole machine spent busy (every core, every process, the kernel's interrupt
+/// work included; not idle or iowait), nanoseconds, from the `cpu` line of /proc/stat.
+pub fn machine_busy_ns() -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    parse_stat_busy_ticks(&stat).map(|ticks| {
+        // SAFETY: sysconf has no memory-safety preconditions.
+        let tck = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+        ticks * 1_000_000_000 / tck
+    })
+}
+
+/// Busy clock ticks of the `cpu` line: user + nice + system + irq + softirq + steal.
+pub fn parse_stat_busy_ticks(stat: &str) -> Option<u64> {
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let f: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|v| v.parse().ok())
+        .collect::<Option<_>>()?;
+    // user nice system idle iowait irq softirq steal [guest guest_nice, inside user/nice]
+    let at = |i: usize| f.get(i).copied().unwrap_or(0);
+    Some(at(0) + at(1) + at(2) + at(5) + at(6) + at(7))
+}
+
+/// One thread of a process: (tid, name from `comm`, CPU ns from `schedstat`).
+pub type ThreadSample = (u32, String, u64);
+
+/// CPU time of every thread of `pid` (empty when /proc is not readable).
+pub fn sample_threads(pid: u32) -> Vec<ThreadSample> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for entry in dir.flatten() {
+        let Some(tid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|t| t.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let path = entry.path();
+        let ns = std::fs::read_to_string(path.join("schedstat"))
+            .ok()
+            .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok()));
+        let name = std::fs::read_to_string(path.join("comm"))
+            .map(|n| n.trim().to_string())
+            .unwrap_or_default();
+        if let Some(ns) = ns {
+            out.push((tid, name, ns));
+        }
+    }
+    out
+}
+
+/// Each thread's CPU between two samples in percent of one core over `window_ns`, busiest
+/// first, as `name:pct` separated by spaces; threads under 0.5 % are left out.
+pub fn thread_cpu_pct(before: &[ThreadSample], after: &[ThreadSample], window_ns: u64) -> String {
+    let mut rows: Vec<(String, f64)> = after
+        .iter()
+        .map(|(tid, name, ns)| {
+            let old = before
+                .iter()
+                .find(|(t, _, _)| t == tid)
+                .map_or(0, |(_, _, o)| *o);
+            let pct = ns.saturating_sub(old) as f64 / window_ns.max(1) as f64 * 100.0;
+            (name.clone(), pct)
+        })
+        .filter(|(_, pct)| *pct >= 0.5)
+        .collect();
+    rows.sort_by(|a, b| b.1.total_cmp(&a.1));
+    rows.iter()
+        .map(|(n, p)| format!("{n}:{p:.1}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// Kernel slab memory: `Slab:` of /proc/meminfo in KiB, and when /proc/slabinfo is readable,
 /// bytes per cache (num_objs * objsize).
 #[derive(Debug, Clone, Default)]
@@ -215,6 +292,27 @@ mod tests {
         let s = sample_proc(std::process::id()).expect("own /proc");
         assert!(s.rss_kb > 0);
         assert!(cpu_from_stat(std::process::id()).is_some());
+    }
+
+    #[test]
+    fn machine_busy_ticks_leave_idle_and_iowait_out() {
+        let stat = "cpu  10 1 5 1000 7 2 3 4 0 0\ncpu0 5 0 2 500 3 1 1 2 0 0\n";
+        assert_eq!(parse_stat_busy_ticks(stat), Some(25));
+        assert_eq!(parse_stat_busy_ticks("intr 1 2\n"), None);
+        assert!(machine_busy_ns().is_some());
+    }
+
+    #[test]
+    fn thread_cpu_is_reported_per_thread_busiest_first() {
+        let own = sample_threads(std::process::id());
+        assert!(!own.is_empty());
+        let a = vec![(1, "bridge".to_string(), 100), (2, "shard".to_string(), 0)];
+        let b = vec![
+            (1, "bridge".to_string(), 300),
+            (2, "shard".to_string(), 500),
+            (3, "new".to_string(), 1),
+        ];
+        assert_eq!(thread_cpu_pct(&a, &b, 1000), "shard:50.0 bridge:20.0");
     }
 
     #[test]
