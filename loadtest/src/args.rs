@@ -140,6 +140,9 @@ pub struct Opts {
     /// rest-read: every connection sends its next request as soon as it has the answer
     /// (`--rate` is ignored).
     pub closed_loop: bool,
+    /// rest-read: GET this path instead of the page (`{user}` is the reader), checking only
+    /// the status.
+    pub get_path: Option<String>,
 }
 
 impl Opts {
@@ -186,6 +189,7 @@ impl Opts {
             limit: 50,
             walk: false,
             closed_loop: false,
+            get_path: None,
         }
     }
 
@@ -247,7 +251,8 @@ rest-read: one thread of --messages M (100) messages is posted over REST, then
         --connections N keep-alive HTTP/1.1 connections GET its newest page of --limit L (50)
         at --rate R requests/s in total (open loop), or with --closed-loop as fast as the
         server answers; --walk follows next down the thread; needs auth_mode none; --url may
-        be http://HOST:PORT; one process only
+        be http://HOST:PORT; --get PATH reads PATH instead (only the status is checked;
+        {user} is the reader, e.g. /health or /api/v1/presence/user/{user}); one process only
 ";
 
 fn parse_target(url: &str) -> Result<Target, String> {
@@ -428,6 +433,7 @@ pub fn parse(args: &[String]) -> Result<Opts, String> {
             "--away" => o.away_s = num(f, &v)?,
             "--grace" => o.grace_s = num(f, &v)?,
             "--limit" => o.limit = num(f, &v)?,
+            "--get" => o.get_path = Some(v),
             _ => return Err(format!("unknown flag {f}")),
         }
     }
@@ -574,6 +580,13 @@ fn validate_rest(o: &mut Opts) -> Result<(), String> {
     }
     if o.messages > REST_MESSAGES_MAX {
         return Err(format!("--messages must be 0..={REST_MESSAGES_MAX}"));
+    }
+    if let Some(p) = &o.get_path {
+        if !p.starts_with('/') || p.bytes().any(|b| b <= b' ' || b == 0x7f) {
+            return Err(format!(
+                "--get {p:?} must be a path starting with / without spaces or controls"
+            ));
+        }
     }
     if o.payload_bytes == 0 {
         return Err(
@@ -726,6 +739,8 @@ mod tests {
         assert!(o.closed_loop && !o.walk);
         assert_eq!((o.limit, o.messages), (200, 100));
         assert_eq!(o.target.addr.port(), 8081);
+        let o = parse(&args("rest-read --get /api/v1/presence/user/{user}")).expect("valid");
+        assert_eq!(o.get_path.as_deref(), Some("/api/v1/presence/user/{user}"));
         for bad in [
             "rest-read --limit 0",
             "rest-read --limit 201",
@@ -733,6 +748,7 @@ mod tests {
             "rest-read --processes 2",
             "rest-read --payload-bytes 0",
             "rest-read --url https://127.0.0.1:1",
+            "rest-read --get health",
         ] {
             assert!(parse(&args(bad)).is_err(), "{bad}");
         }

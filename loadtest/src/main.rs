@@ -431,8 +431,9 @@ fn run_cpu_rows(
     }
 }
 
-/// The server's CPU per thread over the run window (which thread is the limit: a shard, or
-/// the bridge that runs the message store).
+/// The server's CPU per thread over the run window, with its time waiting for a CPU (which
+/// thread is the limit: a shard, or the bridge that runs the message store; a thread whose
+/// run + wait is near 100 % is always runnable).
 fn thread_rows(
     r: &mut Report,
     before: &[sys::ThreadSample],
@@ -1499,6 +1500,10 @@ fn rest_read(o: &Opts) -> Report {
         limit: o.limit,
         messages: thread.posted,
         walk: o.walk,
+        other_path: o
+            .get_path
+            .as_ref()
+            .map(|p| p.replace("{user}", &thread.user)),
         connect_timeout_ns: (o.connect_timeout_s * 1e9) as u64,
     });
     let shared = Arc::new(Shared::new(0));
@@ -1578,6 +1583,9 @@ fn rest_read(o: &Opts) -> Report {
     }
     r.put("limit", o.limit);
     r.put("walk", o.walk);
+    if let Some(p) = &plan.other_path {
+        r.put("get", p.as_str());
+    }
     r.put("mode", if o.closed_loop { "closed" } else { "open" });
     if !o.closed_loop {
         r.put_f("rate_per_s", o.rate, 1);

@@ -233,16 +233,22 @@ pub fn summary_row(v: &Value) -> (String, String, String) {
             num(v, "server_cpu_us_per_change")
         ),
         "rest-read" => format!(
-            "{conns} conns, {} mode{}, pages of {} from {} messages{}: {} req/s, latency p50/p90/p99/max {}/{}/{}/{} ms; {} errors; server {} CPU-us/request",
+            "{conns} conns, {} mode{}, {}: {} req/s, latency p50/p90/p99/max {}/{}/{}/{} ms; {} errors; server {} CPU-us/request",
             v["mode"].as_str().unwrap_or("-"),
             if v["mode"].as_str() == Some("open") {
                 format!(" at {}/s", num(v, "rate_per_s"))
             } else {
                 String::new()
             },
-            num(v, "limit"),
-            num(v, "messages"),
-            if v["walk"].as_bool() == Some(true) { " (walk)" } else { "" },
+            match v["get"].as_str() {
+                Some(p) => format!("GET {p}"),
+                None => format!(
+                    "pages of {} from {} messages{}",
+                    num(v, "limit"),
+                    num(v, "messages"),
+                    if v["walk"].as_bool() == Some(true) { " (walk)" } else { "" }
+                ),
+            },
             num(v, "requests_per_s"),
             ms(v, "latency_p50_us"),
             ms(v, "latency_p90_us"),

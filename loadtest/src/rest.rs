@@ -82,6 +82,10 @@ pub struct RestPlan {
     /// Messages in the thread (seq 1..=messages).
     pub messages: u64,
     pub walk: bool,
+    /// `--get PATH`: GET this instead of the page, and check only the status (a yardstick:
+    /// `/health` never leaves the shard, `/api/v1/presence/user/{user}` is REST answered on
+    /// the shard, the page goes to the bridge and the store).
+    pub other_path: Option<String>,
     pub connect_timeout_ns: u64,
 }
 
@@ -110,6 +114,10 @@ impl RestPlan {
 
     /// The request for the page before `before` (`None`: the newest page).
     fn request(&self, out: &mut Vec<u8>, before: Option<u64>) {
+        if let Some(path) = &self.other_path {
+            http::request(out, "GET", &self.host, path, &self.user, b"");
+            return;
+        }
         match before {
             None => http::request(out, "GET", &self.host, &self.page_path, &self.user, b""),
             Some(b) => {
@@ -820,7 +828,12 @@ impl RestWorker {
         self.report.rec("response", now.saturating_sub(c.sent_ns));
         self.counts[kind::REST_DONE] += 1;
         let body = resp.body(&c.inbuf);
-        let judged = if resp.status == 200 {
+        let judged = if resp.status == 200 && plan.other_path.is_some() {
+            Ok(http::Page {
+                messages: 0,
+                next: None,
+            })
+        } else if resp.status == 200 {
             http::check_page(body).and_then(|p| plan.judge(&p, c.asked).map(|()| p))
         } else {
             Err("")
@@ -926,6 +939,7 @@ mod tests {
             limit,
             messages,
             walk,
+            other_path: None,
             connect_timeout_ns: 1,
         }
     }
@@ -968,6 +982,15 @@ mod tests {
             "{s}"
         );
         assert!(s.contains("\r\nX-User-Id: u\r\n"), "{s}");
+    }
+
+    #[test]
+    fn another_path_replaces_the_page() {
+        let mut p = plan(10, 50, true);
+        p.other_path = Some("/health".into());
+        let mut v = Vec::new();
+        p.request(&mut v, Some(3));
+        assert!(v.starts_with(b"GET /health HTTP/1.1\r\n"));
     }
 
     #[test]

@@ -129,8 +129,17 @@ pub fn parse_stat_busy_ticks(stat: &str) -> Option<u64> {
     Some(at(0) + at(1) + at(2) + at(5) + at(6) + at(7))
 }
 
-/// One thread of a process: (tid, name from `comm`, CPU ns from `schedstat`).
-pub type ThreadSample = (u32, String, u64);
+/// One thread of a process, from `comm` and `schedstat`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ThreadSample {
+    pub tid: u32,
+    pub name: String,
+    /// Time on a CPU, ns.
+    pub run_ns: u64,
+    /// Time runnable but waiting for a CPU (on a run queue), ns: a thread that is always
+    /// runnable has run + wait = the window, whatever its CPU share.
+    pub wait_ns: u64,
+}
 
 /// CPU time of every thread of `pid` (empty when /proc is not readable).
 pub fn sample_threads(pid: u32) -> Vec<ThreadSample> {
@@ -147,37 +156,45 @@ pub fn sample_threads(pid: u32) -> Vec<ThreadSample> {
             continue;
         };
         let path = entry.path();
-        let ns = std::fs::read_to_string(path.join("schedstat"))
-            .ok()
-            .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok()));
+        let Ok(stat) = std::fs::read_to_string(path.join("schedstat")) else {
+            continue;
+        };
+        let mut f = stat.split_whitespace().map(|v| v.parse::<u64>().ok());
+        let (Some(Some(run_ns)), Some(Some(wait_ns))) = (f.next(), f.next()) else {
+            continue;
+        };
         let name = std::fs::read_to_string(path.join("comm"))
             .map(|n| n.trim().to_string())
             .unwrap_or_default();
-        if let Some(ns) = ns {
-            out.push((tid, name, ns));
-        }
+        out.push(ThreadSample {
+            tid,
+            name,
+            run_ns,
+            wait_ns,
+        });
     }
     out
 }
 
-/// Each thread's CPU between two samples in percent of one core over `window_ns`, busiest
-/// first, as `name:pct` separated by spaces; threads under 0.5 % are left out.
+/// Each thread's time on a CPU and waiting for one between two samples, in percent of
+/// `window_ns`, busiest first, as `name:run+wait` separated by spaces (`bridge:70.7+28.7`:
+/// runnable 99.4 % of the time, so it is the limit, but on a CPU only 70.7 %); threads under
+/// 0.5 % on a CPU are left out.
 pub fn thread_cpu_pct(before: &[ThreadSample], after: &[ThreadSample], window_ns: u64) -> String {
-    let mut rows: Vec<(String, f64)> = after
+    let pct = |ns: u64| ns as f64 / window_ns.max(1) as f64 * 100.0;
+    let mut rows: Vec<(String, f64, f64)> = after
         .iter()
-        .map(|(tid, name, ns)| {
-            let old = before
-                .iter()
-                .find(|(t, _, _)| t == tid)
-                .map_or(0, |(_, _, o)| *o);
-            let pct = ns.saturating_sub(old) as f64 / window_ns.max(1) as f64 * 100.0;
-            (name.clone(), pct)
+        .map(|t| {
+            let old = before.iter().find(|o| o.tid == t.tid);
+            let run = t.run_ns.saturating_sub(old.map_or(0, |o| o.run_ns));
+            let wait = t.wait_ns.saturating_sub(old.map_or(0, |o| o.wait_ns));
+            (t.name.clone(), pct(run), pct(wait))
         })
-        .filter(|(_, pct)| *pct >= 0.5)
+        .filter(|(_, run, _)| *run >= 0.5)
         .collect();
     rows.sort_by(|a, b| b.1.total_cmp(&a.1));
     rows.iter()
-        .map(|(n, p)| format!("{n}:{p:.1}"))
+        .map(|(n, run, wait)| format!("{n}:{run:.1}+{wait:.1}"))
         .collect::<Vec<_>>()
         .join(" ")
 }
@@ -306,13 +323,22 @@ mod tests {
     fn thread_cpu_is_reported_per_thread_busiest_first() {
         let own = sample_threads(std::process::id());
         assert!(!own.is_empty());
-        let a = vec![(1, "bridge".to_string(), 100), (2, "shard".to_string(), 0)];
+        let t = |tid, name: &str, run_ns, wait_ns| ThreadSample {
+            tid,
+            name: name.into(),
+            run_ns,
+            wait_ns,
+        };
+        let a = vec![t(1, "bridge", 100, 0), t(2, "shard", 0, 10)];
         let b = vec![
-            (1, "bridge".to_string(), 300),
-            (2, "shard".to_string(), 500),
-            (3, "new".to_string(), 1),
+            t(1, "bridge", 300, 700),
+            t(2, "shard", 500, 110),
+            t(3, "new", 1, 0),
         ];
-        assert_eq!(thread_cpu_pct(&a, &b, 1000), "shard:50.0 bridge:20.0");
+        assert_eq!(
+            thread_cpu_pct(&a, &b, 1000),
+            "shard:50.0+10.0 bridge:20.0+70.0"
+        );
     }
 
     #[test]
