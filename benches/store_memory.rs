@@ -1,14 +1,17 @@
 //! The in-memory message store (`store::memory`): heap held per stored DM, measured with a
-//! counting allocator beside what the store's byte ledger counts for it, and appends per second
-//! (criterion) against a naive baseline; plus a `sync` page against the naive full scan.
+//! counting allocator beside what the store's byte ledger counts for it; appends per second
+//! into a growing and into a full (evicting) store, timed by the thread's CPU clock so other
+//! processes on a shared machine do not count; then criterion: appends against a naive
+//! baseline (a `Vec` and a dedup map), and a `sync` page against the naive full scan.
 //!
 //!     cargo bench --bench store_memory
 //!
 //! The DM is a realistic one: 100 bytes of content; user ids, conversation ids and
-//! `clientMsgId`s of 36 bytes (UUIDs). The measurement is not timed: it counts the bytes the
-//! allocator hands out and gets back while N DMs are stored, so what remains is what the store
-//! holds. The criterion timings run under the same (relaxed-atomic) counting allocator, a few
-//! ns per allocation, paid equally by the baseline.
+//! `clientMsgId`s of 36 bytes (UUIDs), every string a fresh `Arc` as the bridge's are, made
+//! before the clock starts. The memory figure counts the bytes the allocator hands out and gets
+//! back while N DMs are stored, so what remains is what the store holds. Every timing runs
+//! under the same (relaxed-atomic) counting allocator, a few ns per allocation, paid by the
+//! baseline too.
 //!
 //! Results on the project's VM: docs/BENCHMARKS.md.
 
@@ -109,7 +112,44 @@ fn rt() -> tokio::runtime::Runtime {
         .expect("a current-thread runtime")
 }
 
-/// Store `n` DMs over `threads` threads; print the heap held and the ledger's count per DM.
+/// CPU time of this thread: on a shared machine it leaves out the time other processes had the
+/// core (the wall clock does not).
+fn thread_cpu() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; the clock id is a constant the kernel knows.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime(CLOCK_THREAD_CPUTIME_ID)");
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// Append `batches`, returning (wall, CPU) time.
+fn append_all(
+    rt: &tokio::runtime::Runtime,
+    store: &MemoryStore,
+    batches: &[Vec<NewMessage>],
+) -> (Duration, Duration) {
+    let (t0, c0) = (Instant::now(), thread_cpu());
+    for batch in batches {
+        let out = rt.block_on(store.append(batch)).expect("stored");
+        debug_assert!(out.iter().all(|o| matches!(o, Appended::New { .. })));
+    }
+    (t0.elapsed(), thread_cpu() - c0)
+}
+
+fn rate(what: &str, n: u64, (wall, cpu): (Duration, Duration)) {
+    println!(
+        "  append, {what}: {:.0} DMs/s of CPU time ({:.0} ns per DM; wall clock {:.0} DMs/s), batches of {BATCH}",
+        n as f64 / cpu.as_secs_f64(),
+        cpu.as_nanos() as f64 / n as f64,
+        n as f64 / wall.as_secs_f64(),
+    );
+}
+
+/// Store `n` DMs over `threads` threads into an empty store; print the heap held and the
+/// ledger's count per DM, and the append rate.
 fn measure(rt: &tokio::runtime::Runtime, n: u64, threads: usize) {
     let pop = Population::new(threads);
     let store = MemoryStore::new(usize::MAX);
@@ -117,14 +157,8 @@ fn measure(rt: &tokio::runtime::Runtime, n: u64, threads: usize) {
     // Every string made first (fresh `Arc`s per DM, as the bridge's are), so the timing is
     // the store's alone; dropped after, so what remains is what the store holds.
     let batches: Vec<Vec<NewMessage>> = (0..n).step_by(BATCH).map(|from| pop.batch(from)).collect();
-    let t0 = Instant::now();
-    let mut sent = 0;
-    for batch in &batches {
-        let out = rt.block_on(store.append(batch)).expect("stored");
-        debug_assert!(out.iter().all(|o| matches!(o, Appended::New { .. })));
-        sent += batch.len() as u64;
-    }
-    let elapsed = t0.elapsed();
+    let sent = batches.iter().map(Vec::len).sum::<usize>() as u64;
+    let times = append_all(rt, &store, &batches);
     drop(batches);
     let held = LIVE.load(Ordering::Relaxed) - before;
     let per = held as f64 / sent as f64;
@@ -143,24 +177,64 @@ fn measure(rt: &tokio::runtime::Runtime, n: u64, threads: usize) {
         memory::MESSAGE_FIXED_BYTES,
         memory::DEDUP_ENTRY_BYTES
     );
+    rate("into a store growing from empty", sent, times);
+}
+
+/// The steady state of a full store: every DM appended evicts about one.
+fn measure_full(rt: &tokio::runtime::Runtime, budget: usize, n: u64) {
+    let pop = Population::new(1_000);
+    let store = MemoryStore::new(budget);
+    let mut next = 0u64;
+    while store.evicted_messages() == 0 {
+        rt.block_on(store.append(&pop.batch(next))).expect("stored");
+        next += BATCH as u64;
+    }
+    let batches: Vec<Vec<NewMessage>> = (next..next + n)
+        .step_by(BATCH)
+        .map(|from| pop.batch(from))
+        .collect();
+    let sent = batches.iter().map(Vec::len).sum::<usize>() as u64;
+    let evicted = store.evicted_messages();
+    let times = append_all(rt, &store, &batches);
     println!(
-        "  append: {:.0} DMs/s ({:.0} ns per DM, batches of {BATCH}, into a store growing from empty)",
-        sent as f64 / elapsed.as_secs_f64(),
-        elapsed.as_nanos() as f64 / sent as f64
+        "store_memory: a full store of {} MiB ({} DMs held), 1,000 threads",
+        budget >> 20,
+        store.stats().messages
     );
+    println!(
+        "  evicted while appending: {} DMs",
+        store.evicted_messages() - evicted
+    );
+    rate("full, each DM evicting the oldest", sent, times);
 }
 
 /// The naive baseline: a `Vec` of messages and a dedup map, no thread or user index (so
-/// `sync` must scan everything).
-#[derive(Default)]
+/// `sync` must scan everything), and no budget: it holds at most `hold` messages, then drops
+/// them all at once (keeping its tables' capacity, so it does not reallocate them).
 struct Naive {
     messages: Vec<Message>,
     dedup: HashMap<(Arc<str>, Arc<str>), usize>,
     seqs: HashMap<Arc<str>, u64>,
+    hold: usize,
+    last_id: u64,
 }
 
 impl Naive {
+    fn new(hold: usize) -> Naive {
+        Naive {
+            messages: Vec::new(),
+            dedup: HashMap::new(),
+            seqs: HashMap::new(),
+            hold,
+            last_id: 0,
+        }
+    }
+
     fn append(&mut self, batch: &[NewMessage]) -> Vec<Message> {
+        if self.messages.len() + batch.len() > self.hold {
+            self.messages.clear();
+            self.dedup.clear();
+        }
         let mut out = Vec::with_capacity(batch.len());
         for m in batch {
             if let Some(c) = &m.client_msg_id {
@@ -169,10 +243,11 @@ impl Naive {
                     continue;
                 }
             }
+            self.last_id += 1;
             let seq = self.seqs.entry(m.thread.clone()).or_insert(0);
             *seq += 1;
             let msg = Message {
-                id: self.messages.len() as u64 + 1,
+                id: self.last_id,
                 seq: *seq,
                 thread: m.thread.clone(),
                 thread_numeric_id: 0,
@@ -214,7 +289,7 @@ fn benches(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
         rt.block_on(store.append(&pop.batch(next))).expect("stored");
         next += BATCH as u64;
     }
-    let mut naive = Naive::default();
+    let mut naive = Naive::new(store.stats().messages);
     for from in (0..next).step_by(BATCH) {
         naive.append(&pop.batch(from));
     }
@@ -249,7 +324,7 @@ fn benches(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
     // One `sync` page of 50 from the middle of what a user has, in a store of ~130,000 DMs.
     let pop = Population::new(1_000);
     let store = MemoryStore::new(usize::MAX);
-    let mut naive = Naive::default();
+    let mut naive = Naive::new(usize::MAX);
     for from in (0..128_000).step_by(BATCH) {
         let batch = pop.batch(from);
         rt.block_on(store.append(&batch)).expect("stored");
@@ -279,6 +354,7 @@ fn main() {
     let rt = rt();
     measure(&rt, 100_000, 1_000);
     measure(&rt, 100_000, 50_000);
+    measure_full(&rt, 64 << 20, 200_000);
     let mut c = Criterion::default().configure_from_args();
     benches(&mut c, &rt);
     c.final_summary();

@@ -128,7 +128,8 @@ pub enum AuthError {
     Expired,
     /// `nbf > now + leeway`.
     NotYetValid,
-    /// `sub` absent, empty or longer than [`SUB_BYTES_MAX`] (a non-string `sub` is `Malformed`).
+    /// `sub` absent, empty, longer than [`SUB_BYTES_MAX`] or holding a NUL character (the message
+    /// store cannot keep one; a non-string `sub` is `Malformed`).
     MissingSub,
     /// `jwt_audience` is set and the token's `aud` does not contain it.
     BadAudience,
@@ -403,7 +404,7 @@ impl Verifier {
             }
         }
         let sub = match raw.sub {
-            Some(s) if !s.is_empty() && s.len() <= SUB_BYTES_MAX => s,
+            Some(s) if !s.is_empty() && s.len() <= SUB_BYTES_MAX && !s.contains('\0') => s,
             _ => return Err(AuthError::MissingSub),
         };
         Ok(Claims {

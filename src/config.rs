@@ -172,6 +172,10 @@ pub struct Config {
     /// PostgreSQL for the message store (`postgres://user:pass@host:port/db`); None = the
     /// in-memory store. Never logged with its password.
     pub database_url: Option<String>,
+    /// PostgreSQL connections the message store's pool holds at most.
+    pub database_pool_size: usize,
+    /// Longest a new PostgreSQL connection may take to establish.
+    pub database_connect_timeout: Duration,
     /// Byte budget of the in-memory store (no `database_url`): past it the oldest messages go.
     pub store_memory_bytes: usize,
     /// Longest a store call may take: a DM past it gets an error and no ack, REST a 503.
@@ -263,6 +267,8 @@ impl Default for Config {
             token_refresh_window: Duration::from_secs(60),
             token_expiry_grace: Duration::from_secs(10),
             database_url: None,
+            database_pool_size: 8,
+            database_connect_timeout: Duration::from_secs(5),
             store_memory_bytes: 256 * 1024 * 1024,
             store_timeout: Duration::from_secs(5),
             max_dm_content_bytes: 16 * 1024,
@@ -760,10 +766,14 @@ config_keys! {
     // ---- the message store
     database_url: OptText = "", "SWITCHBOARD_DATABASE_URL", None,
         "PostgreSQL for the message store (postgres://user:password@host:port/database); empty = the in-memory store, which forgets on restart. Prefer the env var: flags show in ps. The password is never logged.";
+    database_pool_size: Count = "8", "SWITCHBOARD_DATABASE_POOL_SIZE", None,
+        "PostgreSQL connections the message store holds at most (one writer plus readers), 1 to 256.";
+    database_connect_timeout: Dur = "5s", "SWITCHBOARD_DATABASE_CONNECT_TIMEOUT", None,
+        "Longest a new PostgreSQL connection may take; statements, pool waits and idle transactions are bounded by store_timeout.";
     store_memory_bytes: Bytes = "256MiB", "SWITCHBOARD_STORE_MEMORY_BYTES", None,
         "Byte budget of the in-memory message store (used when database_url is empty): past it the oldest messages are evicted. At least 1 MiB.";
     store_timeout: Dur = "5s", "SWITCHBOARD_STORE_TIMEOUT", None,
-        "Longest a message-store call may take: a direct message past it gets an error and no ack, a REST call 503. 100ms to 5m.";
+        "Longest a message-store call may take: a direct message past it gets an error and no ack, a REST call 503. At least 100ms.";
     api_key: OptText = "", "SWITCHBOARD_API_KEY", None,
         "Key for the server HTTP API (X-API-Key or Authorization: apikey <key>); empty = API off. Prefer the env var: flags show in ps. Never logged.";
     cors_origins: List = "", "SWITCHBOARD_CORS_ORIGINS", None,
@@ -1656,6 +1666,24 @@ impl Config {
             " (a DM travels in one message)",
         )?;
         at_least("store_memory_bytes", size(self.store_memory_bytes), 1 << 20)?;
+        if let Some(url) = &self.database_url {
+            // Only the URL form: its password has one place, which the log never prints (the
+            // key=value form is refused rather than risk printing it).
+            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                return fail(
+                    "database_url",
+                    "must be a postgres://user:password@host:port/database URL".into(),
+                );
+            }
+        }
+        between(
+            "database_pool_size",
+            size(self.database_pool_size),
+            1,
+            256,
+            "",
+        )?;
+        nonzero("database_connect_timeout", self.database_connect_timeout)?;
         // ---- typing and receipts
         if self.typing_ttl < Duration::from_secs(1) || self.typing_ttl > DURATION_MAX {
             fail(
@@ -1726,6 +1754,7 @@ impl Config {
             ("token_refresh_window", self.token_refresh_window),
             ("token_expiry_grace", self.token_expiry_grace),
             ("store_timeout", self.store_timeout),
+            ("database_connect_timeout", self.database_connect_timeout),
             ("shutdown_timeout", self.shutdown_timeout),
             ("presence_offline_grace", self.presence_offline_grace),
         ] {

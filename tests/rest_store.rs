@@ -17,6 +17,12 @@ macro_rules! both_stores {
         mod memory {
             $(#[test] fn $name() { super::$name(&[]); })*
         }
+        mod postgres {
+            $(#[test] fn $name() {
+                let url = super::common::pg::database(stringify!($name));
+                super::$name(&[("SWITCHBOARD_DATABASE_URL", &url)]);
+            })*
+        }
     };
 }
 
@@ -31,7 +37,9 @@ both_stores!(
 fn start(env: &[(&str, &str)]) -> TestServer {
     let mut all: Vec<(&str, &str)> = env.to_vec();
     all.push(("SWITCHBOARD_API_KEY", KEY));
-    TestServer::start(&all)
+    let s = TestServer::start(&all);
+    s.wait_ready();
+    s
 }
 
 /// `(status, body)` of one request as `user` (auth mode none: `X-User-Id`).

@@ -2,7 +2,8 @@
 # The one test command: `bash tests/run-all.sh` (CI runs it through .ci/run).
 #
 # On a fresh Debian machine, as root, with no standard input, it installs what it needs
-# (idempotent: kosoku in a venv under $TARGET_DIR/ci-venv, Debian packages only when missing),
+# (idempotent: kosoku in a venv under $TARGET_DIR/ci-venv, Debian packages only when missing,
+# among them `postgresql` for the message store tests, which start throwaway clusters),
 # then runs, each under a section header and a time limit:
 #   1. cargo fmt --all -- --check
 #   2. cargo clippy --workspace --all-targets -- -D warnings
@@ -104,6 +105,38 @@ ensure_redis_server() {
   ensure_debian_packages redis-server:redis-server
 }
 
+# PostgreSQL server binaries for the message store tests: tests/common/pg.rs initdb's a
+# throwaway cluster from them (as the `postgres` user when run as root) and fails, never skips,
+# without them. Debian keeps initdb and pg_ctl in /usr/lib/postgresql/<version>/bin, off PATH.
+# Installing the package may also start Debian's default cluster on port 5432; the tests do not
+# use it.
+find_pg_bindir() {
+  local d
+  if command -v initdb >/dev/null 2>&1 && command -v pg_ctl >/dev/null 2>&1; then
+    dirname "$(readlink -f "$(command -v initdb)")"
+    return 0
+  fi
+  for d in $(printf '%s\n' /usr/lib/postgresql/*/bin | sort -V -r); do
+    if [[ -x "$d/initdb" && -x "$d/pg_ctl" ]]; then
+      echo "$d"
+      return 0
+    fi
+  done
+  return 1
+}
+
+ensure_postgresql() {
+  local dir
+  if ! dir="$(find_pg_bindir)"; then
+    ensure_debian_packages initdb:postgresql
+    dir="$(find_pg_bindir)" ||
+      fatal_install "PostgreSQL server binaries (initdb, pg_ctl) not found even with the postgresql package; install by hand: apt-get update && apt-get install -y postgresql"
+  fi
+  # The tests look here first (tests/common/pg.rs).
+  export SWITCHBOARD_TEST_PG_BIN="$dir"
+  echo "run-all: PostgreSQL for the store tests: $("$dir/postgres" --version) ($dir)"
+}
+
 section "setup: tools and packages"
 command -v cargo >/dev/null ||
   fatal_install "cargo not found: install the Rust toolchain (rustup) and put ~/.cargo/bin on PATH"
@@ -119,6 +152,7 @@ DEBIAN_NEEDS=()
 ensure_debian_packages "${DEBIAN_NEEDS[@]}"
 # python3 runs compare.py and creates the kosoku venv.
 ensure_debian_packages python3:python3
+ensure_postgresql
 
 bash tests/autobahn/run.sh --install-only ||
   fatal_install "kosoku (Autobahn client) could not be installed; see the message above"

@@ -18,6 +18,12 @@ macro_rules! both_stores {
         mod memory {
             $(#[test] fn $name() { super::$name(&[]); })*
         }
+        mod postgres {
+            $(#[test] fn $name() {
+                let url = super::common::pg::database(stringify!($name));
+                super::$name(&[("SWITCHBOARD_DATABASE_URL", &url)]);
+            })*
+        }
     };
 }
 
@@ -27,7 +33,8 @@ both_stores!(
     sync_pages_by_limit_and_bytes,
     sync_without_since_returns_the_latest_page,
     a_retry_is_acked_again_and_not_redelivered,
-    a_live_delivery_a_full_inbox_refused_is_recovered_by_sync,
+    a_live_delivery_a_full_inbox_refused_is_held_back_and_delivered_in_order,
+    text_a_store_cannot_hold_and_borrowed_conversations_are_refused,
     bad_sync_commands_are_refused,
     a_conversation_belongs_to_its_two_users,
 );
@@ -35,7 +42,9 @@ both_stores!(
 fn start(env: &[(&str, &str)], extra: &[(&'static str, &'static str)]) -> TestServer {
     let mut all: Vec<(&str, &str)> = env.to_vec();
     all.extend_from_slice(extra);
-    TestServer::start(&all)
+    let s = TestServer::start(&all);
+    s.wait_ready();
+    s
 }
 
 fn dm(cmid: &str, to: &str, content: &str) -> Value {
@@ -235,7 +244,7 @@ fn a_retry_is_acked_again_and_not_redelivered(env: &[(&str, &str)]) {
     assert_eq!(all.len(), 2, "stored once each");
 }
 
-fn a_live_delivery_a_full_inbox_refused_is_recovered_by_sync(env: &[(&str, &str)]) {
+fn a_live_delivery_a_full_inbox_refused_is_held_back_and_delivered_in_order(env: &[(&str, &str)]) {
     // The first delivery handed to shard 1 fails as if its inbox were full.
     let server = start(
         env,
@@ -244,27 +253,71 @@ fn a_live_delivery_a_full_inbox_refused_is_recovered_by_sync(env: &[(&str, &str)
     let mut alice = server.connect_on_shard("/ws?user_id=alice", 0);
     let mut bob0 = server.connect_on_shard("/ws?user_id=bob", 0);
     let mut bob1 = server.connect_on_shard("/ws?user_id=bob", 1);
-    // Stored, so acked: the device that missed it live gets it from sync.
+    // Stored, so acked at once; the device whose shard was full gets it a little later, and
+    // the next message after it (one shard's frames from the bridge stay in order).
     let ack = send_acked(&mut alice, "f-1", "bob", "hi");
-    let live = bob0.expect_type("message.create");
-    assert_eq!(live["data"]["serverMsgId"], ack["serverMsgId"]);
-    bob1.expect_silence(300);
+    let ack2 = send_acked(&mut alice, "f-2", "bob", "again");
+    for b in [&mut bob0, &mut bob1] {
+        let m1 = b.expect_type("message.create");
+        let m2 = b.expect_type("message.create");
+        assert_eq!(m1["data"]["serverMsgId"], ack["serverMsgId"]);
+        assert_eq!(m2["data"]["serverMsgId"], ack2["serverMsgId"]);
+    }
+    let m = server.http_get("/metrics").1;
+    let delayed = m
+        .lines()
+        .find(|l| l.starts_with("switchboard_store_delayed_total "))
+        .unwrap();
+    assert_ne!(delayed, "switchboard_store_delayed_total 0", "{delayed}");
+    assert!(m.contains("switchboard_store_live_missed_total 0"), "{m}");
+    // And sync has it too.
     let (got, _) = sync(
         &mut bob1,
         json!({"since": ack["cursor"].as_u64().unwrap() - 1}),
     );
-    assert_eq!(got.len(), 1);
+    assert_eq!(got.len(), 2);
     assert_eq!(got[0]["serverMsgId"], ack["serverMsgId"]);
-    assert_eq!(got[0]["eventId"], live["data"]["eventId"]);
-    let m = server.http_get("/metrics").1;
-    assert!(
-        m.contains("switchboard_store_live_missed_total 1"),
-        "{}",
-        m.lines()
-            .filter(|l| l.contains("store"))
-            .collect::<Vec<_>>()
-            .join("\n")
+}
+
+fn text_a_store_cannot_hold_and_borrowed_conversations_are_refused(env: &[(&str, &str)]) {
+    let server = start(env, &[]);
+    let mut m = server.connect("/ws?user_id=mallory");
+    for (cmd, text) in [
+        (
+            json!({"type": "message.send", "clientMsgId": "n-1", "to": "bob", "content": "a\u{0}b"}),
+            "text must not contain NUL characters",
+        ),
+        (
+            json!({"type": "message.send", "clientMsgId": "n\u{0}", "to": "bob", "content": "x"}),
+            "text must not contain NUL characters",
+        ),
+        (
+            json!({"type": "message.send", "clientMsgId": "n-2", "to": "b\u{0}b", "content": "x"}),
+            "text must not contain NUL characters",
+        ),
+        (
+            json!({"type": "message.send", "clientMsgId": "n-3", "to": "bob", "content": "x",
+            "conversationId": "12345"}),
+            "conversationId must not be all digits",
+        ),
+    ] {
+        m.send_json(cmd);
+        m.expect_error(text);
+    }
+    // The derived id of bob and carol cannot be taken by mallory.
+    let mut bob = server.connect("/ws?user_id=bob");
+    let bc = send_acked(&mut bob, "b-1", "carol", "hi carol");
+    m.send_json(
+        json!({"type": "message.send", "clientMsgId": "n-4", "to": "bob",
+        "conversationId": bc["conversationId"], "content": "let me in"}),
     );
+    m.expect_error("conversationId belongs to another conversation");
+    // A NUL in the user id is refused at the upgrade.
+    let r = server.raw_upgrade("/ws?user_id=a%00b", &[]);
+    assert_eq!(r.status, 400, "{r:?}");
+    // And the store kept serving everyone else.
+    let again = send_acked(&mut bob, "b-2", "carol", "still here");
+    assert_eq!(again["seq"], 2);
 }
 
 fn bad_sync_commands_are_refused(env: &[(&str, &str)]) {
@@ -301,15 +354,26 @@ fn a_conversation_belongs_to_its_two_users(env: &[(&str, &str)]) {
     let server = start(env, &[]);
     let mut alice = server.connect("/ws?user_id=alice");
     let ack = send_acked(&mut alice, "o-1", "bob", "ours");
-    let conv = ack["conversationId"].as_str().unwrap().to_owned();
-    // Carol may not write into alice and bob's conversation, nor pull bob into it.
+    let derived = ack["conversationId"].as_str().unwrap().to_owned();
+    // A conversation id of the client's own naming, with `to`, is the two users' thread too.
+    alice.send_json(
+        json!({"type": "message.send", "clientMsgId": "o-1b", "to": "bob",
+        "conversationId": "proj-7", "content": "in proj-7"}),
+    );
+    alice.expect_type("message.ack");
+    // Carol may not write into alice and bob's conversations, nor pull bob into them.
     let mut carol = server.connect("/ws?user_id=carol");
     carol.send_json(
         json!({"type": "message.send", "clientMsgId": "o-2", "to": "bob",
-        "conversationId": conv, "content": "me too"}),
+        "conversationId": derived, "content": "me too"}),
     );
-    let e = carol.expect_error("not a participant of this conversation");
+    let e = carol.expect_error("conversationId belongs to another conversation");
     assert_eq!(e["data"]["clientMsgId"], "o-2");
+    carol.send_json(
+        json!({"type": "message.send", "clientMsgId": "o-2b", "to": "bob",
+        "conversationId": "proj-7", "content": "me too"}),
+    );
+    carol.expect_error("not a participant of this conversation");
     // A conversationId that names no stored thread and no `to`: not found.
     carol.send_json(json!({"type": "message.send", "clientMsgId": "o-3",
         "conversationId": "no-such-thread", "content": "hello?"}));

@@ -96,7 +96,9 @@ impl BridgeHandle {
 
     /// Stop the thread and wait for it: the store finishes the jobs it already holds.
     pub fn shutdown(&mut self) {
-        let _ = self.tx.try_send(BridgeMsg::Shutdown);
+        // Blocking: the bridge drains its inbox, so a full one frees a slot (an ended bridge
+        // thread makes this return at once).
+        let _ = self.tx.blocking_send(BridgeMsg::Shutdown);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }

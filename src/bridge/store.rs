@@ -27,13 +27,15 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, Notify, Semaphore};
 
-use super::{deliver_inbound, BridgeMsg, Shards};
+use super::{BridgeMsg, Shards};
 use crate::http::{CorsHeaders, Response, Status};
 use crate::proto::envelope::{FrameBuilder, Obj};
 use crate::proto::json::rfc3339_ms;
 use crate::proto::Frame;
 use crate::route::{ConnRef, Target};
-use crate::shard::Node;
+use crate::shard::{Node, SendFailure, ShardMsg};
+use crate::store::pg::{PgConfig, PgStore};
+use crate::store::reconnect::Reconnecting;
 use crate::store::{
     memory::MemoryStore, Appended, MarkRequest, Message, NewMessage, NewNotification, Store,
     StoreError, APPEND_BATCH_MAX,
@@ -50,6 +52,25 @@ pub const STORE_JOBS_QUEUED_MAX: usize = 65_536;
 /// Most bytes of `message.create` frames one `sync` answer carries; a page stops early
 /// (`more: true`) past it, so a sync never comes near `send_queue_bytes_max`.
 pub const SYNC_PAGE_BYTES_MAX: usize = 256 * 1024;
+
+/// Added to `store_timeout` for the bridge's own deadline on a store call.
+pub const BACKSTOP: Duration = Duration::from_millis(500);
+
+/// Messages held for shards whose inbox was full (acks, errors, `message.create`, sync pages,
+/// HTTP answers), retried in order every [`BACKLOG_RETRY`]; past it the oldest is dropped and
+/// counted (a dropped `message.create` is stored: `sync` returns it).
+pub const SHARD_BACKLOG_MAX: usize = 65_536;
+
+/// How often the backlog is retried.
+pub const BACKLOG_RETRY: Duration = Duration::from_millis(20);
+
+/// Bytes of content (and attachment URLs) of the DMs waiting for the writer; past it a send is
+/// answered "server busy, retry later" (the job count alone would allow ~1 GiB of 16 KiB DMs).
+pub const STORE_QUEUED_BYTES_MAX: usize = 64 * 1024 * 1024;
+
+/// Least time between two log lines about failed batches (a database that is down fails
+/// every batch at once).
+pub const FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(5);
 
 /// How often the store's health is checked (and a lost PostgreSQL noticed by `/ready`).
 pub const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
@@ -115,11 +136,20 @@ pub struct StoreStats {
     pub failed: AtomicU64,
     pub busy: AtomicU64,
     pub live_missed: AtomicU64,
+    /// Messages for a shard whose inbox was full, held back and handed on later.
+    pub delayed: AtomicU64,
+    /// Messages held back now.
+    pub backlog: AtomicU64,
     pub syncs: AtomicU64,
     pub queued: AtomicU64,
     pub last_batch: AtomicU64,
     /// 1 while the store answers its health check.
     pub up: AtomicU64,
+    /// The in-memory store's occupancy (zero with PostgreSQL), refreshed every health check.
+    pub memory_bytes: AtomicU64,
+    pub memory_budget: AtomicU64,
+    pub memory_messages: AtomicU64,
+    pub evicted_messages: AtomicU64,
 }
 
 /// Which store the node uses, from its configuration.
@@ -143,21 +173,45 @@ pub async fn run(node: Arc<Node>, rx: mpsc::Receiver<BridgeMsg>) {
             let store = Rc::new(MemoryStore::new(budget));
             serve(node, rx, store).await;
         }
-        Some(_url) => {
-            // The PostgreSQL store is being written; until it lands a configured database is
-            // reported down (DMs get errors, /ready 503) rather than silently ignored.
-            tracing::error!("database_url is set but this build has no PostgreSQL store yet");
-            let store = Rc::new(crate::store::reconnect::Reconnecting::new(
-                "postgres",
-                || async {
-                    Err::<MemoryStore, _>(StoreError::Unavailable(
-                        "no PostgreSQL store in this build".into(),
-                    ))
-                },
-            ));
+        Some(url) => {
+            let pg = pg_config(&node.cfg, url);
+            tracing::info!(
+                host = %url_host(&pg.url),
+                pool_size = pg.pool_size,
+                "message store: PostgreSQL (durable); connecting and applying migrations"
+            );
+            // Set up in the background: the node serves (and says the store is down) while
+            // the database cannot be reached.
+            let store = Rc::new(Reconnecting::new("postgres", move || {
+                PgStore::connect(pg.clone())
+            }));
             serve(node, rx, store).await;
         }
     }
+}
+
+/// The PostgreSQL settings from the node's configuration: the pool's size and connect
+/// timeout from their keys; every per-call bound from `store_timeout` (a statement, a wait for
+/// a pooled connection, an idle transaction, and the client-side deadline), so the store's own
+/// timeout answers before the bridge's backstop. The rest are `pg`'s documented defaults.
+pub fn pg_config(cfg: &crate::config::Config, url: String) -> PgConfig {
+    let mut pg = PgConfig::new(url);
+    pg.pool_size = cfg.database_pool_size;
+    pg.connect_timeout = cfg.database_connect_timeout;
+    pg.statement_timeout = cfg.store_timeout;
+    pg.pool_wait_timeout = cfg.store_timeout;
+    pg.idle_in_transaction_timeout = cfg.store_timeout;
+    // Longer than the statement timeout, so the server's clean cancel comes first.
+    pg.call_timeout = cfg.store_timeout + BACKSTOP / 2;
+    pg
+}
+
+/// `host:port` of a `postgres://` URL (the only form config accepts), for the log (never the
+/// user or password).
+fn url_host(url: &str) -> &str {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, r)| r);
+    rest.split(['/', '?']).next().unwrap_or("")
 }
 
 /// What the store's tasks share.
@@ -172,12 +226,29 @@ struct Ctx<S> {
     wake_writer: Notify,
     jobs: Cell<usize>,
     reads: Semaphore,
+    /// Per shard, what its full inbox could not take yet (in order).
+    backlog: RefCell<Vec<VecDeque<ShardMsg>>>,
+    backlog_len: Cell<usize>,
+    /// Content bytes of the queued sends.
+    queued_bytes: Cell<usize>,
+    /// Failed messages not yet logged, and when the last line was.
+    unlogged_failures: Cell<u64>,
+    last_failure_log: Cell<Option<tokio::time::Instant>>,
 }
 
 struct Send {
     origin: ConnRef,
     answer: Answer,
     msg: NewMessage,
+    /// When the bridge accepted it: a send that waited longer than `store_timeout` for its
+    /// batch is failed unstored, so an answer never comes later than the origin waits.
+    queued_at: tokio::time::Instant,
+}
+
+impl Send {
+    fn bytes(&self) -> usize {
+        self.msg.content.len() + self.msg.attachment_url.as_ref().map_or(0, |a| a.len())
+    }
 }
 
 async fn serve<S: Store + 'static>(
@@ -185,6 +256,7 @@ async fn serve<S: Store + 'static>(
     mut rx: mpsc::Receiver<BridgeMsg>,
     store: Rc<S>,
 ) {
+    let node_shards = node.inboxes.len();
     let ctx = Rc::new(Ctx {
         shards: Shards {
             inboxes: node.inboxes.clone(),
@@ -198,9 +270,15 @@ async fn serve<S: Store + 'static>(
         wake_writer: Notify::new(),
         jobs: Cell::new(0),
         reads: Semaphore::new(STORE_READS_IN_FLIGHT_MAX),
+        backlog: RefCell::new((0..node_shards).map(|_| VecDeque::new()).collect()),
+        backlog_len: Cell::new(0),
+        queued_bytes: Cell::new(0),
+        unlogged_failures: Cell::new(0),
+        last_failure_log: Cell::new(None),
     });
     let writer = tokio::task::spawn_local(writer(ctx.clone()));
     let health = tokio::task::spawn_local(health(ctx.clone()));
+    let retry = tokio::task::spawn_local(retry_backlog(ctx.clone()));
     let mut batch = Vec::with_capacity(256);
     'outer: loop {
         if rx.recv_many(&mut batch, 256).await == 0 {
@@ -217,15 +295,24 @@ async fn serve<S: Store + 'static>(
     }
     // Finish what was accepted: every DM in the writer's queue is stored and answered (or
     // failed) before the thread ends.
+    // Bounded by shutdown_timeout: with the database down every batch takes store_timeout.
     health.abort();
     ctx.wake_writer.notify_one();
-    while ctx.jobs.get() > 0 {
+    let deadline = tokio::time::Instant::now() + ctx.node.cfg.shutdown_timeout;
+    while ctx.jobs.get() > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(5)).await;
         if !ctx.sends.borrow().is_empty() {
             ctx.wake_writer.notify_one();
         }
     }
+    if ctx.jobs.get() > 0 {
+        tracing::warn!(
+            jobs = ctx.jobs.get(),
+            "store jobs unfinished at the shutdown deadline (none of them was acked)"
+        );
+    }
     writer.abort();
+    retry.abort();
 }
 
 fn accept<S: Store + 'static>(ctx: &Rc<Ctx<S>>, job: StoreJob) {
@@ -245,22 +332,44 @@ fn accept<S: Store + 'static>(ctx: &Rc<Ctx<S>>, job: StoreJob) {
             answer,
             msg,
         } => {
-            ctx.sends.borrow_mut().push_back(Send {
+            let send = Send {
                 origin,
                 answer,
                 msg,
-            });
-            ctx.wake_writer.notify_one();
+                queued_at: tokio::time::Instant::now(),
+            };
+            if ctx.queued_bytes.get() + send.bytes() > STORE_QUEUED_BYTES_MAX {
+                ctx.node.store_stats.busy.fetch_add(1, Ordering::Relaxed);
+                let cmid = send.msg.client_msg_id.as_deref();
+                answer_error(ctx, send.origin, &send.answer, cmid, BUSY);
+                done(ctx, 1);
+                return;
+            }
+            enqueue(ctx, send);
         }
         other => {
             let ctx = ctx.clone();
+            let queued_at = tokio::time::Instant::now();
             tokio::task::spawn_local(async move {
                 let _permit = ctx.reads.acquire().await;
-                run_job(&ctx, other).await;
+                // A job that waited store_timeout for its turn is answered unrun: its origin
+                // is about to give up on it.
+                if queued_at.elapsed() >= ctx.timeout {
+                    refuse(&ctx, other, STORE_UNAVAILABLE);
+                } else {
+                    run_job(&ctx, other).await;
+                }
                 done(&ctx, 1);
             });
         }
     }
+}
+
+/// Queue a send for the writer.
+fn enqueue<S>(ctx: &Ctx<S>, send: Send) {
+    ctx.queued_bytes.set(ctx.queued_bytes.get() + send.bytes());
+    ctx.sends.borrow_mut().push_back(send);
+    ctx.wake_writer.notify_one();
 }
 
 fn done<S>(ctx: &Ctx<S>, n: usize) {
@@ -292,11 +401,13 @@ fn refuse<S>(ctx: &Ctx<S>, job: StoreJob, text: &str) {
     }
 }
 
+/// Run a store call under `timeout` plus [`BACKSTOP`] (the store's own deadline is `timeout`
+/// and answers first; this one catches a store that does not keep it).
 async fn bounded<T>(
     timeout: Duration,
     f: impl std::future::Future<Output = crate::store::Result<T>>,
 ) -> crate::store::Result<T> {
-    match tokio::time::timeout(timeout, f).await {
+    match tokio::time::timeout(timeout + BACKSTOP, f).await {
         Ok(r) => r,
         Err(_) => Err(StoreError::Timeout),
     }
@@ -312,6 +423,26 @@ async fn writer<S: Store + 'static>(ctx: Rc<Ctx<S>>) {
         };
         if jobs.is_empty() {
             ctx.wake_writer.notified().await;
+            continue;
+        }
+        let bytes: usize = jobs.iter().map(Send::bytes).sum();
+        ctx.queued_bytes.set(ctx.queued_bytes.get() - bytes);
+        // A send that already waited store_timeout is failed unstored (its origin is about to
+        // give up); while the store is known down, every send fails at once.
+        let store_down = ctx.node.store_stats.up.load(Ordering::Relaxed) == 0;
+        let (jobs, expired): (Vec<Send>, Vec<Send>) = jobs
+            .into_iter()
+            .partition(|j| !store_down && j.queued_at.elapsed() < ctx.timeout);
+        if !expired.is_empty() {
+            let e = if store_down {
+                StoreError::Unavailable("down".into())
+            } else {
+                StoreError::Timeout
+            };
+            fail_all(&ctx, &expired, &e);
+            done(&ctx, expired.len());
+        }
+        if jobs.is_empty() {
             continue;
         }
         let msgs: Vec<NewMessage> = jobs.iter().map(|j| j.msg.clone()).collect();
@@ -339,7 +470,20 @@ fn fail_all<S>(ctx: &Ctx<S>, jobs: &[Send], e: &StoreError) {
         .store_stats
         .failed
         .fetch_add(jobs.len() as u64, Ordering::Relaxed);
-    tracing::warn!(error = %e, messages = jobs.len(), "a batch of direct messages was not stored; the senders got errors and no ack");
+    // One line per FAILURE_LOG_INTERVAL, with the count since the last one.
+    let failed = ctx.unlogged_failures.get() + jobs.len() as u64;
+    let now = tokio::time::Instant::now();
+    if ctx
+        .last_failure_log
+        .get()
+        .is_none_or(|t| now.duration_since(t) >= FAILURE_LOG_INTERVAL)
+    {
+        tracing::warn!(error = %e, messages = failed, "direct messages not stored; their senders got errors and no ack");
+        ctx.last_failure_log.set(Some(now));
+        ctx.unlogged_failures.set(0);
+    } else {
+        ctx.unlogged_failures.set(failed);
+    }
     for j in jobs {
         answer_error(
             ctx,
@@ -370,15 +514,11 @@ fn complete<S>(ctx: &Ctx<S>, job: &Send, out: Appended) {
                     user: p.clone(),
                     except,
                 };
-                missed +=
-                    deliver_inbound(&ctx.shards, &ctx.node.dir, target, frame.clone()).count_ones();
+                missed += deliver(ctx, target, &frame);
             }
-            if missed > 0 {
-                // Stored, so not lost: the devices on those shards get it from `sync`.
-                stats
-                    .live_missed
-                    .fetch_add(u64::from(missed), Ordering::Relaxed);
-            }
+            // (Counted by `deliver`: a shard held back gets it later, in order; a message the
+            // backlog could not hold is stored all the same, and `sync` returns it.)
+            let _ = missed;
         }
         Appended::Duplicate(_) => {
             stats.duplicates.fetch_add(1, Ordering::Relaxed);
@@ -402,6 +542,96 @@ fn complete<S>(ctx: &Ctx<S>, job: &Send, out: Appended) {
             job.msg.client_msg_id.as_deref(),
             r.text(),
         ),
+    }
+}
+
+/// Hand `frame` to every shard of this node holding recipients of `target`, through the
+/// backlog: a shard with messages held back gets this one after them, so what one shard
+/// receives from the bridge stays in order. Returns how many shards were held back.
+fn deliver<S>(ctx: &Ctx<S>, target: Target, frame: &Frame) -> u32 {
+    let n = ctx.shards.inboxes.len();
+    let p = crate::route::plan(&target, &ctx.node.dir, ctx.shards.node_id, 0, n, false);
+    let mut bits = p.shards | u64::from(p.local);
+    let mut held = 0;
+    while bits != 0 {
+        let shard = bits.trailing_zeros() as usize;
+        bits &= bits - 1;
+        let msg = ShardMsg::Deliver {
+            target: target.clone(),
+            frame: frame.clone(),
+        };
+        held += u32::from(!to_shard(ctx, shard, msg));
+    }
+    held
+}
+
+/// Send `msg` to `shard` now, or hold it in the backlog; false when it was held (or dropped).
+fn to_shard<S>(ctx: &Ctx<S>, shard: usize, msg: ShardMsg) -> bool {
+    let stats = &ctx.node.store_stats;
+    let mut backlog = ctx.backlog.borrow_mut();
+    let msg = if backlog[shard].is_empty() {
+        match ctx.shards.inboxes.try_send(shard, msg) {
+            Ok(()) => return true,
+            Err((SendFailure::Dead, _)) => {
+                stats.live_missed.fetch_add(1, Ordering::Relaxed);
+                return false;
+            }
+            Err((SendFailure::Full, m)) => m,
+        }
+    } else {
+        msg
+    };
+    stats.delayed.fetch_add(1, Ordering::Relaxed);
+    if ctx.backlog_len.get() >= SHARD_BACKLOG_MAX {
+        // Drop the oldest held message of the longest queue.
+        if let Some(q) = backlog.iter_mut().max_by_key(|q| q.len()) {
+            if q.pop_front().is_some() {
+                ctx.backlog_len.set(ctx.backlog_len.get() - 1);
+                stats.live_missed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+    backlog[shard].push_back(msg);
+    ctx.backlog_len.set(ctx.backlog_len.get() + 1);
+    stats
+        .backlog
+        .store(ctx.backlog_len.get() as u64, Ordering::Relaxed);
+    false
+}
+
+/// Retry the backlog, in order per shard, every [`BACKLOG_RETRY`].
+async fn retry_backlog<S>(ctx: Rc<Ctx<S>>) {
+    loop {
+        tokio::time::sleep(BACKLOG_RETRY).await;
+        if ctx.backlog_len.get() == 0 {
+            continue;
+        }
+        let mut backlog = ctx.backlog.borrow_mut();
+        for (shard, q) in backlog.iter_mut().enumerate() {
+            while let Some(msg) = q.pop_front() {
+                match ctx.shards.inboxes.try_send(shard, msg) {
+                    Ok(()) => {}
+                    Err((SendFailure::Full, m)) => {
+                        q.push_front(m);
+                        break;
+                    }
+                    Err((SendFailure::Dead, _)) => {
+                        ctx.node
+                            .store_stats
+                            .live_missed
+                            .fetch_add(1 + q.len() as u64, Ordering::Relaxed);
+                        q.clear();
+                        break;
+                    }
+                }
+            }
+        }
+        let len = backlog.iter().map(VecDeque::len).sum::<usize>();
+        ctx.backlog_len.set(len);
+        ctx.node
+            .store_stats
+            .backlog
+            .store(len as u64, Ordering::Relaxed);
     }
 }
 
@@ -486,12 +716,7 @@ fn answer_error<S>(
 }
 
 fn to_conn<S>(ctx: &Ctx<S>, origin: ConnRef, f: Frame) {
-    if deliver_inbound(&ctx.shards, &ctx.node.dir, Target::Conn(origin), f) != 0 {
-        ctx.node
-            .store_stats
-            .live_missed
-            .fetch_add(1, Ordering::Relaxed);
-    }
+    deliver(ctx, Target::Conn(origin), &f);
 }
 
 /// The response to a waiting HTTP request (its shard resumes the connection).
@@ -564,15 +789,16 @@ async fn rest<S: Store>(
             Effect::Send(msg) => {
                 // Counted as a job of its own: the writer finishes it.
                 ctx.jobs.set(ctx.jobs.get() + 1);
-                ctx.sends.borrow_mut().push_back(Send {
+                let send = Send {
                     origin,
                     answer: Answer::Http {
                         keep,
                         cors: cors.clone(),
                     },
                     msg,
-                });
-                ctx.wake_writer.notify_one();
+                    queued_at: tokio::time::Instant::now(),
+                };
+                enqueue(ctx, send);
                 answered_later = true;
             }
             Effect::Receipt { marked, by, at_ms } => receipt(ctx, &marked, &by, at_ms),
@@ -611,12 +837,7 @@ fn receipt<S>(ctx: &Ctx<S>, marked: &crate::store::Marked, by: &Arc<str>, at_ms:
             user: u.clone(),
             except: None,
         };
-        if deliver_inbound(&ctx.shards, &ctx.node.dir, target, f.clone()) != 0 {
-            ctx.node
-                .store_stats
-                .live_missed
-                .fetch_add(1, Ordering::Relaxed);
-        }
+        deliver(ctx, target, &f);
     }
 }
 
@@ -701,7 +922,7 @@ async fn notify<S: Store>(
             user: stored.user.clone(),
             except: None,
         };
-        deliver_inbound(&ctx.shards, &ctx.node.dir, target, f);
+        deliver(ctx, target, &f);
     }
     let mut body = Vec::with_capacity(256);
     crate::proto::envelope::write_object(&mut body, |o| notification_data(o, &stored));
@@ -724,13 +945,22 @@ async fn health<S: Store>(ctx: Rc<Ctx<S>>) {
         let up = bounded(ctx.timeout.min(HEALTH_INTERVAL * 2), ctx.store.ping())
             .await
             .is_ok();
-        ctx.node
-            .store_stats
-            .up
-            .store(u64::from(up), Ordering::Relaxed);
-        ctx.node
-            .bridge_healthy
-            .store(up, std::sync::atomic::Ordering::Relaxed);
+        let stats = &ctx.node.store_stats;
+        stats.up.store(u64::from(up), Ordering::Relaxed);
+        if let Some(m) = ctx.store.memory_stats() {
+            stats
+                .memory_bytes
+                .store(m.bytes_used as u64, Ordering::Relaxed);
+            stats
+                .memory_budget
+                .store(m.budget_bytes as u64, Ordering::Relaxed);
+            stats
+                .memory_messages
+                .store(m.messages as u64, Ordering::Relaxed);
+            stats
+                .evicted_messages
+                .store(m.evicted_messages, Ordering::Relaxed);
+        }
         if was != Some(up) {
             if up {
                 tracing::info!(store = ctx.store.kind(), "message store up");
@@ -746,18 +976,24 @@ async fn health<S: Store>(ctx: Rc<Ctx<S>>) {
 /// The store's lines of `/metrics`.
 pub fn prometheus_lines(s: &StoreStats, out: &mut String) {
     use std::fmt::Write;
-    let rows: [(&str, &str, &str, &AtomicU64); 11] = [
+    let rows: [(&str, &str, &str, &AtomicU64); 17] = [
         ("switchboard_store_batches_total", "counter", "Batches of direct messages committed to the message store (or failed)", &s.batches),
         ("switchboard_store_messages_total", "counter", "Messages stored", &s.stored),
         ("switchboard_store_duplicates_total", "counter", "Messages not stored again: (sender, clientMsgId) was stored before", &s.duplicates),
         ("switchboard_store_refused_total", "counter", "Messages refused by the store (not a participant, no such conversation)", &s.refused),
         ("switchboard_store_failed_total", "counter", "Messages and receipts the store failed or timed out on (the senders got errors, no ack)", &s.failed),
         ("switchboard_store_busy_total", "counter", "Store jobs refused because STORE_JOBS_QUEUED_MAX were waiting", &s.busy),
-        ("switchboard_store_live_missed_total", "counter", "Live message.create or answers a full shard inbox could not take (stored: sync returns them)", &s.live_missed),
+        ("switchboard_store_live_missed_total", "counter", "Frames for this node's connections dropped because SHARD_BACKLOG_MAX were held back or the shard had stopped (a dropped message.create is stored: sync returns it)", &s.live_missed),
+        ("switchboard_store_delayed_total", "counter", "Frames held back because a shard's inbox was full, handed on later in order", &s.delayed),
+        ("switchboard_store_backlog", "gauge", "Frames held back for full shard inboxes now", &s.backlog),
         ("switchboard_store_syncs_total", "counter", "sync calls answered", &s.syncs),
         ("switchboard_store_jobs_queued", "gauge", "Store jobs accepted and not yet finished", &s.queued),
         ("switchboard_store_last_batch_size", "gauge", "Messages in the last committed batch", &s.last_batch),
         ("switchboard_store_up", "gauge", "1 while the message store answers its health check", &s.up),
+        ("switchboard_store_memory_bytes", "gauge", "Bytes the in-memory store accounts for (0 with PostgreSQL)", &s.memory_bytes),
+        ("switchboard_store_memory_budget_bytes", "gauge", "The in-memory store's budget, store_memory_bytes (0 with PostgreSQL)", &s.memory_budget),
+        ("switchboard_store_memory_messages", "gauge", "Messages the in-memory store holds", &s.memory_messages),
+        ("switchboard_store_evicted_messages_total", "counter", "Messages the in-memory store evicted to stay within its budget", &s.evicted_messages),
     ];
     for (name, kind, help, v) in rows {
         let _ = writeln!(

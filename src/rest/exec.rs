@@ -71,8 +71,8 @@ impl From<RestError> for Executed {
     }
 }
 
-/// The text of every 503 from the store.
-pub const STORE_UNAVAILABLE: &str = "message store unavailable, retry later";
+/// The text of every 503 from the store (the socket's error text too).
+pub use crate::bridge::store::STORE_UNAVAILABLE;
 const THREAD_NOT_FOUND: &str = "thread not found";
 const NOT_PARTICIPANT: &str = "not a participant of this thread";
 const MESSAGE_NOT_FOUND: &str = "message not found";

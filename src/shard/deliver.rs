@@ -17,6 +17,18 @@ pub struct Missed {
 }
 
 impl Shard {
+    /// Hand a job to the message store on the bridge without blocking. False (and counted in
+    /// `switchboard_bridge_dropped_total`) when the bridge inbox is full: the caller answers
+    /// `server busy, retry later`.
+    pub(crate) fn hand_to_store(&mut self, job: crate::bridge::StoreJob) -> bool {
+        let msg = crate::bridge::BridgeMsg::Store(Box::new(job));
+        if self.node.bridge_tx.try_send(msg).is_err() {
+            self.out.stats.bridge_dropped += 1;
+            return false;
+        }
+        true
+    }
+
     /// This shard's reference for connection `slot`.
     pub(crate) fn conn_ref(&self, slot: u32) -> ConnRef {
         ConnRef {

@@ -196,7 +196,7 @@ impl Shard {
     /// requests handed to the bridge (the connection waits for its answer; a full bridge
     /// inbox is 503 `server busy, retry later`).
     fn rest_request(&mut self, slot: u32, req: &crate::http::Request, keep: bool) -> ApiAnswer {
-        use crate::bridge::{BridgeMsg, StoreJob};
+        use crate::bridge::StoreJob;
         use crate::rest::{self, Op};
         let node = self.node.clone();
         let cfg = &node.cfg;
@@ -247,12 +247,7 @@ impl Shard {
                     keep,
                     cors,
                 };
-                if node
-                    .bridge_tx
-                    .try_send(BridgeMsg::Store(Box::new(job)))
-                    .is_err()
-                {
-                    self.out.stats.bridge_dropped += 1;
+                if !self.hand_to_store(job) {
                     return ApiAnswer::now(Status::SERVICE_UNAVAILABLE, "server busy, retry later");
                 }
                 ApiAnswer::Later
@@ -346,7 +341,7 @@ impl Shard {
                 }
                 _ => {
                     if let Some(u) = head.query.and_then(|q| query_param(q, "user_id")) {
-                        if u.is_empty() || u.len() > ID_BYTES_MAX {
+                        if u.is_empty() || u.len() > ID_BYTES_MAX || u.contains('\0') {
                             self.reject(slot, 400, "invalid user_id");
                             return false;
                         }

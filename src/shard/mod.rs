@@ -257,8 +257,9 @@ struct Timing {
     handshake: u32,
     /// `http_keepalive_timeout`.
     keepalive: u32,
-    /// Longest an HTTP request waits for its answer from another shard or the bridge:
-    /// `store_timeout` plus 2 s, so the bridge's own timeout answers first.
+    /// Longest an HTTP request waits for its answer from another shard or the bridge: twice
+    /// `store_timeout` (a queued send waits at most that for its batch, and the batch takes at
+    /// most that) plus 3 s, so the bridge's own answer always comes first.
     answer_wait: u32,
     ping: u32,
     pong: u32,
@@ -306,7 +307,7 @@ impl Shard {
         let t = Timing {
             handshake: ticks(cfg.handshake_timeout),
             keepalive: ticks(cfg.http_keepalive_timeout),
-            answer_wait: ticks(cfg.store_timeout + Duration::from_secs(2)),
+            answer_wait: ticks(cfg.store_timeout * 2 + Duration::from_secs(3)),
             ping: ticks(cfg.ping_interval),
             pong: ticks(cfg.pong_wait),
             write_wait: ticks(cfg.write_wait),

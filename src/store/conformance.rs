@@ -116,10 +116,13 @@ async fn idempotent_in_and_across_batches<S: Store>(s: &S, p: &str) {
     // The same clientMsgId from another sender is another message.
     let out = s.append(&[dm(&t, &bo, &al, "same", "y")]).await.unwrap();
     assert_eq!(new_of(&out[0]).seq, 2);
-    // No clientMsgId: never deduplicated.
-    let mut anon = dm(&t, &al, &bo, "", "z");
-    anon.client_msg_id = None;
-    let out = s.append(&[anon.clone(), anon]).await.unwrap();
+    // No clientMsgId: never deduplicated (two sends, each with its own server id, as the
+    // shard assigns them; the same server id twice is the same message).
+    let anon = || NewMessage {
+        client_msg_id: None,
+        ..dm(&t, &al, &bo, "", "z")
+    };
+    let out = s.append(&[anon(), anon()]).await.unwrap();
     assert_eq!((new_of(&out[0]).seq, new_of(&out[1]).seq), (3, 4));
 }
 

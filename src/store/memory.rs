@@ -33,9 +33,14 @@
 //!   notification (dedup). Hash maps use std's `RandomState` (SipHash, randomly keyed) on
 //!   purpose: user ids and client ids are peer input.
 //!
-//! An append of a DM costs two hash lookups and three inserts, one log push, three deque pushes
-//! and two B-tree moves (the thread to the top of each participant's activity index): O(1) per
-//! message, O(participants) for a group message.
+//! An append of a DM costs six hash lookups (its dedup key, its thread by text id and by
+//! number, its two users) and two inserts (its `serverMsgId` and dedup key), a log push, three
+//! deque pushes and two B-tree moves (the thread to the top of each participant's activity
+//! index); in a full store, the eviction of the oldest message costs about as much again. O(1)
+//! per DM, O(participants) per group message, whatever the store holds. Measured (`cargo bench
+//! --bench store_memory`, 2 vCPU VM, CPU time of the bridge thread): 1.6 us per DM into a
+//! growing store, 2.4 us into a full one (about 400,000 DMs/s, each evicting the oldest);
+//! a `sync` page of 50 in 3.2 us, against 1.1 ms for a scan of 128,000 messages.
 //!
 //! ## Byte budget
 //! Every held item is counted when stored and uncounted when evicted, by the functions below
@@ -48,8 +53,8 @@
 //! A unit test recounts everything from scratch and checks it against the running total; the
 //! bench `store_memory` checks the total against a counting allocator.
 //!
-//! Not counted: at most two part-filled log chunks (2 x [`MESSAGE_CHUNK`] x 160 B = 80 KiB),
-//! and the allocator's own headers and rounding.
+//! Not counted: at most two part-filled log chunks and a spare one (3 x [`MESSAGE_CHUNK`] x
+//! 160 B = 120 KiB), and the allocator's own headers and rounding.
 //!
 //! Per item on x86-64 (string lengths in bytes; struct sizes from `size_of`, checked by the
 //! test `the_ledger_is_the_documented_one`):
@@ -308,6 +313,10 @@ struct Log {
     head: u64,
     /// Position the next message gets.
     tail: u64,
+    /// The last chunk emptied, kept for the next one needed: in a full store a chunk is
+    /// emptied for every one filled, and reusing it spares the allocator a 40 KiB block (and
+    /// glibc the consolidation a large request triggers) per [`MESSAGE_CHUNK`] messages.
+    spare: Option<Vec<Option<Message>>>,
 }
 
 impl Log {
@@ -333,7 +342,11 @@ impl Log {
 
     fn push(&mut self, m: Message) -> u64 {
         if self.chunks.back().is_none_or(|c| c.len() == MESSAGE_CHUNK) {
-            self.chunks.push_back(Vec::with_capacity(MESSAGE_CHUNK));
+            let chunk = self
+                .spare
+                .take()
+                .unwrap_or_else(|| Vec::with_capacity(MESSAGE_CHUNK));
+            self.chunks.push_back(chunk);
         }
         let chunk = self.chunks.back_mut().expect("a chunk was just ensured");
         chunk.push(Some(m));
@@ -351,7 +364,9 @@ impl Log {
         let pos = self.head;
         self.head += 1;
         if off + 1 == MESSAGE_CHUNK {
-            self.chunks.pop_front();
+            let mut chunk = self.chunks.pop_front().expect("the head's chunk");
+            chunk.clear();
+            self.spare = Some(chunk);
             self.base += MESSAGE_CHUNK as u64;
         }
         Some((pos, m))
@@ -1373,6 +1388,10 @@ impl Inner {
 }
 
 impl Store for MemoryStore {
+    fn memory_stats(&self) -> Option<MemoryStats> {
+        Some(self.stats())
+    }
+
     fn kind(&self) -> &'static str {
         "memory"
     }

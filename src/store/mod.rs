@@ -27,6 +27,7 @@
 
 pub mod conformance;
 pub mod memory;
+pub mod pg;
 pub mod reconnect;
 
 use std::sync::Arc;
@@ -406,6 +407,11 @@ pub trait Store {
 
     /// A cheap round trip (PostgreSQL: `SELECT 1`), for `/ready` and reconnects.
     async fn ping(&self) -> Result<()>;
+
+    /// The in-memory store's occupancy, for `/metrics` (read once per health check).
+    fn memory_stats(&self) -> Option<memory::MemoryStats> {
+        None
+    }
 }
 
 /// The sort key of a thread in [`Store::threads`] (most recent activity first), which `before`

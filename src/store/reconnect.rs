@@ -188,6 +188,48 @@ mod tests {
     use super::*;
 
     #[test]
+    fn calls_fail_fast_until_the_setup_succeeds_then_reach_the_store() {
+        use std::cell::Cell;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        let local = tokio::task::LocalSet::new();
+        local.block_on(&rt, async {
+            let attempts = Rc::new(Cell::new(0u32));
+            let a = attempts.clone();
+            let r = Reconnecting::new("memory", move || {
+                let a = a.clone();
+                async move {
+                    a.set(a.get() + 1);
+                    if a.get() < 3 {
+                        Err(StoreError::Unavailable("refused".into()))
+                    } else {
+                        Ok(super::super::memory::MemoryStore::new(1 << 20))
+                    }
+                }
+            });
+            // Not set up: an error at once, never a wait.
+            assert!(matches!(r.ping().await, Err(StoreError::Unavailable(_))));
+            assert!(!r.is_set_up());
+            // Two failures: retried after BACKOFF_MIN and twice that (less jitter).
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while !r.is_set_up() {
+                assert!(std::time::Instant::now() < deadline, "never set up");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            assert_eq!(attempts.get(), 3);
+            r.ping().await.unwrap();
+            let out = r
+                .append(&[super::super::conformance::dm("t", "a", "b", "c", "x")])
+                .await
+                .unwrap();
+            assert!(matches!(out[0], Appended::New { .. }));
+            assert_eq!(r.kind(), "memory");
+        });
+    }
+
+    #[test]
     fn backoff_doubles_caps_and_jitters_down() {
         assert_eq!(backoff(0, 0.0), BACKOFF_MIN);
         assert_eq!(backoff(1, 0.0), BACKOFF_MIN * 2);

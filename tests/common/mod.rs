@@ -3,10 +3,12 @@
 //!
 //! Owns: starting and stopping one server per test ([`TestServer`]), a WebSocket client on
 //! tungstenite with read timeouts ([`Client`]), a raw-socket client for what tungstenite will not
-//! send ([`RawWs`], [`HttpReply`]), and JWT minting ([`jwt`]). Every wait here is bounded, so a
-//! missing frame fails the test instead of hanging it. Each test binary includes this module and
-//! uses a part of it.
+//! send ([`RawWs`], [`HttpReply`]), JWT minting ([`jwt`]), and throwaway PostgreSQL clusters for
+//! the message store tests ([`pg`]). Every wait here is bounded, so a missing frame fails the
+//! test instead of hanging it. Each test binary includes this module and uses a part of it.
 #![allow(dead_code)]
+
+pub mod pg;
 
 use std::collections::HashSet;
 use std::io::{ErrorKind, Read, Write};
@@ -346,6 +348,23 @@ impl TestServer {
     }
 
     /// A fresh client still gets served (after some other client misbehaved).
+    /// Wait (at most 20 s) until `/ready` answers 200: the message store is set up (a
+    /// PostgreSQL store connects and migrates in the background after start).
+    pub fn wait_ready(&self) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some((200, _)) = self.try_http_get("/ready") {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "/ready never answered 200; log:\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn assert_serving(&self) {
         let mut c = self.connect("/ws");
         c.send_json(json!({"type": "ping", "id": "still-serving"}));

@@ -282,13 +282,7 @@ pub fn notify(
         cors: cors.map(std::sync::Arc::from),
         n,
     };
-    if sh
-        .node
-        .bridge_tx
-        .try_send(crate::bridge::BridgeMsg::Store(Box::new(job)))
-        .is_err()
-    {
-        sh.out.stats.bridge_dropped += 1;
+    if !sh.hand_to_store(job) {
         return err(Status::SERVICE_UNAVAILABLE, BUSY);
     }
     Outcome::Later

@@ -15,7 +15,6 @@ use serde::Deserialize;
 
 use super::Cmd;
 use crate::bridge::store::{Answer, StoreJob, BUSY};
-use crate::bridge::BridgeMsg;
 use crate::limits::{ID_BYTES_MAX, URL_BYTES_MAX};
 use crate::metrics::ErrorReason;
 use crate::proto::envelope::non_empty;
@@ -91,7 +90,20 @@ pub fn send(sh: &mut Shard, slot: u32, cmd: &Cmd<'_>) {
         bad(sh, ErrorReason::BadRequest, "content is required");
         return;
     }
-    let thread: Arc<str> = match (non_empty(&m.conversation_id), to) {
+    let conversation = non_empty(&m.conversation_id);
+    // PostgreSQL text cannot hold U+0000: refused here, so it can never fail a batch.
+    let texts = [Some(content), attachment, Some(cmid), to, conversation];
+    if texts.iter().flatten().any(|t| t.contains('\0')) {
+        bad(sh, ErrorReason::BadRequest, NUL_TEXT);
+        return;
+    }
+    if let (Some(c), Some(to)) = (conversation, to) {
+        if let Err(text) = check_conversation_id(c, &user, to) {
+            bad(sh, ErrorReason::BadRequest, text);
+            return;
+        }
+    }
+    let thread: Arc<str> = match (conversation, to) {
         (Some(c), _) if c.len() > ID_BYTES_MAX => {
             bad(sh, ErrorReason::BadRequest, "conversationId too long");
             return;
@@ -122,17 +134,30 @@ pub fn send(sh: &mut Shard, slot: u32, cmd: &Cmd<'_>) {
         },
         msg,
     };
-    if sh
-        .node
-        .bridge_tx
-        .try_send(BridgeMsg::Store(Box::new(job)))
-        .is_err()
-    {
-        sh.out.stats.bridge_dropped += 1;
+    if !sh.hand_to_store(job) {
         bad(sh, ErrorReason::Busy, BUSY);
         return;
     }
     sh.out.stats.dms += 1;
+}
+
+/// The error text of a text field holding U+0000.
+pub const NUL_TEXT: &str = "text must not contain NUL characters";
+
+/// A `conversationId` given with `to` names the DM thread of those two users: it may not be
+/// all digits (numeric ids are the store's own, and the REST API accepts both forms) nor a
+/// derived id (UUID v5) of another pair, which would let one user take the conversation of
+/// two others before they write to each other.
+pub fn check_conversation_id(c: &str, from: &str, to: &str) -> Result<(), &'static str> {
+    if !c.is_empty() && c.bytes().all(|b| b.is_ascii_digit()) {
+        return Err("conversationId must not be all digits");
+    }
+    if let Ok(u) = uuid::Uuid::try_parse(c) {
+        if u.get_version_num() == 5 && u.to_string() != derive_conversation_id(from, to) {
+            return Err("conversationId belongs to another conversation");
+        }
+    }
+    Ok(())
 }
 
 #[derive(Deserialize)]
@@ -170,13 +195,7 @@ pub fn sync(sh: &mut Shard, slot: u32, cmd: &Cmd<'_>) {
         since: m.since,
         limit,
     };
-    if sh
-        .node
-        .bridge_tx
-        .try_send(BridgeMsg::Store(Box::new(job)))
-        .is_err()
-    {
-        sh.out.stats.bridge_dropped += 1;
+    if !sh.hand_to_store(job) {
         sh.send_error(slot, ErrorReason::Busy, id, BUSY, None);
     }
 }
@@ -190,6 +209,31 @@ fn const_format_limit() -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_conversation_id_with_to_is_checked() {
+        let ours = derive_conversation_id("alice", "bob");
+        assert_eq!(check_conversation_id(&ours, "bob", "alice"), Ok(()));
+        assert_eq!(
+            check_conversation_id(&ours.to_uppercase(), "alice", "bob"),
+            Ok(())
+        );
+        let theirs = derive_conversation_id("bob", "carol");
+        assert_eq!(
+            check_conversation_id(&theirs, "mallory", "bob"),
+            Err("conversationId belongs to another conversation")
+        );
+        assert_eq!(
+            check_conversation_id("1041", "alice", "bob"),
+            Err("conversationId must not be all digits")
+        );
+        // A client's own ids (v4, v7, any text) are theirs to use.
+        assert_eq!(
+            check_conversation_id(&uuid::Uuid::new_v4().to_string(), "a", "b"),
+            Ok(())
+        );
+        assert_eq!(check_conversation_id("order-1041", "a", "b"), Ok(()));
+    }
 
     #[test]
     fn conversation_ids_are_symmetric_and_distinct() {

@@ -16,7 +16,6 @@ use sonic_rs::{JsonValueTrait, LazyValue};
 
 use super::Cmd;
 use crate::bridge::store::StoreJob;
-use crate::bridge::BridgeMsg;
 use crate::limits::ID_BYTES_MAX;
 use crate::metrics::ErrorReason;
 use crate::proto::envelope::non_empty;
@@ -209,14 +208,8 @@ fn record(sh: &mut Shard, user: &Arc<str>, conversation: &str, raw_ids: &str, re
             messages: chunk.to_vec(),
             at_ms: sh.now_ms,
         });
-        if sh
-            .node
-            .bridge_tx
-            .try_send(BridgeMsg::Store(Box::new(job)))
-            .is_err()
-        {
-            sh.out.stats.bridge_dropped += 1;
-        }
+        // A full inbox loses only the stored state (counted), never the live receipt.
+        sh.hand_to_store(job);
     }
 }
 
