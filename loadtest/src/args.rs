@@ -70,6 +70,9 @@ pub struct Opts {
     pub duration_s: f64,
     pub source_ips: Vec<Ipv4Addr>,
     pub server_pid: Option<u32>,
+    /// A database server's main process (PostgreSQL's postmaster): its CPU and its direct
+    /// children's (the backends) is reported beside the server's (dm, rest-read).
+    pub db_pid: Option<u32>,
     pub json_only: bool,
     /// Free text copied into the report (run-bench names its runs with it).
     pub label: String,
@@ -155,6 +158,7 @@ impl Opts {
             duration_s: 10.0,
             source_ips: (1..=50).map(|d| Ipv4Addr::new(127, 0, 0, d)).collect(),
             server_pid: None,
+            db_pid: None,
             json_only: false,
             label: String::new(),
             in_flight: 256,
@@ -216,6 +220,8 @@ common flags:
   --duration S                   run phase seconds, default 10
   --source-ips A-B|A,B,..        source addresses, round-robin, default 127.0.0.1-127.0.0.50
   --server-pid PID               sample the server's CPU and RSS from /proc
+  --db-pid PID                   dm, rest-read: also sample a database's CPU (PID and its
+                                 direct children: PostgreSQL's postmaster and backends)
   --in-flight N                  concurrent handshakes, default 256
   --processes P                  run P generator processes, each with every P-th connection
                                  and its own fd limit (up to 19,500 connections each); one
@@ -403,6 +409,7 @@ pub fn parse(args: &[String]) -> Result<Opts, String> {
             "--duration" => o.duration_s = num(f, &v)?,
             "--source-ips" => o.source_ips = parse_source_ips(&v)?,
             "--server-pid" => o.server_pid = Some(num(f, &v)?),
+            "--db-pid" => o.db_pid = Some(num(f, &v)?),
             "--label" => o.label = v,
             "--in-flight" => o.in_flight = num(f, &v)?,
             "--batch-us" => o.batch_us = num(f, &v)?,

@@ -401,14 +401,16 @@ fn threads_sample(o: &Opts) -> Vec<sys::ThreadSample> {
     o.server_pid.map(sys::sample_threads).unwrap_or_default()
 }
 
-/// Server and generator CPU in % of one core over the run window, and what the rest of the
-/// machine used meanwhile (`other_cpu_pct_run`: other processes, such as builds, and kernel
-/// work not charged to either; on a shared machine a run with much of it is suspect).
+/// Server, generator (and with `--db-pid` database) CPU in % of one core over the run window,
+/// and what the rest of the machine used meanwhile (`other_cpu_pct_run`: other processes, such
+/// as builds, and kernel work not charged to them; on a shared machine a run with much of it
+/// is suspect).
 fn run_cpu_rows(
     r: &mut Report,
     server: (Option<ProcSample>, Option<ProcSample>),
     own: (Option<ProcSample>, Option<ProcSample>),
     machine: (Option<u64>, Option<u64>),
+    db: (Option<u64>, Option<u64>),
 ) {
     let mut ours = 0.0;
     let mut win_ns = 0.0;
@@ -423,6 +425,11 @@ fn run_cpu_rows(
             win_ns = win;
             r.put_f(key, pct, 1);
         }
+    }
+    if let ((Some(a), Some(b)), true) = (db, win_ns > 0.0) {
+        let pct = b.saturating_sub(a) as f64 / win_ns * 100.0;
+        ours += pct;
+        r.put_f("db_cpu_pct_run", pct, 1);
     }
     if let ((Some(a), Some(b)), true) = (machine, win_ns > 0.0) {
         let busy = b.saturating_sub(a) as f64 / win_ns * 100.0;
@@ -749,11 +756,13 @@ fn dm(o: &Opts) -> Report {
     let threads_before = threads_sample(o);
     let own_before = own_sample();
     let busy_before = sys::machine_busy_ns();
+    let db_before = o.db_pid.and_then(sys::tree_cpu_ns);
     let (start, end) = s.run(o.duration_s);
     let after_run = sample(o);
     let threads_after = threads_sample(o);
     let own_run = own_sample();
     let busy_run = sys::machine_busy_ns();
+    let db_run = o.db_pid.and_then(sys::tree_cpu_ns);
     let per_send = (2 * d - 1) as u64;
     let drained_s = s.drain(o.drain_s, |sh| {
         let sent = sh.sent.load(Ordering::Relaxed);
@@ -786,6 +795,7 @@ fn dm(o: &Opts) -> Report {
         (before, after_run),
         (own_before, own_run),
         (busy_before, busy_run),
+        (db_before, db_run),
     );
     thread_rows(&mut r, &threads_before, &threads_after, before, after_run);
     proc_rows(&mut r, "after", after);
@@ -1528,6 +1538,7 @@ fn rest_read(o: &Opts) -> Report {
     let threads_before = threads_sample(o);
     let own_before = own_sample();
     let busy_before = sys::machine_busy_ns();
+    let db_before = o.db_pid.and_then(sys::tree_cpu_ns);
     let start = now_ns() + RUN_LEAD_NS;
     let end = start + (o.duration_s * 1e9) as u64;
     shared.run_start_ns.store(start, Ordering::Release);
@@ -1539,6 +1550,7 @@ fn rest_read(o: &Opts) -> Report {
     let threads_after = threads_sample(o);
     let own_run = own_sample();
     let busy_run = sys::machine_busy_ns();
+    let db_run = o.db_pid.and_then(sys::tree_cpu_ns);
     shared.phase.store(phase::DRAIN, Ordering::Release);
     let settled = |sh: &Shared| {
         sh.k(kind::REST_DONE) + sh.k(kind::REST_BACKLOG_DROPPED) >= sh.k(kind::REST_SCHEDULED)
@@ -1626,6 +1638,7 @@ fn rest_read(o: &Opts) -> Report {
         (before, after_run),
         (own_before, own_run),
         (busy_before, busy_run),
+        (db_before, db_run),
     );
     thread_rows(&mut r, &threads_before, &threads_after, before, after_run);
     proc_rows(&mut r, "after", after);

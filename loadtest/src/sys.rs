@@ -105,6 +105,39 @@ fn cpu_from_stat(pid: u32) -> Option<u64> {
     Some((utime + stime) * 1_000_000_000 / tck)
 }
 
+/// CPU time of process `pid` and of its direct children (PostgreSQL's postmaster and its
+/// backends), nanoseconds; children that ended between two samples are not counted.
+pub fn tree_cpu_ns(pid: u32) -> Option<u64> {
+    let mut total = cpu_from_schedstat(pid).or_else(|| cpu_from_stat(pid))?;
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Some(total);
+    };
+    for entry in dir.flatten() {
+        let Some(child) = entry
+            .file_name()
+            .to_str()
+            .and_then(|t| t.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
+            continue;
+        };
+        if parent_of(&stat) == Some(pid) {
+            total += cpu_from_schedstat(child)
+                .or_else(|| cpu_from_stat(child))
+                .unwrap_or(0);
+        }
+    }
+    Some(total)
+}
+
+/// The parent pid (field 4) of a /proc/PID/stat line.
+pub fn parent_of(stat: &str) -> Option<u32> {
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
 /// CPU time the whole machine spent busy (every core, every process, the kernel's interrupt
 /// work included; not idle or iowait), nanoseconds, from the `cpu` line of /proc/stat.
 pub fn machine_busy_ns() -> Option<u64> {
@@ -309,6 +342,16 @@ mod tests {
         let s = sample_proc(std::process::id()).expect("own /proc");
         assert!(s.rss_kb > 0);
         assert!(cpu_from_stat(std::process::id()).is_some());
+    }
+
+    #[test]
+    fn a_process_tree_counts_its_children() {
+        assert_eq!(parent_of("42 (post gres) S 7 42 42 0"), Some(7));
+        assert_eq!(parent_of("garbage"), None);
+        // Sampled first: this process's CPU only grows, and the tree holds at least it.
+        let alone = cpu_from_schedstat(std::process::id()).unwrap_or(0);
+        let tree = tree_cpu_ns(std::process::id()).expect("own /proc");
+        assert!(tree >= alone, "{tree} < {alone}");
     }
 
     #[test]
