@@ -128,8 +128,7 @@ pub enum AuthError {
     Expired,
     /// `nbf > now + leeway`.
     NotYetValid,
-    /// `sub` absent, empty, longer than [`SUB_BYTES_MAX`] or holding a NUL character (the message
-    /// store cannot keep one; a non-string `sub` is `Malformed`).
+    /// `sub` absent, empty or longer than [`SUB_BYTES_MAX`] (a non-string `sub` is `Malformed`).
     MissingSub,
     /// `jwt_audience` is set and the token's `aud` does not contain it.
     BadAudience,
@@ -404,7 +403,7 @@ impl Verifier {
             }
         }
         let sub = match raw.sub {
-            Some(s) if !s.is_empty() && s.len() <= SUB_BYTES_MAX && !s.contains('\0') => s,
+            Some(s) if !s.is_empty() && s.len() <= SUB_BYTES_MAX => s,
             _ => return Err(AuthError::MissingSub),
         };
         Ok(Claims {

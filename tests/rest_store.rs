@@ -5,26 +5,14 @@
 //!
 //! Every body runs against the in-memory store and against PostgreSQL (`common::pg`).
 
+#[macro_use]
 mod common;
 
 use common::{Client, HttpConn, TestServer};
 use serde_json::{json, Value};
+use switchboard::shard::service::dm::derive_conversation_id;
 
 const KEY: &str = "api-key-rs";
-
-macro_rules! both_stores {
-    ($($name:ident),* $(,)?) => {
-        mod memory {
-            $(#[test] fn $name() { super::$name(&[]); })*
-        }
-        mod postgres {
-            $(#[test] fn $name() {
-                let url = super::common::pg::database(stringify!($name));
-                super::$name(&[("SWITCHBOARD_DATABASE_URL", &url)]);
-            })*
-        }
-    };
-}
 
 both_stores!(
     a_dm_is_listed_marked_read_over_rest_and_the_sender_sees_it,
@@ -32,6 +20,10 @@ both_stores!(
     messages_and_threads_page_without_gaps_or_repeats,
     nobody_sees_anothers_threads,
     notifications_from_the_server_api_are_listed_and_marked_read,
+    nobody_can_squat_another_pairs_conversation,
+    numeric_ids_cannot_be_shadowed,
+    a_thread_of_two_over_rest_is_their_conversation,
+    nul_text_is_refused,
 );
 
 fn start(env: &[(&str, &str)]) -> TestServer {
@@ -443,4 +435,192 @@ fn notifications_from_the_server_api_are_listed_and_marked_read(env: &[(&str, &s
     assert_eq!((st, &v["updated"]), (200, &json!(2)), "{v}");
     let (_, v) = rest(&s, "GET", "/api/v1/notifications?unread=true", "bob", None);
     assert_eq!(v["notifications"], json!([]));
+}
+
+/// Mallory cannot make the thread that bob's DMs to carol would land in (the reviewer's probe:
+/// a REST group under their derived conversation id), so she reads none of them.
+fn nobody_can_squat_another_pairs_conversation(env: &[(&str, &str)]) {
+    let s = start(env);
+    let conv = derive_conversation_id("bob", "carol");
+    let threads = "/api/v1/messages/threads";
+    for who in [json!(["bob", "carol"]), json!(["bob"]), json!(["carol"])] {
+        let (st, v) = rest(
+            &s,
+            "POST",
+            threads,
+            "mallory",
+            Some(json!({"id": conv, "participants": who})),
+        );
+        assert_eq!(
+            (st, v["error"].as_str()),
+            (400, Some("id is reserved for direct conversations")),
+            "{who}"
+        );
+    }
+    let mut mallory = s.connect("/ws?user_id=mallory");
+    let mut bob = s.connect("/ws?user_id=bob");
+    let mut carol = s.connect("/ws?user_id=carol");
+    let ack = send(&mut bob, "x1", "carol", "secret");
+    assert_eq!(ack["conversationId"], conv.as_str());
+    assert_eq!(
+        carol.expect_type("message.create")["data"]["content"],
+        "secret"
+    );
+    mallory.expect_silence(200);
+    let (st, _) = rest(
+        &s,
+        "GET",
+        &format!("{threads}/{conv}/messages"),
+        "mallory",
+        None,
+    );
+    assert_eq!(st, 403);
+    // One of the pair may name their own conversation: it is their direct thread.
+    let (st, v) = rest(
+        &s,
+        "POST",
+        threads,
+        "carol",
+        Some(json!({"id": conv, "participants": ["bob"]})),
+    );
+    assert_eq!((st, &v["kind"]), (200, &json!("direct")), "{v}");
+    assert_eq!(v["participants"], json!(["bob", "carol"]));
+}
+
+/// A thread id of digits is refused at creation, so `/threads/<digits>` names the thread with
+/// that numeric id and nothing else (the reviewer's probe: mallory made a text id equal to the
+/// numeric id of bob and carol's thread, and bob's REST send landed in hers).
+fn numeric_ids_cannot_be_shadowed(env: &[(&str, &str)]) {
+    let s = start(env);
+    let mut bob = s.connect("/ws?user_id=bob");
+    let conv = send(&mut bob, "b0", "carol", "first")["conversationId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (_, v) = rest(&s, "GET", "/api/v1/messages/threads", "bob", None);
+    let nid = v["threads"][0]["numericId"].as_u64().unwrap();
+    let (st, v) = rest(
+        &s,
+        "POST",
+        "/api/v1/messages/threads",
+        "mallory",
+        Some(json!({"id": nid.to_string(), "participants": ["bob"]})),
+    );
+    assert_eq!(
+        (st, v["error"].as_str()),
+        (400, Some("id must not be all digits"))
+    );
+    let (st, v) = rest(
+        &s,
+        "POST",
+        &format!("/api/v1/messages/threads/{nid}/messages"),
+        "bob",
+        Some(json!({"content": "for carol"})),
+    );
+    assert_eq!(st, 201, "{v}");
+    assert_eq!(
+        (v["threadId"].as_str(), v["recipientId"].as_str()),
+        (Some(conv.as_str()), Some("carol"))
+    );
+    let (st, _) = rest(
+        &s,
+        "GET",
+        &format!("/api/v1/messages/threads/{nid}/messages"),
+        "mallory",
+        None,
+    );
+    assert_eq!(st, 403);
+}
+
+/// `POST /threads` for two people without an id makes their direct conversation, the one
+/// `message.send` uses; with an id of their own it is a group of two, which takes no DM.
+fn a_thread_of_two_over_rest_is_their_conversation(env: &[(&str, &str)]) {
+    let s = start(env);
+    let (st, t) = rest(
+        &s,
+        "POST",
+        "/api/v1/messages/threads",
+        "alice",
+        Some(json!({"participants": ["bob"]})),
+    );
+    assert_eq!(st, 201, "{t}");
+    assert_eq!(
+        (&t["kind"], &t["id"]),
+        (
+            &json!("direct"),
+            &json!(derive_conversation_id("alice", "bob"))
+        )
+    );
+    let mut bob = s.connect("/ws?user_id=bob");
+    let ack = send(&mut bob, "b1", "alice", "hi");
+    assert_eq!(ack["conversationId"], t["id"]);
+    // A group of two under an id of their own: REST messages go to both, without `to`.
+    let (st, g) = rest(
+        &s,
+        "POST",
+        "/api/v1/messages/threads",
+        "alice",
+        Some(json!({"id": "alice-bob-project", "participants": ["bob"]})),
+    );
+    assert_eq!((st, &g["kind"]), (201, &json!("group")), "{g}");
+    let (st, v) = rest(
+        &s,
+        "POST",
+        "/api/v1/messages/threads/alice-bob-project/messages",
+        "alice",
+        Some(json!({"content": "to the project"})),
+    );
+    assert_eq!((st, &v["recipientId"]), (201, &Value::Null), "{v}");
+    let m = bob.expect_type("message.create");
+    assert_eq!(m["data"]["conversationId"], "alice-bob-project");
+    // A DM does not go into it.
+    bob.send_json(
+        json!({"type": "message.send", "clientMsgId": "b2", "to": "alice",
+        "conversationId": "alice-bob-project", "content": "dm?"}),
+    );
+    bob.expect_error("not a participant of this conversation");
+}
+
+/// U+0000 in a REST text is a 400 with the stores' text, and the store stays whole.
+fn nul_text_is_refused(env: &[(&str, &str)]) {
+    let s = start(env);
+    let mut alice = s.connect("/ws?user_id=alice");
+    let conv = send(&mut alice, "a1", "bob", "first")["conversationId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let path = format!("/api/v1/messages/threads/{conv}/messages");
+    for body in [
+        json!({"content": "a\u{0}b"}),
+        json!({"content": "x", "clientMsgId": "c\u{0}"}),
+        json!({"content": "x", "attachmentUrl": "https://x/\u{0}"}),
+    ] {
+        let (st, v) = rest(&s, "POST", &path, "alice", Some(body.clone()));
+        assert_eq!(
+            (st, v["error"].as_str()),
+            (400, Some("text must not contain NUL characters")),
+            "{body}"
+        );
+    }
+    let (st, v) = rest(
+        &s,
+        "POST",
+        "/api/v1/messages/threads",
+        "alice",
+        Some(json!({"participants": ["bob", "carol"], "title": "t\u{0}"})),
+    );
+    assert_eq!(
+        (st, v["error"].as_str()),
+        (400, Some("text must not contain NUL characters"))
+    );
+    let (st, _) = rest(&s, "GET", "/api/v1/messages/threads/x%00", "alice", None);
+    assert_eq!(st, 400);
+    let (st, v) = rest(
+        &s,
+        "POST",
+        &path,
+        "alice",
+        Some(json!({"content": "after"})),
+    );
+    assert_eq!((st, &v["seq"]), (201, &json!(2)), "{v}");
 }

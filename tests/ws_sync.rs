@@ -5,27 +5,13 @@
 //! Every test body runs twice, against the in-memory store and against PostgreSQL (a
 //! throwaway cluster the test starts, see `common::pg`).
 
+#[macro_use]
 mod common;
 
 use common::{Client, TestServer};
 use serde_json::{json, Value};
 
 const EXPOSE: (&str, &str) = ("SWITCHBOARD_EXPOSE_SHARD", "true");
-
-/// One test body, run against each store.
-macro_rules! both_stores {
-    ($($name:ident),* $(,)?) => {
-        mod memory {
-            $(#[test] fn $name() { super::$name(&[]); })*
-        }
-        mod postgres {
-            $(#[test] fn $name() {
-                let url = super::common::pg::database(stringify!($name));
-                super::$name(&[("SWITCHBOARD_DATABASE_URL", &url)]);
-            })*
-        }
-    };
-}
 
 both_stores!(
     ack_and_every_device_carry_the_same_ids_and_cursor,

@@ -903,8 +903,21 @@ async fn notify<S: Store>(
     cors: Option<Arc<str>>,
     n: NewNotification,
 ) {
-    let (stored, fresh) = match bounded(ctx.timeout, ctx.store.add_notification(&n)).await {
-        Ok(r) => r,
+    let (stored, fresh) = match bounded(ctx.timeout, ctx.store.store_notification(&n)).await {
+        Ok(crate::store::Noted::New(s)) => (s, true),
+        Ok(crate::store::Noted::Exists(s)) => (s, false),
+        Ok(crate::store::Noted::Refused(r)) => {
+            let body = crate::http::json_error_body(r.text());
+            http_answer(
+                ctx,
+                origin,
+                Status::BAD_REQUEST,
+                &body,
+                keep,
+                cors.as_deref(),
+            );
+            return;
+        }
         Err(_) => {
             let answer = Answer::Http { keep, cors };
             answer_error(ctx, origin, &answer, None, STORE_UNAVAILABLE);

@@ -9,6 +9,8 @@
 //!   upgrade: the `X-User-Id` header, else the `user_id` query parameter. Without either the
 //!   request is 401 (the REST API has no anonymous user); an empty or over-long id is 400
 //!   `invalid user_id`, as on the upgrade.
+//! - In either mode a user id holding U+0000 (a token's `sub` of `"\u0000"`, a `%00`) is 400
+//!   `text must not contain NUL characters`: no store can hold it.
 
 use std::sync::Arc;
 
@@ -50,6 +52,7 @@ pub fn identify(
             let claims = verifier
                 .verify(token, now_unix_s)
                 .map_err(|e| RestError::new(Status::UNAUTHORIZED, e.as_str()))?;
+            super::parse::no_nul(&claims.sub)?;
             Ok(Identity {
                 user: Arc::from(claims.sub),
                 allowed_users: claims.allowed_users,
@@ -66,6 +69,7 @@ pub fn identify(
             if user.is_empty() || user.len() > ID_BYTES_MAX {
                 return Err(RestError::bad("invalid user_id"));
             }
+            super::parse::no_nul(&user)?;
             Ok(Identity {
                 user: Arc::from(user.as_ref()),
                 allowed_users: None,
@@ -170,6 +174,16 @@ mod tests {
         let nosub = format!("Bearer {}", token(serde_json::json!({"exp": NOW + 60})));
         let e = identify(&req(Some(&nosub), None, None), AuthMode::Jwt, Some(&v), NOW).unwrap_err();
         assert_eq!(&*e.text, "token missing sub");
+        // A verified `sub` no store can hold.
+        let nul = format!(
+            "Bearer {}",
+            token(serde_json::json!({"sub": "a\u{0}", "exp": NOW + 60}))
+        );
+        let e = identify(&req(Some(&nul), None, None), AuthMode::Jwt, Some(&v), NOW).unwrap_err();
+        assert_eq!(
+            (e.status, &*e.text),
+            (Status::BAD_REQUEST, "text must not contain NUL characters")
+        );
     }
 
     #[test]
@@ -200,6 +214,17 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!((e.status, &*e.text), (Status::UNAUTHORIZED, USER_REQUIRED));
+        let e = identify(
+            &req(None, None, Some("user_id=al%00")),
+            AuthMode::None,
+            None,
+            NOW,
+        )
+        .unwrap_err();
+        assert_eq!(
+            (e.status, &*e.text),
+            (Status::BAD_REQUEST, "text must not contain NUL characters")
+        );
         let long = "u".repeat(ID_BYTES_MAX + 1);
         for bad in ["", long.as_str()] {
             let e = identify(&req(None, Some(bad), None), AuthMode::None, None, NOW).unwrap_err();

@@ -12,7 +12,9 @@
 //! Status mapping, the same on every endpoint: a [`StoreError`] is 503 `message store
 //! unavailable, retry later` (nothing was changed that a retry would repeat badly: reads are
 //! reads, marks only move forward, creates and sends are idempotent by id), `Lookup::NotFound`
-//! is 404, `Lookup::Forbidden` 403. Nothing is 500.
+//! is 404, `Lookup::Forbidden` 403, a store's refusal of the request's data
+//! ([`Created::Refused`], [`Refusal::InvalidText`], [`Refusal::NumericThreadId`]) 400 with the
+//! refusal's text. Nothing is 500.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -22,7 +24,7 @@ use crate::http::{json_error_body, CorsHeaders, Response, Status};
 use crate::shard::service::dm::derive_conversation_id;
 use crate::store::{
     Appended, Created, Lookup, Mark, MarkRequest, Marked, Message, NewMessage, NewThread, Refusal,
-    Store, StoreError, ThreadRef, ThreadView, THREAD_PARTICIPANTS_MAX,
+    Store, StoreError, ThreadKind, ThreadRef, ThreadView, THREAD_PARTICIPANTS_MAX,
 };
 
 /// What the bridge must do besides answering.
@@ -113,6 +115,9 @@ pub fn render_appended(a: &Appended) -> Executed {
         Appended::Refused(Refusal::NotParticipant) => {
             Executed::error(Status::FORBIDDEN, NOT_PARTICIPANT)
         }
+        Appended::Refused(r @ (Refusal::InvalidText | Refusal::NumericThreadId)) => {
+            Executed::error(Status::BAD_REQUEST, r.text())
+        }
     }
 }
 
@@ -177,15 +182,13 @@ async fn run<S: Store>(
             if others.len() >= THREAD_PARTICIPANTS_MAX {
                 return Ok(too_many_participants().into());
             }
-            // A two-person thread without an asked id is the pair's DM conversation: the id
-            // `message.send` derives, so REST and the WebSocket name one conversation.
-            let id = id.or_else(|| match others.as_slice() {
-                [] => Some(Arc::from(derive_conversation_id(user, user))),
-                [peer] => Some(Arc::from(derive_conversation_id(user, peer))),
-                _ => None,
-            });
+            let (id, kind) = match thread_to_create(user, id, &others) {
+                Ok(chosen) => chosen,
+                Err(e) => return Ok(e.into()),
+            };
             let new = NewThread {
                 id,
+                kind,
                 creator: Arc::from(user),
                 participants: others,
                 title,
@@ -194,6 +197,7 @@ async fn run<S: Store>(
             match store.create_thread(&new).await? {
                 Created::New(v) => thread_body(Status::CREATED, &v),
                 Created::Exists(l) => lookup(l, THREAD_NOT_FOUND, |v| thread_body(Status::OK, &v)),
+                Created::Refused(r) => Executed::error(Status::BAD_REQUEST, r.text()),
             }
         }
         RestOp::SendMessage {
@@ -213,7 +217,12 @@ async fn run<S: Store>(
                     return Ok(Executed::error(Status::FORBIDDEN, NOT_PARTICIPANT))
                 }
             };
-            let to = recipient(user, &view.participants);
+            // Only a direct thread takes a DM (the store refuses `to` anywhere else); into a
+            // group thread, even of two, the message goes to every participant.
+            let to = match view.kind {
+                ThreadKind::Direct => recipient(user, &view.participants),
+                ThreadKind::Group => None,
+            };
             Executed {
                 status: Status::CREATED,
                 body: Vec::new(),
@@ -305,12 +314,45 @@ async fn run<S: Store>(
     })
 }
 
+/// The 400 of a caller-chosen thread `id` that is a UUID v5 other than the pair's own
+/// conversation id.
+pub const RESERVED_ID: &str = "id is reserved for direct conversations";
+
+/// The id and kind of the thread `POST /threads` makes for `user` with `others` (the user
+/// not among them): two people (or the user alone) without an `id`, or with exactly their
+/// conversation id, make their direct conversation, the thread `message.send` derives, so REST
+/// and the WebSocket name one conversation; anything else is a group. A UUID v5 `id` is the
+/// namespace of derived conversation ids: only the pair's own is accepted, so nobody can
+/// create (and read) a thread another pair's DMs would use.
+fn thread_to_create(
+    user: &str,
+    id: Option<Arc<str>>,
+    others: &[Arc<str>],
+) -> Result<(Option<Arc<str>>, ThreadKind), RestError> {
+    let pair = match others {
+        [] => Some(derive_conversation_id(user, user)),
+        [peer] => Some(derive_conversation_id(user, peer)),
+        _ => None,
+    };
+    match (id, pair) {
+        (None, Some(conv)) => Ok((Some(Arc::from(conv)), ThreadKind::Direct)),
+        (Some(id), Some(conv)) if *id == *conv => Ok((Some(id), ThreadKind::Direct)),
+        (Some(id), _) if is_v5(&id) => Err(RestError::bad(RESERVED_ID)),
+        (id, _) => Ok((id, ThreadKind::Group)),
+    }
+}
+
+/// Whether `id` parses as a UUID (any form the `uuid` crate reads) of version 5.
+fn is_v5(id: &str) -> bool {
+    uuid::Uuid::try_parse(id).is_ok_and(|u| u.get_version_num() == 5)
+}
+
 fn next(o: &mut crate::proto::envelope::Obj, next: Option<u64>) {
     o.opt_u64("next", next);
 }
 
-/// The `to` of a message into a thread: the other participant of a two-person thread, the
-/// user of a thread with only themselves (as a DM to yourself), else none (a group message).
+/// The `to` of a message into a direct thread: the other participant of a two-person thread,
+/// the user of a thread with only themselves (as a DM to yourself).
 fn recipient(user: &str, participants: &[Arc<str>]) -> Option<Arc<str>> {
     let distinct: HashSet<&str> = participants.iter().map(|p| &**p).collect();
     match participants {

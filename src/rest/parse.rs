@@ -11,6 +11,10 @@
 //! - `HEAD` is not served here (405): the answers are computed per request, often on the
 //!   bridge, and a client gains nothing from the headers alone.
 //! - One trailing `/` is ignored (`/api/v1/notifications/` is `/api/v1/notifications`).
+//! - No text may hold U+0000 (a path id, a query value, a body text, once decoded): 400
+//!   [`NUL_TEXT`], the text the stores refuse it with (PostgreSQL text cannot hold it).
+//! - A thread `id` chosen by the caller must not be all digits (400 [`NUMERIC_ID`]): numeric
+//!   ids are the store's, and a path segment of digits names a thread by number.
 
 use std::borrow::Cow;
 use std::collections::HashSet;
@@ -24,8 +28,30 @@ use crate::auth::query_param;
 use crate::http::{route, Request, RouteSpec, Routed, Status};
 use crate::limits::{ID_BYTES_MAX, URL_BYTES_MAX};
 use crate::store::{
-    MessageRef, ThreadRef, PAGE_LIMIT_MAX, THREAD_PARTICIPANTS_MAX, THREAD_TITLE_BYTES_MAX,
+    has_nul, is_numeric_id, MessageRef, Refusal, ThreadRef, PAGE_LIMIT_MAX,
+    THREAD_PARTICIPANTS_MAX, THREAD_TITLE_BYTES_MAX,
 };
+
+/// The 400 of any text input holding U+0000 (the stores' [`Refusal::InvalidText`] text).
+pub const NUL_TEXT: &str = "text must not contain NUL characters";
+
+/// The 400 of a thread `id` of digits only.
+pub const NUMERIC_ID: &str = "id must not be all digits";
+
+/// 400 [`NUL_TEXT`] when `s` holds U+0000.
+pub(super) fn no_nul(s: &str) -> Result<(), RestError> {
+    if has_nul(s) {
+        debug_assert_eq!(Refusal::InvalidText.text(), NUL_TEXT);
+        return Err(RestError::bad(NUL_TEXT));
+    }
+    Ok(())
+}
+
+/// A path id, checked for NUL.
+fn path_id(seg: &str) -> Result<&str, RestError> {
+    no_nul(seg)?;
+    Ok(seg)
+}
 
 /// The endpoints (see [`ROUTES`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -86,6 +112,7 @@ pub fn parse(req: &Request, limits: &Limits) -> Result<Op, RestError> {
         Routed::NotFound => return Err(RestError::new(Status::NOT_FOUND, "not found")),
     };
     let seg = || params.get(0).unwrap_or("");
+    let thread = || path_id(seg()).map(ThreadRef::parse);
     let q = req.query;
     Ok(match r {
         Route::Threads => Op::Store(RestOp::ListThreads {
@@ -93,17 +120,15 @@ pub fn parse(req: &Request, limits: &Limits) -> Result<Op, RestError> {
             limit: limit(q)?,
         }),
         Route::CreateThread => Op::Store(create_thread(req.body)?),
-        Route::Thread => Op::Store(RestOp::GetThread {
-            thread: ThreadRef::parse(seg()),
-        }),
+        Route::Thread => Op::Store(RestOp::GetThread { thread: thread()? }),
         Route::ThreadMessages => Op::Store(RestOp::ListMessages {
-            thread: ThreadRef::parse(seg()),
+            thread: thread()?,
             before: number_param(q, "before")?,
             limit: limit(q)?,
         }),
-        Route::SendMessage => Op::Store(send_message(ThreadRef::parse(seg()), req.body, limits)?),
+        Route::SendMessage => Op::Store(send_message(thread()?, req.body, limits)?),
         Route::MarkRead => Op::Store(RestOp::MarkRead {
-            message: MessageRef::parse(seg()).ok_or_else(|| {
+            message: MessageRef::parse(path_id(seg())?).ok_or_else(|| {
                 RestError::bad("messageId must be a serverMsgId (a UUID) or a numeric message id")
             })?,
         }),
@@ -111,6 +136,7 @@ pub fn parse(req: &Request, limits: &Limits) -> Result<Op, RestError> {
             after: query_param(q.unwrap_or(""), "after")
                 .filter(|a| !a.is_empty())
                 .map(|a| {
+                    no_nul(&a)?;
                     if a.len() > ID_BYTES_MAX {
                         Err(RestError::bad(
                             "after must be the next value of the previous page (a user id)",
@@ -123,7 +149,7 @@ pub fn parse(req: &Request, limits: &Limits) -> Result<Op, RestError> {
             limit: limit(q)?,
         }),
         Route::PresenceUser => Op::Presence(PresenceOp::User {
-            user: Arc::from(seg()),
+            user: Arc::from(path_id(seg())?),
         }),
         Route::Notifications => Op::Store(RestOp::ListNotifications {
             unread_only: flag(q, "unread")?,
@@ -132,7 +158,7 @@ pub fn parse(req: &Request, limits: &Limits) -> Result<Op, RestError> {
         }),
         Route::NotificationsReadAll => Op::Store(RestOp::NotificationsReadAll),
         Route::NotificationRead => Op::Store(RestOp::NotificationRead {
-            id: seg()
+            id: path_id(seg())?
                 .parse()
                 .map_err(|_| RestError::bad("notification id must be a number"))?,
         }),
@@ -243,7 +269,10 @@ fn opt_text(
         Some(s) if s.len() > max => Err(RestError::bad(format!(
             "{name} must be at most {max} bytes"
         ))),
-        Some(s) => Ok(Some(Arc::from(s))),
+        Some(s) => {
+            no_nul(s)?;
+            Ok(Some(Arc::from(s)))
+        }
     }
 }
 
@@ -288,12 +317,17 @@ fn create_thread(body: &[u8]) -> Result<RestOp, RestError> {
         if id.is_empty() || id.len() > ID_BYTES_MAX {
             return Err(RestError::bad(BAD_PARTICIPANTS));
         }
+        no_nul(&id)?;
         if seen.insert(id.clone()) {
             participants.push(Arc::from(id.as_ref()));
         }
     }
+    let id = opt_text(&b.id, "id", ID_BYTES_MAX)?;
+    if id.as_deref().is_some_and(is_numeric_id) {
+        return Err(RestError::bad(NUMERIC_ID));
+    }
     Ok(RestOp::CreateThread {
-        id: opt_text(&b.id, "id", ID_BYTES_MAX)?,
+        id,
         participants,
         title: opt_text(&b.title, "title", THREAD_TITLE_BYTES_MAX)?,
     })
@@ -338,6 +372,10 @@ fn send_message(thread: ThreadRef, body: &[u8], limits: &Limits) -> Result<RestO
     }
     if content.is_empty() && attachment.is_none() {
         return Err(RestError::bad("content is required"));
+    }
+    no_nul(content)?;
+    if let Some(a) = attachment {
+        no_nul(a)?;
     }
     Ok(RestOp::SendMessage {
         thread,

@@ -362,6 +362,14 @@ impl Shard {
             );
             return false;
         }
+        if claims
+            .as_ref()
+            .is_some_and(|c| crate::store::has_nul(&c.sub))
+        {
+            // The message store cannot hold such a user id.
+            self.reject(slot, 400, service::dm::NUL_TEXT);
+            return false;
+        }
         // Capacity.
         if !crate::admission::connection(&node) {
             self.reject(slot, 503, "server is at maximum capacity");

@@ -15,6 +15,10 @@ pub async fn run_all<S: Store>(store: &S, p: &str) {
     idempotent_in_and_across_batches(store, p).await;
     participants_are_enforced(store, p).await;
     group_threads(store, p).await;
+    dms_go_only_into_the_pairs_direct_thread(store, p).await;
+    direct_threads_over_rest(store, p).await;
+    no_thread_has_an_all_digit_id(store, p).await;
+    nul_text_is_refused_alone(store, p).await;
     threads_list_and_paginate(store, p).await;
     messages_paginate_newest_first(store, p).await;
     marks_move_forward(store, p).await;
@@ -165,6 +169,7 @@ async fn group_threads<S: Store>(s: &S, p: &str) {
     let (al, bo, cy) = (format!("{p}al4"), format!("{p}bo4"), format!("{p}cy4"));
     let new = NewThread {
         id: Some(a(format!("{p}g1"))),
+        kind: ThreadKind::Group,
         creator: a(al.clone()),
         participants: vec![a(bo.clone()), a(cy.clone()), a(bo.clone()), a(al.clone())],
         title: Some(Arc::from("team")),
@@ -218,6 +223,305 @@ async fn group_threads<S: Store>(s: &S, p: &str) {
     };
     assert_ne!(v2.id, view.id);
     assert!(v2.numeric_id > view.numeric_id);
+}
+
+fn group(id: &str, creator: &str, others: &[&str]) -> NewThread {
+    NewThread {
+        id: Some(Arc::from(id)),
+        kind: ThreadKind::Group,
+        creator: Arc::from(creator),
+        participants: others.iter().map(|u| Arc::from(*u)).collect(),
+        title: None,
+        created_at_ms: 1_700_000_000_000,
+    }
+}
+
+fn direct(id: &str, creator: &str, others: &[&str]) -> NewThread {
+    NewThread {
+        kind: ThreadKind::Direct,
+        ..group(id, creator, others)
+    }
+}
+
+fn to_thread(thread: &str, from: &str, cmid: &str) -> NewMessage {
+    NewMessage {
+        to: None,
+        ..dm(thread, from, "", cmid, "to the thread")
+    }
+}
+
+/// Nobody can make a thread that another pair's DMs land in: a DM (`to` set) goes only into
+/// the `direct` thread of exactly its sender and recipient.
+async fn dms_go_only_into_the_pairs_direct_thread<S: Store>(s: &S, p: &str) {
+    let (al, bo, cy, ma) = (
+        format!("{p}al10"),
+        format!("{p}bo10"),
+        format!("{p}cy10"),
+        format!("{p}ma10"),
+    );
+    // Mallory makes a group thread with al and bo under the id their DMs would use.
+    let squat = format!("{p}t10-ab");
+    let made = s.create_thread(&group(&squat, &ma, &[&al, &bo])).await;
+    assert!(matches!(made.unwrap(), Created::New(_)));
+    let out = s
+        .append(&[
+            dm(&squat, &al, &bo, "1", "secret"),
+            dm(&squat, &bo, &al, "2", "secret"),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(out[0], Appended::Refused(Refusal::NotParticipant));
+    assert_eq!(out[1], Appended::Refused(Refusal::NotParticipant));
+    let seen = found(
+        s.messages(&ma, &ThreadRef::Id(a(squat.clone())), None, 10)
+            .await
+            .unwrap(),
+    );
+    assert!(seen.items.is_empty(), "mallory reads nothing");
+    // Into a group of exactly the two: still not a DM; without `to` it is a group message.
+    let pair_group = format!("{p}t10-g2");
+    s.create_thread(&group(&pair_group, &al, &[&bo]))
+        .await
+        .unwrap();
+    let out = s
+        .append(&[
+            dm(&pair_group, &al, &bo, "3", "dm?"),
+            to_thread(&pair_group, &al, "4"),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(out[0], Appended::Refused(Refusal::NotParticipant));
+    assert_eq!(new_of(&out[1]).to, None);
+    // A direct thread of another pair: mallory's DM to bo under al and bo's id.
+    let theirs = format!("{p}t10-d");
+    s.append(&[dm(&theirs, &al, &bo, "5", "hi")]).await.unwrap();
+    let out = s
+        .append(&[
+            dm(&theirs, &ma, &bo, "6", "let me in"),
+            dm(&theirs, &al, &cy, "7", "al to cy, wrong thread"),
+            dm(&theirs, &al, &al, "8", "to myself, wrong thread"),
+            dm(&theirs, &bo, &al, "9", "fine"),
+            to_thread(&theirs, &al, "10"),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(out[0], Appended::Refused(Refusal::NotParticipant));
+    assert_eq!(out[1], Appended::Refused(Refusal::NotParticipant));
+    assert_eq!(out[2], Appended::Refused(Refusal::NotParticipant));
+    assert_eq!(new_of(&out[3]).seq, 2);
+    assert_eq!(
+        new_of(&out[4]).seq,
+        3,
+        "a participant may write without `to`"
+    );
+    // A conversation with yourself takes only you.
+    let own = format!("{p}t10-self");
+    let out = s
+        .append(&[
+            dm(&own, &al, &al, "11", "note"),
+            dm(&own, &al, &bo, "12", "x"),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(new_of(&out[0]).seq, 1);
+    assert_eq!(out[1], Appended::Refused(Refusal::NotParticipant));
+    let view = found(s.thread(&al, &ThreadRef::Id(a(own))).await.unwrap());
+    assert_eq!(
+        (view.kind, view.participants),
+        (ThreadKind::Direct, vec![a(al)])
+    );
+}
+
+/// `POST /threads` for two people makes (or finds) their direct thread, the one their DMs use.
+async fn direct_threads_over_rest<S: Store>(s: &S, p: &str) {
+    let (al, bo, cy) = (format!("{p}al11"), format!("{p}bo11"), format!("{p}cy11"));
+    let t = format!("{p}t11");
+    let Created::New(v) = s
+        .create_thread(&direct(&t, &al, &[&bo, &al]))
+        .await
+        .unwrap()
+    else {
+        panic!("expected a new thread");
+    };
+    assert_eq!(v.kind, ThreadKind::Direct);
+    assert_eq!(v.participants, vec![a(al.clone()), a(bo.clone())]);
+    // Their DMs land in it, either way round.
+    let out = s
+        .append(&[dm(&t, &bo, &al, "1", "hi"), dm(&t, &al, &bo, "2", "hey")])
+        .await
+        .unwrap();
+    assert_eq!((new_of(&out[0]).seq, new_of(&out[1]).seq), (1, 2));
+    // Made again, by either of them: found.
+    match s.create_thread(&direct(&t, &bo, &[&al])).await.unwrap() {
+        Created::Exists(Lookup::Found(again)) => assert_eq!(again.numeric_id, v.numeric_id),
+        other => panic!("{other:?}"),
+    }
+    // By someone else, or as a pair it is not: forbidden.
+    assert_eq!(
+        s.create_thread(&direct(&t, &cy, &[&al])).await.unwrap(),
+        Created::Exists(Lookup::Forbidden)
+    );
+    assert_eq!(
+        s.create_thread(&direct(&t, &al, &[])).await.unwrap(),
+        Created::Exists(Lookup::Forbidden)
+    );
+    // A group create under its id finds it for a participant (an idempotent create).
+    assert!(matches!(
+        s.create_thread(&group(&t, &al, &[&bo])).await.unwrap(),
+        Created::Exists(Lookup::Found(_))
+    ));
+    // A group thread under the id is not the pair's direct thread.
+    let g = format!("{p}t11-g");
+    s.create_thread(&group(&g, &al, &[&bo])).await.unwrap();
+    assert_eq!(
+        s.create_thread(&direct(&g, &al, &[&bo])).await.unwrap(),
+        Created::Exists(Lookup::Forbidden)
+    );
+    // Three people are no direct thread.
+    assert_eq!(
+        s.create_thread(&direct(&format!("{p}t11-3"), &al, &[&bo, &cy]))
+            .await
+            .unwrap(),
+        Created::Refused(Refusal::NotParticipant)
+    );
+    // Yourself alone: your own conversation, which your DMs to yourself use.
+    let own = format!("{p}t11-self");
+    let Created::New(v) = s.create_thread(&direct(&own, &cy, &[])).await.unwrap() else {
+        panic!("expected a new thread");
+    };
+    assert_eq!(v.participants, vec![a(cy.clone())]);
+    let out = s.append(&[dm(&own, &cy, &cy, "1", "note")]).await.unwrap();
+    assert_eq!(new_of(&out[0]).seq, 1);
+}
+
+/// Numeric ids are the store's: no thread gets an all-digit text id.
+async fn no_thread_has_an_all_digit_id<S: Store>(s: &S, p: &str) {
+    let (al, bo) = (format!("{p}al12"), format!("{p}bo12"));
+    let digits = "90071992547409931234";
+    let out = s.append(&[dm(digits, &al, &bo, "1", "x")]).await.unwrap();
+    assert_eq!(out[0], Appended::Refused(Refusal::NumericThreadId));
+    for new in [group(digits, &al, &[&bo]), direct(digits, &al, &[&bo])] {
+        assert_eq!(
+            s.create_thread(&new).await.unwrap(),
+            Created::Refused(Refusal::NumericThreadId)
+        );
+    }
+    assert_eq!(
+        s.thread(&al, &ThreadRef::Id(a(digits.into())))
+            .await
+            .unwrap(),
+        Lookup::NotFound
+    );
+    // Digits among other characters are a text id like any other.
+    let out = s
+        .append(&[dm(&format!("{p}12"), &al, &bo, "2", "x")])
+        .await
+        .unwrap();
+    assert_eq!(new_of(&out[0]).seq, 1);
+}
+
+/// A NUL in any text of an entry refuses that entry alone, in both stores alike (PostgreSQL
+/// text cannot hold it, and it must not fail the batch); reads naming one find nothing.
+async fn nul_text_is_refused_alone<S: Store>(s: &S, p: &str) {
+    let (al, bo) = (format!("{p}al13"), format!("{p}bo13"));
+    let t = format!("{p}t13");
+    let mut batch = vec![dm(&t, &al, &bo, "ok1", "fine")];
+    batch.push(dm(&t, &al, &bo, "c1", "a\u{0}b"));
+    batch.push(dm(&t, &al, &bo, "c\u{0}2", "x"));
+    batch.push(dm(&t, &al, &format!("{bo}\u{0}"), "c3", "x"));
+    batch.push(dm(&format!("{t}\u{0}"), &al, &bo, "c4", "x"));
+    batch.push(dm(&t, &format!("{al}\u{0}"), &bo, "c5", "x"));
+    batch.push(NewMessage {
+        attachment_url: Some(Arc::from("https://x/\u{0}")),
+        ..dm(&t, &al, &bo, "c6", "x")
+    });
+    batch.push(dm(&t, &bo, &al, "ok2", "fine too"));
+    let out = s.append(&batch).await.unwrap();
+    assert_eq!(new_of(&out[0]).seq, 1);
+    for o in &out[1..7] {
+        assert_eq!(*o, Appended::Refused(Refusal::InvalidText));
+    }
+    assert_eq!(new_of(&out[7]).seq, 2, "the refused took no seq");
+    assert_eq!(
+        Refusal::InvalidText.text(),
+        "text must not contain NUL characters"
+    );
+    // The same key without the NUL is a new message: nothing of the refused was kept.
+    let out = s.append(&[dm(&t, &al, &bo, "c1", "ab")]).await.unwrap();
+    assert_eq!(new_of(&out[0]).seq, 3);
+    // Threads and notifications.
+    let mut titled = group(&format!("{p}t13-g"), &al, &[&bo]);
+    titled.title = Some(Arc::from("a\u{0}"));
+    let mut member = group(&format!("{p}t13-g"), &al, &[&format!("{bo}\u{0}")]);
+    member.kind = ThreadKind::Direct;
+    for new in [titled, member, group(&format!("{p}t13\u{0}"), &al, &[&bo])] {
+        assert_eq!(
+            s.create_thread(&new).await.unwrap(),
+            Created::Refused(Refusal::InvalidText)
+        );
+    }
+    let note = |key: &str, data: &str| NewNotification {
+        user: a(al.clone()),
+        kind: Arc::from("jobs.posted"),
+        data_json: Arc::from(data),
+        source_key: Some(Arc::from(key)),
+        created_at_ms: 1_700_000_000_000,
+    };
+    assert_eq!(
+        s.store_notification(&note("k\u{0}", "{}")).await.unwrap(),
+        Noted::Refused(Refusal::InvalidText)
+    );
+    assert_eq!(
+        s.store_notification(&note("k", "{\"a\":\"\u{0}\"}"))
+            .await
+            .unwrap(),
+        Noted::Refused(Refusal::InvalidText)
+    );
+    assert!(matches!(
+        s.store_notification(&note("k", "{}")).await.unwrap(),
+        Noted::New(_)
+    ));
+    // Reads that name a NUL find nothing (and fail nothing).
+    let nul_user = format!("{al}\u{0}");
+    assert!(s
+        .threads(&nul_user, None, 10)
+        .await
+        .unwrap()
+        .items
+        .is_empty());
+    let by_id = ThreadRef::Id(a(t.clone()));
+    assert_eq!(s.thread(&nul_user, &by_id).await.unwrap(), Lookup::NotFound);
+    assert_eq!(
+        s.thread(&al, &ThreadRef::Id(a(format!("{t}\u{0}"))))
+            .await
+            .unwrap(),
+        Lookup::NotFound
+    );
+    assert_eq!(
+        s.messages(&nul_user, &by_id, None, 10).await.unwrap(),
+        Lookup::NotFound
+    );
+    assert!(s
+        .sync(&nul_user, Some(0), 10)
+        .await
+        .unwrap()
+        .messages
+        .is_empty());
+    assert!(s
+        .notifications(&nul_user, false, None, 10)
+        .await
+        .unwrap()
+        .items
+        .is_empty());
+    assert_eq!(s.notifications_read_all(&nul_user).await.unwrap(), 0);
+    let mark = MarkRequest {
+        user: a(nul_user.clone()),
+        mark: Mark::Read,
+        thread: None,
+        messages: vec![MessageRef::Number(1)],
+        at_ms: 1_700_000_000_000,
+    };
+    assert_eq!(s.mark(&mark).await.unwrap(), Lookup::NotFound);
 }
 
 async fn threads_list_and_paginate<S: Store>(s: &S, p: &str) {
@@ -420,6 +724,12 @@ async fn notifications<S: Store>(s: &S, p: &str) {
         .add_notification(&n(9, Some("jobs.posted/0/2")))
         .await
         .unwrap();
+    assert_eq!(
+        s.store_notification(&n(9, Some("jobs.posted/0/2")))
+            .await
+            .unwrap(),
+        Noted::Exists(again.clone())
+    );
     assert!(!fresh);
     assert_eq!(again.id, ids[2]);
     assert_eq!(&*again.data_json, r#"{"n":2}"#);

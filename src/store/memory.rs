@@ -105,10 +105,11 @@ use std::mem::size_of;
 use std::sync::Arc;
 
 use super::{
-    activity_key, Appended, Created, Lookup, Mark, MarkRequest, Marked, Message, MessageRef,
-    NewMessage, NewNotification, NewThread, Notification, Page, Refusal, Result, Store, StoreError,
-    SyncPage, ThreadKind, ThreadRef, ThreadView, APPEND_BATCH_MAX, MARK_IDS_MAX, PAGE_LIMIT_MAX,
-    THREAD_PARTICIPANTS_MAX, THREAD_TITLE_BYTES_MAX, UNREAD_COUNT_MAX,
+    activity_key, has_nul, is_numeric_id, Appended, Created, Lookup, Mark, MarkRequest, Marked,
+    Message, MessageRef, NewMessage, NewNotification, NewThread, Noted, Notification, Page,
+    Refusal, Result, Store, StoreError, SyncPage, ThreadKind, ThreadRef, ThreadView,
+    APPEND_BATCH_MAX, MARK_IDS_MAX, PAGE_LIMIT_MAX, THREAD_PARTICIPANTS_MAX,
+    THREAD_TITLE_BYTES_MAX, UNREAD_COUNT_MAX,
 };
 
 /// The proposed default of `store_memory_bytes`: about 560,000 DMs of 100 bytes (see the
@@ -430,6 +431,14 @@ impl Thread {
             .ok()
     }
 
+    /// Whether its participants are exactly `{a, b}` (`{a}` when `a == b`).
+    fn is_pair(&self, a: &str, b: &str) -> bool {
+        let want = if a == b { 1 } else { 2 };
+        self.participants.len() == want
+            && self.participant(a).is_some()
+            && self.participant(b).is_some()
+    }
+
     fn bytes(&self) -> usize {
         thread_bytes(&self.id, &self.title, self.participants.len())
     }
@@ -623,6 +632,15 @@ fn group_users(new: &NewThread) -> Vec<Arc<str>> {
     others.truncate(THREAD_PARTICIPANTS_MAX - 1);
     others.push(new.creator.clone());
     sorted_unique(others)
+}
+
+/// The users of a new direct thread: the creator and the other, sorted (just the creator
+/// for a conversation with yourself); `None` for more than two.
+fn direct_users(new: &NewThread) -> Option<Vec<Arc<str>>> {
+    let mut users = new.participants.clone();
+    users.push(new.creator.clone());
+    let users = sorted_unique(users);
+    (users.len() <= 2).then_some(users)
 }
 
 fn sorted_unique(mut users: Vec<Arc<str>>) -> Vec<Arc<str>> {
@@ -822,6 +840,10 @@ impl Inner {
     }
 
     fn append_one(&mut self, m: &NewMessage, batch: &[NewMessage]) -> Appended {
+        // As the PostgreSQL store, which cannot hold it: the two refuse the same entries.
+        if m.has_nul() {
+            return Appended::Refused(Refusal::InvalidText);
+        }
         if let Some(c) = &m.client_msg_id {
             if let Some(&pos) = self.dedup.get(&(m.sender.clone(), c.clone())) {
                 return Appended::Duplicate(self.log.at(pos).clone());
@@ -830,14 +852,21 @@ impl Inner {
         let nid = match self.by_text.get(&*m.thread) {
             Some(&nid) => {
                 let t = &self.threads[&nid];
-                let to_ok = m.to.as_ref().is_none_or(|to| t.participant(to).is_some());
-                if t.participant(&m.sender).is_none() || !to_ok {
+                let allowed = match &m.to {
+                    // A DM only into the pair's own direct thread (see the trait's doc).
+                    Some(to) => t.kind == ThreadKind::Direct && t.is_pair(&m.sender, to),
+                    None => t.participant(&m.sender).is_some(),
+                };
+                if !allowed {
                     return Appended::Refused(Refusal::NotParticipant);
                 }
                 nid
             }
             None => match &m.to {
                 None => return Appended::Refused(Refusal::UnknownThread),
+                Some(_) if is_numeric_id(&m.thread) => {
+                    return Appended::Refused(Refusal::NumericThreadId)
+                }
                 Some(to) => self.insert_thread(
                     m.thread.clone(),
                     ThreadKind::Direct,
@@ -909,16 +938,37 @@ impl Inner {
     }
 
     fn create_thread(&mut self, new: &NewThread) -> Result<Created> {
+        if new.has_nul() {
+            return Ok(Created::Refused(Refusal::InvalidText));
+        }
+        if new.id.as_deref().is_some_and(is_numeric_id) {
+            return Ok(Created::Refused(Refusal::NumericThreadId));
+        }
+        let users = match new.kind {
+            ThreadKind::Group => group_users(new),
+            ThreadKind::Direct => match direct_users(new) {
+                Some(users) => users,
+                None => return Ok(Created::Refused(Refusal::NotParticipant)),
+            },
+        };
         if let Some(id) = &new.id {
             if let Some(&nid) = self.by_text.get(&**id) {
                 let t = &self.threads[&nid];
-                return Ok(Created::Exists(match t.participant(&new.creator) {
-                    Some(_) => Lookup::Found(self.view(t, &new.creator)),
-                    None => Lookup::Forbidden,
+                let found = t.participant(&new.creator).is_some()
+                    && match new.kind {
+                        ThreadKind::Group => true,
+                        ThreadKind::Direct => {
+                            t.kind == ThreadKind::Direct
+                                && t.is_pair(&users[0], users.last().expect("not empty"))
+                        }
+                    };
+                return Ok(Created::Exists(if found {
+                    Lookup::Found(self.view(t, &new.creator))
+                } else {
+                    Lookup::Forbidden
                 }));
             }
         }
-        let users = group_users(new);
         let title = bounded_title(&new.title);
         let id: Arc<str> = match &new.id {
             Some(id) => id.clone(),
@@ -935,7 +985,7 @@ impl Inner {
         if need > self.budget {
             return Err(StoreError::Full);
         }
-        let nid = self.insert_thread(id, ThreadKind::Group, title, users, new.created_at_ms);
+        let nid = self.insert_thread(id, new.kind, title, users, new.created_at_ms);
         self.evict_to_budget(&Pin::Thread(nid));
         Ok(Created::New(self.view(&self.threads[&nid], &new.creator)))
     }
@@ -1009,10 +1059,13 @@ impl Inner {
         })
     }
 
-    fn add_notification(&mut self, n: &NewNotification) -> Result<(Notification, bool)> {
+    fn add_notification(&mut self, n: &NewNotification) -> Result<Noted> {
+        if n.has_nul() {
+            return Ok(Noted::Refused(Refusal::InvalidText));
+        }
         if let Some(k) = &n.source_key {
             if let Some(id) = self.notification_keys.get(&(n.user.clone(), k.clone())) {
-                return Ok((self.notifications[id].clone(), false));
+                return Ok(Noted::Exists(self.notifications[id].clone()));
             }
         }
         let need = notification_bytes_of(&n.kind, &n.data_json, &n.source_key)
@@ -1043,7 +1096,7 @@ impl Inner {
         }
         self.bytes += notification_bytes(&stored);
         self.evict_to_budget(&Pin::Notification(id));
-        Ok((stored, true))
+        Ok(Noted::New(stored))
     }
 
     fn notification_read(&mut self, user: &str, id: u64) -> Lookup<Notification> {
@@ -1414,6 +1467,10 @@ impl Store for MemoryStore {
     }
 
     async fn thread(&self, user: &str, thread: &ThreadRef) -> Result<Lookup<ThreadView>> {
+        // No stored user has a NUL: found nowhere, as the PostgreSQL store answers.
+        if has_nul(user) {
+            return Ok(Lookup::NotFound);
+        }
         let s = self.inner.borrow();
         Ok(match s.resolve_thread(thread) {
             None => Lookup::NotFound,
@@ -1434,6 +1491,9 @@ impl Store for MemoryStore {
         before: Option<u64>,
         limit: usize,
     ) -> Result<Lookup<Page<Message>>> {
+        if has_nul(user) {
+            return Ok(Lookup::NotFound);
+        }
         Ok(self
             .inner
             .borrow()
@@ -1441,6 +1501,9 @@ impl Store for MemoryStore {
     }
 
     async fn mark(&self, req: &MarkRequest) -> Result<Lookup<Marked>> {
+        if has_nul(&req.user) {
+            return Ok(Lookup::NotFound);
+        }
         Ok(self.inner.borrow_mut().mark(req))
     }
 
@@ -1448,7 +1511,7 @@ impl Store for MemoryStore {
         Ok(self.inner.borrow().sync(user, since, limit))
     }
 
-    async fn add_notification(&self, n: &NewNotification) -> Result<(Notification, bool)> {
+    async fn store_notification(&self, n: &NewNotification) -> Result<Noted> {
         self.inner.borrow_mut().add_notification(n)
     }
 
@@ -1734,6 +1797,7 @@ mod tests {
     fn group(id: &str, users: &[&str]) -> NewThread {
         NewThread {
             id: Some(a(id)),
+            kind: ThreadKind::Group,
             creator: a(users[0]),
             participants: users[1..].iter().map(|u| a(u)).collect(),
             title: None,
@@ -1991,6 +2055,7 @@ mod tests {
         others.reverse();
         let new = NewThread {
             id: None,
+            kind: ThreadKind::Group,
             creator: a("zz-creator"),
             participants: others,
             title: Some(Arc::from("é".repeat(THREAD_TITLE_BYTES_MAX))),

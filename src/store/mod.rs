@@ -17,9 +17,17 @@
 //! - **Idempotency.** `(sender, client_msg_id)` is unique: appending it again returns
 //!   [`Appended::Duplicate`] with the message as first stored (its ids, its time), in the same
 //!   batch or any later one, for as long as the store holds the message (PostgreSQL: forever).
-//! - **Threads.** A DM (`to` set) creates its thread on first use, with the two users as
-//!   participants; a later DM into an existing thread must come from a participant and go to a
-//!   participant. A message without `to` goes to an existing thread the sender takes part in.
+//! - **Threads.** A DM (`to` set) creates its thread on first use, a [`ThreadKind::Direct`]
+//!   one with the two users as participants; a later DM goes only into a `direct` thread whose
+//!   participants are exactly `{sender, to}` (`{sender}` for a DM to yourself), anything else
+//!   (a group thread, another pair's thread) is [`Refusal::NotParticipant`]: nobody can make a
+//!   thread that another pair's DMs land in. A message without `to` goes to an existing thread
+//!   the sender takes part in. No thread is ever created with an all-digit text id (numeric
+//!   ids are the store's, see [`ThreadRef`]).
+//! - **Text.** No stored text holds U+0000 (PostgreSQL text cannot): an entry, thread or
+//!   notification with a NUL in any of its texts is refused with [`Refusal::InvalidText`],
+//!   before anything is written, and never fails the rest of its batch; reads naming a user or
+//!   thread with a NUL find nothing.
 //! - **Atomic batches.** An `Err` from [`Store::append`] means nothing of the batch is stored;
 //!   `Ok` means every `New` and `Duplicate` entry is durable (as durable as the store is).
 //! - **Bounds.** Every list is bounded by the `limit` the caller passes, itself at most
@@ -113,6 +121,13 @@ pub enum Refusal {
     NotParticipant,
     /// No `to` and no such thread.
     UnknownThread,
+    /// A text of the entry (thread id, sender, `to`, `clientMsgId`, content, attachment URL;
+    /// for a thread or notification, any of its texts) holds U+0000, which the store cannot
+    /// hold (the client must remove it).
+    InvalidText,
+    /// A new thread's text id is all ASCII digits: numeric ids are the store's (a path
+    /// segment of digits names a thread by number once no text id matches it).
+    NumericThreadId,
 }
 
 impl Refusal {
@@ -121,7 +136,55 @@ impl Refusal {
         match self {
             Refusal::NotParticipant => "not a participant of this conversation",
             Refusal::UnknownThread => "conversation not found",
+            Refusal::InvalidText => "text must not contain NUL characters",
+            Refusal::NumericThreadId => "conversation id must not be all digits",
         }
+    }
+}
+
+/// Whether `s` holds U+0000 (which no store text may: see the module doc).
+pub fn has_nul(s: &str) -> bool {
+    s.as_bytes().contains(&0)
+}
+
+fn opt_has_nul(s: &Option<Arc<str>>) -> bool {
+    s.as_deref().is_some_and(has_nul)
+}
+
+/// Whether `id` is all ASCII digits (and not empty): an id no new thread may have.
+pub fn is_numeric_id(id: &str) -> bool {
+    !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit())
+}
+
+impl NewMessage {
+    /// Whether any of its texts holds U+0000 ([`Refusal::InvalidText`]).
+    pub fn has_nul(&self) -> bool {
+        has_nul(&self.thread)
+            || has_nul(&self.sender)
+            || has_nul(&self.content)
+            || opt_has_nul(&self.to)
+            || opt_has_nul(&self.client_msg_id)
+            || opt_has_nul(&self.attachment_url)
+    }
+}
+
+impl NewThread {
+    /// Whether any of its texts holds U+0000 ([`Refusal::InvalidText`]).
+    pub fn has_nul(&self) -> bool {
+        opt_has_nul(&self.id)
+            || has_nul(&self.creator)
+            || opt_has_nul(&self.title)
+            || self.participants.iter().any(|p| has_nul(p))
+    }
+}
+
+impl NewNotification {
+    /// Whether any of its texts holds U+0000 ([`Refusal::InvalidText`]).
+    pub fn has_nul(&self) -> bool {
+        has_nul(&self.user)
+            || has_nul(&self.kind)
+            || has_nul(&self.data_json)
+            || opt_has_nul(&self.source_key)
     }
 }
 
@@ -170,7 +233,9 @@ impl<T> Lookup<T> {
 }
 
 /// How a thread is named in a request: its text id, or its numeric id. A path segment is
-/// tried as text first (a conversation id may be all digits), then as a number.
+/// tried as text first, then as a number. No thread is created with an all-digit text id any
+/// more (the REST API, the socket and both stores refuse one), so for digits the text lookup
+/// only finds a thread stored before that rule.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ThreadRef {
     Id(Arc<str>),
@@ -226,10 +291,18 @@ impl ThreadKind {
 /// A thread to create over REST.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NewThread {
-    /// The text id to give it (`None`: the store makes one, a UUID v7).
+    /// The text id to give it (`None`: the store makes one, a UUID v7). Never all digits
+    /// ([`Refusal::NumericThreadId`]).
     pub id: Option<Arc<str>>,
+    /// [`ThreadKind::Group`], or [`ThreadKind::Direct`]: the pair's conversation, the same
+    /// thread a first DM between them makes (the creator and at most one other user, and the
+    /// caller gives the pair's conversation id as `id`). When a thread with the id exists, a
+    /// direct create finds it only if it is the pair's `direct` thread
+    /// ([`Created::Exists`] `Forbidden` otherwise).
+    pub kind: ThreadKind,
     pub creator: Arc<str>,
-    /// The other users (the creator is always a participant; duplicates are ignored).
+    /// The other users (the creator is always a participant; duplicates are ignored). For a
+    /// direct thread at most one ([`Refusal::NotParticipant`] otherwise).
     pub participants: Vec<Arc<str>>,
     pub title: Option<Arc<str>>,
     pub created_at_ms: u64,
@@ -260,8 +333,24 @@ pub struct ThreadView {
 pub enum Created {
     New(ThreadView),
     /// A thread with the asked id exists: it is returned if the creator takes part in it
-    /// (idempotent create), else [`Lookup::Forbidden`] is the caller's answer.
+    /// (idempotent create) and, for a direct create, it is the pair's `direct` thread; else
+    /// [`Lookup::Forbidden`] is the caller's answer.
     Exists(Lookup<ThreadView>),
+    /// Not created, and asking again will not help ([`Refusal::InvalidText`],
+    /// [`Refusal::NumericThreadId`], or [`Refusal::NotParticipant`] for a direct thread of
+    /// more than two users): a client error (HTTP 400), not a store failure.
+    Refused(Refusal),
+}
+
+/// Storing a notification ([`Store::store_notification`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Noted {
+    /// Stored now (deliver it).
+    New(Notification),
+    /// The same `(user, source_key)` was stored before: the first one, not stored again.
+    Exists(Notification),
+    /// Not stored ([`Refusal::InvalidText`]): a client error (HTTP 400), not a store failure.
+    Refused(Refusal),
 }
 
 /// One page of a listing. `next` is the value to pass as `before` for the page after this
@@ -385,9 +474,20 @@ pub trait Store {
     /// `id > since`, oldest first; without `since`, the newest `limit` of them, oldest first.
     async fn sync(&self, user: &str, since: Option<u64>, limit: usize) -> Result<SyncPage>;
 
-    /// Store a notification; the same `(user, source_key)` again returns the first one and
-    /// `false`.
-    async fn add_notification(&self, n: &NewNotification) -> Result<(Notification, bool)>;
+    /// Store a notification; the same `(user, source_key)` again returns the first one
+    /// ([`Noted::Exists`]); a NUL in any of its texts is [`Noted::Refused`].
+    async fn store_notification(&self, n: &NewNotification) -> Result<Noted>;
+
+    /// [`Store::store_notification`] as `(notification, new)`, for callers that have already
+    /// checked the texts (tests): a refusal comes back as [`StoreError::Unavailable`] with the
+    /// refusal's text. The bridge calls `store_notification` and answers a refusal with 400.
+    async fn add_notification(&self, n: &NewNotification) -> Result<(Notification, bool)> {
+        match self.store_notification(n).await? {
+            Noted::New(stored) => Ok((stored, true)),
+            Noted::Exists(stored) => Ok((stored, false)),
+            Noted::Refused(r) => Err(StoreError::Unavailable(r.text().into())),
+        }
+    }
 
     /// The user's notifications, newest first; `before`: a notification id.
     async fn notifications(

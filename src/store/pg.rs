@@ -33,12 +33,26 @@
 //!   stored copies ([`PgStore::append_retries`] counts it). The threads of the previous batches
 //!   are remembered (`ThreadCache`), checked against the counter, so a steady stream of DMs
 //!   looks up only new threads. The counter lock is held for one round trip plus the commit.
+//! - **Data the server refuses.** PostgreSQL text cannot hold U+0000: every entry, thread and
+//!   notification with a NUL is refused in Rust before any SQL ([`Refusal::InvalidText`]), and
+//!   a read naming one finds nothing without a query, so one bad DM can never fail the batch
+//!   it shares with other senders. Should the server still refuse a batch's data (SQLSTATE
+//!   class 22), the append runs once more in a new transaction, entry by entry, each under a
+//!   savepoint (one round trip per entry, under the counter lock, bounded by the call's
+//!   deadline): the entries it refuses are `InvalidText` and take no id and no seq, the others
+//!   commit together, so the batch stays atomic. At most one such split per call.
+//! - **DMs only into their pair's thread.** An entry with `to` goes only into a `direct`
+//!   thread whose participants are exactly its sender and recipient (`kind` is read with the
+//!   batch's threads and kept in the cache); no thread is created with an all-digit id.
 //! - **Bounded reads.** Every list stops at `limit` + 1 rows (the extra row says whether a next
 //!   page exists) and every query runs on an index; unread counts stop at [`UNREAD_COUNT_MAX`]
 //!   (a count over a LIMITed subquery). The price of the insert-only append is paid here: a
 //!   user's thread list and `sync` probe each thread the user takes part in (one index probe for
 //!   its newest message id, sorted or merged), about 2 ms for a user in 200 threads of a store
 //!   of 20,000 threads and 400,000 messages; a thread page is one index range scan (0.15 ms).
+//!   A call considers at most [`THREADS_PER_READ_MAX`] (10,000) of the user's threads, their
+//!   newest by numeric id, taken from the participants index with a LIMIT: a user in more
+//!   threads does not see the older ones in the list or in `sync`.
 //! - **Faults.** Every call has a deadline ([`PgConfig::call_timeout`]) over the pool wait and
 //!   all its round trips, on top of the server's `statement_timeout`; a call that fails inside
 //!   a transaction rolls it back before its connection returns to the pool, and a connection
@@ -77,10 +91,10 @@ use tokio_postgres::types::{FromSql, ToSql, Type};
 use tokio_postgres::{NoTls, Row, Statement};
 
 use super::{
-    Appended, Created, Lookup, Mark, MarkRequest, Marked, Message, MessageRef, NewMessage,
-    NewNotification, NewThread, Notification, Page, Refusal, Result, Store, StoreError, SyncPage,
-    ThreadKind, ThreadRef, ThreadView, APPEND_BATCH_MAX, MARK_IDS_MAX, PAGE_LIMIT_MAX,
-    THREAD_PARTICIPANTS_MAX, THREAD_TITLE_BYTES_MAX, UNREAD_COUNT_MAX,
+    has_nul, is_numeric_id, Appended, Created, Lookup, Mark, MarkRequest, Marked, Message,
+    MessageRef, NewMessage, NewNotification, NewThread, Noted, Notification, Page, Refusal, Result,
+    Store, StoreError, SyncPage, ThreadKind, ThreadRef, ThreadView, APPEND_BATCH_MAX, MARK_IDS_MAX,
+    PAGE_LIMIT_MAX, THREAD_PARTICIPANTS_MAX, THREAD_TITLE_BYTES_MAX, UNREAD_COUNT_MAX,
 };
 
 /// Connections in the pool. The bridge runs one append at a time (group commit) next to a few
@@ -90,8 +104,6 @@ pub const POOL_SIZE_DEFAULT: usize = 8;
 pub const CONNECT_TIMEOUT_DEFAULT: Duration = Duration::from_secs(5);
 /// Waiting for a free pooled connection when all are busy.
 pub const POOL_WAIT_TIMEOUT_DEFAULT: Duration = Duration::from_secs(5);
-/// Creating a pooled connection (connect, start-up, the read-write check).
-pub const POOL_CREATE_TIMEOUT_DEFAULT: Duration = Duration::from_secs(5);
 /// Checking a pooled connection before reuse (no round trip: it only asks whether it closed).
 pub const POOL_RECYCLE_TIMEOUT_DEFAULT: Duration = Duration::from_secs(1);
 /// The server aborts any one statement after this (waiting for the id counter lock included).
@@ -100,7 +112,8 @@ pub const STATEMENT_TIMEOUT_DEFAULT: Duration = Duration::from_secs(5);
 /// between an append's two round trips cannot hold the id counter lock for longer.
 pub const IDLE_IN_TRANSACTION_TIMEOUT_DEFAULT: Duration = Duration::from_secs(5);
 /// The whole of one store call on the client side: pool wait and every round trip. It covers
-/// what the server cannot (a silent network, a stopped server that never answers).
+/// what the server cannot (a silent network, a stopped server that never answers). Must be
+/// longer than the statement timeout (checked at start).
 pub const CALL_TIMEOUT_DEFAULT: Duration = Duration::from_secs(10);
 /// The schema migrations at start (they may build indexes on large tables), including the wait
 /// for another node that is migrating the same database.
@@ -114,6 +127,16 @@ pub const KEEPALIVE_RETRIES_DEFAULT: u32 = 3;
 pub const TCP_USER_TIMEOUT_DEFAULT: Duration = Duration::from_secs(30);
 /// Shown in `pg_stat_activity`.
 pub const APPLICATION_NAME_DEFAULT: &str = "switchboard";
+
+/// Most threads of one user one thread list or `sync` call considers: the user's newest by
+/// numeric id (the order they were created in, and the user added: participants join a thread
+/// only when it is made), read from the participants index with a LIMIT. Each costs one index
+/// probe (its newest message id: no activity column is kept, so that appends only insert), so
+/// this bounds the call at 10,000 probes, about 100 ms at the 10 us per probe measured
+/// (see the module doc). A user in more threads does not
+/// see their older ones in the thread list or in `sync` (they stay readable by id); the
+/// in-memory store has no such bound (its per-user activity index makes a page cheap).
+pub const THREADS_PER_READ_MAX: usize = 10_000;
 
 /// Threads `ThreadCache` remembers (cleared when full: it is only a guess that saves lookups).
 pub const THREAD_CACHE_ENTRIES_MAX: usize = 65_536;
@@ -160,16 +183,22 @@ pub struct PgConfig {
     pub connect_timeout: Duration,
     /// Waiting for a free connection when all `pool_size` are busy ([`StoreError::Timeout`]).
     pub pool_wait_timeout: Duration,
-    /// Creating one new connection ([`StoreError::Unavailable`] when it passes).
-    pub pool_create_timeout: Duration,
+    /// Creating one new pooled connection: connect, start-up and the read-write check
+    /// ([`StoreError::Unavailable`] when it passes). `None` (what [`PgConfig::new`] sets):
+    /// the same as `connect_timeout`, whatever that is set to later, so the one connect
+    /// setting (`database_connect_timeout`) bounds a whole connection attempt; `Some` to set it
+    /// apart.
+    pub pool_create_timeout: Option<Duration>,
     /// Checking a pooled connection before reuse.
     pub pool_recycle_timeout: Duration,
     /// The server's `statement_timeout` for every session (whole milliseconds, at least 1).
     pub statement_timeout: Duration,
     /// The server's `idle_in_transaction_session_timeout` (whole milliseconds, at least 1).
     pub idle_in_transaction_timeout: Duration,
-    /// Client-side deadline of one store call (pool wait and all its round trips); should be
-    /// longer than `statement_timeout` so that the server's clean timeout fires first.
+    /// Client-side deadline of one store call (pool wait and all its round trips); must be
+    /// longer than `statement_timeout` so that the server's clean timeout fires first (a
+    /// statement cancelled by the server leaves its connection reusable; one cut by this
+    /// deadline is closed). [`PgConfig::check`] refuses it otherwise.
     pub call_timeout: Duration,
     /// Deadline of the migrations at start (and the server's `statement_timeout` while they run).
     pub migration_timeout: Duration,
@@ -181,6 +210,9 @@ pub struct PgConfig {
     pub tcp_user_timeout: Duration,
     /// `application_name` of every session.
     pub application_name: String,
+    /// Most threads of one user a thread list or `sync` considers ([`THREADS_PER_READ_MAX`],
+    /// at least 1; tests set it low).
+    pub threads_per_read_max: usize,
 }
 
 impl PgConfig {
@@ -191,7 +223,7 @@ impl PgConfig {
             pool_size: POOL_SIZE_DEFAULT,
             connect_timeout: CONNECT_TIMEOUT_DEFAULT,
             pool_wait_timeout: POOL_WAIT_TIMEOUT_DEFAULT,
-            pool_create_timeout: POOL_CREATE_TIMEOUT_DEFAULT,
+            pool_create_timeout: None,
             pool_recycle_timeout: POOL_RECYCLE_TIMEOUT_DEFAULT,
             statement_timeout: STATEMENT_TIMEOUT_DEFAULT,
             idle_in_transaction_timeout: IDLE_IN_TRANSACTION_TIMEOUT_DEFAULT,
@@ -202,18 +234,25 @@ impl PgConfig {
             keepalive_retries: KEEPALIVE_RETRIES_DEFAULT,
             tcp_user_timeout: TCP_USER_TIMEOUT_DEFAULT,
             application_name: APPLICATION_NAME_DEFAULT.to_owned(),
+            threads_per_read_max: THREADS_PER_READ_MAX,
         }
     }
 
+    /// The pool create timeout in force: [`PgConfig::pool_create_timeout`], else
+    /// `connect_timeout`.
+    pub fn pool_create_timeout(&self) -> Duration {
+        self.pool_create_timeout.unwrap_or(self.connect_timeout)
+    }
+
     /// The settings that make no sense, said so that the operator can fix them.
-    fn check(&self) -> std::result::Result<(), String> {
+    pub fn check(&self) -> std::result::Result<(), String> {
         if self.pool_size == 0 {
             return Err("the PostgreSQL pool size must be at least 1".into());
         }
         let positive = [
             ("connect timeout", self.connect_timeout),
             ("pool wait timeout", self.pool_wait_timeout),
-            ("pool create timeout", self.pool_create_timeout),
+            ("pool create timeout", self.pool_create_timeout()),
             ("pool recycle timeout", self.pool_recycle_timeout),
             ("call timeout", self.call_timeout),
             ("migration timeout", self.migration_timeout),
@@ -240,6 +279,19 @@ impl PgConfig {
         }
         if self.keepalive_retries == 0 {
             return Err("the PostgreSQL keepalive retries must be at least 1".into());
+        }
+        if self.threads_per_read_max == 0 {
+            return Err("the PostgreSQL threads per read must be at least 1".into());
+        }
+        if self.call_timeout <= self.statement_timeout {
+            return Err(format!(
+                "the PostgreSQL call timeout ({} ms) must be longer than the statement timeout \
+                 ({} ms), so that the server cancels a slow statement cleanly before the client \
+                 gives up on the call: set it longer (for example the statement timeout plus \
+                 500 ms)",
+                self.call_timeout.as_millis(),
+                self.statement_timeout.as_millis()
+            ));
         }
         Ok(())
     }
@@ -300,7 +352,7 @@ impl fmt::Debug for PgConfig {
             .field("pool_size", &self.pool_size)
             .field("connect_timeout", &self.connect_timeout)
             .field("pool_wait_timeout", &self.pool_wait_timeout)
-            .field("pool_create_timeout", &self.pool_create_timeout)
+            .field("pool_create_timeout", &self.pool_create_timeout())
             .field("pool_recycle_timeout", &self.pool_recycle_timeout)
             .field("statement_timeout", &self.statement_timeout)
             .field(
@@ -314,6 +366,7 @@ impl fmt::Debug for PgConfig {
             .field("keepalive_retries", &self.keepalive_retries)
             .field("tcp_user_timeout", &self.tcp_user_timeout)
             .field("application_name", &self.application_name)
+            .field("threads_per_read_max", &self.threads_per_read_max)
             .finish()
     }
 }
@@ -352,6 +405,7 @@ struct Cached {
     nid: i64,
     last_seq: i64,
     users: Arc<[Arc<str>]>,
+    direct: bool,
 }
 
 impl ThreadCache {
@@ -391,6 +445,13 @@ enum Fail {
     Db(tokio_postgres::Error),
     /// The database answered something this build cannot use (a broken invariant of its data).
     Bad(String),
+}
+
+/// Whether the server refused a statement's data (SQLSTATE class 22, "data exception": a
+/// text it cannot hold, a value out of range): the request's fault, not the database's, so
+/// retrying the same data fails the same way.
+fn is_data_exception(e: &tokio_postgres::Error) -> bool {
+    e.code().is_some_and(|c| c.code().starts_with("22"))
 }
 
 impl From<tokio_postgres::Error> for Fail {
@@ -649,13 +710,14 @@ const LOCK_IDS: Sql = Sql {
 };
 
 /// The batch's existing threads ($1: text ids): numeric id, newest seq (one probe of the
-/// (thread_nid, seq) index), participants sorted.
+/// (thread_nid, seq) index), participants sorted, whether it is direct.
 const APPEND_THREADS: Sql = Sql {
     text: "SELECT t.id, t.numeric_id, \
              COALESCE((SELECT max(m.seq) FROM switchboard_messages m \
                        WHERE m.thread_nid = t.numeric_id), 0), \
              ARRAY(SELECT p.user_id FROM switchboard_participants p \
-                   WHERE p.thread_nid = t.numeric_id ORDER BY p.user_id) \
+                   WHERE p.thread_nid = t.numeric_id ORDER BY p.user_id), \
+             t.kind = 'direct' \
            FROM unnest($1::text[]) AS k(id) JOIN switchboard_threads t ON t.id = k.id",
     types: &[T_TEXTS],
 };
@@ -712,13 +774,13 @@ const APPEND_WRITE: Sql = Sql {
     ],
 };
 
-/// A group thread ($1 id, $2 title, $3 created_at_ms, $4 participants) with the next id, unless
-/// the id is taken (no row then). Runs under the counter lock.
+/// A thread ($1 id, $2 title, $3 created_at_ms, $4 participants, $5 kind) with the next id,
+/// unless the id is taken (no row then). Runs under the counter lock.
 const CREATE_THREAD: Sql = Sql {
     text: "WITH c AS (SELECT value + 1 AS nid FROM switchboard_counters WHERE name = 'ids'), \
            t AS ( \
              INSERT INTO switchboard_threads (id, numeric_id, kind, title, created_at_ms) \
-             SELECT $1, c.nid, 'group', $2, $3 FROM c \
+             SELECT $1, c.nid, $5, $2, $3 FROM c \
              ON CONFLICT (id) DO NOTHING RETURNING numeric_id \
            ), p AS ( \
              INSERT INTO switchboard_participants (thread_nid, user_id, read_seq, delivered_seq) \
@@ -729,12 +791,13 @@ const CREATE_THREAD: Sql = Sql {
              WHERE name = 'ids' AND EXISTS (SELECT 1 FROM t) \
            ) \
            SELECT numeric_id FROM t",
-    types: &[T_TEXT, T_TEXT, T_INT8, T_TEXTS],
+    types: &[T_TEXT, T_TEXT, T_INT8, T_TEXTS, T_TEXT],
 };
 
 /// The user's threads ($1) with an activity key (store::activity_key) below $2, most recent
-/// first, $3 rows, unread cap $4. Visits every thread of the user (one index probe each for
-/// its newest message id), then sorts the keys: the price of an append that updates nothing.
+/// first, $3 rows, unread cap $4, among the user's newest $5 threads by numeric id (see
+/// [`THREADS_PER_READ_MAX`]). Visits each of those (one index probe each for its newest
+/// message id), then sorts the keys: the price of an append that updates nothing.
 const THREADS: Sql = Sql {
     text: concat!(
         "SELECT ",
@@ -743,17 +806,17 @@ const THREADS: Sql = Sql {
          FROM ( \
            SELECT r.thread_nid, r.user_id, r.read_seq, l.last_id, \
                   COALESCE(l.last_id, r.thread_nid) AS activity \
-           FROM switchboard_participants r \
+           FROM (SELECT q.thread_nid, q.user_id, q.read_seq FROM switchboard_participants q \
+                 WHERE q.user_id = $1 ORDER BY q.thread_nid DESC LIMIT $5) r \
            CROSS JOIN LATERAL (SELECT max(m.id) AS last_id FROM switchboard_messages m \
                                WHERE m.thread_nid = r.thread_nid) l \
-           WHERE r.user_id = $1 \
          ) p \
          JOIN switchboard_threads t ON t.numeric_id = p.thread_nid \
          LEFT JOIN switchboard_messages lm ON lm.id = p.last_id \
          WHERE p.activity < $2 \
          ORDER BY p.activity DESC LIMIT $3"
     ),
-    types: &[T_TEXT, T_INT8, T_INT8, T_INT8],
+    types: &[T_TEXT, T_INT8, T_INT8, T_INT8, T_INT8],
 };
 
 /// One thread for viewer $1: text id $2, else numeric id $3 (NULL: none); unread cap $4.
@@ -828,35 +891,39 @@ const MARK_DELIVERED: Sql = Sql {
     types: &[T_INT8, T_TEXT, T_INT8],
 };
 
-/// User $1's messages with id above $2, oldest first, $3 of them: every thread of the user
-/// is probed from the cursor on in the (thread_nid, id) index, and the probes merged.
+/// User $1's messages with id above $2, oldest first, $3 of them: each of the user's newest $4
+/// threads by numeric id ([`THREADS_PER_READ_MAX`]) is probed from the cursor on in the
+/// (thread_nid, id) index, and the probes merged.
 const SYNC_SINCE: Sql = Sql {
     text: concat!(
         "SELECT ",
         message_columns!("m", "t"),
-        " FROM switchboard_participants p \
+        " FROM (SELECT q.thread_nid FROM switchboard_participants q \
+                WHERE q.user_id = $1 ORDER BY q.thread_nid DESC LIMIT $4) p \
          JOIN switchboard_threads t ON t.numeric_id = p.thread_nid \
          CROSS JOIN LATERAL ( \
            SELECT * FROM switchboard_messages m \
            WHERE m.thread_nid = p.thread_nid AND m.id > $2 ORDER BY m.id LIMIT $3 \
          ) m \
-         WHERE p.user_id = $1 \
          ORDER BY m.id LIMIT $3"
     ),
-    types: &[T_TEXT, T_INT8, T_INT8],
+    types: &[T_TEXT, T_INT8, T_INT8, T_INT8],
 };
 
 /// User $1's newest $2 messages, newest first: they lie in the user's $2 threads with the
-/// newest last messages, so only those are read past their newest id.
+/// newest last messages (among their newest $3 threads by numeric id), so only those are read
+/// past their newest id.
 const SYNC_LATEST: Sql = Sql {
     text: concat!(
         "SELECT ",
         message_columns!("m", "t"),
         " FROM ( \
-           SELECT r.thread_nid FROM switchboard_participants r \
+           SELECT r.thread_nid \
+           FROM (SELECT q.thread_nid FROM switchboard_participants q \
+                 WHERE q.user_id = $1 ORDER BY q.thread_nid DESC LIMIT $3) r \
            CROSS JOIN LATERAL (SELECT max(m.id) AS last_id FROM switchboard_messages m \
                                WHERE m.thread_nid = r.thread_nid) l \
-           WHERE r.user_id = $1 AND l.last_id IS NOT NULL \
+           WHERE l.last_id IS NOT NULL \
            ORDER BY l.last_id DESC LIMIT $2 \
          ) p \
          JOIN switchboard_threads t ON t.numeric_id = p.thread_nid \
@@ -866,7 +933,7 @@ const SYNC_LATEST: Sql = Sql {
          ) m \
          ORDER BY m.id DESC LIMIT $2"
     ),
-    types: &[T_TEXT, T_INT8],
+    types: &[T_TEXT, T_INT8, T_INT8],
 };
 
 macro_rules! notification_columns {
@@ -939,12 +1006,15 @@ const NOTIFICATIONS_READ_ALL: Sql = Sql {
 };
 
 /// A thread as an append sees it while resolving its batch.
+#[derive(Clone)]
 struct ThreadState<'a> {
     nid: i64,
     /// Its newest seq (0: no message yet).
     last_seq: i64,
     /// Sorted.
     users: Arc<[Arc<str>]>,
+    /// `kind = 'direct'`.
+    direct: bool,
     /// Created by this batch (a first DM): its participants, to insert, and its time.
     created: Option<(Vec<&'a str>, i64)>,
 }
@@ -952,6 +1022,12 @@ struct ThreadState<'a> {
 impl ThreadState<'_> {
     fn has(&self, user: &str) -> bool {
         self.users.binary_search_by(|u| (**u).cmp(user)).is_ok()
+    }
+
+    /// Whether its users are exactly `{a, b}` (`{a}` when `a == b`).
+    fn is_pair(&self, a: &str, b: &str) -> bool {
+        let want = if a == b { 1 } else { 2 };
+        self.users.len() == want && self.has(a) && self.has(b)
     }
 }
 
@@ -983,12 +1059,115 @@ struct Stored {
     by_server_id: HashMap<u128, Message>,
 }
 
+impl Stored {
+    /// Forget the copy `resolve` recorded for `m` (its write was rolled back).
+    fn forget(&mut self, m: &NewMessage) {
+        self.by_server_id.remove(&m.server_msg_id);
+        if let Some(c) = &m.client_msg_id {
+            self.by_key.remove(&(m.sender.clone(), c.clone()));
+        }
+    }
+}
+
+/// The parameters of [`APPEND_WRITE`] for `w`, with the counter's new value.
+fn write_params<'w>(w: &'w WriteSet<'_>, counter: &'w i64) -> [&'w (dyn ToSql + Sync); 17] {
+    [
+        &w.t_id,
+        &w.t_nid,
+        &w.t_created,
+        &w.p_nid,
+        &w.p_user,
+        &w.m_id,
+        &w.m_nid,
+        &w.m_seq,
+        &w.m_smid,
+        &w.m_eid,
+        &w.m_sender,
+        &w.m_recipient,
+        &w.m_cmid,
+        &w.m_content,
+        &w.m_attachment,
+        &w.m_sent_at,
+        counter,
+    ]
+}
+
+/// Name of the savepoint [`split_writes`] puts each entry under.
+const ENTRY_SAVEPOINT: &str = "switchboard_entry";
+
+/// Write `batch` entry by entry inside the open transaction (the counter lock held, the
+/// batch's threads and stored copies in `threads` and `stored`), each entry's rows under a
+/// savepoint: an entry the server refuses with a data exception is rolled back to it and
+/// refused with [`Refusal::InvalidText`] (it takes no id and no seq), the others are kept;
+/// then COMMIT. One round trip per written entry. Returns the outcomes and the counter's new
+/// value.
+async fn split_writes<'a>(
+    c: &Object,
+    write_q: &Statement,
+    batch: &'a [NewMessage],
+    threads: &mut HashMap<&'a str, ThreadState<'a>>,
+    stored: &mut Stored,
+    last_id: i64,
+) -> std::result::Result<(Vec<Appended>, i64), Fail> {
+    let save = format!("SAVEPOINT {ENTRY_SAVEPOINT}");
+    let release = format!("RELEASE SAVEPOINT {ENTRY_SAVEPOINT}");
+    let undo = format!("ROLLBACK TO SAVEPOINT {ENTRY_SAVEPOINT}; {release}");
+    let mut out = Vec::with_capacity(batch.len());
+    let mut last = last_id;
+    for nm in batch {
+        let before = threads.get(&*nm.thread).cloned();
+        let (mut one, w, next) = resolve(std::slice::from_ref(nm), threads, stored, last)?;
+        let outcome = one
+            .pop()
+            .ok_or_else(|| Fail::Bad("no outcome for an entry".into()))?;
+        if w.m_id.is_empty() {
+            out.push(outcome);
+            continue;
+        }
+        let params = write_params(&w, &next);
+        let (saved, written, released) = tokio::join!(
+            biased;
+            c.batch_execute(&save),
+            c.execute(write_q, &params),
+            c.batch_execute(&release),
+        );
+        saved?;
+        match written {
+            Ok(_) => {
+                released?;
+                last = next;
+                if let Some(st) = threads.get_mut(&*nm.thread) {
+                    st.created = None;
+                }
+                out.push(outcome);
+            }
+            Err(e) if is_data_exception(&e) => {
+                // The RELEASE behind it failed in the aborted transaction; back to the mark.
+                c.batch_execute(&undo).await?;
+                match before {
+                    Some(st) => {
+                        threads.insert(&nm.thread, st);
+                    }
+                    None => {
+                        threads.remove(&*nm.thread);
+                    }
+                }
+                stored.forget(nm);
+                out.push(Appended::Refused(Refusal::InvalidText));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    c.batch_execute("COMMIT").await?;
+    Ok((out, last))
+}
+
 /// Resolve a batch in order against what is stored (see the module doc): the outcomes, what to
 /// write, and the counter's new value. Pure, so the rules are tested without a database.
 fn resolve<'a>(
     batch: &'a [NewMessage],
     threads: &mut HashMap<&'a str, ThreadState<'a>>,
-    mut stored: Stored,
+    stored: &mut Stored,
     last_id: i64,
 ) -> std::result::Result<(Vec<Appended>, WriteSet<'a>, i64), Fail> {
     let mut next = last_id;
@@ -1001,6 +1180,12 @@ fn resolve<'a>(
     let mut out = Vec::with_capacity(batch.len());
     let mut w = WriteSet::default();
     for nm in batch {
+        // Checked here, before any SQL: PostgreSQL text cannot hold it, and one such entry
+        // would fail the whole batch's statement.
+        if nm.has_nul() {
+            out.push(Appended::Refused(Refusal::InvalidText));
+            continue;
+        }
         let key = nm
             .client_msg_id
             .as_ref()
@@ -1018,7 +1203,12 @@ fn resolve<'a>(
         let st = match threads.entry(&*nm.thread) {
             Entry::Occupied(e) => {
                 let st = e.into_mut();
-                if !st.has(&nm.sender) || nm.to.as_ref().is_some_and(|to| !st.has(to)) {
+                let allowed = match &nm.to {
+                    // A DM only into the pair's own direct thread (see `store::Store`).
+                    Some(to) => st.direct && st.is_pair(&nm.sender, to),
+                    None => st.has(&nm.sender),
+                };
+                if !allowed {
                     out.push(Appended::Refused(Refusal::NotParticipant));
                     continue;
                 }
@@ -1029,6 +1219,10 @@ fn resolve<'a>(
                     out.push(Appended::Refused(Refusal::UnknownThread));
                     continue;
                 };
+                if is_numeric_id(&nm.thread) {
+                    out.push(Appended::Refused(Refusal::NumericThreadId));
+                    continue;
+                }
                 let mut users: Vec<&'a str> = vec![&*nm.sender, &**to];
                 users.sort_unstable();
                 users.dedup();
@@ -1036,6 +1230,7 @@ fn resolve<'a>(
                     nid: take_id()?,
                     last_seq: 0,
                     users: users.iter().map(|u| Arc::from(*u)).collect(),
+                    direct: true,
                     created: Some((users, i64_of(nm.sent_at_ms))),
                 })
             }
@@ -1115,7 +1310,7 @@ impl PgStore {
         let pool = Pool::builder(manager)
             .max_size(cfg.pool_size)
             .wait_timeout(Some(cfg.pool_wait_timeout))
-            .create_timeout(Some(cfg.pool_create_timeout))
+            .create_timeout(Some(cfg.pool_create_timeout()))
             .recycle_timeout(Some(cfg.pool_recycle_timeout))
             .queue_mode(QueueMode::Fifo)
             .runtime(Runtime::Tokio1)
@@ -1139,6 +1334,11 @@ impl PgStore {
     /// second transaction to find it, since start (a metric: a high rate costs throughput).
     pub fn append_retries(&self) -> u64 {
         self.retries.load(Ordering::Relaxed)
+    }
+
+    /// [`PgConfig::threads_per_read_max`] as a parameter.
+    fn threads_per_read(&self) -> i64 {
+        i64::try_from(self.cfg.threads_per_read_max).unwrap_or(i64::MAX)
     }
 
     /// The pool's size, idle connections and waiting callers (for `/ready` and metrics).
@@ -1292,6 +1492,13 @@ fn thread_number(r: &ThreadRef) -> (&str, Option<i64>) {
     }
 }
 
+fn empty_page<T>() -> Page<T> {
+    Page {
+        items: Vec::new(),
+        next: None,
+    }
+}
+
 /// A page's items and the `next` key of its last item, from `limit + 1` fetched rows.
 fn paged<T>(mut items: Vec<T>, limit: usize, key: impl Fn(&T) -> u64) -> Page<T> {
     let next = if items.len() > limit {
@@ -1307,7 +1514,8 @@ fn paged<T>(mut items: Vec<T>, limit: usize, key: impl Fn(&T) -> u64) -> Page<T>
 /// entries that have one, and every server id.
 fn stored_keys(batch: &[NewMessage]) -> (Vec<&str>, Vec<&str>, Vec<String>) {
     let (mut senders, mut cmids) = (Vec::new(), Vec::new());
-    for m in batch {
+    // An entry with a NUL is refused before any lookup (and its texts are no parameter).
+    for m in batch.iter().filter(|m| !m.has_nul()) {
         if let Some(c) = &m.client_msg_id {
             senders.push(&*m.sender);
             cmids.push(&**c);
@@ -1338,6 +1546,7 @@ fn thread_states<'a>(
                 nid: get(&row, 1)?,
                 last_seq: get(&row, 2)?,
                 users: users.into(),
+                direct: get(&row, 4)?,
                 created: None,
             },
         );
@@ -1354,6 +1563,12 @@ impl Store for PgStore {
     /// (a retried send is rare), and the write's unique keys catch one; only then is the batch
     /// resolved again, in a second transaction, with the stored copies. Threads the
     /// `ThreadCache` knows are not looked up when its guess holds (see the module doc).
+    ///
+    /// Entries with a NUL are refused in Rust before any SQL ([`Refusal::InvalidText`]). Should
+    /// the server still refuse the batch's data (SQLSTATE class 22), the batch runs once more,
+    /// entry by entry in one transaction (each under a savepoint, one round trip each): the
+    /// entries it refuses are [`Refusal::InvalidText`], the others commit together. At most
+    /// one such split per call, so the call stays atomic and bounded.
     async fn append(&self, batch: &[NewMessage]) -> Result<Vec<Appended>> {
         debug_assert!(
             batch.len() <= APPEND_BATCH_MAX,
@@ -1362,7 +1577,12 @@ impl Store for PgStore {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        let mut thread_ids: Vec<&str> = batch.iter().map(|m| &*m.thread).collect();
+        // An entry with a NUL is refused before any lookup: its texts are no parameter.
+        let mut thread_ids: Vec<&str> = batch
+            .iter()
+            .filter(|m| !m.has_nul())
+            .map(|m| &*m.thread)
+            .collect();
         thread_ids.sort_unstable();
         thread_ids.dedup();
         self.run(async |c| {
@@ -1370,6 +1590,7 @@ impl Store for PgStore {
             let threads_q = prepare(c, &APPEND_THREADS).await?;
             let write_q = prepare(c, &APPEND_WRITE).await?;
             let mut probe = false;
+            let mut split = false;
             loop {
                 let (senders, cmids, server_ids) = if probe {
                     stored_keys(batch)
@@ -1424,6 +1645,7 @@ impl Store for PgStore {
                             nid: h.nid,
                             last_seq: h.last_seq,
                             users: h.users,
+                            direct: h.direct,
                             created: None,
                         };
                         (id, state)
@@ -1444,71 +1666,77 @@ impl Store for PgStore {
                     }
                     stored.by_server_id.insert(m.server_msg_id, m);
                 }
-                let (out, w, counter) = resolve(batch, &mut threads, stored, last_id)?;
-                if w.m_id.is_empty() {
-                    c.batch_execute("COMMIT").await?;
-                    return Ok(out);
-                }
-                // Round trip 2: the writes and the commit, pipelined.
-                let params: [&(dyn ToSql + Sync); 17] = [
-                    &w.t_id,
-                    &w.t_nid,
-                    &w.t_created,
-                    &w.p_nid,
-                    &w.p_user,
-                    &w.m_id,
-                    &w.m_nid,
-                    &w.m_seq,
-                    &w.m_smid,
-                    &w.m_eid,
-                    &w.m_sender,
-                    &w.m_recipient,
-                    &w.m_cmid,
-                    &w.m_content,
-                    &w.m_attachment,
-                    &w.m_sent_at,
-                    &counter,
-                ];
-                let (written, committed) = tokio::join!(
-                    biased;
-                    c.execute(&write_q, &params),
-                    c.batch_execute("COMMIT"),
-                );
-                match written {
-                    // A key is stored already: the COMMIT behind it rolled back; again, asking.
-                    Err(e) if !probe && e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
-                        committed?;
-                        probe = true;
-                        self.retries.fetch_add(1, Ordering::Relaxed);
-                        // Mostly a retried send; if it was a (thread, seq) clash instead, the
-                        // cache misled, so the second try looks everything up.
-                        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-                        cache.epoch = None;
-                    }
-                    written => {
-                        written?;
-                        committed?;
-                        let states = threads.iter().map(|(id, st)| {
-                            let state = Cached {
-                                nid: st.nid,
-                                last_seq: st.last_seq,
-                                users: st.users.clone(),
-                            };
-                            (*id, state)
-                        });
-                        self.cache
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .committed(last_id, counter, states);
+                let (out, counter) = if split {
+                    // Entry by entry (see the doc above); commits.
+                    split_writes(c, &write_q, batch, &mut threads, &mut stored, last_id).await?
+                } else {
+                    let (out, w, counter) = resolve(batch, &mut threads, &mut stored, last_id)?;
+                    if w.m_id.is_empty() {
+                        c.batch_execute("COMMIT").await?;
                         return Ok(out);
                     }
-                }
+                    // Round trip 2: the writes and the commit, pipelined.
+                    let params = write_params(&w, &counter);
+                    let (written, committed) = tokio::join!(
+                        biased;
+                        c.execute(&write_q, &params),
+                        c.batch_execute("COMMIT"),
+                    );
+                    match written {
+                        // A key is stored already: the COMMIT behind it rolled back; again,
+                        // asking.
+                        Err(e) if !probe && e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
+                            committed?;
+                            probe = true;
+                            self.retries.fetch_add(1, Ordering::Relaxed);
+                            // Mostly a retried send; if it was a (thread, seq) clash instead,
+                            // the cache misled, so the second try looks everything up.
+                            let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+                            cache.epoch = None;
+                            continue;
+                        }
+                        // The server refused some entry's data (rolled back): once more, entry
+                        // by entry, asking for stored keys (a retried send may be among them).
+                        Err(e) if is_data_exception(&e) => {
+                            committed?;
+                            split = true;
+                            probe = true;
+                            continue;
+                        }
+                        written => {
+                            written?;
+                            committed?;
+                        }
+                    }
+                    (out, counter)
+                };
+                let states = threads.iter().map(|(id, st)| {
+                    let state = Cached {
+                        nid: st.nid,
+                        last_seq: st.last_seq,
+                        users: st.users.clone(),
+                        direct: st.direct,
+                    };
+                    (*id, state)
+                });
+                self.cache
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .committed(last_id, counter, states);
+                return Ok(out);
             }
         })
         .await
     }
 
     async fn create_thread(&self, new: &NewThread) -> Result<Created> {
+        // Before any SQL, as the in-memory store checks them.
+        if new.has_nul() {
+            return Ok(Created::Refused(Refusal::InvalidText));
+        }
+        if new.id.as_deref().is_some_and(is_numeric_id) {
+            return Ok(Created::Refused(Refusal::NumericThreadId));
+        }
         let id: Arc<str> = match &new.id {
             Some(id) => id.clone(),
             None => Arc::from(uuid_text(uuid::Uuid::now_v7().as_u128())),
@@ -1517,6 +1745,9 @@ impl Store for PgStore {
         users.push(new.creator.clone());
         users.sort_unstable();
         users.dedup();
+        if new.kind == ThreadKind::Direct && users.len() > 2 {
+            return Ok(Created::Refused(Refusal::NotParticipant));
+        }
         // The REST layer refuses more; a store keeps its bound whatever it is handed (the
         // creator always stays).
         if users.len() > THREAD_PARTICIPANTS_MAX {
@@ -1546,13 +1777,14 @@ impl Store for PgStore {
         });
         let user_texts: Vec<&str> = users.iter().map(|u| &**u).collect();
         let created_at = i64_of(new.created_at_ms);
+        let kind_text = new.kind.as_str();
         let nid = self
             .run(async |c| {
                 let lock = prepare(c, &LOCK_IDS).await?;
                 let create = prepare(c, &CREATE_THREAD).await?;
                 let (id_text, title_text) = (&*id, title.as_deref());
-                let params: [&(dyn ToSql + Sync); 4] =
-                    [&id_text, &title_text, &created_at, &user_texts];
+                let params: [&(dyn ToSql + Sync); 5] =
+                    [&id_text, &title_text, &created_at, &user_texts, &kind_text];
                 let (begun, locked, created, committed) = tokio::join!(
                     biased;
                     c.batch_execute(BEGIN),
@@ -1562,29 +1794,42 @@ impl Store for PgStore {
                 );
                 begun?;
                 let start: i64 = get(&locked?, 0)?;
-                let created = created?;
+                let created = match created {
+                    // The server refused its data (the checks above make this unlikely): the
+                    // request's fault; the COMMIT behind it rolled back.
+                    Err(e) if is_data_exception(&e) => {
+                        committed?;
+                        return Ok(Err(Refusal::InvalidText));
+                    }
+                    created => created?,
+                };
                 committed?;
                 let Some(row) = created else {
-                    return Ok(None);
+                    return Ok(Ok(None));
                 };
                 let nid: i64 = get(&row, 0)?;
                 let state = Cached {
                     nid,
                     last_seq: 0,
                     users: users.iter().cloned().collect(),
+                    direct: new.kind == ThreadKind::Direct,
                 };
                 self.cache
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .committed(start, nid, std::iter::once((&*id, state)));
-                Ok(Some(u64_of(nid, "thread id")?))
+                Ok(Ok(Some(u64_of(nid, "thread id")?)))
             })
             .await?;
+        let nid = match nid {
+            Ok(nid) => nid,
+            Err(refusal) => return Ok(Created::Refused(refusal)),
+        };
         match nid {
             Some(numeric_id) => Ok(Created::New(ThreadView {
                 id,
                 numeric_id,
-                kind: ThreadKind::Group,
+                kind: new.kind,
                 title,
                 participants: users,
                 created_at_ms: new.created_at_ms,
@@ -1593,9 +1838,19 @@ impl Store for PgStore {
                 read_seq: 0,
                 unread: 0,
             })),
-            None => Ok(Created::Exists(
-                self.thread(&new.creator, &ThreadRef::Id(id)).await?,
-            )),
+            None => {
+                let found = self.thread(&new.creator, &ThreadRef::Id(id)).await?;
+                Ok(Created::Exists(match found {
+                    // A direct create finds only the pair's own direct thread.
+                    Lookup::Found(v)
+                        if new.kind == ThreadKind::Direct
+                            && (v.kind != ThreadKind::Direct || v.participants != users) =>
+                    {
+                        Lookup::Forbidden
+                    }
+                    other => other,
+                }))
+            }
         }
     }
 
@@ -1605,13 +1860,20 @@ impl Store for PgStore {
         before: Option<u64>,
         limit: usize,
     ) -> Result<Page<ThreadView>> {
+        // No stored text holds a NUL (nor can a parameter): nothing to find.
+        if has_nul(user) {
+            return Ok(empty_page());
+        }
         let limit = page_limit(limit);
         let before = before.map_or(i64::MAX, i64_of);
         let fetch = (limit + 1) as i64;
         let unread_max = UNREAD_COUNT_MAX as i64;
+        let threads_max = self.threads_per_read();
         self.run(async |c| {
             let q = prepare(c, &THREADS).await?;
-            let rows = c.query(&q, &[&user, &before, &fetch, &unread_max]).await?;
+            let rows = c
+                .query(&q, &[&user, &before, &fetch, &unread_max, &threads_max])
+                .await?;
             let mut items = Vec::with_capacity(rows.len());
             for row in &rows {
                 let (view, _) = thread_view_at(row)?;
@@ -1629,6 +1891,9 @@ impl Store for PgStore {
 
     async fn thread(&self, user: &str, thread: &ThreadRef) -> Result<Lookup<ThreadView>> {
         let (text, number) = thread_number(thread);
+        if has_nul(user) || has_nul(text) {
+            return Ok(Lookup::NotFound);
+        }
         let unread_max = UNREAD_COUNT_MAX as i64;
         self.run(async |c| {
             let q = prepare(c, &THREAD).await?;
@@ -1655,6 +1920,9 @@ impl Store for PgStore {
     ) -> Result<Lookup<Page<Message>>> {
         let limit = page_limit(limit);
         let (text, number) = thread_number(thread);
+        if has_nul(user) || has_nul(text) {
+            return Ok(Lookup::NotFound);
+        }
         let before = before.map_or(i64::MAX, i64_of);
         let fetch = (limit + 1) as i64;
         self.run(async |c| {
@@ -1680,6 +1948,9 @@ impl Store for PgStore {
     }
 
     async fn mark(&self, req: &MarkRequest) -> Result<Lookup<Marked>> {
+        if has_nul(&req.user) || req.thread.as_deref().is_some_and(has_nul) {
+            return Ok(Lookup::NotFound);
+        }
         let named = &req.messages[..req.messages.len().min(MARK_IDS_MAX)];
         let mut numbers = Vec::new();
         let mut server_ids = Vec::new();
@@ -1772,12 +2043,23 @@ impl Store for PgStore {
     }
 
     async fn sync(&self, user: &str, since: Option<u64>, limit: usize) -> Result<SyncPage> {
+        if has_nul(user) {
+            return Ok(SyncPage {
+                messages: Vec::new(),
+                cursor: since.unwrap_or(0),
+                more: false,
+                truncated: false,
+            });
+        }
         let limit = page_limit(limit);
+        let threads_max = self.threads_per_read();
         self.run(async |c| match since {
             Some(since) => {
                 let q = prepare(c, &SYNC_SINCE).await?;
                 let fetch = (limit + 1) as i64;
-                let rows = c.query(&q, &[&user, &i64_of(since), &fetch]).await?;
+                let rows = c
+                    .query(&q, &[&user, &i64_of(since), &fetch, &threads_max])
+                    .await?;
                 let mut messages = rows
                     .iter()
                     .map(|r| message_at(r, 0))
@@ -1793,7 +2075,7 @@ impl Store for PgStore {
             }
             None => {
                 let q = prepare(c, &SYNC_LATEST).await?;
-                let rows = c.query(&q, &[&user, &(limit as i64)]).await?;
+                let rows = c.query(&q, &[&user, &(limit as i64), &threads_max]).await?;
                 let mut messages = rows
                     .iter()
                     .map(|r| message_at(r, 0))
@@ -1810,7 +2092,11 @@ impl Store for PgStore {
         .await
     }
 
-    async fn add_notification(&self, n: &NewNotification) -> Result<(Notification, bool)> {
+    async fn store_notification(&self, n: &NewNotification) -> Result<Noted> {
+        // Before any SQL, as the in-memory store checks it.
+        if n.has_nul() {
+            return Ok(Noted::Refused(Refusal::InvalidText));
+        }
         let params = (
             &*n.user,
             &*n.kind,
@@ -1820,16 +2106,25 @@ impl Store for PgStore {
         );
         self.run(async |c| {
             let q = prepare(c, &ADD_NOTIFICATION).await?;
-            let rows = c
+            let rows = match c
                 .query(&q, &[&params.0, &params.1, &params.2, &params.3, &params.4])
-                .await?;
+                .await
+            {
+                // The server refused its data (the check above makes this unlikely).
+                Err(e) if is_data_exception(&e) => return Ok(Noted::Refused(Refusal::InvalidText)),
+                rows => rows?,
+            };
             if let Some(row) = rows.first() {
-                return Ok((notification_at(row)?, get(row, 7)?));
+                let stored = notification_at(row)?;
+                return Ok(match get::<bool>(row, 7)? {
+                    true => Noted::New(stored),
+                    false => Noted::Exists(stored),
+                });
             }
             // Another node inserted the same key while this statement ran: read it now.
             let q = prepare(c, &NOTIFICATION_BY_KEY).await?;
             match c.query_opt(&q, &[&params.0, &params.3]).await? {
-                Some(row) => Ok((notification_at(&row)?, false)),
+                Some(row) => Ok(Noted::Exists(notification_at(&row)?)),
                 None => Err(Fail::Bad(
                     "a notification key conflicted but is not stored".into(),
                 )),
@@ -1845,6 +2140,9 @@ impl Store for PgStore {
         before: Option<u64>,
         limit: usize,
     ) -> Result<Page<Notification>> {
+        if has_nul(user) {
+            return Ok(empty_page());
+        }
         let limit = page_limit(limit);
         let before = before.map_or(i64::MAX, i64_of);
         let fetch = (limit + 1) as i64;
@@ -1869,6 +2167,9 @@ impl Store for PgStore {
         let Ok(id) = i64::try_from(id) else {
             return Ok(Lookup::NotFound);
         };
+        if has_nul(user) {
+            return Ok(Lookup::NotFound);
+        }
         self.run(async |c| {
             let q = prepare(c, &NOTIFICATION_READ).await?;
             match c.query_opt(&q, &[&user, &id]).await? {
@@ -1880,6 +2181,9 @@ impl Store for PgStore {
     }
 
     async fn notifications_read_all(&self, user: &str) -> Result<u64> {
+        if has_nul(user) {
+            return Ok(0);
+        }
         self.run(async |c| {
             let q = prepare(c, &NOTIFICATIONS_READ_ALL).await?;
             Ok(c.execute(&q, &[&user]).await?)
@@ -1921,7 +2225,8 @@ mod tests {
             dm("u", "al", None, None, 5),
             dm("t", "al", Some("bo"), None, 1),
         ];
-        let (out, w, last) = resolve(&batch, &mut HashMap::new(), Stored::default(), 10).unwrap();
+        let (out, w, last) =
+            resolve(&batch, &mut HashMap::new(), &mut Stored::default(), 10).unwrap();
         // Thread 11, then messages 12 and 13; the refusals and duplicates take nothing.
         let new: Vec<(u64, u64)> = out
             .iter()
@@ -1956,6 +2261,7 @@ mod tests {
                 nid: 3,
                 last_seq: 7,
                 users: vec![Arc::from("al"), Arc::from("bo")].into(),
+                direct: true,
                 created: None,
             },
         );
@@ -1963,7 +2269,7 @@ mod tests {
             dm("t", "bo", None, None, 1),
             dm("t", "al", Some("bo"), None, 2),
         ];
-        let (out, w, last) = resolve(&batch, &mut threads, Stored::default(), 20).unwrap();
+        let (out, w, last) = resolve(&batch, &mut threads, &mut Stored::default(), 20).unwrap();
         assert!(
             matches!(&out[1], Appended::New { message, .. } if message.seq == 9 && message.id == 22)
         );
@@ -1981,6 +2287,7 @@ mod tests {
             nid: 1,
             last_seq: seq,
             users: vec![Arc::from("al")].into(),
+            direct: false,
         };
         let mut c = ThreadCache {
             epoch: None,
@@ -2002,6 +2309,31 @@ mod tests {
     }
 
     #[test]
+    fn thread_lists_and_sync_read_a_bounded_set_of_threads() {
+        // Each read takes the user's threads from a LIMITed scan of the participants index,
+        // never all of them.
+        for (q, param) in [(&THREADS, "$5"), (&SYNC_SINCE, "$4"), (&SYNC_LATEST, "$3")] {
+            let bounded = format!(
+                "FROM switchboard_participants q WHERE q.user_id = $1 ORDER BY q.thread_nid DESC LIMIT {param}"
+            );
+            let text: String = q.text.split_whitespace().collect::<Vec<_>>().join(" ");
+            assert!(text.contains(&bounded), "{text}");
+            assert_eq!(text.matches("switchboard_participants").count(), {
+                // THREADS reads the participants again for each listed thread's members.
+                if std::ptr::eq(q, &THREADS) {
+                    2
+                } else {
+                    1
+                }
+            });
+        }
+        assert_eq!(
+            PgConfig::new("postgres://h/db").threads_per_read_max,
+            THREADS_PER_READ_MAX
+        );
+    }
+
+    #[test]
     fn config_checks_and_urls() {
         let cfg = PgConfig::new("postgres://u:secret@127.0.0.1:5432/db");
         assert!(cfg.check().is_ok());
@@ -2015,6 +2347,26 @@ mod tests {
         bad = cfg.clone();
         bad.pool_size = 0;
         assert!(bad.check().is_err());
+        // The call deadline must outlast the server's statement timeout.
+        bad = cfg.clone();
+        bad.call_timeout = bad.statement_timeout;
+        let why = bad.check().unwrap_err();
+        assert!(
+            why.contains(
+                "call timeout (5000 ms) must be longer than the statement timeout (5000 ms)"
+            ),
+            "{why}"
+        );
+        bad.call_timeout = bad.statement_timeout + Duration::from_millis(500);
+        assert!(bad.check().is_ok());
+        // The pool's create timeout follows the connect timeout unless set apart.
+        let mut c = cfg.clone();
+        c.connect_timeout = Duration::from_millis(1500);
+        assert_eq!(c.pool_create_timeout(), Duration::from_millis(1500));
+        c.pool_create_timeout = Some(Duration::from_secs(7));
+        assert_eq!(c.pool_create_timeout(), Duration::from_secs(7));
+        c.pool_create_timeout = Some(Duration::ZERO);
+        assert!(c.check().is_err());
         assert!(PgConfig::new("postgres://u@h/db?sslmode=require")
             .pg_config()
             .is_err());

@@ -158,8 +158,8 @@ where
     async fn sync(&self, user: &str, since: Option<u64>, limit: usize) -> Result<SyncPage> {
         self.get()?.sync(user, since, limit).await
     }
-    async fn add_notification(&self, n: &NewNotification) -> Result<(Notification, bool)> {
-        self.get()?.add_notification(n).await
+    async fn store_notification(&self, n: &NewNotification) -> Result<Noted> {
+        self.get()?.store_notification(n).await
     }
     async fn notifications(
         &self,

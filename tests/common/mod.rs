@@ -8,6 +8,24 @@
 //! test instead of hanging it. Each test binary includes this module and uses a part of it.
 #![allow(dead_code)]
 
+/// Run each named test body `fn name(env: &[(&str, &str)])` twice: `memory::name` against the
+/// in-memory message store, `postgres::name` against a fresh database of the shared
+/// PostgreSQL cluster (`pg::database`). Use with `#[macro_use] mod common;`.
+#[allow(unused_macros)]
+macro_rules! both_stores {
+    ($($name:ident),* $(,)?) => {
+        mod memory {
+            $(#[test] fn $name() { super::$name(&[]); })*
+        }
+        mod postgres {
+            $(#[test] fn $name() {
+                let url = super::common::pg::database(stringify!($name));
+                super::$name(&[("SWITCHBOARD_DATABASE_URL", &url)]);
+            })*
+        }
+    };
+}
+
 pub mod pg;
 
 use std::collections::HashSet;

@@ -99,10 +99,10 @@ impl Store for Fake {
     async fn sync(&self, _: &str, _: Option<u64>, _: usize) -> crate::store::Result<SyncPage> {
         panic!("REST has no sync")
     }
-    async fn add_notification(
+    async fn store_notification(
         &self,
         _: &NewNotification,
-    ) -> crate::store::Result<(Notification, bool)> {
+    ) -> crate::store::Result<crate::store::Noted> {
         panic!("REST adds no notification")
     }
     async fn notifications(
@@ -432,6 +432,7 @@ fn create_thread_derives_the_dm_id_for_two_and_dedups_the_creator() {
         new.id.as_deref(),
         Some(derive_conversation_id("al", "bo").as_str())
     );
+    assert_eq!(new.kind, ThreadKind::Direct, "the pair's conversation");
     assert_eq!(
         (new.creator.as_ref(), new.participants.clone()),
         ("al", vec![a("bo")])
@@ -458,6 +459,7 @@ fn create_thread_derives_the_dm_id_for_two_and_dedups_the_creator() {
         new.id.as_deref(),
         Some(derive_conversation_id("al", "al").as_str())
     );
+    assert_eq!(new.kind, ThreadKind::Direct);
     assert!(new.participants.is_empty());
     // Three or more: the store names it; an asked id is kept.
     let f = Fake {
@@ -476,7 +478,7 @@ fn create_thread_derives_the_dm_id_for_two_and_dedups_the_creator() {
     let Call::Create(new) = &f.calls()[0] else {
         panic!()
     };
-    assert_eq!(new.id, None);
+    assert_eq!((new.id.clone(), new.kind), (None, ThreadKind::Group));
     let f = Fake {
         created: Some(Created::New(created.clone())),
         ..Fake::default()
@@ -494,6 +496,11 @@ fn create_thread_derives_the_dm_id_for_two_and_dedups_the_creator() {
         panic!()
     };
     assert_eq!(new.id.as_deref(), Some("mine"));
+    assert_eq!(
+        new.kind,
+        ThreadKind::Group,
+        "an id of their own: a group of two"
+    );
     // Existing: 200 for a participant, 403 otherwise.
     let f = Fake {
         created: Some(Created::Exists(Lookup::Found(created))),
@@ -554,10 +561,91 @@ fn create_thread_derives_the_dm_id_for_two_and_dedups_the_creator() {
     assert_eq!(e.status, Status::CREATED);
 }
 
+/// Derived conversation ids (UUID v5) are not the caller's to choose: only the pair's own,
+/// for the pair; nothing reaches the store otherwise.
+#[test]
+fn create_thread_refuses_anothers_conversation_id() {
+    let created = Created::New(view("x", &["al", "bo"]));
+    let create = |user: &str, id: &str, participants: &[&str]| {
+        let f = Fake {
+            created: Some(created.clone()),
+            ..Fake::default()
+        };
+        let e = run(
+            &f,
+            user,
+            RestOp::CreateThread {
+                id: Some(a(id)),
+                participants: participants.iter().map(|p| a(p)).collect(),
+                title: None,
+            },
+        );
+        (e, f.calls())
+    };
+    let theirs = derive_conversation_id("bo", "cy");
+    for (user, id, who) in [
+        // Mallory and the pair she wants to read.
+        ("ma", theirs.as_str(), &["bo", "cy"][..]),
+        ("ma", theirs.as_str(), &["bo"][..]),
+        // One of the pair, but as a group of three.
+        ("bo", theirs.as_str(), &["cy", "ma"][..]),
+    ] {
+        let (e, calls) = create(user, id, who);
+        assert_eq!(err(&e), (400, RESERVED_ID.into()), "{user} {who:?}");
+        assert_eq!(err(&e).1, "id is reserved for direct conversations");
+        assert!(calls.is_empty());
+    }
+    // Another spelling of the pair's own id is not their id either.
+    let upper = theirs.to_uppercase();
+    let braced = format!("{{{theirs}}}");
+    for id in [upper.as_str(), braced.as_str()] {
+        let (e, calls) = create("bo", id, &["cy"]);
+        assert_eq!(err(&e), (400, RESERVED_ID.into()), "{id}");
+        assert!(calls.is_empty());
+    }
+    // Exactly their own, by one of them: their direct conversation.
+    let (e, calls) = create("cy", &theirs, &["bo"]);
+    assert_eq!(e.status, Status::CREATED);
+    let [Call::Create(new)] = calls.as_slice() else {
+        panic!("{calls:?}")
+    };
+    assert_eq!(
+        (new.id.as_deref(), new.kind),
+        (Some(theirs.as_str()), ThreadKind::Direct)
+    );
+    // Other UUIDs are ids like any other.
+    let v4 = "6f1c2a4e-8d3b-4c5a-9e7f-1a2b3c4d5e6f";
+    let (_, calls) = create("ma", v4, &["bo", "cy"]);
+    let [Call::Create(new)] = calls.as_slice() else {
+        panic!("{calls:?}")
+    };
+    assert_eq!((new.id.as_deref(), new.kind), (Some(v4), ThreadKind::Group));
+    // What the store refuses is the client's to fix: 400 with the store's text.
+    let f = Fake {
+        created: Some(Created::Refused(Refusal::InvalidText)),
+        ..Fake::default()
+    };
+    let e = run(
+        &f,
+        "al",
+        RestOp::CreateThread {
+            id: None,
+            participants: vec![a("bo"), a("cy")],
+            title: None,
+        },
+    );
+    assert_eq!(
+        err(&e),
+        (400, "text must not contain NUL characters".into())
+    );
+}
+
 #[test]
 fn send_resolves_the_thread_and_hands_the_message_to_the_writer() {
+    let mut direct = view("conv-ab", &["al", "bo"]);
+    direct.kind = ThreadKind::Direct;
     let f = Fake {
-        thread: RefCell::new(vec![Ok(Lookup::Found(view("conv-ab", &["al", "bo"])))]),
+        thread: RefCell::new(vec![Ok(Lookup::Found(direct))]),
         ..Fake::default()
     };
     let e = run(
@@ -593,6 +681,25 @@ fn send_resolves_the_thread_and_hands_the_message_to_the_writer() {
     assert_eq!(m.sent_at_ms, NOW);
     assert_ne!(m.server_msg_id, m.event_id);
     assert_eq!(uuid::Uuid::from_u128(m.server_msg_id).get_version_num(), 7);
+    // A group thread, even of two: no `to` (a message to every participant).
+    let f = Fake {
+        thread: RefCell::new(vec![Ok(Lookup::Found(view("g-ab", &["al", "bo"])))]),
+        ..Fake::default()
+    };
+    let e = run(
+        &f,
+        "al",
+        RestOp::SendMessage {
+            thread: ThreadRef::parse("g-ab"),
+            content: a("hello"),
+            attachment_url: None,
+            client_msg_id: None,
+        },
+    );
+    let [Effect::Send(m)] = e.effects.as_slice() else {
+        panic!("{e:?}")
+    };
+    assert_eq!((&*m.thread, m.to.as_deref()), ("g-ab", None));
     // Groups: no `to`; yourself alone: `to` is you.
     assert_eq!(recipient("al", &[a("al"), a("bo"), a("cy")]), None);
     assert_eq!(recipient("al", &[a("al")]).as_deref(), Some("al"));
@@ -623,6 +730,16 @@ fn rendering_an_append_outcome() {
             Refusal::NotParticipant
         ))),
         (403, "not a participant of this thread".into())
+    );
+    assert_eq!(
+        err(&render_appended(&Appended::Refused(Refusal::InvalidText))),
+        (400, "text must not contain NUL characters".into())
+    );
+    assert_eq!(
+        err(&render_appended(&Appended::Refused(
+            Refusal::NumericThreadId
+        ))),
+        (400, "conversation id must not be all digits".into())
     );
     let e = store_unavailable();
     assert_eq!(

@@ -567,3 +567,72 @@ fn send_message_bodies() {
         }
     );
 }
+
+/// U+0000 in any text input, decoded from JSON (`\u0000`) or from a path or query (`%00`), is
+/// refused with the stores' text: PostgreSQL cannot hold it.
+#[test]
+fn nul_is_refused_in_every_text_input() {
+    let nul = bad(NUL_TEXT);
+    assert_eq!(nul.1, "text must not contain NUL characters");
+    let threads = "/api/v1/messages/threads";
+    for body in [
+        r#"{"participants":["bo\u0000"]}"#,
+        r#"{"participants":["bo"],"title":"a\u0000b"}"#,
+        r#"{"participants":["bo"],"id":"x\u0000"}"#,
+    ] {
+        assert_eq!(fails("POST", threads, body), nul, "{body}");
+    }
+    let send = "/api/v1/messages/threads/t/messages";
+    for body in [
+        r#"{"content":"a\u0000b"}"#,
+        r#"{"body":"\u0000"}"#,
+        r#"{"content":"x","attachmentUrl":"https://x/\u0000"}"#,
+        r#"{"content":"x","clientMsgId":"c\u0000"}"#,
+    ] {
+        assert_eq!(fails("POST", send, body), nul, "{body}");
+    }
+    for (method, target, body) in [
+        ("GET", "/api/v1/messages/threads/t%00", ""),
+        ("GET", "/api/v1/messages/threads/t%00/messages", ""),
+        (
+            "POST",
+            "/api/v1/messages/threads/t%00/messages",
+            r#"{"content":"x"}"#,
+        ),
+        ("PUT", "/api/v1/messages/%00/read", ""),
+        ("PUT", "/api/v1/notifications/%00/read", ""),
+        ("GET", "/api/v1/presence/user/al%00", ""),
+        ("GET", "/api/v1/presence/online?after=al%00", ""),
+    ] {
+        assert_eq!(fails(method, target, body), nul, "{method} {target}");
+    }
+    // Escapes that are not NUL are fine.
+    assert!(matches!(
+        store("POST", send, r#"{"content":"a\u0001b"}"#),
+        RestOp::SendMessage { content, .. } if &*content == "a\u{1}b"
+    ));
+}
+
+/// Numeric ids are the store's: a caller's thread id must not be all digits.
+#[test]
+fn a_thread_id_of_digits_is_refused() {
+    let p = "/api/v1/messages/threads";
+    for id in ["\"42\"", "\"0\"", "\"0042\"", "\"18446744073709551616\""] {
+        assert_eq!(
+            fails(
+                "POST",
+                p,
+                &format!(r#"{{"participants":["bo"],"id":{id}}}"#)
+            ),
+            bad(NUMERIC_ID),
+            "{id}"
+        );
+    }
+    assert_eq!(NUMERIC_ID, "id must not be all digits");
+    for id in ["t42", "42 ", "-42", "4.2"] {
+        assert!(matches!(
+            store("POST", p, &format!(r#"{{"participants":["bo"],"id":"{id}"}}"#)),
+            RestOp::CreateThread { id: Some(got), .. } if &*got == id
+        ));
+    }
+}

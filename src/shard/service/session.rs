@@ -145,6 +145,11 @@ pub fn authenticate(sh: &mut Shard, slot: u32, cmd: &Cmd<'_>) {
             return;
         }
     };
+    if crate::store::has_nul(&claims.sub) {
+        // The message store cannot hold the user id (see dm::NUL_TEXT).
+        auth_failed(sh, slot, id, super::dm::NUL_TEXT);
+        return;
+    }
     if awaiting {
         if set_identity(sh, slot, &claims.sub, Some(&claims)).is_err() {
             auth_failed(sh, slot, id, TOO_MANY_DEVICES);
