@@ -24,6 +24,10 @@ pub const GAP_MESSAGES_MAX: u64 = 100_000;
 pub const WATCH_MAX: usize = 1000;
 /// Shortest time a churner stays connected in one cycle (`--rate` x `--away` must leave it).
 pub const CHURN_ONLINE_S_MIN: f64 = 0.2;
+/// rest-read: the server's largest page (`store::PAGE_LIMIT_MAX`).
+pub const PAGE_LIMIT_MAX: usize = 200;
+/// rest-read: most messages the setup posts into the thread.
+pub const REST_MESSAGES_MAX: u64 = crate::rest::MESSAGES_MAX;
 
 /// The scenario to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,6 +46,8 @@ pub enum Scenario {
     TypingStorm,
     /// `--churners` reconnect at `--rate` while the connections watch their presence.
     PresenceChurn,
+    /// Keep-alive HTTP connections read one thread's message page over the REST API.
+    RestRead,
 }
 
 /// Parsed `--url`.
@@ -64,6 +70,9 @@ pub struct Opts {
     pub duration_s: f64,
     pub source_ips: Vec<Ipv4Addr>,
     pub server_pid: Option<u32>,
+    /// A database server's main process (PostgreSQL's postmaster): its CPU and its direct
+    /// children's (the backends) is reported beside the server's (dm, rest-read).
+    pub db_pid: Option<u32>,
     pub json_only: bool,
     /// Free text copied into the report (run-bench names its runs with it).
     pub label: String,
@@ -126,6 +135,17 @@ pub struct Opts {
     pub away_s: f64,
     /// presence-churn: the server's presence_offline_grace.
     pub grace_s: f64,
+    /// rest-read: messages per page (`?limit=`).
+    pub limit: usize,
+    /// rest-read: each connection follows `next` down the thread instead of re-reading the
+    /// newest page.
+    pub walk: bool,
+    /// rest-read: every connection sends its next request as soon as it has the answer
+    /// (`--rate` is ignored).
+    pub closed_loop: bool,
+    /// rest-read: GET this path instead of the page (`{user}` is the reader), checking only
+    /// the status.
+    pub get_path: Option<String>,
 }
 
 impl Opts {
@@ -138,6 +158,7 @@ impl Opts {
             duration_s: 10.0,
             source_ips: (1..=50).map(|d| Ipv4Addr::new(127, 0, 0, d)).collect(),
             server_pid: None,
+            db_pid: None,
             json_only: false,
             label: String::new(),
             in_flight: 256,
@@ -169,6 +190,10 @@ impl Opts {
             watch: 10,
             away_s: 6.0,
             grace_s: 5.0,
+            limit: 50,
+            walk: false,
+            closed_loop: false,
+            get_path: None,
         }
     }
 
@@ -186,7 +211,7 @@ usage: switchboard-load SCENARIO [flags]
        switchboard-load summary FILE.jsonl   (one table row per JSON line)
 
 scenarios: connect | idle | fanout | dm | churn | echo | floor
-           history-resume | typing-storm | presence-churn
+           history-resume | typing-storm | presence-churn | rest-read
 
 common flags:
   --url ws://127.0.0.1:8081/ws   server endpoint (loopback only)
@@ -195,6 +220,8 @@ common flags:
   --duration S                   run phase seconds, default 10
   --source-ips A-B|A,B,..        source addresses, round-robin, default 127.0.0.1-127.0.0.50
   --server-pid PID               sample the server's CPU and RSS from /proc
+  --db-pid PID                   dm, rest-read: also sample a database's CPU (PID and its
+                                 direct children: PostgreSQL's postmaster and backends)
   --in-flight N                  concurrent handshakes, default 256
   --processes P                  run P generator processes, each with every P-th connection
                                  and its own fd limit (up to 19,500 connections each); one
@@ -226,12 +253,19 @@ typing-storm: --connections S members (?user_id=) of one room, --typers T (S/10)
 presence-churn: --connections W watchers, each --watch K (10) of --churners U (1000) users
         that reconnect at --rate R per second in total, each away --away S (6); --grace S (5)
         is the server's presence_offline_grace; one process only
+rest-read: one thread of --messages M (100) messages is posted over REST, then
+        --connections N keep-alive HTTP/1.1 connections GET its newest page of --limit L (50)
+        at --rate R requests/s in total (open loop), or with --closed-loop as fast as the
+        server answers; --walk follows next down the thread; needs auth_mode none; --url may
+        be http://HOST:PORT; --get PATH reads PATH instead (only the status is checked;
+        {user} is the reader, e.g. /health or /api/v1/presence/user/{user}); one process only
 ";
 
 fn parse_target(url: &str) -> Result<Target, String> {
     let rest = url
         .strip_prefix("ws://")
-        .ok_or_else(|| format!("--url must start with ws:// (got {url})"))?;
+        .or_else(|| url.strip_prefix("http://"))
+        .ok_or_else(|| format!("--url must start with ws:// or http:// (got {url})"))?;
     let (hostport, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/ws"),
@@ -306,6 +340,7 @@ pub fn parse(args: &[String]) -> Result<Opts, String> {
         "history-resume" => Scenario::HistoryResume,
         "typing-storm" => Scenario::TypingStorm,
         "presence-churn" => Scenario::PresenceChurn,
+        "rest-read" => Scenario::RestRead,
         "-h" | "--help" | "help" => return Err(String::new()),
         other => return Err(format!("unknown scenario '{other}'")),
     };
@@ -313,6 +348,8 @@ pub fn parse(args: &[String]) -> Result<Opts, String> {
     let mut pairs: Vec<(String, String)> = Vec::new();
     let mut json_only = false;
     let mut url_subscribe = false;
+    let mut walk = false;
+    let mut closed_loop = false;
     let mut i = 1;
     while i < args.len() {
         let flag = args[i].as_str();
@@ -323,6 +360,16 @@ pub fn parse(args: &[String]) -> Result<Opts, String> {
         }
         if flag == "--url-subscribe" {
             url_subscribe = true;
+            i += 1;
+            continue;
+        }
+        if flag == "--walk" {
+            walk = true;
+            i += 1;
+            continue;
+        }
+        if flag == "--closed-loop" {
+            closed_loop = true;
             i += 1;
             continue;
         }
@@ -352,6 +399,8 @@ pub fn parse(args: &[String]) -> Result<Opts, String> {
     let mut o = Opts::defaults(scenario, parse_target(&url)?);
     o.json_only = json_only;
     o.url_subscribe = url_subscribe;
+    o.walk = walk;
+    o.closed_loop = closed_loop;
     for (name, v) in pairs {
         let f = name.as_str();
         match f {
@@ -360,6 +409,7 @@ pub fn parse(args: &[String]) -> Result<Opts, String> {
             "--duration" => o.duration_s = num(f, &v)?,
             "--source-ips" => o.source_ips = parse_source_ips(&v)?,
             "--server-pid" => o.server_pid = Some(num(f, &v)?),
+            "--db-pid" => o.db_pid = Some(num(f, &v)?),
             "--label" => o.label = v,
             "--in-flight" => o.in_flight = num(f, &v)?,
             "--batch-us" => o.batch_us = num(f, &v)?,
@@ -389,6 +439,8 @@ pub fn parse(args: &[String]) -> Result<Opts, String> {
             "--watch" => o.watch = num(f, &v)?,
             "--away" => o.away_s = num(f, &v)?,
             "--grace" => o.grace_s = num(f, &v)?,
+            "--limit" => o.limit = num(f, &v)?,
+            "--get" => o.get_path = Some(v),
             _ => return Err(format!("unknown flag {f}")),
         }
     }
@@ -469,6 +521,7 @@ fn validate(o: &mut Opts) -> Result<(), String> {
         Scenario::HistoryResume => validate_history(o)?,
         Scenario::TypingStorm => validate_typing(o)?,
         Scenario::PresenceChurn => validate_presence(o)?,
+        Scenario::RestRead => validate_rest(o)?,
         _ => {}
     }
     if o.cycles == 0 || o.cycles > 1000 {
@@ -521,6 +574,32 @@ fn validate_typing(o: &mut Opts) -> Result<(), String> {
         ));
     }
     o.rate = o.typers as f64 / o.renew_s;
+    o.rooms = 1;
+    Ok(())
+}
+
+fn validate_rest(o: &mut Opts) -> Result<(), String> {
+    one_process(o)?;
+    if o.limit == 0 || o.limit > PAGE_LIMIT_MAX {
+        return Err(format!(
+            "--limit must be 1..={PAGE_LIMIT_MAX} (the server's page limit)"
+        ));
+    }
+    if o.messages > REST_MESSAGES_MAX {
+        return Err(format!("--messages must be 0..={REST_MESSAGES_MAX}"));
+    }
+    if let Some(p) = &o.get_path {
+        if !p.starts_with('/') || p.bytes().any(|b| b <= b' ' || b == 0x7f) {
+            return Err(format!(
+                "--get {p:?} must be a path starting with / without spaces or controls"
+            ));
+        }
+    }
+    if o.payload_bytes == 0 {
+        return Err(
+            "--payload-bytes must be at least 1 for rest-read (a message needs content)".into(),
+        );
+    }
     o.rooms = 1;
     Ok(())
 }
@@ -651,6 +730,35 @@ mod tests {
             "presence-churn --churners 100 --rate 10 --duration 5"
         ))
         .is_err());
+    }
+
+    #[test]
+    fn parses_rest_read() {
+        let o = parse(&args(
+            "rest-read --url http://127.0.0.1:9000 --connections 64 --rate 5000 --messages 1000 --limit 50 --walk",
+        ))
+        .expect("valid");
+        assert_eq!(o.scenario, Scenario::RestRead);
+        assert_eq!(o.target.addr.port(), 9000);
+        assert_eq!((o.connections, o.messages, o.limit), (64, 1000, 50));
+        assert!(o.walk && !o.closed_loop);
+        let o = parse(&args("rest-read --closed-loop --limit=200")).expect("valid");
+        assert!(o.closed_loop && !o.walk);
+        assert_eq!((o.limit, o.messages), (200, 100));
+        assert_eq!(o.target.addr.port(), 8081);
+        let o = parse(&args("rest-read --get /api/v1/presence/user/{user}")).expect("valid");
+        assert_eq!(o.get_path.as_deref(), Some("/api/v1/presence/user/{user}"));
+        for bad in [
+            "rest-read --limit 0",
+            "rest-read --limit 201",
+            "rest-read --messages 100001",
+            "rest-read --processes 2",
+            "rest-read --payload-bytes 0",
+            "rest-read --url https://127.0.0.1:1",
+            "rest-read --get health",
+        ] {
+            assert!(parse(&args(bad)).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -41,7 +41,7 @@ const PENDING_PINGS_MAX: usize = 4096;
 /// Distinct failure reasons kept; later ones are counted under "other".
 const FAILURE_KINDS_MAX: usize = 32;
 /// Sample error texts kept per worker.
-const ERROR_SAMPLES_MAX: usize = 5;
+pub(crate) const ERROR_SAMPLES_MAX: usize = 5;
 /// Bytes drained from a slow subscriber at the end to find the server's close frame.
 const SLOW_DRAIN_BYTES_MAX: usize = 16 * 1024 * 1024;
 /// Histogram range: 1 ns .. 120 s, 3 significant digits.
@@ -115,7 +115,23 @@ pub mod kind {
     /// presence-churn: `presence.state` answers to the watch frames.
     pub const WATCH_STATES: usize = 7;
 
-    pub const SLOTS: usize = 8;
+    /// rest-read (`crate::rest`): requests put on the schedule (or, closed loop, sent fresh),
+    /// requests finished (answered, or failed for good), 200s with a page that checks out,
+    /// errors, reconnects, requests sent again after the server closed a kept-alive connection
+    /// before answering, idle connections the server closed, requests dropped because the
+    /// backlog was full, body bytes of the good pages, and the deepest backlog (a maximum).
+    pub const REST_SCHEDULED: usize = 0;
+    pub const REST_DONE: usize = 1;
+    pub const REST_OK: usize = 2;
+    pub const REST_ERRORS: usize = 3;
+    pub const REST_RECONNECTS: usize = 4;
+    pub const REST_RETRIED: usize = 5;
+    pub const REST_IDLE_CLOSES: usize = 6;
+    pub const REST_BACKLOG_DROPPED: usize = 7;
+    pub const REST_BODY_BYTES: usize = 8;
+    pub const REST_BACKLOG_PEAK: usize = 9;
+
+    pub const SLOTS: usize = 10;
 }
 
 /// What the workers do in the run phase.
@@ -325,7 +341,7 @@ impl WorkerReport {
     }
 
     /// Records `ns` in the histogram `name` (created on first use).
-    fn rec(&mut self, name: &str, ns: u64) {
+    pub(crate) fn rec(&mut self, name: &str, ns: u64) {
         if let Some(h) = self.hists.get_mut(name) {
             h.saturating_record(ns.max(1));
             return;
@@ -383,7 +399,7 @@ impl WorkerReport {
         WorkerReport::new()
     }
 
-    fn fail(&mut self, reason: &str) {
+    pub(crate) fn fail(&mut self, reason: &str) {
         if self.failures.len() >= FAILURE_KINDS_MAX && !self.failures.contains_key(reason) {
             *self.failures.entry("other".into()).or_insert(0) += 1;
         } else {
@@ -498,12 +514,12 @@ impl Ctx {
 }
 
 /// A CLOCK_MONOTONIC timerfd for the open-loop schedule (ns precision, unlike epoll's ms).
-struct TimerFd {
+pub(crate) struct TimerFd {
     fd: OwnedFd,
 }
 
 impl TimerFd {
-    fn new() -> std::io::Result<TimerFd> {
+    pub(crate) fn new() -> std::io::Result<TimerFd> {
         // SAFETY: plain syscall; the returned fd is checked and owned below.
         let fd = unsafe {
             libc::timerfd_create(
@@ -521,7 +537,7 @@ impl TimerFd {
     }
 
     /// Arms the timer for absolute monotonic time `at_ns` (0 disarms).
-    fn arm(&self, at_ns: u64) {
+    pub(crate) fn arm(&self, at_ns: u64) {
         let spec = libc::itimerspec {
             it_interval: libc::timespec {
                 tv_sec: 0,
@@ -543,13 +559,13 @@ impl TimerFd {
         };
     }
 
-    fn clear(&self) {
+    pub(crate) fn clear(&self) {
         let mut buf = [0u8; 8];
         // SAFETY: reads at most 8 bytes into a valid 8-byte buffer; EAGAIN is fine.
         unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), 8) };
     }
 
-    fn raw(&self) -> RawFd {
+    pub(crate) fn raw(&self) -> RawFd {
         self.fd.as_raw_fd()
     }
 }
@@ -2180,7 +2196,7 @@ mod tests {
     #[test]
     fn child_snapshots_add_up_in_the_controller() {
         // ready, setup_failed, dropped, received, acks, sent, again_ready, again_failed,
-        // 8 kind slots, published x2, members x2.
+        // kind::SLOTS kind slots, published x2, members x2.
         let snap = |head: [u64; 8], k1: u64, rooms: [u64; 4]| -> Vec<u64> {
             let mut v = head.to_vec();
             let mut kinds = [0u64; kind::SLOTS];

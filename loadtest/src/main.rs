@@ -3,17 +3,20 @@
 //! It shares the machine with the server, so it is built to cost little: mio (epoll) event
 //! loops on `--threads` threads, a hand-written client side of RFC 6455 ([`ws`]), and no JSON
 //! parse on the hot path (it finds `"seq":` / `"ts":` in the payload). The controller in this
-//! file runs one scenario (connect, idle, fanout, dm, churn, echo, and issue 10's
-//! history-resume, typing-storm, presence-churn), samples the server from
-//! /proc, prints a table and one JSON line, and exits 1 when the run had failures.
+//! file runs one scenario (connect, idle, fanout, dm, churn, echo, issue 10's
+//! history-resume, typing-storm, presence-churn, and issue 13's rest-read over HTTP, [`rest`]),
+//! samples the server from /proc, prints a table and one JSON line, and exits 1 when the run
+//! had failures.
 
 mod args;
 mod engine;
 mod floor;
+mod http;
 #[cfg(test)]
 mod mock;
 mod remote;
 mod report;
+mod rest;
 mod sys;
 mod ws;
 
@@ -87,6 +90,7 @@ fn main() {
         Scenario::HistoryResume => history_resume(&opts),
         Scenario::TypingStorm => typing_storm(&opts),
         Scenario::PresenceChurn => presence_churn(&opts),
+        Scenario::RestRead => rest_read(&opts),
     };
     if !opts.label.is_empty() {
         report.label = opts.label.clone();
@@ -114,6 +118,8 @@ fn start_watchdog(o: &Opts) {
     let extra = match o.scenario {
         Scenario::HistoryResume => o.setup_timeout_s + 3.0 * o.drain_s,
         Scenario::PresenceChurn => WATCH_SETTLE_S,
+        // The thread's messages are posted within a setup timeout of their own.
+        Scenario::RestRead => o.setup_timeout_s,
         _ => 0.0,
     };
     let budget = cycles * (o.setup_timeout_s + o.hold_s + o.baseline_timeout_s)
@@ -388,6 +394,65 @@ fn failure_rows(r: &mut Report, wr: &WorkerReport) {
 fn proc_rows(r: &mut Report, label: &str, s: Option<ProcSample>) {
     if let Some(s) = s {
         r.put(&format!("server_rss_{label}_kb"), s.rss_kb);
+    }
+}
+
+fn threads_sample(o: &Opts) -> Vec<sys::ThreadSample> {
+    o.server_pid.map(sys::sample_threads).unwrap_or_default()
+}
+
+/// Server, generator (and with `--db-pid` database) CPU in % of one core over the run window,
+/// and what the rest of the machine used meanwhile (`other_cpu_pct_run`: other processes, such
+/// as builds, and kernel work not charged to them; on a shared machine a run with much of it
+/// is suspect).
+fn run_cpu_rows(
+    r: &mut Report,
+    server: (Option<ProcSample>, Option<ProcSample>),
+    own: (Option<ProcSample>, Option<ProcSample>),
+    machine: (Option<u64>, Option<u64>),
+    db: (Option<u64>, Option<u64>),
+) {
+    let mut ours = 0.0;
+    let mut win_ns = 0.0;
+    for (key, pair) in [
+        ("server_cpu_pct_run", server),
+        ("generator_cpu_pct_run", own),
+    ] {
+        if let (Some(a), Some(b)) = pair {
+            let win = b.at_ns.saturating_sub(a.at_ns).max(1) as f64;
+            let pct = b.cpu_ns.saturating_sub(a.cpu_ns) as f64 / win * 100.0;
+            ours += pct;
+            win_ns = win;
+            r.put_f(key, pct, 1);
+        }
+    }
+    if let ((Some(a), Some(b)), true) = (db, win_ns > 0.0) {
+        let pct = b.saturating_sub(a) as f64 / win_ns * 100.0;
+        ours += pct;
+        r.put_f("db_cpu_pct_run", pct, 1);
+    }
+    if let ((Some(a), Some(b)), true) = (machine, win_ns > 0.0) {
+        let busy = b.saturating_sub(a) as f64 / win_ns * 100.0;
+        r.put_f("machine_busy_pct_run", busy, 1);
+        r.put_f("other_cpu_pct_run", (busy - ours).max(0.0), 1);
+    }
+}
+
+/// The server's CPU per thread over the run window, with its time waiting for a CPU (which
+/// thread is the limit: a shard, or the bridge that runs the message store; a thread whose
+/// run + wait is near 100 % is always runnable).
+fn thread_rows(
+    r: &mut Report,
+    before: &[sys::ThreadSample],
+    after: &[sys::ThreadSample],
+    a: Option<ProcSample>,
+    b: Option<ProcSample>,
+) {
+    if let (Some(a), Some(b), false) = (a, b, after.is_empty()) {
+        r.put(
+            "server_threads_cpu_pct_run",
+            sys::thread_cpu_pct(before, after, b.at_ns.saturating_sub(a.at_ns)),
+        );
     }
 }
 
@@ -688,7 +753,16 @@ fn dm(o: &Opts) -> Report {
     };
     let complete = s.wait_setup(o.setup_timeout_s);
     let before = sample(o);
+    let threads_before = threads_sample(o);
+    let own_before = own_sample();
+    let busy_before = sys::machine_busy_ns();
+    let db_before = o.db_pid.and_then(sys::tree_cpu_ns);
     let (start, end) = s.run(o.duration_s);
+    let after_run = sample(o);
+    let threads_after = threads_sample(o);
+    let own_run = own_sample();
+    let busy_run = sys::machine_busy_ns();
+    let db_run = o.db_pid.and_then(sys::tree_cpu_ns);
     let per_send = (2 * d - 1) as u64;
     let drained_s = s.drain(o.drain_s, |sh| {
         let sent = sh.sent.load(Ordering::Relaxed);
@@ -716,6 +790,14 @@ fn dm(o: &Opts) -> Report {
     if let (Some(cpu), true) = (cpu_us(before, after), sent > 0) {
         r.put_f("server_cpu_us_per_message", cpu / sent as f64, 2);
     }
+    run_cpu_rows(
+        &mut r,
+        (before, after_run),
+        (own_before, own_run),
+        (busy_before, busy_run),
+        (db_before, db_run),
+    );
+    thread_rows(&mut r, &threads_before, &threads_after, before, after_run);
     proc_rows(&mut r, "after", after);
     r.put("connections", o.connections);
     r.put("ready", ready);
@@ -1394,6 +1476,209 @@ fn presence_churn(o: &Opts) -> Report {
         }
     }
     failure_rows(&mut r, &wr);
+    r
+}
+
+fn rest_read(o: &Opts) -> Report {
+    const NAME: &str = "rest-read";
+    let mut r = Report::new(NAME);
+    let nonce = now_ns() % 1_000_000_007;
+    let setup_timeout = Duration::from_secs_f64(o.setup_timeout_s);
+    let thread = match rest::setup_thread(
+        o.target.addr,
+        &o.target.host,
+        nonce,
+        o.messages,
+        o.payload_bytes,
+        setup_timeout,
+    ) {
+        Ok(t) => t,
+        Err(e) => return setup_error(NAME, format!("setup: {e}")),
+    };
+    let threads = o.threads.min(o.connections).max(1);
+    let plan = Arc::new(rest::RestPlan {
+        addr: o.target.addr,
+        host: o.target.host.clone(),
+        source_ips: o.source_ips.clone(),
+        connections: o.connections,
+        threads,
+        in_flight_per_thread: o.in_flight.div_ceil(threads).max(1),
+        interval_ns: 1e9 / o.rate,
+        closed_loop: o.closed_loop,
+        page_path: format!("{}?limit={}", thread.messages_path, o.limit),
+        user: thread.user.clone(),
+        limit: o.limit,
+        messages: thread.posted,
+        walk: o.walk,
+        other_path: o
+            .get_path
+            .as_ref()
+            .map(|p| p.replace("{user}", &thread.user)),
+        connect_timeout_ns: (o.connect_timeout_s * 1e9) as u64,
+    });
+    let shared = Arc::new(Shared::new(0));
+    let handles = match rest::start(&plan, &shared) {
+        Ok(h) => h,
+        Err(e) => return setup_error(NAME, e),
+    };
+    let deadline = now_ns() + (o.setup_timeout_s * 1e9) as u64;
+    let complete = loop {
+        let done =
+            shared.ready.load(Ordering::Relaxed) + shared.setup_failed.load(Ordering::Relaxed);
+        if done >= o.connections {
+            break true;
+        }
+        if now_ns() > deadline {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(CONTROL_TICK_MS));
+    };
+    let ready = shared.ready.load(Ordering::Relaxed);
+    let before = sample(o);
+    let threads_before = threads_sample(o);
+    let own_before = own_sample();
+    let busy_before = sys::machine_busy_ns();
+    let db_before = o.db_pid.and_then(sys::tree_cpu_ns);
+    let start = now_ns() + RUN_LEAD_NS;
+    let end = start + (o.duration_s * 1e9) as u64;
+    shared.run_start_ns.store(start, Ordering::Release);
+    shared.run_end_ns.store(end, Ordering::Release);
+    shared.phase.store(phase::RUN, Ordering::Release);
+    sleep_until(end);
+    let ok_in_run = shared.k(kind::REST_OK);
+    let after_run = sample(o);
+    let threads_after = threads_sample(o);
+    let own_run = own_sample();
+    let busy_run = sys::machine_busy_ns();
+    let db_run = o.db_pid.and_then(sys::tree_cpu_ns);
+    shared.phase.store(phase::DRAIN, Ordering::Release);
+    let settled = |sh: &Shared| {
+        sh.k(kind::REST_DONE) + sh.k(kind::REST_BACKLOG_DROPPED) >= sh.k(kind::REST_SCHEDULED)
+    };
+    let t0 = now_ns();
+    let drain_deadline = t0 + (o.drain_s * 1e9) as u64;
+    while !settled(&shared) && now_ns() < drain_deadline {
+        std::thread::sleep(Duration::from_millis(CONTROL_TICK_MS));
+    }
+    let drained_s = (now_ns() - t0) as f64 / 1e9;
+    let after = sample(o);
+    shared.phase.store(phase::CLOSE, Ordering::Release);
+    let mut wr = WorkerReport::empty();
+    let mut retry_reason = None;
+    for h in handles {
+        match h.join() {
+            Ok((w, why)) => {
+                wr.merge(w);
+                retry_reason = retry_reason.or(why);
+            }
+            Err(_) => r.fail("worker thread panicked"),
+        }
+    }
+    let k = |slot| shared.k(slot);
+    let scheduled = k(kind::REST_SCHEDULED);
+    let done = k(kind::REST_DONE);
+    let okn = k(kind::REST_OK);
+    let errors = k(kind::REST_ERRORS);
+    let dropped_backlog = k(kind::REST_BACKLOG_DROPPED);
+    let in_flight = scheduled.saturating_sub(done + dropped_backlog);
+    let run_s = (end - start) as f64 / 1e9;
+    r.put("thread_id", thread.id.as_str());
+    r.put("user", thread.user.as_str());
+    r.put("messages", thread.posted);
+    r.put_f("setup_s", thread.setup_s, 2);
+    if thread.setup_s > 0.0 {
+        r.put_f(
+            "setup_posts_per_s",
+            thread.posted as f64 / thread.setup_s,
+            0,
+        );
+    }
+    r.put("limit", o.limit);
+    r.put("walk", o.walk);
+    if let Some(p) = &plan.other_path {
+        r.put("get", p.as_str());
+    }
+    r.put("mode", if o.closed_loop { "closed" } else { "open" });
+    if !o.closed_loop {
+        r.put_f("rate_per_s", o.rate, 1);
+    }
+    r.put("threads", threads);
+    r.put_f("run_s", run_s, 2);
+    r.put("requests_scheduled", scheduled + dropped_backlog);
+    r.put("requests_sent", shared.sent.load(Ordering::Relaxed));
+    r.put("responses_ok", okn);
+    r.put("errors", errors);
+    r.put_f("requests_per_s", ok_in_run as f64 / run_s, 0);
+    r.put("retried", k(kind::REST_RETRIED));
+    if let Some(why) = retry_reason {
+        r.put("first_retry_reason", why);
+    }
+    r.put("reconnects", k(kind::REST_RECONNECTS));
+    r.put("idle_closes", k(kind::REST_IDLE_CLOSES));
+    r.put("backlog_peak", k(kind::REST_BACKLOG_PEAK));
+    r.put("backlog_dropped", dropped_backlog);
+    r.put("in_flight_at_end", in_flight);
+    if okn > 0 {
+        r.put_f(
+            "body_bytes_mean",
+            k(kind::REST_BODY_BYTES) as f64 / okn as f64,
+            0,
+        );
+    }
+    r.put_f("drain_waited_s", drained_s, 2);
+    // From the scheduled time (open loop: waiting for a connection included), and from the
+    // write of the request.
+    r.put_hist("latency", &wr.latency);
+    r.put_hist("response", &wr.hist("response"));
+    if let (Some(cpu), true) = (cpu_us(before, after), okn > 0) {
+        r.put_f("server_cpu_us_per_request", cpu / okn as f64, 2);
+    }
+    run_cpu_rows(
+        &mut r,
+        (before, after_run),
+        (own_before, own_run),
+        (busy_before, busy_run),
+        (db_before, db_run),
+    );
+    thread_rows(&mut r, &threads_before, &threads_after, before, after_run);
+    proc_rows(&mut r, "after", after);
+    r.put("connections", o.connections);
+    r.put("ready", ready);
+    r.put(
+        "dropped_after_ready",
+        shared.dropped.load(Ordering::Relaxed),
+    );
+    if !complete {
+        r.fail(format!(
+            "setup incomplete: {ready} of {} connections after {} s",
+            o.connections, o.setup_timeout_s
+        ));
+    }
+    if errors > 0 {
+        r.fail(format!(
+            "{errors} requests failed, e.g. {:?}",
+            wr.error_samples
+        ));
+    }
+    if dropped_backlog > 0 {
+        r.fail(format!(
+            "{dropped_backlog} requests dropped: the backlog of {} per worker was full (the \
+             server answers slower than --rate; try --closed-loop for its rate)",
+            rest::BACKLOG_MAX
+        ));
+    }
+    if in_flight > 0 {
+        r.fail(format!(
+            "{in_flight} requests unanswered after --drain {} s",
+            o.drain_s
+        ));
+    }
+    if okn == 0 {
+        r.fail("no request was answered with a good page");
+    }
+    for (why, n) in &wr.failures {
+        r.fail(format!("{n} x {why}"));
+    }
     r
 }
 

@@ -232,6 +232,31 @@ pub fn summary_row(v: &Value) -> (String, String, String) {
             num(v, "grace_s"),
             num(v, "server_cpu_us_per_change")
         ),
+        "rest-read" => format!(
+            "{conns} conns, {} mode{}, {}: {} req/s, latency p50/p90/p99/max {}/{}/{}/{} ms; {} errors; server {} CPU-us/request",
+            v["mode"].as_str().unwrap_or("-"),
+            if v["mode"].as_str() == Some("open") {
+                format!(" at {}/s", num(v, "rate_per_s"))
+            } else {
+                String::new()
+            },
+            match v["get"].as_str() {
+                Some(p) => format!("GET {p}"),
+                None => format!(
+                    "pages of {} from {} messages{}",
+                    num(v, "limit"),
+                    num(v, "messages"),
+                    if v["walk"].as_bool() == Some(true) { " (walk)" } else { "" }
+                ),
+            },
+            num(v, "requests_per_s"),
+            ms(v, "latency_p50_us"),
+            ms(v, "latency_p90_us"),
+            ms(v, "latency_p99_us"),
+            ms(v, "latency_max_us"),
+            num(v, "errors"),
+            num(v, "server_cpu_us_per_request")
+        ),
         "saturation" => format!(
             "{} subscribers: highest rate with p99 <= 250 ms and 0 lost: {}/s = {} deliveries/s (p99 {} ms, server {} CPU-us/delivery)",
             num(v, "subscribers"),
@@ -308,6 +333,13 @@ mod tests {
             "missing":0,"duplicates":0}));
         assert_eq!(ok, "ok");
         assert!(text.starts_with("10000 subscribers resume a 100-message gap: all recovered in 1.50 s; per subscriber p50/p99 2.00/- ms"), "{text}");
+        let (_, _, text) = summary_row(&json!({"scenario":"rest-read","mode":"open",
+            "rate_per_s":5000.0,"connections":64,"limit":50,"messages":1000,"walk":false,
+            "requests_per_s":4990,"latency_p50_us":450.0,"latency_p99_us":2100.0,"errors":0}));
+        assert!(
+            text.starts_with("64 conns, open mode at 5000/s, pages of 50 from 1000 messages: 4990 req/s, latency p50/p90/p99/max 0.45/-/2.10/- ms; 0 errors"),
+            "{text}"
+        );
         let (_, _, text) = summary_row(&json!({"scenario":"presence-churn","mode":"events"}));
         assert!(text.contains("(events)"), "{text}");
     }
