@@ -447,6 +447,8 @@ pub trait Store {
 
     /// The user's threads, most recently active first (by the id of their last message, then
     /// by creation for threads without messages). `before`: the `next` of the previous page.
+    /// `PgStore` considers only the user's newest `pg::THREADS_PER_READ_MAX` threads (by
+    /// numeric id) here and in [`Store::sync`].
     async fn threads(
         &self,
         user: &str,
