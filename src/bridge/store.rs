@@ -979,7 +979,10 @@ async fn health<S: Store>(ctx: Rc<Ctx<S>>) {
                 tracing::info!(store = ctx.store.kind(), "message store up");
             } else if was.is_none() {
                 // At start a PostgreSQL store is still connecting: not a fault yet.
-                tracing::info!(store = ctx.store.kind(), "message store not up yet (connecting); /ready answers 503 until it is");
+                tracing::info!(
+                    store = ctx.store.kind(),
+                    "message store not up yet (connecting); /ready answers 503 until it is"
+                );
             } else {
                 tracing::warn!(store = ctx.store.kind(), "message store down: direct messages get errors and no ack, /ready answers 503, retrying");
             }
