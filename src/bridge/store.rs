@@ -229,6 +229,9 @@ struct Ctx<S> {
     /// Per shard, what its full inbox could not take yet (in order).
     backlog: RefCell<Vec<VecDeque<ShardMsg>>>,
     backlog_len: Cell<usize>,
+    /// Wakes the retry task when the backlog stops being empty (it sleeps otherwise: no
+    /// timer runs on an idle node).
+    backlog_wake: Notify,
     /// Content bytes of the queued sends.
     queued_bytes: Cell<usize>,
     /// Failed messages not yet logged, and when the last line was.
@@ -272,6 +275,7 @@ async fn serve<S: Store + 'static>(
         reads: Semaphore::new(STORE_READS_IN_FLIGHT_MAX),
         backlog: RefCell::new((0..node_shards).map(|_| VecDeque::new()).collect()),
         backlog_len: Cell::new(0),
+        backlog_wake: Notify::new(),
         queued_bytes: Cell::new(0),
         unlogged_failures: Cell::new(0),
         last_failure_log: Cell::new(None),
@@ -593,6 +597,7 @@ fn to_shard<S>(ctx: &Ctx<S>, shard: usize, msg: ShardMsg) -> bool {
     }
     backlog[shard].push_back(msg);
     ctx.backlog_len.set(ctx.backlog_len.get() + 1);
+    ctx.backlog_wake.notify_one();
     stats
         .backlog
         .store(ctx.backlog_len.get() as u64, Ordering::Relaxed);
@@ -602,10 +607,10 @@ fn to_shard<S>(ctx: &Ctx<S>, shard: usize, msg: ShardMsg) -> bool {
 /// Retry the backlog, in order per shard, every [`BACKLOG_RETRY`].
 async fn retry_backlog<S>(ctx: Rc<Ctx<S>>) {
     loop {
-        tokio::time::sleep(BACKLOG_RETRY).await;
         if ctx.backlog_len.get() == 0 {
-            continue;
+            ctx.backlog_wake.notified().await;
         }
+        tokio::time::sleep(BACKLOG_RETRY).await;
         let mut backlog = ctx.backlog.borrow_mut();
         for (shard, q) in backlog.iter_mut().enumerate() {
             while let Some(msg) = q.pop_front() {
