@@ -11,10 +11,8 @@ pub const SHARDS_MAX: usize = 64;
 /// `switchboard_cross_shard_dropped_total`, never a block.
 pub const SHARD_INBOX_CAPACITY: usize = 65_536;
 
-/// Messages waiting for the bridge thread (a clustered node).
+/// Messages waiting for the bridge thread (store jobs; room traffic too once clustered).
 pub const BRIDGE_INBOX_CAPACITY: usize = 65_536;
-/// The bridge inbox of a node that is not clustered (nothing but its Shutdown is sent).
-pub const BRIDGE_INBOX_SINGLE_NODE_CAPACITY: usize = 16;
 
 /// mio events fetched per `poll` call.
 pub const EVENTS_PER_POLL_MAX: usize = 1024;

@@ -6,14 +6,15 @@
 //! Shards `try_send` into its bounded inbox (a tokio channel: its slots are allocated as they
 //! fill, so the 65,536-slot bound costs nothing while idle) and count or refuse what a full
 //! inbox drops. It talks back through the shards' own inboxes ([`Inboxes`]): frames for this
-//! node's connections go out with [`deliver_inbound`], the same plan the shards use.
+//! node's connections go to the shards [`recipient_shards`] names (the plan the shards use),
+//! held back in order for a shard whose inbox is full (`store::deliver`).
 //!
 //! With no Redis or Kafka configured, `clustered` is false: shards send it only store jobs
 //! (direct messages, `sync`, receipts, the REST API), never room traffic.
 
 pub mod store;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -23,7 +24,7 @@ use crate::directory::{Directory, Transition};
 use crate::limits::BRIDGE_INBOX_CAPACITY;
 use crate::proto::Frame;
 use crate::route::Target;
-use crate::shard::{Inboxes, Node, ShardMsg};
+use crate::shard::{Inboxes, Node};
 
 pub use store::StoreJob;
 
@@ -105,54 +106,32 @@ impl BridgeHandle {
     }
 }
 
-/// Whether the bridge is reachable and its backends healthy (`/ready`).
-pub fn healthy(flag: &AtomicBool) -> bool {
-    flag.load(Ordering::Relaxed)
-}
-
-/// Deliver a frame that arrived from another node to this node's recipients of `target`:
-/// one `ShardMsg::Deliver` per shard that holds some. Returns the shards whose inbox was
-/// full or dead (their recipients missed it; the caller counts them).
-pub fn deliver_inbound(shards: &Shards, dir: &Directory, target: Target, frame: Frame) -> u64 {
-    let p = crate::route::plan(&target, dir, shards.node_id, 0, shards.inboxes.len(), false);
-    let mut bits = p.shards | u64::from(p.local);
-    let mut missed = 0;
-    while bits != 0 {
-        let shard = bits.trailing_zeros() as usize;
-        bits &= bits - 1;
-        let msg = ShardMsg::Deliver {
-            target: target.clone(),
-            frame: frame.clone(),
-        };
-        if shards.inboxes.send(shard, msg).is_err() {
-            missed |= 1u64 << shard;
-        }
-    }
-    missed
+/// The shards of this node holding recipients of `target`, as a bitmap: the plan shards use,
+/// seen from outside every shard (the bridge never sends a frame back to itself). The store's
+/// `deliver` hands one `ShardMsg::Deliver` to each, through its backlog.
+pub fn recipient_shards(shards: &Shards, dir: &Directory, target: &Target) -> u64 {
+    let p = crate::route::plan(target, dir, shards.node_id, 0, shards.inboxes.len(), false);
+    p.shards | u64::from(p.local)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::shard::Inbox;
+    use crate::route::ConnRef;
 
     #[test]
-    fn inbound_frames_reach_exactly_the_shards_with_recipients() {
-        let mut receivers = Vec::new();
-        let mut inboxes = Vec::new();
-        let mut polls = Vec::new();
-        for _ in 0..3 {
-            let poll = mio::Poll::new().unwrap();
-            let waker = mio::Waker::new(poll.registry(), mio::Token(0)).unwrap();
-            let (tx, rx) = crossbeam_channel::bounded(1);
-            inboxes.push(Inbox {
-                tx,
-                waker,
-                wake_pending: AtomicBool::new(false),
-            });
-            receivers.push(rx);
-            polls.push(poll);
-        }
+    fn frames_from_the_bridge_go_to_exactly_the_shards_with_recipients() {
+        let inboxes = (0..3)
+            .map(|_| {
+                let poll = mio::Poll::new().unwrap();
+                let waker = mio::Waker::new(poll.registry(), mio::Token(0)).unwrap();
+                crate::shard::Inbox {
+                    tx: crossbeam_channel::bounded(1).0,
+                    waker,
+                    wake_pending: std::sync::atomic::AtomicBool::new(false),
+                }
+            })
+            .collect();
         let shards = Shards {
             inboxes: Arc::new(Inboxes(inboxes, Default::default())),
             node_id: 9,
@@ -161,25 +140,21 @@ mod tests {
         let room: Arc<str> = Arc::from("r");
         dir.rooms.arrive(&room, 0);
         dir.rooms.arrive(&room, 2);
-        let frame = Frame::from_wire(b"x", 0);
+        assert_eq!(recipient_shards(&shards, &dir, &Target::room(room)), 0b101);
         assert_eq!(
-            deliver_inbound(&shards, &dir, Target::room(room.clone()), frame.clone()),
+            recipient_shards(&shards, &dir, &Target::room(Arc::from("empty"))),
             0
         );
-        assert!(matches!(
-            receivers[0].try_recv(),
-            Ok(ShardMsg::Deliver { .. })
-        ));
-        assert!(receivers[1].try_recv().is_err());
-        assert!(matches!(
-            receivers[2].try_recv(),
-            Ok(ShardMsg::Deliver { .. })
-        ));
-        // Shard 0's inbox is full now (capacity 1): it is reported as missed.
-        deliver_inbound(&shards, &dir, Target::room(room.clone()), frame.clone());
-        assert_eq!(
-            deliver_inbound(&shards, &dir, Target::room(room), frame),
-            0b101
-        );
+        let on = |node, shard| {
+            Target::Conn(ConnRef {
+                node,
+                shard,
+                slot: 1,
+                gen: 1,
+            })
+        };
+        // A connection of this node: its shard; of another node: none here.
+        assert_eq!(recipient_shards(&shards, &dir, &on(9, 1)), 0b010);
+        assert_eq!(recipient_shards(&shards, &dir, &on(8, 1)), 0);
     }
 }

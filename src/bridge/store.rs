@@ -152,15 +152,6 @@ pub struct StoreStats {
     pub evicted_messages: AtomicU64,
 }
 
-/// Which store the node uses, from its configuration.
-pub fn kind_for(node: &Node) -> &'static str {
-    if node.cfg.database_url.is_some() {
-        "postgres"
-    } else {
-        "memory"
-    }
-}
-
 /// The bridge thread's main task.
 pub async fn run(node: Arc<Node>, rx: mpsc::Receiver<BridgeMsg>) {
     match node.cfg.database_url.clone() {
@@ -508,7 +499,8 @@ fn complete<S>(ctx: &Ctx<S>, job: &Send, out: Appended) {
         } => {
             stats.stored.fetch_add(1, Ordering::Relaxed);
             let frame = message_create(ctx, message);
-            let mut missed = 0;
+            // A shard held back gets it later, in order (counted by `deliver`); one the
+            // backlog could not hold still has it stored, and `sync` returns it.
             for p in participants {
                 // The sending socket gets the ack, not its own message; a REST sender has no
                 // device to skip.
@@ -518,11 +510,8 @@ fn complete<S>(ctx: &Ctx<S>, job: &Send, out: Appended) {
                     user: p.clone(),
                     except,
                 };
-                missed += deliver(ctx, target, &frame);
+                deliver(ctx, target, &frame);
             }
-            // (Counted by `deliver`: a shard held back gets it later, in order; a message the
-            // backlog could not hold is stored all the same, and `sync` returns it.)
-            let _ = missed;
         }
         Appended::Duplicate(_) => {
             stats.duplicates.fetch_add(1, Ordering::Relaxed);
@@ -551,12 +540,9 @@ fn complete<S>(ctx: &Ctx<S>, job: &Send, out: Appended) {
 
 /// Hand `frame` to every shard of this node holding recipients of `target`, through the
 /// backlog: a shard with messages held back gets this one after them, so what one shard
-/// receives from the bridge stays in order. Returns how many shards were held back.
-fn deliver<S>(ctx: &Ctx<S>, target: Target, frame: &Frame) -> u32 {
-    let n = ctx.shards.inboxes.len();
-    let p = crate::route::plan(&target, &ctx.node.dir, ctx.shards.node_id, 0, n, false);
-    let mut bits = p.shards | u64::from(p.local);
-    let mut held = 0;
+/// receives from the bridge stays in order.
+fn deliver<S>(ctx: &Ctx<S>, target: Target, frame: &Frame) {
+    let mut bits = super::recipient_shards(&ctx.shards, &ctx.node.dir, &target);
     while bits != 0 {
         let shard = bits.trailing_zeros() as usize;
         bits &= bits - 1;
@@ -564,21 +550,21 @@ fn deliver<S>(ctx: &Ctx<S>, target: Target, frame: &Frame) -> u32 {
             target: target.clone(),
             frame: frame.clone(),
         };
-        held += u32::from(!to_shard(ctx, shard, msg));
+        to_shard(ctx, shard, msg);
     }
-    held
 }
 
-/// Send `msg` to `shard` now, or hold it in the backlog; false when it was held (or dropped).
-fn to_shard<S>(ctx: &Ctx<S>, shard: usize, msg: ShardMsg) -> bool {
+/// Send `msg` to `shard` now, or hold it in the backlog (counted); a shard that has stopped
+/// drops it (counted).
+fn to_shard<S>(ctx: &Ctx<S>, shard: usize, msg: ShardMsg) {
     let stats = &ctx.node.store_stats;
     let mut backlog = ctx.backlog.borrow_mut();
     let msg = if backlog[shard].is_empty() {
         match ctx.shards.inboxes.try_send(shard, msg) {
-            Ok(()) => return true,
+            Ok(()) => return,
             Err((SendFailure::Dead, _)) => {
                 stats.live_missed.fetch_add(1, Ordering::Relaxed);
-                return false;
+                return;
             }
             Err((SendFailure::Full, m)) => m,
         }
@@ -601,7 +587,6 @@ fn to_shard<S>(ctx: &Ctx<S>, shard: usize, msg: ShardMsg) -> bool {
     stats
         .backlog
         .store(ctx.backlog_len.get() as u64, Ordering::Relaxed);
-    false
 }
 
 /// Retry the backlog, in order per shard, every [`BACKLOG_RETRY`].
