@@ -181,6 +181,29 @@ pub struct Config {
     /// Longest a store call may take: a DM past it gets an error and no ack, REST a 503.
     pub store_timeout: Duration,
 
+    // --- Kafka ---
+    /// Kafka bootstrap brokers (`host:port`); empty = no Kafka client runs at all.
+    pub kafka_brokers: Vec<String>,
+    /// librdkafka's `client.id` (broker logs and quotas name the node by it).
+    pub kafka_client_id: String,
+    /// Topic every direct message is produced to, keyed by conversationId.
+    pub kafka_dm_topic: String,
+    /// Longest a DM waits for its delivery report before the sender gets an error (the record
+    /// may still be written later: a retry with the same clientMsgId returns its ack).
+    pub kafka_ack_timeout: Duration,
+    /// librdkafka's `message.timeout.ms`: how long it keeps retrying a record (idempotently)
+    /// before it gives up on it.
+    pub kafka_message_timeout: Duration,
+    /// librdkafka's `linger.ms`: how long the producer waits to fill a batch.
+    pub kafka_linger: Duration,
+    /// librdkafka's `batch.size`: most bytes of one produce batch (per partition).
+    pub kafka_batch_bytes: usize,
+    /// librdkafka's `compression.codec`: none, lz4 or snappy (built in; no zlib or zstd).
+    pub kafka_compression: KafkaCompression,
+    /// DMs produced and waiting for their delivery report, at most; past it a DM gets
+    /// `kafka busy, retry later` at once (also librdkafka's queue bound).
+    pub kafka_pending_max: usize,
+
     // --- server HTTP API ---
     /// Key for the server HTTP API (`X-API-Key: <key>` or `Authorization: apikey <key>`);
     /// None = API off. Never logged or echoed in errors.
@@ -271,6 +294,15 @@ impl Default for Config {
             database_connect_timeout: Duration::from_secs(5),
             store_memory_bytes: 256 * 1024 * 1024,
             store_timeout: Duration::from_secs(5),
+            kafka_brokers: Vec::new(),
+            kafka_client_id: "switchboard".into(),
+            kafka_dm_topic: "switchboard.direct-messages".into(),
+            kafka_ack_timeout: Duration::from_secs(5),
+            kafka_message_timeout: Duration::from_secs(300),
+            kafka_linger: Duration::from_millis(5),
+            kafka_batch_bytes: 1024 * 1024,
+            kafka_compression: KafkaCompression::Lz4,
+            kafka_pending_max: 65_536,
             max_dm_content_bytes: 16 * 1024,
             api_key: None,
             cors_origins: Vec::new(),
@@ -569,6 +601,42 @@ impl Kind for Dur {
     }
 }
 
+/// Compression of produced Kafka records (the codecs librdkafka carries itself).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KafkaCompression {
+    None,
+    Lz4,
+    Snappy,
+}
+
+impl KafkaCompression {
+    /// librdkafka's name of the codec.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KafkaCompression::None => "none",
+            KafkaCompression::Lz4 => "lz4",
+            KafkaCompression::Snappy => "snappy",
+        }
+    }
+}
+
+struct KafkaCompressionKind;
+impl Kind for KafkaCompressionKind {
+    type Out = KafkaCompression;
+    const HINT: &'static str = "<none|lz4|snappy>";
+    fn parse(raw: &Raw) -> Result<KafkaCompression, String> {
+        match raw.text()?.trim().to_ascii_lowercase().as_str() {
+            "none" => Ok(KafkaCompression::None),
+            "lz4" => Ok(KafkaCompression::Lz4),
+            "snappy" => Ok(KafkaCompression::Snappy),
+            "gzip" | "zstd" => {
+                Err("expected none, lz4 or snappy (this build has no zlib or zstd)".into())
+            }
+            _ => Err("expected none, lz4 or snappy".into()),
+        }
+    }
+}
+
 struct AuthModeKind;
 impl Kind for AuthModeKind {
     type Out = AuthMode;
@@ -774,6 +842,25 @@ config_keys! {
         "Byte budget of the in-memory message store (used when database_url is empty): past it the oldest messages are evicted. At least 1 MiB.";
     store_timeout: Dur = "5s", "SWITCHBOARD_STORE_TIMEOUT", None,
         "Longest a message-store call may take: a direct message past it gets an error and no ack, a REST call 503. At least 100ms.";
+    // ---- Kafka
+    kafka_brokers: List = "", "SWITCHBOARD_KAFKA_BROKERS", None,
+        "Kafka bootstrap brokers, comma-separated host:port; empty = no Kafka: direct messages are acked once stored, no topic is consumed.";
+    kafka_client_id: Text = "switchboard", "SWITCHBOARD_KAFKA_CLIENT_ID", None,
+        "client.id of this node's Kafka clients (broker logs and quotas name it).";
+    kafka_dm_topic: Text = "switchboard.direct-messages", "SWITCHBOARD_KAFKA_DM_TOPIC", None,
+        "Topic every direct message is produced to (keyed by conversationId; the value is the message.create event). message.ack waits for the broker.";
+    kafka_ack_timeout: Dur = "5s", "SWITCHBOARD_KAFKA_ACK_TIMEOUT", None,
+        "Longest a direct message waits for the broker's delivery report before its sender gets an error and no ack, 100ms to kafka_message_timeout.";
+    kafka_message_timeout: Dur = "300s", "SWITCHBOARD_KAFKA_MESSAGE_TIMEOUT", None,
+        "How long the producer keeps retrying a record (idempotently, so never twice) before it gives up: librdkafka's message.timeout.ms, 1s to 24h. A record written after its ack timed out is delivered live then; its sender's retry gets the ack.";
+    kafka_linger: Dur = "5ms", "SWITCHBOARD_KAFKA_LINGER", None,
+        "linger.ms: how long the producer waits to fill a batch, 0 to 1s (throughput against ack latency).";
+    kafka_batch_bytes: Bytes = "1MiB", "SWITCHBOARD_KAFKA_BATCH_BYTES", None,
+        "batch.size: most bytes of one produce request per partition, 1 KiB to 64 MiB.";
+    kafka_compression: KafkaCompressionKind = "lz4", "SWITCHBOARD_KAFKA_COMPRESSION", None,
+        "compression.codec of produced records: none, lz4 or snappy.";
+    kafka_pending_max: Count = "65536", "SWITCHBOARD_KAFKA_PENDING_MAX", None,
+        "Direct messages waiting for the broker at most (the pending-ack table, and librdkafka's queue); past it a send gets the error kafka busy, retry later. 16 to 1000000.";
     api_key: OptText = "", "SWITCHBOARD_API_KEY", None,
         "Key for the server HTTP API (X-API-Key or Authorization: apikey <key>); empty = API off. Prefer the env var: flags show in ps. Never logged.";
     cors_origins: List = "", "SWITCHBOARD_CORS_ORIGINS", None,
@@ -1684,6 +1771,70 @@ impl Config {
             "",
         )?;
         nonzero("database_connect_timeout", self.database_connect_timeout)?;
+        // ---- Kafka
+        for b in &self.kafka_brokers {
+            let ok = b
+                .rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
+            if !ok {
+                fail("kafka_brokers", format!("{b:?} is not host:port"))?;
+            }
+        }
+        if self.kafka_dm_topic.is_empty()
+            || self.kafka_dm_topic.len() > 249
+            || !self
+                .kafka_dm_topic
+                .bytes()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
+        {
+            fail(
+                "kafka_dm_topic",
+                format!(
+                    "{:?} is not a Kafka topic name (1 to 249 of a-z A-Z 0-9 . _ -)",
+                    self.kafka_dm_topic
+                ),
+            )?;
+        }
+        if self.kafka_client_id.is_empty() {
+            fail("kafka_client_id", "must not be empty".into())?;
+        }
+        if self.kafka_message_timeout < Duration::from_secs(1) {
+            fail(
+                "kafka_message_timeout",
+                format!("{:?} is under the 1s minimum", self.kafka_message_timeout),
+            )?;
+        }
+        if self.kafka_ack_timeout < Duration::from_millis(100)
+            || self.kafka_ack_timeout > self.kafka_message_timeout
+        {
+            fail(
+                "kafka_ack_timeout",
+                format!(
+                    "must be between 100ms and kafka_message_timeout ({:?}), got {:?}",
+                    self.kafka_message_timeout, self.kafka_ack_timeout
+                ),
+            )?;
+        }
+        if self.kafka_linger > Duration::from_secs(1) {
+            fail(
+                "kafka_linger",
+                format!("{:?} is over the 1s maximum", self.kafka_linger),
+            )?;
+        }
+        between(
+            "kafka_batch_bytes",
+            size(self.kafka_batch_bytes),
+            1024,
+            64 << 20,
+            "",
+        )?;
+        between(
+            "kafka_pending_max",
+            size(self.kafka_pending_max),
+            16,
+            1_000_000,
+            "",
+        )?;
         // ---- typing and receipts
         if self.typing_ttl < Duration::from_secs(1) || self.typing_ttl > DURATION_MAX {
             fail(
@@ -1754,6 +1905,8 @@ impl Config {
             ("token_refresh_window", self.token_refresh_window),
             ("token_expiry_grace", self.token_expiry_grace),
             ("store_timeout", self.store_timeout),
+            ("kafka_ack_timeout", self.kafka_ack_timeout),
+            ("kafka_message_timeout", self.kafka_message_timeout),
             ("database_connect_timeout", self.database_connect_timeout),
             ("shutdown_timeout", self.shutdown_timeout),
             ("presence_offline_grace", self.presence_offline_grace),

@@ -349,6 +349,8 @@ pub struct NodeView<'a> {
     pub draining: bool,
     /// The message store's counters (kept by the bridge).
     pub store: Option<&'a crate::bridge::store::StoreStats>,
+    /// The Kafka clients' counters (rendered only when Kafka is configured).
+    pub kafka: Option<&'a crate::bridge::kafka::KafkaStats>,
     pub limits: Option<&'a crate::doctor::Limits>,
 }
 
@@ -434,6 +436,9 @@ pub fn render(view: &NodeView) -> String {
     if let Some(s) = view.store {
         crate::bridge::store::prometheus_lines(s, &mut out);
     }
+    if let Some(k) = view.kafka {
+        crate::bridge::kafka::prometheus_lines(k, &mut out);
+    }
     render_latency(&mut out, view.shards);
     if let Some(limits) = view.limits {
         crate::doctor::prometheus_lines(limits, view.shards.len(), &mut out);
@@ -508,6 +513,7 @@ mod tests {
             max_connections: 10,
             draining: false,
             store: None,
+            kafka: None,
             limits: None,
         });
         assert!(text.contains("switchboard_deliveries_total 12\n"));
@@ -567,6 +573,7 @@ mod tests {
             max_connections: 34,
             draining: true,
             store: None,
+            kafka: None,
             limits: None,
         })
     }
@@ -756,6 +763,7 @@ switchboard_publish_to_flush_seconds_count 1
             max_connections: 0,
             draining: false,
             store: None,
+            kafka: None,
             limits: None,
         });
         for (i, r) in ROWS.iter().enumerate() {

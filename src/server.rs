@@ -155,6 +155,7 @@ impl Server {
             bridge_tx,
             clustered: false,
             store_stats: Default::default(),
+            kafka_stats: Default::default(),
             max_connections,
             epoch: Instant::now(),
             limits,

@@ -12,6 +12,7 @@
 //! With no Redis or Kafka configured, `clustered` is false: shards send it only store jobs
 //! (direct messages, `sync`, receipts, the REST API), never room traffic.
 
+pub mod kafka;
 pub mod store;
 
 use std::sync::atomic::Ordering;

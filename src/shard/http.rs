@@ -497,6 +497,7 @@ fn endpoint(node: &Node, r: Route) -> (Status, &'static str, Vec<u8>) {
                 max_connections: node.max_connections,
                 draining: node.draining.load(Ordering::Relaxed),
                 store: Some(&node.store_stats),
+                kafka: Some(&node.kafka_stats),
                 limits: Some(&node.limits),
             });
             (Status::OK, "text/plain; version=0.0.4", text.into_bytes())

@@ -151,6 +151,9 @@ pub struct Node {
     pub clustered: bool,
     /// The message store's counters, kept by the bridge; `up` is its readiness.
     pub store_stats: crate::bridge::store::StoreStats,
+    /// The Kafka clients' counters, kept by the bridge; with Kafka configured, `up` is part of
+    /// readiness.
+    pub kafka_stats: crate::bridge::kafka::KafkaStats,
     pub max_connections: u64,
     pub epoch: Instant,
     pub limits: crate::doctor::Limits,
@@ -177,6 +180,8 @@ impl Node {
             Err("draining")
         } else if self.store_stats.up.load(Ordering::Relaxed) == 0 {
             Err("message store unavailable")
+        } else if self.kafka_stats.configured.load(Ordering::Relaxed) && !self.kafka_stats.is_up() {
+            Err("kafka unavailable")
         } else if !self.bridge_healthy.load(Ordering::Relaxed) {
             Err("backend unavailable")
         } else {
