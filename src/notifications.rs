@@ -24,8 +24,8 @@
 //! ([`Rule::subscription`]). A field named in `data` that the value lacks is left out; the
 //! target must be there (a non-empty string, or a number, which is used as its decimal text).
 
-use serde_json::Value as Json;
 use serde_norway::Value;
+use sonic_rs::{JsonContainerTrait, JsonType, JsonValueTrait, Value as Json};
 
 /// Most rules in `kafka_notifications` (each record walks them in order until one matches).
 pub const NOTIFY_RULES_MAX: usize = 256;
@@ -206,10 +206,10 @@ pub fn map_with(
     if value.len() > NOTIFY_RECORD_BYTES_MAX {
         return Err(Unmappable::TooBig(value.len()));
     }
-    let v: Json = serde_json::from_slice(value).map_err(|e| Unmappable::BadJson(e.to_string()))?;
-    let Json::Object(obj) = &v else {
+    let v: Json = sonic_rs::from_slice(value).map_err(|e| Unmappable::BadJson(e.to_string()))?;
+    if !v.is_object() {
         return Err(Unmappable::NotObject);
-    };
+    }
     let id = match &rule.from {
         From::Key => {
             let k = key.ok_or_else(|| Unmappable::NoTarget("key".into()))?;
@@ -217,15 +217,18 @@ pub fn map_with(
                 .map_err(|_| Unmappable::BadTarget("the key is not UTF-8".into()))?
                 .to_owned()
         }
-        From::Pointer(p) => match v.pointer(p) {
-            None | Some(Json::Null) => return Err(Unmappable::NoTarget(p.clone())),
-            Some(Json::String(s)) => s.clone(),
-            Some(Json::Number(n)) => n.to_string(),
-            Some(_) => {
-                return Err(Unmappable::BadTarget(format!(
-                    "{p} is not a string or a number"
-                )))
-            }
+        From::Pointer(p) => match pointer(&v, p) {
+            None => return Err(Unmappable::NoTarget(p.clone())),
+            Some(x) => match x.get_type() {
+                JsonType::Null => return Err(Unmappable::NoTarget(p.clone())),
+                JsonType::String => x.as_str().unwrap_or_default().to_owned(),
+                JsonType::Number => sonic_rs::to_string(x).unwrap_or_default(),
+                _ => {
+                    return Err(Unmappable::BadTarget(format!(
+                        "{p} is not a string or a number"
+                    )))
+                }
+            },
         },
     };
     if id.is_empty() {
@@ -241,18 +244,26 @@ pub fn map_with(
         return Err(Unmappable::BadTarget("holds a control character".into()));
     }
     let data_json = match &rule.data {
-        Data::All => serde_json::to_string(obj),
+        Data::All => sonic_rs::to_string(&v).map_err(|e| Unmappable::BadJson(e.to_string()))?,
         Data::Fields(fields) => {
-            let mut out = serde_json::Map::with_capacity(fields.len());
+            // Written in the configured order; a field the value lacks is left out.
+            let mut out = Vec::with_capacity(256);
+            out.push(b'{');
             for (name, p) in fields {
-                if let Some(x) = v.pointer(p) {
-                    out.insert(name.clone(), x.clone());
+                if let Some(x) = pointer(&v, p) {
+                    if out.len() > 1 {
+                        out.push(b',');
+                    }
+                    crate::proto::json::write_str(&mut out, name);
+                    out.push(b':');
+                    sonic_rs::to_writer(&mut out, x)
+                        .map_err(|e| Unmappable::BadJson(e.to_string()))?;
                 }
             }
-            serde_json::to_string(&out)
+            out.push(b'}');
+            String::from_utf8(out).map_err(|e| Unmappable::BadJson(e.to_string()))?
         }
-    }
-    .map_err(|e| Unmappable::BadJson(e.to_string()))?;
+    };
     if data_json.len() > NOTIFY_DATA_BYTES_MAX {
         return Err(Unmappable::DataTooBig(data_json.len()));
     }
@@ -265,6 +276,27 @@ pub fn map_with(
         kind: rule.kind.clone().unwrap_or_else(|| topic.to_owned()),
         data_json,
     })
+}
+
+/// The value `p` (an RFC 6901 JSON pointer, `/a/0/b`, `~1` for `/`, `~0` for `~`) points at.
+pub fn pointer<'v>(v: &'v Json, p: &str) -> Option<&'v Json> {
+    let mut at = v;
+    for token in p.split('/').skip(1) {
+        let token = token.replace("~1", "/").replace("~0", "~");
+        at = if at.is_object() {
+            at.as_object()?.get(&token)?
+        } else if at.is_array() {
+            // RFC 6901: no leading zeros, no sign.
+            if token.len() > 1 && token.starts_with('0') {
+                return None;
+            }
+            let i: usize = token.parse().ok()?;
+            at.as_array()?.get(i)?
+        } else {
+            return None;
+        };
+    }
+    Some(at)
 }
 
 /// Whether `t` is a Kafka topic name (1 to 249 of `a-z A-Z 0-9 . _ -`).
@@ -624,7 +656,10 @@ mod tests {
         .unwrap();
         assert_eq!(m.target, Target::User("u1".into()));
         // And the whole file is a valid config file as it stands.
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/examples/notifications.yaml");
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/docs/examples/notifications.yaml"
+        );
         let args = vec!["--config".to_string(), path.to_string()];
         let cfg = crate::config::Config::load(&args, &|_| None).expect("the example loads");
         assert_eq!(cfg.kafka_notifications, r);
