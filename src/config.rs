@@ -215,6 +215,9 @@ pub struct Config {
     /// librdkafka's `session.timeout.ms`: how long the group waits for a silent node before
     /// its partitions go to another.
     pub kafka_session_timeout: Duration,
+    /// librdkafka's `auto.commit.interval.ms`: how often the consumer commits the offsets of
+    /// records it has handed on (a crash replays at most this much; the store dedups it).
+    pub kafka_commit_interval: Duration,
     /// The mapping of topics to notifications (`kafka_notifications`, [`crate::notifications`]).
     pub kafka_notifications: Vec<crate::notifications::Rule>,
 
@@ -321,6 +324,7 @@ impl Default for Config {
             kafka_dead_letter_topic: "switchboard.dead-letter".into(),
             kafka_from_beginning: false,
             kafka_session_timeout: Duration::from_secs(10),
+            kafka_commit_interval: Duration::from_secs(1),
             kafka_notifications: Vec::new(),
             max_dm_content_bytes: 16 * 1024,
             api_key: None,
@@ -888,6 +892,8 @@ config_keys! {
         "Where the notification group starts on a partition with no committed offset: true = its oldest record (auto.offset.reset=earliest), false = only records written from then on (latest). A committed offset always wins.";
     kafka_session_timeout: Dur = "10s", "SWITCHBOARD_KAFKA_SESSION_TIMEOUT", None,
         "session.timeout.ms of the notification consumer: a node silent this long loses its partitions to the others (heartbeats every third of it), 3s to 5m.";
+    kafka_commit_interval: Dur = "1s", "SWITCHBOARD_KAFKA_COMMIT_INTERVAL", None,
+        "How often the notification consumer commits the offsets of records it has handed on (auto.commit.interval.ms; also on a rebalance and shutdown), 100ms to 1h. After a crash the records since are read again: user notifications are recognised by the store and not shown twice, room ones are sent again.";
     api_key: OptText = "", "SWITCHBOARD_API_KEY", None,
         "Key for the server HTTP API (X-API-Key or Authorization: apikey <key>); empty = API off. Prefer the env var: flags show in ps. Never logged.";
     cors_origins: List = "", "SWITCHBOARD_CORS_ORIGINS", None,
@@ -1866,6 +1872,17 @@ impl Config {
                 format!(
                     "must be between 3s and 5m, got {:?}",
                     self.kafka_session_timeout
+                ),
+            )?;
+        }
+        if self.kafka_commit_interval < Duration::from_millis(100)
+            || self.kafka_commit_interval > Duration::from_secs(3600)
+        {
+            fail(
+                "kafka_commit_interval",
+                format!(
+                    "must be between 100ms and 1h, got {:?}",
+                    self.kafka_commit_interval
                 ),
             )?;
         }

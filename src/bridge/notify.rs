@@ -16,7 +16,7 @@
 //!   headers, plus `dlq-reason`, `dlq-topic`, `dlq-partition`, `dlq-offset`) and counted.
 //!
 //! A record's offset is stored (`enable.auto.offset.store=false`; librdkafka commits stored
-//! offsets every [`AUTO_COMMIT_INTERVAL`] and on a rebalance or close) only after that: stored
+//! offsets every `kafka_commit_interval` and on a rebalance or close) only after that: stored
 //! and handed to the shards, or delivered to a room, or confirmed by the dead-letter topic. A
 //! store (or dead-letter topic) that fails is retried with a capped backoff, never skipped.
 //!
@@ -59,11 +59,6 @@ pub const PARTITION_QUEUE_MAX: usize = 256;
 /// Partitions this node keeps a worker for at most; a record of one more partition waits for
 /// the consumer to be restarted (logged): far above any topic layout of the ten topics.
 pub const PARTITIONS_MAX: usize = 4096;
-
-/// librdkafka's `auto.commit.interval.ms`: how often stored offsets are committed. A crash
-/// loses at most this much of committed progress; the records are consumed again and the
-/// store's source key keeps them from being shown twice.
-pub const AUTO_COMMIT_INTERVAL: Duration = Duration::from_secs(1);
 
 /// librdkafka's `statistics.interval.ms`: how often consumer lag is refreshed for `/metrics`.
 pub const STATS_INTERVAL: Duration = Duration::from_secs(5);
@@ -134,7 +129,7 @@ pub fn consumer_config(cfg: &Config) -> ClientConfig {
         // librdkafka commits only stored offsets (on its interval, a rebalance, and close).
         .set("enable.auto.commit", "true")
         .set("enable.auto.offset.store", "false")
-        .set("auto.commit.interval.ms", millis(AUTO_COMMIT_INTERVAL))
+        .set("auto.commit.interval.ms", millis(cfg.kafka_commit_interval))
         .set(
             "auto.offset.reset",
             if cfg.kafka_from_beginning {

@@ -1033,6 +1033,16 @@ fn start_notify<S: Store + 'static>(ctx: &Rc<Ctx<S>>) -> Option<tokio::task::Joi
             return None;
         }
     };
+    // TODO(lead): the DM side sets `configured` and runs the health check; this stands in
+    // for it until then (and must not run twice).
+    let stats = &ctx.node.kafka_stats;
+    if !stats.configured.swap(true, Ordering::Relaxed) {
+        tokio::task::spawn_local(super::kafka::health(
+            ctx.node.clone(),
+            producer.clone(),
+            ctx.node.cfg.kafka_dead_letter_topic.clone(),
+        ));
+    }
     Some(tokio::task::spawn_local(super::notify::run(
         ctx.clone(),
         producer,
