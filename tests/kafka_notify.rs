@@ -333,7 +333,7 @@ fn consumer_lag_is_reported_per_partition() {
     // Records on both partitions (keys spread over them).
     let mut per_partition = [0usize; 2];
     let mut k = 0;
-    while per_partition.iter().any(|&n| n == 0) {
+    while per_partition.contains(&0) {
         let (p, _) = kafka::produce(
             &b,
             "jobs.updated",
@@ -395,8 +395,7 @@ fn a_consumer_killed_before_or_after_its_commit_never_shows_a_notification_twice
     let mut n = 0;
     // Round 0: killed right after the records were shown, before any commit. Round 1: killed
     // once everything is committed.
-    for round in 0..2 {
-        let extra = &extras[round];
+    for (round, extra) in extras.iter().enumerate() {
         let server = start(&broker, &s, &rules, extra);
         let mut bob = server.connect("/ws?user_id=bob");
         for _ in 0..5 {
