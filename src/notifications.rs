@@ -36,9 +36,11 @@ pub const NOTIFY_RECORD_BYTES_MAX: usize = 256 * 1024;
 /// Largest `data` of one notification (its JSON text), as stored and sent to devices.
 pub const NOTIFY_DATA_BYTES_MAX: usize = 64 * 1024;
 /// Longest user id or room name a record may target.
-pub const NOTIFY_TARGET_BYTES_MAX: usize = 256;
-/// Longest `kind`, JSON pointer, output name or topic pattern in a rule.
+pub const NOTIFY_TARGET_BYTES_MAX: usize = crate::limits::ID_BYTES_MAX;
+/// Longest JSON pointer, output name or topic pattern in a rule.
 pub const NOTIFY_NAME_BYTES_MAX: usize = 249;
+/// Longest `kind` (the server API's bound: 1 to 64 of letters, digits and `. _ - :`).
+pub const NOTIFY_KIND_BYTES_MAX: usize = 64;
 
 /// Which topics a rule maps.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -155,6 +157,9 @@ pub enum Unmappable {
     BadTarget(String),
     /// The mapped `data` is over [`NOTIFY_DATA_BYTES_MAX`] bytes.
     DataTooBig(usize),
+    /// The rule has no `kind` and the topic name, its default, is over
+    /// [`NOTIFY_KIND_BYTES_MAX`] bytes.
+    KindTooLong,
 }
 
 impl Unmappable {
@@ -173,6 +178,9 @@ impl Unmappable {
             Unmappable::DataTooBig(n) => {
                 format!("data of {n} bytes is over the {NOTIFY_DATA_BYTES_MAX}-byte limit")
             }
+            Unmappable::KindTooLong => format!(
+                "the topic name, the default kind, is over {NOTIFY_KIND_BYTES_MAX} bytes: give the rule a kind"
+            ),
         }
     }
 }
@@ -202,6 +210,9 @@ pub fn map_with(
     key: Option<&[u8]>,
     value: Option<&[u8]>,
 ) -> Result<Mapped, Unmappable> {
+    if rule.kind.is_none() && topic.len() > NOTIFY_KIND_BYTES_MAX {
+        return Err(Unmappable::KindTooLong);
+    }
     let value = value.ok_or(Unmappable::NoValue)?;
     if value.len() > NOTIFY_RECORD_BYTES_MAX {
         return Err(Unmappable::TooBig(value.len()));
@@ -307,6 +318,14 @@ pub fn is_topic_name(t: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
 }
 
+/// A kind as the server API takes it: 1 to 64 of letters, digits and `. _ - :`.
+fn is_kind(k: &str) -> bool {
+    !k.is_empty()
+        && k.len() <= NOTIFY_KIND_BYTES_MAX
+        && k.bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-' | b':'))
+}
+
 fn is_pointer(p: &str) -> bool {
     p.starts_with('/') && p.len() <= NOTIFY_NAME_BYTES_MAX
 }
@@ -399,12 +418,10 @@ fn parse_rule(item: &Value) -> Result<Rule, String> {
                 target = Some((t, from));
             }
             "kind" => match text(val) {
-                Some(s) if !s.is_empty() && s.len() <= NOTIFY_NAME_BYTES_MAX => {
-                    kind = Some(s.to_owned())
-                }
+                Some(s) if is_kind(s) => kind = Some(s.to_owned()),
                 _ => {
                     return Err(format!(
-                        "`kind` must be a text of 1 to {NOTIFY_NAME_BYTES_MAX} bytes"
+                        "`kind` must be 1 to {NOTIFY_KIND_BYTES_MAX} bytes of letters, digits and . _ - :"
                     ))
                 }
             },
@@ -615,6 +632,11 @@ mod tests {
         assert!(err("- topic: t\n  user: key\n  data: {a: /x, b: y}\n").contains("`data` must be"));
         assert!(err("- topic: t\n  user: key\n  data: [/a/x, /b/x]\n").contains("twice"));
         assert!(err("- topic: t\n  user: key\n  colour: red\n").contains("unknown key `colour`"));
+        assert!(err("- topic: t\n  user: key\n  kind: a b\n").contains("`kind` must be"));
+        let long = "t".repeat(NOTIFY_KIND_BYTES_MAX + 1);
+        let r = rules("- pattern: \"t*\"\n  user: key\n");
+        let got = map_record(&r, &long, Some(b"u"), Some(b"{}"));
+        assert_eq!(got, Err(Unmappable::KindTooLong));
         assert!(err("topic: t\n").contains("a list of maps"));
         let many: String = (0..=NOTIFY_RULES_MAX)
             .map(|i| format!("- topic: t{i}\n  user: key\n"))
