@@ -461,3 +461,89 @@ fn a_consumer_killed_before_or_after_its_commit_never_shows_a_notification_twice
     let expected: Vec<Value> = (0..n).map(|i| json!(i)).collect();
     assert_eq!(seen, expected, "each notification shown once, in order");
 }
+
+#[test]
+fn a_store_that_is_down_holds_its_records_and_their_offsets_but_not_other_partitions() {
+    let broker = Tansu::start();
+    let b = broker.bootstrap();
+    kafka::create_topic(&b, "courses.completed", 1);
+    kafka::create_topic(&b, "users.joined", 1);
+    let s = setup("store-down");
+    // Its own cluster: this test stops it.
+    let pg = common::pg::PgCluster::start(common::pg::ClusterOptions { fsync: false });
+    let db = pg.database("kafka_notify_store_down");
+    let rules = json!([
+        {"topic": "courses.completed", "user": "/userId", "data": ["/n"]},
+        {"topic": "users.joined", "room": "/community", "data": ["/userId"]},
+    ]);
+    let extra = [
+        ("SWITCHBOARD_DATABASE_URL", db.as_str()),
+        ("SWITCHBOARD_KAFKA_COMMIT_INTERVAL", "100ms"),
+    ];
+    let server = start(&broker, &s, &rules, &extra);
+    let mut bob = server.connect("/ws?user_id=bob");
+    let mut ann = server.connect("/ws?user_id=ann");
+    ann.subscribe("c1");
+    let course = |n: u32| {
+        kafka::produce(
+            &b,
+            "courses.completed",
+            None,
+            &format!(r#"{{"userId":"bob","n":{n}}}"#),
+            &[],
+        )
+    };
+    course(0);
+    assert_eq!(notification(&mut bob)["data"], json!({"n": 0}));
+    let committed = || kafka::committed(&b, &s.group, "courses.completed", 1);
+    let deadline = Instant::now() + FIRST_TIMEOUT;
+    while committed() != vec![Some(1)] {
+        assert!(
+            Instant::now() < deadline,
+            "offset 1 never committed: {:?}",
+            committed()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    pg.stop_immediate();
+    course(1);
+    // Another partition is not held up by the store: a room notification goes out meanwhile.
+    kafka::produce(
+        &b,
+        "users.joined",
+        None,
+        r#"{"userId":"dan","community":"c1"}"#,
+        &[],
+    );
+    assert_eq!(notification(&mut ann)["data"], json!({"userId": "dan"}));
+    wait_metrics(&server, "both records consumed", FIRST_TIMEOUT, |t| {
+        metric(t, "switchboard_kafka_records_consumed_total") == Some(3)
+    });
+    bob.expect_silence(1500);
+    assert_eq!(
+        committed(),
+        vec![Some(1)],
+        "the record the store did not take is not committed"
+    );
+
+    pg.restart();
+    // Retried, never skipped: it arrives once the store is back, then its offset is committed.
+    assert_eq!(notification(&mut bob)["data"], json!({"n": 1}));
+    let deadline = Instant::now() + FIRST_TIMEOUT;
+    while committed() != vec![Some(2)] {
+        assert!(
+            Instant::now() < deadline,
+            "offset 2 never committed: {:?}",
+            committed()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bob.expect_silence(300);
+    let mut ns: Vec<u64> = listed(&server, "bob")
+        .iter()
+        .map(|x| x["data"]["n"].as_u64().unwrap())
+        .collect();
+    ns.sort_unstable();
+    assert_eq!(ns, [0, 1]);
+}
