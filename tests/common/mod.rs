@@ -26,6 +26,7 @@ macro_rules! both_stores {
     };
 }
 
+pub mod kafka;
 pub mod pg;
 
 use std::collections::HashSet;
