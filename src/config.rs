@@ -1832,7 +1832,8 @@ impl Config {
             64 << 20,
             "",
         )?;
-        if !self.kafka_brokers.is_empty() && self.max_dm_content_bytes > KAFKA_DM_CONTENT_BYTES_MAX {
+        if !self.kafka_brokers.is_empty() && self.max_dm_content_bytes > KAFKA_DM_CONTENT_BYTES_MAX
+        {
             fail(
                 "max_dm_content_bytes",
                 format!(

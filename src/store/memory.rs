@@ -2062,7 +2062,10 @@ mod tests {
         let i = s.inner.borrow();
         for &id in &held {
             let pos = i.log.find_id(id).unwrap();
-            assert_eq!(i.by_server_id[&i.log.at(pos).server_msg_id] & !PRODUCED, pos);
+            assert_eq!(
+                i.by_server_id[&i.log.at(pos).server_msg_id] & !PRODUCED,
+                pos
+            );
         }
     }
 

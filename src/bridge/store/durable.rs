@@ -81,7 +81,11 @@ impl KafkaSink {
     }
 
     /// Produce one record (non-blocking: librdkafka queues it).
-    fn produce(&self, m: &Message, frame: &Frame) -> std::result::Result<DeliveryFuture, &'static str> {
+    fn produce(
+        &self,
+        m: &Message,
+        frame: &Frame,
+    ) -> std::result::Result<DeliveryFuture, &'static str> {
         let server = uuid::Uuid::from_u128(m.server_msg_id).to_string();
         let event = uuid::Uuid::from_u128(m.event_id).to_string();
         let mut headers = OwnedHeaders::new_with_capacity(5)
@@ -143,7 +147,13 @@ pub(super) fn admit<S>(ctx: &Ctx<S>, jobs: Vec<Send>) -> Vec<Send> {
             .produce_failed
             .fetch_add(jobs.len() as u64, Ordering::Relaxed);
         for j in &jobs {
-            answer_error(ctx, j.origin, &j.answer, j.msg.client_msg_id.as_deref(), KAFKA_UNAVAILABLE);
+            answer_error(
+                ctx,
+                j.origin,
+                &j.answer,
+                j.msg.client_msg_id.as_deref(),
+                KAFKA_UNAVAILABLE,
+            );
         }
         done(ctx, jobs.len());
         return Vec::new();
@@ -156,11 +166,21 @@ pub(super) fn admit<S>(ctx: &Ctx<S>, jobs: Vec<Send>) -> Vec<Send> {
     let over = jobs.split_off(room);
     stats.busy.fetch_add(over.len() as u64, Ordering::Relaxed);
     for j in &over {
-        answer_error(ctx, j.origin, &j.answer, j.msg.client_msg_id.as_deref(), KAFKA_BUSY);
+        answer_error(
+            ctx,
+            j.origin,
+            &j.answer,
+            j.msg.client_msg_id.as_deref(),
+            KAFKA_BUSY,
+        );
     }
     done(ctx, over.len());
     jobs
 }
+
+/// A message to produce: its participants, the sends waiting for it (the first is the
+/// original), and whether this batch stored it.
+type ToProduce = (Message, Vec<Arc<str>>, Vec<Send>, bool);
 
 /// A stored batch: produce what must be, answer what can be answered now, hand the rest to
 /// the completer.
@@ -171,7 +191,7 @@ pub(super) async fn stage<S: Store>(ctx: &Rc<Ctx<S>>, jobs: Vec<Send>, outs: Vec
     let mut answered = 0;
     // Message id -> (message, participants, waiters), in batch order.
     let mut order: Vec<u64> = Vec::new();
-    let mut produce: HashMap<u64, (Message, Vec<Arc<str>>, Vec<Send>, bool)> = HashMap::new();
+    let mut produce: HashMap<u64, ToProduce> = HashMap::new();
     let mut dups: Vec<(Send, Message)> = Vec::new();
     for (job, out) in jobs.into_iter().zip(outs) {
         match out {
@@ -223,7 +243,11 @@ pub(super) async fn stage<S: Store>(ctx: &Rc<Ctx<S>>, jobs: Vec<Send>, outs: Vec
             }
             _ => {
                 let jobs: Vec<Send> = dups.into_iter().map(|(j, _)| j).collect();
-                fail_all(ctx, &jobs, &StoreError::Unavailable("produced lookup".into()));
+                fail_all(
+                    ctx,
+                    &jobs,
+                    &StoreError::Unavailable("produced lookup".into()),
+                );
                 answered += jobs.len();
             }
         }
@@ -265,7 +289,9 @@ pub(super) async fn stage<S: Store>(ctx: &Rc<Ctx<S>>, jobs: Vec<Send>, outs: Vec
         .pending
         .store(k.pending.borrow().len() as u64, Ordering::Relaxed);
     if !records.is_empty() {
-        k.batches.borrow_mut().push_back(Batch { deadline, records });
+        k.batches
+            .borrow_mut()
+            .push_back(Batch { deadline, records });
         k.wake.notify_one();
     }
 }
@@ -294,7 +320,13 @@ fn ack_answer<S>(ctx: &Ctx<S>, job: &Send, m: &Message) {
 
 fn answer_waiters<S>(ctx: &Ctx<S>, waiters: &[Send], text: &str) {
     for w in waiters {
-        answer_error(ctx, w.origin, &w.answer, w.msg.client_msg_id.as_deref(), text);
+        answer_error(
+            ctx,
+            w.origin,
+            &w.answer,
+            w.msg.client_msg_id.as_deref(),
+            text,
+        );
     }
 }
 
@@ -362,7 +394,11 @@ async fn late<S: Store + 'static>(ctx: Rc<Ctx<S>>, records: Vec<Record>) {
 
 fn fail_record<S>(ctx: &Ctx<S>, r: Record, text: &str) {
     let Some(k) = &ctx.kafka else { return };
-    let waiters = k.pending.borrow_mut().remove(&r.message.id).unwrap_or_default();
+    let waiters = k
+        .pending
+        .borrow_mut()
+        .remove(&r.message.id)
+        .unwrap_or_default();
     let kstats = &ctx.node.kafka_stats;
     kstats
         .produce_failed
@@ -383,7 +419,10 @@ async fn confirm<S: Store + 'static>(ctx: &Rc<Ctx<S>>, records: Vec<Record>) {
         return;
     }
     let ids: Vec<u64> = records.iter().map(|r| r.message.id).collect();
-    if bounded(ctx.timeout, ctx.store.mark_produced(&ids)).await.is_err() {
+    if bounded(ctx.timeout, ctx.store.mark_produced(&ids))
+        .await
+        .is_err()
+    {
         tokio::task::spawn_local(retry_mark(ctx.clone(), ids));
     }
     let kstats = &ctx.node.kafka_stats;
@@ -391,7 +430,11 @@ async fn confirm<S: Store + 'static>(ctx: &Rc<Ctx<S>>, records: Vec<Record>) {
         .produced
         .fetch_add(records.len() as u64, Ordering::Relaxed);
     for r in records {
-        let waiters = k.pending.borrow_mut().remove(&r.message.id).unwrap_or_default();
+        let waiters = k
+            .pending
+            .borrow_mut()
+            .remove(&r.message.id)
+            .unwrap_or_default();
         live(ctx, &r.message, &r.participants, r.origin, &r.frame);
         for (i, w) in waiters.iter().enumerate() {
             ack_of(ctx, w, &r.message, i == 0 && r.fresh);
@@ -406,7 +449,10 @@ async fn confirm<S: Store + 'static>(ctx: &Rc<Ctx<S>>, records: Vec<Record>) {
 async fn retry_mark<S: Store>(ctx: Rc<Ctx<S>>, ids: Vec<u64>) {
     for _ in 0..MARK_RETRIES {
         tokio::time::sleep(MARK_RETRY_PAUSE).await;
-        if bounded(ctx.timeout, ctx.store.mark_produced(&ids)).await.is_ok() {
+        if bounded(ctx.timeout, ctx.store.mark_produced(&ids))
+            .await
+            .is_ok()
+        {
             return;
         }
     }
