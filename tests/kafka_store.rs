@@ -77,7 +77,10 @@ fn one_ack_after_both_sinks_and_the_dedup_key_survives_a_restart() {
     alice.expect_silence(1500);
     pg.thaw();
     assert_eq!(answer(&mut alice, "k-2")["type"], "message.ack");
-    assert_eq!(bob.expect_type("message.create")["data"]["clientMsgId"], "k-2");
+    assert_eq!(
+        bob.expect_type("message.create")["data"]["clientMsgId"],
+        "k-2"
+    );
 
     // A stalled broker holds it back although the database has committed it.
     broker.freeze();
@@ -86,7 +89,10 @@ fn one_ack_after_both_sinks_and_the_dedup_key_survives_a_restart() {
     bob.expect_silence(100);
     broker.thaw();
     assert_eq!(answer(&mut alice, "k-3")["type"], "message.ack");
-    assert_eq!(bob.expect_type("message.create")["data"]["clientMsgId"], "k-3");
+    assert_eq!(
+        bob.expect_type("message.create")["data"]["clientMsgId"],
+        "k-3"
+    );
 
     // Restart the node: the dedup key is in PostgreSQL, the produced mark too.
     drop((alice, bob));
@@ -99,7 +105,11 @@ fn one_ack_after_both_sinks_and_the_dedup_key_survives_a_restart() {
     assert_eq!(again["type"], "message.ack", "{again}");
     assert_eq!(again["data"]["serverMsgId"], ack["data"]["serverMsgId"]);
     bob.expect_silence(300);
-    assert_eq!(records_with(&broker.bootstrap(), 3, "k-1"), 1, "produced once");
+    assert_eq!(
+        records_with(&broker.bootstrap(), 3, "k-1"),
+        1,
+        "produced once"
+    );
 
     // The message store saw each message once: sync returns k-1..k-3.
     bob.send_json(json!({"type":"sync"}));
@@ -107,7 +117,9 @@ fn one_ack_after_both_sinks_and_the_dedup_key_survives_a_restart() {
     loop {
         let v = bob.recv_json();
         match v["type"].as_str() {
-            Some("message.create") => seen.push(v["data"]["clientMsgId"].as_str().unwrap().to_owned()),
+            Some("message.create") => {
+                seen.push(v["data"]["clientMsgId"].as_str().unwrap().to_owned())
+            }
             Some("sync.done") => break,
             _ => panic!("{v}"),
         }
