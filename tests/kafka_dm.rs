@@ -499,7 +499,9 @@ fn a_record_confirmed_after_its_ack_wait_is_delivered_then_and_its_retry_acked()
     let s = start(
         &broker.bootstrap(),
         &[
-            ("SWITCHBOARD_KAFKA_ACK_TIMEOUT", "1s"),
+            // Short, so the retry below comes long before the health check (2 s) could
+            // find the frozen broker down and refuse it unstored.
+            ("SWITCHBOARD_KAFKA_ACK_TIMEOUT", "300ms"),
             ("SWITCHBOARD_KAFKA_MESSAGE_TIMEOUT", "60s"),
         ],
     );
@@ -542,4 +544,90 @@ fn a_record_confirmed_after_its_ack_wait_is_delivered_then_and_its_retry_acked()
     );
     let recs = kafka::read_all(&broker.bootstrap(), TOPIC, 2, kafka::READ_TIMEOUT);
     assert_eq!(recs.len(), 2, "{recs:?}");
+}
+
+#[test]
+fn a_sender_that_disconnects_while_pending_loses_nothing() {
+    let mut broker = Tansu::start();
+    kafka::create_topic(&broker.bootstrap(), TOPIC, 1);
+    let s = start(
+        &broker.bootstrap(),
+        &[("SWITCHBOARD_KAFKA_ACK_TIMEOUT", "20s")],
+    );
+    let mut alice = s.connect("/ws?user_id=alice");
+    let mut bob = s.connect("/ws?user_id=bob");
+    alice.send_json(dm("g-0", "bob", "warm up"));
+    assert_eq!(
+        answer_for(&mut alice, "g-0", Duration::from_secs(10))["type"],
+        "message.ack"
+    );
+    bob.expect_type("message.create");
+    broker.freeze();
+    for i in 1..=5 {
+        alice.send_json(dm(&format!("g-{i}"), "bob", "pending"));
+    }
+    alice.expect_silence(500);
+    alice.close_and_wait();
+    broker.thaw();
+    // Written after all: delivered to bob, in order, and in the topic once each.
+    for i in 1..=5 {
+        let c = bob.expect_type("message.create");
+        assert_eq!(c["data"]["clientMsgId"], format!("g-{i}"));
+    }
+    let recs = kafka::read_all(&broker.bootstrap(), TOPIC, 6, kafka::READ_TIMEOUT);
+    assert_eq!(recs.len(), 6, "{recs:?}");
+    // A retry from a new connection gets the ack of the record that was written.
+    let mut again = s.connect("/ws?user_id=alice");
+    again.send_json(dm("g-3", "bob", "pending"));
+    let ack = answer_for(&mut again, "g-3", Duration::from_secs(10));
+    assert_eq!(ack["type"], "message.ack", "{ack}");
+    let m = s.wait_metrics("pending drained", |m| {
+        common::metric(m, "switchboard_kafka_dm_pending") == Some(0)
+    });
+    assert_eq!(
+        common::metric(&m, "switchboard_kafka_dm_produced_total"),
+        Some(6)
+    );
+}
+
+#[test]
+fn the_pending_table_is_bounded_and_says_kafka_busy() {
+    let mut broker = Tansu::start();
+    kafka::create_topic(&broker.bootstrap(), TOPIC, 1);
+    let s = start(
+        &broker.bootstrap(),
+        &[
+            ("SWITCHBOARD_KAFKA_ACK_TIMEOUT", "20s"),
+            ("SWITCHBOARD_KAFKA_PENDING_MAX", "16"),
+        ],
+    );
+    let mut alice = s.connect("/ws?user_id=alice");
+    let _bob = s.connect("/ws?user_id=bob");
+    alice.send_json(dm("p-0", "bob", "warm up"));
+    assert_eq!(
+        answer_for(&mut alice, "p-0", Duration::from_secs(10))["type"],
+        "message.ack"
+    );
+    broker.freeze();
+    for i in 1..=16 {
+        alice.send_json(dm(&format!("p-{i}"), "bob", "fills the table"));
+    }
+    // Let the 16 be stored and produced (pending) before the 17th comes.
+    s.wait_metrics("16 pending", |m| {
+        common::metric(m, "switchboard_kafka_dm_pending") == Some(16)
+    });
+    alice.send_json(dm("p-17", "bob", "one too many"));
+    let e = answer_for(&mut alice, "p-17", Duration::from_secs(10));
+    assert_eq!(e["type"], "error", "{e}");
+    assert_eq!(e["error"], "kafka busy, retry later");
+    broker.thaw();
+    for i in 1..=16 {
+        let a = answer_for(&mut alice, &format!("p-{i}"), Duration::from_secs(20));
+        assert_eq!(a["type"], "message.ack", "{a}");
+    }
+    let m = s.http_get("/metrics").1;
+    assert_eq!(
+        common::metric(&m, "switchboard_kafka_dm_busy_total"),
+        Some(1)
+    );
 }
