@@ -195,29 +195,3 @@ mod mock {
         );
     }
 }
-
-/// PostgreSQL storage: records and committed offsets survive a broker restart.
-#[test]
-fn tansu_pg_survives_restart() {
-    let url = common::pg::database("tansu_pg");
-    let mut t = Tansu::start_pg(&url);
-    let b = t.bootstrap();
-    kafka::create_topic(&b, "durable", 1);
-    let at = kafka::produce(&b, "durable", Some("k"), "kept", &[("h", "v")]);
-    let group = kafka::unique_group("pg");
-    {
-        let c = kafka::group_consumer(&b, &group, "durable");
-        let r = kafka::poll_one(&c, T);
-        kafka::commit(&c, "durable", r.partition, r.offset + 1);
-    }
-    t.restart();
-    let got = kafka::read_all(&b, "durable", 1, T);
-    assert_eq!(got.len(), 1, "{got:?}");
-    assert_eq!((got[0].partition, got[0].offset), at);
-    assert_eq!(got[0].value_str(), "kept");
-    assert_eq!(got[0].header("h"), Some("v"));
-    assert_eq!(
-        kafka::committed(&b, &group, "durable", 1),
-        vec![Some(at.1 + 1)]
-    );
-}

@@ -1,8 +1,8 @@
 //! Kafka-protocol brokers for the Kafka tests, and a plain client to look at what they hold.
 //!
-//! Owns: running a real `tansu` broker on a free loopback port ([`Tansu`]: memory or PostgreSQL
-//! storage; killed, frozen, thawed and restarted on the same port by the fault tests; killed on
-//! drop, its log printed when a test fails), librdkafka's in-process mock cluster ([`Mock`]:
+//! Owns: running a real `tansu` broker on a free loopback port ([`Tansu`]: in-memory storage;
+//! killed, frozen, thawed and restarted on the same port by the fault tests; killed on drop, its
+//! log printed when a test fails), librdkafka's in-process mock cluster ([`Mock`]:
 //! real TCP listeners on loopback, with brokers taken down and request errors injected), and
 //! the test's own view of a topic: [`create_topic`], [`produce`], [`read_all`] and a consumer
 //! group probe ([`group_consumer`]). The server under test connects to [`Tansu::bootstrap`] or
@@ -91,32 +91,6 @@ pub fn tansu_bin() -> PathBuf {
     )
 }
 
-/// The PostgreSQL schema of tansu's `postgres://` storage engine (not in the binary: tansu
-/// ships it as `etc/initdb.d/010-schema.sql` of its repository):
-/// `SWITCHBOARD_TEST_TANSU_PG_SCHEMA`, else `~/.cache/switchboard/tansu-<version>/share/
-/// 010-schema.sql` (tests/run-all.sh downloads it there).
-pub fn tansu_pg_schema() -> PathBuf {
-    let p = match std::env::var_os("SWITCHBOARD_TEST_TANSU_PG_SCHEMA") {
-        Some(p) => PathBuf::from(p),
-        None => Path::new(&std::env::var_os("HOME").unwrap_or_default()).join(format!(
-            ".cache/switchboard/tansu-{TANSU_VERSION}/share/010-schema.sql"
-        )),
-    };
-    assert!(
-        p.is_file(),
-        "the tansu PostgreSQL schema {} is missing: the tansu PostgreSQL tests need it. Get it \
-         with `curl -fsSL --create-dirs -o {} {TANSU_PG_SCHEMA_URL}` (or run `bash \
-         tests/run-all.sh`, which does), or point SWITCHBOARD_TEST_TANSU_PG_SCHEMA at it",
-        p.display(),
-        p.display()
-    );
-    p
-}
-
-/// Where tansu's PostgreSQL schema of [`TANSU_VERSION`] is published.
-pub const TANSU_PG_SCHEMA_URL: &str =
-    "https://raw.githubusercontent.com/tansu-io/tansu/v0.6.0/etc/initdb.d/010-schema.sql";
-
 /// One `tansu broker` process on a loopback port (killed on drop; its log is printed when the
 /// test is failing).
 pub struct Tansu {
@@ -133,27 +107,6 @@ impl Tansu {
     /// process.
     pub fn start() -> Tansu {
         Tansu::start_with_storage("memory://tansu/")
-    }
-
-    /// A broker storing into PostgreSQL database `pg_url` (a fresh one from `common::pg`):
-    /// records and committed offsets survive [`Tansu::restart`]. tansu does not create its
-    /// tables: this applies its schema ([`tansu_pg_schema`]) first.
-    pub fn start_pg(pg_url: &str) -> Tansu {
-        let schema = tansu_pg_schema();
-        let psql = super::pg::bin_dir().join("psql");
-        let out = Command::new(&psql)
-            .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", pg_url, "-f"])
-            .arg(&schema)
-            .env("LC_ALL", "C")
-            .output()
-            .unwrap_or_else(|e| panic!("running {}: {e}", psql.display()));
-        assert!(
-            out.status.success(),
-            "applying the tansu schema {} to {pg_url} failed:\n{}",
-            schema.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Tansu::start_with_storage(pg_url)
     }
 
     fn start_with_storage(storage: &str) -> Tansu {
@@ -623,8 +576,7 @@ pub fn read_all(
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .set("enable.partition.eof", "false")
-        // Nothing here is transactional; and tansu 0.6.0's read_committed ListOffsets query
-        // does not parse on PostgreSQL < 16 (Debian 12 has 15).
+        // Nothing here is transactional: a record counts once the broker acked it.
         .set("isolation.level", "read_uncommitted")
         .set("fetch.wait.max.ms", "100")
         .create()
@@ -697,8 +649,7 @@ pub fn group_consumer(bootstrap: &str, group: &str, topic: &str) -> BaseConsumer
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .set("enable.partition.eof", "false")
-        // Nothing here is transactional; and tansu 0.6.0's read_committed ListOffsets query
-        // does not parse on PostgreSQL < 16 (Debian 12 has 15).
+        // Nothing here is transactional: a record counts once the broker acked it.
         .set("isolation.level", "read_uncommitted")
         .set("fetch.wait.max.ms", "100")
         .set("session.timeout.ms", "10000")
