@@ -195,3 +195,36 @@ mod mock {
         );
     }
 }
+
+/// Through a proxy: swallowed, produce times out; cut, it fails; healed, it works again.
+#[test]
+fn tansu_behind_proxy() {
+    let (t, p) = Tansu::start_proxied();
+    let b = p.addr();
+    assert_ne!(b, t.bootstrap());
+    kafka::create_topic(&b, "px", 1);
+    kafka::produce(&b, "px", None, "direct", &[]);
+    assert!(p.accepted() > 0, "the client did not go through the proxy");
+    p.swallow();
+    let e = kafka::try_produce(&b, "px", None, "swallowed", &[], Duration::from_secs(2));
+    assert!(e.is_err(), "acked through a swallowing proxy: {e:?}");
+    p.heal();
+    kafka::produce(&b, "px", None, "healed", &[]);
+    p.cut();
+    assert_eq!(p.connections(), 0);
+    assert!(
+        std::net::TcpStream::connect(&b).is_err(),
+        "a cut proxy accepted"
+    );
+    let e = kafka::try_produce(&b, "px", None, "cut", &[], Duration::from_secs(2));
+    assert!(e.is_err(), "acked through a cut proxy: {e:?}");
+    p.heal();
+    kafka::produce(&b, "px", None, "healed again", &[]);
+    let values: Vec<String> = kafka::read_all(&b, "px", 3, T)
+        .iter()
+        .map(|r| r.value_str().to_owned())
+        .collect();
+    for v in ["direct", "healed", "healed again"] {
+        assert!(values.iter().any(|x| x == v), "{v} missing: {values:?}");
+    }
+}

@@ -27,6 +27,8 @@ use rdkafka::producer::{DefaultProducerContext, FutureProducer, FutureRecord};
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use rdkafka::{Offset, TopicPartitionList};
 
+use super::proxy::Proxy;
+
 /// The tansu release the tests run against (tests/run-all.sh installs the same one).
 pub const TANSU_VERSION: &str = "0.6.0";
 /// How long a broker may take to answer a metadata request after spawn.
@@ -96,6 +98,8 @@ pub fn tansu_bin() -> PathBuf {
 pub struct Tansu {
     child: Option<Child>,
     pub port: u16,
+    /// `host:port` in its metadata: its own listener, or a proxy's.
+    advertised: String,
     storage: String,
     bin: PathBuf,
     log_path: PathBuf,
@@ -106,29 +110,42 @@ impl Tansu {
     /// A broker with in-memory storage (`memory://tansu/`): records live as long as the
     /// process.
     pub fn start() -> Tansu {
-        Tansu::start_with_storage("memory://tansu/")
+        Tansu::launch(|_| None).0
     }
 
-    fn start_with_storage(storage: &str) -> Tansu {
+    /// A broker reached through a [`Proxy`]: it advertises the proxy's address in its metadata,
+    /// so a client that bootstraps from [`Proxy::addr`] sends everything through the proxy
+    /// (bootstrapping through a proxy alone is not enough: Kafka clients then connect to the
+    /// advertised address). Give the client `proxy.addr()`, not [`Tansu::bootstrap`].
+    pub fn start_proxied() -> (Tansu, Proxy) {
+        let (t, p) = Tansu::launch(|port| Some(Proxy::start(&format!("127.0.0.1:{port}"))));
+        (t, p.expect("proxy"))
+    }
+
+    /// Start on a free port; `proxy(port)` may put a proxy in front, which is advertised.
+    fn launch(proxy: impl Fn(u16) -> Option<Proxy>) -> (Tansu, Option<Proxy>) {
         let bin = tansu_bin();
         let seq = BROKER_SEQ.fetch_add(1, Ordering::Relaxed);
         let mut t = Tansu {
             child: None,
             port: 0,
-            storage: storage.to_owned(),
+            advertised: String::new(),
+            storage: "memory://tansu/".to_owned(),
             bin,
             log_path: PathBuf::new(),
             frozen: false,
         };
         for _ in 0..START_ATTEMPTS_MAX {
             t.port = super::free_port();
+            let p = proxy(t.port);
+            t.advertised = p.as_ref().map_or_else(|| t.bootstrap(), Proxy::addr);
             t.log_path = std::env::temp_dir().join(format!(
                 "switchboard-tansu-{}-{seq}-{}.log",
                 std::process::id(),
                 t.port
             ));
             if t.spawn_and_wait() {
-                return t;
+                return (t, p);
             }
             if !t.logs().contains("Address already in use") {
                 break;
@@ -154,7 +171,10 @@ impl Tansu {
         let mut cmd = Command::new(&self.bin);
         cmd.arg("broker")
             .args(["--listener-url", &listener])
-            .args(["--advertised-listener-url", &listener])
+            .args([
+                "--advertised-listener-url",
+                &format!("tcp://{}", self.advertised),
+            ])
             .args(["--storage-engine", &self.storage])
             // Its own metrics endpoint would bind a fixed port shared by every broker.
             .env_remove("PROMETHEUS_LISTENER_URL")
