@@ -424,7 +424,7 @@ impl Record {
 }
 
 /// A client config for `bootstrap` with every option a helper relies on set explicitly.
-fn base_config(bootstrap: &str) -> ClientConfig {
+pub fn base_config(bootstrap: &str) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", bootstrap)
         // IPv4 only: every broker here listens on 127.0.0.1.
