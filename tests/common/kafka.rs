@@ -44,6 +44,21 @@ const START_ATTEMPTS_MAX: usize = 5;
 /// Bytes of a broker's log printed when a test fails.
 const LOG_TAIL_BYTES_MAX: usize = 16 << 10;
 
+/// The environment variables `tansu broker` 0.6.0 reads its settings from (its `--help`).
+const TANSU_ENV: &[&str] = &[
+    "CLUSTER_ID",
+    "LISTENER_URL",
+    "ADVERTISED_LISTENER_URL",
+    "STORAGE_ENGINE",
+    "SCHEMA_REGISTRY",
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "DATA_LAKE",
+    "ICEBERG_CATALOG",
+    "ICEBERG_NAMESPACE",
+    "ICEBERG_WAREHOUSE",
+    "DELTA_DATABASE",
+];
+
 static BROKER_SEQ: AtomicUsize = AtomicUsize::new(0);
 static GROUP_SEQ: AtomicUsize = AtomicUsize::new(0);
 
@@ -169,6 +184,10 @@ impl Tansu {
         let err = log.try_clone().expect("clone log file");
         let listener = format!("tcp://127.0.0.1:{}", self.port);
         let mut cmd = Command::new(&self.bin);
+        // Hermetic: none of the settings tansu reads from its environment apply.
+        for k in TANSU_ENV {
+            cmd.env_remove(k);
+        }
         cmd.arg("broker")
             .args(["--listener-url", &listener])
             .args([
@@ -176,8 +195,6 @@ impl Tansu {
                 &format!("tcp://{}", self.advertised),
             ])
             .args(["--storage-engine", &self.storage])
-            // Its own metrics endpoint would bind a fixed port shared by every broker.
-            .env_remove("PROMETHEUS_LISTENER_URL")
             .env("RUST_LOG", "warn")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
