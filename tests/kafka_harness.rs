@@ -6,6 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::kafka::{self, Broker, Mock, Tansu};
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaRespErr;
 
 const T: Duration = kafka::READ_TIMEOUT;
@@ -91,8 +92,95 @@ fn partitions(broker: &dyn Broker) {
     assert_eq!(at, sent);
 }
 
+/// An lz4-compressed batch of an idempotent producer comes back whole.
+fn lz4_batch(broker: &dyn Broker) {
+    let bootstrap = &broker.bootstrap();
+    broker.create_topic("lz4", 1);
+    let p: FutureProducer = kafka::base_config(bootstrap)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("compression.type", "lz4")
+        .set("linger.ms", "20")
+        .set("message.timeout.ms", T.as_millis().to_string())
+        .create()
+        .expect("producer");
+    let rt = runtime();
+    let sent: Vec<_> = (0..10)
+        .map(|i| {
+            let value = format!("{{\"i\":{i},\"pad\":\"{}\"}}", "a".repeat(100));
+            p.send_result(FutureRecord::to("lz4").key("k").payload(&value))
+                .map_err(|(e, _)| e)
+                .expect("enqueue")
+        })
+        .collect();
+    for f in sent {
+        rt.block_on(f)
+            .expect("delivery future")
+            .map_err(|(e, _)| e)
+            .expect("delivered");
+    }
+    let got = kafka::read_all(bootstrap, "lz4", 10, T);
+    let is: Vec<i64> = got
+        .iter()
+        .map(|r| r.value_json()["i"].as_i64().unwrap())
+        .collect();
+    assert_eq!(is, (0..10).collect::<Vec<_>>());
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .expect("runtime")
+}
+
 mod tansu {
     use super::*;
+
+    #[test]
+    fn lz4_batch() {
+        let t = Tansu::start();
+        super::lz4_batch(&t);
+    }
+
+    /// A request in flight while the broker is frozen past the socket timeout is sent again;
+    /// the broker keeps one copy (idempotence), and the delivery report is a success whose
+    /// offset may be unknown (-1).
+    #[test]
+    fn retried_request_kept_once() {
+        let mut t = Tansu::start();
+        let b = t.bootstrap();
+        kafka::create_topic(&b, "dup", 1);
+        let p: FutureProducer = kafka::base_config(&b)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("socket.timeout.ms", "1500")
+            .set("linger.ms", "0")
+            .set("message.timeout.ms", T.as_millis().to_string())
+            .create()
+            .expect("producer");
+        let rt = runtime();
+        rt.block_on(p.send(FutureRecord::to("dup").key("k").payload("first"), T))
+            .map_err(|(e, _)| e)
+            .expect("first delivered");
+        t.freeze();
+        let f = p
+            .send_result(FutureRecord::to("dup").key("k").payload("retried"))
+            .map_err(|(e, _)| e)
+            .expect("enqueue");
+        // Past socket.timeout.ms: librdkafka gives up on the connection and retries.
+        std::thread::sleep(Duration::from_secs(3));
+        t.thaw();
+        let d = rt
+            .block_on(f)
+            .expect("delivery future")
+            .map_err(|(e, _)| e)
+            .expect("retried delivered");
+        assert_eq!(d.partition, 0);
+        let got = kafka::read_all(&b, "dup", 2, T);
+        let values: Vec<&str> = got.iter().map(|r| r.value_str()).collect();
+        assert_eq!(values, ["first", "retried"]);
+    }
 
     #[test]
     fn roundtrip() {
@@ -138,6 +226,12 @@ mod tansu {
 
 mod mock {
     use super::*;
+
+    #[test]
+    fn lz4_batch() {
+        let m = Mock::start(1);
+        super::lz4_batch(&m);
+    }
 
     #[test]
     fn roundtrip() {
@@ -193,5 +287,38 @@ mod mock {
             values.contains(&"before") && values.contains(&"up"),
             "{values:?}"
         );
+    }
+}
+
+/// Through a proxy: swallowed, produce times out; cut, it fails; healed, it works again.
+#[test]
+fn tansu_behind_proxy() {
+    let (t, p) = Tansu::start_proxied();
+    let b = p.addr();
+    assert_ne!(b, t.bootstrap());
+    kafka::create_topic(&b, "px", 1);
+    kafka::produce(&b, "px", None, "direct", &[]);
+    assert!(p.accepted() > 0, "the client did not go through the proxy");
+    p.swallow();
+    let e = kafka::try_produce(&b, "px", None, "swallowed", &[], Duration::from_secs(2));
+    assert!(e.is_err(), "acked through a swallowing proxy: {e:?}");
+    p.heal();
+    kafka::produce(&b, "px", None, "healed", &[]);
+    p.cut();
+    assert_eq!(p.connections(), 0);
+    assert!(
+        std::net::TcpStream::connect(&b).is_err(),
+        "a cut proxy accepted"
+    );
+    let e = kafka::try_produce(&b, "px", None, "cut", &[], Duration::from_secs(2));
+    assert!(e.is_err(), "acked through a cut proxy: {e:?}");
+    p.heal();
+    kafka::produce(&b, "px", None, "healed again", &[]);
+    let values: Vec<String> = kafka::read_all(&b, "px", 3, T)
+        .iter()
+        .map(|r| r.value_str().to_owned())
+        .collect();
+    for v in ["direct", "healed", "healed again"] {
+        assert!(values.iter().any(|x| x == v), "{v} missing: {values:?}");
     }
 }

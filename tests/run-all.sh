@@ -144,7 +144,7 @@ ensure_postgresql() {
 # outside the work tree, $HOME/.cache/switchboard/tansu-$TANSU_VERSION, so a clean clone (CI)
 # reuses a binary built by an earlier run. The build has its own CARGO_TARGET_DIR under that
 # root (never the project's: a different feature set would rebuild shared crates), removed
-# after a successful install (about 10 GB).
+# after a successful install (several GB; a failed build keeps it, so a retry resumes).
 TANSU_VERSION=0.6.0
 TANSU_INSTALL_TIME_LIMIT_SECS=3600
 ensure_tansu() {
