@@ -634,3 +634,30 @@ fn the_pending_table_is_bounded_and_says_kafka_busy() {
         Some(1)
     );
 }
+
+#[test]
+fn a_missing_topic_is_not_ready_until_it_is_created() {
+    let broker = Tansu::start();
+    let s = TestServer::start(&[
+        ("SWITCHBOARD_KAFKA_BROKERS", broker.bootstrap().as_str()),
+        ("SWITCHBOARD_KAFKA_DM_TOPIC", "not-created-yet"),
+        ("SWITCHBOARD_KAFKA_ACK_TIMEOUT", "1s"),
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !s.logs().contains("the direct-message topic does not exist")
+        || !ready_reason(&s).1.contains("kafka unavailable")
+    {
+        assert!(Instant::now() < deadline, "no log line; log:\n{}", s.logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut alice = s.connect("/ws?user_id=alice");
+    alice.send_json(dm("t-1", "bob", "nowhere to go"));
+    let e = answer_for(&mut alice, "t-1", Duration::from_secs(10));
+    assert_eq!(e["error"], "kafka unavailable, retry later", "{e}");
+    kafka::create_topic(&broker.bootstrap(), "not-created-yet", 1);
+    wait_ready_is(&s, true);
+    assert_eq!(
+        send_until_acked(&mut alice, "t-1", "bob")["type"],
+        "message.ack"
+    );
+}
