@@ -624,6 +624,10 @@ impl Kind for Dur {
     }
 }
 
+/// Longest DM content with Kafka configured: escaped as JSON (up to 6 bytes per byte) with its
+/// envelope, a record stays under `bridge::kafka::RECORD_BYTES_MAX`.
+pub const KAFKA_DM_CONTENT_BYTES_MAX: usize = 160 * 1024;
+
 /// Compression of produced Kafka records (the codecs librdkafka carries itself).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KafkaCompression {
@@ -1919,6 +1923,16 @@ impl Config {
             64 << 20,
             "",
         )?;
+        if !self.kafka_brokers.is_empty() && self.max_dm_content_bytes > KAFKA_DM_CONTENT_BYTES_MAX
+        {
+            fail(
+                "max_dm_content_bytes",
+                format!(
+                    "{} is over {KAFKA_DM_CONTENT_BYTES_MAX} with kafka_brokers set: a direct message's record (its content JSON-escaped) must fit the producer's 1 MiB record limit",
+                    self.max_dm_content_bytes
+                ),
+            )?;
+        }
         between(
             "kafka_pending_max",
             size(self.kafka_pending_max),

@@ -39,6 +39,8 @@ fn setup(label: &str) -> Setup {
 /// group has joined are read too), with the server API's key and `extra` settings.
 fn start(broker: &Tansu, s: &Setup, rules: &Value, extra: &[(&str, &str)]) -> TestServer {
     kafka::create_topic(&broker.bootstrap(), &s.dlq, 1);
+    // The DM topic must exist for /ready (the node's producer writes DMs there).
+    kafka::create_topic(&broker.bootstrap(), "switchboard.direct-messages", 1);
     let bootstrap = broker.bootstrap();
     let rules = rules.to_string();
     let mut env: Vec<(&str, &str)> = vec![

@@ -3,7 +3,9 @@
 #
 # On a fresh Debian machine, as root, with no standard input, it installs what it needs
 # (idempotent: kosoku in a venv under $TARGET_DIR/ci-venv, Debian packages only when missing,
-# among them `postgresql` for the message store tests, which start throwaway clusters),
+# among them `postgresql` for the message store tests, which start throwaway clusters; the
+# `tansu` Kafka broker for the Kafka tests, built once with cargo install into
+# $HOME/.cache/switchboard/tansu-<version> (about 15 minutes cold, reused after)),
 # then runs, each under a section header and a time limit:
 #   1. cargo fmt --all -- --check
 #   2. cargo clippy --workspace --all-targets -- -D warnings
@@ -137,6 +139,33 @@ ensure_postgresql() {
   echo "run-all: PostgreSQL for the store tests: $("$dir/postgres" --version) ($dir)"
 }
 
+# The tansu Kafka-protocol broker for the Kafka tests (tests/common/kafka.rs runs it; a test
+# fails, never skips, without it). Not packaged by Debian: built with cargo into a cache root
+# outside the work tree, $HOME/.cache/switchboard/tansu-$TANSU_VERSION, so a clean clone (CI)
+# reuses a binary built by an earlier run. The build has its own CARGO_TARGET_DIR under that
+# root (never the project's: a different feature set would rebuild shared crates), removed
+# after a successful install (several GB; a failed build keeps it, so a retry resumes).
+TANSU_VERSION=0.6.0
+TANSU_INSTALL_TIME_LIMIT_SECS=3600
+ensure_tansu() {
+  local root="$HOME/.cache/switchboard/tansu-$TANSU_VERSION"
+  local bin="$root/bin/tansu"
+  if [[ ! -x "$bin" ]]; then
+    local how="cargo install tansu --version $TANSU_VERSION --locked --features dynostore,postgres --root $root"
+    echo "run-all: installing tansu $TANSU_VERSION into $root (a cold build takes about 15 minutes on 2 cores; later runs reuse it): $how"
+    mkdir -p "$root" || fatal_install "cannot create $root"
+    local build_dir="$root/build"
+    CARGO_TARGET_DIR="$build_dir" timeout --kill-after="$KILL_AFTER_SECS" "$TANSU_INSTALL_TIME_LIMIT_SECS" \
+      cargo install tansu --version "$TANSU_VERSION" --locked --features dynostore,postgres --root "$root" </dev/null ||
+      fatal_install "installing tansu failed (see above); retry by hand: $how"
+    [[ -x "$bin" ]] || fatal_install "cargo install tansu succeeded but $bin is missing; retry by hand: $how"
+    rm -rf "$build_dir"
+  fi
+  # The tests look here first (tests/common/kafka.rs).
+  export SWITCHBOARD_TEST_TANSU="$bin"
+  echo "run-all: tansu for the Kafka tests: $("$bin" --version 2>&1 | head -n 1) ($bin)"
+}
+
 section "setup: tools and packages"
 command -v cargo >/dev/null ||
   fatal_install "cargo not found: install the Rust toolchain (rustup) and put ~/.cargo/bin on PATH"
@@ -153,6 +182,7 @@ ensure_debian_packages "${DEBIAN_NEEDS[@]}"
 # python3 runs compare.py and creates the kosoku venv.
 ensure_debian_packages python3:python3
 ensure_postgresql
+ensure_tansu
 
 bash tests/autobahn/run.sh --install-only ||
   fatal_install "kosoku (Autobahn client) could not be installed; see the message above"

@@ -214,35 +214,56 @@ pub fn producer(
     producer_config(cfg).create_with_context(BridgeContext::new(node))
 }
 
+/// What one health check found.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Health {
+    Up,
+    /// No broker answered the metadata request.
+    Down,
+    /// The brokers answer, but the DM topic does not exist (this node never creates topics,
+    /// and a broker that does not auto-create would time every DM out).
+    NoTopic,
+}
+
 /// Check the brokers every [`KAFKA_HEALTH_INTERVAL`]: a metadata request for `topic` (on a
-/// blocking thread: librdkafka's call blocks). `up` is what `/ready` reads.
+/// blocking thread: librdkafka's call blocks). `up` is what `/ready` reads; a missing topic
+/// counts as down, with its own log line.
 pub async fn health(
     node: Arc<crate::shard::Node>,
     producer: FutureProducer<BridgeContext>,
     topic: String,
 ) {
-    let mut was: Option<bool> = None;
+    let mut was: Option<Health> = None;
     loop {
         let p = producer.clone();
         let t = topic.clone();
-        let up = tokio::task::spawn_blocking(move || {
-            p.client()
-                .fetch_metadata(Some(&t), KAFKA_HEALTH_TIMEOUT)
-                .is_ok_and(|m| m.brokers().iter().len() > 0)
+        let now = tokio::task::spawn_blocking(move || {
+            match p.client().fetch_metadata(Some(&t), KAFKA_HEALTH_TIMEOUT) {
+                Ok(m) if m.brokers().is_empty() => Health::Down,
+                Ok(m) => match m.topics().iter().find(|x| x.name() == t) {
+                    Some(x) if x.error().is_none() && !x.partitions().is_empty() => Health::Up,
+                    _ => Health::NoTopic,
+                },
+                Err(_) => Health::Down,
+            }
         })
         .await
-        .unwrap_or(false);
+        .unwrap_or(Health::Down);
         let stats = &node.kafka_stats;
-        stats.up.store(u64::from(up), Ordering::Relaxed);
-        if was != Some(up) {
-            if up {
-                tracing::info!("kafka up");
-            } else if was.is_none() {
-                tracing::info!("kafka not reachable yet; /ready answers 503 and direct messages get errors until it is");
-            } else {
-                tracing::warn!("kafka down: direct messages get errors and no ack, /ready answers 503, reconnecting");
+        stats
+            .up
+            .store(u64::from(now == Health::Up), Ordering::Relaxed);
+        if was != Some(now) {
+            match now {
+                Health::Up => tracing::info!("kafka up"),
+                Health::NoTopic => tracing::warn!(
+                    topic = %topic,
+                    "kafka: the direct-message topic does not exist; create it (this node never creates topics); /ready answers 503 and direct messages get errors until it exists"
+                ),
+                Health::Down if was.is_none() => tracing::info!("kafka not reachable yet; /ready answers 503 and direct messages get errors until it is"),
+                Health::Down => tracing::warn!("kafka down: direct messages get errors and no ack, /ready answers 503, reconnecting"),
             }
-            was = Some(up);
+            was = Some(now);
         }
         tokio::time::sleep(KAFKA_HEALTH_INTERVAL).await;
     }

@@ -27,6 +27,8 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, Notify, Semaphore};
 
+mod durable;
+
 use super::{BridgeMsg, Shards};
 use crate::http::{CorsHeaders, Response, Status};
 use crate::proto::envelope::{FrameBuilder, Obj};
@@ -228,6 +230,8 @@ struct Ctx<S> {
     /// Failed messages not yet logged, and when the last line was.
     unlogged_failures: Cell<u64>,
     last_failure_log: Cell<Option<tokio::time::Instant>>,
+    /// The Kafka producer of durable DMs (`kafka_brokers` set): acks wait for it too.
+    kafka: Option<durable::KafkaSink>,
 }
 
 struct Send {
@@ -251,6 +255,7 @@ async fn serve<S: Store + 'static>(
     store: Rc<S>,
 ) {
     let node_shards = node.inboxes.len();
+    let kafka = kafka_sink(&node);
     let ctx = Rc::new(Ctx {
         shards: Shards {
             inboxes: node.inboxes.clone(),
@@ -270,8 +275,19 @@ async fn serve<S: Store + 'static>(
         queued_bytes: Cell::new(0),
         unlogged_failures: Cell::new(0),
         last_failure_log: Cell::new(None),
+        kafka,
     });
     let writer = tokio::task::spawn_local(writer(ctx.clone()));
+    let kafka_tasks = ctx.kafka.as_ref().map(|k| {
+        (
+            tokio::task::spawn_local(durable::completer(ctx.clone())),
+            tokio::task::spawn_local(super::kafka::health(
+                ctx.node.clone(),
+                k.producer.clone(),
+                ctx.node.cfg.kafka_dm_topic.clone(),
+            )),
+        )
+    });
     let health = tokio::task::spawn_local(health(ctx.clone()));
     let retry = tokio::task::spawn_local(retry_backlog(ctx.clone()));
     let notify = start_notify(&ctx);
@@ -307,10 +323,48 @@ async fn serve<S: Store + 'static>(
             "store jobs unfinished at the shutdown deadline (none of them was acked)"
         );
     }
+    if let Some(k) = &ctx.kafka {
+        // Records still pending (their senders got errors) are given the rest of the
+        // deadline to be written; none of them was acked.
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let p = k.producer.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            use rdkafka::producer::Producer;
+            p.flush(left)
+        })
+        .await;
+    }
+    if let Some((completer, health)) = kafka_tasks {
+        completer.abort();
+        health.abort();
+    }
     writer.abort();
     retry.abort();
     if let Some(n) = notify {
         n.abort();
+    }
+}
+
+/// The node's Kafka producer for DMs, when `kafka_brokers` is set. One that cannot be created
+/// (a setting librdkafka refuses) leaves Kafka down: every DM gets an error, `/ready` says so.
+fn kafka_sink(node: &Arc<Node>) -> Option<durable::KafkaSink> {
+    if node.cfg.kafka_brokers.is_empty() {
+        return None;
+    }
+    node.kafka_stats.configured.store(true, Ordering::Relaxed);
+    match super::kafka::producer(&node.cfg, node.clone()) {
+        Ok(p) => {
+            tracing::info!(
+                brokers = %node.cfg.kafka_brokers.join(","),
+                topic = %node.cfg.kafka_dm_topic,
+                "kafka: direct messages are acked once the broker has them (acks=all, idempotent)"
+            );
+            Some(durable::KafkaSink::new(p, &node.cfg))
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "kafka: the producer cannot be created; direct messages get errors");
+            None
+        }
     }
 }
 
@@ -441,6 +495,7 @@ async fn writer<S: Store + 'static>(ctx: Rc<Ctx<S>>) {
             fail_all(&ctx, &expired, &e);
             done(&ctx, expired.len());
         }
+        let jobs = durable::admit(&ctx, jobs);
         if jobs.is_empty() {
             continue;
         }
@@ -449,6 +504,11 @@ async fn writer<S: Store + 'static>(ctx: Rc<Ctx<S>>) {
         stats.batches.fetch_add(1, Ordering::Relaxed);
         stats.last_batch.store(jobs.len() as u64, Ordering::Relaxed);
         match bounded(ctx.timeout, ctx.store.append(&msgs)).await {
+            Ok(outs) if outs.len() == jobs.len() && ctx.kafka.is_some() => {
+                // Answered (and counted done) as their records are confirmed.
+                durable::stage(&ctx, jobs, outs).await;
+                continue;
+            }
             Ok(outs) if outs.len() == jobs.len() => {
                 for (job, out) in jobs.iter().zip(outs) {
                     complete(&ctx, job, out);
@@ -503,19 +563,8 @@ fn complete<S>(ctx: &Ctx<S>, job: &Send, out: Appended) {
         } => {
             stats.stored.fetch_add(1, Ordering::Relaxed);
             let frame = message_create(ctx, message);
-            // A shard held back gets it later, in order (counted by `deliver`); one the
-            // backlog could not hold still has it stored, and `sync` returns it.
-            for p in participants {
-                // The sending socket gets the ack, not its own message; a REST sender has no
-                // device to skip.
-                let except = (*p == message.sender && matches!(job.answer, Answer::Ws { .. }))
-                    .then_some(job.origin);
-                let target = Target::User {
-                    user: p.clone(),
-                    except,
-                };
-                deliver(ctx, target, &frame);
-            }
+            let origin = matches!(job.answer, Answer::Ws { .. }).then_some(job.origin);
+            live(ctx, message, participants, origin, &frame);
         }
         Appended::Duplicate(_) => {
             stats.duplicates.fetch_add(1, Ordering::Relaxed);
@@ -539,6 +588,27 @@ fn complete<S>(ctx: &Ctx<S>, job: &Send, out: Appended) {
             job.msg.client_msg_id.as_deref(),
             r.text(),
         ),
+    }
+}
+
+/// `message.create` to every participant's devices. A shard held back gets it later, in order
+/// (counted by `deliver`); one the backlog could not hold still has it stored, and `sync`
+/// returns it. The sending socket (`origin`) gets the ack, not its own message; a REST sender
+/// has no device to skip.
+fn live<S>(
+    ctx: &Ctx<S>,
+    message: &Message,
+    participants: &[Arc<str>],
+    origin: Option<ConnRef>,
+    frame: &Frame,
+) {
+    for p in participants {
+        let except = if *p == message.sender { origin } else { None };
+        let target = Target::User {
+            user: p.clone(),
+            except,
+        };
+        deliver(ctx, target, frame);
     }
 }
 
@@ -1024,25 +1094,11 @@ fn start_notify<S: Store + 'static>(ctx: &Rc<Ctx<S>>) -> Option<tokio::task::Joi
     if !super::notify::wanted(&ctx.node.cfg) {
         return None;
     }
-    // The dead-letter topic's producer. TODO(lead): pass the node's one producer here once the
-    // DM writer creates it.
-    let producer = match super::kafka::producer(&ctx.node.cfg, ctx.node.clone()) {
-        Ok(p) => p,
-        Err(e) => {
-            tracing::error!(error = %e, "the Kafka producer cannot be created: no notifications from Kafka on this node; fix the kafka_* settings and restart");
-            return None;
-        }
+    // The dead-letter topic is written by the node's one producer (the DMs').
+    let Some(producer) = ctx.kafka.as_ref().map(|k| k.producer.clone()) else {
+        tracing::error!("the Kafka producer could not be created: no notifications from Kafka on this node; fix the kafka_* settings and restart");
+        return None;
     };
-    // TODO(lead): the DM side sets `configured` and runs the health check; this stands in
-    // for it until then (and must not run twice).
-    let stats = &ctx.node.kafka_stats;
-    if !stats.configured.swap(true, Ordering::Relaxed) {
-        tokio::task::spawn_local(super::kafka::health(
-            ctx.node.clone(),
-            producer.clone(),
-            ctx.node.cfg.kafka_dead_letter_topic.clone(),
-        ));
-    }
     Some(tokio::task::spawn_local(super::notify::run(
         ctx.clone(),
         producer,

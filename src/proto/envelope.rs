@@ -81,6 +81,19 @@ impl Frame {
         &self.0[BORN_BYTES..]
     }
 
+    /// The payload of a data frame built by [`FrameBuilder`] (the wire bytes after the
+    /// unmasked frame header): the JSON text of a text frame.
+    pub fn payload(&self) -> &[u8] {
+        let w = self.wire();
+        let header = match w.get(1).map(|b| b & 0x7f) {
+            Some(126) => 4,
+            Some(127) => 10,
+            Some(_) => 2,
+            None => return &[],
+        };
+        w.get(header..).unwrap_or(&[])
+    }
+
     /// Creation time in µs on the process clock (for publish-to-flush latency).
     #[inline]
     pub fn born_us(&self) -> u64 {
@@ -307,6 +320,19 @@ mod tests {
         };
         assert_eq!(w.len(), off + len);
         serde_json::from_slice(&w[off..]).unwrap()
+    }
+
+    #[test]
+    fn payload_is_the_json_after_each_header_length() {
+        let mut b = FrameBuilder::default();
+        for n in [0usize, 100, 1000, 70_000] {
+            let body = "x".repeat(n);
+            let f = b.text(1, |o| {
+                o.str("k", &body);
+            });
+            let v: serde_json::Value = serde_json::from_slice(f.payload()).unwrap();
+            assert_eq!(v, json(&f));
+        }
     }
 
     #[test]

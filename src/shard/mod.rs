@@ -312,7 +312,16 @@ impl Shard {
         let t = Timing {
             handshake: ticks(cfg.handshake_timeout),
             keepalive: ticks(cfg.http_keepalive_timeout),
-            answer_wait: ticks(cfg.store_timeout * 2 + Duration::from_secs(3)),
+            // A DM over REST waits for the store and, with Kafka, for the broker too.
+            answer_wait: ticks(
+                cfg.store_timeout * 2
+                    + Duration::from_secs(3)
+                    + if cfg.kafka_brokers.is_empty() {
+                        Duration::ZERO
+                    } else {
+                        cfg.kafka_ack_timeout
+                    },
+            ),
             ping: ticks(cfg.ping_interval),
             pong: ticks(cfg.pong_wait),
             write_wait: ticks(cfg.write_wait),

@@ -24,7 +24,43 @@ pub async fn run_all<S: Store>(store: &S, p: &str) {
     marks_move_forward(store, p).await;
     sync_pages(store, p).await;
     notifications(store, p).await;
+    produced_marks(store, p).await;
     store.ping().await.expect("ping");
+}
+
+/// `mark_produced` / `produced`: per message, kept for its duplicates; unknown ids are false.
+async fn produced_marks<S: Store>(store: &S, p: &str) {
+    let (alice, bob) = (format!("{p}pa"), format!("{p}pb"));
+    let t = format!("{p}produced");
+    let batch = [
+        dm(&t, &alice, &bob, &format!("{p}pc1"), "one"),
+        dm(&t, &alice, &bob, &format!("{p}pc2"), "two"),
+    ];
+    let outs = store.append(&batch).await.expect("append");
+    let ids: Vec<u64> = outs.iter().map(|o| new_of(o).id).collect();
+    let unknown = u64::MAX / 2;
+    assert_eq!(
+        store.produced(&[ids[0], ids[1], unknown]).await.unwrap(),
+        vec![false, false, false]
+    );
+    store.mark_produced(&[ids[1], unknown]).await.unwrap();
+    assert_eq!(
+        store.produced(&[ids[0], ids[1], unknown]).await.unwrap(),
+        vec![false, true, false]
+    );
+    // Marking again is harmless; an empty call is a no-op.
+    store.mark_produced(&[ids[1]]).await.unwrap();
+    store.mark_produced(&[]).await.unwrap();
+    assert!(store.produced(&[]).await.unwrap().is_empty());
+    // A retry of the produced message is still a duplicate, and still produced.
+    let again = store.append(&batch[1..]).await.unwrap();
+    match &again[0] {
+        Appended::Duplicate(m) => {
+            assert_eq!(m.id, ids[1]);
+            assert_eq!(store.produced(&[m.id]).await.unwrap(), vec![true]);
+        }
+        other => panic!("expected Duplicate, got {other:?}"),
+    }
 }
 
 fn a(s: String) -> Arc<str> {

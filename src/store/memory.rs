@@ -303,6 +303,10 @@ fn pop_counted(d: &mut VecDeque<u64>, pos: u64) -> usize {
 
 // ---- The tables ------------------------------------------------------------------------
 
+/// The top bit of a `by_server_id` value: the message is in the Kafka topic
+/// ([`Store::mark_produced`]); positions never reach it. Costs no byte of the ledger.
+const PRODUCED: u64 = 1 << 63;
+
 /// The message log: every held message in id order, by position.
 #[derive(Default)]
 struct Log {
@@ -1000,7 +1004,7 @@ impl Inner {
             ..
         } = self;
         let resolve = |r: &MessageRef| match r {
-            MessageRef::ServerId(s) => by_server_id.get(s).copied(),
+            MessageRef::ServerId(s) => by_server_id.get(s).map(|p| p & !PRODUCED),
             MessageRef::Number(n) => log.find_id(*n),
         };
         let nid = match &req.thread {
@@ -1186,7 +1190,7 @@ impl Inner {
         // Guarded: a later message with the same key would own the entry (never for
         // `(sender, clientMsgId)`, which is deduplicated; a `serverMsgId` is a fresh UUID).
         if let Entry::Occupied(e) = by_server_id.entry(m.server_msg_id) {
-            if *e.get() == pos {
+            if *e.get() & !PRODUCED == pos {
                 e.remove();
             }
         }
@@ -1534,6 +1538,35 @@ impl Store for MemoryStore {
 
     async fn notifications_read_all(&self, user: &str) -> Result<u64> {
         Ok(self.inner.borrow_mut().notifications_read_all(user))
+    }
+
+    async fn mark_produced(&self, ids: &[u64]) -> Result<()> {
+        let mut i = self.inner.borrow_mut();
+        let Inner {
+            log, by_server_id, ..
+        } = &mut *i;
+        for &id in ids {
+            if let Some(pos) = log.find_id(id) {
+                if let Some(v) = by_server_id.get_mut(&log.at(pos).server_msg_id) {
+                    *v |= PRODUCED;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn produced(&self, ids: &[u64]) -> Result<Vec<bool>> {
+        let i = self.inner.borrow();
+        Ok(ids
+            .iter()
+            .map(|&id| {
+                i.log.find_id(id).is_some_and(|pos| {
+                    i.by_server_id
+                        .get(&i.log.at(pos).server_msg_id)
+                        .is_some_and(|v| v & PRODUCED != 0)
+                })
+            })
+            .collect())
     }
 
     async fn ping(&self) -> Result<()> {
@@ -2029,7 +2062,10 @@ mod tests {
         let i = s.inner.borrow();
         for &id in &held {
             let pos = i.log.find_id(id).unwrap();
-            assert_eq!(i.by_server_id[&i.log.at(pos).server_msg_id], pos);
+            assert_eq!(
+                i.by_server_id[&i.log.at(pos).server_msg_id] & !PRODUCED,
+                pos
+            );
         }
     }
 

@@ -507,6 +507,14 @@ pub trait Store {
     /// Mark all the user's notifications read; returns how many changed.
     async fn notifications_read_all(&self, user: &str) -> Result<u64>;
 
+    /// Record that these messages (by id) are in the Kafka topic of direct messages, so that a
+    /// retry of one of them ([`Appended::Duplicate`]) is acked without producing it again.
+    /// Ids of messages no longer held are ignored.
+    async fn mark_produced(&self, ids: &[u64]) -> Result<()>;
+
+    /// For each id, whether [`Store::mark_produced`] recorded it (false for an id not held).
+    async fn produced(&self, ids: &[u64]) -> Result<Vec<bool>>;
+
     /// A cheap round trip (PostgreSQL: `SELECT 1`), for `/ready` and reconnects.
     async fn ping(&self) -> Result<()>;
 

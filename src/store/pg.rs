@@ -158,11 +158,18 @@ struct Migration {
 
 /// Every migration in order; a new one is appended here with its file, never edited once
 /// released.
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "initial",
-    sql: include_str!("migrations/0001_initial.sql"),
-}];
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "initial",
+        sql: include_str!("migrations/0001_initial.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "produced",
+        sql: include_str!("migrations/0002_produced.sql"),
+    },
+];
 
 /// The schema version this build migrates to.
 pub const SCHEMA_VERSION: i32 = MIGRATIONS[MIGRATIONS.len() - 1].version;
@@ -1003,6 +1010,16 @@ const NOTIFICATION_READ: Sql = Sql {
 const NOTIFICATIONS_READ_ALL: Sql = Sql {
     text: "UPDATE switchboard_notifications SET read = true WHERE user_id = $1 AND NOT read",
     types: &[T_TEXT],
+};
+
+const MARK_PRODUCED: Sql = Sql {
+    text: "UPDATE switchboard_messages SET produced = true WHERE id = ANY($1) AND NOT produced",
+    types: &[T_INT8S],
+};
+
+const PRODUCED_OF: Sql = Sql {
+    text: "SELECT id FROM switchboard_messages WHERE id = ANY($1) AND produced",
+    types: &[T_INT8S],
 };
 
 /// A thread as an append sees it while resolving its batch.
@@ -2189,6 +2206,34 @@ impl Store for PgStore {
             Ok(c.execute(&q, &[&user]).await?)
         })
         .await
+    }
+
+    async fn mark_produced(&self, ids: &[u64]) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
+        self.run(async |c| {
+            let q = prepare(c, &MARK_PRODUCED).await?;
+            c.execute(&q, &[&ids]).await?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn produced(&self, ids: &[u64]) -> Result<Vec<bool>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let wanted: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
+        let found: Vec<i64> = self
+            .run(async |c| {
+                let q = prepare(c, &PRODUCED_OF).await?;
+                let rows = c.query(&q, &[&wanted]).await?;
+                Ok(rows.iter().map(|r| r.get::<_, i64>(0)).collect())
+            })
+            .await?;
+        Ok(ids.iter().map(|&i| found.contains(&(i as i64))).collect())
     }
 
     async fn ping(&self) -> Result<()> {

@@ -178,6 +178,12 @@ where
     async fn notifications_read_all(&self, user: &str) -> Result<u64> {
         self.get()?.notifications_read_all(user).await
     }
+    async fn mark_produced(&self, ids: &[u64]) -> Result<()> {
+        self.get()?.mark_produced(ids).await
+    }
+    async fn produced(&self, ids: &[u64]) -> Result<Vec<bool>> {
+        self.get()?.produced(ids).await
+    }
     async fn ping(&self) -> Result<()> {
         self.get()?.ping().await
     }

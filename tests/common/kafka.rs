@@ -27,6 +27,8 @@ use rdkafka::producer::{DefaultProducerContext, FutureProducer, FutureRecord};
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use rdkafka::{Offset, TopicPartitionList};
 
+use super::proxy::Proxy;
+
 /// The tansu release the tests run against (tests/run-all.sh installs the same one).
 pub const TANSU_VERSION: &str = "0.6.0";
 /// How long a broker may take to answer a metadata request after spawn.
@@ -41,6 +43,21 @@ const POLL_SLICE: Duration = Duration::from_millis(100);
 const START_ATTEMPTS_MAX: usize = 5;
 /// Bytes of a broker's log printed when a test fails.
 const LOG_TAIL_BYTES_MAX: usize = 16 << 10;
+
+/// The environment variables `tansu broker` 0.6.0 reads its settings from (its `--help`).
+const TANSU_ENV: &[&str] = &[
+    "CLUSTER_ID",
+    "LISTENER_URL",
+    "ADVERTISED_LISTENER_URL",
+    "STORAGE_ENGINE",
+    "SCHEMA_REGISTRY",
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "DATA_LAKE",
+    "ICEBERG_CATALOG",
+    "ICEBERG_NAMESPACE",
+    "ICEBERG_WAREHOUSE",
+    "DELTA_DATABASE",
+];
 
 static BROKER_SEQ: AtomicUsize = AtomicUsize::new(0);
 static GROUP_SEQ: AtomicUsize = AtomicUsize::new(0);
@@ -96,6 +113,8 @@ pub fn tansu_bin() -> PathBuf {
 pub struct Tansu {
     child: Option<Child>,
     pub port: u16,
+    /// `host:port` in its metadata: its own listener, or a proxy's.
+    advertised: String,
     storage: String,
     bin: PathBuf,
     log_path: PathBuf,
@@ -106,29 +125,42 @@ impl Tansu {
     /// A broker with in-memory storage (`memory://tansu/`): records live as long as the
     /// process.
     pub fn start() -> Tansu {
-        Tansu::start_with_storage("memory://tansu/")
+        Tansu::launch(|_| None).0
     }
 
-    fn start_with_storage(storage: &str) -> Tansu {
+    /// A broker reached through a [`Proxy`]: it advertises the proxy's address in its metadata,
+    /// so a client that bootstraps from [`Proxy::addr`] sends everything through the proxy
+    /// (bootstrapping through a proxy alone is not enough: Kafka clients then connect to the
+    /// advertised address). Give the client `proxy.addr()`, not [`Tansu::bootstrap`].
+    pub fn start_proxied() -> (Tansu, Proxy) {
+        let (t, p) = Tansu::launch(|port| Some(Proxy::start(&format!("127.0.0.1:{port}"))));
+        (t, p.expect("proxy"))
+    }
+
+    /// Start on a free port; `proxy(port)` may put a proxy in front, which is advertised.
+    fn launch(proxy: impl Fn(u16) -> Option<Proxy>) -> (Tansu, Option<Proxy>) {
         let bin = tansu_bin();
         let seq = BROKER_SEQ.fetch_add(1, Ordering::Relaxed);
         let mut t = Tansu {
             child: None,
             port: 0,
-            storage: storage.to_owned(),
+            advertised: String::new(),
+            storage: "memory://tansu/".to_owned(),
             bin,
             log_path: PathBuf::new(),
             frozen: false,
         };
         for _ in 0..START_ATTEMPTS_MAX {
             t.port = super::free_port();
+            let p = proxy(t.port);
+            t.advertised = p.as_ref().map_or_else(|| t.bootstrap(), Proxy::addr);
             t.log_path = std::env::temp_dir().join(format!(
                 "switchboard-tansu-{}-{seq}-{}.log",
                 std::process::id(),
                 t.port
             ));
             if t.spawn_and_wait() {
-                return t;
+                return (t, p);
             }
             if !t.logs().contains("Address already in use") {
                 break;
@@ -152,12 +184,17 @@ impl Tansu {
         let err = log.try_clone().expect("clone log file");
         let listener = format!("tcp://127.0.0.1:{}", self.port);
         let mut cmd = Command::new(&self.bin);
+        // Hermetic: none of the settings tansu reads from its environment apply.
+        for k in TANSU_ENV {
+            cmd.env_remove(k);
+        }
         cmd.arg("broker")
             .args(["--listener-url", &listener])
-            .args(["--advertised-listener-url", &listener])
+            .args([
+                "--advertised-listener-url",
+                &format!("tcp://{}", self.advertised),
+            ])
             .args(["--storage-engine", &self.storage])
-            // Its own metrics endpoint would bind a fixed port shared by every broker.
-            .env_remove("PROMETHEUS_LISTENER_URL")
             .env("RUST_LOG", "warn")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
@@ -404,7 +441,7 @@ impl Record {
 }
 
 /// A client config for `bootstrap` with every option a helper relies on set explicitly.
-fn base_config(bootstrap: &str) -> ClientConfig {
+pub fn base_config(bootstrap: &str) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", bootstrap)
         // IPv4 only: every broker here listens on 127.0.0.1.

@@ -28,6 +28,7 @@ macro_rules! both_stores {
 
 pub mod kafka;
 pub mod pg;
+pub mod proxy;
 
 use std::collections::HashSet;
 use std::io::{ErrorKind, Read, Write};

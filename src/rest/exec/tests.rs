@@ -127,6 +127,12 @@ impl Store for Fake {
         self.up(Call::ReadAll(user.into()))?;
         Ok(self.read_all)
     }
+    async fn mark_produced(&self, _: &[u64]) -> crate::store::Result<()> {
+        unreachable!("REST never marks produced")
+    }
+    async fn produced(&self, _: &[u64]) -> crate::store::Result<Vec<bool>> {
+        unreachable!("REST never asks")
+    }
     async fn ping(&self) -> crate::store::Result<()> {
         Ok(())
     }
