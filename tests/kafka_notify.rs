@@ -428,9 +428,19 @@ fn a_consumer_killed_before_or_after_its_commit_never_shows_a_notification_twice
         let mut bob = server.connect("/ws?user_id=bob");
         let m = wait_metrics(
             &server,
-            "the replayed records consumed",
+            "the replayed records handled",
             FIRST_TIMEOUT,
-            |t| metric(t, "switchboard_kafka_records_consumed_total") == Some(replayed as u64),
+            // Counted as read, then as handled (shown or recognised): wait for the second.
+            |t| {
+                let handled = metric(t, "switchboard_kafka_notification_duplicates_total")
+                    .unwrap_or(0)
+                    + metric(t, "switchboard_kafka_notifications_total").unwrap_or(0);
+                handled == replayed as u64
+            },
+        );
+        assert_eq!(
+            metric(&m, "switchboard_kafka_records_consumed_total"),
+            Some(replayed as u64)
         );
         assert_eq!(
             metric(&m, "switchboard_kafka_notification_duplicates_total"),
