@@ -883,7 +883,7 @@ config_keys! {
     kafka_linger: Dur = "5ms", "SWITCHBOARD_KAFKA_LINGER", None,
         "linger.ms: how long the producer waits to fill a batch, 0 to 1s (throughput against ack latency).";
     kafka_batch_bytes: Bytes = "1MiB", "SWITCHBOARD_KAFKA_BATCH_BYTES", None,
-        "batch.size: most bytes of one produce request per partition, 1 KiB to 64 MiB.";
+        "batch.size: most bytes of one produce batch per partition, 1 KiB to 1 MiB (the record size limit, message.max.bytes, caps it).";
     kafka_compression: KafkaCompressionKind = "lz4", "SWITCHBOARD_KAFKA_COMPRESSION", None,
         "compression.codec of produced records: none, lz4 or snappy.";
     kafka_pending_max: Count = "65536", "SWITCHBOARD_KAFKA_PENDING_MAX", None,
@@ -1910,6 +1910,15 @@ impl Config {
                 ),
             )?;
         }
+        if self.kafka_linger >= self.kafka_message_timeout {
+            fail(
+                "kafka_linger",
+                format!(
+                    "must be less than kafka_message_timeout ({:?}), got {:?}",
+                    self.kafka_message_timeout, self.kafka_linger
+                ),
+            )?;
+        }
         if self.kafka_linger > Duration::from_secs(1) {
             fail(
                 "kafka_linger",
@@ -1920,8 +1929,8 @@ impl Config {
             "kafka_batch_bytes",
             size(self.kafka_batch_bytes),
             1024,
-            64 << 20,
-            "",
+            1 << 20,
+            " (librdkafka caps a batch at message.max.bytes, 1 MiB here)",
         )?;
         if !self.kafka_brokers.is_empty() && self.max_dm_content_bytes > KAFKA_DM_CONTENT_BYTES_MAX
         {

@@ -69,6 +69,9 @@ pub struct KafkaStats {
     pub pending: AtomicU64,
     /// Retries of a clientMsgId that joined a record still pending instead of producing again.
     pub joined: AtomicU64,
+    /// Written (and acked) records whose "produced" mark could not be stored after retries: a
+    /// client's retry of one would be produced again.
+    pub marks_lost: AtomicU64,
     /// librdkafka errors reported (connection failures, all brokers down, ...).
     pub client_errors: AtomicU64,
     /// The notification consumer's counters (see `notify`).
@@ -156,6 +159,9 @@ fn common_config(cfg: &Config) -> ClientConfig {
         .set("topic.metadata.refresh.interval.ms", "30000")
         .set("metadata.max.age.ms", "90000")
         .set("api.version.request", "true")
+        // Never create topics (librdkafka asks brokers to auto-create on metadata requests
+        // by default): a missing topic is an operator's error, reported by the health check.
+        .set("allow.auto.create.topics", "false")
         // Logs go through BridgeContext::log; no per-record debug contexts.
         .set_log_level(RDKafkaLogLevel::Warning)
         .set("log.connection.close", "false");
@@ -178,7 +184,11 @@ pub fn producer_config(cfg: &Config) -> ClientConfig {
         .set("retry.backoff.max.ms", "1000")
         .set("message.timeout.ms", millis(cfg.kafka_message_timeout))
         .set("request.timeout.ms", "10000")
-        .set("linger.ms", millis(cfg.kafka_linger))
+        // A float in librdkafka: sub-millisecond values are kept.
+        .set(
+            "linger.ms",
+            (cfg.kafka_linger.as_secs_f64() * 1000.0).to_string(),
+        )
         .set("batch.size", cfg.kafka_batch_bytes.to_string())
         .set("batch.num.messages", "10000")
         .set("compression.codec", cfg.kafka_compression.as_str())
@@ -241,8 +251,27 @@ pub async fn health(
             match p.client().fetch_metadata(Some(&t), KAFKA_HEALTH_TIMEOUT) {
                 Ok(m) if m.brokers().is_empty() => Health::Down,
                 Ok(m) => match m.topics().iter().find(|x| x.name() == t) {
-                    Some(x) if x.error().is_none() && !x.partitions().is_empty() => Health::Up,
-                    _ => Health::NoTopic,
+                    Some(x) if x.error().is_none() && !x.partitions().is_empty() => {
+                        // Every partition needs a leader, or its records time out one by one.
+                        if x.partitions()
+                            .iter()
+                            .all(|p| p.leader() >= 0 && p.error().is_none())
+                        {
+                            Health::Up
+                        } else {
+                            Health::Down
+                        }
+                    }
+                    Some(x)
+                        if x.error().is_some_and(|e| {
+                            rdkafka::error::RDKafkaErrorCode::from(e)
+                                == rdkafka::error::RDKafkaErrorCode::UnknownTopicOrPartition
+                        }) =>
+                    {
+                        Health::NoTopic
+                    }
+                    None => Health::NoTopic,
+                    Some(_) => Health::Down,
                 },
                 Err(_) => Health::Down,
             }
@@ -275,7 +304,7 @@ pub fn prometheus_lines(s: &KafkaStats, out: &mut String) {
     if !s.configured.load(Ordering::Relaxed) {
         return;
     }
-    let rows: [(&str, &str, &str, &AtomicU64); 13] = [
+    let rows: [(&str, &str, &str, &AtomicU64); 14] = [
         ("switchboard_kafka_up", "gauge", "1 while the Kafka brokers answer the health check", &s.up),
         ("switchboard_kafka_dm_produced_total", "counter", "Direct messages the broker confirmed (then acked)", &s.produced),
         ("switchboard_kafka_dm_failed_total", "counter", "Direct messages the producer failed (the senders got errors, no ack)", &s.produce_failed),
@@ -284,6 +313,7 @@ pub fn prometheus_lines(s: &KafkaStats, out: &mut String) {
         ("switchboard_kafka_dm_busy_total", "counter", "Direct messages refused because kafka_pending_max were waiting for the broker", &s.busy),
         ("switchboard_kafka_dm_pending", "gauge", "Direct messages produced and waiting for the broker now", &s.pending),
         ("switchboard_kafka_dm_joined_total", "counter", "Retries of a clientMsgId that waited for its pending record instead of producing again", &s.joined),
+        ("switchboard_kafka_dm_marks_lost_total", "counter", "Written direct messages whose produced mark the store did not take after retries (a client retry of one would be produced again)", &s.marks_lost),
         ("switchboard_kafka_client_errors_total", "counter", "Errors librdkafka reported (connections, brokers down)", &s.client_errors),
         ("switchboard_kafka_records_consumed_total", "counter", "Records read from the notification topics", &s.consumed),
         ("switchboard_kafka_notifications_total", "counter", "Notifications made from records and handed on", &s.notifications),

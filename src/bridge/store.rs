@@ -333,6 +333,10 @@ async fn serve<S: Store + 'static>(
             p.flush(left)
         })
         .await;
+        // Let the completer and the late tasks mark and deliver what the flush confirmed.
+        while k.has_pending() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
     if let Some((completer, health)) = kafka_tasks {
         completer.abort();
@@ -362,7 +366,9 @@ fn kafka_sink(node: &Arc<Node>) -> Option<durable::KafkaSink> {
             Some(durable::KafkaSink::new(p, &node.cfg))
         }
         Err(e) => {
-            tracing::error!(error = %e, "kafka: the producer cannot be created; direct messages get errors");
+            // Never fall back to acking unproduced messages: `admit` refuses every send while
+            // Kafka is configured and has no producer (`configured` set, `up` 0).
+            tracing::error!(error = %e, "kafka: the producer cannot be created; direct messages get errors and /ready answers 503");
             None
         }
     }

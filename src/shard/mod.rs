@@ -190,6 +190,19 @@ impl Node {
     }
 }
 
+/// How long an HTTP request waits for the bridge before its shard answers 503: twice
+/// `store_timeout` (a queued job's wait and its call) plus 3 s; with Kafka, a DM's produced
+/// lookup, its ack wait and its produced mark on top. The bridge drops an answer that would
+/// come later (`durable::gave_up`), so it can never be taken for the next request's reply.
+pub fn http_answer_wait(cfg: &crate::config::Config) -> Duration {
+    let base = cfg.store_timeout * 2 + Duration::from_secs(3);
+    if cfg.kafka_brokers.is_empty() {
+        base
+    } else {
+        base + cfg.store_timeout * 2 + cfg.kafka_ack_timeout
+    }
+}
+
 /// What to do with a doomed connection once the current pass is over.
 #[derive(Clone, Copy)]
 enum Doom {
@@ -312,16 +325,7 @@ impl Shard {
         let t = Timing {
             handshake: ticks(cfg.handshake_timeout),
             keepalive: ticks(cfg.http_keepalive_timeout),
-            // A DM over REST waits for the store and, with Kafka, for the broker too.
-            answer_wait: ticks(
-                cfg.store_timeout * 2
-                    + Duration::from_secs(3)
-                    + if cfg.kafka_brokers.is_empty() {
-                        Duration::ZERO
-                    } else {
-                        cfg.kafka_ack_timeout
-                    },
-            ),
+            answer_wait: ticks(http_answer_wait(cfg)),
             ping: ticks(cfg.ping_interval),
             pong: ticks(cfg.pong_wait),
             write_wait: ticks(cfg.write_wait),

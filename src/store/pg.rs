@@ -2233,6 +2233,7 @@ impl Store for PgStore {
                 Ok(rows.iter().map(|r| r.get::<_, i64>(0)).collect())
             })
             .await?;
+        let found: std::collections::HashSet<i64> = found.into_iter().collect();
         Ok(ids.iter().map(|&i| found.contains(&(i as i64))).collect())
     }
 

@@ -43,12 +43,20 @@ pub(super) struct KafkaSink {
     ack_timeout: Duration,
     pending_max: usize,
     /// Records produced and not yet confirmed, by message id: the sends waiting for the ack
-    /// (the first is the original; a client's retries join it). Emptied when the ack wait
-    /// runs out; the entry stays until the record is confirmed or failed.
-    pending: RefCell<HashMap<u64, Vec<Send>>>,
+    /// (the first is the original; a client's retries join it while its ack wait runs).
+    /// Past the wait the entry is `late`: emptied, kept until the record is confirmed or
+    /// failed, and a retry that finds it is told at once to retry later (never held longer
+    /// than one ack wait).
+    pending: RefCell<HashMap<u64, Entry>>,
     /// Produced batches in order, for the completer.
     batches: RefCell<VecDeque<Batch>>,
     wake: Notify,
+}
+
+#[derive(Default)]
+struct Entry {
+    waiters: Vec<Send>,
+    late: bool,
 }
 
 struct Record {
@@ -78,6 +86,11 @@ impl KafkaSink {
             batches: RefCell::new(VecDeque::new()),
             wake: Notify::new(),
         }
+    }
+
+    /// Whether records wait for their delivery reports (shutdown waits for them).
+    pub fn has_pending(&self) -> bool {
+        !self.pending.borrow().is_empty()
     }
 
     /// Produce one record (non-blocking: librdkafka queues it).
@@ -140,9 +153,12 @@ fn error_text(e: &KafkaError) -> &'static str {
 /// nothing waits on a broker that is down); past `kafka_pending_max` the excess gets `kafka
 /// busy`. Returns the sends to store.
 pub(super) fn admit<S>(ctx: &Ctx<S>, jobs: Vec<Send>) -> Vec<Send> {
-    let Some(k) = &ctx.kafka else { return jobs };
     let stats = &ctx.node.kafka_stats;
-    if !stats.is_up() {
+    if !stats.configured.load(Ordering::Relaxed) {
+        return jobs;
+    }
+    // Configured without a producer (librdkafka refused a setting): never ack unproduced.
+    if ctx.kafka.is_none() || !stats.is_up() {
         stats
             .produce_failed
             .fetch_add(jobs.len() as u64, Ordering::Relaxed);
@@ -158,6 +174,9 @@ pub(super) fn admit<S>(ctx: &Ctx<S>, jobs: Vec<Send>) -> Vec<Send> {
         done(ctx, jobs.len());
         return Vec::new();
     }
+    let Some(k) = &ctx.kafka else {
+        return Vec::new();
+    };
     let room = k.pending_max.saturating_sub(k.pending.borrow().len());
     if jobs.len() <= room {
         return jobs;
@@ -205,14 +224,25 @@ pub(super) async fn stage<S: Store>(ctx: &Rc<Ctx<S>>, jobs: Vec<Send>, outs: Vec
             }
             Appended::Duplicate(m) => {
                 stats.duplicates.fetch_add(1, Ordering::Relaxed);
-                if let Some(waiters) = k.pending.borrow_mut().get_mut(&m.id) {
-                    kstats.joined.fetch_add(1, Ordering::Relaxed);
-                    waiters.push(job);
+                let mut pending = k.pending.borrow_mut();
+                if let Some(e) = pending.get_mut(&m.id) {
+                    if e.late {
+                        // Its ack wait ran out and librdkafka is still retrying it: holding
+                        // this retry could outlast what its origin waits. Once the record is
+                        // written, a retry is acked from the store's mark.
+                        drop(pending);
+                        answer_waiters(ctx, std::slice::from_ref(&job), KAFKA_TIMEOUT);
+                        answered += 1;
+                    } else {
+                        kstats.joined.fetch_add(1, Ordering::Relaxed);
+                        e.waiters.push(job);
+                    }
                 } else if let Some((_, _, waiters, _)) = produce.get_mut(&m.id) {
                     // The original is in this very batch.
                     kstats.joined.fetch_add(1, Ordering::Relaxed);
                     waiters.push(job);
                 } else {
+                    drop(pending);
                     dups.push((job, m));
                 }
             }
@@ -228,7 +258,7 @@ pub(super) async fn stage<S: Store>(ctx: &Rc<Ctx<S>>, jobs: Vec<Send>, outs: Vec
             Ok(flags) if flags.len() == dups.len() => {
                 for ((job, m), done_before) in dups.into_iter().zip(flags) {
                     if done_before {
-                        ack_answer(ctx, &job, &m);
+                        ack_of(ctx, &job, &m, false);
                         answered += 1;
                     } else if let Some((_, _, waiters, _)) = produce.get_mut(&m.id) {
                         waiters.push(job);
@@ -265,7 +295,13 @@ pub(super) async fn stage<S: Store>(ctx: &Rc<Ctx<S>>, jobs: Vec<Send>, outs: Vec
                     .first()
                     .filter(|w| matches!(w.answer, Answer::Ws { .. }))
                     .map(|w| w.origin);
-                k.pending.borrow_mut().insert(id, waiters);
+                k.pending.borrow_mut().insert(
+                    id,
+                    Entry {
+                        waiters,
+                        late: false,
+                    },
+                );
                 records.push(Record {
                     message,
                     participants,
@@ -314,12 +350,11 @@ async fn participants_of<S: Store>(ctx: &Ctx<S>, m: &Message) -> Vec<Arc<str>> {
     users
 }
 
-fn ack_answer<S>(ctx: &Ctx<S>, job: &Send, m: &Message) {
-    complete(ctx, job, Appended::Duplicate(m.clone()));
-}
-
 fn answer_waiters<S>(ctx: &Ctx<S>, waiters: &[Send], text: &str) {
     for w in waiters {
+        if gave_up(ctx, w) {
+            continue;
+        }
         answer_error(
             ctx,
             w.origin,
@@ -329,6 +364,19 @@ fn answer_waiters<S>(ctx: &Ctx<S>, waiters: &[Send], text: &str) {
         );
     }
 }
+
+/// Whether `w`'s origin is an HTTP request its shard has (nearly) stopped waiting for: it
+/// answered 503 at `answer_wait`, and a later answer would be taken for the reply to the
+/// connection's next request. A margin of [`HTTP_ANSWER_MARGIN`] covers the hop from the
+/// shard.
+fn gave_up<S>(ctx: &Ctx<S>, w: &Send) -> bool {
+    matches!(w.answer, Answer::Http { .. })
+        && w.queued_at.elapsed() + HTTP_ANSWER_MARGIN
+            >= crate::shard::http_answer_wait(&ctx.node.cfg)
+}
+
+/// See [`gave_up`].
+const HTTP_ANSWER_MARGIN: Duration = Duration::from_secs(1);
 
 /// Takes the produced batches in order: confirmed records are marked produced, delivered and
 /// acked; failed ones answered with errors; unconfirmed ones at the deadline answered with
@@ -351,45 +399,49 @@ pub(super) async fn completer<S: Store + 'static>(ctx: Rc<Ctx<S>>) {
                 Err(_) => unconfirmed.push(r),
             }
         }
-        confirm(&ctx, confirmed).await;
-        if !unconfirmed.is_empty() {
-            let kstats = &ctx.node.kafka_stats;
-            for r in &unconfirmed {
-                let waiters = k
-                    .pending
-                    .borrow_mut()
-                    .get_mut(&r.message.id)
-                    .map(std::mem::take)
-                    .unwrap_or_default();
-                kstats
-                    .ack_timeouts
-                    .fetch_add(waiters.len() as u64, Ordering::Relaxed);
-                answer_waiters(&ctx, &waiters, KAFKA_TIMEOUT);
-                done(&ctx, waiters.len());
-            }
-            tokio::task::spawn_local(late(ctx.clone(), unconfirmed));
+        // Answer the timed-out ones first (before `confirm` awaits the store, when retries
+        // could join them), and mark them late.
+        let kstats = &ctx.node.kafka_stats;
+        for r in &unconfirmed {
+            let waiters = k
+                .pending
+                .borrow_mut()
+                .get_mut(&r.message.id)
+                .map(|e| {
+                    e.late = true;
+                    std::mem::take(&mut e.waiters)
+                })
+                .unwrap_or_default();
+            kstats
+                .ack_timeouts
+                .fetch_add(waiters.len() as u64, Ordering::Relaxed);
+            answer_waiters(&ctx, &waiters, KAFKA_TIMEOUT);
+            done(&ctx, waiters.len());
         }
+        // Each late record on its own: one that is written is delivered then, whatever the
+        // others of its batch do.
+        for r in unconfirmed {
+            tokio::task::spawn_local(late(ctx.clone(), r));
+        }
+        confirm(&ctx, confirmed).await;
     }
 }
 
-/// Records whose ack wait ran out: librdkafka keeps retrying them; each is delivered live when
-/// it is written (and any retry that joined it acked), or its joined retries get the error.
-async fn late<S: Store + 'static>(ctx: Rc<Ctx<S>>, records: Vec<Record>) {
-    let mut confirmed = Vec::new();
-    for mut r in records {
-        match (&mut r.fut).await {
-            Ok(Ok(_)) => {
-                ctx.node
-                    .kafka_stats
-                    .written_late
-                    .fetch_add(1, Ordering::Relaxed);
-                confirmed.push(r);
-            }
-            Ok(Err((e, _))) => fail_record(&ctx, r, error_text(&e)),
-            Err(_) => fail_record(&ctx, r, KAFKA_UNAVAILABLE),
+/// A record whose ack wait ran out: librdkafka keeps retrying it; it is delivered live when
+/// it is written, or dropped from the pending table when it fails (its sender already got an
+/// error; a later retry produces it again).
+async fn late<S: Store + 'static>(ctx: Rc<Ctx<S>>, mut r: Record) {
+    match (&mut r.fut).await {
+        Ok(Ok(_)) => {
+            ctx.node
+                .kafka_stats
+                .written_late
+                .fetch_add(1, Ordering::Relaxed);
+            confirm(&ctx, vec![r]).await;
         }
+        Ok(Err((e, _))) => fail_record(&ctx, r, error_text(&e)),
+        Err(_) => fail_record(&ctx, r, KAFKA_UNAVAILABLE),
     }
-    confirm(&ctx, confirmed).await;
 }
 
 fn fail_record<S>(ctx: &Ctx<S>, r: Record, text: &str) {
@@ -398,11 +450,12 @@ fn fail_record<S>(ctx: &Ctx<S>, r: Record, text: &str) {
         .pending
         .borrow_mut()
         .remove(&r.message.id)
-        .unwrap_or_default();
+        .unwrap_or_default()
+        .waiters;
     let kstats = &ctx.node.kafka_stats;
     kstats
         .produce_failed
-        .fetch_add(waiters.len().max(1) as u64, Ordering::Relaxed);
+        .fetch_add(waiters.len() as u64, Ordering::Relaxed);
     kstats
         .pending
         .store(k.pending.borrow().len() as u64, Ordering::Relaxed);
@@ -434,7 +487,8 @@ async fn confirm<S: Store + 'static>(ctx: &Rc<Ctx<S>>, records: Vec<Record>) {
             .pending
             .borrow_mut()
             .remove(&r.message.id)
-            .unwrap_or_default();
+            .unwrap_or_default()
+            .waiters;
         live(ctx, &r.message, &r.participants, r.origin, &r.frame);
         for (i, w) in waiters.iter().enumerate() {
             ack_of(ctx, w, &r.message, i == 0 && r.fresh);
@@ -457,8 +511,8 @@ async fn retry_mark<S: Store>(ctx: Rc<Ctx<S>>, ids: Vec<u64>) {
         }
     }
     ctx.node
-        .store_stats
-        .failed
+        .kafka_stats
+        .marks_lost
         .fetch_add(ids.len() as u64, Ordering::Relaxed);
     tracing::warn!(
         messages = ids.len(),
@@ -469,6 +523,9 @@ async fn retry_mark<S: Store>(ctx: Rc<Ctx<S>>, ids: Vec<u64>) {
 /// The answer of a waiter whose record is written: `message.ack` (socket) or `201` (REST).
 /// `created`: the sender of a new message (REST answers `201`; a retry gets `200`).
 fn ack_of<S>(ctx: &Ctx<S>, w: &Send, m: &Message, created: bool) {
+    if gave_up(ctx, w) {
+        return;
+    }
     match &w.answer {
         Answer::Ws { id } => ack(ctx, w.origin, id.as_deref(), m),
         Answer::Http { keep, cors } => {
