@@ -203,6 +203,23 @@ pub struct Config {
     /// DMs produced and waiting for their delivery report, at most; past it a DM gets
     /// `kafka busy, retry later` at once (also librdkafka's queue bound).
     pub kafka_pending_max: usize,
+    /// The notification consumer's `group.id` (every node of a deployment shares it, so each
+    /// record is consumed by one node).
+    pub kafka_group_id: String,
+    /// Where records the mapping cannot turn into notifications are produced (same key and
+    /// value, the reason and origin in headers).
+    pub kafka_dead_letter_topic: String,
+    /// Where a group with no committed offset starts: true = the oldest record, false = new
+    /// records only.
+    pub kafka_from_beginning: bool,
+    /// librdkafka's `session.timeout.ms`: how long the group waits for a silent node before
+    /// its partitions go to another.
+    pub kafka_session_timeout: Duration,
+    /// librdkafka's `auto.commit.interval.ms`: how often the consumer commits the offsets of
+    /// records it has handed on (a crash replays at most this much; the store dedups it).
+    pub kafka_commit_interval: Duration,
+    /// The mapping of topics to notifications (`kafka_notifications`, [`crate::notifications`]).
+    pub kafka_notifications: Vec<crate::notifications::Rule>,
 
     // --- server HTTP API ---
     /// Key for the server HTTP API (`X-API-Key: <key>` or `Authorization: apikey <key>`);
@@ -303,6 +320,12 @@ impl Default for Config {
             kafka_batch_bytes: 1024 * 1024,
             kafka_compression: KafkaCompression::Lz4,
             kafka_pending_max: 65_536,
+            kafka_group_id: "messaging-service".into(),
+            kafka_dead_letter_topic: "switchboard.dead-letter".into(),
+            kafka_from_beginning: false,
+            kafka_session_timeout: Duration::from_secs(10),
+            kafka_commit_interval: Duration::from_secs(1),
+            kafka_notifications: Vec::new(),
             max_dm_content_bytes: 16 * 1024,
             api_key: None,
             cors_origins: Vec::new(),
@@ -865,6 +888,16 @@ config_keys! {
         "compression.codec of produced records: none, lz4 or snappy.";
     kafka_pending_max: Count = "65536", "SWITCHBOARD_KAFKA_PENDING_MAX", None,
         "Direct messages waiting for the broker at most (the pending-ack table, and librdkafka's queue); past it a send gets the error kafka busy, retry later. 16 to 1000000.";
+    kafka_group_id: Text = "messaging-service", "SWITCHBOARD_KAFKA_GROUP_ID", None,
+        "Consumer group (group.id) of the notification consumer; every node of a deployment shares it, so each record notifies once.";
+    kafka_dead_letter_topic: Text = "switchboard.dead-letter", "SWITCHBOARD_KAFKA_DEAD_LETTER_TOPIC", None,
+        "Topic records that kafka_notifications cannot map are produced to (same key and value; headers dlq-reason, dlq-topic, dlq-partition, dlq-offset).";
+    kafka_from_beginning: Flag = "false", "SWITCHBOARD_KAFKA_FROM_BEGINNING", None,
+        "Where the notification group starts on a partition with no committed offset: true = its oldest record (auto.offset.reset=earliest), false = only records written from then on (latest). A committed offset always wins.";
+    kafka_session_timeout: Dur = "10s", "SWITCHBOARD_KAFKA_SESSION_TIMEOUT", None,
+        "session.timeout.ms of the notification consumer: a node silent this long loses its partitions to the others (heartbeats every third of it), 3s to 5m.";
+    kafka_commit_interval: Dur = "1s", "SWITCHBOARD_KAFKA_COMMIT_INTERVAL", None,
+        "How often the notification consumer commits the offsets of records it has handed on (auto.commit.interval.ms; also on a rebalance and shutdown), 100ms to 1h. After a crash the records since are read again: user notifications are recognised by the store and not shown twice, room ones are sent again.";
     api_key: OptText = "", "SWITCHBOARD_API_KEY", None,
         "Key for the server HTTP API (X-API-Key or Authorization: apikey <key>); empty = API off. Prefer the env var: flags show in ps. Never logged.";
     cors_origins: List = "", "SWITCHBOARD_CORS_ORIGINS", None,
@@ -958,15 +991,26 @@ impl StructuredKey {
 /// key (`test_paths` in the tests below) keep the path working. Adding one: a typed field in
 /// [`Config`] with its default, a row here with a parser into it, and its range checks in
 /// `validate_from`; `--help` and docs/CONFIG.md list it after the scalar keys.
-static STRUCTURED: &[StructuredKey] = &[StructuredKey {
-    key: "rooms",
-    env: "SWITCHBOARD_ROOMS",
-    apply: |cfg, v| {
-        cfg.rooms = crate::room_options::parse(v)?;
-        Ok(())
+static STRUCTURED: &[StructuredKey] = &[
+    StructuredKey {
+        key: "rooms",
+        env: "SWITCHBOARD_ROOMS",
+        apply: |cfg, v| {
+            cfg.rooms = crate::room_options::parse(v)?;
+            Ok(())
+        },
+        doc: "Options per room name pattern, first match wins: a list of {pattern, ordered, history_size, history_ttl, join_leave, presence} (docs/CONFIG.md#rooms). Rooms no pattern matches have everything off.",
     },
-    doc: "Options per room name pattern, first match wins: a list of {pattern, ordered, history_size, history_ttl, join_leave, presence} (docs/CONFIG.md#rooms). Rooms no pattern matches have everything off.",
-}];
+    StructuredKey {
+        key: "kafka_notifications",
+        env: "SWITCHBOARD_KAFKA_NOTIFICATIONS",
+        apply: |cfg, v| {
+            cfg.kafka_notifications = crate::notifications::parse(v)?;
+            Ok(())
+        },
+        doc: "Kafka topics turned into notifications, first match wins: a list of {topic or pattern, user or room (key or a JSON pointer), kind, data} (docs/CONFIG.md#notifications-from-kafka-topics; example: docs/examples/notifications.yaml). Empty = no consumer runs.",
+    },
+];
 
 /// How a key of the rooms service's documented `websocket:` block maps here.
 enum Legacy {
@@ -1796,6 +1840,53 @@ impl Config {
                 format!(
                     "{:?} is not a Kafka topic name (1 to 249 of a-z A-Z 0-9 . _ -)",
                     self.kafka_dm_topic
+                ),
+            )?;
+        }
+        if !crate::notifications::is_topic_name(&self.kafka_dead_letter_topic) {
+            fail(
+                "kafka_dead_letter_topic",
+                format!(
+                    "{:?} is not a Kafka topic name (1 to 249 of a-z A-Z 0-9 . _ -)",
+                    self.kafka_dead_letter_topic
+                ),
+            )?;
+        }
+        if self
+            .kafka_notifications
+            .iter()
+            .any(|r| r.matches(&self.kafka_dead_letter_topic))
+        {
+            fail(
+                "kafka_notifications",
+                format!(
+                    "a rule maps the dead-letter topic {:?}: a record it cannot map would loop",
+                    self.kafka_dead_letter_topic
+                ),
+            )?;
+        }
+        if self.kafka_group_id.is_empty() || self.kafka_group_id.len() > 255 {
+            fail("kafka_group_id", "must be 1 to 255 bytes".into())?;
+        }
+        if self.kafka_session_timeout < Duration::from_secs(3)
+            || self.kafka_session_timeout > Duration::from_secs(300)
+        {
+            fail(
+                "kafka_session_timeout",
+                format!(
+                    "must be between 3s and 5m, got {:?}",
+                    self.kafka_session_timeout
+                ),
+            )?;
+        }
+        if self.kafka_commit_interval < Duration::from_millis(100)
+            || self.kafka_commit_interval > Duration::from_secs(3600)
+        {
+            fail(
+                "kafka_commit_interval",
+                format!(
+                    "must be between 100ms and 1h, got {:?}",
+                    self.kafka_commit_interval
                 ),
             )?;
         }

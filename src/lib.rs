@@ -23,6 +23,7 @@ pub mod http;
 pub mod io;
 pub mod limits;
 pub mod metrics;
+pub mod notifications;
 pub mod proto;
 pub mod rest;
 pub mod room_options;

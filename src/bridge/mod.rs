@@ -13,6 +13,7 @@
 //! (direct messages, `sync`, receipts, the REST API), never room traffic.
 
 pub mod kafka;
+pub mod notify;
 pub mod store;
 
 use std::sync::atomic::Ordering;

@@ -290,6 +290,7 @@ async fn serve<S: Store + 'static>(
     });
     let health = tokio::task::spawn_local(health(ctx.clone()));
     let retry = tokio::task::spawn_local(retry_backlog(ctx.clone()));
+    let notify = start_notify(&ctx);
     let mut batch = Vec::with_capacity(256);
     'outer: loop {
         if rx.recv_many(&mut batch, 256).await == 0 {
@@ -343,6 +344,9 @@ async fn serve<S: Store + 'static>(
     }
     writer.abort();
     retry.abort();
+    if let Some(n) = notify {
+        n.abort();
+    }
 }
 
 /// The node's Kafka producer for DMs, when `kafka_brokers` is set. One that cannot be created
@@ -1012,6 +1016,7 @@ async fn notify<S: Store>(
 /// The `data` of a `notification` frame: `{id, kind, ...the record's fields, createdAt}`.
 pub fn notification_data(d: &mut Obj, n: &crate::store::Notification) {
     d.u64("id", n.id)
+        .u64("notificationId", n.id)
         .str("kind", &n.kind)
         .raw("data", &n.data_json)
         .bool("read", n.read)
@@ -1086,5 +1091,48 @@ pub fn prometheus_lines(s: &StoreStats, out: &mut String) {
             "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}",
             v.load(Ordering::Relaxed)
         );
+    }
+}
+
+/// Start the Kafka notification consumer ([`super::notify`]) when `kafka_brokers` is set and
+/// `kafka_notifications` has rules; it stores and delivers through this context.
+fn start_notify<S: Store + 'static>(ctx: &Rc<Ctx<S>>) -> Option<tokio::task::JoinHandle<()>> {
+    if !super::notify::wanted(&ctx.node.cfg) {
+        return None;
+    }
+    // The dead-letter topic is written by the node's one producer (the DMs').
+    let Some(producer) = ctx.kafka.as_ref().map(|k| k.producer.clone()) else {
+        tracing::error!("the Kafka producer could not be created: no notifications from Kafka on this node; fix the kafka_* settings and restart");
+        return None;
+    };
+    Some(tokio::task::spawn_local(super::notify::run(
+        ctx.clone(),
+        producer,
+    )))
+}
+
+impl<S: Store> super::notify::Sink for Ctx<S> {
+    fn node(&self) -> &Arc<Node> {
+        &self.node
+    }
+
+    async fn store_notification(
+        &self,
+        n: &NewNotification,
+    ) -> crate::store::Result<crate::store::Noted> {
+        bounded(self.timeout, self.store.store_notification(n)).await
+    }
+
+    fn deliver(&self, target: Target, frame: &Frame) {
+        deliver(self, target, frame)
+    }
+
+    fn notification_frame(&self, f: &mut dyn FnMut(&mut Obj)) -> Frame {
+        let now = now_ms();
+        self.fb.borrow_mut().text(self.node.now_us(), |o| {
+            o.str("type", "notification")
+                .obj("data", |d| f(d))
+                .u64("timestamp", now);
+        })
     }
 }
