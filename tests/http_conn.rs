@@ -14,6 +14,9 @@ fn get(path: &str) -> String {
 #[test]
 fn keep_alive_serves_many_requests_on_one_connection_and_pipelines_in_order() {
     let server = TestServer::start(&[]);
+    // /ready answers 200 once the store's first health check ran (a loaded machine may
+    // not have run it by the time /live answers).
+    server.wait_ready();
     let mut c = Conn::open(&server);
     c.send(get("/live").as_bytes());
     let r = c.response().expect("first response");
