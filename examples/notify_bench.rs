@@ -47,7 +47,57 @@ fn main() {
     let received = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let mut readers = Vec::new();
-    for k in 0..users {
+    // `--direct`: a plain consumer reads the topic instead of sockets (the broker's own
+    // produce-to-fetch latency, the floor under the server's).
+    let direct = args.iter().any(|a| a == "--direct");
+    if direct {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        use rdkafka::Message as _;
+        let c: BaseConsumer = if args.iter().any(|a| a == "--server-settings") {
+            // The server's own consumer settings (src/bridge/notify.rs).
+            let cfg = switchboard::config::Config {
+                kafka_brokers: vec![brokers.clone()],
+                kafka_group_id: format!("nb-direct-{}", now_us()),
+                ..Default::default()
+            };
+            switchboard::bridge::notify::consumer_config(&cfg)
+                .create()
+                .expect("consumer")
+        } else {
+            ClientConfig::new()
+                .set("bootstrap.servers", &brokers)
+                .set("group.id", format!("nb-direct-{}", now_us()))
+                .set("auto.offset.reset", "latest")
+                .set("enable.auto.commit", "false")
+                .set("fetch.wait.max.ms", "100")
+                .set("fetch.min.bytes", "1")
+                .set("isolation.level", "read_committed")
+                .create()
+                .expect("consumer")
+        };
+        c.subscribe(&[topic.as_str()]).expect("subscribe");
+        // Wait for the assignment.
+        let t0 = Instant::now();
+        while c.assignment().map_or(0, |a| a.count()) == 0 && t0.elapsed() < Duration::from_secs(20)
+        {
+            let _ = c.poll(Duration::from_millis(100));
+        }
+        let (hist, received, stop) = (hist.clone(), received.clone(), stop.clone());
+        readers.push(std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                if let Some(Ok(m)) = c.poll(Duration::from_millis(100)) {
+                    let v: serde_json::Value =
+                        serde_json::from_slice(m.payload().unwrap_or_default()).unwrap_or_default();
+                    if let Some(sent) = v["sentUs"].as_u64() {
+                        let lat = now_us().saturating_sub(sent).max(1);
+                        hist.lock().unwrap().record(lat.min(60_000_000)).ok();
+                        received.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }));
+    }
+    for k in 0..if direct { 0 } else { users } {
         let url = format!("ws://{server}/ws?user_id=nb{k}");
         let (mut ws, _) = tungstenite::connect(url.as_str()).expect("connect");
         if let tungstenite::stream::MaybeTlsStream::Plain(s) = ws.get_mut() {
