@@ -145,8 +145,9 @@ impl ClientContext for BridgeContext {
     }
 }
 
-/// The settings every client of this node shares.
-fn common_config(cfg: &Config) -> ClientConfig {
+/// The settings every client of this node shares (the producer here, the notification
+/// consumer in `notify`).
+pub fn common_config(cfg: &Config) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", cfg.kafka_brokers.join(","))
         .set("client.id", &cfg.kafka_client_id)

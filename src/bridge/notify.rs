@@ -113,21 +113,12 @@ pub fn wanted(cfg: &Config) -> bool {
 
 /// The consumer's settings, every one that matters set here.
 pub fn consumer_config(cfg: &Config) -> ClientConfig {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", cfg.kafka_brokers.join(","))
-        .set("client.id", &cfg.kafka_client_id)
-        .set("group.id", &cfg.kafka_group_id)
-        .set("reconnect.backoff.ms", "100")
-        .set("reconnect.backoff.max.ms", "2000")
-        .set("socket.keepalive.enable", "true")
-        .set("socket.connection.setup.timeout.ms", "5000")
-        .set("topic.metadata.refresh.interval.ms", "30000")
-        .set("metadata.max.age.ms", "90000")
+    // Brokers, client id, reconnects, keepalive, metadata, no topic creation, logs: as the
+    // producer's.
+    let mut c = super::kafka::common_config(cfg);
+    c.set("group.id", &cfg.kafka_group_id)
         // New topics matching a pattern are found within this.
         .set("topic.metadata.refresh.fast.interval.ms", "250")
-        .set("api.version.request", "true")
-        .set_log_level(RDKafkaLogLevel::Warning)
-        .set("log.connection.close", "false")
         // At least once: an offset is stored by hand after its record is handed on, and
         // librdkafka commits only stored offsets (on its interval, a rebalance, and close).
         .set("enable.auto.commit", "true")
@@ -166,8 +157,6 @@ pub fn consumer_config(cfg: &Config) -> ClientConfig {
         .set("isolation.level", "read_committed")
         .set("enable.partition.eof", "false")
         .set("check.crcs", "false")
-        // A missing topic is not an error the consumer stops for (it may be created later).
-        .set("allow.auto.create.topics", "false")
         .set("statistics.interval.ms", millis(STATS_INTERVAL));
     c
 }
