@@ -31,7 +31,6 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use rdkafka::client::ClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use switchboard::config::Config;
 
@@ -293,27 +292,8 @@ fn main() {
             }
             let mut opaque = Box::new((sched, counted));
             loop {
-                let headers = OwnedHeaders::new_with_capacity(5)
-                    .insert(Header {
-                        key: "sender",
-                        value: Some(from.as_bytes()),
-                    })
-                    .insert(Header {
-                        key: "eventId",
-                        value: Some(event.as_bytes()),
-                    })
-                    .insert(Header {
-                        key: "serverMsgId",
-                        value: Some(server.as_bytes()),
-                    })
-                    .insert(Header {
-                        key: "content-type",
-                        value: Some("application/json".as_bytes()),
-                    })
-                    .insert(Header {
-                        key: "clientMsgId",
-                        value: Some(client.as_bytes()),
-                    });
+                let headers =
+                    switchboard::bridge::kafka::dm_headers(from, &event, &server, Some(&client));
                 let record = BaseRecord::with_opaque_to(&topic, opaque)
                     .key(conv.as_bytes())
                     .payload(frame.as_bytes())

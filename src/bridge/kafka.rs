@@ -17,6 +17,7 @@ use std::time::Duration;
 use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, Producer};
 
 use crate::config::Config;
@@ -210,6 +211,32 @@ pub fn producer_config(cfg: &Config) -> ClientConfig {
         .set("enable.gapless.guarantee", "false")
         .set("statistics.interval.ms", "0");
     c
+}
+
+/// The headers of a direct message's record (PROTOCOL.md section 6): `sender`, `eventId`,
+/// `serverMsgId`, `content-type`, and `clientMsgId` when there is one. The benchmark's
+/// records (`examples/kafka_ceiling`) are built with it too.
+pub fn dm_headers(
+    sender: &str,
+    event_id: &str,
+    server_msg_id: &str,
+    client_msg_id: Option<&str>,
+) -> OwnedHeaders {
+    fn h<'a>(key: &'a str, value: &'a str) -> Header<'a, &'a [u8]> {
+        Header {
+            key,
+            value: Some(value.as_bytes()),
+        }
+    }
+    let headers = OwnedHeaders::new_with_capacity(5)
+        .insert(h("sender", sender))
+        .insert(h("eventId", event_id))
+        .insert(h("serverMsgId", server_msg_id))
+        .insert(h("content-type", "application/json"));
+    match client_msg_id {
+        Some(c) => headers.insert(h("clientMsgId", c)),
+        None => headers,
+    }
 }
 
 fn millis(d: Duration) -> String {

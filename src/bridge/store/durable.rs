@@ -22,7 +22,6 @@
 use std::collections::HashMap;
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 
 use super::*;
@@ -101,29 +100,12 @@ impl KafkaSink {
     ) -> std::result::Result<DeliveryFuture, &'static str> {
         let server = uuid::Uuid::from_u128(m.server_msg_id).to_string();
         let event = uuid::Uuid::from_u128(m.event_id).to_string();
-        let mut headers = OwnedHeaders::new_with_capacity(5)
-            .insert(Header {
-                key: "sender",
-                value: Some(m.sender.as_bytes()),
-            })
-            .insert(Header {
-                key: "eventId",
-                value: Some(event.as_bytes()),
-            })
-            .insert(Header {
-                key: "serverMsgId",
-                value: Some(server.as_bytes()),
-            })
-            .insert(Header {
-                key: "content-type",
-                value: Some("application/json".as_bytes()),
-            });
-        if let Some(c) = &m.client_msg_id {
-            headers = headers.insert(Header {
-                key: "clientMsgId",
-                value: Some(c.as_bytes()),
-            });
-        }
+        let headers = crate::bridge::kafka::dm_headers(
+            &m.sender,
+            &event,
+            &server,
+            m.client_msg_id.as_deref(),
+        );
         let record = FutureRecord::to(&self.topic)
             .key(m.thread.as_bytes())
             .payload(frame.payload())
@@ -158,23 +140,12 @@ pub(super) fn admit<S>(ctx: &Ctx<S>, jobs: Vec<Send>) -> Vec<Send> {
         return jobs;
     }
     // Configured without a producer (librdkafka refused a setting): never ack unproduced.
-    if ctx.kafka.is_none() || !stats.is_up() {
+    let Some(k) = ctx.kafka.as_ref().filter(|_| stats.is_up()) else {
         stats
             .produce_failed
             .fetch_add(jobs.len() as u64, Ordering::Relaxed);
-        for j in &jobs {
-            answer_error(
-                ctx,
-                j.origin,
-                &j.answer,
-                j.msg.client_msg_id.as_deref(),
-                KAFKA_UNAVAILABLE,
-            );
-        }
+        answer_waiters(ctx, &jobs, KAFKA_UNAVAILABLE);
         done(ctx, jobs.len());
-        return Vec::new();
-    }
-    let Some(k) = &ctx.kafka else {
         return Vec::new();
     };
     let room = k.pending_max.saturating_sub(k.pending.borrow().len());
@@ -184,15 +155,7 @@ pub(super) fn admit<S>(ctx: &Ctx<S>, jobs: Vec<Send>) -> Vec<Send> {
     let mut jobs = jobs;
     let over = jobs.split_off(room);
     stats.busy.fetch_add(over.len() as u64, Ordering::Relaxed);
-    for j in &over {
-        answer_error(
-            ctx,
-            j.origin,
-            &j.answer,
-            j.msg.client_msg_id.as_deref(),
-            KAFKA_BUSY,
-        );
-    }
+    answer_waiters(ctx, &over, KAFKA_BUSY);
     done(ctx, over.len());
     jobs
 }
