@@ -66,6 +66,8 @@ pub struct Config {
     pub write_buffer_size: usize,
     /// WebSocket paths (the first is canonical; the rest are aliases for older clients).
     pub ws_paths: Vec<String>,
+    /// `path=dialect` per WebSocket path (`crate::dialect`); a path not listed is native.
+    pub ws_dialects: Vec<String>,
     /// Path of a plain WebSocket echo endpoint (protocol conformance); None = off.
     pub echo_path: Option<String>,
 
@@ -261,6 +263,7 @@ impl Default for Config {
                 "/ws/chat".into(),
                 "/api/v1/ws".into(),
             ],
+            ws_dialects: vec!["/ws=auto".into()],
             echo_path: None,
             max_message_size: 64 * 1024,
             max_connections: 0,
@@ -767,6 +770,8 @@ config_keys! {
         "Most bytes handed to one send/sendmsg call. At least 4096.";
     ws_paths: List = "/ws,/socket/connect,/ws/chat,/api/v1/ws", "SWITCHBOARD_WS_PATHS", None,
         "WebSocket paths; the first is canonical, the rest are aliases for older clients.";
+    ws_dialects: List = "/ws=auto", "SWITCHBOARD_WS_DIALECTS", None,
+        "The wire dialect per WebSocket path, as path=dialect: native, topic, or auto (native, or topic when the first frame has a payload member). A path of ws_paths not listed is native. See docs/DIALECTS.md.";
     echo_path: OptText = "", "SWITCHBOARD_ECHO_PATH", None,
         "Path of a plain WebSocket echo endpoint (conformance tests); empty = off.";
     max_message_size: Bytes = "64KiB", "SWITCHBOARD_MAX_MESSAGE_SIZE", Some("WEBSOCKET_MAX_MESSAGE_SIZE"),
@@ -831,7 +836,7 @@ config_keys! {
     rate_limit_burst: U32 = "200", "SWITCHBOARD_RATE_LIMIT_BURST", None,
         "Token bucket size (burst). At least 1.";
     rate_limit_max_violations: U32 = "50", "SWITCHBOARD_RATE_LIMIT_MAX_VIOLATIONS", None,
-        "Rejected commands in a row before close 4029. At least 1.";
+        "Rejected commands in a row before close 4029. 1 to 254.";
     allowed_origins: List = "", "SWITCHBOARD_ALLOWED_ORIGINS", None,
         "Allowed Origin values; empty = any. Requests without Origin are always allowed.";
     allow_client_broadcast: Flag = "false", "SWITCHBOARD_ALLOW_CLIENT_BROADCAST", None,
@@ -1606,6 +1611,17 @@ impl Config {
     }
 
     /// Checks every range and cross-field rule. Every error names its key.
+    /// What WebSocket path `path` speaks (`ws_dialects`; a path not listed is native).
+    pub fn path_dialect(&self, path: &str) -> crate::dialect::PathDialect {
+        use crate::dialect::{Dialect, PathDialect};
+        self.ws_dialects
+            .iter()
+            .filter_map(|e| e.split_once('='))
+            .find(|(p, _)| *p == path)
+            .and_then(|(_, name)| PathDialect::parse(name))
+            .unwrap_or(PathDialect::Fixed(Dialect::Native))
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.validate_from(None)
     }
@@ -1684,6 +1700,42 @@ impl Config {
             check_path("ws_paths", p)?;
             if self.ws_paths[..i].contains(p) {
                 fail("ws_paths", format!("path {p:?} is listed twice"))?;
+            }
+        }
+        for (i, entry) in self.ws_dialects.iter().enumerate() {
+            let Some((path, name)) = entry.split_once('=') else {
+                fail(
+                    "ws_dialects",
+                    format!("{entry:?} must be path=dialect, e.g. /ws=auto"),
+                )?;
+                continue;
+            };
+            // The default names /ws; a deployment that drops /ws from ws_paths drops that too.
+            let default = self.ws_dialects == Config::default().ws_dialects;
+            if !default && !self.ws_paths.iter().any(|p| p == path) {
+                fail(
+                    "ws_dialects",
+                    format!(
+                        "path {path:?}{} is not in ws_paths{}",
+                        from("ws_dialects"),
+                        from("ws_paths")
+                    ),
+                )?;
+            }
+            if crate::dialect::PathDialect::parse(name).is_none() {
+                fail(
+                    "ws_dialects",
+                    format!(
+                        "{name:?} is not a dialect (one of: {})",
+                        crate::dialect::PATH_DIALECT_NAMES
+                    ),
+                )?;
+            }
+            if self.ws_dialects[..i]
+                .iter()
+                .any(|e| e.split_once('=').is_some_and(|(p, _)| p == path))
+            {
+                fail("ws_dialects", format!("path {path:?} is listed twice"))?;
             }
         }
         if let Some(p) = &self.echo_path {
@@ -2075,6 +2127,13 @@ impl Config {
             ("rate_limit_max_violations", self.rate_limit_max_violations),
         ] {
             at_least(key, u64::from(v), 1)?;
+        }
+        if self.rate_limit_max_violations > 254 {
+            // A connection's strike count is one byte (the per-connection ledger).
+            fail(
+                "rate_limit_max_violations",
+                format!("{} is over the 254 maximum", self.rate_limit_max_violations),
+            )?;
         }
         if self.log_level.trim().is_empty() {
             fail("log_level", "must not be empty".into())?;

@@ -16,6 +16,7 @@ pub mod admission;
 pub mod auth;
 pub mod bridge;
 pub mod config;
+pub mod dialect;
 pub mod directory;
 pub mod doctor;
 pub mod fault;

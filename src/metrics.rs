@@ -231,6 +231,7 @@ stats! {
     // ---- rooms
     publishes: Counter("switchboard_publishes_total", "Room publishes accepted"),
     deliveries: Counter("switchboard_deliveries_total", "Frames queued to a recipient by fan-out"),
+    dialect_encodes: Counter("switchboard_dialect_encodes_total", "Native frames re-encoded for connections of another dialect (once per dialect per frame per shard, never per recipient)"),
     droppable_dropped: Counter("switchboard_droppable_dropped_total", "Droppable frames (typing) not queued because the recipient had over half of send_queue_bytes_max queued"),
     broadcasts: Counter("switchboard_broadcasts_total", "Broadcasts accepted"),
     history_appended: Counter("switchboard_history_appended_total", "Room messages kept in history (rooms with history_size > 0)"),

@@ -114,6 +114,37 @@ impl Frame {
         u64::from_le_bytes(b)
     }
 
+    /// Whether `other` is this very frame (the same shared bytes), not merely equal bytes.
+    #[inline]
+    pub fn same(&self, other: &Frame) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+
+    /// Whether this is a complete text data frame built by [`FrameBuilder`] (a JSON server
+    /// frame), as opposed to an HTTP response or a control frame.
+    #[inline]
+    pub fn is_text(&self) -> bool {
+        self.wire().first() == Some(&(0x80 | opcode::TEXT))
+    }
+
+    /// The creation prefix as stored: `born_us`, with the droppable mark (see [`droppable`]).
+    #[inline]
+    pub fn born_prefix(&self) -> u64 {
+        self.prefix()
+    }
+
+    /// One text frame around `json` (a JSON object text written elsewhere), with the creation
+    /// prefix `born_prefix` (from [`Frame::born_prefix`], so the droppable mark carries over).
+    pub fn text_from_json(json: &[u8], born_prefix: u64) -> Frame {
+        let mut head = [0u8; HEADER_BYTES_MAX];
+        let h = write_header(&mut head, opcode::TEXT, json.len());
+        let mut v = Vec::with_capacity(BORN_BYTES + h + json.len());
+        v.extend_from_slice(&born_prefix.to_le_bytes());
+        v.extend_from_slice(&head[..h]);
+        v.extend_from_slice(json);
+        Frame(v.into())
+    }
+
     /// Wrap ready-made wire bytes (control frames, HTTP responses).
     pub fn from_wire(wire: &[u8], born_us: u64) -> Frame {
         let mut v = Vec::with_capacity(BORN_BYTES + wire.len());

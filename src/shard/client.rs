@@ -8,7 +8,8 @@
 //! | sock             |     4 | fd (mio::net::TcpStream; 16 B in debug builds, Client +16) |
 //! | gen              |     4 | slab generation: stale tokens/timers are ignored |
 //! | phase, flags     |     2 | lifecycle + bit flags |
-//! | rl_strikes       |     2 | rate-limit rejections in a row |
+//! | rl_strikes       |     1 | rate-limit rejections in a row (`rate_limit_max_violations` <= 255) |
+//! | dialect          |     1 | the wire dialect of the connection ([`crate::dialect`]); 0 = native |
 //! | rl_tokens        |     4 | token bucket level (f32) |
 //! | rl_last_ms       |     4 | last refill, shard-relative ms |
 //! | last_rx_tick     |     4 | liveness (also the accept tick while in HTTP phase) |
@@ -90,7 +91,8 @@ pub struct Client {
     pub gen: u32,
     pub phase: Phase,
     pub flags: u8,
-    pub rl_strikes: u16,
+    pub rl_strikes: u8,
+    pub dialect: u8,
     pub rl_tokens: f32,
     pub rl_last_ms: u32,
     pub last_rx_tick: u32,
@@ -116,6 +118,7 @@ impl Client {
             phase: Phase::Http,
             flags: 0,
             rl_strikes: 0,
+            dialect: 0,
             rl_tokens: burst,
             rl_last_ms: now_ms,
             last_rx_tick: now_tick,

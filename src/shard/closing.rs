@@ -69,6 +69,7 @@ impl Shard {
     pub(super) fn detach(&mut self, slot: u32) {
         service::on_detach(self, slot);
         self.leave_all_topics(slot);
+        self.out.edge.remove(&slot);
         service::session::clear_identity(self, slot);
         let c = &mut self.clients[slot as usize];
         let counted = c.has(flag::COUNTED);

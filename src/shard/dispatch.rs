@@ -4,6 +4,7 @@
 //! [`Shard::send_error`].
 
 use super::*;
+use crate::dialect::{self, Dialect, Step};
 use crate::proto::envelope::parse_head;
 use service::Cmd;
 
@@ -99,6 +100,70 @@ impl Shard {
     }
 
     fn on_command(&mut self, slot: u32, text: &[u8]) {
+        let byte = self.clients[slot as usize].dialect;
+        if byte == 0 {
+            return self.on_native_command(slot, text);
+        }
+        let d = if byte & dialect::UNDECIDED != 0 {
+            // An `auto` path: the first message decides, for good.
+            let d = dialect::detect(text);
+            self.clients[slot as usize].dialect = d as u8;
+            d
+        } else {
+            Dialect::from_byte(byte)
+        };
+        if d == Dialect::Native {
+            return self.on_native_command(slot, text);
+        }
+        let now_ms = self.now_ms;
+        let st = self.out.edge.entry(slot).or_default();
+        let steps = dialect::inbound(d, text, st, now_ms);
+        if self
+            .out
+            .edge
+            .get(&slot)
+            .is_some_and(|s| s.topic == Default::default())
+        {
+            // Nothing to remember: keep the table to connections that need it.
+            self.out.edge.remove(&slot);
+        }
+        for step in steps {
+            if !self
+                .clients
+                .get(slot as usize)
+                .is_some_and(|c| c.phase != Phase::Closing && c.dialect == d as u8)
+            {
+                break;
+            }
+            match step {
+                Step::Native(cmd) => self.on_native_command(slot, &cmd),
+                Step::Own(_) if self.clients[slot as usize].phase == Phase::AwaitAuth => {
+                    // Edge-only commands (topic subscriptions) wait for authentication too.
+                    service::session::auth_failed_close(
+                        self,
+                        slot,
+                        None,
+                        "authentication required",
+                    );
+                    break;
+                }
+                Step::Own(json) => {
+                    let f = Frame::text_from_json(&json, self.now_us);
+                    if let Some(c) = self.clients.get_mut(slot as usize) {
+                        if self.out.push_raw(c, slot, f, self.now_tick) {
+                            self.make_urgent(slot);
+                        }
+                    }
+                }
+                Step::Error { reason, text, id } => {
+                    self.send_error(slot, reason, id.as_deref(), &text, None)
+                }
+            }
+        }
+    }
+
+    /// A command in the native protocol (from a native client, or translated by a dialect).
+    fn on_native_command(&mut self, slot: u32, text: &[u8]) {
         let Some(head) = parse_head(text) else {
             self.send_error(
                 slot,

@@ -411,6 +411,8 @@ impl Shard {
             self.schedule(slot, now_tick + 1);
             return true;
         }
+        // From here on, every frame this connection gets speaks its path's dialect.
+        self.clients[slot as usize].dialect = cfg.path_dialect(head.path).initial_byte();
         let c = &self.clients[slot as usize];
         let (id, user) = (c.uuid(), c.user.clone());
         tracing::debug!(

@@ -365,6 +365,8 @@ impl Shard {
                 stats: LocalStats::default(),
                 queue_limit,
                 pushed: 0,
+                dialect_cache: Default::default(),
+                edge: std::collections::HashMap::new(),
             },
             resume: Vec::new(),
             wheel: timer::Wheel::new(now_tick),

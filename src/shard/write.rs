@@ -2,7 +2,7 @@
 //! dirty connections, split into gathering what to write (`io::gather`) and committing what the
 //! kernel took (`io::commit`), so a completion-based backend can drive the same queues.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 
 use super::*;
 
@@ -192,6 +192,22 @@ pub(super) struct Outbox {
     pub(super) queue_limit: usize,
     /// Frames queued since the rate gate's window started (see `update_rate_gate`).
     pub(super) pushed: u64,
+    /// The last native frame each dialect encoded, and what it became: a fan-out to
+    /// connections of a dialect encodes once, on the first such recipient, and every later
+    /// one shares the result (see [`Outbox::push`]). Holding the source frame keeps its
+    /// identity unique while cached.
+    pub(super) dialect_cache: [Option<DialectCached>; crate::dialect::DIALECTS],
+    /// Per-connection dialect state, only for connections that have some (the topic
+    /// protocol's subscriptions); removed when the connection detaches. Bounded by the
+    /// connections of the shard.
+    pub(super) edge: HashMap<u32, crate::dialect::EdgeState>,
+}
+
+/// One dialect's encoding of one native frame.
+pub(super) struct DialectCached {
+    src: Frame,
+    out: Vec<Frame>,
+    class: crate::dialect::Class,
 }
 
 impl Outbox {
@@ -203,6 +219,66 @@ impl Outbox {
     /// Returns whether the frame was queued.
     #[inline]
     pub(super) fn push(&mut self, c: &mut Client, slot: u32, frame: Frame, now_tick: u32) -> bool {
+        if c.dialect != 0 {
+            return self.push_edge(c, slot, frame, now_tick);
+        }
+        self.push_raw(c, slot, frame, now_tick)
+    }
+
+    /// [`Outbox::push`] for a connection of another dialect: its JSON frames are translated
+    /// (once per dialect per native frame, shared by every recipient of that dialect) and
+    /// filtered by the connection's edge state; anything else (the 101 response, control
+    /// frames) goes as is. Returns whether anything was queued.
+    fn push_edge(&mut self, c: &mut Client, slot: u32, frame: Frame, now_tick: u32) -> bool {
+        use crate::dialect::{self, Dialect};
+        let d = Dialect::from_byte(c.dialect);
+        if d == Dialect::Native || !frame.is_text() || c.phase == Phase::Closing {
+            return self.push_raw(c, slot, frame, now_tick);
+        }
+        let i = d as usize;
+        if !self.dialect_cache[i]
+            .as_ref()
+            .is_some_and(|e| e.src.same(&frame))
+        {
+            let enc = dialect::encode(d, frame.payload());
+            let prefix = frame.born_prefix();
+            let out = enc
+                .frames
+                .iter()
+                .map(|json| Frame::text_from_json(json, prefix))
+                .collect();
+            self.stats.dialect_encodes += 1;
+            self.dialect_cache[i] = Some(DialectCached {
+                src: frame,
+                out,
+                class: enc.class,
+            });
+        }
+        let Some(e) = self.dialect_cache[i].as_ref() else {
+            return false;
+        };
+        if !dialect::wants(d, self.edge.get(&slot), &e.class) {
+            return false;
+        }
+        let mut queued = false;
+        for k in 0..e.out.len() {
+            let Some(f) = self.dialect_cache[i].as_ref().map(|e| e.out[k].clone()) else {
+                break;
+            };
+            queued |= self.push_raw(c, slot, f, now_tick);
+        }
+        queued
+    }
+
+    /// Queue a frame as is (no dialect translation).
+    #[inline]
+    pub(super) fn push_raw(
+        &mut self,
+        c: &mut Client,
+        slot: u32,
+        frame: Frame,
+        now_tick: u32,
+    ) -> bool {
         if c.phase == Phase::Closing {
             return false;
         }
