@@ -1817,8 +1817,10 @@ impl Loader<'_> {
                 continue;
             };
             let parsed = Self::parsed(key, &raw, source)?;
+            let native_env = KEYS.iter().find(|k| k.key == key).map_or("", |k| k.env);
             if let Some((_, other, before)) = seen.iter().find(|(k, _, _)| *k == key) {
-                if *before != parsed {
+                // The native variable decides when it is set (the aliases are then unused).
+                if *before != parsed && env(native_env).is_none() {
                     let secret = matches!(key, "jwt_secret" | "database_url");
                     let values = if secret {
                         String::new()
@@ -1829,8 +1831,7 @@ impl Loader<'_> {
                         key,
                         format!(
                             "env {other} and env {name} (the {service}'s name) both set {key} \
-                             and disagree{values}: unset one, or set {} to decide",
-                            KEYS.iter().find(|k| k.key == key).map_or("", |k| k.env)
+                             and disagree{values}: unset one, or set {native_env} to decide"
                         ),
                     ));
                 }
@@ -3081,17 +3082,24 @@ mod tests {
             &[("WEBSOCKET_HOST", "0.0.0.0"), ("HTTP_HOST", "0.0.0.0")],
         );
         assert_eq!(loaded.config.host, "0.0.0.0");
-        // A native value beside disagreeing aliases does not rescue them: they are an error
-        // of the deployment's env either way.
-        let e = load_err(
+        // The native variable beside disagreeing aliases decides (they are unused then).
+        let loaded = load_warn(
             &[],
             &[
                 ("HTTP_HOST", "127.0.0.1"),
                 ("WEBSOCKET_HOST", "0.0.0.0"),
-                ("SWITCHBOARD_HOST", "0.0.0.0"),
+                ("SWITCHBOARD_HOST", "::1"),
             ],
         );
-        assert_eq!(e.key, "host");
+        assert_eq!(loaded.config.host, "::1");
+        assert_eq!(
+            load_err(
+                &[],
+                &[("HTTP_HOST", "127.0.0.1"), ("WEBSOCKET_HOST", "0.0.0.0")]
+            )
+            .key,
+            "host"
+        );
         // A bad alias value names the alias.
         let e = load_err(&[], &[("PORT", "http")]);
         assert_eq!(e.key, "port");
