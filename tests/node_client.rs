@@ -15,12 +15,15 @@ use serde_json::{json, Value};
 /// `--experimental-websocket`, older ones need the `ws` package on NODE_PATH.
 fn node() -> (String, Vec<String>) {
     let node = std::env::var("SWITCHBOARD_NODE").unwrap_or_else(|_| "node".into());
-    let version = Command::new(&node).arg("--version").output().unwrap_or_else(|e| {
-        panic!(
+    let version = Command::new(&node)
+        .arg("--version")
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
             "cannot run {node:?} ({e}): install Node.js (`apt-get install nodejs`), or run the \
              README test command (tests/run-all.sh), which installs it"
         )
-    });
+        });
     let v = String::from_utf8_lossy(&version.stdout);
     let major: u32 = v
         .trim()
@@ -43,10 +46,7 @@ fn the_guides_javascript_client_runs_unchanged() {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/node/rooms_client.js");
     args.push(script.to_owned());
     args.push(format!("ws://127.0.0.1:{}/ws", server.port));
-    let out = Command::new(&node)
-        .args(&args)
-        .output()
-        .expect("run node");
+    let out = Command::new(&node).args(&args).output().expect("run node");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         out.status.success(),
