@@ -19,6 +19,9 @@ pub enum AuthMode {
     None,
     /// JWT verified with pinned algorithms.
     Jwt,
+    /// What the client presented (a token, or `?user_id=`) is checked by the HTTP endpoint
+    /// `auth_service_url` (a connect proxy; docs/PROTOCOL.md "Auth modes").
+    Service,
 }
 
 /// Log output format.
@@ -164,6 +167,32 @@ pub struct Config {
     /// `auth.expired` + close 4003 this long after `exp`.
     pub token_expiry_grace: Duration,
 
+    // --- the auth service (auth_mode service) and custom types through backends ---
+    /// The auth service's endpoint, `http://host[:port]/path` (required in service mode).
+    pub auth_service_url: Option<String>,
+    /// Longest an upgrade waits for the auth service (connect, request and answer).
+    pub auth_service_timeout: Duration,
+    /// JSON pointer (RFC 6901) of the user id in the auth service's 200 answer.
+    pub auth_service_user_pointer: String,
+    /// How long an accepted credential is remembered (0 = every upgrade asks).
+    pub auth_service_cache_ttl: Duration,
+    /// How long a refused credential is remembered (0 = off).
+    pub auth_service_negative_cache_ttl: Duration,
+    /// Credentials the cache holds at most (oldest out first).
+    pub auth_service_cache_entries_max: usize,
+    /// Auth-service requests in flight per node; past it an upgrade gets 503 at once.
+    pub auth_service_concurrency_max: usize,
+    /// Message types (exact, or a prefix ending in `*`) sent to backend endpoints.
+    pub rpc_routes: Vec<crate::proxy::RpcRoute>,
+    /// Longest a backend call for a custom type may take.
+    pub rpc_timeout: Duration,
+    /// Backend calls in flight per node; past it `backend busy, retry later`.
+    pub rpc_concurrency_max: usize,
+    /// Backend calls in flight per connection; past it `too many backend calls in flight`.
+    pub rpc_concurrency_per_connection_max: usize,
+    /// Largest backend reply body; past it `backend answered garbage`.
+    pub rpc_reply_bytes_max: usize,
+
     // --- direct messages ---
     /// Longest DM `content` in bytes.
     pub max_dm_content_bytes: usize,
@@ -306,6 +335,18 @@ impl Default for Config {
             auth_timeout: Duration::from_secs(10),
             token_refresh_window: Duration::from_secs(60),
             token_expiry_grace: Duration::from_secs(10),
+            auth_service_url: None,
+            auth_service_timeout: Duration::from_secs(3),
+            auth_service_user_pointer: "/user_id".into(),
+            auth_service_cache_ttl: Duration::from_secs(30),
+            auth_service_negative_cache_ttl: Duration::from_secs(5),
+            auth_service_cache_entries_max: 10_000,
+            auth_service_concurrency_max: 64,
+            rpc_routes: Vec::new(),
+            rpc_timeout: Duration::from_secs(5),
+            rpc_concurrency_max: 256,
+            rpc_concurrency_per_connection_max: 8,
+            rpc_reply_bytes_max: 64 * 1024,
             database_url: None,
             database_pool_size: 8,
             database_connect_timeout: Duration::from_secs(5),
@@ -667,12 +708,13 @@ impl Kind for KafkaCompressionKind {
 struct AuthModeKind;
 impl Kind for AuthModeKind {
     type Out = AuthMode;
-    const HINT: &'static str = "<none|jwt>";
+    const HINT: &'static str = "<none|jwt|service>";
     fn parse(raw: &Raw) -> Result<AuthMode, String> {
         match raw.text()?.trim().to_ascii_lowercase().as_str() {
             "none" => Ok(AuthMode::None),
             "jwt" => Ok(AuthMode::Jwt),
-            _ => Err("expected none or jwt".into()),
+            "service" => Ok(AuthMode::Service),
+            _ => Err("expected none, jwt or service".into()),
         }
     }
 }
@@ -837,7 +879,7 @@ config_keys! {
     allow_client_broadcast: Flag = "false", "SWITCHBOARD_ALLOW_CLIENT_BROADCAST", None,
         "Let any client broadcast (otherwise only tokens with role admin).";
     auth_mode: AuthModeKind = "none", "SWITCHBOARD_AUTH_MODE", None,
-        "none (development: ?user_id= or anonymous) or jwt.";
+        "none (development: ?user_id= or anonymous), jwt, or service (what the client presents is checked by auth_service_url).";
     jwt_secret: OptText = "", "SWITCHBOARD_JWT_SECRET", None,
         "HMAC secret for HS256/384/512 (prefer the env var: flags show in ps).";
     jwt_public_key_file: OptText = "", "SWITCHBOARD_JWT_PUBLIC_KEY_FILE", None,
@@ -856,6 +898,29 @@ config_keys! {
         "auth.expiring is sent this long before exp.";
     token_expiry_grace: Dur = "10s", "SWITCHBOARD_TOKEN_EXPIRY_GRACE", None,
         "auth.expired and close 4003 this long after exp.";
+    // ---- the auth service and custom types through backends
+    auth_service_url: OptText = "", "SWITCHBOARD_AUTH_SERVICE_URL", None,
+        "auth_mode service: the endpoint (http://host[:port]/path; no https in this build) POSTed the client's token or ?user_id= and address on every upgrade (docs/PROTOCOL.md, Auth modes).";
+    auth_service_timeout: Dur = "3s", "SWITCHBOARD_AUTH_SERVICE_TIMEOUT", None,
+        "Longest an upgrade waits for the auth service (connect, request and answer), 10ms to 60s; past it the upgrade gets 503. Not auth_timeout (the in-band authenticate frame).";
+    auth_service_user_pointer: Text = "/user_id", "SWITCHBOARD_AUTH_SERVICE_USER_POINTER", None,
+        "JSON pointer (RFC 6901) of the user id (a string or an integer) in the auth service's 200 answer.";
+    auth_service_cache_ttl: Dur = "30s", "SWITCHBOARD_AUTH_SERVICE_CACHE_TTL", None,
+        "How long an accepted credential is remembered (the next upgrade with it does not ask), 0 (off) to 1h.";
+    auth_service_negative_cache_ttl: Dur = "5s", "SWITCHBOARD_AUTH_SERVICE_NEGATIVE_CACHE_TTL", None,
+        "How long a refused credential is remembered (401 without asking), 0 (off) to 1h. Unanswered requests are never cached.";
+    auth_service_cache_entries_max: Count = "10000", "SWITCHBOARD_AUTH_SERVICE_CACHE_ENTRIES_MAX", None,
+        "Credentials the auth-service cache holds at most (oldest out first), 1 to 1000000.";
+    auth_service_concurrency_max: Count = "64", "SWITCHBOARD_AUTH_SERVICE_CONCURRENCY_MAX", None,
+        "Auth-service requests in flight per node, 1 to 4096; an upgrade past it gets 503 auth service busy at once.";
+    rpc_timeout: Dur = "5s", "SWITCHBOARD_RPC_TIMEOUT", None,
+        "Longest a backend call for a custom message type (rpc_routes) may take, 10ms to 60s; past it the client gets backend timed out, retry later.";
+    rpc_concurrency_max: Count = "256", "SWITCHBOARD_RPC_CONCURRENCY_MAX", None,
+        "Backend calls (rpc_routes) in flight per node, 1 to 65536; past it backend busy, retry later.";
+    rpc_concurrency_per_connection_max: Count = "8", "SWITCHBOARD_RPC_CONCURRENCY_PER_CONNECTION_MAX", None,
+        "Backend calls (rpc_routes) in flight per connection, 1 to 1024; past it too many backend calls in flight.";
+    rpc_reply_bytes_max: Bytes = "64KiB", "SWITCHBOARD_RPC_REPLY_BYTES_MAX", None,
+        "Largest backend reply body (rpc_routes), 1 KiB to 16 MiB; a larger one is backend answered garbage.";
     max_dm_content_bytes: Bytes = "16KiB", "SWITCHBOARD_MAX_DM_CONTENT_BYTES", None,
         "Longest direct-message content in bytes, 1 B to 64 MiB.";
     // ---- the message store
@@ -1009,6 +1074,15 @@ static STRUCTURED: &[StructuredKey] = &[
             Ok(())
         },
         doc: "Kafka topics turned into notifications, first match wins: a list of {topic or pattern, user or room (key or a JSON pointer), kind, data} (docs/CONFIG.md#notifications-from-kafka-topics; example: docs/examples/notifications.yaml). Empty = no consumer runs.",
+    },
+    StructuredKey {
+        key: "rpc_routes",
+        env: "SWITCHBOARD_RPC_ROUTES",
+        apply: |cfg, v| {
+            cfg.rpc_routes = crate::proxy::parse_routes(v)?;
+            Ok(())
+        },
+        doc: "Custom message types sent to backends: a map from a type (exact, or a prefix ending in *) to an http:// endpoint; in env also type=url,type2=url. The longest match wins; native types are never routed (docs/PROTOCOL.md, Custom message types).",
     },
 ];
 
@@ -2113,6 +2187,103 @@ impl Config {
 
         if self.auth_mode == AuthMode::Jwt {
             self.validate_jwt(&from)?;
+        }
+        self.validate_proxy(&from)?;
+        Ok(())
+    }
+
+    /// The auth service's and the custom-type backends' keys (`crate::proxy`).
+    fn validate_proxy(&self, from: &dyn Fn(&str) -> String) -> Result<(), ConfigError> {
+        let fail = |key: &str, why: String| Err(ConfigError::new(key, why));
+        let between = |key: &str, d: Duration, lo: Duration, hi: Duration| {
+            if d < lo || d > hi {
+                return fail(
+                    key,
+                    format!("must be between {lo:?} and {hi:?}, got {d:?}{}", from(key)),
+                );
+            }
+            Ok(())
+        };
+        let count = |key: &str, n: usize, lo: usize, hi: usize| {
+            if n < lo || n > hi {
+                return fail(
+                    key,
+                    format!("must be between {lo} and {hi}, got {n}{}", from(key)),
+                );
+            }
+            Ok(())
+        };
+        let ms = Duration::from_millis;
+        let s = Duration::from_secs;
+        between(
+            "auth_service_timeout",
+            self.auth_service_timeout,
+            ms(10),
+            s(60),
+        )?;
+        between(
+            "auth_service_cache_ttl",
+            self.auth_service_cache_ttl,
+            s(0),
+            s(3600),
+        )?;
+        between(
+            "auth_service_negative_cache_ttl",
+            self.auth_service_negative_cache_ttl,
+            s(0),
+            s(3600),
+        )?;
+        count(
+            "auth_service_cache_entries_max",
+            self.auth_service_cache_entries_max,
+            1,
+            1_000_000,
+        )?;
+        count(
+            "auth_service_concurrency_max",
+            self.auth_service_concurrency_max,
+            1,
+            4096,
+        )?;
+        between("rpc_timeout", self.rpc_timeout, ms(10), s(60))?;
+        count("rpc_concurrency_max", self.rpc_concurrency_max, 1, 65_536)?;
+        count(
+            "rpc_concurrency_per_connection_max",
+            self.rpc_concurrency_per_connection_max,
+            1,
+            1024,
+        )?;
+        count(
+            "rpc_reply_bytes_max",
+            self.rpc_reply_bytes_max,
+            1024,
+            16 << 20,
+        )?;
+        if let Err(e) = crate::proxy::parse_pointer(&self.auth_service_user_pointer) {
+            return fail(
+                "auth_service_user_pointer",
+                format!("{e}{}", from("auth_service_user_pointer")),
+            );
+        }
+        match (&self.auth_service_url, self.auth_mode) {
+            (Some(url), _) => {
+                if let Err(e) = crate::bridge::http_client::Url::parse(url) {
+                    return fail(
+                        "auth_service_url",
+                        format!("{e}{}", from("auth_service_url")),
+                    );
+                }
+            }
+            (None, AuthMode::Service) => {
+                return fail(
+                    "auth_service_url",
+                    format!(
+                        "is required with auth_mode service{}: set it to the auth service's http:// endpoint",
+                        from("auth_mode")
+                    ),
+                );
+            }
+            (None, _) => {}
         }
         Ok(())
     }

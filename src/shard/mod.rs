@@ -18,6 +18,7 @@ mod closing;
 mod deliver;
 mod dispatch;
 mod http;
+mod proxy;
 mod read;
 pub mod service;
 mod timer;
@@ -154,6 +155,8 @@ pub struct Node {
     /// The Kafka clients' counters, kept by the bridge; with Kafka configured, `up` is part of
     /// readiness.
     pub kafka_stats: crate::bridge::kafka::KafkaStats,
+    /// The auth service's and custom-type backends' counters, kept by the bridge.
+    pub proxy_stats: crate::bridge::proxy::ProxyStats,
     pub max_connections: u64,
     pub epoch: Instant,
     pub limits: crate::doctor::Limits,
@@ -236,6 +239,11 @@ pub struct Shard {
     /// generation -> keep-alive), and those whose answer arrived this turn.
     http_waiting: std::collections::HashMap<(u32, u32), bool>,
     http_resume: Vec<(u32, bool)>,
+    /// Upgrades parked for the auth service's answer (also in `http_waiting`, which keeps
+    /// their later bytes and times them out), and per connection its backend calls in flight
+    /// (`shard::proxy`). Both bounded by the connections of the shard.
+    auth_parked: std::collections::HashMap<(u32, u32), Box<proxy::Parked>>,
+    rpc_in_flight: std::collections::HashMap<(u32, u32), u32>,
     next_gen: u32,
     read_buf: Vec<u8>,
     fb: FrameBuilder,
@@ -355,6 +363,8 @@ impl Shard {
             topics: Default::default(),
             topics_of: Default::default(),
             http_waiting: Default::default(),
+            auth_parked: Default::default(),
+            rpc_in_flight: Default::default(),
             http_resume: Vec::new(),
             next_gen: 1,
             read_buf,
