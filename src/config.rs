@@ -1405,12 +1405,20 @@ impl Loader<'_> {
         text: &str,
         source: Source<'_>,
     ) -> Result<(), ConfigError> {
-        let value: serde_norway::Value = serde_norway::from_str(text).map_err(|e| {
-            ConfigError::new(
-                s.key,
-                format!("invalid value {source}: expected YAML or JSON: {e}"),
-            )
-        })?;
+        let value: serde_norway::Value = match serde_norway::from_str(text) {
+            Ok(v) => v,
+            // Not YAML and not a map or list: the key's parser gets the text itself (the
+            // `type=url,type2=url` form of `rpc_routes`, whose `*` YAML reads as an alias).
+            Err(_) if !text.trim_start().starts_with(['{', '[']) => {
+                serde_norway::Value::String(text.to_owned())
+            }
+            Err(e) => {
+                return Err(ConfigError::new(
+                    s.key,
+                    format!("invalid value {source}: expected YAML or JSON: {e}"),
+                ))
+            }
+        };
         self.set_structured(s, &value, source)
     }
 
