@@ -3932,3 +3932,80 @@ mod tests {
         cfg.validate().expect("edges are valid");
     }
 }
+
+/// The auth service's and `rpc_routes`' keys (`crate::proxy`), apart from the main tests.
+#[cfg(test)]
+mod proxy_key_tests {
+    use super::*;
+
+    fn load(env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let map: std::collections::HashMap<String, String> = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        Config::load(&[], &move |k| map.get(k).cloned())
+    }
+
+    fn err(env: &[(&str, &str)]) -> String {
+        load(env).expect_err("expected an error").to_string()
+    }
+
+    #[test]
+    fn service_mode_needs_an_http_url() {
+        let e = err(&[("SWITCHBOARD_AUTH_MODE", "service")]);
+        assert!(e.contains("auth_service_url") && e.contains("required"), "{e}");
+        let e = err(&[
+            ("SWITCHBOARD_AUTH_MODE", "service"),
+            ("SWITCHBOARD_AUTH_SERVICE_URL", "https://auth/check"),
+        ]);
+        assert!(e.contains("https is not supported"), "{e}");
+        let cfg = load(&[
+            ("SWITCHBOARD_AUTH_MODE", "service"),
+            ("SWITCHBOARD_AUTH_SERVICE_URL", "http://auth:9000/check"),
+            ("SWITCHBOARD_AUTH_SERVICE_TIMEOUT", "10s"),
+        ])
+        .unwrap();
+        assert_eq!(cfg.auth_mode, AuthMode::Service);
+        assert_eq!(cfg.auth_service_timeout, Duration::from_secs(10));
+        assert_eq!(cfg.auth_timeout, Duration::from_secs(10), "in-band: unchanged");
+        assert_eq!(cfg.auth_service_user_pointer, "/user_id");
+    }
+
+    #[test]
+    fn ranges_name_the_key() {
+        for (k, v, key) in [
+            ("SWITCHBOARD_AUTH_SERVICE_TIMEOUT", "0s", "auth_service_timeout"),
+            ("SWITCHBOARD_AUTH_SERVICE_CACHE_TTL", "2h", "auth_service_cache_ttl"),
+            ("SWITCHBOARD_AUTH_SERVICE_CONCURRENCY_MAX", "0", "auth_service_concurrency_max"),
+            ("SWITCHBOARD_AUTH_SERVICE_USER_POINTER", "user_id", "auth_service_user_pointer"),
+            ("SWITCHBOARD_RPC_TIMEOUT", "61s", "rpc_timeout"),
+            ("SWITCHBOARD_RPC_CONCURRENCY_PER_CONNECTION_MAX", "0", "rpc_concurrency_per_connection_max"),
+            ("SWITCHBOARD_RPC_REPLY_BYTES_MAX", "100", "rpc_reply_bytes_max"),
+        ] {
+            let e = err(&[(k, v)]);
+            assert!(e.contains(key), "{k}={v}: {e}");
+        }
+    }
+
+    #[test]
+    fn rpc_routes_from_env_text_json_and_the_file() {
+        let cfg = load(&[(
+            "SWITCHBOARD_RPC_ROUTES",
+            "get_user=http://users/rpc,orders.*=http://orders:81/rpc",
+        )])
+        .unwrap();
+        assert_eq!(cfg.rpc_routes.len(), 2);
+        assert!(cfg.rpc_routes[1].prefix);
+        let cfg = load(&[("SWITCHBOARD_RPC_ROUTES", r#"{"*": "http://all/"}"#)]).unwrap();
+        assert_eq!(cfg.rpc_routes[0].pattern, "");
+        let mut cfg = Config::default();
+        cfg.apply_yaml(
+            "rpc_routes:\n  get_user: http://users/rpc\n  create_order: http://orders/rpc\n",
+            "t.yaml",
+        )
+        .unwrap();
+        assert_eq!(cfg.rpc_routes[1].pattern, "create_order");
+        let e = err(&[("SWITCHBOARD_RPC_ROUTES", "ping=http://a/")]);
+        assert!(e.contains("native"), "{e}");
+    }
+}
