@@ -3953,7 +3953,10 @@ mod proxy_key_tests {
     #[test]
     fn service_mode_needs_an_http_url() {
         let e = err(&[("SWITCHBOARD_AUTH_MODE", "service")]);
-        assert!(e.contains("auth_service_url") && e.contains("required"), "{e}");
+        assert!(
+            e.contains("auth_service_url") && e.contains("required"),
+            "{e}"
+        );
         let e = err(&[
             ("SWITCHBOARD_AUTH_MODE", "service"),
             ("SWITCHBOARD_AUTH_SERVICE_URL", "https://auth/check"),
@@ -3967,20 +3970,48 @@ mod proxy_key_tests {
         .unwrap();
         assert_eq!(cfg.auth_mode, AuthMode::Service);
         assert_eq!(cfg.auth_service_timeout, Duration::from_secs(10));
-        assert_eq!(cfg.auth_timeout, Duration::from_secs(10), "in-band: unchanged");
+        assert_eq!(
+            cfg.auth_timeout,
+            Duration::from_secs(10),
+            "in-band: unchanged"
+        );
         assert_eq!(cfg.auth_service_user_pointer, "/user_id");
     }
 
     #[test]
     fn ranges_name_the_key() {
         for (k, v, key) in [
-            ("SWITCHBOARD_AUTH_SERVICE_TIMEOUT", "0s", "auth_service_timeout"),
-            ("SWITCHBOARD_AUTH_SERVICE_CACHE_TTL", "2h", "auth_service_cache_ttl"),
-            ("SWITCHBOARD_AUTH_SERVICE_CONCURRENCY_MAX", "0", "auth_service_concurrency_max"),
-            ("SWITCHBOARD_AUTH_SERVICE_USER_POINTER", "user_id", "auth_service_user_pointer"),
+            (
+                "SWITCHBOARD_AUTH_SERVICE_TIMEOUT",
+                "0s",
+                "auth_service_timeout",
+            ),
+            (
+                "SWITCHBOARD_AUTH_SERVICE_CACHE_TTL",
+                "2h",
+                "auth_service_cache_ttl",
+            ),
+            (
+                "SWITCHBOARD_AUTH_SERVICE_CONCURRENCY_MAX",
+                "0",
+                "auth_service_concurrency_max",
+            ),
+            (
+                "SWITCHBOARD_AUTH_SERVICE_USER_POINTER",
+                "user_id",
+                "auth_service_user_pointer",
+            ),
             ("SWITCHBOARD_RPC_TIMEOUT", "61s", "rpc_timeout"),
-            ("SWITCHBOARD_RPC_CONCURRENCY_PER_CONNECTION_MAX", "0", "rpc_concurrency_per_connection_max"),
-            ("SWITCHBOARD_RPC_REPLY_BYTES_MAX", "100", "rpc_reply_bytes_max"),
+            (
+                "SWITCHBOARD_RPC_CONCURRENCY_PER_CONNECTION_MAX",
+                "0",
+                "rpc_concurrency_per_connection_max",
+            ),
+            (
+                "SWITCHBOARD_RPC_REPLY_BYTES_MAX",
+                "100",
+                "rpc_reply_bytes_max",
+            ),
         ] {
             let e = err(&[(k, v)]);
             assert!(e.contains(key), "{k}={v}: {e}");

@@ -401,3 +401,43 @@ fn a_native_type_in_the_routes_stops_the_start() {
         "{err}"
     );
 }
+
+#[test]
+fn frames_sent_behind_a_parked_upgrade_run_after_it() {
+    use std::io::{Read, Write};
+    let stub = Stub::start(|_, _| {
+        Reply::json(200, r#"{"user_id":"gus"}"#).after(Duration::from_millis(200))
+    });
+    let server = service_server(&stub.url("/"), &[]);
+    let mut s = server.tcp();
+    let payload = br#"{"type":"ping","id":"p1"}"#;
+    let mask = [1u8, 2, 3, 4];
+    let mut bytes = common::upgrade_request("/ws?token=t", &[]).into_bytes();
+    bytes.extend_from_slice(&[0x81, 0x80 | payload.len() as u8]);
+    bytes.extend_from_slice(&mask);
+    bytes.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    s.write_all(&bytes).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let mut got = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut chunk = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains(r#""type":"pong""#) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no pong: {}",
+            String::from_utf8_lossy(&got)
+        );
+        if let Ok(n) = s.read(&mut chunk) {
+            assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&chunk[..n]);
+        }
+    }
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 101"), "{text}");
+    let connected = text.find(r#""user_id":"gus""#).expect("connected as gus");
+    let pong = text
+        .find(r#""type":"pong","id":"p1""#)
+        .expect("pong with the id");
+    assert!(connected < pong, "{text}");
+}

@@ -244,13 +244,12 @@ pub fn parse_response(buf: &[u8], eof: bool, head_max: usize, body_max: usize) -
                     .value
                     .split(|&b| b == b',')
                     .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-            } else if h.name.eq_ignore_ascii_case("connection") {
-                if h.value
+            } else if h.name.eq_ignore_ascii_case("connection")
+                && h.value
                     .split(|&b| b == b',')
                     .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
-                {
-                    keep = false;
-                }
+            {
+                keep = false;
             }
         }
         let rest = &buf[head_len..];

@@ -199,10 +199,17 @@ impl Node {
 /// come later (`durable::gave_up`), so it can never be taken for the next request's reply.
 pub fn http_answer_wait(cfg: &crate::config::Config) -> Duration {
     let base = cfg.store_timeout * 2 + Duration::from_secs(3);
-    if cfg.kafka_brokers.is_empty() {
+    let wait = if cfg.kafka_brokers.is_empty() {
         base
     } else {
         base + cfg.store_timeout * 2 + cfg.kafka_ack_timeout
+    };
+    // An upgrade parked for the auth service (`shard::proxy`) waits here too: the bridge's
+    // own 503 at `auth_service_timeout` comes first.
+    if cfg.auth_mode == crate::config::AuthMode::Service {
+        wait.max(cfg.auth_service_timeout + Duration::from_secs(3))
+    } else {
+        wait
     }
 }
 

@@ -113,6 +113,9 @@ impl Shard {
                     return;
                 }
                 match outcome {
+                    ConnectOutcome::Allow(_) if self.node.draining.load(Ordering::Relaxed) => {
+                        self.reject(slot, 503, "server is shutting down");
+                    }
                     ConnectOutcome::Allow(user) => {
                         let Parked { response, rooms } = *parked;
                         let user = String::from(&*user);
