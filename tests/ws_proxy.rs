@@ -441,3 +441,35 @@ fn frames_sent_behind_a_parked_upgrade_run_after_it() {
         .expect("pong with the id");
     assert!(connected < pong, "{text}");
 }
+
+#[test]
+fn calls_per_node_are_bounded() {
+    let stub =
+        Stub::start(|_, _| Reply::json(200, r#"{"data":1}"#).after(Duration::from_millis(500)));
+    let server = rpc_server(
+        &format!("get_user={}", stub.url("/")),
+        &[
+            ("SWITCHBOARD_RPC_CONCURRENCY_MAX", "1"),
+            ("SWITCHBOARD_RPC_TIMEOUT", "5s"),
+        ],
+    );
+    let mut a = server.connect("/ws?user_id=alice");
+    let mut b = server.connect("/ws?user_id=bob");
+    a.send_json(json!({"type": "get_user", "id": 1}));
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while stub.requests() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first call never arrived"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    b.send_json(json!({"type": "get_user", "id": 2}));
+    assert_eq!(b.expect_error("backend busy, retry later")["id"], 2);
+    assert_eq!(a.expect_type("get_user.result")["id"], 1);
+    assert_eq!(stub.requests(), 1);
+    let m = server.wait_metrics("busy", |m| {
+        metric(m, "switchboard_rpc_busy_total") == Some(1)
+    });
+    assert_eq!(metric(&m, "switchboard_rpc_in_flight"), Some(0));
+}
