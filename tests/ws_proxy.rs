@@ -473,3 +473,18 @@ fn calls_per_node_are_bounded() {
     });
     assert_eq!(metric(&m, "switchboard_rpc_in_flight"), Some(0));
 }
+
+#[test]
+fn the_rest_api_never_trusts_a_claimed_user_in_service_mode() {
+    let stub = auth_stub();
+    let server = service_server(&stub.url("/"), &[]);
+    let r = server.http_request(
+        "GET /api/v1/messages/threads HTTP/1.1\r\nHost: x\r\nX-User-Id: alice\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(r.status, 401, "{r:?}");
+    assert_eq!(
+        r.json(),
+        json!({"error": "the REST API needs auth_mode jwt or none; with auth_mode service only WebSocket upgrades are authenticated"})
+    );
+    assert_eq!(stub.requests(), 0);
+}
