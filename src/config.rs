@@ -22,6 +22,9 @@ pub enum AuthMode {
     None,
     /// JWT verified with pinned algorithms.
     Jwt,
+    /// What the client presented (a token, or `?user_id=`) is checked by the HTTP endpoint
+    /// `auth_service_url` (a connect proxy; docs/PROTOCOL.md "Auth modes").
+    Service,
 }
 
 /// Log output format.
@@ -169,6 +172,32 @@ pub struct Config {
     /// `auth.expired` + close 4003 this long after `exp`.
     pub token_expiry_grace: Duration,
 
+    // --- the auth service (auth_mode service) and custom types through backends ---
+    /// The auth service's endpoint, `http://host[:port]/path` (required in service mode).
+    pub auth_service_url: Option<String>,
+    /// Longest an upgrade waits for the auth service (connect, request and answer).
+    pub auth_service_timeout: Duration,
+    /// JSON pointer (RFC 6901) of the user id in the auth service's 200 answer.
+    pub auth_service_user_pointer: String,
+    /// How long an accepted credential is remembered (0 = every upgrade asks).
+    pub auth_service_cache_ttl: Duration,
+    /// How long a refused credential is remembered (0 = off).
+    pub auth_service_negative_cache_ttl: Duration,
+    /// Credentials the cache holds at most (oldest out first).
+    pub auth_service_cache_entries_max: usize,
+    /// Auth-service requests in flight per node; past it an upgrade gets 503 at once.
+    pub auth_service_concurrency_max: usize,
+    /// Message types (exact, or a prefix ending in `*`) sent to backend endpoints.
+    pub rpc_routes: Vec<crate::proxy::RpcRoute>,
+    /// Longest a backend call for a custom type may take.
+    pub rpc_timeout: Duration,
+    /// Backend calls in flight per node; past it `backend busy, retry later`.
+    pub rpc_concurrency_max: usize,
+    /// Backend calls in flight per connection; past it `too many backend calls in flight`.
+    pub rpc_concurrency_per_connection_max: usize,
+    /// Largest backend reply body; past it `backend answered garbage`.
+    pub rpc_reply_bytes_max: usize,
+
     // --- direct messages ---
     /// Longest DM `content` in bytes.
     pub max_dm_content_bytes: usize,
@@ -314,6 +343,18 @@ impl Default for Config {
             auth_timeout: Duration::from_secs(10),
             token_refresh_window: Duration::from_secs(60),
             token_expiry_grace: Duration::from_secs(10),
+            auth_service_url: None,
+            auth_service_timeout: Duration::from_secs(3),
+            auth_service_user_pointer: "/user_id".into(),
+            auth_service_cache_ttl: Duration::from_secs(30),
+            auth_service_negative_cache_ttl: Duration::from_secs(5),
+            auth_service_cache_entries_max: 10_000,
+            auth_service_concurrency_max: 64,
+            rpc_routes: Vec::new(),
+            rpc_timeout: Duration::from_secs(5),
+            rpc_concurrency_max: 256,
+            rpc_concurrency_per_connection_max: 8,
+            rpc_reply_bytes_max: 64 * 1024,
             database_url: None,
             database_pool_size: 8,
             database_connect_timeout: Duration::from_secs(5),
@@ -674,12 +715,13 @@ impl Kind for KafkaCompressionKind {
 struct AuthModeKind;
 impl Kind for AuthModeKind {
     type Out = AuthMode;
-    const HINT: &'static str = "<none|jwt>";
+    const HINT: &'static str = "<none|jwt|service>";
     fn parse(raw: &Raw) -> Result<AuthMode, String> {
         match raw.text()?.trim().to_ascii_lowercase().as_str() {
             "none" => Ok(AuthMode::None),
             "jwt" => Ok(AuthMode::Jwt),
-            _ => Err("expected none or jwt".into()),
+            "service" => Ok(AuthMode::Service),
+            _ => Err("expected none, jwt or service".into()),
         }
     }
 }
@@ -854,7 +896,7 @@ config_keys! {
     allow_client_broadcast: Flag = "false", "SWITCHBOARD_ALLOW_CLIENT_BROADCAST",
         "Let any client broadcast (otherwise only tokens with role admin).";
     auth_mode: AuthModeKind = "none", "SWITCHBOARD_AUTH_MODE",
-        "none (development: ?user_id= or anonymous) or jwt.";
+        "none (development: ?user_id= or anonymous), jwt, or service (what the client presents is checked by auth_service_url).";
     jwt_secret: OptText = "", "SWITCHBOARD_JWT_SECRET",
         "HMAC secret for HS256/384/512 (prefer the env var: flags show in ps).";
     jwt_public_key_file: OptText = "", "SWITCHBOARD_JWT_PUBLIC_KEY_FILE",
@@ -873,6 +915,29 @@ config_keys! {
         "auth.expiring is sent this long before exp.";
     token_expiry_grace: Dur = "10s", "SWITCHBOARD_TOKEN_EXPIRY_GRACE",
         "auth.expired and close 4003 this long after exp.";
+    // ---- the auth service and custom types through backends
+    auth_service_url: OptText = "", "SWITCHBOARD_AUTH_SERVICE_URL",
+        "auth_mode service: the endpoint (http://host[:port]/path; no https in this build) POSTed the client's token or ?user_id= and address on every upgrade (docs/PROTOCOL.md, Auth modes).";
+    auth_service_timeout: Dur = "3s", "SWITCHBOARD_AUTH_SERVICE_TIMEOUT",
+        "Longest an upgrade waits for the auth service (connect, request and answer), 10ms to 60s; past it the upgrade gets 503. Not auth_timeout (the in-band authenticate frame).";
+    auth_service_user_pointer: Text = "/user_id", "SWITCHBOARD_AUTH_SERVICE_USER_POINTER",
+        "JSON pointer (RFC 6901) of the user id (a string or an integer) in the auth service's 200 answer.";
+    auth_service_cache_ttl: Dur = "30s", "SWITCHBOARD_AUTH_SERVICE_CACHE_TTL",
+        "How long an accepted credential is remembered (the next upgrade with it does not ask), 0 (off) to 1h.";
+    auth_service_negative_cache_ttl: Dur = "5s", "SWITCHBOARD_AUTH_SERVICE_NEGATIVE_CACHE_TTL",
+        "How long a refused credential is remembered (401 without asking), 0 (off) to 1h. Unanswered requests are never cached.";
+    auth_service_cache_entries_max: Count = "10000", "SWITCHBOARD_AUTH_SERVICE_CACHE_ENTRIES_MAX",
+        "Credentials the auth-service cache holds at most (oldest out first), 1 to 1000000.";
+    auth_service_concurrency_max: Count = "64", "SWITCHBOARD_AUTH_SERVICE_CONCURRENCY_MAX",
+        "Auth-service requests in flight per node, 1 to 4096; an upgrade past it gets 503 auth service busy at once.";
+    rpc_timeout: Dur = "5s", "SWITCHBOARD_RPC_TIMEOUT",
+        "Longest a backend call for a custom message type (rpc_routes) may take, 10ms to 60s; past it the client gets backend timed out, retry later.";
+    rpc_concurrency_max: Count = "256", "SWITCHBOARD_RPC_CONCURRENCY_MAX",
+        "Backend calls (rpc_routes) in flight per node, 1 to 65536; past it backend busy, retry later.";
+    rpc_concurrency_per_connection_max: Count = "8", "SWITCHBOARD_RPC_CONCURRENCY_PER_CONNECTION_MAX",
+        "Backend calls (rpc_routes) in flight per connection, 1 to 1024; past it too many backend calls in flight.";
+    rpc_reply_bytes_max: Bytes = "64KiB", "SWITCHBOARD_RPC_REPLY_BYTES_MAX",
+        "Largest backend reply body (rpc_routes), 1 KiB to 16 MiB; a larger one is backend answered garbage.";
     max_dm_content_bytes: Bytes = "16KiB", "SWITCHBOARD_MAX_DM_CONTENT_BYTES",
         "Longest direct-message content in bytes, 1 B to 64 MiB.";
     // ---- the message store
@@ -1029,6 +1094,15 @@ static STRUCTURED: &[StructuredKey] = &[
         },
         doc: "Kafka topics turned into notifications, first match wins: a list of {topic or pattern, user or room (key or a JSON pointer), kind, data} (docs/CONFIG.md#notifications-from-kafka-topics; example: docs/examples/notifications.yaml). Empty = no consumer runs.",
     },
+    StructuredKey {
+        key: "rpc_routes",
+        env: "SWITCHBOARD_RPC_ROUTES",
+        apply: |cfg, v| {
+            cfg.rpc_routes = crate::proxy::parse_routes(v)?;
+            Ok(())
+        },
+        doc: "Custom message types sent to backends: a map from a type (exact, or a prefix ending in *) to an http:// endpoint; in env also type=url,type2=url. The longest match wins; native types are never routed (docs/PROTOCOL.md, Custom message types).",
+    },
 ];
 
 /// What a setting of one of the services Switchboard replaces does here.
@@ -1041,9 +1115,6 @@ enum Legacy {
     AuthKey(&'static str),
     /// Accepted for compatibility, with one start-up line giving this reason.
     NoEffect(&'static str),
-    /// Means this native key, which is not built in this branch yet: accepted with one
-    /// start-up line until it lands. Enabling it is one edit: `NotYet(k)` -> `Key(k)`.
-    NotYet(&'static str),
     /// `enabled` of the rooms module: `true` is always so here; `false` refuses to start.
     Enabled,
     /// `AUTH_ENABLED` of the chat hub: `true` turns JWT auth on (see [`Legacy::AuthKey`]) and
@@ -1207,18 +1278,17 @@ static ENV_ALIASES: &[(&str, &str, Legacy)] = &[
         Legacy::Key("max_connections_per_room"),
     ),
     ("AUTH_ENABLED", CHAT_HUB, Legacy::AuthEnabled),
-    // TODO(auth service mode): these become `Legacy::Key(..)` when `auth_mode: service` and
-    // its keys `auth_service_url` / `auth_service_timeout` land (AUTH_TIMEOUT is the chat hub's
-    // timeout for calling its auth service, not the in-band `auth_timeout`).
+    // AUTH_TIMEOUT is the chat hub's timeout for calling its auth service, not the in-band
+    // `auth_timeout`.
     (
         "AUTH_SERVICE_URL",
         CHAT_HUB,
-        Legacy::NotYet("auth_service_url"),
+        Legacy::Key("auth_service_url"),
     ),
     (
         "AUTH_TIMEOUT",
         CHAT_HUB,
-        Legacy::NotYet("auth_service_timeout"),
+        Legacy::Key("auth_service_timeout"),
     ),
     ("ENVIRONMENT", MESSAGING, Legacy::NoEffect(WHY_ENVIRONMENT)),
     ("DATABASE_URL", MESSAGING, Legacy::Key("database_url")),
@@ -1468,7 +1538,14 @@ impl Loaded {
                         _ => "<redacted>".to_owned(),
                     }
                 }
-                key => value_debug(&self.config, key).unwrap_or_default(),
+                key => {
+                    let v = value_debug(&self.config, key).unwrap_or_default();
+                    // An optional value that is set prints as the value itself.
+                    match v.strip_prefix("Some(").and_then(|s| s.strip_suffix(')')) {
+                        Some(inner) => inner.to_owned(),
+                        None => v,
+                    }
+                }
             };
             let source = self
                 .sources
@@ -1581,12 +1658,20 @@ impl Loader<'_> {
         text: &str,
         source: Source<'_>,
     ) -> Result<(), ConfigError> {
-        let value: serde_norway::Value = serde_norway::from_str(text).map_err(|e| {
-            ConfigError::new(
-                s.key,
-                format!("invalid value {source}: expected YAML or JSON: {e}"),
-            )
-        })?;
+        let value: serde_norway::Value = match serde_norway::from_str(text) {
+            Ok(v) => v,
+            // Not YAML and not a map or list: the key's parser gets the text itself (the
+            // `type=url,type2=url` form of `rpc_routes`, whose `*` YAML reads as an alias).
+            Err(_) if !text.trim_start().starts_with(['{', '[']) => {
+                serde_norway::Value::String(text.to_owned())
+            }
+            Err(e) => {
+                return Err(ConfigError::new(
+                    s.key,
+                    format!("invalid value {source}: expected YAML or JSON: {e}"),
+                ))
+            }
+        };
         self.set_structured(s, &value, source)
     }
 
@@ -1618,13 +1703,6 @@ impl Loader<'_> {
                 return Ok(Some((key, raw)));
             }
             Legacy::NoEffect(why) => self.no_effect(id, label, why),
-            Legacy::NotYet(key) => {
-                let why = format!(
-                    "it means {key} of the auth-service mode, which this build does not have \
-                     yet; clients are authenticated by auth_mode (JWT with a secret, or none)"
-                );
-                self.no_effect(id, label, &why);
-            }
             Legacy::Enabled => {
                 if !legacy_bool(&raw, label)? {
                     return Err(ConfigError::new(
@@ -1914,6 +1992,27 @@ impl Loader<'_> {
             }
             return Ok(());
         }
+        if self.auth_enabled
+            && self
+                .cfg
+                .auth_service_url
+                .as_deref()
+                .is_some_and(|u| !u.is_empty())
+        {
+            // The chat hub validated tokens through its auth service (AUTH_ENABLED with
+            // AUTH_SERVICE_URL): that service stays the authority. JWT_SECRET without
+            // AUTH_ENABLED (the messaging service's) checks tokens here, as it did.
+            self.cfg.auth_mode = AuthMode::Service;
+            self.sources.0.insert(
+                "auth_mode".into(),
+                format!("inferred from {by} and auth_service_url"),
+            );
+            self.warnings.push(format!(
+                "auth_mode service (inferred from {by} and auth_service_url): every upgrade is \
+                 checked by the auth service; set auth_mode explicitly to silence this"
+            ));
+            return Ok(());
+        }
         self.cfg.auth_mode = AuthMode::Jwt;
         self.sources
             .0
@@ -1929,8 +2028,8 @@ impl Loader<'_> {
                 "auth_mode",
                 "AUTH_ENABLED=true turns JWT authentication on, but no key to verify tokens is \
                  set: set JWT_SECRET (or SWITCHBOARD_JWT_SECRET) to the HMAC secret the tokens \
-                 are signed with, or jwt_public_key_file (the chat hub's auth-service mode is not \
-                 built yet)",
+                 are signed with, or jwt_public_key_file, or AUTH_SERVICE_URL (the auth service \
+                 that checks them)",
             ));
         }
         self.warnings.push(format!(
@@ -2634,6 +2733,103 @@ impl Config {
         if self.auth_mode == AuthMode::Jwt {
             self.validate_jwt(&from)?;
         }
+        self.validate_proxy(&from)?;
+        Ok(())
+    }
+
+    /// The auth service's and the custom-type backends' keys (`crate::proxy`).
+    fn validate_proxy(&self, from: &dyn Fn(&str) -> String) -> Result<(), ConfigError> {
+        let fail = |key: &str, why: String| Err(ConfigError::new(key, why));
+        let between = |key: &str, d: Duration, lo: Duration, hi: Duration| {
+            if d < lo || d > hi {
+                return fail(
+                    key,
+                    format!("must be between {lo:?} and {hi:?}, got {d:?}{}", from(key)),
+                );
+            }
+            Ok(())
+        };
+        let count = |key: &str, n: usize, lo: usize, hi: usize| {
+            if n < lo || n > hi {
+                return fail(
+                    key,
+                    format!("must be between {lo} and {hi}, got {n}{}", from(key)),
+                );
+            }
+            Ok(())
+        };
+        let ms = Duration::from_millis;
+        let s = Duration::from_secs;
+        between(
+            "auth_service_timeout",
+            self.auth_service_timeout,
+            ms(10),
+            s(60),
+        )?;
+        between(
+            "auth_service_cache_ttl",
+            self.auth_service_cache_ttl,
+            s(0),
+            s(3600),
+        )?;
+        between(
+            "auth_service_negative_cache_ttl",
+            self.auth_service_negative_cache_ttl,
+            s(0),
+            s(3600),
+        )?;
+        count(
+            "auth_service_cache_entries_max",
+            self.auth_service_cache_entries_max,
+            1,
+            1_000_000,
+        )?;
+        count(
+            "auth_service_concurrency_max",
+            self.auth_service_concurrency_max,
+            1,
+            4096,
+        )?;
+        between("rpc_timeout", self.rpc_timeout, ms(10), s(60))?;
+        count("rpc_concurrency_max", self.rpc_concurrency_max, 1, 65_536)?;
+        count(
+            "rpc_concurrency_per_connection_max",
+            self.rpc_concurrency_per_connection_max,
+            1,
+            1024,
+        )?;
+        count(
+            "rpc_reply_bytes_max",
+            self.rpc_reply_bytes_max,
+            1024,
+            16 << 20,
+        )?;
+        if let Err(e) = crate::proxy::parse_pointer(&self.auth_service_user_pointer) {
+            return fail(
+                "auth_service_user_pointer",
+                format!("{e}{}", from("auth_service_user_pointer")),
+            );
+        }
+        match (&self.auth_service_url, self.auth_mode) {
+            (Some(url), _) => {
+                if let Err(e) = crate::bridge::http_client::Url::parse(url) {
+                    return fail(
+                        "auth_service_url",
+                        format!("{e}{}", from("auth_service_url")),
+                    );
+                }
+            }
+            (None, AuthMode::Service) => {
+                return fail(
+                    "auth_service_url",
+                    format!(
+                        "is required with auth_mode service{}: set it to the auth service's http:// endpoint",
+                        from("auth_mode")
+                    ),
+                );
+            }
+            (None, _) => {}
+        }
         Ok(())
     }
 
@@ -3172,8 +3368,6 @@ mod tests {
             ("WEBSOCKET_TIMEOUT", "30s"),
             ("WEBSOCKET_READ_BUFFER_SIZE", "1024"),
             ("WEBSOCKET_WRITE_BUFFER_SIZE", "1024"),
-            ("AUTH_SERVICE_URL", "http://localhost:8080"),
-            ("AUTH_TIMEOUT", "10s"),
             ("ENVIRONMENT", "production"),
             ("REDIS_URL", "redis://localhost:6379"),
         ];
@@ -3188,9 +3382,7 @@ mod tests {
         }
         assert!(w[0].ends_with("so it is always on"), "{}", w[0]);
         assert!(w[2].contains("one read buffer per shard"), "{}", w[2]);
-        assert!(w[4].contains("auth_service_url"), "{}", w[4]);
-        assert!(w[5].contains("auth_service_timeout"), "{}", w[5]);
-        assert!(w[7].contains("this node runs alone"), "{}", w[7]);
+        assert!(w[5].contains("this node runs alone"), "{}", w[5]);
         // The per-connection buffers of the old service do not touch the per-shard ones, and
         // never stop the start (they are below the native 4096 floor).
         let cfg = &loaded.config;
@@ -3285,6 +3477,25 @@ mod tests {
         assert_eq!(
             loaded.sources["auth_mode"],
             "inferred from env AUTH_ENABLED"
+        );
+        // The chat hub's AUTH_ENABLED with AUTH_SERVICE_URL: its auth service decides.
+        let loaded = load_warn(
+            &[],
+            &[
+                ("AUTH_ENABLED", "true"),
+                ("AUTH_SERVICE_URL", "http://127.0.0.1:8080/validate"),
+                ("AUTH_TIMEOUT", "10s"),
+            ],
+        );
+        assert_eq!(loaded.config.auth_mode, AuthMode::Service);
+        assert_eq!(
+            loaded.config.auth_service_url.as_deref(),
+            Some("http://127.0.0.1:8080/validate")
+        );
+        assert_eq!(loaded.config.auth_service_timeout, Duration::from_secs(10));
+        assert_eq!(
+            loaded.sources["auth_mode"],
+            "inferred from env AUTH_ENABLED and auth_service_url"
         );
         // AUTH_ENABLED=true without any key refuses, saying what to set.
         let e = load_err(&[], &[("AUTH_ENABLED", "true")]);
@@ -4653,5 +4864,113 @@ mod tests {
             ..Config::default()
         };
         cfg.validate().expect("edges are valid");
+    }
+}
+
+/// The auth service's and `rpc_routes`' keys (`crate::proxy`), apart from the main tests.
+#[cfg(test)]
+mod proxy_key_tests {
+    use super::*;
+
+    fn load(env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let map: std::collections::HashMap<String, String> = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        Config::load(&[], &move |k| map.get(k).cloned())
+    }
+
+    fn err(env: &[(&str, &str)]) -> String {
+        load(env).expect_err("expected an error").to_string()
+    }
+
+    #[test]
+    fn service_mode_needs_an_http_url() {
+        let e = err(&[("SWITCHBOARD_AUTH_MODE", "service")]);
+        assert!(
+            e.contains("auth_service_url") && e.contains("required"),
+            "{e}"
+        );
+        let e = err(&[
+            ("SWITCHBOARD_AUTH_MODE", "service"),
+            ("SWITCHBOARD_AUTH_SERVICE_URL", "https://auth/check"),
+        ]);
+        assert!(e.contains("https is not supported"), "{e}");
+        let cfg = load(&[
+            ("SWITCHBOARD_AUTH_MODE", "service"),
+            ("SWITCHBOARD_AUTH_SERVICE_URL", "http://auth:9000/check"),
+            ("SWITCHBOARD_AUTH_SERVICE_TIMEOUT", "10s"),
+        ])
+        .unwrap();
+        assert_eq!(cfg.auth_mode, AuthMode::Service);
+        assert_eq!(cfg.auth_service_timeout, Duration::from_secs(10));
+        assert_eq!(
+            cfg.auth_timeout,
+            Duration::from_secs(10),
+            "in-band: unchanged"
+        );
+        assert_eq!(cfg.auth_service_user_pointer, "/user_id");
+    }
+
+    #[test]
+    fn ranges_name_the_key() {
+        for (k, v, key) in [
+            (
+                "SWITCHBOARD_AUTH_SERVICE_TIMEOUT",
+                "0s",
+                "auth_service_timeout",
+            ),
+            (
+                "SWITCHBOARD_AUTH_SERVICE_CACHE_TTL",
+                "2h",
+                "auth_service_cache_ttl",
+            ),
+            (
+                "SWITCHBOARD_AUTH_SERVICE_CONCURRENCY_MAX",
+                "0",
+                "auth_service_concurrency_max",
+            ),
+            (
+                "SWITCHBOARD_AUTH_SERVICE_USER_POINTER",
+                "user_id",
+                "auth_service_user_pointer",
+            ),
+            ("SWITCHBOARD_RPC_TIMEOUT", "61s", "rpc_timeout"),
+            (
+                "SWITCHBOARD_RPC_CONCURRENCY_PER_CONNECTION_MAX",
+                "0",
+                "rpc_concurrency_per_connection_max",
+            ),
+            (
+                "SWITCHBOARD_RPC_REPLY_BYTES_MAX",
+                "100",
+                "rpc_reply_bytes_max",
+            ),
+        ] {
+            let e = err(&[(k, v)]);
+            assert!(e.contains(key), "{k}={v}: {e}");
+        }
+    }
+
+    #[test]
+    fn rpc_routes_from_env_text_json_and_the_file() {
+        let cfg = load(&[(
+            "SWITCHBOARD_RPC_ROUTES",
+            "get_user=http://users/rpc,orders.*=http://orders:81/rpc",
+        )])
+        .unwrap();
+        assert_eq!(cfg.rpc_routes.len(), 2);
+        assert!(cfg.rpc_routes[1].prefix);
+        let cfg = load(&[("SWITCHBOARD_RPC_ROUTES", r#"{"*": "http://all/"}"#)]).unwrap();
+        assert_eq!(cfg.rpc_routes[0].pattern, "");
+        let mut cfg = Config::default();
+        cfg.apply_yaml(
+            "rpc_routes:\n  get_user: http://users/rpc\n  create_order: http://orders/rpc\n",
+            "t.yaml",
+        )
+        .unwrap();
+        assert_eq!(cfg.rpc_routes[1].pattern, "create_order");
+        let e = err(&[("SWITCHBOARD_RPC_ROUTES", "ping=http://a/")]);
+        assert!(e.contains("native"), "{e}");
     }
 }

@@ -26,6 +26,7 @@ pub mod limits;
 pub mod metrics;
 pub mod notifications;
 pub mod proto;
+pub mod proxy;
 pub mod rest;
 pub mod room_options;
 pub mod route;

@@ -82,6 +82,13 @@ impl Server {
             AuthMode::Jwt => {
                 Some(Verifier::from_config(&cfg).map_err(|e| StartError(e.to_string()))?)
             }
+            AuthMode::Service => {
+                tracing::info!(
+                    timeout_ms = cfg.auth_service_timeout.as_millis() as u64,
+                    "auth mode is service: every upgrade's token or ?user_id= is checked by auth_service_url"
+                );
+                None
+            }
             AuthMode::None => {
                 tracing::warn!("auth mode is none: clients are anonymous or claim ?user_id= (development only; set SWITCHBOARD_AUTH_MODE=jwt in production)");
                 None
@@ -156,6 +163,7 @@ impl Server {
             clustered: false,
             store_stats: Default::default(),
             kafka_stats: Default::default(),
+            proxy_stats: Default::default(),
             max_connections,
             epoch: Instant::now(),
             message_rate: crate::metrics::MessageRate::new(Instant::now()),

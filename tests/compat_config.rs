@@ -211,7 +211,7 @@ fn switchboard_config_names_where_each_value_came_from() {
         "auth_mode = Jwt  # inferred from env JWT_SECRET\n",
         "jwt_secret = <redacted>  # alias env JWT_SECRET\n",
         "ping_interval = 54s  # default\n",
-        "# env AUTH_SERVICE_URL has no effect here: it means auth_service_url",
+        "auth_service_url = \"http://auth:8080\"  # alias env AUTH_SERVICE_URL\n",
     ] {
         assert!(out.contains(line), "{line:?} not in:\n{out}");
     }

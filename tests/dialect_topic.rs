@@ -309,7 +309,8 @@ fn receipts_messages_and_calls_always_reach_the_user() {
 
 #[test]
 fn presence_update_query_and_subscription() {
-    let s = server(&[]);
+    // The least grace, so the offline below comes well inside the receive timeout.
+    let s = server(&[("SWITCHBOARD_PRESENCE_OFFLINE_GRACE", "1s")]);
     let mut alice = topic_on(&s, "alice", 0);
     subscribe(
         &mut alice,

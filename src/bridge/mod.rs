@@ -12,8 +12,10 @@
 //! With no Redis or Kafka configured, `clustered` is false: shards send it only store jobs
 //! (direct messages, `sync`, receipts, the REST API), never room traffic.
 
+pub mod http_client;
 pub mod kafka;
 pub mod notify;
+pub mod proxy;
 pub mod store;
 
 use std::sync::atomic::Ordering;
@@ -42,6 +44,8 @@ pub enum BridgeMsg {
     User { user: Arc<str>, t: Transition },
     /// Work for the message store (boxed: jobs are larger than the other variants).
     Store(Box<StoreJob>),
+    /// A call to the auth service or a custom-type backend ([`proxy`]; boxed like `Store`).
+    Proxy(Box<proxy::Job>),
     /// Stop the bridge thread (after the store has finished the jobs it holds).
     Shutdown,
 }

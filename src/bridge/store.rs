@@ -291,6 +291,7 @@ async fn serve<S: Store + 'static>(
     let health = tokio::task::spawn_local(health(ctx.clone()));
     let retry = tokio::task::spawn_local(retry_backlog(ctx.clone()));
     let notify = start_notify(&ctx);
+    let proxy = Rc::new(super::proxy::Proxy::new(ctx.node.clone()));
     let mut batch = Vec::with_capacity(256);
     'outer: loop {
         if rx.recv_many(&mut batch, 256).await == 0 {
@@ -299,6 +300,7 @@ async fn serve<S: Store + 'static>(
         for msg in batch.drain(..) {
             match msg {
                 BridgeMsg::Store(job) => accept(&ctx, *job),
+                BridgeMsg::Proxy(job) => super::proxy::accept(&proxy, *job),
                 // Single node: nothing to forward or subscribe to (the Redis bridge will).
                 BridgeMsg::Deliver { .. } | BridgeMsg::Room { .. } | BridgeMsg::User { .. } => {}
                 BridgeMsg::Shutdown => break 'outer,

@@ -35,6 +35,11 @@ pub const TOKEN_REQUIRED: &str = "token is required: send Authorization: Bearer 
 pub const USER_REQUIRED: &str =
     "user id is required: send X-User-Id (auth_mode is none, for development)";
 
+/// The error text of every REST request in `auth_mode: service` (the auth service is asked on
+/// WebSocket upgrades only).
+pub const SERVICE_MODE: &str =
+    "the REST API needs auth_mode jwt or none; with auth_mode service only WebSocket upgrades are authenticated";
+
 /// Authenticate `req`. `verifier` is the node's (present when `mode` is jwt and a key is
 /// configured; otherwise the development rules apply, as on the upgrade).
 pub fn identify(
@@ -58,6 +63,7 @@ pub fn identify(
                 allowed_users: claims.allowed_users,
             })
         }
+        (AuthMode::Service, _) => Err(RestError::new(Status::UNAUTHORIZED, SERVICE_MODE)),
         _ => {
             let claimed = match req.user_id {
                 Some(u) => Some(std::borrow::Cow::Borrowed(u)),

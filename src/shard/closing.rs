@@ -96,6 +96,12 @@ impl Shard {
         if !self.http_waiting.is_empty() {
             self.http_waiting.remove(&(slot, c.gen));
         }
+        if !self.auth_parked.is_empty() {
+            self.auth_parked.remove(&(slot, c.gen));
+        }
+        if !self.rpc_in_flight.is_empty() {
+            self.rpc_in_flight.remove(&(slot, c.gen));
+        }
         self.out.stats.queued_bytes -= c.queued as u64;
         self.out.stats.connections -= 1;
         if let Some(kind) = kind {

@@ -182,6 +182,9 @@ impl Shard {
         }
         match service::handler(kind) {
             Some(handle) => self.run_command(slot, handle, &Cmd { kind, id, text }),
+            // Not native: a backend's when `rpc_routes` routes it (`shard::proxy`).
+            None if !self.node.cfg.rpc_routes.is_empty()
+                && self.rpc_call(slot, &Cmd { kind, id, text }) => {}
             None => self.send_error(
                 slot,
                 ErrorReason::UnknownType,

@@ -32,8 +32,15 @@ impl Shard {
                     let cfg = &self.node.cfg;
                     let is_echo = cfg.echo_path.as_deref() == Some(req.path);
                     if is_echo || cfg.ws_paths.iter().any(|p| p == req.path) {
-                        if !self.upgrade(slot, &req, is_echo) {
-                            return false;
+                        match self.upgrade(slot, &req, is_echo) {
+                            Upgraded::Refused => return false,
+                            Upgraded::Parked => {
+                                // The auth service answers later; what follows waits for it
+                                // (kept as the connection's pending bytes).
+                                buf.drain(..used);
+                                return true;
+                            }
+                            Upgraded::Done => {}
                         }
                         // Bytes after the head are the client's first frames.
                         let mut rest = buf.split_off(used);
@@ -289,15 +296,22 @@ impl Shard {
         Served::KeepOpen
     }
 
-    /// Validate and perform an upgrade. Returns false when the request was refused.
-    fn upgrade(&mut self, slot: u32, head: &http::RequestHead, is_echo: bool) -> bool {
+    /// Validate and perform an upgrade, or park it for the auth service (`auth_mode:
+    /// service`, finished by `finish_upgrade` when the answer comes).
+    fn upgrade(&mut self, slot: u32, head: &http::RequestHead, is_echo: bool) -> Upgraded {
         // `exp_s` counted kept-alive requests in the HTTP phase; from here it is the token's.
         self.clients[slot as usize].exp_s = 0;
+        // The path's dialect, for every JSON frame from `connected` on (until the 101 only
+        // HTTP responses are queued, which no dialect translates).
+        if !is_echo {
+            self.clients[slot as usize].dialect =
+                self.node.cfg.path_dialect(head.path).initial_byte();
+        }
         let key = match head.upgrade_key() {
             Ok(key) => key,
             Err(problem) => {
                 self.reject(slot, 400, problem);
-                return false;
+                return Upgraded::Refused;
             }
         };
         let node = self.node.clone();
@@ -306,13 +320,13 @@ impl Shard {
             if let Some(origin) = head.origin {
                 if !cfg.allowed_origins.iter().any(|o| o == origin || o == "*") {
                     self.reject(slot, 403, "origin not allowed");
-                    return false;
+                    return Upgraded::Refused;
                 }
             }
         }
         if node.draining.load(Ordering::Relaxed) {
             self.reject(slot, 503, "server is shutting down");
-            return false;
+            return Upgraded::Refused;
         }
         // Who is this?
         let mut claims: Option<Claims> = None;
@@ -333,17 +347,23 @@ impl Shard {
                                     "upgrade refused: bad token"
                                 );
                                 self.reject(slot, 401, e.as_str());
-                                return false;
+                                return Upgraded::Refused;
                             }
                         },
                         None => await_auth = true,
                     }
                 }
+                (AuthMode::Service, _) => {
+                    return match self.service_credential(slot, head) {
+                        Some(cred) => self.park_upgrade(slot, head, key, cred),
+                        None => Upgraded::Refused,
+                    };
+                }
                 _ => {
                     if let Some(u) = head.query.and_then(|q| query_param(q, "user_id")) {
                         if u.is_empty() || u.len() > ID_BYTES_MAX || u.contains('\0') {
                             self.reject(slot, 400, "invalid user_id");
-                            return false;
+                            return Upgraded::Refused;
                         }
                         claimed_user = Some(u.into_owned());
                     }
@@ -360,8 +380,50 @@ impl Shard {
                 400,
                 "subscribe in the URL needs a token on the upgrade",
             );
-            return false;
+            return Upgraded::Refused;
         }
+        let protocol =
+            http::offers_protocol(head.ws_protocols, "switchboard").then_some("switchboard");
+        let response = http::switching_protocols(key, protocol);
+        let rooms: Vec<String> = if url_rooms && !await_auth {
+            head.query
+                .into_iter()
+                .flat_map(|q| query_params(q, "subscribe"))
+                .map(|r| r.into_owned())
+                .collect()
+        } else {
+            Vec::new()
+        };
+        if self.finish_upgrade(
+            slot,
+            claims,
+            claimed_user,
+            await_auth,
+            is_echo,
+            response,
+            &rooms,
+        ) {
+            Upgraded::Done
+        } else {
+            Upgraded::Refused
+        }
+    }
+
+    /// The rest of an upgrade once the user is known (now, or from the auth service): the
+    /// store's NUL rule, capacity, devices per user, the 101 (`response`), `connected`, and
+    /// the `?subscribe=` rooms. Returns false when it was refused.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn finish_upgrade(
+        &mut self,
+        slot: u32,
+        claims: Option<Claims>,
+        claimed_user: Option<String>,
+        await_auth: bool,
+        is_echo: bool,
+        response: Vec<u8>,
+        rooms: &[String],
+    ) -> bool {
+        let node = self.node.clone();
         if claims
             .as_ref()
             .is_some_and(|c| crate::store::has_nul(&c.sub))
@@ -387,9 +449,7 @@ impl Shard {
                 return false;
             }
         }
-        let protocol =
-            http::offers_protocol(head.ws_protocols, "switchboard").then_some("switchboard");
-        let response = Frame::from_wire(&http::switching_protocols(key, protocol), self.now_us);
+        let response = Frame::from_wire(&response, self.now_us);
         self.out.stats.upgrades += 1;
         self.out.stats.ws_connections += 1;
         let now_tick = self.now_tick;
@@ -411,8 +471,6 @@ impl Shard {
             self.schedule(slot, now_tick + 1);
             return true;
         }
-        // From here on, every frame this connection gets speaks its path's dialect.
-        self.clients[slot as usize].dialect = cfg.path_dialect(head.path).initial_byte();
         let c = &self.clients[slot as usize];
         let (id, user) = (c.uuid(), c.user.clone());
         tracing::debug!(
@@ -438,15 +496,9 @@ impl Shard {
         self.reply(slot, f);
         // `?subscribe=a&subscribe=b`: subscribe as if the client had sent the commands right
         // after `connected`; the replies share the upgrade's write.
-        if url_rooms && !await_auth {
-            for room in head
-                .query
-                .into_iter()
-                .flat_map(|q| query_params(q, "subscribe"))
-            {
-                if let Some(room) = service::rooms::valid_room(self, slot, Some(&room), None) {
-                    service::rooms::join(self, slot, room, None, None);
-                }
+        for room in rooms {
+            if let Some(room) = service::rooms::valid_room(self, slot, Some(room), None) {
+                service::rooms::join(self, slot, room, None, None);
             }
         }
         self.schedule(slot, now_tick + 1);
@@ -511,9 +563,24 @@ fn endpoint(node: &Node, r: Route) -> (Status, &'static str, Vec<u8>) {
                 limits: Some(&node.limits),
                 compat: Some(&node.message_rate),
             });
+            let mut text = text;
+            let cfg = &node.cfg;
+            if cfg.auth_mode == AuthMode::Service || !cfg.rpc_routes.is_empty() {
+                crate::bridge::proxy::render(&node.proxy_stats, &mut text);
+            }
             (Status::OK, "text/plain; version=0.0.4", text.into_bytes())
         }
     }
+}
+
+/// What `upgrade` did with a request.
+pub(super) enum Upgraded {
+    /// Refused (the response is queued and the connection closes after it).
+    Refused,
+    /// Switched to WebSocket.
+    Done,
+    /// Parked for the auth service's answer.
+    Parked,
 }
 
 /// What `serve_http` did with a request.

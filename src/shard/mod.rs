@@ -18,6 +18,7 @@ mod closing;
 mod deliver;
 mod dispatch;
 mod http;
+mod proxy;
 mod read;
 pub mod service;
 mod timer;
@@ -154,6 +155,8 @@ pub struct Node {
     /// The Kafka clients' counters, kept by the bridge; with Kafka configured, `up` is part of
     /// readiness.
     pub kafka_stats: crate::bridge::kafka::KafkaStats,
+    /// The auth service's and custom-type backends' counters, kept by the bridge.
+    pub proxy_stats: crate::bridge::proxy::ProxyStats,
     pub max_connections: u64,
     pub epoch: Instant,
     /// Behind the compatibility metric `websocket_messages_per_second` (scrapes only).
@@ -198,10 +201,17 @@ impl Node {
 /// come later (`durable::gave_up`), so it can never be taken for the next request's reply.
 pub fn http_answer_wait(cfg: &crate::config::Config) -> Duration {
     let base = cfg.store_timeout * 2 + Duration::from_secs(3);
-    if cfg.kafka_brokers.is_empty() {
+    let wait = if cfg.kafka_brokers.is_empty() {
         base
     } else {
         base + cfg.store_timeout * 2 + cfg.kafka_ack_timeout
+    };
+    // An upgrade parked for the auth service (`shard::proxy`) waits here too: the bridge's
+    // own 503 at `auth_service_timeout` comes first.
+    if cfg.auth_mode == crate::config::AuthMode::Service {
+        wait.max(cfg.auth_service_timeout + Duration::from_secs(3))
+    } else {
+        wait
     }
 }
 
@@ -238,6 +248,11 @@ pub struct Shard {
     /// generation -> keep-alive), and those whose answer arrived this turn.
     http_waiting: std::collections::HashMap<(u32, u32), bool>,
     http_resume: Vec<(u32, bool)>,
+    /// Upgrades parked for the auth service's answer (also in `http_waiting`, which keeps
+    /// their later bytes and times them out), and per connection its backend calls in flight
+    /// (`shard::proxy`). Both bounded by the connections of the shard.
+    auth_parked: std::collections::HashMap<(u32, u32), Box<proxy::Parked>>,
+    rpc_in_flight: std::collections::HashMap<(u32, u32), u32>,
     next_gen: u32,
     read_buf: Vec<u8>,
     fb: FrameBuilder,
@@ -357,6 +372,8 @@ impl Shard {
             topics: Default::default(),
             topics_of: Default::default(),
             http_waiting: Default::default(),
+            auth_parked: Default::default(),
+            rpc_in_flight: Default::default(),
             http_resume: Vec::new(),
             next_gen: 1,
             read_buf,

@@ -26,6 +26,7 @@ macro_rules! both_stores {
     };
 }
 
+pub mod http_stub;
 pub mod kafka;
 pub mod pg;
 pub mod proxy;

@@ -122,6 +122,8 @@ pub enum ServiceMsg {
     Presence(presence::Msg),
     // ---- calls
     Calls(Box<calls::Msg>),
+    /// An auth-service verdict or a backend reply from the bridge (`bridge::proxy`).
+    Proxy(Box<crate::proxy::ShardAnswer>),
 }
 
 /// Service ids in wheel keys ([`super::TimerKey::Service`]): one constant per service that
@@ -148,6 +150,7 @@ pub fn on_msg(sh: &mut Shard, m: ServiceMsg) {
         ServiceMsg::Presence(m) => presence::on_msg(sh, m),
         // ---- calls
         ServiceMsg::Calls(m) => calls::on_msg(sh, *m),
+        ServiceMsg::Proxy(m) => sh.on_proxy_answer(*m),
     }
 }
 
