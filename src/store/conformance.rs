@@ -23,6 +23,7 @@ pub async fn run_all<S: Store>(store: &S, p: &str) {
     messages_paginate_newest_first(store, p).await;
     marks_move_forward(store, p).await;
     co_participants_rank_by_activity(store, p).await;
+    thread_members_by_either_id(store, p).await;
     sync_pages(store, p).await;
     notifications(store, p).await;
     produced_marks(store, p).await;
@@ -654,6 +655,49 @@ async fn co_participants_rank_by_activity<S: Store>(s: &S, p: &str) {
             users: vec![],
             truncated: false
         }
+    );
+}
+
+async fn thread_members_by_either_id<S: Store>(s: &S, p: &str) {
+    let (al, bo, ca) = (format!("{p}al10"), format!("{p}bo10"), format!("{p}ca10"));
+    let id = format!("{p}g10");
+    let Created::New(v) = s
+        .create_thread(&group(&id, &al, &[&ca, &bo]))
+        .await
+        .unwrap()
+    else {
+        panic!("a new thread")
+    };
+    let want = ThreadMembers {
+        id: a(id.clone()),
+        numeric_id: v.numeric_id,
+        participants: vec![a(al.clone()), a(bo.clone()), a(ca.clone())],
+    };
+    let by_text = ThreadRef::Id(a(id.clone()));
+    assert_eq!(
+        s.thread_members(&bo, &by_text).await.unwrap(),
+        Lookup::Found(want.clone())
+    );
+    let by_number = ThreadRef::parse(&v.numeric_id.to_string());
+    assert_eq!(
+        s.thread_members(&ca, &by_number).await.unwrap(),
+        Lookup::Found(want)
+    );
+    let outsider = format!("{p}eve10");
+    assert_eq!(
+        s.thread_members(&outsider, &by_text).await.unwrap(),
+        Lookup::Forbidden
+    );
+    let missing = ThreadRef::Id(a(format!("{p}no-such-10")));
+    assert_eq!(
+        s.thread_members(&al, &missing).await.unwrap(),
+        Lookup::NotFound
+    );
+    assert_eq!(
+        s.thread_members(&al, &ThreadRef::parse("987654321987"))
+            .await
+            .unwrap(),
+        Lookup::NotFound
     );
 }
 

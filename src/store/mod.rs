@@ -417,6 +417,14 @@ pub struct Notification {
     pub read: bool,
 }
 
+/// [`Store::thread_members`]: a thread's text id, numeric id and participants (sorted by id).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ThreadMembers {
+    pub id: Arc<str>,
+    pub numeric_id: u64,
+    pub participants: Vec<Arc<str>>,
+}
+
 /// [`Store::co_participants`]: the users, and whether some were left out (past `limit`, or
 /// threads past `threads_max`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -522,6 +530,22 @@ pub trait Store {
 
     /// For each id, whether [`Store::mark_produced`] recorded it (false for an id not held).
     async fn produced(&self, ids: &[u64]) -> Result<Vec<bool>>;
+
+    /// A thread's ids and participants as `user` may see them: `Found` when `user` takes part,
+    /// `Forbidden` when the thread exists without them, `NotFound` when it does not. The light
+    /// read behind typing and receipts to a stored conversation (this default reads the whole
+    /// [`Store::thread`] view; `PgStore` reads only the ids and the participants).
+    async fn thread_members(
+        &self,
+        user: &str,
+        thread: &ThreadRef,
+    ) -> Result<Lookup<ThreadMembers>> {
+        Ok(self.thread(user, thread).await?.map(|v| ThreadMembers {
+            id: v.id,
+            numeric_id: v.numeric_id,
+            participants: v.participants,
+        }))
+    }
 
     /// The users who share a thread with `user` (never `user`), each once, most recently
     /// active shared thread first (then by user id), at most `limit`; considering at most

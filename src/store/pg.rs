@@ -826,6 +826,17 @@ const THREADS: Sql = Sql {
     types: &[T_TEXT, T_INT8, T_INT8, T_INT8, T_INT8],
 };
 
+/// A thread's text id, numeric id and participants (sorted): text id $1, else numeric id $2.
+const THREAD_MEMBERS: Sql = Sql {
+    text: "SELECT t.id, t.numeric_id, \
+             ARRAY(SELECT q.user_id FROM switchboard_participants q \
+                   WHERE q.thread_nid = t.numeric_id ORDER BY q.user_id) \
+           FROM switchboard_threads t \
+           WHERE t.numeric_id = \
+             COALESCE((SELECT s.numeric_id FROM switchboard_threads s WHERE s.id = $1), $2)",
+    types: &[T_TEXT, T_INT8],
+};
+
 /// The users sharing a thread with $1 among its newest $2 threads, ranked by their most
 /// recently active shared thread (then id), $3 of them; `n`: the user's threads, up to $2 + 1.
 const CO_PARTICIPANTS: Sql = Sql {
@@ -1921,6 +1932,34 @@ impl Store for PgStore {
                 items: page.items.into_iter().map(|(v, _)| v).collect(),
                 next: page.next,
             })
+        })
+        .await
+    }
+
+    async fn thread_members(
+        &self,
+        user: &str,
+        thread: &ThreadRef,
+    ) -> Result<Lookup<crate::store::ThreadMembers>> {
+        let (text, number) = thread_number(thread);
+        if has_nul(user) || has_nul(text) {
+            return Ok(Lookup::NotFound);
+        }
+        self.run(async |c| {
+            let q = prepare(c, &THREAD_MEMBERS).await?;
+            let Some(row) = c.query_opt(&q, &[&text, &number]).await? else {
+                return Ok(Lookup::NotFound);
+            };
+            let participants: Vec<String> = get(&row, 2)?;
+            let participants: Vec<Arc<str>> = participants.into_iter().map(arc).collect();
+            if !participants.iter().any(|p| **p == *user) {
+                return Ok(Lookup::Forbidden);
+            }
+            Ok(Lookup::Found(crate::store::ThreadMembers {
+                id: arc(get::<String>(&row, 0)?),
+                numeric_id: u64_of(get(&row, 1)?, "numeric_id")?,
+                participants,
+            }))
         })
         .await
     }

@@ -187,6 +187,13 @@ where
     async fn ping(&self) -> Result<()> {
         self.get()?.ping().await
     }
+    async fn thread_members(
+        &self,
+        user: &str,
+        thread: &ThreadRef,
+    ) -> Result<Lookup<crate::store::ThreadMembers>> {
+        self.get()?.thread_members(user, thread).await
+    }
     async fn co_participants(
         &self,
         user: &str,

@@ -5,8 +5,8 @@
 //! knows who takes part in a thread, so it resolves the participants here, builds the event
 //! once and hands it to every participant's devices except the sending connection.
 //!
-//! A typing frame must not cost a database query: the participants are held in a
-//! [`Cache`] (at most [`PARTICIPANT_CACHE_ENTRIES_MAX`] threads, each for
+//! A typing frame must not cost a database query: the participants (read with the light
+//! [`Store::thread_members`]) are held in a [`Cache`] (at most [`PARTICIPANT_CACHE_ENTRIES_MAX`] threads, each for
 //! [`PARTICIPANT_CACHE_TTL`]). No API changes a thread's participants once it exists (a thread
 //! is created with them; DMs and REST only read them), so an entry cannot go stale and needs
 //! no invalidation; the TTL only bounds how long a thread the memory store evicted is still
@@ -260,7 +260,7 @@ async fn resolve<S: Store>(
         Some(m) => m,
         None => {
             let r = ThreadRef::parse(conversation);
-            match bounded(ctx.timeout, ctx.store.thread(user, &r)).await {
+            match bounded(ctx.timeout, ctx.store.thread_members(user, &r)).await {
                 Ok(Lookup::Found(v)) => {
                     let m = Members {
                         id: v.id,
