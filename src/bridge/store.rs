@@ -132,7 +132,7 @@ pub enum StoreJob {
     /// Typing or a receipt to a stored conversation's participants ([`conv`]).
     Conversation(Box<ConvJob>),
     /// `mark.read` / `mark.delivered` `{messageIds}` with neither `to` nor `conversationId`
-    /// (`ids_raw`: the checked array, at most `MARK_IDS_MAX` ids): [`conv::mark_by_messages`].
+    /// (`ids_raw`: the checked array, at most `MARK_IDS_MAX` ids): `conv::mark_by_messages`.
     MarkByMessages {
         origin: ConnRef,
         id: Option<Box<str>>,
@@ -142,7 +142,7 @@ pub enum StoreJob {
         at_ms: u64,
     },
     /// `presence.watch {scope: "conversations"}`: the users who share a thread with `user`,
-    /// at most `limit` ([`conv::contacts`]), handed back to `origin`'s shard.
+    /// at most `limit` (`conv::contacts`), handed back to `origin`'s shard.
     Contacts {
         origin: ConnRef,
         id: Option<Box<str>>,

@@ -19,7 +19,7 @@
 //!
 //! Must not touch: the DM writer's batches (these jobs run as ordinary read tasks, bounded by
 //! `STORE_READS_IN_FLIGHT_MAX`), and the native fan-out path of the shards (events go through
-//! the same [`deliver`] seam as `message.create`).
+//! the same `deliver` seam as `message.create`).
 
 use std::collections::{HashMap, VecDeque};
 use std::time::Instant;
