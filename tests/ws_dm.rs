@@ -30,9 +30,11 @@ fn assert_ack(ack: &Value, client_msg_id: &str) -> Value {
             "clientMsgId",
             "conversationId",
             "cursor",
+            "from",
             "sentAt",
             "seq",
-            "serverMsgId"
+            "serverMsgId",
+            "to"
         ],
         "{ack}"
     );

@@ -436,6 +436,9 @@ impl Shard {
                 .u64("timestamp", self.now_ms);
         });
         self.reply(slot, f);
+        if !await_auth {
+            self.dialect_opened(slot);
+        }
         // `?subscribe=a&subscribe=b`: subscribe as if the client had sent the commands right
         // after `connected`; the replies share the upgrade's write.
         if url_rooms && !await_auth {
