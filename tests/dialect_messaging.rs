@@ -475,3 +475,27 @@ fn errors_in_the_services_envelope() {
         .expect("refused");
     assert_eq!(r.status, 401);
 }
+
+/// Without a token on the upgrade, an in-band `authenticate` (a lifted native command) gives
+/// the connection its user, and the open-time watch runs then.
+#[test]
+fn the_watch_runs_after_in_band_authentication() {
+    let s = server();
+    thread(&s, "1", &["2"], "");
+    let mut m2 = messaging_on(&s, "2", 1);
+    let (mut c, _) = s
+        .try_connect_with("/api/v1/ws", &[], None)
+        .unwrap_or_else(|r| panic!("upgrade refused: {} {}", r.status, r.body));
+    assert_eq!(expect(&mut c, "connected")["userId"], Value::Null);
+    send(&mut c, "authenticate", json!({"token": token("1")}));
+    let ok = expect(&mut c, "auth.success");
+    assert_eq!(ok["user_id"], "1");
+    assert_eq!(
+        expect(&mut c, "presence"),
+        json!({"userId": 2, "isOnline": true})
+    );
+    assert_eq!(
+        expect(&mut m2, "presence"),
+        json!({"userId": 1, "isOnline": true})
+    );
+}
