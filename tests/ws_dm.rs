@@ -31,9 +31,11 @@ fn assert_ack(ack: &Value, client_msg_id: &str) -> Value {
             "conversationId",
             "conversationNumericId",
             "cursor",
+            "from",
             "sentAt",
             "seq",
-            "serverMsgId"
+            "serverMsgId",
+            "to"
         ],
         "{ack}"
     );

@@ -798,7 +798,9 @@ fn ack<S>(ctx: &Ctx<S>, origin: ConnRef, id: Option<&str>, m: &Message) {
                     .u64("conversationNumericId", m.thread_numeric_id)
                     .str("sentAt", &rfc3339_ms(m.sent_at_ms))
                     .u64("cursor", m.id)
-                    .u64("seq", m.seq);
+                    .u64("seq", m.seq)
+                    .str("from", &m.sender)
+                    .opt_str("to", m.to.as_deref());
             })
             .u64("timestamp", now);
     });

@@ -16,6 +16,7 @@
 //! Which dialect a connection speaks is chosen by its WebSocket path (`ws_dialects`), or, on a
 //! path configured `auto`, by its first frame ([`detect`]). See `docs/DIALECTS.md`.
 
+pub mod messaging;
 pub mod topic;
 
 use std::borrow::Cow;
@@ -33,23 +34,27 @@ pub enum Dialect {
     Native = 0,
     /// The `{id, type, payload, timestamp}` topic protocol (`/ws` of the topic service).
     Topic = 1,
+    /// The messaging service's `{type, payload}` protocol (`/api/v1/ws`).
+    Messaging = 3,
 }
 
 /// How many dialects there are (the size of per-dialect tables).
-pub const DIALECTS: usize = 2;
+pub const DIALECTS: usize = 4;
 
 /// `Client::dialect` bit: the path is `auto` and no frame has decided the dialect yet. Until
 /// then the connection is served as native (its `connected` greeting is the native one).
 pub const UNDECIDED: u8 = 0x80;
 
 impl Dialect {
-    pub const ALL: [Dialect; DIALECTS] = [Dialect::Native, Dialect::Topic];
+    /// Every dialect (2 is the chat hub's, built beside this one).
+    pub const ALL: [Dialect; 3] = [Dialect::Native, Dialect::Topic, Dialect::Messaging];
 
     /// From `Client::dialect` (the [`UNDECIDED`] bit ignored).
     #[inline]
     pub fn from_byte(b: u8) -> Dialect {
         match b & !UNDECIDED {
             1 => Dialect::Topic,
+            3 => Dialect::Messaging,
             _ => Dialect::Native,
         }
     }
@@ -59,6 +64,7 @@ impl Dialect {
         match self {
             Dialect::Native => "native",
             Dialect::Topic => "topic",
+            Dialect::Messaging => "messaging",
         }
     }
 }
@@ -93,7 +99,7 @@ impl PathDialect {
 }
 
 /// Every name `ws_dialects` accepts, for error messages.
-pub const PATH_DIALECT_NAMES: &str = "auto, native, topic";
+pub const PATH_DIALECT_NAMES: &str = "auto, native, topic, messaging";
 
 /// The dialect of a connection on an `auto` path, from its first text message: the topic
 /// protocol when it is a JSON object with a `payload` member (every topic-protocol frame has
@@ -117,6 +123,15 @@ pub fn detect(text: &[u8]) -> Dialect {
 #[derive(Debug, Default)]
 pub struct EdgeState {
     pub topic: topic::Subscriptions,
+    /// The messaging service's sends waiting for their ack.
+    pub messaging: messaging::Pending,
+}
+
+impl EdgeState {
+    /// Nothing to remember (the shard then drops the entry).
+    pub fn is_empty(&self) -> bool {
+        self.topic == topic::Subscriptions::default() && self.messaging.is_empty()
+    }
 }
 
 /// One step of what an inbound dialect message becomes, in order.
@@ -142,6 +157,18 @@ pub fn inbound(d: Dialect, text: &[u8], st: &mut EdgeState, now_ms: u64) -> Vec<
     match d {
         Dialect::Native => vec![Step::Native(text.to_vec())],
         Dialect::Topic => topic::inbound(text, &mut st.topic, now_ms),
+        Dialect::Messaging => messaging::inbound(text, &mut st.messaging, now_ms),
+    }
+}
+
+/// The native commands a connection of dialect `d` runs when it opens with an identity (right
+/// after its `connected`, or after an in-band `authenticate` gave it one), as if it had sent
+/// them: what its clients expect without asking (the messaging service's presence of the
+/// users who share a thread with them).
+pub fn on_open(d: Dialect) -> Vec<Step> {
+    match d {
+        Dialect::Messaging => messaging::on_open(),
+        Dialect::Native | Dialect::Topic => Vec::new(),
     }
 }
 
@@ -164,6 +191,9 @@ pub struct Class {
     /// The conversation the event belongs to, if any (the topic protocol's
     /// `filters.conversation_id`).
     pub conversation: Option<Box<str>>,
+    /// A reply to one connection that settles its send `clientMsgId` (a `message.ack`, or an
+    /// error for that send): the frames are completed per connection by [`settle`].
+    pub settles: Option<Box<str>>,
 }
 
 /// Encode native frame text `native` (a JSON object) for dialect `d`.
@@ -174,6 +204,22 @@ pub fn encode(d: Dialect, native: &[u8]) -> Encoded {
             class: Class::default(),
         },
         Dialect::Topic => topic::encode(native),
+        Dialect::Messaging => messaging::encode(native),
+    }
+}
+
+/// The frames a reply whose class [`Class::settles`] send `client_msg_id` becomes for the one
+/// connection it is for, given that connection's edge state. None: the shared encoding, as is.
+/// Only replies to one connection settle, so this never runs per recipient of a fan-out.
+pub fn settle(
+    d: Dialect,
+    st: &mut EdgeState,
+    native: &[u8],
+    client_msg_id: &str,
+) -> Option<Vec<Vec<u8>>> {
+    match d {
+        Dialect::Messaging => messaging::settle(&mut st.messaging, native, client_msg_id),
+        Dialect::Native | Dialect::Topic => None,
     }
 }
 
@@ -185,7 +231,7 @@ pub fn wants(d: Dialect, st: Option<&EdgeState>, class: &Class) -> bool {
         return true;
     }
     match d {
-        Dialect::Native => true,
+        Dialect::Native | Dialect::Messaging => true,
         Dialect::Topic => st.is_some_and(|s| s.topic.wants(class)),
     }
 }

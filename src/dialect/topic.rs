@@ -578,12 +578,14 @@ mod tests {
         let typing = |c: &str| Class {
             topics: bits::TYPING | bits::CONVERSATION,
             conversation: Some(c.into()),
+            settles: None,
         };
         assert!(s.wants(&typing("c1")));
         assert!(!s.wants(&typing("c2")));
         assert!(!s.wants(&Class {
             topics: bits::NOTIFICATIONS,
-            conversation: None
+            conversation: None,
+            settles: None,
         }));
         let got = native(&inbound(
             br#"{"type":"unsubscribe","payload":{"topics":["presence"],"filters":{"user_ids":["bob"]}}}"#,

@@ -118,15 +118,32 @@ impl Shard {
         let now_ms = self.now_ms;
         let st = self.out.edge.entry(slot).or_default();
         let steps = dialect::inbound(d, text, st, now_ms);
-        if self
-            .out
-            .edge
-            .get(&slot)
-            .is_some_and(|s| s.topic == Default::default())
-        {
+        if self.out.edge.get(&slot).is_some_and(|s| s.is_empty()) {
             // Nothing to remember: keep the table to connections that need it.
             self.out.edge.remove(&slot);
         }
+        self.run_steps(slot, d, steps);
+    }
+
+    /// A dialect connection has just opened with an identity (after `connected`, or after an
+    /// in-band `authenticate` gave it one): run what its dialect does then
+    /// ([`dialect::on_open`]).
+    pub(crate) fn dialect_opened(&mut self, slot: u32) {
+        let Some(c) = self.clients.get(slot as usize) else {
+            return;
+        };
+        if c.dialect == 0 || c.dialect & dialect::UNDECIDED != 0 || c.user.is_none() {
+            return;
+        }
+        let d = Dialect::from_byte(c.dialect);
+        let steps = dialect::on_open(d);
+        if !steps.is_empty() {
+            self.run_steps(slot, d, steps);
+        }
+    }
+
+    /// Carry out what a dialect made of a message (or of the connection opening), in order.
+    fn run_steps(&mut self, slot: u32, d: Dialect, steps: Vec<Step>) {
         for step in steps {
             if !self
                 .clients

@@ -494,6 +494,9 @@ impl Shard {
                 .u64("timestamp", self.now_ms);
         });
         self.reply(slot, f);
+        if !await_auth {
+            self.dialect_opened(slot);
+        }
         // `?subscribe=a&subscribe=b`: subscribe as if the client had sent the commands right
         // after `connected`; the replies share the upgrade's write.
         for room in rooms {

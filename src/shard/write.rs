@@ -260,6 +260,26 @@ impl Outbox {
         if !dialect::wants(d, self.edge.get(&slot), &e.class) {
             return false;
         }
+        if let Some(cmid) = &e.class.settles {
+            // A reply to this one connection that settles a send its edge state holds.
+            let st = self.edge.entry(slot).or_default();
+            let own = dialect::settle(d, st, e.src.payload(), cmid);
+            if st.is_empty() {
+                self.edge.remove(&slot);
+            }
+            if let Some(own) = own {
+                let prefix = e.src.born_prefix();
+                let frames: Vec<Frame> = own
+                    .iter()
+                    .map(|json| Frame::text_from_json(json, prefix))
+                    .collect();
+                let mut queued = false;
+                for f in frames {
+                    queued |= self.push_raw(c, slot, f, now_tick);
+                }
+                return queued;
+            }
+        }
         let mut queued = false;
         for k in 0..e.out.len() {
             let Some(f) = self.dialect_cache[i].as_ref().map(|e| e.out[k].clone()) else {

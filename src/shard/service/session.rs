@@ -185,6 +185,9 @@ pub fn authenticate(sh: &mut Shard, slot: u32, cmd: &Cmd<'_>) {
             .u64("timestamp", now_ms);
     });
     sh.reply(slot, f);
+    if awaiting {
+        sh.dialect_opened(slot);
+    }
     let now = sh.now_tick;
     sh.schedule(slot, now + 1);
 }
