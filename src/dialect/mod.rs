@@ -16,6 +16,7 @@
 //! Which dialect a connection speaks is chosen by its WebSocket path (`ws_dialects`), or, on a
 //! path configured `auto`, by its first frame ([`detect`]). See `docs/DIALECTS.md`.
 
+pub mod chat_hub;
 pub mod topic;
 
 use std::borrow::Cow;
@@ -33,23 +34,26 @@ pub enum Dialect {
     Native = 0,
     /// The `{id, type, payload, timestamp}` topic protocol (`/ws` of the topic service).
     Topic = 1,
+    /// The chat hub of `/ws/chat` (`seeds/002`): flat snake_case frames, numeric ids.
+    ChatHub = 2,
 }
 
 /// How many dialects there are (the size of per-dialect tables).
-pub const DIALECTS: usize = 2;
+pub const DIALECTS: usize = 4;
 
 /// `Client::dialect` bit: the path is `auto` and no frame has decided the dialect yet. Until
 /// then the connection is served as native (its `connected` greeting is the native one).
 pub const UNDECIDED: u8 = 0x80;
 
 impl Dialect {
-    pub const ALL: [Dialect; DIALECTS] = [Dialect::Native, Dialect::Topic];
+    pub const ALL: &'static [Dialect] = &[Dialect::Native, Dialect::Topic, Dialect::ChatHub];
 
     /// From `Client::dialect` (the [`UNDECIDED`] bit ignored).
     #[inline]
     pub fn from_byte(b: u8) -> Dialect {
         match b & !UNDECIDED {
             1 => Dialect::Topic,
+            2 => Dialect::ChatHub,
             _ => Dialect::Native,
         }
     }
@@ -59,6 +63,7 @@ impl Dialect {
         match self {
             Dialect::Native => "native",
             Dialect::Topic => "topic",
+            Dialect::ChatHub => "chat-hub",
         }
     }
 }
@@ -78,7 +83,8 @@ impl PathDialect {
             return Some(PathDialect::Auto);
         }
         Dialect::ALL
-            .into_iter()
+            .iter()
+            .copied()
             .find(|d| d.name() == s)
             .map(PathDialect::Fixed)
     }
@@ -93,7 +99,7 @@ impl PathDialect {
 }
 
 /// Every name `ws_dialects` accepts, for error messages.
-pub const PATH_DIALECT_NAMES: &str = "auto, native, topic";
+pub const PATH_DIALECT_NAMES: &str = "auto, native, topic, chat-hub";
 
 /// The dialect of a connection on an `auto` path, from its first text message: the topic
 /// protocol when it is a JSON object with a `payload` member (every topic-protocol frame has
@@ -142,6 +148,7 @@ pub fn inbound(d: Dialect, text: &[u8], st: &mut EdgeState, now_ms: u64) -> Vec<
     match d {
         Dialect::Native => vec![Step::Native(text.to_vec())],
         Dialect::Topic => topic::inbound(text, &mut st.topic, now_ms),
+        Dialect::ChatHub => chat_hub::inbound(text),
     }
 }
 
@@ -174,6 +181,7 @@ pub fn encode(d: Dialect, native: &[u8]) -> Encoded {
             class: Class::default(),
         },
         Dialect::Topic => topic::encode(native),
+        Dialect::ChatHub => chat_hub::encode(native),
     }
 }
 
@@ -185,7 +193,7 @@ pub fn wants(d: Dialect, st: Option<&EdgeState>, class: &Class) -> bool {
         return true;
     }
     match d {
-        Dialect::Native => true,
+        Dialect::Native | Dialect::ChatHub => true,
         Dialect::Topic => st.is_some_and(|s| s.topic.wants(class)),
     }
 }
@@ -268,7 +276,7 @@ mod tests {
             Some(PathDialect::Fixed(Dialect::Topic))
         );
         assert_eq!(PathDialect::parse("Topic"), None);
-        for d in Dialect::ALL {
+        for &d in Dialect::ALL {
             assert_eq!(Dialect::from_byte(d as u8), d);
             assert_eq!(Dialect::from_byte(d as u8 | UNDECIDED), d);
             assert!(PATH_DIALECT_NAMES.contains(d.name()));
