@@ -29,6 +29,7 @@ fn assert_ack(ack: &Value, client_msg_id: &str) -> Value {
         [
             "clientMsgId",
             "conversationId",
+            "conversationNumericId",
             "cursor",
             "sentAt",
             "seq",
@@ -70,6 +71,11 @@ fn assert_create(
     assert_eq!(d["from"], from, "{m}");
     assert_eq!(d["to"], to, "{m}");
     assert_eq!(d["conversationId"], ack["conversationId"], "{m}");
+    assert!(d["conversationNumericId"].as_u64().is_some(), "{m}");
+    assert_eq!(
+        d["conversationNumericId"], ack["conversationNumericId"],
+        "{m}"
+    );
     assert_eq!(d["content"], content, "{m}");
     match attachment {
         Some(a) => assert_eq!(d["attachmentUrl"], a, "{m}"),

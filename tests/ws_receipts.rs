@@ -103,7 +103,7 @@ fn every_error_carries_the_id() {
         assert_eq!(anon.expect_error("not allowed")["id"], "a");
 
         let cases: Vec<(Value, &str)> = vec![
-            (json!({"messageIds": [1]}), "to is required"),
+            (json!({"messageIds": [1]}), "message not found"),
             (json!({"to": "", "messageIds": [1]}), "to is required"),
             (json!({"to": long, "messageIds": [1]}), "to is required"),
             (

@@ -246,8 +246,11 @@ fn every_error_carries_the_id() {
 
         let long = "x".repeat(257);
         let cases: Vec<(Value, &str)> = vec![
-            (json!({}), "room or to is required"),
-            (json!({"room": null, "to": null}), "room or to is required"),
+            (json!({}), "room, to or conversationId is required"),
+            (
+                json!({"room": null, "to": null}),
+                "room, to or conversationId is required",
+            ),
             (
                 json!({"room": "chat", "to": "bob"}),
                 "give room or to, not both",

@@ -27,7 +27,10 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, Notify, Semaphore};
 
+pub mod conv;
 mod durable;
+
+pub use conv::{ConvEvent, ConvJob};
 
 use super::{BridgeMsg, Shards};
 use crate::http::{CorsHeaders, Response, Status};
@@ -125,6 +128,26 @@ pub enum StoreJob {
         op: crate::rest::RestOp,
         keep: bool,
         cors: Option<Arc<str>>,
+    },
+    /// Typing or a receipt to a stored conversation's participants ([`conv`]).
+    Conversation(Box<ConvJob>),
+    /// `mark.read` / `mark.delivered` `{messageIds}` with neither `to` nor `conversationId`
+    /// (`ids_raw`: the checked array, at most `MARK_IDS_MAX` ids): [`conv::mark_by_messages`].
+    MarkByMessages {
+        origin: ConnRef,
+        id: Option<Box<str>>,
+        user: Arc<str>,
+        read: bool,
+        ids_raw: Box<str>,
+        at_ms: u64,
+    },
+    /// `presence.watch {scope: "conversations"}`: the users who share a thread with `user`,
+    /// at most `limit` ([`conv::contacts`]), handed back to `origin`'s shard.
+    Contacts {
+        origin: ConnRef,
+        id: Option<Box<str>>,
+        user: Arc<str>,
+        limit: usize,
     },
 }
 
@@ -232,6 +255,8 @@ struct Ctx<S> {
     last_failure_log: Cell<Option<tokio::time::Instant>>,
     /// The Kafka producer of durable DMs (`kafka_brokers` set): acks wait for it too.
     kafka: Option<durable::KafkaSink>,
+    /// Threads' participants, for typing and receipts to stored conversations.
+    members: RefCell<conv::Cache>,
 }
 
 struct Send {
@@ -276,6 +301,7 @@ async fn serve<S: Store + 'static>(
         unlogged_failures: Cell::new(0),
         last_failure_log: Cell::new(None),
         kafka,
+        members: RefCell::new(conv::Cache::default()),
     });
     let writer = tokio::task::spawn_local(writer(ctx.clone()));
     let kafka_tasks = ctx.kafka.as_ref().map(|k| {
@@ -447,9 +473,18 @@ fn refuse<S>(ctx: &Ctx<S>, job: StoreJob, text: &str) {
             answer,
             msg,
         } => answer_error(ctx, origin, &answer, msg.client_msg_id.as_deref(), text),
-        StoreJob::Sync { origin, id, .. } => {
+        StoreJob::Sync { origin, id, .. }
+        | StoreJob::MarkByMessages { origin, id, .. }
+        | StoreJob::Contacts { origin, id, .. } => {
             answer_error(ctx, origin, &Answer::Ws { id }, None, text)
         }
+        StoreJob::Conversation(job) => match job.what {
+            // Typing is droppable: a refused one is lost silently, as to a full inbox.
+            ConvEvent::Typing { .. } => {}
+            ConvEvent::Receipt { id, .. } => {
+                answer_error(ctx, job.origin, &Answer::Ws { id }, None, text)
+            }
+        },
         StoreJob::Notify {
             origin, keep, cors, ..
         }
@@ -719,6 +754,7 @@ fn message_data(d: &mut Obj, m: &Message) {
         .str("from", &m.sender)
         .opt_str("to", m.to.as_deref())
         .str("conversationId", &m.thread)
+        .u64("conversationNumericId", m.thread_numeric_id)
         .str("content", &m.content)
         .opt_str("attachmentUrl", m.attachment_url.as_deref())
         .str("sentAt", &rfc3339_ms(m.sent_at_ms))
@@ -745,6 +781,7 @@ fn ack<S>(ctx: &Ctx<S>, origin: ConnRef, id: Option<&str>, m: &Message) {
                 d.opt_str("clientMsgId", m.client_msg_id.as_deref())
                     .uuid("serverMsgId", m.server_msg_id)
                     .str("conversationId", &m.thread)
+                    .u64("conversationNumericId", m.thread_numeric_id)
                     .str("sentAt", &rfc3339_ms(m.sent_at_ms))
                     .u64("cursor", m.id)
                     .u64("seq", m.seq);
@@ -835,6 +872,21 @@ async fn run_job<S: Store>(ctx: &Ctx<S>, job: StoreJob) {
             keep,
             cors,
         } => rest(ctx, origin, &user, op, keep, cors).await,
+        StoreJob::Conversation(job) => conv::run(ctx, *job).await,
+        StoreJob::MarkByMessages {
+            origin,
+            id,
+            user,
+            read,
+            ids_raw,
+            at_ms,
+        } => conv::mark_by_messages(ctx, origin, id, user, read, &ids_raw, at_ms).await,
+        StoreJob::Contacts {
+            origin,
+            id,
+            user,
+            limit,
+        } => conv::contacts(ctx, origin, id, &user, limit).await,
     }
 }
 
@@ -888,6 +940,7 @@ fn receipt<S>(ctx: &Ctx<S>, marked: &crate::store::Marked, by: &Arc<str>, at_ms:
         o.str("type", "message.read")
             .obj("data", |d| {
                 d.str("conversationId", &marked.thread)
+                    .u64("conversationNumericId", marked.thread_numeric_id)
                     .arr("messageIds", |a| {
                         for m in &marked.messages {
                             a.uuid(m.server_msg_id);

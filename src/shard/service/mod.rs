@@ -118,6 +118,8 @@ pub fn handler(kind: &str) -> Option<Handler> {
 pub enum ServiceMsg {
     Rooms(rooms::Msg),
     Api(api::Msg),
+    // ---- typing and receipts
+    Typing(typing::Msg),
     // ---- presence
     Presence(presence::Msg),
     // ---- calls
@@ -144,6 +146,8 @@ pub fn on_msg(sh: &mut Shard, m: ServiceMsg) {
     match m {
         ServiceMsg::Rooms(m) => rooms::on_msg(sh, m),
         ServiceMsg::Api(m) => api::on_msg(sh, m),
+        // ---- typing and receipts
+        ServiceMsg::Typing(m) => typing::on_msg(sh, m),
         // ---- presence
         ServiceMsg::Presence(m) => presence::on_msg(sh, m),
         // ---- calls

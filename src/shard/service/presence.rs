@@ -98,6 +98,15 @@ pub enum Msg {
         to: ConnRef,
         id: Option<Box<str>>,
     },
+    /// From the bridge, to the shard of connection `to`: the users who share a stored thread
+    /// with it, for its `presence.watch {scope: "conversations"}` (`truncated`: the bridge
+    /// left some out, past `max_watched_users_per_connection` or `CONTACT_THREADS_MAX`).
+    Contacts {
+        to: ConnRef,
+        id: Option<Box<str>>,
+        users: Vec<Arc<str>>,
+        truncated: bool,
+    },
 }
 
 /// The owner shard of a user's presence (the same fixed hash as rooms).
@@ -377,7 +386,55 @@ fn handle(sh: &mut Shard, m: Msg) {
             sh.out.stats.presence_queries += 1;
             sh.deliver(&Target::Conn(to), &f);
         }
+        Msg::Contacts {
+            to,
+            id,
+            users,
+            truncated,
+        } => watch_contacts(sh, to, id.as_deref(), &users, truncated),
     }
+}
+
+/// Watch the users the bridge found for `presence.watch {scope: "conversations"}` of
+/// connection `to` (still the same connection), as many as its watch list has room for (users
+/// it already watches count once; users `address_policy` refuses are skipped), and answer
+/// `presence.state` for those, with `truncated` when some were left out.
+fn watch_contacts(
+    sh: &mut Shard,
+    to: ConnRef,
+    id: Option<&str>,
+    users: &[Arc<str>],
+    truncated: bool,
+) {
+    let slot = to.slot;
+    if !sh.live(slot, to.gen) {
+        return;
+    }
+    let Some(me) = sh.clients[slot as usize].user.clone() else {
+        return;
+    };
+    let max = sh.node.cfg.max_watched_users_per_connection;
+    let mut cut = truncated;
+    let mut watched: Vec<&str> = Vec::with_capacity(users.len());
+    for u in users {
+        if !super::policy::may_address(sh, slot, u) {
+            continue;
+        }
+        let t = topic(u);
+        let held = sh
+            .topics_of
+            .get(&slot)
+            .is_some_and(|l| l.iter().any(|x| **x == *t));
+        if !held {
+            if sh.topics_joined(slot) >= max {
+                cut = true;
+                continue;
+            }
+            sh.topic_join(slot, &t);
+        }
+        watched.push(u);
+    }
+    send_state(sh, slot, id, &me, &watched, Some(cut));
 }
 
 /// Carry out an owner step: directory records, the watchers' event, the grace timer.
@@ -470,7 +527,13 @@ struct UsersCmd<'a> {
     user_ids: Option<Vec<Cow<'a, str>>>,
     #[serde(borrow, default)]
     room: Option<Cow<'a, str>>,
+    /// `presence.watch` only: `"conversations"`.
+    #[serde(borrow, default)]
+    scope: Option<Cow<'a, str>>,
 }
+
+/// The one `scope` of `presence.watch`: every user sharing a stored thread with the caller.
+pub const SCOPE_CONVERSATIONS: &str = "conversations";
 
 /// The error text for a `user_ids` entry that is not a usable id.
 const BAD_USER_ID: &str = "user_ids must be non-empty strings of at most 256 bytes";
@@ -520,8 +583,16 @@ fn checked_ids<'c>(
     )
 }
 
-/// `presence.state {data:{users:[...]}}` for `ids`, read from the directory here.
-fn send_state(sh: &mut Shard, slot: u32, id: Option<&str>, me: &str, ids: &[&str]) {
+/// `presence.state {data:{users:[...]}}` for `ids`, read from the directory here (with
+/// `truncated` for the `scope` form of `presence.watch`).
+fn send_state(
+    sh: &mut Shard,
+    slot: u32,
+    id: Option<&str>,
+    me: &str,
+    ids: &[&str],
+    truncated: Option<bool>,
+) {
     let dir = &sh.node.dir;
     let mut users = Vec::with_capacity(2 + ids.len() * 96);
     users.push(b'[');
@@ -558,6 +629,9 @@ fn send_state(sh: &mut Shard, slot: u32, id: Option<&str>, me: &str, ids: &[&str
             .id(id)
             .obj("data", |d| {
                 d.raw("users", &users);
+                if let Some(t) = truncated {
+                    d.bool("truncated", t);
+                }
             })
             .u64("timestamp", now_ms);
     });
@@ -625,6 +699,31 @@ pub fn watch(sh: &mut Shard, slot: u32, cmd: &Cmd<'_>) {
     let Some(me) = identity(sh, slot, id) else {
         return;
     };
+    if let Some(scope) = &c.scope {
+        if c.user_ids.is_some() {
+            let text = "give user_ids or scope, not both";
+            sh.send_error(slot, ErrorReason::BadRequest, id, text, None);
+            return;
+        }
+        if scope != SCOPE_CONVERSATIONS {
+            let text = "scope must be conversations";
+            sh.send_error(slot, ErrorReason::BadRequest, id, text, None);
+            return;
+        }
+        // The store knows who shares a thread with the caller: the bridge reads them and
+        // hands them back here (Msg::Contacts), where they are watched and answered.
+        let job = crate::bridge::StoreJob::Contacts {
+            origin: sh.conn_ref(slot),
+            id: id.map(Box::from),
+            user: me,
+            limit: sh.node.cfg.max_watched_users_per_connection,
+        };
+        if !sh.hand_to_store(job) {
+            let text = "server busy, retry later";
+            sh.send_error(slot, ErrorReason::Busy, id, text, None);
+        }
+        return;
+    }
     let Some(ids) = checked_ids(sh, slot, id, c.user_ids.as_deref(), &me, true) else {
         return;
     };
@@ -651,7 +750,7 @@ pub fn watch(sh: &mut Shard, slot: u32, cmd: &Cmd<'_>) {
     }
     // Joined before reading: a change published from now on reaches this connection, and one
     // published before is in the records read here.
-    send_state(sh, slot, id, &me, &ids);
+    send_state(sh, slot, id, &me, &ids, None);
 }
 
 /// `presence.unwatch {user_ids}`: leave their topics (users not watched are ignored); answers
@@ -715,7 +814,7 @@ pub fn query(sh: &mut Shard, slot: u32, cmd: &Cmd<'_>) {
             let Some(ids) = checked_ids(sh, slot, id, c.user_ids.as_deref(), &me, true) else {
                 return;
             };
-            send_state(sh, slot, id, &me, &ids);
+            send_state(sh, slot, id, &me, &ids, None);
         }
         (None, None) => {
             sh.send_error(

@@ -114,6 +114,10 @@ fn mark(sh: &mut Shard, slot: u32, cmd: &Cmd<'_>, kind: &str) {
     let Some(user) = super::identity(sh, slot, id) else {
         return;
     };
+    if m.to.is_none() {
+        stored(sh, slot, cmd, &m, user, kind == "message.read");
+        return;
+    }
     let Some(to) = non_empty(&m.to).filter(|t| t.len() <= ID_BYTES_MAX) else {
         sh.send_error(slot, ErrorReason::BadRequest, id, "to is required", None);
         return;
@@ -182,6 +186,63 @@ fn mark(sh: &mut Shard, slot: u32, cmd: &Cmd<'_>, kind: &str) {
     if missed != 0 {
         // Some device could not be reached (a shard inbox full). A receipt is idempotent:
         // the client may send it again, and a device that got it twice changes nothing.
+        let text = "server busy, retry later";
+        sh.send_error(slot, ErrorReason::Busy, id, text, None);
+    }
+}
+
+/// A receipt without `to`: to a stored conversation (`conversationId`, text or numeric id), or
+/// (neither) to the conversation of the named messages; the bridge checks it against the store
+/// and relays it to the participants ([`crate::bridge::store::conv`]).
+fn stored(sh: &mut Shard, slot: u32, cmd: &Cmd<'_>, m: &MarkCmd<'_>, user: Arc<str>, read: bool) {
+    let id = cmd.id;
+    let conversation = match non_empty(&m.conversation_id) {
+        Some(c) if c.len() <= ID_BYTES_MAX => Some(c),
+        Some(_) => {
+            let text = "conversationId too long";
+            sh.send_error(slot, ErrorReason::BadRequest, id, text, None);
+            return;
+        }
+        None => None,
+    };
+    // Naming only messages, each id is looked up: at most one mark job's worth.
+    let max = match conversation {
+        Some(_) => sh.node.cfg.max_receipt_message_ids,
+        None => sh.node.cfg.max_receipt_message_ids.min(MARK_IDS_MAX),
+    };
+    let ids = match check_message_ids(m.message_ids.as_ref(), max) {
+        Ok(raw) => raw,
+        Err(e) => {
+            let (reason, text) = e.reply();
+            sh.send_error(slot, reason, id, text, None);
+            return;
+        }
+    };
+    let origin = sh.conn_ref(slot);
+    let job = match conversation {
+        Some(c) => StoreJob::Conversation(Box::new(crate::bridge::store::ConvJob {
+            origin,
+            user,
+            conversation: Arc::from(c),
+            what: crate::bridge::store::ConvEvent::Receipt {
+                read,
+                id: id.map(Box::from),
+                ids_raw: Box::from(ids),
+                at_ms: sh.now_ms,
+            },
+        })),
+        None => StoreJob::MarkByMessages {
+            origin,
+            id: id.map(Box::from),
+            user,
+            read,
+            ids_raw: Box::from(ids),
+            at_ms: sh.now_ms,
+        },
+    };
+    if sh.hand_to_store(job) {
+        sh.out.stats.receipts_sent += 1;
+    } else {
         let text = "server busy, retry later";
         sh.send_error(slot, ErrorReason::Busy, id, text, None);
     }

@@ -1,6 +1,12 @@
-//! Typing indicators: `typing.start` / `typing.stop` (PROTOCOL.md section 4), to a room's other
-//! subscribers ([`Target::Room`] without the sender) or to a conversation with a user (every
-//! device of `to` and the sender's other devices, [`Target::User`] without the sender).
+//! Typing indicators: `typing.start` / `typing.stop` (PROTOCOL.md section 12), to a room's other
+//! subscribers ([`Target::Room`] without the sender), to a conversation with a user (every
+//! device of `to` and the sender's other devices, [`Target::User`] without the sender), or to a
+//! stored conversation (`conversationId` alone): the state is kept here like the others, but
+//! only the bridge knows the thread's participants, so each event (a start, a stop, a TTL or
+//! disconnect stop; never a renewal) is handed to it as a [`ConvJob`], which checks the
+//! sender takes part, builds the frame once and delivers it to every participant's devices
+//! except the sending connection. A refusal comes back as [`Msg::Refused`]: the state is
+//! dropped without a frame and the command's error is sent.
 //!
 //! State: one [`Table`] per shard, a typing state per (connection, target) with its deadline,
 //! at most [`TYPING_TARGETS_PER_CONNECTION_MAX`] per connection; only connections that are
@@ -23,6 +29,7 @@ use serde::Deserialize;
 use slab::Slab;
 
 use super::Cmd;
+use crate::bridge::store::{ConvEvent, ConvJob};
 use crate::limits::{ID_BYTES_MAX, TYPING_TARGETS_PER_CONNECTION_MAX};
 use crate::metrics::ErrorReason;
 use crate::proto::envelope::{droppable, non_empty};
@@ -41,6 +48,9 @@ pub enum TypingTarget {
         to: Arc<str>,
         conversation: Arc<str>,
     },
+    /// A stored conversation, by the id the client gave (text or numeric: two names of one
+    /// thread are two states).
+    Thread(Arc<str>),
 }
 
 /// A [`TypingTarget`] borrowed from a command (no allocation on a renewal).
@@ -48,6 +58,7 @@ pub enum TypingTarget {
 pub enum TargetRef<'a> {
     Room(&'a str),
     Conversation { to: &'a str, conversation: &'a str },
+    Thread(&'a str),
 }
 
 impl TypingTarget {
@@ -61,6 +72,7 @@ impl TypingTarget {
                     conversation: c,
                 },
             ) => **to == *t && **conversation == *c,
+            (TypingTarget::Thread(a), TargetRef::Thread(b)) => **a == *b,
             _ => false,
         }
     }
@@ -71,6 +83,7 @@ impl TypingTarget {
             TypingTarget::Conversation { to, conversation } => {
                 TargetRef::Conversation { to, conversation }
             }
+            TypingTarget::Thread(t) => TargetRef::Thread(t),
         }
     }
 }
@@ -283,11 +296,19 @@ fn handle(sh: &mut Shard, slot: u32, cmd: &Cmd<'_>, starting: bool) {
             sh.send_error(slot, ErrorReason::BadRequest, id, text, None);
             return;
         }
-        (None, None) => {
-            let text = "room or to is required";
-            sh.send_error(slot, ErrorReason::BadRequest, id, text, None);
-            return;
-        }
+        (None, None) => match non_empty(&c.conversation_id) {
+            Some(cid) if cid.len() <= ID_BYTES_MAX => TargetRef::Thread(cid),
+            Some(_) => {
+                let text = "conversationId too long";
+                sh.send_error(slot, ErrorReason::BadRequest, id, text, None);
+                return;
+            }
+            None => {
+                let text = "room, to or conversationId is required";
+                sh.send_error(slot, ErrorReason::BadRequest, id, text, None);
+                return;
+            }
+        },
         (Some(_), None) => {
             let Some(room) = super::rooms::valid_room(sh, slot, non_empty(&c.room), id) else {
                 return;
@@ -318,7 +339,7 @@ fn handle(sh: &mut Shard, slot: u32, cmd: &Cmd<'_>, starting: bool) {
     if !starting {
         // An active state ends whatever changed since (an unsubscribe, a narrower claim).
         if let Some(e) = sh.svc.typing.stop(slot, gen, target) {
-            send(sh, &e, "typing.stop");
+            send(sh, &e, "typing.stop", Some(id));
             return;
         }
     }
@@ -345,6 +366,9 @@ fn handle(sh: &mut Shard, slot: u32, cmd: &Cmd<'_>, starting: bool) {
             }
             None
         }
+        // Taking part in the thread is the permission, checked by the bridge on each event;
+        // a stop with no state to end sends nothing and asks nobody.
+        TargetRef::Thread(_) => None,
     };
     if !starting {
         return;
@@ -359,6 +383,7 @@ fn handle(sh: &mut Shard, slot: u32, cmd: &Cmd<'_>, starting: bool) {
             conversation: Arc::from(conversation),
         },
         (None, TargetRef::Room(room)) => TypingTarget::Room(Arc::from(room)),
+        (None, TargetRef::Thread(t)) => TypingTarget::Thread(Arc::from(t)),
     };
     match sh
         .svc
@@ -378,20 +403,95 @@ fn handle(sh: &mut Shard, slot: u32, cmd: &Cmd<'_>, starting: bool) {
                 slot,
                 gen,
             };
+            if let TargetRef::Thread(t) = target {
+                to_thread(sh, me, &user, t, true, Some(id));
+                return;
+            }
             let f = encode(sh, "typing.start", &user, target);
             deliver(sh, me, &user, target, &f);
         }
     }
 }
 
-/// Send `kind` for a state (a stop: asked for, expired, or ended by a detach).
-fn send(sh: &mut Shard, e: &Entry, kind: &str) {
+/// Hand a typing event for stored conversation `thread` to the bridge (`id`: the command's,
+/// `None` for a stop the server makes). A full bridge inbox loses it (counted in
+/// `switchboard_bridge_dropped_total`), as a full shard inbox loses any typing frame.
+fn to_thread(
+    sh: &mut Shard,
+    me: ConnRef,
+    user: &Arc<str>,
+    thread: &str,
+    start: bool,
+    id: Option<Option<&str>>,
+) {
+    sh.out.stats.typing_sent += 1;
+    let job = crate::bridge::StoreJob::Conversation(Box::new(ConvJob {
+        origin: me,
+        user: user.clone(),
+        conversation: Arc::from(thread),
+        what: ConvEvent::Typing {
+            start,
+            id: id.map(|i| i.map(Box::from)),
+        },
+    }));
+    let _ = sh.hand_to_store(job);
+}
+
+/// Typing messages from the bridge.
+pub enum Msg {
+    /// The bridge refused a typing event of connection (`slot`, `gen`) for `conversation`
+    /// (`text`: not found, not a participant, store unavailable): drop its state there
+    /// without a frame, and answer the command `id` with `text`.
+    Refused {
+        slot: u32,
+        gen: u32,
+        conversation: Arc<str>,
+        id: Option<Box<str>>,
+        text: &'static str,
+    },
+}
+
+pub fn on_msg(sh: &mut Shard, m: Msg) {
+    match m {
+        Msg::Refused {
+            slot,
+            gen,
+            conversation,
+            id,
+            text,
+        } => {
+            if !sh.live(slot, gen) {
+                return;
+            }
+            let _ = sh
+                .svc
+                .typing
+                .stop(slot, gen, TargetRef::Thread(&conversation));
+            let reason = if text == crate::store::Refusal::NotParticipant.text() {
+                ErrorReason::NotAllowed
+            } else if text == crate::bridge::store::STORE_UNAVAILABLE {
+                ErrorReason::Busy
+            } else {
+                ErrorReason::BadRequest
+            };
+            sh.send_error(slot, reason, id.as_deref(), text, None);
+        }
+    }
+}
+
+/// Send `kind` for a state (a stop: asked for, with the command's `id`; expired, or ended by
+/// a detach, `None`).
+fn send(sh: &mut Shard, e: &Entry, kind: &str, id: Option<Option<&str>>) {
     let me = ConnRef {
         node: sh.node.id,
         shard: sh.id as u16,
         slot: e.slot,
         gen: e.gen,
     };
+    if let TypingTarget::Thread(t) = &e.target {
+        to_thread(sh, me, &e.user, t, kind == "typing.start", id);
+        return;
+    }
     let f = encode(sh, kind, &e.user, e.target.as_ref());
     deliver(sh, me, &e.user, e.target.as_ref(), &f);
 }
@@ -414,6 +514,7 @@ fn encode(sh: &mut Shard, kind: &str, user: &str, target: TargetRef<'_>) -> Fram
                         .str("conversationId", conversation);
                 });
             }
+            TargetRef::Thread(_) => debug_assert!(false, "stored conversations: the bridge"),
         }
         o.u64("timestamp", now_ms);
     })
@@ -452,6 +553,7 @@ fn deliver(sh: &mut Shard, me: ConnRef, user: &Arc<str>, target: TargetRef<'_>, 
                 sh.deliver(&from_target, f);
             }
         }
+        TargetRef::Thread(_) => debug_assert!(false, "stored conversations: the bridge"),
     }
 }
 
@@ -464,7 +566,7 @@ pub fn on_timer(sh: &mut Shard, key: u64) {
         }
         Fire::Expired(e) => {
             sh.out.stats.typing_ttl_stops += 1;
-            send(sh, &e, "typing.stop");
+            send(sh, &e, "typing.stop", None);
         }
     }
 }
@@ -472,7 +574,7 @@ pub fn on_timer(sh: &mut Shard, key: u64) {
 /// The connection is detaching: end every typing state it has, a `typing.stop` each.
 pub fn on_detach(sh: &mut Shard, slot: u32) {
     for e in sh.svc.typing.end_conn(slot) {
-        send(sh, &e, "typing.stop");
+        send(sh, &e, "typing.stop", None);
     }
 }
 
