@@ -219,6 +219,11 @@ fn a_bad_token_is_refused_on_the_upgrade() {
             ),
             "invalid token signature",
         ),
+        // No token at all: the hub's clients cannot authenticate in-band.
+        (
+            "/ws/chat".to_owned(),
+            "token is required: send ?token=<jwt>",
+        ),
     ] {
         match s.try_connect_with(&path, &[], None) {
             Ok(_) => panic!("{path} was upgraded"),
@@ -231,6 +236,11 @@ fn a_bad_token_is_refused_on_the_upgrade() {
             }
         }
     }
+    // The native path still lets a client without a token authenticate in-band.
+    let (mut c, _) = s
+        .try_connect_with("/ws", &[], None)
+        .unwrap_or_else(|r| panic!("upgrade refused: {} {}", r.status, r.body));
+    assert_eq!(c.expect_type("connected")["data"]["user_id"], Value::Null);
 }
 
 /// The service-layer flow of the document: a backend sends a message through the REST API

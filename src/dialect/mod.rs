@@ -98,6 +98,18 @@ impl PathDialect {
     }
 }
 
+impl PathDialect {
+    /// Whether a connection on such a path must bring its token on the upgrade (jwt mode):
+    /// the chat hub's clients have no in-band `authenticate`, so one without a token is
+    /// refused with 401 [`TOKEN_REQUIRED`] instead of waiting for one.
+    pub fn needs_upgrade_token(self) -> bool {
+        self == PathDialect::Fixed(Dialect::ChatHub)
+    }
+}
+
+/// The 401 of an upgrade without a token on a path that needs one.
+pub const TOKEN_REQUIRED: &str = "token is required: send ?token=<jwt>";
+
 /// Every name `ws_dialects` accepts, for error messages.
 pub const PATH_DIALECT_NAMES: &str = "auto, native, topic, chat-hub";
 
