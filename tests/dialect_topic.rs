@@ -137,7 +137,10 @@ fn errors_in_the_envelope() {
     send(&mut c, "m5", "typing.start", json!({}));
     let e = expect(&mut c, "error");
     assert_eq!(e["id"], "m5");
-    assert_eq!(e["payload"]["error"], "room or to is required", "{e}");
+    assert_eq!(
+        e["payload"]["error"], "room, to or conversationId is required",
+        "{e}"
+    );
     // A native command's error keeps its data (here a DM's clientMsgId) in the payload.
     send(
         &mut c,
