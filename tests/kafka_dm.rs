@@ -124,6 +124,11 @@ fn ack_comes_after_the_record_is_in_the_topic() {
         v["data"], create["data"],
         "the record is the message.create event"
     );
+    assert_eq!(
+        v["data"]["conversationNumericId"], ack["data"]["conversationNumericId"],
+        "the record carries the conversation's numeric id: {v}"
+    );
+    assert!(v["data"]["conversationNumericId"].is_u64(), "{v}");
     assert_eq!(r.header("sender"), Some("alice"));
     assert_eq!(r.header("clientMsgId"), Some("c-1"));
     assert_eq!(

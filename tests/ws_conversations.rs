@@ -148,6 +148,19 @@ fn typing_reaches_every_participant_but_the_sender(env: &[(&str, &str)]) {
     }
     silent(&mut [&mut bob, &mut dave]);
 
+    // A start and a stop sent back to back, before the bridge knows the thread: in order.
+    let (fresh, fresh_n) = group(&s, "carol", &["bob", "alice"]);
+    for _ in 0..3 {
+        carol.send_json(json!({"type": "typing.start", "conversationId": fresh}));
+        carol.send_json(json!({"type": "typing.stop", "conversationId": fresh}));
+    }
+    for c in [&mut bob, &mut alice0, &mut alice1] {
+        for _ in 0..3 {
+            typing_event(&c.recv_json(), "typing.start", "carol", &fresh, fresh_n);
+            typing_event(&c.recv_json(), "typing.stop", "carol", &fresh, fresh_n);
+        }
+    }
+
     // A direct thread made by a DM is a stored conversation too.
     let ack = {
         carol.send_json(

@@ -257,6 +257,9 @@ struct Ctx<S> {
     kafka: Option<durable::KafkaSink>,
     /// Threads' participants, for typing and receipts to stored conversations.
     members: RefCell<conv::Cache>,
+    /// Typing events waiting, in arrival order, for their conversation's participants to be
+    /// read (one read per conversation at a time).
+    typing_waiting: RefCell<conv::Waiting>,
 }
 
 struct Send {
@@ -302,6 +305,7 @@ async fn serve<S: Store + 'static>(
         last_failure_log: Cell::new(None),
         kafka,
         members: RefCell::new(conv::Cache::default()),
+        typing_waiting: RefCell::new(conv::Waiting::default()),
     });
     let writer = tokio::task::spawn_local(writer(ctx.clone()));
     let kafka_tasks = ctx.kafka.as_ref().map(|k| {
@@ -401,6 +405,14 @@ fn kafka_sink(node: &Arc<Node>) -> Option<durable::KafkaSink> {
 }
 
 fn accept<S: Store + 'static>(ctx: &Rc<Ctx<S>>, job: StoreJob) {
+    // Typing keeps its own order and bounds (most of it is answered from the cache, here).
+    let job = match job {
+        StoreJob::Conversation(j) if matches!(j.what, ConvEvent::Typing { .. }) => {
+            conv::typing_event(ctx, *j);
+            return;
+        }
+        other => other,
+    };
     if ctx.jobs.get() >= STORE_JOBS_QUEUED_MAX {
         ctx.node.store_stats.busy.fetch_add(1, Ordering::Relaxed);
         refuse(ctx, job, BUSY);

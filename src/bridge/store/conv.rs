@@ -12,13 +12,16 @@
 //! no invalidation; the TTL only bounds how long a thread the memory store evicted is still
 //! answered from here. Refusals (no such thread, not a participant) are not cached: a
 //! participant list is only learnt from a participant's read, and a thread created a moment
-//! later must be found.
+//! later must be found. Typing keeps its order: an event whose thread is cached is sent on
+//! arrival (no task, no await), and the events of a thread being read wait behind that one
+//! read ([`Waiting`], bounded by [`TYPING_WAITING_PER_CONVERSATION_MAX`] and
+//! [`TYPING_RESOLVING_MAX`]).
 //!
 //! Must not touch: the DM writer's batches (these jobs run as ordinary read tasks, bounded by
 //! `STORE_READS_IN_FLIGHT_MAX`), and the native fan-out path of the shards (events go through
 //! the same [`deliver`] seam as `message.create`).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::Instant;
 
 use super::*;
@@ -33,6 +36,13 @@ pub const PARTICIPANT_CACHE_ENTRIES_MAX: usize = 4096;
 /// How long a thread's participants are answered from the cache. Short, because the memory
 /// store may evict a thread; participants themselves never change (module doc).
 pub const PARTICIPANT_CACHE_TTL: Duration = Duration::from_secs(10);
+
+/// Conversations whose participants are being read for typing at once; a typing event for
+/// another conversation past it is dropped (typing is droppable), counted as `busy`.
+pub const TYPING_RESOLVING_MAX: usize = 1024;
+
+/// Typing events waiting behind one conversation's read; past it the newest is dropped.
+pub const TYPING_WAITING_PER_CONVERSATION_MAX: usize = 64;
 
 /// Most of a user's threads `presence.watch {scope: "conversations"}` reads (most recently
 /// active first, in pages of `PAGE_LIMIT_MAX`): five store reads at most per watch.
@@ -133,6 +143,111 @@ impl Cache {
     }
 }
 
+/// Typing events waiting for their conversation's participants, by the name the client used.
+#[derive(Default)]
+pub struct Waiting {
+    map: HashMap<Arc<str>, VecDeque<ConvJob>>,
+}
+
+/// A typing event (`job.what` is [`ConvEvent::Typing`]), arriving from a shard. With the
+/// conversation's participants cached (the common case) it is sent right here, with no task
+/// and no store call; otherwise one task reads them and every typing event for that
+/// conversation arriving meanwhile waits behind it, so a `typing.stop` never overtakes its
+/// `typing.start` (two store reads could finish in either order).
+pub(super) fn typing_event<S: Store + 'static>(ctx: &Rc<Ctx<S>>, job: ConvJob) {
+    if let Some(q) = ctx
+        .typing_waiting
+        .borrow_mut()
+        .map
+        .get_mut(&job.conversation)
+    {
+        if q.len() < TYPING_WAITING_PER_CONVERSATION_MAX {
+            q.push_back(job);
+        } else {
+            ctx.node.store_stats.busy.fetch_add(1, Ordering::Relaxed);
+        }
+        return;
+    }
+    let cached = ctx.members.borrow().get(&job.conversation, Instant::now());
+    if let Some(m) = cached {
+        let r = if m.has(&job.user) {
+            Ok(m)
+        } else {
+            Err(Refusal::NotParticipant.text())
+        };
+        typing_answer(ctx, job, r);
+        return;
+    }
+    {
+        let mut w = ctx.typing_waiting.borrow_mut();
+        if w.map.len() >= TYPING_RESOLVING_MAX {
+            ctx.node.store_stats.busy.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        w.map.insert(job.conversation.clone(), VecDeque::new());
+    }
+    let ctx = ctx.clone();
+    tokio::task::spawn_local(async move {
+        let key = job.conversation.clone();
+        let mut job = job;
+        loop {
+            let r = {
+                let _permit = ctx.reads.acquire().await;
+                resolve(&ctx, &job.user, &job.conversation).await
+            };
+            typing_answer(&ctx, job, r);
+            let mut w = ctx.typing_waiting.borrow_mut();
+            match w.map.get_mut(&key).and_then(VecDeque::pop_front) {
+                Some(next) => job = next,
+                None => {
+                    w.map.remove(&key);
+                    return;
+                }
+            }
+        }
+    });
+}
+
+/// Send a typing event to the participants, or tell the shard it was refused.
+fn typing_answer<S>(ctx: &Ctx<S>, job: ConvJob, r: std::result::Result<Members, &'static str>) {
+    let ConvEvent::Typing { start, id } = job.what else {
+        debug_assert!(false, "typing_answer for a receipt");
+        return;
+    };
+    match r {
+        Ok(m) => {
+            let kind = if start { "typing.start" } else { "typing.stop" };
+            let now = now_ms();
+            let f = ctx.fb.borrow_mut().text(droppable(ctx.node.now_us()), |o| {
+                o.str("type", kind)
+                    .obj("data", |d| {
+                        d.str("user_id", &job.user)
+                            .str("conversationId", &m.id)
+                            .u64("conversationNumericId", m.numeric_id);
+                    })
+                    .u64("timestamp", now);
+            });
+            to_participants(ctx, &m, &job.user, job.origin, &f);
+        }
+        Err(text) => {
+            // A server-made stop (TTL, disconnect) has nobody to tell.
+            let Some(id) = id else { return };
+            let msg = typing::Msg::Refused {
+                slot: job.origin.slot,
+                gen: job.origin.gen,
+                conversation: job.conversation,
+                id,
+                text,
+            };
+            to_shard(
+                ctx,
+                job.origin.shard as usize,
+                ShardMsg::service(ServiceMsg::Typing(msg)),
+            );
+        }
+    }
+}
+
 /// The participants of `conversation` if `user` is one of them, else the error text to answer.
 async fn resolve<S: Store>(
     ctx: &Ctx<S>,
@@ -183,42 +298,12 @@ fn to_participants<S>(ctx: &Ctx<S>, m: &Members, sender: &str, origin: ConnRef, 
     }
 }
 
-/// Run a [`ConvJob`].
+/// Run a receipt [`ConvJob`] (typing goes through [`typing_event`]).
 pub(super) async fn run<S: Store>(ctx: &Ctx<S>, job: ConvJob) {
     match job.what {
-        ConvEvent::Typing { start, id } => {
-            match resolve(ctx, &job.user, &job.conversation).await {
-                Ok(m) => {
-                    let kind = if start { "typing.start" } else { "typing.stop" };
-                    let now = now_ms();
-                    let f = ctx.fb.borrow_mut().text(droppable(ctx.node.now_us()), |o| {
-                        o.str("type", kind)
-                            .obj("data", |d| {
-                                d.str("user_id", &job.user)
-                                    .str("conversationId", &m.id)
-                                    .u64("conversationNumericId", m.numeric_id);
-                            })
-                            .u64("timestamp", now);
-                    });
-                    to_participants(ctx, &m, &job.user, job.origin, &f);
-                }
-                Err(text) => {
-                    // A server-made stop (TTL, disconnect) has nobody to tell.
-                    let Some(id) = id else { return };
-                    let msg = typing::Msg::Refused {
-                        slot: job.origin.slot,
-                        gen: job.origin.gen,
-                        conversation: job.conversation,
-                        id,
-                        text,
-                    };
-                    to_shard(
-                        ctx,
-                        job.origin.shard as usize,
-                        ShardMsg::service(ServiceMsg::Typing(msg)),
-                    );
-                }
-            }
+        ConvEvent::Typing { .. } => {
+            let r = resolve(ctx, &job.user, &job.conversation).await;
+            typing_answer(ctx, job, r);
         }
         ConvEvent::Receipt {
             read,

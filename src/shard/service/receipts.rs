@@ -3,8 +3,12 @@
 //! gets `message.delivered` / `message.read` `{conversationId, messageIds, by, at}`, and the
 //! reader's other devices get the same frame (to clear their badges); never the sending
 //! connection. No state: a receipt is checked, encoded once and handed to the delivery seam
-//! ([`Target::User`]). Nothing is stored (no message store exists yet), so a receipt for an
-//! offline user is lost, and a receipt is never checked against the messages it names.
+//! ([`Target::User`]); the store records it afterwards ([`record`]). A receipt for an offline
+//! user is lost live, and this form is never checked against the messages it names.
+//!
+//! Without `to`, a receipt names a stored conversation (`conversationId`) or only messages:
+//! the bridge, which owns the store, checks it, relays it to the thread's participants and
+//! records it (`crate::bridge::store::conv`); only the parse and the checks run here.
 //!
 //! The parts that need no shard ([`check_message_ids`]) are sans-IO and unit tested.
 

@@ -721,8 +721,9 @@ mod tests {
     fn entry_budget() {
         // Per typing state: the entry in the slab, plus its index in the connection's list;
         // per typing connection: one map entry (slot, gen, Vec). Idle connections: nothing.
-        assert_eq!(std::mem::size_of::<TypingTarget>(), 32);
-        assert_eq!(std::mem::size_of::<Entry>(), 64);
+        // A third kind of target (a stored thread) took the enum's niche: a tag word more.
+        assert_eq!(std::mem::size_of::<TypingTarget>(), 40);
+        assert_eq!(std::mem::size_of::<Entry>(), 72);
         assert_eq!(std::mem::size_of::<ConnStates>(), 32);
     }
 
