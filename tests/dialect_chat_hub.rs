@@ -1,10 +1,11 @@
 //! The chat hub (`seeds/002`, `docs/DIALECTS.md`) over real sockets, on its own path
 //! `/ws/chat?token=<JWT>` with the default `ws_dialects`: a client that sends exactly the
 //! frames of its document (`ping`, `typing`, `mark_read`) and checks every server frame of it
-//! (`connected`, `pong`, `new_message`, `message_read`, `typing`) byte for byte in value; the
-//! service-layer flow (a backend sends over the REST API, the hub's clients get `new_message`;
-//! a REST read gives them `message_read`); two devices of one user on different shards; the
-//! errors; a bad token refused with HTTP 401 on the upgrade. Users are numeric ("5", "6",
+//! (`connected`, `pong`, `new_message`, `message_read`, `typing`) by value; the service-layer
+//! flow (a backend sends over the REST API, the hub's clients get `new_message`; a REST read
+//! gives them `message_read`); two devices of one user on different shards; the errors; a bad
+//! or missing token refused with HTTP 401 on the upgrade; one encode per shard for a message
+//! to several hub clients (`switchboard_dialect_encodes_total`). Users are numeric ("5", "6",
 //! "7"), as the hub's are, so their ids come out as JSON numbers.
 
 mod common;
@@ -426,4 +427,39 @@ fn typing_and_mark_read_across_shards_and_devices() {
         json!({"type": "error", "error": "not a participant of this conversation"})
     );
     silent(&mut [&mut five, &mut six_a, &mut six_b]);
+}
+
+/// `switchboard_dialect_encodes_total` once it has stopped moving (published every 250 ms).
+fn settled_encodes(s: &TestServer) -> u64 {
+    let read = || {
+        let (_, text) = s.http_get("/metrics");
+        common::metric(&text, "switchboard_dialect_encodes_total").unwrap_or(0)
+    };
+    let mut last = read();
+    loop {
+        std::thread::sleep(std::time::Duration::from_millis(600));
+        let now = read();
+        if now == last {
+            return now;
+        }
+        last = now;
+    }
+}
+
+/// A message to three hub clients on two shards is encoded into the hub's shape once per
+/// shard, not once per recipient.
+#[test]
+fn one_encode_per_shard_not_per_recipient() {
+    let s = server();
+    let (_, group) = thread(&s, "5", &["6", "7"]);
+    let mut five = hub_on(&s, "5", 0);
+    let mut six = hub_on(&s, "6", 0);
+    let mut seven = hub_on(&s, "7", 1);
+    let before = settled_encodes(&s);
+    let m = backend_send(&s, "5", group, "once");
+    let want = new_message(&m, group, json!(5), Value::Null, "once");
+    for c in [&mut five, &mut six, &mut seven] {
+        assert_eq!(body(expect(c, "new_message")), want);
+    }
+    assert_eq!(settled_encodes(&s), before + 2);
 }
