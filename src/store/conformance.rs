@@ -22,6 +22,7 @@ pub async fn run_all<S: Store>(store: &S, p: &str) {
     threads_list_and_paginate(store, p).await;
     messages_paginate_newest_first(store, p).await;
     marks_move_forward(store, p).await;
+    co_participants_rank_by_activity(store, p).await;
     sync_pages(store, p).await;
     notifications(store, p).await;
     produced_marks(store, p).await;
@@ -616,6 +617,44 @@ async fn messages_paginate_newest_first<S: Store>(s: &S, p: &str) {
     let p = found(s.messages(&bo, &r, Some(4), 3).await.unwrap());
     assert_eq!(p.items.len(), 3);
     assert_eq!(p.next, None);
+}
+
+async fn co_participants_rank_by_activity<S: Store>(s: &S, p: &str) {
+    let u = |n: &str| format!("{p}{n}9");
+    let me = u("me");
+    let (w, x, y, z) = (u("w"), u("x"), u("y"), u("z"));
+    let g1 = format!("{p}g9-1");
+    let g2 = format!("{p}g9-2");
+    s.create_thread(&group(&g1, &me, &[&y, &x])).await.unwrap();
+    s.append(&[dm(&format!("{p}t9-z"), &me, &z, "c1", "hi")])
+        .await
+        .unwrap();
+    s.create_thread(&group(&g2, &me, &[&y, &w])).await.unwrap();
+    // g1 becomes the most recently active, then g2 (created after the DM), then the DM.
+    s.append(&[to_thread(&g1, &x, "c2")]).await.unwrap();
+    let names = |c: &CoParticipants| c.users.iter().map(|u| u.to_string()).collect::<Vec<_>>();
+    let all = s.co_participants(&me, 1000, 10).await.unwrap();
+    assert_eq!(names(&all), [&x, &y, &w, &z].map(|s| s.clone()));
+    assert!(!all.truncated);
+    let exact = s.co_participants(&me, 1000, 4).await.unwrap();
+    assert_eq!((names(&exact).len(), exact.truncated), (4, false));
+    let two = s.co_participants(&me, 1000, 2).await.unwrap();
+    assert_eq!(names(&two), [&x, &y].map(|s| s.clone()));
+    assert!(two.truncated);
+    // Fewer threads considered than the user has: truncated (which ones is the store's).
+    let one = s.co_participants(&me, 1, 10).await.unwrap();
+    assert_eq!((one.users.len(), one.truncated), (2, true), "{one:?}");
+    // Someone else's view, and nobody's.
+    let of_w = s.co_participants(&w, 1000, 10).await.unwrap();
+    assert_eq!(names(&of_w), [&me, &y].map(|s| s.clone()));
+    let none = s.co_participants(&u("nobody"), 1000, 10).await.unwrap();
+    assert_eq!(
+        none,
+        CoParticipants {
+            users: vec![],
+            truncated: false
+        }
+    );
 }
 
 async fn marks_move_forward<S: Store>(s: &S, p: &str) {

@@ -417,6 +417,14 @@ pub struct Notification {
     pub read: bool,
 }
 
+/// [`Store::co_participants`]: the users, and whether some were left out (past `limit`, or
+/// threads past `threads_max`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CoParticipants {
+    pub users: Vec<Arc<str>>,
+    pub truncated: bool,
+}
+
 /// One `sync` page: the user's messages after the cursor, oldest first.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SyncPage {
@@ -514,6 +522,63 @@ pub trait Store {
 
     /// For each id, whether [`Store::mark_produced`] recorded it (false for an id not held).
     async fn produced(&self, ids: &[u64]) -> Result<Vec<bool>>;
+
+    /// The users who share a thread with `user` (never `user`), each once, most recently
+    /// active shared thread first (then by user id), at most `limit`; considering at most
+    /// `threads_max` of the user's threads (this default: the most recently active ones, read
+    /// with [`Store::threads`]; `PgStore`: the newest by numeric id, in one query).
+    async fn co_participants(
+        &self,
+        user: &str,
+        threads_max: usize,
+        limit: usize,
+    ) -> Result<CoParticipants> {
+        let mut seen = std::collections::HashSet::new();
+        let mut users: Vec<Arc<str>> = Vec::new();
+        let mut before = None;
+        let mut threads = 0usize;
+        loop {
+            let page = self.threads(user, before, PAGE_LIMIT_MAX).await?;
+            let room = threads_max.saturating_sub(threads);
+            let cut = page.items.len() > room;
+            for t in page.items.iter().take(room) {
+                threads += 1;
+                for p in &t.participants {
+                    if **p != *user && seen.insert(p.clone()) {
+                        users.push(p.clone());
+                    }
+                }
+            }
+            if users.len() > limit {
+                users.truncate(limit);
+                return Ok(CoParticipants {
+                    users,
+                    truncated: true,
+                });
+            }
+            match page.next {
+                _ if cut => {
+                    return Ok(CoParticipants {
+                        users,
+                        truncated: true,
+                    })
+                }
+                Some(n) if threads < threads_max => before = Some(n),
+                Some(_) => {
+                    return Ok(CoParticipants {
+                        users,
+                        truncated: true,
+                    })
+                }
+                None => {
+                    return Ok(CoParticipants {
+                        users,
+                        truncated: false,
+                    })
+                }
+            }
+        }
+    }
 
     /// A cheap round trip (PostgreSQL: `SELECT 1`), for `/ready` and reconnects.
     async fn ping(&self) -> Result<()>;

@@ -826,6 +826,25 @@ const THREADS: Sql = Sql {
     types: &[T_TEXT, T_INT8, T_INT8, T_INT8, T_INT8],
 };
 
+/// The users sharing a thread with $1 among its newest $2 threads, ranked by their most
+/// recently active shared thread (then id), $3 of them; `n`: the user's threads, up to $2 + 1.
+const CO_PARTICIPANTS: Sql = Sql {
+    text: "SELECT o.user_id, max(r.activity) AS act, \
+             (SELECT count(*) FROM (SELECT 1 FROM switchboard_participants z \
+                                    WHERE z.user_id = $1 LIMIT $2 + 1) x) AS n \
+           FROM (SELECT q.thread_nid, \
+                        COALESCE((SELECT max(m.id) FROM switchboard_messages m \
+                                  WHERE m.thread_nid = q.thread_nid), q.thread_nid) AS activity \
+                 FROM switchboard_participants q WHERE q.user_id = $1 \
+                 ORDER BY q.thread_nid DESC LIMIT $2) r \
+           JOIN switchboard_participants o \
+             ON o.thread_nid = r.thread_nid AND o.user_id <> $1 \
+           GROUP BY o.user_id \
+           ORDER BY act DESC, o.user_id \
+           LIMIT $3",
+    types: &[T_TEXT, T_INT8, T_INT8],
+};
+
 /// One thread for viewer $1: text id $2, else numeric id $3 (NULL: none); unread cap $4.
 const THREAD: Sql = Sql {
     text: concat!(
@@ -1902,6 +1921,39 @@ impl Store for PgStore {
                 items: page.items.into_iter().map(|(v, _)| v).collect(),
                 next: page.next,
             })
+        })
+        .await
+    }
+
+    async fn co_participants(
+        &self,
+        user: &str,
+        threads_max: usize,
+        limit: usize,
+    ) -> Result<crate::store::CoParticipants> {
+        if has_nul(user) {
+            return Ok(crate::store::CoParticipants {
+                users: Vec::new(),
+                truncated: false,
+            });
+        }
+        let threads = i64::try_from(threads_max).unwrap_or(i64::MAX - 1);
+        let fetch = i64::try_from(limit).unwrap_or(i64::MAX - 1) + 1;
+        self.run(async |c| {
+            let q = prepare(c, &CO_PARTICIPANTS).await?;
+            let rows = c.query(&q, &[&user, &threads, &fetch]).await?;
+            let mut users = Vec::with_capacity(rows.len().min(limit));
+            let mut truncated = false;
+            for row in &rows {
+                let n: i64 = get(row, 2)?;
+                truncated |= n > threads;
+                if users.len() == limit {
+                    truncated = true;
+                    break;
+                }
+                users.push(arc(get::<String>(row, 0)?));
+            }
+            Ok(crate::store::CoParticipants { users, truncated })
         })
         .await
     }

@@ -187,6 +187,14 @@ where
     async fn ping(&self) -> Result<()> {
         self.get()?.ping().await
     }
+    async fn co_participants(
+        &self,
+        user: &str,
+        threads_max: usize,
+        limit: usize,
+    ) -> Result<crate::store::CoParticipants> {
+        self.get()?.co_participants(user, threads_max, limit).await
+    }
 }
 
 #[cfg(test)]

@@ -21,13 +21,13 @@
 //! `STORE_READS_IN_FLIGHT_MAX`), and the native fan-out path of the shards (events go through
 //! the same [`deliver`] seam as `message.create`).
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::time::Instant;
 
 use super::*;
 use crate::proto::envelope::droppable;
 use crate::shard::service::{presence, typing, ServiceMsg};
-use crate::store::{Lookup, Mark, MessageRef, Refusal, ThreadRef, MARK_IDS_MAX, PAGE_LIMIT_MAX};
+use crate::store::{Lookup, Mark, MessageRef, Refusal, ThreadRef, MARK_IDS_MAX};
 
 /// Threads whose participants the bridge holds at once. Past it, expired entries go first,
 /// then the oldest one (one scan per insert when full: rare, and 4,096 entries is microseconds).
@@ -479,8 +479,9 @@ pub(super) async fn mark_by_messages<S: Store>(
 }
 
 /// `presence.watch {scope: "conversations"}`: every user who shares a stored thread with
-/// `user` (most recently active threads first, at most [`CONTACT_THREADS_MAX`] threads and
-/// `limit` users), handed back to the connection's shard, which watches them and answers.
+/// `user` ([`Store::co_participants`]: most recently active shared thread first, at most
+/// [`CONTACT_THREADS_MAX`] threads and `limit` users), handed back to the connection's shard,
+/// which watches them and answers.
 pub(super) async fn contacts<S: Store>(
     ctx: &Ctx<S>,
     origin: ConnRef,
@@ -488,47 +489,19 @@ pub(super) async fn contacts<S: Store>(
     user: &str,
     limit: usize,
 ) {
-    let mut seen: HashSet<Arc<str>> = HashSet::new();
-    let mut users: Vec<Arc<str>> = Vec::new();
-    let mut before = None;
-    let mut threads = 0usize;
-    let mut truncated = false;
-    loop {
-        let page = match bounded(ctx.timeout, ctx.store.threads(user, before, PAGE_LIMIT_MAX)).await
-        {
-            Ok(p) => p,
-            Err(_) => {
-                answer_error(ctx, origin, &Answer::Ws { id }, None, STORE_UNAVAILABLE);
-                return;
-            }
-        };
-        for t in &page.items {
-            threads += 1;
-            for p in &t.participants {
-                if **p != *user && seen.insert(p.clone()) {
-                    users.push(p.clone());
-                }
-            }
+    let read = ctx.store.co_participants(user, CONTACT_THREADS_MAX, limit);
+    let found = match bounded(ctx.timeout, read).await {
+        Ok(c) => c,
+        Err(_) => {
+            answer_error(ctx, origin, &Answer::Ws { id }, None, STORE_UNAVAILABLE);
+            return;
         }
-        if users.len() > limit {
-            truncated = true;
-            users.truncate(limit);
-            break;
-        }
-        match page.next {
-            Some(n) if threads < CONTACT_THREADS_MAX => before = Some(n),
-            Some(_) => {
-                truncated = true;
-                break;
-            }
-            None => break,
-        }
-    }
+    };
     let msg = presence::Msg::Contacts {
         to: origin,
         id,
-        users,
-        truncated,
+        users: found.users,
+        truncated: found.truncated,
     };
     to_shard(
         ctx,
