@@ -312,7 +312,8 @@ fn receipts_messages_and_calls_always_reach_the_user() {
 
 #[test]
 fn presence_update_query_and_subscription() {
-    let s = server(&[]);
+    // A grace below the client's 5 s receive timeout: the offline event must come within it.
+    let s = server(&[("SWITCHBOARD_PRESENCE_OFFLINE_GRACE", "1s")]);
     let mut alice = topic_on(&s, "alice", 0);
     subscribe(
         &mut alice,
