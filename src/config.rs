@@ -1,7 +1,10 @@
 //! Configuration: one validated [`Config`] built from, in order (later wins):
-//! built-in defaults, a YAML file (`--config PATH`), the environment (`WEBSOCKET_*` names of the
-//! Go module Switchboard replaces, then `SWITCHBOARD_<KEY>` for every key), then CLI flags
-//! (`--<key-with-dashes> VALUE`). Invalid values stop the start with a message naming the key.
+//! built-in defaults, a YAML file (`--config PATH`), the environment (the variables of the
+//! services Switchboard replaces, [`ENV_ALIASES`]: `PORT`, `WEBSOCKET_*`, `JWT_SECRET`, ...,
+//! then `SWITCHBOARD_<KEY>` for every key), then CLI flags (`--<key-with-dashes> VALUE`).
+//! Invalid values stop the start with a message naming the key; a value that came from a
+//! replaced service's name and is out of range is clamped with a line instead (a migration
+//! must not stop on it), and its settings without meaning here are accepted with one line each.
 //!
 //! One table (the `config_keys!` invocation below) drives all of it: YAML keys, env names, CLI
 //! flags, `--help` and the table in docs/CONFIG.md (a test keeps that file in sync). Values
@@ -60,9 +63,9 @@ pub struct Config {
     pub so_sndbuf: u32,
     /// SO_RCVBUF per connection in bytes; 0 = kernel default (autotuned).
     pub so_rcvbuf: u32,
-    /// `WEBSOCKET_READ_BUFFER_SIZE`. Per-shard read buffer (bytes read per recv call).
+    /// Per-shard read buffer (bytes read per recv call).
     pub read_buffer_size: usize,
-    /// `WEBSOCKET_WRITE_BUFFER_SIZE`. Most bytes handed to one send/sendmsg call.
+    /// Most bytes handed to one send/sendmsg call.
     pub write_buffer_size: usize,
     /// WebSocket paths (the first is canonical; the rest are aliases for older clients).
     pub ws_paths: Vec<String>,
@@ -239,6 +242,8 @@ pub struct Config {
     pub log_level: String,
     /// Refuse to start when max_connections cannot be reached with the machine's limits.
     pub strict: bool,
+    /// The `service` field of `/health` (the messaging service answered `messaging-service`).
+    pub service_name: String,
     /// Add the serving shard's index to `connected.data.shard` (tests and debugging).
     pub expose_shard: bool,
 }
@@ -336,6 +341,7 @@ impl Default for Config {
             log_format: LogFormat::Text,
             log_level: "info".into(),
             strict: false,
+            service_name: "switchboard".into(),
             expose_shard: false,
         }
     }
@@ -392,8 +398,6 @@ pub struct KeyInfo {
     pub key: &'static str,
     /// `SWITCHBOARD_<KEY>`.
     pub env: &'static str,
-    /// The `WEBSOCKET_*` name used by the Go module, if it had this setting.
-    pub legacy_env: Option<&'static str>,
     /// The default, in the syntax accepted from the environment and the CLI.
     pub default: &'static str,
     /// One line of meaning.
@@ -710,12 +714,11 @@ impl Kind for AddressPolicyKind {
 /// It generates `KEYS`, `set_key`, `is_bool_key` and `value_hint`, so no field is handled by
 /// hand per source.
 macro_rules! config_keys {
-    ($( $field:ident : $kind:ident = $default:literal, $env:literal, $legacy:expr, $doc:literal; )*) => {
+    ($( $field:ident : $kind:ident = $default:literal, $env:literal, $doc:literal; )*) => {
         static KEYS: &[KeyInfo] = &[$(
             KeyInfo {
                 key: stringify!($field),
                 env: $env,
-                legacy_env: $legacy,
                 default: $default,
                 doc: $doc,
             },
@@ -736,6 +739,15 @@ macro_rules! config_keys {
             }
         }
 
+        /// The value `key` holds in `cfg`, as Rust prints it (to compare two sources' values
+        /// and for the config dump; secrets are redacted by the callers). None = no such key.
+        fn value_debug(cfg: &Config, key: &str) -> Option<String> {
+            match key {
+                $( stringify!($field) => Some(format!("{:?}", cfg.$field)), )*
+                _ => None,
+            }
+        }
+
         fn value_hint(key: &str) -> &'static str {
             match key {
                 $( stringify!($field) => <$kind as Kind>::HINT, )*
@@ -746,176 +758,178 @@ macro_rules! config_keys {
 }
 
 config_keys! {
-    host: Text = "0.0.0.0", "SWITCHBOARD_HOST", Some("WEBSOCKET_HOST"),
+    host: Text = "0.0.0.0", "SWITCHBOARD_HOST",
         "IP address to bind.";
-    port: Port = "8081", "SWITCHBOARD_PORT", Some("WEBSOCKET_PORT"),
+    port: Port = "8081", "SWITCHBOARD_PORT",
         "TCP port for WebSocket and HTTP.";
-    shards: Count = "0", "SWITCHBOARD_SHARDS", None,
+    shards: Count = "0", "SWITCHBOARD_SHARDS",
         "Shard threads; 0 = one per available core. At most 64.";
-    pin_cores: Flag = "true", "SWITCHBOARD_PIN_CORES", None,
+    pin_cores: Flag = "true", "SWITCHBOARD_PIN_CORES",
         "Pin each shard thread to a core.";
-    reuse_port: Flag = "true", "SWITCHBOARD_REUSE_PORT", None,
+    reuse_port: Flag = "true", "SWITCHBOARD_REUSE_PORT",
         "One SO_REUSEPORT listener per shard (true) or one shared listener (false).";
-    listen_backlog: U32 = "4096", "SWITCHBOARD_LISTEN_BACKLOG", None,
+    listen_backlog: U32 = "4096", "SWITCHBOARD_LISTEN_BACKLOG",
         "listen(2) backlog; the kernel caps it at net.core.somaxconn.";
-    tcp_nodelay: Flag = "true", "SWITCHBOARD_TCP_NODELAY", None,
+    tcp_nodelay: Flag = "true", "SWITCHBOARD_TCP_NODELAY",
         "Set TCP_NODELAY on accepted sockets.";
-    so_sndbuf: BytesU32 = "0", "SWITCHBOARD_SO_SNDBUF", None,
+    so_sndbuf: BytesU32 = "0", "SWITCHBOARD_SO_SNDBUF",
         "SO_SNDBUF per connection; 0 = kernel default (autotuned).";
-    so_rcvbuf: BytesU32 = "0", "SWITCHBOARD_SO_RCVBUF", None,
+    so_rcvbuf: BytesU32 = "0", "SWITCHBOARD_SO_RCVBUF",
         "SO_RCVBUF per connection; 0 = kernel default (autotuned).";
-    read_buffer_size: Bytes = "64KiB", "SWITCHBOARD_READ_BUFFER_SIZE", Some("WEBSOCKET_READ_BUFFER_SIZE"),
+    read_buffer_size: Bytes = "64KiB", "SWITCHBOARD_READ_BUFFER_SIZE",
         "Per-shard read buffer (bytes read per recv call). At least 4096.";
-    write_buffer_size: Bytes = "256KiB", "SWITCHBOARD_WRITE_BUFFER_SIZE", Some("WEBSOCKET_WRITE_BUFFER_SIZE"),
+    write_buffer_size: Bytes = "256KiB", "SWITCHBOARD_WRITE_BUFFER_SIZE",
         "Most bytes handed to one send/sendmsg call. At least 4096.";
-    ws_paths: List = "/ws,/socket/connect,/ws/chat,/api/v1/ws", "SWITCHBOARD_WS_PATHS", None,
+    ws_paths: List = "/ws,/socket/connect,/ws/chat,/api/v1/ws", "SWITCHBOARD_WS_PATHS",
         "WebSocket paths; the first is canonical, the rest are aliases for older clients.";
-    ws_dialects: List = "/ws=auto,/ws/chat=chat-hub", "SWITCHBOARD_WS_DIALECTS", None,
+    ws_dialects: List = "/ws=auto,/ws/chat=chat-hub", "SWITCHBOARD_WS_DIALECTS",
         "The wire dialect per WebSocket path, as path=dialect: native, topic, chat-hub, or auto (native, or topic when the first frame has a payload member). A path of ws_paths not listed is native. See docs/DIALECTS.md.";
-    echo_path: OptText = "", "SWITCHBOARD_ECHO_PATH", None,
+    echo_path: OptText = "", "SWITCHBOARD_ECHO_PATH",
         "Path of a plain WebSocket echo endpoint (conformance tests); empty = off.";
-    max_message_size: Bytes = "64KiB", "SWITCHBOARD_MAX_MESSAGE_SIZE", Some("WEBSOCKET_MAX_MESSAGE_SIZE"),
+    max_message_size: Bytes = "64KiB", "SWITCHBOARD_MAX_MESSAGE_SIZE",
         "Largest inbound message; above it the connection is closed with 1009. 125 B to 64 MiB.";
-    max_connections: U64 = "0", "SWITCHBOARD_MAX_CONNECTIONS", Some("WEBSOCKET_LIMITS_MAX_CONNECTIONS"),
+    max_connections: U64 = "0", "SWITCHBOARD_MAX_CONNECTIONS",
         "Connection limit per node (503 above it); 0 = derived from RLIMIT_NOFILE at start.";
-    max_connections_per_room: U32 = "100000", "SWITCHBOARD_MAX_CONNECTIONS_PER_ROOM", Some("WEBSOCKET_LIMITS_MAX_CONNECTIONS_PER_ROOM"),
+    max_connections_per_room: U32 = "100000", "SWITCHBOARD_MAX_CONNECTIONS_PER_ROOM",
         "Subscribers per room; 0 = unlimited.";
-    max_connections_per_user: Count = "64", "SWITCHBOARD_MAX_CONNECTIONS_PER_USER", None,
+    max_connections_per_user: Count = "64", "SWITCHBOARD_MAX_CONNECTIONS_PER_USER",
         "Connections (devices) one user may hold on this node, 1 to 65535; above it the upgrade gets 429 / in-band authenticate gets an error.";
-    max_rooms_per_connection: Count = "128", "SWITCHBOARD_MAX_ROOMS_PER_CONNECTION", None,
+    max_rooms_per_connection: Count = "128", "SWITCHBOARD_MAX_ROOMS_PER_CONNECTION",
         "Rooms one connection may be subscribed to. At least 1.";
-    address_policy: AddressPolicyKind = "any", "SWITCHBOARD_ADDRESS_POLICY", None,
+    address_policy: AddressPolicyKind = "any", "SWITCHBOARD_ADDRESS_POLICY",
         "Who a user may address with typing, receipts, calls and presence watches: any (as direct messages) or claim (only the users in the token's allowed_users claim).";
-    history_bytes_max: Bytes = "64MiB", "SWITCHBOARD_HISTORY_BYTES_MAX", None,
+    history_bytes_max: Bytes = "64MiB", "SWITCHBOARD_HISTORY_BYTES_MAX",
         "Bytes of room history one node keeps, split over its shards; past it the oldest messages go first. 64 KiB to 16 GiB.";
     // ---- typing and receipts
-    typing_ttl: Dur = "6s", "SWITCHBOARD_TYPING_TTL", None,
+    typing_ttl: Dur = "6s", "SWITCHBOARD_TYPING_TTL",
         "A typing.start not renewed within this long ends with a typing.stop sent by the server. 1s to 24h.";
-    max_receipt_message_ids: Count = "100", "SWITCHBOARD_MAX_RECEIPT_MESSAGE_IDS", None,
+    max_receipt_message_ids: Count = "100", "SWITCHBOARD_MAX_RECEIPT_MESSAGE_IDS",
         "Most messageIds in one mark.delivered or mark.read (more: error too many messageIds), 1 to 10000.";
     // ---- presence
-    presence_offline_grace: Dur = "5s", "SWITCHBOARD_PRESENCE_OFFLINE_GRACE", None,
+    presence_offline_grace: Dur = "5s", "SWITCHBOARD_PRESENCE_OFFLINE_GRACE",
         "How long a user stays online after its last device left; a reconnect inside it sends watchers nothing. 1s to 24h.";
-    max_watched_users_per_connection: Count = "1000", "SWITCHBOARD_MAX_WATCHED_USERS_PER_CONNECTION", None,
+    max_watched_users_per_connection: Count = "1000", "SWITCHBOARD_MAX_WATCHED_USERS_PER_CONNECTION",
         "Users one connection may watch (presence.watch), 1 to 100000; past it `too many watched users`.";
-    max_presence_query_users: Count = "100", "SWITCHBOARD_MAX_PRESENCE_QUERY_USERS", None,
+    max_presence_query_users: Count = "100", "SWITCHBOARD_MAX_PRESENCE_QUERY_USERS",
         "user_ids in one presence.query, presence.watch or presence.unwatch, 1 to 10000; past it `too many user_ids`.";
-    max_presence_room_users: Count = "1000", "SWITCHBOARD_MAX_PRESENCE_ROOM_USERS", None,
+    max_presence_room_users: Count = "1000", "SWITCHBOARD_MAX_PRESENCE_ROOM_USERS",
         "Users listed in one room presence.state, 1 to 100000; a bigger room's answer is cut there with truncated: true.";
     // ---- calls
-    ring_timeout: Dur = "45s", "SWITCHBOARD_RING_TIMEOUT", None,
+    ring_timeout: Dur = "45s", "SWITCHBOARD_RING_TIMEOUT",
         "Time a call rings unanswered before both sides get call.ended with reason timeout, 1s to 1h.";
-    max_calls_per_user: Count = "4", "SWITCHBOARD_MAX_CALLS_PER_USER", None,
+    max_calls_per_user: Count = "4", "SWITCHBOARD_MAX_CALLS_PER_USER",
         "Calls (ringing or active) one user may be a party to on this node, 1 to 1024; the caller over it gets too many calls, a callee over it makes the offer end with busy.";
-    max_room_name_bytes: Bytes = "256", "SWITCHBOARD_MAX_ROOM_NAME_BYTES", None,
+    max_room_name_bytes: Bytes = "256", "SWITCHBOARD_MAX_ROOM_NAME_BYTES",
         "Longest room name in bytes, 1 to 4096.";
-    send_queue_bytes_max: Bytes = "1MiB", "SWITCHBOARD_SEND_QUEUE_BYTES_MAX", None,
+    send_queue_bytes_max: Bytes = "1MiB", "SWITCHBOARD_SEND_QUEUE_BYTES_MAX",
         "Bytes queued for one connection before it is closed with 4008. At least 4096.";
-    handshake_timeout: Dur = "5s", "SWITCHBOARD_HANDSHAKE_TIMEOUT", None,
+    handshake_timeout: Dur = "5s", "SWITCHBOARD_HANDSHAKE_TIMEOUT",
         "Time from TCP accept to a complete upgrade request.";
-    max_request_header_bytes: Bytes = "8KiB", "SWITCHBOARD_MAX_REQUEST_HEADER_BYTES", None,
+    max_request_header_bytes: Bytes = "8KiB", "SWITCHBOARD_MAX_REQUEST_HEADER_BYTES",
         "Largest HTTP request head (431 above it), 1 KiB to 1 MiB.";
-    http_body_bytes_max: Bytes = "1MiB", "SWITCHBOARD_HTTP_BODY_BYTES_MAX", None,
+    http_body_bytes_max: Bytes = "1MiB", "SWITCHBOARD_HTTP_BODY_BYTES_MAX",
         "Largest HTTP request body (Content-Length); 413 above it. 1 KiB to 64 MiB.";
-    http_keepalive_timeout: Dur = "5s", "SWITCHBOARD_HTTP_KEEPALIVE_TIMEOUT", None,
+    http_keepalive_timeout: Dur = "5s", "SWITCHBOARD_HTTP_KEEPALIVE_TIMEOUT",
         "Idle time a kept-alive HTTP connection waits for its next request. At least 1s.";
-    http_keepalive_requests_max: U32 = "1000", "SWITCHBOARD_HTTP_KEEPALIVE_REQUESTS_MAX", None,
+    http_keepalive_requests_max: U32 = "1000", "SWITCHBOARD_HTTP_KEEPALIVE_REQUESTS_MAX",
         "Requests served on one HTTP connection before it is closed. At least 1.";
-    ping_interval: Dur = "54s", "SWITCHBOARD_PING_INTERVAL", Some("WEBSOCKET_PING_INTERVAL"),
+    ping_interval: Dur = "54s", "SWITCHBOARD_PING_INTERVAL",
         "Server ping period on a quiet connection; must be below pong_wait.";
-    pong_wait: Dur = "60s", "SWITCHBOARD_PONG_WAIT", Some("WEBSOCKET_PONG_WAIT"),
+    pong_wait: Dur = "60s", "SWITCHBOARD_PONG_WAIT",
         "A connection silent this long is dropped.";
-    write_wait: Dur = "10s", "SWITCHBOARD_WRITE_WAIT", Some("WEBSOCKET_WRITE_WAIT"),
+    write_wait: Dur = "10s", "SWITCHBOARD_WRITE_WAIT",
         "Queued output that makes no progress this long closes the connection.";
-    write_coalesce: Dur = "50ms", "SWITCHBOARD_WRITE_COALESCE", None,
+    write_coalesce: Dur = "50ms", "SWITCHBOARD_WRITE_COALESCE",
         "Least time between two writes to one connection, up to 5s; 0 = off. Fan-out frames for a connection written less than this ago wait and share one write (fewer syscalls, up to this much added latency); the first frame after a quiet period and replies go out at once.";
-    write_coalesce_min_rate: U32 = "50000", "SWITCHBOARD_WRITE_COALESCE_MIN_RATE", None,
+    write_coalesce_min_rate: U32 = "50000", "SWITCHBOARD_WRITE_COALESCE_MIN_RATE",
         "write_coalesce applies only while a shard queues at least this many frames per second (measured over 100 ms; it stops below half of it), so a lightly loaded server never holds a frame. 0 = always.";
-    rate_limit_per_sec: U32 = "100", "SWITCHBOARD_RATE_LIMIT_PER_SEC", None,
+    rate_limit_per_sec: U32 = "100", "SWITCHBOARD_RATE_LIMIT_PER_SEC",
         "Commands per second a connection may sustain (token bucket refill). At least 1.";
-    rate_limit_burst: U32 = "200", "SWITCHBOARD_RATE_LIMIT_BURST", None,
+    rate_limit_burst: U32 = "200", "SWITCHBOARD_RATE_LIMIT_BURST",
         "Token bucket size (burst). At least 1.";
-    rate_limit_max_violations: U32 = "50", "SWITCHBOARD_RATE_LIMIT_MAX_VIOLATIONS", None,
+    rate_limit_max_violations: U32 = "50", "SWITCHBOARD_RATE_LIMIT_MAX_VIOLATIONS",
         "Rejected commands in a row before close 4029. 1 to 254.";
-    allowed_origins: List = "", "SWITCHBOARD_ALLOWED_ORIGINS", None,
+    allowed_origins: List = "", "SWITCHBOARD_ALLOWED_ORIGINS",
         "Allowed Origin values; empty = any. Requests without Origin are always allowed.";
-    allow_client_broadcast: Flag = "false", "SWITCHBOARD_ALLOW_CLIENT_BROADCAST", None,
+    allow_client_broadcast: Flag = "false", "SWITCHBOARD_ALLOW_CLIENT_BROADCAST",
         "Let any client broadcast (otherwise only tokens with role admin).";
-    auth_mode: AuthModeKind = "none", "SWITCHBOARD_AUTH_MODE", None,
+    auth_mode: AuthModeKind = "none", "SWITCHBOARD_AUTH_MODE",
         "none (development: ?user_id= or anonymous) or jwt.";
-    jwt_secret: OptText = "", "SWITCHBOARD_JWT_SECRET", None,
+    jwt_secret: OptText = "", "SWITCHBOARD_JWT_SECRET",
         "HMAC secret for HS256/384/512 (prefer the env var: flags show in ps).";
-    jwt_public_key_file: OptText = "", "SWITCHBOARD_JWT_PUBLIC_KEY_FILE", None,
+    jwt_public_key_file: OptText = "", "SWITCHBOARD_JWT_PUBLIC_KEY_FILE",
         "PEM public key file for RS*/PS*/ES*/EdDSA.";
-    jwt_algorithms: List = "HS256", "SWITCHBOARD_JWT_ALGORITHMS", None,
+    jwt_algorithms: List = "HS256", "SWITCHBOARD_JWT_ALGORITHMS",
         "Accepted JWT algorithms, all of one key family (HS*, RS*/PS*, ES*, EdDSA).";
-    jwt_audience: OptText = "", "SWITCHBOARD_JWT_AUDIENCE", None,
+    jwt_audience: OptText = "", "SWITCHBOARD_JWT_AUDIENCE",
         "Required aud claim; empty = aud not checked.";
-    jwt_issuer: OptText = "", "SWITCHBOARD_JWT_ISSUER", None,
+    jwt_issuer: OptText = "", "SWITCHBOARD_JWT_ISSUER",
         "Required iss claim; empty = iss not checked.";
-    jwt_leeway: Dur = "5s", "SWITCHBOARD_JWT_LEEWAY", None,
+    jwt_leeway: Dur = "5s", "SWITCHBOARD_JWT_LEEWAY",
         "Clock leeway for exp and nbf (whole seconds).";
-    auth_timeout: Dur = "10s", "SWITCHBOARD_AUTH_TIMEOUT", None,
+    auth_timeout: Dur = "10s", "SWITCHBOARD_AUTH_TIMEOUT",
         "Time for an in-band authenticate frame when the upgrade carried no token.";
-    token_refresh_window: Dur = "60s", "SWITCHBOARD_TOKEN_REFRESH_WINDOW", None,
+    token_refresh_window: Dur = "60s", "SWITCHBOARD_TOKEN_REFRESH_WINDOW",
         "auth.expiring is sent this long before exp.";
-    token_expiry_grace: Dur = "10s", "SWITCHBOARD_TOKEN_EXPIRY_GRACE", None,
+    token_expiry_grace: Dur = "10s", "SWITCHBOARD_TOKEN_EXPIRY_GRACE",
         "auth.expired and close 4003 this long after exp.";
-    max_dm_content_bytes: Bytes = "16KiB", "SWITCHBOARD_MAX_DM_CONTENT_BYTES", None,
+    max_dm_content_bytes: Bytes = "16KiB", "SWITCHBOARD_MAX_DM_CONTENT_BYTES",
         "Longest direct-message content in bytes, 1 B to 64 MiB.";
     // ---- the message store
-    database_url: OptText = "", "SWITCHBOARD_DATABASE_URL", None,
+    database_url: OptText = "", "SWITCHBOARD_DATABASE_URL",
         "PostgreSQL for the message store (postgres://user:password@host:port/database); empty = the in-memory store, which forgets on restart. Prefer the env var: flags show in ps. The password is never logged.";
-    database_pool_size: Count = "8", "SWITCHBOARD_DATABASE_POOL_SIZE", None,
+    database_pool_size: Count = "8", "SWITCHBOARD_DATABASE_POOL_SIZE",
         "PostgreSQL connections the message store holds at most (one writer plus readers), 1 to 256.";
-    database_connect_timeout: Dur = "5s", "SWITCHBOARD_DATABASE_CONNECT_TIMEOUT", None,
+    database_connect_timeout: Dur = "5s", "SWITCHBOARD_DATABASE_CONNECT_TIMEOUT",
         "Longest a new PostgreSQL connection may take; statements, pool waits and idle transactions are bounded by store_timeout.";
-    store_memory_bytes: Bytes = "256MiB", "SWITCHBOARD_STORE_MEMORY_BYTES", None,
+    store_memory_bytes: Bytes = "256MiB", "SWITCHBOARD_STORE_MEMORY_BYTES",
         "Byte budget of the in-memory message store (used when database_url is empty): past it the oldest messages are evicted. At least 1 MiB.";
-    store_timeout: Dur = "5s", "SWITCHBOARD_STORE_TIMEOUT", None,
+    store_timeout: Dur = "5s", "SWITCHBOARD_STORE_TIMEOUT",
         "Longest a message-store call may take: a direct message past it gets an error and no ack, a REST call 503. At least 100ms.";
     // ---- Kafka
-    kafka_brokers: List = "", "SWITCHBOARD_KAFKA_BROKERS", None,
+    kafka_brokers: List = "", "SWITCHBOARD_KAFKA_BROKERS",
         "Kafka bootstrap brokers, comma-separated host:port; empty = no Kafka: direct messages are acked once stored, no topic is consumed.";
-    kafka_client_id: Text = "switchboard", "SWITCHBOARD_KAFKA_CLIENT_ID", None,
+    kafka_client_id: Text = "switchboard", "SWITCHBOARD_KAFKA_CLIENT_ID",
         "client.id of this node's Kafka clients (broker logs and quotas name it).";
-    kafka_dm_topic: Text = "switchboard.direct-messages", "SWITCHBOARD_KAFKA_DM_TOPIC", None,
+    kafka_dm_topic: Text = "switchboard.direct-messages", "SWITCHBOARD_KAFKA_DM_TOPIC",
         "Topic every direct message is produced to (keyed by conversationId; the value is the message.create event). message.ack waits for the broker.";
-    kafka_ack_timeout: Dur = "5s", "SWITCHBOARD_KAFKA_ACK_TIMEOUT", None,
+    kafka_ack_timeout: Dur = "5s", "SWITCHBOARD_KAFKA_ACK_TIMEOUT",
         "Longest a direct message waits for the broker's delivery report before its sender gets an error and no ack, 100ms to kafka_message_timeout.";
-    kafka_message_timeout: Dur = "300s", "SWITCHBOARD_KAFKA_MESSAGE_TIMEOUT", None,
+    kafka_message_timeout: Dur = "300s", "SWITCHBOARD_KAFKA_MESSAGE_TIMEOUT",
         "How long the producer keeps retrying a record (idempotently, so never twice) before it gives up: librdkafka's message.timeout.ms, 1s to 24h. A record written after its ack timed out is delivered live then; its sender's retry gets the ack.";
-    kafka_linger: Dur = "5ms", "SWITCHBOARD_KAFKA_LINGER", None,
+    kafka_linger: Dur = "5ms", "SWITCHBOARD_KAFKA_LINGER",
         "linger.ms: how long the producer waits to fill a batch, 0 to 1s (throughput against ack latency).";
-    kafka_batch_bytes: Bytes = "1MiB", "SWITCHBOARD_KAFKA_BATCH_BYTES", None,
+    kafka_batch_bytes: Bytes = "1MiB", "SWITCHBOARD_KAFKA_BATCH_BYTES",
         "batch.size: most bytes of one produce batch per partition, 1 KiB to 1 MiB (the record size limit, message.max.bytes, caps it).";
-    kafka_compression: KafkaCompressionKind = "lz4", "SWITCHBOARD_KAFKA_COMPRESSION", None,
+    kafka_compression: KafkaCompressionKind = "lz4", "SWITCHBOARD_KAFKA_COMPRESSION",
         "compression.codec of produced records: none, lz4 or snappy.";
-    kafka_pending_max: Count = "65536", "SWITCHBOARD_KAFKA_PENDING_MAX", None,
+    kafka_pending_max: Count = "65536", "SWITCHBOARD_KAFKA_PENDING_MAX",
         "Direct messages waiting for the broker at most (the pending-ack table, and librdkafka's queue); past it a send gets the error kafka busy, retry later. 16 to 1000000.";
-    kafka_group_id: Text = "messaging-service", "SWITCHBOARD_KAFKA_GROUP_ID", None,
+    kafka_group_id: Text = "messaging-service", "SWITCHBOARD_KAFKA_GROUP_ID",
         "Consumer group (group.id) of the notification consumer; every node of a deployment shares it, so each record notifies once.";
-    kafka_dead_letter_topic: Text = "switchboard.dead-letter", "SWITCHBOARD_KAFKA_DEAD_LETTER_TOPIC", None,
+    kafka_dead_letter_topic: Text = "switchboard.dead-letter", "SWITCHBOARD_KAFKA_DEAD_LETTER_TOPIC",
         "Topic records that kafka_notifications cannot map are produced to (same key and value; headers dlq-reason, dlq-topic, dlq-partition, dlq-offset).";
-    kafka_from_beginning: Flag = "false", "SWITCHBOARD_KAFKA_FROM_BEGINNING", None,
+    kafka_from_beginning: Flag = "false", "SWITCHBOARD_KAFKA_FROM_BEGINNING",
         "Where the notification group starts on a partition with no committed offset: true = its oldest record (auto.offset.reset=earliest), false = only records written from then on (latest). A committed offset always wins.";
-    kafka_session_timeout: Dur = "10s", "SWITCHBOARD_KAFKA_SESSION_TIMEOUT", None,
+    kafka_session_timeout: Dur = "10s", "SWITCHBOARD_KAFKA_SESSION_TIMEOUT",
         "session.timeout.ms of the notification consumer: a node silent this long loses its partitions to the others (heartbeats every third of it), 3s to 5m.";
-    kafka_commit_interval: Dur = "1s", "SWITCHBOARD_KAFKA_COMMIT_INTERVAL", None,
+    kafka_commit_interval: Dur = "1s", "SWITCHBOARD_KAFKA_COMMIT_INTERVAL",
         "How often the notification consumer commits the offsets of records it has handed on (auto.commit.interval.ms; also on a rebalance and shutdown), 100ms to 1h. After a crash the records since are read again: user notifications are recognised by the store and not shown twice, room ones are sent again.";
-    api_key: OptText = "", "SWITCHBOARD_API_KEY", None,
+    api_key: OptText = "", "SWITCHBOARD_API_KEY",
         "Key for the server HTTP API (X-API-Key or Authorization: apikey <key>); empty = API off. Prefer the env var: flags show in ps. Never logged.";
-    cors_origins: List = "", "SWITCHBOARD_CORS_ORIGINS", None,
+    cors_origins: List = "", "SWITCHBOARD_CORS_ORIGINS",
         "Origins allowed to call the HTTP API from a browser (CORS, preflight OPTIONS), e.g. https://app.example; * = any; empty = no CORS headers.";
-    shutdown_timeout: Dur = "30s", "SWITCHBOARD_SHUTDOWN_TIMEOUT", None,
+    shutdown_timeout: Dur = "30s", "SWITCHBOARD_SHUTDOWN_TIMEOUT",
         "Drain deadline after SIGTERM/SIGINT.";
-    log_format: LogFormatKind = "text", "SWITCHBOARD_LOG_FORMAT", None,
+    log_format: LogFormatKind = "text", "SWITCHBOARD_LOG_FORMAT",
         "Log output: text or json.";
-    log_level: Text = "info", "SWITCHBOARD_LOG_LEVEL", None,
+    log_level: Text = "info", "SWITCHBOARD_LOG_LEVEL",
         "tracing filter directive, e.g. info or switchboard=debug.";
-    strict: Flag = "false", "SWITCHBOARD_STRICT", None,
+    strict: Flag = "false", "SWITCHBOARD_STRICT",
         "Refuse to start when max_connections cannot be reached with the machine's limits.";
-    expose_shard: Flag = "false", "SWITCHBOARD_EXPOSE_SHARD", None,
+    service_name: Text = "switchboard", "SWITCHBOARD_SERVICE_NAME",
+        "The service field of /health (the messaging service's clients and monitors read it; it answered messaging-service).";
+    expose_shard: Flag = "false", "SWITCHBOARD_EXPOSE_SHARD",
         "Add the serving shard's index to connected.data.shard (for tests and debugging).";
 }
 
@@ -1017,58 +1031,215 @@ static STRUCTURED: &[StructuredKey] = &[
     },
 ];
 
-/// How a key of the rooms service's documented `websocket:` block maps here.
+/// What a setting of one of the services Switchboard replaces does here.
+#[derive(Clone, Copy)]
 enum Legacy {
-    /// Same meaning as this native key.
+    /// Same meaning as this native key (its value is parsed as that key's).
     Key(&'static str),
-    /// Accepted for compatibility, with one start-up warning giving this reason.
+    /// Same meaning as this native key, and, without an explicit `auth_mode`, it turns JWT
+    /// authentication on (a migrated deployment never falls back to trusting `?user_id=`).
+    AuthKey(&'static str),
+    /// Accepted for compatibility, with one start-up line giving this reason.
     NoEffect(&'static str),
+    /// Means this native key, which is not built in this branch yet: accepted with one
+    /// start-up line until it lands. Enabling it is one edit: `NotYet(k)` -> `Key(k)`.
+    NotYet(&'static str),
+    /// `enabled` of the rooms module: `true` is always so here; `false` refuses to start.
+    Enabled,
+    /// `AUTH_ENABLED` of the chat hub: `true` turns JWT auth on (see [`Legacy::AuthKey`]) and
+    /// needs a secret; `false` has no effect (see `auth_enabled`).
+    AuthEnabled,
 }
 
-/// The rooms service's documented YAML block (`websocket:` with `limits:` inside), as written
-/// there. Its env names are these paths upper-cased with `_` (`WEBSOCKET_LIMITS_MAX_CONNECTIONS`).
-static LEGACY_YAML: &[(&str, Legacy)] = &[
-    (
-        "websocket.enabled",
-        Legacy::NoEffect("Switchboard is the WebSocket server itself, so it is always on"),
-    ),
-    ("websocket.host", Legacy::Key("host")),
-    ("websocket.port", Legacy::Key("port")),
-    (
-        "websocket.timeout",
-        Legacy::NoEffect(
-            "the old service's single timeout is split here into handshake_timeout, \
-             auth_timeout, pong_wait and write_wait; set those instead",
-        ),
-    ),
+/// The services Switchboard replaces, as docs/CONFIG.md names them.
+const ROOMS: &str = "rooms module";
+const CHAT_HUB: &str = "chat hub";
+const TOPIC: &str = "topic service";
+const MESSAGING: &str = "messaging service";
+const ROOMS_AND_TOPIC: &str = "rooms module, topic service";
+
+/// Reasons shared by the env and the YAML spelling of a setting.
+const WHY_TIMEOUT: &str = "the rooms module's single timeout is split here into \
+    handshake_timeout, auth_timeout, pong_wait and write_wait; set those instead";
+const WHY_READ_BUFFER: &str = "it sized a per-connection read buffer there; here one read buffer \
+    per shard (read_buffer_size, at least 4096 bytes) serves every connection, so the old \
+    per-connection value does not apply";
+const WHY_WRITE_BUFFER: &str = "it sized a per-connection write buffer there; here output is \
+    queued per connection up to send_queue_bytes_max and written in chunks of write_buffer_size \
+    per shard, so the old per-connection value does not apply";
+const WHY_CLIENT_BUFFER: &str = "it counted messages in a connection's send channel there; here \
+    a connection's queue is bounded in bytes by send_queue_bytes_max (close 4008 past it)";
+const WHY_CLEANUP: &str = "there a sweep looked for dead connections every interval; here each \
+    connection has its own timer (pong_wait, write_wait), so there is no sweep";
+const WHY_STALE: &str = "here a connection silent for pong_wait is dropped (pong_wait of the same \
+    block applies)";
+const WHY_HUB_CHANNEL: &str = "it sized a channel of the topic service's hub goroutine; \
+    Switchboard has no hub: shards talk over bounded inboxes whose sizes are fixed in \
+    src/limits.rs";
+const WHY_REDIS: &str = "Switchboard does not cluster over Redis yet: this node runs alone (a \
+    single node needs no Redis; presence and rate limits are kept in memory)";
+const WHY_ENVIRONMENT: &str = "Switchboard has no development or production mode: every \
+    setting is explicit (for JSON logs set log_format json)";
+
+/// The `websocket:` YAML blocks of the rooms module (with `limits:` inside) and of the topic
+/// service, as written there, and what each key does here. A native key written in the same
+/// file beats the block's key (whatever the order in the file).
+static LEGACY_YAML: &[(&str, &str, Legacy)] = &[
+    ("websocket.enabled", ROOMS, Legacy::Enabled),
+    ("websocket.host", ROOMS, Legacy::Key("host")),
+    ("websocket.port", ROOMS, Legacy::Key("port")),
+    ("websocket.timeout", ROOMS, Legacy::NoEffect(WHY_TIMEOUT)),
     (
         "websocket.read_buffer_size",
-        Legacy::Key("read_buffer_size"),
+        ROOMS_AND_TOPIC,
+        Legacy::NoEffect(WHY_READ_BUFFER),
     ),
     (
         "websocket.write_buffer_size",
-        Legacy::Key("write_buffer_size"),
+        ROOMS_AND_TOPIC,
+        Legacy::NoEffect(WHY_WRITE_BUFFER),
     ),
     (
         "websocket.max_message_size",
+        ROOMS_AND_TOPIC,
         Legacy::Key("max_message_size"),
     ),
-    ("websocket.ping_interval", Legacy::Key("ping_interval")),
-    ("websocket.pong_wait", Legacy::Key("pong_wait")),
-    ("websocket.write_wait", Legacy::Key("write_wait")),
+    (
+        "websocket.ping_interval",
+        ROOMS,
+        Legacy::Key("ping_interval"),
+    ),
+    ("websocket.ping_period", TOPIC, Legacy::Key("ping_interval")),
+    (
+        "websocket.pong_wait",
+        ROOMS_AND_TOPIC,
+        Legacy::Key("pong_wait"),
+    ),
+    (
+        "websocket.write_wait",
+        ROOMS_AND_TOPIC,
+        Legacy::Key("write_wait"),
+    ),
+    (
+        "websocket.client_buffer_size",
+        TOPIC,
+        Legacy::NoEffect(WHY_CLIENT_BUFFER),
+    ),
+    (
+        "websocket.cleanup_interval",
+        TOPIC,
+        Legacy::NoEffect(WHY_CLEANUP),
+    ),
+    (
+        "websocket.stale_connection_timeout",
+        TOPIC,
+        Legacy::NoEffect(WHY_STALE),
+    ),
+    (
+        "websocket.register_buffer",
+        TOPIC,
+        Legacy::NoEffect(WHY_HUB_CHANNEL),
+    ),
+    (
+        "websocket.unregister_buffer",
+        TOPIC,
+        Legacy::NoEffect(WHY_HUB_CHANNEL),
+    ),
+    (
+        "websocket.broadcast_buffer",
+        TOPIC,
+        Legacy::NoEffect(WHY_HUB_CHANNEL),
+    ),
     (
         "websocket.limits.max_connections",
+        ROOMS,
         Legacy::Key("max_connections"),
     ),
     (
         "websocket.limits.max_connections_per_room",
+        ROOMS,
         Legacy::Key("max_connections_per_room"),
     ),
 ];
 
-/// `websocket.limits.max_connections` -> `WEBSOCKET_LIMITS_MAX_CONNECTIONS`.
+/// The environment variables of the services Switchboard replaces, and what each does here.
+/// They rank just below the native `SWITCHBOARD_*` variable of the same key and above the
+/// config file. Two of them naming one key with different values refuse the start (naming
+/// both); the same value twice is fine.
+static ENV_ALIASES: &[(&str, &str, Legacy)] = &[
+    ("WEBSOCKET_ENABLED", ROOMS, Legacy::Enabled),
+    ("WEBSOCKET_HOST", ROOMS, Legacy::Key("host")),
+    ("HTTP_HOST", CHAT_HUB, Legacy::Key("host")),
+    ("WEBSOCKET_PORT", ROOMS, Legacy::Key("port")),
+    ("HTTP_PORT", CHAT_HUB, Legacy::Key("port")),
+    ("PORT", MESSAGING, Legacy::Key("port")),
+    ("WEBSOCKET_TIMEOUT", ROOMS, Legacy::NoEffect(WHY_TIMEOUT)),
+    (
+        "WEBSOCKET_READ_BUFFER_SIZE",
+        ROOMS,
+        Legacy::NoEffect(WHY_READ_BUFFER),
+    ),
+    (
+        "WEBSOCKET_WRITE_BUFFER_SIZE",
+        ROOMS,
+        Legacy::NoEffect(WHY_WRITE_BUFFER),
+    ),
+    (
+        "WEBSOCKET_MAX_MESSAGE_SIZE",
+        ROOMS,
+        Legacy::Key("max_message_size"),
+    ),
+    (
+        "WEBSOCKET_PING_INTERVAL",
+        ROOMS,
+        Legacy::Key("ping_interval"),
+    ),
+    ("WEBSOCKET_PONG_WAIT", ROOMS, Legacy::Key("pong_wait")),
+    ("WEBSOCKET_WRITE_WAIT", ROOMS, Legacy::Key("write_wait")),
+    (
+        "WEBSOCKET_LIMITS_MAX_CONNECTIONS",
+        ROOMS,
+        Legacy::Key("max_connections"),
+    ),
+    (
+        "WEBSOCKET_LIMITS_MAX_CONNECTIONS_PER_ROOM",
+        ROOMS,
+        Legacy::Key("max_connections_per_room"),
+    ),
+    ("AUTH_ENABLED", CHAT_HUB, Legacy::AuthEnabled),
+    // TODO(auth service mode): these become `Legacy::Key(..)` when `auth_mode: service` and
+    // its keys `auth_service_url` / `auth_service_timeout` land (AUTH_TIMEOUT is the chat hub's
+    // timeout for calling its auth service, not the in-band `auth_timeout`).
+    (
+        "AUTH_SERVICE_URL",
+        CHAT_HUB,
+        Legacy::NotYet("auth_service_url"),
+    ),
+    (
+        "AUTH_TIMEOUT",
+        CHAT_HUB,
+        Legacy::NotYet("auth_service_timeout"),
+    ),
+    ("ENVIRONMENT", MESSAGING, Legacy::NoEffect(WHY_ENVIRONMENT)),
+    ("DATABASE_URL", MESSAGING, Legacy::Key("database_url")),
+    ("REDIS_URL", MESSAGING, Legacy::NoEffect(WHY_REDIS)),
+    ("KAFKA_BROKERS", MESSAGING, Legacy::Key("kafka_brokers")),
+    ("KAFKA_GROUP_ID", MESSAGING, Legacy::Key("kafka_group_id")),
+    ("JWT_SECRET", MESSAGING, Legacy::AuthKey("jwt_secret")),
+];
+
+/// `websocket.limits.max_connections` -> `WEBSOCKET_LIMITS_MAX_CONNECTIONS` (the rooms
+/// module's env spelling of its YAML path; also what dedups a no-effect line between the two).
 fn legacy_env_name(path: &str) -> String {
     path.replace('.', "_").to_ascii_uppercase()
+}
+
+/// The env aliases of `key`, in table order (for `--help` and docs/CONFIG.md).
+fn env_aliases_of(key: &str) -> impl Iterator<Item = &'static str> + '_ {
+    ENV_ALIASES.iter().filter_map(move |(name, _, l)| match l {
+        Legacy::Key(k) | Legacy::AuthKey(k) if *k == key => Some(*name),
+        _ => None,
+    })
 }
 
 /// Env variables with the `SWITCHBOARD_` prefix that are not settings but are read elsewhere
@@ -1135,7 +1306,7 @@ fn unknown_path(path: &str, structured: &[StructuredKey]) -> String {
             }
         }
     }
-    candidates.extend(LEGACY_YAML.iter().map(|(p, _)| (*p).to_owned()));
+    candidates.extend(LEGACY_YAML.iter().map(|(p, _, _)| (*p).to_owned()));
     match closest(path, candidates.iter().map(String::as_str)) {
         Some(c) => format!("unknown key; did you mean `{c}`?"),
         None => "unknown key; see --help for the list".to_owned(),
@@ -1178,7 +1349,7 @@ fn parse_args(args: &[String], structured: &[StructuredKey]) -> Result<CliArgs, 
             return Err(ConfigError::new(
                 arg.as_str(),
                 "unexpected argument; settings are given as --key value, and the only \
-                 subcommands are `doctor` and `help`",
+                 subcommands are `doctor`, `config` and `help`",
             ));
         };
         let (name, inline) = match body.split_once('=') {
@@ -1275,9 +1446,47 @@ fn read_config_file(path: &str) -> Result<String, ConfigError> {
 #[derive(Debug)]
 pub struct Loaded {
     pub config: Config,
-    /// Accepted-but-odd input: legacy keys without effect, legacy buffer sizes raised to the
-    /// floor, misspelled-looking env variables. Never contains a secret value.
+    /// Accepted-but-odd input: settings of the replaced services without effect here, values
+    /// clamped into range, auth inferred, misspelled-looking env variables. Never contains a
+    /// secret value.
     pub warnings: Vec<String>,
+    /// Where each key's value came from (`in app.yaml`, `from env SWITCHBOARD_PORT`,
+    /// `alias env PORT`, `alias websocket.port in app.yaml`); a key absent here is the default.
+    pub sources: std::collections::HashMap<String, String>,
+}
+
+impl Loaded {
+    /// Every key with its value and where it came from, one `key = value  # source` line each
+    /// (`switchboard config`). Secrets (jwt_secret, api_key, database_url) are never shown.
+    pub fn dump(&self) -> String {
+        let mut out = String::new();
+        for k in KEYS {
+            let value = match k.key {
+                "jwt_secret" | "api_key" | "database_url" => {
+                    match value_debug(&self.config, k.key).as_deref() {
+                        Some("None") => "None".to_owned(),
+                        _ => "<redacted>".to_owned(),
+                    }
+                }
+                key => value_debug(&self.config, key).unwrap_or_default(),
+            };
+            let source = self
+                .sources
+                .get(k.key)
+                .map(String::as_str)
+                .unwrap_or("default");
+            out.push_str(&format!("{} = {value}  # {source}\n", k.key));
+        }
+        for s in STRUCTURED {
+            let source = self
+                .sources
+                .get(s.key)
+                .map(String::as_str)
+                .unwrap_or("default");
+            out.push_str(&format!("{} = <structured>  # {source}\n", s.key));
+        }
+        out
+    }
 }
 
 /// One load in progress: the values so far, which source set each, and the warnings.
@@ -1285,19 +1494,35 @@ struct Loader<'s> {
     cfg: Config,
     sources: Sources,
     warnings: Vec<String>,
-    /// Legacy paths already warned about as having no effect (one warning each).
-    no_effect_warned: Vec<&'static str>,
+    /// Settings already warned about as having no effect (one line each however many sources
+    /// set them; a YAML path counts as its env spelling).
+    no_effect_warned: Vec<String>,
+    /// Keys whose current value came from an alias (a later native source removes them):
+    /// only these are clamped into range instead of refused.
+    alias_set: Vec<&'static str>,
+    /// What turned JWT auth on without an explicit `auth_mode` (`env JWT_SECRET`).
+    auth_inferred: Option<String>,
+    /// `AUTH_ENABLED=true` was given (it needs a key to verify tokens with).
+    auth_enabled: bool,
     structured: &'s [StructuredKey],
 }
 
-/// How a legacy setting is named in a warning: `websocket.timeout in app.yaml`,
-/// `env WEBSOCKET_TIMEOUT`.
-fn legacy_label(name: &str, source: Source<'_>) -> String {
-    match source {
-        Source::File { path, .. } => format!("{name} in {path}"),
-        Source::Env(env) => format!("env {env}"),
-        Source::Flag(flag) => format!("flag {flag}"),
-    }
+/// A boolean of an old service (`enabled`, `AUTH_ENABLED`), or an error naming it.
+fn legacy_bool(raw: &Raw, label: &str) -> Result<bool, ConfigError> {
+    raw.text()
+        .ok()
+        .and_then(parse_bool)
+        .ok_or_else(|| ConfigError::new(label, "expected true or false"))
+}
+
+/// A key of the `websocket:` block, held until the whole file is read (a native key of the
+/// same file wins over it).
+struct BlockValue {
+    path: String,
+    key: &'static str,
+    raw: Raw,
+    /// The value as parsed for `key` (to compare with a native key or a sibling alias).
+    parsed: String,
 }
 
 impl Loader<'_> {
@@ -1307,6 +1532,9 @@ impl Loader<'_> {
             sources: Sources::default(),
             warnings: Vec::new(),
             no_effect_warned: Vec::new(),
+            alias_set: Vec::new(),
+            auth_inferred: None,
+            auth_enabled: false,
             structured,
         }
     }
@@ -1314,6 +1542,23 @@ impl Loader<'_> {
     fn set(&mut self, key: &str, raw: &Raw, source: Source<'_>) -> Result<(), ConfigError> {
         apply(&mut self.cfg, key, raw, source)?;
         self.sources.0.insert(key.to_owned(), source.to_string());
+        self.alias_set.retain(|k| *k != key);
+        Ok(())
+    }
+
+    /// Sets `key` from an alias; `label` says which (`env PORT`, `websocket.port in f.yaml`).
+    fn set_alias(
+        &mut self,
+        key: &'static str,
+        raw: &Raw,
+        source: Source<'_>,
+        label: &str,
+    ) -> Result<(), ConfigError> {
+        self.set(key, raw, source)?;
+        self.sources
+            .0
+            .insert(key.to_owned(), format!("alias {label}"));
+        self.alias_set.push(key);
         Ok(())
     }
 
@@ -1345,62 +1590,146 @@ impl Loader<'_> {
         self.set_structured(s, &value, source)
     }
 
-    /// The old service's buffer sizes were per connection (1 KiB in its docs); here the read
-    /// and write buffers are per shard with a 4096-byte floor. A small value from the old
-    /// service's names is raised to the floor with a warning instead of stopping the start.
-    fn legacy_buffer_floor(&mut self, key: &str, name: &str, source: Source<'_>) {
-        let v = match key {
-            "read_buffer_size" => &mut self.cfg.read_buffer_size,
-            "write_buffer_size" => &mut self.cfg.write_buffer_size,
-            _ => return,
-        };
-        if *v < BUFFER_SIZE_MIN {
-            self.warnings.push(format!(
-                "{} = {v}: the old service's per-connection buffer size; here {key} is one \
-                 buffer per shard, so it was raised to the {BUFFER_SIZE_MIN}-byte minimum \
-                 (set {key} to {BUFFER_SIZE_MIN} or more to silence this)",
-                legacy_label(name, source)
-            ));
-            *v = BUFFER_SIZE_MIN;
-        }
-    }
-
-    /// One warning per legacy setting without effect, however many sources set it.
-    fn no_effect(&mut self, path: &'static str, source: Source<'_>, why: &str) {
-        if self.no_effect_warned.contains(&path) {
+    /// One line per setting without effect, however many sources set it.
+    fn no_effect(&mut self, id: String, label: &str, why: &str) {
+        if self.no_effect_warned.contains(&id) {
             return;
         }
-        self.no_effect_warned.push(path);
-        self.warnings.push(format!(
-            "{} has no effect here: {why}",
-            legacy_label(path, source)
-        ));
+        self.no_effect_warned.push(id);
+        self.warnings
+            .push(format!("{label} has no effect here: {why}"));
     }
 
-    /// Applies a YAML document (nested maps allowed) on top of what is loaded.
+    /// Handles every kind of legacy setting but a key mapping, which it returns for the caller
+    /// to apply (at once for env, after the file for the `websocket:` block).
+    fn legacy(
+        &mut self,
+        id: String,
+        label: &str,
+        legacy: Legacy,
+        raw: Raw,
+    ) -> Result<Option<(&'static str, Raw)>, ConfigError> {
+        match legacy {
+            Legacy::Key(key) => return Ok(Some((key, raw))),
+            Legacy::AuthKey(key) => {
+                if matches!(&raw, Raw::Text(t) if !t.is_empty()) && self.auth_inferred.is_none() {
+                    self.auth_inferred = Some(label.to_owned());
+                }
+                return Ok(Some((key, raw)));
+            }
+            Legacy::NoEffect(why) => self.no_effect(id, label, why),
+            Legacy::NotYet(key) => {
+                let why = format!(
+                    "it means {key} of the auth-service mode, which this build does not have \
+                     yet; clients are authenticated by auth_mode (JWT with a secret, or none)"
+                );
+                self.no_effect(id, label, &why);
+            }
+            Legacy::Enabled => {
+                if !legacy_bool(&raw, label)? {
+                    return Err(ConfigError::new(
+                        label,
+                        "is false: the rooms module's WebSocket server was turned off, but \
+                         Switchboard is that WebSocket server, so it does not start; unset it \
+                         (or set it to true) to run Switchboard",
+                    ));
+                }
+                self.no_effect(
+                    id,
+                    label,
+                    "Switchboard is the WebSocket server itself, so it is always on",
+                );
+            }
+            Legacy::AuthEnabled => {
+                if legacy_bool(&raw, label)? {
+                    self.auth_enabled = true;
+                    if self.auth_inferred.is_none() {
+                        self.auth_inferred = Some(label.to_owned());
+                    }
+                } else {
+                    self.no_effect(
+                        id,
+                        label,
+                        "false does not turn authentication off here: auth_mode decides (set \
+                         auth_mode none explicitly for a server without authentication)",
+                    );
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// `raw` parsed as `key`, printed (to compare two sources of one key).
+    fn parsed(key: &str, raw: &Raw, source: Source<'_>) -> Result<String, ConfigError> {
+        let mut scratch = Config::default();
+        apply(&mut scratch, key, raw, source)?;
+        Ok(value_debug(&scratch, key).unwrap_or_default())
+    }
+
+    /// Applies a YAML document (nested maps allowed) on top of what is loaded. The keys of a
+    /// `websocket:` block are applied last, and only where the same file sets no native key.
     fn apply_yaml(&mut self, text: &str, origin: &str) -> Result<(), ConfigError> {
         use serde_norway::Value;
         let doc: Value = serde_norway::from_str(text)
             .map_err(|e| ConfigError::new("config", format!("{origin}: invalid YAML: {e}")))?;
+        let mut block = Vec::new();
+        let mut native = Vec::new();
         match doc {
-            Value::Null => Ok(()),
-            Value::Mapping(map) => self.walk(&map, "", origin),
-            _ => Err(ConfigError::new(
-                "config",
-                format!("{origin}: expected a mapping of key: value at the top level"),
-            )),
+            Value::Null => return Ok(()),
+            Value::Mapping(map) => self.walk(&map, "", origin, &mut block, &mut native)?,
+            _ => {
+                return Err(ConfigError::new(
+                    "config",
+                    format!("{origin}: expected a mapping of key: value at the top level"),
+                ))
+            }
         }
+        for (i, b) in block.iter().enumerate() {
+            let label = format!("{} in {origin}", b.path);
+            if native.contains(&b.key) {
+                let now = value_debug(&self.cfg, b.key).unwrap_or_default();
+                if now != b.parsed {
+                    self.warnings.push(format!(
+                        "{label} is overridden by {} of the same file (a native key beats the \
+                         websocket: block)",
+                        b.key
+                    ));
+                }
+                continue;
+            }
+            if let Some(other) = block[..i].iter().find(|o| o.key == b.key) {
+                if other.parsed != b.parsed {
+                    return Err(ConfigError::new(
+                        b.key,
+                        format!(
+                            "{} and {} in {origin} both mean {} and disagree ({} against {}): \
+                             keep one of them",
+                            other.path, b.path, b.key, other.parsed, b.parsed
+                        ),
+                    ));
+                }
+            }
+            let source = Source::File {
+                path: origin,
+                at: Some(&b.path),
+            };
+            self.set_alias(b.key, &b.raw, source, &label)?;
+        }
+        Ok(())
     }
 
     /// One map of the file. A path names a key when, with dots read as `_`, it is a key
-    /// (`jwt: {secret: s}` is `jwt_secret`), or when it is a key of the old `websocket:` block;
-    /// a structured key takes its whole value; any other map is walked into when some key
-    /// lies below it. Anything else is refused, naming the full path.
+    /// (`jwt: {secret: s}` is `jwt_secret`), or when it is a key of a replaced service's
+    /// `websocket:` block (collected into `block`, applied by `apply_yaml`); a structured key
+    /// takes its whole value; any other map is walked into when some key lies below it.
+    /// Anything else is refused, naming the full path. `native` collects the keys set.
     fn walk(
         &mut self,
         map: &serde_norway::Mapping,
         prefix: &str,
         origin: &str,
+        block: &mut Vec<BlockValue>,
+        native: &mut Vec<&'static str>,
     ) -> Result<(), ConfigError> {
         use serde_norway::Value;
         for (k, v) in map {
@@ -1423,16 +1752,20 @@ impl Loader<'_> {
                 self.set_structured(s, v, source)?;
                 continue;
             }
-            if let Some((legacy_path, legacy)) = LEGACY_YAML.iter().find(|(p, _)| *p == path) {
-                match legacy {
-                    Legacy::Key(key) => {
-                        let raw = yaml_raw(v).map_err(|m| {
-                            ConfigError::new(path.as_str(), format!("in {origin}: {m}"))
-                        })?;
-                        self.set(key, &raw, source)?;
-                        self.legacy_buffer_floor(key, &path, source);
-                    }
-                    Legacy::NoEffect(why) => self.no_effect(legacy_path, source, why),
+            if let Some((_, _, legacy)) = LEGACY_YAML.iter().find(|(p, _, _)| *p == path) {
+                let raw = yaml_raw(v)
+                    .map_err(|m| ConfigError::new(path.as_str(), format!("in {origin}: {m}")))?;
+                let label = format!("{path} in {origin}");
+                if let Some((key, raw)) =
+                    self.legacy(legacy_env_name(&path), &label, *legacy, raw)?
+                {
+                    let parsed = Self::parsed(key, &raw, source)?;
+                    block.push(BlockValue {
+                        path: path.clone(),
+                        key,
+                        raw,
+                        parsed,
+                    });
                 }
                 continue;
             }
@@ -1440,7 +1773,7 @@ impl Loader<'_> {
             // (`max_connections: {per_user: 3}` is max_connections_per_user).
             if let Value::Mapping(inner) = v {
                 if self.is_parent(&path) {
-                    self.walk(inner, &path, origin)?;
+                    self.walk(inner, &path, origin, block, native)?;
                     continue;
                 }
             }
@@ -1452,6 +1785,7 @@ impl Loader<'_> {
                     )
                 })?;
                 self.set(info.key, &raw, source)?;
+                native.push(info.key);
                 continue;
             }
             return Err(ConfigError::new(
@@ -1468,11 +1802,146 @@ impl Loader<'_> {
         let dotted = format!("{path}.");
         KEYS.iter().any(|k| k.key.starts_with(&head))
             || self.structured.iter().any(|s| s.key.starts_with(&head))
-            || LEGACY_YAML.iter().any(|(p, _)| p.starts_with(&dotted))
+            || LEGACY_YAML.iter().any(|(p, _, _)| p.starts_with(&dotted))
+    }
+
+    /// The env variables of the replaced services, in [`ENV_ALIASES`] order. Two naming one key
+    /// with different values refuse the start, naming both.
+    fn apply_env_aliases(
+        &mut self,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<(), ConfigError> {
+        let mut seen: Vec<(&'static str, &'static str, String)> = Vec::new();
+        for (name, service, legacy) in ENV_ALIASES {
+            let Some(v) = env(name) else { continue };
+            let label = format!("env {name}");
+            let source = Source::Env(name);
+            let Some((key, raw)) =
+                self.legacy((*name).to_owned(), &label, *legacy, Raw::Text(v))?
+            else {
+                continue;
+            };
+            let parsed = Self::parsed(key, &raw, source)?;
+            let native_env = KEYS.iter().find(|k| k.key == key).map_or("", |k| k.env);
+            if let Some((_, other, before)) = seen.iter().find(|(k, _, _)| *k == key) {
+                // The native variable decides when it is set (the aliases are then unused).
+                if *before != parsed && env(native_env).is_none() {
+                    let secret = matches!(key, "jwt_secret" | "database_url");
+                    let values = if secret {
+                        String::new()
+                    } else {
+                        format!(" ({before} against {parsed})")
+                    };
+                    return Err(ConfigError::new(
+                        key,
+                        format!(
+                            "env {other} and env {name} (the {service}'s name) both set {key} \
+                             and disagree{values}: unset one, or set {native_env} to decide"
+                        ),
+                    ));
+                }
+            }
+            seen.push((key, name, parsed));
+            self.set_alias(key, &raw, source, &label)?;
+        }
+        Ok(())
+    }
+
+    /// A value that came from an alias and lies outside the native range is brought into it
+    /// with one line (a migration must not stop on it); a native source keeps being refused.
+    fn clamp_aliases(&mut self) {
+        let aliased: Vec<&'static str> = self.alias_set.clone();
+        for key in aliased {
+            let from = self.sources.of(key);
+            match key {
+                "max_message_size" => {
+                    let v = self.cfg.max_message_size;
+                    let c = v.clamp(MESSAGE_SIZE_MIN, MESSAGE_SIZE_MAX);
+                    if c != v {
+                        self.cfg.max_message_size = c;
+                        self.warnings.push(format!(
+                            "max_message_size {v} ({from}) is outside {MESSAGE_SIZE_MIN} bytes to \
+                             64MiB here, so {c} is used (set max_message_size to silence this)"
+                        ));
+                    }
+                }
+                "max_connections" => {
+                    let v = self.cfg.max_connections;
+                    if v == 0 {
+                        self.warnings.push(format!(
+                            "max_connections 0 ({from}) meant unlimited there; here 0 means as \
+                             many as the file-descriptor limit allows (derived at start)"
+                        ));
+                    } else if v > CONNECTIONS_MAX {
+                        self.cfg.max_connections = CONNECTIONS_MAX;
+                        self.warnings.push(format!(
+                            "max_connections {v} ({from}) is above {CONNECTIONS_MAX}, so \
+                             {CONNECTIONS_MAX} is used"
+                        ));
+                    }
+                }
+                "ping_interval" | "pong_wait" | "write_wait" => {
+                    let field = match key {
+                        "ping_interval" => &mut self.cfg.ping_interval,
+                        "pong_wait" => &mut self.cfg.pong_wait,
+                        _ => &mut self.cfg.write_wait,
+                    };
+                    if *field > DURATION_MAX {
+                        let v = *field;
+                        *field = DURATION_MAX;
+                        self.warnings.push(format!(
+                            "{key} {v:?} ({from}) is over the 24h maximum, so 24h is used"
+                        ));
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// `JWT_SECRET` or `AUTH_ENABLED=true` without an explicit `auth_mode` means JWT auth; an
+    /// explicit `auth_mode none` beside them is kept, with a line.
+    fn infer_auth(&mut self) -> Result<(), ConfigError> {
+        let Some(by) = self.auth_inferred.clone() else {
+            return Ok(());
+        };
+        if self.sources.0.contains_key("auth_mode") {
+            if self.cfg.auth_mode == AuthMode::None {
+                self.warnings.push(format!(
+                    "{by} is set, but auth_mode none ({}) wins: clients are not authenticated",
+                    self.sources.of("auth_mode")
+                ));
+            }
+            return Ok(());
+        }
+        self.cfg.auth_mode = AuthMode::Jwt;
+        self.sources
+            .0
+            .insert("auth_mode".into(), format!("inferred from {by}"));
+        let has_key = self
+            .cfg
+            .jwt_secret
+            .as_deref()
+            .is_some_and(|s| !s.is_empty())
+            || self.cfg.jwt_public_key_file.is_some();
+        if self.auth_enabled && !has_key {
+            return Err(ConfigError::new(
+                "auth_mode",
+                "AUTH_ENABLED=true turns JWT authentication on, but no key to verify tokens is \
+                 set: set JWT_SECRET (or SWITCHBOARD_JWT_SECRET) to the HMAC secret the tokens \
+                 are signed with, or jwt_public_key_file (the chat hub's auth-service mode is not \
+                 built yet)",
+            ));
+        }
+        self.warnings.push(format!(
+            "auth_mode jwt (inferred from {by}): clients must present a valid token; set \
+             auth_mode explicitly to silence this"
+        ));
+        Ok(())
     }
 
     /// Warns about `SWITCHBOARD_*` variables that are no setting (naming the closest one) and
-    /// `WEBSOCKET_*` ones close to a name the old service had.
+    /// `WEBSOCKET_*` ones close to a name the rooms module had.
     fn check_env_names(&mut self, env_names: &[String]) {
         for name in env_names {
             if let Some(rest) = name.strip_prefix("SWITCHBOARD_") {
@@ -1495,14 +1964,14 @@ impl Loader<'_> {
                     ),
                 });
             } else if name.starts_with("WEBSOCKET_") {
-                let legacy: Vec<String> = LEGACY_YAML
+                let legacy = ENV_ALIASES
                     .iter()
-                    .map(|(p, _)| legacy_env_name(p))
-                    .collect();
-                if legacy.iter().any(|l| l == name) {
+                    .map(|(n, _, _)| *n)
+                    .filter(|n| n.starts_with("WEBSOCKET_"));
+                if legacy.clone().any(|l| l == name) {
                     continue;
                 }
-                if let Some(l) = closest(name, legacy.iter().map(String::as_str)) {
+                if let Some(l) = closest(name, legacy) {
                     self.warnings.push(format!(
                         "env {name} is not a setting of the old service and is ignored; did you mean {l}?"
                     ));
@@ -1528,18 +1997,7 @@ impl Loader<'_> {
             self.apply_yaml(&text, &path)?;
         }
 
-        for (path, legacy) in LEGACY_YAML {
-            let name = legacy_env_name(path);
-            let Some(v) = env(&name) else { continue };
-            let source = Source::Env(&name);
-            match legacy {
-                Legacy::Key(key) => {
-                    self.set(key, &Raw::Text(v), source)?;
-                    self.legacy_buffer_floor(key, &name, source);
-                }
-                Legacy::NoEffect(why) => self.no_effect(path, source, why),
-            }
-        }
+        self.apply_env_aliases(env)?;
         for info in KEYS {
             if let Some(v) = env(info.env) {
                 self.set(info.key, &Raw::Text(v), Source::Env(info.env))?;
@@ -1562,11 +2020,14 @@ impl Loader<'_> {
                 }
             }
         }
+        self.clamp_aliases();
+        self.infer_auth()?;
 
         self.cfg.validate_from(Some(&self.sources))?;
         Ok(Loaded {
             config: self.cfg,
             warnings: self.warnings,
+            sources: self.sources.0,
         })
     }
 }
@@ -2247,6 +2708,7 @@ impl Config {
         let mut out = String::from(
             "Usage: switchboard [--config PATH] [--<key> VALUE]...\n       \
              switchboard doctor [--connections N] [--json]   check this machine's limits\n       \
+             switchboard config [--config PATH] [--<key> VALUE]...   print every setting and its source\n       \
              switchboard help | --help | --version\n\
              \n\
              Thread-per-core WebSocket messaging server.\n\
@@ -2254,7 +2716,8 @@ impl Config {
              the exact fix for each limit that is too low (see `switchboard doctor --help`).\n\
              \n\
              Settings, later wins: built-in defaults, the YAML file given by --config PATH (or env\n\
-             SWITCHBOARD_CONFIG), legacy WEBSOCKET_* env vars, SWITCHBOARD_* env vars, flags.\n\
+             SWITCHBOARD_CONFIG), the env vars of the services Switchboard replaces (PORT,\n\
+             WEBSOCKET_*, ...: listed after SWITCHBOARD_* below), SWITCHBOARD_* env vars, flags.\n\
              Flags: --key-name VALUE or --key-name=VALUE; a bare boolean flag means true.\n\
              Durations: 54s, 100ms, 5m, 1h, 1m30s; a bare integer is seconds.\n\
              Sizes: 65536, 64KiB, 1MiB, 1GiB, 64KB (=64000), 64k (=65536).\n\
@@ -2281,8 +2744,8 @@ impl Config {
                 k.doc,
                 k.env
             ));
-            if let Some(legacy) = k.legacy_env {
-                out.push_str(&format!(", {legacy}"));
+            for alias in env_aliases_of(k.key) {
+                out.push_str(&format!(", {alias}"));
             }
             out.push('\n');
         }
@@ -2544,29 +3007,339 @@ mod tests {
     }
 
     #[test]
-    fn legacy_env_names_are_the_go_ones() {
-        let legacy: Vec<(&str, &str)> = KEYS
-            .iter()
-            .filter_map(|k| k.legacy_env.map(|l| (l, k.key)))
-            .collect();
+    fn env_aliases_map_to_their_keys() {
+        // Every alias of a key, one at a time, sets that key and says so as its source.
+        let cases: &[(&str, &str, &str, &str)] = &[
+            ("WEBSOCKET_HOST", "127.0.0.1", "host", "\"127.0.0.1\""),
+            ("HTTP_HOST", "127.0.0.1", "host", "\"127.0.0.1\""),
+            ("WEBSOCKET_PORT", "8081", "port", "8081"),
+            ("HTTP_PORT", "8086", "port", "8086"),
+            ("PORT", "9000", "port", "9000"),
+            (
+                "WEBSOCKET_MAX_MESSAGE_SIZE",
+                "512000",
+                "max_message_size",
+                "512000",
+            ),
+            ("WEBSOCKET_PING_INTERVAL", "30s", "ping_interval", "30s"),
+            ("WEBSOCKET_PONG_WAIT", "70s", "pong_wait", "70s"),
+            ("WEBSOCKET_WRITE_WAIT", "3s", "write_wait", "3s"),
+            (
+                "WEBSOCKET_LIMITS_MAX_CONNECTIONS",
+                "10000",
+                "max_connections",
+                "10000",
+            ),
+            (
+                "WEBSOCKET_LIMITS_MAX_CONNECTIONS_PER_ROOM",
+                "1000",
+                "max_connections_per_room",
+                "1000",
+            ),
+            (
+                "DATABASE_URL",
+                "postgres://u:p@db:5432/m",
+                "database_url",
+                "Some(\"postgres://u:p@db:5432/m\")",
+            ),
+            (
+                "KAFKA_BROKERS",
+                "k1:9092,k2:9092",
+                "kafka_brokers",
+                "[\"k1:9092\", \"k2:9092\"]",
+            ),
+            (
+                "KAFKA_GROUP_ID",
+                "messaging-service",
+                "kafka_group_id",
+                "\"messaging-service\"",
+            ),
+            ("JWT_SECRET", "s3cret", "jwt_secret", "Some(\"s3cret\")"),
+        ];
+        for (name, value, key, want) in cases {
+            let loaded = load_warn(&[], &[(name, value)]);
+            assert_eq!(
+                value_debug(&loaded.config, key).as_deref(),
+                Some(*want),
+                "{name}"
+            );
+            assert_eq!(
+                loaded.sources.get(*key).map(String::as_str),
+                Some(format!("alias env {name}").as_str()),
+                "{name}"
+            );
+        }
+        // The table covers exactly the variables of the four services' documents.
+        let names: Vec<&str> = ENV_ALIASES.iter().map(|(n, _, _)| *n).collect();
         assert_eq!(
-            legacy,
-            vec![
-                ("WEBSOCKET_HOST", "host"),
-                ("WEBSOCKET_PORT", "port"),
-                ("WEBSOCKET_READ_BUFFER_SIZE", "read_buffer_size"),
-                ("WEBSOCKET_WRITE_BUFFER_SIZE", "write_buffer_size"),
-                ("WEBSOCKET_MAX_MESSAGE_SIZE", "max_message_size"),
-                ("WEBSOCKET_LIMITS_MAX_CONNECTIONS", "max_connections"),
-                (
-                    "WEBSOCKET_LIMITS_MAX_CONNECTIONS_PER_ROOM",
-                    "max_connections_per_room"
-                ),
-                ("WEBSOCKET_PING_INTERVAL", "ping_interval"),
-                ("WEBSOCKET_PONG_WAIT", "pong_wait"),
-                ("WEBSOCKET_WRITE_WAIT", "write_wait"),
+            names,
+            [
+                "WEBSOCKET_ENABLED",
+                "WEBSOCKET_HOST",
+                "HTTP_HOST",
+                "WEBSOCKET_PORT",
+                "HTTP_PORT",
+                "PORT",
+                "WEBSOCKET_TIMEOUT",
+                "WEBSOCKET_READ_BUFFER_SIZE",
+                "WEBSOCKET_WRITE_BUFFER_SIZE",
+                "WEBSOCKET_MAX_MESSAGE_SIZE",
+                "WEBSOCKET_PING_INTERVAL",
+                "WEBSOCKET_PONG_WAIT",
+                "WEBSOCKET_WRITE_WAIT",
+                "WEBSOCKET_LIMITS_MAX_CONNECTIONS",
+                "WEBSOCKET_LIMITS_MAX_CONNECTIONS_PER_ROOM",
+                "AUTH_ENABLED",
+                "AUTH_SERVICE_URL",
+                "AUTH_TIMEOUT",
+                "ENVIRONMENT",
+                "DATABASE_URL",
+                "REDIS_URL",
+                "KAFKA_BROKERS",
+                "KAFKA_GROUP_ID",
+                "JWT_SECRET",
             ]
         );
+        // Every mapped key exists.
+        for (_, _, l) in ENV_ALIASES.iter().chain(LEGACY_YAML) {
+            if let Legacy::Key(k) | Legacy::AuthKey(k) = l {
+                assert!(KEYS.iter().any(|i| i.key == *k), "{k}");
+            }
+        }
+    }
+
+    #[test]
+    fn aliases_rank_below_native_env_and_above_the_file() {
+        let file = TempFile::new("alias-rank", "port: 1001\nkafka_group_id: file\n");
+        let path = file.path();
+        let a = ["--config", path.as_str()];
+        let loaded = load_warn(&a, &[("PORT", "1002")]);
+        assert_eq!(loaded.config.port, 1002);
+        assert_eq!(loaded.sources["port"], "alias env PORT");
+        assert_eq!(loaded.config.kafka_group_id, "file");
+        assert_eq!(loaded.sources["kafka_group_id"], format!("in {path}"));
+        let loaded = load_warn(&a, &[("PORT", "1002"), ("SWITCHBOARD_PORT", "1003")]);
+        assert_eq!(loaded.config.port, 1003);
+        assert_eq!(loaded.sources["port"], "from env SWITCHBOARD_PORT");
+        let loaded = load_warn(&["--config", &path, "--port", "1004"], &[("PORT", "1002")]);
+        assert_eq!(loaded.config.port, 1004);
+        assert_eq!(loaded.sources["port"], "from flag --port");
+        // Two aliases of one key: the same value is fine, different values refuse, naming both.
+        let loaded = load_warn(&[], &[("PORT", "8081"), ("WEBSOCKET_PORT", "8081")]);
+        assert_eq!(loaded.config.port, 8081);
+        let e = load_err(&[], &[("PORT", "8081"), ("HTTP_PORT", "8086")]);
+        assert_eq!(e.key, "port");
+        assert!(
+            e.message.contains("env HTTP_PORT and env PORT")
+                && e.message.contains("(8086 against 8081)")
+                && e.message.contains("SWITCHBOARD_PORT"),
+            "{e}"
+        );
+        // Equal durations in two spellings are the same value.
+        let loaded = load_warn(
+            &[],
+            &[("WEBSOCKET_HOST", "0.0.0.0"), ("HTTP_HOST", "0.0.0.0")],
+        );
+        assert_eq!(loaded.config.host, "0.0.0.0");
+        // The native variable beside disagreeing aliases decides (they are unused then).
+        let loaded = load_warn(
+            &[],
+            &[
+                ("HTTP_HOST", "127.0.0.1"),
+                ("WEBSOCKET_HOST", "0.0.0.0"),
+                ("SWITCHBOARD_HOST", "::1"),
+            ],
+        );
+        assert_eq!(loaded.config.host, "::1");
+        assert_eq!(
+            load_err(
+                &[],
+                &[("HTTP_HOST", "127.0.0.1"), ("WEBSOCKET_HOST", "0.0.0.0")]
+            )
+            .key,
+            "host"
+        );
+        // A bad alias value names the alias.
+        let e = load_err(&[], &[("PORT", "http")]);
+        assert_eq!(e.key, "port");
+        assert!(e.message.contains("from env PORT"), "{e}");
+    }
+
+    #[test]
+    fn settings_without_effect_log_one_line_each() {
+        let env = [
+            ("WEBSOCKET_ENABLED", "true"),
+            ("WEBSOCKET_TIMEOUT", "30s"),
+            ("WEBSOCKET_READ_BUFFER_SIZE", "1024"),
+            ("WEBSOCKET_WRITE_BUFFER_SIZE", "1024"),
+            ("AUTH_SERVICE_URL", "http://localhost:8080"),
+            ("AUTH_TIMEOUT", "10s"),
+            ("ENVIRONMENT", "production"),
+            ("REDIS_URL", "redis://localhost:6379"),
+        ];
+        let loaded = load_warn(&[], &env);
+        let w = &loaded.warnings;
+        assert_eq!(w.len(), env.len(), "{w:#?}");
+        for ((name, _), line) in env.iter().zip(w) {
+            assert!(
+                line.starts_with(&format!("env {name} has no effect here: ")),
+                "{line}"
+            );
+        }
+        assert!(w[0].ends_with("so it is always on"), "{}", w[0]);
+        assert!(w[2].contains("one read buffer per shard"), "{}", w[2]);
+        assert!(w[4].contains("auth_service_url"), "{}", w[4]);
+        assert!(w[5].contains("auth_service_timeout"), "{}", w[5]);
+        assert!(w[7].contains("this node runs alone"), "{}", w[7]);
+        // The per-connection buffers of the old service do not touch the per-shard ones, and
+        // never stop the start (they are below the native 4096 floor).
+        let cfg = &loaded.config;
+        assert_eq!(
+            (cfg.read_buffer_size, cfg.write_buffer_size),
+            (64 * 1024, 256 * 1024)
+        );
+        assert_eq!(cfg.auth_mode, AuthMode::None);
+        // Native names keep refusing a buffer below the floor.
+        assert_eq!(
+            load_err(&[], &[("SWITCHBOARD_READ_BUFFER_SIZE", "1024")]).key,
+            "read_buffer_size"
+        );
+        // WEBSOCKET_ENABLED=false refuses to start; a non-boolean is an error too.
+        let e = load_err(&[], &[("WEBSOCKET_ENABLED", "false")]);
+        assert_eq!(e.key, "env WEBSOCKET_ENABLED");
+        assert!(e.message.contains("does not start"), "{e}");
+        assert_eq!(
+            load_err(&[], &[("WEBSOCKET_ENABLED", "maybe")]).key,
+            "env WEBSOCKET_ENABLED"
+        );
+    }
+
+    #[test]
+    fn alias_values_out_of_range_are_clamped_native_ones_refused() {
+        let loaded = load_warn(&[], &[("WEBSOCKET_MAX_MESSAGE_SIZE", "100MiB")]);
+        assert_eq!(loaded.config.max_message_size, MESSAGE_SIZE_MAX);
+        assert_eq!(
+            loaded.warnings,
+            vec![format!(
+                "max_message_size 104857600 (alias env WEBSOCKET_MAX_MESSAGE_SIZE) is outside \
+                 125 bytes to 64MiB here, so {MESSAGE_SIZE_MAX} is used (set max_message_size \
+                 to silence this)"
+            )]
+        );
+        let loaded = load_warn(&[], &[("WEBSOCKET_MAX_MESSAGE_SIZE", "10")]);
+        assert_eq!(loaded.config.max_message_size, MESSAGE_SIZE_MIN);
+        // The native key set explicitly wins and is checked as always.
+        let e = load_err(
+            &[],
+            &[
+                ("WEBSOCKET_MAX_MESSAGE_SIZE", "100MiB"),
+                ("SWITCHBOARD_MAX_MESSAGE_SIZE", "100MiB"),
+            ],
+        );
+        assert_eq!(e.key, "max_message_size");
+        let loaded = load_warn(
+            &["--max-message-size", "1MiB"],
+            &[("WEBSOCKET_MAX_MESSAGE_SIZE", "100MiB")],
+        );
+        assert_eq!(loaded.config.max_message_size, 1 << 20);
+        assert!(loaded.warnings.is_empty(), "{:#?}", loaded.warnings);
+        // 0 = unlimited in the rooms module: the node's own maximum here, said once.
+        let loaded = load_warn(
+            &[],
+            &[
+                ("WEBSOCKET_LIMITS_MAX_CONNECTIONS", "0"),
+                ("WEBSOCKET_LIMITS_MAX_CONNECTIONS_PER_ROOM", "0"),
+            ],
+        );
+        assert_eq!(loaded.config.max_connections, 0);
+        assert_eq!(loaded.config.max_connections_per_room, 0);
+        assert_eq!(loaded.warnings.len(), 1, "{:#?}", loaded.warnings);
+        assert!(loaded.warnings[0].contains("file-descriptor limit"));
+        let loaded = load_warn(&[], &[("WEBSOCKET_LIMITS_MAX_CONNECTIONS", "99999999999")]);
+        assert_eq!(loaded.config.max_connections, CONNECTIONS_MAX);
+        let loaded = load_warn(
+            &[],
+            &[
+                ("WEBSOCKET_PONG_WAIT", "48h"),
+                ("WEBSOCKET_WRITE_WAIT", "30h"),
+            ],
+        );
+        assert_eq!(loaded.config.pong_wait, DURATION_MAX);
+        assert_eq!(loaded.config.write_wait, DURATION_MAX);
+        assert_eq!(loaded.warnings.len(), 2, "{:#?}", loaded.warnings);
+    }
+
+    #[test]
+    fn jwt_secret_or_auth_enabled_turns_jwt_on() {
+        let loaded = load_warn(&[], &[("JWT_SECRET", "s3cret")]);
+        assert_eq!(loaded.config.auth_mode, AuthMode::Jwt);
+        assert_eq!(loaded.sources["auth_mode"], "inferred from env JWT_SECRET");
+        assert_eq!(loaded.warnings.len(), 1, "{:#?}", loaded.warnings);
+        assert!(!loaded.warnings[0].contains("s3cret"));
+        // AUTH_ENABLED=true with a native secret.
+        let loaded = load_warn(
+            &[],
+            &[("AUTH_ENABLED", "true"), ("SWITCHBOARD_JWT_SECRET", "s")],
+        );
+        assert_eq!(loaded.config.auth_mode, AuthMode::Jwt);
+        assert_eq!(
+            loaded.sources["auth_mode"],
+            "inferred from env AUTH_ENABLED"
+        );
+        // AUTH_ENABLED=true without any key refuses, saying what to set.
+        let e = load_err(&[], &[("AUTH_ENABLED", "true")]);
+        assert_eq!(e.key, "auth_mode");
+        assert!(e.message.contains("set JWT_SECRET"), "{e}");
+        // An explicit auth_mode wins, with a line when it leaves clients unauthenticated.
+        let loaded = load_warn(&["--auth-mode", "none"], &[("JWT_SECRET", "s3cret")]);
+        assert_eq!(loaded.config.auth_mode, AuthMode::None);
+        assert!(
+            loaded.warnings[0].contains("auth_mode none (from flag --auth-mode) wins"),
+            "{:#?}",
+            loaded.warnings
+        );
+        // AUTH_ENABLED=false is one line and leaves auth_mode as it is.
+        let loaded = load_warn(&[], &[("AUTH_ENABLED", "false")]);
+        assert_eq!(loaded.config.auth_mode, AuthMode::None);
+        assert_eq!(loaded.warnings.len(), 1);
+        let loaded = load_warn(&[], &[("AUTH_ENABLED", "false"), ("JWT_SECRET", "s")]);
+        assert_eq!(loaded.config.auth_mode, AuthMode::Jwt);
+        // A native secret alone changes nothing (native behaviour is unchanged).
+        let loaded = load_warn(&[], &[("SWITCHBOARD_JWT_SECRET", "s")]);
+        assert_eq!(loaded.config.auth_mode, AuthMode::None);
+        // Disagreeing secrets are refused without echoing either.
+        let loaded = load_warn(&[], &[("JWT_SECRET", "a"), ("SWITCHBOARD_JWT_SECRET", "b")]);
+        assert_eq!(loaded.config.jwt_secret.as_deref(), Some("b"));
+        assert_eq!(loaded.config.auth_mode, AuthMode::Jwt);
+    }
+
+    #[test]
+    fn the_dump_names_every_source_and_hides_secrets() {
+        let file = TempFile::new("dump", "shards: 2\nwebsocket:\n  pong_wait: 70s\n");
+        let path = file.path();
+        let loaded = load_warn(
+            &["--config", &path, "--log-level", "debug"],
+            &[
+                ("PORT", "9000"),
+                ("JWT_SECRET", "hunter2"),
+                ("DATABASE_URL", "postgres://u:pw@h/d"),
+            ],
+        );
+        let dump = loaded.dump();
+        for line in [
+            "port = 9000  # alias env PORT\n".to_owned(),
+            format!("shards = 2  # in {path}\n"),
+            format!("pong_wait = 70s  # alias websocket.pong_wait in {path}\n"),
+            "log_level = \"debug\"  # from flag --log-level\n".to_owned(),
+            "auth_mode = Jwt  # inferred from env JWT_SECRET\n".to_owned(),
+            "jwt_secret = <redacted>  # alias env JWT_SECRET\n".to_owned(),
+            "api_key = None  # default\n".to_owned(),
+            "host = \"0.0.0.0\"  # default\n".to_owned(),
+        ] {
+            assert!(dump.contains(&line), "{line:?} not in\n{dump}");
+        }
+        assert!(!dump.contains("hunter2") && !dump.contains("pw@"), "{dump}");
+        assert_eq!(dump.lines().count(), KEYS.len() + STRUCTURED.len());
     }
 
     #[test]
@@ -2716,8 +3489,9 @@ mod tests {
         assert!(!cfg.pin_cores);
         assert_eq!(cfg.ping_interval, Duration::from_secs(20));
         assert_eq!(cfg.pong_wait, Duration::from_secs(30));
-        assert_eq!(cfg.read_buffer_size, 8192);
-        assert_eq!(cfg.write_buffer_size, 16384);
+        // The rooms module's per-connection buffers have no effect on the per-shard ones.
+        assert_eq!(cfg.read_buffer_size, 64 * 1024);
+        assert_eq!(cfg.write_buffer_size, 256 * 1024);
         assert_eq!(cfg.max_message_size, 1 << 20);
         assert_eq!(cfg.max_connections_per_room, 7);
         assert_eq!(cfg.write_wait, Duration::from_secs(2));
@@ -2836,7 +3610,7 @@ mod tests {
             assert!(help.contains(&k.flag()), "help lacks {}", k.flag());
             assert!(help.contains(k.env), "help lacks {}", k.env);
             assert!(help.contains(k.doc), "help lacks doc of {}", k.key);
-            if let Some(l) = k.legacy_env {
+            for l in env_aliases_of(k.key) {
                 assert!(help.contains(l), "help lacks {l}");
             }
         }
@@ -3230,10 +4004,10 @@ mod tests {
             "| YAML key | env var(s) | CLI flag | default | meaning |\n|---|---|---|---|---|\n",
         );
         for k in KEYS {
-            let env = match k.legacy_env {
-                Some(l) => format!("`{}`, `{l}`", k.env),
-                None => format!("`{}`", k.env),
-            };
+            let mut env = format!("`{}`", k.env);
+            for alias in env_aliases_of(k.key) {
+                env.push_str(&format!(", `{alias}`"));
+            }
             let default = if k.default.is_empty() {
                 "(none)".to_owned()
             } else {
@@ -3356,7 +4130,7 @@ mod tests {
         assert!(e.message.contains("in test.yaml at jwt.leeway"), "{e}");
     }
 
-    /// The rooms service's documented block, verbatim (its README, "Full Configuration Example").
+    /// The rooms module's documented block, verbatim (its README, "Full Configuration Example").
     const ROOMS_SERVICE_BLOCK: &str = r#"websocket:
   enabled: true
   host: "0.0.0.0"
@@ -3372,6 +4146,22 @@ mod tests {
   limits:
     max_connections: 10000       # 0 = unlimited
     max_connections_per_room: 1000  # 0 = unlimited
+"#;
+
+    /// The topic service's block, verbatim (its README, "Configuration").
+    const TOPIC_SERVICE_BLOCK: &str = r#"websocket:
+  write_wait: 10s
+  pong_wait: 60s
+  ping_period: 54s
+  read_buffer_size: 1024
+  write_buffer_size: 1024
+  max_message_size: 10485760  # 10MB
+  client_buffer_size: 256
+  cleanup_interval: 30s
+  stale_connection_timeout: 90s
+  register_buffer: 256
+  unregister_buffer: 256
+  broadcast_buffer: 1024
 "#;
 
     #[test]
@@ -3392,9 +4182,13 @@ mod tests {
         );
         assert_eq!(cfg.max_connections, 10_000);
         assert_eq!(cfg.max_connections_per_room, 1_000);
-        // The old per-connection buffers are raised to the per-shard floor.
-        assert_eq!(cfg.read_buffer_size, BUFFER_SIZE_MIN);
-        assert_eq!(cfg.write_buffer_size, BUFFER_SIZE_MIN);
+        // The old per-connection buffers leave the per-shard ones alone.
+        assert_eq!(cfg.read_buffer_size, 64 * 1024);
+        assert_eq!(cfg.write_buffer_size, 256 * 1024);
+        assert_eq!(
+            loaded.sources["max_connections"],
+            format!("alias websocket.limits.max_connections in {path}")
+        );
         let w = &loaded.warnings;
         assert_eq!(w.len(), 4, "{w:#?}");
         assert_eq!(
@@ -3406,24 +4200,31 @@ mod tests {
         );
         assert!(w[1].starts_with(&format!("websocket.timeout in {path} has no effect here")));
         assert!(w[1].contains("pong_wait"), "{w:#?}");
-        assert_eq!(
-            w[2],
-            format!(
-                "websocket.read_buffer_size in {path} = 1024: the old service's per-connection \
-                 buffer size; here read_buffer_size is one buffer per shard, so it was raised \
-                 to the 4096-byte minimum (set read_buffer_size to 4096 or more to silence this)"
-            )
+        assert!(
+            w[2].starts_with(&format!(
+                "websocket.read_buffer_size in {path} has no effect here: it sized a \
+                 per-connection read buffer there"
+            )),
+            "{w:#?}"
         );
         assert!(
             w[3].starts_with("websocket.write_buffer_size in "),
             "{w:#?}"
         );
-        // The same settings from the old env names warn once each, not twice.
+        // The same settings from the old env names add no second line.
         let loaded = load_warn(
             &["--config", &path],
-            &[("WEBSOCKET_ENABLED", "true"), ("WEBSOCKET_TIMEOUT", "30s")],
+            &[
+                ("WEBSOCKET_ENABLED", "true"),
+                ("WEBSOCKET_TIMEOUT", "30s"),
+                ("WEBSOCKET_READ_BUFFER_SIZE", "1024"),
+            ],
         );
         assert_eq!(loaded.warnings.len(), 4, "{:#?}", loaded.warnings);
+        // `enabled: false` refuses to start.
+        let off = TempFile::new("rooms-off", "websocket:\n  enabled: false\n");
+        let e = load_err(&["--config", &off.path()], &[]);
+        assert!(e.key.starts_with("websocket.enabled in "), "{e}");
         // The "production" snippet of the same README: limits only.
         let mut cfg = Config::default();
         cfg.apply_yaml(
@@ -3438,39 +4239,97 @@ mod tests {
     }
 
     #[test]
-    fn legacy_buffer_sizes_are_raised_native_ones_refused() {
-        let loaded = load_warn(
-            &[],
-            &[
-                ("WEBSOCKET_READ_BUFFER_SIZE", "1024"),
-                ("WEBSOCKET_WRITE_BUFFER_SIZE", "2048"),
-            ],
+    fn topic_service_block_is_accepted_as_written() {
+        let file = TempFile::new("topic-block", TOPIC_SERVICE_BLOCK);
+        let path = file.path();
+        let loaded = load_warn(&["--config", &path], &[]);
+        let cfg = &loaded.config;
+        assert_eq!(cfg.ping_interval, Duration::from_secs(54));
+        assert_eq!(cfg.pong_wait, Duration::from_secs(60));
+        assert_eq!(cfg.write_wait, Duration::from_secs(10));
+        assert_eq!(cfg.max_message_size, 10_485_760);
+        assert_eq!(
+            loaded.sources["ping_interval"],
+            format!("alias websocket.ping_period in {path}")
         );
-        assert_eq!(loaded.config.read_buffer_size, 4096);
-        assert_eq!(loaded.config.write_buffer_size, 4096);
-        assert_eq!(loaded.warnings.len(), 2, "{:#?}", loaded.warnings);
-        assert!(
-            loaded.warnings[0].starts_with("env WEBSOCKET_READ_BUFFER_SIZE = 1024: "),
+        let no_effect: Vec<&str> = loaded
+            .warnings
+            .iter()
+            .map(|w| w.split(' ').next().unwrap_or(""))
+            .collect();
+        assert_eq!(
+            no_effect,
+            [
+                "websocket.read_buffer_size",
+                "websocket.write_buffer_size",
+                "websocket.client_buffer_size",
+                "websocket.cleanup_interval",
+                "websocket.stale_connection_timeout",
+                "websocket.register_buffer",
+                "websocket.unregister_buffer",
+                "websocket.broadcast_buffer",
+            ],
             "{:#?}",
             loaded.warnings
         );
-        // At or above the floor the old names are taken as they are, without a warning.
-        let loaded = load_warn(&[], &[("WEBSOCKET_READ_BUFFER_SIZE", "8192")]);
-        assert_eq!(loaded.config.read_buffer_size, 8192);
-        assert!(loaded.warnings.is_empty(), "{:#?}", loaded.warnings);
-        // Native names keep refusing.
-        assert_eq!(
-            load_err(&[], &[("SWITCHBOARD_READ_BUFFER_SIZE", "1024")]).key,
-            "read_buffer_size"
+        for w in &loaded.warnings {
+            assert!(w.contains(" has no effect here: "), "{w}");
+        }
+        // Both blocks' keys in one file (the union): ping_interval and ping_period agree here.
+        let both = format!(
+            "{ROOMS_SERVICE_BLOCK}{}",
+            TOPIC_SERVICE_BLOCK.trim_start_matches("websocket:\n")
+        )
+        .replace("  read_buffer_size: 1024\n  write_buffer_size: 1024\n  max_message_size: 10485760  # 10MB\n", "")
+        .replace("  write_wait: 10s\n  pong_wait: 60s\n", "");
+        let file = TempFile::new("union-block", &both);
+        let loaded = load_warn(&["--config", &file.path()], &[]);
+        assert_eq!(loaded.config.ping_interval, Duration::from_secs(54));
+        assert_eq!(loaded.config.max_message_size, 512_000);
+        // When they disagree, the start is refused naming both.
+        let e = yaml_load_err("websocket:\n  ping_interval: 30s\n  ping_period: 54s\n");
+        assert_eq!(e.key, "ping_interval");
+        assert!(
+            e.message
+                .contains("websocket.ping_interval and websocket.ping_period"),
+            "{e}"
         );
-        assert_eq!(
-            load_err(&["--write-buffer-size", "1024"], &[]).key,
-            "write_buffer_size"
+    }
+
+    fn yaml_load_err(text: &str) -> ConfigError {
+        let file = TempFile::new("yaml-load-err", text);
+        load_err(&["--config", &file.path()], &[])
+    }
+
+    #[test]
+    fn a_native_key_in_the_file_beats_the_block_and_aliases_beat_both() {
+        let file = TempFile::new(
+            "native-vs-block",
+            "websocket:\n  port: 8081\n  pong_wait: 60s\nport: 9000\npong_wait: 60s\n",
         );
-        let file = TempFile::new("native-buf", "read_buffer_size: 1024\n");
+        let path = file.path();
+        let loaded = load_warn(&["--config", &path], &[]);
+        assert_eq!(loaded.config.port, 9000);
+        assert_eq!(loaded.sources["port"], format!("in {path}"));
+        // A line only where the two differ.
         assert_eq!(
-            load_err(&["--config", &file.path()], &[]).key,
-            "read_buffer_size"
+            loaded.warnings,
+            vec![format!(
+                "websocket.port in {path} is overridden by port of the same file (a native key \
+                 beats the websocket: block)"
+            )]
+        );
+        // An env alias beats the file's native key and its block.
+        let loaded = load_warn(&["--config", &path], &[("HTTP_PORT", "8086")]);
+        assert_eq!(loaded.config.port, 8086);
+        // A block value out of range is clamped like an env alias; a native one is refused.
+        let file = TempFile::new("block-clamp", "websocket:\n  max_message_size: 1GiB\n");
+        let loaded = load_warn(&["--config", &file.path()], &[]);
+        assert_eq!(loaded.config.max_message_size, MESSAGE_SIZE_MAX);
+        assert_eq!(loaded.warnings.len(), 1);
+        assert_eq!(
+            yaml_load_err("max_message_size: 1GiB\n").key,
+            "max_message_size"
         );
     }
 
@@ -3494,22 +4353,6 @@ mod tests {
         let e = yaml_err("nothing:\n  here: 1\n");
         assert_eq!(e.key, "nothing");
         assert!(e.message.contains("see --help"), "{e}");
-    }
-
-    #[test]
-    fn legacy_yaml_paths_match_the_legacy_env_names() {
-        for (path, legacy) in LEGACY_YAML {
-            if let Legacy::Key(key) = legacy {
-                let info = KEYS.iter().find(|k| k.key == *key).expect("a key");
-                assert_eq!(info.legacy_env, Some(legacy_env_name(path).as_str()));
-            }
-        }
-        let with_legacy = KEYS.iter().filter(|k| k.legacy_env.is_some()).count();
-        let keys = LEGACY_YAML
-            .iter()
-            .filter(|(_, l)| matches!(l, Legacy::Key(_)))
-            .count();
-        assert_eq!(with_legacy, keys);
     }
 
     /// A structured key for this test only: `test_paths: [{path: /a}, ...]` sets ws_paths.
@@ -3634,7 +4477,7 @@ mod tests {
         );
         assert!(
             e.message.contains(&format!(
-                "pong_wait 10s (in {} at websocket.pong_wait)",
+                "pong_wait 10s (alias websocket.pong_wait in {})",
                 file.path()
             )),
             "{e}"

@@ -50,6 +50,10 @@ pub const DIRECTORY_RESIZE_CHUNK: usize = 64;
 
 /// How often a shard publishes its local counters to the shared metrics.
 pub const STATS_PUBLISH_MS: u64 = 250;
+/// Least time `websocket_messages_per_second` is measured over: a scrape sooner than this after
+/// the last measurement repeats it (several scrapers, or a scrape right after start, would
+/// otherwise divide a few frames by a few milliseconds).
+pub const MESSAGE_RATE_WINDOW_MIN_MS: u64 = 1000;
 /// Entries the `write_coalesce` heap may hold per client of the shard (stale ones included)
 /// before frames are written at once instead of held.
 pub const DEFERRED_PER_CLIENT_MAX: usize = 2;

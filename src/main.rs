@@ -1,5 +1,6 @@
-//! `switchboard`: run the server (default), `switchboard doctor` to check kernel limits, or
-//! `switchboard help` / `--help` / `--version`.
+//! `switchboard`: run the server (default), `switchboard doctor` to check kernel limits,
+//! `switchboard config` to print every setting and where it came from, or `switchboard help` /
+//! `--help` / `--version`.
 //!
 //! Exit status: 0 after a drain or after printing help/version, 1 when the server cannot start,
 //! 2 on a configuration or usage error (printed to stderr).
@@ -35,7 +36,10 @@ fn main() -> ExitCode {
         .filter_map(|(k, _)| k.into_string().ok())
         .filter(|k| k.starts_with("SWITCHBOARD_") || k.starts_with("WEBSOCKET_"))
         .collect();
-    let loaded = match Config::load_with_warnings(&args, &|k| std::env::var(k).ok(), &env_names) {
+    // `switchboard config [flags]`: every setting, its value and where it came from.
+    let dump = args.first().map(String::as_str) == Some("config");
+    let args = if dump { &args[1..] } else { &args[..] };
+    let loaded = match Config::load_with_warnings(args, &|k| std::env::var(k).ok(), &env_names) {
         Ok(loaded) => loaded,
         Err(e) if e.is_help() || e.is_version() => {
             println!("{}", e.message);
@@ -46,6 +50,13 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if dump {
+        for w in &loaded.warnings {
+            println!("# {w}");
+        }
+        print!("{}", loaded.dump());
+        return ExitCode::SUCCESS;
+    }
     let cfg = loaded.config;
     init_logging(&cfg);
     for w in &loaded.warnings {

@@ -353,6 +353,85 @@ pub struct NodeView<'a> {
     /// The Kafka clients' counters (rendered only when Kafka is configured).
     pub kafka: Option<&'a crate::bridge::kafka::KafkaStats>,
     pub limits: Option<&'a crate::doctor::Limits>,
+    /// With it, the rooms module's metric names are rendered too ([`render_compat`]).
+    pub compat: Option<&'a MessageRate>,
+}
+
+/// The state behind `websocket_messages_per_second`: the frame count and time of the last
+/// measurement, and the rate it gave. Touched by scrapes only (never by a shard's loop).
+pub struct MessageRate(Mutex<RateSample>);
+
+struct RateSample {
+    at: std::time::Instant,
+    frames: u64,
+    rate: f64,
+}
+
+impl MessageRate {
+    /// The first measurement runs from `start` (the node's start, when it had received nothing).
+    pub fn new(start: std::time::Instant) -> MessageRate {
+        MessageRate(Mutex::new(RateSample {
+            at: start,
+            frames: 0,
+            rate: 0.0,
+        }))
+    }
+
+    /// Frames per second received between the last measurement and `now`, given the node's
+    /// total `frames` at `now`. Within `MESSAGE_RATE_WINDOW_MIN_MS` of the last measurement it
+    /// answers that measurement again.
+    pub fn observe(&self, now: std::time::Instant, frames: u64) -> f64 {
+        let mut s = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let dt = now.saturating_duration_since(s.at);
+        if dt.as_millis() >= u128::from(crate::limits::MESSAGE_RATE_WINDOW_MIN_MS) {
+            s.rate = frames.saturating_sub(s.frames) as f64 / dt.as_secs_f64();
+            s.at = now;
+            s.frames = frames;
+        }
+        s.rate
+    }
+}
+
+/// The metric names of the rooms module Switchboard replaces (its guide tells operators to
+/// alert on them), computed from what the scrape already gathered: `websocket_clients_total`
+/// = `switchboard_clients`, `websocket_rooms_total` = `switchboard_rooms` (gauges, despite the
+/// `_total` the module gave them), `websocket_errors_total` = the sum of
+/// `switchboard_errors_total` over its reasons, and `websocket_messages_per_second` = WebSocket
+/// frames received per second since the previous measurement (see [`MessageRate::observe`]).
+fn render_compat(out: &mut String, view: &NodeView, rate: &MessageRate, frames: u64, errors: u64) {
+    let per_second = rate.observe(std::time::Instant::now(), frames);
+    let lines: [(&str, &str, &str, String); 4] = [
+        (
+            "websocket_clients_total",
+            "Compatibility name of switchboard_clients: upgraded WebSocket connections on this node",
+            "gauge",
+            view.connections.to_string(),
+        ),
+        (
+            "websocket_rooms_total",
+            "Compatibility name of switchboard_rooms: rooms with at least one subscriber on this node",
+            "gauge",
+            view.rooms.to_string(),
+        ),
+        (
+            "websocket_messages_per_second",
+            "WebSocket frames received per second since the previous measurement (at least 1 s apart)",
+            "gauge",
+            format!("{per_second:.3}"),
+        ),
+        (
+            "websocket_errors_total",
+            "Compatibility name of the sum of switchboard_errors_total: error frames sent",
+            "counter",
+            errors.to_string(),
+        ),
+    ];
+    for (name, help, kind, v) in lines {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
+        );
+    }
 }
 
 /// Render the Prometheus text exposition.
@@ -428,6 +507,14 @@ pub fn render(view: &NodeView) -> String {
             c.label(),
             sum(base + k)
         );
+    }
+    if let Some(rate) = view.compat {
+        let frames = ROWS
+            .iter()
+            .position(|r| r.field == "frames_in")
+            .map_or(0, sum);
+        let errors = (0..ErrorReason::ALL.len()).map(|k| sum(SCALARS + k)).sum();
+        render_compat(&mut out, view, rate, frames, errors);
     }
     let slow = sum(base + CloseKind::SlowConsumer as usize);
     let _ = writeln!(
@@ -516,6 +603,7 @@ mod tests {
             store: None,
             kafka: None,
             limits: None,
+            compat: None,
         });
         assert!(text.contains("switchboard_deliveries_total 12\n"));
         assert!(text.contains("switchboard_connections{shard=\"0\"} 2\n"));
@@ -576,6 +664,7 @@ mod tests {
             store: None,
             kafka: None,
             limits: None,
+            compat: None,
         })
     }
 
@@ -766,6 +855,7 @@ switchboard_publish_to_flush_seconds_count 1
             store: None,
             kafka: None,
             limits: None,
+            compat: None,
         });
         for (i, r) in ROWS.iter().enumerate() {
             let (name, v) = (r.name, 7_000 + i);
@@ -823,5 +913,67 @@ switchboard_publish_to_flush_seconds_count 1
             (at("rooms"), at("coalesce_held"), at("accepted")),
             (5, 9, 0)
         );
+    }
+
+    #[test]
+    fn compatibility_names_follow_the_native_values() {
+        let shards = [ShardStats::default(), ShardStats::default()];
+        let mut a = LocalStats {
+            frames_in: 30,
+            ..Default::default()
+        };
+        a.errors[ErrorReason::RateLimited as usize] = 3;
+        a.errors[ErrorReason::InvalidJson as usize] = 2;
+        shards[0].publish(&a);
+        shards[1].publish(&LocalStats {
+            frames_in: 12,
+            ..Default::default()
+        });
+        // Started two seconds ago: the first scrape measures 42 frames over those 2 s.
+        let start = std::time::Instant::now() - std::time::Duration::from_secs(2);
+        let rate = MessageRate::new(start);
+        let view = |compat| NodeView {
+            shards: &shards,
+            rooms: 4,
+            users: 0,
+            connections: 5,
+            max_connections: 10,
+            draining: false,
+            store: None,
+            kafka: None,
+            limits: None,
+            compat,
+        };
+        let text = render(&view(Some(&rate)));
+        for line in [
+            "# TYPE websocket_clients_total gauge\nwebsocket_clients_total 5\n",
+            "# TYPE websocket_rooms_total gauge\nwebsocket_rooms_total 4\n",
+            "# TYPE websocket_errors_total counter\nwebsocket_errors_total 5\n",
+            "# TYPE websocket_messages_per_second gauge\nwebsocket_messages_per_second ",
+        ] {
+            assert!(text.contains(line), "{line:?} not in\n{text}");
+        }
+        let v: f64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("websocket_messages_per_second "))
+            .and_then(|v| v.parse().ok())
+            .expect("a rate");
+        assert!(v > 0.0 && v <= 21.0, "{v}");
+        // Without the compat view (tests, benches) nothing of it is rendered.
+        assert!(!render(&view(None)).contains(" websocket_"));
+    }
+
+    #[test]
+    fn message_rate_is_measured_over_at_least_the_window() {
+        let t0 = std::time::Instant::now();
+        let rate = MessageRate::new(t0);
+        let at = |ms| t0 + std::time::Duration::from_millis(ms);
+        // Too soon after start: the previous measurement (none yet: 0) is repeated.
+        assert_eq!(rate.observe(at(10), 500), 0.0);
+        assert_eq!(rate.observe(at(2_000), 500), 250.0);
+        assert_eq!(rate.observe(at(2_500), 900), 250.0);
+        assert_eq!(rate.observe(at(4_000), 1_100), 300.0);
+        // A counter that went backwards (never, but) reads as 0, not a wrap.
+        assert_eq!(rate.observe(at(5_000), 10), 0.0);
     }
 }

@@ -158,6 +158,7 @@ impl Server {
             kafka_stats: Default::default(),
             max_connections,
             epoch: Instant::now(),
+            message_rate: crate::metrics::MessageRate::new(Instant::now()),
             limits,
             faults,
             cfg,

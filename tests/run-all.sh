@@ -102,6 +102,26 @@ ensure_debian_packages() {
     fatal_install "apt-get install failed for ${missing[*]}; install by hand: $how"
 }
 
+# Node.js for tests/node_client.rs (the rooms guide's JavaScript client, run unchanged). Node 20
+# and later have a WebSocket of their own (20/21 behind a flag the test passes); older ones
+# (Debian 12 ships 18) get the `ws` package from npm, cached, on NODE_PATH.
+ensure_node() {
+  ensure_debian_packages node:nodejs
+  local major
+  major="$(node --version | sed 's/^v//; s/\..*//')"
+  if ((major >= 20)); then
+    return 0
+  fi
+  local dir="$HOME/.cache/switchboard/node-ws-8"
+  if [[ ! -f "$dir/node_modules/ws/package.json" ]]; then
+    ensure_debian_packages npm:npm
+    echo "run-all: installing the ws package (Node $major has no WebSocket) into $dir"
+    npm install --prefix "$dir" --no-save --no-audit --no-fund ws@8 </dev/null ||
+      fatal_install "npm install ws@8 failed; install by hand: npm install --prefix $dir ws@8"
+  fi
+  export NODE_PATH="$dir/node_modules${NODE_PATH:+:$NODE_PATH}"
+}
+
 # A local Redis for the bridge tests, once they need one: call it in the marked place below.
 ensure_redis_server() {
   ensure_debian_packages redis-server:redis-server
@@ -183,6 +203,7 @@ ensure_debian_packages "${DEBIAN_NEEDS[@]}"
 ensure_debian_packages python3:python3
 ensure_postgresql
 ensure_tansu
+ensure_node
 
 bash tests/autobahn/run.sh --install-only ||
   fatal_install "kosoku (Autobahn client) could not be installed; see the message above"

@@ -5,13 +5,29 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{metric, TestServer, RECV_TIMEOUT};
+use common::{metric, now_ms, parse_rfc3339_ms, TestServer, RECV_TIMEOUT};
 use serde_json::{json, Value};
 
+/// /health's counts (`status`, `clients`, `rooms`), after checking the messaging service's
+/// fields that follow them (`service`, and `time`: RFC 3339 UTC to the second, near now).
 fn health(server: &TestServer) -> Value {
     let (status, body) = server.http_get("/health");
     assert_eq!(status, 200, "{body}");
-    serde_json::from_str(&body).unwrap_or_else(|e| panic!("/health is not JSON ({e}): {body}"))
+    let mut v: Value =
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("/health is not JSON ({e}): {body}"));
+    let o = v.as_object_mut().expect("an object");
+    assert_eq!(o.remove("service"), Some(json!("switchboard")), "{body}");
+    let time = o.remove("time").expect("time");
+    assert_health_time(&time);
+    v
+}
+
+/// `time` of /health: `YYYY-MM-DDTHH:MM:SSZ` and within a minute of this machine's clock.
+fn assert_health_time(time: &Value) {
+    let t = time.as_str().expect("time is a string");
+    assert!(t.len() == 20 && t.ends_with('Z'), "{t}");
+    let ms = parse_rfc3339_ms(t).unwrap_or_else(|| panic!("not RFC 3339: {t}"));
+    assert!(now_ms().abs_diff(ms) < 60_000, "{t} is not now");
 }
 
 /// Poll /health until it equals `want`.
@@ -34,11 +50,12 @@ fn health_reports_real_counts() {
         health(&server),
         json!({"status": "healthy", "clients": 0, "rooms": 0})
     );
+    // Verbatim: the rooms module's body, then the messaging service's fields, in this order.
     let (_, body) = server.http_get("/health");
-    assert_eq!(
-        body, r#"{"status":"healthy","clients":0,"rooms":0}"#,
-        "verbatim body"
-    );
+    let head = r#"{"status":"healthy","clients":0,"rooms":0,"service":"switchboard","time":""#;
+    assert!(body.starts_with(head), "{body}");
+    assert_eq!(body.len(), head.len() + 22, "{body}");
+    assert!(body.ends_with("Z\"}"), "{body}");
 
     let mut a = server.connect("/ws");
     let mut b = server.connect("/ws");

@@ -83,6 +83,9 @@ pub struct Opts {
     pub batch_us: u64,
     /// Subscribers subscribe in the upgrade URL (`?subscribe=`) instead of with a command.
     pub url_subscribe: bool,
+    /// Paths the subscribers connect to, round-robin by connection index (empty: the URL's
+    /// path): a room whose subscribers speak several dialects (`ws_dialects`).
+    pub sub_paths: Vec<String>,
     /// Generator processes sharing the connections (each with its own fd limit).
     pub processes: usize,
     /// Time for all connections to be set up before the run is called failed.
@@ -164,6 +167,7 @@ impl Opts {
             in_flight: 256,
             batch_us: 0,
             url_subscribe: false,
+            sub_paths: Vec::new(),
             processes: 1,
             setup_timeout_s: 90.0,
             connect_timeout_s: 20.0,
@@ -228,6 +232,9 @@ common flags:
                                  report for all, default 1
   --url-subscribe                subscribe in the upgrade URL (?subscribe=ROOM) instead of
                                  sending a subscribe command after `connected`
+  --sub-paths P1,P2,..           fanout subscribers connect to these paths in turn (a room
+                                 of several dialects, e.g. /ws,/topic with the server's
+                                 ws_dialects mapping /topic=topic); needs --url-subscribe
   --batch-us U                   during the run, poll without blocking and sleep U us when
                                  nothing is ready (0: block in epoll, the default); keeps the
                                  server from paying a loopback wake-up per delivered frame,
@@ -412,6 +419,12 @@ pub fn parse(args: &[String]) -> Result<Opts, String> {
             "--db-pid" => o.db_pid = Some(num(f, &v)?),
             "--label" => o.label = v,
             "--in-flight" => o.in_flight = num(f, &v)?,
+            "--sub-paths" => {
+                o.sub_paths = v.split(',').map(str::to_owned).collect();
+                if o.sub_paths.iter().any(|p| !p.starts_with('/')) {
+                    return Err(format!("{f}: every path must start with '/': {v}"));
+                }
+            }
             "--batch-us" => o.batch_us = num(f, &v)?,
             "--processes" => o.processes = num(f, &v)?,
             "--setup-timeout" => o.setup_timeout_s = num(f, &v)?,
@@ -445,6 +458,9 @@ pub fn parse(args: &[String]) -> Result<Opts, String> {
         }
     }
     validate(&mut o)?;
+    if !o.sub_paths.is_empty() && !o.url_subscribe {
+        return Err("--sub-paths needs --url-subscribe (a subscriber of another dialect does not speak the native subscribe command)".into());
+    }
     Ok(o)
 }
 

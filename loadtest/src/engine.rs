@@ -168,6 +168,8 @@ pub struct Plan {
     pub batch_ns: u64,
     /// Subscribe with `?subscribe=ROOM` on the upgrade instead of a command.
     pub url_subscribe: bool,
+    /// Subscribers' paths, round-robin by global connection index (empty: `path`).
+    pub sub_paths: Vec<String>,
     /// This process's index among `procs` generator processes (`--processes`); a process
     /// opens the connections whose global index `i` has `i % procs == proc_index`.
     pub proc_index: usize,
@@ -1330,6 +1332,10 @@ fn drive(conn: &mut Conn, ctx: &mut Ctx, rbuf: &mut [u8], readable: bool) -> Res
                 format!("{}?user_id=lt{}w{}", plan.path, plan.nonce, conn.gidx)
             }
             // Room names are `lt<digits>-<digits>`: nothing to percent-encode.
+            Role::Sub { room, .. } if plan.url_subscribe && !plan.sub_paths.is_empty() => {
+                let p = &plan.sub_paths[conn.gidx as usize % plan.sub_paths.len()];
+                format!("{p}?subscribe={}", plan.room_names[room as usize])
+            }
             Role::Sub { room, .. } | Role::Pub { room } if plan.url_subscribe => {
                 format!("{}?subscribe={}", plan.path, plan.room_names[room as usize])
             }
@@ -1896,6 +1902,7 @@ impl Plan {
             "nonce": self.nonce,
             "batch_ns": self.batch_ns,
             "url_subscribe": self.url_subscribe,
+            "sub_paths": self.sub_paths,
             "proc_index": self.proc_index,
             "procs": self.procs,
             "gap": self.gap,
@@ -1958,6 +1965,12 @@ impl Plan {
             nonce: u("nonce")?,
             batch_ns: u("batch_ns")?,
             url_subscribe: v["url_subscribe"].as_bool().ok_or("plan: url_subscribe")?,
+            sub_paths: v["sub_paths"]
+                .as_array()
+                .ok_or("plan: sub_paths")?
+                .iter()
+                .map(|p| p.as_str().map(str::to_owned).ok_or("plan: sub_paths"))
+                .collect::<Result<_, _>>()?,
             proc_index: u("proc_index")? as usize,
             procs: u("procs")? as usize,
             gap: u("gap")?,
@@ -2136,6 +2149,7 @@ mod tests {
             nonce: 77,
             batch_ns: 100_000,
             url_subscribe: true,
+            sub_paths: vec!["/ws".into(), "/topic".into()],
             proc_index: 1,
             procs: 3,
             gap: 100,

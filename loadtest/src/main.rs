@@ -325,6 +325,7 @@ fn base_plan(o: &Opts, roles: Vec<Role>, rooms: usize) -> Plan {
         in_flight_per_thread: o.in_flight.div_ceil(threads).max(1),
         batch_ns: o.batch_us * 1000,
         url_subscribe: o.url_subscribe,
+        sub_paths: o.sub_paths.clone(),
         proc_index: 0,
         procs: o.processes,
         connect_timeout_ns: (o.connect_timeout_s * 1e9) as u64,

@@ -481,12 +481,20 @@ fn endpoint(node: &Node, r: Route) -> (Status, &'static str, Vec<u8>) {
     let json = "application/json";
     match r {
         Route::Health => {
-            let body = format!(
-                "{{\"status\":\"healthy\",\"clients\":{},\"rooms\":{}}}",
+            // The rooms module's fields, then the messaging service's (one body, the union).
+            let mut body = format!(
+                "{{\"status\":\"healthy\",\"clients\":{},\"rooms\":{},\"service\":",
                 node.dir.connections(),
                 node.dir.rooms_len()
-            );
-            (Status::OK, json, body.into_bytes())
+            )
+            .into_bytes();
+            crate::proto::json::write_str(&mut body, &node.cfg.service_name);
+            body.extend_from_slice(b",\"time\":\"");
+            // RFC 3339 UTC to the second, as the messaging service wrote it (`...T10:00:00Z`).
+            let time = crate::proto::json::rfc3339_ms(super::unix_ms());
+            body.extend_from_slice(&time.as_bytes()[..19]);
+            body.extend_from_slice(b"Z\"}");
+            (Status::OK, json, body)
         }
         Route::Live => (Status::OK, json, b"{\"status\":\"alive\"}".to_vec()),
         Route::Ready => match node.ready() {
@@ -507,6 +515,7 @@ fn endpoint(node: &Node, r: Route) -> (Status, &'static str, Vec<u8>) {
                 store: Some(&node.store_stats),
                 kafka: Some(&node.kafka_stats),
                 limits: Some(&node.limits),
+                compat: Some(&node.message_rate),
             });
             (Status::OK, "text/plain; version=0.0.4", text.into_bytes())
         }

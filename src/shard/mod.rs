@@ -156,6 +156,8 @@ pub struct Node {
     pub kafka_stats: crate::bridge::kafka::KafkaStats,
     pub max_connections: u64,
     pub epoch: Instant,
+    /// Behind the compatibility metric `websocket_messages_per_second` (scrapes only).
+    pub message_rate: crate::metrics::MessageRate,
     pub limits: crate::doctor::Limits,
     /// Test-only fault injection ([`crate::fault`]); all off in deployments.
     pub faults: Arc<crate::fault::Faults>,
@@ -300,7 +302,7 @@ pub(crate) fn ticks(d: Duration) -> u32 {
         .min(u32::MAX as u64) as u32
 }
 
-fn unix_ms() -> u64 {
+pub(crate) fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)

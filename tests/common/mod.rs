@@ -99,6 +99,24 @@ fn free_port() -> u16 {
 /// one of 2 shards with probability ~1/2).
 const SHARD_PLACEMENT_ATTEMPTS_MAX: usize = 64;
 
+/// The env variables of the replaced services the server reads as aliases (config.rs
+/// `ENV_ALIASES`, besides `WEBSOCKET_*`): removed from a test server's environment, so a
+/// `PORT` or `DATABASE_URL` of the machine running the tests configures nothing.
+pub const ALIAS_ENV: &[&str] = &[
+    "HTTP_HOST",
+    "HTTP_PORT",
+    "PORT",
+    "AUTH_ENABLED",
+    "AUTH_SERVICE_URL",
+    "AUTH_TIMEOUT",
+    "ENVIRONMENT",
+    "DATABASE_URL",
+    "REDIS_URL",
+    "KAFKA_BROKERS",
+    "KAFKA_GROUP_ID",
+    "JWT_SECRET",
+];
+
 pub struct TestServer {
     child: Child,
     pub port: u16,
@@ -110,6 +128,12 @@ impl TestServer {
     /// Spawn the server with `SWITCHBOARD_*` settings `env` (on top of host, port, 2 shards, no
     /// core pinning) and wait until `GET /live` answers 200.
     pub fn start(env: &[(&str, &str)]) -> TestServer {
+        TestServer::start_port_as("SWITCHBOARD_PORT", env)
+    }
+
+    /// [`TestServer::start`], giving the port through the variable `port_var` (e.g. the
+    /// messaging service's `PORT`) instead of `SWITCHBOARD_PORT`.
+    pub fn start_port_as(port_var: &str, env: &[(&str, &str)]) -> TestServer {
         let mut last_log = String::new();
         for _ in 0..START_ATTEMPTS_MAX {
             let port = free_port();
@@ -122,12 +146,15 @@ impl TestServer {
             let mut cmd = Command::new(env!("CARGO_BIN_EXE_switchboard"));
             // Hermetic: nothing from the caller's environment configures the server.
             for (k, _) in std::env::vars() {
-                if k.starts_with("SWITCHBOARD_") || k.starts_with("WEBSOCKET_") {
+                if k.starts_with("SWITCHBOARD_")
+                    || k.starts_with("WEBSOCKET_")
+                    || ALIAS_ENV.contains(&k.as_str())
+                {
                     cmd.env_remove(k);
                 }
             }
             cmd.env("SWITCHBOARD_HOST", "127.0.0.1")
-                .env("SWITCHBOARD_PORT", port.to_string())
+                .env(port_var, port.to_string())
                 .env("SWITCHBOARD_SHARDS", SHARDS)
                 .env("SWITCHBOARD_PIN_CORES", "false")
                 .env("SWITCHBOARD_LOG_LEVEL", "info")
