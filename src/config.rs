@@ -297,7 +297,11 @@ impl Default for Config {
                 "/ws/chat".into(),
                 "/api/v1/ws".into(),
             ],
-            ws_dialects: vec!["/ws=auto".into(), "/api/v1/ws=messaging".into()],
+            ws_dialects: vec![
+                "/ws=auto".into(),
+                "/ws/chat=chat-hub".into(),
+                "/api/v1/ws=messaging".into(),
+            ],
             echo_path: None,
             max_message_size: 64 * 1024,
             max_connections: 0,
@@ -824,8 +828,8 @@ config_keys! {
         "Most bytes handed to one send/sendmsg call. At least 4096.";
     ws_paths: List = "/ws,/socket/connect,/ws/chat,/api/v1/ws", "SWITCHBOARD_WS_PATHS",
         "WebSocket paths; the first is canonical, the rest are aliases for older clients.";
-    ws_dialects: List = "/ws=auto,/api/v1/ws=messaging", "SWITCHBOARD_WS_DIALECTS",
-        "The wire dialect per WebSocket path, as path=dialect: native, topic, messaging, or auto (native, or topic when the first frame has a payload member). A path of ws_paths not listed is native. See docs/DIALECTS.md.";
+    ws_dialects: List = "/ws=auto,/ws/chat=chat-hub,/api/v1/ws=messaging", "SWITCHBOARD_WS_DIALECTS",
+        "The wire dialect per WebSocket path, as path=dialect: native, topic, chat-hub, messaging, or auto (native, or topic when the first frame has a payload member). A path of ws_paths not listed is native. See docs/DIALECTS.md.";
     echo_path: OptText = "", "SWITCHBOARD_ECHO_PATH",
         "Path of a plain WebSocket echo endpoint (conformance tests); empty = off.";
     max_message_size: Bytes = "64KiB", "SWITCHBOARD_MAX_MESSAGE_SIZE",

@@ -1,4 +1,4 @@
-//! The messaging service's protocol (`seeds/004`, `docs/DIALECTS.messaging.md`) over real
+//! The messaging service's protocol (`seeds/004`, `docs/DIALECTS.md, the messaging service`) over real
 //! sockets, on its own path `/api/v1/ws?token=<JWT>` with the default `ws_dialects`: a client
 //! that sends exactly the frames of its document (`message`, `typing`, `read`, `ping`) and
 //! checks every server frame of it (`message` as the REST message object, `typing`, `read`,
@@ -197,7 +197,7 @@ fn messages_reach_everyone_as_the_rest_object() {
 
     // With the client's own clientMsgId. (By the numeric thread id a `message` is refused
     // today: native `message.send` does not resolve an all-digit conversationId; see
-    // docs/DIALECTS.messaging.md.)
+    // docs/DIALECTS.md, the messaging service.)
     send(
         &mut m2,
         "message",
@@ -248,7 +248,7 @@ fn messages_reach_everyone_as_the_rest_object() {
 
 /// A two-person thread: both sides get the same object. (`recipientId` is `null` for a
 /// message sent by thread id: native `message.send` without `to` does not fill it in a direct
-/// thread as REST does; see docs/DIALECTS.messaging.md.)
+/// thread as REST does; see docs/DIALECTS.md, the messaging service.)
 #[test]
 fn direct_threads() {
     let s = server();

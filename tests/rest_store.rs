@@ -132,6 +132,7 @@ fn a_dm_is_listed_marked_read_over_rest_and_the_sender_sees_it(env: &[(&str, &st
         let r = c.expect_type("message.read");
         assert_eq!(r["data"]["conversationId"], conv);
         assert_eq!(r["data"]["messageIds"], json!([sid]));
+        assert_eq!(r["data"]["messageNumericIds"], json!([a2["cursor"]]));
         assert_eq!(r["data"]["by"], "bob");
     }
     bob.expect_type("message.read");

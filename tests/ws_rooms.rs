@@ -48,8 +48,9 @@ fn connected_welcome_is_verbatim() {
 
 #[test]
 fn websocket_aliases_work() {
-    let server = TestServer::start(&[]);
-    for path in ["/ws", "/socket/connect", "/ws/chat"] {
+    // Every path native (by default /ws/chat speaks the chat hub: tests/dialect_chat_hub.rs).
+    let server = TestServer::start(&[("SWITCHBOARD_WS_DIALECTS", "/ws=auto")]);
+    for path in ["/ws", "/socket/connect", "/ws/chat", "/api/v1/ws"] {
         let mut c = server.connect(path);
         c.send_json(json!({"type": "ping", "id": path}));
         let pong = c.expect_type("pong");

@@ -962,6 +962,11 @@ fn receipt<S>(ctx: &Ctx<S>, marked: &crate::store::Marked, by: &Arc<str>, at_ms:
                             a.uuid(m.server_msg_id);
                         }
                     })
+                    .arr("messageNumericIds", |a| {
+                        for m in &marked.messages {
+                            a.u64(m.id);
+                        }
+                    })
                     .str("by", by)
                     .str("at", &at);
             })

@@ -16,6 +16,7 @@
 //! Which dialect a connection speaks is chosen by its WebSocket path (`ws_dialects`), or, on a
 //! path configured `auto`, by its first frame ([`detect`]). See `docs/DIALECTS.md`.
 
+pub mod chat_hub;
 pub mod messaging;
 pub mod topic;
 
@@ -34,6 +35,8 @@ pub enum Dialect {
     Native = 0,
     /// The `{id, type, payload, timestamp}` topic protocol (`/ws` of the topic service).
     Topic = 1,
+    /// The chat hub of `/ws/chat` (`seeds/002`): flat snake_case frames, numeric ids.
+    ChatHub = 2,
     /// The messaging service's `{type, payload}` protocol (`/api/v1/ws`).
     Messaging = 3,
 }
@@ -46,14 +49,20 @@ pub const DIALECTS: usize = 4;
 pub const UNDECIDED: u8 = 0x80;
 
 impl Dialect {
-    /// Every dialect (2 is the chat hub's, built beside this one).
-    pub const ALL: [Dialect; 3] = [Dialect::Native, Dialect::Topic, Dialect::Messaging];
+    /// Every dialect.
+    pub const ALL: &'static [Dialect] = &[
+        Dialect::Native,
+        Dialect::Topic,
+        Dialect::ChatHub,
+        Dialect::Messaging,
+    ];
 
     /// From `Client::dialect` (the [`UNDECIDED`] bit ignored).
     #[inline]
     pub fn from_byte(b: u8) -> Dialect {
         match b & !UNDECIDED {
             1 => Dialect::Topic,
+            2 => Dialect::ChatHub,
             3 => Dialect::Messaging,
             _ => Dialect::Native,
         }
@@ -64,6 +73,7 @@ impl Dialect {
         match self {
             Dialect::Native => "native",
             Dialect::Topic => "topic",
+            Dialect::ChatHub => "chat-hub",
             Dialect::Messaging => "messaging",
         }
     }
@@ -84,7 +94,8 @@ impl PathDialect {
             return Some(PathDialect::Auto);
         }
         Dialect::ALL
-            .into_iter()
+            .iter()
+            .copied()
             .find(|d| d.name() == s)
             .map(PathDialect::Fixed)
     }
@@ -98,8 +109,20 @@ impl PathDialect {
     }
 }
 
+impl PathDialect {
+    /// Whether a connection on such a path must bring its token on the upgrade (jwt mode):
+    /// the chat hub's clients have no in-band `authenticate`, so one without a token is
+    /// refused with 401 [`TOKEN_REQUIRED`] instead of waiting for one.
+    pub fn needs_upgrade_token(self) -> bool {
+        self == PathDialect::Fixed(Dialect::ChatHub)
+    }
+}
+
+/// The 401 of an upgrade without a token on a path that needs one.
+pub const TOKEN_REQUIRED: &str = "token is required: send ?token=<jwt>";
+
 /// Every name `ws_dialects` accepts, for error messages.
-pub const PATH_DIALECT_NAMES: &str = "auto, native, topic, messaging";
+pub const PATH_DIALECT_NAMES: &str = "auto, native, topic, chat-hub, messaging";
 
 /// The dialect of a connection on an `auto` path, from its first text message: the topic
 /// protocol when it is a JSON object with a `payload` member (every topic-protocol frame has
@@ -157,6 +180,7 @@ pub fn inbound(d: Dialect, text: &[u8], st: &mut EdgeState, now_ms: u64) -> Vec<
     match d {
         Dialect::Native => vec![Step::Native(text.to_vec())],
         Dialect::Topic => topic::inbound(text, &mut st.topic, now_ms),
+        Dialect::ChatHub => chat_hub::inbound(text),
         Dialect::Messaging => messaging::inbound(text, &mut st.messaging, now_ms),
     }
 }
@@ -168,7 +192,7 @@ pub fn inbound(d: Dialect, text: &[u8], st: &mut EdgeState, now_ms: u64) -> Vec<
 pub fn on_open(d: Dialect) -> Vec<Step> {
     match d {
         Dialect::Messaging => messaging::on_open(),
-        Dialect::Native | Dialect::Topic => Vec::new(),
+        Dialect::Native | Dialect::Topic | Dialect::ChatHub => Vec::new(),
     }
 }
 
@@ -204,6 +228,7 @@ pub fn encode(d: Dialect, native: &[u8]) -> Encoded {
             class: Class::default(),
         },
         Dialect::Topic => topic::encode(native),
+        Dialect::ChatHub => chat_hub::encode(native),
         Dialect::Messaging => messaging::encode(native),
     }
 }
@@ -219,7 +244,7 @@ pub fn settle(
 ) -> Option<Vec<Vec<u8>>> {
     match d {
         Dialect::Messaging => messaging::settle(&mut st.messaging, native, client_msg_id),
-        Dialect::Native | Dialect::Topic => None,
+        Dialect::Native | Dialect::Topic | Dialect::ChatHub => None,
     }
 }
 
@@ -231,7 +256,7 @@ pub fn wants(d: Dialect, st: Option<&EdgeState>, class: &Class) -> bool {
         return true;
     }
     match d {
-        Dialect::Native | Dialect::Messaging => true,
+        Dialect::Native | Dialect::ChatHub | Dialect::Messaging => true,
         Dialect::Topic => st.is_some_and(|s| s.topic.wants(class)),
     }
 }
@@ -314,7 +339,7 @@ mod tests {
             Some(PathDialect::Fixed(Dialect::Topic))
         );
         assert_eq!(PathDialect::parse("Topic"), None);
-        for d in Dialect::ALL {
+        for &d in Dialect::ALL {
             assert_eq!(Dialect::from_byte(d as u8), d);
             assert_eq!(Dialect::from_byte(d as u8 | UNDECIDED), d);
             assert!(PATH_DIALECT_NAMES.contains(d.name()));

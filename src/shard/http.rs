@@ -350,6 +350,12 @@ impl Shard {
                                 return Upgraded::Refused;
                             }
                         },
+                        None if cfg.path_dialect(head.path).needs_upgrade_token() => {
+                            // The chat hub's clients cannot authenticate in-band.
+                            self.out.stats.errors[ErrorReason::AuthFailed as usize] += 1;
+                            self.reject(slot, 401, crate::dialect::TOKEN_REQUIRED);
+                            return Upgraded::Refused;
+                        }
                         None => await_auth = true,
                     }
                 }
