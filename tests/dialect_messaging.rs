@@ -1,4 +1,4 @@
-//! The messaging service's protocol (`seeds/004`, `docs/DIALECTS.md, the messaging service`) over real
+//! The messaging service's protocol (`seeds/004`, `docs/DIALECTS.md`, its messaging service section) over real
 //! sockets, on its own path `/api/v1/ws?token=<JWT>` with the default `ws_dialects`: a client
 //! that sends exactly the frames of its document (`message`, `typing`, `read`, `ping`) and
 //! checks every server frame of it (`message` as the REST message object, `typing`, `read`,

@@ -72,7 +72,7 @@ fn one_message_four_shapes() {
     let (mut msg, w) = open(&s, &format!("/api/v1/ws?token={}", token("4")));
     assert_eq!(w["type"], "connected", "{w}");
     // The messaging client's open-time presence watch answers with who is online.
-    let mut skip_presence = |c: &mut Client| loop {
+    let skip_presence = |c: &mut Client| loop {
         let v = c.recv_json();
         if v["type"] != "presence" {
             break v;
