@@ -1935,6 +1935,10 @@ impl Loader<'_> {
         let aliased: Vec<&'static str> = self.alias_set.clone();
         for key in aliased {
             let from = self.sources.of(key);
+            if !from.starts_with("alias") {
+                // A native source overrode the alias: its value is checked, never clamped.
+                continue;
+            }
             match key {
                 "max_message_size" => {
                     let v = self.cfg.max_message_size;
@@ -3429,6 +3433,15 @@ mod tests {
             &[],
             &[
                 ("WEBSOCKET_MAX_MESSAGE_SIZE", "100MiB"),
+                ("SWITCHBOARD_MAX_MESSAGE_SIZE", "100MiB"),
+            ],
+        );
+        assert_eq!(e.key, "max_message_size");
+        // Also when the alias alone would be in range: the native value is never clamped.
+        let e = load_err(
+            &[],
+            &[
+                ("WEBSOCKET_MAX_MESSAGE_SIZE", "1024"),
                 ("SWITCHBOARD_MAX_MESSAGE_SIZE", "100MiB"),
             ],
         );

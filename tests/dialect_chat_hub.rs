@@ -463,3 +463,79 @@ fn one_encode_per_shard_not_per_recipient() {
     }
     assert_eq!(settled_encodes(&s), before + 2);
 }
+
+/// The hub's own deployment settings, as its document writes them (`AUTH_ENABLED=true`,
+/// `AUTH_SERVICE_URL`, `AUTH_TIMEOUT`, `HTTP_PORT`): every upgrade is checked by its auth
+/// service, and its backend, holding the server API key, sends a message for user 5 over REST
+/// (`X-API-Key` + `X-User-Id`), which reaches the chat's hub clients as `new_message`.
+#[test]
+fn the_hubs_own_settings_and_its_backend() {
+    use common::http_stub::{Reply, Stub};
+    let auth = Stub::start(|_, body| {
+        let v: Value = serde_json::from_str(body).unwrap();
+        match v["token"].as_str().and_then(|t| t.strip_prefix("tok-")) {
+            Some(user) => Reply::json(200, &json!({"user_id": user}).to_string()),
+            None => Reply::json(401, r#"{"error":"no"}"#),
+        }
+    });
+    let auth_url = auth.url("/validate");
+    let s = TestServer::start_port_as(
+        "HTTP_PORT",
+        &[
+            ("AUTH_ENABLED", "true"),
+            ("AUTH_SERVICE_URL", auth_url.as_str()),
+            ("AUTH_TIMEOUT", "10s"),
+            ("SWITCHBOARD_API_KEY", "backend-key"),
+        ],
+    );
+    s.wait_ready();
+    // A bad token never connects.
+    let r = s.raw_upgrade("/ws/chat?token=nope", &[]);
+    assert_eq!(r.status, 401, "{}", r.body);
+    // The backend creates the chat of 5 and 6, as 5.
+    let backend = |method: &str, path: &str, body: &str| {
+        let mut c = HttpConn::open(&s);
+        c.send(
+            format!(
+                "{method} {path} HTTP/1.1\r\nHost: t\r\nX-API-Key: backend-key\r\nX-User-Id: 5\r\n\
+                 Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        );
+        let r = c.response().expect("a response");
+        (
+            r.status,
+            serde_json::from_str::<Value>(&r.body).unwrap_or(Value::Null),
+        )
+    };
+    let (st, t) = backend(
+        "POST",
+        "/api/v1/messages/threads",
+        r#"{"participants":["6"]}"#,
+    );
+    assert_eq!(st, 201, "{t}");
+    let chat_id = t["numericId"].as_u64().unwrap();
+    let (mut six, _) = s
+        .try_connect_with("/ws/chat?token=tok-6", &[], None)
+        .unwrap_or_else(|r| panic!("refused: {} {}", r.status, r.body));
+    let w = six.recv_json();
+    assert_eq!(w["type"], "connected");
+    assert_eq!(w["user_id"], 6, "{w}");
+    let (st, m) = backend(
+        "POST",
+        &format!("/api/v1/messages/threads/{chat_id}/messages"),
+        r#"{"content":"Hello!"}"#,
+    );
+    assert_eq!(st, 201, "{m}");
+    let n = six.recv_json();
+    assert_eq!(n["type"], "new_message", "{n}");
+    assert_eq!(n["chat_id"], chat_id);
+    assert_eq!(n["message"]["sender_id"], 5);
+    assert_eq!(n["message"]["content"], "Hello!");
+    assert_eq!(n["message"]["id"], m["id"]);
+    // Without the key, REST in service mode is refused.
+    let mut c = HttpConn::open(&s);
+    c.send(b"GET /api/v1/messages/threads HTTP/1.1\r\nHost: t\r\nX-User-Id: 5\r\n\r\n");
+    assert_eq!(c.response().expect("a response").status, 401);
+}

@@ -52,7 +52,12 @@ fn service_server(url: &str, extra: &[(&str, &str)]) -> TestServer {
 #[test]
 fn a_token_the_service_accepts_connects_as_its_user() {
     let stub = auth_stub();
-    let server = service_server(&stub.url("/auth/check"), &[]);
+    // /ws/chat native here (its own dialect is tests/dialect_chat_hub.rs): the frames below
+    // are the native ones.
+    let server = service_server(
+        &stub.url("/auth/check"),
+        &[("SWITCHBOARD_WS_DIALECTS", "/ws=auto")],
+    );
     let c = server.connect("/ws/chat?token=good-alice");
     assert_eq!(c.welcome["data"]["user_id"], "alice", "{}", c.welcome);
     let c = server.connect_with("/ws", &[("Authorization", "Bearer good-bob")]);

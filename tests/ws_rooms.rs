@@ -56,15 +56,6 @@ fn websocket_aliases_work() {
         let pong = c.expect_type("pong");
         assert_eq!(pong["id"], path);
     }
-    // /api/v1/ws speaks the messaging service's dialect by default (no `connected` frame;
-    // tests/dialect_messaging.rs has the rest).
-    let (mut c, _) = server
-        .try_connect_with("/api/v1/ws", &[], None)
-        .unwrap_or_else(|r| panic!("upgrade refused: {} {}", r.status, r.body));
-    c.send_json(json!({"type": "ping", "payload": null}));
-    let pong = c.recv_json();
-    assert_eq!(pong["type"], "pong", "{pong}");
-    assert!(pong["payload"].as_u64().is_some(), "{pong}");
 }
 
 #[test]

@@ -264,7 +264,9 @@ pub fn parse_response(buf: &[u8], eof: bool, head_max: usize, body_max: usize) -
         }
         if chunked {
             return match decode_chunked(rest, body_max) {
-                Ok(Some(body)) => Parsed::Done(Response { status, body }, keep),
+                // Not pooled: what follows the trailers (if anything) is not accounted for, and
+                // a stray byte would be read as the next request's answer.
+                Ok(Some(body)) => Parsed::Done(Response { status, body }, false),
                 Ok(None) if eof => Parsed::Error(HttpError::Malformed),
                 Ok(None) => Parsed::Partial,
                 Err(e) => Parsed::Error(e),
@@ -282,7 +284,9 @@ pub fn parse_response(buf: &[u8], eof: bool, head_max: usize, body_max: usize) -
                 };
             }
             let body = rest[..n].to_vec();
-            return Parsed::Done(Response { status, body }, keep);
+            // Bytes past the body (a server that wrote more than it announced) would be read
+            // as the next exchange's answer: such a connection is not pooled.
+            return Parsed::Done(Response { status, body }, keep && rest.len() == n);
         }
         // Delimited by the close.
         if rest.len() > body_max {
@@ -329,10 +333,11 @@ fn decode_chunked(mut buf: &[u8], body_max: usize) -> Result<Option<Vec<u8>>, Ht
                 rest = &rest[end + 2..];
             }
         }
-        if body.len() + size > body_max {
+        // No addition can overflow: `size` is the peer's (up to u64::MAX).
+        if size > body_max.saturating_sub(body.len()) {
             return Err(HttpError::TooLarge);
         }
-        if buf.len() < size + 2 {
+        if buf.len() < size || buf.len() - size < 2 {
             return Ok(None);
         }
         if &buf[size..size + 2] != b"\r\n" {
@@ -451,8 +456,15 @@ impl Client {
         let list = idle.get_mut(key)?;
         let now = Instant::now();
         while let Some((sock, since)) = list.pop() {
-            if now.duration_since(since) < self.opts.idle_timeout {
-                return Some(sock);
+            if now.duration_since(since) >= self.opts.idle_timeout {
+                continue;
+            }
+            // An idle connection must have nothing to read: a close (0) or bytes the server
+            // sent while it sat in the pool would be taken for the next answer.
+            let mut probe = [0u8; 1];
+            match sock.try_read(&mut probe) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Some(sock),
+                _ => continue,
             }
         }
         None
@@ -485,6 +497,36 @@ enum Fault {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hostile_chunk_sizes_are_refused_not_panics() {
+        // A size line of u64::MAX after a first chunk: no overflow, no slice past the end.
+        let r = decode_chunked(b"2\r\nhi\r\nffffffffffffffff\r\nxx", 1024);
+        assert!(matches!(r, Err(HttpError::TooLarge)), "{r:?}");
+        let r = decode_chunked(b"ffffffffffffffff\r\n", usize::MAX);
+        assert!(matches!(r, Ok(None) | Err(_)), "{r:?}");
+        // A chunk announced but not all there yet is partial.
+        assert!(matches!(decode_chunked(b"5\r\nab", 1024), Ok(None)));
+    }
+
+    #[test]
+    fn extra_bytes_keep_a_connection_out_of_the_pool() {
+        let exact = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+        let more = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\n";
+        assert!(matches!(
+            parse_response(exact, false, 4096, 1024),
+            Parsed::Done(_, true)
+        ));
+        assert!(matches!(
+            parse_response(more, false, 4096, 1024),
+            Parsed::Done(_, false)
+        ));
+        let chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n";
+        assert!(matches!(
+            parse_response(chunked, false, 4096, 1024),
+            Parsed::Done(_, false)
+        ));
+    }
 
     #[test]
     fn urls() {
@@ -570,7 +612,8 @@ mod tests {
     fn chunked_bodies() {
         let p = |b: &[u8]| parse_response(b, false, 1024, 10);
         let c = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n3;x=1\r\n!!!\r\n0\r\nT: 1\r\n\r\n";
-        assert_eq!(p(c), done(200, b"hi!!!", true));
+        // Decoded, and never pooled (see parse_response).
+        assert_eq!(p(c), done(200, b"hi!!!", false));
         for cut in 0..c.len() - 1 {
             assert_eq!(p(&c[..cut]), Parsed::Partial, "{cut}");
         }

@@ -213,8 +213,9 @@ impl Proxy {
             .map(|r| Url::parse(&r.url).expect("validated by config"))
             .collect();
         let client = Client::new(Options {
-            // A connect never outlasts the shorter of the two call deadlines.
-            connect_timeout: cfg.auth_service_timeout.min(cfg.rpc_timeout),
+            // Each call runs under its own deadline (auth_service_timeout or rpc_timeout), which
+            // bounds the connect too; this only keeps one connect from outlasting the longer.
+            connect_timeout: cfg.auth_service_timeout.max(cfg.rpc_timeout),
             idle_per_host_max: IDLE_PER_HOST_MAX,
             idle_timeout: IDLE_TIMEOUT,
             hosts_max: HOSTS_MAX,

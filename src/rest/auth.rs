@@ -9,6 +9,11 @@
 //!   upgrade: the `X-User-Id` header, else the `user_id` query parameter. Without either the
 //!   request is 401 (the REST API has no anonymous user); an empty or over-long id is 400
 //!   `invalid user_id`, as on the upgrade.
+//! - In any mode, a **backend** holding the server API key (`api_key`: `X-API-Key` or
+//!   `Authorization: apikey <key>`) acts for the user it names in `X-User-Id` (required): how
+//!   a service-layer backend sends a message or marks a read for a user (the chat hub's
+//!   `SendMessage` flow), and the only REST access in `auth_mode: service`. A presented key
+//!   that is wrong is 401 `invalid API key`, never a fallback to the other rules.
 //! - In either mode a user id holding U+0000 (a token's `sub` of `"\u0000"`, a `%00`) is 400
 //!   `text must not contain NUL characters`: no store can hold it.
 
@@ -40,14 +45,45 @@ pub const USER_REQUIRED: &str =
 pub const SERVICE_MODE: &str =
     "the REST API needs auth_mode jwt or none; with auth_mode service only WebSocket upgrades are authenticated";
 
+/// The error text of a request presenting an API key that is not the configured one.
+pub const API_KEY_INVALID: &str = "invalid API key";
+/// The error text of a backend request (API key) that names no user.
+pub const BACKEND_USER_REQUIRED: &str =
+    "user id is required: a backend's request (API key) names the user it acts for in X-User-Id";
+
 /// Authenticate `req`. `verifier` is the node's (present when `mode` is jwt and a key is
-/// configured; otherwise the development rules apply, as on the upgrade).
+/// configured; otherwise the development rules apply, as on the upgrade); `api_key` the
+/// server API key, if configured.
 pub fn identify(
     req: &Request,
     mode: AuthMode,
     verifier: Option<&Verifier>,
+    api_key: Option<&str>,
     now_unix_s: u64,
 ) -> Result<Identity, RestError> {
+    let presents_key = req.api_key.is_some()
+        || req.authorization.is_some_and(|a| {
+            a.trim()
+                .get(..7)
+                .is_some_and(|s| s.eq_ignore_ascii_case("apikey "))
+        });
+    if presents_key {
+        let ok = api_key.is_some_and(|k| crate::http::api_key_ok(req, k));
+        if !ok {
+            return Err(RestError::new(Status::UNAUTHORIZED, API_KEY_INVALID));
+        }
+        let Some(user) = req.user_id else {
+            return Err(RestError::new(Status::UNAUTHORIZED, BACKEND_USER_REQUIRED));
+        };
+        if user.is_empty() || user.len() > ID_BYTES_MAX {
+            return Err(RestError::bad("invalid user_id"));
+        }
+        super::parse::no_nul(user)?;
+        return Ok(Identity {
+            user: Arc::from(user),
+            allowed_users: None,
+        });
+    }
     match (mode, verifier) {
         (AuthMode::Jwt, Some(verifier)) => {
             let token = req
@@ -136,17 +172,32 @@ mod tests {
         let t = token(serde_json::json!({"sub": "alice", "exp": NOW + 60,
             "allowed_users": ["bob"]}));
         let h = format!("Bearer {t}");
-        let id = identify(&req(Some(&h), None, None), AuthMode::Jwt, Some(&v), NOW).unwrap();
+        let id = identify(
+            &req(Some(&h), None, None),
+            AuthMode::Jwt,
+            Some(&v),
+            None,
+            NOW,
+        )
+        .unwrap();
         assert_eq!(&*id.user, "alice");
         assert_eq!(id.allowed_users, Some(vec!["bob".to_string()]));
         let h = format!("bearer   {t} ");
-        assert!(identify(&req(Some(&h), None, None), AuthMode::Jwt, Some(&v), NOW).is_ok());
+        assert!(identify(
+            &req(Some(&h), None, None),
+            AuthMode::Jwt,
+            Some(&v),
+            None,
+            NOW
+        )
+        .is_ok());
         // Missing, another scheme, an empty token, or only the dev identity: 401.
-        for auth in [None, Some("apikey k"), Some("Bearer "), Some("Basic YTpi")] {
+        for auth in [None, Some("Bearer "), Some("Basic YTpi")] {
             let e = identify(
                 &req(auth, Some("alice"), Some("user_id=alice&token=x")),
                 AuthMode::Jwt,
                 Some(&v),
+                None,
                 NOW,
             )
             .unwrap_err();
@@ -156,12 +207,49 @@ mod tests {
                 "{auth:?}"
             );
         }
+        // A backend with the server API key acts for X-User-Id, in every mode; a wrong key
+        // or no key configured is refused, never a fallback to the other rules.
+        for mode in [AuthMode::Jwt, AuthMode::None, AuthMode::Service] {
+            let id = identify(
+                &req(Some("apikey k-1"), Some("6"), None),
+                mode,
+                Some(&v),
+                Some("k-1"),
+                NOW,
+            )
+            .unwrap();
+            assert_eq!(&*id.user, "6");
+            for (auth, key) in [("apikey nope", Some("k-1")), ("apikey k-1", None)] {
+                let e = identify(&req(Some(auth), Some("6"), None), mode, Some(&v), key, NOW)
+                    .unwrap_err();
+                assert_eq!(
+                    (e.status, &*e.text),
+                    (Status::UNAUTHORIZED, API_KEY_INVALID)
+                );
+            }
+            let e = identify(
+                &req(Some("apikey k-1"), None, None),
+                mode,
+                Some(&v),
+                Some("k-1"),
+                NOW,
+            )
+            .unwrap_err();
+            assert_eq!(&*e.text, BACKEND_USER_REQUIRED);
+        }
         // The upgrade's texts.
         let old = format!(
             "Bearer {}",
             token(serde_json::json!({"sub": "a", "exp": NOW - 60}))
         );
-        let e = identify(&req(Some(&old), None, None), AuthMode::Jwt, Some(&v), NOW).unwrap_err();
+        let e = identify(
+            &req(Some(&old), None, None),
+            AuthMode::Jwt,
+            Some(&v),
+            None,
+            NOW,
+        )
+        .unwrap_err();
         assert_eq!(
             (e.status, &*e.text),
             (Status::UNAUTHORIZED, "token expired")
@@ -170,6 +258,7 @@ mod tests {
             &req(Some("Bearer a.b.c"), None, None),
             AuthMode::Jwt,
             Some(&v),
+            None,
             NOW,
         )
         .unwrap_err();
@@ -178,14 +267,28 @@ mod tests {
             (Status::UNAUTHORIZED, "malformed token")
         );
         let nosub = format!("Bearer {}", token(serde_json::json!({"exp": NOW + 60})));
-        let e = identify(&req(Some(&nosub), None, None), AuthMode::Jwt, Some(&v), NOW).unwrap_err();
+        let e = identify(
+            &req(Some(&nosub), None, None),
+            AuthMode::Jwt,
+            Some(&v),
+            None,
+            NOW,
+        )
+        .unwrap_err();
         assert_eq!(&*e.text, "token missing sub");
         // A verified `sub` no store can hold.
         let nul = format!(
             "Bearer {}",
             token(serde_json::json!({"sub": "a\u{0}", "exp": NOW + 60}))
         );
-        let e = identify(&req(Some(&nul), None, None), AuthMode::Jwt, Some(&v), NOW).unwrap_err();
+        let e = identify(
+            &req(Some(&nul), None, None),
+            AuthMode::Jwt,
+            Some(&v),
+            None,
+            NOW,
+        )
+        .unwrap_err();
         assert_eq!(
             (e.status, &*e.text),
             (Status::BAD_REQUEST, "text must not contain NUL characters")
@@ -198,6 +301,7 @@ mod tests {
             &req(None, Some("bob"), Some("user_id=carol")),
             AuthMode::None,
             None,
+            None,
             NOW,
         )
         .unwrap();
@@ -205,6 +309,7 @@ mod tests {
         let id = identify(
             &req(None, None, Some("limit=2&user_id=car%20ol")),
             AuthMode::None,
+            None,
             None,
             NOW,
         )
@@ -216,6 +321,7 @@ mod tests {
             &req(Some("Bearer x.y.z"), None, None),
             AuthMode::None,
             None,
+            None,
             NOW,
         )
         .unwrap_err();
@@ -223,6 +329,7 @@ mod tests {
         let e = identify(
             &req(None, None, Some("user_id=al%00")),
             AuthMode::None,
+            None,
             None,
             NOW,
         )
@@ -233,13 +340,21 @@ mod tests {
         );
         let long = "u".repeat(ID_BYTES_MAX + 1);
         for bad in ["", long.as_str()] {
-            let e = identify(&req(None, Some(bad), None), AuthMode::None, None, NOW).unwrap_err();
+            let e =
+                identify(&req(None, Some(bad), None), AuthMode::None, None, None, NOW).unwrap_err();
             assert_eq!(
                 (e.status, &*e.text),
                 (Status::BAD_REQUEST, "invalid user_id")
             );
         }
         // jwt mode without a verifier falls back as the upgrade does.
-        assert!(identify(&req(None, Some("bob"), None), AuthMode::Jwt, None, NOW).is_ok());
+        assert!(identify(
+            &req(None, Some("bob"), None),
+            AuthMode::Jwt,
+            None,
+            None,
+            NOW
+        )
+        .is_ok());
     }
 }

@@ -211,6 +211,7 @@ impl Shard {
             req,
             cfg.auth_mode,
             node.verifier.as_ref(),
+            cfg.api_key.as_deref(),
             self.now_ms / 1000,
         ) {
             Ok(id) => id,
