@@ -493,3 +493,37 @@ fn the_rest_api_never_trusts_a_claimed_user_in_service_mode() {
     );
     assert_eq!(stub.requests(), 0);
 }
+
+/// A custom type from clients of other dialects reaches the backend as a native command does,
+/// and the backend's reply reaches the client: the chat hub's (its frames have no id) as the
+/// backend wrote it, the messaging service's in its `{type, payload}` envelope with the id the
+/// client gave, the topic protocol's likewise with `id` and the payload lifted.
+#[test]
+fn backend_replies_reach_clients_of_every_dialect() {
+    let stub = rpc_stub();
+    let routes = format!("get_user={}", stub.url("/users"));
+    let server = rpc_server(&routes, &[("SWITCHBOARD_EXPOSE_SHARD", "false")]);
+    let (mut hub, _) = server
+        .try_connect_with("/ws/chat?user_id=5", &[], None)
+        .unwrap_or_else(|r| panic!("refused: {} {}", r.status, r.body));
+    assert_eq!(hub.recv_json()["type"], "connected");
+    hub.send_json(json!({"type": "get_user", "data": {"email": "hub@x"}}));
+    let v = hub.recv_json();
+    assert_eq!(v["type"], "user_response", "{v}");
+    assert_eq!(v["data"], json!({"email": "hub@x", "by": "5"}));
+    let (mut msg, _) = server
+        .try_connect_with("/api/v1/ws?user_id=6", &[], None)
+        .unwrap_or_else(|r| panic!("refused: {} {}", r.status, r.body));
+    msg.send_json(json!({"type": "get_user", "id": "r1", "payload": {"data": {"email": "m@x"}}}));
+    let v = msg.recv_json();
+    assert_eq!(
+        v,
+        json!({"type": "user_response", "payload": {"email": "m@x", "by": "6"}, "id": "r1"})
+    );
+    let mut topic = server.connect("/ws?user_id=7");
+    topic.send_json(json!({"id": "t1", "type": "get_user", "payload": {"data": {"email": "t@x"}}}));
+    let v = topic.recv_json();
+    assert_eq!(v["type"], "user_response", "{v}");
+    assert_eq!(v["id"], "t1");
+    assert_eq!(v["payload"], json!({"email": "t@x", "by": "7"}));
+}

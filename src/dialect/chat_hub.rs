@@ -223,6 +223,22 @@ struct Data<'a> {
 }
 
 /// Encode one native server frame.
+/// Native events the hub's clients never knew (a type, or a prefix ending in `.`): dropped.
+const NATIVE_EVENTS_DROPPED: &[&str] = &[
+    "presence.",
+    "call.",
+    "message.delivered",
+    "message.ack",
+    "notification",
+    "message",
+    "typing.",
+    "subscribed",
+    "unsubscribed",
+    "auth.",
+    "sync.done",
+    "broadcast",
+];
+
 pub fn encode(native: &[u8]) -> Encoded {
     let unchanged = || Encoded {
         frames: vec![native.to_vec()],
@@ -311,11 +327,17 @@ pub fn encode(native: &[u8]) -> Encoded {
         }
         // The answer to a native command that carried an id: as it is.
         _ if f.id.is_some() => return unchanged(),
-        // An event no hub client knows (presence, calls, delivery receipts, notifications,
-        // room messages and room typing): nothing.
-        _ => {
+        // A native event no hub client knows (presence, calls, delivery receipts,
+        // notifications, room messages and room typing): nothing.
+        k if NATIVE_EVENTS_DROPPED
+            .iter()
+            .any(|p| k == *p || (p.ends_with('.') && k.starts_with(p))) =>
+        {
             return Encoded::default();
         }
+        // Anything else is not a native event: a configured backend's reply to a custom type
+        // (`rpc_routes`, sent without an id) goes to its client as the backend wrote it.
+        _ => return unchanged(),
     }
     Encoded {
         frames: vec![out],

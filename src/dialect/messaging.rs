@@ -109,6 +109,10 @@ struct Envelope<'a> {
     kind: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     payload: Option<LazyValue<'a>>,
+    /// Not of this protocol, but a client sending its own commands (custom types through a
+    /// backend) may correlate with one: copied into the native command, so the reply has it.
+    #[serde(borrow, default)]
+    id: Option<LazyValue<'a>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -229,7 +233,7 @@ pub fn inbound(text: &[u8], st: &mut Pending, now_ms: u64) -> Vec<Step> {
         // Not a type of this protocol: the native table decides, with the payload's members
         // at the top level (a configured backend route for a custom type, a native command,
         // else `unknown message type`).
-        _ => match lift(kind, raw) {
+        _ => match lift(kind, correlation(&env.id), raw) {
             Some(native) => vec![Step::Native(native)],
             None => error(ErrorReason::InvalidJson, INVALID),
         },
@@ -295,13 +299,17 @@ fn message(p: &Payload<'_>, st: &mut Pending, now_ms: u64) -> Vec<Step> {
 }
 
 /// `{"type":kind, ...payload members}` (`type` in the payload ignored). None: not an object.
-fn lift(kind: &str, payload: &str) -> Option<Vec<u8>> {
+fn lift(kind: &str, id: Option<&str>, payload: &str) -> Option<Vec<u8>> {
     let mut out = Vec::with_capacity(payload.len() + kind.len() + 16);
     out.extend_from_slice(b"{\"type\":");
     write_str(&mut out, kind);
+    if let Some(id) = id {
+        out.extend_from_slice(b",\"id\":");
+        out.extend_from_slice(id.as_bytes());
+    }
     for member in sonic_rs::to_object_iter(payload) {
         let (key, value) = member.ok()?;
-        if &*key == "type" {
+        if &*key == "type" || (&*key == "id" && id.is_some()) {
             continue;
         }
         out.push(b',');
@@ -311,6 +319,14 @@ fn lift(kind: &str, payload: &str) -> Option<Vec<u8>> {
     }
     out.push(b'}');
     Some(out)
+}
+
+/// A client's correlation id as raw JSON: a string or a number of sane length.
+fn correlation<'a>(id: &'a Option<LazyValue<'_>>) -> Option<&'a str> {
+    let v = id.as_ref()?;
+    let raw = v.as_raw_str();
+    ((v.is_str() || v.is_number()) && raw.len() <= crate::limits::CORRELATION_ID_BYTES_MAX)
+        .then_some(raw)
 }
 
 /// The native commands a connection of this dialect runs when it opens with an identity: a
@@ -556,7 +572,7 @@ pub fn encode(native: &[u8]) -> Encoded {
                 })),
                 // A backend's own notification (`POST /api/users/{id}/send`) or a room's: its
                 // data as the backend wrote it.
-                None => one(raw_frame("notification", data_raw.unwrap_or("null"))),
+                None => one(raw_frame("notification", None, data_raw.unwrap_or("null"))),
             }
         }
         "pong" => {
@@ -590,7 +606,11 @@ pub fn encode(native: &[u8]) -> Encoded {
         "message" | "message.delivered" | "presence.update" => none(),
         // Everything else (answers to lifted native commands, a backend's own event types):
         // `{type, payload: data}`.
-        k => one(raw_frame(k, data_raw.unwrap_or("null"))),
+        k => one(raw_frame(
+            k,
+            f.id.as_ref().map(|i| i.as_raw_str()),
+            data_raw.unwrap_or("null"),
+        )),
     }
 }
 
@@ -609,10 +629,15 @@ fn presence(user: &str, online: bool) -> Vec<u8> {
     })
 }
 
-fn raw_frame(kind: &str, payload: &str) -> Vec<u8> {
+fn raw_frame(kind: &str, id: Option<&str>, payload: &str) -> Vec<u8> {
     let mut out = Vec::with_capacity(payload.len() + kind.len() + 24);
     write_object(&mut out, |o| {
         o.str("type", kind).raw("payload", payload);
+        // The correlation id of the command this answers (a lifted native command or a
+        // custom type's backend reply), when it had one.
+        if let Some(id) = id {
+            o.raw("id", id);
+        }
     });
     out
 }

@@ -221,13 +221,17 @@ pub struct Class {
 }
 
 /// Encode native frame text `native` (a JSON object) for dialect `d`.
-pub fn encode(d: Dialect, native: &[u8]) -> Encoded {
+///
+/// `born_prefix` is the native frame's creation prefix ([`crate::proto::Frame::born_prefix`]):
+/// with the bytes it names the event, so an id a dialect derives for it ([`event_id`]) is the
+/// same wherever and however often the frame is encoded (on every shard, after a cache miss).
+pub fn encode(d: Dialect, native: &[u8], born_prefix: u64) -> Encoded {
     match d {
         Dialect::Native => Encoded {
             frames: vec![native.to_vec()],
             class: Class::default(),
         },
-        Dialect::Topic => topic::encode(native),
+        Dialect::Topic => topic::encode(native, born_prefix),
         Dialect::ChatHub => chat_hub::encode(native),
         Dialect::Messaging => messaging::encode(native),
     }
@@ -246,6 +250,24 @@ pub fn settle(
         Dialect::Messaging => messaging::settle(&mut st.messaging, native, client_msg_id),
         Dialect::Native | Dialect::Topic | Dialect::ChatHub => None,
     }
+}
+
+/// A UUID-shaped id (version 8, RFC 9562's custom layout) for the event of native frame text
+/// `native` created at `born_prefix`: a hash of both, so every encode of one frame, on any shard,
+/// gives every recipient the same id, and two events differ.
+pub fn event_id(native: &[u8], born_prefix: u64) -> u128 {
+    use std::hash::{Hash, Hasher};
+    let half = |salt: u64| {
+        // DefaultHasher::new() has fixed keys: the same in every shard of the process.
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        salt.hash(&mut h);
+        born_prefix.hash(&mut h);
+        native.hash(&mut h);
+        h.finish()
+    };
+    let raw = (u128::from(half(0x5b_d1)) << 64) | u128::from(half(0x7e_a3));
+    // Version 8 and the RFC 4122 variant.
+    (raw & !(0xf << 76) & !(0x3 << 62)) | (0x8 << 76) | (0x2 << 62)
 }
 
 /// Whether a connection of dialect `d` with edge state `st` (None: it has none) takes an event

@@ -371,7 +371,7 @@ fn timestamp(o: &mut Obj, ms: u64) {
 }
 
 /// Encode one native server frame.
-pub fn encode(native: &[u8]) -> Encoded {
+pub fn encode(native: &[u8], born_prefix: u64) -> Encoded {
     let Some(f) = parse_native(native) else {
         return Encoded {
             frames: vec![native.to_vec()],
@@ -407,7 +407,7 @@ pub fn encode(native: &[u8]) -> Encoded {
     write_object(&mut out, |o| {
         match &id {
             Some(id) => o.raw("id", id),
-            None => o.uuid("id", uuid::Uuid::new_v4().as_u128()),
+            None => o.uuid("id", super::event_id(native, born_prefix)),
         };
         o.str("type", kind);
         match &*f.kind {
@@ -624,28 +624,39 @@ mod tests {
 
     #[test]
     fn events_wrap_data_as_payload() {
-        let e = encode(br#"{"type":"typing.start","data":{"user_id":"alice","to":"bob","conversationId":"c1"},"timestamp":1700000000000}"#);
+        let e = encode(br#"{"type":"typing.start","data":{"user_id":"alice","to":"bob","conversationId":"c1"},"timestamp":1700000000000}"#, 7);
         assert_eq!(e.class.topics, bits::TYPING | bits::CONVERSATION);
         assert_eq!(e.class.conversation.as_deref(), Some("c1"));
         let f = String::from_utf8(e.frames[0].clone()).unwrap();
         assert!(f.starts_with(r#"{"id":""#), "{f}");
+        // The same frame encoded again (another shard, a cache miss) has the same id; another
+        // event (another creation time) another.
+        let native = br#"{"type":"typing.start","data":{"user_id":"alice","to":"bob","conversationId":"c1"},"timestamp":1700000000000}"#;
+        assert_eq!(encode(native, 7).frames, e.frames);
+        assert_ne!(encode(native, 8).frames, e.frames);
         assert!(f.ends_with(r#","type":"typing.start","payload":{"user_id":"alice","to":"bob","conversationId":"c1"},"timestamp":"2023-11-14T22:13:20.000Z"}"#), "{f}");
-        let e = encode(br#"{"type":"pong","id":"msg_1","timestamp":1700000000000}"#);
+        let e = encode(
+            br#"{"type":"pong","id":"msg_1","timestamp":1700000000000}"#,
+            7,
+        );
         assert_eq!(
             String::from_utf8(e.frames[0].clone()).unwrap(),
             r#"{"id":"msg_1","type":"pong","payload":{},"timestamp":"2023-11-14T22:13:20.000Z"}"#
         );
-        let e = encode(br#"{"type":"error","id":3,"error":"to is required","data":{"clientMsgId":"c"},"timestamp":0}"#);
+        let e = encode(br#"{"type":"error","id":3,"error":"to is required","data":{"clientMsgId":"c"},"timestamp":0}"#, 7);
         assert_eq!(
             String::from_utf8(e.frames[0].clone()).unwrap(),
             r#"{"id":3,"type":"error","payload":{"error":"to is required","clientMsgId":"c"},"timestamp":"1970-01-01T00:00:00.000Z"}"#
         );
-        let e = encode(br#"{"type":"message.create","data":{"eventId":"e"},"timestamp":0}"#);
+        let e = encode(
+            br#"{"type":"message.create","data":{"eventId":"e"},"timestamp":0}"#,
+            7,
+        );
         assert!(String::from_utf8(e.frames[0].clone())
             .unwrap()
             .contains(r#""type":"message.new","payload":{"eventId":"e"}"#));
         assert_eq!(e.class, Class::default());
-        let e = encode(br#"{"type":"presence.state","id":"q","data":{"users":[{"user_id":"a","status":"online"},{"user_id":"b","status":"offline"}]},"timestamp":0}"#);
+        let e = encode(br#"{"type":"presence.state","id":"q","data":{"users":[{"user_id":"a","status":"online"},{"user_id":"b","status":"offline"}]},"timestamp":0}"#, 7);
         assert_eq!(e.frames.len(), 2);
         assert_eq!(
             String::from_utf8(e.frames[1].clone()).unwrap(),

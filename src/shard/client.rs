@@ -30,8 +30,9 @@
 //! An idle subscribed connection adds one heap block for `rooms` (~32 B with the allocator's
 //! header) and 4 B in the room's member list; the read buffer is per shard. A connection of
 //! another dialect costs nothing more, except that a topic-protocol connection with
-//! subscriptions has one entry in the outbox's edge table (`dialect::EdgeState`: 32 B plus
-//! the map's ~16 B, plus its conversation filters, at most 100).
+//! subscriptions, or a messaging-service connection with sends waiting for their ack, has one
+//! entry in the outbox's edge table (`dialect::EdgeState` plus the map's ~16 B, plus its
+//! conversation filters (at most 100) or its held sends (at most 64)).
 
 use std::collections::VecDeque;
 use std::sync::Arc;

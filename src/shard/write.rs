@@ -240,8 +240,8 @@ impl Outbox {
             .as_ref()
             .is_some_and(|e| e.src.same(&frame))
         {
-            let enc = dialect::encode(d, frame.payload());
             let prefix = frame.born_prefix();
+            let enc = dialect::encode(d, frame.payload(), prefix);
             let out = enc
                 .frames
                 .iter()
