@@ -89,20 +89,8 @@ fn hub_on(s: &TestServer, user: &str, shard: u64) -> Client {
 
 /// `(status, body)` of one REST request as `user` (a bearer token, as jwt mode wants).
 fn rest(s: &TestServer, method: &str, path: &str, user: &str, body: Option<Value>) -> (u16, Value) {
-    let b = body.map(|b| b.to_string()).unwrap_or_default();
-    let r = format!(
-        "{method} {path} HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}",
-        token(user),
-        b.len()
-    );
-    let mut c = HttpConn::open(s);
-    c.send(r.as_bytes());
-    let resp = c
-        .response()
-        .unwrap_or_else(|| panic!("no response to {method} {path}"));
-    let v = serde_json::from_str(&resp.body)
-        .unwrap_or_else(|_| panic!("not JSON ({}): {}", resp.status, resp.body));
-    (resp.status, v)
+    let auth = format!("Bearer {}", token(user));
+    common::http_json(s, method, path, &[("Authorization", &auth)], body.as_ref(), false)
 }
 
 /// A thread of `creator` and `others` over REST: `(text id, numeric id)`.
@@ -494,20 +482,9 @@ fn the_hubs_own_settings_and_its_backend() {
     assert_eq!(r.status, 401, "{}", r.body);
     // The backend creates the chat of 5 and 6, as 5.
     let backend = |method: &str, path: &str, body: &str| {
-        let mut c = HttpConn::open(&s);
-        c.send(
-            format!(
-                "{method} {path} HTTP/1.1\r\nHost: t\r\nX-API-Key: backend-key\r\nX-User-Id: 5\r\n\
-                 Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-                body.len()
-            )
-            .as_bytes(),
-        );
-        let r = c.response().expect("a response");
-        (
-            r.status,
-            serde_json::from_str::<Value>(&r.body).unwrap_or(Value::Null),
-        )
+        let body: Value = serde_json::from_str(body).unwrap();
+        let headers = [("X-API-Key", "backend-key"), ("X-User-Id", "5")];
+        common::http_json(&s, method, path, &headers, Some(&body), true)
     };
     let (st, t) = backend(
         "POST",

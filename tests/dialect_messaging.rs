@@ -9,7 +9,7 @@
 
 mod common;
 
-use common::{jwt, now_s, Client, HttpConn, TestServer};
+use common::{jwt, now_s, Client, TestServer};
 use serde_json::{json, Value};
 
 const KEY: &str = "api-key-msg";
@@ -32,36 +32,13 @@ fn token(user: &str) -> String {
 
 /// `(status, body)` of one REST request as `user` (its token as `Authorization: Bearer`).
 fn rest(s: &TestServer, method: &str, path: &str, user: &str, body: Option<Value>) -> (u16, Value) {
-    let b = body.map(|b| b.to_string()).unwrap_or_default();
-    let r = format!(
-        "{method} {path} HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}",
-        token(user),
-        b.len()
-    );
-    let mut c = HttpConn::open(s);
-    c.send(r.as_bytes());
-    let resp = c
-        .response()
-        .unwrap_or_else(|| panic!("no response to {method} {path}"));
-    let v = serde_json::from_str(&resp.body)
-        .unwrap_or_else(|_| panic!("not JSON ({}): {}", resp.status, resp.body));
-    (resp.status, v)
+    let auth = format!("Bearer {}", token(user));
+    common::http_json(s, method, path, &[("Authorization", &auth)], body.as_ref(), false)
 }
 
 /// A server API call (`X-API-Key`).
 fn api_post(s: &TestServer, path: &str, body: Value) -> (u16, Value) {
-    let b = body.to_string();
-    let raw = format!(
-        "POST {path} HTTP/1.1\r\nHost: t\r\nX-API-Key: {KEY}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}",
-        b.len()
-    );
-    let mut c = HttpConn::open(s);
-    c.send(raw.as_bytes());
-    let r = c.response().expect("a response");
-    (
-        r.status,
-        serde_json::from_str(&r.body).unwrap_or(Value::Null),
-    )
+    common::http_json(s, "POST", path, &[("X-API-Key", KEY)], Some(&body), true)
 }
 
 /// A thread created over REST by `creator` with `others`: its (text id, numeric id).

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{jwt, now_s, Client, HttpConn, TestServer};
+use common::{jwt, now_s, Client, TestServer};
 use serde_json::{json, Value};
 
 fn token(user: &str) -> String {
@@ -41,20 +41,17 @@ fn one_message_four_shapes() {
     ]);
     s.wait_ready();
     // A group thread of users 1 (native, two devices), 2 (topic), 3 (chat hub), 4 (messaging).
-    let body = json!({"participants": ["2", "3", "4"], "title": "mixed"}).to_string();
-    let mut http = HttpConn::open(&s);
-    http.send(
-        format!(
-            "POST /api/v1/messages/threads HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {}\r\n\
-             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            token("1"),
-            body.len()
-        )
-        .as_bytes(),
+    let auth = format!("Bearer {}", token("1"));
+    let body = json!({"participants": ["2", "3", "4"], "title": "mixed"});
+    let (st, t) = common::http_json(
+        &s,
+        "POST",
+        "/api/v1/messages/threads",
+        &[("Authorization", &auth)],
+        Some(&body),
+        false,
     );
-    let resp = http.response().expect("thread created");
-    assert_eq!(resp.status, 201, "{}", resp.body);
-    let t: Value = serde_json::from_str(&resp.body).unwrap();
+    assert_eq!(st, 201, "{t}");
     let (thread, nid) = (
         t["id"].as_str().unwrap().to_owned(),
         t["numericId"].as_u64().unwrap(),

@@ -12,7 +12,7 @@
 #[macro_use]
 mod common;
 
-use common::{Client, HttpConn, TestServer};
+use common::{Client, TestServer};
 use serde_json::{json, Value};
 
 both_stores!(
@@ -41,24 +41,7 @@ fn on(s: &TestServer, user: &str, shard: u64) -> Client {
 
 /// `(status, body)` of one REST request as `user` (auth mode none: `X-User-Id`).
 fn rest(s: &TestServer, method: &str, path: &str, user: &str, body: Option<Value>) -> (u16, Value) {
-    let mut r = format!("{method} {path} HTTP/1.1\r\nHost: t\r\nX-User-Id: {user}\r\n");
-    let b = body.map(|b| b.to_string()).unwrap_or_default();
-    if !b.is_empty() || method != "GET" {
-        r.push_str(&format!(
-            "Content-Type: application/json\r\nContent-Length: {}\r\n",
-            b.len()
-        ));
-    }
-    r.push_str("\r\n");
-    r.push_str(&b);
-    let mut c = HttpConn::open(s);
-    c.send(r.as_bytes());
-    let resp = c
-        .response()
-        .unwrap_or_else(|| panic!("no response to {method} {path}"));
-    let v = serde_json::from_str(&resp.body)
-        .unwrap_or_else(|_| panic!("not JSON ({}): {}", resp.status, resp.body));
-    (resp.status, v)
+    common::http_json(s, method, path, &[("X-User-Id", user)], body.as_ref(), false)
 }
 
 /// A group thread `creator` + `others` over REST: `(text id, numeric id)`.

@@ -1193,3 +1193,40 @@ impl HttpConn {
         matches!(self.s.read(&mut b), Ok(0))
     }
 }
+
+/// `(status, JSON body)` of one HTTP request with `headers` and a JSON `body` (none: no body,
+/// and no content headers on a GET), on a fresh connection. A body that is not JSON reads as
+/// `null` when `lenient`, and fails the test otherwise.
+pub fn http_json(
+    s: &TestServer,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&Value>,
+    lenient: bool,
+) -> (u16, Value) {
+    let mut r = format!("{method} {path} HTTP/1.1\r\nHost: t\r\n");
+    for (k, v) in headers {
+        r.push_str(&format!("{k}: {v}\r\n"));
+    }
+    let b = body.map(|b| b.to_string()).unwrap_or_default();
+    if !b.is_empty() || method != "GET" {
+        r.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            b.len()
+        ));
+    }
+    r.push_str("\r\n");
+    r.push_str(&b);
+    let mut c = HttpConn::open(s);
+    c.send(r.as_bytes());
+    let resp = c
+        .response()
+        .unwrap_or_else(|| panic!("no response to {method} {path}"));
+    let v = match serde_json::from_str(&resp.body) {
+        Ok(v) => v,
+        Err(_) if lenient => Value::Null,
+        Err(_) => panic!("not JSON ({}): {}", resp.status, resp.body),
+    };
+    (resp.status, v)
+}
