@@ -90,7 +90,14 @@ fn hub_on(s: &TestServer, user: &str, shard: u64) -> Client {
 /// `(status, body)` of one REST request as `user` (a bearer token, as jwt mode wants).
 fn rest(s: &TestServer, method: &str, path: &str, user: &str, body: Option<Value>) -> (u16, Value) {
     let auth = format!("Bearer {}", token(user));
-    common::http_json(s, method, path, &[("Authorization", &auth)], body.as_ref(), false)
+    common::http_json(
+        s,
+        method,
+        path,
+        &[("Authorization", &auth)],
+        body.as_ref(),
+        false,
+    )
 }
 
 /// A thread of `creator` and `others` over REST: `(text id, numeric id)`.

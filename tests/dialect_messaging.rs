@@ -33,7 +33,14 @@ fn token(user: &str) -> String {
 /// `(status, body)` of one REST request as `user` (its token as `Authorization: Bearer`).
 fn rest(s: &TestServer, method: &str, path: &str, user: &str, body: Option<Value>) -> (u16, Value) {
     let auth = format!("Bearer {}", token(user));
-    common::http_json(s, method, path, &[("Authorization", &auth)], body.as_ref(), false)
+    common::http_json(
+        s,
+        method,
+        path,
+        &[("Authorization", &auth)],
+        body.as_ref(),
+        false,
+    )
 }
 
 /// A server API call (`X-API-Key`).

@@ -41,7 +41,14 @@ fn on(s: &TestServer, user: &str, shard: u64) -> Client {
 
 /// `(status, body)` of one REST request as `user` (auth mode none: `X-User-Id`).
 fn rest(s: &TestServer, method: &str, path: &str, user: &str, body: Option<Value>) -> (u16, Value) {
-    common::http_json(s, method, path, &[("X-User-Id", user)], body.as_ref(), false)
+    common::http_json(
+        s,
+        method,
+        path,
+        &[("X-User-Id", user)],
+        body.as_ref(),
+        false,
+    )
 }
 
 /// A group thread `creator` + `others` over REST: `(text id, numeric id)`.
