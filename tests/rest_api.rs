@@ -197,6 +197,7 @@ fn none_mode_takes_x_user_id_or_user_id_and_is_separate_from_the_server_api_key(
     let (r, _) = call(&s, "GET", &format!("{path}?user_id=alice"), &[], None);
     assert_eq!(r.status, 200);
     let required = "user id is required: send X-User-Id (auth_mode is none, for development)";
+    assert_eq!(refused(&s, "GET", path, &[], None), (401, required.into()));
     // The server API key is not an identity here, and /api/v1 needs no key; a backend with
     // the key acts for the user it names in X-User-Id (docs/API.md, Backends).
     assert_eq!(
