@@ -103,8 +103,10 @@ fn live_and_ready() {
     let server = TestServer::start(&[]);
     let (status, _) = server.http_get("/live");
     assert_eq!(status, 200);
+    // Ready once the bridge's store is up as well (a moment after /live on a busy machine).
+    server.wait_ready();
     let (status, body) = server.http_get("/ready");
-    assert_eq!(status, 200, "{body}");
+    assert_eq!((status, body.as_str()), (200, r#"{"status":"ready"}"#));
 }
 
 #[test]

@@ -82,6 +82,9 @@ fn ready_status(server: &TestServer) -> Option<u16> {
 #[test]
 fn ready_is_503_while_draining() {
     let mut server = TestServer::start(&SHUTDOWN_ENV);
+    // /live answers as soon as the shards do; /ready only once the bridge's store is up too
+    // (a busy machine shows the gap).
+    server.wait_ready();
     assert_eq!(ready_status(&server), Some(200));
     // A client that does not read (and so never answers the close) keeps the drain going for
     // up to the closing grace / shutdown_timeout.
