@@ -8,7 +8,7 @@
 #[macro_use]
 mod common;
 
-use common::{Client, HttpConn, TestServer};
+use common::{Client, TestServer};
 use serde_json::{json, Value};
 use switchboard::shard::service::dm::derive_conversation_id;
 
@@ -36,39 +36,18 @@ fn start(env: &[(&str, &str)]) -> TestServer {
 
 /// `(status, body)` of one request as `user` (auth mode none: `X-User-Id`).
 fn rest(s: &TestServer, method: &str, path: &str, user: &str, body: Option<Value>) -> (u16, Value) {
-    let mut r = format!("{method} {path} HTTP/1.1\r\nHost: t\r\nX-User-Id: {user}\r\n");
-    let b = body.map(|b| b.to_string()).unwrap_or_default();
-    if !b.is_empty() || method != "GET" {
-        r.push_str(&format!(
-            "Content-Type: application/json\r\nContent-Length: {}\r\n",
-            b.len()
-        ));
-    }
-    r.push_str("\r\n");
-    r.push_str(&b);
-    let mut c = HttpConn::open(s);
-    c.send(r.as_bytes());
-    let resp = c
-        .response()
-        .unwrap_or_else(|| panic!("no response to {method} {path}"));
-    let v = serde_json::from_str(&resp.body)
-        .unwrap_or_else(|_| panic!("not JSON ({}): {}", resp.status, resp.body));
-    (resp.status, v)
+    common::http_json(
+        s,
+        method,
+        path,
+        &[("X-User-Id", user)],
+        body.as_ref(),
+        false,
+    )
 }
 
 fn api_post(s: &TestServer, path: &str, body: Value) -> (u16, Value) {
-    let b = body.to_string();
-    let raw = format!(
-        "POST {path} HTTP/1.1\r\nHost: t\r\nX-API-Key: {KEY}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}",
-        b.len()
-    );
-    let mut c = HttpConn::open(s);
-    c.send(raw.as_bytes());
-    let r = c.response().expect("a response");
-    (
-        r.status,
-        serde_json::from_str(&r.body).unwrap_or(Value::Null),
-    )
+    common::http_json(s, "POST", path, &[("X-API-Key", KEY)], Some(&body), true)
 }
 
 fn send(c: &mut Client, cmid: &str, to: &str, content: &str) -> Value {
