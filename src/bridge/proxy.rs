@@ -241,6 +241,47 @@ impl Proxy {
 }
 
 /// Take one job: answered from the cache or refused at a limit at once, else a task.
+/// Which per-node in-flight count a call takes.
+#[derive(Clone, Copy)]
+enum Calls {
+    Auth,
+    Rpc,
+}
+
+/// One call counted in flight (the count and its gauge) from `take` until dropped: also when
+/// its task ends early or panics, so a slot is never lost.
+struct Slot {
+    p: Rc<Proxy>,
+    calls: Calls,
+}
+
+impl Slot {
+    fn take(p: &Rc<Proxy>, calls: Calls) -> Slot {
+        let s = Slot {
+            p: p.clone(),
+            calls,
+        };
+        s.count(true);
+        s
+    }
+
+    fn count(&self, up: bool) {
+        let stats = &self.p.node.proxy_stats;
+        let (n, gauge) = match self.calls {
+            Calls::Auth => (&self.p.auth_in_flight, &stats.auth_in_flight),
+            Calls::Rpc => (&self.p.rpc_in_flight, &stats.rpc_in_flight),
+        };
+        n.set(if up { n.get() + 1 } else { n.get() - 1 });
+        gauge.store(n.get() as u64, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.count(false);
+    }
+}
+
 pub fn accept(p: &Rc<Proxy>, job: Job) {
     let stats = &p.node.proxy_stats;
     match job {
@@ -279,10 +320,7 @@ pub fn accept(p: &Rc<Proxy>, job: Job) {
                     ConnectOutcome::Unavailable(crate::proxy::AUTH_BUSY),
                 );
             }
-            p.auth_in_flight.set(p.auth_in_flight.get() + 1);
-            stats
-                .auth_in_flight
-                .store(p.auth_in_flight.get() as u64, Ordering::Relaxed);
+            let slot = Slot::take(p, Calls::Auth);
             stats.auth_requests.fetch_add(1, Ordering::Relaxed);
             let p = p.clone();
             tokio::task::spawn_local(async move {
@@ -298,11 +336,8 @@ pub fn accept(p: &Rc<Proxy>, job: Job) {
                         AUTH_ANSWER_BYTES_MAX,
                     )
                     .await;
-                p.auth_in_flight.set(p.auth_in_flight.get() - 1);
+                drop(slot);
                 let stats = &p.node.proxy_stats;
-                stats
-                    .auth_in_flight
-                    .store(p.auth_in_flight.get() as u64, Ordering::Relaxed);
                 let outcome = match r {
                     Ok(resp) => {
                         match connect_verdict(
@@ -357,10 +392,7 @@ pub fn accept(p: &Rc<Proxy>, job: Job) {
                 let f = error_frame(p, id.as_deref(), crate::proxy::RPC_BUSY);
                 return answer_call(p, origin, f);
             }
-            p.rpc_in_flight.set(p.rpc_in_flight.get() + 1);
-            stats
-                .rpc_in_flight
-                .store(p.rpc_in_flight.get() as u64, Ordering::Relaxed);
+            let slot = Slot::take(p, Calls::Rpc);
             stats.rpc_calls.fetch_add(1, Ordering::Relaxed);
             let p = p.clone();
             tokio::task::spawn_local(async move {
@@ -369,11 +401,8 @@ pub fn accept(p: &Rc<Proxy>, job: Job) {
                     .client
                     .post_json(&url, &[], &body, cfg.rpc_timeout, cfg.rpc_reply_bytes_max)
                     .await;
-                p.rpc_in_flight.set(p.rpc_in_flight.get() - 1);
+                drop(slot);
                 let stats = &p.node.proxy_stats;
-                stats
-                    .rpc_in_flight
-                    .store(p.rpc_in_flight.get() as u64, Ordering::Relaxed);
                 let answer = match r {
                     Ok(resp) => rpc_answer(&kind, resp.status, &resp.body),
                     Err(HttpError::Timeout) => RpcAnswer::Error(crate::proxy::RPC_TIMED_OUT.into()),

@@ -233,7 +233,7 @@ pub fn inbound(text: &[u8], st: &mut Pending, now_ms: u64) -> Vec<Step> {
         // Not a type of this protocol: the native table decides, with the payload's members
         // at the top level (a configured backend route for a custom type, a native command,
         // else `unknown message type`).
-        _ => match lift(kind, correlation(&env.id), raw) {
+        _ => match lift(kind, crate::proto::envelope::correlation_id(&env.id), raw) {
             Some(native) => vec![Step::Native(native)],
             None => error(ErrorReason::InvalidJson, INVALID),
         },
@@ -319,14 +319,6 @@ fn lift(kind: &str, id: Option<&str>, payload: &str) -> Option<Vec<u8>> {
     }
     out.push(b'}');
     Some(out)
-}
-
-/// A client's correlation id as raw JSON: a string or a number of sane length.
-fn correlation<'a>(id: &'a Option<LazyValue<'_>>) -> Option<&'a str> {
-    let v = id.as_ref()?;
-    let raw = v.as_raw_str();
-    ((v.is_str() || v.is_number()) && raw.len() <= crate::limits::CORRELATION_ID_BYTES_MAX)
-        .then_some(raw)
 }
 
 /// The native commands a connection of this dialect runs when it opens with an identity: a

@@ -17,9 +17,8 @@ use serde::Deserialize;
 use sonic_rs::{JsonValueTrait, LazyValue};
 
 use super::{parse_native, Class, Encoded, Step};
-use crate::limits::CORRELATION_ID_BYTES_MAX;
 use crate::metrics::ErrorReason;
-use crate::proto::envelope::{write_object, Obj};
+use crate::proto::envelope::{correlation_id, write_object, Obj};
 use crate::proto::json::{rfc3339_ms, write_str};
 
 /// Topic bits (the service's six subscription topics).
@@ -116,10 +115,7 @@ pub fn inbound(text: &[u8], subs: &mut Subscriptions, now_ms: u64) -> Vec<Step> 
     let Ok(env) = sonic_rs::from_slice::<Envelope>(text) else {
         return vec![error(ErrorReason::InvalidJson, INVALID, None)];
     };
-    let id = env.id.as_ref().and_then(|v| {
-        let raw = v.as_raw_str();
-        ((v.is_str() || v.is_number()) && raw.len() <= CORRELATION_ID_BYTES_MAX).then_some(raw)
-    });
+    let id = correlation_id(&env.id);
     let kind = env.kind.as_deref().unwrap_or("");
     let payload = env
         .payload

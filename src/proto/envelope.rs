@@ -43,10 +43,16 @@ pub fn parse_as<'a, T: Deserialize<'a>>(text: &'a [u8]) -> Option<T> {
 impl Head<'_> {
     /// The correlation id as raw JSON, if it is a string or a number of sane length.
     pub fn correlation_id(&self) -> Option<&str> {
-        let id = self.id.as_ref()?;
-        let raw = id.as_raw_str();
-        ((id.is_str() || id.is_number()) && raw.len() <= CORRELATION_ID_BYTES_MAX).then_some(raw)
+        correlation_id(&self.id)
     }
+}
+
+/// A command's `id` member as raw JSON, if it is a string or a number of at most
+/// [`CORRELATION_ID_BYTES_MAX`] bytes (the one rule, for native and dialect envelopes).
+pub fn correlation_id<'a>(id: &'a Option<LazyValue<'_>>) -> Option<&'a str> {
+    let id = id.as_ref()?;
+    let raw = id.as_raw_str();
+    ((id.is_str() || id.is_number()) && raw.len() <= CORRELATION_ID_BYTES_MAX).then_some(raw)
 }
 
 /// The raw JSON of an optional member (`null` when absent).
