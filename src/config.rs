@@ -215,6 +215,27 @@ pub struct Config {
     /// Longest a store call may take: a DM past it gets an error and no ack, REST a 503.
     pub store_timeout: Duration,
 
+    // --- Redis (the cluster) ---
+    /// Redis for the cluster: one `redis://` URL, or (with `redis_cluster`) comma-separated seed
+    /// URLs of a Redis Cluster; None = this node runs alone. Never logged with its password.
+    pub redis_url: Option<String>,
+    /// Sharded pub/sub (`SSUBSCRIBE`/`SPUBLISH`) over a Redis Cluster instead of `PUBLISH`.
+    pub redis_cluster: bool,
+    /// Prefix of every Redis channel and key this deployment uses.
+    pub redis_prefix: String,
+    /// Longest a Redis connection attempt or one command (a pipeline) may take.
+    pub redis_timeout: Duration,
+    /// How often a canary round trip checks every subscriber connection.
+    pub redis_canary_interval: Duration,
+    /// A canary not back after this long means the subscription is lost: resubscribe.
+    pub redis_canary_timeout: Duration,
+    /// Cross-node messages waiting for Redis at most; past it they are dropped and counted.
+    pub redis_queue_max: usize,
+    /// Longest wait between two reconnect attempts (the backoff's cap; jittered).
+    pub redis_reconnect_max: Duration,
+    /// `/ready` stays 200 (saying `redis degraded` in its body) while Redis is unreachable.
+    pub redis_ready_when_degraded: bool,
+
     // --- Kafka ---
     /// Kafka bootstrap brokers (`host:port`); empty = no Kafka client runs at all.
     pub kafka_brokers: Vec<String>,
@@ -364,6 +385,15 @@ impl Default for Config {
             database_connect_timeout: Duration::from_secs(5),
             store_memory_bytes: 256 * 1024 * 1024,
             store_timeout: Duration::from_secs(5),
+            redis_url: None,
+            redis_cluster: false,
+            redis_prefix: "sb:".into(),
+            redis_timeout: Duration::from_secs(2),
+            redis_canary_interval: Duration::from_secs(1),
+            redis_canary_timeout: Duration::from_secs(3),
+            redis_queue_max: 65_536,
+            redis_reconnect_max: Duration::from_secs(5),
+            redis_ready_when_degraded: false,
             kafka_brokers: Vec::new(),
             kafka_client_id: "switchboard".into(),
             kafka_dm_topic: "switchboard.direct-messages".into(),
@@ -517,7 +547,7 @@ impl Raw {
 
     /// How the value is quoted in an error message. Secrets are never echoed.
     fn shown(&self, key: &str) -> String {
-        if key == "jwt_secret" || key == "api_key" || key == "database_url" {
+        if matches!(key, "jwt_secret" | "api_key" | "database_url" | "redis_url") {
             return "<redacted>".into();
         }
         match self {
@@ -955,6 +985,25 @@ config_keys! {
         "Byte budget of the in-memory message store (used when database_url is empty): past it the oldest messages are evicted. At least 1 MiB.";
     store_timeout: Dur = "5s", "SWITCHBOARD_STORE_TIMEOUT",
         "Longest a message-store call may take: a direct message past it gets an error and no ack, a REST call 503. At least 100ms.";
+    // ---- Redis (the cluster)
+    redis_url: OptText = "", "SWITCHBOARD_REDIS_URL",
+        "Redis that joins this node to a cluster: a redis:// URL (redis://[:password@]host:port[/db]), or with redis_cluster comma-separated seed URLs of a Redis Cluster; empty = this node runs alone, at single-node cost. Prefer the env var. The password is never logged.";
+    redis_cluster: Flag = "false", "SWITCHBOARD_REDIS_CLUSTER",
+        "redis_url names a Redis Cluster: channels go by sharded pub/sub (SSUBSCRIBE/SPUBLISH), each to the master of its slot.";
+    redis_prefix: Text = "sb:", "SWITCHBOARD_REDIS_PREFIX",
+        "Prefix of every Redis channel and key of this deployment (two deployments sharing a Redis need different ones), 1 to 64 bytes, no whitespace or braces.";
+    redis_timeout: Dur = "2s", "SWITCHBOARD_REDIS_TIMEOUT",
+        "Longest a Redis connection attempt, or one command or pipeline, may take; past it the connection is dropped and made again. 100ms to 60s.";
+    redis_canary_interval: Dur = "1s", "SWITCHBOARD_REDIS_CANARY_INTERVAL",
+        "How often each node publishes a canary to its own channel, to prove its subscriber connection still delivers. 100ms to 60s.";
+    redis_canary_timeout: Dur = "3s", "SWITCHBOARD_REDIS_CANARY_TIMEOUT",
+        "A canary not back after this long means the subscriber connection delivers nothing (a failover can do that silently): the node resubscribes and /ready says redis degraded until one is back. At least redis_canary_interval, at most 10m.";
+    redis_queue_max: Count = "65536", "SWITCHBOARD_REDIS_QUEUE_MAX",
+        "Cross-node messages waiting for Redis at most (while it is slow or down); past it the newest are dropped and counted (switchboard_redis_dropped_total). 1024 to 16777216.";
+    redis_reconnect_max: Dur = "5s", "SWITCHBOARD_REDIS_RECONNECT_MAX",
+        "Cap of the reconnect backoff (it starts at 50ms, doubles, and is jittered by up to a half). 100ms to 5m.";
+    redis_ready_when_degraded: Flag = "false", "SWITCHBOARD_REDIS_READY_WHEN_DEGRADED",
+        "Keep /ready at 200 while a configured Redis is unreachable or degraded (its body still says so): for deployments that prefer a node serving its own clients to one taken out of the load balancer.";
     // ---- Kafka
     kafka_brokers: List = "", "SWITCHBOARD_KAFKA_BROKERS",
         "Kafka bootstrap brokers, comma-separated host:port; empty = no Kafka: direct messages are acked once stored, no topic is consumed.";
@@ -1151,8 +1200,6 @@ const WHY_STALE: &str = "here a connection silent for pong_wait is dropped (pong
 const WHY_HUB_CHANNEL: &str = "it sized a channel of the topic service's hub goroutine; \
     Switchboard has no hub: shards talk over bounded inboxes whose sizes are fixed in \
     src/limits.rs";
-const WHY_REDIS: &str = "Switchboard does not cluster over Redis yet: this node runs alone (a \
-    single node needs no Redis; presence and rate limits are kept in memory)";
 const WHY_ENVIRONMENT: &str = "Switchboard has no development or production mode: every \
     setting is explicit (for JSON logs set log_format json)";
 
@@ -1296,7 +1343,7 @@ static ENV_ALIASES: &[(&str, &str, Legacy)] = &[
     ),
     ("ENVIRONMENT", MESSAGING, Legacy::NoEffect(WHY_ENVIRONMENT)),
     ("DATABASE_URL", MESSAGING, Legacy::Key("database_url")),
-    ("REDIS_URL", MESSAGING, Legacy::NoEffect(WHY_REDIS)),
+    ("REDIS_URL", MESSAGING, Legacy::Key("redis_url")),
     ("KAFKA_BROKERS", MESSAGING, Legacy::Key("kafka_brokers")),
     ("KAFKA_GROUP_ID", MESSAGING, Legacy::Key("kafka_group_id")),
     ("JWT_SECRET", MESSAGING, Legacy::AuthKey("jwt_secret")),
@@ -1536,7 +1583,7 @@ impl Loaded {
         let mut out = String::new();
         for k in KEYS {
             let value = match k.key {
-                "jwt_secret" | "api_key" | "database_url" => {
+                "jwt_secret" | "api_key" | "database_url" | "redis_url" => {
                     match value_debug(&self.config, k.key).as_deref() {
                         Some("None") => "None".to_owned(),
                         _ => "<redacted>".to_owned(),
@@ -1908,7 +1955,7 @@ impl Loader<'_> {
             if let Some((_, other, before)) = seen.iter().find(|(k, _, _)| *k == key) {
                 // The native variable decides when it is set (the aliases are then unused).
                 if *before != parsed && env(native_env).is_none() {
-                    let secret = matches!(key, "jwt_secret" | "database_url");
+                    let secret = matches!(key, "jwt_secret" | "database_url" | "redis_url");
                     let values = if secret {
                         String::new()
                     } else {
@@ -2439,6 +2486,68 @@ impl Config {
             "",
         )?;
         nonzero("database_connect_timeout", self.database_connect_timeout)?;
+        // ---- Redis
+        if let Some(url) = &self.redis_url {
+            crate::cluster::parse_redis_urls(url, self.redis_cluster)
+                .map_err(|e| ConfigError::new("redis_url", e))?;
+        }
+        if self.redis_prefix.is_empty()
+            || self.redis_prefix.len() > 64
+            || self
+                .redis_prefix
+                .bytes()
+                .any(|c| c.is_ascii_whitespace() || c.is_ascii_control() || c == b'{' || c == b'}')
+        {
+            fail(
+                "redis_prefix",
+                format!(
+                    "{:?} must be 1 to 64 bytes with no whitespace or braces (braces would change the keys' hash slots)",
+                    self.redis_prefix
+                ),
+            )?;
+        }
+        fn dur_between(
+            key: &str,
+            d: Duration,
+            min: Duration,
+            max: Duration,
+        ) -> Result<(), ConfigError> {
+            if d < min || d > max {
+                return fail(
+                    key,
+                    format!("must be between {min:?} and {max:?}, got {d:?}"),
+                );
+            }
+            Ok(())
+        }
+        let ms = Duration::from_millis;
+        let secs = Duration::from_secs;
+        dur_between("redis_timeout", self.redis_timeout, ms(100), secs(60))?;
+        dur_between(
+            "redis_canary_interval",
+            self.redis_canary_interval,
+            ms(100),
+            secs(60),
+        )?;
+        dur_between(
+            "redis_canary_timeout",
+            self.redis_canary_timeout,
+            self.redis_canary_interval,
+            secs(600),
+        )?;
+        dur_between(
+            "redis_reconnect_max",
+            self.redis_reconnect_max,
+            ms(100),
+            secs(300),
+        )?;
+        between(
+            "redis_queue_max",
+            size(self.redis_queue_max),
+            1024,
+            16 * 1024 * 1024,
+            "",
+        )?;
         // ---- Kafka
         for b in &self.kafka_brokers {
             let ok = b
@@ -3377,7 +3486,6 @@ mod tests {
             ("WEBSOCKET_READ_BUFFER_SIZE", "1024"),
             ("WEBSOCKET_WRITE_BUFFER_SIZE", "1024"),
             ("ENVIRONMENT", "production"),
-            ("REDIS_URL", "redis://localhost:6379"),
         ];
         let loaded = load_warn(&[], &env);
         let w = &loaded.warnings;
@@ -3390,7 +3498,13 @@ mod tests {
         }
         assert!(w[0].ends_with("so it is always on"), "{}", w[0]);
         assert!(w[2].contains("one read buffer per shard"), "{}", w[2]);
-        assert!(w[5].contains("this node runs alone"), "{}", w[5]);
+        // REDIS_URL joins the cluster now.
+        let redis = load_warn(&[], &[("REDIS_URL", "redis://127.0.0.1:6379")]);
+        assert!(redis.warnings.is_empty(), "{:?}", redis.warnings);
+        assert_eq!(
+            redis.config.redis_url.as_deref(),
+            Some("redis://127.0.0.1:6379")
+        );
         // The per-connection buffers of the old service do not touch the per-shard ones, and
         // never stop the start (they are below the native 4096 floor).
         let cfg = &loaded.config;

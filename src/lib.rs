@@ -15,6 +15,7 @@
 pub mod admission;
 pub mod auth;
 pub mod bridge;
+pub mod cluster;
 pub mod config;
 pub mod dialect;
 pub mod directory;

@@ -13,12 +13,12 @@ use common::jwt::{self, SECRET};
 use common::{metric, now_ms, now_s, parse_rfc3339_ms, TestServer};
 use serde_json::{json, Value};
 
-/// The messaging service's environment (its README's table), minus the services a test
-/// machine may lack (DATABASE_URL, KAFKA_BROKERS: unit tests in config cover them); the port
+/// The messaging service's environment (its README's table), minus the services it names
+/// (DATABASE_URL, REDIS_URL, KAFKA_BROKERS: unit tests in config cover the aliases, and the
+/// cluster and store tests the services); the port
 /// is given as `PORT` by [`TestServer::start_port_as`].
 const MESSAGING_ENV: &[(&str, &str)] = &[
     ("ENVIRONMENT", "production"),
-    ("REDIS_URL", "redis://localhost:6379"),
     ("KAFKA_GROUP_ID", "messaging-service"),
     ("JWT_SECRET", SECRET),
 ];
@@ -61,7 +61,6 @@ fn the_messaging_and_rooms_env_start_a_jwt_server_on_port() {
         "config: env WEBSOCKET_READ_BUFFER_SIZE has no effect here: ",
         "config: env WEBSOCKET_WRITE_BUFFER_SIZE has no effect here: ",
         "config: env ENVIRONMENT has no effect here: ",
-        "config: env REDIS_URL has no effect here: ",
         "config: auth_mode jwt (inferred from env JWT_SECRET)",
     ] {
         assert_eq!(logs.matches(line).count(), 1, "{line:?} once in:\n{logs}");

@@ -254,7 +254,7 @@ pub struct ConnRef {
 }
 
 /// Who a delivery is for: the one type every service hands to the delivery seam.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Target {
     /// Subscribers of a room, except one connection (e.g. the sender of a typing event).
     Room {

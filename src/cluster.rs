@@ -1,0 +1,708 @@
+//! The cluster's sans-IO part: the Redis channel a cross-node delivery goes to, the envelope
+//! it travels in, the set of channels a node must hold, and the reconnect backoff. The Redis
+//! connections themselves are the bridge's ([`crate::bridge::redis`]).
+//!
+//! **Channels** (`<p>` is `redis_prefix`, `sb:` by default). Every name carries a hash tag
+//! (`{...}`) naming what it is for, so on a Redis Cluster a room's channel and the keys kept
+//! for that room later (its history) share a slot, and rooms, users and topics spread over all
+//! slots by the CRC16 of their own names:
+//!
+//! | channel | carries | a node holds it while |
+//! |---|---|---|
+//! | `<p>{room:<name>}` | a room's messages and events | it has a subscriber of the room |
+//! | `<p>{user:<id>}` | whatever goes to every device of a user | it has a device of the user |
+//! | `<p>{topic:<name>}` | server-side subscriptions (presence watchers) | it has a member |
+//! | `<p>{all}` | broadcasts | always |
+//! | `<p>{node:<hex id>}` | one connection of this node; the node's canary | always |
+//!
+//! **The envelope** is binary and starts with the version byte [`VERSION`]:
+//! `version, origin node (u32 LE), kind, flags, [except ConnRef], [name len u16 LE, name],
+//! wire bytes`. The wire bytes are the encoded WebSocket frame as the origin queued it, so a
+//! receiving node wraps them in its shared [`Frame`] as they are (one copy, no re-encoding)
+//! and dialect connections re-encode once per dialect per shard, as for local frames.
+//! A node hears its own publishes on channels it holds and drops them by the origin id.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::proto::Frame;
+use crate::route::{ConnRef, Target};
+
+/// The envelope's version byte; a node drops (and counts) anything else.
+pub const VERSION: u8 = 1;
+
+/// Bytes of a [`ConnRef`] in the envelope: node u32, shard u16, slot u32, gen u32.
+const CONN_BYTES: usize = 14;
+
+/// Longest name an envelope carries (room, user and topic names are far shorter: bounded by
+/// `max_room_name_bytes` and the id limits).
+pub const NAME_BYTES_MAX: usize = u16::MAX as usize;
+
+const KIND_ROOM: u8 = 0;
+const KIND_USER: u8 = 1;
+const KIND_TOPIC: u8 = 2;
+const KIND_ALL: u8 = 3;
+const KIND_CONN: u8 = 4;
+const KIND_CANARY: u8 = 5;
+
+const FLAG_EXCEPT: u8 = 1;
+const FLAG_DROPPABLE: u8 = 2;
+
+/// The redis URLs of `redis_url`: exactly one `redis://` URL, or with `cluster` one or more
+/// comma-separated seeds. `rediss://` is refused with the reason (TLS to Redis is not built
+/// in yet).
+pub fn parse_redis_urls(s: &str, cluster: bool) -> Result<Vec<String>, String> {
+    let urls: Vec<String> = s
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(str::to_owned)
+        .collect();
+    if urls.is_empty() {
+        return Err("no URL given".into());
+    }
+    if urls.len() > 1 && !cluster {
+        return Err(format!(
+            "{} URLs given: a list of seeds is for a Redis Cluster (set redis_cluster true), a single Redis takes one URL",
+            urls.len()
+        ));
+    }
+    for u in &urls {
+        let shown = redact(u);
+        if u.starts_with("rediss://") {
+            return Err(format!(
+                "{shown}: rediss:// (TLS to Redis) is not built in yet; reach Redis over a private network or a local TLS tunnel (stunnel, spiped) with redis://"
+            ));
+        }
+        if !u.starts_with("redis://") {
+            return Err(format!("{shown} is not a redis:// URL"));
+        }
+        if let Err(e) = redis::IntoConnectionInfo::into_connection_info(u.as_str()) {
+            return Err(format!("{shown}: {e}"));
+        }
+    }
+    Ok(urls)
+}
+
+/// `url` with any password replaced, for logs and errors.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    match rest.rsplit_once('@') {
+        Some((_, host)) => format!("{scheme}://<redacted>@{host}"),
+        None => url.to_owned(),
+    }
+}
+
+/// A node's channel names, built from the deployment's prefix.
+#[derive(Clone, Debug)]
+pub struct Channels {
+    prefix: Arc<str>,
+}
+
+impl Channels {
+    pub fn new(prefix: &str) -> Channels {
+        Channels {
+            prefix: prefix.into(),
+        }
+    }
+
+    pub fn room(&self, room: &str) -> Arc<str> {
+        format!("{}{{room:{room}}}", self.prefix).into()
+    }
+
+    pub fn user(&self, user: &str) -> Arc<str> {
+        format!("{}{{user:{user}}}", self.prefix).into()
+    }
+
+    pub fn topic(&self, topic: &str) -> Arc<str> {
+        format!("{}{{topic:{topic}}}", self.prefix).into()
+    }
+
+    pub fn all(&self) -> Arc<str> {
+        format!("{}{{all}}", self.prefix).into()
+    }
+
+    pub fn node(&self, node: u32) -> Arc<str> {
+        format!("{}{{node:{node:08x}}}", self.prefix).into()
+    }
+
+    /// The channel a delivery to `target` is published on (`None`: a connection of this very
+    /// node, which never leaves it).
+    pub fn of(&self, target: &Target, me: u32) -> Option<Arc<str>> {
+        Some(match target {
+            Target::Room { room, .. } => self.room(room),
+            Target::User { user, .. } => self.user(user),
+            Target::Topic { topic, .. } => self.topic(topic),
+            Target::All => self.all(),
+            Target::Conn(c) if c.node == me => return None,
+            Target::Conn(c) => self.node(c.node),
+        })
+    }
+}
+
+/// The Redis Cluster hash slot of `key` (CRC16/XMODEM of the hash tag, or of the whole key
+/// without one, modulo 16384), as Redis computes it.
+pub fn slot(key: &[u8]) -> u16 {
+    let tagged = key.iter().position(|&b| b == b'{').and_then(|open| {
+        let rest = &key[open + 1..];
+        let close = rest.iter().position(|&b| b == b'}')?;
+        (close > 0).then(|| &rest[..close])
+    });
+    crc16(tagged.unwrap_or(key)) % 16384
+}
+
+fn crc16(data: &[u8]) -> u16 {
+    let mut crc: u16 = 0;
+    for &b in data {
+        crc ^= u16::from(b) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc
+}
+
+/// What one envelope carries, decoded.
+#[derive(Debug, PartialEq)]
+pub enum Inbound<'a> {
+    /// A delivery from node `origin` to its recipients here; `wire` is the frame as the
+    /// origin encoded it.
+    Deliver {
+        origin: u32,
+        target: Target,
+        droppable: bool,
+        wire: &'a [u8],
+    },
+    /// A node's canary (only its own node reads it).
+    Canary { origin: u32, nonce: u64 },
+}
+
+/// The envelope of a delivery of `frame` to `target` from node `origin`.
+pub fn encode(origin: u32, target: &Target, frame: &Frame) -> Vec<u8> {
+    let wire = frame.wire();
+    let (kind, name, conn) = match target {
+        Target::Room { room, .. } => (KIND_ROOM, Some(&**room), None),
+        Target::User { user, .. } => (KIND_USER, Some(&**user), None),
+        Target::Topic { topic, .. } => (KIND_TOPIC, Some(&**topic), None),
+        Target::All => (KIND_ALL, None, None),
+        Target::Conn(c) => (KIND_CONN, None, Some(*c)),
+    };
+    let except = target.except();
+    let mut flags = 0;
+    if except.is_some() {
+        flags |= FLAG_EXCEPT;
+    }
+    if frame.is_droppable() {
+        flags |= FLAG_DROPPABLE;
+    }
+    let name = name.map(|n| &n.as_bytes()[..n.len().min(NAME_BYTES_MAX)]);
+    let mut v = Vec::with_capacity(7 + CONN_BYTES + 2 + name.map_or(0, <[u8]>::len) + wire.len());
+    v.push(VERSION);
+    v.extend_from_slice(&origin.to_le_bytes());
+    v.push(kind);
+    v.push(flags);
+    if let Some(c) = except.or(conn) {
+        put_conn(&mut v, c);
+    }
+    if let Some(n) = name {
+        v.extend_from_slice(&(n.len() as u16).to_le_bytes());
+        v.extend_from_slice(n);
+    }
+    v.extend_from_slice(wire);
+    v
+}
+
+/// A canary envelope of node `origin`.
+pub fn encode_canary(origin: u32, nonce: u64) -> Vec<u8> {
+    let mut v = Vec::with_capacity(15);
+    v.push(VERSION);
+    v.extend_from_slice(&origin.to_le_bytes());
+    v.push(KIND_CANARY);
+    v.push(0);
+    v.extend_from_slice(&nonce.to_le_bytes());
+    v
+}
+
+fn put_conn(v: &mut Vec<u8>, c: ConnRef) {
+    v.extend_from_slice(&c.node.to_le_bytes());
+    v.extend_from_slice(&c.shard.to_le_bytes());
+    v.extend_from_slice(&c.slot.to_le_bytes());
+    v.extend_from_slice(&c.gen.to_le_bytes());
+}
+
+/// Why an envelope was refused (counted; the sender is another node of a different version or
+/// something else publishing on our channels).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Malformed(pub &'static str);
+
+/// Decode an envelope. Never panics on any input.
+pub fn decode(b: &[u8]) -> Result<Inbound<'_>, Malformed> {
+    let mut r = Reader { b, at: 0 };
+    if r.u8()? != VERSION {
+        return Err(Malformed("unknown envelope version"));
+    }
+    let origin = r.u32()?;
+    let kind = r.u8()?;
+    let flags = r.u8()?;
+    if kind == KIND_CANARY {
+        return Ok(Inbound::Canary {
+            origin,
+            nonce: r.u64()?,
+        });
+    }
+    let except = if flags & FLAG_EXCEPT != 0 || kind == KIND_CONN {
+        Some(r.conn()?)
+    } else {
+        None
+    };
+    let mut name = || -> Result<Arc<str>, Malformed> {
+        let n = r.u16()? as usize;
+        let s = r.take(n)?;
+        std::str::from_utf8(s)
+            .map(Arc::from)
+            .map_err(|_| Malformed("name is not UTF-8"))
+    };
+    let target = match kind {
+        KIND_ROOM => Target::Room {
+            room: name()?,
+            except,
+        },
+        KIND_USER => Target::User {
+            user: name()?,
+            except,
+        },
+        KIND_TOPIC => Target::Topic {
+            topic: name()?,
+            except,
+        },
+        KIND_ALL => Target::All,
+        KIND_CONN => Target::Conn(except.ok_or(Malformed("no connection"))?),
+        _ => return Err(Malformed("unknown target kind")),
+    };
+    let wire = &b[r.at..];
+    if wire.len() < 2 {
+        return Err(Malformed("no frame"));
+    }
+    Ok(Inbound::Deliver {
+        origin,
+        target,
+        droppable: flags & FLAG_DROPPABLE != 0,
+        wire,
+    })
+}
+
+struct Reader<'a> {
+    b: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], Malformed> {
+        let end = self.at.checked_add(n).ok_or(Malformed("truncated"))?;
+        let s = self.b.get(self.at..end).ok_or(Malformed("truncated"))?;
+        self.at = end;
+        Ok(s)
+    }
+    fn u8(&mut self) -> Result<u8, Malformed> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, Malformed> {
+        Ok(u16::from_le_bytes(
+            self.take(2)?.try_into().unwrap_or_default(),
+        ))
+    }
+    fn u32(&mut self) -> Result<u32, Malformed> {
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().unwrap_or_default(),
+        ))
+    }
+    fn u64(&mut self) -> Result<u64, Malformed> {
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().unwrap_or_default(),
+        ))
+    }
+    fn conn(&mut self) -> Result<ConnRef, Malformed> {
+        Ok(ConnRef {
+            node: self.u32()?,
+            shard: self.u16()?,
+            slot: self.u32()?,
+            gen: self.u32()?,
+        })
+    }
+}
+
+/// The channels a node must hold and the ones Redis has confirmed, with what changed since
+/// the last flush. Bounded by what the node holds locally (rooms, users and topics with
+/// local members, each bounded by the connection limits) plus the two fixed channels.
+#[derive(Default)]
+pub struct Subscriptions {
+    /// Channels wanted now.
+    desired: HashSet<Arc<str>>,
+    /// Channels Redis has confirmed on the current subscriber connection.
+    held: HashSet<Arc<str>>,
+    /// Channels whose wanted state changed since the last [`Subscriptions::changes`].
+    dirty: HashSet<Arc<str>>,
+}
+
+/// What to send to bring Redis in line with what is wanted.
+#[derive(Debug, Default, PartialEq)]
+pub struct Changes {
+    pub subscribe: Vec<Arc<str>>,
+    pub unsubscribe: Vec<Arc<str>>,
+}
+
+impl Changes {
+    pub fn is_empty(&self) -> bool {
+        self.subscribe.is_empty() && self.unsubscribe.is_empty()
+    }
+}
+
+impl Subscriptions {
+    /// Want `channel` held (`want`) or not.
+    pub fn set(&mut self, channel: Arc<str>, want: bool) {
+        let changed = if want {
+            self.desired.insert(channel.clone())
+        } else {
+            self.desired.remove(&channel)
+        };
+        if changed {
+            self.dirty.insert(channel);
+        }
+    }
+
+    /// The subscriber connection was made again: Redis holds nothing; everything wanted must
+    /// be subscribed again.
+    pub fn reset(&mut self) {
+        self.held.clear();
+        self.dirty.clear();
+        for c in &self.desired {
+            self.dirty.insert(c.clone());
+        }
+    }
+
+    /// What to subscribe and unsubscribe now (at most `max` channels of each), clearing them
+    /// from the dirty set; the caller reports the outcome with [`Subscriptions::confirm`] or
+    /// [`Subscriptions::failed`].
+    pub fn changes(&mut self, max: usize) -> Changes {
+        let mut c = Changes::default();
+        let mut done = Vec::new();
+        for ch in &self.dirty {
+            if c.subscribe.len() >= max && c.unsubscribe.len() >= max {
+                break;
+            }
+            let want = self.desired.contains(ch);
+            let held = self.held.contains(ch);
+            if want && !held {
+                if c.subscribe.len() < max {
+                    c.subscribe.push(ch.clone());
+                    done.push(ch.clone());
+                }
+            } else if !want && held {
+                if c.unsubscribe.len() < max {
+                    c.unsubscribe.push(ch.clone());
+                    done.push(ch.clone());
+                }
+            } else {
+                done.push(ch.clone());
+            }
+        }
+        for ch in done {
+            self.dirty.remove(&ch);
+        }
+        c
+    }
+
+    /// Redis confirmed `c`.
+    pub fn confirm(&mut self, c: &Changes) {
+        for ch in &c.subscribe {
+            self.held.insert(ch.clone());
+        }
+        for ch in &c.unsubscribe {
+            self.held.remove(ch);
+        }
+    }
+
+    /// `c` was not confirmed (the connection failed): it is tried again after the reconnect
+    /// ([`Subscriptions::reset`] marks everything).
+    pub fn failed(&mut self, c: &Changes) {
+        for ch in c.subscribe.iter().chain(&c.unsubscribe) {
+            self.dirty.insert(ch.clone());
+        }
+    }
+
+    pub fn has_changes(&self) -> bool {
+        !self.dirty.is_empty()
+    }
+
+    /// Channels wanted.
+    pub fn expected(&self) -> usize {
+        self.desired.len()
+    }
+
+    /// Channels Redis confirmed.
+    pub fn held(&self) -> usize {
+        self.held.len()
+    }
+}
+
+/// Capped exponential backoff with jitter: `BACKOFF_START`, doubling, capped at `cap`, each
+/// wait drawn from its upper half (so many nodes that lost Redis together do not come back
+/// in step).
+pub struct Backoff {
+    next: Duration,
+    cap: Duration,
+    seed: u64,
+}
+
+/// The first wait of [`Backoff`].
+pub const BACKOFF_START: Duration = Duration::from_millis(50);
+
+impl Backoff {
+    pub fn new(cap: Duration, seed: u64) -> Backoff {
+        Backoff {
+            next: BACKOFF_START.min(cap),
+            cap,
+            seed: seed | 1,
+        }
+    }
+
+    /// The wait before the next attempt.
+    pub fn wait(&mut self) -> Duration {
+        // xorshift64: jitter needs no quality, only to differ between nodes.
+        self.seed ^= self.seed << 13;
+        self.seed ^= self.seed >> 7;
+        self.seed ^= self.seed << 17;
+        let d = self.next;
+        self.next = (self.next * 2).min(self.cap);
+        let half = d / 2;
+        half + Duration::from_nanos(self.seed % (half.as_nanos() as u64 + 1))
+    }
+
+    /// A connection was made: start from the beginning next time.
+    pub fn reset(&mut self) {
+        self.next = BACKOFF_START.min(self.cap);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conn(node: u32) -> ConnRef {
+        ConnRef {
+            node,
+            shard: 3,
+            slot: 77,
+            gen: 9,
+        }
+    }
+
+    #[test]
+    fn envelopes_round_trip_every_target() {
+        let frame = Frame::text_from_json(br#"{"type":"message"}"#, 5);
+        let typing = Frame::text_from_json(
+            br#"{"type":"typing"}"#,
+            crate::proto::envelope::droppable(5),
+        );
+        let targets = [
+            Target::room("lobby".into()),
+            Target::Room {
+                room: "lobby".into(),
+                except: Some(conn(1)),
+            },
+            Target::User {
+                user: "alice".into(),
+                except: None,
+            },
+            Target::User {
+                user: "alice".into(),
+                except: Some(conn(1)),
+            },
+            Target::Topic {
+                topic: "presence:bob".into(),
+                except: None,
+            },
+            Target::All,
+            Target::Conn(conn(2)),
+        ];
+        for t in &targets {
+            for f in [&frame, &typing] {
+                let env = encode(7, t, f);
+                match decode(&env) {
+                    Ok(Inbound::Deliver {
+                        origin,
+                        target,
+                        droppable,
+                        wire,
+                    }) => {
+                        assert_eq!(origin, 7);
+                        assert_eq!(&target, t);
+                        assert_eq!(droppable, f.is_droppable());
+                        assert_eq!(wire, f.wire());
+                    }
+                    other => panic!("{other:?}"),
+                }
+            }
+        }
+        assert_eq!(
+            decode(&encode_canary(7, 42)),
+            Ok(Inbound::Canary {
+                origin: 7,
+                nonce: 42
+            })
+        );
+    }
+
+    #[test]
+    fn malformed_envelopes_are_refused_never_panic() {
+        let env = encode(
+            7,
+            &Target::User {
+                user: "alice".into(),
+                except: Some(conn(1)),
+            },
+            &Frame::text_from_json(b"{}", 0),
+        );
+        // Every truncation is refused or decodes to a shorter frame, and no byte flip panics.
+        for n in 0..env.len() {
+            let _ = decode(&env[..n]);
+        }
+        for i in 0..env.len() {
+            for x in [0x01u8, 0x80, 0xff] {
+                let mut e = env.clone();
+                e[i] ^= x;
+                let _ = decode(&e);
+            }
+        }
+        assert_eq!(decode(b""), Err(Malformed("truncated")));
+        assert_eq!(
+            decode(&[2, 0, 0, 0, 0, 0, 0]),
+            Err(Malformed("unknown envelope version"))
+        );
+        assert_eq!(
+            decode(&[VERSION, 0, 0, 0, 0, 9, 0, 0x81, 0]),
+            Err(Malformed("unknown target kind"))
+        );
+    }
+
+    #[test]
+    fn channels_name_their_target_and_carry_a_hash_tag() {
+        let c = Channels::new("sb:");
+        assert_eq!(&*c.room("lobby"), "sb:{room:lobby}");
+        assert_eq!(&*c.user("alice"), "sb:{user:alice}");
+        assert_eq!(&*c.topic("presence:bob"), "sb:{topic:presence:bob}");
+        assert_eq!(&*c.all(), "sb:{all}");
+        assert_eq!(&*c.node(0xab), "sb:{node:000000ab}");
+        assert_eq!(c.of(&Target::Conn(conn(5)), 5), None);
+        assert_eq!(
+            c.of(&Target::Conn(conn(5)), 6).as_deref(),
+            Some("sb:{node:00000005}")
+        );
+        // The room's channel and a key tagged the same way share a slot.
+        assert_eq!(slot(b"sb:{room:lobby}"), slot(b"sb:{room:lobby}:h"));
+        // Known slots (redis-cli CLUSTER KEYSLOT).
+        assert_eq!(slot(b"foo"), 12182);
+        assert_eq!(slot(b"{user1000}.following"), slot(b"{user1000}.followers"));
+        assert_eq!(slot(b"foo{}{bar}"), crc16(b"foo{}{bar}") % 16384);
+    }
+
+    #[test]
+    fn room_channels_spread_evenly_over_slots_and_masters() {
+        // 100,000 room names over 3 and 16 equal masters: every master within 3 % of its share
+        // (docs/CONFIG.md records the spread).
+        let c = Channels::new("sb:");
+        for masters in [3usize, 16] {
+            let mut per = vec![0usize; masters];
+            for i in 0..100_000 {
+                let s = slot(c.room(&format!("room-{i}")).as_bytes()) as usize;
+                per[s * masters / 16384] += 1;
+            }
+            let share = 100_000 / masters;
+            for n in &per {
+                assert!(n.abs_diff(share) * 100 < share * 3, "{masters}: {per:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn subscriptions_converge_over_flushes_and_reconnects() {
+        let mut s = Subscriptions::default();
+        let a: Arc<str> = "a".into();
+        let b: Arc<str> = "b".into();
+        s.set(a.clone(), true);
+        s.set(b.clone(), true);
+        let c = s.changes(1);
+        assert_eq!(c.subscribe.len(), 1);
+        s.confirm(&c);
+        let c2 = s.changes(10);
+        assert_eq!(c2.subscribe.len(), 1);
+        s.confirm(&c2);
+        assert_eq!((s.expected(), s.held()), (2, 2));
+        // Wanted then unwanted before a flush: nothing to send.
+        let x: Arc<str> = "x".into();
+        s.set(x.clone(), true);
+        s.set(x.clone(), false);
+        assert!(s.changes(10).is_empty());
+        // Unwanted: unsubscribed.
+        s.set(a.clone(), false);
+        let c3 = s.changes(10);
+        assert_eq!(c3.unsubscribe, vec![a.clone()]);
+        // The connection failed before the confirmation: after the reconnect only b is sent.
+        s.failed(&c3);
+        s.reset();
+        let c4 = s.changes(10);
+        assert_eq!(c4.subscribe, vec![b.clone()]);
+        assert!(c4.unsubscribe.is_empty());
+        s.confirm(&c4);
+        assert_eq!((s.expected(), s.held()), (1, 1));
+        assert!(!s.has_changes());
+    }
+
+    #[test]
+    fn backoff_doubles_to_its_cap_with_jitter() {
+        let mut b = Backoff::new(Duration::from_secs(1), 99);
+        let waits: Vec<Duration> = (0..8).map(|_| b.wait()).collect();
+        assert!(waits[0] >= Duration::from_millis(25) && waits[0] <= Duration::from_millis(50));
+        for w in &waits[5..] {
+            assert!(
+                *w >= Duration::from_millis(500) && *w <= Duration::from_secs(1),
+                "{w:?}"
+            );
+        }
+        b.reset();
+        assert!(b.wait() <= Duration::from_millis(50));
+        let mut other = Backoff::new(Duration::from_secs(1), 100);
+        let theirs: Vec<Duration> = (0..8).map(|_| other.wait()).collect();
+        assert_ne!(waits, theirs);
+    }
+
+    #[test]
+    fn urls_are_checked_and_passwords_never_shown() {
+        assert_eq!(
+            parse_redis_urls("redis://127.0.0.1:6379", false).unwrap(),
+            vec!["redis://127.0.0.1:6379"]
+        );
+        assert_eq!(
+            parse_redis_urls("redis://a:1, redis://b:2", true)
+                .unwrap()
+                .len(),
+            2
+        );
+        assert!(parse_redis_urls("redis://a:1,redis://b:2", false)
+            .unwrap_err()
+            .contains("redis_cluster"));
+        let e = parse_redis_urls("rediss://:hunter2@host:6380", false).unwrap_err();
+        assert!(e.contains("not built in") && !e.contains("hunter2"), "{e}");
+        let e = parse_redis_urls("http://:hunter2@host", false).unwrap_err();
+        assert!(!e.contains("hunter2"), "{e}");
+        assert_eq!(redact("redis://:pw@h:1/0"), "redis://<redacted>@h:1/0");
+        assert_eq!(redact("redis://h:1"), "redis://h:1");
+    }
+}
