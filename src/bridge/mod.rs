@@ -1,6 +1,6 @@
 //! The bridge: the one thread per node that talks to everything outside the node: the message
-//! store ([`store`]: in memory, or PostgreSQL), and the Redis and Kafka clients to come, with
-//! reconnects and capped backoff. It runs a tokio current-thread runtime; shards never run on
+//! store ([`store`]: in memory, or PostgreSQL), Redis ([`redis`]: the other nodes of a
+//! cluster) and Kafka ([`kafka`], [`notify`]), with reconnects and capped backoff. It runs a tokio current-thread runtime; shards never run on
 //! it and never block on it.
 //!
 //! Shards `try_send` into its bounded inbox (a tokio channel: its slots are allocated as they
@@ -9,13 +9,15 @@
 //! node's connections go to the shards [`recipient_shards`] names (the plan the shards use),
 //! held back in order for a shard whose inbox is full (`store::deliver`).
 //!
-//! With no Redis or Kafka configured, `clustered` is false: shards send it only store jobs
-//! (direct messages, `sync`, receipts, the REST API), never room traffic.
+//! With no Redis configured, `clustered` is false: shards send it only store jobs (direct
+//! messages, `sync`, receipts, the REST API), never room traffic, and nothing of [`redis`]
+//! exists.
 
 pub mod http_client;
 pub mod kafka;
 pub mod notify;
 pub mod proxy;
+pub mod redis;
 pub mod store;
 
 use std::sync::atomic::Ordering;
@@ -42,6 +44,8 @@ pub enum BridgeMsg {
     Room { room: Arc<str>, t: Transition },
     /// A user's first device on this node arrived, or the last one left (same caveat).
     User { user: Arc<str>, t: Transition },
+    /// A topic's first member on this node arrived, or the last one left (same caveat).
+    Topic { topic: Arc<str>, t: Transition },
     /// Work for the message store (boxed: jobs are larger than the other variants).
     Store(Box<StoreJob>),
     /// A call to the auth service or a custom-type backend ([`proxy`]; boxed like `Store`).

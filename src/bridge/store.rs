@@ -255,6 +255,8 @@ struct Ctx<S> {
     last_failure_log: Cell<Option<tokio::time::Instant>>,
     /// The Kafka producer of durable DMs (`kafka_brokers` set): acks wait for it too.
     kafka: Option<durable::KafkaSink>,
+    /// The other nodes (`redis_url` set): deliveries made here reach their devices too.
+    redis: Option<Rc<super::redis::Redis>>,
     /// Threads' participants, for typing and receipts to stored conversations.
     members: RefCell<conv::Cache>,
     /// Typing events waiting, in arrival order, for their conversation's participants to be
@@ -284,6 +286,11 @@ async fn serve<S: Store + 'static>(
 ) {
     let node_shards = node.inboxes.len();
     let kafka = kafka_sink(&node);
+    let redis = node.cfg.redis_url.as_deref().map(|u| {
+        // Validated with the config: a URL list that parses.
+        let urls = crate::cluster::parse_redis_urls(u, node.cfg.redis_cluster).unwrap_or_default();
+        super::redis::Redis::new(node.clone(), urls)
+    });
     let ctx = Rc::new(Ctx {
         shards: Shards {
             inboxes: node.inboxes.clone(),
@@ -304,8 +311,20 @@ async fn serve<S: Store + 'static>(
         unlogged_failures: Cell::new(0),
         last_failure_log: Cell::new(None),
         kafka,
+        redis,
         members: RefCell::new(conv::Cache::default()),
         typing_waiting: RefCell::new(conv::Waiting::default()),
+    });
+    let redis_tasks = ctx.redis.as_ref().map(|r| {
+        // Received deliveries go to this node's shards only, through the ordered backlog
+        // (never published again). Weak: the store context owns the Redis clients.
+        let weak = Rc::downgrade(&ctx);
+        r.set_deliver(Box::new(move |target, frame| {
+            if let Some(ctx) = weak.upgrade() {
+                deliver_here(&ctx, target, frame);
+            }
+        }));
+        r.start()
     });
     let writer = tokio::task::spawn_local(writer(ctx.clone()));
     let kafka_tasks = ctx.kafka.as_ref().map(|k| {
@@ -331,8 +350,27 @@ async fn serve<S: Store + 'static>(
             match msg {
                 BridgeMsg::Store(job) => accept(&ctx, *job),
                 BridgeMsg::Proxy(job) => super::proxy::accept(&proxy, *job),
-                // Single node: nothing to forward or subscribe to (the Redis bridge will).
-                BridgeMsg::Deliver { .. } | BridgeMsg::Room { .. } | BridgeMsg::User { .. } => {}
+                // Only sent while clustered (redis_url set).
+                BridgeMsg::Deliver { target, frame } => {
+                    if let Some(r) = &ctx.redis {
+                        r.publish(&target, &frame);
+                    }
+                }
+                BridgeMsg::Room { room, t } => {
+                    if let Some(r) = &ctx.redis {
+                        r.room(&room, t);
+                    }
+                }
+                BridgeMsg::User { user, t } => {
+                    if let Some(r) = &ctx.redis {
+                        r.user(&user, t);
+                    }
+                }
+                BridgeMsg::Topic { topic, t } => {
+                    if let Some(r) = &ctx.redis {
+                        r.topic(&topic, t);
+                    }
+                }
                 BridgeMsg::Shutdown => break 'outer,
             }
         }
@@ -376,6 +414,9 @@ async fn serve<S: Store + 'static>(
     }
     writer.abort();
     retry.abort();
+    for t in redis_tasks.into_iter().flatten() {
+        t.abort();
+    }
     if let Some(n) = notify {
         n.abort();
     }
@@ -667,10 +708,19 @@ fn live<S>(
     }
 }
 
+/// Deliver `frame` to every recipient of `target`: on this node's shards
+/// ([`deliver_here`]) and, clustered, on the other nodes (one envelope to Redis).
+fn deliver<S>(ctx: &Ctx<S>, target: Target, frame: &Frame) {
+    if let Some(r) = &ctx.redis {
+        r.publish(&target, frame);
+    }
+    deliver_here(ctx, target, frame);
+}
+
 /// Hand `frame` to every shard of this node holding recipients of `target`, through the
 /// backlog: a shard with messages held back gets this one after them, so what one shard
 /// receives from the bridge stays in order.
-fn deliver<S>(ctx: &Ctx<S>, target: Target, frame: &Frame) {
+fn deliver_here<S>(ctx: &Ctx<S>, target: Target, frame: &Frame) {
     let mut bits = super::recipient_shards(&ctx.shards, &ctx.node.dir, &target);
     while bits != 0 {
         let shard = bits.trailing_zeros() as usize;

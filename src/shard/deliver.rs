@@ -207,7 +207,8 @@ impl Shard {
         let key = self.topics.key(topic).unwrap_or_else(|| Arc::from(topic));
         list.push(key.clone());
         if self.topics.add(&key, slot) {
-            self.node.dir.topics.arrive(&key, self.id);
+            let t = self.node.dir.topics.arrive(&key, self.id);
+            self.report_topic(key, t);
         }
         true
     }
@@ -225,9 +226,21 @@ impl Shard {
             self.topics_of.remove(&slot);
         }
         if self.topics.remove(&key, slot) {
-            self.node.dir.topics.depart(&key, self.id);
+            let t = self.node.dir.topics.depart(&key, self.id);
+            self.report_topic(key, t);
         }
         true
+    }
+
+    /// Tell the bridge a topic's node-level first member arrived or its last one left (it
+    /// holds the topic's channel only while this node has members).
+    fn report_topic(&mut self, topic: Arc<str>, t: crate::directory::Transition) {
+        if t != crate::directory::Transition::None && self.node.clustered {
+            let msg = BridgeMsg::Topic { topic, t };
+            if self.node.bridge_tx.try_send(msg).is_err() {
+                self.out.stats.bridge_dropped += 1;
+            }
+        }
     }
 
     /// Topics `slot` is a member of.
@@ -242,7 +255,8 @@ impl Shard {
         };
         for key in list {
             if self.topics.remove(&key, slot) {
-                self.node.dir.topics.depart(&key, self.id);
+                let t = self.node.dir.topics.depart(&key, self.id);
+                self.report_topic(key, t);
             }
         }
     }

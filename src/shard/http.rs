@@ -554,7 +554,14 @@ fn endpoint(node: &Node, r: Route) -> (Status, &'static str, Vec<u8>) {
         }
         Route::Live => (Status::OK, json, b"{\"status\":\"alive\"}".to_vec()),
         Route::Ready => match node.ready() {
-            Ok(()) => (Status::OK, json, b"{\"status\":\"ready\"}".to_vec()),
+            Ok(()) => match node.redis_degraded() {
+                // redis_ready_when_degraded: serving this node's clients, and saying so.
+                Some(why) => {
+                    let body = format!("{{\"status\":\"ready\",\"degraded\":\"{why}\"}}");
+                    (Status::OK, json, body.into_bytes())
+                }
+                None => (Status::OK, json, b"{\"status\":\"ready\"}".to_vec()),
+            },
             Err(why) => {
                 let body = format!("{{\"status\":\"not ready\",\"reason\":\"{why}\"}}");
                 (Status::SERVICE_UNAVAILABLE, json, body.into_bytes())
@@ -575,6 +582,9 @@ fn endpoint(node: &Node, r: Route) -> (Status, &'static str, Vec<u8>) {
             });
             let mut text = text;
             let cfg = &node.cfg;
+            if cfg.redis_url.is_some() {
+                crate::bridge::redis::prometheus_lines(&node.redis_stats, &mut text);
+            }
             if cfg.auth_mode == AuthMode::Service || !cfg.rpc_routes.is_empty() {
                 crate::bridge::proxy::render(&node.proxy_stats, &mut text);
             }

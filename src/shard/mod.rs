@@ -144,12 +144,15 @@ pub struct Node {
     pub draining: AtomicBool,
     /// Set once when a shard thread dies: the node is going down (see `server`).
     pub failed: std::sync::OnceLock<String>,
-    /// False while a configured Redis or Kafka is unreachable (none exists yet: always true).
+    /// False when the bridge thread could not start its runtime.
     pub bridge_healthy: Arc<AtomicBool>,
     pub bridge_tx: crate::bridge::BridgeTx,
-    /// Whether other nodes exist to forward room traffic to (false: shards send the bridge
-    /// store jobs only).
+    /// Whether other nodes may exist (`redis_url` set): deliveries that may have recipients
+    /// elsewhere go to the bridge too (false: shards send the bridge store jobs only).
     pub clustered: bool,
+    /// The Redis clients' counters, kept by the bridge; with Redis configured, `up` is part
+    /// of readiness.
+    pub redis_stats: crate::bridge::redis::RedisStats,
     /// The message store's counters, kept by the bridge; `up` is its readiness.
     pub store_stats: crate::bridge::store::StoreStats,
     /// The Kafka clients' counters, kept by the bridge; with Kafka configured, `up` is part of
@@ -177,6 +180,14 @@ impl Node {
         self.epoch.elapsed().as_micros() as u64
     }
 
+    /// Why a configured Redis does not serve the cluster now (a connection down, or the
+    /// canary late); None when it does or none is configured.
+    pub fn redis_degraded(&self) -> Option<&'static str> {
+        let r = &self.redis_stats;
+        (r.configured.load(Ordering::Relaxed) && r.up.load(Ordering::Relaxed) == 0)
+            .then_some("redis unavailable")
+    }
+
     /// /ready: not draining, no shard dead, and every configured backend up.
     pub fn ready(&self) -> Result<(), &'static str> {
         if self.failed.get().is_some() {
@@ -187,6 +198,8 @@ impl Node {
             Err("message store unavailable")
         } else if self.kafka_stats.configured.load(Ordering::Relaxed) && !self.kafka_stats.is_up() {
             Err("kafka unavailable")
+        } else if self.redis_degraded().is_some() && !self.cfg.redis_ready_when_degraded {
+            Err("redis unavailable")
         } else if !self.bridge_healthy.load(Ordering::Relaxed) {
             Err("backend unavailable")
         } else {

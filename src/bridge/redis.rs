@@ -1,0 +1,701 @@
+//! The Redis side of the bridge: what joins this node to the others. It owns every Redis
+//! connection of the node, on the bridge's runtime; shards never see them.
+//!
+//! - **Publishing.** A delivery whose recipients may be on other nodes (from a shard through
+//!   `BridgeMsg::Deliver`, or made here by the store: a DM's `message.create`, a
+//!   notification) becomes one [`crate::cluster`] envelope on one channel, queued in
+//!   [`Redis::publish`]. One publisher task drains the queue in pipelines of at most
+//!   [`PIPELINE_MAX`] `PUBLISH` commands, one pipeline in flight: one round trip carries
+//!   hundreds of messages. The queue holds at most `redis_queue_max` messages: while Redis is
+//!   slow or down it fills, then newer messages are dropped and counted
+//!   (`switchboard_redis_dropped_total`); what waits is published once Redis is back.
+//! - **Subscribing.** One subscriber connection (RESP3; Redis pushes arrive through the
+//!   client's callback into a bounded channel, [`INBOUND_MAX`], then to [`Redis::inbound`]),
+//!   holding a room's channel only while this node has a subscriber of the room (the
+//!   directory's node-level transitions), a user's channel while it has one of the user's
+//!   devices, a topic's while it has a member, and always the broadcast and this node's own
+//!   channel. Changes are sent in batches ([`SUBSCRIBE_BATCH_MAX`] channels per command).
+//!   A received envelope is handed to this node's shards with recipients, through the
+//!   store's ordered backlog, as the frame its origin encoded (one copy, no re-encoding).
+//! - **Faults.** A failed connection is made again after a capped, jittered backoff
+//!   ([`crate::cluster::Backoff`], `redis_reconnect_max`); a new subscriber connection
+//!   subscribes everything the node needs again. A canary published to the node's own
+//!   channel every `redis_canary_interval` proves the subscription still delivers; none back
+//!   within `redis_canary_timeout` (the connection alive but deaf, as after a failover) makes
+//!   the node drop that connection and subscribe again on a new one. `/ready` answers 503 while
+//!   either connection is down or the canary is late, unless `redis_ready_when_degraded`.
+//!
+//! Nothing here runs per recipient; per message it is one envelope copy out and one frame
+//! copy in. Without `redis_url` nothing here exists.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::fmt::Write as _;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, ProtocolVersion, PushInfo, PushKind, Value};
+use tokio::sync::{mpsc, Notify};
+use tokio::time::Instant;
+
+use crate::cluster::{self, Backoff, Channels, Inbound, Subscriptions};
+use crate::directory::Transition;
+use crate::proto::envelope::droppable;
+use crate::proto::Frame;
+use crate::route::Target;
+use crate::shard::Node;
+
+/// Most `PUBLISH` commands in one pipeline (one round trip).
+pub const PIPELINE_MAX: usize = 512;
+
+/// Most channels in one `SUBSCRIBE` or `UNSUBSCRIBE` command.
+pub const SUBSCRIBE_BATCH_MAX: usize = 1024;
+
+/// Pushes (messages) from the subscriber connection waiting for [`Redis::inbound`]; past it
+/// they are dropped and counted (`switchboard_redis_inbound_dropped_total`).
+pub const INBOUND_MAX: usize = 65_536;
+
+/// The client's own command channel between a connection handle and its driver task
+/// (`pipeline_buffer_size`): one pipeline or one (un)subscribe at a time uses one slot.
+pub const CLIENT_PIPELINE_BUFFER: usize = 64;
+
+/// The client's write buffer flush threshold (`write_backpressure_boundary`): a pipeline of
+/// [`PIPELINE_MAX`] small envelopes is written in a few calls.
+pub const CLIENT_WRITE_BOUNDARY: usize = 256 * 1024;
+
+/// Least time between two log lines about Redis errors.
+pub const ERROR_LOG_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Counters and gauges of the Redis clients, kept by the bridge, rendered by `/metrics`.
+#[derive(Default)]
+pub struct RedisStats {
+    /// True when `redis_url` is set (then `up` is part of readiness).
+    pub configured: AtomicBool,
+    /// 1 while both connections are up and the canary is on time.
+    pub up: AtomicU64,
+    /// Envelopes Redis took (`PUBLISH` answered).
+    pub published: AtomicU64,
+    /// Envelopes of pipelines that failed (Redis may or may not have published them).
+    pub publish_failed: AtomicU64,
+    /// Envelopes dropped because `redis_queue_max` were waiting.
+    pub dropped: AtomicU64,
+    /// Envelopes waiting to be published now.
+    pub queued: AtomicU64,
+    /// Envelopes received from other nodes and handed to this node's shards.
+    pub received: AtomicU64,
+    /// Envelopes that could not be decoded.
+    pub malformed: AtomicU64,
+    /// Pushes dropped because [`INBOUND_MAX`] were waiting.
+    pub inbound_dropped: AtomicU64,
+    /// Connections made again after a failure (both kinds).
+    pub reconnects: AtomicU64,
+    /// Canaries not back within `redis_canary_timeout` (each makes the node resubscribe).
+    pub canary_missed: AtomicU64,
+    /// Round trip of the last canary, µs.
+    pub canary_rtt_us: AtomicU64,
+    /// Channels this node needs, and the ones Redis has confirmed.
+    pub subs_expected: AtomicU64,
+    pub subs_held: AtomicU64,
+}
+
+/// How a received delivery reaches this node's shards (set by the store, which owns the
+/// ordered backlog).
+pub type DeliverHere = Box<dyn Fn(Target, &Frame)>;
+
+/// One envelope waiting to be published.
+struct Out {
+    channel: Arc<str>,
+    payload: Vec<u8>,
+}
+
+/// The node's Redis clients and what they share.
+pub struct Redis {
+    node: Arc<Node>,
+    urls: Vec<String>,
+    ch: Channels,
+    queue: RefCell<VecDeque<Out>>,
+    wake_pub: Notify,
+    subs: RefCell<Subscriptions>,
+    wake_sub: Notify,
+    /// The subscriber connection is lost (a disconnection push, or a late canary).
+    lost: Notify,
+    /// Generation of the subscriber connection: pushes of an older one are ignored.
+    sub_gen: Cell<u64>,
+    pub_up: Cell<bool>,
+    sub_up: Cell<bool>,
+    /// The canary is late (the subscription may deliver nothing).
+    deaf: Cell<bool>,
+    canary_nonce: Cell<u64>,
+    canary_sent: Cell<Option<(u64, Instant)>>,
+    /// When a canary last came back (or the subscriber connection was made).
+    canary_back: Cell<Instant>,
+    last_error_log: Cell<Option<Instant>>,
+    unlogged_errors: Cell<u64>,
+    /// Hands a received delivery to this node's shards (the store's ordered backlog).
+    deliver: RefCell<Option<DeliverHere>>,
+}
+
+impl Redis {
+    /// The node's Redis clients for `urls` (from `redis_url`); nothing connects until
+    /// [`Redis::start`].
+    pub fn new(node: Arc<Node>, urls: Vec<String>) -> Rc<Redis> {
+        node.redis_stats.configured.store(true, Ordering::Relaxed);
+        let ch = Channels::new(&node.cfg.redis_prefix);
+        let mut subs = Subscriptions::default();
+        subs.set(ch.all(), true);
+        subs.set(ch.node(node.id), true);
+        Rc::new(Redis {
+            ch,
+            urls,
+            queue: RefCell::new(VecDeque::new()),
+            wake_pub: Notify::new(),
+            subs: RefCell::new(subs),
+            wake_sub: Notify::new(),
+            lost: Notify::new(),
+            sub_gen: Cell::new(0),
+            pub_up: Cell::new(false),
+            sub_up: Cell::new(false),
+            deaf: Cell::new(false),
+            canary_nonce: Cell::new(0),
+            canary_sent: Cell::new(None),
+            canary_back: Cell::new(Instant::now()),
+            last_error_log: Cell::new(None),
+            unlogged_errors: Cell::new(0),
+            deliver: RefCell::new(None),
+            node,
+        })
+    }
+
+    /// Set how received deliveries reach this node's shards.
+    pub fn set_deliver(&self, f: DeliverHere) {
+        *self.deliver.borrow_mut() = Some(f);
+    }
+
+    /// Start the publisher, subscriber and canary tasks on the current `LocalSet`.
+    pub fn start(self: &Rc<Self>) -> Vec<tokio::task::JoinHandle<()>> {
+        tracing::info!(
+            redis = %self.urls.iter().map(|u| cluster::redact(u)).collect::<Vec<_>>().join(","),
+            node = format_args!("{:08x}", self.node.id),
+            "redis: this node joins the cluster (room, user and broadcast traffic crosses nodes through Redis pub/sub)"
+        );
+        let (tx, rx) = mpsc::channel(INBOUND_MAX);
+        vec![
+            tokio::task::spawn_local(self.clone().publisher()),
+            tokio::task::spawn_local(self.clone().subscriber(tx)),
+            tokio::task::spawn_local(self.clone().inbound(rx)),
+            tokio::task::spawn_local(self.clone().canary()),
+        ]
+    }
+
+    /// Queue a delivery to `target` for the other nodes. Dropped (counted) when
+    /// `redis_queue_max` envelopes wait already.
+    pub fn publish(&self, target: &Target, frame: &Frame) {
+        let Some(channel) = self.ch.of(target, self.node.id) else {
+            return;
+        };
+        let mut q = self.queue.borrow_mut();
+        if q.len() >= self.node.cfg.redis_queue_max {
+            self.node
+                .redis_stats
+                .dropped
+                .fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        q.push_back(Out {
+            channel,
+            payload: cluster::encode(self.node.id, target, frame),
+        });
+        self.node
+            .redis_stats
+            .queued
+            .store(q.len() as u64, Ordering::Relaxed);
+        if q.len() == 1 {
+            self.wake_pub.notify_one();
+        }
+    }
+
+    /// A room's, user's or topic's node-level first member arrived or its last left: hold its
+    /// channel while the node has members (re-read from the directory: two shards' reports
+    /// may arrive in either order).
+    pub fn room(&self, room: &str, _t: Transition) {
+        let want = self.node.dir.room_shards(room) != 0;
+        self.want(self.ch.room(room), want);
+    }
+
+    pub fn user(&self, user: &str, _t: Transition) {
+        let want = self.node.dir.user_shards(user) != 0;
+        self.want(self.ch.user(user), want);
+    }
+
+    pub fn topic(&self, topic: &str, _t: Transition) {
+        let want = self.node.dir.topics.shards(topic) != 0;
+        self.want(self.ch.topic(topic), want);
+    }
+
+    fn want(&self, channel: Arc<str>, want: bool) {
+        let mut s = self.subs.borrow_mut();
+        s.set(channel, want);
+        self.node
+            .redis_stats
+            .subs_expected
+            .store(s.expected() as u64, Ordering::Relaxed);
+        if s.has_changes() {
+            self.wake_sub.notify_one();
+        }
+    }
+
+    fn update_up(&self) {
+        let up = self.pub_up.get() && self.sub_up.get() && !self.deaf.get();
+        self.node
+            .redis_stats
+            .up
+            .store(u64::from(up), Ordering::Relaxed);
+    }
+
+    /// Log a Redis error, at most one line per [`ERROR_LOG_INTERVAL`] (a Redis that is down
+    /// fails every attempt).
+    fn log_error(&self, what: &str, e: &dyn std::fmt::Display) {
+        let now = Instant::now();
+        if self
+            .last_error_log
+            .get()
+            .is_some_and(|t| now.duration_since(t) < ERROR_LOG_INTERVAL)
+        {
+            self.unlogged_errors.set(self.unlogged_errors.get() + 1);
+            return;
+        }
+        let more = self.unlogged_errors.replace(0);
+        self.last_error_log.set(Some(now));
+        tracing::warn!(error = %e, more_errors = more, "redis: {what}");
+    }
+
+    /// A connection to the first URL that answers, with every client option set. With
+    /// `push`, the connection speaks RESP3 and hands every push (pub/sub messages, its own
+    /// disconnection) to that channel, tagged with `gen`.
+    async fn connect(
+        &self,
+        push: Option<(mpsc::Sender<(u64, PushInfo)>, u64)>,
+    ) -> redis::RedisResult<MultiplexedConnection> {
+        let cfg = &self.node.cfg;
+        let mut last = None;
+        for url in &self.urls {
+            let info = redis::IntoConnectionInfo::into_connection_info(url.as_str())?;
+            let protocol = if push.is_some() {
+                ProtocolVersion::RESP3
+            } else {
+                ProtocolVersion::RESP2
+            };
+            let redis_settings = info.redis_settings().clone().set_protocol(protocol);
+            let info = info.set_redis_settings(redis_settings).set_tcp_settings(
+                redis::io::tcp::TcpSettings::default()
+                    // Pipelines and canaries are latency-bound: never wait on Nagle.
+                    .set_nodelay(true)
+                    // A peer that vanished without a FIN (a killed VM) is noticed by the
+                    // kernel: data unacknowledged for redis_timeout fails the socket, and an
+                    // idle one is probed.
+                    .set_user_timeout(cfg.redis_timeout)
+                    .set_keepalive(
+                        socket2::TcpKeepalive::new()
+                            .with_time(Duration::from_secs(10))
+                            .with_interval(Duration::from_secs(2))
+                            .with_retries(3),
+                    ),
+            );
+            let client = redis::Client::open(info)?;
+            let mut conf = AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(cfg.redis_timeout))
+                .set_response_timeout(Some(cfg.redis_timeout))
+                .set_pipeline_buffer_size(CLIENT_PIPELINE_BUFFER)
+                .set_write_backpressure_boundary(CLIENT_WRITE_BOUNDARY);
+            if let Some((tx, gen)) = &push {
+                let (tx, gen, node) = (tx.clone(), *gen, self.node.clone());
+                conf = conf.set_push_sender(move |p: PushInfo| -> Result<(), ()> {
+                    if tx.try_send((gen, p)).is_err() {
+                        node.redis_stats
+                            .inbound_dropped
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(())
+                });
+            }
+            match client
+                .get_multiplexed_async_connection_with_config(&conf)
+                .await
+            {
+                Ok(c) => return Ok(c),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| redis::RedisError::from((redis::ErrorKind::Io, "no URL"))))
+    }
+
+    /// Publish what is queued, one pipeline at a time; reconnect after a failure.
+    async fn publisher(self: Rc<Self>) {
+        let stats = &self.node.redis_stats;
+        let timeout = self.node.cfg.redis_timeout;
+        let mut backoff = Backoff::new(self.node.cfg.redis_reconnect_max, u64::from(self.node.id));
+        let mut first = true;
+        let mut batch: Vec<Out> = Vec::with_capacity(PIPELINE_MAX);
+        loop {
+            let mut conn = match self.connect(None).await {
+                Ok(c) => c,
+                Err(e) => {
+                    self.log_error("cannot connect the publisher", &e);
+                    tokio::time::sleep(backoff.wait()).await;
+                    continue;
+                }
+            };
+            if !first {
+                stats.reconnects.fetch_add(1, Ordering::Relaxed);
+                tracing::info!("redis: publisher connected again");
+            }
+            first = false;
+            backoff.reset();
+            self.pub_up.set(true);
+            self.update_up();
+            loop {
+                if self.queue.borrow().is_empty() {
+                    self.wake_pub.notified().await;
+                    continue;
+                }
+                {
+                    let mut q = self.queue.borrow_mut();
+                    let n = q.len().min(PIPELINE_MAX);
+                    batch.extend(q.drain(..n));
+                    stats.queued.store(q.len() as u64, Ordering::Relaxed);
+                }
+                let mut pipe = redis::pipe();
+                for o in &batch {
+                    pipe.cmd("PUBLISH")
+                        .arg(&*o.channel)
+                        .arg(&o.payload[..])
+                        .ignore();
+                }
+                let n = batch.len() as u64;
+                let r = tokio::time::timeout(timeout, pipe.exec_async(&mut conn)).await;
+                batch.clear();
+                match r {
+                    Ok(Ok(())) => {
+                        stats.published.fetch_add(n, Ordering::Relaxed);
+                    }
+                    Ok(Err(e)) => {
+                        stats.publish_failed.fetch_add(n, Ordering::Relaxed);
+                        self.log_error("publish failed", &e);
+                        break;
+                    }
+                    Err(_) => {
+                        stats.publish_failed.fetch_add(n, Ordering::Relaxed);
+                        self.log_error("publish failed", &"timed out (redis_timeout)");
+                        break;
+                    }
+                }
+            }
+            self.pub_up.set(false);
+            self.update_up();
+            tokio::time::sleep(backoff.wait()).await;
+        }
+    }
+
+    /// Keep one subscriber connection holding every channel the node needs.
+    async fn subscriber(self: Rc<Self>, tx: mpsc::Sender<(u64, PushInfo)>) {
+        let stats = &self.node.redis_stats;
+        let timeout = self.node.cfg.redis_timeout;
+        let mut backoff = Backoff::new(
+            self.node.cfg.redis_reconnect_max,
+            u64::from(self.node.id).rotate_left(17),
+        );
+        let mut first = true;
+        loop {
+            let gen = self.sub_gen.get();
+            let mut conn = match self.connect(Some((tx.clone(), gen))).await {
+                Ok(c) => c,
+                Err(e) => {
+                    self.sub_gen.set(gen + 1);
+                    self.log_error("cannot connect the subscriber", &e);
+                    tokio::time::sleep(backoff.wait()).await;
+                    continue;
+                }
+            };
+            let first_connection = first;
+            if !first {
+                stats.reconnects.fetch_add(1, Ordering::Relaxed);
+            }
+            first = false;
+            backoff.reset();
+            self.subs.borrow_mut().reset();
+            stats.subs_held.store(0, Ordering::Relaxed);
+            let mut subscribed_all = false;
+            'conn: loop {
+                // Bring Redis in line with what is wanted, a batch at a time.
+                loop {
+                    let c = self.subs.borrow_mut().changes(SUBSCRIBE_BATCH_MAX);
+                    if c.is_empty() {
+                        break;
+                    }
+                    let r = tokio::time::timeout(timeout, async {
+                        if !c.subscribe.is_empty() {
+                            let names: Vec<&str> = c.subscribe.iter().map(|s| &**s).collect();
+                            conn.subscribe(&names).await?;
+                        }
+                        if !c.unsubscribe.is_empty() {
+                            let names: Vec<&str> = c.unsubscribe.iter().map(|s| &**s).collect();
+                            conn.unsubscribe(&names).await?;
+                        }
+                        Ok::<(), redis::RedisError>(())
+                    })
+                    .await;
+                    let mut s = self.subs.borrow_mut();
+                    match r {
+                        Ok(Ok(())) => {
+                            s.confirm(&c);
+                            stats.subs_held.store(s.held() as u64, Ordering::Relaxed);
+                        }
+                        Ok(Err(e)) => {
+                            s.failed(&c);
+                            drop(s);
+                            self.log_error("subscribe failed", &e);
+                            break 'conn;
+                        }
+                        Err(_) => {
+                            s.failed(&c);
+                            drop(s);
+                            self.log_error("subscribe failed", &"timed out (redis_timeout)");
+                            break 'conn;
+                        }
+                    }
+                }
+                if !subscribed_all {
+                    // Up once everything the node needs is held again.
+                    subscribed_all = true;
+                    self.canary_back.set(Instant::now());
+                    self.canary_sent.set(None);
+                    self.sub_up.set(true);
+                    self.update_up();
+                    if !first_connection {
+                        tracing::info!(
+                            channels = self.subs.borrow().held(),
+                            "redis: subscriber connected again, every channel subscribed again"
+                        );
+                    }
+                }
+                tokio::select! {
+                    _ = self.wake_sub.notified() => {}
+                    _ = self.lost.notified() => break 'conn,
+                }
+            }
+            // Pushes of this connection (its disconnection among them) are stale from now on.
+            self.sub_gen.set(gen + 1);
+            self.sub_up.set(false);
+            self.update_up();
+            drop(conn);
+            tokio::time::sleep(backoff.wait()).await;
+        }
+    }
+
+    /// Hand what the subscriber connection receives to this node's shards.
+    async fn inbound(self: Rc<Self>, mut rx: mpsc::Receiver<(u64, PushInfo)>) {
+        let stats = &self.node.redis_stats;
+        let mut batch = Vec::with_capacity(256);
+        while rx.recv_many(&mut batch, 256).await > 0 {
+            for (gen, push) in batch.drain(..) {
+                if gen != self.sub_gen.get() {
+                    continue;
+                }
+                match push.kind {
+                    PushKind::Message | PushKind::SMessage => {
+                        // [channel, payload]
+                        let Some(Value::BulkString(payload)) = push.data.get(1) else {
+                            stats.malformed.fetch_add(1, Ordering::Relaxed);
+                            continue;
+                        };
+                        self.received_envelope(payload);
+                    }
+                    PushKind::Disconnection => self.lost.notify_one(),
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    fn received_envelope(&self, payload: &[u8]) {
+        let stats = &self.node.redis_stats;
+        match cluster::decode(payload) {
+            Ok(Inbound::Deliver {
+                origin,
+                target,
+                droppable: d,
+                wire,
+            }) => {
+                if origin == self.node.id {
+                    return; // our own publish, heard on a channel we hold
+                }
+                let born = self.node.now_us();
+                let frame = Frame::from_wire(wire, if d { droppable(born) } else { born });
+                stats.received.fetch_add(1, Ordering::Relaxed);
+                if let Some(f) = &*self.deliver.borrow() {
+                    f(target, &frame);
+                }
+            }
+            Ok(Inbound::Canary { origin, nonce }) => {
+                if origin != self.node.id {
+                    return;
+                }
+                let now = Instant::now();
+                if let Some((n, at)) = self.canary_sent.get() {
+                    if n == nonce {
+                        stats
+                            .canary_rtt_us
+                            .store(now.duration_since(at).as_micros() as u64, Ordering::Relaxed);
+                        self.canary_sent.set(None);
+                    }
+                }
+                self.canary_back.set(now);
+                if self.deaf.replace(false) {
+                    tracing::info!("redis: the canary is back; the subscription delivers again");
+                    self.update_up();
+                }
+            }
+            Err(_) => {
+                stats.malformed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Publish a canary to this node's channel every `redis_canary_interval`; one not back
+    /// within `redis_canary_timeout` means the subscription is deaf: subscribe again.
+    async fn canary(self: Rc<Self>) {
+        let cfg = &self.node.cfg;
+        let mut tick = tokio::time::interval(cfg.redis_canary_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let own = self.ch.node(self.node.id);
+        loop {
+            tick.tick().await;
+            if !(self.pub_up.get() && self.sub_up.get()) {
+                continue;
+            }
+            let now = Instant::now();
+            if now.duration_since(self.canary_back.get()) > cfg.redis_canary_timeout {
+                self.node
+                    .redis_stats
+                    .canary_missed
+                    .fetch_add(1, Ordering::Relaxed);
+                if !self.deaf.replace(true) {
+                    tracing::warn!(
+                        timeout = ?cfg.redis_canary_timeout,
+                        "redis: no canary came back; the subscriber connection delivers nothing: subscribing again on a new one"
+                    );
+                }
+                self.update_up();
+                self.canary_back.set(now);
+                self.lost.notify_one();
+                continue;
+            }
+            if self.canary_sent.get().is_none() {
+                let nonce = self.canary_nonce.get() + 1;
+                self.canary_nonce.set(nonce);
+                self.canary_sent.set(Some((nonce, now)));
+                // Ahead of the queue and past its bound: the canary measures the connection,
+                // and a full queue must not hide a deaf subscription.
+                let mut q = self.queue.borrow_mut();
+                q.push_front(Out {
+                    channel: own.clone(),
+                    payload: cluster::encode_canary(self.node.id, nonce),
+                });
+                if q.len() == 1 {
+                    self.wake_pub.notify_one();
+                }
+            }
+        }
+    }
+}
+
+/// The Redis lines of `/metrics`.
+pub fn prometheus_lines(s: &RedisStats, out: &mut String) {
+    let g = |v: &AtomicU64| v.load(Ordering::Relaxed);
+    let mut line = |name: &str, kind: &str, help: &str, v: u64| {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
+        );
+    };
+    line(
+        "switchboard_redis_up",
+        "gauge",
+        "1 while both Redis connections are up and the canary is on time",
+        g(&s.up),
+    );
+    line(
+        "switchboard_redis_published_total",
+        "counter",
+        "Envelopes Redis took (PUBLISH answered)",
+        g(&s.published),
+    );
+    line(
+        "switchboard_redis_publish_failed_total",
+        "counter",
+        "Envelopes of pipelines that failed (Redis may not have published them)",
+        g(&s.publish_failed),
+    );
+    line(
+        "switchboard_redis_dropped_total",
+        "counter",
+        "Envelopes dropped because redis_queue_max were waiting for Redis",
+        g(&s.dropped),
+    );
+    line(
+        "switchboard_redis_queued",
+        "gauge",
+        "Envelopes waiting to be published",
+        g(&s.queued),
+    );
+    line(
+        "switchboard_redis_received_total",
+        "counter",
+        "Envelopes from other nodes handed to this node's shards",
+        g(&s.received),
+    );
+    line(
+        "switchboard_redis_malformed_total",
+        "counter",
+        "Envelopes that could not be decoded",
+        g(&s.malformed),
+    );
+    line(
+        "switchboard_redis_inbound_dropped_total",
+        "counter",
+        "Pushes dropped because the inbound queue was full",
+        g(&s.inbound_dropped),
+    );
+    line(
+        "switchboard_redis_reconnects_total",
+        "counter",
+        "Redis connections made again after a failure",
+        g(&s.reconnects),
+    );
+    line(
+        "switchboard_redis_canary_missed_total",
+        "counter",
+        "Canaries not back within redis_canary_timeout (each makes the node subscribe again)",
+        g(&s.canary_missed),
+    );
+    line(
+        "switchboard_redis_subscriptions_expected",
+        "gauge",
+        "Channels this node needs held",
+        g(&s.subs_expected),
+    );
+    line(
+        "switchboard_redis_subscriptions_held",
+        "gauge",
+        "Channels Redis has confirmed on the subscriber connection",
+        g(&s.subs_held),
+    );
+    let _ = writeln!(
+        out,
+        "# HELP switchboard_redis_canary_rtt_seconds Round trip of the last canary through Redis\n# TYPE switchboard_redis_canary_rtt_seconds gauge\nswitchboard_redis_canary_rtt_seconds {:.6}",
+        g(&s.canary_rtt_us) as f64 / 1e6
+    );
+}
