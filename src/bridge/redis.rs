@@ -117,6 +117,9 @@ pub struct Redis {
     urls: Vec<String>,
     ch: Channels,
     queue: RefCell<VecDeque<Out>>,
+    /// A canary to publish ahead of the queue (outside its bound: a full queue must not
+    /// hide a deaf subscription, and the canary never takes a message's place).
+    canary_out: RefCell<Option<Out>>,
     wake_pub: Notify,
     subs: RefCell<Subscriptions>,
     wake_sub: Notify,
@@ -151,6 +154,7 @@ impl Redis {
             ch,
             urls,
             queue: RefCell::new(VecDeque::new()),
+            canary_out: RefCell::new(None),
             wake_pub: Notify::new(),
             subs: RefCell::new(subs),
             wake_sub: Notify::new(),
@@ -356,12 +360,16 @@ impl Redis {
             backoff.reset();
             self.pub_up.set(true);
             self.update_up();
+            let mut canaries;
             loop {
-                if self.queue.borrow().is_empty() {
+                if self.queue.borrow().is_empty() && self.canary_out.borrow().is_none() {
                     self.wake_pub.notified().await;
                     continue;
                 }
                 {
+                    // The canary first; counted apart from the messages.
+                    batch.extend(self.canary_out.borrow_mut().take());
+                    canaries = batch.len();
                     let mut q = self.queue.borrow_mut();
                     let n = q.len().min(PIPELINE_MAX);
                     batch.extend(q.drain(..n));
@@ -374,7 +382,7 @@ impl Redis {
                         .arg(&o.payload[..])
                         .ignore();
                 }
-                let n = batch.len() as u64;
+                let n = (batch.len() - canaries) as u64;
                 let r = tokio::time::timeout(timeout, pipe.exec_async(&mut conn)).await;
                 batch.clear();
                 match r {
@@ -597,16 +605,11 @@ impl Redis {
                 let nonce = self.canary_nonce.get() + 1;
                 self.canary_nonce.set(nonce);
                 self.canary_sent.set(Some((nonce, now)));
-                // Ahead of the queue and past its bound: the canary measures the connection,
-                // and a full queue must not hide a deaf subscription.
-                let mut q = self.queue.borrow_mut();
-                q.push_front(Out {
+                *self.canary_out.borrow_mut() = Some(Out {
                     channel: own.clone(),
                     payload: cluster::encode_canary(self.node.id, nonce),
                 });
-                if q.len() == 1 {
-                    self.wake_pub.notify_one();
-                }
+                self.wake_pub.notify_one();
             }
         }
     }
