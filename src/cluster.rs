@@ -15,6 +15,11 @@
 //! | `<p>{all}` | broadcasts | always |
 //! | `<p>{node:<hex id>}` | one connection of this node; the node's canary | always |
 //!
+//! **Keys** (presence across nodes, [`crate::bridge::redis`]): `<p>{user:<id>}:nodes` (the
+//! nodes holding the user present), `<p>{node:<hex>}:users` (the users a node holds),
+//! `<p>{node:<hex>}:alive` (a TTL the node's heartbeat renews), `<p>{node:<hex>}:reaper`
+//! (the lock of the one node reaping a dead node), `<p>nodes` (every node not reaped).
+//!
 //! **The envelope** is binary and starts with the version byte [`VERSION`]:
 //! `version, origin node (u32 LE), kind, flags, [except ConnRef], [name len u16 LE, name],
 //! wire bytes`. The wire bytes are the encoded WebSocket frame as the origin queued it, so a
@@ -127,6 +132,33 @@ impl Channels {
 
     pub fn node(&self, node: u32) -> Arc<str> {
         format!("{}{{node:{node:08x}}}", self.prefix).into()
+    }
+
+    /// The set of nodes holding `user` present (online, or in its offline grace), as hex
+    /// node ids: presence is the cluster's when this set goes from empty to one node, or
+    /// from one to empty.
+    pub fn user_nodes(&self, user: &str) -> String {
+        format!("{}{{user:{user}}}:nodes", self.prefix)
+    }
+
+    /// The users node `node` holds present (for the reaper of a node that died).
+    pub fn node_users(&self, node: u32) -> String {
+        format!("{}{{node:{node:08x}}}:users", self.prefix)
+    }
+
+    /// Exists while node `node` is alive (a TTL its heartbeat renews).
+    pub fn node_alive(&self, node: u32) -> String {
+        format!("{}{{node:{node:08x}}}:alive", self.prefix)
+    }
+
+    /// Held by the one node reaping node `node`'s presence.
+    pub fn node_reaper(&self, node: u32) -> String {
+        format!("{}{{node:{node:08x}}}:reaper", self.prefix)
+    }
+
+    /// Every node that ever joined and was not reaped.
+    pub fn nodes(&self) -> String {
+        format!("{}nodes", self.prefix)
     }
 
     /// The channel a delivery to `target` is published on (`None`: a connection of this very
@@ -600,6 +632,17 @@ mod tests {
         assert_eq!(&*c.topic("presence:bob"), "sb:{topic:presence:bob}");
         assert_eq!(&*c.all(), "sb:{all}");
         assert_eq!(&*c.node(0xab), "sb:{node:000000ab}");
+        assert_eq!(c.user_nodes("alice"), "sb:{user:alice}:nodes");
+        assert_eq!(c.node_users(0xab), "sb:{node:000000ab}:users");
+        // A node's keys share its channel's slot; a user's set shares the user's channel's.
+        assert_eq!(
+            slot(c.node_alive(0xab).as_bytes()),
+            slot(c.node(0xab).as_bytes())
+        );
+        assert_eq!(
+            slot(c.user_nodes("alice").as_bytes()),
+            slot(c.user("alice").as_bytes())
+        );
         assert_eq!(c.of(&Target::Conn(conn(5)), 5), None);
         assert_eq!(
             c.of(&Target::Conn(conn(5)), 6).as_deref(),

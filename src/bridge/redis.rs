@@ -66,6 +66,43 @@ pub const CLIENT_PIPELINE_BUFFER: usize = 64;
 /// [`PIPELINE_MAX`] small envelopes is written in a few calls.
 pub const CLIENT_WRITE_BOUNDARY: usize = 256 * 1024;
 
+/// Presence changes waiting for Redis ([`Redis::presence`]); past it a change is told as
+/// this node judged it (counted in `switchboard_redis_presence_unchecked_total`).
+pub const PRESENCE_QUEUE_MAX: usize = 65_536;
+
+/// Most presence changes in one pipeline.
+pub const PRESENCE_BATCH_MAX: usize = 256;
+
+/// How often a node renews its `alive` key.
+pub const NODE_HEARTBEAT: Duration = Duration::from_secs(2);
+
+/// The TTL of a node's `alive` key: a node silent this long is dead, and the first node to
+/// notice reaps its presence. Users of a node that died without a word go offline elsewhere
+/// within `NODE_DEAD_AFTER + REAP_INTERVAL` (and one pipeline): 12 s.
+pub const NODE_DEAD_AFTER: Duration = Duration::from_secs(10);
+
+/// How often a node looks for dead nodes to reap.
+pub const REAP_INTERVAL: Duration = Duration::from_secs(2);
+
+/// How long a reaper's lock lasts (a reaper that dies mid-way leaves the rest to another).
+pub const REAP_LOCK: Duration = Duration::from_secs(30);
+
+/// Users read per `SSCAN` of a dead node's set, and re-added per pipeline after a reconnect.
+pub const PRESENCE_SCAN_COUNT: usize = 512;
+
+/// Presence across nodes, one key per user: `ARGV[2]` 1 = node `ARGV[1]` holds the user
+/// present now, 0 = it does not any more. Returns 1 when that made the user online or
+/// offline cluster-wide (the set went from empty to one node, or to empty).
+const PRESENCE_LUA: &str = "\
+if ARGV[2] == '1' then \
+  redis.call('SADD', KEYS[1], ARGV[1]) \
+  if redis.call('SCARD', KEYS[1]) == 1 then return 1 end \
+  return 0 \
+end \
+redis.call('SREM', KEYS[1], ARGV[1]) \
+if redis.call('SCARD', KEYS[1]) == 0 then return 1 end \
+return 0";
+
 /// Least time between two log lines about Redis errors.
 pub const ERROR_LOG_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -99,6 +136,22 @@ pub struct RedisStats {
     /// Channels this node needs, and the ones Redis has confirmed.
     pub subs_expected: AtomicU64,
     pub subs_held: AtomicU64,
+    /// Presence changes Redis judged: told to the watchers (the cluster's), or not (another
+    /// node holds the user).
+    pub presence_told: AtomicU64,
+    pub presence_kept: AtomicU64,
+    /// Presence changes told as this node judged them (Redis down, or the queue full).
+    pub presence_unchecked: AtomicU64,
+    /// Users of dead nodes whose presence this node reaped (and dead nodes reaped).
+    pub presence_reaped: AtomicU64,
+    pub nodes_reaped: AtomicU64,
+}
+
+/// One presence change waiting for Redis.
+struct PresenceOp {
+    user: Arc<str>,
+    online: bool,
+    frame: Frame,
 }
 
 /// How a received delivery reaches this node's shards (set by the store, which owns the
@@ -139,6 +192,14 @@ pub struct Redis {
     unlogged_errors: Cell<u64>,
     /// Hands a received delivery to this node's shards (the store's ordered backlog).
     deliver: RefCell<Option<DeliverHere>>,
+    /// The publisher's connection while it is up, for the presence tasks' commands (a
+    /// multiplexed connection: their commands pipeline beside the publishes).
+    cmd_conn: RefCell<Option<MultiplexedConnection>>,
+    /// Made when the publisher connects again: presence is re-published then.
+    cmd_conn_new: Notify,
+    presence_q: RefCell<VecDeque<PresenceOp>>,
+    wake_presence: Notify,
+    fb: RefCell<crate::proto::envelope::FrameBuilder>,
 }
 
 impl Redis {
@@ -169,6 +230,11 @@ impl Redis {
             last_error_log: Cell::new(None),
             unlogged_errors: Cell::new(0),
             deliver: RefCell::new(None),
+            cmd_conn: RefCell::new(None),
+            cmd_conn_new: Notify::new(),
+            presence_q: RefCell::new(VecDeque::new()),
+            wake_presence: Notify::new(),
+            fb: RefCell::new(Default::default()),
             node,
         })
     }
@@ -191,7 +257,366 @@ impl Redis {
             tokio::task::spawn_local(self.clone().subscriber(tx)),
             tokio::task::spawn_local(self.clone().inbound(rx)),
             tokio::task::spawn_local(self.clone().canary()),
+            tokio::task::spawn_local(self.clone().presence_worker()),
+            tokio::task::spawn_local(self.clone().heartbeat()),
+            tokio::task::spawn_local(self.clone().reaper()),
         ]
+    }
+
+    /// Deliver `frame` to `target` on this node and the others.
+    fn deliver_everywhere(&self, target: Target, frame: &Frame) {
+        self.publish(&target, frame);
+        if let Some(f) = &*self.deliver.borrow() {
+            f(target, frame);
+        }
+    }
+
+    /// A user's presence owner on this node found it online (`online`) or offline: ask Redis
+    /// whether the change is the cluster's, and tell the user's watchers on every node
+    /// (`frame`) only then. Once per user cluster-wide: a user with devices on two nodes is
+    /// online once, offline once, and a device that moves to another node within the
+    /// offline grace changes nothing.
+    pub fn presence(&self, user: Arc<str>, online: bool, frame: Frame) {
+        let mut q = self.presence_q.borrow_mut();
+        if q.len() >= PRESENCE_QUEUE_MAX || self.cmd_conn.borrow().is_none() {
+            drop(q);
+            self.node
+                .redis_stats
+                .presence_unchecked
+                .fetch_add(1, Ordering::Relaxed);
+            self.deliver_everywhere(presence_topic(&user), &frame);
+            return;
+        }
+        q.push_back(PresenceOp {
+            user,
+            online,
+            frame,
+        });
+        if q.len() == 1 {
+            self.wake_presence.notify_one();
+        }
+    }
+
+    /// Judge queued presence changes in pipelines of one script call each (with the node's
+    /// own user set kept beside); a failed pipeline tells its changes as judged here.
+    async fn presence_worker(self: Rc<Self>) {
+        let stats = &self.node.redis_stats;
+        let me = format!("{:08x}", self.node.id);
+        let node_users = self.ch.node_users(self.node.id);
+        let mut batch: Vec<PresenceOp> = Vec::with_capacity(PRESENCE_BATCH_MAX);
+        loop {
+            if self.presence_q.borrow().is_empty() {
+                self.wake_presence.notified().await;
+                continue;
+            }
+            {
+                let mut q = self.presence_q.borrow_mut();
+                let n = q.len().min(PRESENCE_BATCH_MAX);
+                batch.extend(q.drain(..n));
+            }
+            let conn = self.cmd_conn.borrow().clone();
+            let verdicts: Option<Vec<i64>> = match conn {
+                Some(mut conn) => {
+                    let mut pipe = redis::pipe();
+                    for op in &batch {
+                        pipe.cmd("EVAL")
+                            .arg(PRESENCE_LUA)
+                            .arg(1)
+                            .arg(self.ch.user_nodes(&op.user))
+                            .arg(&me)
+                            .arg(if op.online { "1" } else { "0" });
+                        pipe.cmd(if op.online { "SADD" } else { "SREM" })
+                            .arg(&node_users)
+                            .arg(&*op.user)
+                            .ignore();
+                    }
+                    match tokio::time::timeout(
+                        self.node.cfg.redis_timeout,
+                        pipe.query_async::<Vec<i64>>(&mut conn),
+                    )
+                    .await
+                    {
+                        Ok(Ok(v)) if v.len() == batch.len() => Some(v),
+                        Ok(Ok(_)) => None,
+                        Ok(Err(e)) => {
+                            self.log_error("presence update failed", &e);
+                            None
+                        }
+                        Err(_) => {
+                            self.log_error("presence update failed", &"timed out (redis_timeout)");
+                            None
+                        }
+                    }
+                }
+                None => None,
+            };
+            for (i, op) in batch.drain(..).enumerate() {
+                let tell = match &verdicts {
+                    Some(v) => {
+                        let tell = v[i] == 1;
+                        let c = if tell {
+                            &stats.presence_told
+                        } else {
+                            &stats.presence_kept
+                        };
+                        c.fetch_add(1, Ordering::Relaxed);
+                        tell
+                    }
+                    None => {
+                        stats.presence_unchecked.fetch_add(1, Ordering::Relaxed);
+                        true
+                    }
+                };
+                if tell {
+                    self.deliver_everywhere(presence_topic(&op.user), &op.frame);
+                }
+            }
+        }
+    }
+
+    /// Renew this node's `alive` key; after every reconnect of the publisher, hold again
+    /// every user this node has devices of (Redis may have lost them: a restart without
+    /// persistence), without telling anyone.
+    async fn heartbeat(self: Rc<Self>) {
+        let me = format!("{:08x}", self.node.id);
+        let alive = self.ch.node_alive(self.node.id);
+        let nodes = self.ch.nodes();
+        let mut tick = tokio::time::interval(NODE_HEARTBEAT);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let republish = tokio::select! {
+                _ = tick.tick() => false,
+                _ = self.cmd_conn_new.notified() => true,
+            };
+            let Some(mut conn) = self.cmd_conn.borrow().clone() else {
+                continue;
+            };
+            let mut pipe = redis::pipe();
+            pipe.cmd("SET")
+                .arg(&alive)
+                .arg(1)
+                .arg("PX")
+                .arg(NODE_DEAD_AFTER.as_millis() as u64)
+                .ignore();
+            pipe.cmd("SADD").arg(&nodes).arg(&me).ignore();
+            let timeout = self.node.cfg.redis_timeout;
+            if let Ok(Err(e)) = tokio::time::timeout(timeout, pipe.exec_async(&mut conn)).await {
+                self.log_error("heartbeat failed", &e);
+                continue;
+            }
+            if republish {
+                self.republish_presence(&mut conn, &me).await;
+            }
+        }
+    }
+
+    async fn republish_presence(&self, conn: &mut MultiplexedConnection, me: &str) {
+        let mut users: Vec<Arc<str>> = Vec::new();
+        self.node.dir.users.for_each_name(|u| users.push(u.clone()));
+        let node_users = self.ch.node_users(self.node.id);
+        for chunk in users.chunks(PRESENCE_SCAN_COUNT) {
+            let mut pipe = redis::pipe();
+            for u in chunk {
+                pipe.cmd("SADD").arg(self.ch.user_nodes(u)).arg(me).ignore();
+                pipe.cmd("SADD").arg(&node_users).arg(&**u).ignore();
+            }
+            let r = tokio::time::timeout(self.node.cfg.redis_timeout, pipe.exec_async(conn)).await;
+            if !matches!(r, Ok(Ok(()))) {
+                return; // the next reconnect does it again
+            }
+        }
+        if !users.is_empty() {
+            tracing::info!(
+                users = users.len(),
+                "redis: presence of this node's users held again"
+            );
+        }
+    }
+
+    /// Find nodes whose `alive` key expired and reap their presence: every user only they
+    /// held goes offline for its watchers on every node (once: the reaper holds a lock).
+    async fn reaper(self: Rc<Self>) {
+        let mut tick = tokio::time::interval(REAP_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(mut conn) = self.cmd_conn.borrow().clone() else {
+                continue;
+            };
+            if let Err(e) = self.reap_once(&mut conn).await {
+                self.log_error("reaping dead nodes failed", &e);
+            }
+        }
+    }
+
+    async fn reap_once(&self, conn: &mut MultiplexedConnection) -> redis::RedisResult<()> {
+        let timeout = self.node.cfg.redis_timeout;
+        let nodes_key = self.ch.nodes();
+        let ids: Vec<String> = match tokio::time::timeout(
+            timeout,
+            redis::cmd("SMEMBERS").arg(&nodes_key).query_async(conn),
+        )
+        .await
+        {
+            Ok(r) => r?,
+            Err(_) => return Err(timed_out()),
+        };
+        for id in ids {
+            let Ok(node) = u32::from_str_radix(&id, 16) else {
+                continue;
+            };
+            if node == self.node.id {
+                continue;
+            }
+            let alive: bool = match tokio::time::timeout(
+                timeout,
+                redis::cmd("EXISTS")
+                    .arg(self.ch.node_alive(node))
+                    .query_async(conn),
+            )
+            .await
+            {
+                Ok(r) => r?,
+                Err(_) => continue,
+            };
+            if alive {
+                continue;
+            }
+            let me = format!("{:08x}", self.node.id);
+            let locked: Option<String> = match tokio::time::timeout(
+                timeout,
+                redis::cmd("SET")
+                    .arg(self.ch.node_reaper(node))
+                    .arg(&me)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(REAP_LOCK.as_millis() as u64)
+                    .query_async(conn),
+            )
+            .await
+            {
+                Ok(r) => r?,
+                Err(_) => continue,
+            };
+            if locked.is_none() {
+                continue; // another node reaps it
+            }
+            self.reap_node(conn, node, &id).await?;
+        }
+        Ok(())
+    }
+
+    /// Take dead node `node` (hex `id`) out of every user's set; users it alone held go
+    /// offline everywhere. Then forget the node.
+    async fn reap_node(
+        &self,
+        conn: &mut MultiplexedConnection,
+        node: u32,
+        id: &str,
+    ) -> redis::RedisResult<()> {
+        let timeout = self.node.cfg.redis_timeout;
+        let users_key = self.ch.node_users(node);
+        let mut cursor: u64 = 0;
+        let mut reaped = 0u64;
+        loop {
+            let (next, users): (u64, Vec<String>) = match tokio::time::timeout(
+                timeout,
+                redis::cmd("SSCAN")
+                    .arg(&users_key)
+                    .arg(cursor)
+                    .arg("COUNT")
+                    .arg(PRESENCE_SCAN_COUNT)
+                    .query_async(conn),
+            )
+            .await
+            {
+                Ok(r) => r?,
+                Err(_) => return Err(timed_out()),
+            };
+            if !users.is_empty() {
+                let mut pipe = redis::pipe();
+                for u in &users {
+                    pipe.cmd("EVAL")
+                        .arg(PRESENCE_LUA)
+                        .arg(1)
+                        .arg(self.ch.user_nodes(u))
+                        .arg(id)
+                        .arg("0");
+                }
+                let verdicts: Vec<i64> =
+                    match tokio::time::timeout(timeout, pipe.query_async(conn)).await {
+                        Ok(r) => r?,
+                        Err(_) => return Err(timed_out()),
+                    };
+                for (u, v) in users.iter().zip(verdicts) {
+                    reaped += 1;
+                    if v == 1 {
+                        let f = self.offline_frame(u);
+                        self.deliver_everywhere(presence_topic(u), &f);
+                    }
+                }
+            }
+            cursor = next;
+            if cursor == 0 {
+                break;
+            }
+        }
+        let mut pipe = redis::pipe();
+        pipe.cmd("DEL").arg(&users_key).ignore();
+        pipe.cmd("SREM").arg(self.ch.nodes()).arg(id).ignore();
+        match tokio::time::timeout(timeout, pipe.exec_async(conn)).await {
+            Ok(r) => r?,
+            Err(_) => return Err(timed_out()),
+        }
+        let stats = &self.node.redis_stats;
+        stats.presence_reaped.fetch_add(reaped, Ordering::Relaxed);
+        stats.nodes_reaped.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            node = id,
+            users = reaped,
+            "redis: a node stopped renewing its heartbeat; its users' presence is gone"
+        );
+        Ok(())
+    }
+
+    /// `presence.offline` for `user`, as its owner would have written it.
+    fn offline_frame(&self, user: &str) -> Frame {
+        let now = crate::shard::unix_ms();
+        let last_seen = crate::proto::json::rfc3339_ms(now);
+        self.fb.borrow_mut().text(self.node.now_us(), |o| {
+            o.str("type", "presence.offline")
+                .obj("data", |d| {
+                    d.str("user_id", user)
+                        .str("status", "offline")
+                        .opt_str("text", None)
+                        .str("last_seen", &last_seen);
+                })
+                .u64("timestamp", now);
+        })
+    }
+
+    /// The bridge is stopping (a drain, or SIGTERM): keep this node's presence for the
+    /// offline grace, so its users who reconnect elsewhere within it are never offline; then
+    /// another node reaps what is left.
+    pub async fn farewell(&self) {
+        let Some(mut conn) = self.cmd_conn.borrow().clone() else {
+            return;
+        };
+        let grace = self
+            .node
+            .cfg
+            .presence_offline_grace
+            .max(Duration::from_millis(1));
+        let _ = tokio::time::timeout(
+            self.node.cfg.redis_timeout,
+            redis::cmd("SET")
+                .arg(self.ch.node_alive(self.node.id))
+                .arg(1)
+                .arg("PX")
+                .arg(grace.as_millis() as u64)
+                .exec_async(&mut conn),
+        )
+        .await;
     }
 
     /// Queue a delivery to `target` for the other nodes. Dropped (counted) when
@@ -360,6 +785,8 @@ impl Redis {
             backoff.reset();
             self.pub_up.set(true);
             self.update_up();
+            *self.cmd_conn.borrow_mut() = Some(conn.clone());
+            self.cmd_conn_new.notify_one();
             let mut canaries;
             loop {
                 if self.queue.borrow().is_empty() && self.canary_out.borrow().is_none() {
@@ -403,6 +830,7 @@ impl Redis {
             }
             self.pub_up.set(false);
             self.update_up();
+            *self.cmd_conn.borrow_mut() = None;
             tokio::time::sleep(backoff.wait()).await;
         }
     }
@@ -617,88 +1045,132 @@ impl Redis {
 
 /// The Redis lines of `/metrics`.
 pub fn prometheus_lines(s: &RedisStats, out: &mut String) {
-    let g = |v: &AtomicU64| v.load(Ordering::Relaxed);
-    let mut line = |name: &str, kind: &str, help: &str, v: u64| {
+    let rows: [(&str, &str, &str, &AtomicU64); 17] = [
+        (
+            "switchboard_redis_up",
+            "gauge",
+            "1 while both Redis connections are up and the canary is on time",
+            &s.up,
+        ),
+        (
+            "switchboard_redis_published_total",
+            "counter",
+            "Envelopes Redis took (PUBLISH answered)",
+            &s.published,
+        ),
+        (
+            "switchboard_redis_publish_failed_total",
+            "counter",
+            "Envelopes of pipelines that failed (Redis may not have published them)",
+            &s.publish_failed,
+        ),
+        (
+            "switchboard_redis_dropped_total",
+            "counter",
+            "Envelopes dropped because redis_queue_max were waiting for Redis",
+            &s.dropped,
+        ),
+        (
+            "switchboard_redis_queued",
+            "gauge",
+            "Envelopes waiting to be published",
+            &s.queued,
+        ),
+        (
+            "switchboard_redis_received_total",
+            "counter",
+            "Envelopes from other nodes handed to this node's shards",
+            &s.received,
+        ),
+        (
+            "switchboard_redis_malformed_total",
+            "counter",
+            "Envelopes that could not be decoded",
+            &s.malformed,
+        ),
+        (
+            "switchboard_redis_inbound_dropped_total",
+            "counter",
+            "Pushes dropped because the inbound queue was full",
+            &s.inbound_dropped,
+        ),
+        (
+            "switchboard_redis_reconnects_total",
+            "counter",
+            "Redis connections made again after a failure",
+            &s.reconnects,
+        ),
+        (
+            "switchboard_redis_canary_missed_total",
+            "counter",
+            "Canaries not back within redis_canary_timeout (each makes the node subscribe again)",
+            &s.canary_missed,
+        ),
+        (
+            "switchboard_redis_subscriptions_expected",
+            "gauge",
+            "Channels this node needs held",
+            &s.subs_expected,
+        ),
+        (
+            "switchboard_redis_subscriptions_held",
+            "gauge",
+            "Channels Redis has confirmed on the subscriber connection",
+            &s.subs_held,
+        ),
+        (
+            "switchboard_redis_presence_told_total",
+            "counter",
+            "Presence changes Redis found to be the cluster's (told to the watchers)",
+            &s.presence_told,
+        ),
+        (
+            "switchboard_redis_presence_kept_total",
+            "counter",
+            "Presence changes Redis found to be this node's only (another node holds the user)",
+            &s.presence_kept,
+        ),
+        (
+            "switchboard_redis_presence_unchecked_total",
+            "counter",
+            "Presence changes told as this node judged them (Redis down or the queue full)",
+            &s.presence_unchecked,
+        ),
+        (
+            "switchboard_redis_presence_reaped_total",
+            "counter",
+            "Users of dead nodes whose presence this node reaped",
+            &s.presence_reaped,
+        ),
+        (
+            "switchboard_redis_nodes_reaped_total",
+            "counter",
+            "Dead nodes whose presence this node reaped",
+            &s.nodes_reaped,
+        ),
+    ];
+    for (name, kind, help, v) in rows {
+        let v = v.load(Ordering::Relaxed);
         let _ = writeln!(
             out,
             "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
         );
-    };
-    line(
-        "switchboard_redis_up",
-        "gauge",
-        "1 while both Redis connections are up and the canary is on time",
-        g(&s.up),
-    );
-    line(
-        "switchboard_redis_published_total",
-        "counter",
-        "Envelopes Redis took (PUBLISH answered)",
-        g(&s.published),
-    );
-    line(
-        "switchboard_redis_publish_failed_total",
-        "counter",
-        "Envelopes of pipelines that failed (Redis may not have published them)",
-        g(&s.publish_failed),
-    );
-    line(
-        "switchboard_redis_dropped_total",
-        "counter",
-        "Envelopes dropped because redis_queue_max were waiting for Redis",
-        g(&s.dropped),
-    );
-    line(
-        "switchboard_redis_queued",
-        "gauge",
-        "Envelopes waiting to be published",
-        g(&s.queued),
-    );
-    line(
-        "switchboard_redis_received_total",
-        "counter",
-        "Envelopes from other nodes handed to this node's shards",
-        g(&s.received),
-    );
-    line(
-        "switchboard_redis_malformed_total",
-        "counter",
-        "Envelopes that could not be decoded",
-        g(&s.malformed),
-    );
-    line(
-        "switchboard_redis_inbound_dropped_total",
-        "counter",
-        "Pushes dropped because the inbound queue was full",
-        g(&s.inbound_dropped),
-    );
-    line(
-        "switchboard_redis_reconnects_total",
-        "counter",
-        "Redis connections made again after a failure",
-        g(&s.reconnects),
-    );
-    line(
-        "switchboard_redis_canary_missed_total",
-        "counter",
-        "Canaries not back within redis_canary_timeout (each makes the node subscribe again)",
-        g(&s.canary_missed),
-    );
-    line(
-        "switchboard_redis_subscriptions_expected",
-        "gauge",
-        "Channels this node needs held",
-        g(&s.subs_expected),
-    );
-    line(
-        "switchboard_redis_subscriptions_held",
-        "gauge",
-        "Channels Redis has confirmed on the subscriber connection",
-        g(&s.subs_held),
-    );
+    }
     let _ = writeln!(
         out,
         "# HELP switchboard_redis_canary_rtt_seconds Round trip of the last canary through Redis\n# TYPE switchboard_redis_canary_rtt_seconds gauge\nswitchboard_redis_canary_rtt_seconds {:.6}",
-        g(&s.canary_rtt_us) as f64 / 1e6
+        s.canary_rtt_us.load(Ordering::Relaxed) as f64 / 1e6
     );
+}
+
+fn timed_out() -> redis::RedisError {
+    (redis::ErrorKind::Io, "timed out (redis_timeout)").into()
+}
+
+/// The topic of a user's presence watchers.
+fn presence_topic(user: &str) -> Target {
+    Target::Topic {
+        topic: crate::shard::service::presence::watch_topic(user).into(),
+        except: None,
+    }
 }

@@ -371,9 +371,23 @@ async fn serve<S: Store + 'static>(
                         r.topic(&topic, t);
                     }
                 }
+                BridgeMsg::Presence {
+                    user,
+                    online,
+                    frame,
+                } => {
+                    if let Some(r) = &ctx.redis {
+                        r.presence(user, online, frame);
+                    }
+                }
                 BridgeMsg::Shutdown => break 'outer,
             }
         }
+    }
+    // Clustered: this node's users stay present for the offline grace (a drained node's users
+    // who reconnect elsewhere are never offline), then another node reaps what is left.
+    if let Some(r) = &ctx.redis {
+        r.farewell().await;
     }
     // Finish what was accepted: every DM in the writer's queue is stored and answered (or
     // failed) before the thread ends.

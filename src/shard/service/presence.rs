@@ -114,6 +114,11 @@ pub fn user_owner(user: &str, shards: usize) -> usize {
     super::rooms::owner(user, shards)
 }
 
+/// The topic of `user`'s watchers (the bridge tells them cluster-wide changes).
+pub fn watch_topic(user: &str) -> String {
+    topic(user)
+}
+
 fn topic(user: &str) -> String {
     let mut t = String::with_capacity(TOPIC_PREFIX.len() + user.len());
     t.push_str(TOPIC_PREFIX);
@@ -279,7 +284,7 @@ pub fn on_timer(sh: &mut Shard, key: u64) {
         .presence
         .owner
         .fire(key, now_ms, offline_max, |u| node.dir.users.count(u));
-    apply(sh, out);
+    apply_devices(sh, out);
 }
 
 // ------------------------------------------------------------------ the owner
@@ -289,12 +294,12 @@ fn handle(sh: &mut Shard, m: Msg) {
         Msg::Arrive { user } => {
             let devices = sh.node.dir.users.count(&user);
             let out = sh.svc.presence.owner.arrive(&user, devices);
-            apply(sh, out);
+            apply_devices(sh, out);
         }
         Msg::Depart { user, at_ms } => {
             let grace_ms = sh.node.cfg.presence_offline_grace.as_millis() as u64;
             let out = sh.svc.presence.owner.depart(&user, at_ms, grace_ms);
-            apply(sh, out);
+            apply_devices(sh, out);
         }
         Msg::Update {
             user,
@@ -439,6 +444,18 @@ fn watch_contacts(
 
 /// Carry out an owner step: directory records, the watchers' event, the grace timer.
 fn apply(sh: &mut Shard, out: state::Out) {
+    apply_from(sh, out, false);
+}
+
+/// [`apply`] for a step driven by this node's devices (a first device here, the grace after
+/// the last one): clustered, whether the user came online or went offline is the cluster's
+/// question, so the event goes to the bridge, which sends it on only if no other node holds
+/// the user ([`crate::bridge::redis::Redis::presence`]).
+fn apply_devices(sh: &mut Shard, out: state::Out) {
+    apply_from(sh, out, true);
+}
+
+fn apply_from(sh: &mut Shard, out: state::Out, devices: bool) {
     for user in &out.forget {
         sh.node.dir.presence.remove(user);
         sh.out.stats.presence_forgotten += 1;
@@ -454,6 +471,19 @@ fn apply(sh: &mut Shard, out: state::Out) {
             let v = state::view(Some(&rec), 0, false);
             let f = encode_user(sh, ev.type_name(), None, &user, &v);
             sh.out.stats.presence_changes += 1;
+            let online = ev == state::Event::Online;
+            if devices && sh.node.clustered && (online || ev == state::Event::Offline) {
+                let msg = crate::bridge::BridgeMsg::Presence {
+                    user: user.clone(),
+                    online,
+                    frame: f.clone(),
+                };
+                if sh.node.bridge_tx.try_send(msg).is_ok() {
+                    return finish(sh, out.timer);
+                }
+                // The bridge is full: this node's judgement, told as it is.
+                sh.out.stats.bridge_dropped += 1;
+            }
             let topic = Arc::from(topic(&user));
             sh.deliver(
                 &Target::Topic {
@@ -466,7 +496,12 @@ fn apply(sh: &mut Shard, out: state::Out) {
     } else {
         debug_assert!(out.event.is_none(), "an event without a record");
     }
-    if let Some((key, due_ms)) = out.timer {
+    finish(sh, out.timer);
+}
+
+/// Schedule an owner step's grace timer, if it has one.
+fn finish(sh: &mut Shard, timer: Option<(u64, u64)>) {
+    if let Some((key, due_ms)) = timer {
         let wait_ms = due_ms.saturating_sub(sh.now_ms);
         let ticks = wait_ms
             .div_ceil(TIMER_TICK_MS)
