@@ -3,7 +3,8 @@
 #
 # On a fresh Debian machine, as root, with no standard input, it installs what it needs
 # (idempotent: kosoku in a venv under $TARGET_DIR/ci-venv, Debian packages only when missing,
-# among them `postgresql` for the message store tests, which start throwaway clusters; the
+# among them `postgresql` for the message store tests, which start throwaway clusters, and
+# `redis-server`/`redis-tools` for the Redis tests, which start their own servers; the
 # `tansu` Kafka broker for the Kafka tests, built once with cargo install into
 # $HOME/.cache/switchboard/tansu-<version> (about 15 minutes cold, reused after)),
 # then runs, each under a section header and a time limit:
@@ -122,9 +123,22 @@ ensure_node() {
   export NODE_PATH="$dir/node_modules${NODE_PATH:+:$NODE_PATH}"
 }
 
-# A local Redis for the bridge tests, once they need one: call it in the marked place below.
+# redis-server and redis-cli for the Redis tests: tests/common/redis.rs starts its own servers
+# (and, with `redis-cli --cluster create`, a Redis Cluster) on free loopback ports and fails,
+# never skips, without them. Debian's redis-server depends on redis-tools, which has redis-cli;
+# both are named, so a machine with only one of them gets the other. Installing the package may
+# also start Debian's own redis-server on port 6379; the tests do not use it.
 ensure_redis_server() {
-  ensure_debian_packages redis-server:redis-server
+  ensure_debian_packages redis-server:redis-server redis-cli:redis-tools
+  local server cli
+  server="$(command -v redis-server)" ||
+    fatal_install "redis-server not on PATH even with the redis-server package; install by hand: apt-get update && apt-get install -y redis-server redis-tools"
+  cli="$(command -v redis-cli)" ||
+    fatal_install "redis-cli not on PATH even with the redis-tools package; install by hand: apt-get update && apt-get install -y redis-tools"
+  # The tests look here first (tests/common/redis.rs).
+  export SWITCHBOARD_TEST_REDIS_SERVER="$server"
+  export SWITCHBOARD_TEST_REDIS_CLI="$cli"
+  echo "run-all: Redis for the cluster tests: $("$server" --version) ($server); $("$cli" --version) ($cli)"
 }
 
 # PostgreSQL server binaries for the message store tests: tests/common/pg.rs initdb's a
@@ -196,12 +210,12 @@ cargo clippy --version >/dev/null 2>&1 ||
 echo "run-all: $(cargo --version); $(rustc --version)"
 
 # >>> Debian packages the tests need: add COMMAND:PACKAGE pairs here. None yet. <<<
-# When the Redis bridge tests land, add:  ensure_redis_server
 DEBIAN_NEEDS=()
 ensure_debian_packages "${DEBIAN_NEEDS[@]}"
 # python3 runs compare.py and creates the kosoku venv.
 ensure_debian_packages python3:python3
 ensure_postgresql
+ensure_redis_server
 ensure_tansu
 ensure_node
 

@@ -3,9 +3,10 @@
 //!
 //! Owns: starting and stopping one server per test ([`TestServer`]), a WebSocket client on
 //! tungstenite with read timeouts ([`Client`]), a raw-socket client for what tungstenite will not
-//! send ([`RawWs`], [`HttpReply`]), JWT minting ([`jwt`]), and throwaway PostgreSQL clusters for
-//! the message store tests ([`pg`]). Every wait here is bounded, so a missing frame fails the
-//! test instead of hanging it. Each test binary includes this module and uses a part of it.
+//! send ([`RawWs`], [`HttpReply`]), JWT minting ([`jwt`]), throwaway PostgreSQL clusters for
+//! the message store tests ([`pg`]), and real Redis servers and Redis Clusters for the cluster
+//! tests ([`redis`]). Every wait here is bounded, so a missing frame fails the test instead of
+//! hanging it. Each test binary includes this module and uses a part of it.
 #![allow(dead_code)]
 
 /// Run each named test body `fn name(env: &[(&str, &str)])` twice: `memory::name` against the
@@ -30,6 +31,7 @@ pub mod http_stub;
 pub mod kafka;
 pub mod pg;
 pub mod proxy;
+pub mod redis;
 
 use std::collections::HashSet;
 use std::io::{ErrorKind, Read, Write};
