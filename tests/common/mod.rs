@@ -446,6 +446,14 @@ impl TestServer {
     }
 
     /// Send SIGTERM without waiting.
+    /// SIGKILL the server (a node that dies without a word) and reap it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        if let Ok(status) = self.child.wait() {
+            self.exit = Some(status);
+        }
+    }
+
     pub fn signal_term(&self) {
         let pid = i32::try_from(self.child.id()).expect("pid fits i32");
         // SAFETY: kill(2) on our own child's pid; no memory is involved.

@@ -592,6 +592,21 @@ impl RedisServer {
         })
     }
 
+    /// Subscribers of `channel` (`PUBSUB NUMSUB`): in a cluster test, the nodes holding it.
+    pub fn numsub(&self, channel: &str) -> i64 {
+        let r = self.cmd_value(&["PUBSUB", "NUMSUB", channel]);
+        r.array()
+            .and_then(|a| a.get(1))
+            .and_then(Resp::int)
+            .unwrap_or_else(|| panic!("PUBSUB NUMSUB {channel}: {r:?}"))
+    }
+
+    /// An integer reply (`SCARD`, `EXISTS`, ...).
+    pub fn int(&self, args: &[&str]) -> i64 {
+        let r = self.cmd_value(args);
+        r.int().unwrap_or_else(|| panic!("{args:?}: {r:?}"))
+    }
+
     /// One command over a fresh connection, bounded by `timeout`; an error when Redis does
     /// not answer (refused, frozen, closed).
     pub fn try_cmd(&self, args: &[&str], timeout: Duration) -> std::io::Result<Resp> {

@@ -1,0 +1,250 @@
+//! Three nodes and one Redis (real processes): every kind of delivery crosses nodes through
+//! the bridge's Redis pub/sub: room messages (one envelope per publish, whatever the number
+//! of subscribers), broadcasts, a user's devices on every node (direct messages, typing),
+//! one connection of another node, and the server API from any node. A node subscribes to a
+//! room's channel only while it has subscribers, and the cross-node frames are exactly the
+//! frames local subscribers get.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::redis::RedisServer;
+use common::{metric, Client, TestServer};
+use serde_json::{json, Value};
+
+const API_KEY: &str = "cluster-test-key";
+
+fn node(redis: &RedisServer, extra: &[(&str, &str)]) -> TestServer {
+    let url = redis.url();
+    let mut env = vec![
+        ("SWITCHBOARD_REDIS_URL", url.as_str()),
+        ("SWITCHBOARD_API_KEY", API_KEY),
+        ("SWITCHBOARD_REDIS_CANARY_INTERVAL", "200ms"),
+        ("SWITCHBOARD_REDIS_CANARY_TIMEOUT", "1s"),
+    ];
+    env.extend_from_slice(extra);
+    let s = TestServer::start(&env);
+    s.wait_ready();
+    s
+}
+
+fn wait_numsub(redis: &RedisServer, channel: &str, n: i64) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while redis.numsub(channel) != n {
+        assert!(
+            Instant::now() < deadline,
+            "{channel}: {} nodes, not {n}",
+            redis.numsub(channel)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn publish(c: &mut Client, room: &str, data: Value) {
+    c.send_json(json!({"type": "publish", "room": room, "data": data}));
+}
+
+/// The frame without its timestamp (set by the origin, the same on every node).
+fn same_frame(a: &Value, b: &Value) {
+    assert_eq!(a, b, "a node delivered a different frame");
+}
+
+#[test]
+fn room_messages_cross_nodes_with_one_publish_each() {
+    let redis = RedisServer::start();
+    let nodes: Vec<TestServer> = (0..3).map(|_| node(&redis, &[])).collect();
+    let mut subs: Vec<Client> = nodes
+        .iter()
+        .map(|n| {
+            let mut c = n.connect("/ws?user_id=reader");
+            c.subscribe("lobby");
+            c
+        })
+        .collect();
+    // A second subscriber on node 2: still one channel subscription per node.
+    let mut extra = nodes[2].connect("/ws");
+    extra.subscribe("lobby");
+    wait_numsub(&redis, "sb:{room:lobby}", 3);
+
+    let before = redis_stat(&redis, "total_commands_processed");
+    let mut alice = nodes[0].connect("/ws?user_id=alice");
+    alice.subscribe("lobby");
+    publish(&mut alice, "lobby", json!({"n": 1}));
+    let here = subs[0].expect_type("message");
+    same_frame(&here, &alice.expect_type("message"));
+    for s in subs.iter_mut().skip(1) {
+        same_frame(&here, &s.expect_type("message"));
+    }
+    same_frame(&here, &extra.expect_type("message"));
+    assert_eq!(here["data"], json!({"n": 1}));
+    assert_eq!(here["room"], "lobby", "{here}");
+
+    // 50 more: every node gets them in order.
+    for n in 2..=51 {
+        publish(&mut alice, "lobby", json!({"n": n}));
+    }
+    for s in subs.iter_mut().chain([&mut extra, &mut alice]) {
+        for n in 2..=51 {
+            assert_eq!(s.expect_type("message")["data"]["n"], n);
+        }
+    }
+    // One PUBLISH per message (pipelined), plus the canaries and the stats calls: well under
+    // one command per message per subscriber.
+    let commands = redis_stat(&redis, "total_commands_processed") - before;
+    let published = metric(
+        &nodes[0].http_get("/metrics").1,
+        "switchboard_redis_published_total",
+    )
+    .unwrap();
+    assert!(published >= 51, "{published}");
+    assert!(
+        commands < 51 * 2 + 60,
+        "{commands} commands for 51 publishes"
+    );
+
+    // The last subscriber of a node leaves: that node lets go of the channel.
+    subs[1].send_json(json!({"type": "unsubscribe", "room": "lobby"}));
+    subs[1].expect_type("unsubscribed");
+    wait_numsub(&redis, "sb:{room:lobby}", 2);
+    publish(&mut alice, "lobby", json!({"n": 52}));
+    alice.expect_type("message");
+    assert_eq!(subs[2].expect_type("message")["data"]["n"], 52);
+    subs[1].expect_silence(300);
+}
+
+fn redis_stat(redis: &RedisServer, field: &str) -> u64 {
+    let info = redis
+        .cmd_value(&["INFO", "stats"])
+        .text()
+        .expect("INFO is a bulk string");
+    info.lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{field} not in INFO stats: {info}"))
+}
+
+#[test]
+fn broadcasts_users_and_the_server_api_cross_nodes() {
+    let redis = RedisServer::start();
+    let a = node(&redis, &[]);
+    let b = node(&redis, &[]);
+    let mut bob_a = a.connect("/ws?user_id=bob");
+    let mut bob_b = b.connect("/ws?user_id=bob");
+    let mut carol_b = b.connect("/ws?user_id=carol");
+    wait_numsub(&redis, "sb:{user:bob}", 2);
+    wait_numsub(&redis, "sb:{user:carol}", 1);
+
+    // A direct message from node A reaches the recipient's device on node B, and the
+    // sender's other device on node B; the sender gets its ack.
+    let mut alice_a = a.connect("/ws?user_id=alice");
+    let mut alice_b = b.connect("/ws?user_id=alice");
+    wait_numsub(&redis, "sb:{user:alice}", 2);
+    alice_a.send_json(
+        json!({"type": "message.send", "to": "carol", "content": "hi", "clientMsgId": "m1"}),
+    );
+    let ack = alice_a.expect_type("message.ack");
+    let on_b = carol_b.expect_type("message.create");
+    assert_eq!(on_b["data"]["content"], "hi");
+    assert_eq!(on_b["data"]["from"], "alice");
+    assert_eq!(ack["data"]["messageId"], on_b["data"]["messageId"]);
+    let echo = alice_b.expect_type("message.create");
+    same_frame(&on_b, &echo);
+
+    // Typing to a user on another node (droppable frames cross too).
+    carol_b.send_json(json!({"type": "typing.start", "to": "alice"}));
+    let t = alice_a.expect_type("typing.start");
+    assert_eq!(t["data"]["user_id"], "carol", "{t}");
+    same_frame(&t, &alice_b.expect_type("typing.start"));
+
+    // The server API on node B: a room publish and a send to a user with devices on both.
+    let mut room_a = a.connect("/ws");
+    room_a.subscribe("news");
+    wait_numsub(&redis, "sb:{room:news}", 1);
+    let (status, body) = api(
+        &b,
+        "POST",
+        "/api/publish",
+        &json!({"room": "news", "data": {"headline": 1}}),
+    );
+    assert!(status == 200 || status == 202, "{status} {body}");
+    assert_eq!(
+        room_a.expect_type("message")["data"],
+        json!({"headline": 1})
+    );
+    let (status, body) = api(
+        &b,
+        "POST",
+        "/api/users/bob/send",
+        &json!({"type": "note", "data": {"x": 1}}),
+    );
+    assert!(status == 200 || status == 202, "{status} {body}");
+    let f_a = bob_a.recv_json();
+    let f_b = bob_b.recv_json();
+    same_frame(&f_a, &f_b);
+
+    // A broadcast from node A reaches every connection on node B.
+    let (status, body) = api(
+        &a,
+        "POST",
+        "/api/broadcast",
+        &json!({"data": {"all": true}}),
+    );
+    assert!(status == 200 || status == 202, "{status} {body}");
+    for c in [&mut bob_b, &mut carol_b, &mut alice_b] {
+        let f = c.recv_json();
+        assert_eq!(f["data"], json!({"all": true}), "{f}");
+    }
+}
+
+fn api(server: &TestServer, method: &str, path: &str, body: &Value) -> (u16, String) {
+    let body = body.to_string();
+    let raw = format!(
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nX-API-Key: {API_KEY}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let r = server.http_request(&raw);
+    (r.status, r.body.clone())
+}
+
+#[test]
+fn a_node_without_redis_serves_alone_and_readiness_tells_the_truth() {
+    // Redis configured but not there: the node serves its own clients, /ready says why.
+    let redis = RedisServer::start();
+    let url = redis.url();
+    drop(redis);
+    let s = TestServer::start(&[("SWITCHBOARD_REDIS_URL", url.as_str())]);
+    // (The store comes up a moment after /live; then only Redis keeps the node unready.)
+    let (status, body) = ready_settled(&s);
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("redis unavailable"), "{body}");
+    let mut a = s.connect("/ws");
+    let mut b = s.connect("/ws");
+    a.subscribe("r");
+    b.subscribe("r");
+    publish(&mut a, "r", json!(1));
+    assert_eq!(b.expect_type("message")["data"], 1);
+    // Configured to stay ready while degraded: 200, and the body still says so.
+    let s2 = TestServer::start(&[
+        ("SWITCHBOARD_REDIS_URL", url.as_str()),
+        ("SWITCHBOARD_REDIS_READY_WHEN_DEGRADED", "true"),
+    ]);
+    let (status, body) = ready_settled(&s2);
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains("\"degraded\":\"redis unavailable\""),
+        "{body}"
+    );
+}
+
+/// `/ready` once the message store is up (it starts a moment after `/live`).
+fn ready_settled(s: &TestServer) -> (u16, String) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (status, body) = s.http_get("/ready");
+        if !body.contains("message store unavailable") || Instant::now() > deadline {
+            return (status, body);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -1,0 +1,127 @@
+//! Presence across the nodes of a cluster (three nodes, one Redis, real processes): a user
+//! is online once and offline once for its watchers on every node, however many nodes hold
+//! its devices; a device that moves to another node within the offline grace changes
+//! nothing; a node killed without a word has its users offline elsewhere within the
+//! documented bound (`NODE_DEAD_AFTER + REAP_INTERVAL`, 12 s; the issue asks for 15 s).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::redis::RedisServer;
+use common::{Client, TestServer};
+use serde_json::{json, Value};
+
+const GRACE: &str = "1s";
+
+fn node(redis: &RedisServer) -> TestServer {
+    let url = redis.url();
+    let s = TestServer::start(&[
+        ("SWITCHBOARD_REDIS_URL", url.as_str()),
+        ("SWITCHBOARD_PRESENCE_OFFLINE_GRACE", GRACE),
+        ("SWITCHBOARD_REDIS_CANARY_INTERVAL", "200ms"),
+    ]);
+    s.wait_ready();
+    s
+}
+
+fn watcher(s: &TestServer, redis: &RedisServer, user: &str) -> Client {
+    let mut w = s.connect("/ws?user_id=watcher");
+    w.send_json(json!({"type": "presence.watch", "id": "w", "user_ids": [user]}));
+    assert_eq!(w.expect_type("presence.state")["id"], "w");
+    // The node holds the watch topic's channel before anything happens.
+    let channel = format!("sb:{{topic:presence:{user}}}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while redis.numsub(&channel) == 0 {
+        assert!(Instant::now() < deadline, "{channel} never held");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    w
+}
+
+fn event(w: &mut Client, kind: &str, user: &str, within: Duration) -> Value {
+    match w.next_event(within) {
+        common::Event::Json(v) => {
+            assert_eq!(v["type"], kind, "{v}");
+            assert_eq!(v["data"]["user_id"], user, "{v}");
+            v
+        }
+        other => panic!("no {kind} within {within:?}: {other:?}"),
+    }
+}
+
+#[test]
+fn online_and_offline_once_per_user_across_nodes() {
+    let redis = RedisServer::start();
+    let nodes: Vec<TestServer> = (0..3).map(|_| node(&redis)).collect();
+    let mut watchers: Vec<Client> = nodes.iter().map(|n| watcher(n, &redis, "bob")).collect();
+
+    // First device, on node 1: online once, on every node.
+    let bob1 = nodes[1].connect("/ws?user_id=bob");
+    for w in &mut watchers {
+        let e = event(w, "presence.online", "bob", Duration::from_secs(3));
+        assert_eq!(e["data"]["status"], "online", "{e}");
+    }
+    // A device on node 2 too: no event anywhere.
+    let bob2 = nodes[2].connect("/ws?user_id=bob");
+    for w in &mut watchers {
+        w.expect_silence(300);
+    }
+    // Node 1's device leaves, its grace passes: bob is still on node 2, no event.
+    bob1.close();
+    for w in &mut watchers {
+        w.expect_silence(1_600);
+    }
+    // The last device: offline once, after the grace.
+    let closed = Instant::now();
+    bob2.close();
+    for w in &mut watchers {
+        let e = event(w, "presence.offline", "bob", Duration::from_secs(4));
+        assert_eq!(e["data"]["status"], "offline", "{e}");
+    }
+    assert!(
+        closed.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        closed.elapsed()
+    );
+    for w in &mut watchers {
+        w.expect_silence(300);
+    }
+}
+
+#[test]
+fn a_device_moving_nodes_within_the_grace_does_not_flap() {
+    let redis = RedisServer::start();
+    let a = node(&redis);
+    let b = node(&redis);
+    let c = node(&redis);
+    let mut w = watcher(&a, &redis, "carol");
+    let carol = b.connect("/ws?user_id=carol");
+    event(&mut w, "presence.online", "carol", Duration::from_secs(3));
+    // Gone from B, back on C 200 ms later (a drain, a network change).
+    carol.close();
+    std::thread::sleep(Duration::from_millis(200));
+    let _carol = c.connect("/ws?user_id=carol");
+    w.expect_silence(2_500);
+}
+
+#[test]
+fn a_killed_node_has_its_users_offline_elsewhere_within_the_bound() {
+    let redis = RedisServer::start();
+    let a = node(&redis);
+    let mut b = node(&redis);
+    let mut w = watcher(&a, &redis, "dave");
+    let _dave = b.connect("/ws?user_id=dave");
+    event(&mut w, "presence.online", "dave", Duration::from_secs(3));
+    let members = |r: &RedisServer| r.int(&["SCARD", "sb:nodes"]);
+    assert_eq!(members(&redis), 2);
+    let killed = Instant::now();
+    b.kill();
+    let e = event(&mut w, "presence.offline", "dave", Duration::from_secs(15));
+    assert_eq!(e["data"]["status"], "offline", "{e}");
+    let took = killed.elapsed();
+    assert!(took <= Duration::from_secs(15), "{took:?}");
+    // Reaped once: nothing more, and the dead node is forgotten.
+    w.expect_silence(2_500);
+    assert_eq!(members(&redis), 1, "the dead node is forgotten");
+}
