@@ -50,6 +50,7 @@ const KIND_TOPIC: u8 = 2;
 const KIND_ALL: u8 = 3;
 const KIND_CONN: u8 = 4;
 const KIND_CANARY: u8 = 5;
+const KIND_SERVICE: u8 = 6;
 
 const FLAG_EXCEPT: u8 = 1;
 const FLAG_DROPPABLE: u8 = 2;
@@ -128,6 +129,11 @@ impl Channels {
 
     pub fn all(&self) -> Arc<str> {
         format!("{}{{all}}", self.prefix).into()
+    }
+
+    /// Commands for calls whose state may be on another node (every node holds it).
+    pub fn calls(&self) -> Arc<str> {
+        format!("{}{{calls}}", self.prefix).into()
     }
 
     pub fn node(&self, node: u32) -> Arc<str> {
@@ -214,6 +220,31 @@ pub enum Inbound<'a> {
     },
     /// A node's canary (only its own node reads it).
     Canary { origin: u32, nonce: u64 },
+    /// A service's message to this node (its body is the service's own encoding).
+    Service {
+        origin: u32,
+        service: u8,
+        body: &'a [u8],
+    },
+}
+
+/// Service ids of [`Inbound::Service`].
+pub mod service {
+    /// A call command for the node that holds the call (`calls::encode_remote`).
+    pub const CALL_INPUT: u8 = 1;
+    /// A call's party on this node is no longer one (`calls::encode_untrack`).
+    pub const CALL_UNTRACK: u8 = 2;
+}
+
+/// The envelope of a service message from node `origin`.
+pub fn encode_service(origin: u32, service: u8, body: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(8 + body.len());
+    v.push(VERSION);
+    v.extend_from_slice(&origin.to_le_bytes());
+    v.push(KIND_SERVICE);
+    v.push(service);
+    v.extend_from_slice(body);
+    v
 }
 
 /// The envelope of a delivery of `frame` to `target` from node `origin`.
@@ -262,7 +293,8 @@ pub fn encode_canary(origin: u32, nonce: u64) -> Vec<u8> {
     v
 }
 
-fn put_conn(v: &mut Vec<u8>, c: ConnRef) {
+/// Append a connection reference (for a service body).
+pub fn put_conn(v: &mut Vec<u8>, c: ConnRef) {
     v.extend_from_slice(&c.node.to_le_bytes());
     v.extend_from_slice(&c.shard.to_le_bytes());
     v.extend_from_slice(&c.slot.to_le_bytes());
@@ -287,6 +319,13 @@ pub fn decode(b: &[u8]) -> Result<Inbound<'_>, Malformed> {
         return Ok(Inbound::Canary {
             origin,
             nonce: r.u64()?,
+        });
+    }
+    if kind == KIND_SERVICE {
+        return Ok(Inbound::Service {
+            origin,
+            service: flags,
+            body: &b[r.at..],
         });
     }
     let except = if flags & FLAG_EXCEPT != 0 || kind == KIND_CONN {
@@ -330,19 +369,41 @@ pub fn decode(b: &[u8]) -> Result<Inbound<'_>, Malformed> {
     })
 }
 
-struct Reader<'a> {
+/// Append a length-prefixed (u32 LE) string, for a service body.
+pub fn put_str(v: &mut Vec<u8>, s: &str) {
+    v.extend_from_slice(&(s.len() as u32).to_le_bytes());
+    v.extend_from_slice(s.as_bytes());
+}
+
+/// Reads what [`put_conn`] and [`put_str`] wrote; every read checks bounds.
+pub struct Reader<'a> {
     b: &'a [u8],
     at: usize,
 }
 
 impl<'a> Reader<'a> {
+    pub fn new(b: &'a [u8]) -> Reader<'a> {
+        Reader { b, at: 0 }
+    }
+
+    /// A string written by [`put_str`].
+    pub fn str(&mut self) -> Result<&'a str, Malformed> {
+        let n = self.u32()? as usize;
+        std::str::from_utf8(self.take(n)?).map_err(|_| Malformed("not UTF-8"))
+    }
+
+    /// Whether everything was read.
+    pub fn done(&self) -> bool {
+        self.at == self.b.len()
+    }
+
     fn take(&mut self, n: usize) -> Result<&'a [u8], Malformed> {
         let end = self.at.checked_add(n).ok_or(Malformed("truncated"))?;
         let s = self.b.get(self.at..end).ok_or(Malformed("truncated"))?;
         self.at = end;
         Ok(s)
     }
-    fn u8(&mut self) -> Result<u8, Malformed> {
+    pub fn u8(&mut self) -> Result<u8, Malformed> {
         Ok(self.take(1)?[0])
     }
     fn u16(&mut self) -> Result<u16, Malformed> {
@@ -360,7 +421,7 @@ impl<'a> Reader<'a> {
             self.take(8)?.try_into().unwrap_or_default(),
         ))
     }
-    fn conn(&mut self) -> Result<ConnRef, Malformed> {
+    pub fn conn(&mut self) -> Result<ConnRef, Malformed> {
         Ok(ConnRef {
             node: self.u32()?,
             shard: self.u16()?,

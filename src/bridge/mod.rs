@@ -59,6 +59,14 @@ pub enum BridgeMsg {
     Store(Box<StoreJob>),
     /// A call to the auth service or a custom-type backend ([`proxy`]; boxed like `Store`).
     Proxy(Box<proxy::Job>),
+    /// Clustered: a service's message for other nodes (`node`: that node; None: every
+    /// node), as [`crate::cluster::encode_service`] carries it (calls whose state is on
+    /// another node).
+    Service {
+        node: Option<u32>,
+        service: u8,
+        body: Vec<u8>,
+    },
     /// Stop the bridge thread (after the store has finished the jobs it holds).
     Shutdown,
 }

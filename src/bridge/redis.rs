@@ -210,6 +210,7 @@ impl Redis {
         let ch = Channels::new(&node.cfg.redis_prefix);
         let mut subs = Subscriptions::default();
         subs.set(ch.all(), true);
+        subs.set(ch.calls(), true);
         subs.set(ch.node(node.id), true);
         Rc::new(Redis {
             ch,
@@ -646,6 +647,73 @@ impl Redis {
         }
     }
 
+    /// Queue a service message for node `node` (None: every other node).
+    pub fn service(&self, node: Option<u32>, service: u8, body: &[u8]) {
+        let channel = match node {
+            Some(n) => self.ch.node(n),
+            None => self.ch.calls(),
+        };
+        let mut q = self.queue.borrow_mut();
+        if q.len() >= self.node.cfg.redis_queue_max {
+            self.node
+                .redis_stats
+                .dropped
+                .fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        q.push_back(Out {
+            channel,
+            payload: cluster::encode_service(self.node.id, service, body),
+        });
+        self.node
+            .redis_stats
+            .queued
+            .store(q.len() as u64, Ordering::Relaxed);
+        if q.len() == 1 {
+            self.wake_pub.notify_one();
+        }
+    }
+
+    /// A service message from another node, handed to the shard it is for.
+    fn service_here(&self, service: u8, body: &[u8]) {
+        use crate::shard::service::{calls, ServiceMsg};
+        let stats = &self.node.redis_stats;
+        let (shard, msg) = match service {
+            cluster::service::CALL_INPUT => match calls::decode_remote(body) {
+                Some(input) => (
+                    calls::owner_of_input(&input, self.node.inboxes.len()),
+                    calls::Msg::Remote(input),
+                ),
+                None => {
+                    stats.malformed.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+            },
+            cluster::service::CALL_UNTRACK => match calls::decode_untrack(body) {
+                Some(m @ calls::Msg::Untrack { conn, .. }) => (conn.shard as usize, m),
+                _ => {
+                    stats.malformed.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+            },
+            _ => {
+                stats.malformed.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        };
+        if shard >= self.node.inboxes.len() {
+            stats.malformed.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let msg = crate::shard::ShardMsg::service(ServiceMsg::Calls(Box::new(msg)));
+        if self.node.inboxes.try_send(shard, msg).is_err() {
+            // Like a lost signalling packet: the ring timeout or a hangup ends the call.
+            stats.inbound_dropped.fetch_add(1, Ordering::Relaxed);
+        } else {
+            stats.received.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     /// A room's, user's or topic's node-level first member arrived or its last left: hold its
     /// channel while the node has members (re-read from the directory: two shards' reports
     /// may arrive in either order).
@@ -973,6 +1041,15 @@ impl Redis {
                 stats.received.fetch_add(1, Ordering::Relaxed);
                 if let Some(f) = &*self.deliver.borrow() {
                     f(target, &frame);
+                }
+            }
+            Ok(Inbound::Service {
+                origin,
+                service,
+                body,
+            }) => {
+                if origin != self.node.id {
+                    self.service_here(service, body);
                 }
             }
             Ok(Inbound::Canary { origin, nonce }) => {

@@ -371,6 +371,15 @@ async fn serve<S: Store + 'static>(
                         r.topic(&topic, t);
                     }
                 }
+                BridgeMsg::Service {
+                    node,
+                    service,
+                    body,
+                } => {
+                    if let Some(r) = &ctx.redis {
+                        r.service(node, service, &body);
+                    }
+                }
                 BridgeMsg::Presence {
                     user,
                     online,

@@ -70,10 +70,170 @@ pub fn owner(a: &str, b: &str, shards: usize) -> usize {
     (h % shards.max(1) as u64) as usize
 }
 
+// ------------------------------------------------------------------ across nodes
+
+const REMOTE_ANSWER: u8 = 1;
+const REMOTE_ICE: u8 = 2;
+const REMOTE_HANGUP: u8 = 3;
+const REMOTE_GONE: u8 = 4;
+
+/// The body of a call command for another node (`cluster::service::CALL_INPUT`): a tag, then
+/// the requester (connection, user, `id`), the peer, the call id and the payload. Offers and
+/// timers never leave their node (None).
+pub fn encode_remote(input: &Input) -> Option<(u8, Vec<u8>)> {
+    use crate::cluster::{put_conn, put_str};
+    let mut v = Vec::with_capacity(64);
+    let req_part = |v: &mut Vec<u8>, tag: u8, req: &Req, to: &str, call_id: &str| {
+        v.push(tag);
+        put_conn(v, req.conn);
+        put_str(v, &req.user);
+        match &req.id {
+            Some(id) => {
+                v.push(1);
+                put_str(v, id);
+            }
+            None => v.push(0),
+        }
+        put_str(v, to);
+        put_str(v, call_id);
+    };
+    match input {
+        Input::Answer {
+            req,
+            to,
+            call_id,
+            sdp,
+        } => {
+            req_part(&mut v, REMOTE_ANSWER, req, to, call_id);
+            put_str(&mut v, sdp);
+        }
+        Input::Ice {
+            req,
+            to,
+            call_id,
+            candidate,
+        } => {
+            req_part(&mut v, REMOTE_ICE, req, to, call_id);
+            put_str(&mut v, candidate);
+        }
+        Input::Hangup {
+            req,
+            to,
+            call_id,
+            reason,
+        } => {
+            req_part(&mut v, REMOTE_HANGUP, req, to, call_id);
+            match reason {
+                Some(r) => {
+                    v.push(1);
+                    put_str(&mut v, r);
+                }
+                None => v.push(0),
+            }
+        }
+        Input::Gone {
+            conn,
+            user,
+            peer,
+            call_id,
+        } => {
+            v.push(REMOTE_GONE);
+            put_conn(&mut v, *conn);
+            put_str(&mut v, user);
+            put_str(&mut v, peer);
+            put_str(&mut v, call_id);
+        }
+        Input::Offer { .. } | Input::Timer { .. } => return None,
+    }
+    Some((crate::cluster::service::CALL_INPUT, v))
+}
+
+/// Decode [`encode_remote`]'s body. None for anything malformed (never panics).
+pub fn decode_remote(b: &[u8]) -> Option<Input> {
+    let mut r = crate::cluster::Reader::new(b);
+    let tag = r.u8().ok()?;
+    let input = if tag == REMOTE_GONE {
+        Input::Gone {
+            conn: r.conn().ok()?,
+            user: r.str().ok()?.into(),
+            peer: r.str().ok()?.into(),
+            call_id: r.str().ok()?.into(),
+        }
+    } else {
+        let conn = r.conn().ok()?;
+        let user: Arc<str> = r.str().ok()?.into();
+        let id = match r.u8().ok()? {
+            0 => None,
+            _ => Some(r.str().ok()?.into()),
+        };
+        let req = Req { conn, user, id };
+        let to: Arc<str> = r.str().ok()?.into();
+        let call_id: Box<str> = r.str().ok()?.into();
+        match tag {
+            REMOTE_ANSWER => Input::Answer {
+                req,
+                to,
+                call_id,
+                sdp: r.str().ok()?.into(),
+            },
+            REMOTE_ICE => Input::Ice {
+                req,
+                to,
+                call_id,
+                candidate: r.str().ok()?.into(),
+            },
+            REMOTE_HANGUP => Input::Hangup {
+                req,
+                to,
+                call_id,
+                reason: match r.u8().ok()? {
+                    0 => None,
+                    _ => Some(r.str().ok()?.into()),
+                },
+            },
+            _ => return None,
+        }
+    };
+    r.done().then_some(input)
+}
+
+/// The body of an untrack for a party connection on another node
+/// (`cluster::service::CALL_UNTRACK`).
+pub fn encode_untrack(conn: ConnRef, peer: &str, call_id: &str) -> (u8, Vec<u8>) {
+    let mut v = Vec::with_capacity(32 + peer.len() + call_id.len());
+    crate::cluster::put_conn(&mut v, conn);
+    crate::cluster::put_str(&mut v, peer);
+    crate::cluster::put_str(&mut v, call_id);
+    (crate::cluster::service::CALL_UNTRACK, v)
+}
+
+/// Decode [`encode_untrack`]'s body into the message for the connection's shard.
+pub fn decode_untrack(b: &[u8]) -> Option<Msg> {
+    let mut r = crate::cluster::Reader::new(b);
+    let msg = Msg::Untrack {
+        conn: r.conn().ok()?,
+        peer: r.str().ok()?.into(),
+        call_id: r.str().ok()?.into(),
+    };
+    r.done().then_some(msg)
+}
+
+/// The shard of this node that owns `input`'s pair (for an input from another node).
+pub fn owner_of_input(input: &Input, shards: usize) -> usize {
+    match input {
+        Input::Offer { req, to, .. }
+        | Input::Answer { req, to, .. }
+        | Input::Ice { req, to, .. }
+        | Input::Hangup { req, to, .. } => owner(&req.user, to, shards),
+        Input::Gone { user, peer, .. } => owner(user, peer, shards),
+        Input::Timer { .. } => 0,
+    }
+}
+
 // ------------------------------------------------------------------ the sans-IO machine
 
 /// Who sent a command: the connection (where errors go), its user, the command's `id`.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Req {
     pub conn: ConnRef,
     pub user: Arc<str>,
@@ -81,7 +241,7 @@ pub struct Req {
 }
 
 /// What the owner's machine is told.
-#[derive(Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Input {
     Offer {
         req: Req,
@@ -122,6 +282,9 @@ pub enum Input {
 pub enum Msg {
     /// For the owner shard of the call's pair.
     Owner(Input),
+    /// For the owner shard of the call's pair, from another node whose owner did not hold
+    /// the call ([`Action::Elsewhere`] there).
+    Remote(Input),
     /// For the shard of `conn`: it is no longer a party to `(peer, call_id)`.
     Untrack {
         conn: ConnRef,
@@ -213,6 +376,9 @@ pub enum Action {
         peer: Arc<str>,
         call_id: Box<str>,
     },
+    /// Clustered: no call here for this command; hand it to the other nodes, where the one
+    /// holding the call (the node its offer reached) runs it.
+    Elsewhere(Input),
 }
 
 /// Node-wide calls per user: one more (unless at the limit) or one fewer.
@@ -239,6 +405,12 @@ pub struct Ctx {
     pub now: u32,
     /// `ring_timeout` in wheel ticks.
     pub ring_ticks: u32,
+    /// Other nodes exist: a command for a call this shard does not hold may be for a call
+    /// held on another node ([`Action::Elsewhere`]) rather than `unknown call`.
+    pub clustered: bool,
+    /// The input came from another node (its node held no such call): a call not held here
+    /// either is dropped silently, since the node that holds it answers.
+    pub remote: bool,
 }
 
 struct Call {
@@ -315,26 +487,52 @@ impl Calls {
                 to,
                 call_id,
                 sdp,
-            } => self.answer(req, to, call_id, sdp, out),
+            } => self.answer(req, to, call_id, sdp, cx, out),
             Input::Ice {
                 req,
                 to,
                 call_id,
                 candidate,
-            } => self.ice(req, to, call_id, candidate, out),
+            } => self.ice(req, to, call_id, candidate, cx, out),
             Input::Hangup {
                 req,
                 to,
                 call_id,
                 reason,
-            } => self.hangup(req, to, call_id, reason, counts, out),
+            } => self.hangup(req, to, call_id, reason, cx, counts, out),
             Input::Gone {
                 conn,
                 user,
                 peer,
                 call_id,
-            } => self.gone(conn, user, peer, call_id, counts, out),
+            } => self.gone(conn, user, peer, call_id, cx, counts, out),
             Input::Timer { key } => self.timer(key, cx, counts, out),
+        }
+    }
+
+    /// A command (answer, ICE, hangup) for a call this shard does not hold: `unknown call` on
+    /// one node; clustered, the call may be held by the node its offer reached, so the
+    /// command goes there ([`Action::Elsewhere`], the requester's entry still tracked: that
+    /// node untracks it); a command that came from another node is dropped here.
+    fn not_here(&self, input: Input, cx: Ctx, tracked: bool, out: &mut Vec<Action>) {
+        if cx.remote {
+            return;
+        }
+        if cx.clustered {
+            out.push(Action::Elsewhere(input));
+            return;
+        }
+        match input {
+            Input::Answer {
+                req, to, call_id, ..
+            }
+            | Input::Ice {
+                req, to, call_id, ..
+            }
+            | Input::Hangup {
+                req, to, call_id, ..
+            } => self.refuse(req, to, call_id, CallError::UnknownCall, tracked, out),
+            Input::Offer { .. } | Input::Gone { .. } | Input::Timer { .. } => {}
         }
     }
 
@@ -464,16 +662,24 @@ impl Calls {
         });
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn answer(
         &mut self,
         req: Req,
         to: Arc<str>,
         call_id: Box<str>,
         sdp: Box<str>,
+        cx: Ctx,
         out: &mut Vec<Action>,
     ) {
         let Some(i) = self.find(&req.user, &to, &call_id) else {
-            return self.refuse(req, to, call_id, CallError::UnknownCall, true, out);
+            let input = Input::Answer {
+                req,
+                to,
+                call_id,
+                sdp,
+            };
+            return self.not_here(input, cx, true, out);
         };
         let c = &self.slab[i];
         if c.callee != req.user {
@@ -503,16 +709,24 @@ impl Calls {
         ));
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn ice(
         &mut self,
         req: Req,
         to: Arc<str>,
         call_id: Box<str>,
         candidate: Box<str>,
+        cx: Ctx,
         out: &mut Vec<Action>,
     ) {
         let Some(i) = self.find(&req.user, &to, &call_id) else {
-            return self.refuse(req, to, call_id, CallError::UnknownCall, false, out);
+            let input = Input::Ice {
+                req,
+                to,
+                call_id,
+                candidate,
+            };
+            return self.not_here(input, cx, false, out);
         };
         let c = &self.slab[i];
         let dest = if req.conn == c.caller_conn {
@@ -542,17 +756,25 @@ impl Calls {
         });
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn hangup(
         &mut self,
         req: Req,
         to: Arc<str>,
         call_id: Box<str>,
         reason: Option<Box<str>>,
+        cx: Ctx,
         counts: &mut impl Counts,
         out: &mut Vec<Action>,
     ) {
         let Some(i) = self.find(&req.user, &to, &call_id) else {
-            return self.refuse(req, to, call_id, CallError::UnknownCall, false, out);
+            let input = Input::Hangup {
+                req,
+                to,
+                call_id,
+                reason,
+            };
+            return self.not_here(input, cx, false, out);
         };
         let given = |default: &'static str| -> Cow<'static, str> {
             match &reason {
@@ -610,17 +832,28 @@ impl Calls {
         self.remove(i, counts, out);
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn gone(
         &mut self,
         conn: ConnRef,
         user: Arc<str>,
         peer: Arc<str>,
         call_id: Box<str>,
+        cx: Ctx,
         counts: &mut impl Counts,
         out: &mut Vec<Action>,
     ) {
         let Some(i) = self.find(&user, &peer, &call_id) else {
-            return; // ended already
+            // Ended already, or (clustered) held by another node.
+            if cx.clustered && !cx.remote {
+                out.push(Action::Elsewhere(Input::Gone {
+                    conn,
+                    user,
+                    peer,
+                    call_id,
+                }));
+            }
+            return;
         };
         let c = &self.slab[i];
         let dest = if conn == c.caller_conn {
@@ -1119,6 +1352,11 @@ fn forward(sh: &mut Shard, input: Input) -> bool {
 
 /// Run one input through this shard's machine and carry out its actions.
 fn run(sh: &mut Shard, input: Input) {
+    run_from(sh, input, false);
+}
+
+/// [`run`]; `remote`: the input came from another node.
+fn run_from(sh: &mut Shard, input: Input, remote: bool) {
     let node = sh.node.clone();
     let mut counts = NodeCounts {
         names: &node.dir.calls,
@@ -1129,6 +1367,8 @@ fn run(sh: &mut Shard, input: Input) {
         // One tick more: `now` is the current tick's start, so the call rings at least
         // ring_timeout (and at most one tick longer).
         ring_ticks: crate::shard::ticks(node.cfg.ring_timeout) + 1,
+        clustered: node.clustered,
+        remote,
     };
     let mut out = std::mem::take(&mut sh.svc.calls.actions);
     sh.svc
@@ -1150,8 +1390,27 @@ fn run(sh: &mut Shard, input: Input) {
     sh.svc.calls.actions = out;
 }
 
+/// A call message for the other nodes (`node`: one of them; None: every one), through the
+/// bridge. Lost to a full bridge inbox (counted): a lost command is like a lost signalling
+/// packet, and the ring timeout or a hangup still ends the call.
+fn to_other_nodes(sh: &mut Shard, node: Option<u32>, body: (u8, Vec<u8>)) {
+    let msg = crate::bridge::BridgeMsg::Service {
+        node,
+        service: body.0,
+        body: body.1,
+    };
+    if sh.node.bridge_tx.try_send(msg).is_err() {
+        sh.out.stats.bridge_dropped += 1;
+    }
+}
+
 fn apply(sh: &mut Shard, a: Action) {
     match a {
+        Action::Elsewhere(input) => {
+            if let Some(body) = encode_remote(&input) {
+                to_other_nodes(sh, None, body);
+            }
+        }
         Action::Event {
             dest,
             call_id,
@@ -1216,6 +1475,10 @@ fn apply(sh: &mut Shard, a: Action) {
                 {
                     untrack_local(sh, conn.slot, &peer, &call_id);
                 }
+            } else if conn.node != sh.node.id {
+                // A party on another node: through the bridge to its node.
+                let body = encode_untrack(conn, &peer, &call_id);
+                to_other_nodes(sh, Some(conn.node), body);
             } else {
                 let msg = crate::shard::ShardMsg::service(super::ServiceMsg::Calls(Box::new(
                     Msg::Untrack {
@@ -1300,6 +1563,7 @@ fn untrack_local(sh: &mut Shard, slot: u32, peer: &str, call_id: &str) {
 pub fn on_msg(sh: &mut Shard, m: Msg) {
     match m {
         Msg::Owner(input) => run(sh, input),
+        Msg::Remote(input) => run_from(sh, input, true),
         Msg::Untrack {
             conn,
             peer,
@@ -1393,6 +1657,8 @@ mod tests {
         m: Calls,
         counts: MapCounts,
         now: u32,
+        clustered: bool,
+        remote: bool,
     }
 
     impl T {
@@ -1404,6 +1670,8 @@ mod tests {
                     n: HashMap::new(),
                 },
                 now: 1000,
+                clustered: false,
+                remote: false,
             }
         }
 
@@ -1412,6 +1680,8 @@ mod tests {
             let cx = Ctx {
                 now: self.now,
                 ring_ticks: RING,
+                clustered: self.clustered,
+                remote: self.remote,
             };
             self.m.handle(input, cx, &mut self.counts, &mut out);
             out
@@ -1935,5 +2205,115 @@ mod tests {
             assert_eq!(e.text(), text);
         }
         assert_eq!(CallError::ServerBusy.reason(), ErrorReason::Busy);
+    }
+
+    #[test]
+    fn clustered_commands_for_calls_not_held_here_go_to_the_other_nodes() {
+        let a = conn(0, 1);
+        let b = conn(1, 2);
+        let mut t = T::new(4);
+        t.clustered = true;
+        // No call here: the answer, ICE, hangup and a party's departure go elsewhere, and
+        // nothing is refused (the node holding the call answers).
+        for out in [
+            t.answer("bob", b, "alice", "c1"),
+            t.ice("bob", b, "alice", "c1"),
+            t.hangup("bob", b, "alice", "c1", None),
+            t.gone("bob", b, "alice", "c1"),
+        ] {
+            assert_eq!(out.len(), 1, "{out:?}");
+            assert!(matches!(out[0], Action::Elsewhere(_)), "{out:?}");
+        }
+        // From another node and not held here either: dropped silently.
+        t.remote = true;
+        assert!(t.answer("bob", b, "alice", "c1").is_empty());
+        assert!(t.gone("bob", b, "alice", "c1").is_empty());
+        // Held here: a remote answer runs as a local one would.
+        t.remote = false;
+        t.offer("alice", a, "bob", "c2");
+        t.remote = true;
+        let out = t.answer("bob", b, "alice", "c2");
+        assert!(
+            out.iter().any(|x| matches!(x, Action::Event { dest: Dest::Conn(c), event: Event::Answer { .. }, .. } if *c == a)),
+            "{out:?}"
+        );
+        // Not clustered: unknown call, as ever.
+        let mut one = T::new(4);
+        let out = one.ice("bob", b, "alice", "c1");
+        assert!(
+            matches!(
+                out[0],
+                Action::Error {
+                    err: CallError::UnknownCall,
+                    ..
+                }
+            ),
+            "{out:?}"
+        );
+    }
+
+    #[test]
+    fn remote_inputs_round_trip_and_garbage_is_refused() {
+        let c = ConnRef {
+            node: 7,
+            shard: 1,
+            slot: 42,
+            gen: 3,
+        };
+        let r = |id: Option<&str>| Req {
+            conn: c,
+            user: u("bob"),
+            id: id.map(Box::from),
+        };
+        let inputs = [
+            Input::Answer {
+                req: r(Some("9")),
+                to: u("alice"),
+                call_id: "c".into(),
+                sdp: "{\"type\":\"answer\"}".into(),
+            },
+            Input::Ice {
+                req: r(None),
+                to: u("alice"),
+                call_id: "c".into(),
+                candidate: "{}".into(),
+            },
+            Input::Hangup {
+                req: r(None),
+                to: u("alice"),
+                call_id: "c".into(),
+                reason: Some("busy".into()),
+            },
+            Input::Hangup {
+                req: r(Some("x")),
+                to: u("alice"),
+                call_id: "c".into(),
+                reason: None,
+            },
+            Input::Gone {
+                conn: c,
+                user: u("bob"),
+                peer: u("alice"),
+                call_id: "c".into(),
+            },
+        ];
+        for i in &inputs {
+            let (service, body) = encode_remote(i).expect("crosses nodes");
+            assert_eq!(service, crate::cluster::service::CALL_INPUT);
+            assert_eq!(decode_remote(&body).as_ref(), Some(i));
+            for n in 0..body.len() {
+                assert!(decode_remote(&body[..n]).is_none(), "truncated at {n}");
+            }
+            let mut longer = body.clone();
+            longer.push(0);
+            assert!(decode_remote(&longer).is_none());
+        }
+        assert!(encode_remote(&Input::Timer { key: 1 }).is_none());
+        let (_, body) = encode_untrack(c, "alice", "c");
+        assert!(matches!(
+            decode_untrack(&body),
+            Some(Msg::Untrack { conn, .. }) if conn == c
+        ));
+        assert!(decode_untrack(&body[1..]).is_none());
     }
 }
