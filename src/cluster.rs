@@ -234,6 +234,9 @@ pub mod service {
     pub const CALL_INPUT: u8 = 1;
     /// A call's party on this node is no longer one (`calls::encode_untrack`).
     pub const CALL_UNTRACK: u8 = 2;
+    /// Close every device of a user on this node (the server API's disconnect); the body is
+    /// the user id.
+    pub const USER_DISCONNECT: u8 = 3;
 }
 
 /// The envelope of a service message from node `origin`.

@@ -248,3 +248,22 @@ fn ready_settled(s: &TestServer) -> (u16, String) {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+#[test]
+fn the_server_api_disconnect_closes_a_users_devices_on_every_node() {
+    let redis = RedisServer::start();
+    let a = node(&redis, &[]);
+    let b = node(&redis, &[]);
+    let mut eve_a = a.connect("/ws?user_id=eve");
+    let mut eve_b = b.connect("/ws?user_id=eve");
+    let mut other = b.connect("/ws?user_id=frank");
+    wait_numsub(&redis, "sb:{user:eve}", 2);
+    let (status, body) = api(&a, "POST", "/api/users/eve/disconnect", &json!({}));
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(v["devices"], 1, "devices counts this node's: {v}");
+    eve_a.expect_close(1008);
+    eve_b.expect_close(1008);
+    other.send_json(json!({"type": "ping"}));
+    other.expect_type("pong");
+}

@@ -59,16 +59,26 @@ pub enum BridgeMsg {
     Store(Box<StoreJob>),
     /// A call to the auth service or a custom-type backend ([`proxy`]; boxed like `Store`).
     Proxy(Box<proxy::Job>),
-    /// Clustered: a service's message for other nodes (`node`: that node; None: every
-    /// node), as [`crate::cluster::encode_service`] carries it (calls whose state is on
-    /// another node).
+    /// Clustered: a service's message for other nodes, as [`crate::cluster::encode_service`]
+    /// carries it: calls whose state is on another node, the server API's disconnect.
     Service {
-        node: Option<u32>,
+        to: ServiceTo,
         service: u8,
         body: Vec<u8>,
     },
     /// Stop the bridge thread (after the store has finished the jobs it holds).
     Shutdown,
+}
+
+/// Which nodes a [`BridgeMsg::Service`] is for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ServiceTo {
+    /// One node.
+    Node(u32),
+    /// Every node (the calls channel).
+    Calls,
+    /// The nodes holding a device of this user (the user's channel).
+    User(Arc<str>),
 }
 
 /// The sending side of the bridge inbox, as shards hold it.

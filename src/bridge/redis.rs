@@ -647,11 +647,12 @@ impl Redis {
         }
     }
 
-    /// Queue a service message for node `node` (None: every other node).
-    pub fn service(&self, node: Option<u32>, service: u8, body: &[u8]) {
-        let channel = match node {
-            Some(n) => self.ch.node(n),
-            None => self.ch.calls(),
+    /// Queue a service message for the nodes `to` names.
+    pub fn service(&self, to: &super::ServiceTo, service: u8, body: &[u8]) {
+        let channel = match to {
+            super::ServiceTo::Node(n) => self.ch.node(*n),
+            super::ServiceTo::Calls => self.ch.calls(),
+            super::ServiceTo::User(u) => self.ch.user(u),
         };
         let mut q = self.queue.borrow_mut();
         if q.len() >= self.node.cfg.redis_queue_max {
@@ -689,6 +690,26 @@ impl Redis {
                     return;
                 }
             },
+            cluster::service::USER_DISCONNECT => {
+                let Ok(user) = std::str::from_utf8(body) else {
+                    stats.malformed.fetch_add(1, Ordering::Relaxed);
+                    return;
+                };
+                let user: Arc<str> = user.into();
+                let mut bits = self.node.dir.user_shards(&user);
+                while bits != 0 {
+                    let shard = bits.trailing_zeros() as usize;
+                    bits &= bits - 1;
+                    let msg = crate::shard::ShardMsg::service(ServiceMsg::Api(
+                        crate::shard::service::api::Msg::Disconnect { user: user.clone() },
+                    ));
+                    if self.node.inboxes.try_send(shard, msg).is_err() {
+                        stats.inbound_dropped.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                stats.received.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
             cluster::service::CALL_UNTRACK => match calls::decode_untrack(body) {
                 Some(m @ calls::Msg::Untrack { conn, .. }) => (conn.shard as usize, m),
                 _ => {

@@ -371,13 +371,9 @@ async fn serve<S: Store + 'static>(
                         r.topic(&topic, t);
                     }
                 }
-                BridgeMsg::Service {
-                    node,
-                    service,
-                    body,
-                } => {
+                BridgeMsg::Service { to, service, body } => {
                     if let Some(r) = &ctx.redis {
-                        r.service(node, service, &body);
+                        r.service(&to, service, &body);
                     }
                 }
                 BridgeMsg::Presence {

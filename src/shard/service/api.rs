@@ -312,6 +312,18 @@ pub fn disconnect(sh: &mut Shard, user: &str) -> Outcome {
             }
         }
     }
+    if sh.node.clustered {
+        // Its devices on the other nodes too (`devices` counts this node's).
+        let msg = crate::bridge::BridgeMsg::Service {
+            to: crate::bridge::ServiceTo::User(key.clone()),
+            service: crate::cluster::service::USER_DISCONNECT,
+            body: user.as_bytes().to_vec(),
+        };
+        if sh.node.bridge_tx.try_send(msg).is_err() {
+            sh.out.stats.bridge_dropped += 1;
+            return err(Status::SERVICE_UNAVAILABLE, "server busy, retry later");
+        }
+    }
     let mut buf = Vec::new();
     crate::proto::json::write_str(&mut buf, user);
     ok(format!(

@@ -1395,7 +1395,10 @@ fn run_from(sh: &mut Shard, input: Input, remote: bool) {
 /// packet, and the ring timeout or a hangup still ends the call.
 fn to_other_nodes(sh: &mut Shard, node: Option<u32>, body: (u8, Vec<u8>)) {
     let msg = crate::bridge::BridgeMsg::Service {
-        node,
+        to: node.map_or(
+            crate::bridge::ServiceTo::Calls,
+            crate::bridge::ServiceTo::Node,
+        ),
         service: body.0,
         body: body.1,
     };
