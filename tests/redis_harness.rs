@@ -76,6 +76,15 @@ fn extra_options_apply() {
         r.cmd(&["CONFIG", "GET", "maxmemory"]),
         "maxmemory\n10485760"
     );
+    // A password: the server is up once it says NOAUTH; a connection authenticates itself.
+    let r = RedisServer::start_with(&[("requirepass", "pw-1")]);
+    assert!(r.cmd(&["PING"]).starts_with("(error) NOAUTH"));
+    let mut c = r.connect();
+    assert_eq!(
+        c.call(&["AUTH", "pw-1"]).unwrap(),
+        Resp::Simple("OK".into())
+    );
+    assert_eq!(c.call(&["PING"]).unwrap(), Resp::Simple("PONG".into()));
     let r = RedisServer::start_args(&["--maxmemory-policy", "allkeys-lru"]);
     assert_eq!(
         r.cmd(&["CONFIG", "GET", "maxmemory-policy"]),
