@@ -214,10 +214,9 @@ fn config_unreadable(name: &'static str, addr: &str, what: &str, err: &str) -> F
         severity: Severity::Warn,
         why: format!(
             "CONFIG GET {what} was refused ({err}): a managed Redis often renames or forbids \
-             CONFIG, so this limit was not checked. Check it in the provider's settings (AWS \
-             ElastiCache parameter groups: client-output-buffer-limit-pubsub-hard-limit, \
-             -soft-limit, -soft-seconds, maxmemory-policy) against tuning/README.md, \"Redis for a \
-             cluster\""
+             CONFIG, so this limit was not checked. Check it where the provider keeps the Redis \
+             parameters (a parameter group, the instance's parameter settings) against \
+             tuning/README.md, \"Redis for a cluster\""
         ),
         fix: String::new(),
     }
@@ -442,8 +441,8 @@ pub fn check_output_buffer_limit(
              is lost. Size it as bytes/s of cross-node traffic x seconds of stall to survive: \
              10 MB/s x 25 s = 250 MB",
             if default {
-                "this is Redis's default (pubsub 32mb 8mb 60), made for a chatty client, not a \
-                 node: "
+                "this is Redis's default (pubsub 32mb 8mb 60), sized for an application's \
+                 subscriber, not a node's: "
             } else {
                 ""
             },
@@ -493,7 +492,8 @@ pub fn check_maxmemory(
                  presence keys go before their heartbeat TTL (users shown offline while \
                  connected). noeviction makes writes fail loudly instead (the bridge counts \
                  them); volatile-ttl evicts only keys with a TTL, the nearest to expiry first. \
-                 Size maxmemory for history (streams are capped) plus presence"
+                 Size maxmemory for history (streams are capped) plus presence plus, since \
+                 client output buffers count against it, nodes x the pubsub hard limit"
             ),
             fix: format!(
                 "{} CONFIG SET maxmemory-policy noeviction\n\
@@ -512,9 +512,16 @@ pub fn check_maxmemory(
              used_memory (history streams are capped, presence keys expire)"
                 .into()
         } else if policy == "noeviction" {
-            "at maxmemory, writes fail (counted by the bridge) and no key is evicted".into()
+            "at maxmemory, writes fail (counted by the bridge) and no key is evicted; client \
+             output buffers count against maxmemory, so leave room for nodes x the pubsub hard \
+             limit"
+                .into()
         } else {
-            format!("{policy} evicts only keys with a TTL, never history streams or offsets")
+            format!(
+                "{policy} evicts only keys with a TTL, never history streams or offsets; client \
+                 output buffers count against maxmemory, so leave room for nodes x the pubsub \
+                 hard limit"
+            )
         },
         fix: String::new(),
     }
@@ -1048,9 +1055,7 @@ mod tests {
         assert_eq!(f.severity, Severity::Warn);
         assert_eq!(f.current, "10.0.0.5:6379: could not be read");
         assert!(f.why.contains("unknown command 'CONFIG'"), "{}", f.why);
-        assert!(f
-            .why
-            .contains("client-output-buffer-limit-pubsub-hard-limit"));
+        assert!(f.why.contains("parameter group"), "{}", f.why);
         let f = check_maxmemory(A, &refused, &ok("noeviction"), &no_auth());
         assert_eq!(f.current, "10.0.0.5:6379: could not be read");
         assert_eq!(f.severity, Severity::Warn);
