@@ -320,3 +320,38 @@ fn with_redis_cluster_every_master_is_checked() {
     assert!(line.starts_with("BLOCKING "), "{line}");
     assert!(out.contains("SWITCHBOARD_REDIS_CLUSTER=true"), "{out}");
 }
+
+/// `tuning/redis.conf`, the fragment the docs give, on a real Redis: every line is accepted and
+/// the doctor finds nothing to warn about.
+#[test]
+fn the_tuning_fragment_passes_the_doctor() {
+    let path = format!("{}/tuning/redis.conf", env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(&path).expect("tuning/redis.conf");
+    let options: Vec<(String, String)> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| {
+            let (k, v) = l.split_once(' ').unwrap_or((l, ""));
+            (k.to_owned(), v.trim().trim_matches('"').to_owned())
+        })
+        .collect();
+    assert!(options.len() >= 7, "{options:?}");
+    let opts: Vec<(&str, &str)> = options
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let r = RedisServer::start_with(&opts);
+    for (k, v) in &options {
+        let got = r.cmd(&["CONFIG", "GET", k]);
+        let want = match k.as_str() {
+            "client-output-buffer-limit" => "pubsub 268435456 67108864 60".to_owned(),
+            _ => v.clone(),
+        };
+        assert!(got.ends_with(&want), "{k}: {got:?}, want {want:?}");
+    }
+    let (o, out) = doctor_url(&r.url());
+    assert_eq!(o.status.code(), Some(0), "{out}");
+    assert!(!out.contains("[WARN] redis"), "{out}");
+    assert!(!out.contains("[BLOCKING] redis"), "{out}");
+}
