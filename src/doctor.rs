@@ -3,9 +3,11 @@
 //! Owns: reading the live limits (getrlimit, `/proc/sys`, `/proc/meminfo`), the pure
 //! [`check`] that turns limits and a target connection count into findings (each with why and the
 //! exact fix command), raising the soft fd limit at server start ([`raise_nofile_limit`]), the
-//! `switchboard_limit_*` Prometheus gauges and the `doctor` CLI. Never touches sockets, shards or
-//! configuration; the server calls [`read_limits`], [`raise_nofile_limit`], [`check`] and
-//! [`max_connections_for`] once at start and [`prometheus_lines`] when /metrics is scraped.
+//! `switchboard_limit_*` Prometheus gauges and the `doctor` CLI. Never touches shards; the server
+//! calls [`read_limits`], [`raise_nofile_limit`], [`check`] and [`max_connections_for`] once at
+//! start and [`prometheus_lines`] when /metrics is scraped. Only the CLI reads the configuration
+//! and opens sockets: when `redis_url` is set it adds the findings of [`redis`] (does that Redis
+//! answer, and do its limits suit a cluster) to the table.
 //!
 //! The memory arithmetic uses [`KERNEL_BYTES_PER_IDLE_SOCKET`], measured on this project's VM with
 //! `tuning/measure-kernel-socket-mem`, and the user-space design target
@@ -17,6 +19,8 @@
 use std::fmt::Write as _;
 
 use crate::limits::fd_reserve;
+
+pub mod redis;
 
 /// Kernel bytes held by one idle, established TCP socket on the server end: the `TCP` slab
 /// object (~2.5 KB), `sock_inode_cache` (~0.86 KB), `dentry` and `filp` for its fd (~0.2 KB each),
@@ -794,8 +798,11 @@ pub fn prometheus_lines(limits: &Limits, shards: usize, out: &mut String) {
 
 const USAGE: &str = "usage: switchboard doctor [--connections N] [--json]\n\
   Checks this machine's limits for N connections (default: what the server would derive from\n\
-  the current fd limits, one shard per core).\n\
-  Exit status: 0 nothing blocks N, 1 something blocks N, 2 bad usage.";
+  the current fd limits, one shard per core), and when the configuration (environment,\n\
+  SWITCHBOARD_CONFIG) sets redis_url, that Redis: PING, version, client-output-buffer-limit,\n\
+  maxmemory-policy, cluster state.\n\
+  Exit status: 0 nothing blocks N, 1 something blocks N (or the configured Redis does not\n\
+  answer), 2 bad usage.";
 
 enum Parsed {
     /// `target` None = [`derived_target`].
@@ -895,6 +902,12 @@ fn render_json(limits: &Limits, plan: &Plan, findings: &[Finding]) -> String {
         "\"kernel_bytes_per_idle_socket\":{KERNEL_BYTES_PER_IDLE_SOCKET},\"user_bytes_per_connection\":{USER_BYTES_PER_CONNECTION},\"fd_reserve\":{reserve},\"shards\":{},",
         limits.cores
     );
+    o.push_str("\"redis\":");
+    match &plan.redis {
+        Some(r) => json_str(&mut o, r),
+        None => o.push_str("null"),
+    }
+    o.push(',');
     o.push_str("\"limits\":{");
     let finite = |v: u64| (v != UNLIMITED).then_some(v);
     let fields: [(&str, Option<u64>); 9] = [
@@ -958,6 +971,8 @@ fn render_json(limits: &Limits, plan: &Plan, findings: &[Finding]) -> String {
 struct Plan {
     target: u64,
     derived: bool,
+    /// The Redis checked (password redacted) and how, when `redis_url` is set.
+    redis: Option<String>,
 }
 
 fn render_table(limits: &Limits, plan: &Plan, findings: &[Finding]) -> String {
@@ -979,6 +994,18 @@ fn render_table(limits: &Limits, plan: &Plan, findings: &[Finding]) -> String {
             "({target} is what the server derives here with max_connections: 0, from the fd limit \
              after raising soft to hard, minus the fd reserve; plan for more with --connections N)"
         );
+    }
+    match &plan.redis {
+        Some(r) => {
+            let _ = writeln!(o, "redis: {r}");
+        }
+        None => {
+            let _ = writeln!(
+                o,
+                "redis: none configured here (redis_url is empty in this environment): the node \
+                 runs alone; run the doctor with the server's environment to check its Redis"
+            );
+        }
     }
     let name_w = findings.iter().map(|f| f.name.len()).max().unwrap_or(0);
     let cur_w = findings.iter().map(|f| f.current.len()).max().unwrap_or(0);
@@ -1040,6 +1067,49 @@ fn render_table(limits: &Limits, plan: &Plan, findings: &[Finding]) -> String {
     o
 }
 
+/// The Redis of the configuration (environment, `SWITCHBOARD_CONFIG`, the replaced services'
+/// `REDIS_URL`), as the header shows it (password redacted), and the findings of checking it;
+/// (None, nothing) when `redis_url` is not set. A configuration that does not load is one warning
+/// (the server would refuse it; the Redis check needs it).
+fn configured_redis() -> (Option<String>, Vec<Finding>) {
+    let cfg = match crate::config::Config::load(&[], &|k| std::env::var(k).ok()) {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            return (
+                None,
+                vec![Finding {
+                    name: "config",
+                    current: "does not load".into(),
+                    required: "loads".into(),
+                    severity: Severity::Warn,
+                    why: format!(
+                        "{e}: the server would refuse to start with this configuration, and the \
+                         Redis check (redis_url) was not run"
+                    ),
+                    fix: "switchboard config   # every setting and where it came from".into(),
+                }],
+            )
+        }
+    };
+    let Some(url) = cfg.redis_url.as_deref() else {
+        return (None, Vec::new());
+    };
+    let shown: Vec<String> = url
+        .split(',')
+        .map(|u| crate::cluster::redact(u.trim()))
+        .collect();
+    let header = format!(
+        "{} (redis_cluster {}; every connect and command bounded by redis_timeout {:?})",
+        shown.join(","),
+        cfg.redis_cluster,
+        cfg.redis_timeout
+    );
+    (
+        Some(header),
+        redis::check_configured(url, cfg.redis_cluster, cfg.redis_timeout),
+    )
+}
+
 /// `switchboard doctor [--connections N] [--json]` (args after "doctor"). Human table by default,
 /// --json one JSON object. Exit 0 when nothing blocks N, 1 when something blocks, 2 on bad usage.
 /// Default N: [`derived_target`].
@@ -1056,11 +1126,14 @@ pub fn cli_main(args: &[String]) -> i32 {
         }
     };
     let limits = read_limits();
+    let (redis, redis_findings) = configured_redis();
     let plan = Plan {
         target: target.unwrap_or_else(|| derived_target(&limits)),
         derived: target.is_none(),
+        redis,
     };
-    let findings = check(&limits, plan.target);
+    let mut findings = check(&limits, plan.target);
+    findings.extend(redis_findings);
     if json {
         println!("{}", render_json(&limits, &plan, &findings));
     } else {
@@ -1474,6 +1547,7 @@ mod tests {
         let plan = Plan {
             target: derived_target(&l),
             derived: true,
+            redis: None,
         };
         let out = render_table(&l, &plan, &check(&l, plan.target));
         assert!(
@@ -1508,6 +1582,7 @@ mod tests {
         let plan = Plan {
             target: 1000,
             derived: false,
+            redis: None,
         };
         let f = check(&l, 1000);
         assert_eq!(

@@ -76,6 +76,15 @@ fn extra_options_apply() {
         r.cmd(&["CONFIG", "GET", "maxmemory"]),
         "maxmemory\n10485760"
     );
+    // A password: the server is up once it says NOAUTH; a connection authenticates itself.
+    let r = RedisServer::start_with(&[("requirepass", "pw-1")]);
+    assert!(r.cmd(&["PING"]).starts_with("(error) NOAUTH"));
+    let mut c = r.connect();
+    assert_eq!(
+        c.call(&["AUTH", "pw-1"]).unwrap(),
+        Resp::Simple("OK".into())
+    );
+    assert_eq!(c.call(&["PING"]).unwrap(), Resp::Simple("PONG".into()));
     let r = RedisServer::start_args(&["--maxmemory-policy", "allkeys-lru"]);
     assert_eq!(
         r.cmd(&["CONFIG", "GET", "maxmemory-policy"]),
@@ -183,6 +192,61 @@ fn publish_reaches_a_subscriber_on_another_connection() {
     assert_timed_out(sub.read());
     let clients = r.cmd(&["CLIENT", "LIST"]);
     assert!(clients.contains("cmd=subscribe"), "{clients}");
+}
+
+/// Publish `count` messages of `size` bytes to `channel` (one round trip each), as a busy node's
+/// peers would while it stops reading.
+fn flood(r: &RedisServer, channel: &str, count: usize, size: usize) {
+    let payload = "x".repeat(size);
+    let mut publisher = r.connect();
+    for _ in 0..count {
+        publisher.call(&["PUBLISH", channel, &payload]).unwrap();
+    }
+}
+
+/// What `switchboard doctor` warns about, shown on Redis itself: with Redis's default
+/// `pubsub 32mb 8mb 60` a subscriber that stops reading while 50 MB are published to it is
+/// disconnected (what was queued for it is lost); with `pubsub 256mb 64mb 60` it is not, and
+/// gets every message once it reads again.
+#[test]
+fn the_default_pubsub_limit_cuts_a_subscriber_that_stops_reading() {
+    const COUNT: usize = 800;
+    const SIZE: usize = 64 << 10;
+    let numsub = |r: &RedisServer| {
+        r.cmd_value(&["PUBSUB", "NUMSUB", "ch"]).pairs()[0]
+            .1
+            .clone()
+    };
+
+    let r = RedisServer::start();
+    let mut sub = r.connect();
+    sub.call(&["SUBSCRIBE", "ch"]).unwrap();
+    flood(&r, "ch", COUNT, SIZE);
+    assert_eq!(numsub(&r), "0", "the subscriber was cut");
+    assert!(
+        r.logs()
+            .contains("scheduled to be closed ASAP for overcoming of output buffer limits"),
+        "{}",
+        r.logs()
+    );
+    // What the kernel buffers held arrives; then the connection ends, short of 800.
+    let mut got = 0;
+    while let Ok(Resp::Array(_)) = sub.read() {
+        got += 1;
+    }
+    assert!(got < COUNT, "{got}");
+
+    let r = RedisServer::start_with(&[("client-output-buffer-limit", "pubsub 256mb 64mb 60")]);
+    let mut sub = r.connect();
+    sub.call(&["SUBSCRIBE", "ch"]).unwrap();
+    flood(&r, "ch", COUNT, SIZE);
+    assert_eq!(numsub(&r), "1", "the subscriber is still there");
+    for i in 0..COUNT {
+        match sub.read() {
+            Ok(Resp::Array(m)) if m.len() == 3 => {}
+            other => panic!("message {i}: {other:?}"),
+        }
+    }
 }
 
 #[test]

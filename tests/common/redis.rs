@@ -498,7 +498,8 @@ impl RedisServer {
         a
     }
 
-    /// Spawn on `self.port` and wait until it answers PING; false if it exited first.
+    /// Spawn on `self.port` and wait until it answers PING (PONG, or NOAUTH with
+    /// `requirepass`); false if it exited first.
     fn spawn_and_wait(&mut self) -> bool {
         let out = std::fs::OpenOptions::new()
             .create(true)
@@ -522,10 +523,11 @@ impl RedisServer {
                 self.child = None;
                 return false;
             }
-            if let Ok(Resp::Simple(s)) = command(self.addr(), &["PING"], PROBE_TIMEOUT) {
-                if s == "PONG" {
-                    return true;
-                }
+            // Up: PONG, or NOAUTH from a server started with `requirepass`.
+            match command(self.addr(), &["PING"], PROBE_TIMEOUT) {
+                Ok(Resp::Simple(s)) if s == "PONG" => return true,
+                Ok(Resp::Error(e)) if e.starts_with("NOAUTH") => return true,
+                _ => {}
             }
             if Instant::now() > deadline {
                 self.kill();
@@ -576,7 +578,8 @@ impl RedisServer {
 
     /// One command over a fresh connection; the reply as text ([`Resp`]'s `Display`: errors
     /// as `(error) ...`). Panics, with the log, when Redis does not answer within
-    /// [`CMD_TIMEOUT`].
+    /// [`CMD_TIMEOUT`]. (A server with `requirepass` says NOAUTH: use
+    /// [`RedisServer::connect`] and AUTH first.)
     pub fn cmd(&self, args: &[&str]) -> String {
         self.cmd_value(args).to_string()
     }
