@@ -3,6 +3,8 @@
 //! blocks, 2 bad usage. Also the binary's other first-run entry points: `help`, `--help`,
 //! `--version` and a stray argument.
 
+mod common;
+
 use std::process::{Command, Output};
 
 const BIN: &str = env!("CARGO_BIN_EXE_switchboard");
@@ -15,7 +17,7 @@ fn nofile_hard() -> Option<u64> {
 }
 
 fn doctor(args: &[&str]) -> Output {
-    Command::new(BIN)
+    common::hermetic(&mut Command::new(BIN))
         .arg("doctor")
         .args(args)
         .output()
@@ -24,7 +26,7 @@ fn doctor(args: &[&str]) -> Output {
 
 /// Run doctor under `prlimit --nofile=soft:hard` (util-linux), as an operator would.
 fn doctor_with_nofile(soft: u64, hard: u64, args: &[&str]) -> Output {
-    Command::new("prlimit")
+    common::hermetic(&mut Command::new("prlimit"))
         .arg(format!("--nofile={soft}:{hard}"))
         .arg("--")
         .arg(BIN)
@@ -207,7 +209,7 @@ fn bad_usage_exits_two() {
 #[test]
 fn help_version_and_stray_arguments() {
     let run = |args: &[&str]| {
-        Command::new(BIN)
+        common::hermetic(&mut Command::new(BIN))
             .args(args)
             .output()
             .expect("run switchboard")

@@ -19,14 +19,7 @@ const PASSWORD: &str = "s3cret-Pa55word";
 /// (nothing of the caller's SWITCHBOARD_*, WEBSOCKET_* or the replaced services' variables).
 fn doctor(env: &[(&str, &str)], extra: &[&str]) -> (Output, String) {
     let mut cmd = Command::new(BIN);
-    for (k, _) in std::env::vars() {
-        if k.starts_with("SWITCHBOARD_")
-            || k.starts_with("WEBSOCKET_")
-            || common::ALIAS_ENV.contains(&k.as_str())
-        {
-            cmd.env_remove(k);
-        }
-    }
+    common::hermetic(&mut cmd);
     cmd.args(["doctor", "--connections", "1000"]).args(extra);
     for (k, v) in env {
         cmd.env(k, v);

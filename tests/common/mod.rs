@@ -102,6 +102,21 @@ fn free_port() -> u16 {
 /// one of 2 shards with probability ~1/2).
 const SHARD_PLACEMENT_ATTEMPTS_MAX: usize = 64;
 
+/// Take every variable that configures the server out of `cmd`'s environment
+/// (`SWITCHBOARD_*`, `WEBSOCKET_*`, the replaced services' names): a test's server or
+/// `doctor` run sees only what the test sets.
+pub fn hermetic(cmd: &mut Command) -> &mut Command {
+    for (k, _) in std::env::vars() {
+        if k.starts_with("SWITCHBOARD_")
+            || k.starts_with("WEBSOCKET_")
+            || ALIAS_ENV.contains(&k.as_str())
+        {
+            cmd.env_remove(k);
+        }
+    }
+    cmd
+}
+
 /// The env variables of the replaced services the server reads as aliases (config.rs
 /// `ENV_ALIASES`, besides `WEBSOCKET_*`): removed from a test server's environment, so a
 /// `PORT` or `DATABASE_URL` of the machine running the tests configures nothing.
@@ -148,14 +163,7 @@ impl TestServer {
             let log = std::fs::File::create(&log_path).expect("create server log file");
             let mut cmd = Command::new(env!("CARGO_BIN_EXE_switchboard"));
             // Hermetic: nothing from the caller's environment configures the server.
-            for (k, _) in std::env::vars() {
-                if k.starts_with("SWITCHBOARD_")
-                    || k.starts_with("WEBSOCKET_")
-                    || ALIAS_ENV.contains(&k.as_str())
-                {
-                    cmd.env_remove(k);
-                }
-            }
+            hermetic(&mut cmd);
             cmd.env("SWITCHBOARD_HOST", "127.0.0.1")
                 .env(port_var, port.to_string())
                 .env("SWITCHBOARD_SHARDS", SHARDS)
