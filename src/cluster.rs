@@ -167,6 +167,11 @@ impl Channels {
         format!("{}nodes", self.prefix)
     }
 
+    /// Each node's numbers for `/api/stats` (a hash: node id -> `connections max unix_ms`).
+    pub fn stats(&self) -> String {
+        format!("{}stats", self.prefix)
+    }
+
     /// The channel a delivery to `target` is published on (`None`: a connection of this very
     /// node, which never leaves it).
     pub fn of(&self, target: &Target, me: u32) -> Option<Arc<str>> {

@@ -267,3 +267,32 @@ fn the_server_api_disconnect_closes_a_users_devices_on_every_node() {
     other.send_json(json!({"type": "ping"}));
     other.expect_type("pong");
 }
+
+#[test]
+fn api_stats_says_what_is_this_nodes_and_what_is_the_clusters() {
+    let redis = RedisServer::start();
+    let a = node(&redis, &[]);
+    let b = node(&redis, &[]);
+    let _on_a: Vec<Client> = (0..2).map(|_| a.connect("/ws")).collect();
+    let _on_b: Vec<Client> = (0..3).map(|_| b.connect("/ws")).collect();
+    // Heartbeats every 2 s carry each node's numbers.
+    let deadline = Instant::now() + Duration::from_secs(6);
+    loop {
+        let (status, body) = api(&a, "GET", "/api/stats", &json!({}));
+        assert_eq!(status, 200, "{body}");
+        let v: Value = serde_json::from_str(&body).expect("JSON");
+        assert_eq!(v["scope"], "node", "{v}");
+        assert_eq!(v["connections"], 2, "{v}");
+        let c = &v["cluster"];
+        assert_eq!(c["scope"], "cluster", "{v}");
+        if c["nodes"] == 2 && c["connections"] == 5 {
+            assert!(c["as_of_ms"].as_u64().unwrap() > 0, "{v}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "cluster numbers never right: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

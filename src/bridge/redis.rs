@@ -145,6 +145,12 @@ pub struct RedisStats {
     /// Users of dead nodes whose presence this node reaped (and dead nodes reaped).
     pub presence_reaped: AtomicU64,
     pub nodes_reaped: AtomicU64,
+    /// The cluster's numbers as of the last heartbeat (`/api/stats`): live nodes, their
+    /// connections and connection limits summed, and when (Unix ms; 0 = not yet).
+    pub cluster_nodes: AtomicU64,
+    pub cluster_connections: AtomicU64,
+    pub cluster_max_connections: AtomicU64,
+    pub cluster_as_of_ms: AtomicU64,
 }
 
 /// One presence change waiting for Redis.
@@ -382,6 +388,7 @@ impl Redis {
         let me = format!("{:08x}", self.node.id);
         let alive = self.ch.node_alive(self.node.id);
         let nodes = self.ch.nodes();
+        let stats_key = self.ch.stats();
         let mut tick = tokio::time::interval(NODE_HEARTBEAT);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -400,15 +407,57 @@ impl Redis {
                 .arg(NODE_DEAD_AFTER.as_millis() as u64)
                 .ignore();
             pipe.cmd("SADD").arg(&nodes).arg(&me).ignore();
+            let now_ms = crate::shard::unix_ms();
+            pipe.cmd("HSET")
+                .arg(&stats_key)
+                .arg(&me)
+                .arg(format!(
+                    "{} {} {now_ms}",
+                    self.node.dir.connections(),
+                    self.node.max_connections
+                ))
+                .ignore();
+            pipe.cmd("HGETALL").arg(&stats_key);
             let timeout = self.node.cfg.redis_timeout;
-            if let Ok(Err(e)) = tokio::time::timeout(timeout, pipe.exec_async(&mut conn)).await {
-                self.log_error("heartbeat failed", &e);
-                continue;
+            match tokio::time::timeout(timeout, pipe.query_async::<(Vec<String>,)>(&mut conn)).await
+            {
+                Ok(Ok((all,))) => self.sum_cluster(&all, now_ms),
+                Ok(Err(e)) => {
+                    self.log_error("heartbeat failed", &e);
+                    continue;
+                }
+                Err(_) => continue,
             }
             if republish {
                 self.republish_presence(&mut conn, &me).await;
             }
         }
+    }
+
+    /// Sum the live nodes' numbers from `HGETALL <p>stats` (field, value, field, value...):
+    /// entries older than [`NODE_DEAD_AFTER`] are nodes that stopped (the reaper removes
+    /// them).
+    fn sum_cluster(&self, all: &[String], now_ms: u64) {
+        let (mut nodes, mut conns, mut max) = (0u64, 0u64, 0u64);
+        for pair in all.chunks(2) {
+            let Some(v) = pair.get(1) else { continue };
+            let mut it = v.split(' ').map(|x| x.parse::<u64>().ok());
+            let (Some(Some(c)), Some(Some(m)), Some(Some(at))) = (it.next(), it.next(), it.next())
+            else {
+                continue;
+            };
+            if now_ms.saturating_sub(at) > NODE_DEAD_AFTER.as_millis() as u64 {
+                continue;
+            }
+            nodes += 1;
+            conns += c;
+            max += m;
+        }
+        let s = &self.node.redis_stats;
+        s.cluster_nodes.store(nodes, Ordering::Relaxed);
+        s.cluster_connections.store(conns, Ordering::Relaxed);
+        s.cluster_max_connections.store(max, Ordering::Relaxed);
+        s.cluster_as_of_ms.store(now_ms, Ordering::Relaxed);
     }
 
     async fn republish_presence(&self, conn: &mut MultiplexedConnection, me: &str) {
@@ -565,6 +614,7 @@ impl Redis {
         let mut pipe = redis::pipe();
         pipe.cmd("DEL").arg(&users_key).ignore();
         pipe.cmd("SREM").arg(self.ch.nodes()).arg(id).ignore();
+        pipe.cmd("HDEL").arg(self.ch.stats()).arg(id).ignore();
         match tokio::time::timeout(timeout, pipe.exec_async(conn)).await {
             Ok(r) => r?,
             Err(_) => return Err(timed_out()),

@@ -380,6 +380,18 @@ pub fn stats(sh: &Shard) -> Outcome {
         }
         out.push('}');
     }
+    if node.clustered {
+        // The nodes' own numbers as of their last heartbeat (every 2 s), through Redis.
+        let r = &node.redis_stats;
+        let g = |v: &std::sync::atomic::AtomicU64| v.load(std::sync::atomic::Ordering::Relaxed);
+        out.push_str(&format!(
+            ",\"cluster\":{{\"scope\":\"cluster\",\"nodes\":{},\"connections\":{},\"max_connections\":{},\"as_of_ms\":{}}}",
+            g(&r.cluster_nodes),
+            g(&r.cluster_connections),
+            g(&r.cluster_max_connections),
+            g(&r.cluster_as_of_ms)
+        ));
+    }
     out.push('}');
     ok(out)
 }
