@@ -296,3 +296,39 @@ fn api_stats_says_what_is_this_nodes_and_what_is_the_clusters() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+#[test]
+fn nodes_sharing_postgresql_share_the_client_msg_id_dedup_and_sync() {
+    let redis = RedisServer::start();
+    let db = common::pg::database("cluster_dedup");
+    let a = node(&redis, &[("SWITCHBOARD_DATABASE_URL", db.as_str())]);
+    let b = node(&redis, &[("SWITCHBOARD_DATABASE_URL", db.as_str())]);
+    let mut carol = b.connect("/ws?user_id=carol");
+    wait_numsub(&redis, "sb:{user:carol}", 1);
+    // Sent on node A; the client loses the ack, reconnects to node B and retries.
+    let mut alice_a = a.connect("/ws?user_id=alice");
+    alice_a.send_json(
+        json!({"type": "message.send", "to": "carol", "content": "once", "clientMsgId": "retry-1"}),
+    );
+    let first = alice_a.expect_type("message.ack");
+    alice_a.close();
+    let mut alice_b = b.connect("/ws?user_id=alice");
+    alice_b.send_json(
+        json!({"type": "message.send", "to": "carol", "content": "once", "clientMsgId": "retry-1"}),
+    );
+    let again = alice_b.expect_type("message.ack");
+    assert_eq!(
+        first["data"]["serverMsgId"], again["data"]["serverMsgId"],
+        "{first} {again}"
+    );
+    // Carol saw it once, and sync on either node has it once.
+    carol.expect_type("message.create");
+    carol.expect_silence(300);
+    for n in [&a, &b] {
+        let mut c = n.connect("/ws?user_id=carol");
+        c.send_json(json!({"type": "sync", "since": 0}));
+        let m = c.expect_type("message.create");
+        assert_eq!(m["data"]["content"], "once");
+        c.expect_type("sync.done");
+    }
+}
