@@ -125,3 +125,45 @@ fn a_killed_node_has_its_users_offline_elsewhere_within_the_bound() {
     w.expect_silence(2_500);
     assert_eq!(members(&redis), 1, "the dead node is forgotten");
 }
+
+#[test]
+fn a_drained_nodes_users_reconnect_elsewhere_without_a_flap() {
+    let redis = RedisServer::start();
+    let a = node(&redis);
+    let url = redis.url();
+    let mut b = TestServer::start(&[
+        ("SWITCHBOARD_REDIS_URL", url.as_str()),
+        ("SWITCHBOARD_PRESENCE_OFFLINE_GRACE", GRACE),
+        ("SWITCHBOARD_SHUTDOWN_TIMEOUT", "2s"),
+    ]);
+    b.wait_ready();
+    let c = node(&redis);
+    let mut w = watcher(&a, &redis, "erin");
+    let mut erin = b.connect("/ws?user_id=erin");
+    event(&mut w, "presence.online", "erin", Duration::from_secs(3));
+
+    // SIGTERM: B closes erin with 1001 and a jittered reconnect hint; erin moves to C.
+    b.signal_term();
+    match erin.next_event(Duration::from_secs(5)) {
+        common::Event::Close(Some(1001), reason) => {
+            let ms: u64 = reason
+                .strip_prefix("server shutdown (reconnect in ")
+                .and_then(|r| r.strip_suffix(" ms)"))
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("no reconnect hint in {reason:?}"));
+            assert!(ms < 2_000, "{ms}");
+        }
+        other => panic!("expected close 1001, got {other:?}"),
+    }
+    let _erin = c.connect("/ws?user_id=erin");
+    assert!(b.wait_exit().success());
+    // Neither offline nor online again: B kept erin present for the grace, then was reaped
+    // while C held erin.
+    w.expect_silence(4_000);
+    assert_eq!(redis.int(&["SCARD", "sb:nodes"]), 2, "B was reaped");
+    assert_eq!(
+        redis.int(&["SCARD", "sb:{user:erin}:nodes"]),
+        1,
+        "only C holds erin"
+    );
+}

@@ -237,6 +237,20 @@ enum Doom {
     Drop(CloseKind),
 }
 
+/// Longest reconnect delay a drained clustered node hints in its 1001 close reason.
+pub const RECONNECT_HINT_MAX_MS: u64 = 2_000;
+
+/// A per-connection delay in `0..RECONNECT_HINT_MAX_MS` (a hash of the connection and the
+/// time: only needs to differ between connections).
+fn reconnect_hint_ms(slot: u32, gen: u32, now_ms: u64) -> u64 {
+    let mut x =
+        (u64::from(slot) << 32 | u64::from(gen)) ^ now_ms.rotate_left(17) ^ 0x9e37_79b9_7f4a_7c15;
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    x ^= x >> 33;
+    x % RECONNECT_HINT_MAX_MS
+}
+
 struct DrainState {
     queue: Vec<(u32, u32)>,
     close_by_tick: u32,
@@ -554,9 +568,18 @@ impl Shard {
             let batch = d.queue.len().div_ceil(ticks_left);
             let at = d.queue.len() - batch;
             let batch: Vec<(u32, u32)> = d.queue.split_off(at);
+            let clustered = self.node.clustered;
             for (slot, gen) in batch {
                 if self.live(slot, gen) && self.clients[slot as usize].phase != Phase::Closing {
-                    self.close_with(slot, close::GOING_AWAY, "server shutdown");
+                    if clustered {
+                        // The other nodes take these clients: a jittered delay hint spreads
+                        // their reconnects beyond the drain's own batches.
+                        let ms = reconnect_hint_ms(slot, gen, self.now_ms);
+                        let reason = format!("server shutdown (reconnect in {ms} ms)");
+                        self.close_with(slot, close::GOING_AWAY, &reason);
+                    } else {
+                        self.close_with(slot, close::GOING_AWAY, "server shutdown");
+                    }
                 }
             }
             self.flush_dirty();
