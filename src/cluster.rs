@@ -242,6 +242,8 @@ pub mod service {
     /// Close every device of a user on this node (the server API's disconnect); the body is
     /// the user id.
     pub const USER_DISCONNECT: u8 = 3;
+    /// A node was reaped (the body: its id, u32 LE): calls with a party there end.
+    pub const NODE_GONE: u8 = 4;
 }
 
 /// The envelope of a service message from node `origin`.

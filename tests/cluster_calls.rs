@@ -163,3 +163,27 @@ fn across_nodes_the_ring_times_out_and_a_party_leaving_ends_the_call() {
     let v = expect(&mut alice, "call.ended", "t2");
     assert_eq!(v["data"]["reason"], "disconnected", "{v}");
 }
+
+#[test]
+fn the_answering_partys_node_dying_ends_the_call() {
+    let redis = RedisServer::start();
+    let a = node(&redis);
+    let mut b = node(&redis);
+    let mut alice = a.connect("/ws?user_id=alice");
+    let mut bob = b.connect("/ws?user_id=bob");
+    held(&redis, "bob", 1);
+    held(&redis, "alice", 1);
+    send(&mut alice, "call.offer", "bob", "d1", json!({"sdp": "o"}));
+    expect(&mut bob, "call.incoming", "d1");
+    send(&mut bob, "call.answer", "alice", "d1", json!({"sdp": "a"}));
+    expect(&mut alice, "call.answer", "d1");
+    // B dies without a word; once it is reaped (within 12 s), alice's call ends.
+    b.kill();
+    match alice.next_event(Duration::from_secs(15)) {
+        common::Event::Json(v) => {
+            assert_eq!(v["type"], "call.ended", "{v}");
+            assert_eq!(v["data"]["reason"], "disconnected", "{v}");
+        }
+        other => panic!("no call.ended: {other:?}"),
+    }
+}

@@ -622,6 +622,13 @@ impl Redis {
         let stats = &self.node.redis_stats;
         stats.presence_reaped.fetch_add(reaped, Ordering::Relaxed);
         stats.nodes_reaped.fetch_add(1, Ordering::Relaxed);
+        // Calls with a party on the dead node end, on every node that owns one.
+        self.service(
+            &super::ServiceTo::Calls,
+            cluster::service::NODE_GONE,
+            &node.to_le_bytes(),
+        );
+        self.node_gone_here(node);
         tracing::warn!(
             node = id,
             users = reaped,
@@ -725,6 +732,22 @@ impl Redis {
         }
     }
 
+    /// Node `node` is dead: every shard ends the calls it owns with a party there.
+    fn node_gone_here(&self, node: u32) {
+        use crate::shard::service::{calls, ServiceMsg};
+        for shard in 0..self.node.inboxes.len() {
+            let msg = crate::shard::ShardMsg::service(ServiceMsg::Calls(Box::new(
+                calls::Msg::Owner(calls::Input::NodeGone { node }),
+            )));
+            if self.node.inboxes.try_send(shard, msg).is_err() {
+                self.node
+                    .redis_stats
+                    .inbound_dropped
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
     /// A service message from another node, handed to the shard it is for.
     fn service_here(&self, service: u8, body: &[u8]) {
         use crate::shard::service::{calls, ServiceMsg};
@@ -740,6 +763,15 @@ impl Redis {
                     return;
                 }
             },
+            cluster::service::NODE_GONE => {
+                match body.try_into().map(u32::from_le_bytes) {
+                    Ok(node) => self.node_gone_here(node),
+                    Err(_) => {
+                        stats.malformed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                return;
+            }
             cluster::service::USER_DISCONNECT => {
                 let Ok(user) = std::str::from_utf8(body) else {
                     stats.malformed.fetch_add(1, Ordering::Relaxed);

@@ -143,7 +143,7 @@ pub fn encode_remote(input: &Input) -> Option<(u8, Vec<u8>)> {
             put_str(&mut v, peer);
             put_str(&mut v, call_id);
         }
-        Input::Offer { .. } | Input::Timer { .. } => return None,
+        Input::Offer { .. } | Input::Timer { .. } | Input::NodeGone { .. } => return None,
     }
     Some((crate::cluster::service::CALL_INPUT, v))
 }
@@ -226,7 +226,7 @@ pub fn owner_of_input(input: &Input, shards: usize) -> usize {
         | Input::Ice { req, to, .. }
         | Input::Hangup { req, to, .. } => owner(&req.user, to, shards),
         Input::Gone { user, peer, .. } => owner(user, peer, shards),
-        Input::Timer { .. } => 0,
+        Input::Timer { .. } | Input::NodeGone { .. } => 0,
     }
 }
 
@@ -276,6 +276,9 @@ pub enum Input {
     },
     /// A ring deadline entry fired (the key of an [`Action::Schedule`]).
     Timer { key: u64 },
+    /// Clustered: node `node` died (it was reaped): every call with a party there ends,
+    /// `disconnected` for the other side.
+    NodeGone { node: u32 },
 }
 
 /// Calls messages between shards (boxed in `ServiceMsg::Calls`).
@@ -507,6 +510,35 @@ impl Calls {
                 call_id,
             } => self.gone(conn, user, peer, call_id, cx, counts, out),
             Input::Timer { key } => self.timer(key, cx, counts, out),
+            Input::NodeGone { node } => self.node_gone(node, counts, out),
+        }
+    }
+
+    fn node_gone(&mut self, node: u32, counts: &mut impl Counts, out: &mut Vec<Action>) {
+        let dead: Vec<usize> = self
+            .slab
+            .iter()
+            .filter(|(_, c)| {
+                c.caller_conn.node == node || c.answered.is_some_and(|a| a.node == node)
+            })
+            .map(|(i, _)| i)
+            .collect();
+        for i in dead {
+            let c = &self.slab[i];
+            let dest = if c.caller_conn.node == node {
+                match c.answered {
+                    None => Dest::User {
+                        user: c.callee.clone(),
+                        except: None,
+                    },
+                    Some(a) => Dest::Conn(a),
+                }
+            } else {
+                Dest::Conn(c.caller_conn)
+            };
+            out.push(ended(dest, &c.id, "disconnected"));
+            self.stats.ended_disconnected += 1;
+            self.remove(i, counts, out);
         }
     }
 
@@ -532,7 +564,10 @@ impl Calls {
             | Input::Hangup {
                 req, to, call_id, ..
             } => self.refuse(req, to, call_id, CallError::UnknownCall, tracked, out),
-            Input::Offer { .. } | Input::Gone { .. } | Input::Timer { .. } => {}
+            Input::Offer { .. }
+            | Input::Gone { .. }
+            | Input::Timer { .. }
+            | Input::NodeGone { .. } => {}
         }
     }
 
@@ -1333,7 +1368,7 @@ fn forward(sh: &mut Shard, input: Input) -> bool {
         | Input::Ice { req, to, .. }
         | Input::Hangup { req, to, .. } => owner_of(sh, &req.user, to),
         Input::Gone { user, peer, .. } => owner_of(sh, user, peer),
-        Input::Timer { .. } => sh.id,
+        Input::Timer { .. } | Input::NodeGone { .. } => sh.id,
     };
     if own == sh.id {
         run(sh, input);
@@ -2318,5 +2353,29 @@ mod tests {
             Some(Msg::Untrack { conn, .. }) if conn == c
         ));
         assert!(decode_untrack(&body[1..]).is_none());
+    }
+
+    #[test]
+    fn a_dead_node_ends_the_calls_with_a_party_there() {
+        let a = conn(0, 1);
+        let remote = ConnRef {
+            node: 99,
+            shard: 0,
+            slot: 5,
+            gen: 1,
+        };
+        let mut t = T::new(4);
+        t.offer("alice", a, "bob", "c1");
+        t.answer("bob", remote, "alice", "c1");
+        t.offer("alice", a, "carol", "c2");
+        let out = t.run(Input::NodeGone { node: 99 });
+        assert!(
+            out.contains(&ended(Dest::Conn(a), "c1", "disconnected")),
+            "{out:?}"
+        );
+        // The call ringing carol (no party on node 99) goes on.
+        assert_eq!(t.m.len(), 1);
+        assert_eq!(t.count("bob"), 0);
+        assert!(t.run(Input::NodeGone { node: 98 }).is_empty());
     }
 }
