@@ -12,6 +12,8 @@ pub const PROCESSES_MAX: usize = 16;
 pub const PUBLISHERS_MAX: usize = 400;
 /// Most worker threads.
 pub const THREADS_MAX: usize = 64;
+/// Most servers one run spreads its connections over (`--urls`).
+pub const URLS_MAX: usize = 16;
 /// Most source addresses in `--source-ips`.
 pub const SOURCE_IPS_MAX: usize = 256;
 /// Longest run phase one invocation may ask for.
@@ -64,12 +66,19 @@ pub struct Target {
 #[derive(Debug, Clone)]
 pub struct Opts {
     pub scenario: Scenario,
+    /// The first of `targets`: the server of one-server scenarios and health checks.
     pub target: Target,
+    /// Every server of the run (`--urls`; just `target` without it): connection `i` goes to
+    /// `targets[i % len]`, publishers included.
+    pub targets: Vec<Target>,
     pub connections: usize,
     pub threads: usize,
     pub duration_s: f64,
     pub source_ips: Vec<Ipv4Addr>,
     pub server_pid: Option<u32>,
+    /// Every server's PID, in the order of `targets` (`--server-pids`; `server_pid` alone
+    /// without it): CPU and RSS are summed over them, and fanout reports each node's share.
+    pub server_pids: Vec<u32>,
     /// A database server's main process (PostgreSQL's postmaster): its CPU and its direct
     /// children's (the backends) is reported beside the server's (dm, rest-read).
     pub db_pid: Option<u32>,
@@ -155,12 +164,14 @@ impl Opts {
     fn defaults(scenario: Scenario, target: Target) -> Opts {
         Opts {
             scenario,
+            targets: vec![target.clone()],
             target,
             connections: 1000,
             threads: 1,
             duration_s: 10.0,
             source_ips: (1..=50).map(|d| Ipv4Addr::new(127, 0, 0, d)).collect(),
             server_pid: None,
+            server_pids: Vec::new(),
             db_pid: None,
             json_only: false,
             label: String::new(),
@@ -219,11 +230,17 @@ scenarios: connect | idle | fanout | dm | churn | echo | floor
 
 common flags:
   --url ws://127.0.0.1:8081/ws   server endpoint (loopback only)
+  --urls URL1,URL2,..            connect, idle, fanout: several servers (nodes of one
+                                 cluster); connection i (publishers included) goes to URL
+                                 i % count; fanout reports latency per node and same-node
+                                 against cross-node
   --connections N                connections (<= 19500 per process), default 1000
   --threads T                    event-loop threads, default 1
   --duration S                   run phase seconds, default 10
   --source-ips A-B|A,B,..        source addresses, round-robin, default 127.0.0.1-127.0.0.50
   --server-pid PID               sample the server's CPU and RSS from /proc
+  --server-pids P1,P2,..         with --urls: each server's PID, in the same order (CPU and
+                                 RSS summed; fanout: CPU per delivery of each node)
   --db-pid PID                   dm, rest-read: also sample a database's CPU (PID and its
                                  direct children: PostgreSQL's postmaster and backends)
   --in-flight N                  concurrent handshakes, default 256
@@ -352,6 +369,7 @@ pub fn parse(args: &[String]) -> Result<Opts, String> {
         other => return Err(format!("unknown scenario '{other}'")),
     };
     let mut url = "ws://127.0.0.1:8081/ws".to_string();
+    let mut urls: Option<String> = None;
     let mut pairs: Vec<(String, String)> = Vec::new();
     let mut json_only = false;
     let mut url_subscribe = false;
@@ -398,12 +416,25 @@ pub fn parse(args: &[String]) -> Result<Opts, String> {
         };
         if name == "--url" {
             url = value;
+        } else if name == "--urls" {
+            urls = Some(value);
         } else {
             pairs.push((name, value));
         }
         i += 1;
     }
     let mut o = Opts::defaults(scenario, parse_target(&url)?);
+    if let Some(list) = urls {
+        o.targets = list
+            .split(',')
+            .filter(|u| !u.is_empty())
+            .map(parse_target)
+            .collect::<Result<_, _>>()?;
+        if o.targets.is_empty() || o.targets.len() > URLS_MAX {
+            return Err(format!("--urls needs 1..={URLS_MAX} URLs"));
+        }
+        o.target = o.targets[0].clone();
+    }
     o.json_only = json_only;
     o.url_subscribe = url_subscribe;
     o.walk = walk;
@@ -416,6 +447,13 @@ pub fn parse(args: &[String]) -> Result<Opts, String> {
             "--duration" => o.duration_s = num(f, &v)?,
             "--source-ips" => o.source_ips = parse_source_ips(&v)?,
             "--server-pid" => o.server_pid = Some(num(f, &v)?),
+            "--server-pids" => {
+                o.server_pids = v
+                    .split(',')
+                    .filter(|p| !p.is_empty())
+                    .map(|p| num(f, p))
+                    .collect::<Result<_, _>>()?;
+            }
             "--db-pid" => o.db_pid = Some(num(f, &v)?),
             "--label" => o.label = v,
             "--in-flight" => o.in_flight = num(f, &v)?,
@@ -458,6 +496,7 @@ pub fn parse(args: &[String]) -> Result<Opts, String> {
         }
     }
     validate(&mut o)?;
+    validate_servers(&mut o)?;
     if !o.sub_paths.is_empty() && !o.url_subscribe {
         return Err("--sub-paths needs --url-subscribe (a subscriber of another dialect does not speak the native subscribe command)".into());
     }
@@ -547,6 +586,40 @@ fn validate(o: &mut Opts) -> Result<(), String> {
         // Source addresses are IPv4 loopback; with an IPv6 target the kernel picks.
         o.source_ips.clear();
     }
+    Ok(())
+}
+
+/// `--urls` and `--server-pids`: several servers only where every connection stands alone
+/// (connect, idle, fanout), one PID per URL.
+fn validate_servers(o: &mut Opts) -> Result<(), String> {
+    let several = o.targets.len() > 1;
+    if several
+        && !matches!(
+            o.scenario,
+            Scenario::Connect | Scenario::Idle | Scenario::Fanout
+        )
+    {
+        return Err(format!(
+            "--urls with {} servers is for connect, idle and fanout only ({:?} talks to one server)",
+            o.targets.len(),
+            o.scenario
+        ));
+    }
+    if o.server_pids.is_empty() {
+        o.server_pids.extend(o.server_pid);
+        return Ok(());
+    }
+    if o.server_pid.is_some() {
+        return Err("give --server-pid or --server-pids, not both".into());
+    }
+    if o.server_pids.len() != o.targets.len() {
+        return Err(format!(
+            "--server-pids names {} PIDs for {} servers: one per URL of --urls, in order",
+            o.server_pids.len(),
+            o.targets.len()
+        ));
+    }
+    o.server_pid = o.server_pids.first().copied();
     Ok(())
 }
 
@@ -696,6 +769,31 @@ mod tests {
         assert!(parse(&args("connect --bogus 1")).is_err());
         assert!(parse(&args("connect --connections")).is_err());
         assert!(parse(&args("nope")).is_err());
+    }
+
+    #[test]
+    fn parses_several_servers() {
+        let o = parse(&args(
+            "fanout --urls ws://127.0.0.1:9001/ws,ws://127.0.0.1:9002/ws --server-pids 11,12",
+        ))
+        .expect("valid");
+        assert_eq!(o.targets.len(), 2);
+        assert_eq!(o.target.addr.port(), 9001);
+        assert_eq!(o.targets[1].addr.port(), 9002);
+        assert_eq!(
+            (o.server_pid, o.server_pids.clone()),
+            (Some(11), vec![11, 12])
+        );
+        let o = parse(&args("idle --server-pid 7")).expect("valid");
+        assert_eq!((o.targets.len(), o.server_pids.clone()), (1, vec![7]));
+        for bad in [
+            "fanout --urls ws://127.0.0.1:1/ws,ws://10.0.0.1:2/ws",
+            "fanout --urls ws://127.0.0.1:1/ws,ws://127.0.0.1:2/ws --server-pids 1",
+            "fanout --urls ws://127.0.0.1:1/ws --server-pids 1 --server-pid 1",
+            "dm --urls ws://127.0.0.1:1/ws,ws://127.0.0.1:2/ws",
+        ] {
+            assert!(parse(&args(bad)).is_err(), "{bad}");
+        }
     }
 
     #[test]

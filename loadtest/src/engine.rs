@@ -153,11 +153,18 @@ pub enum Traffic {
     Presence,
 }
 
-/// Everything the workers need to know, fixed for a run.
-pub struct Plan {
+/// One server of the run: where to connect, the Host header and the WebSocket path.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
     pub addr: SocketAddr,
     pub host: String,
     pub path: String,
+}
+
+/// Everything the workers need to know, fixed for a run.
+pub struct Plan {
+    /// The servers (`--urls`; one without it): connection `i` goes to `endpoints[i % len]`.
+    pub endpoints: Vec<Endpoint>,
     pub source_ips: Vec<Ipv4Addr>,
     pub roles: Vec<Role>,
     pub room_names: Vec<String>,
@@ -198,6 +205,17 @@ impl Plan {
     fn dm_partner(&self, user: u32) -> u32 {
         user ^ 1
     }
+
+    /// The server of global connection `gidx`.
+    pub fn endpoint(&self, gidx: usize) -> &Endpoint {
+        &self.endpoints[gidx % self.endpoints.len()]
+    }
+}
+
+/// fanout over several servers: the histogram of deliveries received on node `recv` from a
+/// publisher on the same node (`cross` false) or on another one, in [`Ctx::by_node`].
+fn node_slot(recv: usize, cross: bool) -> usize {
+    recv * 2 + usize::from(cross)
 }
 
 /// Phases driven by the controller.
@@ -466,6 +484,10 @@ struct Ctx {
     kind: [u64; kind::SLOTS],
     /// typing-storm / presence-churn: user names are this prefix and the user's index.
     user_prefix: Vec<u8>,
+    /// fanout over several servers: delivery latency by receiving node and same-node or
+    /// cross-node publisher ([`node_slot`]); empty with one server. Folded into the report's
+    /// named histograms at the end ([`Ctx::fold_node_hists`]).
+    by_node: Vec<Histogram<u64>>,
 }
 
 impl Ctx {
@@ -475,6 +497,36 @@ impl Ctx {
         self.rng ^= self.rng >> 7;
         self.rng ^= self.rng << 17;
         (self.rng as u32).to_le_bytes()
+    }
+
+    /// `latency_node<k>` (deliveries received on node k), `latency_same_node` and
+    /// `latency_cross_node` (the publisher on the receiver's node, or on another).
+    fn fold_node_hists(&mut self) {
+        let by_node = std::mem::take(&mut self.by_node);
+        for (slot, h) in by_node.iter().enumerate() {
+            if h.is_empty() {
+                continue;
+            }
+            let names = [
+                format!("latency_node{}", slot / 2),
+                if slot % 2 == 1 {
+                    "latency_cross_node"
+                } else {
+                    "latency_same_node"
+                }
+                .to_string(),
+            ];
+            for name in names {
+                match self.report.hists.get_mut(&name) {
+                    Some(t) => {
+                        let _ = t.add(h);
+                    }
+                    None => {
+                        self.report.hists.insert(name, h.clone());
+                    }
+                }
+            }
+        }
     }
 
     fn flush_counters(&mut self) {
@@ -618,6 +670,7 @@ impl Worker {
         let local_of = mine.iter().enumerate().map(|(l, g)| (*g, l)).collect();
         let owns_sender = plan.senders.iter().any(|g| g % workers == gid);
         let rooms = plan.room_names.len();
+        let n_endpoints = plan.endpoints.len();
         let seed = (now_ns() ^ ((id as u64 + 1) * 0x9E37_79B9_7F4A_7C15)) | 1;
         let burst_local = mine
             .iter()
@@ -650,6 +703,11 @@ impl Worker {
                 scratch: Vec::with_capacity(1024),
                 kind: [0; kind::SLOTS],
                 user_prefix,
+                by_node: if n_endpoints > 1 {
+                    (0..2 * n_endpoints).map(|_| new_hist()).collect()
+                } else {
+                    Vec::new()
+                },
             },
             rbuf: vec![0; READ_BUF_BYTES],
             next_send: owns_sender.then_some(0),
@@ -750,6 +808,7 @@ impl Worker {
         }
         self.close_all();
         self.ctx.flush_counters();
+        self.ctx.fold_node_hists();
         self.ctx.report
     }
 
@@ -776,7 +835,8 @@ impl Worker {
     fn open(&mut self, local: usize, gidx: usize) -> std::io::Result<Conn> {
         let plan = &self.ctx.plan;
         let role = plan.roles[gidx];
-        let domain = socket2::Domain::for_address(plan.addr);
+        let ep = plan.endpoint(gidx);
+        let domain = socket2::Domain::for_address(ep.addr);
         let sock = socket2::Socket::new(domain, socket2::Type::STREAM, None)?;
         sock.set_nonblocking(true)?;
         sock.set_tcp_nodelay(true)?;
@@ -801,7 +861,7 @@ impl Worker {
             sock.bind(&SocketAddr::new(ip.into(), 0).into())?;
         }
         let t_start = now_ns();
-        match sock.connect(&plan.addr.into()) {
+        match sock.connect(&ep.addr.into()) {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
             Err(e) => return Err(e),
@@ -1317,19 +1377,20 @@ fn drive(conn: &mut Conn, ctx: &mut Ctx, rbuf: &mut [u8], readable: bool) -> Res
             Err(e) => return Err(Drop::Fail(format!("{e}"))),
         }
         let plan = Arc::clone(&ctx.plan);
+        let ep = plan.endpoint(conn.gidx as usize);
         let path = match conn.role {
             Role::Dm { user, .. } | Role::Churner { user } => {
-                format!("{}?user_id={}", plan.path, plan.user_names[user as usize])
+                format!("{}?user_id={}", ep.path, plan.user_names[user as usize])
             }
             Role::Member { user, room } if plan.url_subscribe => format!(
                 "{}?user_id={}&subscribe={}",
-                plan.path, plan.user_names[user as usize], plan.room_names[room as usize]
+                ep.path, plan.user_names[user as usize], plan.room_names[room as usize]
             ),
             Role::Member { user, .. } => {
-                format!("{}?user_id={}", plan.path, plan.user_names[user as usize])
+                format!("{}?user_id={}", ep.path, plan.user_names[user as usize])
             }
             Role::Watcher { .. } => {
-                format!("{}?user_id=lt{}w{}", plan.path, plan.nonce, conn.gidx)
+                format!("{}?user_id=lt{}w{}", ep.path, plan.nonce, conn.gidx)
             }
             // Room names are `lt<digits>-<digits>`: nothing to percent-encode.
             Role::Sub { room, .. } if plan.url_subscribe && !plan.sub_paths.is_empty() => {
@@ -1337,9 +1398,9 @@ fn drive(conn: &mut Conn, ctx: &mut Ctx, rbuf: &mut [u8], readable: bool) -> Res
                 format!("{p}?subscribe={}", plan.room_names[room as usize])
             }
             Role::Sub { room, .. } | Role::Pub { room } if plan.url_subscribe => {
-                format!("{}?subscribe={}", plan.path, plan.room_names[room as usize])
+                format!("{}?subscribe={}", ep.path, plan.room_names[room as usize])
             }
-            _ => plan.path.clone(),
+            _ => ep.path.clone(),
         };
         let mut key = [0u8; 16];
         key[..4].copy_from_slice(&ctx.mask());
@@ -1347,7 +1408,7 @@ fn drive(conn: &mut Conn, ctx: &mut Ctx, rbuf: &mut [u8], readable: bool) -> Res
         key[8..12].copy_from_slice(&conn.gidx.to_le_bytes());
         key[12..].copy_from_slice(&ctx.mask());
         conn.out
-            .extend_from_slice(&ws::upgrade_request(&plan.host, &path, key));
+            .extend_from_slice(&ws::upgrade_request(&ep.host, &path, key));
         conn.state = State::Upgrading;
     }
     flush(conn)?;
@@ -1696,11 +1757,20 @@ fn on_ready_text(conn: &mut Conn, ctx: &mut Ctx, t: &[u8], now: u64) {
         Traffic::Publish => {
             if ws::has_type(t, b"message") {
                 if let Some(ts) = ws::find_u64(t, b"\"ts\":") {
-                    if ws::find_u64(t, b"\"seq\":").is_some() {
-                        ctx.report
-                            .latency
-                            .saturating_record(now.saturating_sub(ts).max(1));
+                    if let Some(seq) = ws::find_u64(t, b"\"seq\":") {
+                        let lat = now.saturating_sub(ts).max(1);
+                        ctx.report.latency.saturating_record(lat);
                         ctx.received += 1;
+                        if !ctx.by_node.is_empty() {
+                            // Send `seq` was made by sender `seq % senders` (`send_due`).
+                            let plan = &ctx.plan;
+                            let n = plan.endpoints.len();
+                            let recv = conn.gidx as usize % n;
+                            let senders = plan.senders.len().max(1) as u64;
+                            let from = plan.senders.get((seq % senders) as usize).map(|g| g % n);
+                            let slot = node_slot(recv, from != Some(recv));
+                            ctx.by_node[slot].saturating_record(lat);
+                        }
                         return;
                     }
                 }
@@ -1884,9 +1954,7 @@ impl Plan {
     /// The plan as one JSON value, for a child process (`proc_index` set by the caller).
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::json!({
-            "addr": self.addr.to_string(),
-            "host": self.host,
-            "path": self.path,
+            "endpoints": self.endpoints.iter().map(|e| serde_json::json!([e.addr.to_string(), e.host, e.path])).collect::<Vec<_>>(),
             "source_ips": self.source_ips.iter().map(|ip| ip.to_string()).collect::<Vec<_>>(),
             "roles": self.roles.iter().map(role_code).collect::<Vec<_>>().join(" "),
             "room_names": self.room_names,
@@ -1939,9 +2007,22 @@ impl Plan {
             t => return Err(format!("plan: traffic {t:?}")),
         };
         Ok(Plan {
-            addr: s("addr")?.parse().map_err(|_| "plan: addr".to_string())?,
-            host: s("host")?,
-            path: s("path")?,
+            endpoints: v["endpoints"]
+                .as_array()
+                .filter(|a| !a.is_empty())
+                .ok_or("plan: endpoints")?
+                .iter()
+                .map(|e| {
+                    let part = |i: usize| e[i].as_str().ok_or("plan: endpoint".to_string());
+                    Ok(Endpoint {
+                        addr: part(0)?
+                            .parse()
+                            .map_err(|_| "plan: endpoint addr".to_string())?,
+                        host: part(1)?.to_owned(),
+                        path: part(2)?.to_owned(),
+                    })
+                })
+                .collect::<Result<_, String>>()?,
             source_ips: strings("source_ips")?
                 .iter()
                 .map(|ip| ip.parse().map_err(|_| format!("plan: ip {ip}")))
@@ -2115,10 +2196,13 @@ pub fn shared_apply_delta(sh: &Shared, old: &[u64], new: &[u64]) {
 mod tests {
     #[test]
     fn plan_and_report_cross_the_process_boundary_intact() {
-        let plan = Plan {
-            addr: "127.0.0.1:18081".parse().unwrap(),
-            host: "127.0.0.1:18081".into(),
+        let ep = |port: u16| Endpoint {
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            host: format!("127.0.0.1:{port}"),
             path: "/ws".into(),
+        };
+        let plan = Plan {
+            endpoints: vec![ep(18081), ep(18082)],
             source_ips: vec![Ipv4Addr::new(127, 0, 0, 7)],
             roles: vec![
                 Role::Sub {
@@ -2165,9 +2249,11 @@ mod tests {
         assert_eq!(back.source_ips, plan.source_ips);
         assert_eq!(back.senders, plan.senders);
         assert_eq!(
-            (back.addr, back.traffic, back.interval_ns),
-            (plan.addr, plan.traffic, plan.interval_ns)
+            (back.endpoints.len(), back.traffic, back.interval_ns),
+            (2, plan.traffic, plan.interval_ns)
         );
+        assert_eq!(back.endpoint(3).addr, plan.endpoints[1].addr);
+        assert_eq!(back.endpoint(4).host, "127.0.0.1:18081");
         assert_eq!(
             (back.proc_index, back.procs, back.url_subscribe),
             (1, 3, true)

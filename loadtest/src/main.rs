@@ -314,9 +314,15 @@ fn base_plan(o: &Opts, roles: Vec<Role>, rooms: usize) -> Plan {
     let nonce = now_ns() % 1_000_000_007;
     let threads = o.threads.min(roles.len()).max(1);
     Plan {
-        addr: o.target.addr,
-        host: o.target.host.clone(),
-        path: o.target.path.clone(),
+        endpoints: o
+            .targets
+            .iter()
+            .map(|t| engine::Endpoint {
+                addr: t.addr,
+                host: t.host.clone(),
+                path: t.path.clone(),
+            })
+            .collect(),
         source_ips: o.source_ips.clone(),
         roles,
         room_names: (0..rooms).map(|k| format!("lt{nonce}-{k}")).collect(),
@@ -352,8 +358,26 @@ fn sub_roles(o: &Opts) -> Vec<Role> {
         .collect()
 }
 
+/// The server's CPU and RSS; with `--server-pids` the sum over every server.
 fn sample(o: &Opts) -> Option<ProcSample> {
-    o.server_pid.and_then(sys::sample_proc)
+    let mut total: Option<ProcSample> = None;
+    for &pid in &o.server_pids {
+        let s = sys::sample_proc(pid)?;
+        total = Some(match total {
+            None => s,
+            Some(t) => ProcSample {
+                cpu_ns: t.cpu_ns + s.cpu_ns,
+                rss_kb: t.rss_kb + s.rss_kb,
+                at_ns: s.at_ns,
+            },
+        });
+    }
+    total
+}
+
+/// Each server of `--server-pids` on its own (fanout's per-node rows).
+fn sample_each(o: &Opts) -> Vec<Option<ProcSample>> {
+    o.server_pids.iter().map(|&p| sys::sample_proc(p)).collect()
 }
 
 /// The generator itself: this process plus its `--processes` children (CPU and RSS summed).
@@ -637,9 +661,11 @@ fn fanout(o: &Opts) -> Report {
         .map(|m| m.load(Ordering::Relaxed))
         .collect();
     let after_setup = sample(o);
+    let each_setup = sample_each(o);
     let own_setup = own_sample();
     let (start, end) = s.run(o.duration_s);
     let after_run = sample(o);
+    let each_run = sample_each(o);
     let own_run = own_sample();
     let expected = |sh: &Shared| -> u64 {
         sh.published
@@ -652,6 +678,7 @@ fn fanout(o: &Opts) -> Report {
         sh.received.load(Ordering::Relaxed) >= expected(sh)
     });
     let after_drain = sample(o);
+    let each_drain = sample_each(o);
     let ready = s.shared.ready.load(Ordering::Relaxed);
     let (wr, shared) = s.finish();
     let published: u64 = shared
@@ -701,6 +728,9 @@ fn fanout(o: &Opts) -> Report {
     proc_rows(&mut r, "before", before);
     proc_rows(&mut r, "after_setup", after_setup);
     proc_rows(&mut r, "after_run", after_run);
+    if o.targets.len() > 1 {
+        node_rows(&mut r, o, &wr, (&each_setup, &each_run, &each_drain));
+    }
     if slow > 0 {
         r.put("slow_closed_4008", wr.slow_closed_4008);
         r.put("slow_closed_other", wr.slow_closed_other);
@@ -730,6 +760,49 @@ fn fanout(o: &Opts) -> Report {
     }
     failure_rows(&mut r, &wr);
     r
+}
+
+/// fanout over several servers (`--urls`): per node (in `--urls` order) the deliveries its
+/// connections received, their latency, and with `--server-pids` its CPU per delivery and
+/// its CPU % during the run; then the latency of deliveries whose publisher was on the
+/// receiver's node (`latency_same_node`) and on another (`latency_cross_node`).
+fn node_rows(
+    r: &mut Report,
+    o: &Opts,
+    wr: &WorkerReport,
+    (setup, run, drain): (
+        &[Option<ProcSample>],
+        &[Option<ProcSample>],
+        &[Option<ProcSample>],
+    ),
+) {
+    r.put("nodes", o.targets.len());
+    for (k, t) in o.targets.iter().enumerate() {
+        let h = wr.hist(&format!("latency_node{k}"));
+        let p = format!("node{k}");
+        r.put(&format!("{p}_url"), format!("ws://{}{}", t.host, t.path));
+        r.put(&format!("{p}_received_deliveries"), h.len());
+        if let (Some(&a), Some(&b)) = (setup.get(k), drain.get(k)) {
+            if let (Some(cpu), false) = (cpu_us(a, b), h.is_empty()) {
+                r.put_f(
+                    &format!("{p}_server_cpu_us_per_delivery"),
+                    cpu / h.len() as f64,
+                    3,
+                );
+            }
+        }
+        if let (Some(Some(a)), Some(Some(b))) = (setup.get(k), run.get(k)) {
+            let win = b.at_ns.saturating_sub(a.at_ns).max(1) as f64;
+            r.put_f(
+                &format!("{p}_server_cpu_pct_run"),
+                b.cpu_ns.saturating_sub(a.cpu_ns) as f64 / win * 100.0,
+                1,
+            );
+        }
+        r.put_hist(&format!("{p}_latency"), &h);
+    }
+    r.put_hist("latency_same_node", &wr.hist("latency_same_node"));
+    r.put_hist("latency_cross_node", &wr.hist("latency_cross_node"));
 }
 
 fn dm(o: &Opts) -> Report {
