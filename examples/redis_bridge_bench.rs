@@ -111,7 +111,12 @@ fn parse() -> Opts {
         );
         usage()
     }
-    if o.rooms == 0 || !(o.seconds > 0.0) || o.warmup < 0.0 || o.payload_bytes > 60_000 {
+    if o.rooms == 0
+        || o.seconds.is_nan()
+        || o.seconds <= 0.0
+        || o.warmup < 0.0
+        || o.payload_bytes > 60_000
+    {
         usage()
     }
     o

@@ -762,20 +762,18 @@ fn fanout(o: &Opts) -> Report {
     r
 }
 
+/// Each server's CPU samples at the end of setup, of the run, and of the drain.
+type NodeSamples<'a> = (
+    &'a [Option<ProcSample>],
+    &'a [Option<ProcSample>],
+    &'a [Option<ProcSample>],
+);
+
 /// fanout over several servers (`--urls`): per node (in `--urls` order) the deliveries its
 /// connections received, their latency, and with `--server-pids` its CPU per delivery and
 /// its CPU % during the run; then the latency of deliveries whose publisher was on the
 /// receiver's node (`latency_same_node`) and on another (`latency_cross_node`).
-fn node_rows(
-    r: &mut Report,
-    o: &Opts,
-    wr: &WorkerReport,
-    (setup, run, drain): (
-        &[Option<ProcSample>],
-        &[Option<ProcSample>],
-        &[Option<ProcSample>],
-    ),
-) {
+fn node_rows(r: &mut Report, o: &Opts, wr: &WorkerReport, (setup, run, drain): NodeSamples<'_>) {
     r.put("nodes", o.targets.len());
     for (k, t) in o.targets.iter().enumerate() {
         let h = wr.hist(&format!("latency_node{k}"));
