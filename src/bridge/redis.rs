@@ -683,6 +683,12 @@ impl Redis {
         let Some(channel) = self.ch.of(target, self.node.id) else {
             return;
         };
+        self.enqueue(channel, || cluster::encode(self.node.id, target, frame));
+    }
+
+    /// Queue the envelope `payload` makes on `channel`, or drop it (counted) when
+    /// `redis_queue_max` envelopes wait already (then it is never encoded).
+    fn enqueue(&self, channel: Arc<str>, payload: impl FnOnce() -> Vec<u8>) {
         let mut q = self.queue.borrow_mut();
         if q.len() >= self.node.cfg.redis_queue_max {
             self.node
@@ -693,7 +699,7 @@ impl Redis {
         }
         q.push_back(Out {
             channel,
-            payload: cluster::encode(self.node.id, target, frame),
+            payload: payload(),
         });
         self.node
             .redis_stats
@@ -711,25 +717,9 @@ impl Redis {
             super::ServiceTo::Calls => self.ch.calls(),
             super::ServiceTo::User(u) => self.ch.user(u),
         };
-        let mut q = self.queue.borrow_mut();
-        if q.len() >= self.node.cfg.redis_queue_max {
-            self.node
-                .redis_stats
-                .dropped
-                .fetch_add(1, Ordering::Relaxed);
-            return;
-        }
-        q.push_back(Out {
-            channel,
-            payload: cluster::encode_service(self.node.id, service, body),
+        self.enqueue(channel, || {
+            cluster::encode_service(self.node.id, service, body)
         });
-        self.node
-            .redis_stats
-            .queued
-            .store(q.len() as u64, Ordering::Relaxed);
-        if q.len() == 1 {
-            self.wake_pub.notify_one();
-        }
     }
 
     /// Node `node` is dead: every shard ends the calls it owns with a party there.
