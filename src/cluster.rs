@@ -142,9 +142,18 @@ impl Channels {
 
     /// The set of nodes holding `user` present (online, or in its offline grace), as hex
     /// node ids: presence is the cluster's when this set goes from empty to one node, or
-    /// from one to empty.
+    /// from one to empty. Tagged like the channel of the user's presence watchers, so the
+    /// script that judges a change can publish it in the same slot (Redis Cluster).
     pub fn user_nodes(&self, user: &str) -> String {
-        format!("{}{{user:{user}}}:nodes", self.prefix)
+        let watch = crate::shard::service::presence::watch_topic(user);
+        format!("{}{{topic:{watch}}}:nodes", self.prefix)
+    }
+
+    /// Set (with a TTL) when node `node` has been reaped: the node, if it is in fact alive,
+    /// learns from its next heartbeat that the cluster forgot it, and announces its users
+    /// again.
+    pub fn node_reaped(&self, node: u32) -> String {
+        format!("{}{{node:{node:08x}}}:reaped", self.prefix)
     }
 
     /// The users node `node` holds present (for the reaper of a node that died).
@@ -544,6 +553,19 @@ impl Subscriptions {
         !self.dirty.is_empty()
     }
 
+    /// Want exactly `want` (re-read from the directory, the fixed channels included):
+    /// whatever a lost report left wrong is marked to subscribe or unsubscribe. Returns how
+    /// many channels were wrong.
+    pub fn reconcile(&mut self, want: HashSet<Arc<str>>) -> usize {
+        let mut wrong = 0;
+        for ch in self.desired.symmetric_difference(&want) {
+            self.dirty.insert(ch.clone());
+            wrong += 1;
+        }
+        self.desired = want;
+        wrong
+    }
+
     /// Channels wanted.
     pub fn expected(&self) -> usize {
         self.desired.len()
@@ -703,16 +725,21 @@ mod tests {
         assert_eq!(&*c.topic("presence:bob"), "sb:{topic:presence:bob}");
         assert_eq!(&*c.all(), "sb:{all}");
         assert_eq!(&*c.node(0xab), "sb:{node:000000ab}");
-        assert_eq!(c.user_nodes("alice"), "sb:{user:alice}:nodes");
+        assert_eq!(c.user_nodes("alice"), "sb:{topic:presence:alice}:nodes");
+        assert_eq!(c.node_reaped(0xab), "sb:{node:000000ab}:reaped");
+        assert_eq!(
+            slot(c.node_reaped(0xab).as_bytes()),
+            slot(c.node(0xab).as_bytes())
+        );
         assert_eq!(c.node_users(0xab), "sb:{node:000000ab}:users");
-        // A node's keys share its channel's slot; a user's set shares the user's channel's.
+        // A node's keys share its channel's slot; a user's presence set shares its watchers' channel's.
         assert_eq!(
             slot(c.node_alive(0xab).as_bytes()),
             slot(c.node(0xab).as_bytes())
         );
         assert_eq!(
             slot(c.user_nodes("alice").as_bytes()),
-            slot(c.user("alice").as_bytes())
+            slot(c.topic("presence:alice").as_bytes())
         );
         assert_eq!(c.of(&Target::Conn(conn(5)), 5), None);
         assert_eq!(
@@ -776,6 +803,16 @@ mod tests {
         assert!(c4.unsubscribe.is_empty());
         s.confirm(&c4);
         assert_eq!((s.expected(), s.held()), (1, 1));
+        assert!(!s.has_changes());
+        // A report lost on the way: re-reading the directory puts it right.
+        let want: HashSet<Arc<str>> = ["x", "z"].into_iter().map(Arc::from).collect();
+        let before: HashSet<Arc<str>> = s.desired.clone();
+        let wrong = s.reconcile(want.clone());
+        assert_eq!(wrong, before.symmetric_difference(&want).count());
+        let c = s.changes(10);
+        s.confirm(&c);
+        assert_eq!(s.held, want);
+        assert_eq!(s.reconcile(want), 0);
         assert!(!s.has_changes());
     }
 

@@ -158,12 +158,117 @@ fn a_drained_nodes_users_reconnect_elsewhere_without_a_flap() {
     let _erin = c.connect("/ws?user_id=erin");
     assert!(b.wait_exit().success());
     // Neither offline nor online again: B kept erin present for the grace, then was reaped
-    // while C held erin.
+    // while C held erin (a reaper waits until it has been connected for the heartbeat TTL,
+    // so the fresh nodes here reap B 10-12 s after they started).
     w.expect_silence(4_000);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while redis.int(&["SCARD", "sb:nodes"]) != 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
     assert_eq!(redis.int(&["SCARD", "sb:nodes"]), 2, "B was reaped");
+    w.expect_silence(500);
     assert_eq!(
-        redis.int(&["SCARD", "sb:{user:erin}:nodes"]),
+        redis.int(&["SCARD", "sb:{topic:presence:erin}:nodes"]),
         1,
         "only C holds erin"
     );
+}
+
+#[test]
+fn a_status_change_never_overtakes_the_online_it_follows() {
+    let redis = RedisServer::start();
+    let a = node(&redis);
+    let b = node(&redis);
+    let mut wa = watcher(&a, &redis, "gus");
+    let mut wb = watcher(&b, &redis, "gus");
+    // Online (judged by Redis) and at once a status change: every watcher, on either node,
+    // hears them in that order.
+    let mut gus = b.connect("/ws?user_id=gus");
+    gus.send_json(json!({"type": "presence.update", "status": "away", "text": "brb"}));
+    for w in [&mut wa, &mut wb] {
+        event(w, "presence.online", "gus", Duration::from_secs(3));
+        let u = event(w, "presence.update", "gus", Duration::from_secs(3));
+        assert_eq!(u["data"]["status"], "away", "{u}");
+        assert_eq!(u["data"]["text"], "brb", "{u}");
+    }
+}
+
+#[test]
+fn a_change_told_while_redis_was_frozen_is_written_when_it_answers() {
+    let mut redis = RedisServer::start();
+    let url = redis.url();
+    let b = TestServer::start(&[
+        ("SWITCHBOARD_REDIS_URL", url.as_str()),
+        ("SWITCHBOARD_PRESENCE_OFFLINE_GRACE", "1s"),
+        ("SWITCHBOARD_REDIS_TIMEOUT", "500ms"),
+    ]);
+    b.wait_ready();
+    let mut w = watcher(&b, &redis, "hal");
+    let hal = b.connect("/ws?user_id=hal");
+    event(&mut w, "presence.online", "hal", Duration::from_secs(3));
+    let key = "sb:{topic:presence:hal}:nodes";
+    assert_eq!(redis.int(&["SCARD", key]), 1);
+    // Redis frozen (its data kept): hal leaves; the node tells its own watchers at once, as
+    // it judged it, and owes Redis the change.
+    redis.freeze();
+    hal.close();
+    event(&mut w, "presence.offline", "hal", Duration::from_secs(3));
+    std::thread::sleep(Duration::from_millis(1_500));
+    redis.thaw();
+    // Written once Redis answers: no node holds hal any more, and no one is told twice.
+    let deadline = Instant::now() + Duration::from_secs(8);
+    while redis.int(&["SCARD", key]) != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the node never wrote hal's offline"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let m = b.wait_metrics("a resynced change", |t| {
+        common::metric(t, "switchboard_redis_presence_resynced_total").unwrap_or(0) >= 1
+    });
+    assert!(
+        common::metric(&m, "switchboard_redis_presence_unchecked_total").unwrap_or(0) >= 1,
+        "{m}"
+    );
+    w.expect_silence(1_000);
+}
+
+#[test]
+fn a_paused_node_the_cluster_reaped_announces_its_users_again() {
+    let redis = RedisServer::start();
+    let a = node(&redis);
+    let b = node(&redis);
+    let mut w = watcher(&a, &redis, "ida");
+    let _ida = b.connect("/ws?user_id=ida");
+    event(&mut w, "presence.online", "ida", Duration::from_secs(3));
+    // B paused past the heartbeat TTL: A reaps it and tells ida offline...
+    b.signal(libc::SIGSTOP);
+    event(&mut w, "presence.offline", "ida", Duration::from_secs(20));
+    // ...B resumes, learns from its heartbeat that it was forgotten, and holds ida again:
+    // online once more, with no node dead.
+    b.signal(libc::SIGCONT);
+    event(&mut w, "presence.online", "ida", Duration::from_secs(8));
+    w.expect_silence(2_500);
+    assert_eq!(redis.int(&["SCARD", "sb:{topic:presence:ida}:nodes"]), 1);
+    let m = b.wait_metrics("forgotten once", |t| {
+        common::metric(t, "switchboard_redis_forgotten_total") == Some(1)
+    });
+    assert_eq!(
+        common::metric(&m, "switchboard_redis_task_restarts_total"),
+        Some(0)
+    );
+    // B delivers again: a room message from A reaches a subscriber on B.
+    let mut sub = b.connect("/ws?user_id=sub");
+    sub.subscribe("after-pause");
+    let mut pubr = a.connect("/ws?user_id=pub");
+    pubr.subscribe("after-pause");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while redis.numsub("sb:{room:after-pause}") < 2 {
+        assert!(Instant::now() < deadline, "B never held the room");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    pubr.send_json(json!({"type": "publish", "room": "after-pause", "data": {"n": 1}}));
+    let m = sub.expect_type("message");
+    assert_eq!(m["data"]["n"], 1, "{m}");
 }

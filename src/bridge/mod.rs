@@ -46,13 +46,14 @@ pub enum BridgeMsg {
     User { user: Arc<str>, t: Transition },
     /// A topic's first member on this node arrived, or the last one left (same caveat).
     Topic { topic: Arc<str>, t: Transition },
-    /// Clustered: a user's presence owner on this node found the user online (first device
-    /// here) or offline (its grace over). `frame` goes to the user's watchers on every node
-    /// only if Redis says the change is the cluster's, not only this node's
-    /// ([`redis::Redis::presence`]).
+    /// Clustered: an event of a user's presence owner on this node for the user's watchers
+    /// on every node (`frame`), in order. `online` Some: it found the user online (first
+    /// device here) or offline (its grace over), and the watchers hear it only if Redis says
+    /// the change is the cluster's, not only this node's; None: a status change, told as it
+    /// is, after the changes before it ([`redis::Redis::presence`]).
     Presence {
         user: Arc<str>,
-        online: bool,
+        online: Option<bool>,
         frame: Frame,
     },
     /// Work for the message store (boxed: jobs are larger than the other variants).

@@ -90,18 +90,65 @@ pub const REAP_LOCK: Duration = Duration::from_secs(30);
 /// Users read per `SSCAN` of a dead node's set, and re-added per pipeline after a reconnect.
 pub const PRESENCE_SCAN_COUNT: usize = 512;
 
-/// Presence across nodes, one key per user: `ARGV[2]` 1 = node `ARGV[1]` holds the user
-/// present now, 0 = it does not any more. Returns 1 when that made the user online or
-/// offline cluster-wide (the set went from empty to one node, or to empty).
+/// Presence across nodes, one key per user (`KEYS[1]`, the user's nodes): `ARGV[2]` 1 =
+/// node `ARGV[1]` holds the user present now, 0 = it does not any more. Returns 1 when that
+/// made the user online or offline cluster-wide: this node is now the set's only member, or
+/// it left the set empty (leaving a set it was not in changes nothing: a node the reaper
+/// took out is never told offline twice). Then, when `ARGV[3]` names a channel, it publishes
+/// `ARGV[4]` (the change's envelope) there from inside the script, so every node's watchers
+/// hear a user's changes in the order Redis judged them, whichever nodes judged them. The
+/// channel is tagged like the key (one slot).
 const PRESENCE_LUA: &str = "\
+local told = 0 \
 if ARGV[2] == '1' then \
   redis.call('SADD', KEYS[1], ARGV[1]) \
-  if redis.call('SCARD', KEYS[1]) == 1 then return 1 end \
-  return 0 \
+  if redis.call('SCARD', KEYS[1]) == 1 then told = 1 end \
+else \
+  if redis.call('SREM', KEYS[1], ARGV[1]) == 1 and redis.call('SCARD', KEYS[1]) == 0 then told = 1 end \
 end \
-redis.call('SREM', KEYS[1], ARGV[1]) \
-if redis.call('SCARD', KEYS[1]) == 0 then return 1 end \
-return 0";
+if told == 1 and ARGV[3] ~= '' then redis.call('PUBLISH', ARGV[3], ARGV[4]) end \
+return told";
+
+/// A node's heartbeat, in its own slot (`KEYS`: alive, reaper lock, reaped mark; `ARGV[1]`
+/// the TTL in ms): renew `alive`, then say whether the cluster forgot this node: 1 = no,
+/// 2 = another node is reaping it now (wait), 3 = it was reaped and the reaper is done (the
+/// mark is cleared: announce every user again, once).
+const HEARTBEAT_LUA: &str = "\
+redis.call('SET', KEYS[1], '1', 'PX', ARGV[1]) \
+if redis.call('EXISTS', KEYS[3]) == 0 then return 1 end \
+if redis.call('EXISTS', KEYS[2]) == 1 then return 2 end \
+redis.call('DEL', KEYS[3]) \
+return 3";
+
+/// Start reaping a node, in its slot (`KEYS`: alive, reaper lock, reaped mark; `ARGV`: this
+/// node, lock TTL ms, mark TTL ms): only if its `alive` key is gone at this very moment and no
+/// one else holds the lock. Returns 1 when this node is now its reaper.
+const REAP_BEGIN_LUA: &str = "\
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end \
+if not redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return 0 end \
+redis.call('SET', KEYS[3], '1', 'PX', ARGV[3]) \
+return 1";
+
+/// Finish reaping a node, in its slot (`KEYS`: reaper lock, the node's users; `ARGV[1]` this
+/// node): forget its users and release the lock, only while this node still holds it.
+const REAP_END_LUA: &str = "\
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end \
+redis.call('DEL', KEYS[2]) \
+redis.call('DEL', KEYS[1]) \
+return 1";
+
+/// How long a reaped node's mark lasts: a node that was only paused learns it was forgotten
+/// if it comes back within this.
+pub const REAPED_MARK: Duration = Duration::from_secs(3600);
+
+/// Users whose presence change was told while Redis could not judge it, waiting to be
+/// written to Redis on the next connection ([`Redis::resync`]); past it the next resync
+/// re-reads every user of the node instead.
+pub const UNSYNCED_MAX: usize = 65_536;
+
+/// How often the bridge re-reads the directory when a shard could not report a first/last
+/// transition (its inbox to the bridge was full), and in any case.
+pub const SUBS_RECONCILE_INTERVAL: Duration = Duration::from_secs(30);
 
 /// Least time between two log lines about Redis errors.
 pub const ERROR_LOG_INTERVAL: Duration = Duration::from_secs(5);
@@ -142,6 +189,17 @@ pub struct RedisStats {
     pub presence_kept: AtomicU64,
     /// Presence changes told as this node judged them (Redis down, or the queue full).
     pub presence_unchecked: AtomicU64,
+    /// Presence changes of this node written to Redis after a reconnect, and the times this
+    /// node found the cluster had reaped it while it was alive (its users announced again).
+    pub presence_resynced: AtomicU64,
+    pub forgotten: AtomicU64,
+    /// Set by a shard that could not report a first/last transition to the bridge (its
+    /// inbox full): the bridge re-reads the directory for the channels it must hold.
+    pub transitions_lost: AtomicBool,
+    /// Service messages from other nodes dropped because a shard's inbox was full.
+    pub handoff_dropped: AtomicU64,
+    /// Bridge tasks that panicked and were started again (a bug: reported, never silent).
+    pub task_restarts: AtomicU64,
     /// Users of dead nodes whose presence this node reaped (and dead nodes reaped).
     pub presence_reaped: AtomicU64,
     pub nodes_reaped: AtomicU64,
@@ -153,10 +211,12 @@ pub struct RedisStats {
     pub cluster_as_of_ms: AtomicU64,
 }
 
-/// One presence change waiting for Redis.
+/// One presence event waiting for Redis: a change Redis judges (`online` Some: this node
+/// holds the user now, or not any more), or an event that follows the user's earlier ones in
+/// order (`None`: a status change, told as it is).
 struct PresenceOp {
     user: Arc<str>,
-    online: bool,
+    online: Option<bool>,
     frame: Frame,
 }
 
@@ -205,6 +265,20 @@ pub struct Redis {
     cmd_conn_new: Notify,
     presence_q: RefCell<VecDeque<PresenceOp>>,
     wake_presence: Notify,
+    /// Users whose last change was told without Redis's judgement (last state wins): written
+    /// to Redis, silently, on the next connection. At most [`UNSYNCED_MAX`].
+    unsynced: RefCell<std::collections::HashMap<Arc<str>, bool>>,
+    /// Every user of the node must be written again (Redis lost its data, or `unsynced`
+    /// overflowed); cleared only by a resync that completed.
+    resync_owed: Cell<bool>,
+    /// When the command connection was last made: no node is reaped until this node has
+    /// been connected for [`NODE_DEAD_AFTER`] (the others renew their keys meanwhile).
+    cmd_since: Cell<Option<Instant>>,
+    /// The generation of the subscriber connection a loss was reported for ([`Redis::lost`]).
+    lost_gen: Cell<u64>,
+    /// The bridge is stopping: the heartbeat no longer renews `alive` (the farewell's TTL
+    /// stands) and nothing is reaped.
+    stopping: Cell<bool>,
     fb: RefCell<crate::proto::envelope::FrameBuilder>,
 }
 
@@ -218,6 +292,9 @@ impl Redis {
         subs.set(ch.all(), true);
         subs.set(ch.calls(), true);
         subs.set(ch.node(node.id), true);
+        node.redis_stats
+            .subs_expected
+            .store(subs.expected() as u64, Ordering::Relaxed);
         Rc::new(Redis {
             ch,
             urls,
@@ -241,6 +318,11 @@ impl Redis {
             cmd_conn_new: Notify::new(),
             presence_q: RefCell::new(VecDeque::new()),
             wake_presence: Notify::new(),
+            unsynced: RefCell::new(Default::default()),
+            resync_owed: Cell::new(false),
+            cmd_since: Cell::new(None),
+            lost_gen: Cell::new(u64::MAX),
+            stopping: Cell::new(false),
             fb: RefCell::new(Default::default()),
             node,
         })
@@ -259,14 +341,17 @@ impl Redis {
             "redis: this node joins the cluster (room, user and broadcast traffic crosses nodes through Redis pub/sub)"
         );
         let (tx, rx) = mpsc::channel(INBOUND_MAX);
+        let rx = Rc::new(tokio::sync::Mutex::new(rx));
+        let me = self;
         vec![
-            tokio::task::spawn_local(self.clone().publisher()),
-            tokio::task::spawn_local(self.clone().subscriber(tx)),
-            tokio::task::spawn_local(self.clone().inbound(rx)),
-            tokio::task::spawn_local(self.clone().canary()),
-            tokio::task::spawn_local(self.clone().presence_worker()),
-            tokio::task::spawn_local(self.clone().heartbeat()),
-            tokio::task::spawn_local(self.clone().reaper()),
+            supervise("publisher", me, |r| r.publisher()),
+            supervise("subscriber", me, move |r| r.subscriber(tx.clone())),
+            supervise("inbound", me, move |r| r.inbound(rx.clone())),
+            supervise("canary", me, |r| r.canary()),
+            supervise("presence", me, |r| r.presence_worker()),
+            supervise("heartbeat", me, |r| r.heartbeat()),
+            supervise("reaper", me, |r| r.reaper()),
+            supervise("reconcile", me, |r| r.reconcile()),
         ]
     }
 
@@ -278,20 +363,26 @@ impl Redis {
         }
     }
 
-    /// A user's presence owner on this node found it online (`online`) or offline: ask Redis
-    /// whether the change is the cluster's, and tell the user's watchers on every node
-    /// (`frame`) only then. Once per user cluster-wide: a user with devices on two nodes is
-    /// online once, offline once, and a device that moves to another node within the
-    /// offline grace changes nothing.
-    pub fn presence(&self, user: Arc<str>, online: bool, frame: Frame) {
+    /// Deliver `frame` to `target` on this node only (its copy for the other nodes went out
+    /// already, from inside a presence script).
+    fn deliver_local(&self, target: Target, frame: &Frame) {
+        if let Some(f) = &*self.deliver.borrow() {
+            f(target, frame);
+        }
+    }
+
+    /// A user's presence owner on this node has an event for the user's watchers on every
+    /// node (`frame`). `online` Some: this node found the user online (true) or offline;
+    /// Redis judges whether the change is the cluster's, and the watchers hear it only then.
+    /// Once per user cluster-wide: a user with devices on two nodes is online once, offline
+    /// once, and a device that moves to another node within the offline grace changes
+    /// nothing. `online` None: an event told as it is (a status change), in order after the
+    /// user's changes still waiting here, so it never overtakes the online it follows.
+    pub fn presence(&self, user: Arc<str>, online: Option<bool>, frame: Frame) {
         let mut q = self.presence_q.borrow_mut();
-        if q.len() >= PRESENCE_QUEUE_MAX || self.cmd_conn.borrow().is_none() {
+        if q.len() >= PRESENCE_QUEUE_MAX {
             drop(q);
-            self.node
-                .redis_stats
-                .presence_unchecked
-                .fetch_add(1, Ordering::Relaxed);
-            self.deliver_everywhere(presence_topic(&user), &frame);
+            self.unchecked(&user, online, &frame);
             return;
         }
         q.push_back(PresenceOp {
@@ -304,8 +395,27 @@ impl Redis {
         }
     }
 
-    /// Judge queued presence changes in pipelines of one script call each (with the node's
-    /// own user set kept beside); a failed pipeline tells its changes as judged here.
+    /// Tell a presence event as this node judged it (Redis could not judge it), and note the
+    /// change for the next connection to write.
+    fn unchecked(&self, user: &Arc<str>, online: Option<bool>, frame: &Frame) {
+        if let Some(online) = online {
+            self.node
+                .redis_stats
+                .presence_unchecked
+                .fetch_add(1, Ordering::Relaxed);
+            let mut u = self.unsynced.borrow_mut();
+            if u.len() < UNSYNCED_MAX || u.contains_key(user) {
+                u.insert(user.clone(), online);
+            } else {
+                self.resync_owed.set(true);
+            }
+        }
+        self.deliver_everywhere(presence_topic(user), frame);
+    }
+
+    /// Judge queued presence events in pipelines, one script call per change (publishing it
+    /// when it is the cluster's) with the node's own user set kept beside, one `PUBLISH` per
+    /// event told as it is, in queue order; a failed pipeline tells its events as judged here.
     async fn presence_worker(self: Rc<Self>) {
         let stats = &self.node.redis_stats;
         let me = format!("{:08x}", self.node.id);
@@ -326,16 +436,28 @@ impl Redis {
                 Some(mut conn) => {
                     let mut pipe = redis::pipe();
                     for op in &batch {
-                        pipe.cmd("EVAL")
-                            .arg(PRESENCE_LUA)
-                            .arg(1)
-                            .arg(self.ch.user_nodes(&op.user))
-                            .arg(&me)
-                            .arg(if op.online { "1" } else { "0" });
-                        pipe.cmd(if op.online { "SADD" } else { "SREM" })
-                            .arg(&node_users)
-                            .arg(&*op.user)
-                            .ignore();
+                        let target = presence_topic(&op.user);
+                        let channel = self.ch.of(&target, self.node.id).unwrap_or_default();
+                        let envelope = cluster::encode(self.node.id, &target, &op.frame);
+                        match op.online {
+                            Some(online) => {
+                                pipe.cmd("EVAL")
+                                    .arg(PRESENCE_LUA)
+                                    .arg(1)
+                                    .arg(self.ch.user_nodes(&op.user))
+                                    .arg(&me)
+                                    .arg(if online { "1" } else { "0" })
+                                    .arg(&*channel)
+                                    .arg(envelope);
+                                pipe.cmd(if online { "SADD" } else { "SREM" })
+                                    .arg(&node_users)
+                                    .arg(&*op.user)
+                                    .ignore();
+                            }
+                            None => {
+                                pipe.cmd("PUBLISH").arg(&*channel).arg(envelope);
+                            }
+                        }
                     }
                     match tokio::time::timeout(
                         self.node.cfg.redis_timeout,
@@ -358,8 +480,12 @@ impl Redis {
                 None => None,
             };
             for (i, op) in batch.drain(..).enumerate() {
-                let tell = match &verdicts {
-                    Some(v) => {
+                let Some(v) = &verdicts else {
+                    self.unchecked(&op.user, op.online, &op.frame);
+                    continue;
+                };
+                let tell = match op.online {
+                    Some(_) => {
                         let tell = v[i] == 1;
                         let c = if tell {
                             &stats.presence_told
@@ -369,43 +495,47 @@ impl Redis {
                         c.fetch_add(1, Ordering::Relaxed);
                         tell
                     }
-                    None => {
-                        stats.presence_unchecked.fetch_add(1, Ordering::Relaxed);
-                        true
-                    }
+                    None => true,
                 };
                 if tell {
-                    self.deliver_everywhere(presence_topic(&op.user), &op.frame);
+                    self.deliver_local(presence_topic(&op.user), &op.frame);
                 }
             }
         }
     }
 
-    /// Renew this node's `alive` key; after every reconnect of the publisher, hold again
-    /// every user this node has devices of (Redis may have lost them: a restart without
-    /// persistence), without telling anyone.
+    /// Renew this node's `alive` key and share its numbers; after every reconnect of the
+    /// publisher, write this node's presence again ([`Redis::resync`]) until that succeeds;
+    /// and when the cluster reaped this node while it was alive (a pause longer than
+    /// [`NODE_DEAD_AFTER`]), announce its users again.
     async fn heartbeat(self: Rc<Self>) {
         let me = format!("{:08x}", self.node.id);
         let alive = self.ch.node_alive(self.node.id);
+        let reaper = self.ch.node_reaper(self.node.id);
+        let reaped = self.ch.node_reaped(self.node.id);
         let nodes = self.ch.nodes();
         let stats_key = self.ch.stats();
         let mut tick = tokio::time::interval(NODE_HEARTBEAT);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let republish = tokio::select! {
-                _ = tick.tick() => false,
-                _ = self.cmd_conn_new.notified() => true,
-            };
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = self.cmd_conn_new.notified() => {}
+            }
+            if self.stopping.get() {
+                return; // the farewell's TTL stands
+            }
             let Some(mut conn) = self.cmd_conn.borrow().clone() else {
                 continue;
             };
             let mut pipe = redis::pipe();
-            pipe.cmd("SET")
+            pipe.cmd("EVAL")
+                .arg(HEARTBEAT_LUA)
+                .arg(3)
                 .arg(&alive)
-                .arg(1)
-                .arg("PX")
-                .arg(NODE_DEAD_AFTER.as_millis() as u64)
-                .ignore();
+                .arg(&reaper)
+                .arg(&reaped)
+                .arg(NODE_DEAD_AFTER.as_millis() as u64);
             pipe.cmd("SADD").arg(&nodes).arg(&me).ignore();
             let now_ms = crate::shard::unix_ms();
             pipe.cmd("HSET")
@@ -419,17 +549,35 @@ impl Redis {
                 .ignore();
             pipe.cmd("HGETALL").arg(&stats_key);
             let timeout = self.node.cfg.redis_timeout;
-            match tokio::time::timeout(timeout, pipe.query_async::<(Vec<String>,)>(&mut conn)).await
+            let state = match tokio::time::timeout(
+                timeout,
+                pipe.query_async::<(i64, Vec<String>)>(&mut conn),
+            )
+            .await
             {
-                Ok(Ok((all,))) => self.sum_cluster(&all, now_ms),
+                Ok(Ok((state, all))) => {
+                    self.sum_cluster(&all, now_ms);
+                    state
+                }
                 Ok(Err(e)) => {
                     self.log_error("heartbeat failed", &e);
                     continue;
                 }
                 Err(_) => continue,
-            }
-            if republish {
-                self.republish_presence(&mut conn, &me).await;
+            };
+            if state == 3 {
+                self.node
+                    .redis_stats
+                    .forgotten
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    "redis: the cluster reaped this node while it was alive (a pause past the heartbeat TTL): announcing its users again"
+                );
+                // Every user again, telling those the reaper made offline.
+                self.resync_owed.set(true);
+                self.resync(&mut conn, &me, true).await;
+            } else if state == 1 && (self.resync_owed.get() || !self.unsynced.borrow().is_empty()) {
+                self.resync(&mut conn, &me, false).await;
             }
         }
     }
@@ -460,21 +608,100 @@ impl Redis {
         s.cluster_as_of_ms.store(now_ms, Ordering::Relaxed);
     }
 
-    async fn republish_presence(&self, conn: &mut MultiplexedConnection, me: &str) {
+    /// Write this node's presence to Redis again. First the changes told while Redis could
+    /// not judge them (`unsynced`), silently: the watchers heard them then. Then, when owed
+    /// (a new connection: Redis may have lost its data; a reap of this node), every user
+    /// with a device here; with `tell`, the ones that become online cluster-wide by it are
+    /// told so (the reaper told them offline), invisible users excepted. Stops at the first
+    /// failure, keeping what is left owed: the next heartbeat goes on.
+    async fn resync(&self, conn: &mut MultiplexedConnection, me: &str, tell: bool) {
+        let node_users = self.ch.node_users(self.node.id);
+        let timeout = self.node.cfg.redis_timeout;
+        let stats = &self.node.redis_stats;
+        let changes: Vec<(Arc<str>, bool)> = self
+            .unsynced
+            .borrow()
+            .iter()
+            .map(|(u, o)| (u.clone(), *o))
+            .collect();
+        for chunk in changes.chunks(PRESENCE_SCAN_COUNT) {
+            let mut pipe = redis::pipe();
+            for (u, online) in chunk {
+                let online = if *online { "1" } else { "0" };
+                pipe.cmd("EVAL")
+                    .arg(PRESENCE_LUA)
+                    .arg(1)
+                    .arg(self.ch.user_nodes(u))
+                    .arg(me)
+                    .arg(online)
+                    .arg("")
+                    .arg("")
+                    .ignore();
+                pipe.cmd(if online == "1" { "SADD" } else { "SREM" })
+                    .arg(&node_users)
+                    .arg(&**u)
+                    .ignore();
+            }
+            let r = tokio::time::timeout(timeout, pipe.exec_async(conn)).await;
+            if !matches!(r, Ok(Ok(()))) {
+                return;
+            }
+            let mut un = self.unsynced.borrow_mut();
+            for (u, online) in chunk {
+                // A newer change of the user, told meanwhile, stays owed.
+                if un.get(u) == Some(online) {
+                    un.remove(u);
+                }
+            }
+            stats
+                .presence_resynced
+                .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        }
+        if !self.resync_owed.get() {
+            return;
+        }
         let mut users: Vec<Arc<str>> = Vec::new();
         self.node.dir.users.for_each_name(|u| users.push(u.clone()));
-        let node_users = self.ch.node_users(self.node.id);
         for chunk in users.chunks(PRESENCE_SCAN_COUNT) {
             let mut pipe = redis::pipe();
+            let mut frames: Vec<Option<Frame>> = Vec::with_capacity(chunk.len());
             for u in chunk {
-                pipe.cmd("SADD").arg(self.ch.user_nodes(u)).arg(me).ignore();
+                let frame = if tell { self.online_frame(u) } else { None };
+                let target = presence_topic(u);
+                let (channel, envelope) = match &frame {
+                    Some(f) => (
+                        self.ch.of(&target, self.node.id).unwrap_or_default(),
+                        cluster::encode(self.node.id, &target, f),
+                    ),
+                    None => (Arc::from(""), Vec::new()),
+                };
+                pipe.cmd("EVAL")
+                    .arg(PRESENCE_LUA)
+                    .arg(1)
+                    .arg(self.ch.user_nodes(u))
+                    .arg(me)
+                    .arg("1")
+                    .arg(&*channel)
+                    .arg(envelope);
                 pipe.cmd("SADD").arg(&node_users).arg(&**u).ignore();
+                frames.push(frame);
             }
-            let r = tokio::time::timeout(self.node.cfg.redis_timeout, pipe.exec_async(conn)).await;
-            if !matches!(r, Ok(Ok(()))) {
-                return; // the next reconnect does it again
+            let verdicts: Vec<i64> =
+                match tokio::time::timeout(timeout, pipe.query_async(conn)).await {
+                    Ok(Ok(v)) => v,
+                    _ => return,
+                };
+            for ((u, frame), v) in chunk.iter().zip(frames).zip(verdicts) {
+                if let (Some(f), 1) = (frame, v) {
+                    stats.presence_told.fetch_add(1, Ordering::Relaxed);
+                    self.deliver_local(presence_topic(u), &f);
+                }
             }
+            stats
+                .presence_resynced
+                .fetch_add(chunk.len() as u64, Ordering::Relaxed);
         }
+        self.resync_owed.set(false);
         if !users.is_empty() {
             tracing::info!(
                 users = users.len(),
@@ -483,13 +710,49 @@ impl Redis {
         }
     }
 
+    /// `presence.online` for `user` as its watchers would see it now (None: the user is
+    /// invisible, or has no device here any more).
+    fn online_frame(&self, user: &Arc<str>) -> Option<Frame> {
+        use crate::shard::service::presence::state;
+        let devices = self.node.dir.users.count(user);
+        let rec = self.node.dir.presence.get(user);
+        let v = state::view(rec.as_deref(), devices, false);
+        if devices == 0 || v.status == state::Status::Offline.as_str() {
+            return None;
+        }
+        let now = crate::shard::unix_ms();
+        Some(self.fb.borrow_mut().text(self.node.now_us(), |o| {
+            o.str("type", "presence.online")
+                .obj("data", |d| {
+                    d.str("user_id", user)
+                        .str("status", v.status)
+                        .opt_str("text", v.text)
+                        .opt_str("last_seen", None);
+                })
+                .u64("timestamp", now);
+        }))
+    }
+
     /// Find nodes whose `alive` key expired and reap their presence: every user only they
-    /// held goes offline for its watchers on every node (once: the reaper holds a lock).
+    /// held goes offline for its watchers on every node (once: the reaper holds a lock, taken
+    /// in the same script that sees the key gone). Not before this node has been connected
+    /// for [`NODE_DEAD_AFTER`] (after Redis was away, the others need a heartbeat to renew
+    /// their keys), nor while it is stopping.
     async fn reaper(self: Rc<Self>) {
         let mut tick = tokio::time::interval(REAP_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
+            if self.stopping.get() {
+                return;
+            }
+            let settled = self
+                .cmd_since
+                .get()
+                .is_some_and(|t| t.elapsed() >= NODE_DEAD_AFTER);
+            if !settled {
+                continue;
+            }
             let Some(mut conn) = self.cmd_conn.borrow().clone() else {
                 continue;
             };
@@ -502,6 +765,7 @@ impl Redis {
     async fn reap_once(&self, conn: &mut MultiplexedConnection) -> redis::RedisResult<()> {
         let timeout = self.node.cfg.redis_timeout;
         let nodes_key = self.ch.nodes();
+        let me = format!("{:08x}", self.node.id);
         let ids: Vec<String> = match tokio::time::timeout(
             timeout,
             redis::cmd("SMEMBERS").arg(&nodes_key).query_async(conn),
@@ -518,46 +782,33 @@ impl Redis {
             if node == self.node.id {
                 continue;
             }
-            let alive: bool = match tokio::time::timeout(
+            let begun: i64 = match tokio::time::timeout(
                 timeout,
-                redis::cmd("EXISTS")
+                redis::cmd("EVAL")
+                    .arg(REAP_BEGIN_LUA)
+                    .arg(3)
                     .arg(self.ch.node_alive(node))
-                    .query_async(conn),
-            )
-            .await
-            {
-                Ok(r) => r?,
-                Err(_) => continue,
-            };
-            if alive {
-                continue;
-            }
-            let me = format!("{:08x}", self.node.id);
-            let locked: Option<String> = match tokio::time::timeout(
-                timeout,
-                redis::cmd("SET")
                     .arg(self.ch.node_reaper(node))
+                    .arg(self.ch.node_reaped(node))
                     .arg(&me)
-                    .arg("NX")
-                    .arg("PX")
                     .arg(REAP_LOCK.as_millis() as u64)
+                    .arg(REAPED_MARK.as_millis() as u64)
                     .query_async(conn),
             )
             .await
             {
                 Ok(r) => r?,
-                Err(_) => continue,
+                Err(_) => return Err(timed_out()),
             };
-            if locked.is_none() {
-                continue; // another node reaps it
+            if begun == 1 {
+                self.reap_node(conn, node, &id).await?;
             }
-            self.reap_node(conn, node, &id).await?;
         }
         Ok(())
     }
 
     /// Take dead node `node` (hex `id`) out of every user's set; users it alone held go
-    /// offline everywhere. Then forget the node.
+    /// offline everywhere (published by the script that judged it). Then forget the node.
     async fn reap_node(
         &self,
         conn: &mut MultiplexedConnection,
@@ -585,24 +836,29 @@ impl Redis {
             };
             if !users.is_empty() {
                 let mut pipe = redis::pipe();
+                let mut frames = Vec::with_capacity(users.len());
                 for u in &users {
+                    let f = self.offline_frame(u);
+                    let target = presence_topic(u);
                     pipe.cmd("EVAL")
                         .arg(PRESENCE_LUA)
                         .arg(1)
                         .arg(self.ch.user_nodes(u))
                         .arg(id)
-                        .arg("0");
+                        .arg("0")
+                        .arg(&*self.ch.of(&target, self.node.id).unwrap_or_default())
+                        .arg(cluster::encode(self.node.id, &target, &f));
+                    frames.push(f);
                 }
                 let verdicts: Vec<i64> =
                     match tokio::time::timeout(timeout, pipe.query_async(conn)).await {
                         Ok(r) => r?,
                         Err(_) => return Err(timed_out()),
                     };
-                for (u, v) in users.iter().zip(verdicts) {
+                for ((u, f), v) in users.iter().zip(frames).zip(verdicts) {
                     reaped += 1;
                     if v == 1 {
-                        let f = self.offline_frame(u);
-                        self.deliver_everywhere(presence_topic(u), &f);
+                        self.deliver_local(presence_topic(u), &f);
                     }
                 }
             }
@@ -611,8 +867,15 @@ impl Redis {
                 break;
             }
         }
+        let me = format!("{:08x}", self.node.id);
         let mut pipe = redis::pipe();
-        pipe.cmd("DEL").arg(&users_key).ignore();
+        pipe.cmd("EVAL")
+            .arg(REAP_END_LUA)
+            .arg(2)
+            .arg(self.ch.node_reaper(node))
+            .arg(&users_key)
+            .arg(&me)
+            .ignore();
         pipe.cmd("SREM").arg(self.ch.nodes()).arg(id).ignore();
         pipe.cmd("HDEL").arg(self.ch.stats()).arg(id).ignore();
         match tokio::time::timeout(timeout, pipe.exec_async(conn)).await {
@@ -657,6 +920,9 @@ impl Redis {
     /// offline grace, so its users who reconnect elsewhere within it are never offline; then
     /// another node reaps what is left.
     pub async fn farewell(&self) {
+        // From now on the heartbeat leaves `alive` alone (a renewal after this would undo
+        // the grace TTL) and this node reaps no one.
+        self.stopping.set(true);
         let Some(mut conn) = self.cmd_conn.borrow().clone() else {
             return;
         };
@@ -732,7 +998,7 @@ impl Redis {
             if self.node.inboxes.try_send(shard, msg).is_err() {
                 self.node
                     .redis_stats
-                    .inbound_dropped
+                    .handoff_dropped
                     .fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -755,6 +1021,9 @@ impl Redis {
             },
             cluster::service::NODE_GONE => {
                 match body.try_into().map(u32::from_le_bytes) {
+                    // This node, reaped while alive (its heartbeat learns it and announces its
+                    // users again): the calls it owns go on; the other nodes ended theirs.
+                    Ok(node) if node == self.node.id => {}
                     Ok(node) => self.node_gone_here(node),
                     Err(_) => {
                         stats.malformed.fetch_add(1, Ordering::Relaxed);
@@ -776,7 +1045,7 @@ impl Redis {
                         crate::shard::service::api::Msg::Disconnect { user: user.clone() },
                     ));
                     if self.node.inboxes.try_send(shard, msg).is_err() {
-                        stats.inbound_dropped.fetch_add(1, Ordering::Relaxed);
+                        stats.handoff_dropped.fetch_add(1, Ordering::Relaxed);
                     }
                 }
                 stats.received.fetch_add(1, Ordering::Relaxed);
@@ -801,7 +1070,7 @@ impl Redis {
         let msg = crate::shard::ShardMsg::service(ServiceMsg::Calls(Box::new(msg)));
         if self.node.inboxes.try_send(shard, msg).is_err() {
             // Like a lost signalling packet: the ring timeout or a hangup ends the call.
-            stats.inbound_dropped.fetch_add(1, Ordering::Relaxed);
+            stats.handoff_dropped.fetch_add(1, Ordering::Relaxed);
         } else {
             stats.received.fetch_add(1, Ordering::Relaxed);
         }
@@ -835,6 +1104,65 @@ impl Redis {
         if s.has_changes() {
             self.wake_sub.notify_one();
         }
+    }
+
+    /// Hold exactly the channels the directory needs. A shard whose report of a first or
+    /// last member could not reach the bridge (its inbox was full) leaves the wanted set wrong
+    /// until this re-reads the directory: within a second of such a loss, and every
+    /// [`SUBS_RECONCILE_INTERVAL`] anyway. One pass over the node's rooms, users and topics.
+    async fn reconcile(self: Rc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last = Instant::now();
+        let stats = &self.node.redis_stats;
+        loop {
+            tick.tick().await;
+            let lost = stats.transitions_lost.swap(false, Ordering::Relaxed);
+            if !lost && last.elapsed() < SUBS_RECONCILE_INTERVAL {
+                continue;
+            }
+            last = Instant::now();
+            let dir = &self.node.dir;
+            let mut want = std::collections::HashSet::new();
+            want.insert(self.ch.all());
+            want.insert(self.ch.calls());
+            want.insert(self.ch.node(self.node.id));
+            dir.rooms.for_each_name(|r| {
+                if dir.rooms.shards(r) != 0 {
+                    want.insert(self.ch.room(r));
+                }
+            });
+            dir.users.for_each_name(|u| {
+                if dir.users.shards(u) != 0 {
+                    want.insert(self.ch.user(u));
+                }
+            });
+            dir.topics.for_each_name(|t| {
+                if dir.topics.shards(t) != 0 {
+                    want.insert(self.ch.topic(t));
+                }
+            });
+            let mut s = self.subs.borrow_mut();
+            let wrong = s.reconcile(want);
+            stats
+                .subs_expected
+                .store(s.expected() as u64, Ordering::Relaxed);
+            if s.has_changes() {
+                self.wake_sub.notify_one();
+            }
+            if wrong > 0 {
+                tracing::warn!(
+                    channels = wrong,
+                    "redis: subscriptions put right from the directory (a shard's report to the bridge was lost)"
+                );
+            }
+        }
+    }
+
+    /// The subscriber connection of generation `gen` is lost: the subscriber makes a new one.
+    fn lose(&self, gen: u64) {
+        self.lost_gen.set(gen);
+        self.lost.notify_one();
     }
 
     fn update_up(&self) {
@@ -945,8 +1273,15 @@ impl Redis {
             first = false;
             backoff.reset();
             self.pub_up.set(true);
+            // A canary lost with the old connection's pipeline never reached Redis: it is not
+            // the subscription's fault.
+            self.canary_sent.set(None);
+            self.canary_back.set(Instant::now());
             self.update_up();
             *self.cmd_conn.borrow_mut() = Some(conn.clone());
+            self.cmd_since.set(Some(Instant::now()));
+            // Redis may have lost this node's presence (a restart without persistence).
+            self.resync_owed.set(true);
             self.cmd_conn_new.notify_one();
             let mut canaries;
             loop {
@@ -992,6 +1327,7 @@ impl Redis {
             self.pub_up.set(false);
             self.update_up();
             *self.cmd_conn.borrow_mut() = None;
+            self.cmd_since.set(None);
             tokio::time::sleep(backoff.wait()).await;
         }
     }
@@ -1080,7 +1416,11 @@ impl Redis {
                 }
                 tokio::select! {
                     _ = self.wake_sub.notified() => {}
-                    _ = self.lost.notified() => break 'conn,
+                    // A loss reported for an older connection (a permit left from then) is
+                    // not this one's.
+                    _ = self.lost.notified() => if self.lost_gen.get() == gen {
+                        break 'conn;
+                    },
                 }
             }
             // Pushes of this connection (its disconnection among them) are stale from now on.
@@ -1093,8 +1433,9 @@ impl Redis {
     }
 
     /// Hand what the subscriber connection receives to this node's shards.
-    async fn inbound(self: Rc<Self>, mut rx: mpsc::Receiver<(u64, PushInfo)>) {
+    async fn inbound(self: Rc<Self>, rx: Rc<tokio::sync::Mutex<mpsc::Receiver<(u64, PushInfo)>>>) {
         let stats = &self.node.redis_stats;
+        let mut rx = rx.lock().await;
         let mut batch = Vec::with_capacity(256);
         while rx.recv_many(&mut batch, 256).await > 0 {
             for (gen, push) in batch.drain(..) {
@@ -1108,9 +1449,16 @@ impl Redis {
                             stats.malformed.fetch_add(1, Ordering::Relaxed);
                             continue;
                         };
-                        self.received_envelope(payload);
+                        // Another node's bytes: a bug they trigger costs that envelope (counted),
+                        // never the inbound path.
+                        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            self.received_envelope(payload)
+                        }));
+                        if r.is_err() {
+                            stats.malformed.fetch_add(1, Ordering::Relaxed);
+                        }
                     }
-                    PushKind::Disconnection => self.lost.notify_one(),
+                    PushKind::Disconnection => self.lose(gen),
                     _ => {}
                 }
             }
@@ -1196,7 +1544,7 @@ impl Redis {
                 }
                 self.update_up();
                 self.canary_back.set(now);
-                self.lost.notify_one();
+                self.lose(self.sub_gen.get());
                 continue;
             }
             if self.canary_sent.get().is_none() {
@@ -1213,9 +1561,50 @@ impl Redis {
     }
 }
 
+/// Run the task `make` makes on the current `LocalSet` for as long as the bridge lives. A
+/// task that panics (a bug: Redis's answers and other nodes' envelopes are checked, never
+/// trusted) is logged, counted (`switchboard_redis_task_restarts_total`) and started again a
+/// second later, so one bad answer never silently takes a part of the cluster away. Aborting
+/// the returned handle aborts the task.
+fn supervise<F, Fut>(name: &'static str, redis: &Rc<Redis>, make: F) -> tokio::task::JoinHandle<()>
+where
+    F: Fn(Rc<Redis>) -> Fut + 'static,
+    Fut: std::future::Future<Output = ()> + 'static,
+{
+    /// Aborts the task when the supervisor is dropped (aborted).
+    struct AbortOnDrop(tokio::task::JoinHandle<()>);
+    impl Drop for AbortOnDrop {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+    let redis = redis.clone();
+    tokio::task::spawn_local(async move {
+        loop {
+            let mut task = AbortOnDrop(tokio::task::spawn_local(make(redis.clone())));
+            match (&mut task.0).await {
+                Err(e) if e.is_panic() => {
+                    redis
+                        .node
+                        .redis_stats
+                        .task_restarts
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(
+                        task = name,
+                        "redis: a bridge task panicked; starting it again"
+                    );
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                // Ended on its own (the bridge is stopping), or aborted.
+                _ => return,
+            }
+        }
+    })
+}
+
 /// The Redis lines of `/metrics`.
 pub fn prometheus_lines(s: &RedisStats, out: &mut String) {
-    let rows: [(&str, &str, &str, &AtomicU64); 17] = [
+    let rows: [(&str, &str, &str, &AtomicU64); 21] = [
         (
             "switchboard_redis_up",
             "gauge",
@@ -1265,6 +1654,18 @@ pub fn prometheus_lines(s: &RedisStats, out: &mut String) {
             &s.inbound_dropped,
         ),
         (
+            "switchboard_redis_handoff_dropped_total",
+            "counter",
+            "Service messages from other nodes dropped because a shard's inbox was full",
+            &s.handoff_dropped,
+        ),
+        (
+            "switchboard_redis_task_restarts_total",
+            "counter",
+            "Bridge tasks of the Redis clients that panicked and were started again (a bug)",
+            &s.task_restarts,
+        ),
+        (
             "switchboard_redis_reconnects_total",
             "counter",
             "Redis connections made again after a failure",
@@ -1305,6 +1706,18 @@ pub fn prometheus_lines(s: &RedisStats, out: &mut String) {
             "counter",
             "Presence changes told as this node judged them (Redis down or the queue full)",
             &s.presence_unchecked,
+        ),
+        (
+            "switchboard_redis_presence_resynced_total",
+            "counter",
+            "Presence changes of this node written to Redis again after a reconnect",
+            &s.presence_resynced,
+        ),
+        (
+            "switchboard_redis_forgotten_total",
+            "counter",
+            "Times the cluster reaped this node while it was alive (its users were announced again)",
+            &s.forgotten,
         ),
         (
             "switchboard_redis_presence_reaped_total",

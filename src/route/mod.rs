@@ -330,7 +330,12 @@ pub fn plan(
         Target::User { user, .. } => (dir.user_shards(user), forward),
         Target::Topic { topic, .. } => (dir.topic_shards(topic), forward),
         Target::All => (all, forward),
-        Target::Conn(c) if c.node == node => ((1u64 << c.shard) & all, false),
+        // `c.shard` may come from another node's envelope: past this node's shards it names
+        // no one (and never overflows the shift).
+        Target::Conn(c) if c.node == node => (
+            1u64.checked_shl(u32::from(c.shard)).unwrap_or(0) & all,
+            false,
+        ),
         Target::Conn(_) => (0, forward),
     };
     let me_bit = 1u64 << me;
@@ -423,6 +428,24 @@ mod plan_tests {
                 bridge: false
             }
         );
+        // A shard this node lacks (another node's envelope can name any u16) names no one.
+        for shard in [3, 63, 64, 65, u16::MAX] {
+            assert_eq!(
+                plan(
+                    &Target::Conn(ConnRef { shard, ..here }),
+                    &Dir,
+                    7,
+                    0,
+                    3,
+                    false
+                ),
+                Plan {
+                    local: false,
+                    shards: 0,
+                    bridge: false
+                }
+            );
+        }
         let elsewhere = ConnRef { node: 8, ..here };
         assert_eq!(
             plan(&Target::Conn(elsewhere), &Dir, 7, 0, 3, true),

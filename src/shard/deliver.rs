@@ -239,6 +239,11 @@ impl Shard {
             let msg = BridgeMsg::Topic { topic, t };
             if self.node.bridge_tx.try_send(msg).is_err() {
                 self.out.stats.bridge_dropped += 1;
+                // The bridge re-reads the directory for it.
+                self.node
+                    .redis_stats
+                    .transitions_lost
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
             }
         }
     }

@@ -91,7 +91,8 @@ pub struct Inbox {
 pub enum SendFailure {
     /// The inbox is at `SHARD_INBOX_CAPACITY`: a policy decision of the caller, counted.
     Full,
-    /// The shard thread has ended (it died, or the node is stopping).
+    /// The shard thread has ended (it died, or the node is stopping), or this node has no
+    /// such shard (an index from another node's envelope).
     Dead,
 }
 
@@ -110,7 +111,11 @@ impl Inboxes {
         if matches!(msg, ShardMsg::Deliver { .. }) && self.1.refuse_delivery(shard) {
             return Err((SendFailure::Full, msg));
         }
-        let inbox = &self.0[shard];
+        // A shard index can come from another node (a connection reference in an envelope):
+        // one this node does not have is a shard that is not there, never a panic.
+        let Some(inbox) = self.0.get(shard) else {
+            return Err((SendFailure::Dead, msg));
+        };
         match inbox.tx.try_send(msg) {
             Ok(()) => {
                 if !inbox.wake_pending.swap(true, Ordering::SeqCst) {

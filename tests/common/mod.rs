@@ -463,10 +463,15 @@ impl TestServer {
     }
 
     pub fn signal_term(&self) {
+        self.signal(libc::SIGTERM);
+    }
+
+    /// Send `sig` to the server (SIGSTOP and SIGCONT pause and resume a whole node).
+    pub fn signal(&self, sig: libc::c_int) {
         let pid = i32::try_from(self.child.id()).expect("pid fits i32");
         // SAFETY: kill(2) on our own child's pid; no memory is involved.
-        let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
-        assert_eq!(rc, 0, "kill(SIGTERM) failed");
+        let rc = unsafe { libc::kill(pid, sig) };
+        assert_eq!(rc, 0, "kill({sig}) failed");
     }
 
     /// Whether the process has not exited yet.

@@ -471,8 +471,15 @@ fn apply_from(sh: &mut Shard, out: state::Out, devices: bool) {
             let v = state::view(Some(&rec), 0, false);
             let f = encode_user(sh, ev.type_name(), None, &user, &v);
             sh.out.stats.presence_changes += 1;
-            let online = ev == state::Event::Online;
-            if devices && sh.node.clustered && (online || ev == state::Event::Offline) {
+            if sh.node.clustered {
+                // Every event of the user's goes through the bridge, in order: a change of
+                // this node's devices for Redis to judge, anything else told as it is after
+                // it (a status change never overtakes the online it follows).
+                let online = match ev {
+                    state::Event::Online if devices => Some(true),
+                    state::Event::Offline if devices => Some(false),
+                    _ => None,
+                };
                 let msg = crate::bridge::BridgeMsg::Presence {
                     user: user.clone(),
                     online,
@@ -481,7 +488,7 @@ fn apply_from(sh: &mut Shard, out: state::Out, devices: bool) {
                 if sh.node.bridge_tx.try_send(msg).is_ok() {
                     return finish(sh, out.timer);
                 }
-                // The bridge is full: this node's judgement, told as it is.
+                // The bridge is full: this node's judgement, told here as it is.
                 sh.out.stats.bridge_dropped += 1;
             }
             let topic = Arc::from(topic(&user));

@@ -87,6 +87,11 @@ fn report_transition(sh: &mut Shard, user: Arc<str>, t: Transition) {
         let msg = BridgeMsg::User { user, t };
         if sh.node.bridge_tx.try_send(msg).is_err() {
             sh.out.stats.bridge_dropped += 1;
+            // The bridge re-reads the directory for it.
+            sh.node
+                .redis_stats
+                .transitions_lost
+                .store(true, std::sync::atomic::Ordering::Relaxed);
         }
     }
 }
