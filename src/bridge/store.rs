@@ -10,6 +10,8 @@
 //! delivery seam, then answers the origin: `message.ack` on a socket, `201` on REST. A failed
 //! or timed-out batch answers every job in it with an error and no ack; nothing was acked, so
 //! nothing is lost, and a retry with the same `clientMsgId` is deduplicated by the store.
+//! With `redis_url` and no `database_url`, a `message.send` is first claimed in Redis
+//! (`store/dedup.rs`), so that a retry on another node gets the first copy's ack too.
 //!
 //! **Reads and updates** (`sync`, receipts, notifications, the REST API's reads) run as local
 //! tasks, at most [`STORE_READS_IN_FLIGHT_MAX`] at once; more waiting jobs than
