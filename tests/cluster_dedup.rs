@@ -439,7 +439,8 @@ fn with_kafka_a_record_past_its_ack_wait_keeps_its_claim_and_no_node_stores_it_a
     let still = redis.cmd_value(&["GET", key]).text().unwrap_or_default();
     assert_eq!(still, held);
     // (That the record, once written, records its ack is not tested here: librdkafka's mock
-    // broker taken down and up again does not take the idempotent producer's in-flight
-    // record back within a bound, and tansu, whose freeze does, is not installed on every
-    // machine; `kafka_dm.rs` tests the late write on one node.)
+    // broker, taken down and up again while two nodes' producers use it, takes neither back
+    // within 15 s, with or without Redis, though one producer alone is back at once; tansu,
+    // whose freeze would do, is not installed on every machine. `kafka_dm.rs` tests the late
+    // write on one node.)
 }
