@@ -18,7 +18,8 @@
 //! **Keys** (presence across nodes, [`crate::bridge::redis`]): `<p>{user:<id>}:nodes` (the
 //! nodes holding the user present), `<p>{node:<hex>}:users` (the users a node holds),
 //! `<p>{node:<hex>}:alive` (a TTL the node's heartbeat renews), `<p>{node:<hex>}:reaper`
-//! (the lock of the one node reaping a dead node), `<p>nodes` (every node not reaped).
+//! (the lock of the one node reaping a dead node), `<p>nodes` (every node not reaped); and the
+//! `clientMsgId` dedup of direct messages across nodes, `<p>{user:<id>}:cm:<clientMsgId>`.
 //!
 //! **The envelope** is binary and starts with the version byte [`VERSION`]:
 //! `version, origin node (u32 LE), kind, flags, [except ConnRef], [name len u16 LE, name],
@@ -169,6 +170,13 @@ impl Channels {
     /// Held by the one node reaping node `node`'s presence.
     pub fn node_reaper(&self, node: u32) -> String {
         format!("{}{{node:{node:08x}}}:reaper", self.prefix)
+    }
+
+    /// The cross-node `clientMsgId` claim of `sender`'s message `client_msg_id`
+    /// ([`crate::bridge::store`]'s dedup, with `redis_url` and no `database_url`): pending
+    /// while the first copy is in flight, then its ack, for `dedup_window`.
+    pub fn client_msg(&self, sender: &str, client_msg_id: &str) -> String {
+        format!("{}{{user:{sender}}}:cm:{client_msg_id}", self.prefix)
     }
 
     /// Every node that ever joined and was not reaped.
@@ -740,6 +748,11 @@ mod tests {
         assert_eq!(
             slot(c.user_nodes("alice").as_bytes()),
             slot(c.topic("presence:alice").as_bytes())
+        );
+        assert_eq!(c.client_msg("alice", "c-1"), "sb:{user:alice}:cm:c-1");
+        assert_eq!(
+            slot(c.client_msg("alice", "c-1").as_bytes()),
+            slot(c.user("alice").as_bytes())
         );
         assert_eq!(c.of(&Target::Conn(conn(5)), 5), None);
         assert_eq!(

@@ -235,6 +235,9 @@ pub struct Config {
     pub redis_reconnect_max: Duration,
     /// `/ready` stays 200 (saying `redis degraded` in its body) while Redis is unreachable.
     pub redis_ready_when_degraded: bool,
+    /// How long Redis remembers a direct message's `clientMsgId` and ack for the other nodes
+    /// (`redis_url` set, no `database_url`): a retry within it on any node gets the first ack.
+    pub dedup_window: Duration,
 
     // --- Kafka ---
     /// Kafka bootstrap brokers (`host:port`); empty = no Kafka client runs at all.
@@ -394,6 +397,7 @@ impl Default for Config {
             redis_queue_max: 65_536,
             redis_reconnect_max: Duration::from_secs(5),
             redis_ready_when_degraded: false,
+            dedup_window: Duration::from_secs(300),
             kafka_brokers: Vec::new(),
             kafka_client_id: "switchboard".into(),
             kafka_dm_topic: "switchboard.direct-messages".into(),
@@ -1004,6 +1008,8 @@ config_keys! {
         "Cap of the reconnect backoff (it starts at 50ms, doubles, and is jittered by up to a half). 100ms to 5m.";
     redis_ready_when_degraded: Flag = "false", "SWITCHBOARD_REDIS_READY_WHEN_DEGRADED",
         "Keep /ready at 200 while a configured Redis is unreachable or degraded (its body still says so): for deployments that prefer a node serving its own clients to one taken out of the load balancer.";
+    dedup_window: Dur = "5m", "SWITCHBOARD_DEDUP_WINDOW",
+        "With redis_url and no database_url: how long Redis remembers a direct message's clientMsgId and ack for every node, so a retry within it on any node gets the first ack and is not delivered again; later, a retry on another node is a new message (its own node's store still knows it until eviction). 1s to 24h. With database_url the database's key dedups forever and Redis is not asked.";
     // ---- Kafka
     kafka_brokers: List = "", "SWITCHBOARD_KAFKA_BROKERS",
         "Kafka bootstrap brokers, comma-separated host:port; empty = no Kafka: direct messages are acked once stored, no topic is consumed.";
@@ -2535,6 +2541,7 @@ impl Config {
             self.redis_canary_interval,
             secs(600),
         )?;
+        dur_between("dedup_window", self.dedup_window, secs(1), secs(86_400))?;
         dur_between(
             "redis_reconnect_max",
             self.redis_reconnect_max,

@@ -203,6 +203,22 @@ pub struct RedisStats {
     /// Users of dead nodes whose presence this node reaped (and dead nodes reaped).
     pub presence_reaped: AtomicU64,
     pub nodes_reaped: AtomicU64,
+    /// `clientMsgId` claims (direct messages; `redis_url` set, no `database_url`): taken by
+    /// this node for a new message.
+    pub dedup_claimed: AtomicU64,
+    /// Retries answered with the first copy's ack from Redis (not stored or delivered again).
+    pub dedup_repeats: AtomicU64,
+    /// Retries that found the first copy still in flight on another node and waited for it.
+    pub dedup_waited: AtomicU64,
+    /// Retries answered `message still in flight, retry later` (the first copy was in flight
+    /// elsewhere for as long as a retry waits).
+    pub dedup_in_flight: AtomicU64,
+    /// Messages handed to the store without asking Redis (down, slow, or the claim queue
+    /// full): deduplicated on this node only.
+    pub dedup_unchecked: AtomicU64,
+    /// Claim updates (an ack recorded, a claim released or extended) given up: a pipeline
+    /// failed or the queue was full. The claim expires after its pending TTL.
+    pub dedup_settle_failed: AtomicU64,
     /// The cluster's numbers as of the last heartbeat (`/api/stats`): live nodes, their
     /// connections and connection limits summed, and when (Unix ms; 0 = not yet).
     pub cluster_nodes: AtomicU64,
@@ -326,6 +342,17 @@ impl Redis {
             fb: RefCell::new(Default::default()),
             node,
         })
+    }
+
+    /// The publisher's connection while it is up, for commands that pipeline beside the
+    /// publishes (the store's `clientMsgId` claims); None while it is down.
+    pub fn command_conn(&self) -> Option<MultiplexedConnection> {
+        self.cmd_conn.borrow().clone()
+    }
+
+    /// This deployment's channel and key names.
+    pub fn channels(&self) -> &Channels {
+        &self.ch
     }
 
     /// Set how received deliveries reach this node's shards.
@@ -1175,7 +1202,7 @@ impl Redis {
 
     /// Log a Redis error, at most one line per [`ERROR_LOG_INTERVAL`] (a Redis that is down
     /// fails every attempt).
-    fn log_error(&self, what: &str, e: &dyn std::fmt::Display) {
+    pub fn log_error(&self, what: &str, e: &dyn std::fmt::Display) {
         let now = Instant::now();
         if self
             .last_error_log
@@ -1604,7 +1631,7 @@ where
 
 /// The Redis lines of `/metrics`.
 pub fn prometheus_lines(s: &RedisStats, out: &mut String) {
-    let rows: [(&str, &str, &str, &AtomicU64); 21] = [
+    let rows: [(&str, &str, &str, &AtomicU64); 27] = [
         (
             "switchboard_redis_up",
             "gauge",
@@ -1718,6 +1745,42 @@ pub fn prometheus_lines(s: &RedisStats, out: &mut String) {
             "counter",
             "Times the cluster reaped this node while it was alive (its users were announced again)",
             &s.forgotten,
+        ),
+        (
+            "switchboard_redis_dedup_claims_total",
+            "counter",
+            "clientMsgId claims this node took in Redis for new direct messages",
+            &s.dedup_claimed,
+        ),
+        (
+            "switchboard_redis_dedup_repeats_total",
+            "counter",
+            "Direct-message retries answered with the first copy's ack from Redis (not stored or delivered again)",
+            &s.dedup_repeats,
+        ),
+        (
+            "switchboard_redis_dedup_waited_total",
+            "counter",
+            "Direct-message retries that found the first copy in flight on another node and waited for it",
+            &s.dedup_waited,
+        ),
+        (
+            "switchboard_redis_dedup_in_flight_total",
+            "counter",
+            "Direct-message retries answered message still in flight, retry later",
+            &s.dedup_in_flight,
+        ),
+        (
+            "switchboard_redis_dedup_unchecked_total",
+            "counter",
+            "Direct messages stored without asking Redis for their clientMsgId (Redis down or slow, or the claim queue full): deduplicated on this node only",
+            &s.dedup_unchecked,
+        ),
+        (
+            "switchboard_redis_dedup_settle_failed_total",
+            "counter",
+            "clientMsgId claim updates given up (a failed pipeline or a full queue); the claim expires after its pending TTL",
+            &s.dedup_settle_failed,
         ),
         (
             "switchboard_redis_presence_reaped_total",

@@ -10,6 +10,8 @@
 //! delivery seam, then answers the origin: `message.ack` on a socket, `201` on REST. A failed
 //! or timed-out batch answers every job in it with an error and no ack; nothing was acked, so
 //! nothing is lost, and a retry with the same `clientMsgId` is deduplicated by the store.
+//! With `redis_url` and no `database_url`, a `message.send` is first claimed in Redis
+//! (`store/dedup.rs`), so that a retry on another node gets the first copy's ack too.
 //!
 //! **Reads and updates** (`sync`, receipts, notifications, the REST API's reads) run as local
 //! tasks, at most [`STORE_READS_IN_FLIGHT_MAX`] at once; more waiting jobs than
@@ -28,6 +30,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, Notify, Semaphore};
 
 pub mod conv;
+mod dedup;
 mod durable;
 
 pub use conv::{ConvEvent, ConvJob};
@@ -257,6 +260,9 @@ struct Ctx<S> {
     kafka: Option<durable::KafkaSink>,
     /// The other nodes (`redis_url` set): deliveries made here reach their devices too.
     redis: Option<Rc<super::redis::Redis>>,
+    /// The `clientMsgId` claims in Redis (`redis_url` set, no `database_url`): a retry on
+    /// another node gets the first copy's ack ([`dedup`]).
+    dedup: Option<dedup::Dedup>,
     /// Threads' participants, for typing and receipts to stored conversations.
     members: RefCell<conv::Cache>,
     /// Typing events waiting, in arrival order, for their conversation's participants to be
@@ -271,6 +277,9 @@ struct Send {
     /// When the bridge accepted it: a send that waited longer than `store_timeout` for its
     /// batch is failed unstored, so an answer never comes later than the origin waits.
     queued_at: tokio::time::Instant,
+    /// Its `clientMsgId` claim in Redis ([`dedup`]): recorded as acked when its ack goes
+    /// out ([`settle_acked`]), released when it is dropped unacked.
+    claim: Cell<Option<dedup::Claim>>,
 }
 
 impl Send {
@@ -291,6 +300,11 @@ async fn serve<S: Store + 'static>(
         let urls = crate::cluster::parse_redis_urls(u, node.cfg.redis_cluster).unwrap_or_default();
         super::redis::Redis::new(node.clone(), urls)
     });
+    // With PostgreSQL the store's unique key already holds across nodes: no Redis round trip.
+    let dedup = match (&redis, &node.cfg.database_url) {
+        (Some(r), None) => Some(dedup::Dedup::new(node.clone(), r.clone())),
+        _ => None,
+    };
     let ctx = Rc::new(Ctx {
         shards: Shards {
             inboxes: node.inboxes.clone(),
@@ -312,6 +326,7 @@ async fn serve<S: Store + 'static>(
         last_failure_log: Cell::new(None),
         kafka,
         redis,
+        dedup,
         members: RefCell::new(conv::Cache::default()),
         typing_waiting: RefCell::new(conv::Waiting::default()),
     });
@@ -327,6 +342,10 @@ async fn serve<S: Store + 'static>(
         r.start()
     });
     let writer = tokio::task::spawn_local(writer(ctx.clone()));
+    let claims = ctx
+        .dedup
+        .as_ref()
+        .map(|_| tokio::task::spawn_local(dedup::worker(ctx.clone())));
     let kafka_tasks = ctx.kafka.as_ref().map(|k| {
         (
             tokio::task::spawn_local(durable::completer(ctx.clone())),
@@ -406,6 +425,13 @@ async fn serve<S: Store + 'static>(
             ctx.wake_writer.notify_one();
         }
     }
+    // The last acks' records reach Redis (bounded: Redis may be away).
+    if let Some(d) = &ctx.dedup {
+        let until = tokio::time::Instant::now() + ctx.node.cfg.redis_timeout;
+        while d.busy() && tokio::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
     if ctx.jobs.get() > 0 {
         tracing::warn!(
             jobs = ctx.jobs.get(),
@@ -432,6 +458,9 @@ async fn serve<S: Store + 'static>(
         health.abort();
     }
     writer.abort();
+    if let Some(c) = claims {
+        c.abort();
+    }
     retry.abort();
     for t in redis_tasks.into_iter().flatten() {
         t.abort();
@@ -496,6 +525,7 @@ fn accept<S: Store + 'static>(ctx: &Rc<Ctx<S>>, job: StoreJob) {
                 answer,
                 msg,
                 queued_at: tokio::time::Instant::now(),
+                claim: Cell::new(None),
             };
             if ctx.queued_bytes.get() + send.bytes() > STORE_QUEUED_BYTES_MAX {
                 ctx.node.store_stats.busy.fetch_add(1, Ordering::Relaxed);
@@ -504,7 +534,10 @@ fn accept<S: Store + 'static>(ctx: &Rc<Ctx<S>>, job: StoreJob) {
                 done(ctx, 1);
                 return;
             }
-            enqueue(ctx, send);
+            match &ctx.dedup {
+                Some(_) if dedup::wanted(&send) => dedup::claim(ctx, send),
+                _ => enqueue(ctx, send),
+            }
         }
         other => {
             let ctx = ctx.clone();
@@ -694,7 +727,8 @@ fn complete<S>(ctx: &Ctx<S>, job: &Send, out: Appended) {
             http_answer(ctx, job.origin, r.status, &r.body, *keep, cors.as_deref());
         }
         (Answer::Ws { id }, Appended::New { message, .. } | Appended::Duplicate(message)) => {
-            ack(ctx, job.origin, id.as_deref(), message)
+            ack(ctx, job.origin, id.as_deref(), message);
+            settle_acked(job, message);
         }
         (Answer::Ws { .. }, Appended::Refused(r)) => answer_error(
             ctx,
@@ -860,20 +894,44 @@ fn ack<S>(ctx: &Ctx<S>, origin: ConnRef, id: Option<&str>, m: &Message) {
     let f = ctx.fb.borrow_mut().text(ctx.node.now_us(), |o| {
         o.str("type", "message.ack")
             .id(id)
-            .obj("data", |d| {
-                d.opt_str("clientMsgId", m.client_msg_id.as_deref())
-                    .uuid("serverMsgId", m.server_msg_id)
-                    .str("conversationId", &m.thread)
-                    .u64("conversationNumericId", m.thread_numeric_id)
-                    .str("sentAt", &rfc3339_ms(m.sent_at_ms))
-                    .u64("cursor", m.id)
-                    .u64("seq", m.seq)
-                    .str("from", &m.sender)
-                    .opt_str("to", m.to.as_deref());
-            })
+            .obj("data", |d| ack_data(d, m))
             .u64("timestamp", now);
     });
     to_conn(ctx, origin, f);
+}
+
+/// The `data` of `message.ack`: every field of the message but its content, attachment and
+/// `eventId`. The same bytes are what Redis keeps for a retry on another node ([`dedup`]).
+fn ack_data(d: &mut Obj, m: &Message) {
+    d.opt_str("clientMsgId", m.client_msg_id.as_deref())
+        .uuid("serverMsgId", m.server_msg_id)
+        .str("conversationId", &m.thread)
+        .u64("conversationNumericId", m.thread_numeric_id)
+        .str("sentAt", &rfc3339_ms(m.sent_at_ms))
+        .u64("cursor", m.id)
+        .u64("seq", m.seq)
+        .str("from", &m.sender)
+        .opt_str("to", m.to.as_deref());
+}
+
+/// `message.ack` whose `data` is the first copy's, as another node recorded it in Redis.
+fn ack_recorded<S>(ctx: &Ctx<S>, origin: ConnRef, id: Option<&str>, data_json: &str) {
+    let now = now_ms();
+    let f = ctx.fb.borrow_mut().text(ctx.node.now_us(), |o| {
+        o.str("type", "message.ack")
+            .id(id)
+            .raw("data", data_json)
+            .u64("timestamp", now);
+    });
+    to_conn(ctx, origin, f);
+}
+
+/// `job` was acked for `m`: its `clientMsgId` claim (if it holds one) records the ack for the
+/// other nodes.
+fn settle_acked(job: &Send, m: &Message) {
+    if let Some(c) = job.claim.take() {
+        c.acked(m);
+    }
 }
 
 fn answer_error<S>(
@@ -1004,6 +1062,7 @@ async fn rest<S: Store>(
                     },
                     msg,
                     queued_at: tokio::time::Instant::now(),
+                    claim: Cell::new(None),
                 };
                 enqueue(ctx, send);
                 answered_later = true;

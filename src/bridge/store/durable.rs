@@ -67,6 +67,10 @@ struct Record {
     fut: DeliveryFuture,
     /// Stored by this batch (its first waiter is answered as a new message: REST 201).
     fresh: bool,
+    /// The `clientMsgId` claims of waiters answered before the record was confirmed (its
+    /// ack wait ran out): kept, extended, until it is written (then they record its ack) or
+    /// fails (then they are released), so no other node stores it again meanwhile.
+    claims: Vec<dedup::Claim>,
 }
 
 struct Batch {
@@ -272,6 +276,7 @@ pub(super) async fn stage<S: Store>(ctx: &Rc<Ctx<S>>, jobs: Vec<Send>, outs: Vec
                     frame,
                     fut,
                     fresh,
+                    claims: Vec::new(),
                 });
             }
             Err(text) => {
@@ -365,7 +370,7 @@ pub(super) async fn completer<S: Store + 'static>(ctx: Rc<Ctx<S>>) {
         // Answer the timed-out ones first (before `confirm` awaits the store, when retries
         // could join them), and mark them late.
         let kstats = &ctx.node.kafka_stats;
-        for r in &unconfirmed {
+        for r in &mut unconfirmed {
             let waiters = k
                 .pending
                 .borrow_mut()
@@ -375,6 +380,12 @@ pub(super) async fn completer<S: Store + 'static>(ctx: Rc<Ctx<S>>) {
                     std::mem::take(&mut e.waiters)
                 })
                 .unwrap_or_default();
+            for w in &waiters {
+                if let Some(c) = w.claim.take() {
+                    c.extend_late();
+                    r.claims.push(c);
+                }
+            }
             kstats
                 .ack_timeouts
                 .fetch_add(waiters.len() as u64, Ordering::Relaxed);
@@ -445,7 +456,7 @@ async fn confirm<S: Store + 'static>(ctx: &Rc<Ctx<S>>, records: Vec<Record>) {
     kstats
         .produced
         .fetch_add(records.len() as u64, Ordering::Relaxed);
-    for r in records {
+    for mut r in records {
         let waiters = k
             .pending
             .borrow_mut()
@@ -455,6 +466,10 @@ async fn confirm<S: Store + 'static>(ctx: &Rc<Ctx<S>>, records: Vec<Record>) {
         live(ctx, &r.message, &r.participants, r.origin, &r.frame);
         for (i, w) in waiters.iter().enumerate() {
             ack_of(ctx, w, &r.message, i == 0 && r.fresh);
+        }
+        // Written after its ack wait: a retry on another node gets its ack from now on.
+        for c in r.claims.drain(..) {
+            c.acked(&r.message);
         }
         done(ctx, waiters.len());
     }
@@ -490,7 +505,10 @@ fn ack_of<S>(ctx: &Ctx<S>, w: &Send, m: &Message, created: bool) {
         return;
     }
     match &w.answer {
-        Answer::Ws { id } => ack(ctx, w.origin, id.as_deref(), m),
+        Answer::Ws { id } => {
+            ack(ctx, w.origin, id.as_deref(), m);
+            settle_acked(w, m);
+        }
         Answer::Http { keep, cors } => {
             let out = Appended::Duplicate(m.clone());
             let mut r = crate::rest::render_appended(&out);

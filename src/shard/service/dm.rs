@@ -6,7 +6,9 @@
 //!
 //! Idempotency is the store's: `(sender, clientMsgId)` is unique there, so a retry gets the
 //! first copy's ack and is not delivered again (for as long as the store holds the message:
-//! PostgreSQL forever, the in-memory store until it evicts it).
+//! PostgreSQL forever, the in-memory store until it evicts it). In a cluster without
+//! PostgreSQL the bridge first claims the pair in Redis, so a retry on another node is
+//! answered the same way for `dedup_window` ([`crate::bridge::store`]'s `dedup`).
 
 use std::borrow::Cow;
 use std::sync::Arc;
