@@ -15,7 +15,7 @@
 //! | `<p>{all}` | broadcasts | always |
 //! | `<p>{node:<hex id>}` | one connection of this node; the node's canary | always |
 //!
-//! **Keys** of room history across nodes ([`crate::bridge::xhistory`]): `<p>{room:<name>}:h`
+//! **Keys** of room history across nodes ([`crate::bridge::redis::history`]): `<p>{room:<name>}:h`
 //! (the room's stream: one entry per message, id `<offset>-0`, fields `d` = the message's
 //! JSON head, `t` = Redis time in ms) and `<p>{room:<name>}:e` (a hash: `epoch`, and
 //! `offset`, the last one given), in the slot of the room's channel.

@@ -13,6 +13,8 @@ use common::redis::RedisServer;
 use common::{metric, Client, TestServer};
 use serde_json::json;
 
+const API_KEY: &str = "cluster-history-key";
+
 const ROOMS: &str =
     r#"[{"pattern": "h-*", "history_size": 100}, {"pattern": "s-*", "history_size": 3}]"#;
 
@@ -21,6 +23,7 @@ fn node(redis: &RedisServer) -> TestServer {
     let s = TestServer::start(&[
         ("SWITCHBOARD_REDIS_URL", url.as_str()),
         ("SWITCHBOARD_ROOMS", ROOMS),
+        ("SWITCHBOARD_API_KEY", API_KEY),
         ("SWITCHBOARD_REDIS_CANARY_INTERVAL", "200ms"),
         ("SWITCHBOARD_REDIS_CANARY_TIMEOUT", "1s"),
         ("SWITCHBOARD_REDIS_TIMEOUT", "1s"),
@@ -59,6 +62,17 @@ fn resume(c: &mut Client, room: &str, offset: u64, epoch: &str) {
     c.send_json(
         json!({"type": "subscribe", "room": room, "since": {"offset": offset, "epoch": epoch}}),
     );
+}
+
+/// `POST /api/publish` on `server`: (status, body).
+fn api_publish(server: &TestServer, room: &str, n: u64) -> (u16, serde_json::Value) {
+    let body = json!({"room": room, "data": {"n": n}}).to_string();
+    let raw = format!(
+        "POST /api/publish HTTP/1.1\r\nHost: x\r\nX-API-Key: {API_KEY}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let r = server.http_request(&raw);
+    (r.status, serde_json::from_str(&r.body).unwrap_or_default())
 }
 
 fn counter(s: &TestServer, name: &str) -> u64 {
@@ -147,6 +161,15 @@ fn every_node_delivers_one_offset_sequence_and_a_client_resumes_on_another_node(
         reads
     );
     assert!(counter(&nodes[0], "switchboard_redis_history_resumes_local_total") >= 1);
+
+    // The server API on B (no subscriber there): its answer carries the cluster offset, and
+    // the subscribers on A and C get that offset.
+    let (status, body) = api_publish(&nodes[1], "h-1", 10);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["offset"], 10, "{body}");
+    assert_eq!(body["epoch"], epoch.as_str(), "{body}");
+    assert_eq!(messages(&mut a, 1), [(10, epoch.clone(), 10)]);
+    assert_eq!(messages(&mut c, 1), [(10, epoch.clone(), 10)]);
 }
 
 #[test]

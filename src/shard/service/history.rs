@@ -20,7 +20,7 @@
 //! header and born prefix of the frame, the queue entry, the budget index entry).
 //!
 //! **In a cluster** (`redis_url` set) the room's offsets and epoch are Redis's
-//! ([`crate::bridge::xhistory`]) and this store is the node's cache of them, kept by the same
+//! ([`crate::bridge::redis::history`]) and this store is the node's cache of them, kept by the same
 //! owner shard from the messages the node receives ([`Store::observe`]) and the stream reads
 //! it asks for ([`Store::merge`]). Its entries are always one run of consecutive offsets
 //! ending at the last offset the node delivered. A run answers a resume only while it is
@@ -306,7 +306,7 @@ impl Store {
 }
 
 /// What a stream read found (parsed from the read script's reply,
-/// [`crate::bridge::xhistory::parse_read`]).
+/// [`crate::bridge::redis::history::parse_read`]).
 #[derive(Debug, Default)]
 pub struct Snapshot {
     pub epoch: String,
