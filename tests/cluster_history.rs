@@ -389,3 +389,40 @@ fn with_redis_down_local_delivery_goes_on_and_no_resume_mixes_histories() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+#[test]
+fn a_node_that_let_go_of_a_room_reads_the_stream_instead_of_its_stale_cache() {
+    let redis = RedisServer::start();
+    let a = node(&redis);
+    let b = node(&redis);
+    let mut p = a.connect("/ws");
+    let epoch = p.subscribe("h-stale")["data"]["epoch"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // B has a subscriber and caches 1..3.
+    let mut on_b = b.connect("/ws");
+    on_b.subscribe("h-stale");
+    for n in 1..=3 {
+        publish(&mut p, "h-stale", n);
+    }
+    messages(&mut p, 3);
+    assert_eq!(messages(&mut on_b, 3).len(), 3);
+    // B's last subscriber leaves: B lets go of the channel, and misses 4..6.
+    on_b.send_json(json!({"type": "unsubscribe", "room": "h-stale"}));
+    on_b.expect_type("unsubscribed");
+    wait_until("B unsubscribed", || redis.numsub("sb:{room:h-stale}") == 1);
+    for n in 4..=6 {
+        publish(&mut p, "h-stale", n);
+    }
+    messages(&mut p, 3);
+    // A resume on B from 2 must bring 3..6 (the stream), not 3 alone (the stale cache).
+    let mut c = b.connect("/ws");
+    resume(&mut c, "h-stale", 2, &epoch);
+    let got: Vec<u64> = messages(&mut c, 4).iter().map(|m| m.0).collect();
+    assert_eq!(got, [3, 4, 5, 6]);
+    let sub = c.expect_type("subscribed");
+    assert_eq!(sub["data"]["recovered"], true, "{sub}");
+    assert_eq!(sub["data"]["offset"], 6);
+    c.expect_silence(200);
+}

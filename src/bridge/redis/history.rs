@@ -191,8 +191,9 @@ pub(super) struct State {
     parked: RefCell<HashMap<Arc<str>, Vec<Read>>>,
     parked_len: Cell<usize>,
     wake_read: Notify,
-    /// The tag of each history room channel held now (bounded by the channels held).
-    holds: RefCell<HashMap<Arc<str>, u64>>,
+    /// The tag and options index of each history room channel held now (bounded by the
+    /// channels held; the options are looked up once per subscription, not per message).
+    holds: RefCell<HashMap<Arc<str>, (u64, u16)>>,
     last_tag: Cell<u64>,
 }
 
@@ -265,11 +266,11 @@ fn candidate_epoch() -> String {
 }
 
 impl Redis {
-    /// `room`'s history options, when it has history.
-    fn history_options(&self, room: &str) -> Option<(u32, u64)> {
+    /// `room`'s options index, when it has history.
+    fn history_options(&self, room: &str) -> Option<u16> {
         let rooms = &self.node.cfg.rooms;
-        let o = crate::room_options::at(rooms, crate::room_options::index_for(rooms, room));
-        (o.history_size > 0).then_some((o.history_size, o.history_ttl.as_millis() as u64))
+        let i = crate::room_options::index_for(rooms, room);
+        (crate::room_options::at(rooms, i).history_size > 0).then_some(i)
     }
 
     fn owner_of(&self, room: &str) -> usize {
@@ -404,13 +405,16 @@ impl Redis {
             let Some(room) = self.ch.room_of(ch) else {
                 continue;
             };
-            if self.history_options(room).is_none() {
+            let Some(opts) = self.history_options(room) else {
                 continue;
-            }
+            };
             let room: Arc<str> = room.into();
             let tag = self.hist.last_tag.get() + 1;
             self.hist.last_tag.set(tag);
-            self.hist.holds.borrow_mut().insert(room.clone(), tag);
+            self.hist
+                .holds
+                .borrow_mut()
+                .insert(room.clone(), (tag, opts));
             self.to_owner(
                 self.owner_of(&room),
                 rooms::Msg::Hold {
@@ -457,7 +461,10 @@ impl Redis {
     /// it here (dropping what it delivered already).
     pub(super) fn history_received(&self, room: Arc<str>, offset: u64, epoch: &str, head: &[u8]) {
         let s = &self.node.redis_stats;
-        let tag = self.hist.holds.borrow().get(&room).copied().unwrap_or(0);
+        let held = self.hist.holds.borrow().get(&room).copied();
+        let Some((tag, opts)) = held.or_else(|| self.history_options(&room).map(|o| (0, o))) else {
+            return; // not a room with history here (another configuration): ignored
+        };
         let gen = s.history_gen.load(Ordering::Relaxed);
         let frame = cluster::history_frame(head, offset, epoch, self.node.now_us());
         s.history_received.fetch_add(1, Ordering::Relaxed);
@@ -466,6 +473,7 @@ impl Redis {
             owner,
             rooms::Msg::Clustered {
                 room,
+                opts,
                 offset,
                 epoch: epoch.into(),
                 frame,
@@ -625,7 +633,7 @@ impl Redis {
                 let holds = self.hist.holds.borrow();
                 batch
                     .iter()
-                    .map(|r| holds.get(&r.room).copied().unwrap_or(0))
+                    .map(|r| holds.get(&r.room).map_or(0, |h| h.0))
                     .collect()
             };
             let view = stats.history_gen.load(Ordering::Relaxed);

@@ -143,6 +143,7 @@ pub enum Msg {
     /// (`tag`, `gen`: the subscription and view it was heard under).
     Clustered {
         room: Arc<str>,
+        opts: u16,
         offset: u64,
         epoch: Box<str>,
         frame: Frame,
@@ -675,12 +676,13 @@ pub fn on_msg(sh: &mut Shard, m: Msg) {
         } => resumed(sh, room, opts, conn, id, count, position, recovered, frames),
         Msg::Clustered {
             room,
+            opts,
             offset,
             epoch,
             frame,
             tag,
             gen,
-        } => clustered(sh, room, offset, &epoch, frame, tag, gen),
+        } => clustered(sh, room, opts, offset, &epoch, frame, tag, gen),
         Msg::Hold { room, tag } => history(sh).set_hold(&room, tag),
         Msg::Fallback {
             room,
@@ -723,16 +725,18 @@ fn count(c: &std::sync::atomic::AtomicU64, n: u64) {
 
 /// Cluster, on the owner: a message Redis sequenced, heard by this node: keep and deliver it
 /// here unless it was delivered already.
+#[allow(clippy::too_many_arguments)]
 fn clustered(
     sh: &mut Shard,
     room: Arc<str>,
+    opts: u16,
     offset: u64,
     epoch: &str,
     frame: Frame,
     tag: u64,
     gen: u64,
 ) {
-    let (size, ttl_ms) = history_bounds(sh, opts_of(sh, &room));
+    let (size, ttl_ms) = history_bounds(sh, opts);
     if size == 0 {
         return;
     }
