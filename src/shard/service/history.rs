@@ -604,7 +604,8 @@ pub struct ReadRequest {
 
 /// The first offset a waiter needs (`None`: only the position).
 fn need(since: Option<u64>) -> Option<u64> {
-    since.map(|s| s + 1)
+    // Saturating: `since` is the client's (u64::MAX must not overflow).
+    since.map(|s| s.saturating_add(1))
 }
 
 /// Whether a read from `from` answers a waiter with `since`.
@@ -1037,5 +1038,13 @@ mod tests {
         let d = t.done(&r, false, 1);
         assert_eq!(d.covered, vec![1]);
         assert_eq!(d.next, Some(ReadRequest { from: Some(1) }));
+        // A client's offset at the top of the range does not overflow.
+        let big: Arc<str> = Arc::from("big");
+        assert_eq!(
+            t.wait(&big, Some(u64::MAX), 3, 0),
+            Ok(Some(ReadRequest {
+                from: Some(u64::MAX)
+            }))
+        );
     }
 }
