@@ -15,6 +15,11 @@
 //! | `<p>{all}` | broadcasts | always |
 //! | `<p>{node:<hex id>}` | one connection of this node; the node's canary | always |
 //!
+//! **Keys** of room history across nodes ([`crate::bridge::redis::history`]): `<p>{room:<name>}:h`
+//! (the room's stream: one entry per message, id `<offset>-0`, fields `d` = the message's
+//! JSON head, `t` = Redis time in ms) and `<p>{room:<name>}:e` (a hash: `epoch`, and
+//! `offset`, the last one given), in the slot of the room's channel.
+//!
 //! **Keys** (presence across nodes, [`crate::bridge::redis`]): `<p>{user:<id>}:nodes` (the
 //! nodes holding the user present), `<p>{node:<hex>}:users` (the users a node holds),
 //! `<p>{node:<hex>}:alive` (a TTL the node's heartbeat renews), `<p>{node:<hex>}:reaper`
@@ -35,6 +40,12 @@ use std::time::Duration;
 use crate::proto::Frame;
 use crate::route::{ConnRef, Target};
 
+/// A history envelope (KIND_HISTORY) is written in two parts: the origin writes
+/// `version, origin, kind, 0, name len u16 LE, name` ([`encode_history_prefix`]) and the
+/// append script, which gives the offset, appends `<offset> <epoch> <head>` (decimal offset,
+/// the epoch's text, each followed by one space; `head` is the message's JSON object without
+/// its closing brace, [`history_frame`] completes it).
+///
 /// The envelope's version byte; a node drops (and counts) anything else.
 pub const VERSION: u8 = 1;
 
@@ -52,6 +63,7 @@ const KIND_ALL: u8 = 3;
 const KIND_CONN: u8 = 4;
 const KIND_CANARY: u8 = 5;
 const KIND_SERVICE: u8 = 6;
+const KIND_HISTORY: u8 = 7;
 
 const FLAG_EXCEPT: u8 = 1;
 const FLAG_DROPPABLE: u8 = 2;
@@ -126,6 +138,24 @@ impl Channels {
 
     pub fn topic(&self, topic: &str) -> Arc<str> {
         format!("{}{{topic:{topic}}}", self.prefix).into()
+    }
+
+    /// The room of a room channel (`None` for any other channel).
+    pub fn room_of<'a>(&self, channel: &'a str) -> Option<&'a str> {
+        channel
+            .strip_prefix(&*self.prefix)?
+            .strip_prefix("{room:")?
+            .strip_suffix('}')
+    }
+
+    /// A room's history stream (Redis Streams): one entry per message, id `<offset>-0`.
+    pub fn history(&self, room: &str) -> String {
+        format!("{}{{room:{room}}}:h", self.prefix)
+    }
+
+    /// A room's history state (a hash): `epoch` and `offset` (the last one given).
+    pub fn history_meta(&self, room: &str) -> String {
+        format!("{}{{room:{room}}}:e", self.prefix)
     }
 
     pub fn all(&self) -> Arc<str> {
@@ -242,6 +272,16 @@ pub enum Inbound<'a> {
     },
     /// A node's canary (only its own node reads it).
     Canary { origin: u32, nonce: u64 },
+    /// A message of a room with history, sequenced by Redis (every node gets it, the origin
+    /// too): its cluster-wide `offset` and `epoch`, and `head`, the JSON object of its frame
+    /// without the closing brace ([`history_frame`]).
+    History {
+        origin: u32,
+        room: Arc<str>,
+        offset: u64,
+        epoch: &'a str,
+        head: &'a [u8],
+    },
     /// A service's message to this node (its body is the service's own encoding).
     Service {
         origin: u32,
@@ -309,6 +349,37 @@ pub fn encode(origin: u32, target: &Target, frame: &Frame) -> Vec<u8> {
     v
 }
 
+/// The part of a history envelope the origin writes; the append script adds
+/// `<offset> <epoch> <head>` (see [`VERSION`]).
+pub fn encode_history_prefix(origin: u32, room: &str) -> Vec<u8> {
+    let name = &room.as_bytes()[..room.len().min(NAME_BYTES_MAX)];
+    let mut v = Vec::with_capacity(9 + name.len());
+    v.push(VERSION);
+    v.extend_from_slice(&origin.to_le_bytes());
+    v.push(KIND_HISTORY);
+    v.push(0);
+    v.extend_from_slice(&(name.len() as u16).to_le_bytes());
+    v.extend_from_slice(name);
+    v
+}
+
+/// Longest epoch text accepted from Redis (the nodes write 16 hex digits).
+pub const EPOCH_BYTES_MAX: usize = 64;
+
+/// The frame of a history message: `head` (a JSON object without its closing brace) with
+/// `,"offset":N,"epoch":"E"}` appended. Every node builds the same bytes from the same head,
+/// offset and epoch, whether it came live or from the stream.
+pub fn history_frame(head: &[u8], offset: u64, epoch: &str, born: u64) -> Frame {
+    let mut json = Vec::with_capacity(head.len() + 48 + epoch.len());
+    json.extend_from_slice(head);
+    json.extend_from_slice(b",\"offset\":");
+    crate::proto::json::write_u64(&mut json, offset);
+    json.extend_from_slice(b",\"epoch\":");
+    crate::proto::json::write_str(&mut json, epoch);
+    json.push(b'}');
+    Frame::text_from_json(&json, born)
+}
+
 /// A canary envelope of node `origin`.
 pub fn encode_canary(origin: u32, nonce: u64) -> Vec<u8> {
     let mut v = Vec::with_capacity(15);
@@ -346,6 +417,33 @@ pub fn decode(b: &[u8]) -> Result<Inbound<'_>, Malformed> {
         return Ok(Inbound::Canary {
             origin,
             nonce: r.u64()?,
+        });
+    }
+    if kind == KIND_HISTORY {
+        let n = r.u16()? as usize;
+        let room = std::str::from_utf8(r.take(n)?)
+            .map(Arc::from)
+            .map_err(|_| Malformed("name is not UTF-8"))?;
+        let rest = &b[r.at..];
+        let (offset, rest) = split_space(rest)?;
+        let (epoch, head) = split_space(rest)?;
+        let offset = std::str::from_utf8(offset)
+            .ok()
+            .and_then(|o| o.parse::<u64>().ok())
+            .ok_or(Malformed("bad offset"))?;
+        let epoch = std::str::from_utf8(epoch)
+            .ok()
+            .filter(|e| !e.is_empty() && e.len() <= EPOCH_BYTES_MAX)
+            .ok_or(Malformed("bad epoch"))?;
+        if head.first() != Some(&b'{') {
+            return Err(Malformed("no frame"));
+        }
+        return Ok(Inbound::History {
+            origin,
+            room,
+            offset,
+            epoch,
+            head,
         });
     }
     if kind == KIND_SERVICE {
@@ -394,6 +492,15 @@ pub fn decode(b: &[u8]) -> Result<Inbound<'_>, Malformed> {
         droppable: flags & FLAG_DROPPABLE != 0,
         wire,
     })
+}
+
+/// `b` split at its first space: (before, after).
+fn split_space(b: &[u8]) -> Result<(&[u8], &[u8]), Malformed> {
+    let i = b
+        .iter()
+        .position(|&c| c == b' ')
+        .ok_or(Malformed("truncated"))?;
+    Ok((&b[..i], &b[i + 1..]))
 }
 
 /// Append a length-prefixed (u32 LE) string, for a service body.
@@ -765,6 +872,63 @@ mod tests {
         assert_eq!(slot(b"foo"), 12182);
         assert_eq!(slot(b"{user1000}.following"), slot(b"{user1000}.followers"));
         assert_eq!(slot(b"foo{}{bar}"), crc16(b"foo{}{bar}") % 16384);
+    }
+
+    #[test]
+    fn history_envelopes_carry_offset_epoch_and_head_and_keys_share_the_slot() {
+        let c = Channels::new("sb:");
+        assert_eq!(c.history("lobby"), "sb:{room:lobby}:h");
+        assert_eq!(c.history_meta("lobby"), "sb:{room:lobby}:e");
+        assert_eq!(
+            slot(c.history("lobby").as_bytes()),
+            slot(c.room("lobby").as_bytes())
+        );
+        assert_eq!(
+            slot(c.history_meta("lobby").as_bytes()),
+            slot(c.room("lobby").as_bytes())
+        );
+        assert_eq!(c.room_of("sb:{room:lobby}"), Some("lobby"));
+        assert_eq!(c.room_of("sb:{room:a}b}"), Some("a}b"));
+        assert_eq!(c.room_of("sb:{user:lobby}"), None);
+        assert_eq!(c.room_of("xx{room:lobby}"), None);
+
+        // What the append script publishes: the prefix, then `<offset> <epoch> <head>`.
+        let head = br#"{"type":"message","room":"lobby","data":{"a":" b "},"timestamp":5"#;
+        let mut env = encode_history_prefix(3, "lobby");
+        env.extend_from_slice(b"42 00ff00ff00ff00ff ");
+        env.extend_from_slice(head);
+        match decode(&env) {
+            Ok(Inbound::History {
+                origin,
+                room,
+                offset,
+                epoch,
+                head: h,
+            }) => {
+                assert_eq!(
+                    (origin, &*room, offset, epoch),
+                    (3, "lobby", 42, "00ff00ff00ff00ff")
+                );
+                assert_eq!(h, head);
+            }
+            other => panic!("{other:?}"),
+        }
+        let f = history_frame(head, 42, "00ff00ff00ff00ff", 0);
+        let v: serde_json::Value = serde_json::from_slice(f.payload()).unwrap();
+        assert_eq!(v["offset"], 42);
+        assert_eq!(v["epoch"], "00ff00ff00ff00ff");
+        assert_eq!(v["data"]["a"], " b ");
+        assert!(f.is_text());
+        // Truncated or garbled history envelopes are refused, never panic.
+        for n in 0..env.len() {
+            let _ = decode(&env[..n]);
+        }
+        let mut bad = encode_history_prefix(3, "lobby");
+        bad.extend_from_slice(b"x1 e {}");
+        assert_eq!(decode(&bad), Err(Malformed("bad offset")));
+        let mut bad = encode_history_prefix(3, "lobby");
+        bad.extend_from_slice(b"1 e nope");
+        assert_eq!(decode(&bad), Err(Malformed("no frame")));
     }
 
     #[test]

@@ -56,6 +56,9 @@ pub enum BridgeMsg {
         online: Option<bool>,
         frame: Frame,
     },
+    /// Clustered: a room with history: a message for Redis to sequence, or a stream read
+    /// for a resume ([`redis::history`]; boxed like `Store`).
+    History(Box<redis::history::HistoryJob>),
     /// Work for the message store (boxed: jobs are larger than the other variants).
     Store(Box<StoreJob>),
     /// A call to the auth service or a custom-type backend ([`proxy`]; boxed like `Store`).

@@ -28,6 +28,8 @@
 //! Nothing here runs per recipient; per message it is one envelope copy out and one frame
 //! copy in. Without `redis_url` nothing here exists.
 
+pub mod history;
+
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::fmt::Write as _;
@@ -225,6 +227,34 @@ pub struct RedisStats {
     pub cluster_connections: AtomicU64,
     pub cluster_max_connections: AtomicU64,
     pub cluster_as_of_ms: AtomicU64,
+    /// Room history across nodes ([`history`]). Not a metric: the bridge's view generation,
+    /// moved whenever a push may have been lost; owner shards' caches check it.
+    pub history_gen: AtomicU64,
+    /// Messages Redis sequenced (append scripts answered), and appends that failed (their
+    /// messages were sequenced by their owner shard instead).
+    pub history_appended: AtomicU64,
+    pub history_append_failed: AtomicU64,
+    /// Messages sequenced on this node under a node-local epoch (Redis unavailable, its
+    /// queue full, or the bridge inbox full).
+    pub history_local: AtomicU64,
+    /// Appends waiting for Redis now.
+    pub history_queued: AtomicU64,
+    /// History messages heard on room channels (this node's own too).
+    pub history_received: AtomicU64,
+    /// Stream reads Redis answered, and reads that failed or waited too long.
+    pub history_reads: AtomicU64,
+    pub history_read_failed: AtomicU64,
+    /// Reads waiting now (for a subscription, or for Redis).
+    pub history_reads_waiting: AtomicU64,
+    /// Resumes answered from this node's cache, after a stream read, and resumes that shared
+    /// another resume's read.
+    pub history_resumes_local: AtomicU64,
+    pub history_resumes_read: AtomicU64,
+    pub history_resumes_shared: AtomicU64,
+    /// History messages that arrived after skipped offsets (lost on the way here).
+    pub history_gaps: AtomicU64,
+    /// Times the view generation moved (every cache had to be filled again).
+    pub history_view_resets: AtomicU64,
 }
 
 /// One presence event waiting for Redis: a change Redis judges (`online` Some: this node
@@ -239,6 +269,10 @@ struct PresenceOp {
 /// How a received delivery reaches this node's shards (set by the store, which owns the
 /// ordered backlog).
 pub type DeliverHere = Box<dyn Fn(Target, &Frame)>;
+
+/// How a message reaches one shard of this node, in order with every delivery (the store's
+/// ordered backlog).
+pub type ToShard = Box<dyn Fn(usize, crate::shard::ShardMsg)>;
 
 /// One envelope waiting to be published.
 struct Out {
@@ -296,6 +330,12 @@ pub struct Redis {
     /// stands) and nothing is reaped.
     stopping: Cell<bool>,
     fb: RefCell<crate::proto::envelope::FrameBuilder>,
+    /// Room history across nodes.
+    hist: history::State,
+    /// Hands a message to one shard (the store's ordered backlog).
+    to_shard: RefCell<Option<ToShard>>,
+    /// Moves each time the publisher connects (scripts are loaded again on a new connection).
+    cmd_gen: Cell<u64>,
 }
 
 impl Redis {
@@ -340,6 +380,9 @@ impl Redis {
             lost_gen: Cell::new(u64::MAX),
             stopping: Cell::new(false),
             fb: RefCell::new(Default::default()),
+            hist: Default::default(),
+            to_shard: RefCell::new(None),
+            cmd_gen: Cell::new(0),
             node,
         })
     }
@@ -358,6 +401,11 @@ impl Redis {
     /// Set how received deliveries reach this node's shards.
     pub fn set_deliver(&self, f: DeliverHere) {
         *self.deliver.borrow_mut() = Some(f);
+    }
+
+    /// Set how messages reach one shard (in order with the deliveries).
+    pub fn set_to_shard(&self, f: ToShard) {
+        *self.to_shard.borrow_mut() = Some(f);
     }
 
     /// Start the publisher, subscriber and canary tasks on the current `LocalSet`.
@@ -379,6 +427,8 @@ impl Redis {
             supervise("heartbeat", me, |r| r.heartbeat()),
             supervise("reaper", me, |r| r.reaper()),
             supervise("reconcile", me, |r| r.reconcile()),
+            supervise("history appender", me, |r| r.history_appender()),
+            supervise("history reader", me, |r| r.history_reader()),
         ]
     }
 
@@ -1262,6 +1312,8 @@ impl Redis {
                         node.redis_stats
                             .inbound_dropped
                             .fetch_add(1, Ordering::Relaxed);
+                        // It may have been a history message: no cache is current any more.
+                        node.redis_stats.history_gen.fetch_add(1, Ordering::Relaxed);
                     }
                     Ok(())
                 });
@@ -1305,6 +1357,7 @@ impl Redis {
             self.canary_sent.set(None);
             self.canary_back.set(Instant::now());
             self.update_up();
+            self.cmd_gen.set(self.cmd_gen.get() + 1);
             *self.cmd_conn.borrow_mut() = Some(conn.clone());
             self.cmd_since.set(Some(Instant::now()));
             // Redis may have lost this node's presence (a restart without persistence).
@@ -1395,6 +1448,8 @@ impl Redis {
                     if c.is_empty() {
                         break;
                     }
+                    // History rooms stop being held before their channel is let go.
+                    self.history_unsubscribing(&c.unsubscribe);
                     let r = tokio::time::timeout(timeout, async {
                         if !c.subscribe.is_empty() {
                             let names: Vec<&str> = c.subscribe.iter().map(|s| &**s).collect();
@@ -1412,6 +1467,8 @@ impl Redis {
                         Ok(Ok(())) => {
                             s.confirm(&c);
                             stats.subs_held.store(s.held() as u64, Ordering::Relaxed);
+                            drop(s);
+                            self.history_subscribed(&c.subscribe);
                         }
                         Ok(Err(e)) => {
                             s.failed(&c);
@@ -1452,6 +1509,7 @@ impl Redis {
             }
             // Pushes of this connection (its disconnection among them) are stale from now on.
             self.sub_gen.set(gen + 1);
+            self.history_lost();
             self.sub_up.set(false);
             self.update_up();
             drop(conn);
@@ -1510,6 +1568,16 @@ impl Redis {
                 if let Some(f) = &*self.deliver.borrow() {
                     f(target, &frame);
                 }
+            }
+            Ok(Inbound::History {
+                origin: _,
+                room,
+                offset,
+                epoch,
+                head,
+            }) => {
+                // Every node, the origin too, delivers it when Redis says (offset order).
+                self.history_received(room, offset, epoch, head);
             }
             Ok(Inbound::Service {
                 origin,
@@ -1795,7 +1863,23 @@ pub fn prometheus_lines(s: &RedisStats, out: &mut String) {
             &s.nodes_reaped,
         ),
     ];
-    for (name, kind, help, v) in rows {
+    let history: [(&str, &str, &str, &AtomicU64); 14] = [
+        ("switchboard_redis_history_appended_total", "counter", "Room history messages Redis sequenced (append scripts answered)", &s.history_appended),
+        ("switchboard_redis_history_append_failed_total", "counter", "History appends that failed (their messages were sequenced on this node instead)", &s.history_append_failed),
+        ("switchboard_redis_history_local_total", "counter", "History messages sequenced on this node under a node-local epoch (Redis unavailable or its queue full)", &s.history_local),
+        ("switchboard_redis_history_queued", "gauge", "History appends waiting for Redis", &s.history_queued),
+        ("switchboard_redis_history_received_total", "counter", "History messages heard on room channels (this node's own too)", &s.history_received),
+        ("switchboard_redis_history_reads_total", "counter", "History stream reads Redis answered", &s.history_reads),
+        ("switchboard_redis_history_read_failed_total", "counter", "History stream reads that failed or waited past redis_timeout (their resumes read recovered: false)", &s.history_read_failed),
+        ("switchboard_redis_history_reads_waiting", "gauge", "History stream reads waiting for a subscription or for Redis", &s.history_reads_waiting),
+        ("switchboard_redis_history_resumes_local_total", "counter", "Resumes answered from this node's history cache", &s.history_resumes_local),
+        ("switchboard_redis_history_resumes_read_total", "counter", "Resumes answered after a history stream read", &s.history_resumes_read),
+        ("switchboard_redis_history_resumes_shared_total", "counter", "Resumes that waited for a read another resume of the room had asked for", &s.history_resumes_shared),
+        ("switchboard_redis_history_gaps_total", "counter", "History messages that arrived after skipped offsets (lost on the way to this node)", &s.history_gaps),
+        ("switchboard_redis_history_view_resets_total", "counter", "Times a lost subscription made every history cache of this node stale", &s.history_view_resets),
+        ("switchboard_redis_history_generation", "gauge", "The bridge's history view generation (moves when pushes may have been lost)", &s.history_gen),
+    ];
+    for (name, kind, help, v) in rows.into_iter().chain(history) {
         let v = v.load(Ordering::Relaxed);
         let _ = writeln!(
             out,

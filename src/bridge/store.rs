@@ -339,6 +339,14 @@ async fn serve<S: Store + 'static>(
                 deliver_here(&ctx, target, frame);
             }
         }));
+        let weak = Rc::downgrade(&ctx);
+        r.set_to_shard(Box::new(move |shard, msg| {
+            if let Some(ctx) = weak.upgrade() {
+                if shard < ctx.shards.inboxes.len() {
+                    to_shard(&ctx, shard, msg);
+                }
+            }
+        }));
         r.start()
     });
     let writer = tokio::task::spawn_local(writer(ctx.clone()));
@@ -402,6 +410,12 @@ async fn serve<S: Store + 'static>(
                 } => {
                     if let Some(r) = &ctx.redis {
                         r.presence(user, online, frame);
+                    }
+                }
+                // Only sent while clustered.
+                BridgeMsg::History(job) => {
+                    if let Some(r) = &ctx.redis {
+                        r.history_job(*job);
                     }
                 }
                 BridgeMsg::Shutdown => break 'outer,
@@ -810,6 +824,11 @@ fn to_shard<S>(ctx: &Ctx<S>, shard: usize, msg: ShardMsg) {
             if q.pop_front().is_some() {
                 ctx.backlog_len.set(ctx.backlog_len.get() - 1);
                 stats.live_missed.fetch_add(1, Ordering::Relaxed);
+                // It may have been a history message or tag: no history cache is current.
+                ctx.node
+                    .redis_stats
+                    .history_gen
+                    .fetch_add(1, Ordering::Relaxed);
             }
         }
     }

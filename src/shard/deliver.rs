@@ -54,6 +54,14 @@ impl Shard {
         self.deliver_plan(target, frame, p.local, p.shards, p.bridge)
     }
 
+    /// Deliver `frame` to this node's recipients of `target` only (here and on other shards),
+    /// never to the bridge: a cluster history message, which Redis published to every node.
+    pub(crate) fn deliver_node(&mut self, target: &Target, frame: &Frame) -> Missed {
+        let n = self.node.inboxes.len();
+        let p = crate::route::plan(target, &self.node.dir, self.node.id, self.id, n, false);
+        self.deliver_plan(target, frame, p.local, p.shards, false)
+    }
+
     fn deliver_plan(
         &mut self,
         target: &Target,

@@ -21,6 +21,17 @@
 //! sequences after answering reach that shard after the answer (one sender, one FIFO inbox),
 //! and its directory bit is set before it asks, so the connection misses nothing and gets
 //! nothing twice.
+//!
+//! **In a cluster** (`redis_url` set) Redis sequences the messages of rooms with history
+//! ([`crate::bridge::redis::history`]): the owner encodes the frame's head once and hands it
+//! to the bridge ([`HistoryJob::Append`]); the offset and epoch come back on the room's
+//! channel, to every node's owner shard ([`Msg::Clustered`]), which drops what it delivered
+//! already, keeps the message in the node's cache and delivers it to the node's subscribers.
+//! A resume goes to the owner as on one node; the owner answers from its cache when it is
+//! current ([`super::history::Store::current`]), and otherwise asks the bridge for a stream
+//! read ([`HistoryJob::Read`]), one per room at a time, shared by every resume it covers
+//! ([`super::history::Resumes`]). A message Redis cannot take comes back
+//! ([`Msg::Fallback`]) and is sequenced here under a node-local epoch.
 
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
@@ -31,6 +42,7 @@ use serde::Deserialize;
 use sonic_rs::LazyValue;
 
 use super::{parse, Cmd};
+use crate::bridge::redis::history::HistoryJob;
 use crate::bridge::BridgeMsg;
 use crate::directory::Transition;
 use crate::metrics::ErrorReason;
@@ -57,7 +69,23 @@ pub struct State {
     /// behind for good. Bounded by [`RESUME_ANSWERS_OWED_MAX`].
     owed: std::collections::VecDeque<(usize, crate::shard::ShardMsg)>,
     retry_scheduled: bool,
+    /// Cluster: resumes waiting for a stream read of a room this shard owns.
+    resumes: super::history::Resumes<Waiter>,
+    reads_sweep_scheduled: bool,
 }
+
+/// Cluster: a subscribe to a room with history waiting on its owner for a stream read.
+pub struct Waiter {
+    room: Arc<str>,
+    opts: u16,
+    since: Option<(u64, Box<str>)>,
+    conn: ConnRef,
+    id: Option<Box<str>>,
+    count: u32,
+}
+
+/// The rooms timer key of the sweep of late stream reads (key 0 is the answers' retry).
+const KEY_READS_SWEEP: u64 = 1;
 
 /// Subscribe answers one shard keeps for retry while the asking shard's inbox is full; past
 /// it an answer is dropped and counted (`switchboard_cross_shard_dropped_total`).
@@ -110,6 +138,34 @@ pub enum Msg {
         /// `Some` when the subscribe asked to recover; the frames are what it missed.
         recovered: Option<bool>,
         frames: Vec<Frame>,
+    },
+    /// Cluster, from the bridge: a message of a room with history, sequenced by Redis
+    /// (`tag`, `gen`: the subscription and view it was heard under).
+    Clustered {
+        room: Arc<str>,
+        opts: u16,
+        offset: u64,
+        epoch: Box<str>,
+        frame: Frame,
+        tag: u64,
+        gen: u64,
+    },
+    /// Cluster, from the bridge: the tag of the room channel's subscription now (0: not
+    /// held).
+    Hold { room: Arc<str>, tag: u64 },
+    /// Cluster, from the bridge: Redis could not sequence this message; sequence it here.
+    Fallback {
+        room: Arc<str>,
+        opts: u16,
+        head: Box<[u8]>,
+        api: Option<ApiReply>,
+    },
+    /// Cluster, from the bridge: a stream read finished (`None`: Redis unavailable).
+    Read {
+        room: Arc<str>,
+        tag: u64,
+        gen: u64,
+        snap: Option<super::history::Snapshot>,
     },
 }
 
@@ -279,6 +335,10 @@ fn route_publish(
             };
         }
     }
+    if clustered_history(sh, opts) {
+        cluster_append(sh, room, opts, client_id, user.as_deref(), data, kind, api);
+        return Routed::Owner;
+    }
     Routed::Here(sequence(
         sh,
         room,
@@ -288,6 +348,87 @@ fn route_publish(
         data,
         kind,
     ))
+}
+
+/// Whether rooms with options `opts` are sequenced by Redis (clustered, with history).
+fn clustered_history(sh: &Shard, opts: u16) -> bool {
+    sh.node.clustered && crate::room_options::at(&sh.node.cfg.rooms, opts).history_size > 0
+}
+
+/// Cluster: hand a message of a room with history to Redis (through the bridge), or
+/// sequence it here when the bridge cannot take it.
+#[allow(clippy::too_many_arguments)]
+fn cluster_append(
+    sh: &mut Shard,
+    room: Arc<str>,
+    opts: u16,
+    client_id: u128,
+    user: Option<&str>,
+    data: &str,
+    kind: &str,
+    api: Option<ApiReply>,
+) {
+    let options = crate::room_options::at(&sh.node.cfg.rooms, opts);
+    let (size, ttl_ms) = (options.history_size, options.history_ttl.as_millis() as u64);
+    let f = encode_message(sh, Some(&room), data, client_id, user, None, kind);
+    let json = f.payload();
+    // The head: the object without its closing brace (offset and epoch go after it).
+    let head: Box<[u8]> = json[..json.len() - 1].into();
+    let restart = history(sh).take_diverged(&room);
+    let job = HistoryJob::Append {
+        room,
+        opts,
+        size,
+        ttl_ms,
+        head,
+        restart,
+        owner: sh.id,
+        api,
+    };
+    if let Err(e) = sh
+        .node
+        .bridge_tx
+        .try_send(BridgeMsg::History(Box::new(job)))
+    {
+        sh.out.stats.bridge_dropped += 1;
+        if let BridgeMsg::History(job) = e.into_inner() {
+            if let HistoryJob::Append {
+                room,
+                opts,
+                head,
+                api,
+                ..
+            } = *job
+            {
+                sequence_here(sh, room, opts, &head, api);
+            }
+        }
+    }
+}
+
+/// Cluster: sequence a message on this node under a node-local epoch (Redis could not), and
+/// deliver it to this node's subscribers only.
+fn sequence_here(sh: &mut Shard, room: Arc<str>, opts: u16, head: &[u8], api: Option<ApiReply>) {
+    let options = crate::room_options::at(&sh.node.cfg.rooms, opts);
+    let (size, ttl_ms) = (options.history_size, options.history_ttl.as_millis() as u64);
+    let (now_ms, now_us) = (sh.now_ms, sh.now_us);
+    let store = history(sh);
+    store.to_local(&room, true);
+    let (offset, epoch) = store.next_offset(&room);
+    let f = crate::cluster::history_frame(head, offset, &epoch, now_us);
+    let trimmed = store.trimmed;
+    store.append(&room, offset, now_ms, f.clone(), size, ttl_ms);
+    let newly = store.trimmed - trimmed;
+    sh.out.stats.history_trimmed += newly;
+    sh.out.stats.history_appended += 1;
+    sh.node
+        .redis_stats
+        .history_local
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    sh.deliver_node(&Target::room(room), &f);
+    if let Some(api) = api {
+        answer_api(sh, &api, Some(&super::history::Position { offset, epoch }));
+    }
 }
 
 /// Encode and deliver a publish on the shard that orders it (the owner of a sequenced room, or
@@ -348,15 +489,25 @@ pub fn api_body(position: Option<&super::history::Position>) -> Vec<u8> {
     body
 }
 
-/// Answer a server API publish that waited for this (owner) shard.
-fn answer_api(sh: &mut Shard, api: &ApiReply, position: Option<&super::history::Position>) {
+/// The HTTP answer to a server API publish (also built by the bridge, when Redis gave the
+/// offset).
+pub fn api_answer_frame(
+    api: &ApiReply,
+    position: Option<&super::history::Position>,
+    now_us: u64,
+) -> Frame {
     let body = api_body(position);
     let mut r = crate::http::Response::new(crate::http::Status::OK, "application/json", &body);
     r.keep_alive = api.keep_alive;
     if let Some(o) = api.cors_origin.as_deref() {
         r.cors = crate::http::CorsHeaders::Origin(o);
     }
-    let f = Frame::from_wire(&r.to_vec(), sh.now_us);
+    Frame::from_wire(&r.to_vec(), now_us)
+}
+
+/// Answer a server API publish that waited for this (owner) shard.
+fn answer_api(sh: &mut Shard, api: &ApiReply, position: Option<&super::history::Position>) {
+    let f = api_answer_frame(api, position, sh.now_us);
     // Through the retry queue, not a plain delivery: a lost answer would leave the HTTP
     // client waiting until its keep-alive timeout for a publish that happened.
     let msg = crate::shard::ShardMsg::Deliver {
@@ -455,11 +606,42 @@ pub fn on_msg(sh: &mut Shard, m: Msg) {
             kind,
             api,
         } => {
+            if clustered_history(sh, opts) {
+                cluster_append(
+                    sh,
+                    room,
+                    opts,
+                    client_id,
+                    user.as_deref(),
+                    &data,
+                    &kind,
+                    api,
+                );
+                return;
+            }
             let position = sequence(sh, room, opts, client_id, user.as_deref(), &data, &kind);
             if let Some(api) = api {
                 answer_api(sh, &api, position.as_ref());
             }
         }
+        Msg::Resume {
+            room,
+            opts,
+            since,
+            conn,
+            id,
+            count,
+        } if sh.node.clustered => cluster_resume(
+            sh,
+            Waiter {
+                room,
+                opts,
+                since,
+                conn,
+                id,
+                count,
+            },
+        ),
         Msg::Resume {
             room,
             opts,
@@ -492,6 +674,331 @@ pub fn on_msg(sh: &mut Shard, m: Msg) {
             recovered,
             frames,
         } => resumed(sh, room, opts, conn, id, count, position, recovered, frames),
+        Msg::Clustered {
+            room,
+            opts,
+            offset,
+            epoch,
+            frame,
+            tag,
+            gen,
+        } => clustered(sh, room, opts, offset, &epoch, frame, tag, gen),
+        Msg::Hold { room, tag } => history(sh).set_hold(&room, tag),
+        Msg::Fallback {
+            room,
+            opts,
+            head,
+            api,
+        } => sequence_here(sh, room, opts, &head, api),
+        Msg::Read {
+            room,
+            tag,
+            gen,
+            snap,
+        } => read_done(sh, room, tag, gen, snap),
+    }
+}
+
+/// The options index of `room` (from the room table when the shard has it).
+fn opts_of(sh: &Shard, room: &str) -> u16 {
+    match sh.svc.rooms.table.lookup(room) {
+        Some(rid) => sh.svc.rooms.table.room(rid).opts,
+        None => crate::room_options::index_for(&sh.node.cfg.rooms, room),
+    }
+}
+
+fn history_bounds(sh: &Shard, opts: u16) -> (u32, u64) {
+    let o = crate::room_options::at(&sh.node.cfg.rooms, opts);
+    (o.history_size, o.history_ttl.as_millis() as u64)
+}
+
+fn view_gen(sh: &Shard) -> u64 {
+    sh.node
+        .redis_stats
+        .history_gen
+        .load(std::sync::atomic::Ordering::Relaxed)
+}
+
+fn count(c: &std::sync::atomic::AtomicU64, n: u64) {
+    c.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Cluster, on the owner: a message Redis sequenced, heard by this node: keep and deliver it
+/// here unless it was delivered already.
+#[allow(clippy::too_many_arguments)]
+fn clustered(
+    sh: &mut Shard,
+    room: Arc<str>,
+    opts: u16,
+    offset: u64,
+    epoch: &str,
+    frame: Frame,
+    tag: u64,
+    gen: u64,
+) {
+    let (size, ttl_ms) = history_bounds(sh, opts);
+    if size == 0 {
+        return;
+    }
+    let now_ms = sh.now_ms;
+    let store = history(sh);
+    let trimmed = store.trimmed;
+    let mut gap = false;
+    let new = store.observe(
+        &room,
+        epoch,
+        offset,
+        now_ms,
+        frame.clone(),
+        size,
+        ttl_ms,
+        tag,
+        gen,
+        &mut gap,
+    );
+    let newly = store.trimmed - trimmed;
+    sh.out.stats.history_trimmed += newly;
+    if gap {
+        count(&sh.node.redis_stats.history_gaps, 1);
+    }
+    if new {
+        sh.out.stats.history_appended += 1;
+        sh.deliver_node(&Target::room(room), &frame);
+    }
+}
+
+/// What an owner answers a resume with: the position, `recovered` when it asked, the frames.
+type Answer = (super::history::Position, Option<bool>, Vec<Frame>);
+
+/// Cluster: the answer the owner's cache gives now, when it can (otherwise a stream read).
+fn answer_here(sh: &mut Shard, w: &Waiter) -> Option<Answer> {
+    use super::history::Mode;
+    let (size, ttl_ms) = history_bounds(sh, w.opts);
+    let (gen, now_ms) = (view_gen(sh), sh.now_ms);
+    let store = history(sh);
+    let since = w.since.as_ref().map(|(o, e)| (*o, &**e));
+    match store.mode(&w.room) {
+        Some(Mode::Cluster) if store.current(&w.room, gen) => {
+            let position = store.peek(&w.room)?;
+            let Some((offset, epoch)) = since else {
+                return Some((position, None, Vec::new()));
+            };
+            if epoch != position.epoch {
+                // Another history: nothing to recover, whatever Redis holds of this one.
+                return Some((position, Some(false), Vec::new()));
+            }
+            let r = store.since(&w.room, offset, epoch, size, ttl_ms, now_ms);
+            // Not kept here (older, or ahead of what arrived yet): the stream may have it.
+            r.recovered.then_some((r.position, Some(true), r.frames))
+        }
+        Some(Mode::Local) => {
+            let (offset, epoch) = since?;
+            let position = store.peek(&w.room)?;
+            if epoch != position.epoch {
+                return None;
+            }
+            let r = store.since(&w.room, offset, epoch, size, ttl_ms, now_ms);
+            Some((r.position, Some(r.recovered), r.frames))
+        }
+        _ => None,
+    }
+}
+
+/// Cluster, on the owner: a subscribe to a room with history.
+fn cluster_resume(sh: &mut Shard, w: Waiter) {
+    if let Some(a) = answer_here(sh, &w) {
+        if w.since.is_some() {
+            count(&sh.node.redis_stats.history_resumes_local, 1);
+        }
+        answer(sh, w, a);
+        return;
+    }
+    let room = w.room.clone();
+    let opts = w.opts;
+    let since = w.since.as_ref().map(|(o, _)| *o);
+    let now_ms = sh.now_ms;
+    match sh.svc.rooms.resumes.wait(&room, since, w, now_ms) {
+        Ok(Some(req)) => {
+            send_read(sh, room, opts, req.from);
+            schedule_reads_sweep(sh);
+        }
+        Ok(None) => count(&sh.node.redis_stats.history_resumes_shared, 1),
+        Err(w) => {
+            // The table is full: nothing to replay, and the position this node knows.
+            sh.out.stats.cross_shard_dropped += 1;
+            let position = history(sh)
+                .peek(&w.room)
+                .unwrap_or(super::history::Position {
+                    offset: 0,
+                    epoch: String::new(),
+                });
+            let recovered = w.since.as_ref().map(|_| false);
+            answer(sh, w, (position, recovered, Vec::new()));
+        }
+    }
+}
+
+/// Ask the bridge for a stream read of `room` from `from` (`None`: the position; then from
+/// the node's own next offset, so a node behind gets what it missed).
+fn send_read(sh: &mut Shard, room: Arc<str>, opts: u16, from: Option<u64>) {
+    let (size, ttl_ms) = history_bounds(sh, opts);
+    let from = from.or_else(|| {
+        let store = history(sh);
+        (store.mode(&room) == Some(super::history::Mode::Cluster))
+            .then(|| store.peek(&room).map(|p| p.offset + 1))
+            .flatten()
+    });
+    let job = HistoryJob::Read {
+        room: room.clone(),
+        owner: sh.id,
+        from,
+        size,
+        ttl_ms,
+    };
+    if sh
+        .node
+        .bridge_tx
+        .try_send(BridgeMsg::History(Box::new(job)))
+        .is_err()
+    {
+        sh.out.stats.bridge_dropped += 1;
+        read_done(sh, room, 0, 0, None);
+    }
+}
+
+/// Cluster, on the owner: a stream read of `room` finished.
+fn read_done(
+    sh: &mut Shard,
+    room: Arc<str>,
+    tag: u64,
+    gen: u64,
+    snap: Option<super::history::Snapshot>,
+) {
+    use super::history::Mode;
+    let opts = opts_of(sh, &room);
+    let (size, ttl_ms) = history_bounds(sh, opts);
+    let now_ms = sh.now_ms;
+    let Some(snap) = snap else {
+        // Redis unavailable: answer from what this node has. A room that is not the
+        // cluster's here continues under a node-local epoch.
+        let waiters = sh.svc.rooms.resumes.abandon(&room);
+        let store = history(sh);
+        if store.mode(&room) != Some(Mode::Cluster) {
+            store.to_local(&room, false);
+        }
+        for w in waiters {
+            let a = answer_here(sh, &w).unwrap_or_else(|| {
+                let position = history(sh).position(&w.room);
+                (position, w.since.as_ref().map(|_| false), Vec::new())
+            });
+            answer(sh, w, a);
+        }
+        return;
+    };
+    let (epoch, last) = (snap.epoch.clone(), snap.last);
+    // Usable only if taken under the subscription held now, with nothing lost since: then
+    // every message after it reaches this node live.
+    let usable = tag != 0 && gen == view_gen(sh) && history(sh).holding(&room) == tag;
+    let merged = if usable {
+        let store = history(sh);
+        let trimmed = store.trimmed;
+        let r = store.merge(&room, snap, tag, gen, size, ttl_ms, now_ms);
+        let newly = store.trimmed - trimmed;
+        sh.out.stats.history_trimmed += newly;
+        r.ok()
+    } else {
+        None
+    };
+    let Some(fresh) = merged else {
+        let d = sh.svc.rooms.resumes.done(&room, true, now_ms);
+        if d.attempts >= super::history::READ_ATTEMPTS_MAX {
+            let waiters = sh.svc.rooms.resumes.abandon(&room);
+            for w in waiters {
+                let position = super::history::Position {
+                    offset: last,
+                    epoch: epoch.clone(),
+                };
+                let recovered = w.since.as_ref().map(|_| false);
+                answer(sh, w, (position, recovered, Vec::new()));
+            }
+        } else if let Some(req) = d.next {
+            send_read(sh, room, opts, req.from);
+        }
+        return;
+    };
+    // What the node had not delivered yet (lost on the way, or still on its way).
+    let target = Target::room(room.clone());
+    for f in &fresh {
+        sh.deliver_node(&target, f);
+    }
+    let d = sh.svc.rooms.resumes.done(&room, false, now_ms);
+    for w in d.covered {
+        let store = history(sh);
+        let a = match &w.since {
+            None => (store.position(&w.room), None, Vec::new()),
+            Some((offset, e)) => {
+                let r = store.since(&w.room, *offset, e, size, ttl_ms, now_ms);
+                (r.position, Some(r.recovered), r.frames)
+            }
+        };
+        if w.since.is_some() {
+            count(&sh.node.redis_stats.history_resumes_read, 1);
+        }
+        answer(sh, w, a);
+    }
+    if let Some(req) = d.next {
+        send_read(sh, room, opts, req.from);
+    }
+}
+
+/// Send a resume's answer to the shard of its connection (this one: at once).
+fn answer(sh: &mut Shard, w: Waiter, (position, recovered, frames): Answer) {
+    if w.conn.shard as usize == sh.id {
+        resumed(
+            sh, w.room, w.opts, w.conn, w.id, w.count, position, recovered, frames,
+        );
+        return;
+    }
+    let shard = w.conn.shard as usize;
+    owe_or_send(
+        sh,
+        shard,
+        Msg::Resumed {
+            room: w.room,
+            opts: w.opts,
+            conn: w.conn,
+            id: w.id,
+            count: w.count,
+            position,
+            recovered,
+            frames,
+        },
+    );
+}
+
+fn schedule_reads_sweep(sh: &mut Shard) {
+    if !sh.svc.rooms.reads_sweep_scheduled {
+        sh.svc.rooms.reads_sweep_scheduled = true;
+        let next = sh.now_tick + crate::shard::ticks(sh.node.cfg.redis_timeout);
+        sh.schedule_service(next, super::id::ROOMS, KEY_READS_SWEEP);
+    }
+}
+
+/// How long an owner waits for a stream read before answering from what it has: the bridge
+/// parks a read up to `redis_timeout` for the subscription and gives Redis as long again.
+fn read_deadline_ms(sh: &Shard) -> u64 {
+    3 * sh.node.cfg.redis_timeout.as_millis() as u64
+}
+
+/// The sweep of reads that never came back (a message lost between bridge and shard).
+fn sweep_reads(sh: &mut Shard) {
+    sh.svc.rooms.reads_sweep_scheduled = false;
+    let before = sh.now_ms.saturating_sub(read_deadline_ms(sh));
+    for room in sh.svc.rooms.resumes.late(before) {
+        read_done(sh, room, 0, 0, None);
+    }
+    if !sh.svc.rooms.resumes.is_empty() {
+        schedule_reads_sweep(sh);
     }
 }
 
@@ -529,8 +1036,13 @@ fn schedule_retry(sh: &mut Shard) {
     }
 }
 
-/// The retry tick: send the owed answers in order, as far as the inboxes take them.
-pub fn on_timer(sh: &mut Shard, _key: u64) {
+/// The retry tick: send the owed answers in order, as far as the inboxes take them (or the
+/// sweep of late stream reads).
+pub fn on_timer(sh: &mut Shard, key: u64) {
+    if key == KEY_READS_SWEEP {
+        sweep_reads(sh);
+        return;
+    }
     sh.svc.rooms.retry_scheduled = false;
     while let Some((shard, msg)) = sh.svc.rooms.owed.pop_front() {
         match sh.node.inboxes.try_send(shard, msg) {
@@ -793,7 +1305,7 @@ pub fn join(sh: &mut Shard, slot: u32, room: &str, id: Option<&str>, since: Opti
         return;
     }
     let own = owner(&name, sh.node.inboxes.len());
-    if own == sh.id {
+    if own == sh.id && !sh.node.clustered {
         attach(sh, slot, name.clone(), opts);
         let (position, recovered, frames) = recover(sh, &name, opts, since);
         for f in frames {
@@ -813,14 +1325,23 @@ pub fn join(sh: &mut Shard, slot: u32, room: &str, id: Option<&str>, since: Opti
         report_transition(sh, name.clone(), t);
     }
     let conn = sh.conn_ref(slot);
-    let msg = crate::shard::ShardMsg::service(super::ServiceMsg::Rooms(Msg::Resume {
+    let resume = Msg::Resume {
         room: name.clone(),
         opts,
         since: since.map(|(o, e)| (o, e.into())),
         conn,
         id: id.map(Into::into),
         count,
-    }));
+    };
+    if own == sh.id {
+        // Clustered, on the owner: as if it came from another shard (it may wait for Redis).
+        let st = &mut sh.svc.rooms;
+        *st.pending_rooms.entry(name).or_default() += 1;
+        *st.pending_conns.entry(key).or_default() += 1;
+        on_msg(sh, resume);
+        return;
+    }
+    let msg = crate::shard::ShardMsg::service(super::ServiceMsg::Rooms(resume));
     if sh.node.inboxes.send(own, msg).is_err() {
         sh.out.stats.cross_shard_dropped += 1;
         crate::admission::room_leave(&sh.node, &name);
