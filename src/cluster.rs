@@ -197,6 +197,134 @@ pub fn slot(key: &[u8]) -> u16 {
     crc16(tagged.unwrap_or(key)) % 16384
 }
 
+/// The hash slots of a Redis Cluster.
+pub const SLOTS: u16 = 16_384;
+
+/// Most tags tried for a master's canary channel ([`canary_channel`]): a master owning one
+/// slot in 16,384 is found after ~16,384 tries on average; past this bound (a master owning
+/// almost nothing) that master gets no canary and counts as deaf.
+pub const CANARY_TAG_TRIES_MAX: u32 = 1 << 20;
+
+/// Who masters each hash slot of a Redis Cluster, from `CLUSTER SLOTS`: masters are named by
+/// `host:port` and numbered in address order (a stable order for the same topology).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SlotMap {
+    /// `(first slot, last slot, master)`, sorted, not overlapping.
+    ranges: Vec<(u16, u16, usize)>,
+    masters: Vec<String>,
+}
+
+impl SlotMap {
+    /// Parse a `CLUSTER SLOTS` reply: `[[start, end, [host, port, id, ...], replicas...], ...]`.
+    /// An empty host (a node that does not know its own address) is `asked_host`, the host the
+    /// reply came from. Replicas are ignored (everything here goes to masters).
+    pub fn from_cluster_slots(v: &redis::Value, asked_host: &str) -> Result<SlotMap, String> {
+        use redis::Value;
+        let int = |v: &Value| match v {
+            Value::Int(n) => u16::try_from(*n).ok().filter(|n| *n < SLOTS),
+            _ => None,
+        };
+        let text = |v: &Value| match v {
+            Value::BulkString(b) => std::str::from_utf8(b).ok().map(str::to_owned),
+            Value::SimpleString(s) | Value::VerbatimString { text: s, .. } => Some(s.clone()),
+            _ => None,
+        };
+        let Value::Array(items) = v else {
+            return Err(format!("CLUSTER SLOTS: not an array: {v:?}"));
+        };
+        let mut raw: Vec<(u16, u16, String)> = Vec::with_capacity(items.len());
+        for item in items {
+            let Value::Array(f) = item else {
+                return Err(format!("CLUSTER SLOTS: not a range: {item:?}"));
+            };
+            let (Some(start), Some(end), Some(Value::Array(node))) =
+                (f.first().and_then(int), f.get(1).and_then(int), f.get(2))
+            else {
+                return Err(format!("CLUSTER SLOTS: bad range {f:?}"));
+            };
+            let host = node.first().and_then(text).unwrap_or_default();
+            let host = if host.is_empty() || host == "?" {
+                asked_host.to_owned()
+            } else {
+                host
+            };
+            let port = match node.get(1) {
+                Some(Value::Int(p)) => u16::try_from(*p).ok().filter(|p| *p != 0),
+                _ => None,
+            };
+            let Some(port) = port else {
+                return Err(format!("CLUSTER SLOTS: bad node {node:?}"));
+            };
+            if start > end {
+                return Err(format!("CLUSTER SLOTS: range {start}-{end}"));
+            }
+            raw.push((start, end, format!("{host}:{port}")));
+        }
+        let mut masters: Vec<String> = raw.iter().map(|r| r.2.clone()).collect();
+        masters.sort();
+        masters.dedup();
+        let mut ranges: Vec<(u16, u16, usize)> = raw
+            .into_iter()
+            .map(|(a, b, m)| (a, b, masters.binary_search(&m).unwrap_or_default()))
+            .collect();
+        ranges.sort_unstable();
+        if ranges.windows(2).any(|w| w[1].0 <= w[0].1) {
+            return Err("CLUSTER SLOTS: overlapping ranges".into());
+        }
+        Ok(SlotMap { ranges, masters })
+    }
+
+    /// The masters, by `host:port`; an index into this is a master's number.
+    pub fn masters(&self) -> &[String] {
+        &self.masters
+    }
+
+    /// The master of `slot`, if any masters it.
+    pub fn owner(&self, slot: u16) -> Option<usize> {
+        let i = self.ranges.partition_point(|r| r.1 < slot);
+        self.ranges.get(i).filter(|r| r.0 <= slot).map(|r| r.2)
+    }
+
+    /// The master of the slot of `channel` (or key).
+    pub fn owner_of(&self, channel: &str) -> Option<usize> {
+        self.owner(slot(channel.as_bytes()))
+    }
+
+    /// Slots assigned to a master (16,384 when the cluster is covered).
+    pub fn covered(&self) -> usize {
+        self.ranges.iter().map(|r| usize::from(r.1 - r.0) + 1).sum()
+    }
+
+    /// `items` split by the master of each one's channel, in their order: one list per master,
+    /// and the ones no master owns (a slot not assigned) last.
+    pub fn group<T>(
+        &self,
+        items: impl IntoIterator<Item = T>,
+        channel: impl Fn(&T) -> &str,
+    ) -> (Vec<Vec<T>>, Vec<T>) {
+        let mut per: Vec<Vec<T>> = (0..self.masters.len()).map(|_| Vec::new()).collect();
+        let mut none = Vec::new();
+        for it in items {
+            match self.owner_of(channel(&it)) {
+                Some(m) => per[m].push(it),
+                None => none.push(it),
+            }
+        }
+        (per, none)
+    }
+}
+
+/// Node `node`'s canary channel on `master`: `<p>{canary:<hex node>:<n>}` with the first `n`
+/// whose slot `master` owns, so a canary published there proves that master's subscriber
+/// connection delivers. None when none was found within [`CANARY_TAG_TRIES_MAX`].
+pub fn canary_channel(prefix: &str, node: u32, map: &SlotMap, master: usize) -> Option<Arc<str>> {
+    (0..CANARY_TAG_TRIES_MAX).find_map(|n| {
+        let tag = format!("canary:{node:08x}:{n}");
+        (map.owner(crc16(tag.as_bytes()) % SLOTS) == Some(master))
+            .then(|| format!("{prefix}{{{tag}}}").into())
+    })
+}
+
 fn crc16(data: &[u8]) -> u16 {
     let mut crc: u16 = 0;
     for &b in data {
@@ -542,6 +670,38 @@ impl Subscriptions {
 
     pub fn has_changes(&self) -> bool {
         !self.dirty.is_empty()
+    }
+
+    /// Channels wanted now (a Redis Cluster re-routes them when slots move).
+    pub fn desired(&self) -> impl Iterator<Item = &Arc<str>> {
+        self.desired.iter()
+    }
+
+    /// Whether `channel` is wanted.
+    pub fn wants(&self, channel: &str) -> bool {
+        self.desired.contains(channel)
+    }
+
+    /// Whether Redis confirmed `channel`.
+    pub fn holds(&self, channel: &str) -> bool {
+        self.held.contains(channel)
+    }
+
+    /// Drop `channel` altogether without sending anything (a Redis Cluster master that lost
+    /// its slot let go of it by itself; another master holds it now).
+    pub fn forget(&mut self, channel: &Arc<str>) {
+        self.desired.remove(channel);
+        self.held.remove(channel);
+        self.dirty.remove(channel);
+    }
+
+    /// Redis let go of `channel` by itself (a Redis Cluster's `sunsubscribe` push when its slot
+    /// moved to another master): not held any more, and subscribed again if still wanted.
+    pub fn lost(&mut self, channel: &Arc<str>) {
+        self.held.remove(channel);
+        if self.desired.contains(channel) {
+            self.dirty.insert(channel.clone());
+        }
     }
 
     /// Channels wanted.

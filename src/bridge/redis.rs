@@ -48,6 +48,10 @@ use crate::proto::Frame;
 use crate::route::Target;
 use crate::shard::Node;
 
+#[path = "redis_cluster.rs"]
+mod sharded;
+pub use sharded::CmdConn;
+
 /// Most `PUBLISH` commands in one pipeline (one round trip).
 pub const PIPELINE_MAX: usize = 512;
 
@@ -199,13 +203,17 @@ pub struct Redis {
     /// Hands a received delivery to this node's shards (the store's ordered backlog).
     deliver: RefCell<Option<DeliverHere>>,
     /// The publisher's connection while it is up, for the presence tasks' commands (a
-    /// multiplexed connection: their commands pipeline beside the publishes).
-    cmd_conn: RefCell<Option<MultiplexedConnection>>,
+    /// multiplexed connection: their commands pipeline beside the publishes; on a Redis
+    /// Cluster the cluster connection, which routes each command to its slot's master).
+    cmd_conn: RefCell<Option<CmdConn>>,
     /// Made when the publisher connects again: presence is re-published then.
     cmd_conn_new: Notify,
     presence_q: RefCell<VecDeque<PresenceOp>>,
     wake_presence: Notify,
     fb: RefCell<crate::proto::envelope::FrameBuilder>,
+    /// Envelopes taken from `queue` and staged on a Redis Cluster master (cluster mode; they
+    /// count against `redis_queue_max` too).
+    staged: Cell<usize>,
 }
 
 impl Redis {
@@ -242,6 +250,7 @@ impl Redis {
             presence_q: RefCell::new(VecDeque::new()),
             wake_presence: Notify::new(),
             fb: RefCell::new(Default::default()),
+            staged: Cell::new(0),
             node,
         })
     }
@@ -258,6 +267,15 @@ impl Redis {
             node = format_args!("{:08x}", self.node.id),
             "redis: this node joins the cluster (room, user and broadcast traffic crosses nodes through Redis pub/sub)"
         );
+        if self.node.cfg.redis_cluster {
+            let mut tasks = sharded::start(self.clone());
+            tasks.extend([
+                tokio::task::spawn_local(self.clone().presence_worker()),
+                tokio::task::spawn_local(self.clone().heartbeat()),
+                tokio::task::spawn_local(self.clone().reaper()),
+            ]);
+            return tasks;
+        }
         let (tx, rx) = mpsc::channel(INBOUND_MAX);
         vec![
             tokio::task::spawn_local(self.clone().publisher()),
@@ -460,7 +478,7 @@ impl Redis {
         s.cluster_as_of_ms.store(now_ms, Ordering::Relaxed);
     }
 
-    async fn republish_presence(&self, conn: &mut MultiplexedConnection, me: &str) {
+    async fn republish_presence(&self, conn: &mut CmdConn, me: &str) {
         let mut users: Vec<Arc<str>> = Vec::new();
         self.node.dir.users.for_each_name(|u| users.push(u.clone()));
         let node_users = self.ch.node_users(self.node.id);
@@ -499,7 +517,7 @@ impl Redis {
         }
     }
 
-    async fn reap_once(&self, conn: &mut MultiplexedConnection) -> redis::RedisResult<()> {
+    async fn reap_once(&self, conn: &mut CmdConn) -> redis::RedisResult<()> {
         let timeout = self.node.cfg.redis_timeout;
         let nodes_key = self.ch.nodes();
         let ids: Vec<String> = match tokio::time::timeout(
@@ -558,12 +576,7 @@ impl Redis {
 
     /// Take dead node `node` (hex `id`) out of every user's set; users it alone held go
     /// offline everywhere. Then forget the node.
-    async fn reap_node(
-        &self,
-        conn: &mut MultiplexedConnection,
-        node: u32,
-        id: &str,
-    ) -> redis::RedisResult<()> {
+    async fn reap_node(&self, conn: &mut CmdConn, node: u32, id: &str) -> redis::RedisResult<()> {
         let timeout = self.node.cfg.redis_timeout;
         let users_key = self.ch.node_users(node);
         let mut cursor: u64 = 0;
@@ -690,7 +703,7 @@ impl Redis {
     /// `redis_queue_max` envelopes wait already (then it is never encoded).
     fn enqueue(&self, channel: Arc<str>, payload: impl FnOnce() -> Vec<u8>) {
         let mut q = self.queue.borrow_mut();
-        if q.len() >= self.node.cfg.redis_queue_max {
+        if q.len() + self.staged.get() >= self.node.cfg.redis_queue_max {
             self.node
                 .redis_stats
                 .dropped
@@ -704,7 +717,7 @@ impl Redis {
         self.node
             .redis_stats
             .queued
-            .store(q.len() as u64, Ordering::Relaxed);
+            .store((q.len() + self.staged.get()) as u64, Ordering::Relaxed);
         if q.len() == 1 {
             self.wake_pub.notify_one();
         }
@@ -946,7 +959,7 @@ impl Redis {
             backoff.reset();
             self.pub_up.set(true);
             self.update_up();
-            *self.cmd_conn.borrow_mut() = Some(conn.clone());
+            *self.cmd_conn.borrow_mut() = Some(CmdConn::Single(conn.clone()));
             self.cmd_conn_new.notify_one();
             let mut canaries;
             loop {
