@@ -905,6 +905,211 @@ mod tests {
         }
     }
 
+    /// A `CLUSTER SLOTS` reply as Redis 7 sends it: `[start, end, [host, port, id, {}]]`.
+    fn slots_reply(ranges: &[(i64, i64, &str, i64)]) -> redis::Value {
+        use redis::Value;
+        Value::Array(
+            ranges
+                .iter()
+                .map(|(a, b, host, port)| {
+                    Value::Array(vec![
+                        Value::Int(*a),
+                        Value::Int(*b),
+                        Value::Array(vec![
+                            Value::BulkString(host.as_bytes().to_vec()),
+                            Value::Int(*port),
+                            Value::BulkString(b"0123abcd".to_vec()),
+                            Value::Array(vec![]),
+                        ]),
+                        // A replica: ignored.
+                        Value::Array(vec![
+                            Value::BulkString(b"10.0.0.9".to_vec()),
+                            Value::Int(7000),
+                            Value::BulkString(b"ffff".to_vec()),
+                        ]),
+                    ])
+                })
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn slot_maps_parse_cluster_slots_and_find_each_slot_master() {
+        // Masters are numbered by address, whatever order the ranges come in; a master may own
+        // several ranges; an empty host is the host that answered.
+        let v = slots_reply(&[
+            (10923, 16383, "10.0.0.3", 6379),
+            (0, 5460, "10.0.0.1", 6379),
+            (5461, 10000, "", 6380),
+            (10001, 10922, "10.0.0.1", 6379),
+        ]);
+        let m = SlotMap::from_cluster_slots(&v, "10.0.0.2").unwrap();
+        assert_eq!(
+            m.masters(),
+            ["10.0.0.1:6379", "10.0.0.2:6380", "10.0.0.3:6379"]
+        );
+        assert_eq!(m.covered(), 16384);
+        for (slot, master) in [
+            (0, 0),
+            (5460, 0),
+            (5461, 1),
+            (10000, 1),
+            (10001, 0),
+            (10922, 0),
+            (10923, 2),
+            (16383, 2),
+        ] {
+            assert_eq!(m.owner(slot), Some(master), "slot {slot}");
+        }
+        assert_eq!(m.owner(16384), None);
+        assert_eq!(m.owner_of("foo"), Some(2)); // slot 12182
+                                                // Uncovered slots have no master.
+        let part = SlotMap::from_cluster_slots(&slots_reply(&[(100, 200, "h", 1)]), "x").unwrap();
+        assert_eq!(
+            (part.owner(99), part.owner(100), part.owner(201)),
+            (None, Some(0), None)
+        );
+        assert_eq!(part.covered(), 101);
+        // Refused, never a panic: not an array, a bad range, overlapping ranges, a bad port.
+        for bad in [
+            redis::Value::Nil,
+            slots_reply(&[(5, 4, "h", 1)]),
+            slots_reply(&[(0, 10, "h", 1), (10, 20, "h", 2)]),
+            slots_reply(&[(0, 10, "h", 0)]),
+            slots_reply(&[(0, 16384, "h", 1)]),
+            redis::Value::Array(vec![redis::Value::Array(vec![redis::Value::Int(0)])]),
+        ] {
+            assert!(SlotMap::from_cluster_slots(&bad, "h").is_err(), "{bad:?}");
+        }
+        assert_eq!(SlotMap::default().owner(0), None);
+    }
+
+    #[test]
+    fn channels_are_grouped_by_the_master_of_their_slot_in_order() {
+        let map = SlotMap::from_cluster_slots(
+            &slots_reply(&[
+                (0, 5460, "a", 1),
+                (5461, 10922, "b", 1),
+                (10923, 16000, "c", 1),
+            ]),
+            "x",
+        )
+        .unwrap();
+        let c = Channels::new("sb:");
+        let items: Vec<(Arc<str>, usize)> = (0..300)
+            .map(|i| (c.room(&format!("r{i}")), i))
+            .chain([("foo".into(), 1000), (c.all(), 1001)])
+            .collect();
+        let (per, none) = map.group(items.clone(), |(ch, _)| ch);
+        assert_eq!(per.len(), 3);
+        for (m, list) in per.iter().enumerate() {
+            assert!(!list.is_empty());
+            assert!(list.windows(2).all(|w| w[0].1 < w[1].1), "order kept");
+            for (ch, _) in list {
+                assert_eq!(map.owner_of(ch), Some(m));
+            }
+        }
+        // Slots 16001-16383 have no master.
+        for (ch, _) in &none {
+            assert!(slot(ch.as_bytes()) > 16000, "{ch}");
+        }
+        assert_eq!(
+            per.iter().map(Vec::len).sum::<usize>() + none.len(),
+            items.len()
+        );
+    }
+
+    #[test]
+    fn every_master_gets_a_canary_channel_on_a_slot_it_owns() {
+        let map = SlotMap::from_cluster_slots(
+            &slots_reply(&[
+                (0, 5460, "a", 1),
+                (5461, 16382, "b", 1),
+                (16383, 16383, "c", 1),
+            ]),
+            "x",
+        )
+        .unwrap();
+        let mut seen = HashSet::new();
+        for m in 0..3 {
+            let ch = canary_channel("sb:", 0xab, &map, m).unwrap();
+            assert!(ch.starts_with("sb:{canary:000000ab:"), "{ch}");
+            assert_eq!(map.owner_of(&ch), Some(m), "{ch}");
+            assert!(seen.insert(ch));
+        }
+        // Another node's canaries are its own channels.
+        assert_ne!(
+            canary_channel("sb:", 0xac, &map, 0),
+            canary_channel("sb:", 0xab, &map, 0)
+        );
+        // A master with no slot gets none.
+        assert_eq!(canary_channel("sb:", 0xab, &map, 3), None);
+    }
+
+    #[test]
+    fn subscriptions_forget_moved_channels_and_resubscribe_lost_ones() {
+        let mut s = Subscriptions::default();
+        let a: Arc<str> = "a".into();
+        let b: Arc<str> = "b".into();
+        s.set(a.clone(), true);
+        s.set(b.clone(), true);
+        let c = s.changes(10);
+        s.confirm(&c);
+        assert!(s.holds("a") && s.wants("a"));
+        // The master let go of a (its slot moved): subscribed again while wanted.
+        s.lost(&a);
+        assert!(!s.holds("a"));
+        assert_eq!(s.changes(10).subscribe, vec![a.clone()]);
+        // b moved to another master: dropped here without an unsubscribe.
+        s.forget(&b);
+        assert!(!s.wants("b") && !s.holds("b"));
+        assert!(s.changes(10).is_empty());
+        assert_eq!(s.desired().count(), 1);
+        // A channel not wanted is not subscribed again when lost.
+        let x: Arc<str> = "x".into();
+        s.lost(&x);
+        assert!(!s.has_changes());
+    }
+
+    #[test]
+    fn room_spread_over_slots_and_three_masters() {
+        // The numbers of docs/BENCHMARKS.md ("Hash-tag spread"): 100,000 room names over the
+        // 16,384 slots and over the three masters `redis-cli --cluster create` makes.
+        let map = SlotMap::from_cluster_slots(
+            &slots_reply(&[
+                (0, 5460, "a", 1),
+                (5461, 10922, "b", 1),
+                (10923, 16383, "c", 1),
+            ]),
+            "x",
+        )
+        .unwrap();
+        let c = Channels::new("sb:");
+        let mut per_slot = vec![0u32; 16384];
+        let mut per_master = [0usize; 3];
+        for i in 0..100_000 {
+            let ch = c.room(&format!("room-{i}"));
+            let s = slot(ch.as_bytes());
+            per_slot[usize::from(s)] += 1;
+            per_master[map.owner(s).unwrap()] += 1;
+        }
+        let used = per_slot.iter().filter(|n| **n > 0).count();
+        let (min, max) = (
+            per_slot.iter().min().copied().unwrap_or(0),
+            per_slot.iter().max().copied().unwrap_or(0),
+        );
+        let share = 100_000.0 / 3.0;
+        let worst = per_master
+            .iter()
+            .map(|n| (*n as f64 - share).abs() / share * 100.0)
+            .fold(0.0, f64::max);
+        println!(
+            "slots used {used}/16384, per slot min {min} max {max} (mean 6.10); per master {per_master:?}, worst {worst:.2} % off its share"
+        );
+        assert!(used > 16_000, "{used}");
+        assert!(worst < 3.0, "{per_master:?}");
+    }
+
     #[test]
     fn subscriptions_converge_over_flushes_and_reconnects() {
         let mut s = Subscriptions::default();

@@ -49,8 +49,8 @@ use crate::route::Target;
 use crate::shard::Node;
 
 #[path = "redis_cluster.rs"]
-mod sharded;
-pub use sharded::CmdConn;
+mod redis_cluster;
+pub use redis_cluster::CmdConn;
 
 /// Most `PUBLISH` commands in one pipeline (one round trip).
 pub const PIPELINE_MAX: usize = 512;
@@ -268,7 +268,7 @@ impl Redis {
             "redis: this node joins the cluster (room, user and broadcast traffic crosses nodes through Redis pub/sub)"
         );
         if self.node.cfg.redis_cluster {
-            let mut tasks = sharded::start(self.clone());
+            let mut tasks = redis_cluster::start(self.clone());
             tasks.extend([
                 tokio::task::spawn_local(self.clone().presence_worker()),
                 tokio::task::spawn_local(self.clone().heartbeat()),
@@ -1232,13 +1232,13 @@ pub fn prometheus_lines(s: &RedisStats, out: &mut String) {
         (
             "switchboard_redis_up",
             "gauge",
-            "1 while both Redis connections are up and the canary is on time",
+            "1 while both Redis connections (on a Redis Cluster, every master's) are up and the canary (every master's) is on time",
             &s.up,
         ),
         (
             "switchboard_redis_published_total",
             "counter",
-            "Envelopes Redis took (PUBLISH answered)",
+            "Envelopes Redis took (PUBLISH, or SPUBLISH on a Redis Cluster, answered)",
             &s.published,
         ),
         (
@@ -1298,7 +1298,7 @@ pub fn prometheus_lines(s: &RedisStats, out: &mut String) {
         (
             "switchboard_redis_subscriptions_held",
             "gauge",
-            "Channels Redis has confirmed on the subscriber connection",
+            "Channels Redis has confirmed on the subscriber connection (on a Redis Cluster, the masters' subscriber connections)",
             &s.subs_held,
         ),
         (
