@@ -3,7 +3,8 @@
 //! user's devices and presence cross nodes, broadcasts reach every node; every channel is a
 //! sharded one (`SSUBSCRIBE` on the master of its slot, never classic pub/sub); a master killed
 //! with SIGKILL and restarted, and a slot migrated to another master, leave every node
-//! delivering again. Frames are checked exactly; every wait is bounded.
+//! delivering again; a node killed has its users reaped by another (commands over many slots).
+//! Frames are checked exactly; every wait is bounded.
 
 mod common;
 
@@ -408,6 +409,11 @@ fn a_master_killed_and_restarted() {
         back.elapsed()
     );
     assert!(counter(&a, "switchboard_redis_reconnects_total") >= 2);
+    // Key commands work again too: presence through the cluster connection, cluster-wide.
+    let mut w = watcher(&a, &cluster, "dora");
+    let _dora = b.connect("/ws?user_id=dora");
+    let e = presence_event(&mut w, "presence.online", "dora");
+    assert_eq!(e["data"]["status"], "online", "{e}");
     assert_no_panic(&[&a, &b]);
 }
 
@@ -458,4 +464,37 @@ fn a_slot_migrated_between_masters_keeps_delivery() {
     wait_ready_is(&a, 200, Duration::from_secs(3));
     wait_ready_is(&b, 200, Duration::from_secs(3));
     assert_no_panic(&[&a, &b]);
+}
+
+#[test]
+fn a_killed_nodes_users_go_offline_elsewhere_through_the_reaper() {
+    // The reaper's commands span slots (sb:nodes, the dead node's {node:..} keys, each user's
+    // {user:..}:nodes): every one routed to its own master.
+    let cluster = RedisCluster::start(3);
+    let a = node(&cluster);
+    let mut b = node(&cluster);
+    let mut w = watcher(&a, &cluster, "erin");
+    let _erin = b.connect("/ws?user_id=erin");
+    let e = presence_event(&mut w, "presence.online", "erin");
+    assert_eq!(e["data"]["status"], "online", "{e}");
+    b.kill();
+    // NODE_DEAD_AFTER + REAP_INTERVAL = 12 s, and a pipeline.
+    match w.next_event(Duration::from_secs(16)) {
+        common::Event::Json(v) => {
+            assert_eq!(v["type"], "presence.offline", "{v}");
+            assert_eq!(v["data"]["user_id"], "erin", "{v}");
+        }
+        other => panic!("no presence.offline: {other:?}"),
+    }
+    assert_eq!(counter(&a, "switchboard_redis_nodes_reaped_total"), 1);
+    let nodes_key = "sb:{user:erin}:nodes";
+    assert_eq!(
+        cluster
+            .node(owner(&cluster, nodes_key))
+            .int(&["EXISTS", nodes_key]),
+        0
+    );
+    let m = cluster.node(owner(&cluster, "sb:nodes"));
+    assert_eq!(m.int(&["SCARD", "sb:nodes"]), 1);
+    assert_no_panic(&[&a]);
 }
