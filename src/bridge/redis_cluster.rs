@@ -434,26 +434,31 @@ impl Sharded {
             return;
         }
         let old: Vec<Rc<Master>> = self.masters.borrow().clone();
-        let mut list: Vec<Rc<Master>> = Vec::with_capacity(map.masters().len());
+        // Every master's connection info first: a map naming an unusable address is not
+        // taken (and no task is started for it).
+        let mut infos = Vec::with_capacity(map.masters().len());
         for addr in map.masters() {
+            match self.info_for(addr) {
+                Some(info) => infos.push(info),
+                None => {
+                    self.r
+                        .log_error("a master's address is not usable", &map.masters().join(","));
+                    return;
+                }
+            }
+        }
+        let mut list: Vec<Rc<Master>> = Vec::with_capacity(map.masters().len());
+        for (addr, info) in map.masters().iter().zip(infos) {
             if let Some(m) = old.iter().find(|m| &m.addr == addr) {
                 list.push(m.clone());
                 continue;
             }
-            let Some(info) = self.info_for(addr) else {
-                continue;
-            };
             let id = self.next_id.get();
             self.next_id.set(id + 1);
             let m = Rc::new(Master::new(id, addr.clone(), info));
             self.spawn(self.clone().publisher(m.clone()));
             self.spawn(self.clone().subscriber(m.clone()));
             list.push(m);
-        }
-        if list.len() != map.masters().len() {
-            self.r
-                .log_error("a master's address is not usable", &map.masters().join(","));
-            return;
         }
         tracing::info!(
             masters = %map.masters().join(","),
