@@ -244,6 +244,134 @@ pub fn slot(key: &[u8]) -> u16 {
     crc16(tagged.unwrap_or(key)) % 16384
 }
 
+/// The hash slots of a Redis Cluster.
+pub const SLOTS: u16 = 16_384;
+
+/// Most tags tried for a master's canary channel ([`canary_channel`]): a master owning one
+/// slot in 16,384 is found after ~16,384 tries on average; past this bound (a master owning
+/// almost nothing) that master gets no canary and counts as deaf.
+pub const CANARY_TAG_TRIES_MAX: u32 = 1 << 20;
+
+/// Who masters each hash slot of a Redis Cluster, from `CLUSTER SLOTS`: masters are named by
+/// `host:port` and numbered in address order (a stable order for the same topology).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SlotMap {
+    /// `(first slot, last slot, master)`, sorted, not overlapping.
+    ranges: Vec<(u16, u16, usize)>,
+    masters: Vec<String>,
+}
+
+impl SlotMap {
+    /// Parse a `CLUSTER SLOTS` reply: `[[start, end, [host, port, id, ...], replicas...], ...]`.
+    /// An empty host (a node that does not know its own address) is `asked_host`, the host the
+    /// reply came from. Replicas are ignored (everything here goes to masters).
+    pub fn from_cluster_slots(v: &redis::Value, asked_host: &str) -> Result<SlotMap, String> {
+        use redis::Value;
+        let int = |v: &Value| match v {
+            Value::Int(n) => u16::try_from(*n).ok().filter(|n| *n < SLOTS),
+            _ => None,
+        };
+        let text = |v: &Value| match v {
+            Value::BulkString(b) => std::str::from_utf8(b).ok().map(str::to_owned),
+            Value::SimpleString(s) | Value::VerbatimString { text: s, .. } => Some(s.clone()),
+            _ => None,
+        };
+        let Value::Array(items) = v else {
+            return Err(format!("CLUSTER SLOTS: not an array: {v:?}"));
+        };
+        let mut raw: Vec<(u16, u16, String)> = Vec::with_capacity(items.len());
+        for item in items {
+            let Value::Array(f) = item else {
+                return Err(format!("CLUSTER SLOTS: not a range: {item:?}"));
+            };
+            let (Some(start), Some(end), Some(Value::Array(node))) =
+                (f.first().and_then(int), f.get(1).and_then(int), f.get(2))
+            else {
+                return Err(format!("CLUSTER SLOTS: bad range {f:?}"));
+            };
+            let host = node.first().and_then(text).unwrap_or_default();
+            let host = if host.is_empty() || host == "?" {
+                asked_host.to_owned()
+            } else {
+                host
+            };
+            let port = match node.get(1) {
+                Some(Value::Int(p)) => u16::try_from(*p).ok().filter(|p| *p != 0),
+                _ => None,
+            };
+            let Some(port) = port else {
+                return Err(format!("CLUSTER SLOTS: bad node {node:?}"));
+            };
+            if start > end {
+                return Err(format!("CLUSTER SLOTS: range {start}-{end}"));
+            }
+            raw.push((start, end, format!("{host}:{port}")));
+        }
+        let mut masters: Vec<String> = raw.iter().map(|r| r.2.clone()).collect();
+        masters.sort();
+        masters.dedup();
+        let mut ranges: Vec<(u16, u16, usize)> = raw
+            .into_iter()
+            .map(|(a, b, m)| (a, b, masters.binary_search(&m).unwrap_or_default()))
+            .collect();
+        ranges.sort_unstable();
+        if ranges.windows(2).any(|w| w[1].0 <= w[0].1) {
+            return Err("CLUSTER SLOTS: overlapping ranges".into());
+        }
+        Ok(SlotMap { ranges, masters })
+    }
+
+    /// The masters, by `host:port`; an index into this is a master's number.
+    pub fn masters(&self) -> &[String] {
+        &self.masters
+    }
+
+    /// The master of `slot`, if any masters it.
+    pub fn owner(&self, slot: u16) -> Option<usize> {
+        let i = self.ranges.partition_point(|r| r.1 < slot);
+        self.ranges.get(i).filter(|r| r.0 <= slot).map(|r| r.2)
+    }
+
+    /// The master of the slot of `channel` (or key).
+    pub fn owner_of(&self, channel: &str) -> Option<usize> {
+        self.owner(slot(channel.as_bytes()))
+    }
+
+    /// Slots assigned to a master (16,384 when the cluster is covered).
+    pub fn covered(&self) -> usize {
+        self.ranges.iter().map(|r| usize::from(r.1 - r.0) + 1).sum()
+    }
+
+    /// `items` split by the master of each one's channel, in their order: one list per master,
+    /// and the ones no master owns (a slot not assigned) last.
+    pub fn group<T>(
+        &self,
+        items: impl IntoIterator<Item = T>,
+        channel: impl Fn(&T) -> &str,
+    ) -> (Vec<Vec<T>>, Vec<T>) {
+        let mut per: Vec<Vec<T>> = (0..self.masters.len()).map(|_| Vec::new()).collect();
+        let mut none = Vec::new();
+        for it in items {
+            match self.owner_of(channel(&it)) {
+                Some(m) => per[m].push(it),
+                None => none.push(it),
+            }
+        }
+        (per, none)
+    }
+}
+
+/// Node `node`'s canary channel on `master`: `<p>{canary:<hex node>:<n>}` with the first `n`
+/// whose slot `master` owns, so a canary published there proves that master's subscriber
+/// connection delivers. None when none was found within [`CANARY_TAG_TRIES_MAX`].
+pub fn canary_channel(prefix: &str, node: u32, map: &SlotMap, master: usize) -> Option<Arc<str>> {
+    (0..CANARY_TAG_TRIES_MAX).find_map(|n| {
+        let tag = format!("canary:{node:08x}:{n}");
+        (map.owner(crc16(tag.as_bytes()) % SLOTS) == Some(master))
+            .then(|| format!("{prefix}{{{tag}}}").into())
+    })
+}
+
 fn crc16(data: &[u8]) -> u16 {
     let mut crc: u16 = 0;
     for &b in data {
@@ -681,6 +809,38 @@ impl Subscriptions {
         wrong
     }
 
+    /// Channels wanted now (a Redis Cluster re-routes them when slots move).
+    pub fn desired(&self) -> impl Iterator<Item = &Arc<str>> {
+        self.desired.iter()
+    }
+
+    /// Whether `channel` is wanted.
+    pub fn wants(&self, channel: &str) -> bool {
+        self.desired.contains(channel)
+    }
+
+    /// Whether Redis confirmed `channel`.
+    pub fn holds(&self, channel: &str) -> bool {
+        self.held.contains(channel)
+    }
+
+    /// Drop `channel` altogether without sending anything (a Redis Cluster master that lost
+    /// its slot let go of it by itself; another master holds it now).
+    pub fn forget(&mut self, channel: &Arc<str>) {
+        self.desired.remove(channel);
+        self.held.remove(channel);
+        self.dirty.remove(channel);
+    }
+
+    /// Redis let go of `channel` by itself (a Redis Cluster's `sunsubscribe` push when its slot
+    /// moved to another master): not held any more, and subscribed again if still wanted.
+    pub fn lost(&mut self, channel: &Arc<str>) {
+        self.held.remove(channel);
+        if self.desired.contains(channel) {
+            self.dirty.insert(channel.clone());
+        }
+    }
+
     /// Channels wanted.
     pub fn expected(&self) -> usize {
         self.desired.len()
@@ -947,6 +1107,211 @@ mod tests {
                 assert!(n.abs_diff(share) * 100 < share * 3, "{masters}: {per:?}");
             }
         }
+    }
+
+    /// A `CLUSTER SLOTS` reply as Redis 7 sends it: `[start, end, [host, port, id, {}]]`.
+    fn slots_reply(ranges: &[(i64, i64, &str, i64)]) -> redis::Value {
+        use redis::Value;
+        Value::Array(
+            ranges
+                .iter()
+                .map(|(a, b, host, port)| {
+                    Value::Array(vec![
+                        Value::Int(*a),
+                        Value::Int(*b),
+                        Value::Array(vec![
+                            Value::BulkString(host.as_bytes().to_vec()),
+                            Value::Int(*port),
+                            Value::BulkString(b"0123abcd".to_vec()),
+                            Value::Array(vec![]),
+                        ]),
+                        // A replica: ignored.
+                        Value::Array(vec![
+                            Value::BulkString(b"10.0.0.9".to_vec()),
+                            Value::Int(7000),
+                            Value::BulkString(b"ffff".to_vec()),
+                        ]),
+                    ])
+                })
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn slot_maps_parse_cluster_slots_and_find_each_slot_master() {
+        // Masters are numbered by address, whatever order the ranges come in; a master may own
+        // several ranges; an empty host is the host that answered.
+        let v = slots_reply(&[
+            (10923, 16383, "10.0.0.3", 6379),
+            (0, 5460, "10.0.0.1", 6379),
+            (5461, 10000, "", 6380),
+            (10001, 10922, "10.0.0.1", 6379),
+        ]);
+        let m = SlotMap::from_cluster_slots(&v, "10.0.0.2").unwrap();
+        assert_eq!(
+            m.masters(),
+            ["10.0.0.1:6379", "10.0.0.2:6380", "10.0.0.3:6379"]
+        );
+        assert_eq!(m.covered(), 16384);
+        for (slot, master) in [
+            (0, 0),
+            (5460, 0),
+            (5461, 1),
+            (10000, 1),
+            (10001, 0),
+            (10922, 0),
+            (10923, 2),
+            (16383, 2),
+        ] {
+            assert_eq!(m.owner(slot), Some(master), "slot {slot}");
+        }
+        assert_eq!(m.owner(16384), None);
+        assert_eq!(m.owner_of("foo"), Some(2)); // slot 12182
+                                                // Uncovered slots have no master.
+        let part = SlotMap::from_cluster_slots(&slots_reply(&[(100, 200, "h", 1)]), "x").unwrap();
+        assert_eq!(
+            (part.owner(99), part.owner(100), part.owner(201)),
+            (None, Some(0), None)
+        );
+        assert_eq!(part.covered(), 101);
+        // Refused, never a panic: not an array, a bad range, overlapping ranges, a bad port.
+        for bad in [
+            redis::Value::Nil,
+            slots_reply(&[(5, 4, "h", 1)]),
+            slots_reply(&[(0, 10, "h", 1), (10, 20, "h", 2)]),
+            slots_reply(&[(0, 10, "h", 0)]),
+            slots_reply(&[(0, 16384, "h", 1)]),
+            redis::Value::Array(vec![redis::Value::Array(vec![redis::Value::Int(0)])]),
+        ] {
+            assert!(SlotMap::from_cluster_slots(&bad, "h").is_err(), "{bad:?}");
+        }
+        assert_eq!(SlotMap::default().owner(0), None);
+    }
+
+    #[test]
+    fn channels_are_grouped_by_the_master_of_their_slot_in_order() {
+        let map = SlotMap::from_cluster_slots(
+            &slots_reply(&[
+                (0, 5460, "a", 1),
+                (5461, 10922, "b", 1),
+                (10923, 16000, "c", 1),
+            ]),
+            "x",
+        )
+        .unwrap();
+        let c = Channels::new("sb:");
+        let items: Vec<(Arc<str>, usize)> = (0..300)
+            .map(|i| (c.room(&format!("r{i}")), i))
+            .chain([("foo".into(), 1000), (c.all(), 1001)])
+            .collect();
+        let (per, none) = map.group(items.clone(), |(ch, _)| ch);
+        assert_eq!(per.len(), 3);
+        for (m, list) in per.iter().enumerate() {
+            assert!(!list.is_empty());
+            assert!(list.windows(2).all(|w| w[0].1 < w[1].1), "order kept");
+            for (ch, _) in list {
+                assert_eq!(map.owner_of(ch), Some(m));
+            }
+        }
+        // Slots 16001-16383 have no master.
+        for (ch, _) in &none {
+            assert!(slot(ch.as_bytes()) > 16000, "{ch}");
+        }
+        assert_eq!(
+            per.iter().map(Vec::len).sum::<usize>() + none.len(),
+            items.len()
+        );
+    }
+
+    #[test]
+    fn every_master_gets_a_canary_channel_on_a_slot_it_owns() {
+        let map = SlotMap::from_cluster_slots(
+            &slots_reply(&[
+                (0, 5460, "a", 1),
+                (5461, 16382, "b", 1),
+                (16383, 16383, "c", 1),
+            ]),
+            "x",
+        )
+        .unwrap();
+        let mut seen = HashSet::new();
+        for m in 0..3 {
+            let ch = canary_channel("sb:", 0xab, &map, m).unwrap();
+            assert!(ch.starts_with("sb:{canary:000000ab:"), "{ch}");
+            assert_eq!(map.owner_of(&ch), Some(m), "{ch}");
+            assert!(seen.insert(ch));
+        }
+        // Another node's canaries are its own channels.
+        assert_ne!(
+            canary_channel("sb:", 0xac, &map, 0),
+            canary_channel("sb:", 0xab, &map, 0)
+        );
+        // A master with no slot gets none.
+        assert_eq!(canary_channel("sb:", 0xab, &map, 3), None);
+    }
+
+    #[test]
+    fn subscriptions_forget_moved_channels_and_resubscribe_lost_ones() {
+        let mut s = Subscriptions::default();
+        let a: Arc<str> = "a".into();
+        let b: Arc<str> = "b".into();
+        s.set(a.clone(), true);
+        s.set(b.clone(), true);
+        let c = s.changes(10);
+        s.confirm(&c);
+        assert!(s.holds("a") && s.wants("a"));
+        // The master let go of a (its slot moved): subscribed again while wanted.
+        s.lost(&a);
+        assert!(!s.holds("a"));
+        assert_eq!(s.changes(10).subscribe, vec![a.clone()]);
+        // b moved to another master: dropped here without an unsubscribe.
+        s.forget(&b);
+        assert!(!s.wants("b") && !s.holds("b"));
+        assert!(s.changes(10).is_empty());
+        assert_eq!(s.desired().count(), 1);
+        // A channel not wanted is not subscribed again when lost.
+        let x: Arc<str> = "x".into();
+        s.lost(&x);
+        assert!(!s.has_changes());
+    }
+
+    #[test]
+    fn room_spread_over_slots_and_three_masters() {
+        // The numbers of docs/BENCHMARKS.md ("Hash-tag spread"): 100,000 room names over the
+        // 16,384 slots and over the three masters `redis-cli --cluster create` makes.
+        let map = SlotMap::from_cluster_slots(
+            &slots_reply(&[
+                (0, 5460, "a", 1),
+                (5461, 10922, "b", 1),
+                (10923, 16383, "c", 1),
+            ]),
+            "x",
+        )
+        .unwrap();
+        let c = Channels::new("sb:");
+        let mut per_slot = vec![0u32; 16384];
+        let mut per_master = [0usize; 3];
+        for i in 0..100_000 {
+            let ch = c.room(&format!("room-{i}"));
+            let s = slot(ch.as_bytes());
+            per_slot[usize::from(s)] += 1;
+            per_master[map.owner(s).unwrap()] += 1;
+        }
+        let used = per_slot.iter().filter(|n| **n > 0).count();
+        let (min, max) = (
+            per_slot.iter().min().copied().unwrap_or(0),
+            per_slot.iter().max().copied().unwrap_or(0),
+        );
+        let share = 100_000.0 / 3.0;
+        let worst = per_master
+            .iter()
+            .map(|n| (*n as f64 - share).abs() / share * 100.0)
+            .fold(0.0, f64::max);
+        println!(
+            "slots used {used}/16384, per slot min {min} max {max} (mean 6.10); per master {per_master:?}, worst {worst:.2} % off its share"
+        );
+        assert!(used > 16_000, "{used}");
+        assert!(worst < 3.0, "{per_master:?}");
     }
 
     #[test]

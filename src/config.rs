@@ -993,7 +993,7 @@ config_keys! {
     redis_url: OptText = "", "SWITCHBOARD_REDIS_URL",
         "Redis that joins this node to a cluster: a redis:// URL (redis://[:password@]host:port[/db]), or with redis_cluster comma-separated seed URLs of a Redis Cluster; empty = this node runs alone, at single-node cost. Prefer the env var. The password is never logged.";
     redis_cluster: Flag = "false", "SWITCHBOARD_REDIS_CLUSTER",
-        "redis_url names a Redis Cluster (sharded pub/sub). Not supported yet: true refuses to start with the reason.";
+        "redis_url lists seed URLs of a Redis Cluster (7.0 or later): channels go by sharded pub/sub (SPUBLISH/SSUBSCRIBE on the master of each channel's slot, one publisher and one subscriber connection per master) and every key command to the master of its slot.";
     redis_prefix: Text = "sb:", "SWITCHBOARD_REDIS_PREFIX",
         "Prefix of every Redis channel and key of this deployment (two deployments sharing a Redis need different ones), 1 to 64 bytes, no whitespace or braces.";
     redis_timeout: Dur = "2s", "SWITCHBOARD_REDIS_TIMEOUT",

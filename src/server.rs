@@ -42,16 +42,6 @@ pub struct Server {
 impl Server {
     /// Bind, spawn every thread and return; the node serves until [`Server::shutdown`].
     pub fn start(cfg: Config) -> Result<Server, StartError> {
-        if cfg.redis_cluster && cfg.redis_url.is_some() {
-            // Classic pub/sub would work on a Redis Cluster, but the presence keys would not
-            // (each lives on its own slot): refuse rather than run half a cluster.
-            return Err(StartError(
-                "redis_cluster: a Redis Cluster (sharded pub/sub, keys routed by slot) is not \
-                 supported yet; point redis_url at one Redis (switchboard doctor still checks a \
-                 Redis Cluster)"
-                    .into(),
-            ));
-        }
         // Limits first: the fd limit decides how many connections are possible.
         let (soft, hard) = crate::doctor::raise_nofile_limit()
             .map_err(|e| StartError(format!("cannot read or raise RLIMIT_NOFILE: {e}")))?;

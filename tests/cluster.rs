@@ -332,22 +332,3 @@ fn nodes_sharing_postgresql_share_the_client_msg_id_dedup_and_sync() {
         c.expect_type("sync.done");
     }
 }
-
-#[test]
-fn a_redis_cluster_is_refused_with_the_reason_until_it_is_supported() {
-    let out = common::hermetic(&mut std::process::Command::new(env!(
-        "CARGO_BIN_EXE_switchboard"
-    )))
-    .env("SWITCHBOARD_HOST", "127.0.0.1")
-    .env("SWITCHBOARD_PORT", "1")
-    .env(
-        "SWITCHBOARD_REDIS_URL",
-        "redis://127.0.0.1:1,redis://127.0.0.1:2",
-    )
-    .env("SWITCHBOARD_REDIS_CLUSTER", "true")
-    .output()
-    .expect("run switchboard");
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("redis_cluster: a Redis Cluster"), "{err}");
-}

@@ -50,6 +50,10 @@ use crate::proto::Frame;
 use crate::route::Target;
 use crate::shard::Node;
 
+#[path = "redis_cluster.rs"]
+mod redis_cluster;
+pub use redis_cluster::CmdConn;
+
 /// Most `PUBLISH` commands in one pipeline (one round trip).
 pub const PIPELINE_MAX: usize = 512;
 
@@ -99,7 +103,8 @@ pub const PRESENCE_SCAN_COUNT: usize = 512;
 /// took out is never told offline twice). Then, when `ARGV[3]` names a channel, it publishes
 /// `ARGV[4]` (the change's envelope) there from inside the script, so every node's watchers
 /// hear a user's changes in the order Redis judged them, whichever nodes judged them. The
-/// channel is tagged like the key (one slot).
+/// channel is tagged like the key (one slot), and `ARGV[5]` is the command: `PUBLISH`, or
+/// `SPUBLISH` on a Redis Cluster.
 const PRESENCE_LUA: &str = "\
 local told = 0 \
 if ARGV[2] == '1' then \
@@ -108,7 +113,7 @@ if ARGV[2] == '1' then \
 else \
   if redis.call('SREM', KEYS[1], ARGV[1]) == 1 and redis.call('SCARD', KEYS[1]) == 0 then told = 1 end \
 end \
-if told == 1 and ARGV[3] ~= '' then redis.call('PUBLISH', ARGV[3], ARGV[4]) end \
+if told == 1 and ARGV[3] ~= '' then redis.call(ARGV[5], ARGV[3], ARGV[4]) end \
 return told";
 
 /// A node's heartbeat, in its own slot (`KEYS`: alive, reaper lock, reaped mark; `ARGV[1]`
@@ -309,8 +314,9 @@ pub struct Redis {
     /// Hands a received delivery to this node's shards (the store's ordered backlog).
     deliver: RefCell<Option<DeliverHere>>,
     /// The publisher's connection while it is up, for the presence tasks' commands (a
-    /// multiplexed connection: their commands pipeline beside the publishes).
-    cmd_conn: RefCell<Option<MultiplexedConnection>>,
+    /// multiplexed connection: their commands pipeline beside the publishes; on a Redis
+    /// Cluster the cluster connection, which routes each command to its slot's master).
+    cmd_conn: RefCell<Option<CmdConn>>,
     /// Made when the publisher connects again: presence is re-published then.
     cmd_conn_new: Notify,
     presence_q: RefCell<VecDeque<PresenceOp>>,
@@ -336,6 +342,9 @@ pub struct Redis {
     to_shard: RefCell<Option<ToShard>>,
     /// Moves each time the publisher connects (scripts are loaded again on a new connection).
     cmd_gen: Cell<u64>,
+    /// Envelopes taken from `queue` and staged on a Redis Cluster master (cluster mode; they
+    /// count against `redis_queue_max` too).
+    staged: Cell<usize>,
 }
 
 impl Redis {
@@ -383,13 +392,14 @@ impl Redis {
             hist: Default::default(),
             to_shard: RefCell::new(None),
             cmd_gen: Cell::new(0),
+            staged: Cell::new(0),
             node,
         })
     }
 
     /// The publisher's connection while it is up, for commands that pipeline beside the
     /// publishes (the store's `clientMsgId` claims); None while it is down.
-    pub fn command_conn(&self) -> Option<MultiplexedConnection> {
+    pub fn command_conn(&self) -> Option<CmdConn> {
         self.cmd_conn.borrow().clone()
     }
 
@@ -415,21 +425,28 @@ impl Redis {
             node = format_args!("{:08x}", self.node.id),
             "redis: this node joins the cluster (room, user and broadcast traffic crosses nodes through Redis pub/sub)"
         );
-        let (tx, rx) = mpsc::channel(INBOUND_MAX);
-        let rx = Rc::new(tokio::sync::Mutex::new(rx));
         let me = self;
-        vec![
-            supervise("publisher", me, |r| r.publisher()),
-            supervise("subscriber", me, move |r| r.subscriber(tx.clone())),
-            supervise("inbound", me, move |r| r.inbound(rx.clone())),
-            supervise("canary", me, |r| r.canary()),
+        let mut tasks = if self.node.cfg.redis_cluster {
+            redis_cluster::start(self.clone())
+        } else {
+            let (tx, rx) = mpsc::channel(INBOUND_MAX);
+            let rx = Rc::new(tokio::sync::Mutex::new(rx));
+            vec![
+                supervise("publisher", me, |r| r.publisher()),
+                supervise("subscriber", me, move |r| r.subscriber(tx.clone())),
+                supervise("inbound", me, move |r| r.inbound(rx.clone())),
+                supervise("canary", me, |r| r.canary()),
+            ]
+        };
+        tasks.extend([
             supervise("presence", me, |r| r.presence_worker()),
             supervise("heartbeat", me, |r| r.heartbeat()),
             supervise("reaper", me, |r| r.reaper()),
             supervise("reconcile", me, |r| r.reconcile()),
             supervise("history appender", me, |r| r.history_appender()),
             supervise("history reader", me, |r| r.history_reader()),
-        ]
+        ]);
+        tasks
     }
 
     /// Deliver `frame` to `target` on this node and the others.
@@ -525,14 +542,17 @@ impl Redis {
                                     .arg(&me)
                                     .arg(if online { "1" } else { "0" })
                                     .arg(&*channel)
-                                    .arg(envelope);
+                                    .arg(envelope)
+                                    .arg(self.publish_command());
                                 pipe.cmd(if online { "SADD" } else { "SREM" })
                                     .arg(&node_users)
                                     .arg(&*op.user)
                                     .ignore();
                             }
                             None => {
-                                pipe.cmd("PUBLISH").arg(&*channel).arg(envelope);
+                                pipe.cmd(self.publish_command())
+                                    .arg(&*channel)
+                                    .arg(envelope);
                             }
                         }
                     }
@@ -691,7 +711,7 @@ impl Redis {
     /// with a device here; with `tell`, the ones that become online cluster-wide by it are
     /// told so (the reaper told them offline), invisible users excepted. Stops at the first
     /// failure, keeping what is left owed: the next heartbeat goes on.
-    async fn resync(&self, conn: &mut MultiplexedConnection, me: &str, tell: bool) {
+    async fn resync(&self, conn: &mut CmdConn, me: &str, tell: bool) {
         let node_users = self.ch.node_users(self.node.id);
         let timeout = self.node.cfg.redis_timeout;
         let stats = &self.node.redis_stats;
@@ -713,6 +733,7 @@ impl Redis {
                     .arg(online)
                     .arg("")
                     .arg("")
+                    .arg(self.publish_command())
                     .ignore();
                 pipe.cmd(if online == "1" { "SADD" } else { "SREM" })
                     .arg(&node_users)
@@ -759,7 +780,8 @@ impl Redis {
                     .arg(me)
                     .arg("1")
                     .arg(&*channel)
-                    .arg(envelope);
+                    .arg(envelope)
+                    .arg(self.publish_command());
                 pipe.cmd("SADD").arg(&node_users).arg(&**u).ignore();
                 frames.push(frame);
             }
@@ -839,7 +861,7 @@ impl Redis {
         }
     }
 
-    async fn reap_once(&self, conn: &mut MultiplexedConnection) -> redis::RedisResult<()> {
+    async fn reap_once(&self, conn: &mut CmdConn) -> redis::RedisResult<()> {
         let timeout = self.node.cfg.redis_timeout;
         let nodes_key = self.ch.nodes();
         let me = format!("{:08x}", self.node.id);
@@ -886,12 +908,7 @@ impl Redis {
 
     /// Take dead node `node` (hex `id`) out of every user's set; users it alone held go
     /// offline everywhere (published by the script that judged it). Then forget the node.
-    async fn reap_node(
-        &self,
-        conn: &mut MultiplexedConnection,
-        node: u32,
-        id: &str,
-    ) -> redis::RedisResult<()> {
+    async fn reap_node(&self, conn: &mut CmdConn, node: u32, id: &str) -> redis::RedisResult<()> {
         let timeout = self.node.cfg.redis_timeout;
         let users_key = self.ch.node_users(node);
         let mut cursor: u64 = 0;
@@ -924,7 +941,8 @@ impl Redis {
                         .arg(id)
                         .arg("0")
                         .arg(&*self.ch.of(&target, self.node.id).unwrap_or_default())
-                        .arg(cluster::encode(self.node.id, &target, &f));
+                        .arg(cluster::encode(self.node.id, &target, &f))
+                        .arg(self.publish_command());
                     frames.push(f);
                 }
                 let verdicts: Vec<i64> =
@@ -1033,7 +1051,7 @@ impl Redis {
     /// `redis_queue_max` envelopes wait already (then it is never encoded).
     fn enqueue(&self, channel: Arc<str>, payload: impl FnOnce() -> Vec<u8>) {
         let mut q = self.queue.borrow_mut();
-        if q.len() >= self.node.cfg.redis_queue_max {
+        if q.len() + self.staged.get() >= self.node.cfg.redis_queue_max {
             self.node
                 .redis_stats
                 .dropped
@@ -1047,7 +1065,7 @@ impl Redis {
         self.node
             .redis_stats
             .queued
-            .store(q.len() as u64, Ordering::Relaxed);
+            .store((q.len() + self.staged.get()) as u64, Ordering::Relaxed);
         if q.len() == 1 {
             self.wake_pub.notify_one();
         }
@@ -1236,6 +1254,15 @@ impl Redis {
         }
     }
 
+    /// The command that publishes an envelope: sharded on a Redis Cluster.
+    pub(super) fn publish_command(&self) -> &'static str {
+        if self.node.cfg.redis_cluster {
+            "SPUBLISH"
+        } else {
+            "PUBLISH"
+        }
+    }
+
     /// The subscriber connection of generation `gen` is lost: the subscriber makes a new one.
     fn lose(&self, gen: u64) {
         self.lost_gen.set(gen);
@@ -1358,7 +1385,7 @@ impl Redis {
             self.canary_back.set(Instant::now());
             self.update_up();
             self.cmd_gen.set(self.cmd_gen.get() + 1);
-            *self.cmd_conn.borrow_mut() = Some(conn.clone());
+            *self.cmd_conn.borrow_mut() = Some(CmdConn::Single(conn.clone()));
             self.cmd_since.set(Some(Instant::now()));
             // Redis may have lost this node's presence (a restart without persistence).
             self.resync_owed.set(true);
@@ -1703,13 +1730,13 @@ pub fn prometheus_lines(s: &RedisStats, out: &mut String) {
         (
             "switchboard_redis_up",
             "gauge",
-            "1 while both Redis connections are up and the canary is on time",
+            "1 while both Redis connections (on a Redis Cluster, every master's) are up and the canary (every master's) is on time",
             &s.up,
         ),
         (
             "switchboard_redis_published_total",
             "counter",
-            "Envelopes Redis took (PUBLISH answered)",
+            "Envelopes Redis took (PUBLISH, or SPUBLISH on a Redis Cluster, answered)",
             &s.published,
         ),
         (
@@ -1781,7 +1808,7 @@ pub fn prometheus_lines(s: &RedisStats, out: &mut String) {
         (
             "switchboard_redis_subscriptions_held",
             "gauge",
-            "Channels Redis has confirmed on the subscriber connection",
+            "Channels Redis has confirmed on the subscriber connection (on a Redis Cluster, the masters' subscriber connections)",
             &s.subs_held,
         ),
         (

@@ -67,7 +67,8 @@ pub const PARKED_CHECK: std::time::Duration = std::time::Duration::from_millis(1
 
 /// One message into a room's history: KEYS stream, state hash; ARGV channel, envelope
 /// prefix, head, candidate epoch, history_size, history_ttl ms (0: none), `1` to start a new
-/// epoch. Returns `{offset, epoch}`.
+/// epoch, the publish command (`PUBLISH`, or `SPUBLISH` on a Redis Cluster). Returns
+/// `{offset, epoch}`.
 pub const APPEND_LUA: &str = r#"
 local epoch = redis.call('HGET', KEYS[2], 'epoch')
 if (not epoch) or ARGV[7] == '1' then
@@ -85,7 +86,7 @@ if ttl > 0 then
   redis.call('PEXPIRE', KEYS[1], ttl)
   redis.call('PEXPIRE', KEYS[2], ttl)
 end
-redis.call('PUBLISH', ARGV[1], ARGV[2] .. id .. ' ' .. epoch .. ' ' .. ARGV[3])
+redis.call(ARGV[8], ARGV[1], ARGV[2] .. id .. ' ' .. epoch .. ' ' .. ARGV[3])
 return {offset, epoch}
 "#;
 
@@ -511,14 +512,20 @@ impl Redis {
             let gen = self.cmd_gen.get();
             let mut pipe = redis::pipe();
             pipe.ignore_errors();
-            if loaded_gen != gen {
+            // On a Redis Cluster a loaded script lives on one master only: the body goes
+            // with every call there.
+            let sharded = self.node.cfg.redis_cluster;
+            if loaded_gen != gen && !sharded {
                 pipe.cmd("SCRIPT").arg("LOAD").arg(APPEND_LUA).ignore();
             }
             for a in &batch {
                 let prefix = cluster::encode_history_prefix(self.node.id, &a.room);
-                pipe.cmd("EVALSHA")
-                    .arg(APPEND.get_hash())
-                    .arg(2)
+                if sharded {
+                    pipe.cmd("EVAL").arg(APPEND_LUA);
+                } else {
+                    pipe.cmd("EVALSHA").arg(APPEND.get_hash());
+                }
+                pipe.arg(2)
                     .arg(self.ch.history(&a.room))
                     .arg(self.ch.history_meta(&a.room))
                     .arg(&*self.ch.room(&a.room))
@@ -527,7 +534,8 @@ impl Redis {
                     .arg(candidate_epoch())
                     .arg(a.size)
                     .arg(a.ttl_ms)
-                    .arg(if a.restart { "1" } else { "0" });
+                    .arg(if a.restart { "1" } else { "0" })
+                    .arg(self.publish_command());
             }
             let r = tokio::time::timeout(
                 self.node.cfg.redis_timeout,
@@ -640,14 +648,18 @@ impl Redis {
             let gen = self.cmd_gen.get();
             let mut pipe = redis::pipe();
             pipe.ignore_errors();
-            if loaded_gen != gen {
+            let sharded = self.node.cfg.redis_cluster;
+            if loaded_gen != gen && !sharded {
                 pipe.cmd("SCRIPT").arg("LOAD").arg(READ_LUA).ignore();
             }
             for r in &batch {
                 let from = r.from.map(|f| f.to_string()).unwrap_or_default();
-                pipe.cmd("EVALSHA")
-                    .arg(READ.get_hash())
-                    .arg(2)
+                if sharded {
+                    pipe.cmd("EVAL").arg(READ_LUA);
+                } else {
+                    pipe.cmd("EVALSHA").arg(READ.get_hash());
+                }
+                pipe.arg(2)
                     .arg(self.ch.history(&r.room))
                     .arg(self.ch.history_meta(&r.room))
                     .arg(candidate_epoch())
