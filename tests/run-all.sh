@@ -10,7 +10,7 @@
 # then runs, each under a section header and a time limit:
 #   1. cargo fmt --all -- --check
 #   2. cargo clippy --workspace --all-targets -- -D warnings
-#   3. cargo test --workspace            (every unit, integration and doc test; ignored tests
+#   3. cargo test --workspace --no-fail-fast (every unit, integration and doc test; ignored tests
 #                                         are listed by name in the summary, never hidden)
 #   4. python3 -m unittest tests/autobahn/test_compare.py
 #   5. cargo build --release --bin switchboard
@@ -279,7 +279,8 @@ step_clippy() {
 
 TEST_LOG="$LOG_DIR/cargo-test.log"
 step_test() {
-  limited "$TEST_TIME_LIMIT_SECS" cargo test --workspace 2>&1 | tee "$TEST_LOG"
+  # --no-fail-fast: one failing test binary must not hide the others' results.
+  limited "$TEST_TIME_LIMIT_SECS" cargo test --workspace --no-fail-fast 2>&1 | tee "$TEST_LOG"
   # A test command that ran nothing is a broken test command.
   local total
   total="$(sed -nE 's/^test result: [a-zA-Z]+\. ([0-9]+) passed; ([0-9]+) failed.*/\1 \2/p' "$TEST_LOG" |
