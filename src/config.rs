@@ -231,6 +231,8 @@ pub struct Config {
     pub redis_canary_timeout: Duration,
     /// Cross-node messages waiting for Redis at most; past it they are dropped and counted.
     pub redis_queue_max: usize,
+    /// Bytes of the cross-node messages waiting for Redis at most (same policy).
+    pub redis_queue_bytes_max: usize,
     /// Longest wait between two reconnect attempts (the backoff's cap; jittered).
     pub redis_reconnect_max: Duration,
     /// `/ready` stays 200 (saying `redis degraded` in its body) while Redis is unreachable.
@@ -395,6 +397,7 @@ impl Default for Config {
             redis_canary_interval: Duration::from_secs(1),
             redis_canary_timeout: Duration::from_secs(3),
             redis_queue_max: 65_536,
+            redis_queue_bytes_max: 64 * 1024 * 1024,
             redis_reconnect_max: Duration::from_secs(5),
             redis_ready_when_degraded: false,
             dedup_window: Duration::from_secs(300),
@@ -1004,6 +1007,8 @@ config_keys! {
         "A canary not back after this long means the subscriber connection delivers nothing (a failover can do that silently): the node resubscribes and /ready says redis degraded until one is back. At least redis_canary_interval, at most 10m.";
     redis_queue_max: Count = "65536", "SWITCHBOARD_REDIS_QUEUE_MAX",
         "Cross-node messages waiting for Redis at most (while it is slow or down); past it the newest are dropped and counted (switchboard_redis_dropped_total). 1024 to 16777216.";
+    redis_queue_bytes_max: Bytes = "64MiB", "SWITCHBOARD_REDIS_QUEUE_BYTES_MAX",
+        "Bytes of the cross-node messages waiting for Redis at most (envelopes and channel names), beside redis_queue_max: whichever is reached first drops the newest (switchboard_redis_dropped_total). 1MiB to 16GiB.";
     redis_reconnect_max: Dur = "5s", "SWITCHBOARD_REDIS_RECONNECT_MAX",
         "Cap of the reconnect backoff (it starts at 50ms, doubles, and is jittered by up to a half). 100ms to 5m.";
     redis_ready_when_degraded: Flag = "false", "SWITCHBOARD_REDIS_READY_WHEN_DEGRADED",
@@ -2554,6 +2559,13 @@ impl Config {
             1024,
             16 * 1024 * 1024,
             "",
+        )?;
+        between(
+            "redis_queue_bytes_max",
+            size(self.redis_queue_bytes_max),
+            1 << 20,
+            16 << 30,
+            " (1MiB to 16GiB)",
         )?;
         // ---- Kafka
         for b in &self.kafka_brokers {

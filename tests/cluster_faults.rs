@@ -307,3 +307,48 @@ fn a_node_killed_leaves_the_others_serving() {
     assert_eq!((ready(&a), ready(&b)), (200, 200));
     assert_no_panic(&[&a, &b]);
 }
+
+#[test]
+fn the_queue_for_redis_is_bounded_in_bytes_too() {
+    // 1 MiB of queue and 16 KiB messages: about 64 wait while Redis is away, the rest are
+    // dropped and counted; the count bound (65,536) is never reached.
+    let mut redis = RedisServer::start();
+    let url = redis.url();
+    let a = node(
+        &url,
+        &[
+            ("SWITCHBOARD_REDIS_QUEUE_BYTES_MAX", "1MiB"),
+            ("SWITCHBOARD_RATE_LIMIT_PER_SEC", "100000"),
+            ("SWITCHBOARD_RATE_LIMIT_BURST", "100000"),
+        ],
+    );
+    let mut publisher = a.connect("/ws");
+    publisher.subscribe("qb");
+    redis.kill();
+    wait_ready_is(&a, 503, Duration::from_secs(5));
+    let dropped_before = counter(&a, "switchboard_redis_dropped_total");
+    let failed_before = counter(&a, "switchboard_redis_publish_failed_total");
+    let big = "x".repeat(16 * 1024);
+    const SENT: u64 = 200;
+    for n in 0..SENT {
+        publisher.send_json(json!({"type": "publish", "room": "qb", "data": {"n": n, "pad": big}}));
+        assert_eq!(publisher.expect_type("message")["data"]["n"], n);
+    }
+    let dropped = counter(&a, "switchboard_redis_dropped_total") - dropped_before;
+    let failed = counter(&a, "switchboard_redis_publish_failed_total") - failed_before;
+    let queued = counter(&a, "switchboard_redis_queued");
+    assert!((50..=64).contains(&queued), "queued {queued}");
+    assert_eq!(
+        dropped + failed + queued,
+        SENT,
+        "dropped {dropped}, failed {failed}"
+    );
+    redis.restart();
+    wait_ready_is(&a, 200, Duration::from_secs(3));
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while counter(&a, "switchboard_redis_queued") != 0 {
+        assert!(Instant::now() < deadline, "the queue did not drain");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_no_panic(&[&a]);
+}

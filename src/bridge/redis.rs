@@ -64,6 +64,30 @@ pub const SUBSCRIBE_BATCH_MAX: usize = 1024;
 /// they are dropped and counted (`switchboard_redis_inbound_dropped_total`).
 pub const INBOUND_MAX: usize = 65_536;
 
+/// Bytes of the pushes waiting for [`Redis::inbound`] at most (beside [`INBOUND_MAX`]): a
+/// burst of large envelopes from other nodes cannot take more memory than this; past it
+/// pushes are dropped and counted (`switchboard_redis_inbound_dropped_total`).
+pub const INBOUND_BYTES_MAX: usize = 64 * 1024 * 1024;
+
+/// The bytes of a push that count against [`INBOUND_BYTES_MAX`]: its payload.
+pub(crate) fn push_bytes(p: &PushInfo) -> usize {
+    match p.data.get(1) {
+        Some(Value::BulkString(b)) => b.len(),
+        _ => 0,
+    }
+}
+
+/// Admit a push of `n` bytes to the inbound queue (false: over [`INBOUND_BYTES_MAX`]).
+pub(crate) fn inbound_admit(stats: &RedisStats, n: usize) -> bool {
+    let n = n as u64;
+    let before = stats.inbound_bytes.fetch_add(n, Ordering::Relaxed);
+    if before + n > INBOUND_BYTES_MAX as u64 {
+        stats.inbound_bytes.fetch_sub(n, Ordering::Relaxed);
+        return false;
+    }
+    true
+}
+
 /// The client's own command channel between a connection handle and its driver task
 /// (`pipeline_buffer_size`): one pipeline or one (un)subscribe at a time uses one slot.
 pub const CLIENT_PIPELINE_BUFFER: usize = 64;
@@ -179,8 +203,10 @@ pub struct RedisStats {
     pub received: AtomicU64,
     /// Envelopes that could not be decoded.
     pub malformed: AtomicU64,
-    /// Pushes dropped because [`INBOUND_MAX`] were waiting.
+    /// Pushes dropped because [`INBOUND_MAX`] or [`INBOUND_BYTES_MAX`] were waiting.
     pub inbound_dropped: AtomicU64,
+    /// Bytes of the pushes waiting for the inbound task (not a metric: the bound's ledger).
+    pub inbound_bytes: AtomicU64,
     /// Connections made again after a failure (both kinds).
     pub reconnects: AtomicU64,
     /// Canaries not back within `redis_canary_timeout` (each makes the node resubscribe).
@@ -281,8 +307,25 @@ pub type ToShard = Box<dyn Fn(usize, crate::shard::ShardMsg)>;
 
 /// One envelope waiting to be published.
 struct Out {
+    /// Its bytes in `queued_bytes` until it is dropped (published, failed or moved on);
+    /// None for a canary (outside the bound).
+    _held: Option<Held>,
     channel: Arc<str>,
     payload: Vec<u8>,
+}
+
+/// Bytes an envelope holds of the publish queue's budget (`redis_queue_bytes_max`), given
+/// back when the envelope is dropped, wherever that happens (a pipeline answered or failed,
+/// a staging queue of a Redis Cluster master).
+struct Held {
+    n: usize,
+    total: Rc<Cell<usize>>,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.total.set(self.total.get() - self.n);
+    }
 }
 
 /// The node's Redis clients and what they share.
@@ -345,6 +388,8 @@ pub struct Redis {
     /// Envelopes taken from `queue` and staged on a Redis Cluster master (cluster mode; they
     /// count against `redis_queue_max` too).
     staged: Cell<usize>,
+    /// Bytes of the envelopes waiting (queued or staged; [`Held`]).
+    queued_bytes: Rc<Cell<usize>>,
 }
 
 impl Redis {
@@ -393,6 +438,7 @@ impl Redis {
             to_shard: RefCell::new(None),
             cmd_gen: Cell::new(0),
             staged: Cell::new(0),
+            queued_bytes: Rc::new(Cell::new(0)),
             node,
         })
     }
@@ -1044,23 +1090,37 @@ impl Redis {
         let Some(channel) = self.ch.of(target, self.node.id) else {
             return;
         };
-        self.enqueue(channel, || cluster::encode(self.node.id, target, frame));
+        // The envelope's header is a few dozen bytes beside the frame.
+        let hint = frame.wire().len() + 64;
+        self.enqueue(channel, hint, || {
+            cluster::encode(self.node.id, target, frame)
+        });
     }
 
     /// Queue the envelope `payload` makes on `channel`, or drop it (counted) when
     /// `redis_queue_max` envelopes wait already (then it is never encoded).
-    fn enqueue(&self, channel: Arc<str>, payload: impl FnOnce() -> Vec<u8>) {
+    fn enqueue(&self, channel: Arc<str>, size_hint: usize, payload: impl FnOnce() -> Vec<u8>) {
         let mut q = self.queue.borrow_mut();
-        if q.len() + self.staged.get() >= self.node.cfg.redis_queue_max {
+        let cfg = &self.node.cfg;
+        if q.len() + self.staged.get() >= cfg.redis_queue_max
+            || self.queued_bytes.get() + size_hint + channel.len() > cfg.redis_queue_bytes_max
+        {
             self.node
                 .redis_stats
                 .dropped
                 .fetch_add(1, Ordering::Relaxed);
             return;
         }
+        let payload = payload();
+        let n = payload.len() + channel.len();
+        self.queued_bytes.set(self.queued_bytes.get() + n);
         q.push_back(Out {
+            _held: Some(Held {
+                n,
+                total: self.queued_bytes.clone(),
+            }),
             channel,
-            payload: payload(),
+            payload,
         });
         self.node
             .redis_stats
@@ -1078,7 +1138,7 @@ impl Redis {
             super::ServiceTo::Calls => self.ch.calls(),
             super::ServiceTo::User(u) => self.ch.user(u),
         };
-        self.enqueue(channel, || {
+        self.enqueue(channel, body.len() + 16, || {
             cluster::encode_service(self.node.id, service, body)
         });
     }
@@ -1335,7 +1395,14 @@ impl Redis {
             if let Some((tx, gen)) = &push {
                 let (tx, gen, node) = (tx.clone(), *gen, self.node.clone());
                 conf = conf.set_push_sender(move |p: PushInfo| -> Result<(), ()> {
-                    if tx.try_send((gen, p)).is_err() {
+                    let n = push_bytes(&p);
+                    let admitted = inbound_admit(&node.redis_stats, n);
+                    if !admitted || tx.try_send((gen, p)).is_err() {
+                        if admitted {
+                            node.redis_stats
+                                .inbound_bytes
+                                .fetch_sub(n as u64, Ordering::Relaxed);
+                        }
                         node.redis_stats
                             .inbound_dropped
                             .fetch_add(1, Ordering::Relaxed);
@@ -1551,6 +1618,9 @@ impl Redis {
         let mut batch = Vec::with_capacity(256);
         while rx.recv_many(&mut batch, 256).await > 0 {
             for (gen, push) in batch.drain(..) {
+                stats
+                    .inbound_bytes
+                    .fetch_sub(push_bytes(&push) as u64, Ordering::Relaxed);
                 if gen != self.sub_gen.get() {
                     continue;
                 }
@@ -1674,6 +1744,7 @@ impl Redis {
                 self.canary_nonce.set(nonce);
                 self.canary_sent.set(Some((nonce, now)));
                 *self.canary_out.borrow_mut() = Some(Out {
+                    _held: None,
                     channel: own.clone(),
                     payload: cluster::encode_canary(self.node.id, nonce),
                 });

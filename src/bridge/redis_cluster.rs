@@ -872,6 +872,9 @@ impl Sharded {
         let mut batch = Vec::with_capacity(256);
         while rx.recv_many(&mut batch, 256).await > 0 {
             for (id, gen, push) in batch.drain(..) {
+                stats
+                    .inbound_bytes
+                    .fetch_sub(super::push_bytes(&push) as u64, Ordering::Relaxed);
                 let Some(m) = self.master(id) else {
                     continue;
                 };
@@ -987,6 +990,7 @@ impl Sharded {
                     m.canary_nonce.set(nonce);
                     m.canary_sent.set(Some((nonce, now)));
                     *m.canary_out.borrow_mut() = Some(Out {
+                        _held: None,
                         channel,
                         payload: cluster::encode_canary(self.r.node.id, nonce),
                     });
@@ -1129,10 +1133,19 @@ async fn connect_node(
     if let Some((tx, id, gen)) = push {
         let node = r.node.clone();
         conf = conf.set_push_sender(move |p: PushInfo| -> Result<(), ()> {
-            if tx.try_send((id, gen, p)).is_err() {
+            let n = super::push_bytes(&p);
+            let admitted = super::inbound_admit(&node.redis_stats, n);
+            if !admitted || tx.try_send((id, gen, p)).is_err() {
+                if admitted {
+                    node.redis_stats
+                        .inbound_bytes
+                        .fetch_sub(n as u64, Ordering::Relaxed);
+                }
                 node.redis_stats
                     .inbound_dropped
                     .fetch_add(1, Ordering::Relaxed);
+                // It may have been a history message: no cache is current any more.
+                node.redis_stats.history_gen.fetch_add(1, Ordering::Relaxed);
             }
             Ok(())
         });
