@@ -122,9 +122,10 @@ pub const PRESENCE_SCAN_COUNT: usize = 512;
 
 /// Presence across nodes, one key per user (`KEYS[1]`, the user's nodes): `ARGV[2]` 1 =
 /// node `ARGV[1]` holds the user present now, 0 = it does not any more. Returns 1 when that
-/// made the user online or offline cluster-wide: this node is now the set's only member, or
-/// it left the set empty (leaving a set it was not in changes nothing: a node the reaper
-/// took out is never told offline twice). Then, when `ARGV[3]` names a channel, it publishes
+/// made the user online or offline cluster-wide: this node joined the empty set, or left it
+/// empty. Joining a set it was in, or leaving one it was not in, changes nothing: a script
+/// run again (a pipeline Redis ran but did not answer in time is tried again) is never told
+/// twice, nor a node the reaper took out. Then, when `ARGV[3]` names a channel, it publishes
 /// `ARGV[4]` (the change's envelope) there from inside the script, so every node's watchers
 /// hear a user's changes in the order Redis judged them, whichever nodes judged them. The
 /// channel is tagged like the key (one slot), and `ARGV[5]` is the command: `PUBLISH`, or
@@ -132,13 +133,15 @@ pub const PRESENCE_SCAN_COUNT: usize = 512;
 const PRESENCE_LUA: &str = "\
 local told = 0 \
 if ARGV[2] == '1' then \
-  redis.call('SADD', KEYS[1], ARGV[1]) \
-  if redis.call('SCARD', KEYS[1]) == 1 then told = 1 end \
+  if redis.call('SADD', KEYS[1], ARGV[1]) == 1 and redis.call('SCARD', KEYS[1]) == 1 then told = 1 end \
 else \
   if redis.call('SREM', KEYS[1], ARGV[1]) == 1 and redis.call('SCARD', KEYS[1]) == 0 then told = 1 end \
 end \
 if told == 1 and ARGV[3] ~= '' then redis.call(ARGV[5], ARGV[3], ARGV[4]) end \
 return told";
+
+/// How long the presence worker waits before it tries a batch Redis did not answer again.
+pub const PRESENCE_RETRY: Duration = Duration::from_millis(500);
 
 /// A node's heartbeat, in its own slot (`KEYS`: alive, reaper lock, reaped mark; `ARGV[1]`
 /// the TTL in ms): renew `alive`, then say whether the cluster forgot this node: 1 = no,
@@ -295,6 +298,8 @@ struct PresenceOp {
     user: Arc<str>,
     online: Option<bool>,
     frame: Frame,
+    /// This node's watchers heard it already (Redis did not answer the first time).
+    told_here: bool,
 }
 
 /// How a received delivery reaches this node's shards (set by the store, which owns the
@@ -529,6 +534,7 @@ impl Redis {
             user,
             online,
             frame,
+            told_here: false,
         });
         if q.len() == 1 {
             self.wake_presence.notify_one();
@@ -622,11 +628,29 @@ impl Redis {
                 }
                 None => None,
             };
+            let Some(v) = &verdicts else {
+                // Redis did not answer (it may still have run some scripts): this node's
+                // watchers hear the events now (local delivery goes on), and the batch goes
+                // back to the front of the queue, in order, to be judged and published once
+                // Redis answers. A script that ran already judges nothing the second time
+                // (its node is in the set already, or out of it), so nothing is told twice.
+                {
+                    let mut q = self.presence_q.borrow_mut();
+                    for mut op in batch.drain(..).rev() {
+                        if !op.told_here {
+                            op.told_here = true;
+                            if op.online.is_some() {
+                                stats.presence_unchecked.fetch_add(1, Ordering::Relaxed);
+                            }
+                            self.deliver_local(presence_topic(&op.user), &op.frame);
+                        }
+                        q.push_front(op);
+                    }
+                }
+                tokio::time::sleep(PRESENCE_RETRY).await;
+                continue;
+            };
             for (i, op) in batch.drain(..).enumerate() {
-                let Some(v) = &verdicts else {
-                    self.unchecked(&op.user, op.online, &op.frame);
-                    continue;
-                };
                 let tell = match op.online {
                     Some(_) => {
                         let tell = v[i] == 1;
@@ -640,7 +664,7 @@ impl Redis {
                     }
                     None => true,
                 };
-                if tell {
+                if tell && !op.told_here {
                     self.deliver_local(presence_topic(&op.user), &op.frame);
                 }
             }
@@ -804,12 +828,28 @@ impl Redis {
         if !self.resync_owed.get() {
             return;
         }
+        // Every user with a device here, except those with a change still waiting in the
+        // presence queue: that change judges (and tells) them itself, and writing them
+        // silently first would make it judge nothing.
         let mut users: Vec<Arc<str>> = Vec::new();
-        self.node.dir.users.for_each_name(|u| users.push(u.clone()));
+        let dir = &self.node.dir;
+        dir.users.for_each_name(|u| {
+            if dir.users.count(u) > 0 {
+                users.push(u.clone());
+            }
+        });
         for chunk in users.chunks(PRESENCE_SCAN_COUNT) {
+            // Read now, just before the pipeline goes (nothing is queued in between).
+            let pending: std::collections::HashSet<Arc<str>> = self
+                .presence_q
+                .borrow()
+                .iter()
+                .map(|op| op.user.clone())
+                .collect();
+            let chunk: Vec<&Arc<str>> = chunk.iter().filter(|u| !pending.contains(*u)).collect();
             let mut pipe = redis::pipe();
             let mut frames: Vec<Option<Frame>> = Vec::with_capacity(chunk.len());
-            for u in chunk {
+            for u in &chunk {
                 let frame = if tell { self.online_frame(u) } else { None };
                 let target = presence_topic(u);
                 let (channel, envelope) = match &frame {
@@ -828,7 +868,7 @@ impl Redis {
                     .arg(&*channel)
                     .arg(envelope)
                     .arg(self.publish_command());
-                pipe.cmd("SADD").arg(&node_users).arg(&**u).ignore();
+                pipe.cmd("SADD").arg(&node_users).arg(&***u).ignore();
                 frames.push(frame);
             }
             let verdicts: Vec<i64> =
