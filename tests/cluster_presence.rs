@@ -274,3 +274,41 @@ fn a_paused_node_the_cluster_reaped_announces_its_users_again() {
     let m = sub.expect_type("message");
     assert_eq!(m["data"]["n"], 1, "{m}");
 }
+
+#[test]
+fn a_user_in_its_grace_when_redis_restarts_empty_still_goes_offline() {
+    // The resync writes every user the node holds present, those in their offline grace
+    // too, so the grace's end still finds the node in the user's set and tells offline.
+    let mut redis = RedisServer::start();
+    let url = redis.url();
+    let start = || {
+        let s = TestServer::start(&[
+            ("SWITCHBOARD_REDIS_URL", url.as_str()),
+            ("SWITCHBOARD_PRESENCE_OFFLINE_GRACE", "4s"),
+            ("SWITCHBOARD_REDIS_RECONNECT_MAX", "200ms"),
+        ]);
+        s.wait_ready();
+        s
+    };
+    let (a, b) = (start(), start());
+    let mut w = watcher(&b, &redis, "jo");
+    let jo = a.connect("/ws?user_id=jo");
+    event(&mut w, "presence.online", "jo", Duration::from_secs(3));
+    jo.close_and_wait();
+    // Within the grace, Redis restarts empty; both nodes reconnect and write themselves again.
+    redis.restart();
+    a.wait_ready();
+    b.wait_ready();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while redis.numsub("sb:{topic:presence:jo}") == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "B never held the watch channel again"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let e = event(&mut w, "presence.offline", "jo", Duration::from_secs(10));
+    assert_eq!(e["data"]["status"], "offline", "{e}");
+    w.expect_silence(1_000);
+    assert_eq!(redis.int(&["SCARD", "sb:{topic:presence:jo}:nodes"]), 0);
+}

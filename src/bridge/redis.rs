@@ -175,11 +175,6 @@ return 1";
 /// if it comes back within this.
 pub const REAPED_MARK: Duration = Duration::from_secs(3600);
 
-/// Users whose presence change was told while Redis could not judge it, waiting to be
-/// written to Redis on the next connection ([`Redis::resync`]); past it the next resync
-/// re-reads every user of the node instead.
-pub const UNSYNCED_MAX: usize = 65_536;
-
 /// How often the bridge re-reads the directory when a shard could not report a first/last
 /// transition (its inbox to the bridge was full), and in any case.
 pub const SUBS_RECONCILE_INTERVAL: Duration = Duration::from_secs(30);
@@ -369,12 +364,16 @@ pub struct Redis {
     cmd_conn_new: Notify,
     presence_q: RefCell<VecDeque<PresenceOp>>,
     wake_presence: Notify,
-    /// Users whose last change was told without Redis's judgement (last state wins): written
-    /// to Redis, silently, on the next connection. At most [`UNSYNCED_MAX`].
-    unsynced: RefCell<std::collections::HashMap<Arc<str>, bool>>,
-    /// Every user of the node must be written again (Redis lost its data, or `unsynced`
-    /// overflowed); cleared only by a resync that completed.
+    /// The users this node holds present, as it has told (or queued to tell) Redis: online
+    /// here or in the offline grace. What a resync writes again. Bounded by the users with
+    /// a device on this node (each entry got there by a first device).
+    held: RefCell<std::collections::HashSet<Arc<str>>>,
+    /// Every user of the node must be written again (a new connection: Redis may have lost
+    /// its data; or a change Redis never got); cleared only by a resync that completed.
     resync_owed: Cell<bool>,
+    /// The cluster reaped this node while it was alive: the next complete resync tells the
+    /// users it makes online again.
+    announce_owed: Cell<bool>,
     /// When the command connection was last made: no node is reaped until this node has
     /// been connected for [`NODE_DEAD_AFTER`] (the others renew their keys meanwhile).
     cmd_since: Cell<Option<Instant>>,
@@ -433,8 +432,9 @@ impl Redis {
             cmd_conn_new: Notify::new(),
             presence_q: RefCell::new(VecDeque::new()),
             wake_presence: Notify::new(),
-            unsynced: RefCell::new(Default::default()),
+            held: RefCell::new(Default::default()),
             resync_owed: Cell::new(false),
+            announce_owed: Cell::new(false),
             cmd_since: Cell::new(None),
             lost_gen: Cell::new(u64::MAX),
             stopping: Cell::new(false),
@@ -524,6 +524,7 @@ impl Redis {
     /// nothing. `online` None: an event told as it is (a status change), in order after the
     /// user's changes still waiting here, so it never overtakes the online it follows.
     pub fn presence(&self, user: Arc<str>, online: Option<bool>, frame: Frame) {
+        self.hold(&user, online);
         let mut q = self.presence_q.borrow_mut();
         if q.len() >= PRESENCE_QUEUE_MAX {
             drop(q);
@@ -541,20 +542,28 @@ impl Redis {
         }
     }
 
-    /// Tell a presence event as this node judged it (Redis could not judge it), and note the
-    /// change for the next connection to write.
+    /// Note whether this node holds `user` present now (a change of its devices).
+    fn hold(&self, user: &Arc<str>, online: Option<bool>) {
+        match online {
+            Some(true) => {
+                self.held.borrow_mut().insert(user.clone());
+            }
+            Some(false) => {
+                self.held.borrow_mut().remove(user);
+            }
+            None => {}
+        }
+    }
+
+    /// Tell a presence event as this node judged it (past the queue's bound Redis cannot
+    /// judge it): the next resync writes the change to Redis.
     fn unchecked(&self, user: &Arc<str>, online: Option<bool>, frame: &Frame) {
-        if let Some(online) = online {
+        if online.is_some() {
             self.node
                 .redis_stats
                 .presence_unchecked
                 .fetch_add(1, Ordering::Relaxed);
-            let mut u = self.unsynced.borrow_mut();
-            if u.len() < UNSYNCED_MAX || u.contains_key(user) {
-                u.insert(user.clone(), online);
-            } else {
-                self.resync_owed.set(true);
-            }
+            self.resync_owed.set(true);
         }
         self.deliver_everywhere(presence_topic(user), frame);
     }
@@ -740,11 +749,13 @@ impl Redis {
                 tracing::warn!(
                     "redis: the cluster reaped this node while it was alive (a pause past the heartbeat TTL): announcing its users again"
                 );
-                // Every user again, telling those the reaper made offline.
+                // Every user again, telling those the reaper made offline (owed until a
+                // resync completes).
                 self.resync_owed.set(true);
-                self.resync(&mut conn, &me, true).await;
-            } else if state == 1 && (self.resync_owed.get() || !self.unsynced.borrow().is_empty()) {
-                self.resync(&mut conn, &me, false).await;
+                self.announce_owed.set(true);
+            }
+            if state != 2 && self.resync_owed.get() {
+                self.resync(&mut conn, &me).await;
             }
         }
     }
@@ -775,77 +786,95 @@ impl Redis {
         s.cluster_as_of_ms.store(now_ms, Ordering::Relaxed);
     }
 
-    /// Write this node's presence to Redis again. First the changes told while Redis could
-    /// not judge them (`unsynced`), silently: the watchers heard them then. Then, when owed
-    /// (a new connection: Redis may have lost its data; a reap of this node), every user
-    /// with a device here; with `tell`, the ones that become online cluster-wide by it are
-    /// told so (the reaper told them offline), invisible users excepted. Stops at the first
-    /// failure, keeping what is left owed: the next heartbeat goes on.
-    async fn resync(&self, conn: &mut CmdConn, me: &str, tell: bool) {
+    /// The users with a change still waiting in the presence queue (that change judges them
+    /// itself: a resync must not write them first).
+    fn pending_users(&self) -> std::collections::HashSet<Arc<str>> {
+        self.presence_q
+            .borrow()
+            .iter()
+            .map(|op| op.user.clone())
+            .collect()
+    }
+
+    /// Write this node's presence to Redis again (owed after a new connection, a change Redis
+    /// never got, or a reap of this node). First the members Redis has for this node that it
+    /// does not hold any more (`SSCAN` of its users set): each goes through the offline
+    /// script, telling the user offline if no node holds it now. Then every user it holds
+    /// ([`Redis::held`]: online here or in the offline grace): silently, or after a reap
+    /// telling those that become online cluster-wide by it (invisible users excepted). Users
+    /// with a change still queued are left to that change. Stops at the first failure,
+    /// keeping the resync owed: the next heartbeat goes on.
+    async fn resync(&self, conn: &mut CmdConn, me: &str) {
         let node_users = self.ch.node_users(self.node.id);
         let timeout = self.node.cfg.redis_timeout;
         let stats = &self.node.redis_stats;
-        let changes: Vec<(Arc<str>, bool)> = self
-            .unsynced
-            .borrow()
-            .iter()
-            .map(|(u, o)| (u.clone(), *o))
-            .collect();
-        for chunk in changes.chunks(PRESENCE_SCAN_COUNT) {
-            let mut pipe = redis::pipe();
-            for (u, online) in chunk {
-                let online = if *online { "1" } else { "0" };
-                pipe.cmd("EVAL")
-                    .arg(PRESENCE_LUA)
-                    .arg(1)
-                    .arg(self.ch.user_nodes(u))
-                    .arg(me)
-                    .arg(online)
-                    .arg("")
-                    .arg("")
-                    .arg(self.publish_command())
-                    .ignore();
-                pipe.cmd(if online == "1" { "SADD" } else { "SREM" })
+        let tell = self.announce_owed.get();
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, members): (u64, Vec<String>) = match tokio::time::timeout(
+                timeout,
+                redis::cmd("SSCAN")
                     .arg(&node_users)
-                    .arg(&**u)
-                    .ignore();
-            }
-            let r = tokio::time::timeout(timeout, pipe.exec_async(conn)).await;
-            if !matches!(r, Ok(Ok(()))) {
-                return;
-            }
-            let mut un = self.unsynced.borrow_mut();
-            for (u, online) in chunk {
-                // A newer change of the user, told meanwhile, stays owed.
-                if un.get(u) == Some(online) {
-                    un.remove(u);
+                    .arg(cursor)
+                    .arg("COUNT")
+                    .arg(PRESENCE_SCAN_COUNT)
+                    .query_async(conn),
+            )
+            .await
+            {
+                Ok(Ok(r)) => r,
+                _ => return,
+            };
+            let pending = self.pending_users();
+            let ghosts: Vec<String> = {
+                let held = self.held.borrow();
+                members
+                    .into_iter()
+                    .filter(|m| !held.contains(m.as_str()) && !pending.contains(m.as_str()))
+                    .collect()
+            };
+            if !ghosts.is_empty() {
+                let mut pipe = redis::pipe();
+                let mut frames = Vec::with_capacity(ghosts.len());
+                for g in &ghosts {
+                    let f = self.offline_frame(g);
+                    let target = presence_topic(g);
+                    pipe.cmd("EVAL")
+                        .arg(PRESENCE_LUA)
+                        .arg(1)
+                        .arg(self.ch.user_nodes(g))
+                        .arg(me)
+                        .arg("0")
+                        .arg(&*self.ch.of(&target, self.node.id).unwrap_or_default())
+                        .arg(cluster::encode(self.node.id, &target, &f))
+                        .arg(self.publish_command());
+                    pipe.cmd("SREM").arg(&node_users).arg(g).ignore();
+                    frames.push(f);
                 }
+                let verdicts: Vec<i64> =
+                    match tokio::time::timeout(timeout, pipe.query_async(conn)).await {
+                        Ok(Ok(v)) => v,
+                        _ => return,
+                    };
+                for ((g, f), v) in ghosts.iter().zip(frames).zip(verdicts) {
+                    if v == 1 {
+                        stats.presence_told.fetch_add(1, Ordering::Relaxed);
+                        self.deliver_local(presence_topic(g), &f);
+                    }
+                }
+                stats
+                    .presence_resynced
+                    .fetch_add(ghosts.len() as u64, Ordering::Relaxed);
             }
-            stats
-                .presence_resynced
-                .fetch_add(chunk.len() as u64, Ordering::Relaxed);
-        }
-        if !self.resync_owed.get() {
-            return;
-        }
-        // Every user with a device here, except those with a change still waiting in the
-        // presence queue: that change judges (and tells) them itself, and writing them
-        // silently first would make it judge nothing.
-        let mut users: Vec<Arc<str>> = Vec::new();
-        let dir = &self.node.dir;
-        dir.users.for_each_name(|u| {
-            if dir.users.count(u) > 0 {
-                users.push(u.clone());
+            cursor = next;
+            if cursor == 0 {
+                break;
             }
-        });
+        }
+        let users: Vec<Arc<str>> = self.held.borrow().iter().cloned().collect();
         for chunk in users.chunks(PRESENCE_SCAN_COUNT) {
             // Read now, just before the pipeline goes (nothing is queued in between).
-            let pending: std::collections::HashSet<Arc<str>> = self
-                .presence_q
-                .borrow()
-                .iter()
-                .map(|op| op.user.clone())
-                .collect();
+            let pending = self.pending_users();
             let chunk: Vec<&Arc<str>> = chunk.iter().filter(|u| !pending.contains(*u)).collect();
             let mut pipe = redis::pipe();
             let mut frames: Vec<Option<Frame>> = Vec::with_capacity(chunk.len());
@@ -887,6 +916,7 @@ impl Redis {
                 .fetch_add(chunk.len() as u64, Ordering::Relaxed);
         }
         self.resync_owed.set(false);
+        self.announce_owed.set(false);
         if !users.is_empty() {
             tracing::info!(
                 users = users.len(),
@@ -1049,14 +1079,31 @@ impl Redis {
             }
         }
         let me = format!("{:08x}", self.node.id);
+        let ended: i64 = match tokio::time::timeout(
+            timeout,
+            redis::cmd("EVAL")
+                .arg(REAP_END_LUA)
+                .arg(2)
+                .arg(self.ch.node_reaper(node))
+                .arg(&users_key)
+                .arg(&me)
+                .query_async(conn),
+        )
+        .await
+        {
+            Ok(r) => r?,
+            Err(_) => return Err(timed_out()),
+        };
+        if ended != 1 {
+            // The lock expired under this reap (REAP_LOCK): the node may be back, or another
+            // reaper took over; it is not forgotten, and its calls are not ended, from here.
+            tracing::warn!(
+                node = id,
+                "redis: a reap outlived its lock; left to the lock's holder"
+            );
+            return Ok(());
+        }
         let mut pipe = redis::pipe();
-        pipe.cmd("EVAL")
-            .arg(REAP_END_LUA)
-            .arg(2)
-            .arg(self.ch.node_reaper(node))
-            .arg(&users_key)
-            .arg(&me)
-            .ignore();
         pipe.cmd("SREM").arg(self.ch.nodes()).arg(id).ignore();
         pipe.cmd("HDEL").arg(self.ch.stats()).arg(id).ignore();
         match tokio::time::timeout(timeout, pipe.exec_async(conn)).await {

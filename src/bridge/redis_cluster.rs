@@ -189,6 +189,9 @@ struct Master {
     subs: RefCell<Subscriptions>,
     wake_sub: Notify,
     lost: Notify,
+    /// The subscriber generation a loss was reported for: a permit left from an older
+    /// connection does not break a fresh one.
+    lost_gen: Cell<u64>,
     sub_gen: Cell<u64>,
     pub_up: Cell<bool>,
     sub_up: Cell<bool>,
@@ -203,6 +206,12 @@ struct Master {
 }
 
 impl Master {
+    /// The subscriber connection of generation `gen` is lost: the subscriber makes a new one.
+    fn lose(&self, gen: u64) {
+        self.lost_gen.set(gen);
+        self.lost.notify_one();
+    }
+
     fn new(id: u64, addr: String, info: ConnectionInfo) -> Master {
         Master {
             id,
@@ -214,6 +223,7 @@ impl Master {
             subs: RefCell::new(Subscriptions::default()),
             wake_sub: Notify::new(),
             lost: Notify::new(),
+            lost_gen: Cell::new(u64::MAX),
             sub_gen: Cell::new(0),
             pub_up: Cell::new(false),
             sub_up: Cell::new(false),
@@ -489,6 +499,7 @@ impl Sharded {
                 .cloned()
                 .collect();
             for c in away {
+                self.r.history_unsubscribing(std::slice::from_ref(&c));
                 m.subs.borrow_mut().forget(&c);
                 match map.owner_of(&c) {
                     Some(o) => list[o].subs.borrow_mut().set(c, true),
@@ -531,7 +542,7 @@ impl Sharded {
             m.wake_pub.notify_one();
             m.wake_sub.notify_one();
             if m.retired.get() {
-                m.lost.notify_one();
+                m.lose(m.sub_gen.get());
             }
         }
         self.update_up();
@@ -828,7 +839,9 @@ impl Sharded {
                                 self.refresh.notify_one();
                                 tokio::select! {
                                     _ = tokio::time::sleep(SUBSCRIBE_RETRY) => {}
-                                    _ = m.lost.notified() => break 'conn,
+                                    _ = m.lost.notified() => if m.lost_gen.get() == gen || m.retired.get() {
+                                        break 'conn;
+                                    },
                                 }
                             }
                         }
@@ -850,7 +863,9 @@ impl Sharded {
                 }
                 tokio::select! {
                     _ = m.wake_sub.notified() => {}
-                    _ = m.lost.notified() => break 'conn,
+                    _ = m.lost.notified() => if m.lost_gen.get() == gen || m.retired.get() {
+                        break 'conn;
+                    },
                 }
             }
             m.sub_gen.set(gen + 1);
@@ -893,7 +908,14 @@ impl Sharded {
                         if m.is_canary(ch) {
                             self.canary_back(&m, payload);
                         } else {
-                            self.r.received_envelope(payload);
+                            // Another node's bytes: a bug they trigger costs that envelope
+                            // (counted), never the inbound path.
+                            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                self.r.received_envelope(payload)
+                            }));
+                            if r.is_err() {
+                                stats.malformed.fetch_add(1, Ordering::Relaxed);
+                            }
                         }
                     }
                     PushKind::SUnsubscribe => {
@@ -906,14 +928,16 @@ impl Sharded {
                         let ch: Arc<str> = ch.into();
                         let mut s = m.subs.borrow_mut();
                         if s.wants(&ch) {
-                            // Not asked for: the slot moved to another master.
+                            // Not asked for: the slot moved to another master (a room's
+                            // history cache stops answering until it is held again).
                             s.lost(&ch);
                             drop(s);
+                            self.r.history_unsubscribing(std::slice::from_ref(&ch));
                             self.gauge_held();
                             self.refresh.notify_one();
                         }
                     }
-                    PushKind::Disconnection => m.lost.notify_one(),
+                    PushKind::Disconnection => m.lose(gen),
                     _ => {}
                 }
             }
@@ -982,7 +1006,7 @@ impl Sharded {
                     }
                     m.canary_back.set(now);
                     m.canary_sent.set(None);
-                    m.lost.notify_one();
+                    m.lose(m.sub_gen.get());
                     continue;
                 }
                 if m.canary_sent.get().is_none() {
