@@ -429,6 +429,9 @@ pub mod service {
     pub const USER_DISCONNECT: u8 = 3;
     /// A node was reaped (the body: its id, u32 LE): calls with a party there end.
     pub const NODE_GONE: u8 = 4;
+    /// The node holding a call ran a command another node forwarded (`CALL_INPUT` with an
+    /// ask) and tells that node, which stops waiting (`calls::encode_held`).
+    pub const CALL_HELD: u8 = 5;
 }
 
 /// The envelope of a service message from node `origin`.
@@ -678,7 +681,7 @@ impl<'a> Reader<'a> {
             self.take(4)?.try_into().unwrap_or_default(),
         ))
     }
-    fn u64(&mut self) -> Result<u64, Malformed> {
+    pub fn u64(&mut self) -> Result<u64, Malformed> {
         Ok(u64::from_le_bytes(
             self.take(8)?.try_into().unwrap_or_default(),
         ))

@@ -268,6 +268,8 @@ stats! {
     calls_ended_timeout: Counter("switchboard_calls_ended_timeout_total", "Calls ended unanswered after ring_timeout"),
     calls_ended_disconnected: Counter("switchboard_calls_ended_disconnected_total", "Calls ended because a party connection went away"),
     calls_ended_glare: Counter("switchboard_calls_ended_glare_total", "Offers ended by glare (two users calling each other at once)"),
+    calls_remote_unanswered: Counter("switchboard_calls_remote_unanswered_total", "Clustered: call commands sent to the other nodes that no node confirmed within CALL_REMOTE_WAIT (answered unknown call)"),
+    calls_remote_late: Counter("switchboard_calls_remote_late_total", "Clustered: call answers another node confirmed after their wait ran out (that call ended there)"),
     // ---- gauges (current values, not counters)
     connections: ShardGauge("switchboard_connections", "Open TCP connections per shard (any phase)"),
     ws_connections: ShardGauge("switchboard_websocket_connections", "Upgraded WebSocket connections per shard"),

@@ -1,7 +1,8 @@
 //! Calls whose parties are on different nodes (three nodes, one Redis, real processes): the
 //! call's state lives on the node its offer reached, and commands from the callee's devices
 //! on other nodes reach it through Redis: ringing on every node, an answer elsewhere,
-//! candidates both ways, a hangup, the ring timeout, and a party's disconnect.
+//! candidates both ways, a hangup, the ring timeout, and a party's disconnect; commands for
+//! a call no node holds get `unknown call`, as on one node.
 
 mod common;
 
@@ -186,4 +187,138 @@ fn the_answering_partys_node_dying_ends_the_call() {
         }
         other => panic!("no call.ended: {other:?}"),
     }
+}
+
+/// A frame without its `timestamp` (which differs from run to run).
+fn untimed(mut v: Value) -> Value {
+    let o = v.as_object_mut().expect("an object");
+    assert!(o.remove("timestamp").is_some_and(|t| t.is_u64()), "{v}");
+    v
+}
+
+/// The exact `unknown call` error for command `id` about `call_id`.
+fn unknown(id: &str, call_id: &str) -> Value {
+    json!({"type": "error", "id": id, "error": "unknown call", "data": {"call_id": call_id}})
+}
+
+/// Within the wait for the node holding the call (`CALL_REMOTE_WAIT`, 2 s) and some slack.
+const UNKNOWN_WITHIN: Duration = Duration::from_secs(4);
+
+#[test]
+fn late_commands_across_nodes_get_unknown_call_and_release_the_answers_entry() {
+    const MAX: usize = 2;
+    let max = MAX.to_string();
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let env = [
+        ("SWITCHBOARD_REDIS_URL", url.as_str()),
+        ("SWITCHBOARD_RING_TIMEOUT", "2s"),
+        ("SWITCHBOARD_MAX_CALLS_PER_USER", max.as_str()),
+    ];
+    let nodes: Vec<TestServer> = (0..3).map(|_| TestServer::start(&env)).collect();
+    for n in &nodes {
+        n.wait_ready();
+    }
+    let mut alice = nodes[0].connect("/ws?user_id=alice");
+    let mut bob_b = nodes[1].connect("/ws?user_id=bob");
+    let mut bob_c = nodes[2].connect("/ws?user_id=bob");
+    held(&redis, "bob", 2);
+    held(&redis, "alice", 1);
+
+    // What one node answers to an answer for a call that does not exist.
+    let one = TestServer::start(&env[1..]);
+    one.wait_ready();
+    let mut bob_one = one.connect("/ws?user_id=bob");
+    send(
+        &mut bob_one,
+        "call.answer",
+        "alice",
+        "late-0",
+        json!({"id": "late-0", "sdp": "a"}),
+    );
+    assert_eq!(
+        untimed(bob_one.expect_error("unknown call")),
+        unknown("late-0", "late-0")
+    );
+
+    // The caller on A hangs up before bob's answer on B: no node holds the call any more.
+    // More such late answers than bob may be in calls: each one's entry is released.
+    for n in 0..=MAX {
+        let id = format!("late-{n}");
+        send(&mut alice, "call.offer", "bob", &id, json!({"sdp": "o"}));
+        expect(&mut bob_b, "call.incoming", &id);
+        expect(&mut bob_c, "call.incoming", &id);
+        send(&mut alice, "call.hangup", "bob", &id, json!({}));
+        for bob in [&mut bob_b, &mut bob_c] {
+            let v = expect(bob, "call.ended", &id);
+            assert_eq!(v["data"]["reason"], "hangup", "{v}");
+        }
+        let asked = Instant::now();
+        send(
+            &mut bob_b,
+            "call.answer",
+            "alice",
+            &id,
+            json!({"id": id, "sdp": "a"}),
+        );
+        assert_eq!(
+            untimed(bob_b.expect_error("unknown call")),
+            unknown(&id, &id)
+        );
+        assert!(asked.elapsed() < UNKNOWN_WITHIN, "{:?}", asked.elapsed());
+    }
+    // ICE for the ended call and a hangup for a made-up one: `unknown call` too.
+    send(
+        &mut bob_b,
+        "call.ice",
+        "alice",
+        "late-0",
+        json!({"id": "i", "candidate": "c"}),
+    );
+    send(
+        &mut bob_c,
+        "call.hangup",
+        "alice",
+        "made-up",
+        json!({"id": "h"}),
+    );
+    assert_eq!(
+        untimed(bob_b.expect_error("unknown call")),
+        unknown("i", "late-0")
+    );
+    assert_eq!(
+        untimed(bob_c.expect_error("unknown call")),
+        unknown("h", "made-up")
+    );
+    alice.expect_silence(200);
+
+    // The same connection answers a real call: not `too many calls`.
+    send(&mut alice, "call.offer", "bob", "real", json!({"sdp": "o"}));
+    expect(&mut bob_b, "call.incoming", "real");
+    expect(&mut bob_c, "call.incoming", "real");
+    send(
+        &mut bob_b,
+        "call.answer",
+        "alice",
+        "real",
+        json!({"id": "r", "sdp": "a"}),
+    );
+    let v = expect(&mut alice, "call.answer", "real");
+    assert_eq!(v["data"]["from"], "bob", "{v}");
+    let v = expect(&mut bob_c, "call.ended", "real");
+    assert_eq!(v["data"]["reason"], "answered_elsewhere", "{v}");
+    send(
+        &mut bob_b,
+        "call.ice",
+        "alice",
+        "real",
+        json!({"candidate": "b1"}),
+    );
+    expect(&mut alice, "call.ice", "real");
+    send(&mut bob_b, "call.hangup", "alice", "real", json!({}));
+    let v = expect(&mut alice, "call.ended", "real");
+    assert_eq!(v["data"]["reason"], "hangup", "{v}");
+    // A confirmed each of them: no `unknown call` once their wait is over.
+    bob_b.expect_silence(2500);
+    alice.expect_silence(100);
 }

@@ -1246,17 +1246,28 @@ impl Redis {
         }
     }
 
-    /// A service message from another node, handed to the shard it is for.
-    fn service_here(&self, service: u8, body: &[u8]) {
+    /// A service message from node `origin`, handed to the shard it is for.
+    fn service_here(&self, origin: u32, service: u8, body: &[u8]) {
         use crate::shard::service::{calls, ServiceMsg};
         let stats = &self.node.redis_stats;
         let (shard, msg) = match service {
             cluster::service::CALL_INPUT => match calls::decode_remote(body) {
-                Some(input) => (
+                Some((input, ask)) => (
                     calls::owner_of_input(&input, self.node.inboxes.len()),
-                    calls::Msg::Remote(input),
+                    calls::Msg::Remote { input, ask },
                 ),
                 None => {
+                    stats.malformed.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+            },
+            // For the shard that forwarded the command: the owner of its pair here.
+            cluster::service::CALL_HELD => match calls::decode_held(origin, body) {
+                Some(input @ calls::Input::Held { conn, .. }) if conn.node == self.node.id => (
+                    calls::owner_of_input(&input, self.node.inboxes.len()),
+                    calls::Msg::Remote { input, ask: None },
+                ),
+                _ => {
                     stats.malformed.fetch_add(1, Ordering::Relaxed);
                     return;
                 }
@@ -1769,7 +1780,7 @@ impl Redis {
                 body,
             }) => {
                 if origin != self.node.id {
-                    self.service_here(service, body);
+                    self.service_here(origin, service, body);
                 }
             }
             Ok(Inbound::Canary { origin, nonce }) => {

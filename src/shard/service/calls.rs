@@ -18,9 +18,31 @@
 //! connection are the call's two parties. Each party's own shard keeps, in [`State::conns`],
 //! the calls that connection is a party to (each offer or answer adds a use before it is
 //! forwarded; the owner's [`Msg::Untrack`] takes the use back when the call ends or the
-//! command is refused; at most `max_calls_per_user` entries per connection). `on_detach` forwards [`Input::Gone`] for each to
-//! its owner, which ends the call with `disconnected` for the other side. Nothing is kept for
-//! a connection that is in no call.
+//! command is refused, or clustered when no node confirms it; at most `max_calls_per_user`
+//! entries per connection). `on_detach` forwards [`Input::Gone`] for each to its owner, which
+//! ends the call with `disconnected` for the other side. Nothing is kept for a connection that
+//! is in no call.
+//!
+//! **Across nodes.** Clustered, a call lives on the owner shard of the node its offer reached
+//! (the caller's). A command the local owner does not hold may be for a call held on another
+//! node, so it goes to every other node ([`Action::Elsewhere`], `<p>{calls}`), and this owner
+//! keeps it waiting ([`Pending`], at most [`CALLS_PENDING_PER_SHARD_MAX`], each for
+//! [`CALL_REMOTE_WAIT`] on the timer wheel). The node that holds the call runs it as a local
+//! one (its events, errors and untracks reach the requester through that node's channel) and
+//! confirms it ([`Action::Held`] -> `cluster::service::CALL_HELD` to the requester's node ->
+//! [`Input::Held`]), which ends the wait; nodes that do not hold it say nothing. A command
+//! nobody confirms in time (the call ended or timed out meanwhile, its node died, or the
+//! `call_id` was made up) gets `unknown call`, the frame one node would have sent, and an
+//! answer's tracked entry is released, so every forwarded command has a definite outcome
+//! within the wait. The rare confirmation of an accepted answer that comes after the wait
+//! (Redis or the holding node later than [`CALL_REMOTE_WAIT`]) ends that call on its node as
+//! if the answering connection had left: it was told `unknown call`. This was chosen over
+//! routing commands straight to the holding node (learning it from the `call.incoming` it
+//! relayed): that needs a route table per ringing call on every callee node and still a
+//! deadline for a holder that died or a route that was never heard, where the wait alone
+//! covers every case with one small entry per command in flight. Inputs that never cross
+//! (offers, timers) and departures ([`Input::Gone`], nobody to answer) wait for nothing. One
+//! node (not clustered) never waits: `unknown call` at once, as before.
 //!
 //! **Limits.** Calls per user node-wide (`max_calls_per_user`, counted in
 //! `Directory::calls`, so a user's calls on different owner shards add up), calls per shard
@@ -62,6 +84,17 @@ pub const CALLS_PER_SHARD_MAX: usize = 65_536;
 /// scanned linearly).
 pub const CALLS_PER_USER_LIMIT: usize = 1024;
 
+/// Clustered: how long a command sent to the other nodes (a call this node does not hold)
+/// waits for the node holding its call to confirm ([`Input::Held`]) before the requester gets
+/// `unknown call` (and an answer's entry is released). A confirmation takes one Redis round
+/// trip (milliseconds); the wait only runs out when no node holds the call, or when Redis or
+/// the holding node is this late (then an answer confirmed after all ends the call there).
+pub const CALL_REMOTE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+/// Clustered: commands one shard has sent to the other nodes and still waits on (each at most
+/// [`CALL_REMOTE_WAIT`], ~300 B with its ids); past it such commands get
+/// `server busy, retry later`.
+pub const CALLS_PENDING_PER_SHARD_MAX: usize = 4096;
+
 /// The owner shard of the calls between `a` and `b`: a fixed hash of the two ids sorted (the
 /// same on every shard and run, whichever of them asks).
 pub fn owner(a: &str, b: &str, shards: usize) -> usize {
@@ -76,15 +109,27 @@ const REMOTE_ANSWER: u8 = 1;
 const REMOTE_ICE: u8 = 2;
 const REMOTE_HANGUP: u8 = 3;
 const REMOTE_GONE: u8 = 4;
+/// In the tag of an answer, ICE or hangup: the key its requester waits under follows (a node
+/// of an earlier version refuses such a tag; its own commands, without it, still decode).
+const REMOTE_ASK: u8 = 0x80;
 
 /// The body of a call command for another node (`cluster::service::CALL_INPUT`): a tag, then
-/// the requester (connection, user, `id`), the peer, the call id and the payload. Offers and
-/// timers never leave their node (None).
-pub fn encode_remote(input: &Input) -> Option<(u8, Vec<u8>)> {
+/// for an answer, ICE or hangup with an `ask` (tag | [`REMOTE_ASK`]) the key its requester's
+/// shard waits under (u64 LE; the node holding the call confirms it with [`encode_held`]),
+/// the requester (connection, user, `id`), the peer, the call id and the payload. Offers,
+/// timers and the rest never leave their node (None); so does an `ask` on a departure
+/// (`Gone` needs none).
+pub fn encode_remote(input: &Input, ask: Option<u64>) -> Option<(u8, Vec<u8>)> {
     use crate::cluster::{put_conn, put_str};
     let mut v = Vec::with_capacity(64);
     let req_part = |v: &mut Vec<u8>, tag: u8, req: &Req, to: &str, call_id: &str| {
-        v.push(tag);
+        match ask {
+            Some(k) => {
+                v.push(tag | REMOTE_ASK);
+                v.extend_from_slice(&k.to_le_bytes());
+            }
+            None => v.push(tag),
+        }
         put_conn(v, req.conn);
         put_str(v, &req.user);
         match &req.id {
@@ -136,22 +181,28 @@ pub fn encode_remote(input: &Input) -> Option<(u8, Vec<u8>)> {
             user,
             peer,
             call_id,
-        } => {
+        } if ask.is_none() => {
             v.push(REMOTE_GONE);
             put_conn(&mut v, *conn);
             put_str(&mut v, user);
             put_str(&mut v, peer);
             put_str(&mut v, call_id);
         }
-        Input::Offer { .. } | Input::Timer { .. } | Input::NodeGone { .. } => return None,
+        Input::Gone { .. }
+        | Input::Offer { .. }
+        | Input::Timer { .. }
+        | Input::NodeGone { .. }
+        | Input::Held { .. } => return None,
     }
     Some((crate::cluster::service::CALL_INPUT, v))
 }
 
-/// Decode [`encode_remote`]'s body. None for anything malformed (never panics).
-pub fn decode_remote(b: &[u8]) -> Option<Input> {
+/// Decode [`encode_remote`]'s body: the input and its `ask`. None for anything malformed
+/// (never panics).
+pub fn decode_remote(b: &[u8]) -> Option<(Input, Option<u64>)> {
     let mut r = crate::cluster::Reader::new(b);
-    let tag = r.u8().ok()?;
+    let mut tag = r.u8().ok()?;
+    let mut ask = None;
     let input = if tag == REMOTE_GONE {
         Input::Gone {
             conn: r.conn().ok()?,
@@ -160,6 +211,13 @@ pub fn decode_remote(b: &[u8]) -> Option<Input> {
             call_id: r.str().ok()?.into(),
         }
     } else {
+        if tag & REMOTE_ASK != 0 {
+            tag &= !REMOTE_ASK;
+            ask = Some(r.u64().ok()?);
+        }
+        if !matches!(tag, REMOTE_ANSWER | REMOTE_ICE | REMOTE_HANGUP) {
+            return None;
+        }
         let conn = r.conn().ok()?;
         let user: Arc<str> = r.str().ok()?.into();
         let id = match r.u8().ok()? {
@@ -194,6 +252,51 @@ pub fn decode_remote(b: &[u8]) -> Option<Input> {
             _ => return None,
         }
     };
+    r.done().then_some((input, ask))
+}
+
+/// The body of a confirmation for the requester's node (`cluster::service::CALL_HELD`): this
+/// node holds the call of the command forwarded under `key` and ran it. `party`: the
+/// requester's connection became a party (an accepted answer). Then the requester's
+/// connection, user, the peer and the call id.
+pub fn encode_held(
+    key: u64,
+    party: bool,
+    conn: ConnRef,
+    user: &str,
+    peer: &str,
+    call_id: &str,
+) -> (u8, Vec<u8>) {
+    use crate::cluster::{put_conn, put_str};
+    let mut v = Vec::with_capacity(48 + user.len() + peer.len() + call_id.len());
+    v.extend_from_slice(&key.to_le_bytes());
+    v.push(u8::from(party));
+    put_conn(&mut v, conn);
+    put_str(&mut v, user);
+    put_str(&mut v, peer);
+    put_str(&mut v, call_id);
+    (crate::cluster::service::CALL_HELD, v)
+}
+
+/// Decode [`encode_held`]'s body from node `origin` (the node holding the call). None for
+/// anything malformed (never panics).
+pub fn decode_held(origin: u32, b: &[u8]) -> Option<Input> {
+    let mut r = crate::cluster::Reader::new(b);
+    let key = r.u64().ok()?;
+    let party = match r.u8().ok()? {
+        0 => false,
+        1 => true,
+        _ => return None,
+    };
+    let input = Input::Held {
+        key,
+        party,
+        node: origin,
+        conn: r.conn().ok()?,
+        user: r.str().ok()?.into(),
+        peer: r.str().ok()?.into(),
+        call_id: r.str().ok()?.into(),
+    };
     r.done().then_some(input)
 }
 
@@ -225,7 +328,9 @@ pub fn owner_of_input(input: &Input, shards: usize) -> usize {
         | Input::Answer { req, to, .. }
         | Input::Ice { req, to, .. }
         | Input::Hangup { req, to, .. } => owner(&req.user, to, shards),
-        Input::Gone { user, peer, .. } => owner(user, peer, shards),
+        Input::Gone { user, peer, .. } | Input::Held { user, peer, .. } => {
+            owner(user, peer, shards)
+        }
         Input::Timer { .. } | Input::NodeGone { .. } => 0,
     }
 }
@@ -279,6 +384,18 @@ pub enum Input {
     /// Clustered: node `node` died (it was reaped): every call with a party there ends,
     /// `disconnected` for the other side.
     NodeGone { node: u32 },
+    /// Clustered: node `node` holds the call of the command this shard forwarded under `key`
+    /// for `conn` (of `user`, to `peer`) and ran it; `party`: `conn` became a party (an
+    /// accepted answer). It ends the wait ([`Action::Held`] there).
+    Held {
+        key: u64,
+        party: bool,
+        node: u32,
+        conn: ConnRef,
+        user: Arc<str>,
+        peer: Arc<str>,
+        call_id: Box<str>,
+    },
 }
 
 /// Calls messages between shards (boxed in `ServiceMsg::Calls`).
@@ -286,8 +403,9 @@ pub enum Msg {
     /// For the owner shard of the call's pair.
     Owner(Input),
     /// For the owner shard of the call's pair, from another node whose owner did not hold
-    /// the call ([`Action::Elsewhere`] there).
-    Remote(Input),
+    /// the call ([`Action::Elsewhere`] there; `ask`: the key it waits under, to confirm with
+    /// [`Action::Held`] if the call is held here), or that node's [`Input::Held`].
+    Remote { input: Input, ask: Option<u64> },
     /// For the shard of `conn`: it is no longer a party to `(peer, call_id)`.
     Untrack {
         conn: ConnRef,
@@ -379,9 +497,24 @@ pub enum Action {
         peer: Arc<str>,
         call_id: Box<str>,
     },
-    /// Clustered: no call here for this command; hand it to the other nodes, where the one
-    /// holding the call (the node its offer reached) runs it.
-    Elsewhere(Input),
+    /// Clustered: no call here for this command; hand it to the other nodes (`node`: only
+    /// that one), where the one holding the call (the node its offer reached) runs it and,
+    /// with an `ask`, confirms it ([`Input::Held`]).
+    Elsewhere {
+        input: Input,
+        ask: Option<u64>,
+        node: Option<u32>,
+    },
+    /// Clustered: this node holds the call of a command from `conn`'s node, forwarded under
+    /// `key`: tell that node ([`encode_held`]), which stops waiting.
+    Held {
+        key: u64,
+        party: bool,
+        conn: ConnRef,
+        user: Arc<str>,
+        peer: Arc<str>,
+        call_id: Box<str>,
+    },
 }
 
 /// Node-wide calls per user: one more (unless at the limit) or one fewer.
@@ -400,6 +533,10 @@ pub struct Stats {
     pub ended_timeout: u64,
     pub ended_disconnected: u64,
     pub ended_glare: u64,
+    /// Clustered: commands sent to the other nodes that no node confirmed in time.
+    pub remote_unanswered: u64,
+    /// Clustered: confirmations of an answer after its wait ran out (that call ended there).
+    pub remote_late: u64,
 }
 
 /// The clock and settings an input is handled with.
@@ -414,6 +551,11 @@ pub struct Ctx {
     /// The input came from another node (its node held no such call): a call not held here
     /// either is dropped silently, since the node that holds it answers.
     pub remote: bool,
+    /// With `remote`: the requester's shard waits for a confirmation under this key
+    /// ([`Action::Held`] when the call is held here).
+    pub ask: Option<u64>,
+    /// [`CALL_REMOTE_WAIT`] in wheel ticks: how long a command sent to the other nodes waits.
+    pub wait_ticks: u32,
 }
 
 struct Call {
@@ -429,14 +571,33 @@ struct Call {
     deadline: u32,
 }
 
+/// Clustered: a command sent to the other nodes, waiting for the one holding its call.
+struct Pending {
+    gen: u32,
+    conn: ConnRef,
+    id: Option<Box<str>>,
+    peer: Arc<str>,
+    call_id: Box<str>,
+    /// An answer: the requester's shard holds a use of its entry for the call.
+    tracked: bool,
+    deadline: u32,
+}
+
 const GEN_MASK: u32 = (1 << 24) - 1;
+/// In a timer key (and the key a command is forwarded under): a [`Pending`] entry, not a call
+/// (slab indexes stay far below it: [`CALLS_PER_SHARD_MAX`], [`CALLS_PENDING_PER_SHARD_MAX`]).
+const PENDING_BIT: u64 = 1 << 31;
 
 /// The calls one shard owns: calls by slab index, the calls of each user pair (for lookup by
-/// `call_id` and glare), and the counters. No I/O, no clock: inputs in, actions out.
+/// `call_id` and glare), the commands waiting on other nodes, and the counters. No I/O, no
+/// clock: inputs in, actions out.
 #[derive(Default)]
 pub struct Calls {
     slab: Slab<Call>,
     pairs: HashMap<(Arc<str>, Arc<str>), Vec<u32>>,
+    /// Clustered: commands sent to the other nodes, by slab index (at most
+    /// [`CALLS_PENDING_PER_SHARD_MAX`]).
+    pending: Slab<Pending>,
     next_gen: u32,
     pub stats: Stats,
 }
@@ -459,6 +620,17 @@ impl Calls {
         self.slab.is_empty()
     }
 
+    /// Commands sent to the other nodes still waiting for a confirmation.
+    pub fn pending_len(&self) -> usize {
+        self.pending.len()
+    }
+
+    fn next_gen(&mut self) -> u32 {
+        let gen = self.next_gen & GEN_MASK;
+        self.next_gen = self.next_gen.wrapping_add(1);
+        gen
+    }
+
     fn find(&self, a: &Arc<str>, b: &Arc<str>, call_id: &str) -> Option<usize> {
         let list = self.pairs.get(&pair(a, b))?;
         list.iter()
@@ -478,6 +650,26 @@ impl Calls {
         counts: &mut impl Counts,
         out: &mut Vec<Action>,
     ) {
+        // From another node that waits for a confirmation: if the call is held here, the
+        // command runs and that node hears so (whatever the outcome).
+        let confirm = match (&input, cx.ask) {
+            (
+                Input::Answer {
+                    req, to, call_id, ..
+                }
+                | Input::Ice {
+                    req, to, call_id, ..
+                }
+                | Input::Hangup {
+                    req, to, call_id, ..
+                },
+                Some(key),
+            ) if cx.remote && self.find(&req.user, to, call_id).is_some() => {
+                Some((key, req.conn, req.user.clone(), to.clone(), call_id.clone()))
+            }
+            _ => None,
+        };
+        let mut party = false;
         match input {
             Input::Offer {
                 req,
@@ -490,7 +682,7 @@ impl Calls {
                 to,
                 call_id,
                 sdp,
-            } => self.answer(req, to, call_id, sdp, cx, out),
+            } => party = self.answer(req, to, call_id, sdp, cx, out),
             Input::Ice {
                 req,
                 to,
@@ -509,8 +701,110 @@ impl Calls {
                 peer,
                 call_id,
             } => self.gone(conn, user, peer, call_id, cx, counts, out),
+            Input::Timer { key } if key & PENDING_BIT != 0 => self.pending_timer(key, cx, out),
             Input::Timer { key } => self.timer(key, cx, counts, out),
             Input::NodeGone { node } => self.node_gone(node, counts, out),
+            Input::Held {
+                key,
+                party,
+                node,
+                conn,
+                user,
+                peer,
+                call_id,
+            } => self.held(key, party, node, conn, user, peer, call_id, out),
+        }
+        if let Some((key, conn, user, peer, call_id)) = confirm {
+            out.push(Action::Held {
+                key,
+                party,
+                conn,
+                user,
+                peer,
+                call_id,
+            });
+        }
+    }
+
+    /// The [`Pending`] entry of `key`, if it is still waiting.
+    fn pending_of(&self, key: u64) -> Option<usize> {
+        let i = (key & (PENDING_BIT - 1)) as usize;
+        let gen = (key >> 32) as u32;
+        self.pending
+            .get(i)
+            .filter(|p| key & PENDING_BIT != 0 && p.gen == gen)
+            .map(|_| i)
+    }
+
+    /// A command sent to the other nodes: no node confirmed it within its wait, so no node
+    /// holds its call (or none could say so in time): `unknown call`, as on one node, and an
+    /// answer's entry is released.
+    fn pending_timer(&mut self, key: u64, cx: Ctx, out: &mut Vec<Action>) {
+        let Some(i) = self.pending_of(key) else {
+            return; // confirmed: a stale entry
+        };
+        let p = &self.pending[i];
+        if (p.deadline.wrapping_sub(cx.now) as i32) > 0 {
+            out.push(Action::Schedule {
+                tick: p.deadline,
+                key,
+            });
+            return;
+        }
+        let p = self.pending.remove(i);
+        self.stats.remote_unanswered += 1;
+        if p.tracked {
+            out.push(Action::Untrack {
+                conn: p.conn,
+                peer: p.peer,
+                call_id: p.call_id.clone(),
+            });
+        }
+        out.push(Action::Error {
+            conn: p.conn,
+            id: p.id,
+            err: CallError::UnknownCall,
+            call_id: p.call_id,
+        });
+    }
+
+    /// Node `node` holds the call of the command forwarded under `key` and ran it: the wait is
+    /// over (its own answer or error reaches the requester from there). A confirmation for
+    /// nothing waiting here (it came after the wait ran out, so the requester was told
+    /// `unknown call`, or a second node holds a call with the same id) that made the requester
+    /// a party ends that call on that node, as if the requester had left: the requester's
+    /// shard no longer counts it as a party, so nothing else would.
+    #[allow(clippy::too_many_arguments)]
+    fn held(
+        &mut self,
+        key: u64,
+        party: bool,
+        node: u32,
+        conn: ConnRef,
+        user: Arc<str>,
+        peer: Arc<str>,
+        call_id: Box<str>,
+        out: &mut Vec<Action>,
+    ) {
+        if let Some(i) = self.pending_of(key) {
+            let p = &self.pending[i];
+            if p.conn == conn && p.peer == peer && p.call_id == call_id {
+                self.pending.remove(i);
+                return;
+            }
+        }
+        if party {
+            self.stats.remote_late += 1;
+            out.push(Action::Elsewhere {
+                input: Input::Gone {
+                    conn,
+                    user,
+                    peer,
+                    call_id,
+                },
+                ask: None,
+                node: Some(node),
+            });
         }
     }
 
@@ -544,14 +838,53 @@ impl Calls {
 
     /// A command (answer, ICE, hangup) for a call this shard does not hold: `unknown call` on
     /// one node; clustered, the call may be held by the node its offer reached, so the
-    /// command goes there ([`Action::Elsewhere`], the requester's entry still tracked: that
-    /// node untracks it); a command that came from another node is dropped here.
-    fn not_here(&self, input: Input, cx: Ctx, tracked: bool, out: &mut Vec<Action>) {
+    /// command goes to the other nodes ([`Action::Elsewhere`], the requester's entry still
+    /// tracked) and waits here, up to [`CALL_REMOTE_WAIT`], for the node holding it to
+    /// confirm ([`Input::Held`]; that node answers, and untracks the entry if it refuses);
+    /// unconfirmed, it is `unknown call` after all ([`Calls::pending_timer`]). A command that
+    /// came from another node is dropped here (its node waits for the holder's confirmation).
+    fn not_here(&mut self, input: Input, cx: Ctx, tracked: bool, out: &mut Vec<Action>) {
         if cx.remote {
             return;
         }
         if cx.clustered {
-            out.push(Action::Elsewhere(input));
+            let (req, peer, call_id) = match &input {
+                Input::Answer {
+                    req, to, call_id, ..
+                }
+                | Input::Ice {
+                    req, to, call_id, ..
+                }
+                | Input::Hangup {
+                    req, to, call_id, ..
+                } => (req, to, call_id),
+                _ => return,
+            };
+            if self.pending.len() >= CALLS_PENDING_PER_SHARD_MAX {
+                let (req, peer, call_id) = (req.clone(), peer.clone(), call_id.clone());
+                return self.refuse(req, peer, call_id, CallError::ServerBusy, tracked, out);
+            }
+            let gen = self.next_gen();
+            let deadline = cx.now.wrapping_add(cx.wait_ticks.max(1));
+            let i = self.pending.insert(Pending {
+                gen,
+                conn: req.conn,
+                id: req.id.clone(),
+                peer: peer.clone(),
+                call_id: call_id.clone(),
+                tracked,
+                deadline,
+            });
+            let key = (u64::from(gen) << 32) | PENDING_BIT | i as u64;
+            out.push(Action::Schedule {
+                tick: deadline,
+                key,
+            });
+            out.push(Action::Elsewhere {
+                input,
+                ask: Some(key),
+                node: None,
+            });
             return;
         }
         match input {
@@ -567,7 +900,8 @@ impl Calls {
             Input::Offer { .. }
             | Input::Gone { .. }
             | Input::Timer { .. }
-            | Input::NodeGone { .. } => {}
+            | Input::NodeGone { .. }
+            | Input::Held { .. } => {}
         }
     }
 
@@ -663,8 +997,7 @@ impl Calls {
             });
             return;
         }
-        let gen = self.next_gen & GEN_MASK;
-        self.next_gen = self.next_gen.wrapping_add(1);
+        let gen = self.next_gen();
         let deadline = cx.now.wrapping_add(cx.ring_ticks.max(1));
         let i = self.slab.insert(Call {
             gen,
@@ -706,7 +1039,7 @@ impl Calls {
         sdp: Box<str>,
         cx: Ctx,
         out: &mut Vec<Action>,
-    ) {
+    ) -> bool {
         let Some(i) = self.find(&req.user, &to, &call_id) else {
             let input = Input::Answer {
                 req,
@@ -714,14 +1047,17 @@ impl Calls {
                 call_id,
                 sdp,
             };
-            return self.not_here(input, cx, true, out);
+            self.not_here(input, cx, true, out);
+            return false;
         };
         let c = &self.slab[i];
         if c.callee != req.user {
-            return self.refuse(req, to, call_id, CallError::UnknownCall, true, out);
+            self.refuse(req, to, call_id, CallError::UnknownCall, true, out);
+            return false;
         }
         if c.answered.is_some() {
-            return self.refuse(req, to, call_id, CallError::AlreadyAnswered, true, out);
+            self.refuse(req, to, call_id, CallError::AlreadyAnswered, true, out);
+            return false;
         }
         let caller_conn = c.caller_conn;
         self.slab[i].answered = Some(req.conn);
@@ -742,6 +1078,7 @@ impl Calls {
             &call_id,
             "answered_elsewhere",
         ));
+        true
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -881,12 +1218,16 @@ impl Calls {
         let Some(i) = self.find(&user, &peer, &call_id) else {
             // Ended already, or (clustered) held by another node.
             if cx.clustered && !cx.remote {
-                out.push(Action::Elsewhere(Input::Gone {
-                    conn,
-                    user,
-                    peer,
-                    call_id,
-                }));
+                out.push(Action::Elsewhere {
+                    input: Input::Gone {
+                        conn,
+                        user,
+                        peer,
+                        call_id,
+                    },
+                    ask: None,
+                    node: None,
+                });
             }
             return;
         };
@@ -1367,7 +1708,7 @@ fn forward(sh: &mut Shard, input: Input) -> bool {
         | Input::Answer { req, to, .. }
         | Input::Ice { req, to, .. }
         | Input::Hangup { req, to, .. } => owner_of(sh, &req.user, to),
-        Input::Gone { user, peer, .. } => owner_of(sh, user, peer),
+        Input::Gone { user, peer, .. } | Input::Held { user, peer, .. } => owner_of(sh, user, peer),
         Input::Timer { .. } | Input::NodeGone { .. } => sh.id,
     };
     if own == sh.id {
@@ -1387,11 +1728,12 @@ fn forward(sh: &mut Shard, input: Input) -> bool {
 
 /// Run one input through this shard's machine and carry out its actions.
 fn run(sh: &mut Shard, input: Input) {
-    run_from(sh, input, false);
+    run_from(sh, input, false, None);
 }
 
-/// [`run`]; `remote`: the input came from another node.
-fn run_from(sh: &mut Shard, input: Input, remote: bool) {
+/// [`run`]; `remote`: the input came from another node, `ask`: which waits for a
+/// confirmation under this key.
+fn run_from(sh: &mut Shard, input: Input, remote: bool, ask: Option<u64>) {
     let node = sh.node.clone();
     let mut counts = NodeCounts {
         names: &node.dir.calls,
@@ -1404,6 +1746,9 @@ fn run_from(sh: &mut Shard, input: Input, remote: bool) {
         ring_ticks: crate::shard::ticks(node.cfg.ring_timeout) + 1,
         clustered: node.clustered,
         remote,
+        ask,
+        // One tick more, as for the ring.
+        wait_ticks: crate::shard::ticks(CALL_REMOTE_WAIT) + 1,
     };
     let mut out = std::mem::take(&mut sh.svc.calls.actions);
     sh.svc
@@ -1419,6 +1764,8 @@ fn run_from(sh: &mut Shard, input: Input, remote: bool) {
     st.calls_ended_timeout += s.ended_timeout;
     st.calls_ended_disconnected += s.ended_disconnected;
     st.calls_ended_glare += s.ended_glare;
+    st.calls_remote_unanswered += s.remote_unanswered;
+    st.calls_remote_late += s.remote_late;
     for a in out.drain(..) {
         apply(sh, a);
     }
@@ -1444,9 +1791,24 @@ fn to_other_nodes(sh: &mut Shard, node: Option<u32>, body: (u8, Vec<u8>)) {
 
 fn apply(sh: &mut Shard, a: Action) {
     match a {
-        Action::Elsewhere(input) => {
-            if let Some(body) = encode_remote(&input) {
-                to_other_nodes(sh, None, body);
+        Action::Elsewhere { input, ask, node } => {
+            if let Some(body) = encode_remote(&input, ask) {
+                to_other_nodes(sh, node, body);
+            }
+        }
+        Action::Held {
+            key,
+            party,
+            conn,
+            user,
+            peer,
+            call_id,
+        } => {
+            // Only inputs from another node are confirmed. Lost (a full bridge inbox): the
+            // requester hears `unknown call` when its wait runs out.
+            if conn.node != sh.node.id {
+                let body = encode_held(key, party, conn, &user, &peer, &call_id);
+                to_other_nodes(sh, Some(conn.node), body);
             }
         }
         Action::Event {
@@ -1601,7 +1963,7 @@ fn untrack_local(sh: &mut Shard, slot: u32, peer: &str, call_id: &str) {
 pub fn on_msg(sh: &mut Shard, m: Msg) {
     match m {
         Msg::Owner(input) => run(sh, input),
-        Msg::Remote(input) => run_from(sh, input, true),
+        Msg::Remote { input, ask } => run_from(sh, input, true, ask),
         Msg::Untrack {
             conn,
             peer,
@@ -1653,6 +2015,7 @@ mod tests {
     use super::*;
 
     const RING: u32 = 450;
+    const WAIT: u32 = 21;
 
     fn conn(shard: u16, slot: u32) -> ConnRef {
         ConnRef {
@@ -1697,6 +2060,7 @@ mod tests {
         now: u32,
         clustered: bool,
         remote: bool,
+        ask: Option<u64>,
     }
 
     impl T {
@@ -1710,6 +2074,7 @@ mod tests {
                 now: 1000,
                 clustered: false,
                 remote: false,
+                ask: None,
             }
         }
 
@@ -1720,6 +2085,8 @@ mod tests {
                 ring_ticks: RING,
                 clustered: self.clustered,
                 remote: self.remote,
+                ask: self.ask,
+                wait_ticks: WAIT,
             };
             self.m.handle(input, cx, &mut self.counts, &mut out);
             out
@@ -2251,17 +2618,41 @@ mod tests {
         let b = conn(1, 2);
         let mut t = T::new(4);
         t.clustered = true;
-        // No call here: the answer, ICE, hangup and a party's departure go elsewhere, and
-        // nothing is refused (the node holding the call answers).
+        // No call here: the answer, ICE and hangup go elsewhere and wait for a confirmation
+        // (nothing is refused now: the node holding the call answers); a party's departure
+        // goes elsewhere and waits for nothing.
         for out in [
             t.answer("bob", b, "alice", "c1"),
             t.ice("bob", b, "alice", "c1"),
             t.hangup("bob", b, "alice", "c1", None),
-            t.gone("bob", b, "alice", "c1"),
         ] {
-            assert_eq!(out.len(), 1, "{out:?}");
-            assert!(matches!(out[0], Action::Elsewhere(_)), "{out:?}");
+            assert_eq!(out.len(), 2, "{out:?}");
+            let key = schedule_key(&out);
+            assert_eq!(
+                out[0],
+                Action::Schedule {
+                    tick: 1000 + WAIT,
+                    key
+                }
+            );
+            assert!(
+                matches!(&out[1], Action::Elsewhere { ask: Some(k), node: None, .. } if *k == key),
+                "{out:?}"
+            );
         }
+        assert_eq!(t.m.pending_len(), 3);
+        let out = t.gone("bob", b, "alice", "c1");
+        assert!(
+            matches!(
+                &out[..],
+                [Action::Elsewhere {
+                    input: Input::Gone { .. },
+                    ask: None,
+                    node: None
+                }]
+            ),
+            "{out:?}"
+        );
         // From another node and not held here either: dropped silently.
         t.remote = true;
         assert!(t.answer("bob", b, "alice", "c1").is_empty());
@@ -2287,6 +2678,197 @@ mod tests {
                 }
             ),
             "{out:?}"
+        );
+    }
+
+    fn elsewhere_key(out: &[Action]) -> u64 {
+        out.iter()
+            .find_map(|a| match a {
+                Action::Elsewhere { ask: Some(k), .. } => Some(*k),
+                _ => None,
+            })
+            .expect("an elsewhere action with an ask")
+    }
+
+    fn held(key: u64, party: bool, c: ConnRef, user: &str, peer: &str, id: &str) -> Input {
+        Input::Held {
+            key,
+            party,
+            node: 5,
+            conn: c,
+            user: u(user),
+            peer: u(peer),
+            call_id: id.into(),
+        }
+    }
+
+    #[test]
+    fn clustered_commands_no_node_holds_time_out_as_unknown_calls() {
+        let b = conn(1, 2);
+        let mut t = T::new(4);
+        t.clustered = true;
+        let out = t.answer("bob", b, "alice", "late");
+        let key = schedule_key(&out);
+        assert_eq!(key, elsewhere_key(&out));
+        let ice_key = schedule_key(&t.ice("bob", b, "alice", "late"));
+        let hangup_key = schedule_key(&t.hangup("bob", b, "alice", "made-up", None));
+        assert_eq!(t.m.pending_len(), 3);
+        // Fired early (a wheel lap): scheduled again.
+        t.now += WAIT - 1;
+        assert_eq!(
+            t.run(Input::Timer { key }),
+            vec![Action::Schedule {
+                tick: 1000 + WAIT,
+                key
+            }]
+        );
+        // Unconfirmed at the deadline: the answer's entry is released, and every command
+        // gets the single-node `unknown call`.
+        t.now += 1;
+        assert_eq!(
+            t.run(Input::Timer { key }),
+            vec![
+                untrack(b, "alice", "late"),
+                err(b, CallError::UnknownCall, "late")
+            ]
+        );
+        assert_eq!(
+            t.run(Input::Timer { key: ice_key }),
+            vec![err(b, CallError::UnknownCall, "late")]
+        );
+        assert_eq!(
+            t.run(Input::Timer { key: hangup_key }),
+            vec![err(b, CallError::UnknownCall, "made-up")]
+        );
+        assert_eq!(t.m.pending_len(), 0);
+        assert_eq!(t.m.stats.remote_unanswered, 3);
+        // Stale: nothing; nor does a pending key touch a call in the slot of the same index.
+        assert!(t.run(Input::Timer { key }).is_empty());
+        t.offer("alice", conn(0, 1), "bob", "c9");
+        assert!(t.run(Input::Timer { key }).is_empty());
+        assert_eq!(t.m.len(), 1);
+        // A confirmation that comes after the wait, for a command that made no party:
+        // nothing to do.
+        assert!(t
+            .run(held(ice_key, false, b, "bob", "alice", "late"))
+            .is_empty());
+    }
+
+    #[test]
+    fn a_confirmation_ends_the_wait() {
+        let b = conn(1, 2);
+        let mut t = T::new(4);
+        t.clustered = true;
+        let key = schedule_key(&t.answer("bob", b, "alice", "c1"));
+        // Someone else's confirmation (another connection, call or a made-up key) does not.
+        for other in [
+            held(key, false, conn(1, 3), "bob", "alice", "c1"),
+            held(key, false, b, "bob", "alice", "c2"),
+            held(key ^ (1 << 32), false, b, "bob", "alice", "c1"),
+            held(key & !PENDING_BIT, false, b, "bob", "alice", "c1"),
+        ] {
+            assert!(t.run(other).is_empty());
+            assert_eq!(t.m.pending_len(), 1);
+        }
+        assert!(t.run(held(key, true, b, "bob", "alice", "c1")).is_empty());
+        assert_eq!(t.m.pending_len(), 0);
+        // Its timer finds nothing: no error, no untrack (the holder answered).
+        t.now += WAIT;
+        assert!(t.run(Input::Timer { key }).is_empty());
+        // A second confirmation that made the connection a party (a call with the same id on
+        // a second node): that call ends there, as if the connection had left.
+        assert_eq!(
+            t.run(held(key, true, b, "bob", "alice", "c1")),
+            vec![Action::Elsewhere {
+                input: Input::Gone {
+                    conn: b,
+                    user: u("bob"),
+                    peer: u("alice"),
+                    call_id: "c1".into(),
+                },
+                ask: None,
+                node: Some(5),
+            }]
+        );
+        assert_eq!(t.m.stats.remote_late, 1);
+        assert_eq!(t.m.stats.remote_unanswered, 0);
+    }
+
+    #[test]
+    fn the_node_holding_the_call_confirms_what_it_ran() {
+        let a = conn(0, 1);
+        let b = ConnRef {
+            node: 2,
+            shard: 0,
+            slot: 9,
+            gen: 1,
+        };
+        let mut t = T::new(4);
+        t.clustered = true;
+        t.offer("alice", a, "bob", "c1");
+        t.remote = true;
+        t.ask = Some(77);
+        let confirm = |party: bool| Action::Held {
+            key: 77,
+            party,
+            conn: b,
+            user: u("bob"),
+            peer: u("alice"),
+            call_id: "c1".into(),
+        };
+        // ICE before the answer: refused here, and confirmed (the error comes from here).
+        let out = t.ice("bob", b, "alice", "c1");
+        assert_eq!(
+            out,
+            vec![err(b, CallError::NotAnswered, "c1"), confirm(false)]
+        );
+        // The answer: accepted, the connection is a party.
+        let out = t.answer("bob", b, "alice", "c1");
+        assert_eq!(out.len(), 3, "{out:?}");
+        assert_eq!(out[2], confirm(true));
+        // Again: refused with its untrack, not a party by this command.
+        let out = t.answer("bob", b, "alice", "c1");
+        assert_eq!(
+            out,
+            vec![
+                untrack(b, "alice", "c1"),
+                err(b, CallError::AlreadyAnswered, "c1"),
+                confirm(false)
+            ]
+        );
+        let out = t.hangup("bob", b, "alice", "c1", None);
+        assert_eq!(out.last(), Some(&confirm(false)), "{out:?}");
+        // Not held here: nothing at all (the node holding it, if any, confirms).
+        assert!(t.answer("bob", b, "alice", "c1").is_empty());
+        assert!(t.ice("bob", b, "alice", "c1").is_empty());
+        // Without an ask (an older sender): no confirmation.
+        t.remote = false;
+        t.ask = None;
+        t.offer("alice", a, "bob", "c2");
+        t.remote = true;
+        let out = t.answer("bob", b, "alice", "c2");
+        assert!(
+            !out.iter().any(|x| matches!(x, Action::Held { .. })),
+            "{out:?}"
+        );
+    }
+
+    #[test]
+    fn commands_waiting_on_other_nodes_are_bounded() {
+        let b = conn(1, 2);
+        let mut t = T::new(4);
+        t.clustered = true;
+        for i in 0..CALLS_PENDING_PER_SHARD_MAX {
+            t.ice("bob", b, "alice", &format!("c{i}"));
+        }
+        assert_eq!(t.m.pending_len(), CALLS_PENDING_PER_SHARD_MAX);
+        assert_eq!(
+            t.answer("bob", b, "alice", "x"),
+            vec![untrack(b, "alice", "x"), err(b, CallError::ServerBusy, "x")]
+        );
+        assert_eq!(
+            t.ice("bob", b, "alice", "x"),
+            vec![err(b, CallError::ServerBusy, "x")]
         );
     }
 
@@ -2335,24 +2917,90 @@ mod tests {
                 call_id: "c".into(),
             },
         ];
-        for i in &inputs {
-            let (service, body) = encode_remote(i).expect("crosses nodes");
+        for (n, i) in inputs.iter().enumerate() {
+            let gone = matches!(i, Input::Gone { .. });
+            let ask = match n % 3 {
+                _ if gone => None,
+                0 => Some(u64::MAX - 1),
+                1 => Some(0),
+                _ => None,
+            };
+            let (service, body) = encode_remote(i, ask).expect("crosses nodes");
             assert_eq!(service, crate::cluster::service::CALL_INPUT);
-            assert_eq!(decode_remote(&body).as_ref(), Some(i));
+            assert_eq!(decode_remote(&body), Some((i.clone(), ask)));
             for n in 0..body.len() {
                 assert!(decode_remote(&body[..n]).is_none(), "truncated at {n}");
             }
             let mut longer = body.clone();
             longer.push(0);
             assert!(decode_remote(&longer).is_none());
+            // An unknown tag is refused, with or without the ask bit.
+            for tag in [0, 9, REMOTE_ASK, REMOTE_ASK | REMOTE_GONE, REMOTE_ASK | 9] {
+                let mut bad = body.clone();
+                bad[0] = tag;
+                assert!(decode_remote(&bad).is_none(), "tag {tag}");
+            }
         }
-        assert!(encode_remote(&Input::Timer { key: 1 }).is_none());
+        // A departure waits for nothing; offers, timers and confirmations stay on their node.
+        assert!(encode_remote(&inputs[4], Some(1)).is_none());
+        assert!(encode_remote(&Input::Timer { key: 1 }, None).is_none());
+        let held = Input::Held {
+            key: 5,
+            party: true,
+            node: 9,
+            conn: c,
+            user: u("bob"),
+            peer: u("alice"),
+            call_id: "c".into(),
+        };
+        assert!(encode_remote(&held, None).is_none());
+        assert!(decode_remote(&[]).is_none());
+        assert!(decode_remote(&[REMOTE_ANSWER | REMOTE_ASK, 1, 0, 0]).is_none());
+        // A command from a node of the earlier version (no ask) still decodes.
+        let (_, old) = encode_remote(&inputs[0], None).expect("crosses nodes");
+        assert_eq!(old[0], REMOTE_ANSWER);
+        assert_eq!(decode_remote(&old), Some((inputs[0].clone(), None)));
         let (_, body) = encode_untrack(c, "alice", "c");
         assert!(matches!(
             decode_untrack(&body),
             Some(Msg::Untrack { conn, .. }) if conn == c
         ));
         assert!(decode_untrack(&body[1..]).is_none());
+
+        // Confirmations: round trip (the holder's node from the envelope), and garbage.
+        for party in [true, false] {
+            let (service, body) = encode_held(5, party, c, "bob", "alice", "c");
+            assert_eq!(service, crate::cluster::service::CALL_HELD);
+            let want = Input::Held {
+                key: 5,
+                party,
+                node: 9,
+                conn: c,
+                user: u("bob"),
+                peer: u("alice"),
+                call_id: "c".into(),
+            };
+            assert_eq!(decode_held(9, &body), Some(want));
+            for n in 0..body.len() {
+                assert!(decode_held(9, &body[..n]).is_none(), "truncated at {n}");
+            }
+            let mut longer = body.clone();
+            longer.push(0);
+            assert!(decode_held(9, &longer).is_none());
+            let mut bad = body.clone();
+            bad[8] = 2; // party is 0 or 1
+            assert!(decode_held(9, &bad).is_none());
+            // The user: key, party, connection, then its length and bytes.
+            let user_at = 8 + 1 + 14;
+            let mut bad = body.clone();
+            bad[user_at + 4] = 0xff; // not UTF-8
+            assert!(decode_held(9, &bad).is_none());
+            let mut bad = body.clone();
+            bad[user_at..user_at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+            assert!(decode_held(9, &bad).is_none());
+        }
+        assert!(decode_held(9, &[]).is_none());
+        assert!(decode_held(9, &[0xff; 64]).is_none());
     }
 
     #[test]
