@@ -4,13 +4,35 @@
 //! `Redis` state directly and replaces only the publisher, subscriber, inbound and canary
 //! tasks; nothing here runs for a single Redis.
 //!
-//! - **Commands** (presence script, heartbeat, reaper, farewell) go through one
-//!   [`CmdConn::Cluster`]: the crate's cluster connection, which follows `MOVED`/`ASK` and
+//! - **Commands** (presence script, heartbeat, reaper, farewell, history, dedup) go through
+//!   one [`CmdConn::Cluster`]: the crate's cluster connection, which follows `MOVED`/`ASK` and
 //!   refreshes its slot map itself. A pipeline is split by slot ([`split_pipeline`]): the
-//!   commands of one slot are sent in their order, one after the other, and the slots run
-//!   concurrently, so a pipeline that pairs `{user:x}:nodes` with `{node:hex}:users` (two
-//!   slots) is two routed commands, never one cross-slot call. Every command here names one
-//!   key, so none is refused with `CROSSSLOT`.
+//!   commands of one slot go as one pipeline to that slot's master (one round trip for a
+//!   presence batch's 256 `SADD`/`SREM` to `{node:x}:users`), and the slots run concurrently,
+//!   so a pipeline that pairs `{user:x}:nodes` with `{node:hex}:users` is two routed pipelines,
+//!   never one cross-slot call. A command the split does not know to name one key
+//!   ([`command_slot`]: `SCRIPT`, `PUBLISH`, a script without keys) is sent alone, routed by
+//!   the crate.
+//! - **A failed slot.** When a slot's pipeline fails (`MOVED`/`ASK`/`TRYAGAIN`/`CLUSTERDOWN`
+//!   still answered after [`CLUSTER_RETRIES`], I/O, `redis_timeout`), the other slots' replies
+//!   stand and each of that slot's commands is answered with an error value
+//!   ([`merge_runs`]: the server's error, or `SLOTFAILED <cause>`); only when every slot failed
+//!   does the pipeline fail as a whole, with the first error, as on one Redis. So a caller
+//!   with `ignore_errors()` (history appender and reader) sees which commands failed and
+//!   treats only those as not run; a caller without it (presence worker, heartbeat, resync,
+//!   reaper, dedup) still gets one error for the pipeline, which is right for them: their
+//!   commands are idempotent and the whole batch is judged again (or, for dedup claims, goes
+//!   on unchecked). A failed slot's commands may or may not have run, as after a lost
+//!   connection.
+//! - **Redirects inside a slot's pipeline.** The crate (redis 1.8) retries a pipeline as a
+//!   whole when any reply in it asks for it (`MOVED`, `ASK`, `TRYAGAIN`...), on the redirect
+//!   target, sending `ASKING` once, before the first command only; the rest of a pipeline on
+//!   an importing master is answered `MOVED` back. So a slot's pipeline still redirected after
+//!   the retries (a slot being migrated) is sent again one command at a time, each following
+//!   its own redirect. Either way a pipeline caught by a migration half way may run its first
+//!   commands twice, once on each master: every command sent here bears a second run (sets,
+//!   hashes, the presence/heartbeat/dedup scripts, history reads) except the history append
+//!   script, which may then record an entry twice (as after a retry on a lost connection).
 //! - **Publishing.** The shared queue (`redis_queue_max`, as for one Redis) is drained into one
 //!   staging queue per master, by the master of each channel's slot ([`SlotMap::group`]); each
 //!   master has its own RESP2 connection and publisher task with at most one pipeline of
@@ -42,9 +64,10 @@ use std::time::Duration;
 use futures_util::future::join_all;
 use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{Route, SingleNodeRoutingInfo, SlotAddr};
 use redis::{
     Arg, AsyncConnectionConfig, Cmd, ConnectionInfo, ErrorKind, Pipeline, ProtocolVersion,
-    PushInfo, PushKind, RedisError, RedisFuture, RedisResult, Value,
+    PushInfo, PushKind, RedisError, RedisFuture, RedisResult, ServerError, Value,
 };
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
@@ -107,39 +130,153 @@ impl ConnectionLike for CmdConn {
     }
 }
 
-/// The slot of the key `cmd` names (the first argument after the name; for `EVAL`/`EVALSHA`
-/// the first key after the key count), None for a command without one.
+/// Commands whose first argument is their one key (as the crate's cluster routing reads
+/// them). Any other command, and a script without keys, has no slot here: it is a run of its
+/// own, sent alone as the crate routes it (`SCRIPT`, `PUBLISH`, `PING`...).
+const ONE_KEY_COMMANDS: &[&[u8]] = &[
+    b"SADD",
+    b"SREM",
+    b"SMEMBERS",
+    b"SSCAN",
+    b"SISMEMBER",
+    b"SCARD",
+    b"HSET",
+    b"HDEL",
+    b"HGET",
+    b"HGETALL",
+    b"SET",
+    b"GET",
+    b"DEL",
+    b"EXPIRE",
+    b"PEXPIRE",
+    b"SPUBLISH",
+    b"XADD",
+    b"XRANGE",
+];
+
+/// The slot of the key `cmd` names (the first argument after the name of a one-key command;
+/// for `EVAL`/`EVALSHA` the first key after the key count), None for a command without one
+/// or one not known here.
 pub fn command_slot(cmd: &Cmd) -> Option<u16> {
     let mut args = cmd.args_iter().filter_map(|a| match a {
         Arg::Simple(b) => Some(b),
         _ => None,
     });
     let name = args.next()?;
-    if name.eq_ignore_ascii_case(b"EVAL") || name.eq_ignore_ascii_case(b"EVALSHA") {
+    if [&b"EVAL"[..], b"EVALSHA", b"EVAL_RO", b"EVALSHA_RO"]
+        .iter()
+        .any(|n| name.eq_ignore_ascii_case(n))
+    {
         let _script = args.next()?;
-        if args.next()? == b"0" {
+        let keys = args.next()?;
+        if keys == b"0" || !keys.iter().all(u8::is_ascii_digit) {
             return None;
         }
+    } else if !ONE_KEY_COMMANDS
+        .iter()
+        .any(|n| name.eq_ignore_ascii_case(n))
+    {
+        return None;
     }
     args.next().map(cluster::slot)
 }
 
-/// Indices `0..slots.len()` in runs of one slot each, every run in its original order (runs in
-/// the order of their first command); a command without a slot is a run of its own.
-pub fn runs_by_slot(slots: &[Option<u16>]) -> Vec<Vec<usize>> {
-    let mut runs: Vec<(Option<u16>, Vec<usize>)> = Vec::new();
-    for (i, s) in slots.iter().enumerate() {
-        match s.and_then(|s| runs.iter().position(|(r, _)| *r == Some(s))) {
-            Some(r) => runs[r].1.push(i),
-            None => runs.push((*s, vec![i])),
-        }
-    }
-    runs.into_iter().map(|(_, v)| v).collect()
+/// One run of a split pipeline: the commands of one slot (None: one command without a slot),
+/// as indices into the pipeline, in their order.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Run {
+    pub slot: Option<u16>,
+    pub idx: Vec<usize>,
 }
 
-/// A (non-atomic) pipeline on a Redis Cluster: each slot's commands in order on that slot's
-/// master, the slots concurrently; the replies in the pipeline's order. Fails as a whole when
-/// one command fails (as a lost connection fails a pipeline on one Redis).
+/// Indices `0..slots.len()` in runs of one slot each, every run in its original order (runs in
+/// the order of their first command); a command without a slot is a run of its own.
+pub fn runs_by_slot(slots: &[Option<u16>]) -> Vec<Run> {
+    let mut runs: Vec<Run> = Vec::new();
+    let mut of_slot: std::collections::HashMap<u16, usize> = std::collections::HashMap::new();
+    for (i, s) in slots.iter().enumerate() {
+        match s.and_then(|s| of_slot.get(&s).copied()) {
+            Some(r) => runs[r].idx.push(i),
+            None => {
+                if let Some(s) = s {
+                    of_slot.insert(*s, runs.len());
+                }
+                runs.push(Run {
+                    slot: *s,
+                    idx: vec![i],
+                });
+            }
+        }
+    }
+    runs
+}
+
+/// The error value a failed run leaves in each of its commands' positions: the server's own
+/// error (`MOVED`, `CLUSTERDOWN`... after the crate's retries), or, for a client-side failure
+/// (I/O, timeout, no connection), a `SLOTFAILED` error naming it. Either way the command may
+/// or may not have run.
+pub fn run_error_value(e: &RedisError) -> Value {
+    let server = ServerError::try_from(e.clone()).or_else(|e| {
+        ServerError::try_from(redis::make_extension_error(
+            "SLOTFAILED".into(),
+            Some(e.to_string()),
+        ))
+    });
+    match server {
+        Ok(s) => Value::ServerError(s),
+        // Not reached: an extension error is a server error.
+        Err(_) => Value::Nil,
+    }
+}
+
+/// The replies of `n` commands in pipeline order from the replies of their `runs` (in the same
+/// order). A run that failed (or answered the wrong number of replies) leaves
+/// [`run_error_value`] in its positions, the other runs' replies stand; when every run failed
+/// the pipeline fails as a whole with the first run's error, as it would on one Redis.
+pub fn merge_runs(
+    n: usize,
+    runs: &[Run],
+    replies: Vec<RedisResult<Vec<Value>>>,
+) -> RedisResult<Vec<Value>> {
+    let mut values = vec![Value::Nil; n];
+    let mut first_err: Option<RedisError> = None;
+    let mut any_ok = n == 0;
+    for (run, reply) in runs.iter().zip(replies) {
+        let reply = reply.and_then(|v| {
+            if v.len() == run.idx.len() {
+                Ok(v)
+            } else {
+                Err(RedisError::from((
+                    ErrorKind::UnexpectedReturnType,
+                    "a slot's pipeline answered the wrong number of replies",
+                )))
+            }
+        });
+        match reply {
+            Ok(v) => {
+                any_ok = true;
+                for (&i, v) in run.idx.iter().zip(v) {
+                    values[i] = v;
+                }
+            }
+            Err(e) => {
+                let ev = run_error_value(&e);
+                for &i in &run.idx {
+                    values[i] = ev.clone();
+                }
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    match first_err {
+        Some(e) if !any_ok => Err(e),
+        _ => Ok(values),
+    }
+}
+
+/// A (non-atomic) pipeline on a Redis Cluster: each slot's commands as one pipeline to that
+/// slot's master, the slots concurrently; the replies in the pipeline's order, a failed slot's
+/// commands answered with an error value each ([`merge_runs`]).
 async fn split_pipeline(
     conn: ClusterConnection,
     pipeline: &Pipeline,
@@ -156,23 +293,54 @@ async fn split_pipeline(
     let slots: Vec<Option<u16>> = cmds.iter().map(|c| command_slot(c)).collect();
     let runs = runs_by_slot(&slots);
     let cmds = &cmds;
-    let sent = runs.into_iter().map(|run| {
+    let sent = runs.iter().map(|run| {
         let mut c = conn.clone();
         async move {
-            let mut out = Vec::with_capacity(run.len());
-            for i in run {
-                out.push((i, c.req_packed_command(cmds[i]).await?));
+            match (run.slot, &run.idx[..]) {
+                (Some(slot), idx) if idx.len() > 1 => {
+                    let mut p = Pipeline::with_capacity(idx.len());
+                    for &i in idx {
+                        p.add_command(cmds[i].clone());
+                    }
+                    let route = Route::new(slot, SlotAddr::Master);
+                    let r = c
+                        .route_pipeline(p, 0, idx.len(), SingleNodeRoutingInfo::SpecificNode(route))
+                        .await;
+                    match r {
+                        // Still redirected after the crate's retries: the slot is migrating,
+                        // and the crate's `ASKING` covers only a pipeline's first command. One
+                        // by one, each command follows its own redirect.
+                        Err(e) if is_redirect(&e) => one_by_one(&mut c, cmds, idx).await,
+                        r => r,
+                    }
+                }
+                (_, idx) => one_by_one(&mut c, cmds, idx).await,
             }
-            Ok::<_, RedisError>(out)
         }
     });
-    let mut values = vec![Value::Nil; cmds.len()];
-    for run in join_all(sent).await {
-        for (i, v) in run? {
-            values[i] = v;
-        }
+    let replies = join_all(sent).await;
+    merge_runs(cmds.len(), &runs, replies)
+}
+
+/// A `MOVED` or `ASK` the crate's retries did not get past.
+fn is_redirect(e: &RedisError) -> bool {
+    matches!(
+        e.kind(),
+        ErrorKind::Server(redis::ServerErrorKind::Moved | redis::ServerErrorKind::Ask)
+    )
+}
+
+/// The commands `idx` of `cmds` one after the other, each routed by the crate on its own.
+async fn one_by_one(
+    c: &mut ClusterConnection,
+    cmds: &[&Cmd],
+    idx: &[usize],
+) -> RedisResult<Vec<Value>> {
+    let mut out = Vec::with_capacity(idx.len());
+    for &i in idx {
+        out.push(c.req_packed_command(cmds[i]).await?);
     }
-    Ok(values)
+    Ok(out)
 }
 
 /// What one master of the cluster has of this node: its publisher's staging queue, its
@@ -1207,13 +1375,194 @@ mod tests {
     }
 
     #[test]
+    fn only_known_one_key_commands_and_scripts_with_keys_have_a_slot() {
+        // SCRIPT LOAD fans out to every master: never grouped by its "LOAD" argument.
+        let mut c = redis::cmd("SCRIPT");
+        c.arg("LOAD").arg("return 1");
+        assert_eq!(command_slot(&c), None);
+        let mut c = redis::cmd("PUBLISH");
+        c.arg("sb:{room:a}").arg("x");
+        assert_eq!(command_slot(&c), None);
+        let mut c = redis::cmd("spublish");
+        c.arg("sb:{room:a}").arg("x");
+        assert_eq!(command_slot(&c), Some(cluster::slot(b"room:a")));
+        let mut c = redis::cmd("EVALSHA");
+        c.arg("abc")
+            .arg(2)
+            .arg("sb:{room:a}:h")
+            .arg("sb:{room:a}:m");
+        assert_eq!(command_slot(&c), Some(cluster::slot(b"room:a")));
+        let mut c = redis::cmd("EVAL");
+        c.arg("return 1").arg("x").arg("k");
+        assert_eq!(command_slot(&c), None);
+    }
+
+    fn run(slot: Option<u16>, idx: &[usize]) -> Run {
+        Run {
+            slot,
+            idx: idx.to_vec(),
+        }
+    }
+
+    #[test]
     fn a_pipeline_splits_into_runs_of_one_slot_in_order() {
         // The presence pipeline: script on a user's set, SADD on the node's set, per user.
         let slots = [Some(5), Some(9), Some(7), Some(9), None, Some(5), None];
         assert_eq!(
             runs_by_slot(&slots),
-            vec![vec![0, 5], vec![1, 3], vec![2], vec![4], vec![6]]
+            vec![
+                run(Some(5), &[0, 5]),
+                run(Some(9), &[1, 3]),
+                run(Some(7), &[2]),
+                run(None, &[4]),
+                run(None, &[6]),
+            ]
         );
         assert!(runs_by_slot(&[]).is_empty());
+        // A batch of 256 SADD to one slot is one run of 256, in order.
+        let one = vec![Some(42u16); 256];
+        let runs = runs_by_slot(&one);
+        assert_eq!(runs.len(), 1);
+        assert_eq!(runs[0].idx, (0..256).collect::<Vec<_>>());
+    }
+
+    fn int(n: i64) -> Value {
+        Value::Int(n)
+    }
+
+    fn io_error() -> RedisError {
+        RedisError::from(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "reset",
+        ))
+    }
+
+    #[test]
+    fn replies_merge_back_into_pipeline_order() {
+        let runs = runs_by_slot(&[Some(1), Some(2), Some(1), None, Some(2)]);
+        let replies = vec![
+            Ok(vec![int(10), int(12)]),
+            Ok(vec![int(11), int(14)]),
+            Ok(vec![int(13)]),
+        ];
+        assert_eq!(
+            merge_runs(5, &runs, replies).unwrap(),
+            vec![int(10), int(11), int(12), int(13), int(14)]
+        );
+        assert_eq!(merge_runs(0, &[], vec![]).unwrap(), Vec::<Value>::new());
+    }
+
+    #[test]
+    fn a_failed_slot_leaves_error_values_in_its_positions_only() {
+        let runs = runs_by_slot(&[Some(1), Some(2), Some(1), Some(2)]);
+        let moved: RedisError = redis::parse_redis_value(b"-MOVED 3999 127.0.0.1:6381\r\n")
+            .unwrap()
+            .extract_error()
+            .unwrap_err();
+        let replies = vec![Ok(vec![int(1), int(3)]), Err(moved)];
+        let v = merge_runs(4, &runs, replies).unwrap();
+        assert_eq!(v[0], int(1));
+        assert_eq!(v[2], int(3));
+        for i in [1, 3] {
+            match &v[i] {
+                Value::ServerError(e) => {
+                    assert_eq!(e.kind(), Some(redis::ServerErrorKind::Moved));
+                }
+                other => panic!("not an error: {other:?}"),
+            }
+        }
+        // A client-side failure (I/O) is a SLOTFAILED error naming it.
+        let replies = vec![Err(io_error()), Ok(vec![int(2), int(4)])];
+        let v = merge_runs(4, &runs, replies).unwrap();
+        assert_eq!((&v[1], &v[3]), (&int(2), &int(4)));
+        match &v[0] {
+            Value::ServerError(e) => {
+                assert_eq!(e.code(), "SLOTFAILED");
+                assert!(e.details().unwrap_or("").contains("reset"));
+            }
+            other => panic!("not an error: {other:?}"),
+        }
+        assert_eq!(v[0], v[2]);
+        // A wrong number of replies fails that run only.
+        let replies = vec![Ok(vec![int(1)]), Ok(vec![int(2), int(4)])];
+        let v = merge_runs(4, &runs, replies).unwrap();
+        assert!(matches!(v[0], Value::ServerError(_)));
+        assert!(matches!(v[2], Value::ServerError(_)));
+        assert_eq!((&v[1], &v[3]), (&int(2), &int(4)));
+    }
+
+    #[test]
+    fn every_slot_failed_fails_the_pipeline_with_the_first_error() {
+        let runs = runs_by_slot(&[Some(1), Some(2)]);
+        let replies = vec![
+            Err(io_error()),
+            Err(RedisError::from((ErrorKind::Client, "other"))),
+        ];
+        let e = merge_runs(2, &runs, replies).unwrap_err();
+        assert!(e.is_io_error());
+        let runs = runs_by_slot(&[Some(1)]);
+        assert!(merge_runs(1, &runs, vec![Err(io_error())])
+            .unwrap_err()
+            .is_io_error());
+    }
+
+    #[test]
+    fn callers_see_a_failed_slot_as_their_pipeline_options_say() {
+        // Without ignore_errors (presence, heartbeat, resync, dedup): the pipeline fails, as
+        // before. With ignore_errors (history): per command.
+        let runs = runs_by_slot(&[Some(1), Some(2)]);
+        let merged = || merge_runs(2, &runs, vec![Ok(vec![int(1)]), Err(io_error())]).unwrap();
+        let mut strict = redis::pipe();
+        strict
+            .cmd("SADD")
+            .arg("a")
+            .arg("x")
+            .cmd("SADD")
+            .arg("b")
+            .arg("y")
+            .ignore();
+        let mut c = MockConn(merged());
+        assert!(block_on(strict.query_async::<Vec<i64>>(&mut c)).is_err());
+        let mut lenient = redis::pipe();
+        lenient
+            .ignore_errors()
+            .cmd("SADD")
+            .arg("a")
+            .arg("x")
+            .cmd("SADD")
+            .arg("b")
+            .arg("y");
+        let mut c = MockConn(merged());
+        let v = block_on(lenient.query_async::<Vec<Value>>(&mut c)).unwrap();
+        assert_eq!(v[0], int(1));
+        assert!(matches!(v[1], Value::ServerError(_)));
+    }
+
+    /// A connection that answers every pipeline with the same replies.
+    struct MockConn(Vec<Value>);
+
+    impl ConnectionLike for MockConn {
+        fn req_packed_command<'a>(&'a mut self, _: &'a Cmd) -> RedisFuture<'a, Value> {
+            Box::pin(async { Ok(Value::Nil) })
+        }
+        fn req_packed_commands<'a>(
+            &'a mut self,
+            _: &'a Pipeline,
+            _: usize,
+            _: usize,
+        ) -> RedisFuture<'a, Vec<Value>> {
+            let v = self.0.clone();
+            Box::pin(async move { Ok(v) })
+        }
+        fn get_db(&self) -> i64 {
+            0
+        }
+    }
+
+    fn block_on<F: Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(f)
     }
 }
