@@ -263,6 +263,13 @@ pub struct RedisStats {
     /// messages were sequenced by their owner shard instead).
     pub history_appended: AtomicU64,
     pub history_append_failed: AtomicU64,
+    /// Appends sent again after Redis did not answer (timed out, or the connection failed
+    /// after they were sent), answers saying the first copy had run (nothing appended
+    /// again), and appends given up after their bounds (sequenced on this node; if the
+    /// first copy runs after all, this node delivers the message twice).
+    pub history_append_retried: AtomicU64,
+    pub history_append_repeats: AtomicU64,
+    pub history_append_abandoned: AtomicU64,
     /// Messages sequenced on this node under a node-local epoch (Redis unavailable, its
     /// queue full, or the bridge inbox full).
     pub history_local: AtomicU64,
@@ -2059,10 +2066,13 @@ pub fn prometheus_lines(s: &RedisStats, out: &mut String) {
             &s.nodes_reaped,
         ),
     ];
-    let history: [(&str, &str, &str, &AtomicU64); 14] = [
+    let history: [(&str, &str, &str, &AtomicU64); 17] = [
         ("switchboard_redis_history_appended_total", "counter", "Room history messages Redis sequenced (append scripts answered)", &s.history_appended),
         ("switchboard_redis_history_append_failed_total", "counter", "History appends that failed (their messages were sequenced on this node instead)", &s.history_append_failed),
-        ("switchboard_redis_history_local_total", "counter", "History messages sequenced on this node under a node-local epoch (Redis unavailable or its queue full)", &s.history_local),
+        ("switchboard_redis_history_append_retried_total", "counter", "History appends sent again after Redis did not answer (timed out, or the connection failed after sending)", &s.history_append_retried),
+        ("switchboard_redis_history_append_repeats_total", "counter", "History appends Redis had run already when they were sent again (not appended or published twice)", &s.history_append_repeats),
+        ("switchboard_redis_history_append_abandoned_total", "counter", "History appends given up after their retry bounds (sequenced on this node; delivered twice here if the first copy ran)", &s.history_append_abandoned),
+        ("switchboard_redis_history_local_total", "counter", "History messages sequenced on this node under a node-local epoch (nothing sent: Redis unavailable or its queue full; refused; or given up after retries)", &s.history_local),
         ("switchboard_redis_history_queued", "gauge", "History appends waiting for Redis", &s.history_queued),
         ("switchboard_redis_history_received_total", "counter", "History messages heard on room channels (this node's own too)", &s.history_received),
         ("switchboard_redis_history_reads_total", "counter", "History stream reads Redis answered", &s.history_reads),

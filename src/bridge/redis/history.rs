@@ -14,9 +14,12 @@
 //!   to `history_ttl` when it is set, and `PUBLISH` of the history envelope on the room's
 //!   channel: every node, the origin too, delivers the message when it hears it, so every
 //!   node delivers a room's messages in offset order. Every key shares the room's hash tag.
-//!   While Redis cannot take them (no connection, [`APPENDS_QUEUED_MAX`] waiting, a failed
-//!   pipeline) messages go back to their owner shard, which sequences them under a node-local
-//!   epoch (`rooms::Msg::Fallback`).
+//!   A pipeline Redis did not answer (timed out, or its connection failed after sending)
+//!   may have run: it is sent again, in order, until Redis answers, and the script runs each
+//!   `(node, per-node sequence number)` once (bounded: [`APPEND_TRIES_MAX`],
+//!   [`APPEND_RETRY_FOR`]). Messages Redis never saw (no connection with nothing waiting
+//!   ahead, [`APPENDS_QUEUED_MAX`] waiting), refused, or gave up on go back to their owner
+//!   shard, which sequences them under a node-local epoch (`rooms::Msg::Fallback`).
 //! - **Read** ([`READ_LUA`]): the room's epoch, last offset and the kept entries from an
 //!   offset, in one script (one consistent snapshot), after the node holds the room's channel
 //!   (a read parks until the subscription is confirmed, at most `redis_timeout`): every
@@ -55,6 +58,20 @@ use crate::shard::ShardMsg;
 /// (counted in `switchboard_redis_history_local_total`).
 pub const APPENDS_QUEUED_MAX: usize = 65_536;
 
+/// Most times one append is sent to Redis without an answer (timed out, or the connection
+/// failed after it was sent) before it is given up: sequenced by its owner shard instead
+/// (counted in `switchboard_redis_history_append_abandoned_total`; the first copy may still
+/// run, and then this node delivers the message twice, once per epoch).
+pub const APPEND_TRIES_MAX: u32 = 6;
+
+/// How long after an append was first sent it may still be tried again (or wait for the
+/// connection to come back); past it it is given up as at [`APPEND_TRIES_MAX`].
+pub const APPEND_RETRY_FOR: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// The pause before a pipeline Redis did not answer is sent again (or, while the publisher's
+/// connection is down, between looks for it).
+pub const APPEND_RETRY_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Reads waiting (for the room's subscription, or for Redis); past it a read is answered
 /// "unavailable" (the resume gets `recovered: false`).
 pub const READS_WAITING_MAX: usize = 65_536;
@@ -67,9 +84,27 @@ pub const PARKED_CHECK: std::time::Duration = std::time::Duration::from_millis(1
 
 /// One message into a room's history: KEYS stream, state hash; ARGV channel, envelope
 /// prefix, head, candidate epoch, history_size, history_ttl ms (0: none), `1` to start a new
-/// epoch, the publish command (`PUBLISH`, or `SPUBLISH` on a Redis Cluster). Returns
-/// `{offset, epoch}`.
+/// epoch, the publish command (`PUBLISH`, or `SPUBLISH` on a Redis Cluster), the origin's
+/// field in the state hash (`n:<node hex>`), the message's per-node sequence number.
+/// Returns `{offset, epoch, 0}`.
+///
+/// Idempotent per origin: the state hash keeps, per node, `<seq> <offset> <epoch>` of the
+/// last message it appended. A node sends its messages in sequence order and sends a
+/// message again only when Redis did not answer (its first copy may have run): a sequence
+/// number at or below the one kept ran already, and the script returns `{offset, epoch, 1}`
+/// (the kept offset and epoch for that very message, `{0, epoch, 1}` for an earlier one)
+/// without appending or publishing anything. The check comes before the new-epoch request:
+/// a retried restart does not start a second epoch.
 pub const APPEND_LUA: &str = r#"
+local seq = tonumber(ARGV[10])
+local last = redis.call('HGET', KEYS[2], ARGV[9])
+if last then
+  local lseq, off, ep = string.match(last, '^(%d+) (%d+) (.+)$')
+  if lseq and seq <= tonumber(lseq) then
+    if seq < tonumber(lseq) then off = 0 end
+    return {tonumber(off), ep, 1}
+  end
+end
 local epoch = redis.call('HGET', KEYS[2], 'epoch')
 if (not epoch) or ARGV[7] == '1' then
   epoch = ARGV[4]
@@ -81,13 +116,14 @@ local t = redis.call('TIME')
 local ms = string.format('%d', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
 local id = string.format('%d', offset)
 redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[5], id .. '-0', 'd', ARGV[3], 't', ms)
+redis.call('HSET', KEYS[2], ARGV[9], ARGV[10] .. ' ' .. id .. ' ' .. epoch)
 local ttl = tonumber(ARGV[6])
 if ttl > 0 then
   redis.call('PEXPIRE', KEYS[1], ttl)
   redis.call('PEXPIRE', KEYS[2], ttl)
 end
 redis.call(ARGV[8], ARGV[1], ARGV[2] .. id .. ' ' .. epoch .. ' ' .. ARGV[3])
-return {offset, epoch}
+return {offset, epoch, 0}
 "#;
 
 /// A room's history from an offset: KEYS stream, state hash; ARGV candidate epoch (set when
@@ -171,6 +207,12 @@ struct Append {
     restart: bool,
     owner: usize,
     api: Option<ApiReply>,
+    /// This node's sequence number for the message (every append gets the next one): the
+    /// script runs a message once however often it is sent.
+    seq: u64,
+    /// Sent this many times without an answer, the first time then.
+    tries: u32,
+    first_sent: Option<Instant>,
 }
 
 struct Read {
@@ -186,6 +228,10 @@ struct Read {
 #[derive(Default)]
 pub(super) struct State {
     appends: RefCell<VecDeque<Append>>,
+    /// Appends taken from `appends` by the appender and not settled yet.
+    appends_out: Cell<usize>,
+    /// The last sequence number given to an append.
+    last_seq: Cell<u64>,
     wake_append: Notify,
     ready: RefCell<VecDeque<Read>>,
     /// Reads waiting for the room's channel to be held, per room.
@@ -198,15 +244,37 @@ pub(super) struct State {
     last_tag: Cell<u64>,
 }
 
-/// `{offset, epoch}` from the append script.
-pub fn parse_append(v: &Value) -> Option<(u64, String)> {
+/// The append script's answer.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Appended {
+    /// The message's offset; 0 when the message ran already and its offset is not kept (an
+    /// earlier message than the origin's last one).
+    pub offset: u64,
+    pub epoch: String,
+    /// The script had run this message already (a retry): nothing was appended or
+    /// published this time.
+    pub repeat: bool,
+}
+
+/// `{offset, epoch, repeat}` from the append script.
+pub fn parse_append(v: &Value) -> Option<Appended> {
     let Value::Array(a) = v else { return None };
+    let repeat = match a.get(2) {
+        Some(Value::Int(1)) => true,
+        Some(Value::Int(0)) => false,
+        _ => return None,
+    };
     let offset = match a.first()? {
         Value::Int(n) if *n > 0 => *n as u64,
+        Value::Int(0) if repeat => 0,
         _ => return None,
     };
     let epoch = text(a.get(1)?)?;
-    (!epoch.is_empty() && epoch.len() <= cluster::EPOCH_BYTES_MAX).then(|| (offset, epoch.into()))
+    (!epoch.is_empty() && epoch.len() <= cluster::EPOCH_BYTES_MAX).then(|| Appended {
+        offset,
+        epoch: epoch.into(),
+        repeat,
+    })
 }
 
 fn text(v: &Value) -> Option<&str> {
@@ -298,6 +366,8 @@ impl Redis {
                 owner,
                 api,
             } => {
+                let seq = self.hist.last_seq.get() + 1;
+                self.hist.last_seq.set(seq);
                 let a = Append {
                     room,
                     opts,
@@ -307,9 +377,17 @@ impl Redis {
                     restart,
                     owner,
                     api,
+                    seq,
+                    tries: 0,
+                    first_sent: None,
                 };
                 let mut q = self.hist.appends.borrow_mut();
-                if q.len() >= APPENDS_QUEUED_MAX || self.cmd_conn.borrow().is_none() {
+                // Without a connection a message goes back to its owner at once, unless
+                // appends are still waiting for an answer ahead of it (it keeps its place
+                // behind them: a room's messages are delivered here in the order sequenced).
+                let ahead = q.len() + self.hist.appends_out.get();
+                if q.len() >= APPENDS_QUEUED_MAX || (self.cmd_conn.borrow().is_none() && ahead == 0)
+                {
                     drop(q);
                     self.fall_back(a);
                     return;
@@ -484,11 +562,17 @@ impl Redis {
         );
     }
 
-    /// Run queued appends, one pipeline at a time.
+    /// Run queued appends, one pipeline at a time. A pipeline Redis did not answer (timed
+    /// out, or its connection failed after it was sent) may have run in part or may still
+    /// run: it goes back to the front of the queue and is sent again, in order, until Redis
+    /// answers (the script runs each message once; [`APPEND_LUA`]) or it is given up
+    /// ([`APPEND_TRIES_MAX`], [`APPEND_RETRY_FOR`]). Only what was never sent, or what
+    /// Redis refused, goes back to its owner at once.
     pub(super) async fn history_appender(self: Rc<Self>) {
         let stats = &self.node.redis_stats;
         let mut loaded_gen = 0u64;
         let mut batch: Vec<Append> = Vec::with_capacity(super::PIPELINE_MAX);
+        let origin = format!("n:{:08x}", self.node.id);
         loop {
             if self.hist.appends.borrow().is_empty() {
                 self.hist.wake_append.notified().await;
@@ -498,14 +582,15 @@ impl Redis {
                 let mut q = self.hist.appends.borrow_mut();
                 let n = q.len().min(super::PIPELINE_MAX);
                 batch.extend(q.drain(..n));
+                self.hist.appends_out.set(batch.len());
                 stats
                     .history_queued
                     .store(q.len() as u64, Ordering::Relaxed);
             }
             let conn = self.cmd_conn.borrow().clone();
             let Some(mut conn) = conn else {
-                for a in batch.drain(..) {
-                    self.fall_back(a);
+                if self.retry_appends(&mut batch, false) {
+                    tokio::time::sleep(APPEND_RETRY_WAIT).await;
                 }
                 continue;
             };
@@ -535,7 +620,9 @@ impl Redis {
                     .arg(a.size)
                     .arg(a.ttl_ms)
                     .arg(if a.restart { "1" } else { "0" })
-                    .arg(self.publish_command());
+                    .arg(self.publish_command())
+                    .arg(&origin)
+                    .arg(a.seq);
             }
             let r = tokio::time::timeout(
                 self.node.cfg.redis_timeout,
@@ -547,14 +634,23 @@ impl Redis {
                     loaded_gen = gen;
                     for (a, v) in batch.drain(..).zip(vals) {
                         match parse_append(&v) {
-                            Some((offset, epoch)) => {
+                            Some(done) => {
+                                if done.repeat {
+                                    stats.history_append_repeats.fetch_add(1, Ordering::Relaxed);
+                                }
                                 stats.history_appended.fetch_add(1, Ordering::Relaxed);
                                 if let Some(api) = &a.api {
-                                    let position =
-                                        crate::shard::service::history::Position { offset, epoch };
+                                    // An earlier message found run already: its offset is not
+                                    // kept, the answer goes without a position.
+                                    let position = (done.offset > 0).then_some(
+                                        crate::shard::service::history::Position {
+                                            offset: done.offset,
+                                            epoch: done.epoch,
+                                        },
+                                    );
                                     let f = rooms::api_answer_frame(
                                         api,
-                                        Some(&position),
+                                        position.as_ref(),
                                         self.node.now_us(),
                                     );
                                     if let Some(to) = &*self.to_shard.borrow() {
@@ -569,6 +665,8 @@ impl Redis {
                                 }
                             }
                             None => {
+                                // Refused (the script did not run, or failed before it
+                                // published): sequenced by its owner.
                                 if let Value::ServerError(e) = &v {
                                     if e.code() == "NOSCRIPT" {
                                         loaded_gen = 0;
@@ -580,6 +678,7 @@ impl Redis {
                             }
                         }
                     }
+                    self.hist.appends_out.set(0);
                 }
                 other => {
                     loaded_gen = 0;
@@ -590,15 +689,64 @@ impl Redis {
                         }
                         Ok(Ok(_)) => self.log_error("history append failed", &"short reply"),
                     }
-                    stats
-                        .history_append_failed
-                        .fetch_add(batch.len() as u64, Ordering::Relaxed);
-                    for a in batch.drain(..) {
-                        self.fall_back(a);
+                    if self.retry_appends(&mut batch, true) {
+                        tokio::time::sleep(APPEND_RETRY_WAIT).await;
                     }
                 }
             }
         }
+    }
+
+    /// A batch that got no answer (`sent`: it was sent; otherwise there was no connection to
+    /// send it on). What was sent and is within its bounds goes back to the front of the
+    /// queue, in order, with everything after it; what was never sent and waits behind
+    /// nothing, or was tried past its bounds, goes back to its owner now. True when
+    /// something is to be tried again.
+    fn retry_appends(&self, batch: &mut Vec<Append>, sent: bool) -> bool {
+        let stats = &self.node.redis_stats;
+        let now = Instant::now();
+        let mut keep: Vec<Append> = Vec::with_capacity(batch.len());
+        for mut a in batch.drain(..) {
+            if sent {
+                a.tries += 1;
+                a.first_sent.get_or_insert(now);
+            }
+            if keep.is_empty() {
+                match a.first_sent {
+                    // Never sent, nothing ahead of it: Redis never saw it.
+                    None => {
+                        self.fall_back(a);
+                        continue;
+                    }
+                    Some(at)
+                        if a.tries >= APPEND_TRIES_MAX
+                            || now.duration_since(at) >= APPEND_RETRY_FOR =>
+                    {
+                        stats.history_append_failed.fetch_add(1, Ordering::Relaxed);
+                        stats
+                            .history_append_abandoned
+                            .fetch_add(1, Ordering::Relaxed);
+                        self.fall_back(a);
+                        continue;
+                    }
+                    Some(_) => {}
+                }
+            }
+            if sent {
+                stats.history_append_retried.fetch_add(1, Ordering::Relaxed);
+            }
+            keep.push(a);
+        }
+        let again = !keep.is_empty();
+        let mut q = self.hist.appends.borrow_mut();
+        for a in keep.into_iter().rev() {
+            q.push_front(a);
+        }
+        self.hist.appends_out.set(0);
+        stats
+            .history_queued
+            .store(q.len() as u64, Ordering::Relaxed);
+        again
     }
 
     /// Run ready reads in pipelines; answer parked reads that waited past `redis_timeout`.
@@ -763,20 +911,40 @@ mod tests {
 
     #[test]
     fn append_replies_parse_or_are_refused() {
-        let v = Value::Array(vec![Value::Int(7), bulk("00ff00ff00ff00ff")]);
-        assert_eq!(parse_append(&v), Some((7, "00ff00ff00ff00ff".into())));
+        let v = Value::Array(vec![Value::Int(7), bulk("00ff00ff00ff00ff"), Value::Int(0)]);
         assert_eq!(
-            parse_append(&Value::Array(vec![Value::Int(0), bulk("e")])),
+            parse_append(&v),
+            Some(Appended {
+                offset: 7,
+                epoch: "00ff00ff00ff00ff".into(),
+                repeat: false
+            })
+        );
+        // A repeat: the kept offset, or 0 for an earlier message.
+        let v = Value::Array(vec![Value::Int(7), bulk("e"), Value::Int(1)]);
+        assert!(parse_append(&v).is_some_and(|a| a.repeat && a.offset == 7));
+        let v = Value::Array(vec![Value::Int(0), bulk("e"), Value::Int(1)]);
+        assert!(parse_append(&v).is_some_and(|a| a.repeat && a.offset == 0));
+        assert_eq!(
+            parse_append(&Value::Array(vec![Value::Int(0), bulk("e"), Value::Int(0)])),
             None
         );
         assert_eq!(
             parse_append(&Value::Array(vec![Value::Int(3), bulk("")])),
             None
         );
+        assert_eq!(
+            parse_append(&Value::Array(vec![Value::Int(3), bulk("e")])),
+            None
+        );
         assert_eq!(parse_append(&Value::Nil), None);
         let long = "e".repeat(cluster::EPOCH_BYTES_MAX + 1);
         assert_eq!(
-            parse_append(&Value::Array(vec![Value::Int(3), bulk(&long)])),
+            parse_append(&Value::Array(vec![
+                Value::Int(3),
+                bulk(&long),
+                Value::Int(0)
+            ])),
             None
         );
     }

@@ -30,8 +30,10 @@
 //! A resume goes to the owner as on one node; the owner answers from its cache when it is
 //! current ([`super::history::Store::current`]), and otherwise asks the bridge for a stream
 //! read ([`HistoryJob::Read`]), one per room at a time, shared by every resume it covers
-//! ([`super::history::Resumes`]). A message Redis cannot take comes back
-//! ([`Msg::Fallback`]) and is sequenced here under a node-local epoch.
+//! ([`super::history::Resumes`]). A message Redis never saw (or refused, or that the bridge
+//! gave up retrying after Redis did not answer) comes back ([`Msg::Fallback`]) and is
+//! sequenced here under a node-local epoch. (A message Redis did not answer in time is sent
+//! again by the bridge, idempotently, not handed back: it may have run.)
 
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
@@ -153,7 +155,8 @@ pub enum Msg {
     /// Cluster, from the bridge: the tag of the room channel's subscription now (0: not
     /// held).
     Hold { room: Arc<str>, tag: u64 },
-    /// Cluster, from the bridge: Redis could not sequence this message; sequence it here.
+    /// Cluster, from the bridge: Redis did not sequence this message (never sent, refused,
+    /// or given up after its retries); sequence it here.
     Fallback {
         room: Arc<str>,
         opts: u16,
