@@ -68,9 +68,23 @@ const KIND_HISTORY: u8 = 7;
 const FLAG_EXCEPT: u8 = 1;
 const FLAG_DROPPABLE: u8 = 2;
 
-/// The redis URLs of `redis_url`: exactly one `redis://` URL, or with `cluster` one or more
-/// comma-separated seeds. `rediss://` is refused with the reason (TLS to Redis is not built
-/// in yet).
+/// How a `redis_url` reaches Redis: every URL in it the same way.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UrlTls {
+    /// `redis://`: plain TCP.
+    Plain,
+    /// `rediss://`: TLS, the server's certificate checked (against `redis_tls_ca_file`, else
+    /// the system's roots) and its name matched to the URL's host.
+    Verified,
+    /// `rediss://...#insecure`: TLS whose server certificate is not checked at all:
+    /// encrypted, but anyone on the path can pose as Redis.
+    Insecure,
+}
+
+/// The redis URLs of `redis_url`: exactly one `redis://` or `rediss://` URL, or with
+/// `cluster` one or more comma-separated seeds, all of one kind ([`url_tls`]): the cluster
+/// client connects to every master it discovers the way its first seed says, so a list that
+/// mixes `redis://` and `rediss://` (or `#insecure` and not) is refused rather than half used.
 pub fn parse_redis_urls(s: &str, cluster: bool) -> Result<Vec<String>, String> {
     let urls: Vec<String> = s
         .split(',')
@@ -87,21 +101,48 @@ pub fn parse_redis_urls(s: &str, cluster: bool) -> Result<Vec<String>, String> {
             urls.len()
         ));
     }
+    let mut kind: Option<(UrlTls, String)> = None;
     for u in &urls {
         let shown = redact(u);
-        if u.starts_with("rediss://") {
-            return Err(format!(
-                "{shown}: rediss:// (TLS to Redis) is not built in yet; reach Redis over a private network or a local TLS tunnel (stunnel, spiped) with redis://"
-            ));
-        }
-        if !u.starts_with("redis://") {
-            return Err(format!("{shown} is not a redis:// URL"));
-        }
+        let this =
+            one_url_tls(u).ok_or_else(|| format!("{shown} is not a redis:// or rediss:// URL"))?;
         if let Err(e) = redis::IntoConnectionInfo::into_connection_info(u.as_str()) {
             return Err(format!("{shown}: {e}"));
         }
+        match &kind {
+            None => kind = Some((this, shown)),
+            Some((first, first_shown)) if *first != this => {
+                return Err(format!(
+                    "{first_shown} and {shown} reach Redis differently ({first:?} and {this:?}): every node of a Redis Cluster speaks TLS or none, and the client reaches every master the way the first seed says; give every seed as rediss:// (each with #insecure, or none) or every one as redis://"
+                ));
+            }
+            Some(_) => {}
+        }
     }
     Ok(urls)
+}
+
+/// The kind of one URL by its scheme and fragment; None when it is not a Redis URL.
+fn one_url_tls(u: &str) -> Option<UrlTls> {
+    if u.starts_with("redis://") {
+        Some(UrlTls::Plain)
+    } else if u.starts_with("rediss://") {
+        // The crate takes `#insecure` as the only fragment (and refuses any other).
+        Some(if u.ends_with("#insecure") {
+            UrlTls::Insecure
+        } else {
+            UrlTls::Verified
+        })
+    } else {
+        None
+    }
+}
+
+/// How the URLs of [`parse_redis_urls`] (all of one kind) reach Redis.
+pub fn url_tls(urls: &[String]) -> UrlTls {
+    urls.first()
+        .and_then(|u| one_url_tls(u))
+        .unwrap_or(UrlTls::Plain)
 }
 
 /// `url` with any password replaced, for logs and errors.
@@ -1394,11 +1435,49 @@ mod tests {
         assert!(parse_redis_urls("redis://a:1,redis://b:2", false)
             .unwrap_err()
             .contains("redis_cluster"));
-        let e = parse_redis_urls("rediss://:hunter2@host:6380", false).unwrap_err();
-        assert!(e.contains("not built in") && !e.contains("hunter2"), "{e}");
+        let e = parse_redis_urls("ftp://:hunter2@host:6380", false).unwrap_err();
+        assert!(e.contains("rediss://") && !e.contains("hunter2"), "{e}");
         let e = parse_redis_urls("http://:hunter2@host", false).unwrap_err();
         assert!(!e.contains("hunter2"), "{e}");
         assert_eq!(redact("redis://:pw@h:1/0"), "redis://<redacted>@h:1/0");
         assert_eq!(redact("redis://h:1"), "redis://h:1");
+    }
+
+    #[test]
+    fn rediss_urls_are_accepted_and_say_how_they_verify() {
+        let one = parse_redis_urls("rediss://:hunter2@cache.example:6380/2", false).unwrap();
+        assert_eq!(url_tls(&one), UrlTls::Verified);
+        let insecure = parse_redis_urls("rediss://127.0.0.1:6380#insecure", false).unwrap();
+        assert_eq!(url_tls(&insecure), UrlTls::Insecure);
+        assert_eq!(
+            url_tls(&parse_redis_urls("redis://h:1", false).unwrap()),
+            UrlTls::Plain
+        );
+        // A cluster's seeds, all TLS.
+        let seeds = parse_redis_urls("rediss://a:1, rediss://b:2", true).unwrap();
+        assert_eq!(url_tls(&seeds), UrlTls::Verified);
+        // The crate takes #insecure as the only fragment.
+        let e = parse_redis_urls("rediss://:hunter2@h:1#verify", false).unwrap_err();
+        assert!(e.contains("insecure") && !e.contains("hunter2"), "{e}");
+        assert_eq!(
+            redact("rediss://:pw@h:1#insecure"),
+            "rediss://<redacted>@h:1#insecure"
+        );
+        assert_eq!(redact("rediss://user:p@ss@h:1"), "rediss://<redacted>@h:1");
+    }
+
+    #[test]
+    fn a_seed_list_mixing_tls_and_plain_is_refused_without_its_passwords() {
+        for list in [
+            "rediss://:hunter2@a:1,redis://:hunter2@b:2",
+            "redis://:hunter2@a:1,rediss://:hunter2@b:2",
+            "rediss://:hunter2@a:1,rediss://:hunter2@b:2#insecure",
+        ] {
+            let e = parse_redis_urls(list, true).unwrap_err();
+            assert!(
+                e.contains("every seed") && !e.contains("hunter2"),
+                "{list}: {e}"
+            );
+        }
     }
 }

@@ -216,11 +216,19 @@ pub struct Config {
     pub store_timeout: Duration,
 
     // --- Redis (the cluster) ---
-    /// Redis for the cluster: one `redis://` URL, or (with `redis_cluster`) comma-separated seed
-    /// URLs of a Redis Cluster; None = this node runs alone. Never logged with its password.
+    /// Redis for the cluster: one `redis://` (or `rediss://`, TLS) URL, or (with
+    /// `redis_cluster`) comma-separated seed URLs of a Redis Cluster; None = this node runs
+    /// alone. Never logged with its password.
     pub redis_url: Option<String>,
     /// Sharded pub/sub (`SSUBSCRIBE`/`SPUBLISH`) over a Redis Cluster instead of `PUBLISH`.
     pub redis_cluster: bool,
+    /// PEM CA certificate(s) that Redis's certificate must chain to (`rediss://`), replacing
+    /// the system's roots; None = the system's roots.
+    pub redis_tls_ca_file: Option<String>,
+    /// PEM client certificate (chain) this node presents to Redis (mutual TLS); with its key.
+    pub redis_tls_cert_file: Option<String>,
+    /// PEM private key of `redis_tls_cert_file`.
+    pub redis_tls_key_file: Option<String>,
     /// Prefix of every Redis channel and key this deployment uses.
     pub redis_prefix: String,
     /// Longest a Redis connection attempt or one command (a pipeline) may take.
@@ -392,6 +400,9 @@ impl Default for Config {
             store_timeout: Duration::from_secs(5),
             redis_url: None,
             redis_cluster: false,
+            redis_tls_ca_file: None,
+            redis_tls_cert_file: None,
+            redis_tls_key_file: None,
             redis_prefix: "sb:".into(),
             redis_timeout: Duration::from_secs(2),
             redis_canary_interval: Duration::from_secs(1),
@@ -994,9 +1005,15 @@ config_keys! {
         "Longest a message-store call may take: a direct message past it gets an error and no ack, a REST call 503. At least 100ms.";
     // ---- Redis (the cluster)
     redis_url: OptText = "", "SWITCHBOARD_REDIS_URL",
-        "Redis that joins this node to a cluster: a redis:// URL (redis://[:password@]host:port[/db]), or with redis_cluster comma-separated seed URLs of a Redis Cluster; empty = this node runs alone, at single-node cost. Prefer the env var. The password is never logged.";
+        "Redis that joins this node to a cluster: a redis:// URL (redis://[:password@]host:port[/db]) or rediss:// for TLS (redis_tls_*; rediss://...#insecure checks no certificate), or with redis_cluster comma-separated seed URLs of a Redis Cluster, all redis:// or all rediss://; empty = this node runs alone, at single-node cost. Prefer the env var. The password is never logged.";
     redis_cluster: Flag = "false", "SWITCHBOARD_REDIS_CLUSTER",
         "redis_url lists seed URLs of a Redis Cluster (7.0 or later): channels go by sharded pub/sub (SPUBLISH/SSUBSCRIBE on the master of each channel's slot, one publisher and one subscriber connection per master) and every key command to the master of its slot.";
+    redis_tls_ca_file: OptText = "", "SWITCHBOARD_REDIS_TLS_CA_FILE",
+        "With rediss:// in redis_url: PEM file of the CA certificate(s) Redis's certificate must chain to, instead of the system's roots (a private CA); empty = the system's roots. Read once at start.";
+    redis_tls_cert_file: OptText = "", "SWITCHBOARD_REDIS_TLS_CERT_FILE",
+        "With rediss://: PEM client certificate (chain) this node presents to Redis, for a Redis with tls-auth-clients yes (mutual TLS); needs redis_tls_key_file. Empty = none.";
+    redis_tls_key_file: OptText = "", "SWITCHBOARD_REDIS_TLS_KEY_FILE",
+        "The PEM private key (PKCS#8, PKCS#1 or SEC1, unencrypted) of redis_tls_cert_file; keep it readable by this node's user only.";
     redis_prefix: Text = "sb:", "SWITCHBOARD_REDIS_PREFIX",
         "Prefix of every Redis channel and key of this deployment (two deployments sharing a Redis need different ones), 1 to 64 bytes, no whitespace or braces.";
     redis_timeout: Dur = "2s", "SWITCHBOARD_REDIS_TIMEOUT",
@@ -2498,9 +2515,47 @@ impl Config {
         )?;
         nonzero("database_connect_timeout", self.database_connect_timeout)?;
         // ---- Redis
-        if let Some(url) = &self.redis_url {
-            crate::cluster::parse_redis_urls(url, self.redis_cluster)
-                .map_err(|e| ConfigError::new("redis_url", e))?;
+        let url_tls = match &self.redis_url {
+            Some(url) => crate::cluster::url_tls(
+                &crate::cluster::parse_redis_urls(url, self.redis_cluster)
+                    .map_err(|e| ConfigError::new("redis_url", e))?,
+            ),
+            None => crate::cluster::UrlTls::Plain,
+        };
+        for (key, set) in [
+            ("redis_tls_ca_file", &self.redis_tls_ca_file),
+            ("redis_tls_cert_file", &self.redis_tls_cert_file),
+            ("redis_tls_key_file", &self.redis_tls_key_file),
+        ] {
+            if set.is_some() && url_tls == crate::cluster::UrlTls::Plain {
+                return fail(
+                    key,
+                    "is set but redis_url is not rediss://: the file would not be used; give redis_url as rediss://host:port (TLS) or leave the key empty".into(),
+                );
+            }
+        }
+        if self.redis_tls_ca_file.is_some() && url_tls == crate::cluster::UrlTls::Insecure {
+            return fail(
+                "redis_tls_ca_file",
+                "is set but redis_url ends in #insecure, which checks no certificate at all: drop #insecure to check Redis's certificate against this CA".into(),
+            );
+        }
+        match (&self.redis_tls_cert_file, &self.redis_tls_key_file) {
+            (Some(_), None) => {
+                return fail(
+                    "redis_tls_key_file",
+                    "is empty while redis_tls_cert_file is set: a client certificate needs its key"
+                        .into(),
+                )
+            }
+            (None, Some(_)) => {
+                return fail(
+                    "redis_tls_cert_file",
+                    "is empty while redis_tls_key_file is set: a client key needs its certificate"
+                        .into(),
+                )
+            }
+            _ => {}
         }
         if self.redis_prefix.is_empty()
             || self.redis_prefix.len() > 64
@@ -5014,6 +5069,82 @@ mod tests {
             ..Config::default()
         };
         cfg.validate().expect("edges are valid");
+    }
+
+    #[test]
+    fn redis_tls_keys_need_rediss_and_come_in_pairs() {
+        let tls = |url: &str| {
+            let url = url.to_owned();
+            move |c: &mut Config| c.redis_url = Some(url)
+        };
+        for key in [
+            "redis_tls_ca_file",
+            "redis_tls_cert_file",
+            "redis_tls_key_file",
+        ] {
+            // Without a rediss:// URL, a TLS file would be ignored: refused by name.
+            let e = invalid(|c| {
+                c.redis_url = Some("redis://127.0.0.1:6379".into());
+                let f = Some("/etc/x.pem".to_owned());
+                match key {
+                    "redis_tls_ca_file" => c.redis_tls_ca_file = f,
+                    "redis_tls_cert_file" => {
+                        c.redis_tls_cert_file = f.clone();
+                        c.redis_tls_key_file = f;
+                    }
+                    _ => {
+                        c.redis_tls_cert_file = f.clone();
+                        c.redis_tls_key_file = f;
+                    }
+                }
+            });
+            assert!(e.message.contains("rediss://"), "{key}: {e:?}");
+        }
+        let e = invalid(|c| {
+            tls("rediss://h:6380")(c);
+            c.redis_tls_cert_file = Some("/c.pem".into());
+        });
+        assert_eq!(e.key, "redis_tls_key_file");
+        let e = invalid(|c| {
+            tls("rediss://h:6380")(c);
+            c.redis_tls_key_file = Some("/k.pem".into());
+        });
+        assert_eq!(e.key, "redis_tls_cert_file");
+        let e = invalid(|c| {
+            tls("rediss://h:6380#insecure")(c);
+            c.redis_tls_ca_file = Some("/ca.pem".into());
+        });
+        assert_eq!(e.key, "redis_tls_ca_file");
+        assert!(e.message.contains("#insecure"), "{e:?}");
+        let e = invalid(|c| {
+            tls("rediss://:hunter2@a:1,redis://:hunter2@b:2")(c);
+            c.redis_cluster = true;
+        });
+        assert_eq!(e.key, "redis_url");
+        assert!(!e.message.contains("hunter2"), "{e:?}");
+        // What is accepted (files are read at start, not here).
+        for ok in [
+            Config {
+                redis_url: Some("rediss://:pw@h:6380".into()),
+                ..Config::default()
+            },
+            Config {
+                redis_url: Some("rediss://a:1,rediss://b:2".into()),
+                redis_cluster: true,
+                redis_tls_ca_file: Some("/ca.pem".into()),
+                redis_tls_cert_file: Some("/c.pem".into()),
+                redis_tls_key_file: Some("/k.pem".into()),
+                ..Config::default()
+            },
+            Config {
+                redis_url: Some("rediss://h:6380#insecure".into()),
+                redis_tls_cert_file: Some("/c.pem".into()),
+                redis_tls_key_file: Some("/k.pem".into()),
+                ..Config::default()
+            },
+        ] {
+            assert!(ok.validate().is_ok(), "{ok:?}: {:?}", ok.validate());
+        }
     }
 }
 

@@ -1106,7 +1106,12 @@ fn configured_redis() -> (Option<String>, Vec<Finding>) {
     );
     (
         Some(header),
-        redis::check_configured(url, cfg.redis_cluster, cfg.redis_timeout),
+        redis::check_configured(
+            url,
+            cfg.redis_cluster,
+            cfg.redis_timeout,
+            crate::bridge::redis::tls::RedisTls::from_config(&cfg),
+        ),
     )
 }
 

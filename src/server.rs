@@ -95,6 +95,19 @@ impl Server {
             }
         };
 
+        // rediss:// in redis_url: its files and the system's trust store, read once now so a
+        // bad one stops the start instead of failing every connect.
+        let redis_tls = crate::bridge::redis::tls::RedisTls::from_config(&cfg)
+            .map_err(|(key, e)| StartError(format!("config key `{key}`: {e}")))?;
+        match &redis_tls {
+            Some(t) if t.verify == crate::cluster::UrlTls::Insecure => tracing::warn!(
+                tls = %t.describe(),
+                "redis: TLS WITHOUT CERTIFICATE CHECKS (#insecure in redis_url): the connections to Redis are encrypted, but anyone on the path can pose as Redis and read and change every cross-node message; use redis_tls_ca_file and drop #insecure"
+            ),
+            Some(t) => tracing::info!(tls = %t.describe(), "redis: TLS (rediss://)"),
+            None => {}
+        }
+
         let host: IpAddr = cfg.host.parse().map_err(|_| {
             StartError(format!(
                 "config key `host`: not an IP address: {}",
@@ -161,6 +174,7 @@ impl Server {
             bridge_healthy: Arc::new(AtomicBool::new(true)),
             bridge_tx,
             clustered: cfg.redis_url.is_some(),
+            redis_tls,
             redis_stats: Default::default(),
             store_stats: Default::default(),
             kafka_stats: Default::default(),

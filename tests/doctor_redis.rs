@@ -210,6 +210,8 @@ fn the_password_is_used_and_never_printed() {
     assert_eq!(
         names,
         [
+            // Whether TLS is on (here: off, redis://), once for the whole redis_url.
+            "redis TLS",
             "redis PING",
             "redis version",
             "redis client-output-buffer-limit",

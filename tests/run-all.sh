@@ -129,7 +129,7 @@ ensure_node() {
 # both are named, so a machine with only one of them gets the other. Installing the package may
 # also start Debian's own redis-server on port 6379; the tests do not use it.
 ensure_redis_server() {
-  ensure_debian_packages redis-server:redis-server redis-cli:redis-tools
+  ensure_debian_packages redis-server:redis-server redis-cli:redis-tools openssl:openssl
   local server cli
   server="$(command -v redis-server)" ||
     fatal_install "redis-server not on PATH even with the redis-server package; install by hand: apt-get update && apt-get install -y redis-server redis-tools"

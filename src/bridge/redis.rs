@@ -29,6 +29,7 @@
 //! copy in. Without `redis_url` nothing here exists.
 
 pub mod history;
+pub mod tls;
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -1469,7 +1470,8 @@ impl Redis {
         let cfg = &self.node.cfg;
         let mut last = None;
         for url in &self.urls {
-            let info = redis::IntoConnectionInfo::into_connection_info(url.as_str())?;
+            // With rediss://, the certificates of redis_tls_* (read at start).
+            let info = tls::connection_info(url, self.node.redis_tls.as_ref())?;
             let protocol = if push.is_some() {
                 ProtocolVersion::RESP3
             } else {

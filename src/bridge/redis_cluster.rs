@@ -448,7 +448,7 @@ pub(super) fn start(r: Rc<Redis>) -> Vec<JoinHandle<()>> {
     let seeds: Vec<ConnectionInfo> = r
         .urls
         .iter()
-        .filter_map(|u| redis::IntoConnectionInfo::into_connection_info(u.as_str()).ok())
+        .filter_map(|u| super::tls::connection_info(u, r.node.redis_tls.as_ref()).ok())
         .collect();
     let (push_tx, rx) = mpsc::channel(INBOUND_MAX);
     let s = Rc::new(Sharded {
@@ -510,7 +510,19 @@ impl Sharded {
         let cfg = &self.r.node.cfg;
         let mut backoff = Backoff::new(cfg.redis_reconnect_max, u64::from(self.r.node.id));
         loop {
-            let client = redis::cluster::ClusterClientBuilder::new(self.seeds.clone())
+            let mut builder = redis::cluster::ClusterClientBuilder::new(self.seeds.clone());
+            // rediss:// seeds: every master the client discovers is reached with TLS, checked
+            // (or not, #insecure) as the seeds say, with the certificates of redis_tls_*.
+            if let Some(t) = &self.r.node.redis_tls {
+                builder = builder
+                    .tls(if t.verify == cluster::UrlTls::Insecure {
+                        redis::TlsMode::Insecure
+                    } else {
+                        redis::TlsMode::Secure
+                    })
+                    .certs(t.certs());
+            }
+            let client = builder
                 .use_protocol(ProtocolVersion::RESP2)
                 .connection_timeout(cfg.redis_timeout)
                 .response_timeout(cfg.redis_timeout)
@@ -559,10 +571,7 @@ impl Sharded {
         infos.extend(self.seeds.iter().cloned());
         let mut last: Option<RedisError> = None;
         for info in infos {
-            let host = match info.addr() {
-                redis::ConnectionAddr::Tcp(h, _) => h.clone(),
-                other => other.to_string(),
-            };
+            let host = super::tls::host_of(info.addr());
             let asked = tokio::time::timeout(timeout, async {
                 let mut c = connect_node(&self.r, &info, None).await?;
                 redis::cmd("CLUSTER")
@@ -716,13 +725,13 @@ impl Sharded {
         self.update_up();
     }
 
-    /// The connection info of master `addr`: the first seed's (credentials, database) at
-    /// that address.
+    /// The connection info of master `addr`: the first seed's (credentials, database, TLS
+    /// and its certificates) at that address.
     fn info_for(&self, addr: &str) -> Option<ConnectionInfo> {
         let (host, port) = addr.rsplit_once(':')?;
         let port: u16 = port.parse().ok()?;
-        let seed = self.seeds.first()?.clone();
-        Some(seed.set_addr(redis::ConnectionAddr::Tcp(host.to_owned(), port)))
+        let seed = self.seeds.first()?;
+        Some(super::tls::at_addr(seed, host.to_owned(), port))
     }
 
     fn drop_unroutable(&self, n: usize) {

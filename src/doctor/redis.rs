@@ -23,6 +23,8 @@
 use std::time::{Duration, Instant};
 
 use super::{Finding, Severity};
+use crate::bridge::redis::tls::RedisTls;
+use crate::cluster::UrlTls;
 
 /// The smallest pubsub hard limit that does not cut a busy node's subscriber connection: a
 /// node receiving 10 MB/s of cross-node traffic that stalls for 25 s (a CPU-starved VM, a long
@@ -49,6 +51,8 @@ pub struct Auth {
     pub username: Option<String>,
     /// The URL carries a password: the fixes ask for it (`--askpass`).
     pub password: bool,
+    /// redis-cli's TLS options for the fixes (`--tls --cacert <file>`...); empty = plain TCP.
+    pub tls: String,
 }
 
 /// What the doctor checks against: the configuration.
@@ -59,6 +63,9 @@ pub struct Setup {
     /// `redis_timeout`: the bound of every connect and command.
     pub timeout: Duration,
     pub auth: Auth,
+    /// With `rediss://`: how the nodes are checked ([`RedisTls::describe`]), and whether it is
+    /// `#insecure`; None = plain TCP.
+    pub tls: Option<(String, bool)>,
 }
 
 /// What one Redis node said. `Err` holds why a question got no answer (password-free).
@@ -66,6 +73,9 @@ pub struct Setup {
 pub struct NodeFacts {
     /// `host:port`.
     pub addr: String,
+    /// With `rediss://`: the doctor's own TLS handshake and a PING over it (the protocol and
+    /// cipher suite, or why it failed); None over plain TCP.
+    pub tls: Option<Result<String, String>>,
     /// Round trip of one PING after connecting; when this failed, nothing else was asked.
     pub ping: Result<Duration, String>,
     /// `INFO server` text.
@@ -201,6 +211,7 @@ fn redis_cli(addr: &str, auth: &Auth) -> String {
     if auth.password {
         s.push_str(" --askpass");
     }
+    s.push_str(&auth.tls);
     s.push_str(&format!(" -h {host} -p {port}"));
     s
 }
@@ -640,6 +651,80 @@ pub fn check_cluster(
     }
 }
 
+/// TLS for the whole `redis_url`: on (how certificates are checked) or off. Warn for
+/// `#insecure` (encrypted, not authenticated); off is fine on a private network.
+pub fn check_tls_mode(tls: &Option<(String, bool)>) -> Finding {
+    let name = "redis TLS";
+    match tls {
+        None => Finding {
+            name,
+            current: "off (redis://, plain TCP)".into(),
+            required: "TLS where the network between the nodes and Redis is not private".into(),
+            severity: Severity::Ok,
+            why: "cross-node messages and the Redis password travel unencrypted: fine on a \
+                  private network; give redis_url as rediss:// for TLS (docs/CONFIG.md, TLS to \
+                  Redis)"
+                .into(),
+            fix: String::new(),
+        },
+        Some((how, false)) => Finding {
+            name,
+            current: format!("on (rediss://): {how}"),
+            required: "the server's certificate checked".into(),
+            severity: Severity::Ok,
+            why: "every connection to Redis is TLS, and Redis proves who it is".into(),
+            fix: String::new(),
+        },
+        Some((how, true)) => Finding {
+            name,
+            current: format!("on (rediss://...#insecure): {how}"),
+            required: "the server's certificate checked".into(),
+            severity: Severity::Warn,
+            why: "#insecure checks no certificate: the connections are encrypted, but anyone on \
+                  the path can pose as Redis and read or change every cross-node message"
+                .into(),
+            fix: "set redis_tls_ca_file to the CA that signed Redis's certificate and drop \
+                  #insecure from redis_url"
+                .into(),
+        },
+    }
+}
+
+/// The doctor's own TLS handshake with one node (and a PING over it): Blocking when it fails,
+/// with the reason rustls gave (an unknown issuer is the wrong CA; a name mismatch is a
+/// certificate without the host of the URL among its names).
+pub fn check_tls_handshake(addr: &str, result: &Result<String, String>, auth: &Auth) -> Finding {
+    let name = "redis TLS handshake";
+    match result {
+        Ok(what) => Finding {
+            name,
+            current: format!("{addr}: {what}"),
+            required: "succeeds".into(),
+            severity: Severity::Ok,
+            why: "the TLS handshake succeeded and Redis answered PING over it".into(),
+            fix: String::new(),
+        },
+        Err(e) => Finding {
+            name,
+            current: format!("{addr}: fails"),
+            required: "succeeds".into(),
+            severity: Severity::Blocking,
+            why: format!(
+                "{e}. No node can reach this Redis: cross-node traffic is queued and dropped, and \
+                 /ready answers 503. UnknownIssuer: redis_tls_ca_file is not the CA that signed \
+                 Redis's certificate (or is empty and the system's roots do not have it); \
+                 NotValidForName: the URL's host is not among the certificate's names; a \
+                 certificate required alert: Redis wants a client certificate \
+                 (redis_tls_cert_file, redis_tls_key_file)"
+            ),
+            fix: format!(
+                "{} PING   # the same TLS from this machine",
+                redis_cli(addr, auth)
+            ),
+        },
+    }
+}
+
 /// `redis-cli` with the URL's credentials, no address.
 fn redis_cli_base(auth: &Auth) -> String {
     let mut s = String::from("redis-cli");
@@ -649,13 +734,18 @@ fn redis_cli_base(auth: &Auth) -> String {
     if auth.password {
         s.push_str(" --askpass");
     }
+    s.push_str(&auth.tls);
     s
 }
 
 /// Pure: the findings for one node. Only PING when it did not answer.
 pub fn judge(facts: &NodeFacts, setup: &Setup) -> Vec<Finding> {
     let a = facts.addr.as_str();
-    let mut out = vec![check_ping(a, &facts.ping, setup.timeout, &setup.auth)];
+    let mut out = Vec::new();
+    if let Some(tls) = &facts.tls {
+        out.push(check_tls_handshake(a, tls, &setup.auth));
+    }
+    out.push(check_ping(a, &facts.ping, setup.timeout, &setup.auth));
     if facts.ping.is_err() {
         return out;
     }
@@ -720,7 +810,7 @@ fn config_value(v: ::redis::Value, name: &str) -> Result<String, String> {
 }
 
 /// Ask one node everything [`judge`] needs; every step bounded by `timeout`.
-fn probe(info: &::redis::ConnectionInfo, timeout: Duration) -> NodeFacts {
+fn probe(info: &::redis::ConnectionInfo, timeout: Duration, tls: Option<&RedisTls>) -> NodeFacts {
     let addr = info.addr().to_string();
     let password = info.redis_settings().password().map(str::to_owned);
     let pw = password.as_deref();
@@ -731,8 +821,15 @@ fn probe(info: &::redis::ConnectionInfo, timeout: Duration) -> NodeFacts {
             scrub(e.to_string().trim().to_owned(), pw)
         }
     };
+    let handshake = match (info.addr(), tls) {
+        (::redis::ConnectionAddr::TcpTls { host, port, .. }, Some(t)) => {
+            Some(t.handshake(host, *port, timeout).map_err(|e| scrub(e, pw)))
+        }
+        _ => None,
+    };
     let mut facts = NodeFacts {
         addr,
+        tls: handshake,
         ping: Err(String::new()),
         info_server: Err("not asked".into()),
         info_cluster: Err("not asked".into()),
@@ -801,18 +898,37 @@ fn masters_of(info: &::redis::ConnectionInfo, timeout: Duration) -> Vec<::redis:
     match nodes {
         Ok(text) => cluster_masters(&text)
             .into_iter()
-            .map(|(host, port)| {
-                info.clone()
-                    .set_addr(::redis::ConnectionAddr::Tcp(host, port))
-            })
+            .map(|(host, port)| crate::bridge::redis::tls::at_addr(info, host, port))
             .collect(),
         Err(_) => Vec::new(),
     }
 }
 
+/// redis-cli's options for the TLS of `t` (file names only).
+fn cli_tls_flags(t: &RedisTls) -> String {
+    let mut s = String::from(" --tls");
+    if t.verify == UrlTls::Insecure {
+        s.push_str(" --insecure");
+    }
+    if let Some(ca) = &t.ca_file {
+        s.push_str(&format!(" --cacert {ca}"));
+    }
+    if let (Some(c), Some(k)) = (&t.cert_file, &t.key_file) {
+        s.push_str(&format!(" --cert {c} --key {k}"));
+    }
+    s
+}
+
 /// Check the Redis of `redis_url` (already validated by the config): every seed, and with
 /// `cluster` every master `CLUSTER NODES` of the first answering seed names.
-pub fn check_configured(url: &str, cluster: bool, timeout: Duration) -> Vec<Finding> {
+/// `tls` is what the server would use ([`RedisTls::from_config`]; its error is a Blocking
+/// finding on the key at fault and nothing is asked).
+pub fn check_configured(
+    url: &str,
+    cluster: bool,
+    timeout: Duration,
+    tls: Result<Option<RedisTls>, (&'static str, String)>,
+) -> Vec<Finding> {
     let urls = match crate::cluster::parse_redis_urls(url, cluster) {
         Ok(u) => u,
         Err(e) => {
@@ -826,9 +942,22 @@ pub fn check_configured(url: &str, cluster: bool, timeout: Duration) -> Vec<Find
             }]
         }
     };
+    let tls = match tls {
+        Ok(t) => t,
+        Err((key, e)) => {
+            return vec![Finding {
+                name: "redis TLS",
+                current: format!("{key}: does not load"),
+                required: "loads".into(),
+                severity: Severity::Blocking,
+                why: format!("{e}: the server would refuse to start"),
+                fix: String::new(),
+            }]
+        }
+    };
     let mut infos: Vec<::redis::ConnectionInfo> = Vec::new();
     for u in &urls {
-        match ::redis::IntoConnectionInfo::into_connection_info(u.as_str()) {
+        match crate::bridge::redis::tls::connection_info(u, tls.as_ref()) {
             Ok(i) => infos.push(i),
             Err(e) => {
                 return vec![Finding {
@@ -847,18 +976,22 @@ pub fn check_configured(url: &str, cluster: bool, timeout: Duration) -> Vec<Find
         .map(|i| Auth {
             username: i.redis_settings().username().map(str::to_owned),
             password: i.redis_settings().password().is_some(),
+            tls: tls.as_ref().map(cli_tls_flags).unwrap_or_default(),
         })
         .unwrap_or_default();
     let setup = Setup {
         cluster,
         timeout,
         auth,
+        tls: tls
+            .as_ref()
+            .map(|t| (t.describe(), t.verify == UrlTls::Insecure)),
     };
-    let mut findings = Vec::new();
+    let mut findings = vec![check_tls_mode(&setup.tls)];
     let mut seen: Vec<String> = Vec::new();
     let mut masters = Vec::new();
     for info in &infos {
-        let facts = probe(info, timeout);
+        let facts = probe(info, timeout, tls.as_ref());
         seen.push(facts.addr.clone());
         if cluster && masters.is_empty() && facts.cluster_info.is_some() {
             masters = masters_of(info, timeout);
@@ -869,7 +1002,7 @@ pub fn check_configured(url: &str, cluster: bool, timeout: Duration) -> Vec<Find
         if seen.contains(&m.addr().to_string()) {
             continue;
         }
-        let facts = probe(&m, timeout);
+        let facts = probe(&m, timeout, tls.as_ref());
         seen.push(facts.addr.clone());
         findings.extend(judge(&facts, &setup));
     }
@@ -895,6 +1028,7 @@ mod tests {
     fn healthy() -> NodeFacts {
         NodeFacts {
             addr: A.into(),
+            tls: None,
             ping: Ok(Duration::from_micros(400)),
             info_server: ok("# Server\r\nredis_version:7.2.4\r\nredis_mode:standalone\r\n"),
             info_cluster: ok("# Cluster\r\ncluster_enabled:0\r\n"),
@@ -912,6 +1046,7 @@ mod tests {
             cluster,
             timeout: Duration::from_secs(2),
             auth: no_auth(),
+            tls: None,
         }
     }
 
@@ -1032,6 +1167,7 @@ mod tests {
         let auth = Auth {
             username: Some("sb".into()),
             password: true,
+            tls: String::new(),
         };
         let f = check_output_buffer_limit(A, &ok(DEFAULT_LIMITS), &auth);
         assert!(
@@ -1159,6 +1295,7 @@ mod tests {
         let auth = Auth {
             username: None,
             password: true,
+            tls: String::new(),
         };
         let f = check_ping(A, &Err("WRONGPASS".into()), t, &auth);
         assert!(
@@ -1285,9 +1422,59 @@ e7d1eecce10fd6bb5eb35b9f99a514335d9ba9ca 127.0.0.1:30001@31001 myself,master - 0
 
     #[test]
     fn a_bad_url_is_blocking_and_redacted() {
-        let f = check_configured("redis://:pw@a:1,redis://b:2", false, Duration::from_secs(1));
+        let f = check_configured(
+            "redis://:pw@a:1,redis://b:2",
+            false,
+            Duration::from_secs(1),
+            Ok(None),
+        );
         assert_eq!(f.len(), 1);
         assert_eq!(f[0].severity, Severity::Blocking);
         assert!(!format!("{f:?}").contains(":pw@"), "{f:?}");
+    }
+
+    #[test]
+    fn tls_is_reported_on_or_off_and_a_failed_handshake_blocks() {
+        let off = check_tls_mode(&None);
+        assert_eq!(off.severity, Severity::Ok);
+        assert!(off.current.contains("off"), "{off:?}");
+        let on = check_tls_mode(&Some(("checked against /ca.pem".into(), false)));
+        assert_eq!(on.severity, Severity::Ok);
+        assert!(
+            on.current.contains("on") && on.current.contains("/ca.pem"),
+            "{on:?}"
+        );
+        let insecure = check_tls_mode(&Some(("NOT checked".into(), true)));
+        assert_eq!(insecure.severity, Severity::Warn);
+        assert!(insecure.fix.contains("redis_tls_ca_file"), "{insecure:?}");
+
+        let auth = Auth {
+            username: None,
+            password: true,
+            tls: " --tls --cacert /ca.pem".into(),
+        };
+        let good = check_tls_handshake(A, &Ok("TLSv1_3 TLS13_AES_256_GCM_SHA384".into()), &auth);
+        assert_eq!(good.severity, Severity::Ok);
+        assert!(good.current.contains("TLSv1_3"), "{good:?}");
+        let bad = check_tls_handshake(
+            A,
+            &Err("TLS handshake: invalid peer certificate: UnknownIssuer".into()),
+            &auth,
+        );
+        assert_eq!(bad.severity, Severity::Blocking);
+        assert!(bad.why.contains("UnknownIssuer"), "{bad:?}");
+        assert!(
+            bad.fix
+                .contains("--askpass --tls --cacert /ca.pem -h 10.0.0.5 -p 6379"),
+            "{bad:?}"
+        );
+        // The handshake's finding comes first, then the rest as over plain TCP.
+        let facts = NodeFacts {
+            tls: Some(Ok("TLSv1_3".into())),
+            ..healthy()
+        };
+        let f = judge(&facts, &setup(false));
+        assert_eq!(f[0].name, "redis TLS handshake");
+        assert_eq!(f[1].name, "redis PING");
     }
 }

@@ -155,6 +155,8 @@ pub struct Node {
     /// Whether other nodes may exist (`redis_url` set): deliveries that may have recipients
     /// elsewhere go to the bridge too (false: shards send the bridge store jobs only).
     pub clustered: bool,
+    /// The certificates of a `rediss://` `redis_url` (read at start); None = plain TCP.
+    pub redis_tls: Option<crate::bridge::redis::tls::RedisTls>,
     /// The Redis clients' counters, kept by the bridge; with Redis configured, `up` is part
     /// of readiness.
     pub redis_stats: crate::bridge::redis::RedisStats,

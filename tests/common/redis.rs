@@ -404,6 +404,8 @@ pub struct RedisServer {
     /// Options after the fixed ones, the same on every (re)start.
     extra: Vec<String>,
     frozen: bool,
+    /// TLS only ([`RedisServer::start_tls`]): `--tls-auth-clients` yes (mutual TLS) or no.
+    tls: Option<bool>,
 }
 
 impl RedisServer {
@@ -432,9 +434,34 @@ impl RedisServer {
         RedisServer::launch(&|_| extra.clone())
     }
 
+    /// A server speaking only TLS (`--port 0 --tls-port <port>`), with a throwaway CA and a
+    /// server certificate for 127.0.0.1 made in its directory by `openssl` ([`TestCerts`]);
+    /// with `auth_clients` it also wants a client certificate signed by that CA (mutual
+    /// TLS). [`RedisServer::url`] is `rediss://`; the test's plain RESP client
+    /// ([`RedisServer::cmd`] and the rest) cannot talk to it.
+    pub fn start_tls(auth_clients: bool) -> RedisServer {
+        RedisServer::start_tls_args(auth_clients, &[])
+    }
+
+    /// [`RedisServer::start_tls`] with extra command-line arguments (`--requirepass`, ...).
+    pub fn start_tls_args(auth_clients: bool, args: &[&str]) -> RedisServer {
+        let extra: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        RedisServer::launch_tls(Some(auth_clients), &|_| extra.clone())
+    }
+
+    /// The throwaway certificates of a [`RedisServer::start_tls`] server.
+    pub fn certs(&self) -> TestCerts {
+        assert!(self.tls.is_some(), "certs: not a TLS server");
+        TestCerts::at(&self.dir)
+    }
+
     /// Start on a free port; `extra(dir)` gives the options after the fixed ones (called once
     /// per attempt, so it may pick ports of its own).
     fn launch(extra: &dyn Fn(&Path) -> Vec<String>) -> RedisServer {
+        RedisServer::launch_tls(None, extra)
+    }
+
+    fn launch_tls(tls: Option<bool>, extra: &dyn Fn(&Path) -> Vec<String>) -> RedisServer {
         let bin = server_bin();
         CLEAN_STALE.call_once(clean_stale);
         let seq = SERVER_SEQ.fetch_add(1, Ordering::Relaxed);
@@ -448,7 +475,11 @@ impl RedisServer {
             dir,
             bin,
             frozen: false,
+            tls,
         };
+        if tls.is_some() {
+            TestCerts::generate(&server.dir);
+        }
         for _ in 0..START_ATTEMPTS_MAX {
             server.port = super::free_port();
             server.extra = extra(&server.dir);
@@ -494,6 +525,24 @@ impl RedisServer {
         .iter()
         .map(|s| (*s).to_owned())
         .collect();
+        if let Some(auth_clients) = self.tls {
+            let c = TestCerts::at(&self.dir);
+            // Later options win: no plain port, TLS on the port picked.
+            a.extend([
+                "--port".to_owned(),
+                "0".to_owned(),
+                "--tls-port".to_owned(),
+                self.port.to_string(),
+                "--tls-cert-file".to_owned(),
+                c.server_cert,
+                "--tls-key-file".to_owned(),
+                c.server_key,
+                "--tls-ca-cert-file".to_owned(),
+                c.ca,
+                "--tls-auth-clients".to_owned(),
+                if auth_clients { "yes" } else { "no" }.to_owned(),
+            ]);
+        }
         a.extend(self.extra.iter().cloned());
         a
     }
@@ -523,11 +572,19 @@ impl RedisServer {
                 self.child = None;
                 return false;
             }
-            // Up: PONG, or NOAUTH from a server started with `requirepass`.
-            match command(self.addr(), &["PING"], PROBE_TIMEOUT) {
-                Ok(Resp::Simple(s)) if s == "PONG" => return true,
-                Ok(Resp::Error(e)) if e.starts_with("NOAUTH") => return true,
-                _ => {}
+            // A TLS-only server is up once its port takes connections (it has nothing to
+            // load; the test's client speaks no TLS).
+            if self.tls.is_some() {
+                if TcpStream::connect_timeout(&self.addr(), PROBE_TIMEOUT).is_ok() {
+                    return true;
+                }
+            } else {
+                // Up: PONG, or NOAUTH from a server started with `requirepass`.
+                match command(self.addr(), &["PING"], PROBE_TIMEOUT) {
+                    Ok(Resp::Simple(s)) if s == "PONG" => return true,
+                    Ok(Resp::Error(e)) if e.starts_with("NOAUTH") => return true,
+                    _ => {}
+                }
             }
             if Instant::now() > deadline {
                 self.kill();
@@ -546,9 +603,14 @@ impl RedisServer {
         self.dir.join("redis.stderr")
     }
 
-    /// `redis://127.0.0.1:<port>`, for `SWITCHBOARD_REDIS_URL`.
+    /// `redis://127.0.0.1:<port>` (`rediss://` for a TLS server), for `SWITCHBOARD_REDIS_URL`.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     pub fn port(&self) -> u16 {
@@ -676,6 +738,129 @@ impl RedisServer {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+}
+
+/// Throwaway PEM files for TLS tests, made by `/usr/bin/openssl` (or `openssl` on PATH) in a
+/// server's directory: a CA, a server certificate for `127.0.0.1` and `localhost` signed by it,
+/// a client certificate signed by it, and a second CA that signed nothing here (a wrong CA).
+/// EC P-256 keys (fast to make), valid for two days, unencrypted.
+#[derive(Clone, Debug)]
+pub struct TestCerts {
+    pub ca: String,
+    pub server_cert: String,
+    pub server_key: String,
+    pub client_cert: String,
+    pub client_key: String,
+    pub other_ca: String,
+}
+
+impl TestCerts {
+    fn at(dir: &Path) -> TestCerts {
+        let f = |n: &str| dir.join(n).display().to_string();
+        TestCerts {
+            ca: f("ca.crt"),
+            server_cert: f("server.crt"),
+            server_key: f("server.key"),
+            client_cert: f("client.crt"),
+            client_key: f("client.key"),
+            other_ca: f("other-ca.crt"),
+        }
+    }
+
+    fn openssl(dir: &Path, args: &[&str]) {
+        let bin = if Path::new("/usr/bin/openssl").is_file() {
+            PathBuf::from("/usr/bin/openssl")
+        } else {
+            PathBuf::from("openssl")
+        };
+        let out = Command::new(&bin)
+            .args(args)
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| {
+                panic!("{} {args:?}: {e} (apt-get install openssl)", bin.display())
+            });
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Make every file in `dir`.
+    fn generate(dir: &Path) -> TestCerts {
+        const EC: [&str; 4] = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"];
+        for (ca, key, cn) in [
+            ("ca.crt", "ca.key", "sb-test-ca"),
+            ("other-ca.crt", "other-ca.key", "sb-other-ca"),
+        ] {
+            let subj = format!("/CN={cn}");
+            let mut a = vec!["req", "-x509", "-nodes", "-days", "2", "-subj", &subj];
+            a.extend(EC);
+            a.extend([
+                "-keyout",
+                key,
+                "-out",
+                ca,
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign,cRLSign",
+            ]);
+            TestCerts::openssl(dir, &a);
+        }
+        for (name, cn, ext) in [
+            (
+                "server",
+                "127.0.0.1",
+                "extendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n",
+            ),
+            ("client", "sb-test-node", "extendedKeyUsage=clientAuth\n"),
+        ] {
+            let (key, csr, crt, extfile) = (
+                format!("{name}.key"),
+                format!("{name}.csr"),
+                format!("{name}.crt"),
+                format!("{name}.ext"),
+            );
+            std::fs::write(
+                dir.join(&extfile),
+                format!(
+                    "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n{ext}"
+                ),
+            )
+            .expect("write the extensions file");
+            let subj = format!("/CN={cn}");
+            let mut a = vec![
+                "req", "-new", "-nodes", "-subj", &subj, "-keyout", &key, "-out", &csr,
+            ];
+            a.extend(EC);
+            TestCerts::openssl(dir, &a);
+            TestCerts::openssl(
+                dir,
+                &[
+                    "x509",
+                    "-req",
+                    "-in",
+                    &csr,
+                    "-CA",
+                    "ca.crt",
+                    "-CAkey",
+                    "ca.key",
+                    "-CAcreateserial",
+                    "-days",
+                    "2",
+                    "-extfile",
+                    &extfile,
+                    "-out",
+                    &crt,
+                ],
+            );
+        }
+        TestCerts::at(dir)
     }
 }
 
