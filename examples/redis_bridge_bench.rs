@@ -10,6 +10,14 @@
 //! this node and no history, so each message costs the bridge exactly one envelope and one
 //! `PUBLISH` in a pipeline ([`switchboard::bridge::redis`]).
 //!
+//! With `--history` the rooms have history instead (the server must be configured with it:
+//! `SWITCHBOARD_ROOMS='[{"pattern":"bench-*","history_size":100}]'`) and the feeder hands the
+//! bridge what a room's owner shard hands it for such a publish: `BridgeMsg::History(Append)`
+//! with the message frame's head, so each message costs one append script (`EVALSHA`:
+//! `HINCRBY`, `XADD MAXLEN ~`, `PUBLISH`) in a pipeline
+//! ([`switchboard::bridge::redis::history`]); the rate is `switchboard_redis_history_appended_total`
+//! and the flat-out feeder keeps the append queue (65,536 at most) about half full.
+//!
 //! Flat out (`--rate 0`, the default) the feeder keeps the Redis queue about half full (it
 //! pauses while more than half of `redis_queue_max` wait in the queue and the inbox together),
 //! so nothing is dropped and the publisher never runs dry: the rate is what the bridge sustains. With `--rate R` it feeds
@@ -25,6 +33,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use switchboard::bridge::redis::history::{HistoryJob, APPENDS_QUEUED_MAX};
 use switchboard::bridge::BridgeMsg;
 use switchboard::config::Config;
 use switchboard::proto::Frame;
@@ -50,13 +59,14 @@ struct Opts {
     rate: u64,
     redis_pid: Option<u32>,
     json_only: bool,
+    history: bool,
 }
 
 fn usage() -> ! {
     eprintln!(
         "usage: redis_bridge_bench --redis redis://127.0.0.1:PORT [--port P (18095)] [--seconds S (10)] \
          [--warmup S (2)] [--rooms N (1000)] [--payload-bytes B (64)] [--rate R (0 = flat out)] \
-         [--redis-pid PID] [--json-only]"
+         [--redis-pid PID] [--history] [--json-only]"
     );
     std::process::exit(2)
 }
@@ -79,11 +89,16 @@ fn parse() -> Opts {
         rate: 0,
         redis_pid: None,
         json_only: false,
+        history: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         if flag == "--json-only" {
             o.json_only = true;
+            continue;
+        }
+        if flag == "--history" {
+            o.history = true;
             continue;
         }
         let Some(v) = args.next() else { usage() };
@@ -159,8 +174,9 @@ fn proc_cpu_ns(pid: u32) -> Option<u64> {
     Some(ticks * 1_000_000_000 / hz)
 }
 
-/// Redis's own count of `PUBLISH` calls and of all commands.
-fn redis_counts(url: &str) -> Option<(u64, u64)> {
+/// Redis's own count of `PUBLISH`, `EVALSHA` and `XADD` calls and of all commands (calls made
+/// by scripts count too).
+fn redis_counts(url: &str) -> Option<(u64, u64, u64, u64)> {
     let mut c = redis::Client::open(url).ok()?.get_connection().ok()?;
     let info: String = redis::cmd("INFO").arg("all").query(&mut c).ok()?;
     let field = |line_prefix: &str, key: &str| -> Option<u64> {
@@ -170,6 +186,8 @@ fn redis_counts(url: &str) -> Option<(u64, u64)> {
     };
     Some((
         field("cmdstat_publish:", "calls=").unwrap_or(0),
+        field("cmdstat_evalsha:", "calls=").unwrap_or(0),
+        field("cmdstat_xadd:", "calls=").unwrap_or(0),
         field("total_commands_processed:", ":")?,
     ))
 }
@@ -185,6 +203,8 @@ struct Snap {
     feeder_ns: u64,
     redis_ns: u64,
     redis_publish: u64,
+    redis_evalsha: u64,
+    redis_xadd: u64,
     redis_commands: u64,
 }
 
@@ -230,14 +250,32 @@ fn main() {
         .and_then(|p| p.file_name().map(|f| f.to_string_lossy().into_owned()))
         .unwrap_or_default();
 
-    // What a shard hands the bridge for a publish of `switchboard-load fanout` into room k.
+    // What a shard hands the bridge for a publish of `switchboard-load fanout` into room k:
+    // the room target and the encoded frame, or (history) the frame's head for the append.
     let pad = "x".repeat(o.payload_bytes.saturating_sub(30));
+    let rooms_cfg = &node.cfg.rooms;
+    let mut history_opts: Option<(u16, u32, u64)> = None;
     let work: Vec<(Target, Frame)> = (0..o.rooms)
         .map(|k| {
             let room = format!("bench-{k}");
             let json = format!(
                 "{{\"type\":\"message\",\"room\":\"{room}\",\"data\":{{\"seq\":{k},\"ts\":1234567890123,\"pad\":\"{pad}\"}},\"client_id\":\"0190c0de-0000-7000-8000-000000000000\",\"timestamp\":1764633600000}}"
             );
+            let opts = switchboard::room_options::index_for(rooms_cfg, &room);
+            let ro = switchboard::room_options::at(rooms_cfg, opts);
+            if o.history {
+                if ro.history_size == 0 {
+                    eprintln!(
+                        "--history: room {room} has no history in this configuration; set \
+                         SWITCHBOARD_ROOMS='[{{\"pattern\":\"bench-*\",\"history_size\":100}}]'"
+                    );
+                    std::process::exit(2)
+                }
+                history_opts = Some((opts, ro.history_size, ro.history_ttl.as_millis() as u64));
+            } else if ro.history_size > 0 {
+                eprintln!("room {room} has history in this configuration: give --history");
+                std::process::exit(2)
+            }
             (
                 Target::room(Arc::from(room.as_str())),
                 Frame::text_from_json(json.as_bytes(), node.now_us()),
@@ -245,19 +283,59 @@ fn main() {
         })
         .collect();
     let frame_bytes = work[0].1.wire().len();
+    let heads: Vec<Box<[u8]>> = work
+        .iter()
+        .map(|(_, f)| {
+            let json = f.payload();
+            json[..json.len() - 1].into()
+        })
+        .collect();
+    let rooms_arc: Vec<Arc<str>> = (0..o.rooms)
+        .map(|k| Arc::from(format!("bench-{k}").as_str()))
+        .collect();
+    // What counts as done, lost and failed: envelopes published, or appends Redis answered.
+    let history = o.history;
+    let published = || {
+        if history {
+            stats.history_appended.load(Ordering::Relaxed)
+        } else {
+            stats.published.load(Ordering::Relaxed)
+        }
+    };
+    let dropped = || {
+        if history {
+            stats.history_local.load(Ordering::Relaxed)
+        } else {
+            stats.dropped.load(Ordering::Relaxed)
+        }
+    };
+    let failed = || {
+        if history {
+            stats.history_append_failed.load(Ordering::Relaxed)
+        } else {
+            stats.publish_failed.load(Ordering::Relaxed)
+        }
+    };
+    let (queued, cap) = if history {
+        (&stats.history_queued, APPENDS_QUEUED_MAX as u64)
+    } else {
+        (&stats.queued, queue_max)
+    };
 
     let snap = |fed: u64| -> Snap {
-        let (rp, rc) = redis_counts(&o.redis).unwrap_or_default();
+        let (rp, re, rx, rc) = redis_counts(&o.redis).unwrap_or_default();
         Snap {
             at: Some(Instant::now()),
-            published: stats.published.load(Ordering::Relaxed),
-            dropped: stats.dropped.load(Ordering::Relaxed),
-            failed: stats.publish_failed.load(Ordering::Relaxed),
+            published: published(),
+            dropped: dropped(),
+            failed: failed(),
             fed,
             bridge_ns: thread_cpu_ns(&bridge_tid),
             feeder_ns: thread_cpu_ns(&feeder_tid),
             redis_ns: o.redis_pid.and_then(proc_cpu_ns).unwrap_or(0),
             redis_publish: rp,
+            redis_evalsha: re,
+            redis_xadd: rx,
             redis_commands: rc,
         }
     };
@@ -279,7 +357,7 @@ fn main() {
                 if first.is_none() {
                     first = Some(snap(fed));
                 }
-                ticks.push(stats.published.load(Ordering::Relaxed));
+                ticks.push(published());
             }
             if now >= end {
                 break;
@@ -291,18 +369,29 @@ fn main() {
                 std::thread::sleep(Duration::from_micros(20));
                 continue;
             }
-        } else if stats.queued.load(Ordering::Relaxed) + inbox_len(&node.bridge_tx) > queue_max / 2
-        {
+        } else if queued.load(Ordering::Relaxed) + inbox_len(&node.bridge_tx) > cap / 2 {
             std::thread::sleep(FULL_PAUSE);
             continue;
         }
         for _ in 0..CHUNK {
             let (target, frame) = &work[i];
-            i = (i + 1) % work.len();
-            let msg = BridgeMsg::Deliver {
-                target: target.clone(),
-                frame: frame.clone(),
+            let msg = match history_opts {
+                Some((opts, size, ttl_ms)) => BridgeMsg::History(Box::new(HistoryJob::Append {
+                    room: rooms_arc[i].clone(),
+                    opts,
+                    size,
+                    ttl_ms,
+                    head: heads[i].clone(),
+                    restart: false,
+                    owner: 0,
+                    api: None,
+                })),
+                None => BridgeMsg::Deliver {
+                    target: target.clone(),
+                    frame: frame.clone(),
+                },
             };
+            i = (i + 1) % work.len();
             if node.bridge_tx.blocking_send(msg).is_err() {
                 eprintln!("the bridge inbox closed");
                 std::process::exit(1)
@@ -327,7 +416,7 @@ fn main() {
         .collect();
     let pct = |ns: u64| ns as f64 / secs / 1e7;
     let json = serde_json::json!({
-        "scenario": "redis-bridge",
+        "scenario": if history { "redis-bridge-history" } else { "redis-bridge" },
         "rooms": o.rooms,
         "payload_bytes": o.payload_bytes,
         "frame_bytes": frame_bytes,
@@ -344,16 +433,20 @@ fn main() {
         "feeder_cpu_pct": (pct(d(|s| s.feeder_ns)) * 10.0).round() / 10.0,
         "redis_cpu_pct": o.redis_pid.map(|_| (pct(d(|s| s.redis_ns)) * 10.0).round() / 10.0),
         "redis_publish_calls": d(|s| s.redis_publish),
+        "redis_evalsha_calls": d(|s| s.redis_evalsha),
+        "redis_xadd_calls": d(|s| s.redis_xadd),
         "redis_commands": d(|s| s.redis_commands),
     });
     if !o.json_only {
         println!(
-            "bridge alone: {published} room publishes in {secs:.2} s = {rate:.0}/s (each second: {per_s:?}); \
+            "bridge alone{}: {published} room publishes in {secs:.2} s = {rate:.0}/s (each second: {per_s:?}); \
              dropped {}, failed {}; bridge thread {} % of a core ({} ns per publish), feeder {} %, redis {} %; \
-             Redis counted {} PUBLISH and {} commands",
+             Redis counted {} PUBLISH, {} EVALSHA, {} XADD and {} commands",
+            if history { " (history rooms)" } else { "" },
             json["dropped"], json["publish_failed"], json["bridge_cpu_pct"],
             json["bridge_cpu_ns_per_publish"], json["feeder_cpu_pct"], json["redis_cpu_pct"],
-            json["redis_publish_calls"], json["redis_commands"]
+            json["redis_publish_calls"], json["redis_evalsha_calls"], json["redis_xadd_calls"],
+            json["redis_commands"]
         );
     }
     println!("{json}");

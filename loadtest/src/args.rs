@@ -76,6 +76,9 @@ pub struct Opts {
     pub duration_s: f64,
     pub source_ips: Vec<Ipv4Addr>,
     pub server_pid: Option<u32>,
+    /// history-resume: the server the subscribers reconnect to for their resume
+    /// (`--resume-url`; None: the one they left).
+    pub resume_target: Option<Target>,
     /// Every server's PID, in the order of `targets` (`--server-pids`; `server_pid` alone
     /// without it): CPU and RSS are summed over them, and fanout reports each node's share.
     pub server_pids: Vec<u32>,
@@ -165,6 +168,7 @@ impl Opts {
         Opts {
             scenario,
             targets: vec![target.clone()],
+            resume_target: None,
             target,
             connections: 1000,
             threads: 1,
@@ -270,7 +274,9 @@ idle:   --settle S (window = --duration)
 churn:  --cycles C --hold S --rss-tolerance-pct P --baseline-timeout S
 history-resume: --connections N subscribers of one room named bench-*, which the server must
         keep history for; --warmup W (3) messages, all leave, --messages G (100) published,
-        all resume at once (--in-flight at a time) with since {offset, epoch}
+        all resume at once (--in-flight at a time) with since {offset, epoch}; with
+        --resume-url URL they resume on that server instead (another node of the cluster,
+        which reads the room's history from Redis; --server-pid is then that node's)
 typing-storm: --connections S members (?user_id=) of one room, --typers T (S/10) of them
         send typing.start every --renew S (2), every --stop-every K-th (5, 0 = never) is
         typing.stop; --typing-ttl S (6) is the server's TTL; one process only
@@ -456,6 +462,7 @@ pub fn parse(args: &[String]) -> Result<Opts, String> {
             }
             "--db-pid" => o.db_pid = Some(num(f, &v)?),
             "--label" => o.label = v,
+            "--resume-url" => o.resume_target = Some(parse_target(&v)?),
             "--in-flight" => o.in_flight = num(f, &v)?,
             "--sub-paths" => {
                 o.sub_paths = v.split(',').map(str::to_owned).collect();
@@ -592,6 +599,9 @@ fn validate(o: &mut Opts) -> Result<(), String> {
 /// `--urls` and `--server-pids`: several servers only where every connection stands alone
 /// (connect, idle, fanout), one PID per URL.
 fn validate_servers(o: &mut Opts) -> Result<(), String> {
+    if o.resume_target.is_some() && o.scenario != Scenario::HistoryResume {
+        return Err("--resume-url is for history-resume only".into());
+    }
     let several = o.targets.len() > 1;
     if several
         && !matches!(
@@ -814,6 +824,14 @@ mod tests {
         assert_eq!((o.messages, o.warmup, o.publishers), (100, 2, 1));
         assert_eq!(o.sockets(), 10_001);
         assert!(parse(&args("history-resume --messages 0")).is_err());
+        let o = parse(&args(
+            "history-resume --url ws://127.0.0.1:9001/ws --resume-url ws://127.0.0.1:9002/ws",
+        ))
+        .expect("valid");
+        assert_eq!(o.target.addr.port(), 9001);
+        assert_eq!(o.resume_target.map(|t| t.addr.port()), Some(9002));
+        assert!(parse(&args("fanout --resume-url ws://127.0.0.1:9002/ws")).is_err());
+        assert!(parse(&args("history-resume --resume-url ws://10.0.0.1:9002/ws")).is_err());
 
         let o = parse(&args(
             "typing-storm --connections 5000 --typers 1000 --renew 2",

@@ -165,6 +165,9 @@ pub struct Endpoint {
 pub struct Plan {
     /// The servers (`--urls`; one without it): connection `i` goes to `endpoints[i % len]`.
     pub endpoints: Vec<Endpoint>,
+    /// history-resume: the server every subscriber reconnects to for its resume
+    /// (`--resume-url`; None: the one it left).
+    pub resume_endpoint: Option<Endpoint>,
     pub source_ips: Vec<Ipv4Addr>,
     pub roles: Vec<Role>,
     pub room_names: Vec<String>,
@@ -209,6 +212,15 @@ impl Plan {
     /// The server of global connection `gidx`.
     pub fn endpoint(&self, gidx: usize) -> &Endpoint {
         &self.endpoints[gidx % self.endpoints.len()]
+    }
+
+    /// The server of global connection `gidx` when opened for `why`: a resume goes to
+    /// `resume_endpoint` when there is one.
+    fn endpoint_for(&self, gidx: usize, why: Open) -> &Endpoint {
+        match (&self.resume_endpoint, why) {
+            (Some(ep), Open::Resume) => ep,
+            _ => self.endpoint(gidx),
+        }
     }
 }
 
@@ -819,7 +831,7 @@ impl Worker {
             let local = self.next_connect;
             self.next_connect += 1;
             let gidx = self.mine[local];
-            match self.open(local, gidx) {
+            match self.open(local, gidx, Open::Setup) {
                 Ok(conn) => {
                     self.conns[local] = Some(conn);
                     self.in_flight += 1;
@@ -832,10 +844,10 @@ impl Worker {
         }
     }
 
-    fn open(&mut self, local: usize, gidx: usize) -> std::io::Result<Conn> {
+    fn open(&mut self, local: usize, gidx: usize, why: Open) -> std::io::Result<Conn> {
         let plan = &self.ctx.plan;
         let role = plan.roles[gidx];
-        let ep = plan.endpoint(gidx);
+        let ep = plan.endpoint_for(gidx, why);
         let domain = socket2::Domain::for_address(ep.addr);
         let sock = socket2::Socket::new(domain, socket2::Type::STREAM, None)?;
         sock.set_nonblocking(true)?;
@@ -995,7 +1007,7 @@ impl Worker {
     /// Opens connection `local` again; false (counted) when the socket could not be opened.
     fn reopen(&mut self, local: usize, why: Open) -> Option<&mut Conn> {
         let gidx = self.mine[local];
-        match self.open(local, gidx) {
+        match self.open(local, gidx, why) {
             Ok(mut conn) => {
                 conn.open = why;
                 if let Some(Some((offset, epoch))) = self.memo.get_mut(local).map(Option::take) {
@@ -1377,7 +1389,7 @@ fn drive(conn: &mut Conn, ctx: &mut Ctx, rbuf: &mut [u8], readable: bool) -> Res
             Err(e) => return Err(Drop::Fail(format!("{e}"))),
         }
         let plan = Arc::clone(&ctx.plan);
-        let ep = plan.endpoint(conn.gidx as usize);
+        let ep = plan.endpoint_for(conn.gidx as usize, conn.open);
         let path = match conn.role {
             Role::Dm { user, .. } | Role::Churner { user } => {
                 format!("{}?user_id={}", ep.path, plan.user_names[user as usize])
@@ -1955,6 +1967,7 @@ impl Plan {
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::json!({
             "endpoints": self.endpoints.iter().map(|e| serde_json::json!([e.addr.to_string(), e.host, e.path])).collect::<Vec<_>>(),
+            "resume_endpoint": self.resume_endpoint.as_ref().map(|e| serde_json::json!([e.addr.to_string(), e.host, e.path])),
             "source_ips": self.source_ips.iter().map(|ip| ip.to_string()).collect::<Vec<_>>(),
             "roles": self.roles.iter().map(role_code).collect::<Vec<_>>().join(" "),
             "room_names": self.room_names,
@@ -2006,23 +2019,28 @@ impl Plan {
             "presence" => Traffic::Presence,
             t => return Err(format!("plan: traffic {t:?}")),
         };
+        let endpoint = |e: &serde_json::Value| -> Result<Endpoint, String> {
+            let part = |i: usize| e[i].as_str().ok_or("plan: endpoint".to_string());
+            Ok(Endpoint {
+                addr: part(0)?
+                    .parse()
+                    .map_err(|_| "plan: endpoint addr".to_string())?,
+                host: part(1)?.to_owned(),
+                path: part(2)?.to_owned(),
+            })
+        };
         Ok(Plan {
             endpoints: v["endpoints"]
                 .as_array()
                 .filter(|a| !a.is_empty())
                 .ok_or("plan: endpoints")?
                 .iter()
-                .map(|e| {
-                    let part = |i: usize| e[i].as_str().ok_or("plan: endpoint".to_string());
-                    Ok(Endpoint {
-                        addr: part(0)?
-                            .parse()
-                            .map_err(|_| "plan: endpoint addr".to_string())?,
-                        host: part(1)?.to_owned(),
-                        path: part(2)?.to_owned(),
-                    })
-                })
+                .map(endpoint)
                 .collect::<Result<_, String>>()?,
+            resume_endpoint: match &v["resume_endpoint"] {
+                serde_json::Value::Null => None,
+                e => Some(endpoint(e)?),
+            },
             source_ips: strings("source_ips")?
                 .iter()
                 .map(|ip| ip.parse().map_err(|_| format!("plan: ip {ip}")))
@@ -2203,6 +2221,7 @@ mod tests {
         };
         let plan = Plan {
             endpoints: vec![ep(18081), ep(18082)],
+            resume_endpoint: Some(ep(18083)),
             source_ips: vec![Ipv4Addr::new(127, 0, 0, 7)],
             roles: vec![
                 Role::Sub {
@@ -2254,6 +2273,8 @@ mod tests {
         );
         assert_eq!(back.endpoint(3).addr, plan.endpoints[1].addr);
         assert_eq!(back.endpoint(4).host, "127.0.0.1:18081");
+        assert_eq!(back.endpoint_for(4, Open::Resume).host, "127.0.0.1:18083");
+        assert_eq!(back.endpoint_for(4, Open::Setup).host, "127.0.0.1:18081");
         assert_eq!(
             (back.proc_index, back.procs, back.url_subscribe),
             (1, 3, true)

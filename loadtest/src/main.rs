@@ -323,6 +323,11 @@ fn base_plan(o: &Opts, roles: Vec<Role>, rooms: usize) -> Plan {
                 path: t.path.clone(),
             })
             .collect(),
+        resume_endpoint: o.resume_target.as_ref().map(|t| engine::Endpoint {
+            addr: t.addr,
+            host: t.host.clone(),
+            path: t.path.clone(),
+        }),
         source_ips: o.source_ips.clone(),
         roles,
         room_names: (0..rooms).map(|k| format!("lt{nonce}-{k}")).collect(),
@@ -1177,6 +1182,9 @@ fn history_resume(o: &Opts) -> Report {
     let duplicates = shared.k(kind::DUPLICATE);
     let expected = left * g;
     r.put("subscribers", n);
+    if let Some(t) = &o.resume_target {
+        r.put("resume_url", format!("ws://{}{}", t.host, t.path));
+    }
     r.put("messages", g);
     r.put("warmup", w);
     r.put("in_flight", o.in_flight);
