@@ -1,5 +1,5 @@
-//! Review reproductions (real processes): a history append Redis did not answer in time is
-//! sent again, idempotently, and delivered once on every node.
+//! History appends across nodes under faults (real processes): an append Redis did not
+//! answer in time is sent again, idempotently, and delivered once on every node.
 
 mod common;
 
@@ -94,13 +94,13 @@ fn a_stalled_append_is_delivered_once_everywhere(canary: &str) {
 /// No publish in flight during the stall: the shared connection survives, and the first
 /// copy, queued at Redis, runs when the stall ends (every later copy is a repeat).
 #[test]
-fn review_a_timed_out_history_append_is_delivered_once_on_every_node() {
+fn a_timed_out_history_append_is_delivered_once_on_every_node() {
     a_stalled_append_is_delivered_once_everywhere("10s");
 }
 
 /// A canary in flight during the stall: the publisher's timeout drops the shared connection,
 /// and the append queued on it with it; the copy sent on the next connection runs.
 #[test]
-fn review_a_history_append_cut_by_a_publisher_timeout_reaches_every_node_once() {
+fn a_history_append_cut_by_a_publisher_timeout_reaches_every_node_once() {
     a_stalled_append_is_delivered_once_everywhere("200ms");
 }
