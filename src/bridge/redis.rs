@@ -596,7 +596,26 @@ impl Redis {
             }
             let conn = self.cmd_conn.borrow().clone();
             let verdicts: Option<Vec<i64>> = match conn {
-                Some(mut conn) => {
+                Some(mut conn) => 'judged: {
+                    // This node's users set learns of an online before anyone is told it, in
+                    // a round trip of its own (on a Redis Cluster the set is on another
+                    // master, and the two run concurrently): a node that dies in between
+                    // leaves no user its reaper cannot find.
+                    let mut first = redis::pipe();
+                    for op in batch.iter().filter(|op| op.online == Some(true)) {
+                        first.cmd("SADD").arg(&node_users).arg(&*op.user).ignore();
+                    }
+                    if !first.is_empty() {
+                        let r = tokio::time::timeout(
+                            self.node.cfg.redis_timeout,
+                            first.exec_async(&mut conn),
+                        )
+                        .await;
+                        if !matches!(r, Ok(Ok(()))) {
+                            self.log_error("presence update failed", &"the node's users set");
+                            break 'judged None;
+                        }
+                    }
                     let mut pipe = redis::pipe();
                     for op in &batch {
                         let target = presence_topic(&op.user);
@@ -613,10 +632,10 @@ impl Redis {
                                     .arg(&*channel)
                                     .arg(envelope)
                                     .arg(self.publish_command());
-                                pipe.cmd(if online { "SADD" } else { "SREM" })
-                                    .arg(&node_users)
-                                    .arg(&*op.user)
-                                    .ignore();
+                                if !online {
+                                    // After the verdict: the reaper still finds the user.
+                                    pipe.cmd("SREM").arg(&node_users).arg(&*op.user).ignore();
+                                }
                             }
                             None => {
                                 pipe.cmd(self.publish_command())
