@@ -221,6 +221,26 @@ impl Channels {
         format!("{}{{topic:{watch}}}:nodes", self.prefix)
     }
 
+    /// A user's presence as the cluster's readers see it (a string, `status last_seen text`:
+    /// [`crate::shard::service::presence::state::encode_remote`]), written with every change
+    /// watchers hear; in the slot of [`Channels::user_nodes`].
+    pub fn user_record(&self, user: &str) -> String {
+        let watch = crate::shard::service::presence::watch_topic(user);
+        format!("{}{{topic:{watch}}}:rec", self.prefix)
+    }
+
+    /// A room's users on every node (rooms that track presence): a hash, user -> the hex ids
+    /// of the nodes holding it in the room, space-separated; in the room's slot.
+    pub fn room_present(&self, room: &str) -> String {
+        format!("{}{{room:{room}}}:present", self.prefix)
+    }
+
+    /// The (room, user) pairs node `node` holds in room presence (for its reaper; members
+    /// made by [`crate::shard::service::presence::state::encode_room_member`]).
+    pub fn node_rooms(&self, node: u32) -> String {
+        format!("{}{{node:{node:08x}}}:rooms", self.prefix)
+    }
+
     /// Set (with a TTL) when node `node` has been reaped: the node, if it is in fact alive,
     /// learns from its next heartbeat that the cluster forgot it, and announces its users
     /// again.
@@ -1059,6 +1079,21 @@ mod tests {
         assert_eq!(
             slot(c.user_nodes("alice").as_bytes()),
             slot(c.topic("presence:alice").as_bytes())
+        );
+        assert_eq!(c.room_present("lobby"), "sb:{room:lobby}:present");
+        assert_eq!(
+            slot(c.room_present("lobby").as_bytes()),
+            slot(c.room("lobby").as_bytes())
+        );
+        assert_eq!(c.node_rooms(0xab), "sb:{node:000000ab}:rooms");
+        assert_eq!(
+            slot(c.node_rooms(0xab).as_bytes()),
+            slot(c.node(0xab).as_bytes())
+        );
+        assert_eq!(c.user_record("alice"), "sb:{topic:presence:alice}:rec");
+        assert_eq!(
+            slot(c.user_record("alice").as_bytes()),
+            slot(c.user_nodes("alice").as_bytes())
         );
         assert_eq!(c.client_msg("alice", "c-1"), "sb:{user:alice}:cm:c-1");
         assert_eq!(

@@ -252,6 +252,7 @@ stats! {
     presence_reports_owed: Counter("switchboard_presence_reports_owed_total", "Presence reports queued for retry because the owner shard's inbox was full"),
     presence_reports_dropped: Counter("switchboard_presence_reports_dropped_total", "Presence reports dropped because PRESENCE_OWED_MAX reports already waited"),
     presence_forgotten: Counter("switchboard_presence_forgotten_total", "Offline users forgotten at PRESENCE_OFFLINE_USERS_MAX (they read as never seen)"),
+    presence_read_local: Counter("switchboard_presence_read_local_total", "Clustered: presence.state answers with users held only by other nodes that were answered from this node's state (Redis down, slow, or the bridge busy)"),
     // ---- cross-shard
     cross_shard_sent: Counter("switchboard_cross_shard_sent_total", "Messages sent to other shards"),
     cross_shard_dropped: Counter("switchboard_cross_shard_dropped_total", "Messages dropped because a shard inbox was full"),

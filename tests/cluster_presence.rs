@@ -312,3 +312,341 @@ fn a_user_in_its_grace_when_redis_restarts_empty_still_goes_offline() {
     w.expect_silence(1_000);
     assert_eq!(redis.int(&["SCARD", "sb:{topic:presence:jo}:nodes"]), 0);
 }
+
+/// `presence.query` on one node for a user whose devices are all on another: wait until a
+/// query there says `online` (the user's first device is judged by Redis asynchronously).
+fn query_until(c: &mut Client, user: &str, want: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut n = 0;
+    loop {
+        n += 1;
+        let id = format!("q{n}");
+        c.send_json(json!({"type": "presence.query", "id": id, "user_ids": [user]}));
+        let s = c.expect_type("presence.state");
+        assert_eq!(s["id"], id.as_str(), "{s}");
+        let u = s["data"]["users"][0].clone();
+        if u["status"] == want {
+            return u;
+        }
+        assert!(Instant::now() < deadline, "{user} never read {want}: {s}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_query_on_one_node_reads_a_user_held_by_another() {
+    let redis = RedisServer::start();
+    let a = node(&redis);
+    let b = node(&redis);
+    let mut q = a.connect("/ws?user_id=asker");
+    // Never seen anywhere: offline, never seen.
+    q.send_json(json!({"type": "presence.query", "id": "q0", "user_ids": ["jo"]}));
+    let s = q.expect_type("presence.state");
+    assert_eq!(
+        s["data"]["users"],
+        json!([{"user_id": "jo", "status": "offline", "text": null, "devices": 0, "last_seen": null}]),
+        "{s}"
+    );
+    // jo connects to B only and sets a status there.
+    let mut jo = b.connect("/ws?user_id=jo");
+    jo.send_json(
+        json!({"type": "presence.update", "id": "u1", "status": "busy", "text": "in a call"}),
+    );
+    assert_eq!(jo.expect_type("presence.update")["id"], "u1");
+    let u = query_until(&mut q, "jo", "busy");
+    assert_eq!(
+        u,
+        json!({"user_id": "jo", "status": "busy", "text": "in a call", "devices": 1, "last_seen": null}),
+        "devices: the nodes holding jo"
+    );
+    // Invisible reads offline elsewhere too, last_seen = when it went invisible.
+    jo.send_json(json!({"type": "presence.update", "id": "u2", "status": "invisible"}));
+    assert_eq!(jo.expect_type("presence.update")["id"], "u2");
+    let u = query_until(&mut q, "jo", "offline");
+    assert_eq!(u["devices"], 0, "{u}");
+    assert_eq!(u["text"], Value::Null, "{u}");
+    assert!(u["last_seen"].is_string(), "{u}");
+    // Back online, then gone everywhere: after the grace, A reads offline with last_seen.
+    jo.send_json(json!({"type": "presence.update", "id": "u3", "status": "online"}));
+    assert_eq!(jo.expect_type("presence.update")["id"], "u3");
+    query_until(&mut q, "jo", "online");
+    let left = common::now_ms();
+    jo.close();
+    let u = query_until(&mut q, "jo", "offline");
+    assert_eq!(u["devices"], 0, "{u}");
+    assert_eq!(u["text"], Value::Null, "{u}");
+    let seen = common::parse_rfc3339_ms(u["last_seen"].as_str().unwrap_or_default())
+        .unwrap_or_else(|| panic!("no last_seen: {u}"));
+    assert!(
+        seen + 500 >= left && seen <= left + 1_500,
+        "{seen} vs {left}"
+    );
+    // The record outlives the session, with a TTL (PRESENCE_RECORD_TTL).
+    let ttl = redis.int(&["PTTL", "sb:{topic:presence:jo}:rec"]);
+    assert!(ttl > 0, "{ttl}");
+    // B itself agrees (its own state).
+    let mut qb = b.connect("/ws?user_id=asker2");
+    let ub = query_until(&mut qb, "jo", "offline");
+    assert!(ub["last_seen"].is_string(), "{ub}");
+}
+
+#[test]
+fn a_watch_on_one_node_of_a_user_on_another_starts_online() {
+    let redis = RedisServer::start();
+    let a = node(&redis);
+    let b = node(&redis);
+    let mut kim = b.connect("/ws?user_id=kim");
+    kim.send_json(json!({"type": "presence.update", "id": "u", "status": "away", "text": "lunch"}));
+    assert_eq!(kim.expect_type("presence.update")["id"], "u");
+    // Wait until Redis has kim's record (the update went through the presence queue).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !redis
+        .cmd(&["GET", "sb:{topic:presence:kim}:rec"])
+        .starts_with("away")
+    {
+        assert!(Instant::now() < deadline, "kim's record never written");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut w = a.connect("/ws?user_id=watcher");
+    w.send_json(json!({"type": "presence.watch", "id": "w", "user_ids": ["kim", "nobody"]}));
+    let s = w.expect_type("presence.state");
+    assert_eq!(s["id"], "w", "{s}");
+    assert_eq!(
+        s["data"]["users"],
+        json!([
+            {"user_id": "kim", "status": "away", "text": "lunch", "devices": 1, "last_seen": null},
+            {"user_id": "nobody", "status": "offline", "text": null, "devices": 0, "last_seen": null}
+        ]),
+        "{s}"
+    );
+    // And the watch is in place: kim's changes reach it.
+    kim.send_json(json!({"type": "presence.update", "status": "busy"}));
+    let e = event(&mut w, "presence.update", "kim", Duration::from_secs(3));
+    assert_eq!(e["data"]["status"], "busy", "{e}");
+}
+
+#[test]
+fn an_invisible_users_departure_still_leaves_the_nodes_set() {
+    let redis = RedisServer::start();
+    let a = node(&redis);
+    let b = node(&redis);
+    let mut w = watcher(&a, &redis, "lou");
+    let mut lou = b.connect("/ws?user_id=lou");
+    event(&mut w, "presence.online", "lou", Duration::from_secs(3));
+    lou.send_json(json!({"type": "presence.update", "id": "u", "status": "invisible"}));
+    assert_eq!(lou.expect_type("presence.update")["id"], "u");
+    event(&mut w, "presence.offline", "lou", Duration::from_secs(3));
+    lou.close();
+    // Gone from B after the grace: no node holds lou, and nobody was told twice.
+    let key = "sb:{topic:presence:lou}:nodes";
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while redis.int(&["SCARD", key]) != 0 {
+        assert!(Instant::now() < deadline, "B still holds lou");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    w.expect_silence(300);
+    // A new session on A is online for everyone (status does not outlive the session).
+    let _lou = a.connect("/ws?user_id=lou");
+    let e = event(&mut w, "presence.online", "lou", Duration::from_secs(3));
+    assert_eq!(e["data"]["status"], "online", "{e}");
+}
+
+const ROOMS: &str = r#"[{"pattern":"jl-*","join_leave":true},{"pattern":"p-*","presence":true}]"#;
+
+fn room_node(redis: &RedisServer) -> TestServer {
+    let url = redis.url();
+    let s = TestServer::start(&[
+        ("SWITCHBOARD_REDIS_URL", url.as_str()),
+        ("SWITCHBOARD_PRESENCE_OFFLINE_GRACE", GRACE),
+        ("SWITCHBOARD_REDIS_CANARY_INTERVAL", "200ms"),
+        ("SWITCHBOARD_ROOMS", ROOMS),
+    ]);
+    s.wait_ready();
+    s
+}
+
+/// Subscribe and wait until Redis has the room's channel from this node too.
+fn member(s: &TestServer, redis: &RedisServer, user: &str, room: &str, subs: i64) -> Client {
+    let mut c = s.connect(&format!("/ws?user_id={user}"));
+    c.subscribe(room);
+    let channel = format!("sb:{{room:{room}}}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while redis.numsub(&channel) < subs {
+        assert!(Instant::now() < deadline, "{channel} never held");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    c
+}
+
+fn room_event(c: &mut Client, kind: &str, room: &str, user: &str) {
+    match c.next_event(Duration::from_secs(3)) {
+        common::Event::Json(v) => {
+            assert_eq!(v["type"], kind, "{v}");
+            assert_eq!(v["room"], room, "{v}");
+            assert_eq!(v["data"], json!({"user_id": user}), "{v}");
+        }
+        other => panic!("no {kind}: {other:?}"),
+    }
+}
+
+fn room_query(c: &mut Client, room: &str) -> Value {
+    c.send_json(json!({"type": "presence.query", "id": "rq", "room": room}));
+    let s = c.expect_type("presence.state");
+    assert_eq!(s["id"], "rq", "{s}");
+    assert_eq!(s["room"], room, "{s}");
+    let mut users = s["data"]["users"].as_array().cloned().unwrap_or_default();
+    users.sort_by(|a, b| a["user_id"].as_str().cmp(&b["user_id"].as_str()));
+    json!({"users": users, "count": s["data"]["count"], "truncated": s["data"]["truncated"]})
+}
+
+#[test]
+fn room_join_and_leave_fire_once_across_nodes() {
+    let redis = RedisServer::start();
+    let a = room_node(&redis);
+    let b = room_node(&redis);
+    let mut wa = member(&a, &redis, "wa", "jl-1", 1);
+    let mut wb = member(&b, &redis, "wb", "jl-1", 2);
+    room_event(&mut wa, "presence.join", "jl-1", "wb");
+    wb.expect_silence(200);
+    // mo's first device, on A: one join, on both nodes.
+    let mo1 = member(&a, &redis, "mo", "jl-1", 2);
+    room_event(&mut wa, "presence.join", "jl-1", "mo");
+    room_event(&mut wb, "presence.join", "jl-1", "mo");
+    // A second device on B: nothing anywhere.
+    let mo2 = member(&b, &redis, "mo", "jl-1", 2);
+    wa.expect_silence(400);
+    wb.expect_silence(1);
+    // A's device leaves: mo is still in the room on B.
+    mo1.close();
+    wa.expect_silence(400);
+    wb.expect_silence(1);
+    // The last one: one leave, on both nodes.
+    mo2.close();
+    room_event(&mut wa, "presence.leave", "jl-1", "mo");
+    room_event(&mut wb, "presence.leave", "jl-1", "mo");
+    wa.expect_silence(300);
+    wb.expect_silence(1);
+    assert_eq!(
+        redis.int(&["HLEN", "sb:{room:jl-1}:present"]),
+        2,
+        "wa and wb"
+    );
+}
+
+#[test]
+fn a_room_query_lists_the_members_of_every_node() {
+    let redis = RedisServer::start();
+    let a = room_node(&redis);
+    let b = room_node(&redis);
+    let mut qa = member(&a, &redis, "ann", "p-1", 1);
+    let _b1 = member(&b, &redis, "ben", "p-1", 2);
+    let _b2 = member(&b, &redis, "ben", "p-1", 2);
+    let _ann2 = member(&b, &redis, "ann", "p-1", 2);
+    // Judged through Redis: wait until it holds both users.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while redis.int(&["HLEN", "sb:{room:p-1}:present"]) < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "{}",
+            redis.cmd(&["HGETALL", "sb:{room:p-1}:present"])
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // ann: her devices on A; ben (only on B): the nodes holding him there.
+    assert_eq!(
+        room_query(&mut qa, "p-1"),
+        json!({"users": [{"user_id": "ann", "devices": 1}, {"user_id": "ben", "devices": 1}], "count": 2, "truncated": false})
+    );
+}
+
+#[test]
+fn a_killed_node_leaves_its_rooms_everywhere() {
+    let redis = RedisServer::start();
+    let a = room_node(&redis);
+    let mut b = room_node(&redis);
+    let mut wa = member(&a, &redis, "wa", "jl-k", 1);
+    let _ned = member(&b, &redis, "ned", "jl-k", 2);
+    room_event(&mut wa, "presence.join", "jl-k", "ned");
+    b.kill();
+    match wa.next_event(Duration::from_secs(15)) {
+        common::Event::Json(v) => {
+            assert_eq!(v["type"], "presence.leave", "{v}");
+            assert_eq!(v["data"]["user_id"], "ned", "{v}");
+        }
+        other => panic!("no leave: {other:?}"),
+    }
+    assert_eq!(
+        room_query(&mut wa, "jl-k"),
+        json!({"users": [{"user_id": "wa", "devices": 1}], "count": 1, "truncated": false})
+    );
+    wa.expect_silence(500);
+}
+
+#[test]
+fn a_redis_restarted_empty_gets_every_nodes_room_presence_back() {
+    let mut redis = RedisServer::start();
+    let a = room_node(&redis);
+    let b = room_node(&redis);
+    let mut qa = member(&a, &redis, "ann", "p-2", 1);
+    let _ben = member(&b, &redis, "ben", "p-2", 2);
+    let until_both = |redis: &RedisServer| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while redis.int(&["HLEN", "sb:{room:p-2}:present"]) < 2 {
+            assert!(
+                Instant::now() < deadline,
+                "{}",
+                redis.cmd(&["HGETALL", "sb:{room:p-2}:present"])
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    until_both(&redis);
+    redis.restart();
+    assert_eq!(redis.int(&["HLEN", "sb:{room:p-2}:present"]), 0, "empty");
+    a.wait_ready();
+    b.wait_ready();
+    // Each node's resync writes its pairs again, silently.
+    until_both(&redis);
+    assert_eq!(
+        room_query(&mut qa, "p-2"),
+        json!({"users": [{"user_id": "ann", "devices": 1}, {"user_id": "ben", "devices": 1}], "count": 2, "truncated": false})
+    );
+    // And each node's rooms set, for its reaper.
+    let sets = redis.cmd_value(&["KEYS", "sb:{node:*}:rooms"]);
+    let sets: Vec<String> = sets
+        .array()
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|k| k.text())
+        .collect();
+    assert_eq!(sets.len(), 2, "{sets:?}");
+    for k in &sets {
+        assert_eq!(redis.int(&["SCARD", k]), 1, "{k}");
+    }
+}
+
+#[test]
+fn a_room_join_while_redis_is_frozen_is_told_here_at_once_and_elsewhere_once() {
+    let mut redis = RedisServer::start();
+    let a = room_node(&redis);
+    let b = room_node(&redis);
+    let mut wa = member(&a, &redis, "wa", "jl-f", 1);
+    let mut wb = member(&b, &redis, "wb", "jl-f", 2);
+    room_event(&mut wa, "presence.join", "jl-f", "wb");
+    redis.freeze();
+    // A already holds the room's channel: mo's subscription needs nothing of Redis.
+    let mut mo = a.connect("/ws?user_id=mo");
+    mo.subscribe("jl-f");
+    room_event(&mut wa, "presence.join", "jl-f", "mo");
+    wb.expect_silence(500);
+    redis.thaw();
+    room_event(&mut wb, "presence.join", "jl-f", "mo");
+    // Judged once Redis answered: told on B, never a second time on A.
+    wa.expect_silence(1_500);
+    wb.expect_silence(1);
+    assert_eq!(
+        redis.int(&["HLEN", "sb:{room:jl-f}:present"]),
+        3,
+        "wa, wb and mo"
+    );
+}

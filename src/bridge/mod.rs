@@ -49,13 +49,37 @@ pub enum BridgeMsg {
     /// Clustered: an event of a user's presence owner on this node for the user's watchers
     /// on every node (`frame`), in order. `online` Some: it found the user online (first
     /// device here) or offline (its grace over), and the watchers hear it only if Redis says
-    /// the change is the cluster's, not only this node's; None: a status change, told as it
-    /// is, after the changes before it ([`redis::Redis::presence`]).
+    /// the change is the cluster's, not only this node's (`frame` None: an invisible user's,
+    /// told to no one, still judged); None: a status change, told as it is, after the changes
+    /// before it ([`redis::Redis::presence`]). `record`: the user as the cluster's readers
+    /// see it with the change ([`crate::shard::service::presence::state::encode_remote`]),
+    /// written to Redis with it.
     Presence {
         user: Arc<str>,
         online: Option<bool>,
-        frame: Frame,
+        frame: Option<Frame>,
+        record: Box<str>,
     },
+    /// Clustered: `presence.query {user_ids}` or the first answer of `presence.watch` for
+    /// connection `to`, some of whose users this node does not hold: the bridge reads those
+    /// from Redis and hands the answer back to the connection's shard
+    /// ([`redis::Redis::presence_read`]).
+    PresenceRead(Box<crate::shard::service::presence::Read>),
+    /// Clustered: `user`'s first device in `room` on this node joined (`join`) or its last
+    /// one left; Redis judges whether it is the cluster's (the room's hash of users) and its
+    /// script publishes `frame` (`presence.join` / `presence.leave`, None in a room without
+    /// events) to the room's members on every node, `except` the joining connection
+    /// ([`redis::Redis::room_presence`]).
+    RoomPresence {
+        room: Arc<str>,
+        user: Arc<str>,
+        join: bool,
+        frame: Option<Frame>,
+        except: Option<crate::route::ConnRef>,
+    },
+    /// Clustered: a room query; the bridge reads the room's users on every node from Redis
+    /// and hands them to the room's owner shard ([`redis::Redis::room_read`]).
+    RoomRead(Box<crate::shard::service::presence::RoomRead>),
     /// Clustered: a room with history: a message for Redis to sequence, or a stream read
     /// for a resume ([`redis::history`]; boxed like `Store`).
     History(Box<redis::history::HistoryJob>),

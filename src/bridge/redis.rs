@@ -49,6 +49,7 @@ use crate::directory::Transition;
 use crate::proto::envelope::droppable;
 use crate::proto::Frame;
 use crate::route::Target;
+use crate::shard::service::presence::state;
 use crate::shard::Node;
 
 #[path = "redis_cluster.rs"]
@@ -121,16 +122,18 @@ pub const REAP_LOCK: Duration = Duration::from_secs(30);
 /// Users read per `SSCAN` of a dead node's set, and re-added per pipeline after a reconnect.
 pub const PRESENCE_SCAN_COUNT: usize = 512;
 
-/// Presence across nodes, one key per user (`KEYS[1]`, the user's nodes): `ARGV[2]` 1 =
-/// node `ARGV[1]` holds the user present now, 0 = it does not any more. Returns 1 when that
-/// made the user online or offline cluster-wide: this node joined the empty set, or left it
-/// empty. Joining a set it was in, or leaving one it was not in, changes nothing: a script
-/// run again (a pipeline Redis ran but did not answer in time is tried again) is never told
-/// twice, nor a node the reaper took out. Then, when `ARGV[3]` names a channel, it publishes
-/// `ARGV[4]` (the change's envelope) there from inside the script, so every node's watchers
-/// hear a user's changes in the order Redis judged them, whichever nodes judged them. The
-/// channel is tagged like the key (one slot), and `ARGV[5]` is the command: `PUBLISH`, or
-/// `SPUBLISH` on a Redis Cluster.
+/// Presence across nodes, two keys per user in one slot (`KEYS[1]`, the user's nodes;
+/// `KEYS[2]`, its record): `ARGV[2]` 1 = node `ARGV[1]` holds the user present now, 0 = it
+/// does not any more. Returns 1 when that made the user online or offline cluster-wide: this
+/// node joined the empty set, or left it empty. Joining a set it was in, or leaving one it
+/// was not in, changes nothing: a script run again (a pipeline Redis ran but did not answer
+/// in time is tried again) is never told twice, nor a node the reaper took out. Then the
+/// record becomes `ARGV[6]` (unless empty; an offline one for `ARGV[7]` ms), and when
+/// `ARGV[3]` names a channel, it publishes `ARGV[4]` (the change's envelope) there from
+/// inside the script, so every node's watchers hear a user's changes in the order Redis
+/// judged them, whichever nodes judged them, and readers find the record they heard last.
+/// The channel is tagged like the keys (one slot), and `ARGV[5]` is the command: `PUBLISH`,
+/// or `SPUBLISH` on a Redis Cluster.
 const PRESENCE_LUA: &str = "\
 local told = 0 \
 if ARGV[2] == '1' then \
@@ -138,11 +141,66 @@ if ARGV[2] == '1' then \
 else \
   if redis.call('SREM', KEYS[1], ARGV[1]) == 1 and redis.call('SCARD', KEYS[1]) == 0 then told = 1 end \
 end \
-if told == 1 and ARGV[3] ~= '' then redis.call(ARGV[5], ARGV[3], ARGV[4]) end \
+if told == 1 then \
+  if ARGV[6] ~= '' then \
+    if ARGV[2] == '1' then redis.call('SET', KEYS[2], ARGV[6]) \
+    else redis.call('SET', KEYS[2], ARGV[6], 'PX', ARGV[7]) end \
+  end \
+  if ARGV[3] ~= '' then redis.call(ARGV[5], ARGV[3], ARGV[4]) end \
+end \
+return told";
+
+/// Room presence across nodes, one key per room (`KEYS[1]`, the room's hash: user -> the
+/// nodes holding it in the room, space-separated hex ids): `ARGV[2]` 1 = node `ARGV[1]` holds
+/// user `ARGV[3]` in the room now, 0 = not any more. Returns 1 when that is the cluster's
+/// join (the user's first node) or leave (its last), and then publishes `ARGV[5]` on channel
+/// `ARGV[4]` (the room's, same slot; none when empty) with command `ARGV[6]`. A node already
+/// listed joining, or one not listed leaving, changes nothing (a reaped node is never told
+/// twice).
+const ROOM_LUA: &str = "\
+local cur = redis.call('HGET', KEYS[1], ARGV[3]) \
+local list = {} \
+local had = false \
+if cur then \
+  for n in string.gmatch(cur, '%S+') do \
+    if n == ARGV[1] then had = true else table.insert(list, n) end \
+  end \
+end \
+local told = 0 \
+if ARGV[2] == '1' then \
+  if had then return 0 end \
+  table.insert(list, ARGV[1]) \
+  redis.call('HSET', KEYS[1], ARGV[3], table.concat(list, ' ')) \
+  if #list == 1 then told = 1 end \
+else \
+  if not had then return 0 end \
+  if #list == 0 then \
+    redis.call('HDEL', KEYS[1], ARGV[3]) \
+    told = 1 \
+  else \
+    redis.call('HSET', KEYS[1], ARGV[3], table.concat(list, ' ')) \
+  end \
+end \
+if told == 1 and ARGV[4] ~= '' then redis.call(ARGV[6], ARGV[4], ARGV[5]) end \
 return told";
 
 /// How long the presence worker waits before it tries a batch Redis did not answer again.
 pub const PRESENCE_RETRY: Duration = Duration::from_millis(500);
+
+/// How long Redis keeps the record of a user no node holds (`<p>{topic:presence:<id>}:rec`,
+/// for `last_seen` on every node): after it, the user reads as never seen on nodes that do
+/// not remember it themselves.
+pub const PRESENCE_RECORD_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// Presence reads ([`Redis::presence_read`]) in flight at most; past it a read is answered
+/// from this node's state at once (`switchboard_presence_read_local_total`).
+pub const PRESENCE_READS_MAX: usize = 1_024;
+
+/// Users read per pipeline of a presence read (two commands each).
+pub const PRESENCE_READ_BATCH: usize = 256;
+
+/// How often a watch's read looks whether its users' watch channels are held yet.
+pub const PRESENCE_READ_POLL: Duration = Duration::from_millis(5);
 
 /// A node's heartbeat, in its own slot (`KEYS`: alive, reaper lock, reaped mark; `ARGV[1]`
 /// the TTL in ms): renew `alive`, then say whether the cluster forgot this node: 1 = no,
@@ -164,11 +222,13 @@ if not redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return 0 en
 redis.call('SET', KEYS[3], '1', 'PX', ARGV[3]) \
 return 1";
 
-/// Finish reaping a node, in its slot (`KEYS`: reaper lock, the node's users; `ARGV[1]` this
-/// node): forget its users and release the lock, only while this node still holds it.
+/// Finish reaping a node, in its slot (`KEYS`: reaper lock, the node's users, its room
+/// presences; `ARGV[1]` this node): forget them and release the lock, only while this node
+/// still holds it.
 const REAP_END_LUA: &str = "\
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end \
 redis.call('DEL', KEYS[2]) \
+redis.call('DEL', KEYS[3]) \
 redis.call('DEL', KEYS[1]) \
 return 1";
 
@@ -225,6 +285,10 @@ pub struct RedisStats {
     /// node found the cluster had reaped it while it was alive (its users announced again).
     pub presence_resynced: AtomicU64,
     pub forgotten: AtomicU64,
+    /// Presence reads of users held by other nodes Redis answered, and reads answered from
+    /// this node's state instead (Redis down or late, or too many in flight).
+    pub presence_reads: AtomicU64,
+    pub presence_read_failed: AtomicU64,
     /// Set by a shard that could not report a first/last transition to the bridge (its
     /// inbox full): the bridge re-reads the directory for the channels it must hold.
     pub transitions_lost: AtomicBool,
@@ -300,14 +364,41 @@ pub struct RedisStats {
 struct PresenceOp {
     user: Arc<str>,
     online: Option<bool>,
-    frame: Frame,
-    /// This node's watchers heard it already (Redis did not answer the first time).
+    /// None: a change told to no one (an invisible user's), still judged and recorded.
+    frame: Option<Frame>,
+    /// The user as the cluster's readers see it after the change (`encode_remote`; empty
+    /// for a room op).
+    record: Box<str>,
+    /// A room presence op (`online`: joined or left the room; `frame` the event, if the room
+    /// has events, for its members except that connection).
+    room: Option<(Arc<str>, Option<crate::route::ConnRef>)>,
+    /// This node's watchers (or the room's members here) heard it already (Redis did not
+    /// answer the first time).
     told_here: bool,
+}
+
+impl PresenceOp {
+    /// Where the op's frame goes: the user's watchers, or the room's members.
+    fn target(&self) -> Target {
+        match &self.room {
+            Some((room, except)) => Target::Room {
+                room: room.clone(),
+                except: *except,
+            },
+            None => presence_topic(&self.user),
+        }
+    }
 }
 
 /// How a received delivery reaches this node's shards (set by the store, which owns the
 /// ordered backlog).
 pub type DeliverHere = Box<dyn Fn(Target, &Frame)>;
+
+/// A (room, user) pair of room presence.
+type RoomUser = (Arc<str>, Arc<str>);
+
+/// Whether Redis confirmed this node's subscription to a channel (Redis Cluster mode).
+pub(super) type HeldCheck = Box<dyn Fn(&str) -> bool>;
 
 /// How a message reaches one shard of this node, in order with every delivery (the store's
 /// ordered backlog).
@@ -372,10 +463,18 @@ pub struct Redis {
     cmd_conn_new: Notify,
     presence_q: RefCell<VecDeque<PresenceOp>>,
     wake_presence: Notify,
+    /// Presence reads in flight ([`Redis::presence_read`]), at most [`PRESENCE_READS_MAX`].
+    presence_reads: Cell<usize>,
+    /// Whether Redis confirmed a channel (set on a Redis Cluster, where the masters hold the
+    /// confirmations; None: `subs`).
+    held_check: RefCell<Option<HeldCheck>>,
     /// The users this node holds present, as it has told (or queued to tell) Redis: online
     /// here or in the offline grace. What a resync writes again. Bounded by the users with
     /// a device on this node (each entry got there by a first device).
     held: RefCell<std::collections::HashSet<Arc<str>>>,
+    /// The same for room presence: the (room, user) pairs this node holds (a device of the
+    /// user in the room here). Bounded by the room memberships of this node's connections.
+    held_rooms: RefCell<std::collections::HashSet<RoomUser>>,
     /// Every user of the node must be written again (a new connection: Redis may have lost
     /// its data; or a change Redis never got); cleared only by a resync that completed.
     resync_owed: Cell<bool>,
@@ -440,7 +539,10 @@ impl Redis {
             cmd_conn_new: Notify::new(),
             presence_q: RefCell::new(VecDeque::new()),
             wake_presence: Notify::new(),
+            presence_reads: Cell::new(0),
+            held_check: RefCell::new(None),
             held: RefCell::new(Default::default()),
+            held_rooms: RefCell::new(Default::default()),
             resync_owed: Cell::new(false),
             announce_owed: Cell::new(false),
             cmd_since: Cell::new(None),
@@ -531,20 +633,57 @@ impl Redis {
     /// once, and a device that moves to another node within the offline grace changes
     /// nothing. `online` None: an event told as it is (a status change), in order after the
     /// user's changes still waiting here, so it never overtakes the online it follows.
-    pub fn presence(&self, user: Arc<str>, online: Option<bool>, frame: Frame) {
+    pub fn presence(
+        &self,
+        user: Arc<str>,
+        online: Option<bool>,
+        frame: Option<Frame>,
+        record: Box<str>,
+    ) {
         self.hold(&user, online);
-        let mut q = self.presence_q.borrow_mut();
-        if q.len() >= PRESENCE_QUEUE_MAX {
-            drop(q);
-            self.unchecked(&user, online, &frame);
-            return;
-        }
-        q.push_back(PresenceOp {
+        self.presence_enqueue(PresenceOp {
             user,
             online,
             frame,
+            record,
+            room: None,
             told_here: false,
         });
+    }
+
+    /// A room's presence owner on this node saw `user`'s first device in `room` here
+    /// (`join`) or its last one leave: judged in Redis in order with the user presence
+    /// changes (the same queue), published from the script when it is the cluster's, and
+    /// then delivered to this node's members (`frame`, None in rooms without events).
+    pub fn room_presence(
+        &self,
+        room: Arc<str>,
+        user: Arc<str>,
+        join: bool,
+        frame: Option<Frame>,
+        except: Option<crate::route::ConnRef>,
+    ) {
+        self.hold_room(&room, &user, join);
+        self.presence_enqueue(PresenceOp {
+            user,
+            online: Some(join),
+            frame,
+            record: Box::from(""),
+            room: Some((room, except)),
+            told_here: false,
+        });
+    }
+
+    /// Queue a presence op for the worker; past [`PRESENCE_QUEUE_MAX`] it is told as this
+    /// node judged it ([`Redis::unchecked`]).
+    fn presence_enqueue(&self, op: PresenceOp) {
+        let mut q = self.presence_q.borrow_mut();
+        if q.len() >= PRESENCE_QUEUE_MAX {
+            drop(q);
+            self.unchecked(op);
+            return;
+        }
+        q.push_back(op);
         if q.len() == 1 {
             self.wake_presence.notify_one();
         }
@@ -563,26 +702,239 @@ impl Redis {
         }
     }
 
+    /// Note whether this node holds `user` in `room` now.
+    fn hold_room(&self, room: &Arc<str>, user: &Arc<str>, join: bool) {
+        let key = (room.clone(), user.clone());
+        if join {
+            self.held_rooms.borrow_mut().insert(key);
+        } else {
+            self.held_rooms.borrow_mut().remove(&key);
+        }
+    }
+
     /// Tell a presence event as this node judged it (past the queue's bound Redis cannot
-    /// judge it): the next resync writes the change to Redis.
-    fn unchecked(&self, user: &Arc<str>, online: Option<bool>, frame: &Frame) {
-        if online.is_some() {
+    /// judge it): the next resync writes the change to Redis (users and rooms alike, from
+    /// [`Redis::held`] and [`Redis::held_rooms`]).
+    fn unchecked(&self, op: PresenceOp) {
+        if op.online.is_some() {
             self.node
                 .redis_stats
                 .presence_unchecked
                 .fetch_add(1, Ordering::Relaxed);
             self.resync_owed.set(true);
         }
-        self.deliver_everywhere(presence_topic(user), frame);
+        if let Some(f) = &op.frame {
+            self.deliver_everywhere(op.target(), f);
+        }
+    }
+
+    /// Clustered room query: the room's users on every node (`HLEN` and `HRANDFIELD` of its
+    /// hash, at most `cap`, one pipeline within `redis_timeout`), handed to the room's owner
+    /// shard, which merges its own. Redis down or late, or [`PRESENCE_READS_MAX`] in flight:
+    /// answered at once with nothing found (the owner lists this node's members).
+    pub fn room_read(self: &Rc<Self>, read: crate::shard::service::presence::RoomRead) {
+        let Some(mut conn) = self.command_conn() else {
+            return self.room_answer(read, None);
+        };
+        if self.presence_reads.get() >= PRESENCE_READS_MAX {
+            return self.room_answer(read, None);
+        }
+        self.presence_reads.set(self.presence_reads.get() + 1);
+        let me = self.clone();
+        tokio::task::spawn_local(async move {
+            let key = me.ch.room_present(&read.room);
+            let mut pipe = redis::pipe();
+            pipe.cmd("HLEN").arg(&key);
+            pipe.cmd("HRANDFIELD")
+                .arg(&key)
+                .arg(read.cap.max(1))
+                .arg("WITHVALUES");
+            let r = tokio::time::timeout(
+                me.node.cfg.redis_timeout,
+                pipe.query_async::<Vec<Value>>(&mut conn),
+            )
+            .await;
+            me.presence_reads.set(me.presence_reads.get() - 1);
+            let found = match r {
+                Ok(Ok(v)) => parse_room_found(&v),
+                Ok(Err(e)) => {
+                    me.log_error("room presence read failed", &e);
+                    None
+                }
+                Err(_) => {
+                    me.log_error("room presence read failed", &"timed out (redis_timeout)");
+                    None
+                }
+            };
+            if found.is_some() {
+                me.node
+                    .redis_stats
+                    .presence_reads
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            me.room_answer(read, found);
+        });
+    }
+
+    fn room_answer(
+        &self,
+        read: crate::shard::service::presence::RoomRead,
+        found: Option<crate::shard::service::presence::RoomFound>,
+    ) {
+        if found.is_none() {
+            self.node
+                .redis_stats
+                .presence_read_failed
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        let shard = read.owner;
+        let msg = crate::shard::ShardMsg::service(crate::shard::service::ServiceMsg::Presence(
+            read.answer(found),
+        ));
+        if let Some(f) = &*self.to_shard.borrow() {
+            f(shard, msg);
+        }
+    }
+
+    /// Clustered `presence.state` with users this node does not hold: read them from Redis
+    /// (`SCARD` of each user's nodes set and `GET` of its record, pipelined
+    /// [`PRESENCE_READ_BATCH`] users at a time, within `redis_timeout`), and hand the answer
+    /// to the asking connection's shard. A watch's read first waits, at most `redis_timeout`,
+    /// until this node holds the users' watch channels (so no event falls between the read
+    /// and the watch). Redis down, a read failed or late, or [`PRESENCE_READS_MAX`] in
+    /// flight: answered at once with nothing found (the shard reads its own state, counted).
+    pub fn presence_read(self: &Rc<Self>, read: crate::shard::service::presence::Read) {
+        let Some(conn) = self.command_conn() else {
+            return self.presence_answer(read, None);
+        };
+        if self.presence_reads.get() >= PRESENCE_READS_MAX {
+            return self.presence_answer(read, None);
+        }
+        self.presence_reads.set(self.presence_reads.get() + 1);
+        let me = self.clone();
+        tokio::task::spawn_local(async move {
+            let found = me.presence_lookup(conn, &read).await;
+            me.presence_reads.set(me.presence_reads.get() - 1);
+            me.presence_answer(read, found);
+        });
+    }
+
+    async fn presence_lookup(
+        &self,
+        mut conn: CmdConn,
+        read: &crate::shard::service::presence::Read,
+    ) -> Option<Vec<crate::shard::service::presence::state::Remote>> {
+        use crate::shard::service::presence::state::Remote;
+        let timeout = self.node.cfg.redis_timeout;
+        if read.watch {
+            let channels: Vec<Arc<str>> = read
+                .remote_users()
+                .map(|u| {
+                    self.ch
+                        .topic(&crate::shard::service::presence::watch_topic(u))
+                })
+                .collect();
+            let until = Instant::now() + timeout;
+            while !channels.iter().all(|c| self.channel_held(c)) {
+                if Instant::now() >= until {
+                    break; // read anyway: a late subscription costs at most that moment's events
+                }
+                tokio::time::sleep(PRESENCE_READ_POLL).await;
+            }
+        }
+        let users: Vec<&Arc<str>> = read.remote_users().collect();
+        let run = async {
+            let mut found = Vec::with_capacity(users.len());
+            for chunk in users.chunks(PRESENCE_READ_BATCH) {
+                let mut pipe = redis::pipe();
+                for u in chunk {
+                    pipe.cmd("SCARD").arg(self.ch.user_nodes(u));
+                    pipe.cmd("GET").arg(self.ch.user_record(u));
+                }
+                let v: Vec<Value> = pipe.query_async(&mut conn).await?;
+                if v.len() != chunk.len() * 2 {
+                    return Err(redis::RedisError::from((
+                        redis::ErrorKind::UnexpectedReturnType,
+                        "a presence read answered the wrong number of replies",
+                    )));
+                }
+                for pair in v.chunks(2) {
+                    let nodes = match &pair[0] {
+                        Value::Int(n) => u64::try_from(*n).unwrap_or(0),
+                        _ => 0,
+                    };
+                    let rec = match &pair[1] {
+                        Value::BulkString(b) => std::str::from_utf8(b).ok(),
+                        Value::SimpleString(s) => Some(s.as_str()),
+                        _ => None,
+                    };
+                    found.push(Remote::read(nodes, rec));
+                }
+            }
+            Ok::<_, redis::RedisError>(found)
+        };
+        match tokio::time::timeout(timeout, run).await {
+            Ok(Ok(found)) => {
+                self.node
+                    .redis_stats
+                    .presence_reads
+                    .fetch_add(1, Ordering::Relaxed);
+                Some(found)
+            }
+            Ok(Err(e)) => {
+                self.log_error("presence read failed", &e);
+                None
+            }
+            Err(_) => {
+                self.log_error("presence read failed", &"timed out (redis_timeout)");
+                None
+            }
+        }
+    }
+
+    fn presence_answer(
+        &self,
+        read: crate::shard::service::presence::Read,
+        found: Option<Vec<crate::shard::service::presence::state::Remote>>,
+    ) {
+        if found.is_none() {
+            self.node
+                .redis_stats
+                .presence_read_failed
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        let shard = read.to.shard as usize;
+        let msg = crate::shard::ShardMsg::service(crate::shard::service::ServiceMsg::Presence(
+            read.answer(found),
+        ));
+        if let Some(f) = &*self.to_shard.borrow() {
+            f(shard, msg);
+        }
+    }
+
+    /// Whether Redis confirmed this node's subscription to `channel`.
+    fn channel_held(&self, channel: &str) -> bool {
+        match &*self.held_check.borrow() {
+            Some(f) => f(channel),
+            None => self.subs.borrow().holds(channel),
+        }
+    }
+
+    /// On a Redis Cluster: how [`Redis::channel_held`] asks the masters.
+    pub(super) fn set_held_check(&self, f: HeldCheck) {
+        *self.held_check.borrow_mut() = Some(f);
     }
 
     /// Judge queued presence events in pipelines, one script call per change (publishing it
-    /// when it is the cluster's) with the node's own user set kept beside, one `PUBLISH` per
-    /// event told as it is, in queue order; a failed pipeline tells its events as judged here.
+    /// when it is the cluster's) with the node's own user and room sets kept beside, one
+    /// `PUBLISH` per event told as it is, in queue order; a batch Redis did not answer is
+    /// told here and tried again.
     async fn presence_worker(self: Rc<Self>) {
         let stats = &self.node.redis_stats;
         let me = format!("{:08x}", self.node.id);
         let node_users = self.ch.node_users(self.node.id);
+        let node_rooms = self.ch.node_rooms(self.node.id);
+        let record_ttl = PRESENCE_RECORD_TTL.as_millis() as u64;
         let mut batch: Vec<PresenceOp> = Vec::with_capacity(PRESENCE_BATCH_MAX);
         loop {
             if self.presence_q.borrow().is_empty() {
@@ -595,15 +947,22 @@ impl Redis {
                 batch.extend(q.drain(..n));
             }
             let conn = self.cmd_conn.borrow().clone();
-            let verdicts: Option<Vec<i64>> = match conn {
+            let verdicts: Option<Vec<Value>> = match conn {
                 Some(mut conn) => 'judged: {
-                    // This node's users set learns of an online before anyone is told it, in
-                    // a round trip of its own (on a Redis Cluster the set is on another
-                    // master, and the two run concurrently): a node that dies in between
-                    // leaves no user its reaper cannot find.
+                    // This node's users (and rooms) set learns of an online (a join) before
+                    // anyone is told it, in a round trip of its own (on a Redis Cluster the
+                    // set is on another master, and the two run concurrently): a node that
+                    // dies in between leaves nothing its reaper cannot find.
                     let mut first = redis::pipe();
                     for op in batch.iter().filter(|op| op.online == Some(true)) {
-                        first.cmd("SADD").arg(&node_users).arg(&*op.user).ignore();
+                        match &op.room {
+                            Some((room, _)) => first
+                                .cmd("SADD")
+                                .arg(&node_rooms)
+                                .arg(state::encode_room_member(room, &op.user))
+                                .ignore(),
+                            None => first.cmd("SADD").arg(&node_users).arg(&*op.user).ignore(),
+                        };
                     }
                     if !first.is_empty() {
                         let r = tokio::time::timeout(
@@ -618,35 +977,75 @@ impl Redis {
                     }
                     let mut pipe = redis::pipe();
                     for op in &batch {
-                        let target = presence_topic(&op.user);
-                        let channel = self.ch.of(&target, self.node.id).unwrap_or_default();
-                        let envelope = cluster::encode(self.node.id, &target, &op.frame);
+                        let target = op.target();
+                        let (channel, envelope) = match &op.frame {
+                            Some(f) => (
+                                self.ch.of(&target, self.node.id).unwrap_or_default(),
+                                cluster::encode(self.node.id, &target, f),
+                            ),
+                            None => (Arc::from(""), Vec::new()),
+                        };
+                        if let (Some((room, _)), Some(join)) = (&op.room, op.online) {
+                            pipe.cmd("EVAL")
+                                .arg(ROOM_LUA)
+                                .arg(1)
+                                .arg(self.ch.room_present(room))
+                                .arg(&me)
+                                .arg(if join { "1" } else { "0" })
+                                .arg(&*op.user)
+                                .arg(&*channel)
+                                .arg(envelope)
+                                .arg(self.publish_command());
+                            if !join {
+                                // After the verdict: the reaper still finds the pair.
+                                pipe.cmd("SREM")
+                                    .arg(&node_rooms)
+                                    .arg(state::encode_room_member(room, &op.user))
+                                    .ignore();
+                            }
+                            continue;
+                        }
                         match op.online {
                             Some(online) => {
                                 pipe.cmd("EVAL")
                                     .arg(PRESENCE_LUA)
-                                    .arg(1)
+                                    .arg(2)
                                     .arg(self.ch.user_nodes(&op.user))
+                                    .arg(self.ch.user_record(&op.user))
                                     .arg(&me)
                                     .arg(if online { "1" } else { "0" })
                                     .arg(&*channel)
                                     .arg(envelope)
-                                    .arg(self.publish_command());
+                                    .arg(self.publish_command())
+                                    .arg(&*op.record)
+                                    .arg(record_ttl);
                                 if !online {
                                     // After the verdict: the reaper still finds the user.
                                     pipe.cmd("SREM").arg(&node_users).arg(&*op.user).ignore();
                                 }
                             }
                             None => {
-                                pipe.cmd(self.publish_command())
-                                    .arg(&*channel)
-                                    .arg(envelope);
+                                // A status change: the record, then the event, in one slot
+                                // and in order (the user is connected: no TTL).
+                                if channel.is_empty() {
+                                    pipe.cmd("SET")
+                                        .arg(self.ch.user_record(&op.user))
+                                        .arg(&*op.record);
+                                } else {
+                                    pipe.cmd("SET")
+                                        .arg(self.ch.user_record(&op.user))
+                                        .arg(&*op.record)
+                                        .ignore();
+                                    pipe.cmd(self.publish_command())
+                                        .arg(&*channel)
+                                        .arg(envelope);
+                                }
                             }
                         }
                     }
                     match tokio::time::timeout(
                         self.node.cfg.redis_timeout,
-                        pipe.query_async::<Vec<i64>>(&mut conn),
+                        pipe.query_async::<Vec<Value>>(&mut conn),
                     )
                     .await
                     {
@@ -666,10 +1065,11 @@ impl Redis {
             };
             let Some(v) = &verdicts else {
                 // Redis did not answer (it may still have run some scripts): this node's
-                // watchers hear the events now (local delivery goes on), and the batch goes
-                // back to the front of the queue, in order, to be judged and published once
-                // Redis answers. A script that ran already judges nothing the second time
-                // (its node is in the set already, or out of it), so nothing is told twice.
+                // watchers (or room members) hear the events now (local delivery goes on),
+                // and the batch goes back to the front of the queue, in order, to be judged
+                // and published once Redis answers. A script that ran already judges nothing
+                // the second time (its node is in the set already, or out of it), so nothing
+                // is told twice.
                 {
                     let mut q = self.presence_q.borrow_mut();
                     for mut op in batch.drain(..).rev() {
@@ -678,7 +1078,9 @@ impl Redis {
                             if op.online.is_some() {
                                 stats.presence_unchecked.fetch_add(1, Ordering::Relaxed);
                             }
-                            self.deliver_local(presence_topic(&op.user), &op.frame);
+                            if let Some(f) = &op.frame {
+                                self.deliver_local(op.target(), f);
+                            }
                         }
                         q.push_front(op);
                     }
@@ -689,7 +1091,7 @@ impl Redis {
             for (i, op) in batch.drain(..).enumerate() {
                 let tell = match op.online {
                     Some(_) => {
-                        let tell = v[i] == 1;
+                        let tell = matches!(v.get(i), Some(Value::Int(1)));
                         let c = if tell {
                             &stats.presence_told
                         } else {
@@ -700,8 +1102,8 @@ impl Redis {
                     }
                     None => true,
                 };
-                if tell && !op.told_here {
-                    self.deliver_local(presence_topic(&op.user), &op.frame);
+                if let (true, false, Some(f)) = (tell, op.told_here, &op.frame) {
+                    self.deliver_local(op.target(), f);
                 }
             }
         }
@@ -813,13 +1215,22 @@ impl Redis {
         s.cluster_as_of_ms.store(now_ms, Ordering::Relaxed);
     }
 
-    /// The users with a change still waiting in the presence queue (that change judges them
-    /// itself: a resync must not write them first).
+    /// The users (and room pairs) with a change still waiting in the presence queue (that
+    /// change judges them itself: a resync must not write them first).
     fn pending_users(&self) -> std::collections::HashSet<Arc<str>> {
         self.presence_q
             .borrow()
             .iter()
+            .filter(|op| op.room.is_none())
             .map(|op| op.user.clone())
+            .collect()
+    }
+
+    fn pending_rooms(&self) -> std::collections::HashSet<RoomUser> {
+        self.presence_q
+            .borrow()
+            .iter()
+            .filter_map(|op| op.room.as_ref().map(|(r, _)| (r.clone(), op.user.clone())))
             .collect()
     }
 
@@ -828,14 +1239,16 @@ impl Redis {
     /// does not hold any more (`SSCAN` of its users set): each goes through the offline
     /// script, telling the user offline if no node holds it now. Then every user it holds
     /// ([`Redis::held`]: online here or in the offline grace): silently, or after a reap
-    /// telling those that become online cluster-wide by it (invisible users excepted). Users
-    /// with a change still queued are left to that change. Stops at the first failure,
-    /// keeping the resync owed: the next heartbeat goes on.
+    /// telling those that become online cluster-wide by it (invisible users excepted). Then
+    /// the same for room presence ([`Redis::resync_rooms`]). Users with a change still
+    /// queued are left to that change. Stops at the first failure, keeping the resync owed:
+    /// the next heartbeat goes on.
     async fn resync(&self, conn: &mut CmdConn, me: &str) {
         let node_users = self.ch.node_users(self.node.id);
         let timeout = self.node.cfg.redis_timeout;
         let stats = &self.node.redis_stats;
         let tell = self.announce_owed.get();
+        let record_ttl = PRESENCE_RECORD_TTL.as_millis() as u64;
         let mut cursor: u64 = 0;
         loop {
             let (next, members): (u64, Vec<String>) = match tokio::time::timeout(
@@ -863,18 +1276,23 @@ impl Redis {
             if !ghosts.is_empty() {
                 let mut pipe = redis::pipe();
                 let mut frames = Vec::with_capacity(ghosts.len());
+                let now = crate::shard::unix_ms();
+                let record = state::encode_offline(now);
                 for g in &ghosts {
-                    let f = self.offline_frame(g);
+                    let f = self.offline_frame(g, now);
                     let target = presence_topic(g);
                     pipe.cmd("EVAL")
                         .arg(PRESENCE_LUA)
-                        .arg(1)
+                        .arg(2)
                         .arg(self.ch.user_nodes(g))
+                        .arg(self.ch.user_record(g))
                         .arg(me)
                         .arg("0")
                         .arg(&*self.ch.of(&target, self.node.id).unwrap_or_default())
                         .arg(cluster::encode(self.node.id, &target, &f))
-                        .arg(self.publish_command());
+                        .arg(self.publish_command())
+                        .arg(&record)
+                        .arg(record_ttl);
                     pipe.cmd("SREM").arg(&node_users).arg(g).ignore();
                     frames.push(f);
                 }
@@ -917,13 +1335,16 @@ impl Redis {
                 };
                 pipe.cmd("EVAL")
                     .arg(PRESENCE_LUA)
-                    .arg(1)
+                    .arg(2)
                     .arg(self.ch.user_nodes(u))
+                    .arg(self.ch.user_record(u))
                     .arg(me)
                     .arg("1")
                     .arg(&*channel)
                     .arg(envelope)
-                    .arg(self.publish_command());
+                    .arg(self.publish_command())
+                    .arg(self.record_here(u))
+                    .arg(record_ttl);
                 pipe.cmd("SADD").arg(&node_users).arg(&***u).ignore();
                 frames.push(frame);
             }
@@ -942,6 +1363,9 @@ impl Redis {
                 .presence_resynced
                 .fetch_add(chunk.len() as u64, Ordering::Relaxed);
         }
+        if !self.resync_rooms(conn, me).await {
+            return;
+        }
         self.resync_owed.set(false);
         self.announce_owed.set(false);
         if !users.is_empty() {
@@ -950,6 +1374,138 @@ impl Redis {
                 "redis: presence of this node's users held again"
             );
         }
+    }
+
+    /// Room presence's part of [`Redis::resync`]: pairs Redis has for this node that it does
+    /// not hold any more (`SSCAN` of its rooms set) leave their room (told when they were
+    /// the cluster's last), and every pair it holds ([`Redis::held_rooms`]) is written again
+    /// silently (a Redis that restarted empty gets the node's room presence back). False at
+    /// the first failure.
+    async fn resync_rooms(&self, conn: &mut CmdConn, me: &str) -> bool {
+        let node_rooms = self.ch.node_rooms(self.node.id);
+        let timeout = self.node.cfg.redis_timeout;
+        let stats = &self.node.redis_stats;
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, members): (u64, Vec<String>) = match tokio::time::timeout(
+                timeout,
+                redis::cmd("SSCAN")
+                    .arg(&node_rooms)
+                    .arg(cursor)
+                    .arg("COUNT")
+                    .arg(PRESENCE_SCAN_COUNT)
+                    .query_async(conn),
+            )
+            .await
+            {
+                Ok(Ok(r)) => r,
+                _ => return false,
+            };
+            let pending = self.pending_rooms();
+            let ghosts: Vec<(&str, &str)> = {
+                let held = self.held_rooms.borrow();
+                members
+                    .iter()
+                    .filter_map(|m| state::decode_room_member(m))
+                    .filter(|(r, u)| {
+                        let k: RoomUser = (Arc::from(*r), Arc::from(*u));
+                        !held.contains(&k) && !pending.contains(&k)
+                    })
+                    .collect()
+            };
+            if !ghosts.is_empty() {
+                let mut pipe = redis::pipe();
+                let mut frames = Vec::with_capacity(ghosts.len());
+                for (room, user) in &ghosts {
+                    let (target, frame) = self.room_leave(room, user);
+                    let (channel, envelope) = match &frame {
+                        Some(f) => (
+                            self.ch.of(&target, self.node.id).unwrap_or_default(),
+                            cluster::encode(self.node.id, &target, f),
+                        ),
+                        None => (Arc::from(""), Vec::new()),
+                    };
+                    pipe.cmd("EVAL")
+                        .arg(ROOM_LUA)
+                        .arg(1)
+                        .arg(self.ch.room_present(room))
+                        .arg(me)
+                        .arg("0")
+                        .arg(*user)
+                        .arg(&*channel)
+                        .arg(envelope)
+                        .arg(self.publish_command());
+                    pipe.cmd("SREM")
+                        .arg(&node_rooms)
+                        .arg(state::encode_room_member(room, user))
+                        .ignore();
+                    frames.push((target, frame));
+                }
+                let verdicts: Vec<Value> =
+                    match tokio::time::timeout(timeout, pipe.query_async(conn)).await {
+                        Ok(Ok(v)) => v,
+                        _ => return false,
+                    };
+                for ((target, frame), v) in frames.into_iter().zip(verdicts) {
+                    if let (Some(f), Value::Int(1)) = (frame, v) {
+                        stats.presence_told.fetch_add(1, Ordering::Relaxed);
+                        self.deliver_local(target, &f);
+                    }
+                }
+                stats
+                    .presence_resynced
+                    .fetch_add(ghosts.len() as u64, Ordering::Relaxed);
+            }
+            cursor = next;
+            if cursor == 0 {
+                break;
+            }
+        }
+        let pairs: Vec<RoomUser> = self.held_rooms.borrow().iter().cloned().collect();
+        for chunk in pairs.chunks(PRESENCE_SCAN_COUNT) {
+            let pending = self.pending_rooms();
+            let chunk: Vec<&RoomUser> = chunk.iter().filter(|k| !pending.contains(*k)).collect();
+            if chunk.is_empty() {
+                continue;
+            }
+            let mut pipe = redis::pipe();
+            for (room, user) in &chunk {
+                pipe.cmd("SADD")
+                    .arg(&node_rooms)
+                    .arg(state::encode_room_member(room, user))
+                    .ignore();
+            }
+            for (room, user) in &chunk {
+                pipe.cmd("EVAL")
+                    .arg(ROOM_LUA)
+                    .arg(1)
+                    .arg(self.ch.room_present(room))
+                    .arg(me)
+                    .arg("1")
+                    .arg(&**user)
+                    .arg("")
+                    .arg("")
+                    .arg(self.publish_command())
+                    .ignore();
+            }
+            let r = tokio::time::timeout(timeout, pipe.exec_async(conn)).await;
+            if !matches!(r, Ok(Ok(()))) {
+                return false;
+            }
+            stats
+                .presence_resynced
+                .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        }
+        true
+    }
+
+    /// `user` as the cluster's readers would see it from this node's state now
+    /// (`encode_remote`).
+    fn record_here(&self, user: &str) -> String {
+        use crate::shard::service::presence::state;
+        let rec = self.node.dir.presence.get(user);
+        let v = state::view(rec.as_deref(), self.node.dir.users.count(user), false);
+        state::encode_remote(&v)
     }
 
     /// `presence.online` for `user` as its watchers would see it now (None: the user is
@@ -1074,18 +1630,23 @@ impl Redis {
             if !users.is_empty() {
                 let mut pipe = redis::pipe();
                 let mut frames = Vec::with_capacity(users.len());
+                let now = crate::shard::unix_ms();
+                let record = state::encode_offline(now);
                 for u in &users {
-                    let f = self.offline_frame(u);
+                    let f = self.offline_frame(u, now);
                     let target = presence_topic(u);
                     pipe.cmd("EVAL")
                         .arg(PRESENCE_LUA)
-                        .arg(1)
+                        .arg(2)
                         .arg(self.ch.user_nodes(u))
+                        .arg(self.ch.user_record(u))
                         .arg(id)
                         .arg("0")
                         .arg(&*self.ch.of(&target, self.node.id).unwrap_or_default())
                         .arg(cluster::encode(self.node.id, &target, &f))
-                        .arg(self.publish_command());
+                        .arg(self.publish_command())
+                        .arg(&record)
+                        .arg(PRESENCE_RECORD_TTL.as_millis() as u64);
                     frames.push(f);
                 }
                 let verdicts: Vec<i64> =
@@ -1105,14 +1666,16 @@ impl Redis {
                 break;
             }
         }
+        self.reap_rooms(conn, node, id).await?;
         let me = format!("{:08x}", self.node.id);
         let ended: i64 = match tokio::time::timeout(
             timeout,
             redis::cmd("EVAL")
                 .arg(REAP_END_LUA)
-                .arg(2)
+                .arg(3)
                 .arg(self.ch.node_reaper(node))
                 .arg(&users_key)
+                .arg(self.ch.node_rooms(node))
                 .arg(&me)
                 .query_async(conn),
         )
@@ -1155,9 +1718,99 @@ impl Redis {
         Ok(())
     }
 
-    /// `presence.offline` for `user`, as its owner would have written it.
-    fn offline_frame(&self, user: &str) -> Frame {
+    /// Take dead node `node` (hex `id`) out of the rooms it held users in; users it alone held
+    /// in a room leave it everywhere (`presence.leave` in rooms with events, published by the
+    /// script that judged it).
+    async fn reap_rooms(&self, conn: &mut CmdConn, node: u32, id: &str) -> redis::RedisResult<()> {
+        let timeout = self.node.cfg.redis_timeout;
+        let key = self.ch.node_rooms(node);
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, members): (u64, Vec<String>) = match tokio::time::timeout(
+                timeout,
+                redis::cmd("SSCAN")
+                    .arg(&key)
+                    .arg(cursor)
+                    .arg("COUNT")
+                    .arg(PRESENCE_SCAN_COUNT)
+                    .query_async(conn),
+            )
+            .await
+            {
+                Ok(r) => r?,
+                Err(_) => return Err(timed_out()),
+            };
+            let pairs: Vec<(&str, &str)> = members
+                .iter()
+                .filter_map(|m| state::decode_room_member(m))
+                .collect();
+            if !pairs.is_empty() {
+                let mut pipe = redis::pipe();
+                let mut frames = Vec::with_capacity(pairs.len());
+                for (room, user) in &pairs {
+                    let (target, frame) = self.room_leave(room, user);
+                    let (channel, envelope) = match &frame {
+                        Some(f) => (
+                            self.ch.of(&target, self.node.id).unwrap_or_default(),
+                            cluster::encode(self.node.id, &target, f),
+                        ),
+                        None => (Arc::from(""), Vec::new()),
+                    };
+                    pipe.cmd("EVAL")
+                        .arg(ROOM_LUA)
+                        .arg(1)
+                        .arg(self.ch.room_present(room))
+                        .arg(id)
+                        .arg("0")
+                        .arg(*user)
+                        .arg(&*channel)
+                        .arg(envelope)
+                        .arg(self.publish_command());
+                    frames.push((target, frame));
+                }
+                let verdicts: Vec<Value> =
+                    match tokio::time::timeout(timeout, pipe.query_async(conn)).await {
+                        Ok(r) => r?,
+                        Err(_) => return Err(timed_out()),
+                    };
+                for ((target, frame), v) in frames.into_iter().zip(verdicts) {
+                    if let (Some(f), Value::Int(1)) = (frame, v) {
+                        self.deliver_local(target, &f);
+                    }
+                }
+            }
+            cursor = next;
+            if cursor == 0 {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Where a leave of `user` from `room` this node did not see goes, and its
+    /// `presence.leave` (None in a room without join/leave events).
+    fn room_leave(&self, room: &str, user: &str) -> (Target, Option<Frame>) {
+        let cfg = &self.node.cfg.rooms;
+        let events =
+            crate::room_options::at(cfg, crate::room_options::index_for(cfg, room)).join_leave;
+        let target = Target::room(Arc::from(room));
+        (target, events.then(|| self.room_leave_frame(room, user)))
+    }
+
+    /// `presence.leave` of `user` from `room`, as its owner would have written it.
+    fn room_leave_frame(&self, room: &str, user: &str) -> Frame {
         let now = crate::shard::unix_ms();
+        self.fb.borrow_mut().text(self.node.now_us(), |o| {
+            o.str("type", "presence.leave")
+                .str("room", room)
+                .obj("data", |d| {
+                    d.str("user_id", user);
+                })
+                .u64("timestamp", now);
+        })
+    }
+
+    /// `presence.offline` for `user`, as its owner would have written it.
+    fn offline_frame(&self, user: &str, now: u64) -> Frame {
         let last_seen = crate::proto::json::rfc3339_ms(now);
         self.fb.borrow_mut().text(self.node.now_us(), |o| {
             o.str("type", "presence.offline")
@@ -1923,7 +2576,7 @@ where
 
 /// The Redis lines of `/metrics`.
 pub fn prometheus_lines(s: &RedisStats, out: &mut String) {
-    let rows: [(&str, &str, &str, &AtomicU64); 27] = [
+    let rows: [(&str, &str, &str, &AtomicU64); 29] = [
         (
             "switchboard_redis_up",
             "gauge",
@@ -2033,6 +2686,18 @@ pub fn prometheus_lines(s: &RedisStats, out: &mut String) {
             &s.presence_resynced,
         ),
         (
+            "switchboard_redis_presence_reads_total",
+            "counter",
+            "Presence reads (query or watch answers) of users held by other nodes that Redis answered",
+            &s.presence_reads,
+        ),
+        (
+            "switchboard_redis_presence_read_failed_total",
+            "counter",
+            "Presence reads answered from this node's state instead (Redis down or past redis_timeout, or PRESENCE_READS_MAX in flight)",
+            &s.presence_read_failed,
+        ),
+        (
             "switchboard_redis_forgotten_total",
             "counter",
             "Times the cluster reaped this node while it was alive (its users were announced again)",
@@ -2122,6 +2787,44 @@ pub fn prometheus_lines(s: &RedisStats, out: &mut String) {
 
 fn timed_out() -> redis::RedisError {
     (redis::ErrorKind::Io, "timed out (redis_timeout)").into()
+}
+
+/// A room's users from `HLEN` and `HRANDFIELD ... WITHVALUES` of its hash (a flat list of
+/// field, value, or pairs on RESP3): each user with the number of nodes holding it. None for
+/// a reply of another shape (never a panic).
+fn parse_room_found(v: &[Value]) -> Option<crate::shard::service::presence::RoomFound> {
+    let [Value::Int(count), list] = v else {
+        return None;
+    };
+    let text = |v: &Value| match v {
+        Value::BulkString(b) => std::str::from_utf8(b).ok().map(str::to_owned),
+        Value::SimpleString(s) => Some(s.clone()),
+        _ => None,
+    };
+    let mut users = Vec::new();
+    match list {
+        Value::Array(items) if items.iter().all(|i| matches!(i, Value::Array(_))) => {
+            for i in items {
+                let Value::Array(pair) = i else { continue };
+                if let [f, n] = &pair[..] {
+                    users.push((text(f)?.into(), text(n)?.split_whitespace().count() as u32));
+                }
+            }
+        }
+        Value::Array(items) => {
+            for pair in items.chunks(2) {
+                if let [f, n] = pair {
+                    users.push((text(f)?.into(), text(n)?.split_whitespace().count() as u32));
+                }
+            }
+        }
+        Value::Nil => {}
+        _ => return None,
+    }
+    Some(crate::shard::service::presence::RoomFound {
+        users,
+        count: usize::try_from(*count).unwrap_or(0),
+    })
 }
 
 /// The topic of a user's presence watchers.

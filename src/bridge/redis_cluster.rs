@@ -463,6 +463,17 @@ pub(super) fn start(r: Rc<Redis>) -> Vec<JoinHandle<()>> {
         push_tx,
         tasks: RefCell::new(Vec::new()),
     });
+    // A channel is held once the master of its slot confirmed it (the node-wide set only
+    // routes). Weak: the Redis clients own the cluster side.
+    let weak = Rc::downgrade(&s);
+    s.r.set_held_check(Box::new(move |channel| {
+        weak.upgrade().is_some_and(|s| {
+            s.masters
+                .borrow()
+                .iter()
+                .any(|m| m.subs.borrow().holds(channel))
+        })
+    }));
     vec![tokio::task::spawn_local(s.run(rx))]
 }
 

@@ -407,11 +407,48 @@ async fn serve<S: Store + 'static>(
                     user,
                     online,
                     frame,
+                    record,
                 } => {
                     if let Some(r) = &ctx.redis {
-                        r.presence(user, online, frame);
+                        r.presence(user, online, frame, record);
                     }
                 }
+                BridgeMsg::RoomPresence {
+                    room,
+                    user,
+                    join,
+                    frame,
+                    except,
+                } => {
+                    if let Some(r) = &ctx.redis {
+                        r.room_presence(room, user, join, frame, except);
+                    }
+                }
+                BridgeMsg::RoomRead(read) => match &ctx.redis {
+                    Some(r) => r.room_read(*read),
+                    None => {
+                        let shard = read.owner;
+                        let msg = read.answer(None);
+                        to_shard(
+                            &ctx,
+                            shard,
+                            ShardMsg::service(crate::shard::service::ServiceMsg::Presence(msg)),
+                        );
+                    }
+                },
+                BridgeMsg::PresenceRead(read) => match &ctx.redis {
+                    Some(r) => r.presence_read(*read),
+                    // Only sent while clustered; answered from this node's state otherwise.
+                    None => {
+                        let shard = read.to.shard as usize;
+                        let msg = read.answer(None);
+                        to_shard(
+                            &ctx,
+                            shard,
+                            ShardMsg::service(crate::shard::service::ServiceMsg::Presence(msg)),
+                        );
+                    }
+                },
                 // Only sent while clustered.
                 BridgeMsg::History(job) => {
                     if let Some(r) = &ctx.redis {

@@ -14,6 +14,9 @@
 //! - The owner publishes each user's record (status, text, last_seen) in the directory
 //!   (`dir.presence`, lock-free), so `presence.query` and the answer to `presence.watch` are
 //!   read on the asking shard without a round trip.
+//!   Clustered, users the node does not hold are read from Redis through the bridge first
+//!   ([`Read`], [`Msg::State`]); room joins, leaves and queries are judged and read there too
+//!   ([`RoomRead`], [`Msg::RoomState`]).
 //! - Watching a user is joining the topic `presence:<user_id>` ([`Target::Topic`]): a change
 //!   costs its owner one delivery plan, and nothing happens per watcher while nothing changes.
 //!   No per-connection side table: the shard's topic lists are the watch lists, and detach
@@ -107,6 +110,84 @@ pub enum Msg {
         users: Vec<Arc<str>>,
         truncated: bool,
     },
+    /// From the bridge, to the shard of `read.to`: the users of `read.remote` as Redis has
+    /// them (`found`, in that order; None: Redis could not answer in time, read this node's
+    /// state instead), for the answer `read` waits for.
+    State {
+        read: Box<Read>,
+        found: Option<Vec<state::Remote>>,
+    },
+    /// From the bridge, to the room's owner: the room's users on every node for the query
+    /// `read` (None: Redis could not answer in time, this node's members are listed).
+    RoomState {
+        read: Box<RoomRead>,
+        found: Option<RoomFound>,
+    },
+}
+
+/// Clustered: a room query waiting for the bridge to read the room's members on every node.
+#[derive(Clone, Debug)]
+pub struct RoomRead {
+    pub room: Arc<str>,
+    pub to: ConnRef,
+    pub id: Option<Box<str>>,
+    /// The room's owner shard on this node (which answers).
+    pub owner: usize,
+    /// `max_presence_room_users`.
+    pub cap: usize,
+}
+
+impl RoomRead {
+    pub fn answer(self, found: Option<RoomFound>) -> Msg {
+        Msg::RoomState {
+            read: Box::new(self),
+            found,
+        }
+    }
+}
+
+/// A room's members as Redis has them (`<p>{room:<name>}:present`): at most `cap` users, each
+/// with the number of nodes holding it in the room, and the room's number of users.
+#[derive(Clone, Debug, Default)]
+pub struct RoomFound {
+    pub users: Vec<(Box<str>, u32)>,
+    pub count: usize,
+}
+
+/// Clustered: a `presence.state` answer some of whose users this node does not hold
+/// ([`state::held_here`]), waiting for the bridge to read those from Redis
+/// ([`crate::bridge::redis::Redis::presence_read`]). Single node: never made.
+#[derive(Clone, Debug)]
+pub struct Read {
+    /// The asking connection.
+    pub to: ConnRef,
+    pub id: Option<Box<str>>,
+    /// Every user of the answer, in order.
+    pub users: Vec<Arc<str>>,
+    /// Indexes into `users` of the ones to read from Redis.
+    pub remote: Vec<u32>,
+    /// The first answer of a watch: read once the users' watch channels are held, so that
+    /// no event falls between the read and the watch.
+    pub watch: bool,
+    /// `presence.watch {scope}`: its `truncated`.
+    pub truncated: Option<bool>,
+}
+
+impl Read {
+    /// The users to read from Redis.
+    pub fn remote_users(&self) -> impl Iterator<Item = &Arc<str>> {
+        self.remote
+            .iter()
+            .filter_map(|&i| self.users.get(i as usize))
+    }
+
+    /// The shard's message with what Redis said (None: nothing; answered from this node).
+    pub fn answer(self, found: Option<Vec<state::Remote>>) -> Msg {
+        Msg::State {
+            read: Box::new(self),
+            found,
+        }
+    }
 }
 
 /// The owner shard of a user's presence (the same fixed hash as rooms).
@@ -284,7 +365,7 @@ pub fn on_timer(sh: &mut Shard, key: u64) {
         .presence
         .owner
         .fire(key, now_ms, offline_max, |u| node.dir.users.count(u));
-    apply_devices(sh, out);
+    apply(sh, out);
 }
 
 // ------------------------------------------------------------------ the owner
@@ -294,12 +375,12 @@ fn handle(sh: &mut Shard, m: Msg) {
         Msg::Arrive { user } => {
             let devices = sh.node.dir.users.count(&user);
             let out = sh.svc.presence.owner.arrive(&user, devices);
-            apply_devices(sh, out);
+            apply(sh, out);
         }
         Msg::Depart { user, at_ms } => {
             let grace_ms = sh.node.cfg.presence_offline_grace.as_millis() as u64;
             let out = sh.svc.presence.owner.depart(&user, at_ms, grace_ms);
-            apply_devices(sh, out);
+            apply(sh, out);
         }
         Msg::Update {
             user,
@@ -337,59 +418,51 @@ fn handle(sh: &mut Shard, m: Msg) {
             conn,
         } => {
             let first = sh.svc.presence.owner.room_join(&room, &user);
-            if first && crate::room_options::at(&sh.node.cfg.rooms, opts).join_leave {
+            if first {
                 // To the room's other members (the joining connection has `subscribed`).
-                let f = encode_room_event(sh, "presence.join", &room, &user);
-                sh.out.stats.presence_room_events += 1;
-                sh.deliver(
-                    &Target::Room {
-                        room,
-                        except: Some(conn),
-                    },
-                    &f,
-                );
+                room_event(sh, room, user, opts, true, Some(conn));
             }
         }
         Msg::RoomLeave { room, user, opts } => {
             let last = sh.svc.presence.owner.room_leave(&room, &user);
-            if last && crate::room_options::at(&sh.node.cfg.rooms, opts).join_leave {
-                let f = encode_room_event(sh, "presence.leave", &room, &user);
-                sh.out.stats.presence_room_events += 1;
-                sh.deliver(&Target::room(room), &f);
+            if last {
+                room_event(sh, room, user, opts, false, None);
             }
         }
         Msg::RoomQuery { room, to, id } => {
-            let cap = sh.node.cfg.max_presence_room_users;
-            let (list, count) = sh.svc.presence.owner.room_users(&room, cap);
-            let truncated = list.len() < count;
-            let mut users = Vec::with_capacity(2 + list.len() * 32);
-            users.push(b'[');
-            for (i, (user, devices)) in list.iter().enumerate() {
-                if i > 0 {
-                    users.push(b',');
+            if sh.node.clustered {
+                // Every node's members: the bridge reads the room's hash in Redis and hands
+                // it back here (Msg::RoomState), merged with this node's then.
+                let read = RoomRead {
+                    room,
+                    to,
+                    id,
+                    owner: sh.id,
+                    cap: sh.node.cfg.max_presence_room_users,
+                };
+                match sh
+                    .node
+                    .bridge_tx
+                    .try_send(crate::bridge::BridgeMsg::RoomRead(Box::new(read)))
+                {
+                    Ok(()) => return,
+                    Err(e) => {
+                        sh.out.stats.bridge_dropped += 1;
+                        let crate::bridge::BridgeMsg::RoomRead(read) = e.into_inner() else {
+                            return;
+                        };
+                        return handle(sh, read.answer(None));
+                    }
                 }
-                users.extend_from_slice(b"{\"user_id\":");
-                write_str(&mut users, user);
-                users.extend_from_slice(b",\"devices\":");
-                write_u64(&mut users, u64::from(*devices));
-                users.push(b'}');
             }
-            users.push(b']');
-            let users = String::from_utf8(users).expect("JSON written from str is UTF-8");
-            let now_ms = sh.now_ms;
-            let f = sh.fb.text(sh.now_us, |o| {
-                o.str("type", "presence.state")
-                    .id(id.as_deref())
-                    .str("room", &room)
-                    .obj("data", |d| {
-                        d.raw("users", &users)
-                            .u64("count", count as u64)
-                            .raw("truncated", if truncated { "true" } else { "false" });
-                    })
-                    .u64("timestamp", now_ms);
-            });
-            sh.out.stats.presence_queries += 1;
-            sh.deliver(&Target::Conn(to), &f);
+            room_state(sh, &room, to, id.as_deref(), None);
+        }
+        Msg::RoomState { read, found } => {
+            if found.is_none() && sh.node.clustered {
+                sh.out.stats.presence_read_local += 1;
+            }
+            let RoomRead { room, to, id, .. } = *read;
+            room_state(sh, &room, to, id.as_deref(), found.as_ref());
         }
         Msg::Contacts {
             to,
@@ -397,7 +470,130 @@ fn handle(sh: &mut Shard, m: Msg) {
             users,
             truncated,
         } => watch_contacts(sh, to, id.as_deref(), &users, truncated),
+        Msg::State { read, found } => {
+            let slot = read.to.slot;
+            if !sh.live(slot, read.to.gen) {
+                return;
+            }
+            let Some(me) = sh.clients[slot as usize].user.clone() else {
+                return;
+            };
+            if found.is_none() {
+                sh.out.stats.presence_read_local += 1;
+            }
+            let ids: Vec<&str> = read.users.iter().map(|u| &**u).collect();
+            let remote = found.as_deref().map(|f| (&read.remote[..], f));
+            send_state(
+                sh,
+                slot,
+                read.id.as_deref(),
+                &me,
+                &ids,
+                read.truncated,
+                remote,
+            );
+        }
     }
+}
+
+/// `presence.join` (`join`) or `presence.leave` of `user`'s first device in `room` on this
+/// node or its last one out (`except`: the joining connection, which has its `subscribed`).
+/// On one node, to the room's members at once. Clustered, Redis judges whether it is the
+/// cluster's first or last (the room's hash of users, `<p>{room:<name>}:present`) and its
+/// script publishes the event, which this node's members hear once the verdict is back
+/// ([`crate::bridge::redis::Redis::room_presence`]); rooms with `presence: true` only (no
+/// events) are judged all the same, for the room query.
+fn room_event(
+    sh: &mut Shard,
+    room: Arc<str>,
+    user: Arc<str>,
+    opts: u16,
+    join: bool,
+    except: Option<ConnRef>,
+) {
+    let events = crate::room_options::at(&sh.node.cfg.rooms, opts).join_leave;
+    let kind = if join {
+        "presence.join"
+    } else {
+        "presence.leave"
+    };
+    let frame = events.then(|| encode_room_event(sh, kind, &room, &user));
+    if sh.node.clustered {
+        let msg = crate::bridge::BridgeMsg::RoomPresence {
+            room: room.clone(),
+            user,
+            join,
+            frame: frame.clone(),
+            except,
+        };
+        match sh.node.bridge_tx.try_send(msg) {
+            Ok(()) => {
+                if frame.is_some() {
+                    sh.out.stats.presence_room_events += 1;
+                }
+                return;
+            }
+            // The bridge is full: this node's judgement, told here as it is.
+            Err(_) => sh.out.stats.bridge_dropped += 1,
+        }
+    }
+    if let Some(f) = frame {
+        sh.out.stats.presence_room_events += 1;
+        sh.deliver(&Target::Room { room, except }, &f);
+    }
+}
+
+/// Answer a room query from this owner's members, merged with every node's (`found`,
+/// clustered) when Redis answered.
+fn room_state(
+    sh: &mut Shard,
+    room: &str,
+    to: ConnRef,
+    id: Option<&str>,
+    found: Option<&RoomFound>,
+) {
+    let cap = sh.node.cfg.max_presence_room_users;
+    let owner = &sh.svc.presence.owner;
+    let (list, count): (Vec<(Box<str>, u32)>, usize) = match found {
+        Some(f) => {
+            let (local, _) = owner.room_users(room, usize::MAX);
+            state::merge_room(&local, &f.users, f.count, cap)
+        }
+        None => {
+            let (local, count) = owner.room_users(room, cap);
+            let list = local.iter().map(|(u, d)| (Box::from(*u), *d)).collect();
+            (list, count)
+        }
+    };
+    let truncated = list.len() < count;
+    let mut users = Vec::with_capacity(2 + list.len() * 32);
+    users.push(b'[');
+    for (i, (user, devices)) in list.iter().enumerate() {
+        if i > 0 {
+            users.push(b',');
+        }
+        users.extend_from_slice(b"{\"user_id\":");
+        write_str(&mut users, user);
+        users.extend_from_slice(b",\"devices\":");
+        write_u64(&mut users, u64::from(*devices));
+        users.push(b'}');
+    }
+    users.push(b']');
+    let users = String::from_utf8(users).expect("JSON written from str is UTF-8");
+    let now_ms = sh.now_ms;
+    let f = sh.fb.text(sh.now_us, |o| {
+        o.str("type", "presence.state")
+            .id(id)
+            .str("room", room)
+            .obj("data", |d| {
+                d.raw("users", &users)
+                    .u64("count", count as u64)
+                    .raw("truncated", if truncated { "true" } else { "false" });
+            })
+            .u64("timestamp", now_ms);
+    });
+    sh.out.stats.presence_queries += 1;
+    sh.deliver(&Target::Conn(to), &f);
 }
 
 /// Watch the users the bridge found for `presence.watch {scope: "conversations"}` of
@@ -439,69 +635,57 @@ fn watch_contacts(
         }
         watched.push(u);
     }
-    send_state(sh, slot, id, &me, &watched, Some(cut));
+    answer_state(sh, slot, id, &me, &watched, true, Some(cut));
 }
 
 /// Carry out an owner step: directory records, the watchers' event, the grace timer.
+/// Clustered, every event of the user's goes through the bridge, in order, with the record
+/// the cluster's readers see ([`crate::bridge::redis::Redis::presence`]): a change of this
+/// node's hold of the user (`out.held`: a first device here, the grace after the last one) is
+/// for Redis to judge (whether it is the cluster's, not only this node's), anything else is
+/// told as it is after it (a status change never overtakes the online it follows).
 fn apply(sh: &mut Shard, out: state::Out) {
-    apply_from(sh, out, false);
-}
-
-/// [`apply`] for a step driven by this node's devices (a first device here, the grace after
-/// the last one): clustered, whether the user came online or went offline is the cluster's
-/// question, so the event goes to the bridge, which sends it on only if no other node holds
-/// the user ([`crate::bridge::redis::Redis::presence`]).
-fn apply_devices(sh: &mut Shard, out: state::Out) {
-    apply_from(sh, out, true);
-}
-
-fn apply_from(sh: &mut Shard, out: state::Out, devices: bool) {
     for user in &out.forget {
         sh.node.dir.presence.remove(user);
         sh.out.stats.presence_forgotten += 1;
     }
-    if let Some((user, rec)) = out.publish {
-        if state::is_plain_online(&rec) {
-            // The common state needs no record: no record and a device reads online.
-            sh.node.dir.presence.remove(&user);
-        } else {
-            sh.node.dir.presence.set(user.clone(), rec.clone());
-        }
-        if let Some(ev) = out.event {
-            let v = state::view(Some(&rec), 0, false);
-            let f = encode_user(sh, ev.type_name(), None, &user, &v);
-            sh.out.stats.presence_changes += 1;
-            if sh.node.clustered {
-                // Every event of the user's goes through the bridge, in order: a change of
-                // this node's devices for Redis to judge, anything else told as it is after
-                // it (a status change never overtakes the online it follows).
-                let online = match ev {
-                    state::Event::Online if devices => Some(true),
-                    state::Event::Offline if devices => Some(false),
-                    _ => None,
-                };
-                let msg = crate::bridge::BridgeMsg::Presence {
-                    user: user.clone(),
-                    online,
-                    frame: f.clone(),
-                };
-                if sh.node.bridge_tx.try_send(msg).is_ok() {
-                    return finish(sh, out.timer);
-                }
-                // The bridge is full: this node's judgement, told here as it is.
-                sh.out.stats.bridge_dropped += 1;
-            }
-            let topic = Arc::from(topic(&user));
-            sh.deliver(
-                &Target::Topic {
-                    topic,
-                    except: None,
-                },
-                &f,
-            );
-        }
-    } else {
+    let Some((user, rec)) = out.publish else {
         debug_assert!(out.event.is_none(), "an event without a record");
+        return finish(sh, out.timer);
+    };
+    if state::is_plain_online(&rec) {
+        // The common state needs no record: no record and a device reads online.
+        sh.node.dir.presence.remove(&user);
+    } else {
+        sh.node.dir.presence.set(user.clone(), rec.clone());
+    }
+    let v = state::view(Some(&rec), 0, false);
+    let frame = out.event.map(|ev| {
+        sh.out.stats.presence_changes += 1;
+        encode_user(sh, ev.type_name(), None, &user, &v)
+    });
+    if sh.node.clustered && (frame.is_some() || out.held.is_some()) {
+        let msg = crate::bridge::BridgeMsg::Presence {
+            user: user.clone(),
+            online: out.held,
+            frame: frame.clone(),
+            record: state::encode_remote(&v).into(),
+        };
+        if sh.node.bridge_tx.try_send(msg).is_ok() {
+            return finish(sh, out.timer);
+        }
+        // The bridge is full: this node's judgement, told here as it is.
+        sh.out.stats.bridge_dropped += 1;
+    }
+    if let Some(f) = frame {
+        let topic = Arc::from(topic(&user));
+        sh.deliver(
+            &Target::Topic {
+                topic,
+                except: None,
+            },
+            &f,
+        );
     }
     finish(sh, out.timer);
 }
@@ -625,8 +809,52 @@ fn checked_ids<'c>(
     )
 }
 
+/// Answer `presence.state` for `ids` (`watch`: the first answer of a watch). On one node, or
+/// clustered when this node holds every user listed, at once from the directory here;
+/// otherwise the bridge reads the others from Redis first ([`Read`]), and with the bridge's
+/// inbox full they are answered from here (counted).
+fn answer_state(
+    sh: &mut Shard,
+    slot: u32,
+    id: Option<&str>,
+    me: &str,
+    ids: &[&str],
+    watch: bool,
+    truncated: Option<bool>,
+) {
+    if sh.node.clustered {
+        let dir = &sh.node.dir;
+        let remote: Vec<u32> = ids
+            .iter()
+            .enumerate()
+            .filter(|(_, u)| {
+                **u != me && !state::held_here(dir.presence.get(u).as_deref(), dir.users.count(u))
+            })
+            .map(|(i, _)| i as u32)
+            .collect();
+        if !remote.is_empty() {
+            let read = Read {
+                to: sh.conn_ref(slot),
+                id: id.map(Box::from),
+                users: ids.iter().map(|u| Arc::from(*u)).collect(),
+                remote,
+                watch,
+                truncated,
+            };
+            let msg = crate::bridge::BridgeMsg::PresenceRead(Box::new(read));
+            if sh.node.bridge_tx.try_send(msg).is_ok() {
+                return;
+            }
+            sh.out.stats.bridge_dropped += 1;
+            sh.out.stats.presence_read_local += 1;
+        }
+    }
+    send_state(sh, slot, id, me, ids, truncated, None);
+}
+
 /// `presence.state {data:{users:[...]}}` for `ids`, read from the directory here (with
-/// `truncated` for the `scope` form of `presence.watch`).
+/// `truncated` for the `scope` form of `presence.watch`); `remote`: users (indexes into `ids`)
+/// read from Redis, used for those this node still does not hold.
 fn send_state(
     sh: &mut Shard,
     slot: u32,
@@ -634,13 +862,27 @@ fn send_state(
     me: &str,
     ids: &[&str],
     truncated: Option<bool>,
+    remote: Option<(&[u32], &[state::Remote])>,
 ) {
     let dir = &sh.node.dir;
     let mut users = Vec::with_capacity(2 + ids.len() * 96);
     users.push(b'[');
+    let mut from_redis =
+        remote.map(|(idx, found)| idx.iter().copied().zip(found.iter()).peekable());
     for (i, user) in ids.iter().enumerate() {
         let rec = dir.presence.get(user);
-        let v = state::view(rec.as_deref(), dir.users.count(user), *user == me);
+        let devices = dir.users.count(user);
+        let mut found = None;
+        if let Some(it) = from_redis.as_mut() {
+            if it.peek().is_some_and(|(j, _)| *j as usize == i) {
+                found = it.next().map(|(_, r)| r);
+            }
+        }
+        let v = match found {
+            // Still held elsewhere only (a device that arrived here since is fresher).
+            Some(r) if !state::held_here(rec.as_deref(), devices) => r.view(),
+            _ => state::view(rec.as_deref(), devices, *user == me),
+        };
         if i > 0 {
             users.push(b',');
         }
@@ -792,7 +1034,7 @@ pub fn watch(sh: &mut Shard, slot: u32, cmd: &Cmd<'_>) {
     }
     // Joined before reading: a change published from now on reaches this connection, and one
     // published before is in the records read here.
-    send_state(sh, slot, id, &me, &ids, None);
+    answer_state(sh, slot, id, &me, &ids, true, None);
 }
 
 /// `presence.unwatch {user_ids}`: leave their topics (users not watched are ignored); answers
@@ -856,7 +1098,7 @@ pub fn query(sh: &mut Shard, slot: u32, cmd: &Cmd<'_>) {
             let Some(ids) = checked_ids(sh, slot, id, c.user_ids.as_deref(), &me, true) else {
                 return;
             };
-            send_state(sh, slot, id, &me, &ids, None);
+            answer_state(sh, slot, id, &me, &ids, false, None);
         }
         (None, None) => {
             sh.send_error(

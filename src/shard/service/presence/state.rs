@@ -114,6 +114,159 @@ pub fn view(rec: Option<&Record>, devices: u32, is_self: bool) -> View<'_> {
     }
 }
 
+/// Whether this node holds `user` present, from its record and its device count here: a
+/// device, or a record that is not offline (the offline grace after the last device here).
+/// Clustered, users not held here are read from Redis ([`Remote`]).
+pub fn held_here(rec: Option<&Record>, devices: u32) -> bool {
+    devices > 0 || rec.is_some_and(|r| r.status != Status::Offline)
+}
+
+/// A user's presence as the cluster's watchers last heard it, as its owner writes it to Redis
+/// (`<p>{topic:presence:<id>}:rec`): `<status> <last_seen ms> <text>`, the status as others
+/// see it (`online`, `away`, `busy`, `offline`: invisible is written `offline`), `0` for no
+/// `last_seen`, and the text (empty: none) as the rest of the line.
+pub fn encode_remote(v: &View<'_>) -> String {
+    let text = v.text.unwrap_or("");
+    let mut s = String::with_capacity(24 + text.len());
+    s.push_str(v.status);
+    s.push(' ');
+    s.push_str(&v.last_seen_ms.to_string());
+    s.push(' ');
+    s.push_str(text);
+    s
+}
+
+/// The record of a user that left every node at `at_ms` (as [`encode_remote`] writes an
+/// offline view with that `last_seen` and no text).
+pub fn encode_offline(at_ms: u64) -> String {
+    format!("offline {at_ms} ")
+}
+
+/// A user read from Redis: how many nodes hold it present (`<p>{topic:presence:<id>}:nodes`)
+/// and its record there ([`encode_remote`]; None: no record, or one not understood).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Remote {
+    pub nodes: u32,
+    pub status: Status,
+    pub text: Option<Box<str>>,
+    pub last_seen_ms: u64,
+}
+
+impl Remote {
+    /// From `SCARD` of the nodes set and `GET` of the record (never panics on a reply).
+    pub fn read(nodes: u64, rec: Option<&str>) -> Remote {
+        let nodes = u32::try_from(nodes).unwrap_or(u32::MAX);
+        let parsed = rec.and_then(|r| {
+            let mut it = r.splitn(3, ' ');
+            let status = match it.next()? {
+                "online" => Status::Online,
+                "away" => Status::Away,
+                "busy" => Status::Busy,
+                "offline" => Status::Offline,
+                _ => return None,
+            };
+            let last_seen_ms = it.next()?.parse::<u64>().ok()?;
+            let text = it.next().filter(|t| !t.is_empty()).map(Box::from);
+            Some((status, text, last_seen_ms))
+        });
+        let (status, text, last_seen_ms) = parsed.unwrap_or((Status::Online, None, 0));
+        if nodes == 0 {
+            // No node holds the user: offline, whatever the record said last (its
+            // `last_seen` kept when it has one).
+            return Remote {
+                nodes,
+                status: Status::Offline,
+                text: None,
+                last_seen_ms: if status == Status::Offline {
+                    last_seen_ms
+                } else {
+                    0
+                },
+            };
+        }
+        if status == Status::Offline {
+            // Held somewhere, but invisible: offline to everyone else.
+            return Remote {
+                nodes,
+                status,
+                text: None,
+                last_seen_ms,
+            };
+        }
+        Remote {
+            nodes,
+            status,
+            text,
+            last_seen_ms: 0,
+        }
+    }
+
+    /// What a reader on this node sees: `devices` is the number of nodes holding the user
+    /// (each holds a device or is in its grace; this node holds none), 0 while it looks
+    /// offline.
+    pub fn view(&self) -> View<'_> {
+        let online = self.status.visible();
+        View {
+            status: self.status.as_str(),
+            text: if online { self.text.as_deref() } else { None },
+            devices: if online { self.nodes } else { 0 },
+            last_seen_ms: if online { 0 } else { self.last_seen_ms },
+        }
+    }
+}
+
+/// A (room, user) pair as a member of a node's set of room presences in Redis
+/// (`<p>{node:<hex>}:rooms`, for its reaper): `<room length>:<room><user>`, so that any
+/// bytes in either name survive.
+pub fn encode_room_member(room: &str, user: &str) -> String {
+    format!("{}:{room}{user}", room.len())
+}
+
+/// The (room, user) of [`encode_room_member`]; None for anything else.
+pub fn decode_room_member(m: &str) -> Option<(&str, &str)> {
+    let (len, rest) = m.split_once(':')?;
+    let len: usize = len.parse().ok()?;
+    if len == 0 || len >= rest.len() || !rest.is_char_boundary(len) {
+        return None;
+    }
+    Some(rest.split_at(len))
+}
+
+/// The answer to a room query, clustered: `found` (up to `cap` of the room's users from its
+/// hash in Redis, each with the number of nodes holding it there) and `count` (the hash's
+/// size) merged with this owner's `local` users (with their devices on this node, which
+/// replace the node count). Local users Redis does not list yet (their join still on the
+/// way) are added while the list is not cut. Returns the list (at most `cap`) and the count.
+pub fn merge_room(
+    local: &[(&str, u32)],
+    found: &[(Box<str>, u32)],
+    count: usize,
+    cap: usize,
+) -> (Vec<(Box<str>, u32)>, usize) {
+    let here: HashMap<&str, u32> = local.iter().copied().collect();
+    let mut list: Vec<(Box<str>, u32)> = Vec::with_capacity(found.len().min(cap));
+    let mut listed: HashSet<&str> = HashSet::with_capacity(found.len());
+    for (u, nodes) in found.iter().take(cap) {
+        if !listed.insert(u) {
+            continue;
+        }
+        list.push((u.clone(), here.get(&**u).copied().unwrap_or(*nodes)));
+    }
+    let mut count = count.max(list.len());
+    if list.len() == count {
+        // Redis listed the whole room: add the local users it does not know yet.
+        for (u, d) in local {
+            if !listed.contains(u) {
+                count += 1;
+                if list.len() < cap {
+                    list.push((Box::from(*u), *d));
+                }
+            }
+        }
+    }
+    (list, count)
+}
+
 /// An event for a user's watchers (its data is the published record's public view).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Event {
@@ -143,6 +296,11 @@ pub struct Out {
     pub forget: Vec<Arc<str>>,
     /// Schedule the grace timer `key` to fire at `due_ms` (Unix ms) or later.
     pub timer: Option<(u64, u64)>,
+    /// The node's hold of the user changed (clustered, Redis judges it): true = it holds the
+    /// user present now (a first device after offline, or a status set before the arrival
+    /// report), false = the grace after its last device ended. Set with or without an event
+    /// (an invisible user's departure tells no one, but the cluster must still hear of it).
+    pub held: Option<bool>,
 }
 
 /// Whether `rec` is the plain online state, which is kept as no record at all (the
@@ -268,6 +426,7 @@ impl Owner {
             self.plain.insert(user.clone());
             out.publish = Some((user.clone(), ONLINE.clone()));
             out.event = Some(Event::Online);
+            out.held = Some(true);
             return out;
         }
         let u = self.users.get_mut(user).expect("checked above");
@@ -287,6 +446,7 @@ impl Owner {
         }
         Self::publish(&mut out, user, u);
         out.event = Some(Event::Online);
+        out.held = Some(true);
         if u.timer.is_none() && u.due_ms.is_none() {
             // Back from offline in the plain state: the name is all it needs.
             self.users.remove(user);
@@ -396,6 +556,7 @@ impl Owner {
         u.offline_seq = Some(seq);
         self.offline.insert(seq, user.clone());
         Self::publish(&mut out, &user, u);
+        out.held = Some(false);
         if was_visible {
             out.event = Some(Event::Offline);
         }
@@ -429,6 +590,9 @@ impl Owner {
         let u = self.users.entry(user.clone()).or_insert_with(User::offline);
         let before = u.record();
         let was_visible = u.connected && u.status.visible();
+        if !u.connected {
+            out.held = Some(true);
+        }
         u.connected = true;
         if let Some(seq) = u.offline_seq.take() {
             self.offline.remove(&seq);
@@ -739,6 +903,132 @@ mod tests {
                 last_seen_ms: 0
             }
         );
+    }
+
+    #[test]
+    fn the_nodes_hold_changes_with_or_without_an_event() {
+        let mut o = Owner::default();
+        let bob = u("bob");
+        assert_eq!(o.arrive(&bob, 1).held, Some(true));
+        assert_eq!(o.arrive(&bob, 2).held, None, "a second device");
+        // Invisible, then gone: no one is told, but the cluster must hear this node let go.
+        assert_eq!(o.set_status(&bob, Status::Invisible, None, 1, 5).held, None);
+        let (key, due) = o.depart(&bob, 10, GRACE).timer.unwrap();
+        let out = o.fire(key, due, 10, |_| 0);
+        assert_eq!((out.event, out.held), (None, Some(false)));
+        // A status set before the arrival report holds the user (the report then says nothing).
+        let cy = u("cy");
+        let out = o.set_status(&cy, Status::Away, None, 1, 20);
+        assert_eq!((out.event, out.held), (Some(Event::Online), Some(true)));
+        assert_eq!(o.arrive(&cy, 1).held, None);
+        // Back inside the grace: nothing for the cluster.
+        let (key, _) = o.depart(&cy, 30, GRACE).timer.unwrap();
+        assert_eq!(o.arrive(&cy, 1).held, None);
+        assert_eq!(o.fire(key, 30 + GRACE, 10, |_| 1).held, None);
+    }
+
+    #[test]
+    fn remote_records_round_trip_and_read_with_the_nodes_set() {
+        let away = Record {
+            status: Status::Away,
+            text: Some("gone fishing".into()),
+            last_seen_ms: 0,
+        };
+        let line = encode_remote(&view(Some(&away), 1, false));
+        assert_eq!(line, "away 0 gone fishing");
+        let r = Remote::read(2, Some(&line));
+        assert_eq!(
+            r.view(),
+            View {
+                status: "away",
+                text: Some("gone fishing"),
+                devices: 2,
+                last_seen_ms: 0
+            }
+        );
+        // Invisible is written as offline (with when it went invisible) and reads so.
+        let inv = Record {
+            status: Status::Invisible,
+            text: Some("secret".into()),
+            last_seen_ms: 77,
+        };
+        let line = encode_remote(&view(Some(&inv), 1, false));
+        assert_eq!(line, "offline 77 ");
+        let r = Remote::read(1, Some(&line));
+        let v = r.view();
+        assert_eq!(
+            (v.status, v.text, v.devices, v.last_seen_ms),
+            ("offline", None, 0, 77)
+        );
+        // No node holds the user: offline whatever the record, last_seen only from an
+        // offline one.
+        let r = Remote::read(0, Some("away 0 x"));
+        let v = r.view();
+        assert_eq!((v.status, v.text, v.last_seen_ms), ("offline", None, 0));
+        assert_eq!(Remote::read(0, Some("offline 99 ")).view().last_seen_ms, 99);
+        assert_eq!(Remote::read(0, None).view(), view(None, 0, false));
+        // Held with no record (written before records existed, or lost): plain online.
+        assert_eq!(Remote::read(1, None).view().status, "online");
+        // Records not understood never panic: read as none.
+        for bad in ["", "online", "online x y", "dancing 0 ", "away -1 "] {
+            assert_eq!(Remote::read(1, Some(bad)).view().status, "online", "{bad}");
+        }
+        assert_eq!(Remote::read(u64::MAX, None).nodes, u32::MAX);
+    }
+
+    #[test]
+    fn held_here_means_a_device_or_a_grace() {
+        assert!(!held_here(None, 0));
+        assert!(held_here(None, 1));
+        let mut o = Owner::default();
+        let bob = u("bob");
+        o.arrive(&bob, 1);
+        let rec = o.depart(&bob, 10, GRACE).publish.unwrap().1;
+        assert!(held_here(Some(&rec), 0), "in the grace");
+        let off = Record {
+            status: Status::Offline,
+            text: None,
+            last_seen_ms: 10,
+        };
+        assert!(!held_here(Some(&off), 0));
+    }
+
+    #[test]
+    fn room_members_survive_any_names() {
+        for (r, u) in [
+            ("chat-1", "bob"),
+            ("a:b", ":c"),
+            ("é", "1:x"),
+            ("r", "u\nv"),
+        ] {
+            let m = encode_room_member(r, u);
+            assert_eq!(decode_room_member(&m), Some((r, u)), "{m}");
+        }
+        for bad in ["", "x", "3:ab", "0:ab", "-1:ab", "2:é"] {
+            assert_eq!(decode_room_member(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn room_answers_merge_redis_with_this_node() {
+        let found = vec![(Box::from("a"), 2), (Box::from("b"), 1)];
+        // a is here too (its devices here win), c joined here and Redis does not list it yet.
+        let (list, count) = merge_room(&[("a", 3), ("c", 1)], &found, 2, 10);
+        assert_eq!(
+            list,
+            vec![
+                (Box::from("a"), 3),
+                (Box::from("b"), 1),
+                (Box::from("c"), 1)
+            ]
+        );
+        assert_eq!(count, 3);
+        // Cut at cap: the count stays Redis's.
+        let (list, count) = merge_room(&[("c", 1)], &found[..1], 2, 1);
+        assert_eq!((list.len(), count), (1, 2));
+        // Nothing in Redis: this node's users.
+        let (list, count) = merge_room(&[("c", 1)], &[], 0, 10);
+        assert_eq!((list, count), (vec![(Box::from("c"), 1)], 1));
     }
 
     #[test]
