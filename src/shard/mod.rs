@@ -2,8 +2,9 @@
 //! clients with generation-tagged tokens, a keyed timer wheel, and a bounded inbox (+ one
 //! `Waker`) for messages from other shards and the bridge.
 //!
-//! One loop turn: poll; accept; read and handle frames (replies and fan-out only *queue*
-//! shared frames); drain the inbox; fire timers; close what was doomed; then flush every dirty
+//! One loop turn: poll; drain the inbox (first, so what other shards sent before the bytes
+//! that woke us is applied before them); accept; read and handle frames (replies and fan-out
+//! only *queue* shared frames); fire timers; close what was doomed; then flush every dirty
 //! connection with `send`/`sendmsg`, many frames per call (see `flush_dirty` for
 //! `write_coalesce`). Nothing here takes a lock on the message path; another shard's clients
 //! are reached only through its inbox (`try_send`, counted when full, never blocking).
@@ -477,6 +478,10 @@ impl Shard {
                 panic!("injected fault: {}=shard_panic_after", crate::fault::ENV);
             }
             self.update_rate_gate();
+            // The inbox before the sockets: whatever another shard sent before the bytes that
+            // woke us arrived is applied first (a call's end releases its caller's place
+            // before the caller's next offer is judged, however the turn's events fell).
+            self.drain_inbox();
             for ev in events.iter() {
                 match ev.token() {
                     LISTENER => self.accept(),
@@ -499,7 +504,6 @@ impl Shard {
             if self.accept_pending {
                 self.accept();
             }
-            self.drain_inbox();
             for (slot, keep) in std::mem::take(&mut self.http_resume) {
                 self.http_resume(slot, keep);
             }
