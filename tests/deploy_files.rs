@@ -11,10 +11,11 @@
 //!   Redis and a Kafka (librdkafka's mock cluster) configured so that the Redis and Kafka
 //!   families are rendered ([`every_metric_named_is_exported`]); `up` is the one name allowed
 //!   without it ([`PROMETHEUS_MADE`]);
-//! - every `SWITCHBOARD_*` name in compose, k8s and the Dockerfile is a key of the server's key
-//!   table (`Config::keys()` plus the structured keys `switchboard config` lists), and each
-//!   node's whole environment (with its config file) loads through `switchboard config`
-//!   without an error or an "is not a setting" warning, every variable read from the env;
+//! - every `SWITCHBOARD_*` name in compose, k8s, the Dockerfile and docs/OPERATIONS.md is a key
+//!   of the server's key table (`Config::keys()` plus the structured keys `switchboard config`
+//!   lists), and each node's whole environment (with its config file) loads through
+//!   `switchboard config` without an error or an "is not a setting" warning, every variable
+//!   read from the env;
 //! - the port, probe paths, `shutdown_timeout` and `shards` the files rely on are the values
 //!   `switchboard config` prints for that very configuration, and the probe and scrape paths
 //!   answer 200 on a running node.
@@ -47,6 +48,7 @@ const COMPOSE: &str = "deploy/compose/docker-compose.yml";
 const K8S_DIR: &str = "deploy/k8s";
 const DOCKERFILE: &str = "Dockerfile";
 const DOCKERIGNORE: &str = ".dockerignore";
+const OPERATIONS: &str = "docs/OPERATIONS.md";
 
 /// Metric names that are right without being in the server's output: `up` is made by
 /// Prometheus for every scrape target (1 when the scrape succeeded), never by the target.
@@ -1516,7 +1518,7 @@ fn switchboard_words(text: &str) -> BTreeSet<String> {
 #[test]
 fn every_switchboard_env_name_is_a_setting() {
     let known = setting_env_names();
-    let mut files: Vec<String> = vec![COMPOSE.into(), DOCKERFILE.into()];
+    let mut files: Vec<String> = vec![COMPOSE.into(), DOCKERFILE.into(), OPERATIONS.into()];
     for entry in std::fs::read_dir(root().join(K8S_DIR)).unwrap() {
         let p = entry.unwrap().path();
         files.push(p.strip_prefix(root()).unwrap().display().to_string());
