@@ -2,8 +2,8 @@
 //! processes): room messages cross nodes for rooms whose channels land on each master, a
 //! user's devices and presence cross nodes, broadcasts reach every node; every channel is a
 //! sharded one (`SSUBSCRIBE` on the master of its slot, never classic pub/sub); a master killed
-//! with SIGKILL and restarted, and a slot migrated to another master, leave every node
-//! delivering again; a node killed has its users reaped by another (commands over many slots).
+//! with SIGKILL and restarted, a master killed on a cluster with replicas (its replica takes
+//! over), and a slot migrated to another master, leave every node delivering again; a node killed has its users reaped by another (commands over many slots).
 //! Frames are checked exactly; every wait is bounded.
 
 mod common;
@@ -145,12 +145,21 @@ impl Pair {
             let n = self.n;
             self.publisher
                 .send_json(json!({"type": "publish", "room": self.room, "data": {"n": n}}));
-            let mine = self.publisher.expect_type("message");
-            assert_eq!(mine["data"]["n"], n);
+            // Its own copy (skipping copies of another pair's messages in the same room).
+            let mine = loop {
+                let m = self.publisher.expect_type("message");
+                if m["data"]["n"] == n {
+                    break m;
+                }
+            };
             let deadline = Instant::now() + Duration::from_millis(50);
             while Instant::now() < deadline {
                 match self.subscriber.next_event(Duration::from_millis(10)) {
-                    common::Event::Json(v) if v["type"] == "message" && v["data"]["n"] == n => {
+                    common::Event::Json(v)
+                        if v["type"] == "message"
+                            && v["data"]["n"] == n
+                            && v["client_id"] == mine["client_id"] =>
+                    {
                         assert_eq!(v, mine, "the other node delivered a different frame");
                         return start.elapsed();
                     }
@@ -556,4 +565,61 @@ fn history_rooms_are_sequenced_on_their_master_and_resume_on_another_node() {
         assert_eq!(sub["data"]["recovered"], true, "{sub}");
         assert_eq!(sub["data"]["epoch"], epoch.as_str(), "{sub}");
     }
+}
+
+#[test]
+fn a_master_killed_fails_over_to_its_replica_and_every_node_delivers_again() {
+    let mut cluster = RedisCluster::start_replicated(3, 1);
+    let a = node(&cluster);
+    let b = node(&cluster);
+    let room = "fo-0".to_string();
+    let channel = format!("sb:{{room:{room}}}");
+    let s = slot(channel.as_bytes());
+    let mut p = Pair::new(&a, &b, &room);
+    wait_shard_numsub(&cluster, &channel, 2);
+    p.crossing_within(Duration::from_secs(3));
+    let mut back = Pair::new(&b, &a, &room);
+    back.crossing_within(Duration::from_secs(3));
+
+    let old = cluster.master_of_slot(s);
+    cluster.node_mut(old).kill();
+    // The replica takes over once the others judge the master failed (the cluster node
+    // timeout) and it wins the election.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let promoted = loop {
+        let m = cluster.master_of_slot(s);
+        if m != old {
+            break m;
+        }
+        assert!(Instant::now() < deadline, "no replica took over slot {s}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let at = Instant::now();
+    // Every node finds the new master, subscribes there, and messages cross both ways.
+    let one = p.crossing_within(Duration::from_secs(10));
+    let two = back.crossing_within(Duration::from_secs(10));
+    let took = at.elapsed();
+    eprintln!("failover: master {old} -> {promoted}; crossing again after {one:?} / {two:?} ({took:?} from the promotion)");
+    assert!(
+        took < Duration::from_secs(3),
+        "delivery came back {took:?} after the replica took over (goal: within 3 s)"
+    );
+    assert_eq!(
+        cluster
+            .node(promoted)
+            .cmd_value(&["PUBSUB", "SHARDNUMSUB", &channel])
+            .array()
+            .and_then(|a| a.get(1))
+            .and_then(Resp::int),
+        Some(2),
+        "both nodes hold the channel on the new master"
+    );
+    wait_ready_is(&a, 200, Duration::from_secs(5));
+    wait_ready_is(&b, 200, Duration::from_secs(5));
+    // Key commands follow the new master too: presence, cluster-wide.
+    let mut w = watcher(&a, &cluster, "fay");
+    let _fay = b.connect("/ws?user_id=fay");
+    let e = presence_event(&mut w, "presence.online", "fay");
+    assert_eq!(e["data"]["status"], "online", "{e}");
+    assert_no_panic(&[&a, &b]);
 }

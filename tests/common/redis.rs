@@ -901,13 +901,21 @@ impl RedisCluster {
     /// servers, join them with all 16384 slots spread over them, and wait until every node says
     /// `cluster_state:ok` with every slot assigned.
     pub fn start(masters: usize) -> RedisCluster {
+        RedisCluster::start_replicated(masters, 0)
+    }
+
+    /// [`RedisCluster::start`] with `replicas` replicas of every master (`--cluster-replicas`):
+    /// `masters * (1 + replicas)` servers, which `redis-cli` pairs up itself (find a slot's
+    /// master with [`RedisCluster::master_of_slot`], not by index). Killing a master makes its
+    /// replica take over after [`CLUSTER_NODE_TIMEOUT_MS`].
+    pub fn start_replicated(masters: usize, replicas: usize) -> RedisCluster {
         assert!(
             masters >= 3,
             "redis-cli --cluster create needs at least 3 masters, got {masters}"
         );
         let cli = cli_bin();
         let timeout = CLUSTER_NODE_TIMEOUT_MS.to_string();
-        let nodes: Vec<RedisServer> = (0..masters)
+        let nodes: Vec<RedisServer> = (0..masters * (1 + replicas))
             .map(|_| {
                 RedisServer::launch(&|dir| {
                     // The bus port: its own free port, not port + 10000 (which may not exist).
@@ -921,6 +929,10 @@ impl RedisCluster {
                         &timeout,
                         "--cluster-port",
                         &bus,
+                        // A replica takes over however long it was cut off from its master
+                        // (a test's replica may have synced only just before the kill).
+                        "--cluster-replica-validity-factor",
+                        "0",
                     ]
                     .iter()
                     .map(|s| (*s).to_owned())
@@ -934,7 +946,7 @@ impl RedisCluster {
         for n in &cluster.nodes {
             cmd.arg(format!("127.0.0.1:{}", n.port()));
         }
-        cmd.args(["--cluster-replicas", "0", "--cluster-yes"]);
+        cmd.args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"]);
         let out_path = cluster.nodes[0].dir().join("cluster-create.out");
         let out = std::fs::File::create(&out_path)
             .unwrap_or_else(|e| panic!("create {}: {e}", out_path.display()));
