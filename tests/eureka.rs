@@ -177,6 +177,14 @@ fn answer(s: &Shared, method: &str, path: &str, body: &str) -> u16 {
                 404
             }
         }
+        // Removing a status override (Eureka keeps the instance, status UP).
+        "DELETE" if path.ends_with("/status?value=UP") => {
+            if known.contains(path.trim_end_matches("/status?value=UP")) {
+                200
+            } else {
+                404
+            }
+        }
         "DELETE" => {
             if known.remove(path) {
                 200
@@ -335,6 +343,16 @@ fn registers_with_its_urls_renews_on_schedule_and_registers_again_when_forgotten
     // The registered paths are the node's own endpoints.
     assert_eq!(server.http_get("/ready").0, 200);
     assert_eq!(server.http_get("/health").0, 200);
+
+    // Right after it, any status override an earlier run left for this id is removed.
+    let clear = format!("{instance}/status?value=UP");
+    let reqs = stub.wait("the override removal", |r| count(r, "DELETE", &clear) == 1);
+    let at = reqs.iter().position(|r| r.is("DELETE", &clear)).unwrap();
+    assert_eq!(reqs[at].answered, Some(200));
+    assert!(
+        reqs[..at].iter().all(|r| r.is("POST", app_path)),
+        "{reqs:#?}"
+    );
 
     // Heartbeats on the configured schedule, each answered 200.
     let reqs = stub.wait("three heartbeats", |r| count(r, "PUT", &instance) >= 3);

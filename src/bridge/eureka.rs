@@ -6,8 +6,10 @@
 //!
 //! - at start it registers (`POST {eureka}/apps/{APP}`, the instance document of
 //!   [`Instance::encode`]: host, address, port, the health-check, status and home page URLs,
-//!   the lease) and, once Eureka has it, renews the lease every `eureka_renewal_interval`
-//!   (`PUT {eureka}/apps/{APP}/{id}`);
+//!   the lease), removes any status override left by an earlier run of the same instance id
+//!   that was killed mid-drain (`DELETE .../status?value=UP`: Eureka would otherwise keep it
+//!   `OUT_OF_SERVICE` for as long as it renews), and renews the lease every
+//!   `eureka_renewal_interval` (`PUT {eureka}/apps/{APP}/{id}`);
 //! - a heartbeat or status change answered 404 means Eureka forgot the instance (it restarted,
 //!   or evicted a node that was paused): the task registers again at once;
 //! - the moment a drain starts (`BridgeHandle::draining`, called by `Server::shutdown` right
@@ -536,6 +538,10 @@ struct Eureka {
     forgotten: bool,
     /// The status Eureka holds (meaningful while `registered`).
     told: Status,
+    /// Registered `UP`: a status override Eureka may still hold for this instance id (from
+    /// an earlier run killed between its `OUT_OF_SERVICE` and its deregistration) is to be
+    /// removed, or Eureka would keep the instance out of service for as long as it renews.
+    clear_override: bool,
     /// When the next heartbeat is due.
     next_beat: Instant,
     /// Requests are failing (logged once until one succeeds).
@@ -622,6 +628,7 @@ impl Eureka {
             attempted: false,
             forgotten: false,
             told: Status::Up,
+            clear_override: false,
             next_beat: Instant::now(),
             failing: false,
             last_dirty_ms: unix_ms(),
@@ -645,6 +652,14 @@ impl Eureka {
         }
         if self.told != want {
             if self.put_status(want, self.timeout).await {
+                self.backoff.reset();
+            } else if self.registered {
+                tokio::time::sleep(self.backoff.wait()).await;
+            }
+            return;
+        }
+        if self.clear_override {
+            if self.remove_override().await {
                 self.backoff.reset();
             } else if self.registered {
                 tokio::time::sleep(self.backoff.wait()).await;
@@ -685,6 +700,7 @@ impl Eureka {
             Answer::Status(s) if (200..300).contains(&s) => {
                 self.registered = true;
                 self.told = status;
+                self.clear_override = status == Status::Up;
                 self.next_beat = Instant::now() + self.renewal;
                 let again = std::mem::take(&mut self.forgotten);
                 let stats = self.stats();
@@ -776,6 +792,31 @@ impl Eureka {
             }
             Answer::Failed(why) => {
                 self.failed("status change", why);
+                false
+            }
+        }
+    }
+
+    /// Remove any status override (`DELETE .../status?value=UP`: Eureka drops the override
+    /// and keeps `UP`); true when Eureka answered.
+    async fn remove_override(&mut self) -> bool {
+        let path = self.identity.status_path(Status::Up);
+        match self.send(Method::Delete, &path, None, self.timeout).await {
+            Answer::Status(200..=299) => {
+                self.clear_override = false;
+                self.recovered();
+                true
+            }
+            Answer::Status(404) => {
+                self.forgot("status override removal");
+                false
+            }
+            Answer::Status(s) => {
+                self.failed("status override removal", format!("answered {s}"));
+                false
+            }
+            Answer::Failed(why) => {
+                self.failed("status override removal", why);
                 false
             }
         }
