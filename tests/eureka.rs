@@ -399,6 +399,8 @@ fn registers_with_its_urls_renews_on_schedule_and_registers_again_when_forgotten
             .any(|r| r.is("PUT", &instance) && r.answered == Some(200))
     });
     assert!(reqs.len() > again);
+    // The override was removed once, after the first registration only.
+    assert_eq!(count(&reqs, "DELETE", &clear), 1);
     let text = server.wait_metrics("the re-registration", |t| {
         metric(t, "switchboard_eureka_reregistrations_total") == Some(1)
     });

@@ -6,10 +6,10 @@
 //!
 //! - at start it registers (`POST {eureka}/apps/{APP}`, the instance document of
 //!   [`Instance::encode`]: host, address, port, the health-check, status and home page URLs,
-//!   the lease), removes any status override left by an earlier run of the same instance id
-//!   that was killed mid-drain (`DELETE .../status?value=UP`: Eureka would otherwise keep it
-//!   `OUT_OF_SERVICE` for as long as it renews), and renews the lease every
-//!   `eureka_renewal_interval` (`PUT {eureka}/apps/{APP}/{id}`);
+//!   the lease), then once removes any status override left by an earlier run of the same
+//!   instance id that was killed mid-drain (`DELETE .../status?value=UP`: Eureka would
+//!   otherwise keep it `OUT_OF_SERVICE` for as long as it renews), and renews the lease
+//!   every `eureka_renewal_interval` (`PUT {eureka}/apps/{APP}/{id}`);
 //! - a heartbeat or status change answered 404 means Eureka forgot the instance (it restarted,
 //!   or evicted a node that was paused): the task registers again at once;
 //! - the moment a drain starts (`BridgeHandle::draining`, called by `Server::shutdown` right
@@ -538,9 +538,12 @@ struct Eureka {
     forgotten: bool,
     /// The status Eureka holds (meaningful while `registered`).
     told: Status,
-    /// Registered `UP`: a status override Eureka may still hold for this instance id (from
-    /// an earlier run killed between its `OUT_OF_SERVICE` and its deregistration) is to be
-    /// removed, or Eureka would keep the instance out of service for as long as it renews.
+    /// First registered `UP`: a status override Eureka may still hold for this instance id
+    /// (from an earlier run killed between its `OUT_OF_SERVICE` and its deregistration) is to
+    /// be removed, or Eureka would keep the instance out of service for as long as it renews.
+    /// (A drain starting while that removal is in flight cuts it short and sends
+    /// `OUT_OF_SERVICE` after it; only a server that applied the two out of order could undo
+    /// the drain's status, and only in the first moments of a run.)
     clear_override: bool,
     /// When the next heartbeat is due.
     next_beat: Instant,
@@ -658,7 +661,8 @@ impl Eureka {
             }
             return;
         }
-        if self.clear_override {
+        // Only while serving: during a drain the override is the node's own OUT_OF_SERVICE.
+        if self.clear_override && want == Status::Up {
             if self.remove_override().await {
                 self.backoff.reset();
             } else if self.registered {
@@ -698,11 +702,14 @@ impl Eureka {
             .await;
         match answer {
             Answer::Status(s) if (200..300).contains(&s) => {
+                let again = std::mem::take(&mut self.forgotten);
                 self.registered = true;
                 self.told = status;
-                self.clear_override = status == Status::Up;
+                // Once, after the first registration: a Eureka that forgot the instance
+                // (restarted, or evicted it) dropped its override with it.
+                self.clear_override =
+                    status == Status::Up && self.stats().registrations.load(Ordering::Relaxed) == 0;
                 self.next_beat = Instant::now() + self.renewal;
-                let again = std::mem::take(&mut self.forgotten);
                 let stats = self.stats();
                 stats.registrations.fetch_add(1, Ordering::Relaxed);
                 stats.registered.store(1, Ordering::Relaxed);
@@ -774,6 +781,8 @@ impl Eureka {
         match self.send(Method::Put, &path, None, timeout).await {
             Answer::Status(200..=299) => {
                 self.told = status;
+                // Our own override now: never removed.
+                self.clear_override = false;
                 self.last_dirty_ms = unix_ms();
                 self.stats()
                     .out_of_service
