@@ -1119,7 +1119,7 @@ config_keys! {
     eureka_app_name: Text = "", "SWITCHBOARD_EUREKA_APP_NAME",
         "Application name registered (upper-cased, as Eureka keeps it; its lower case is the vipAddress); empty = service_name. Letters, digits, '.', '_', '-'.";
     eureka_instance_id: Text = "", "SWITCHBOARD_EUREKA_INSTANCE_ID",
-        "Instance id registered, unique per node; empty = <hostname>:<app name in lower case>:<port> (Spring Cloud's default). Letters, digits, '.', '_', '-', ':'.";
+        "Instance id registered, unique per node; empty = HOSTNAME:app:PORT (eureka_hostname or the machine's host name, the app name in lower case, the registered port: Spring Cloud's default). Letters, digits, '.', '_', '-', ':'.";
     eureka_hostname: Text = "", "SWITCHBOARD_EUREKA_HOSTNAME",
         "Host name registered and used in the health, status and home page URLs; empty = this machine's host name (the IP address with eureka_prefer_ip_address).";
     eureka_ip_address: Text = "", "SWITCHBOARD_EUREKA_IP_ADDRESS",
@@ -1137,7 +1137,7 @@ config_keys! {
     eureka_retry_max: Dur = "30s", "SWITCHBOARD_EUREKA_RETRY_MAX",
         "Cap of the retry backoff while Eureka does not answer (it starts at 50ms, doubles, jittered by up to a half), 100ms to 5m. Never delays the node's start.";
     eureka_health_check_url: Text = "/ready", "SWITCHBOARD_EUREKA_HEALTH_CHECK_URL",
-        "healthCheckUrl registered: a path on this node's registered address (http://<hostname>:<port><path>), or an absolute http:// or https:// URL.";
+        "healthCheckUrl registered: a path on this node's registered address (http://HOSTNAME:PORT/path), or an absolute http:// or https:// URL (a proxy in front of the node).";
     eureka_status_page_url: Text = "/health", "SWITCHBOARD_EUREKA_STATUS_PAGE_URL",
         "statusPageUrl registered: a path or an absolute URL, as eureka_health_check_url.";
     eureka_home_page_url: Text = "/", "SWITCHBOARD_EUREKA_HOME_PAGE_URL",
