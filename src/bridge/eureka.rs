@@ -926,7 +926,9 @@ impl Eureka {
         let answer = match r {
             Ok(resp) if resp.status < 500 => return Answer::Status(resp.status),
             Ok(resp) => Answer::Failed(format!("answered {}", resp.status)),
-            Err(HttpError::Timeout) => Answer::Failed(format!("no answer within {timeout:?}")),
+            Err(HttpError::Timeout) => {
+                Answer::Failed(format!("no answer within {} ms", timeout.as_millis()))
+            }
             Err(HttpError::Unreachable) => Answer::Failed("unreachable".into()),
             Err(HttpError::TooLarge) => Answer::Failed("answer too large".into()),
             Err(HttpError::Malformed) => Answer::Failed("not an HTTP answer".into()),
