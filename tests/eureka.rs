@@ -290,6 +290,22 @@ fn with_fast<'a>(extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
     FAST.iter().copied().chain(extra.iter().copied()).collect()
 }
 
+/// Wait until the node has its registration answered (its metric says so: the stub records a
+/// request before answering it) and has removed any old override, so a signal sent next
+/// finds nothing of the registration in flight.
+fn registered(server: &TestServer, stub: &StubEureka, instance: &str) {
+    server.wait_metrics("the registration", |t| {
+        metric(t, "switchboard_eureka_registered") == Some(1)
+    });
+    let clear = format!("{instance}/status?value=UP");
+    stub.wait("the override removal", |r| {
+        r.iter()
+            .any(|r| r.is("DELETE", &clear) && r.answered == Some(200))
+    });
+    // Its answer is written right after it is recorded.
+    std::thread::sleep(Duration::from_millis(50));
+}
+
 fn count(reqs: &[Req], method: &str, path: &str) -> usize {
     reqs.iter().filter(|r| r.is(method, path)).count()
 }
@@ -428,11 +444,10 @@ fn sigterm_turns_out_of_service_at_once_and_deregisters_at_exit() {
     ]));
     let instance = "/eureka/apps/SWITCHBOARD/node-1";
     let status_oos = format!("{instance}/status?value=OUT_OF_SERVICE");
-    stub.wait("a registration", |r| {
-        count(r, "POST", "/eureka/apps/SWITCHBOARD") == 1
-    });
-    // A client that never answers the close keeps the drain going (its socket lingers).
-    let client = server.connect("/ws");
+    registered(&server, &stub, instance);
+    // Clients keep the drain going: they are closed in batches, one a tick (100 ms) here, over
+    // the first half of shutdown_timeout.
+    let clients: Vec<common::Client> = (0..20).map(|_| server.connect("/ws")).collect();
 
     let sigterm = Instant::now();
     server.signal_term();
@@ -451,13 +466,13 @@ fn sigterm_turns_out_of_service_at_once_and_deregisters_at_exit() {
 
     let status = server.wait_exit();
     assert!(status.success(), "exit status {status:?}");
-    drop(client);
+    drop(clients);
     let reqs = stub.requests();
     let deletes: Vec<&Req> = reqs.iter().filter(|r| r.is("DELETE", instance)).collect();
     assert_eq!(deletes.len(), 1, "one deregistration");
     assert_eq!(deletes[0].answered, Some(200));
     assert!(
-        deletes[0].at - oos.at >= Duration::from_millis(500),
+        deletes[0].at - oos.at >= Duration::from_millis(1500),
         "the status went out when the drain started, {:?} before the deregistration",
         deletes[0].at - oos.at
     );
@@ -522,9 +537,7 @@ fn a_hung_eureka_holds_the_exit_back_by_eureka_timeout_at_most() {
         ("SWITCHBOARD_EUREKA_URL", &url),
         ("SWITCHBOARD_EUREKA_INSTANCE_ID", "node-3"),
     ]));
-    stub.wait("a registration", |r| {
-        count(r, "POST", "/eureka/apps/SWITCHBOARD") == 1
-    });
+    registered(&server, &stub, "/eureka/apps/SWITCHBOARD/node-3");
     // Eureka stops answering (a hung server: connections accepted, nothing said).
     stub.hang();
     let sigterm = Instant::now();
