@@ -289,6 +289,41 @@ pub struct Config {
     /// The mapping of topics to notifications (`kafka_notifications`, [`crate::notifications`]).
     pub kafka_notifications: Vec<crate::notifications::Rule>,
 
+    // --- Eureka (service discovery, `bridge::eureka`) ---
+    /// Eureka servers' service URLs (`http://[user:password@]host:port/eureka/`), tried in
+    /// order, the next one after a failure; empty = not registered anywhere.
+    pub eureka_url: Vec<String>,
+    /// The application name registered (upper-cased, as Eureka keeps it); empty =
+    /// `service_name`.
+    pub eureka_app_name: String,
+    /// The instance id; empty = `<hostname>:<app name, lower case>:<port>`.
+    pub eureka_instance_id: String,
+    /// The host name registered (and in the health/status URLs); empty = the machine's.
+    pub eureka_hostname: String,
+    /// The IP address registered; empty = `host` when it is not a wildcard, else the local
+    /// address this node reaches Eureka from.
+    pub eureka_ip_address: String,
+    /// Register the IP address as the host name too (for networks where host names do not
+    /// resolve, such as pods).
+    pub eureka_prefer_ip_address: bool,
+    /// The port registered; 0 = `port`.
+    pub eureka_port: u32,
+    /// How often the lease is renewed (a heartbeat); whole seconds.
+    pub eureka_renewal_interval: Duration,
+    /// How long Eureka keeps the instance without a heartbeat; whole seconds.
+    pub eureka_lease_duration: Duration,
+    /// Longest one request to Eureka may take (connect, send, answer); also bounds the
+    /// deregistration at exit.
+    pub eureka_timeout: Duration,
+    /// Cap of the retry backoff while Eureka does not answer.
+    pub eureka_retry_max: Duration,
+    /// healthCheckUrl: a path on the registered address, or an absolute URL.
+    pub eureka_health_check_url: String,
+    /// statusPageUrl: a path on the registered address, or an absolute URL.
+    pub eureka_status_page_url: String,
+    /// homePageUrl: a path on the registered address, or an absolute URL.
+    pub eureka_home_page_url: String,
+
     // --- server HTTP API ---
     /// Key for the server HTTP API (`X-API-Key: <key>` or `Authorization: apikey <key>`);
     /// None = API off. Never logged or echoed in errors.
@@ -427,6 +462,20 @@ impl Default for Config {
             kafka_session_timeout: Duration::from_secs(10),
             kafka_commit_interval: Duration::from_secs(1),
             kafka_notifications: Vec::new(),
+            eureka_url: Vec::new(),
+            eureka_app_name: String::new(),
+            eureka_instance_id: String::new(),
+            eureka_hostname: String::new(),
+            eureka_ip_address: String::new(),
+            eureka_prefer_ip_address: false,
+            eureka_port: 0,
+            eureka_renewal_interval: Duration::from_secs(30),
+            eureka_lease_duration: Duration::from_secs(90),
+            eureka_timeout: Duration::from_secs(5),
+            eureka_retry_max: Duration::from_secs(30),
+            eureka_health_check_url: "/ready".into(),
+            eureka_status_page_url: "/health".into(),
+            eureka_home_page_url: "/".into(),
             max_dm_content_bytes: 16 * 1024,
             api_key: None,
             cors_origins: Vec::new(),
@@ -565,7 +614,10 @@ impl Raw {
 
     /// How the value is quoted in an error message. Secrets are never echoed.
     fn shown(&self, key: &str) -> String {
-        if matches!(key, "jwt_secret" | "api_key" | "database_url" | "redis_url") {
+        if matches!(
+            key,
+            "jwt_secret" | "api_key" | "database_url" | "redis_url" | "eureka_url"
+        ) {
             return "<redacted>".into();
         }
         match self {
@@ -1061,6 +1113,35 @@ config_keys! {
         "session.timeout.ms of the notification consumer: a node silent this long loses its partitions to the others (heartbeats every third of it), 3s to 5m.";
     kafka_commit_interval: Dur = "1s", "SWITCHBOARD_KAFKA_COMMIT_INTERVAL",
         "How often the notification consumer commits the offsets of records it has handed on (auto.commit.interval.ms; also on a rebalance and shutdown), 100ms to 1h. After a crash the records since are read again: user notifications are recognised by the store and not shown twice, room ones are sent again.";
+    // ---- Eureka (service discovery)
+    eureka_url: List = "", "SWITCHBOARD_EUREKA_URL",
+        "Eureka servers to register this node with: comma-separated service URLs (http://[user:password@]host:port/eureka/; no https in this build), tried in order, the next after a failure; empty = no registration. Prefer the env var when it holds a password (never logged).";
+    eureka_app_name: Text = "", "SWITCHBOARD_EUREKA_APP_NAME",
+        "Application name registered (upper-cased, as Eureka keeps it; its lower case is the vipAddress); empty = service_name. Letters, digits, '.', '_', '-'.";
+    eureka_instance_id: Text = "", "SWITCHBOARD_EUREKA_INSTANCE_ID",
+        "Instance id registered, unique per node; empty = HOSTNAME:app:PORT (eureka_hostname or the machine's host name, the app name in lower case, the registered port: Spring Cloud's default). Letters, digits, '.', '_', '-', ':'.";
+    eureka_hostname: Text = "", "SWITCHBOARD_EUREKA_HOSTNAME",
+        "Host name registered and used in the health, status and home page URLs; empty = this machine's host name (the IP address with eureka_prefer_ip_address).";
+    eureka_ip_address: Text = "", "SWITCHBOARD_EUREKA_IP_ADDRESS",
+        "IP address registered (ipAddr); empty = host when it is not 0.0.0.0 or ::, else the local address this node reaches Eureka from.";
+    eureka_prefer_ip_address: Flag = "false", "SWITCHBOARD_EUREKA_PREFER_IP_ADDRESS",
+        "Register the IP address as the host name too, and use it in the URLs (where host names do not resolve, as between pods).";
+    eureka_port: U32 = "0", "SWITCHBOARD_EUREKA_PORT",
+        "Port registered (behind a NAT or a port mapping); 0 = port.";
+    eureka_renewal_interval: Dur = "30s", "SWITCHBOARD_EUREKA_RENEWAL_INTERVAL",
+        "Heartbeat period (leaseInfo.renewalIntervalInSecs), whole seconds, 1s to 5m, below eureka_lease_duration.";
+    eureka_lease_duration: Dur = "90s", "SWITCHBOARD_EUREKA_LEASE_DURATION",
+        "How long Eureka keeps this instance without a heartbeat (leaseInfo.durationInSecs), whole seconds, up to 1h, above eureka_renewal_interval.";
+    eureka_timeout: Dur = "5s", "SWITCHBOARD_EUREKA_TIMEOUT",
+        "Longest one request to Eureka may take (connect, send, answer), 100ms to 60s; also the most the deregistration adds to a shutdown.";
+    eureka_retry_max: Dur = "30s", "SWITCHBOARD_EUREKA_RETRY_MAX",
+        "Cap of the retry backoff while Eureka does not answer (it starts at 50ms, doubles, jittered by up to a half), 100ms to 5m. Never delays the node's start.";
+    eureka_health_check_url: Text = "/ready", "SWITCHBOARD_EUREKA_HEALTH_CHECK_URL",
+        "healthCheckUrl registered: a path on this node's registered address (http://HOSTNAME:PORT/path), or an absolute http:// or https:// URL (a proxy in front of the node).";
+    eureka_status_page_url: Text = "/health", "SWITCHBOARD_EUREKA_STATUS_PAGE_URL",
+        "statusPageUrl registered: a path or an absolute URL, as eureka_health_check_url.";
+    eureka_home_page_url: Text = "/", "SWITCHBOARD_EUREKA_HOME_PAGE_URL",
+        "homePageUrl registered: a path or an absolute URL, as eureka_health_check_url.";
     api_key: OptText = "", "SWITCHBOARD_API_KEY",
         "Key for the server HTTP API (X-API-Key or Authorization: apikey <key>); empty = API off. Prefer the env var: flags show in ps. Never logged.";
     cors_origins: List = "", "SWITCHBOARD_CORS_ORIGINS",
@@ -1591,6 +1672,25 @@ fn read_config_file(path: &str) -> Result<String, ConfigError> {
     Ok(text)
 }
 
+/// `scheme://user:password@host/...` as `scheme://user:<redacted>@host/...` (a URL without
+/// credentials as it is), for the config dump.
+pub fn url_without_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_end].rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+            format!(
+                "{scheme}://{user}:<redacted>@{host}{}",
+                &rest[authority_end..]
+            )
+        }
+        None => url.to_owned(),
+    }
+}
+
 /// A loaded configuration and the warnings to log once logging is up (one line each).
 #[derive(Debug)]
 pub struct Loaded {
@@ -1611,6 +1711,15 @@ impl Loaded {
         let mut out = String::new();
         for k in KEYS {
             let value = match k.key {
+                // The URLs, without their passwords.
+                "eureka_url" => format!(
+                    "{:?}",
+                    self.config
+                        .eureka_url
+                        .iter()
+                        .map(|u| url_without_password(u))
+                        .collect::<Vec<_>>()
+                ),
                 "jwt_secret" | "api_key" | "database_url" | "redis_url" => {
                     match value_debug(&self.config, k.key).as_deref() {
                         Some("None") => "None".to_owned(),
@@ -2925,6 +3034,137 @@ impl Config {
             self.validate_jwt(&from)?;
         }
         self.validate_proxy(&from)?;
+        self.validate_eureka(&from)?;
+        Ok(())
+    }
+
+    /// Service discovery's keys (`crate::bridge::eureka`). The identity keys are checked
+    /// whether or not `eureka_url` is set; what is derived from other keys only when it is.
+    fn validate_eureka(&self, from: &dyn Fn(&str) -> String) -> Result<(), ConfigError> {
+        use crate::bridge::eureka;
+        let fail = |key: &str, why: String| Err(ConfigError::new(key, why));
+        let between = |key: &str, d: Duration, lo: Duration, hi: Duration| {
+            if d < lo || d > hi {
+                return fail(
+                    key,
+                    format!("must be between {lo:?} and {hi:?}, got {d:?}{}", from(key)),
+                );
+            }
+            Ok(())
+        };
+        let whole = |key: &str, d: Duration| {
+            if d.subsec_nanos() != 0 {
+                return fail(
+                    key,
+                    format!(
+                        "must be whole seconds (Eureka's lease is in seconds), got {d:?}{}",
+                        from(key)
+                    ),
+                );
+            }
+            Ok(())
+        };
+        for u in &self.eureka_url {
+            if let Err(e) = eureka::ServerUrl::parse(u) {
+                // The URL may hold a password: only its redacted form is quoted.
+                return fail(
+                    "eureka_url",
+                    format!("{}: {e}{}", url_without_password(u), from("eureka_url")),
+                );
+            }
+        }
+        let name_check = |key: &str, v: &str, what: &str, colon: bool| {
+            if let Err(e) = eureka::check_name(v, colon) {
+                return fail(key, format!("{what} {v:?} {e}{}", from(key)));
+            }
+            Ok(())
+        };
+        if !self.eureka_app_name.is_empty() {
+            name_check("eureka_app_name", &self.eureka_app_name, "app name", false)?;
+        } else if !self.eureka_url.is_empty() {
+            if let Err(e) = eureka::check_name(&self.service_name, false) {
+                return fail(
+                    "eureka_app_name",
+                    format!(
+                        "is empty, so service_name {:?} would be the app name, and it {e}{}; set eureka_app_name",
+                        self.service_name,
+                        from("service_name")
+                    ),
+                );
+            }
+        }
+        if !self.eureka_instance_id.is_empty() {
+            name_check(
+                "eureka_instance_id",
+                &self.eureka_instance_id,
+                "instance id",
+                true,
+            )?;
+        }
+        if !self.eureka_hostname.is_empty() {
+            name_check("eureka_hostname", &self.eureka_hostname, "host name", true)?;
+        }
+        if !self.eureka_ip_address.is_empty()
+            && self.eureka_ip_address.parse::<std::net::IpAddr>().is_err()
+        {
+            return fail(
+                "eureka_ip_address",
+                format!(
+                    "{:?} is not an IP address{}",
+                    self.eureka_ip_address,
+                    from("eureka_ip_address")
+                ),
+            );
+        }
+        if self.eureka_port > u32::from(u16::MAX) {
+            return fail(
+                "eureka_port",
+                format!(
+                    "must be 0 (= port) or 1-65535, got {}{}",
+                    self.eureka_port,
+                    from("eureka_port")
+                ),
+            );
+        }
+        let ms = Duration::from_millis;
+        let s = Duration::from_secs;
+        whole("eureka_renewal_interval", self.eureka_renewal_interval)?;
+        whole("eureka_lease_duration", self.eureka_lease_duration)?;
+        between(
+            "eureka_renewal_interval",
+            self.eureka_renewal_interval,
+            s(1),
+            s(300),
+        )?;
+        between(
+            "eureka_lease_duration",
+            self.eureka_lease_duration,
+            s(2),
+            s(3600),
+        )?;
+        if self.eureka_lease_duration <= self.eureka_renewal_interval {
+            return fail(
+                "eureka_lease_duration",
+                format!(
+                    "must be longer than eureka_renewal_interval ({:?}{}), or the lease lapses between two heartbeats; got {:?}{}",
+                    self.eureka_renewal_interval,
+                    from("eureka_renewal_interval"),
+                    self.eureka_lease_duration,
+                    from("eureka_lease_duration")
+                ),
+            );
+        }
+        between("eureka_timeout", self.eureka_timeout, ms(100), s(60))?;
+        between("eureka_retry_max", self.eureka_retry_max, ms(100), s(300))?;
+        for (key, v) in [
+            ("eureka_health_check_url", &self.eureka_health_check_url),
+            ("eureka_status_page_url", &self.eureka_status_page_url),
+            ("eureka_home_page_url", &self.eureka_home_page_url),
+        ] {
+            if let Err(e) = eureka::check_page_url(v) {
+                return fail(key, format!("{v:?}: {e}{}", from(key)));
+            }
+        }
         Ok(())
     }
 
@@ -5253,5 +5493,146 @@ mod proxy_key_tests {
         assert_eq!(cfg.rpc_routes[1].pattern, "create_order");
         let e = err(&[("SWITCHBOARD_RPC_ROUTES", "ping=http://a/")]);
         assert!(e.contains("native"), "{e}");
+    }
+}
+
+/// Service discovery's keys (`crate::bridge::eureka`), apart from the main tests.
+#[cfg(test)]
+mod eureka_key_tests {
+    use super::*;
+
+    fn load(env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let map: std::collections::HashMap<String, String> = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        Config::load(&[], &move |k| map.get(k).cloned())
+    }
+
+    fn err(env: &[(&str, &str)]) -> ConfigError {
+        load(env).expect_err("expected an error")
+    }
+
+    const URL: (&str, &str) = ("SWITCHBOARD_EUREKA_URL", "http://e1:8761/eureka/");
+
+    #[test]
+    fn off_by_default_and_a_list_of_urls() {
+        let cfg = load(&[]).unwrap();
+        assert!(cfg.eureka_url.is_empty());
+        assert_eq!(cfg.eureka_renewal_interval, Duration::from_secs(30));
+        assert_eq!(cfg.eureka_lease_duration, Duration::from_secs(90));
+        let cfg = load(&[(
+            "SWITCHBOARD_EUREKA_URL",
+            "http://e1:8761/eureka/, http://u:pw@e2:8761/eureka/",
+        )])
+        .unwrap();
+        assert_eq!(
+            cfg.eureka_url,
+            ["http://e1:8761/eureka/", "http://u:pw@e2:8761/eureka/"]
+        );
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        for (env, key, says) in [
+            (
+                ("SWITCHBOARD_EUREKA_URL", "https://e/eureka"),
+                "eureka_url",
+                "https",
+            ),
+            (
+                ("SWITCHBOARD_EUREKA_URL", "e:8761"),
+                "eureka_url",
+                "http://",
+            ),
+            (
+                ("SWITCHBOARD_EUREKA_APP_NAME", "chat gateway"),
+                "eureka_app_name",
+                "letters",
+            ),
+            (
+                ("SWITCHBOARD_EUREKA_INSTANCE_ID", "a/b"),
+                "eureka_instance_id",
+                "letters",
+            ),
+            (
+                ("SWITCHBOARD_EUREKA_IP_ADDRESS", "node-a"),
+                "eureka_ip_address",
+                "IP address",
+            ),
+            (("SWITCHBOARD_EUREKA_PORT", "70000"), "eureka_port", "65535"),
+            (
+                ("SWITCHBOARD_EUREKA_RENEWAL_INTERVAL", "1500ms"),
+                "eureka_renewal_interval",
+                "whole seconds",
+            ),
+            (
+                ("SWITCHBOARD_EUREKA_RENEWAL_INTERVAL", "10m"),
+                "eureka_renewal_interval",
+                "between",
+            ),
+            (
+                ("SWITCHBOARD_EUREKA_LEASE_DURATION", "30s"),
+                "eureka_lease_duration",
+                "longer than eureka_renewal_interval",
+            ),
+            (
+                ("SWITCHBOARD_EUREKA_TIMEOUT", "10ms"),
+                "eureka_timeout",
+                "between",
+            ),
+            (
+                ("SWITCHBOARD_EUREKA_RETRY_MAX", "1h"),
+                "eureka_retry_max",
+                "between",
+            ),
+            (
+                ("SWITCHBOARD_EUREKA_HEALTH_CHECK_URL", "ready"),
+                "eureka_health_check_url",
+                "path",
+            ),
+        ] {
+            let e = err(&[URL, env]);
+            assert_eq!(e.key, key, "{e}");
+            assert!(e.message.contains(says), "{e}");
+        }
+    }
+
+    #[test]
+    fn service_name_stands_in_for_the_app_name_only_when_it_can() {
+        let e = err(&[URL, ("SWITCHBOARD_SERVICE_NAME", "my service")]);
+        assert_eq!(e.key, "eureka_app_name", "{e}");
+        assert!(e.message.contains("service_name"), "{e}");
+        // Without Eureka, service_name is only /health's field.
+        assert!(load(&[("SWITCHBOARD_SERVICE_NAME", "my service")]).is_ok());
+        assert!(load(&[
+            URL,
+            ("SWITCHBOARD_SERVICE_NAME", "my service"),
+            ("SWITCHBOARD_EUREKA_APP_NAME", "my-service"),
+        ])
+        .is_ok());
+    }
+
+    #[test]
+    fn passwords_in_urls_are_never_shown() {
+        let e = err(&[("SWITCHBOARD_EUREKA_URL", "http://u:hunter2@e/eureka?x")]);
+        assert!(!e.to_string().contains("hunter2"), "{e}");
+        let loaded = Config::load_with_warnings(
+            &[],
+            &|k| (k == "SWITCHBOARD_EUREKA_URL").then(|| "http://u:hunter2@e:8761/eureka/".into()),
+            &[],
+        )
+        .unwrap();
+        let dump = loaded.dump();
+        assert!(!dump.contains("hunter2"), "{dump}");
+        assert!(
+            dump.contains(r#"eureka_url = ["http://u:<redacted>@e:8761/eureka/"]"#),
+            "{dump}"
+        );
+        assert_eq!(
+            url_without_password("http://e:1/x@y"),
+            "http://e:1/x@y",
+            "an @ in the path is not a password"
+        );
     }
 }

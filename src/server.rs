@@ -179,6 +179,7 @@ impl Server {
             store_stats: Default::default(),
             kafka_stats: Default::default(),
             proxy_stats: Default::default(),
+            eureka_stats: Default::default(),
             max_connections,
             epoch: Instant::now(),
             message_rate: crate::metrics::MessageRate::new(Instant::now()),
@@ -243,6 +244,9 @@ impl Server {
     pub fn shutdown(mut self) -> bool {
         let started = Instant::now();
         self.node.draining.store(true, Ordering::SeqCst);
+        // Service discovery hears of it at once (the instance turns OUT_OF_SERVICE while
+        // the clients are closed), not after the drain.
+        self.bridge.draining();
         let deadline = started + self.node.cfg.shutdown_timeout;
         for i in 0..self.node.inboxes.len() {
             // Drain must get through: retry while an inbox is full, but not past the drain

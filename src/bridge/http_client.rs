@@ -1,6 +1,6 @@
 //! A small outbound HTTP/1.1 client on the bridge's runtime: JSON POSTs to the auth service
-//! and the custom-type backends (`bridge::proxy`), reusable for the service registry and
-//! tracing exporters to come.
+//! and the custom-type backends (`bridge::proxy`), and the POST/PUT/DELETE requests of the
+//! service registry (`bridge::eureka`); reusable for the tracing exporters to come.
 //!
 //! Hand-written over tokio's `TcpStream` and `httparse` (both already in the tree) rather than
 //! hyper/reqwest, which are not in Cargo.lock: a POST with a JSON body and a bounded response
@@ -8,7 +8,7 @@
 //! the tree (rustls would bring ring or aws-lc); put the backend on a private network or behind
 //! a TLS-terminating sidecar. [`Url::parse`] refuses `https://` and says so.
 //!
-//! Owns: URL parsing, request encoding and response decoding (sans-IO: [`encode_post`],
+//! Owns: URL parsing, request encoding and response decoding (sans-IO: [`encode_request`],
 //! [`parse_response`]), and a per-host pool of idle keep-alive connections. Every option is
 //! explicit in [`Options`]; the whole exchange (pool pick or connect, write, read) runs under
 //! the caller's one deadline. Single-threaded (`RefCell`): it lives on the bridge's `LocalSet`.
@@ -160,16 +160,51 @@ pub enum HttpError {
 
 /// The request bytes of a JSON POST (HTTP/1.1, keep-alive, explicit `Content-Length`).
 pub fn encode_post(url: &Url, user_agent: &str, headers: &[(&str, &str)], body: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(256 + body.len());
-    out.extend_from_slice(b"POST ");
+    encode_request(Method::Post, url, user_agent, headers, Some(body))
+}
+
+/// The request methods the callers need.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Method {
+    Get,
+    Post,
+    Put,
+    Delete,
+}
+
+impl Method {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Method::Get => "GET",
+            Method::Post => "POST",
+            Method::Put => "PUT",
+            Method::Delete => "DELETE",
+        }
+    }
+}
+
+/// The request bytes of one request (HTTP/1.1, keep-alive). `body` Some: a JSON body with
+/// its `Content-Type` and `Content-Length`; None: no body (`Content-Length: 0` for POST and
+/// PUT, which servers may otherwise refuse with 411).
+pub fn encode_request(
+    method: Method,
+    url: &Url,
+    user_agent: &str,
+    headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256 + body.map_or(0, <[u8]>::len));
+    out.extend_from_slice(method.as_str().as_bytes());
+    out.push(b' ');
     out.extend_from_slice(url.path.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\nHost: ");
     out.extend_from_slice(url.authority().as_bytes());
     out.extend_from_slice(b"\r\nUser-Agent: ");
     out.extend_from_slice(user_agent.as_bytes());
-    out.extend_from_slice(
-        b"\r\nContent-Type: application/json\r\nAccept: application/json\r\nConnection: keep-alive\r\n",
-    );
+    if body.is_some() {
+        out.extend_from_slice(b"\r\nContent-Type: application/json");
+    }
+    out.extend_from_slice(b"\r\nAccept: application/json\r\nConnection: keep-alive\r\n");
     for (k, v) in headers {
         debug_assert!(!k.contains(['\r', '\n']) && !v.contains(['\r', '\n']));
         out.extend_from_slice(k.as_bytes());
@@ -177,10 +212,18 @@ pub fn encode_post(url: &Url, user_agent: &str, headers: &[(&str, &str)], body: 
         out.extend_from_slice(v.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
-    out.extend_from_slice(b"Content-Length: ");
-    out.extend_from_slice(body.len().to_string().as_bytes());
-    out.extend_from_slice(b"\r\n\r\n");
-    out.extend_from_slice(body);
+    match body {
+        Some(body) => {
+            out.extend_from_slice(b"Content-Length: ");
+            out.extend_from_slice(body.len().to_string().as_bytes());
+            out.extend_from_slice(b"\r\n\r\n");
+            out.extend_from_slice(body);
+        }
+        None if matches!(method, Method::Post | Method::Put) => {
+            out.extend_from_slice(b"Content-Length: 0\r\n\r\n")
+        }
+        None => out.extend_from_slice(b"\r\n"),
+    }
     out
 }
 
@@ -375,7 +418,23 @@ impl Client {
         timeout: Duration,
         body_max: usize,
     ) -> Result<Response, HttpError> {
-        let request = encode_post(url, self.opts.user_agent, headers, body);
+        self.request(Method::Post, url, headers, Some(body), timeout, body_max)
+            .await
+    }
+
+    /// One request of any [`Method`] (a JSON body or none), as [`Client::post_json`]: the
+    /// whole response within `timeout`, a pooled connection found closed retried once. Only
+    /// for requests that may be repeated (idempotent, or harmless twice, as Eureka's are).
+    pub async fn request(
+        &self,
+        method: Method,
+        url: &Url,
+        headers: &[(&str, &str)],
+        body: Option<&[u8]>,
+        timeout: Duration,
+        body_max: usize,
+    ) -> Result<Response, HttpError> {
+        let request = encode_request(method, url, self.opts.user_agent, headers, body);
         let key = url.authority();
         let deadline = Instant::now() + timeout;
         let exchange = async {
@@ -561,6 +620,27 @@ mod tests {
         assert_eq!(
             std::str::from_utf8(&r).unwrap(),
             "POST /p HTTP/1.1\r\nHost: h:81\r\nUser-Agent: sb\r\nContent-Type: application/json\r\nAccept: application/json\r\nConnection: keep-alive\r\nX-A: 1\r\nContent-Length: 2\r\n\r\n{}"
+        );
+    }
+
+    #[test]
+    fn bodiless_request_bytes() {
+        let u = Url::parse("http://h/eureka/apps/A/i?value=UP").unwrap();
+        let put = encode_request(Method::Put, &u, "sb", &[], None);
+        assert_eq!(
+            std::str::from_utf8(&put).unwrap(),
+            "PUT /eureka/apps/A/i?value=UP HTTP/1.1\r\nHost: h\r\nUser-Agent: sb\r\nAccept: application/json\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n"
+        );
+        let del = encode_request(
+            Method::Delete,
+            &u,
+            "sb",
+            &[("Authorization", "Basic x")],
+            None,
+        );
+        assert_eq!(
+            std::str::from_utf8(&del).unwrap(),
+            "DELETE /eureka/apps/A/i?value=UP HTTP/1.1\r\nHost: h\r\nUser-Agent: sb\r\nAccept: application/json\r\nConnection: keep-alive\r\nAuthorization: Basic x\r\n\r\n"
         );
     }
 

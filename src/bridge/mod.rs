@@ -9,10 +9,14 @@
 //! node's connections go to the shards [`recipient_shards`] names (the plan the shards use),
 //! held back in order for a shard whose inbox is full (`store::deliver`).
 //!
+//! With `eureka_url` set it also runs the node's registration with Eureka ([`eureka`]), told
+//! of the drain and the exit through [`BridgeHandle::draining`] and [`BridgeHandle::shutdown`].
+//!
 //! With no Redis configured, `clustered` is false: shards send it only store jobs (direct
 //! messages, `sync`, receipts, the REST API), never room traffic, and nothing of [`redis`]
 //! exists.
 
+pub mod eureka;
 pub mod http_client;
 pub mod kafka;
 pub mod notify;
@@ -122,6 +126,8 @@ pub fn inbox() -> (BridgeTx, mpsc::Receiver<BridgeMsg>) {
 pub struct BridgeHandle {
     tx: BridgeTx,
     thread: Option<JoinHandle<()>>,
+    /// Where the node is, for the Eureka registration (a watch: the task sees the latest).
+    phase: tokio::sync::watch::Sender<eureka::Phase>,
 }
 
 /// What the bridge thread needs of the node.
@@ -136,6 +142,7 @@ impl BridgeHandle {
     /// there while the node serves (readiness says so).
     pub fn start(node: Arc<Node>, rx: mpsc::Receiver<BridgeMsg>) -> std::io::Result<Self> {
         let tx = node.bridge_tx.clone();
+        let (phase, phase_rx) = tokio::sync::watch::channel(eureka::Phase::Serving);
         let thread = std::thread::Builder::new()
             .name("switchboard-bridge".into())
             .spawn(move || {
@@ -152,16 +159,41 @@ impl BridgeHandle {
                     }
                 };
                 let local = tokio::task::LocalSet::new();
-                local.block_on(&rt, store::run(node, rx));
+                local.block_on(&rt, async move {
+                    // Only when configured: with eureka_url empty nothing of it exists.
+                    let registration = (!node.cfg.eureka_url.is_empty())
+                        .then(|| tokio::task::spawn_local(eureka::run(node.clone(), phase_rx)));
+                    let eureka_timeout = node.cfg.eureka_timeout;
+                    store::run(node, rx).await;
+                    // It deregisters while the store finishes (told at `shutdown`); wait
+                    // for it, bounded by its own timeout.
+                    if let Some(task) = registration {
+                        eureka::finish(task, eureka_timeout).await;
+                    }
+                });
             })?;
         Ok(BridgeHandle {
             tx,
             thread: Some(thread),
+            phase,
         })
     }
 
-    /// Stop the thread and wait for it: the store finishes the jobs it already holds.
+    /// A drain has started: the Eureka registration (if any) turns `OUT_OF_SERVICE` now.
+    pub fn draining(&self) {
+        self.phase.send_if_modified(|p| {
+            let was = *p;
+            if was == eureka::Phase::Serving {
+                *p = eureka::Phase::Draining;
+            }
+            was == eureka::Phase::Serving
+        });
+    }
+
+    /// Stop the thread and wait for it: the store finishes the jobs it already holds, and the
+    /// Eureka registration (if any) deregisters, within `eureka_timeout`.
     pub fn shutdown(&mut self) {
+        self.phase.send_replace(eureka::Phase::Exiting);
         // Blocking: the bridge drains its inbox, so a full one frees a slot (an ended bridge
         // thread makes this return at once).
         let _ = self.tx.blocking_send(BridgeMsg::Shutdown);

@@ -588,6 +588,9 @@ fn endpoint(node: &Node, r: Route) -> (Status, &'static str, Vec<u8>) {
             if cfg.auth_mode == AuthMode::Service || !cfg.rpc_routes.is_empty() {
                 crate::bridge::proxy::render(&node.proxy_stats, &mut text);
             }
+            if !cfg.eureka_url.is_empty() {
+                crate::bridge::eureka::render(&node.eureka_stats, &mut text);
+            }
             (Status::OK, "text/plain; version=0.0.4", text.into_bytes())
         }
     }

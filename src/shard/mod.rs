@@ -168,6 +168,9 @@ pub struct Node {
     pub kafka_stats: crate::bridge::kafka::KafkaStats,
     /// The auth service's and custom-type backends' counters, kept by the bridge.
     pub proxy_stats: crate::bridge::proxy::ProxyStats,
+    /// The Eureka registration's state and counters, kept by the bridge (never part of
+    /// readiness: Eureka is not needed to serve).
+    pub eureka_stats: crate::bridge::eureka::EurekaStats,
     pub max_connections: u64,
     pub epoch: Instant,
     /// Behind the compatibility metric `websocket_messages_per_second` (scrapes only).
