@@ -7,7 +7,9 @@
 //!   were full;
 //! - `shard_panic_after:S:MS`: shard S panics MS milliseconds after it starts;
 //! - `panic_on_command:TYPE`: handling a client command of type TYPE panics (inside the
-//!   command: the connection is closed with 1011, the shard goes on).
+//!   command: the connection is closed with 1011, the shard goes on);
+//! - `refuse_bridge_presence:N`: the first N presence changes a shard hands the bridge fail as
+//!   if the bridge's inbox were full.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -19,6 +21,7 @@ pub struct Faults {
     pub refuse_deliveries: Option<(usize, AtomicU32)>,
     pub shard_panic_after: Option<(usize, u64)>,
     pub panic_on_command: Option<String>,
+    pub refuse_bridge_presence: Option<AtomicU32>,
 }
 
 impl Faults {
@@ -44,6 +47,11 @@ impl Faults {
                     }
                 }
                 ["panic_on_command", t] => f.panic_on_command = Some((*t).to_owned()),
+                ["refuse_bridge_presence", n] => {
+                    if let Ok(n) = n.parse() {
+                        f.refuse_bridge_presence = Some(AtomicU32::new(n));
+                    }
+                }
                 _ => eprintln!("{ENV}: ignoring unknown fault {entry:?}"),
             }
         }
@@ -60,8 +68,17 @@ impl Faults {
         }
     }
 
+    /// Whether a presence change for the bridge must fail now (and count it).
+    pub fn refuse_bridge_presence(&self) -> bool {
+        self.refuse_bridge_presence.as_ref().is_some_and(|left| {
+            left.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+                .is_ok()
+        })
+    }
+
     pub fn is_active(&self) -> bool {
-        self.refuse_deliveries.is_some()
+        self.refuse_bridge_presence.is_some()
+            || self.refuse_deliveries.is_some()
             || self.shard_panic_after.is_some()
             || self.panic_on_command.is_some()
     }
@@ -83,5 +100,9 @@ mod tests {
         assert!(f.refuse_delivery(1));
         assert!(!f.refuse_delivery(1));
         assert!(!Faults::parse("").is_active());
+        let f = Faults::parse("refuse_bridge_presence:1");
+        assert!(f.is_active());
+        assert!(f.refuse_bridge_presence());
+        assert!(!f.refuse_bridge_presence());
     }
 }

@@ -650,3 +650,44 @@ fn a_room_join_while_redis_is_frozen_is_told_here_at_once_and_elsewhere_once() {
         "wa, wb and mo"
     );
 }
+
+#[test]
+fn an_online_the_bridge_never_got_reaches_the_other_nodes_within_a_heartbeat() {
+    // A's first two presence changes for the bridge (its watcher's online, then lu's) are
+    // refused as if its inbox were full: A's own watchers hear them at once from the shard, and A's bridge, told of the loss, reads
+    // the users it holds from the directory and resyncs, telling the other nodes (once).
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let a = TestServer::start(&[
+        ("SWITCHBOARD_REDIS_URL", url.as_str()),
+        ("SWITCHBOARD_PRESENCE_OFFLINE_GRACE", GRACE),
+        ("SWITCHBOARD_REDIS_CANARY_INTERVAL", "200ms"),
+        ("SWITCHBOARD_TEST_FAULT", "refuse_bridge_presence:2"),
+    ]);
+    a.wait_ready();
+    let b = node(&redis);
+    let mut wa = watcher(&a, &redis, "lu");
+    let mut wb = b.connect("/ws?user_id=watcher-b");
+    wb.send_json(json!({"type": "presence.watch", "id": "w", "user_ids": ["lu"]}));
+    assert_eq!(wb.expect_type("presence.state")["id"], "w");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while redis.numsub("sb:{topic:presence:lu}") < 2 {
+        assert!(Instant::now() < deadline, "B never held lu's watch channel");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let lu = a.connect("/ws?user_id=lu");
+    // A hears it from its shard at once; B within a heartbeat (2 s) and a resync.
+    event(&mut wa, "presence.online", "lu", Duration::from_secs(1));
+    let e = event(&mut wb, "presence.online", "lu", Duration::from_secs(5));
+    assert_eq!(e["data"]["status"], "online", "{e}");
+    assert_eq!(redis.int(&["SCARD", "sb:{topic:presence:lu}:nodes"]), 1);
+    // Once each: A's watchers are not told again by the resync.
+    wa.expect_silence(1_000);
+    wb.expect_silence(1);
+    // The offline takes the normal path.
+    lu.close_and_wait();
+    event(&mut wa, "presence.offline", "lu", Duration::from_secs(4));
+    event(&mut wb, "presence.offline", "lu", Duration::from_secs(4));
+    wa.expect_silence(500);
+    wb.expect_silence(1);
+}

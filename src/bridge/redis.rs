@@ -292,6 +292,10 @@ pub struct RedisStats {
     /// Set by a shard that could not report a first/last transition to the bridge (its
     /// inbox full): the bridge re-reads the directory for the channels it must hold.
     pub transitions_lost: AtomicBool,
+    /// Set by a shard whose presence change could not reach the bridge (its inbox full; the
+    /// shard told its own watchers): the bridge re-reads the directory for the users this
+    /// node holds and resyncs, telling the other nodes what they missed.
+    pub presence_lost: AtomicBool,
     /// Service messages from other nodes dropped because a shard's inbox was full.
     pub handoff_dropped: AtomicU64,
     /// Bridge tasks that panicked and were started again (a bug: reported, never silent).
@@ -481,6 +485,10 @@ pub struct Redis {
     /// The cluster reaped this node while it was alive: the next complete resync tells the
     /// users it makes online again.
     announce_owed: Cell<bool>,
+    /// A presence change never reached the bridge (the shard told this node's watchers
+    /// itself): the next complete resync tells the other nodes, through the scripts, what
+    /// that makes online or offline cluster-wide, and not this node's watchers again.
+    announce_elsewhere_owed: Cell<bool>,
     /// When the command connection was last made: no node is reaped until this node has
     /// been connected for [`NODE_DEAD_AFTER`] (the others renew their keys meanwhile).
     cmd_since: Cell<Option<Instant>>,
@@ -545,6 +553,7 @@ impl Redis {
             held_rooms: RefCell::new(Default::default()),
             resync_owed: Cell::new(false),
             announce_owed: Cell::new(false),
+            announce_elsewhere_owed: Cell::new(false),
             cmd_since: Cell::new(None),
             lost_gen: Cell::new(u64::MAX),
             stopping: Cell::new(false),
@@ -1183,6 +1192,16 @@ impl Redis {
                 self.resync_owed.set(true);
                 self.announce_owed.set(true);
             }
+            if self
+                .node
+                .redis_stats
+                .presence_lost
+                .swap(false, Ordering::Relaxed)
+            {
+                self.held_from_directory();
+                self.resync_owed.set(true);
+                self.announce_elsewhere_owed.set(true);
+            }
             if state != 2 && self.resync_owed.get() {
                 self.resync(&mut conn, &me).await;
             }
@@ -1213,6 +1232,26 @@ impl Redis {
         s.cluster_connections.store(conns, Ordering::Relaxed);
         s.cluster_max_connections.store(max, Ordering::Relaxed);
         s.cluster_as_of_ms.store(now_ms, Ordering::Relaxed);
+    }
+
+    /// Take the users this node holds present from the directory itself (a device here, or
+    /// a record in its offline grace: `state::held_here`), after a shard's change could not
+    /// reach the bridge and [`Redis::held`] may have missed it. Changes still queued were
+    /// applied to `held` when queued and are in the directory already.
+    fn held_from_directory(&self) {
+        let dir = &self.node.dir;
+        let mut held = std::collections::HashSet::new();
+        dir.users.for_each_name(|u| {
+            if dir.users.count(u) > 0 {
+                held.insert(u.clone());
+            }
+        });
+        dir.presence.for_each(|u, rec| {
+            if state::held_here(Some(rec), dir.users.count(u)) {
+                held.insert(u.clone());
+            }
+        });
+        *self.held.borrow_mut() = held;
     }
 
     /// The users (and room pairs) with a change still waiting in the presence queue (that
@@ -1247,7 +1286,10 @@ impl Redis {
         let node_users = self.ch.node_users(self.node.id);
         let timeout = self.node.cfg.redis_timeout;
         let stats = &self.node.redis_stats;
-        let tell = self.announce_owed.get();
+        // After a reap every node's watchers, this node's too, heard this node's users go;
+        // after a lost change this node's watchers heard it already.
+        let tell = self.announce_owed.get() || self.announce_elsewhere_owed.get();
+        let here = !self.announce_elsewhere_owed.get() || self.announce_owed.get();
         let record_ttl = PRESENCE_RECORD_TTL.as_millis() as u64;
         let mut cursor: u64 = 0;
         loop {
@@ -1304,7 +1346,9 @@ impl Redis {
                 for ((g, f), v) in ghosts.iter().zip(frames).zip(verdicts) {
                     if v == 1 {
                         stats.presence_told.fetch_add(1, Ordering::Relaxed);
-                        self.deliver_local(presence_topic(g), &f);
+                        if here {
+                            self.deliver_local(presence_topic(g), &f);
+                        }
                     }
                 }
                 stats
@@ -1356,7 +1400,9 @@ impl Redis {
             for ((u, frame), v) in chunk.iter().zip(frames).zip(verdicts) {
                 if let (Some(f), 1) = (frame, v) {
                     stats.presence_told.fetch_add(1, Ordering::Relaxed);
-                    self.deliver_local(presence_topic(u), &f);
+                    if here {
+                        self.deliver_local(presence_topic(u), &f);
+                    }
                 }
             }
             stats
@@ -1368,6 +1414,7 @@ impl Redis {
         }
         self.resync_owed.set(false);
         self.announce_owed.set(false);
+        self.announce_elsewhere_owed.set(false);
         if !users.is_empty() {
             tracing::info!(
                 users = users.len(),

@@ -671,15 +671,23 @@ fn apply(sh: &mut Shard, out: state::Out) {
             frame: frame.clone(),
             record: state::encode_remote(&v).into(),
         };
-        if sh.node.bridge_tx.try_send(msg).is_ok() {
+        if !sh.node.faults.refuse_bridge_presence() && sh.node.bridge_tx.try_send(msg).is_ok() {
             return finish(sh, out.timer);
         }
-        // The bridge is full: this node's judgement, told here as it is.
+        // The bridge is full: this node's judgement, told here as it is; the bridge re-reads
+        // the directory for the users this node holds and tells the other nodes what they
+        // missed (`Redis::held_from_directory`).
         sh.out.stats.bridge_dropped += 1;
+        sh.node
+            .redis_stats
+            .presence_lost
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
     if let Some(f) = frame {
         let topic = Arc::from(topic(&user));
-        sh.deliver(
+        // This node's watchers only: clustered, the other nodes hear it from the bridge's
+        // resync, as Redis judges it (once).
+        sh.deliver_node(
             &Target::Topic {
                 topic,
                 except: None,
