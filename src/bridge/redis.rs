@@ -987,13 +987,7 @@ impl Redis {
                     let mut pipe = redis::pipe();
                     for op in &batch {
                         let target = op.target();
-                        let (channel, envelope) = match &op.frame {
-                            Some(f) => (
-                                self.ch.of(&target, self.node.id).unwrap_or_default(),
-                                cluster::encode(self.node.id, &target, f),
-                            ),
-                            None => (Arc::from(""), Vec::new()),
-                        };
+                        let (channel, envelope) = self.script_publish(&target, op.frame.as_ref());
                         if let (Some((room, _)), Some(join)) = (&op.room, op.online) {
                             pipe.cmd("EVAL")
                                 .arg(ROOM_LUA)
@@ -1370,13 +1364,7 @@ impl Redis {
             for u in &chunk {
                 let frame = if tell { self.online_frame(u) } else { None };
                 let target = presence_topic(u);
-                let (channel, envelope) = match &frame {
-                    Some(f) => (
-                        self.ch.of(&target, self.node.id).unwrap_or_default(),
-                        cluster::encode(self.node.id, &target, f),
-                    ),
-                    None => (Arc::from(""), Vec::new()),
-                };
+                let (channel, envelope) = self.script_publish(&target, frame.as_ref());
                 pipe.cmd("EVAL")
                     .arg(PRESENCE_LUA)
                     .arg(2)
@@ -1461,44 +1449,10 @@ impl Redis {
                     .collect()
             };
             if !ghosts.is_empty() {
-                let mut pipe = redis::pipe();
-                let mut frames = Vec::with_capacity(ghosts.len());
-                for (room, user) in &ghosts {
-                    let (target, frame) = self.room_leave(room, user);
-                    let (channel, envelope) = match &frame {
-                        Some(f) => (
-                            self.ch.of(&target, self.node.id).unwrap_or_default(),
-                            cluster::encode(self.node.id, &target, f),
-                        ),
-                        None => (Arc::from(""), Vec::new()),
-                    };
-                    pipe.cmd("EVAL")
-                        .arg(ROOM_LUA)
-                        .arg(1)
-                        .arg(self.ch.room_present(room))
-                        .arg(me)
-                        .arg("0")
-                        .arg(*user)
-                        .arg(&*channel)
-                        .arg(envelope)
-                        .arg(self.publish_command());
-                    pipe.cmd("SREM")
-                        .arg(&node_rooms)
-                        .arg(state::encode_room_member(room, user))
-                        .ignore();
-                    frames.push((target, frame));
-                }
-                let verdicts: Vec<Value> =
-                    match tokio::time::timeout(timeout, pipe.query_async(conn)).await {
-                        Ok(Ok(v)) => v,
-                        _ => return false,
-                    };
-                for ((target, frame), v) in frames.into_iter().zip(verdicts) {
-                    if let (Some(f), Value::Int(1)) = (frame, v) {
-                        stats.presence_told.fetch_add(1, Ordering::Relaxed);
-                        self.deliver_local(target, &f);
-                    }
-                }
+                match self.leave_rooms(conn, me, &ghosts, Some(&node_rooms)).await {
+                    Ok(told) => stats.presence_told.fetch_add(told, Ordering::Relaxed),
+                    Err(_) => return false,
+                };
                 stats
                     .presence_resynced
                     .fetch_add(ghosts.len() as u64, Ordering::Relaxed);
@@ -1792,45 +1746,75 @@ impl Redis {
                 .filter_map(|m| state::decode_room_member(m))
                 .collect();
             if !pairs.is_empty() {
-                let mut pipe = redis::pipe();
-                let mut frames = Vec::with_capacity(pairs.len());
-                for (room, user) in &pairs {
-                    let (target, frame) = self.room_leave(room, user);
-                    let (channel, envelope) = match &frame {
-                        Some(f) => (
-                            self.ch.of(&target, self.node.id).unwrap_or_default(),
-                            cluster::encode(self.node.id, &target, f),
-                        ),
-                        None => (Arc::from(""), Vec::new()),
-                    };
-                    pipe.cmd("EVAL")
-                        .arg(ROOM_LUA)
-                        .arg(1)
-                        .arg(self.ch.room_present(room))
-                        .arg(id)
-                        .arg("0")
-                        .arg(*user)
-                        .arg(&*channel)
-                        .arg(envelope)
-                        .arg(self.publish_command());
-                    frames.push((target, frame));
-                }
-                let verdicts: Vec<Value> =
-                    match tokio::time::timeout(timeout, pipe.query_async(conn)).await {
-                        Ok(r) => r?,
-                        Err(_) => return Err(timed_out()),
-                    };
-                for ((target, frame), v) in frames.into_iter().zip(verdicts) {
-                    if let (Some(f), Value::Int(1)) = (frame, v) {
-                        self.deliver_local(target, &f);
-                    }
-                }
+                self.leave_rooms(conn, id, &pairs, None).await?;
             }
             cursor = next;
             if cursor == 0 {
                 return Ok(());
             }
         }
+    }
+
+    /// The channel and envelope a presence script publishes `frame` with (none: nothing).
+    fn script_publish(&self, target: &Target, frame: Option<&Frame>) -> (Arc<str>, Vec<u8>) {
+        match frame {
+            Some(f) => (
+                self.ch.of(target, self.node.id).unwrap_or_default(),
+                cluster::encode(self.node.id, target, f),
+            ),
+            None => (Arc::from(""), Vec::new()),
+        }
+    }
+
+    /// Node `id` (hex) leaves each (room, user) of `pairs` in Redis (the room script: a
+    /// pair that was the cluster's last publishes its `presence.leave` from inside, and this
+    /// node's members hear it once the verdict is back); `unset`: the node's rooms set to take
+    /// the pairs out of as well. One pipeline within `redis_timeout`; the number of leaves
+    /// told.
+    async fn leave_rooms(
+        &self,
+        conn: &mut CmdConn,
+        id: &str,
+        pairs: &[(&str, &str)],
+        unset: Option<&str>,
+    ) -> redis::RedisResult<u64> {
+        let mut pipe = redis::pipe();
+        let mut frames = Vec::with_capacity(pairs.len());
+        for (room, user) in pairs {
+            let (target, frame) = self.room_leave(room, user);
+            let (channel, envelope) = self.script_publish(&target, frame.as_ref());
+            pipe.cmd("EVAL")
+                .arg(ROOM_LUA)
+                .arg(1)
+                .arg(self.ch.room_present(room))
+                .arg(id)
+                .arg("0")
+                .arg(*user)
+                .arg(&*channel)
+                .arg(envelope)
+                .arg(self.publish_command());
+            if let Some(key) = unset {
+                pipe.cmd("SREM")
+                    .arg(key)
+                    .arg(state::encode_room_member(room, user))
+                    .ignore();
+            }
+            frames.push((target, frame));
+        }
+        let timeout = self.node.cfg.redis_timeout;
+        let verdicts: Vec<Value> = match tokio::time::timeout(timeout, pipe.query_async(conn)).await
+        {
+            Ok(r) => r?,
+            Err(_) => return Err(timed_out()),
+        };
+        let mut told = 0;
+        for ((target, frame), v) in frames.into_iter().zip(verdicts) {
+            if let (Some(f), Value::Int(1)) = (frame, v) {
+                told += 1;
+                self.deliver_local(target, &f);
+            }
+        }
+        Ok(told)
     }
 
     /// Where a leave of `user` from `room` this node did not see goes, and its
