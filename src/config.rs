@@ -328,6 +328,9 @@ pub struct Config {
     /// Key for the server HTTP API (`X-API-Key: <key>` or `Authorization: apikey <key>`);
     /// None = API off. Never logged or echoed in errors.
     pub api_key: Option<String>,
+    /// Serve the admin page at `/admin` (it reads `/api/stats` and `/api/admin/activity`
+    /// with the API key the operator types in); needs `api_key`.
+    pub admin_page: bool,
     /// Origins allowed to call the HTTP API from a browser (CORS, preflight OPTIONS); `*` = any;
     /// empty = no CORS headers.
     pub cors_origins: Vec<String>,
@@ -478,6 +481,7 @@ impl Default for Config {
             eureka_home_page_url: "/".into(),
             max_dm_content_bytes: 16 * 1024,
             api_key: None,
+            admin_page: false,
             cors_origins: Vec::new(),
             shutdown_timeout: Duration::from_secs(30),
             log_format: LogFormat::Text,
@@ -1144,6 +1148,8 @@ config_keys! {
         "homePageUrl registered: a path or an absolute URL, as eureka_health_check_url.";
     api_key: OptText = "", "SWITCHBOARD_API_KEY",
         "Key for the server HTTP API (X-API-Key or Authorization: apikey <key>); empty = API off. Prefer the env var: flags show in ps. Never logged.";
+    admin_page: Flag = "false", "SWITCHBOARD_ADMIN_PAGE",
+        "Serve the admin page at /admin: nodes, connections, rooms, the busiest rooms, deliveries per second and latency as live charts, errors by reason. The page asks for api_key (required with it) and sends it on its own requests; the page itself holds no data.";
     cors_origins: List = "", "SWITCHBOARD_CORS_ORIGINS",
         "Origins allowed to call the HTTP API from a browser (CORS, preflight OPTIONS), e.g. https://app.example; * = any; empty = no CORS headers.";
     shutdown_timeout: Dur = "30s", "SWITCHBOARD_SHUTDOWN_TIMEOUT",
@@ -3006,6 +3012,12 @@ impl Config {
                     "must be visible ASCII without spaces (it travels in an HTTP header)".into(),
                 )?;
             }
+        }
+        if self.admin_page && self.api_key.is_none() {
+            fail(
+                "admin_page",
+                "needs api_key: the page reads the server API with it".into(),
+            )?;
         }
         for o in &self.cors_origins {
             if o == "*" {

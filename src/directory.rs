@@ -208,6 +208,18 @@ impl Names {
         }
     }
 
+    /// Call `f` with at most `max` names and their counts, in no particular order; returns
+    /// how many were visited. For the admin page's busiest rooms (bounded so that one request
+    /// never holds a shard for a pass over millions of rooms), never on a message path.
+    pub fn for_each_count(&self, max: usize, mut f: impl FnMut(&Arc<str>, u32)) -> usize {
+        let mut n = 0;
+        for (name, e) in self.map.pin().iter().take(max) {
+            f(name, e.count.load(Ordering::Relaxed));
+            n += 1;
+        }
+        n
+    }
+
     /// Names held on this node.
     pub fn len(&self) -> usize {
         self.map.len()

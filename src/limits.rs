@@ -129,3 +129,11 @@ pub const PRESENCE_OWED_MAX: usize = 65_536;
 /// page cost ~30 us, so clients paging or polling cost a shard at most one build a second.
 /// Statuses are read fresh for every page; only who is in the list can be this old.
 pub const REST_ONLINE_SNAPSHOT_MS: u64 = 1000;
+
+// ---- the admin page (`admin_page`, `GET /api/admin/activity`)
+/// Rooms listed as the busiest (most members on this node) in `/api/admin/activity`.
+pub const ADMIN_BUSIEST_ROOMS: usize = 10;
+/// Rooms one `/api/admin/activity` request looks at at most, so that a request (the page asks
+/// once a second) never holds its shard for a pass over millions of rooms; past it the answer
+/// says `"rooms_scanned"` < `"rooms"` and the list is the busiest of those seen.
+pub const ADMIN_ROOMS_SCAN_MAX: usize = 100_000;

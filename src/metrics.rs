@@ -543,36 +543,77 @@ const LATENCY_BUCKETS_US: [u64; 14] = [
     5_000_000,
 ];
 
-fn render_latency(out: &mut String, shards: &[ShardStats]) {
+/// The node's publish-to-flush histogram: every shard's merged.
+fn merged_latency(shards: &[ShardStats]) -> Histogram<u64> {
     let mut merged = new_latency_histogram();
     for s in shards {
         if let Ok(h) = s.latency_us.lock() {
             let _ = merged.add(&*h);
         }
     }
+    merged
+}
+
+/// Cumulative counts of the node's publish-to-flush histogram at [`LATENCY_BUCKETS_US`]
+/// (`(le_us, count)`), then the total count and the sum in µs. For `/metrics` and the admin
+/// page (which takes quantiles of the difference between two reads).
+pub fn latency_buckets(shards: &[ShardStats]) -> (Vec<(u64, u64)>, u64, u64) {
+    let merged = merged_latency(shards);
+    let buckets = LATENCY_BUCKETS_US
+        .iter()
+        .map(|&b| {
+            let count = merged
+                .iter_recorded()
+                .filter(|v| v.value_iterated_to() <= b)
+                .map(|v| v.count_at_value())
+                .sum();
+            (b, count)
+        })
+        .collect();
+    let sum_us = merged
+        .iter_recorded()
+        .map(|v| v.value_iterated_to().saturating_mul(v.count_at_value()))
+        .fold(0u64, u64::saturating_add);
+    (buckets, merged.len(), sum_us)
+}
+
+/// `(label, total)` rows of a labelled family.
+pub type LabelTotals = Vec<(&'static str, u64)>;
+
+/// Error frames sent by reason and connections ended by kind, summed over the shards, as
+/// `(label, total)` in the order `switchboard_errors_total` / `switchboard_closes_total`
+/// render them.
+pub fn labelled_totals(shards: &[ShardStats]) -> (LabelTotals, LabelTotals) {
+    let per_shard: Vec<Vec<u64>> = shards.iter().map(ShardStats::load).collect();
+    let sum = |i: usize| per_shard.iter().map(|v| v[i]).sum::<u64>();
+    let errors = ErrorReason::ALL
+        .iter()
+        .enumerate()
+        .map(|(k, r)| (r.label(), sum(SCALARS + k)))
+        .collect();
+    let base = SCALARS + ErrorReason::ALL.len();
+    let closes = CloseKind::ALL
+        .iter()
+        .enumerate()
+        .map(|(k, c)| (c.label(), sum(base + k)))
+        .collect();
+    (errors, closes)
+}
+
+fn render_latency(out: &mut String, shards: &[ShardStats]) {
+    let (buckets, total, sum_us) = latency_buckets(shards);
     let name = "switchboard_publish_to_flush_seconds";
     let _ = writeln!(
         out,
         "# HELP {name} Time from a frame's creation (publish, DM, reply) to its write to a recipient socket\n# TYPE {name} histogram"
     );
-    for b in LATENCY_BUCKETS_US {
-        let count: u64 = merged
-            .iter_recorded()
-            .filter(|v| v.value_iterated_to() <= b)
-            .map(|v| v.count_at_value())
-            .sum();
+    for (b, count) in buckets {
         let _ = writeln!(out, "{name}_bucket{{le=\"{}\"}} {count}", b as f64 / 1e6);
     }
-    let total = merged.len();
-    let sum_s = merged
-        .iter_recorded()
-        .map(|v| v.value_iterated_to() as f64 * v.count_at_value() as f64)
-        .sum::<f64>()
-        / 1e6;
     let _ = writeln!(
         out,
         "{name}_bucket{{le=\"+Inf\"}} {total}\n{name}_sum {}\n{name}_count {total}",
-        sum_s + 0.0
+        sum_us as f64 / 1e6 + 0.0
     );
 }
 

@@ -181,6 +181,20 @@ ensure_postgresql() {
 # after a successful install (several GB; a failed build keeps it, so a retry resumes).
 TANSU_VERSION=0.6.0
 TANSU_INSTALL_TIME_LIMIT_SECS=3600
+# Headless Chromium for the admin page's browser test (tests/admin_page.rs).
+ensure_chromium() {
+  if [[ -n "${SWITCHBOARD_TEST_CHROMIUM:-}" ]]; then
+    [[ -x "$SWITCHBOARD_TEST_CHROMIUM" ]] ||
+      fatal_install "SWITCHBOARD_TEST_CHROMIUM=$SWITCHBOARD_TEST_CHROMIUM is not an executable"
+  else
+    ensure_debian_packages chromium:chromium
+    command -v chromium >/dev/null ||
+      fatal_install "chromium not on PATH even with the chromium package; install by hand: apt-get update && apt-get install -y chromium"
+    export SWITCHBOARD_TEST_CHROMIUM="$(command -v chromium)"
+  fi
+  echo "run-all: Chromium for the admin page test: $("$SWITCHBOARD_TEST_CHROMIUM" --version 2>/dev/null | head -n 1) ($SWITCHBOARD_TEST_CHROMIUM)"
+}
+
 ensure_tansu() {
   local root="$HOME/.cache/switchboard/tansu-$TANSU_VERSION"
   local bin="$root/bin/tansu"
@@ -218,6 +232,7 @@ ensure_postgresql
 ensure_redis_server
 ensure_tansu
 ensure_node
+ensure_chromium
 
 bash tests/autobahn/run.sh --install-only ||
   fatal_install "kosoku (Autobahn client) could not be installed; see the message above"

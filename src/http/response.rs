@@ -80,6 +80,9 @@ pub struct Response<'a> {
     pub cors: CorsHeaders<'a>,
     /// A HEAD request: write the head only, Content-Length still that of `body`.
     pub head_request: bool,
+    /// Further header lines, each ending in `\r\n` (static: e.g. the admin page's
+    /// Content-Security-Policy); empty for none.
+    pub extra_headers: &'static str,
 }
 
 impl<'a> Response<'a> {
@@ -93,6 +96,7 @@ impl<'a> Response<'a> {
             allow: None,
             cors: CorsHeaders::Off,
             head_request: false,
+            extra_headers: "",
         }
     }
 
@@ -118,6 +122,7 @@ impl<'a> Response<'a> {
         if let Some(allow) = self.allow {
             let _ = write!(out, "Allow: {allow}\r\n");
         }
+        out.extend_from_slice(self.extra_headers.as_bytes());
         match self.cors {
             CorsHeaders::Off => {}
             CorsHeaders::Origin(o) | CorsHeaders::Preflight(o) => {

@@ -90,6 +90,7 @@ impl Shard {
         }
         let json = "application/json";
         let mut allow = None;
+        let mut extra = "";
         let api = if req.path.starts_with(crate::rest::PREFIX) {
             // The messaging REST API: a user's token, not the server API key.
             Some(self.rest_request(slot, req, keep))
@@ -121,7 +122,12 @@ impl Shard {
             }
         } else {
             match route(ROUTES, req.method, req.path) {
-                Routed::Found(r, _) => endpoint(&node, r),
+                Routed::Found(r, _) => {
+                    if matches!(r, Route::Admin(_)) && node.cfg.admin_page {
+                        extra = ADMIN_HEADERS;
+                    }
+                    endpoint(&node, r)
+                }
                 Routed::MethodNotAllowed(a) => {
                     allow = Some(a);
                     (
@@ -141,6 +147,7 @@ impl Shard {
         r.allow = allow.as_deref();
         r.cors = self.cors.headers(req.origin);
         r.head_request = req.is_head();
+        r.extra_headers = extra;
         let bytes = r.to_vec();
         self.http_respond(slot, bytes, keep)
     }
@@ -181,6 +188,7 @@ impl Shard {
                 Api::UserSend => api::user_send(self, params.get(0).unwrap_or(""), req.body),
                 Api::Disconnect => api::disconnect(self, params.get(0).unwrap_or("")),
                 Api::Stats => api::stats(self),
+                Api::AdminActivity => api::admin_activity(self),
             },
             Routed::MethodNotAllowed(a) => {
                 return ApiAnswer::Now(
@@ -523,7 +531,21 @@ enum Route {
     Live,
     Ready,
     Metrics,
+    /// The admin page and its script and style (`admin_page`; 404 while it is off).
+    Admin(AdminFile),
 }
+
+/// The admin page's files, shipped in the binary (`src/admin/`, no build step).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum AdminFile {
+    Html,
+    Js,
+    Css,
+}
+
+/// The admin page's headers: only its own script and style run, it talks to this node only,
+/// no other site may frame it, and its URL (which may carry `#key=`) is never sent on.
+const ADMIN_HEADERS: &str = "Content-Security-Policy: default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'\r\nX-Content-Type-Options: nosniff\r\nReferrer-Policy: no-referrer\r\n";
 
 const ROUTES: &[RouteSpec<Route>] = &[
     ("GET /health", Route::Health),
@@ -531,6 +553,9 @@ const ROUTES: &[RouteSpec<Route>] = &[
     ("GET /ready", Route::Ready),
     ("GET /metrics", Route::Metrics),
     ("GET /prometheus/metrics", Route::Metrics),
+    ("GET /admin", Route::Admin(AdminFile::Html)),
+    ("GET /admin/app.js", Route::Admin(AdminFile::Js)),
+    ("GET /admin/app.css", Route::Admin(AdminFile::Css)),
 ];
 
 fn endpoint(node: &Node, r: Route) -> (Status, &'static str, Vec<u8>) {
@@ -593,8 +618,23 @@ fn endpoint(node: &Node, r: Route) -> (Status, &'static str, Vec<u8>) {
             }
             (Status::OK, "text/plain; version=0.0.4", text.into_bytes())
         }
+        Route::Admin(_) if !node.cfg.admin_page => {
+            (Status::NOT_FOUND, json, http::json_error_body("not found"))
+        }
+        Route::Admin(f) => {
+            let (ctype, body) = match f {
+                AdminFile::Html => ("text/html; charset=utf-8", ADMIN_HTML),
+                AdminFile::Js => ("text/javascript; charset=utf-8", ADMIN_JS),
+                AdminFile::Css => ("text/css; charset=utf-8", ADMIN_CSS),
+            };
+            (Status::OK, ctype, body.as_bytes().to_vec())
+        }
     }
 }
+
+const ADMIN_HTML: &str = include_str!("../admin/index.html");
+const ADMIN_JS: &str = include_str!("../admin/app.js");
+const ADMIN_CSS: &str = include_str!("../admin/app.css");
 
 /// What `upgrade` did with a request.
 pub(super) enum Upgraded {
@@ -643,6 +683,7 @@ enum Api {
     Disconnect,
     Notify,
     Stats,
+    AdminActivity,
 }
 
 const API_ROUTES: &[RouteSpec<Api>] = &[
@@ -652,6 +693,7 @@ const API_ROUTES: &[RouteSpec<Api>] = &[
     ("POST /api/users/{id}/disconnect", Api::Disconnect),
     ("POST /api/users/{id}/notifications", Api::Notify),
     ("GET /api/stats", Api::Stats),
+    ("GET /api/admin/activity", Api::AdminActivity),
 ];
 
 #[cfg(test)]

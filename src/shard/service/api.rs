@@ -396,6 +396,77 @@ pub fn stats(sh: &Shard) -> Outcome {
     ok(out)
 }
 
+/// `GET /api/admin/activity`: what the admin page shows besides `/api/stats`. The busiest
+/// rooms of this node (members here, at most [`ADMIN_BUSIEST_ROOMS`], from a pass over at
+/// most [`ADMIN_ROOMS_SCAN_MAX`] rooms), error frames by reason and connection ends by kind
+/// (totals since start: the page shows the change between two reads), and the cumulative
+/// publish-to-flush histogram (the page takes quantiles of the difference).
+///
+/// [`ADMIN_BUSIEST_ROOMS`]: crate::limits::ADMIN_BUSIEST_ROOMS
+/// [`ADMIN_ROOMS_SCAN_MAX`]: crate::limits::ADMIN_ROOMS_SCAN_MAX
+pub fn admin_activity(sh: &Shard) -> Outcome {
+    use crate::limits::{ADMIN_BUSIEST_ROOMS, ADMIN_ROOMS_SCAN_MAX};
+    use crate::proto::json::write_str;
+    use std::cmp::Reverse;
+    use std::collections::BinaryHeap;
+    let node = &sh.node;
+    // A min-heap of the K largest (count, name) seen: O(n log K), K entries held.
+    let mut top: BinaryHeap<Reverse<(u32, std::sync::Arc<str>)>> =
+        BinaryHeap::with_capacity(ADMIN_BUSIEST_ROOMS + 1);
+    let scanned = node
+        .dir
+        .rooms
+        .for_each_count(ADMIN_ROOMS_SCAN_MAX, |name, n| {
+            if top.len() < ADMIN_BUSIEST_ROOMS {
+                top.push(Reverse((n, name.clone())));
+            } else if top.peek().is_some_and(|Reverse((m, _))| n > *m) {
+                top.pop();
+                top.push(Reverse((n, name.clone())));
+            }
+        });
+    let mut rooms: Vec<(u32, std::sync::Arc<str>)> = top.into_iter().map(|r| r.0).collect();
+    rooms.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+    let mut out = Vec::with_capacity(2048);
+    out.extend_from_slice(
+        format!(
+            "{{\"node_id\":\"{:08x}\",\"rooms\":{},\"rooms_scanned\":{scanned},\"busiest_rooms\":[",
+            node.id,
+            node.dir.rooms_len()
+        )
+        .as_bytes(),
+    );
+    for (i, (n, name)) in rooms.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(b"{\"room\":");
+        write_str(&mut out, name);
+        out.extend_from_slice(format!(",\"members\":{n}}}").as_bytes());
+    }
+    out.push(b']');
+    let (errors, closes) = crate::metrics::labelled_totals(&node.stats);
+    for (key, list) in [("errors", errors), ("closes", closes)] {
+        out.extend_from_slice(format!(",\"{key}\":{{").as_bytes());
+        for (i, (label, v)) in list.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(format!("\"{label}\":{v}").as_bytes());
+        }
+        out.push(b'}');
+    }
+    let (buckets, count, sum_us) = crate::metrics::latency_buckets(&node.stats);
+    out.extend_from_slice(b",\"latency_us\":{\"buckets\":[");
+    for (i, (le, c)) in buckets.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(format!("[{le},{c}]").as_bytes());
+    }
+    out.extend_from_slice(format!("],\"count\":{count},\"sum\":{sum_us}}}}}").as_bytes());
+    Outcome::Now(Status::OK, out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
