@@ -91,6 +91,7 @@ impl Shard {
         // No epoll_ctl(DEL): the fd is never duplicated, so closing it (dropping `c`) removes
         // it from the epoll set; events of this batch still queued for it are stale by
         // generation. One system call less per disconnect.
+        self.tls_gone(slot);
         let c = self.clients.remove(slot as usize);
         // A server API request still waiting for another shard's answer: nobody to answer.
         if !self.http_waiting.is_empty() {
