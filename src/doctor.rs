@@ -1230,6 +1230,19 @@ mod tests {
     }
 
     #[test]
+    fn tls_listener_row_only_with_tls_port_and_blocking_on_bad_files() {
+        let mut cfg = crate::config::Config::default();
+        assert!(check_tls_listener(&cfg).is_none());
+        cfg.tls_port = 8443;
+        cfg.tls_cert_file = Some("/nonexistent/cert.pem".into());
+        cfg.tls_key_file = Some("/nonexistent/key.pem".into());
+        let f = check_tls_listener(&cfg).expect("a row with tls_port");
+        assert_eq!(f.name, "TLS listener");
+        assert_eq!(f.severity, Severity::Blocking);
+        assert!(f.current.contains("tls_cert_file"), "{}", f.current);
+    }
+
+    #[test]
     fn roomy_machine_is_ok_for_one_million() {
         let f = check(&roomy(), 1_000_000);
         assert_eq!(f.len(), 10);

@@ -173,8 +173,18 @@ mod tests {
     use super::*;
 
     #[test]
+    fn connection_state_is_boxed_off_the_client() {
+        // What one TLS connection's side-table entry points at, before rustls' heap buffers
+        // (docs/BENCHMARKS.md, "TLS cost", has the measured whole).
+        let n = std::mem::size_of::<rustls::ServerConnection>();
+        eprintln!("rustls::ServerConnection: {n} B inline");
+        assert!(n <= 4096, "rustls::ServerConnection is {n} B");
+    }
+
+    #[test]
     fn missing_and_garbage_files_name_their_key() {
-        let dir = std::env::temp_dir().join(format!("sb-tls-unit-{}", std::process::id()));
+        // Not the Redis TLS tests' directory: they run in parallel and remove theirs.
+        let dir = std::env::temp_dir().join(format!("sb-listener-tls-unit-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let junk = dir.join("junk.pem");
         std::fs::write(&junk, "not pem at all").unwrap();
