@@ -84,10 +84,12 @@ impl Shard {
                 }
                 c.last_rx_tick + limit
             }
-            Phase::Closing => {
+            Phase::Closing if now >= c.last_rx_tick + CLOSING_GRACE_TICKS => {
                 self.close_now(slot, None);
                 return;
             }
+            // Fired early (an entry set before the close began): wait out the grace.
+            Phase::Closing => c.last_rx_tick + CLOSING_GRACE_TICKS,
             // While awaiting auth, exp_s holds the auth deadline tick.
             Phase::AwaitAuth if now >= c.exp_s => {
                 service::session::auth_failed_close(self, slot, None, "authentication timeout");
