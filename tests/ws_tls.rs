@@ -99,7 +99,21 @@ fn client_config(ca_file: &str) -> Arc<rustls::ClientConfig> {
 /// A TLS connection to 127.0.0.1:`port` trusting only `ca_file`, its handshake done; the
 /// handshake's error when the server's certificate is not trusted.
 fn tls_stream(port: u16, ca_file: &str) -> Result<TlsStream, std::io::Error> {
-    let sock = TcpStream::connect(("127.0.0.1", port))?;
+    tls_stream_rcvbuf(port, ca_file, None)
+}
+
+/// [`tls_stream`] over a socket with a `rcvbuf`-byte receive buffer (a slow reader).
+fn tls_stream_rcvbuf(
+    port: u16,
+    ca_file: &str,
+    rcvbuf: Option<usize>,
+) -> Result<TlsStream, std::io::Error> {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    if let Some(size) = rcvbuf {
+        sock.set_recv_buffer_size(size)?;
+    }
+    sock.connect(&std::net::SocketAddr::from(([127, 0, 0, 1], port)).into())?;
+    let sock: TcpStream = sock.into();
     sock.set_read_timeout(Some(RECV_TIMEOUT))?;
     sock.set_write_timeout(Some(RECV_TIMEOUT))?;
     sock.set_nodelay(true)?;
@@ -114,7 +128,11 @@ fn tls_stream(port: u16, ca_file: &str) -> Result<TlsStream, std::io::Error> {
 
 /// A `wss://` client on `path`, its `connected` frame read.
 fn wss(port: u16, ca_file: &str, path: &str) -> Client<TlsStream> {
-    let stream = tls_stream(port, ca_file).expect("TLS handshake");
+    wss_rcvbuf(port, ca_file, path, None)
+}
+
+fn wss_rcvbuf(port: u16, ca_file: &str, path: &str, rcvbuf: Option<usize>) -> Client<TlsStream> {
+    let stream = tls_stream_rcvbuf(port, ca_file, rcvbuf).expect("TLS handshake");
     let url = format!("wss://127.0.0.1:{port}{path}");
     let (ws, resp) = tungstenite::client::client_with_config(url.as_str(), stream, None)
         .unwrap_or_else(|e| panic!("wss upgrade of {path}: {e}"));
@@ -440,4 +458,52 @@ fn bad_files_stop_the_start_naming_the_key() {
     // tls_port without the files is a configuration error (exit 2) naming the key.
     let (ok, err) = start_fails(&[("SWITCHBOARD_TLS_PORT", &port)]);
     assert!(!ok && err.contains("tls_cert_file"), "{err}");
+}
+
+#[test]
+fn a_slow_tls_reader_is_closed_4008_and_others_keep_receiving() {
+    // As ws_limits' slow consumer, over TLS: the send queue's limit holds (rustls encrypts
+    // at most 32 KiB ahead of the socket), the close frame still gets through the TLS
+    // session, and the other subscribers miss nothing.
+    let certs = Certs::new("slow");
+    let (server, port) = tls_server(
+        &certs,
+        &[
+            ("SWITCHBOARD_SEND_QUEUE_BYTES_MAX", "64KiB"),
+            ("SWITCHBOARD_SO_SNDBUF", "4KiB"),
+            ("SWITCHBOARD_RATE_LIMIT_PER_SEC", "100000"),
+            ("SWITCHBOARD_RATE_LIMIT_BURST", "100000"),
+        ],
+    );
+    let ca = certs.a.ca.clone();
+    let mut slow = wss_rcvbuf(port, &ca, "/ws", Some(4096));
+    let mut publisher = wss(port, &ca, "/ws");
+    let mut reader = server.connect("/ws");
+    slow.subscribe("flood");
+    publisher.subscribe("flood");
+    reader.subscribe("flood");
+    const N: u64 = 6;
+    let pad = "p".repeat(50_000);
+    for seq in 0..N {
+        publisher.send_json(
+            json!({"type": "publish", "room": "flood", "data": {"seq": seq, "pad": pad}}),
+        );
+        assert_eq!(publisher.expect_type("message")["data"]["seq"], seq);
+        assert_eq!(reader.expect_type("message")["data"]["seq"], seq);
+    }
+    let got = slow.expect_close_after(4008, N as usize);
+    assert!(
+        (got.len() as u64) < N,
+        "no limit applied: got all {}",
+        got.len()
+    );
+    for (i, m) in got.iter().enumerate() {
+        assert_eq!(m["data"]["seq"], i as u64, "prefix in order: {m}");
+    }
+    publisher.send_json(json!({"type": "publish", "room": "flood", "data": {"seq": "after"}}));
+    assert_eq!(publisher.expect_type("message")["data"]["seq"], "after");
+    assert_eq!(reader.expect_type("message")["data"]["seq"], "after");
+    server.wait_metrics("one slow-consumer close", |t| {
+        t.contains("switchboard_slow_consumer_closes_total 1\n")
+    });
 }
