@@ -2,7 +2,8 @@
 //! talks to it over real sockets.
 //!
 //! Owns: starting and stopping one server per test ([`TestServer`]), a WebSocket client on
-//! tungstenite with read timeouts ([`Client`]), a raw-socket client for what tungstenite will not
+//! tungstenite with read timeouts ([`Client`], over TCP or, for `wss://`, rustls over TCP:
+//! [`TlsStream`]), a raw-socket client for what tungstenite will not
 //! send ([`RawWs`], [`HttpReply`]), JWT minting ([`jwt`]), throwaway PostgreSQL clusters for
 //! the message store tests ([`pg`]), and real Redis servers and Redis Clusters for the cluster
 //! tests ([`redis`]). Every wait here is bounded, so a missing frame fails the test instead of
