@@ -76,6 +76,16 @@ pub struct Config {
     pub ws_dialects: Vec<String>,
     /// Path of a plain WebSocket echo endpoint (protocol conformance); None = off.
     pub echo_path: Option<String>,
+    /// TCP port of the TLS listener (the same WebSocket and HTTP service over TLS, beside
+    /// `port`); 0 = no TLS listener.
+    pub tls_port: u16,
+    /// PEM certificate chain of the TLS listener (the server's certificate first).
+    pub tls_cert_file: Option<String>,
+    /// PEM private key of `tls_cert_file` (PKCS#8, PKCS#1 or SEC1, unencrypted).
+    pub tls_key_file: Option<String>,
+    /// Time from TCP accept to a completed TLS handshake on the TLS listener (the upgrade
+    /// request then has `handshake_timeout` from the handshake's end).
+    pub tls_handshake_timeout: Duration,
 
     // --- limits ---
     /// `WEBSOCKET_MAX_MESSAGE_SIZE`. Largest inbound message; above it close 1009.
@@ -361,6 +371,10 @@ impl Default for Config {
             tcp_nodelay: true,
             so_sndbuf: 0,
             so_rcvbuf: 0,
+            tls_port: 0,
+            tls_cert_file: None,
+            tls_key_file: None,
+            tls_handshake_timeout: Duration::from_secs(5),
             read_buffer_size: 64 * 1024,
             write_buffer_size: 256 * 1024,
             ws_paths: vec![
@@ -706,6 +720,19 @@ fn parse_bool(s: &str) -> Option<bool> {
     }
 }
 
+/// A TCP port or 0 (off).
+struct PortOrOff;
+impl Kind for PortOrOff {
+    type Out = u16;
+    const HINT: &'static str = "<PORT>";
+    fn parse(raw: &Raw) -> Result<u16, String> {
+        raw.text()?
+            .trim()
+            .parse::<u16>()
+            .map_err(|_| "expected an integer 0-65535 (0 = off)".into())
+    }
+}
+
 struct Port;
 impl Kind for Port {
     type Out = u16;
@@ -936,6 +963,14 @@ config_keys! {
         "The wire dialect per WebSocket path, as path=dialect: native, topic, chat-hub, messaging, or auto (native, or topic when the first frame has a payload member). A path of ws_paths not listed is native. See docs/DIALECTS.md.";
     echo_path: OptText = "", "SWITCHBOARD_ECHO_PATH",
         "Path of a plain WebSocket echo endpoint (conformance tests); empty = off.";
+    tls_port: PortOrOff = "0", "SWITCHBOARD_TLS_PORT",
+        "TCP port of a second listener serving the same WebSocket and HTTP endpoints over TLS (wss://, https://), beside port; 0 = off. Needs tls_cert_file and tls_key_file.";
+    tls_cert_file: OptText = "", "SWITCHBOARD_TLS_CERT_FILE",
+        "With tls_port: PEM certificate chain of the TLS listener, the server's certificate first. Read at start and again on SIGHUP (a reload that fails keeps the certificate in use).";
+    tls_key_file: OptText = "", "SWITCHBOARD_TLS_KEY_FILE",
+        "With tls_port: the PEM private key (PKCS#8, PKCS#1 or SEC1, unencrypted) of tls_cert_file; read at start and on SIGHUP. Keep it readable by this node's user only.";
+    tls_handshake_timeout: Dur = "5s", "SWITCHBOARD_TLS_HANDSHAKE_TIMEOUT",
+        "Time from TCP accept to a completed TLS handshake on tls_port (the upgrade request then has handshake_timeout from the handshake's end), 100ms to 60s.";
     max_message_size: Bytes = "64KiB", "SWITCHBOARD_MAX_MESSAGE_SIZE",
         "Largest inbound message; above it the connection is closed with 1009. 125 B to 64 MiB.";
     max_connections: U64 = "0", "SWITCHBOARD_MAX_CONNECTIONS",
@@ -2442,6 +2477,47 @@ impl Config {
         if self.port == 0 {
             fail("port", "must be 1-65535, got 0".into())?;
         }
+        // ---- TLS listener
+        if self.tls_port == 0 {
+            for (key, set) in [
+                ("tls_cert_file", &self.tls_cert_file),
+                ("tls_key_file", &self.tls_key_file),
+            ] {
+                if set.is_some() {
+                    fail(
+                        key,
+                        "is set but tls_port is 0 (no TLS listener): the file would not be used; set tls_port or leave the key empty".into(),
+                    )?;
+                }
+            }
+        } else {
+            if self.tls_port == self.port {
+                fail(
+                    "tls_port",
+                    format!(
+                        "is {} like port: the TLS listener needs a port of its own",
+                        self.tls_port
+                    ),
+                )?;
+            }
+            for (key, set) in [
+                ("tls_cert_file", &self.tls_cert_file),
+                ("tls_key_file", &self.tls_key_file),
+            ] {
+                if set.is_none() {
+                    fail(
+                        key,
+                        "is empty while tls_port is set: the TLS listener needs tls_cert_file (PEM certificate chain) and tls_key_file (its PEM private key)".into(),
+                    )?;
+                }
+            }
+        }
+        dur_between(
+            "tls_handshake_timeout",
+            self.tls_handshake_timeout,
+            Duration::from_millis(100),
+            Duration::from_secs(60),
+        )?;
         if self.shards > SHARDS_MAX {
             fail(
                 "shards",

@@ -1115,6 +1115,50 @@ fn configured_redis() -> (Option<String>, Vec<Finding>) {
     )
 }
 
+/// The TLS listener of the configuration (`tls_port`): one finding when it is set, from
+/// reading and checking `tls_cert_file` and `tls_key_file` as the server does at start and on
+/// SIGHUP (Blocking when they would stop the start); nothing when it is off or the
+/// configuration does not load (that is [`configured_redis`]'s finding).
+fn configured_tls() -> Vec<Finding> {
+    let Ok(cfg) = crate::config::Config::load(&[], &|k| std::env::var(k).ok()) else {
+        return Vec::new();
+    };
+    check_tls_listener(&cfg).into_iter().collect()
+}
+
+/// The `TLS listener` finding of `cfg` (None when `tls_port` is 0).
+pub fn check_tls_listener(cfg: &crate::config::Config) -> Option<Finding> {
+    let (Some(cert), Some(key)) = (&cfg.tls_cert_file, &cfg.tls_key_file) else {
+        return None;
+    };
+    if cfg.tls_port == 0 {
+        return None;
+    }
+    let name = "TLS listener";
+    Some(match crate::tls::load(cert, key) {
+        Ok(_) => Finding {
+            name,
+            current: format!("tls_port {}: {cert} with {key}", cfg.tls_port),
+            required: "a PEM certificate chain and its private key".into(),
+            severity: Severity::Ok,
+            why: "both files read and the key suits the certificate; SIGHUP reads them again                   (a reload that fails keeps the certificate in use). Each idle TLS connection                   costs more memory than a plain one (docs/OPERATIONS.md, TLS)"
+                .into(),
+            fix: String::new(),
+        },
+        Err((k, e)) => Finding {
+            name,
+            current: format!("tls_port {}: {k}: {e}", cfg.tls_port),
+            required: "a PEM certificate chain and its private key".into(),
+            severity: Severity::Blocking,
+            why: "the server would refuse to start with these files".into(),
+            fix: format!(
+                "openssl x509 -in {cert} -noout -subject -enddate   # the certificate
+                 openssl pkey -in {key} -noout   # the key"
+            ),
+        },
+    })
+}
+
 /// `switchboard doctor [--connections N] [--json]` (args after "doctor"). Human table by default,
 /// --json one JSON object. Exit 0 when nothing blocks N, 1 when something blocks, 2 on bad usage.
 /// Default N: [`derived_target`].
@@ -1139,6 +1183,7 @@ pub fn cli_main(args: &[String]) -> i32 {
     };
     let mut findings = check(&limits, plan.target);
     findings.extend(redis_findings);
+    findings.extend(configured_tls());
     if json {
         println!("{}", render_json(&limits, &plan, &findings));
     } else {
@@ -1182,6 +1227,19 @@ mod tests {
         f.iter()
             .find(|x| x.name == name)
             .unwrap_or_else(|| panic!("no finding named {name}"))
+    }
+
+    #[test]
+    fn tls_listener_row_only_with_tls_port_and_blocking_on_bad_files() {
+        let mut cfg = crate::config::Config::default();
+        assert!(check_tls_listener(&cfg).is_none());
+        cfg.tls_port = 8443;
+        cfg.tls_cert_file = Some("/nonexistent/cert.pem".into());
+        cfg.tls_key_file = Some("/nonexistent/key.pem".into());
+        let f = check_tls_listener(&cfg).expect("a row with tls_port");
+        assert_eq!(f.name, "TLS listener");
+        assert_eq!(f.severity, Severity::Blocking);
+        assert!(f.current.contains("tls_cert_file"), "{}", f.current);
     }
 
     #[test]

@@ -72,7 +72,8 @@ pub const CORRELATION_ID_BYTES_MAX: usize = 128;
 /// fds kept free when deriving max_connections, whatever the shard count: stdio, logs, the
 /// HTTP probes in flight and backend sockets. Used only through [`fd_reserve`].
 pub const FD_RESERVE: u64 = 64;
-/// fds each shard holds besides its connections: listener, epoll, waker eventfd, one spare.
+/// fds each shard holds besides its connections: listener, epoll, waker eventfd, and one
+/// spare (the TLS listener's, when `tls_port` is set).
 pub const FD_PER_SHARD: u64 = 4;
 
 /// The one fd reserve: file descriptors that are not connections, for a node of `shards`
@@ -137,3 +138,21 @@ pub const ADMIN_BUSIEST_ROOMS: usize = 10;
 /// once a second) never holds its shard for a pass over millions of rooms; past it the answer
 /// says `"rooms_scanned"` < `"rooms"` and the list is the busiest of those seen.
 pub const ADMIN_ROOMS_SCAN_MAX: usize = 100_000;
+
+// ---- TLS on the listener (`tls_port`; `crate::tls`, `shard::tls`)
+/// rustls' buffers of outgoing data per TLS connection (`set_buffer_limit`: plaintext written
+/// before the handshake ends, and encrypted records not yet taken by the socket), in bytes.
+/// The connection's own send queue holds the backlog under `send_queue_bytes_max`; this only
+/// bounds what is encrypted ahead of the socket: two full records. rustls' default is 64 KiB.
+pub const TLS_SEND_BUFFER_BYTES_MAX: usize = 32 * 1024;
+/// Plaintext one TLS connection hands to the HTTP/WebSocket decoding per readiness event, in
+/// bytes; past it the connection is revisited next turn (as `READS_PER_EVENT_MAX` does for
+/// `recv`), so decrypting one fast sender cannot starve the shard. The bound is checked after
+/// each `recv`, so one read more (`read_buffer_size`) may pass it.
+pub const TLS_PLAINTEXT_PER_EVENT_BYTES_MAX: usize = 256 * 1024;
+/// Sessions the TLS listener remembers for resumption (rustls' in-memory cache, node-wide,
+/// one lock per handshake that stores or finds one); ~ 100-200 B each. Oldest out first.
+pub const TLS_SESSION_CACHE_ENTRIES: usize = 4096;
+/// TLS 1.3 session tickets (ids into the cache above) sent per full handshake. rustls'
+/// default is 2; a WebSocket client reconnects one connection at a time.
+pub const TLS_TLS13_TICKETS: usize = 1;

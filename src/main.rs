@@ -2,6 +2,8 @@
 //! `switchboard config` to print every setting and where it came from, or `switchboard help` /
 //! `--help` / `--version`.
 //!
+//! Signals: SIGTERM and SIGINT drain and stop; SIGHUP reloads the TLS certificate and key.
+//!
 //! Exit status: 0 after a drain or after printing help/version, 1 when the server cannot start,
 //! 2 on a configuration or usage error (printed to stderr).
 
@@ -65,6 +67,7 @@ fn main() -> ExitCode {
     let signals = match signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGHUP,
     ]) {
         Ok(s) => s,
         Err(e) => {
@@ -81,8 +84,14 @@ fn main() -> ExitCode {
         }
     };
     let mut signals = signals;
-    if let Some(sig) = signals.forever().next() {
+    for sig in signals.forever() {
+        if sig == signal_hook::consts::SIGHUP {
+            // Reload the TLS certificate and key; connections stay.
+            server.reload_tls();
+            continue;
+        }
         tracing::info!(signal = sig, "shutting down: draining connections");
+        break;
     }
     if server.shutdown() {
         // A shard died (logged): exit non-zero so the service manager restarts the node.

@@ -271,9 +271,13 @@ stats! {
     calls_ended_glare: Counter("switchboard_calls_ended_glare_total", "Offers ended by glare (two users calling each other at once)"),
     calls_remote_unanswered: Counter("switchboard_calls_remote_unanswered_total", "Clustered: call commands sent to the other nodes that no node confirmed within CALL_REMOTE_WAIT (answered unknown call)"),
     calls_remote_late: Counter("switchboard_calls_remote_late_total", "Clustered: call answers another node confirmed after their wait ran out (that call ended there)"),
+    // ---- TLS (tls_port)
+    tls_handshakes: Counter("switchboard_tls_handshakes_total", "TLS handshakes completed on tls_port"),
+    tls_handshake_failures: Counter("switchboard_tls_handshake_failures_total", "TLS connections closed before their handshake completed: not TLS, refused by rustls, timed out (tls_handshake_timeout), or left by the peer"),
     // ---- gauges (current values, not counters)
     connections: ShardGauge("switchboard_connections", "Open TCP connections per shard (any phase)"),
     ws_connections: ShardGauge("switchboard_websocket_connections", "Upgraded WebSocket connections per shard"),
+    tls_connections: ShardGauge("switchboard_tls_connections", "Open TLS connections with a completed handshake per shard (any phase: HTTP or WebSocket)"),
     rooms: Hidden,
     queued_bytes: ShardGauge("switchboard_send_queue_bytes", "Bytes queued for clients per shard"),
     /// 1 while `write_coalesce` applies on the shard (its rate gate is on).

@@ -108,6 +108,10 @@ impl Server {
             None => {}
         }
 
+        // tls_port: the certificate and key, read and checked now (a bad one stops the start).
+        let tls = crate::tls::ServerTls::from_config(&cfg)
+            .map_err(|(key, e)| StartError(format!("config key `{key}`: {e}")))?;
+
         let host: IpAddr = cfg.host.parse().map_err(|_| {
             StartError(format!(
                 "config key `host`: not an IP address: {}",
@@ -115,11 +119,13 @@ impl Server {
             ))
         })?;
         let addr = SocketAddr::new(host, cfg.port);
+        let tls_addr = tls.as_ref().map(|_| SocketAddr::new(host, cfg.tls_port));
 
         let mut polls = Vec::with_capacity(n);
         let mut inboxes = Vec::with_capacity(n);
         let mut receivers = Vec::with_capacity(n);
         let mut listeners = Vec::with_capacity(n);
+        let mut tls_listeners = Vec::with_capacity(n);
         let stream_opts = crate::io::StreamOptions::from_config(&cfg);
         let shared_listener = if cfg.reuse_port {
             None
@@ -128,6 +134,14 @@ impl Server {
                 crate::io::std_listener(addr, false, cfg.listen_backlog, stream_opts)
                     .map_err(|e| StartError(format!("cannot listen on {addr}: {e}")))?,
             )
+        };
+        // The TLS listener: the same shards and the same accept distribution as the plain one.
+        let shared_tls_listener = match tls_addr {
+            Some(a) if !cfg.reuse_port => Some(
+                crate::io::std_listener(a, false, cfg.listen_backlog, stream_opts)
+                    .map_err(|e| StartError(format!("cannot listen on {a} (tls_port): {e}")))?,
+            ),
+            _ => None,
         };
         for i in 0..n {
             let poll = Poll::new().map_err(|e| StartError(format!("epoll_create failed: {e}")))?;
@@ -148,6 +162,24 @@ impl Server {
             .map(mio::net::TcpListener::from_std)
             .map_err(|e| StartError(format!("cannot listen on {addr} (shard {i}): {e}")))?;
             listeners.push(l);
+            let tl = match (tls_addr, &shared_tls_listener) {
+                (None, _) => None,
+                (Some(a), None) => Some(
+                    crate::io::std_listener(a, true, cfg.listen_backlog, stream_opts)
+                        .map(mio::net::TcpListener::from_std)
+                        .map_err(|e| {
+                            StartError(format!("cannot listen on {a} (tls_port, shard {i}): {e}"))
+                        })?,
+                ),
+                (Some(a), Some(l)) => Some(
+                    l.try_clone()
+                        .map(mio::net::TcpListener::from_std)
+                        .map_err(|e| {
+                            StartError(format!("cannot listen on {a} (tls_port, shard {i}): {e}"))
+                        })?,
+                ),
+            };
+            tls_listeners.push(tl);
         }
 
         // The bridge is built with the shard inboxes, so it can deliver what other nodes send.
@@ -175,6 +207,7 @@ impl Server {
             bridge_tx,
             clustered: cfg.redis_url.is_some(),
             redis_tls,
+            tls,
             redis_stats: Default::default(),
             store_stats: Default::default(),
             kafka_stats: Default::default(),
@@ -193,10 +226,14 @@ impl Server {
             .map_err(|e| StartError(format!("cannot start the bridge thread: {e}")))?;
 
         let mut shards = Vec::with_capacity(n);
-        for (i, ((poll, listener), rx)) in
-            polls.into_iter().zip(listeners).zip(receivers).enumerate()
+        for (i, (((poll, listener), tls_listener), rx)) in polls
+            .into_iter()
+            .zip(listeners)
+            .zip(tls_listeners)
+            .zip(receivers)
+            .enumerate()
         {
-            let shard = Shard::new(i, node.clone(), poll, listener, rx)
+            let shard = Shard::new(i, node.clone(), poll, listener, tls_listener, rx)
                 .map_err(|e| StartError(format!("shard {i} setup failed: {e}")))?;
             let pin = node.cfg.pin_cores;
             let shard_node = node.clone();
@@ -222,6 +259,14 @@ impl Server {
             tracing::info!("server API on: /api/publish, /api/broadcast, /api/users/{{id}}/send, /api/users/{{id}}/disconnect, /api/stats (X-API-Key or Authorization: apikey)");
         } else {
             tracing::info!("server API off: no api_key configured (SWITCHBOARD_API_KEY)");
+        }
+        if let (Some(a), Some(t)) = (tls_addr, node.tls.as_ref()) {
+            tracing::info!(
+                addr = %a,
+                cert = %t.cert_file,
+                key = %t.key_file,
+                "TLS listener on (wss://, https://); SIGHUP reloads the certificate and key"
+            );
         }
         tracing::info!(
             %addr,
@@ -279,6 +324,28 @@ impl Server {
 
     pub fn node(&self) -> &Arc<Node> {
         &self.node
+    }
+
+    /// SIGHUP: read `tls_cert_file` and `tls_key_file` again. New TLS connections get the new
+    /// certificate, existing ones keep theirs; a reload that fails keeps the one in use. Logged
+    /// and counted either way (`switchboard_tls_reloads_total`, `..._reload_failures_total`).
+    pub fn reload_tls(&self) {
+        let Some(t) = self.node.tls.as_ref() else {
+            tracing::info!("SIGHUP: no TLS listener (tls_port 0), nothing to reload");
+            return;
+        };
+        match t.reload() {
+            Ok(()) => tracing::info!(
+                cert = %t.cert_file,
+                key = %t.key_file,
+                "SIGHUP: TLS certificate and key reloaded; new connections use them"
+            ),
+            Err((key, e)) => tracing::error!(
+                key,
+                error = %e,
+                "SIGHUP: TLS reload failed; the certificate in use is kept"
+            ),
+        }
     }
 }
 

@@ -124,6 +124,24 @@ pub fn send_vectored(fd: RawFd, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
     }
 }
 
+/// `io::Write` over a connected non-blocking socket through [`send_vectored`] (MSG_NOSIGNAL):
+/// what a TLS connection's records are written with (`rustls::ServerConnection::write_tls`).
+pub struct SockWriter(pub RawFd);
+
+impl std::io::Write for SockWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        send_vectored(self.0, &[IoSlice::new(buf)])
+    }
+
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        send_vectored(self.0, bufs)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 /// Pin the calling thread to core `index` modulo the cores available. Returns whether it did.
 pub fn pin_to_core(index: usize) -> bool {
     match core_affinity::get_core_ids() {

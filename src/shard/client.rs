@@ -32,7 +32,11 @@
 //! another dialect costs nothing more, except that a topic-protocol connection with
 //! subscriptions, or a messaging-service connection with sends waiting for their ack, has one
 //! entry in the outbox's edge table (`dialect::EdgeState` plus the map's ~16 B, plus its
-//! conversation filters (at most 100) or its held sends (at most 64)).
+//! conversation filters (at most 100) or its held sends (at most 64)). A TLS connection
+//! (`tls_port`) keeps its rustls state outside this struct, in the shard's side table
+//! (`shard::tls`): one boxed `rustls::ServerConnection` (1,168 B inline) and rustls' own
+//! buffers, measured at 8,250 B per idle TLS connection against 283 B plain
+//! (docs/BENCHMARKS.md, "TLS cost"); a plain connection pays nothing for it.
 
 use std::collections::VecDeque;
 use std::sync::Arc;

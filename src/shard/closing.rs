@@ -48,6 +48,11 @@ impl Shard {
         } else {
             self.out.stats.closes[CloseKind::Http as usize] += 1;
         }
+        // The grace runs from now (`last_rx_tick` no longer measures liveness once closing):
+        // an earlier timer entry still pending (the one an upgrade sets for the next tick)
+        // must not cut it short; `on_timer` waits until it has passed.
+        let c = &mut self.clients[slot as usize];
+        c.last_rx_tick = self.now_tick;
         let deadline = self.now_tick + CLOSING_GRACE_TICKS;
         self.schedule(slot, deadline);
         self.make_urgent(slot);
@@ -91,6 +96,7 @@ impl Shard {
         // No epoll_ctl(DEL): the fd is never duplicated, so closing it (dropping `c`) removes
         // it from the epoll set; events of this batch still queued for it are stale by
         // generation. One system call less per disconnect.
+        self.tls_gone(slot);
         let c = self.clients.remove(slot as usize);
         // A server API request still waiting for another shard's answer: nobody to answer.
         if !self.http_waiting.is_empty() {

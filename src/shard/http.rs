@@ -616,6 +616,9 @@ fn endpoint(node: &Node, r: Route) -> (Status, &'static str, Vec<u8>) {
             if !cfg.eureka_url.is_empty() {
                 crate::bridge::eureka::render(&node.eureka_stats, &mut text);
             }
+            if let Some(t) = node.tls.as_ref() {
+                crate::tls::render(t, &mut text);
+            }
             (Status::OK, "text/plain; version=0.0.4", text.into_bytes())
         }
         Route::Admin(_) if !node.cfg.admin_page => {

@@ -10,7 +10,7 @@
 //! are reached only through its inbox (`try_send`, counted when full, never blocking).
 //!
 //! Files: `read` (accept, recv, frame decoding), `write` (queues, coalescing, flush),
-//! `closing`, `timers`, `deliver` (the delivery seam's execution and the inbox), `http` (the
+//! `closing`, `timers`, `tls` (TLS connections of `tls_port`, sans-IO over rustls), `deliver` (the delivery seam's execution and the inbox), `http` (the
 //! plain endpoints and the upgrade), and `service/` (one module per capability, behind the
 //! command table in `service/mod.rs`).
 
@@ -24,6 +24,7 @@ mod read;
 pub mod service;
 mod timer;
 mod timers;
+mod tls;
 mod write;
 
 use write::Outbox;
@@ -55,6 +56,9 @@ use crate::route::UserTable;
 
 const LISTENER: Token = Token(usize::MAX);
 const WAKER: Token = Token(usize::MAX - 1);
+/// The TLS listener (`tls_port`). Connection tokens never have all 32 high bits set (a
+/// generation is never `u32::MAX`), so these three are free.
+const TLS_LISTENER: Token = Token(usize::MAX - 2);
 
 /// Ticks a closing connection waits for the peer's close reply or EOF before it is dropped.
 const CLOSING_GRACE_TICKS: u32 = 20;
@@ -158,6 +162,8 @@ pub struct Node {
     pub clustered: bool,
     /// The certificates of a `rediss://` `redis_url` (read at start); None = plain TCP.
     pub redis_tls: Option<crate::bridge::redis::tls::RedisTls>,
+    /// The TLS listener's certificate and counters (`tls_port`); None = no TLS listener.
+    pub tls: Option<crate::tls::ServerTls>,
     /// The Redis clients' counters, kept by the bridge; with Redis configured, `up` is part
     /// of readiness.
     pub redis_stats: crate::bridge::redis::RedisStats,
@@ -275,6 +281,17 @@ pub struct Shard {
     poll: Poll,
     listener: Option<TcpListener>,
     accept_pending: bool,
+    /// The TLS listener (`tls_port`), beside the plain one.
+    tls_listener: Option<TcpListener>,
+    tls_accept_pending: bool,
+    /// TLS state per slot, only for TLS connections (`shard::tls`): kept off [`Client`] so a
+    /// plain connection's bytes do not grow. Grows to the highest slot a TLS connection used
+    /// (8 B per slot); empty on a node without `tls_port`.
+    tls: Vec<Option<Box<tls::TlsConn>>>,
+    /// The TLS config new connections get, and its generation (see `crate::tls`).
+    tls_config: Option<(u64, Arc<rustls::ServerConfig>)>,
+    /// Plaintext out of rustls, handed to the decoding (per shard; empty without `tls_port`).
+    tls_plain: Vec<u8>,
     inbox: Receiver<ShardMsg>,
     clients: Slab<Client>,
     users: UserTable,
@@ -328,6 +345,8 @@ pub struct Shard {
 /// Config durations converted to ticks and floats once.
 struct Timing {
     handshake: u32,
+    /// `tls_handshake_timeout`.
+    tls_handshake: u32,
     /// `http_keepalive_timeout`.
     keepalive: u32,
     /// Longest an HTTP request waits for its answer from another shard or the bridge: twice
@@ -371,14 +390,21 @@ impl Shard {
         node: Arc<Node>,
         poll: Poll,
         listener: TcpListener,
+        tls_listener: Option<TcpListener>,
         inbox: Receiver<ShardMsg>,
     ) -> io::Result<Shard> {
         let mut listener = listener;
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;
+        let mut tls_listener = tls_listener;
+        if let Some(l) = tls_listener.as_mut() {
+            poll.registry()
+                .register(l, TLS_LISTENER, Interest::READABLE)?;
+        }
         let cfg = &node.cfg;
         let t = Timing {
             handshake: ticks(cfg.handshake_timeout),
+            tls_handshake: ticks(cfg.tls_handshake_timeout),
             keepalive: ticks(cfg.http_keepalive_timeout),
             answer_wait: ticks(http_answer_wait(cfg)),
             ping: ticks(cfg.ping_interval),
@@ -393,6 +419,11 @@ impl Shard {
             coalesce_min_rate: cfg.write_coalesce_min_rate,
         };
         let read_buf = vec![0u8; cfg.read_buffer_size];
+        let tls_plain = if tls_listener.is_some() {
+            vec![0u8; cfg.read_buffer_size]
+        } else {
+            Vec::new()
+        };
         let cors = crate::http::Cors::new(&cfg.cors_origins)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         let queue_limit = cfg.send_queue_bytes_max;
@@ -404,6 +435,11 @@ impl Shard {
             poll,
             listener: Some(listener),
             accept_pending: false,
+            tls_listener,
+            tls_accept_pending: false,
+            tls: Vec::new(),
+            tls_config: None,
+            tls_plain,
             inbox,
             clients: Slab::new(),
             users: UserTable::default(),
@@ -463,14 +499,15 @@ impl Shard {
         };
         let mut events = Events::with_capacity(EVENTS_PER_POLL_MAX);
         loop {
-            let timeout = if !self.resume.is_empty() || self.accept_pending {
-                Duration::ZERO
-            } else if let Some(std::cmp::Reverse((due, _, _))) = self.deferred.peek() {
-                let now_ms = self.node.now_us() / 1000;
-                Duration::from_millis(due.saturating_sub(now_ms).min(TIMER_TICK_MS))
-            } else {
-                Duration::from_millis(TIMER_TICK_MS)
-            };
+            let timeout =
+                if !self.resume.is_empty() || self.accept_pending || self.tls_accept_pending {
+                    Duration::ZERO
+                } else if let Some(std::cmp::Reverse((due, _, _))) = self.deferred.peek() {
+                    let now_ms = self.node.now_us() / 1000;
+                    Duration::from_millis(due.saturating_sub(now_ms).min(TIMER_TICK_MS))
+                } else {
+                    Duration::from_millis(TIMER_TICK_MS)
+                };
             if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
                 if e.kind() != io::ErrorKind::Interrupted {
                     return Err(e);
@@ -488,6 +525,7 @@ impl Shard {
             for ev in events.iter() {
                 match ev.token() {
                     LISTENER => self.accept(),
+                    TLS_LISTENER => self.accept_tls(),
                     WAKER => {}
                     Token(t) => {
                         let slot = (t & 0xFFFF_FFFF) as u32;
@@ -506,6 +544,9 @@ impl Shard {
             }
             if self.accept_pending {
                 self.accept();
+            }
+            if self.tls_accept_pending {
+                self.accept_tls();
             }
             for (slot, keep) in std::mem::take(&mut self.http_resume) {
                 self.http_resume(slot, keep);

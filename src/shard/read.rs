@@ -13,7 +13,9 @@ impl Shard {
                 return;
             };
             match crate::io::accept(listener) {
-                Ok(stream) => self.on_accept(stream),
+                Ok(stream) => {
+                    self.on_accept(stream);
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
@@ -29,7 +31,9 @@ impl Shard {
         self.accept_pending = true;
     }
 
-    pub(super) fn on_accept(&mut self, mut stream: mio::net::TcpStream) {
+    /// Take a new connection into the slab, its handshake timer set. Returns its slot (None:
+    /// no slot or registration failed, and the socket is closed).
+    pub(super) fn on_accept(&mut self, mut stream: mio::net::TcpStream) -> Option<u32> {
         // Socket options come from the listener (`io::StreamOptions`): no syscall here.
         let gen = self.next_gen;
         self.next_gen = self.next_gen.wrapping_add(1).max(1);
@@ -40,10 +44,10 @@ impl Shard {
         let entry = self.clients.vacant_entry();
         let slot = entry.key();
         if slot > timer::SLOT_MAX as usize {
-            return;
+            return None;
         }
         if crate::io::register(&self.poll, &mut stream, token(slot, gen)).is_err() {
-            return;
+            return None;
         }
         let c = Client::new(stream, gen, self.now_tick, self.t.burst, rel_ms);
         entry.insert(c);
@@ -51,11 +55,15 @@ impl Shard {
         self.out.stats.connections += 1;
         let deadline = self.now_tick + self.t.handshake;
         self.schedule(slot as u32, deadline);
+        Some(slot as u32)
     }
 
     // ---------------------------------------------------------------- read
 
     pub(super) fn on_readable(&mut self, slot: u32) {
+        if self.is_tls(slot) {
+            return self.on_tls_readable(slot);
+        }
         let mut buf = std::mem::take(&mut self.read_buf);
         for i in 0..READS_PER_EVENT_MAX {
             let Some(c) = self.clients.get_mut(slot as usize) else {

@@ -46,6 +46,10 @@ impl Shard {
     pub(super) fn on_timer(&mut self, slot: u32) {
         let now = self.now_tick;
         let now_s = (self.now_ms / 1000) as u32;
+        // TLS: the handshake has its own timeout, and records rustls holds are queued output
+        // for write_wait.
+        let tls_handshaking = self.tls_handshaking(slot);
+        let tls_out = self.tls_wants_write(slot);
         let c = &mut self.clients[slot as usize];
         let next = match c.phase {
             Phase::Http => {
@@ -55,7 +59,9 @@ impl Shard {
                 // A request waiting for another shard or the bridge gets `answer_wait`, which
                 // outlasts `store_timeout`: the bridge answers first, even with an error.
                 let waiting = self.http_waiting.contains_key(&(slot, c.gen));
-                let limit = if waiting {
+                let limit = if tls_handshaking {
+                    self.t.tls_handshake
+                } else if waiting {
                     self.t.keepalive.max(self.t.answer_wait)
                 } else if c.exp_s > 0 {
                     self.t.keepalive
@@ -70,15 +76,20 @@ impl Shard {
                         self.http_reply(slot, crate::http::json_error(503, text));
                         return;
                     }
+                    if tls_handshaking {
+                        self.out.stats.tls_handshake_failures += 1;
+                    }
                     self.close_now(slot, Some(CloseKind::Http));
                     return;
                 }
                 c.last_rx_tick + limit
             }
-            Phase::Closing => {
+            Phase::Closing if now >= c.last_rx_tick + CLOSING_GRACE_TICKS => {
                 self.close_now(slot, None);
                 return;
             }
+            // Fired early (an entry set before the close began): wait out the grace.
+            Phase::Closing => c.last_rx_tick + CLOSING_GRACE_TICKS,
             // While awaiting auth, exp_s holds the auth deadline tick.
             Phase::AwaitAuth if now >= c.exp_s => {
                 service::session::auth_failed_close(self, slot, None, "authentication timeout");
@@ -89,7 +100,7 @@ impl Shard {
                     self.close_now(slot, Some(CloseKind::Timeout));
                     return;
                 }
-                if c.queued > 0 && now >= c.stall_tick + self.t.write_wait {
+                if (c.queued > 0 || tls_out) && now >= c.stall_tick + self.t.write_wait {
                     self.close_now(slot, Some(CloseKind::Timeout));
                     return;
                 }
@@ -105,7 +116,7 @@ impl Shard {
                     }
                 }
                 let c = &mut self.clients[slot as usize];
-                if c.queued > 0 {
+                if c.queued > 0 || tls_out {
                     next = next.min(c.stall_tick + self.t.write_wait);
                 }
                 if c.phase == Phase::AwaitAuth {

@@ -10,8 +10,9 @@ impl Shard {
     // ---------------------------------------------------------------- output
 
     pub(super) fn mark_dirty(&mut self, slot: u32) {
+        let tls_out = self.tls_wants_write(slot);
         let c = &mut self.clients[slot as usize];
-        if !c.has(flag::DIRTY) && !c.queue.is_empty() {
+        if !c.has(flag::DIRTY) && (!c.queue.is_empty() || tls_out) {
             c.flags |= flag::DIRTY;
             self.out.dirty.push(slot);
         }
@@ -125,6 +126,9 @@ impl Shard {
 
     /// Write as much of the client's queue as the socket takes: gather, one send, commit.
     pub(super) fn flush(&mut self, slot: u32) {
+        if self.is_tls(slot) {
+            return self.flush_tls(slot);
+        }
         let write_max = self.node.cfg.write_buffer_size;
         let now_us = self.now_us;
         let c = &mut self.clients[slot as usize];

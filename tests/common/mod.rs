@@ -2,7 +2,8 @@
 //! talks to it over real sockets.
 //!
 //! Owns: starting and stopping one server per test ([`TestServer`]), a WebSocket client on
-//! tungstenite with read timeouts ([`Client`]), a raw-socket client for what tungstenite will not
+//! tungstenite with read timeouts ([`Client`], over TCP or, for `wss://`, rustls over TCP:
+//! [`TlsStream`]), a raw-socket client for what tungstenite will not
 //! send ([`RawWs`], [`HttpReply`]), JWT minting ([`jwt`]), throwaway PostgreSQL clusters for
 //! the message store tests ([`pg`]), and real Redis servers and Redis Clusters for the cluster
 //! tests ([`redis`]). Every wait here is bounded, so a missing frame fails the test instead of
@@ -85,7 +86,8 @@ pub fn key_path(name: &str) -> String {
     format!("{}/tests/keys/{name}", env!("CARGO_MANIFEST_DIR"))
 }
 
-fn free_port() -> u16 {
+/// A loopback port nothing listens on now, never handed out twice in this test process.
+pub fn free_port() -> u16 {
     loop {
         let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
         let port = l.local_addr().expect("local addr").port();
@@ -653,16 +655,47 @@ pub enum Event {
     Timeout,
 }
 
-/// A WebSocket client (tungstenite over a blocking `TcpStream` with timeouts).
-pub struct Client {
-    pub ws: WebSocket<TcpStream>,
+/// A client's stream whose reads can be given a timeout (a `TcpStream`, or TLS over one).
+pub trait ReadTimeout {
+    fn set_read_timeout_to(&self, d: Option<Duration>) -> std::io::Result<()>;
+}
+
+impl ReadTimeout for TcpStream {
+    fn set_read_timeout_to(&self, d: Option<Duration>) -> std::io::Result<()> {
+        self.set_read_timeout(d)
+    }
+}
+
+/// A `wss://` client's stream: rustls over a blocking `TcpStream`.
+pub type TlsStream = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
+
+impl ReadTimeout for TlsStream {
+    fn set_read_timeout_to(&self, d: Option<Duration>) -> std::io::Result<()> {
+        self.sock.set_read_timeout(d)
+    }
+}
+
+/// A WebSocket client (tungstenite over a blocking `TcpStream` with timeouts, or over TLS).
+pub struct Client<S = TcpStream> {
+    pub ws: WebSocket<S>,
     /// The `connected` frame.
     pub welcome: Value,
     /// `welcome.data.client_id`.
     pub client_id: String,
 }
 
-impl Client {
+impl<S: Read + Write + ReadTimeout> Client<S> {
+    /// A client over an upgraded `ws`, after reading its `connected` frame.
+    pub fn welcomed(ws: WebSocket<S>) -> Client<S> {
+        let mut c = Client {
+            ws,
+            welcome: Value::Null,
+            client_id: String::new(),
+        };
+        c.read_welcome();
+        c
+    }
+
     fn read_welcome(&mut self) {
         let w = self.expect_type("connected");
         self.client_id = w["data"]["client_id"]
@@ -704,7 +737,7 @@ impl Client {
             }
             self.ws
                 .get_mut()
-                .set_read_timeout(Some(left))
+                .set_read_timeout_to(Some(left))
                 .expect("set read timeout");
             match self.ws.read() {
                 Ok(Message::Text(t)) => {

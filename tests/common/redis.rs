@@ -791,7 +791,7 @@ impl TestCerts {
     }
 
     /// Make every file in `dir`.
-    fn generate(dir: &Path) -> TestCerts {
+    pub fn generate(dir: &Path) -> TestCerts {
         const EC: [&str; 4] = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"];
         for (ca, key, cn) in [
             ("ca.crt", "ca.key", "sb-test-ca"),

@@ -69,7 +69,7 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-fn read_pem(key: &'static str, path: &str) -> Result<Vec<u8>, KeyError> {
+pub(crate) fn read_pem(key: &'static str, path: &str) -> Result<Vec<u8>, KeyError> {
     let meta = std::fs::metadata(path).map_err(|e| (key, format!("cannot read {path}: {e}")))?;
     if meta.len() > PEM_FILE_BYTES_MAX {
         return Err((
@@ -83,7 +83,7 @@ fn read_pem(key: &'static str, path: &str) -> Result<Vec<u8>, KeyError> {
     std::fs::read(path).map_err(|e| (key, format!("cannot read {path}: {e}")))
 }
 
-fn pem_certs(
+pub(crate) fn pem_certs(
     key: &'static str,
     path: &str,
     pem: &[u8],
