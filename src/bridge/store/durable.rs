@@ -186,6 +186,17 @@ pub(super) async fn stage<S: Store>(ctx: &Rc<Ctx<S>>, jobs: Vec<Send>, outs: Vec
                 participants,
             } => {
                 stats.stored.fetch_add(1, Ordering::Relaxed);
+                // Traced: the wait for the broker, until the job is acked and dropped.
+                let mut job = job;
+                if !job.span.is_none() {
+                    job.step = crate::child_span!(
+                        &job.span,
+                        "kafka.produce",
+                        otel.kind = "producer",
+                        messaging.system = "kafka",
+                        messaging.destination.name = ctx.node.cfg.kafka_dm_topic.as_str(),
+                    );
+                }
                 order.push(message.id);
                 produce.insert(message.id, (message, participants, vec![job], true));
             }
