@@ -26,6 +26,8 @@ const P2: &str = "b7ad6b7169203331";
 const T3: &str = "80f198ee56343ba864fe8b2a57d3eff7";
 const P3: &str = "e457b5a2e4d86bd1";
 const T4: &str = "11111111111111111111111111111111";
+const T5: &str = "5b8aa5a2d2c872e8321cf37308d69df2";
+const P5: &str = "051581bf3cb55c13";
 
 fn collector(path: &'static str) -> Stub {
     Stub::start(move |p, _| {
@@ -97,14 +99,21 @@ fn otlp_spans(stub: &Stub) -> Vec<(String, Value)> {
 }
 
 /// Wait until `pred` holds of what the collector received; the spans then.
-fn wait_for<T>(what: &str, get: impl Fn() -> Vec<T>, pred: impl Fn(&[T]) -> bool) -> Vec<T> {
+fn wait_for<T: std::fmt::Debug>(
+    what: &str,
+    get: impl Fn() -> Vec<T>,
+    pred: impl Fn(&[T]) -> bool,
+) -> Vec<T> {
     let deadline = Instant::now() + WAIT;
     loop {
         let got = get();
         if pred(&got) {
             return got;
         }
-        assert!(Instant::now() < deadline, "the collector never got {what}");
+        assert!(
+            Instant::now() < deadline,
+            "the collector never got {what}: {got:?}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -152,6 +161,10 @@ fn zipkin_spans_continue_the_callers_trace() {
         .as_str()
         .expect("serverMsgId")
         .to_owned();
+    // A client continuing its own trace in the envelope.
+    let tp5 = format!("00-{T5}-{P5}-01");
+    alice.send_json(json!({"type": "message.send", "clientMsgId": "c-2", "to": "bob", "content": "again", "traceparent": tp5}));
+    alice.expect_type("message.ack");
 
     let spans = wait_for(
         "the API, upgrade and DM spans",
@@ -162,6 +175,7 @@ fn zipkin_spans_continue_the_callers_trace() {
                 && zipkin_find(spans, T2, "ws.upgrade").is_some()
                 && spans.iter().any(|s| s["name"] == "store.append")
                 && spans.iter().any(|s| s["name"] == "dm.send")
+                && zipkin_find(spans, T5, "dm.send").is_some()
         },
     );
     assert!(
@@ -221,6 +235,14 @@ fn zipkin_spans_continue_the_callers_trace() {
     );
     let st_t = store["timestamp"].as_u64().unwrap();
     assert!(st_t >= dm_t && st_t <= dm_t + dm_d, "{dm} {store}");
+    let dm5 = zipkin_find(&spans, T5, "dm.send").unwrap();
+    assert_eq!(dm5["parentId"], P5, "{dm5}");
+    assert!(
+        zipkin_spans(&stub).iter().any(|s| s["traceId"] == T5
+            && s["name"] == "store.append"
+            && s["parentId"] == dm5["id"]),
+        "no store.append in the client's trace"
+    );
 
     // Log lines inside the upgrade's span carry its ids (text format).
     let logs = s.logs();
@@ -350,4 +372,52 @@ fn tracing_off_shows_nothing() {
     let (_, text) = s.http_get("/metrics");
     assert!(!text.contains("switchboard_trace_"), "{text}");
     assert!(!s.logs().contains("trace_id"));
+}
+
+#[test]
+fn the_jwt_check_is_a_child_of_the_upgrade() {
+    use common::jwt;
+    let stub = collector("/api/v2/spans");
+    let s = server(
+        "zipkin",
+        &stub.url("/api/v2/spans"),
+        &[
+            ("SWITCHBOARD_AUTH_MODE", "jwt"),
+            ("SWITCHBOARD_JWT_SECRET", jwt::SECRET),
+        ],
+    );
+    let now = common::now_s() as i64;
+    let good = jwt::hs256(&json!({"sub": "carol", "iat": now, "exp": now + 300}));
+    let tp = format!("00-{T1}-{P1}-01");
+    let auth = format!("Bearer {good}");
+    let c = s.connect_with("/ws", &[("traceparent", &tp), ("Authorization", &auth)]);
+    let bad = format!("Bearer {}x", good);
+    let tp3 = format!("00-{T3}-{P3}-01");
+    let r = s.raw_upgrade("/ws", &[("traceparent", &tp3), ("Authorization", &bad)]);
+    assert_eq!(r.status, 401);
+    let spans = wait_for(
+        "the upgrade and auth spans",
+        || zipkin_spans(&stub),
+        |spans| {
+            [T1, T3].iter().all(|t| {
+                zipkin_find(spans, t, "ws.upgrade").is_some()
+                    && zipkin_find(spans, t, "auth").is_some()
+            })
+        },
+    );
+    let up = zipkin_find(&spans, T1, "ws.upgrade").unwrap();
+    let check = zipkin_find(&spans, T1, "auth").unwrap();
+    assert_eq!(check["parentId"], up["id"], "{check}");
+    assert_eq!(check["tags"]["auth.mode"], "jwt");
+    assert_eq!(check["tags"]["auth.result"], "ok");
+    assert_eq!(up["tags"]["enduser.id"], "carol");
+    let refused = zipkin_find(&spans, T3, "ws.upgrade").unwrap();
+    assert_eq!(
+        refused["tags"]["http.response.status_code"], "401",
+        "{refused}"
+    );
+    let check = zipkin_find(&spans, T3, "auth").unwrap();
+    assert_eq!(check["parentId"], refused["id"]);
+    assert_ne!(check["tags"]["auth.result"], "ok", "{check}");
+    c.close();
 }

@@ -379,20 +379,22 @@ impl Shard {
             match (cfg.auth_mode, node.verifier.as_ref()) {
                 (AuthMode::Jwt, Some(verifier)) => {
                     match token_from_upgrade(head.authorization, head.query, head.ws_protocols) {
-                        Some((token, _)) => match verifier.verify(&token, self.now_ms / 1000) {
-                            Ok(c) => claims = Some(c),
-                            Err(e) => {
-                                self.out.stats.errors[ErrorReason::AuthFailed as usize] += 1;
-                                // The reason only: tokens never reach the logs.
-                                tracing::debug!(
-                                    shard = self.id,
-                                    reason = e.as_str(),
-                                    "upgrade refused: bad token"
-                                );
-                                self.reject(slot, 401, e.as_str());
-                                return Upgraded::Refused;
+                        Some((token, _)) => {
+                            match verify_traced(verifier, &token, self.now_ms / 1000) {
+                                Ok(c) => claims = Some(c),
+                                Err(e) => {
+                                    self.out.stats.errors[ErrorReason::AuthFailed as usize] += 1;
+                                    // The reason only: tokens never reach the logs.
+                                    tracing::debug!(
+                                        shard = self.id,
+                                        reason = e.as_str(),
+                                        "upgrade refused: bad token"
+                                    );
+                                    self.reject(slot, 401, e.as_str());
+                                    return Upgraded::Refused;
+                                }
                             }
-                        },
+                        }
                         None if cfg.path_dialect(head.path).needs_upgrade_token() => {
                             // The chat hub's clients cannot authenticate in-band.
                             self.out.stats.errors[ErrorReason::AuthFailed as usize] += 1;
@@ -560,6 +562,26 @@ impl Shard {
         self.schedule(slot, now_tick + 1);
         true
     }
+}
+
+/// Check an upgrade's token; traced, as an `auth` child of the upgrade's span.
+fn verify_traced(
+    verifier: &crate::auth::Verifier,
+    token: &str,
+    now_s: u64,
+) -> Result<Claims, crate::auth::AuthError> {
+    let auth = crate::child_span!(
+        &crate::trace::current(),
+        "auth",
+        auth.mode = "jwt",
+        auth.result = tracing::field::Empty,
+    );
+    let verified = verifier.verify(token, now_s);
+    if !auth.is_none() {
+        let result = verified.as_ref().map_or_else(|e| e.as_str(), |_| "ok");
+        auth.record("auth.result", result);
+    }
+    verified
 }
 
 /// The plain endpoints. `HEAD` is served wherever `GET` is.

@@ -192,6 +192,13 @@ pub fn root(incoming: Option<Incoming>) -> Option<Root> {
     decide(p, incoming)
 }
 
+/// Tracing is on (one atomic load): guard work done only for tracing, such as parsing a
+/// context the caller sent.
+#[inline]
+pub fn on() -> bool {
+    pipeline().is_some()
+}
+
 /// [`root`] for a request: its trace headers are parsed only when tracing is on.
 #[inline]
 pub fn root_for(headers: &propagation::Headers<'_>) -> Option<Root> {

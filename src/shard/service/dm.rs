@@ -52,6 +52,9 @@ struct SendCmd<'a> {
     content: Option<Cow<'a, str>>,
     #[serde(rename = "attachmentUrl", borrow, default)]
     attachment_url: Option<Cow<'a, str>>,
+    /// The client's trace context (W3C `traceparent`), continued when tracing is on.
+    #[serde(borrow, default)]
+    traceparent: Option<Cow<'a, str>>,
 }
 
 pub fn send(sh: &mut Shard, slot: u32, cmd: &Cmd<'_>) {
@@ -131,8 +134,12 @@ pub fn send(sh: &mut Shard, slot: u32, cmd: &Cmd<'_>) {
     };
     // Traced (when sampled) from here to the ack: the span goes with the job to the bridge,
     // which adds `store.append` (and `kafka.produce`) under it.
+    let incoming = match &m.traceparent {
+        Some(tp) if crate::trace::on() => crate::trace::propagation::parse_traceparent(tp),
+        _ => None,
+    };
     let span = crate::root_span!(
-        crate::trace::root(None),
+        crate::trace::root(incoming),
         "dm.send",
         otel.kind = "server",
         shard = sh.id as u64,
