@@ -421,3 +421,103 @@ fn the_jwt_check_is_a_child_of_the_upgrade() {
     assert_ne!(check["tags"]["auth.result"], "ok", "{check}");
     c.close();
 }
+
+/// Kafka (librdkafka's in-process mock cluster): a traced DM's record carries a `traceparent`
+/// naming its `kafka.produce` span (child of `dm.send`), and a notification record that
+/// carries one is handled in a `kafka.notify` span of that trace.
+#[test]
+fn kafka_records_carry_the_trace_on() {
+    use common::kafka::{self, Mock};
+    let mock = Mock::start(1);
+    mock.create_topic("dm-trace", 1);
+    mock.create_topic("trace.joined", 1);
+    mock.create_topic("trace-dlq", 1);
+    let stub = collector("/api/v2/spans");
+    let bootstrap = mock.bootstrap();
+    let rules = json!([
+        {"topic": "trace.joined", "room": "/community", "kind": "user.joined", "data": ["/userId"]},
+    ])
+    .to_string();
+    let group = kafka::unique_group("trace");
+    let s = server(
+        "zipkin",
+        &stub.url("/api/v2/spans"),
+        &[
+            ("SWITCHBOARD_KAFKA_BROKERS", &bootstrap),
+            ("SWITCHBOARD_KAFKA_DM_TOPIC", "dm-trace"),
+            ("SWITCHBOARD_KAFKA_NOTIFICATIONS", &rules),
+            ("SWITCHBOARD_KAFKA_GROUP_ID", &group),
+            ("SWITCHBOARD_KAFKA_DEAD_LETTER_TOPIC", "trace-dlq"),
+            ("SWITCHBOARD_KAFKA_FROM_BEGINNING", "true"),
+            ("SWITCHBOARD_KAFKA_SESSION_TIMEOUT", "3s"),
+        ],
+    );
+    s.wait_ready();
+    let mut alice = s.connect("/ws?user_id=alice");
+    let mut acked = false;
+    for i in 0..20 {
+        alice.send_json(json!({"type": "message.send", "clientMsgId": format!("k-{i}"), "to": "bob", "content": "hi"}));
+        let v = alice.recv_json();
+        if v["type"] == "message.ack" {
+            acked = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(acked, "no DM acked through the mock broker");
+    let recs = kafka::read_all(&bootstrap, "dm-trace", 1, kafka::READ_TIMEOUT);
+    let tp = recs
+        .iter()
+        .rev()
+        .find_map(|r| r.header("traceparent"))
+        .unwrap_or_else(|| panic!("no traceparent header: {recs:?}"))
+        .to_owned();
+    let parts: Vec<&str> = tp.split('-').collect();
+    assert_eq!((parts.len(), parts[0], parts[3]), (4, "00", "01"), "{tp}");
+    let (trace, parent) = (parts[1].to_owned(), parts[2].to_owned());
+    let spans = wait_for(
+        "the kafka.produce span the header names",
+        || zipkin_spans(&stub),
+        |spans| spans.iter().any(|s| s["id"] == parent.as_str()),
+    );
+    let produce = spans.iter().find(|s| s["id"] == parent.as_str()).unwrap();
+    assert_eq!(produce["name"], "kafka.produce", "{produce}");
+    assert_eq!(produce["traceId"], trace.as_str());
+    assert_eq!(produce["kind"], "PRODUCER");
+    assert_eq!(produce["tags"]["messaging.destination.name"], "dm-trace");
+    let dm = zipkin_find(&spans, &trace, "dm.send").expect("the dm.send span");
+    assert_eq!(produce["parentId"], dm["id"]);
+
+    // A notification record with the producer's context.
+    let mut ann = s.connect("/ws?user_id=ann");
+    ann.subscribe("c1");
+    let tp3 = format!("00-{T3}-{P3}-01");
+    kafka::produce(
+        &bootstrap,
+        "trace.joined",
+        None,
+        r#"{"userId":"dan","community":"c1"}"#,
+        &[("traceparent", &tp3)],
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(!left.is_zero(), "no notification within 30 s");
+        match ann.next_event(left) {
+            common::Event::Json(v) if v["type"] == "notification" => break,
+            common::Event::Close(..) | common::Event::Closed(_) => panic!("ann was closed"),
+            _ => {}
+        }
+    }
+    let spans = wait_for(
+        "the kafka.notify span",
+        || zipkin_spans(&stub),
+        |spans| zipkin_find(spans, T3, "kafka.notify").is_some(),
+    );
+    let n = zipkin_find(&spans, T3, "kafka.notify").unwrap();
+    assert_eq!(n["parentId"], P3, "{n}");
+    assert_eq!(n["kind"], "CONSUMER");
+    assert_eq!(n["tags"]["messaging.destination.name"], "trace.joined");
+    alice.close();
+    ann.close();
+}

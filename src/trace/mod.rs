@@ -1,7 +1,9 @@
 //! Distributed tracing: spans for what a person debugging follows (an upgrade and its
 //! authentication, each server API and REST request, a direct message from `message.send` to
-//! `message.ack`), continued from the caller's W3C `traceparent` or Zipkin B3 headers
-//! ([`propagation`]), exported over OTLP/HTTP JSON or Zipkin's v2 JSON API
+//! `message.ack` with its store commit and Kafka produce, a notification record from Kafka),
+//! continued from the caller's W3C `traceparent` or Zipkin B3 headers ([`propagation`]; a
+//! `message.send` field, a Kafka record's headers) and handed on (a DM record's
+//! `traceparent` header), exported over OTLP/HTTP JSON or Zipkin's v2 JSON API
 //! (`crate::bridge::trace_export`), and stamped on every log line written inside them.
 //!
 //! **Our own small exporter, not the OpenTelemetry crates.** `opentelemetry-otlp` brings
@@ -197,6 +199,23 @@ pub fn root(incoming: Option<Incoming>) -> Option<Root> {
 #[inline]
 pub fn on() -> bool {
     pipeline().is_some()
+}
+
+/// The trace id and span id of `span`, when it is traced (to hand on: a `traceparent` header
+/// of a produced Kafka record).
+pub fn context_of(span: &tracing::Span) -> Option<(u128, u64)> {
+    if span.is_none() {
+        return None;
+    }
+    span.with_subscriber(|(id, dispatch)| {
+        use tracing_subscriber::registry::{LookupSpan, SpanData as _};
+        let registry = dispatch.downcast_ref::<tracing_subscriber::Registry>()?;
+        let data = registry.span_data(id)?;
+        let ext = data.extensions();
+        ext.get::<layer::SpanData>()
+            .map(|d| (d.trace_id, d.span_id))
+    })
+    .flatten()
 }
 
 /// [`root`] for a request: its trace headers are parsed only when tracing is on.
@@ -404,6 +423,32 @@ mod tests {
         assert_eq!(p.stats.dropped_queue_full.load(Ordering::Relaxed), 2);
         assert_eq!(p.take(3).len(), 3);
         assert_eq!(p.take(3).len(), 1);
+    }
+
+    #[test]
+    fn the_layer_links_children_to_their_root() {
+        use tracing_subscriber::layer::SubscriberExt;
+        let subscriber = tracing_subscriber::registry().with(layer::TraceLayer::new());
+        tracing::subscriber::with_default(subscriber, || {
+            let root = Root {
+                trace_id: 0xabc,
+                remote_parent: Some(7),
+            };
+            let span = crate::root_span!(Some(root), "r", otel.kind = "server");
+            let (trace_id, root_id) = context_of(&span).expect("traced");
+            assert_eq!(trace_id, 0xabc);
+            let child = crate::child_span!(&span, "c");
+            let (t, c) = context_of(&child).expect("traced child");
+            assert_eq!(t, 0xabc);
+            assert_ne!(c, root_id);
+            // Not sampled: no span at all, and its children none either.
+            let none = crate::root_span!(None::<Root>, "r");
+            assert!(none.is_none());
+            assert!(crate::child_span!(&none, "c").is_none());
+            // A span of another target is not traced.
+            let other = tracing::info_span!("plain");
+            assert_eq!(context_of(&other), None);
+        });
     }
 
     #[test]
