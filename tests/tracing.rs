@@ -28,6 +28,8 @@ const P3: &str = "e457b5a2e4d86bd1";
 const T4: &str = "11111111111111111111111111111111";
 const T5: &str = "5b8aa5a2d2c872e8321cf37308d69df2";
 const P5: &str = "051581bf3cb55c13";
+const T6: &str = "6e0c63257de34c92bf9efcd03927272e";
+const P6: &str = "3b9aca07d8f1c2e4";
 
 fn collector(path: &'static str) -> Stub {
     Stub::start(move |p, _| {
@@ -150,6 +152,17 @@ fn zipkin_spans_continue_the_callers_trace() {
         false,
     );
     assert_eq!(wrong.0, 401);
+    // A REST request the bridge runs against the store: its span ends with the answer.
+    let tp6 = format!("00-{T6}-{P6}-01");
+    let rest = http_json(
+        &s,
+        "GET",
+        "/api/v1/messages/threads",
+        &[("X-User-Id", "alice"), ("traceparent", &tp6)],
+        None,
+        false,
+    );
+    assert_eq!(rest.0, 200, "{rest:?}");
     // An upgrade with the caller's context, then a direct message on it.
     let tp2 = format!("00-{T2}-{P2}-01");
     let mut alice = s.connect_with("/ws?user_id=alice", &[("traceparent", &tp2)]);
@@ -176,6 +189,7 @@ fn zipkin_spans_continue_the_callers_trace() {
                 && spans.iter().any(|s| s["name"] == "store.append")
                 && spans.iter().any(|s| s["name"] == "dm.send")
                 && zipkin_find(spans, T5, "dm.send").is_some()
+                && zipkin_find(spans, T6, "http.request").is_some()
         },
     );
     assert!(
@@ -201,6 +215,14 @@ fn zipkin_spans_continue_the_callers_trace() {
     assert_eq!(tags["url.path"], "/api/stats", "{api}");
     assert_eq!(tags["http.response.status_code"], "200", "{api}");
     assert!(tags["shard"].as_str().is_some(), "{api}");
+    let rest = zipkin_find(&spans, T6, "http.request").unwrap();
+    assert_eq!(rest["parentId"], P6, "{rest}");
+    assert_eq!(
+        rest["tags"]["url.path"], "/api/v1/messages/threads",
+        "{rest}"
+    );
+    assert_eq!(rest["tags"]["enduser.id"], "alice", "{rest}");
+    assert_eq!(rest["tags"]["http.response.status_code"], "200", "{rest}");
     let b3_api = zipkin_find(&spans, T3, "http.request").unwrap();
     assert_eq!(b3_api["parentId"], P3, "{b3_api}");
     let up = zipkin_find(&spans, T2, "ws.upgrade").unwrap();

@@ -771,8 +771,12 @@ fn fail_all<S>(ctx: &Ctx<S>, jobs: &[Send], e: &StoreError) {
         ctx.unlogged_failures.set(failed);
     }
     for j in jobs {
-        if !j.span.is_none() {
-            j.span.record("otel.status_code", "ERROR");
+        match j.answer {
+            Answer::Http { .. } => crate::trace::record_status(&j.span, 503),
+            Answer::Ws { .. } if !j.span.is_none() => {
+                j.span.record("otel.status_code", "ERROR");
+            }
+            Answer::Ws { .. } => {}
         }
         answer_error(
             ctx,
@@ -806,6 +810,7 @@ fn complete<S>(ctx: &Ctx<S>, job: &Send, out: Appended) {
     match (&job.answer, &out) {
         (Answer::Http { keep, cors }, _) => {
             let r = crate::rest::render_appended(&out);
+            crate::trace::record_status(&job.span, r.status.0);
             http_answer(ctx, job.origin, r.status, &r.body, *keep, cors.as_deref());
         }
         (Answer::Ws { id }, Appended::New { message, .. } | Appended::Duplicate(message)) => {
@@ -1169,6 +1174,7 @@ async fn rest<S: Store>(
         }
     }
     if !answered_later {
+        crate::trace::record_status(&span, done.status.0);
         http_answer(ctx, origin, done.status, &done.body, keep, cors.as_deref());
     }
 }
