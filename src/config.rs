@@ -34,6 +34,29 @@ pub enum LogFormat {
     Json,
 }
 
+/// Where finished spans go (`crate::trace`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TraceExporter {
+    /// No tracing: no span is created, nothing runs.
+    Off,
+    /// OTLP/HTTP JSON (`POST /v1/traces`): an OpenTelemetry Collector, Jaeger, Tempo.
+    Otlp,
+    /// Zipkin's v2 JSON API (`POST /api/v2/spans`).
+    Zipkin,
+}
+
+impl TraceExporter {
+    /// The collector URL used when `trace_endpoint` is empty: the exporter's usual port on
+    /// this host.
+    pub fn default_endpoint(self) -> &'static str {
+        match self {
+            TraceExporter::Off => "",
+            TraceExporter::Otlp => "http://127.0.0.1:4318/v1/traces",
+            TraceExporter::Zipkin => "http://127.0.0.1:9411/api/v2/spans",
+        }
+    }
+}
+
 /// Who a user may address with typing, receipts, calls and presence watches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AddressPolicy {
@@ -334,6 +357,23 @@ pub struct Config {
     /// homePageUrl: a path on the registered address, or an absolute URL.
     pub eureka_home_page_url: String,
 
+    // --- distributed tracing (`crate::trace`, exported by `bridge::trace_export`) ---
+    /// Where spans go; `Off` = no tracing at all.
+    pub trace_exporter: TraceExporter,
+    /// The collector's full URL (`http://host:port/path`); empty = the exporter's default.
+    pub trace_endpoint: String,
+    /// Share of new traces recorded (head sampling at the root), 0.0 to 1.0; a sampled
+    /// parent from a request's headers is always honoured.
+    pub trace_sample_ratio: f64,
+    /// The service name spans carry; empty = `service_name`.
+    pub trace_service_name: String,
+    /// How often queued spans are sent.
+    pub trace_export_interval: Duration,
+    /// Most spans in one export request.
+    pub trace_export_batch_max: usize,
+    /// Longest one export request may take (connect, send, answer).
+    pub trace_export_timeout: Duration,
+
     // --- server HTTP API ---
     /// Key for the server HTTP API (`X-API-Key: <key>` or `Authorization: apikey <key>`);
     /// None = API off. Never logged or echoed in errors.
@@ -493,6 +533,13 @@ impl Default for Config {
             eureka_health_check_url: "/ready".into(),
             eureka_status_page_url: "/health".into(),
             eureka_home_page_url: "/".into(),
+            trace_exporter: TraceExporter::Off,
+            trace_endpoint: String::new(),
+            trace_sample_ratio: 0.01,
+            trace_service_name: String::new(),
+            trace_export_interval: Duration::from_secs(1),
+            trace_export_batch_max: 512,
+            trace_export_timeout: Duration::from_secs(5),
             max_dm_content_bytes: 16 * 1024,
             api_key: None,
             admin_page: false,
@@ -874,6 +921,38 @@ impl Kind for LogFormatKind {
     }
 }
 
+struct TraceExporterKind;
+impl Kind for TraceExporterKind {
+    type Out = TraceExporter;
+    const HINT: &'static str = "<off|otlp|zipkin>";
+    fn parse(raw: &Raw) -> Result<TraceExporter, String> {
+        match raw.text()?.trim().to_ascii_lowercase().as_str() {
+            "off" | "none" | "" => Ok(TraceExporter::Off),
+            "otlp" => Ok(TraceExporter::Otlp),
+            "zipkin" => Ok(TraceExporter::Zipkin),
+            _ => Err("expected off, otlp or zipkin".into()),
+        }
+    }
+}
+
+/// A share between 0 and 1 (`0.25`, or `25%`).
+struct Ratio;
+impl Kind for Ratio {
+    type Out = f64;
+    const HINT: &'static str = "<0.0-1.0>";
+    fn parse(raw: &Raw) -> Result<f64, String> {
+        let t = raw.text()?.trim();
+        let v = match t.strip_suffix('%') {
+            Some(p) => p.trim().parse::<f64>().map(|v| v / 100.0),
+            None => t.parse::<f64>(),
+        };
+        match v {
+            Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
+            _ => Err("expected a number from 0.0 to 1.0 (or 0% to 100%)".into()),
+        }
+    }
+}
+
 struct AddressPolicyKind;
 impl Kind for AddressPolicyKind {
     type Out = AddressPolicy;
@@ -1181,6 +1260,21 @@ config_keys! {
         "statusPageUrl registered: a path or an absolute URL, as eureka_health_check_url.";
     eureka_home_page_url: Text = "/", "SWITCHBOARD_EUREKA_HOME_PAGE_URL",
         "homePageUrl registered: a path or an absolute URL, as eureka_health_check_url.";
+    // ---- distributed tracing
+    trace_exporter: TraceExporterKind = "off", "SWITCHBOARD_TRACE_EXPORTER",
+        "Distributed tracing: off (no span is made, nothing runs), otlp (OTLP/HTTP JSON to trace_endpoint: an OpenTelemetry Collector, Jaeger, Tempo) or zipkin (Zipkin's v2 JSON API). See docs/OPERATIONS.md, Tracing.";
+    trace_endpoint: Text = "", "SWITCHBOARD_TRACE_ENDPOINT",
+        "The collector's full URL (http:// only in this build); empty = http://127.0.0.1:4318/v1/traces for otlp, http://127.0.0.1:9411/api/v2/spans for zipkin.";
+    trace_sample_ratio: Ratio = "0.01", "SWITCHBOARD_TRACE_SAMPLE_RATIO",
+        "Share of new traces recorded, 0.0 to 1.0, decided once at the root span; a request whose traceparent or B3 headers say sampled is always recorded, one that says not sampled never.";
+    trace_service_name: Text = "", "SWITCHBOARD_TRACE_SERVICE_NAME",
+        "service.name of the spans (Zipkin's localEndpoint.serviceName); empty = service_name.";
+    trace_export_interval: Dur = "1s", "SWITCHBOARD_TRACE_EXPORT_INTERVAL",
+        "How often queued spans are sent to the collector, 10ms to 1m. The queue holds 8192 spans; past it spans are dropped and counted (switchboard_trace_spans_dropped_total).";
+    trace_export_batch_max: Count = "512", "SWITCHBOARD_TRACE_EXPORT_BATCH_MAX",
+        "Most spans in one export request, 1 to 8192.";
+    trace_export_timeout: Dur = "5s", "SWITCHBOARD_TRACE_EXPORT_TIMEOUT",
+        "Longest one export request may take (connect, send, answer), 100ms to 60s; a batch that fails is dropped and counted, and the next is tried after a backoff.";
     api_key: OptText = "", "SWITCHBOARD_API_KEY",
         "Key for the server HTTP API (X-API-Key or Authorization: apikey <key>); empty = API off. Prefer the env var: flags show in ps. Never logged.";
     admin_page: Flag = "false", "SWITCHBOARD_ADMIN_PAGE",
@@ -3123,7 +3217,68 @@ impl Config {
         }
         self.validate_proxy(&from)?;
         self.validate_eureka(&from)?;
+        self.validate_trace(&from)?;
         Ok(())
+    }
+
+    /// Distributed tracing's keys (`crate::trace`), checked whether or not it is on.
+    fn validate_trace(&self, from: &dyn Fn(&str) -> String) -> Result<(), ConfigError> {
+        let fail = |key: &str, why: String| Err(ConfigError::new(key, why));
+        if !self.trace_endpoint.is_empty() {
+            if let Err(e) = crate::bridge::http_client::Url::parse(&self.trace_endpoint) {
+                return fail("trace_endpoint", format!("{e}{}", from("trace_endpoint")));
+            }
+        }
+        let d = self.trace_export_interval;
+        if d < Duration::from_millis(10) || d > Duration::from_secs(60) {
+            return fail(
+                "trace_export_interval",
+                format!(
+                    "must be between 10ms and 1m, got {d:?}{}",
+                    from("trace_export_interval")
+                ),
+            );
+        }
+        let d = self.trace_export_timeout;
+        if d < Duration::from_millis(100) || d > Duration::from_secs(60) {
+            return fail(
+                "trace_export_timeout",
+                format!(
+                    "must be between 100ms and 60s, got {d:?}{}",
+                    from("trace_export_timeout")
+                ),
+            );
+        }
+        let n = self.trace_export_batch_max;
+        if n == 0 || n > crate::limits::TRACE_QUEUE_SPANS_MAX {
+            return fail(
+                "trace_export_batch_max",
+                format!(
+                    "must be 1 to {}, got {n}{}",
+                    crate::limits::TRACE_QUEUE_SPANS_MAX,
+                    from("trace_export_batch_max")
+                ),
+            );
+        }
+        Ok(())
+    }
+
+    /// The collector URL spans are sent to (`trace_endpoint`, or the exporter's default).
+    pub fn trace_url(&self) -> &str {
+        if self.trace_endpoint.is_empty() {
+            self.trace_exporter.default_endpoint()
+        } else {
+            &self.trace_endpoint
+        }
+    }
+
+    /// The service name spans carry.
+    pub fn trace_service(&self) -> &str {
+        if self.trace_service_name.is_empty() {
+            &self.service_name
+        } else {
+            &self.trace_service_name
+        }
     }
 
     /// Service discovery's keys (`crate::bridge::eureka`). The identity keys are checked
@@ -4826,6 +4981,64 @@ mod tests {
             rest = start + len;
         }
         assert!(blocks >= 3, "CONFIG.md has {blocks} yaml blocks");
+    }
+
+    #[test]
+    fn trace_keys_parse_and_validate() {
+        let ok = Config::load(
+            &[],
+            &env_of(&[
+                ("SWITCHBOARD_TRACE_EXPORTER", "Zipkin"),
+                ("SWITCHBOARD_TRACE_SAMPLE_RATIO", "25%"),
+                ("SWITCHBOARD_TRACE_ENDPOINT", "http://z:9411/api/v2/spans"),
+            ]),
+        )
+        .expect("valid");
+        assert_eq!(ok.trace_exporter, TraceExporter::Zipkin);
+        assert!((ok.trace_sample_ratio - 0.25).abs() < 1e-9);
+        assert_eq!(ok.trace_url(), "http://z:9411/api/v2/spans");
+        assert_eq!(ok.trace_service(), "switchboard");
+        let d = Config::load(&[], &env_of(&[("SWITCHBOARD_TRACE_EXPORTER", "otlp")])).unwrap();
+        assert_eq!(d.trace_url(), "http://127.0.0.1:4318/v1/traces");
+        assert!((d.trace_sample_ratio - 0.01).abs() < 1e-9);
+        assert_eq!(Config::default().trace_exporter, TraceExporter::Off);
+        for (env, v, key) in [
+            (
+                "SWITCHBOARD_TRACE_SAMPLE_RATIO",
+                "1.5",
+                "trace_sample_ratio",
+            ),
+            (
+                "SWITCHBOARD_TRACE_SAMPLE_RATIO",
+                "-0.1",
+                "trace_sample_ratio",
+            ),
+            ("SWITCHBOARD_TRACE_EXPORTER", "jaeger", "trace_exporter"),
+            ("SWITCHBOARD_TRACE_ENDPOINT", "https://x/", "trace_endpoint"),
+            (
+                "SWITCHBOARD_TRACE_EXPORT_INTERVAL",
+                "1ms",
+                "trace_export_interval",
+            ),
+            (
+                "SWITCHBOARD_TRACE_EXPORT_BATCH_MAX",
+                "0",
+                "trace_export_batch_max",
+            ),
+            (
+                "SWITCHBOARD_TRACE_EXPORT_BATCH_MAX",
+                "9000",
+                "trace_export_batch_max",
+            ),
+            (
+                "SWITCHBOARD_TRACE_EXPORT_TIMEOUT",
+                "2m",
+                "trace_export_timeout",
+            ),
+        ] {
+            let e = Config::load(&[], &env_of(&[(env, v)])).expect_err(v);
+            assert_eq!(e.key, key, "{e:?}");
+        }
     }
 
     #[test]

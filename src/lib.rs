@@ -10,6 +10,8 @@
 //! - [`directory`] is the node-wide, lock-free view of which shards hold which rooms and users;
 //!   [`admission`] decides whether one more connection, member or device fits.
 //! - [`rest`] is the messaging REST API (`/api/v1/`): parsed on the shards, run on the bridge.
+//! - [`trace`] is distributed tracing (spans, propagation headers, the export queue), off by
+//!   default; the bridge exports.
 //! - [`metrics`] merges per-shard counters off the hot path; [`server`] wires it all together.
 
 pub mod admission;
@@ -35,3 +37,4 @@ pub mod server;
 pub mod shard;
 pub mod store;
 pub mod tls;
+pub mod trace;

@@ -156,3 +156,15 @@ pub const TLS_SESSION_CACHE_ENTRIES: usize = 4096;
 /// TLS 1.3 session tickets (ids into the cache above) sent per full handshake. rustls'
 /// default is 2; a WebSocket client reconnects one connection at a time.
 pub const TLS_TLS13_TICKETS: usize = 1;
+
+// ---- distributed tracing
+/// Finished spans waiting for the exporter (`crate::trace`). A span is ~200 B with its
+/// attributes, so the queue holds ~1.6 MiB at the bound (its slots are allocated at start, only
+/// when tracing is on). At the default 1 s export interval this covers 8,192 sampled spans a
+/// second; past it a span is dropped and counted (`switchboard_trace_spans_dropped_total`),
+/// never waited for.
+pub const TRACE_QUEUE_SPANS_MAX: usize = 8192;
+/// Attributes kept per span; more are dropped (a span carries a handful).
+pub const TRACE_ATTRIBUTES_PER_SPAN_MAX: usize = 16;
+/// Longest text attribute kept, in bytes (cut on a character boundary past it).
+pub const TRACE_ATTRIBUTE_BYTES_MAX: usize = 256;

@@ -13,17 +13,38 @@ use std::process::ExitCode;
 use switchboard::config::{Config, LogFormat};
 use switchboard::server::Server;
 
+/// The log subscriber: the `log_level` filter, the text or JSON formatter (stamping
+/// `trace_id`/`span_id` on lines inside traced spans), and, with `trace_exporter` set, the
+/// trace layer (`switchboard::trace`), whose spans the filter always lets through.
 fn init_logging(cfg: &Config) {
-    let filter = tracing_subscriber::EnvFilter::try_new(&cfg.log_level)
+    use switchboard::trace::layer::WithTraceIds;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let mut filter = tracing_subscriber::EnvFilter::try_new(&cfg.log_level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let trace_layer = switchboard::trace::install(cfg);
+    if trace_layer.is_some() {
+        let directive = format!("{}=info", switchboard::trace::TARGET);
+        filter = filter.add_directive(directive.parse().expect("a valid directive"));
+    }
+    let fmt = tracing_subscriber::fmt::layer()
         .with_target(false)
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
+    let registry = tracing_subscriber::registry().with(filter);
     match cfg.log_format {
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-        LogFormat::Text => builder.init(),
+        LogFormat::Json => registry
+            .with(
+                fmt.json()
+                    .flatten_event(true)
+                    .map_event_format(WithTraceIds::json),
+            )
+            .with(trace_layer)
+            .init(),
+        LogFormat::Text => registry
+            .with(fmt.map_event_format(WithTraceIds::text))
+            .with(trace_layer)
+            .init(),
     }
 }
 

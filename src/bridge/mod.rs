@@ -12,6 +12,9 @@
 //! With `eureka_url` set it also runs the node's registration with Eureka ([`eureka`]), told
 //! of the drain and the exit through [`BridgeHandle::draining`] and [`BridgeHandle::shutdown`].
 //!
+//! With `trace_exporter` set it also sends the node's finished spans to the trace collector
+//! ([`trace_export`]), and what is left of them once more at exit.
+//!
 //! With no Redis configured, `clustered` is false: shards send it only store jobs (direct
 //! messages, `sync`, receipts, the REST API), never room traffic, and nothing of [`redis`]
 //! exists.
@@ -23,6 +26,7 @@ pub mod notify;
 pub mod proxy;
 pub mod redis;
 pub mod store;
+pub mod trace_export;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -164,11 +168,24 @@ impl BridgeHandle {
                     let registration = (!node.cfg.eureka_url.is_empty())
                         .then(|| tokio::task::spawn_local(eureka::run(node.clone(), phase_rx)));
                     let eureka_timeout = node.cfg.eureka_timeout;
+                    // Only with tracing on (`trace::install` made the pipeline).
+                    let exporter = crate::trace::pipeline().and_then(|p| {
+                        let mut e = trace_export::Exporter::new(p, &node.cfg)?;
+                        Some((p, tokio::task::spawn_local(async move { e.run().await })))
+                    });
+                    let at_exit = node.clone();
                     store::run(node, rx).await;
                     // It deregisters while the store finishes (told at `shutdown`); wait
                     // for it, bounded by its own timeout.
                     if let Some(task) = registration {
                         eureka::finish(task, eureka_timeout).await;
+                    }
+                    // The spans of the last requests: sent once, within trace_export_timeout.
+                    if let Some((p, task)) = exporter {
+                        task.abort();
+                        if let Some(mut e) = trace_export::Exporter::new(p, &at_exit.cfg) {
+                            e.flush().await;
+                        }
                     }
                 });
             })?;

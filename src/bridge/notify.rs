@@ -355,7 +355,17 @@ async fn worker<K: Sink + 'static>(shared: Rc<Shared<K>>, q: Rc<PartQueue>) {
             q.wake.notified().await;
             continue;
         };
-        handle(&shared, &m).await;
+        // Traced (when sampled, or when the record's traceparent/B3 headers say so): from
+        // the record to its hand-off to the shards (one span per record, never per recipient).
+        let span = if crate::trace::on() {
+            record_span(&m)
+        } else {
+            tracing::Span::none()
+        };
+        {
+            use tracing::Instrument as _;
+            handle(&shared, &m).instrument(span).await;
+        }
         // Stored, then committed by librdkafka: after a revocation this fails, and the
         // partition's new owner reads the record again (the store's key dedups it).
         if let Err(e) = shared
@@ -369,6 +379,27 @@ async fn worker<K: Sink + 'static>(shared: Rc<Shared<K>>, q: Rc<PartQueue>) {
             q.drained.notify_one();
         }
     }
+}
+
+/// The `kafka.notify` span of a record, continuing the trace its headers carry.
+fn record_span(m: &OwnedMessage) -> tracing::Span {
+    let mut h = crate::trace::propagation::Headers::default();
+    if let Some(hs) = m.headers() {
+        for header in hs.iter() {
+            if let Some(v) = header.value.and_then(|v| std::str::from_utf8(v).ok()) {
+                h.offer(header.key, v.trim());
+            }
+        }
+    }
+    crate::root_span!(
+        crate::trace::root_for(&h),
+        "kafka.notify",
+        otel.kind = "consumer",
+        messaging.system = "kafka",
+        messaging.destination.name = m.topic(),
+        messaging.kafka.partition = i64::from(m.partition()),
+        messaging.kafka.offset = m.offset(),
+    )
 }
 
 fn now_ms() -> u64 {

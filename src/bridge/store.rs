@@ -104,6 +104,8 @@ pub enum StoreJob {
         origin: ConnRef,
         answer: Answer,
         msg: NewMessage,
+        /// `dm.send` when traced (else `Span::none()`): it ends when the job does, at the ack.
+        span: tracing::Span,
     },
     /// `sync {since}`: the user's messages after `since`, then `sync.done`.
     Sync {
@@ -131,6 +133,8 @@ pub enum StoreJob {
         op: crate::rest::RestOp,
         keep: bool,
         cors: Option<Arc<str>>,
+        /// The request's `http.request` span when traced: it ends with the answer.
+        span: tracing::Span,
     },
     /// Typing or a receipt to a stored conversation's participants ([`conv`]).
     Conversation(Box<ConvJob>),
@@ -280,6 +284,12 @@ struct Send {
     /// Its `clientMsgId` claim in Redis ([`dedup`]): recorded as acked when its ack goes
     /// out ([`settle_acked`]), released when it is dropped unacked.
     claim: Cell<Option<dedup::Claim>>,
+    /// The step it waits on, when traced (`kafka.produce`); declared before `span` so it
+    /// closes first.
+    step: tracing::Span,
+    /// Its trace (`dm.send`, or a REST request's `http.request`), when traced: it ends when
+    /// the job is answered and dropped.
+    span: tracing::Span,
 }
 
 impl Send {
@@ -570,6 +580,7 @@ fn accept<S: Store + 'static>(ctx: &Rc<Ctx<S>>, job: StoreJob) {
             origin,
             answer,
             msg,
+            span,
         } => {
             let send = Send {
                 origin,
@@ -577,6 +588,8 @@ fn accept<S: Store + 'static>(ctx: &Rc<Ctx<S>>, job: StoreJob) {
                 msg,
                 queued_at: tokio::time::Instant::now(),
                 claim: Cell::new(None),
+                step: tracing::Span::none(),
+                span,
             };
             if ctx.queued_bytes.get() + send.bytes() > STORE_QUEUED_BYTES_MAX {
                 ctx.node.store_stats.busy.fetch_add(1, Ordering::Relaxed);
@@ -630,6 +643,7 @@ fn refuse<S>(ctx: &Ctx<S>, job: StoreJob, text: &str) {
             origin,
             answer,
             msg,
+            ..
         } => answer_error(ctx, origin, &answer, msg.client_msg_id.as_deref(), text),
         StoreJob::Sync { origin, id, .. }
         | StoreJob::MarkByMessages { origin, id, .. }
@@ -702,7 +716,21 @@ async fn writer<S: Store + 'static>(ctx: Rc<Ctx<S>>) {
         let stats = &ctx.node.store_stats;
         stats.batches.fetch_add(1, Ordering::Relaxed);
         stats.last_batch.store(jobs.len() as u64, Ordering::Relaxed);
-        match bounded(ctx.timeout, ctx.store.append(&msgs)).await {
+        // One `store.append` per traced job of the batch (they share the one commit).
+        let batch = jobs.len() as u64;
+        let traced: Vec<tracing::Span> = jobs
+            .iter()
+            .filter(|j| !j.span.is_none())
+            .map(|j| crate::child_span!(&j.span, "store.append", batch.size = batch))
+            .collect();
+        let appended = bounded(ctx.timeout, ctx.store.append(&msgs)).await;
+        if appended.is_err() {
+            for s in &traced {
+                s.record("otel.status_code", "ERROR");
+            }
+        }
+        drop(traced);
+        match appended {
             Ok(outs) if outs.len() == jobs.len() && ctx.kafka.is_some() => {
                 // Answered (and counted done) as their records are confirmed.
                 durable::stage(&ctx, jobs, outs).await;
@@ -743,6 +771,13 @@ fn fail_all<S>(ctx: &Ctx<S>, jobs: &[Send], e: &StoreError) {
         ctx.unlogged_failures.set(failed);
     }
     for j in jobs {
+        match j.answer {
+            Answer::Http { .. } => crate::trace::record_status(&j.span, 503),
+            Answer::Ws { .. } if !j.span.is_none() => {
+                j.span.record("otel.status_code", "ERROR");
+            }
+            Answer::Ws { .. } => {}
+        }
         answer_error(
             ctx,
             j.origin,
@@ -775,6 +810,7 @@ fn complete<S>(ctx: &Ctx<S>, job: &Send, out: Appended) {
     match (&job.answer, &out) {
         (Answer::Http { keep, cors }, _) => {
             let r = crate::rest::render_appended(&out);
+            crate::trace::record_status(&job.span, r.status.0);
             http_answer(ctx, job.origin, r.status, &r.body, *keep, cors.as_deref());
         }
         (Answer::Ws { id }, Appended::New { message, .. } | Appended::Duplicate(message)) => {
@@ -1070,7 +1106,14 @@ async fn run_job<S: Store>(ctx: &Ctx<S>, job: StoreJob) {
             op,
             keep,
             cors,
-        } => rest(ctx, origin, &user, op, keep, cors).await,
+            span,
+        } => {
+            use tracing::Instrument as _;
+            let run_span = span.clone();
+            rest(ctx, origin, &user, op, keep, cors, span)
+                .instrument(run_span)
+                .await
+        }
         StoreJob::Conversation(job) => conv::run(ctx, *job).await,
         StoreJob::MarkByMessages {
             origin,
@@ -1089,7 +1132,8 @@ async fn run_job<S: Store>(ctx: &Ctx<S>, job: StoreJob) {
     }
 }
 
-/// Run a REST request; a message it sends joins the writer's queue and is answered from there.
+/// Run a REST request; a message it sends joins the writer's queue and is answered from there
+/// (and its `span`, when traced, goes with it).
 async fn rest<S: Store>(
     ctx: &Ctx<S>,
     origin: ConnRef,
@@ -1097,6 +1141,7 @@ async fn rest<S: Store>(
     op: crate::rest::RestOp,
     keep: bool,
     cors: Option<Arc<str>>,
+    span: tracing::Span,
 ) {
     use crate::rest::Effect;
     let run = crate::rest::execute(&*ctx.store, user, op, now_ms());
@@ -1119,6 +1164,8 @@ async fn rest<S: Store>(
                     msg,
                     queued_at: tokio::time::Instant::now(),
                     claim: Cell::new(None),
+                    step: tracing::Span::none(),
+                    span: span.clone(),
                 };
                 enqueue(ctx, send);
                 answered_later = true;
@@ -1127,6 +1174,7 @@ async fn rest<S: Store>(
         }
     }
     if !answered_later {
+        crate::trace::record_status(&span, done.status.0);
         http_answer(ctx, origin, done.status, &done.body, keep, cors.as_deref());
     }
 }

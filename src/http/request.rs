@@ -52,6 +52,9 @@ pub struct Request<'a> {
     pub ac_request_method: Option<&'a str>,
     /// `Access-Control-Request-Headers` (CORS preflight).
     pub ac_request_headers: Option<&'a str>,
+    /// The trace context headers (`traceparent`, `b3`, `X-B3-*`), unparsed: read them with
+    /// [`crate::trace::propagation::Headers::parse`] only when tracing is on.
+    pub trace: crate::trace::propagation::Headers<'a>,
     /// Exactly `content_length` bytes (empty without one). Always empty from [`parse_head`].
     pub body: &'a [u8],
 }
@@ -78,6 +81,7 @@ impl std::fmt::Debug for Request<'_> {
             .field("content_length", &self.content_length)
             .field("ac_request_method", &self.ac_request_method)
             .field("ac_request_headers", &self.ac_request_headers)
+            .field("trace", &self.trace)
             .field("body_len", &self.body.len())
             .finish()
     }
@@ -284,6 +288,8 @@ fn parse_head_inner(buf: &[u8]) -> Head<'_> {
             r.ac_request_method = Some(value);
         } else if name.eq_ignore_ascii_case("access-control-request-headers") {
             r.ac_request_headers = Some(value);
+        } else {
+            r.trace.offer(name, value);
         }
     }
     r.keep_alive = match version {

@@ -700,3 +700,28 @@ fn debug_redacts_secrets() {
     assert!(!shown.contains("secret"), "{shown}");
     assert!(shown.contains("<redacted>") && shown.contains("body_len: 11"));
 }
+
+#[test]
+fn trace_headers_are_kept_for_the_tracer() {
+    let req = b"POST /api/publish HTTP/1.1\r\nHost: h\r\ntraceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\nX-B3-TraceId: a3ce929d0e0e4736\r\nX-B3-SpanId: 00f067aa0ba902b7\r\nb3: 1\r\nX-B3-Sampled: 1\r\nX-B3-Flags: 0\r\nContent-Length: 0\r\n\r\n";
+    let (r, _) = complete(req);
+    assert_eq!(
+        r.trace.traceparent,
+        Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+    );
+    assert_eq!(r.trace.b3, Some("1"));
+    assert_eq!(r.trace.b3_trace_id, Some("a3ce929d0e0e4736"));
+    assert_eq!(r.trace.b3_span_id, Some("00f067aa0ba902b7"));
+    assert_eq!(r.trace.b3_sampled, Some("1"));
+    assert_eq!(r.trace.b3_flags, Some("0"));
+    assert!(matches!(
+        r.trace.parse(),
+        Some(crate::trace::Incoming::Parent {
+            trace_id: 0x4bf92f3577b34da6a3ce929d0e0e4736,
+            sampled: Some(true),
+            ..
+        })
+    ));
+    let (plain, _) = complete(b"GET /health HTTP/1.1\r\nHost: h\r\n\r\n");
+    assert_eq!(plain.trace.parse(), None);
+}

@@ -32,7 +32,24 @@ impl Shard {
                     let cfg = &self.node.cfg;
                     let is_echo = cfg.echo_path.as_deref() == Some(req.path);
                     if is_echo || cfg.ws_paths.iter().any(|p| p == req.path) {
-                        match self.upgrade(slot, &req, is_echo) {
+                        // Traced (when sampled) until the 101 or the refusal; a parked upgrade
+                        // keeps the span until the auth service's verdict.
+                        let span = crate::root_span!(
+                            crate::trace::root_for(&req.trace),
+                            "ws.upgrade",
+                            otel.kind = "server",
+                            url.path = req.path,
+                            shard = self.id as u64,
+                            http.response.status_code = tracing::field::Empty,
+                            otel.status_code = tracing::field::Empty,
+                            enduser.id = tracing::field::Empty,
+                        );
+                        let _entered = span.enter();
+                        let upgraded = self.upgrade(slot, &req, is_echo);
+                        if matches!(upgraded, Upgraded::Done) {
+                            crate::trace::record_status(&span, 101);
+                        }
+                        match upgraded {
                             Upgraded::Refused => return false,
                             Upgraded::Parked => {
                                 // The auth service answers later; what follows waits for it
@@ -67,6 +84,7 @@ impl Shard {
 
     pub(super) fn reject(&mut self, slot: u32, status: u16, text: &str) {
         self.out.stats.upgrade_rejected += 1;
+        crate::trace::record_status(&crate::trace::current(), status);
         self.http_reply(slot, http::json_error(status, text));
     }
 
@@ -75,6 +93,24 @@ impl Shard {
     fn serve_http(&mut self, slot: u32, req: &crate::http::Request) -> Served {
         use crate::http::{route, Response, Routed, Status};
         self.out.stats.http_requests += 1;
+        // Only the APIs are traced (not the probes: /health, /ready, /metrics are scraped
+        // every few seconds and say nothing a trace would).
+        let span = if req.path.starts_with("/api/") {
+            crate::root_span!(
+                crate::trace::root_for(&req.trace),
+                "http.request",
+                otel.kind = "server",
+                http.request.method = req.method,
+                url.path = req.path,
+                shard = self.id as u64,
+                http.response.status_code = tracing::field::Empty,
+                otel.status_code = tracing::field::Empty,
+                enduser.id = tracing::field::Empty,
+            )
+        } else {
+            tracing::Span::none()
+        };
+        let _entered = span.enter();
         let served = self.clients[slot as usize].exp_s;
         if served > 0 {
             self.out.stats.http_keepalive_reuses += 1;
@@ -102,6 +138,7 @@ impl Shard {
         let (status, ctype, body): (Status, &str, Vec<u8>) = if let Some(answer) = api {
             match answer {
                 ApiAnswer::Now(status, body, a) => {
+                    crate::trace::record_status(&span, status.0);
                     allow = a;
                     (status, json, body)
                 }
@@ -256,12 +293,17 @@ impl Shard {
                     crate::http::CorsHeaders::Origin(o) => Some(Arc::from(o)),
                     _ => None,
                 };
+                let span = crate::trace::current();
+                if !span.is_none() {
+                    span.record("enduser.id", &*id.user);
+                }
                 let job = StoreJob::Rest {
                     origin: self.conn_ref(slot),
                     user: id.user,
                     op,
                     keep,
                     cors,
+                    span,
                 };
                 if !self.hand_to_store(job) {
                     return ApiAnswer::now(Status::SERVICE_UNAVAILABLE, "server busy, retry later");
@@ -345,20 +387,22 @@ impl Shard {
             match (cfg.auth_mode, node.verifier.as_ref()) {
                 (AuthMode::Jwt, Some(verifier)) => {
                     match token_from_upgrade(head.authorization, head.query, head.ws_protocols) {
-                        Some((token, _)) => match verifier.verify(&token, self.now_ms / 1000) {
-                            Ok(c) => claims = Some(c),
-                            Err(e) => {
-                                self.out.stats.errors[ErrorReason::AuthFailed as usize] += 1;
-                                // The reason only: tokens never reach the logs.
-                                tracing::debug!(
-                                    shard = self.id,
-                                    reason = e.as_str(),
-                                    "upgrade refused: bad token"
-                                );
-                                self.reject(slot, 401, e.as_str());
-                                return Upgraded::Refused;
+                        Some((token, _)) => {
+                            match verify_traced(verifier, &token, self.now_ms / 1000) {
+                                Ok(c) => claims = Some(c),
+                                Err(e) => {
+                                    self.out.stats.errors[ErrorReason::AuthFailed as usize] += 1;
+                                    // The reason only: tokens never reach the logs.
+                                    tracing::debug!(
+                                        shard = self.id,
+                                        reason = e.as_str(),
+                                        "upgrade refused: bad token"
+                                    );
+                                    self.reject(slot, 401, e.as_str());
+                                    return Upgraded::Refused;
+                                }
                             }
-                        },
+                        }
                         None if cfg.path_dialect(head.path).needs_upgrade_token() => {
                             // The chat hub's clients cannot authenticate in-band.
                             self.out.stats.errors[ErrorReason::AuthFailed as usize] += 1;
@@ -458,6 +502,10 @@ impl Shard {
             .map(|c| c.sub.clone())
             .or(claimed_user.clone());
         if let Some(user) = identity {
+            let span = crate::trace::current();
+            if !span.is_none() {
+                span.record("enduser.id", user.as_str());
+            }
             if service::session::set_identity(self, slot, &user, claims.as_ref()).is_err() {
                 crate::admission::connection_gone(&node);
                 self.reject(slot, 429, service::session::TOO_MANY_DEVICES);
@@ -522,6 +570,26 @@ impl Shard {
         self.schedule(slot, now_tick + 1);
         true
     }
+}
+
+/// Check an upgrade's token; traced, as an `auth` child of the upgrade's span.
+fn verify_traced(
+    verifier: &crate::auth::Verifier,
+    token: &str,
+    now_s: u64,
+) -> Result<Claims, crate::auth::AuthError> {
+    let auth = crate::child_span!(
+        &crate::trace::current(),
+        "auth",
+        auth.mode = "jwt",
+        auth.result = tracing::field::Empty,
+    );
+    let verified = verifier.verify(token, now_s);
+    if !auth.is_none() {
+        let result = verified.as_ref().map_or_else(|e| e.as_str(), |_| "ok");
+        auth.record("auth.result", result);
+    }
+    verified
 }
 
 /// The plain endpoints. `HEAD` is served wherever `GET` is.
@@ -619,6 +687,7 @@ fn endpoint(node: &Node, r: Route) -> (Status, &'static str, Vec<u8>) {
             if let Some(t) = node.tls.as_ref() {
                 crate::tls::render(t, &mut text);
             }
+            crate::trace::render(&mut text);
             (Status::OK, "text/plain; version=0.0.4", text.into_bytes())
         }
         Route::Admin(_) if !node.cfg.admin_page => {

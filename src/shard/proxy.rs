@@ -18,6 +18,8 @@ pub struct Parked {
     response: Vec<u8>,
     /// `?subscribe=` rooms, joined once the user is known.
     rooms: Vec<String>,
+    /// The upgrade's span (`ws.upgrade`, when traced): it ends with the verdict.
+    span: tracing::Span,
 }
 
 impl Shard {
@@ -88,8 +90,14 @@ impl Shard {
         let c = &mut self.clients[slot as usize];
         c.last_rx_tick = now;
         let gen = c.gen;
-        self.auth_parked
-            .insert((slot, gen), Box::new(Parked { response, rooms }));
+        self.auth_parked.insert(
+            (slot, gen),
+            Box::new(Parked {
+                response,
+                rooms,
+                span: crate::trace::current(),
+            }),
+        );
         // `http_waiting` keeps the bytes that follow and is the backstop deadline.
         self.http_waiting.insert((slot, gen), false);
         let deadline = now + self.t.keepalive.max(self.t.answer_wait);
@@ -104,6 +112,8 @@ impl Shard {
                 let Some(parked) = self.auth_parked.remove(&(slot, gen)) else {
                     return;
                 };
+                let span = parked.span.clone();
+                let _entered = span.enter();
                 if self.http_waiting.remove(&(slot, gen)).is_none()
                     || !self
                         .clients
@@ -117,7 +127,9 @@ impl Shard {
                         self.reject(slot, 503, "server is shutting down");
                     }
                     ConnectOutcome::Allow(user) => {
-                        let Parked { response, rooms } = *parked;
+                        let Parked {
+                            response, rooms, ..
+                        } = *parked;
                         let user = String::from(&*user);
                         if self.finish_upgrade(
                             slot,
@@ -128,6 +140,7 @@ impl Shard {
                             response,
                             &rooms,
                         ) {
+                            crate::trace::record_status(&span, 101);
                             // Frames the client sent behind the head were kept; run them now.
                             self.on_ws_bytes(slot, &mut []);
                         }

@@ -96,11 +96,13 @@ impl KafkaSink {
         !self.pending.borrow().is_empty()
     }
 
-    /// Produce one record (non-blocking: librdkafka queues it).
+    /// Produce one record (non-blocking: librdkafka queues it). `trace`: the traced
+    /// `kafka.produce` span's ids, handed on as a `traceparent` header for the consumers.
     fn produce(
         &self,
         m: &Message,
         frame: &Frame,
+        trace: Option<(u128, u64)>,
     ) -> std::result::Result<DeliveryFuture, &'static str> {
         let server = uuid::Uuid::from_u128(m.server_msg_id).to_string();
         let event = uuid::Uuid::from_u128(m.event_id).to_string();
@@ -110,6 +112,15 @@ impl KafkaSink {
             &server,
             m.client_msg_id.as_deref(),
         );
+        let traceparent =
+            trace.map(|(t, s)| crate::trace::propagation::format_traceparent(t, s, true));
+        let headers = match &traceparent {
+            Some(v) => headers.insert(rdkafka::message::Header {
+                key: "traceparent",
+                value: Some(v.as_bytes()),
+            }),
+            None => headers,
+        };
         let record = FutureRecord::to(&self.topic)
             .key(m.thread.as_bytes())
             .payload(frame.payload())
@@ -186,6 +197,17 @@ pub(super) async fn stage<S: Store>(ctx: &Rc<Ctx<S>>, jobs: Vec<Send>, outs: Vec
                 participants,
             } => {
                 stats.stored.fetch_add(1, Ordering::Relaxed);
+                // Traced: the wait for the broker, until the job is acked and dropped.
+                let mut job = job;
+                if !job.span.is_none() {
+                    job.step = crate::child_span!(
+                        &job.span,
+                        "kafka.produce",
+                        otel.kind = "producer",
+                        messaging.system = "kafka",
+                        messaging.destination.name = ctx.node.cfg.kafka_dm_topic.as_str(),
+                    );
+                }
                 order.push(message.id);
                 produce.insert(message.id, (message, participants, vec![job], true));
             }
@@ -256,7 +278,10 @@ pub(super) async fn stage<S: Store>(ctx: &Rc<Ctx<S>>, jobs: Vec<Send>, outs: Vec
             continue;
         };
         let frame = message_create(ctx, &message);
-        match k.produce(&message, &frame) {
+        let trace = waiters
+            .iter()
+            .find_map(|w| crate::trace::context_of(&w.step));
+        match k.produce(&message, &frame, trace) {
             Ok(fut) => {
                 let origin = waiters
                     .first()

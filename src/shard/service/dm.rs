@@ -52,6 +52,9 @@ struct SendCmd<'a> {
     content: Option<Cow<'a, str>>,
     #[serde(rename = "attachmentUrl", borrow, default)]
     attachment_url: Option<Cow<'a, str>>,
+    /// The client's trace context (W3C `traceparent`), continued when tracing is on.
+    #[serde(borrow, default)]
+    traceparent: Option<Cow<'a, str>>,
 }
 
 pub fn send(sh: &mut Shard, slot: u32, cmd: &Cmd<'_>) {
@@ -129,12 +132,29 @@ pub fn send(sh: &mut Shard, slot: u32, cmd: &Cmd<'_>) {
         attachment_url: attachment.map(Arc::from),
         sent_at_ms: sh.now_ms,
     };
+    // Traced (when sampled) from here to the ack: the span goes with the job to the bridge,
+    // which adds `store.append` (and `kafka.produce`) under it.
+    let incoming = match &m.traceparent {
+        Some(tp) if crate::trace::on() => crate::trace::propagation::parse_traceparent(tp),
+        _ => None,
+    };
+    let span = crate::root_span!(
+        crate::trace::root(incoming),
+        "dm.send",
+        otel.kind = "server",
+        shard = sh.id as u64,
+        enduser.id = &*msg.sender,
+        conversation.id = &*msg.thread,
+        message.id = %uuid::Uuid::from_u128(msg.server_msg_id),
+        otel.status_code = tracing::field::Empty,
+    );
     let job = StoreJob::Send {
         origin: sh.conn_ref(slot),
         answer: Answer::Ws {
             id: id.map(Box::from),
         },
         msg,
+        span,
     };
     if !sh.hand_to_store(job) {
         bad(sh, ErrorReason::Busy, BUSY);

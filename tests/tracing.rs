@@ -1,0 +1,545 @@
+//! Distributed tracing end to end: the real binary with `trace_exporter` zipkin (and otlp)
+//! pointed at a stub collector (`common::http_stub`), every trace sampled: a server API request
+//! and a WebSocket upgrade carrying the caller's `traceparent` (and B3 headers) arrive as
+//! spans of the caller's trace with the caller's span as parent and the right attributes; a
+//! direct message is one trace from `message.send` to `message.ack` with its `store.append`
+//! child; a caller that says "not sampled" is not recorded; log lines inside a span carry its
+//! `trace_id` and `span_id` (text and JSON); and with the collector down the node serves on
+//! while `/metrics` counts the dropped spans. Every wait is bounded.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::http_stub::{closed_url, Reply, Stub};
+use common::{http_json, metric, TestServer};
+use serde_json::{json, Value};
+
+const KEY: &str = "trace-key";
+/// How long a test waits for spans to reach the collector (export interval 50 ms).
+const WAIT: Duration = Duration::from_secs(10);
+
+const T1: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const P1: &str = "00f067aa0ba902b7";
+const T2: &str = "0af7651916cd43dd8448eb211c80319c";
+const P2: &str = "b7ad6b7169203331";
+const T3: &str = "80f198ee56343ba864fe8b2a57d3eff7";
+const P3: &str = "e457b5a2e4d86bd1";
+const T4: &str = "11111111111111111111111111111111";
+const T5: &str = "5b8aa5a2d2c872e8321cf37308d69df2";
+const P5: &str = "051581bf3cb55c13";
+const T6: &str = "6e0c63257de34c92bf9efcd03927272e";
+const P6: &str = "3b9aca07d8f1c2e4";
+
+fn collector(path: &'static str) -> Stub {
+    Stub::start(move |p, _| {
+        if p == path {
+            Reply::json(202, "{}")
+        } else {
+            Reply::json(404, "{}")
+        }
+    })
+}
+
+fn server(exporter: &str, endpoint: &str, extra: &[(&str, &str)]) -> TestServer {
+    let mut env = vec![
+        ("SWITCHBOARD_TRACE_EXPORTER", exporter),
+        ("SWITCHBOARD_TRACE_ENDPOINT", endpoint),
+        ("SWITCHBOARD_TRACE_SAMPLE_RATIO", "1.0"),
+        ("SWITCHBOARD_TRACE_SERVICE_NAME", "sb-test"),
+        ("SWITCHBOARD_TRACE_EXPORT_INTERVAL", "50ms"),
+        ("SWITCHBOARD_TRACE_EXPORT_TIMEOUT", "500ms"),
+        ("SWITCHBOARD_API_KEY", KEY),
+        ("SWITCHBOARD_LOG_LEVEL", "debug"),
+    ];
+    env.extend_from_slice(extra);
+    TestServer::start(&env)
+}
+
+fn stats(s: &TestServer, trace: &[(&str, &str)]) -> u16 {
+    let mut headers = vec![("X-API-Key", KEY)];
+    headers.extend_from_slice(trace);
+    http_json(s, "GET", "/api/stats", &headers, None, false).0
+}
+
+/// Zipkin spans received so far (every body is a JSON array).
+fn zipkin_spans(stub: &Stub) -> Vec<Value> {
+    stub.bodies()
+        .iter()
+        .flat_map(|b| {
+            serde_json::from_str::<Value>(b)
+                .unwrap_or_else(|e| panic!("not JSON ({e}): {b}"))
+                .as_array()
+                .expect("a Zipkin body is an array")
+                .clone()
+        })
+        .collect()
+}
+
+/// OTLP spans received so far, each with the resource's service.name beside it.
+fn otlp_spans(stub: &Stub) -> Vec<(String, Value)> {
+    let mut out = Vec::new();
+    for b in stub.bodies() {
+        let v: Value = serde_json::from_str(&b).unwrap_or_else(|e| panic!("not JSON ({e}): {b}"));
+        for rs in v["resourceSpans"].as_array().expect("resourceSpans") {
+            let attrs = rs["resource"]["attributes"].as_array().expect("attributes");
+            let service = attrs
+                .iter()
+                .find(|a| a["key"] == "service.name")
+                .and_then(|a| a["value"]["stringValue"].as_str())
+                .expect("service.name")
+                .to_owned();
+            for ss in rs["scopeSpans"].as_array().expect("scopeSpans") {
+                assert_eq!(ss["scope"]["name"], "switchboard");
+                for s in ss["spans"].as_array().expect("spans") {
+                    out.push((service.clone(), s.clone()));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Wait until `pred` holds of what the collector received; the spans then.
+fn wait_for<T: std::fmt::Debug>(
+    what: &str,
+    get: impl Fn() -> Vec<T>,
+    pred: impl Fn(&[T]) -> bool,
+) -> Vec<T> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let got = get();
+        if pred(&got) {
+            return got;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the collector never got {what}: {got:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn zipkin_find<'a>(spans: &'a [Value], trace: &str, name: &str) -> Option<&'a Value> {
+    spans
+        .iter()
+        .find(|s| s["traceId"] == trace && s["name"] == name)
+}
+
+#[test]
+fn zipkin_spans_continue_the_callers_trace() {
+    let stub = collector("/api/v2/spans");
+    let s = server("zipkin", &stub.url("/api/v2/spans"), &[]);
+    // A caller that says "not sampled" first: it must never show up.
+    let unsampled = format!("00-{T4}-{P1}-00");
+    assert_eq!(stats(&s, &[("traceparent", &unsampled)]), 200);
+    let tp1 = format!("00-{T1}-{P1}-01");
+    assert_eq!(stats(&s, &[("traceparent", &tp1)]), 200);
+    let b3 = format!("{T3}-{P3}-1");
+    assert_eq!(stats(&s, &[("b3", &b3)]), 200);
+    // A wrong key: the span says 401.
+    let wrong = http_json(
+        &s,
+        "GET",
+        "/api/stats",
+        &[
+            ("X-API-Key", "nope"),
+            ("X-B3-TraceId", T2),
+            ("X-B3-SpanId", P2),
+            ("X-B3-Sampled", "1"),
+        ],
+        None,
+        false,
+    );
+    assert_eq!(wrong.0, 401);
+    // A REST request the bridge runs against the store: its span ends with the answer.
+    let tp6 = format!("00-{T6}-{P6}-01");
+    let rest = http_json(
+        &s,
+        "GET",
+        "/api/v1/messages/threads",
+        &[("X-User-Id", "alice"), ("traceparent", &tp6)],
+        None,
+        false,
+    );
+    assert_eq!(rest.0, 200, "{rest:?}");
+    // An upgrade with the caller's context, then a direct message on it.
+    let tp2 = format!("00-{T2}-{P2}-01");
+    let mut alice = s.connect_with("/ws?user_id=alice", &[("traceparent", &tp2)]);
+    alice.send_json(
+        json!({"type": "message.send", "clientMsgId": "c-1", "to": "bob", "content": "hi"}),
+    );
+    let ack = alice.expect_type("message.ack");
+    let msg_id = ack["data"]["serverMsgId"]
+        .as_str()
+        .expect("serverMsgId")
+        .to_owned();
+    // A client continuing its own trace in the envelope.
+    let tp5 = format!("00-{T5}-{P5}-01");
+    alice.send_json(json!({"type": "message.send", "clientMsgId": "c-2", "to": "bob", "content": "again", "traceparent": tp5}));
+    alice.expect_type("message.ack");
+
+    let spans = wait_for(
+        "the API, upgrade and DM spans",
+        || zipkin_spans(&stub),
+        |spans| {
+            zipkin_find(spans, T1, "http.request").is_some()
+                && zipkin_find(spans, T3, "http.request").is_some()
+                && zipkin_find(spans, T2, "ws.upgrade").is_some()
+                && spans.iter().any(|s| s["name"] == "store.append")
+                && spans.iter().any(|s| s["name"] == "dm.send")
+                && zipkin_find(spans, T5, "dm.send").is_some()
+                && zipkin_find(spans, T6, "http.request").is_some()
+        },
+    );
+    assert!(
+        spans.iter().all(|s| s["traceId"] != T4),
+        "a trace the caller did not sample was recorded: {spans:?}"
+    );
+    for sp in &spans {
+        assert_eq!(sp["localEndpoint"]["serviceName"], "sb-test", "{sp}");
+        assert!(
+            sp["timestamp"]
+                .as_u64()
+                .is_some_and(|t| t > 1_600_000_000_000_000),
+            "{sp}"
+        );
+        assert!(sp["duration"].as_u64().is_some_and(|d| d >= 1), "{sp}");
+        assert_eq!(sp["id"].as_str().map(str::len), Some(16), "{sp}");
+    }
+    let api = zipkin_find(&spans, T1, "http.request").unwrap();
+    assert_eq!(api["parentId"], P1, "{api}");
+    assert_eq!(api["kind"], "SERVER", "{api}");
+    let tags = &api["tags"];
+    assert_eq!(tags["http.request.method"], "GET", "{api}");
+    assert_eq!(tags["url.path"], "/api/stats", "{api}");
+    assert_eq!(tags["http.response.status_code"], "200", "{api}");
+    assert!(tags["shard"].as_str().is_some(), "{api}");
+    let rest = zipkin_find(&spans, T6, "http.request").unwrap();
+    assert_eq!(rest["parentId"], P6, "{rest}");
+    assert_eq!(
+        rest["tags"]["url.path"], "/api/v1/messages/threads",
+        "{rest}"
+    );
+    assert_eq!(rest["tags"]["enduser.id"], "alice", "{rest}");
+    assert_eq!(rest["tags"]["http.response.status_code"], "200", "{rest}");
+    let b3_api = zipkin_find(&spans, T3, "http.request").unwrap();
+    assert_eq!(b3_api["parentId"], P3, "{b3_api}");
+    let up = zipkin_find(&spans, T2, "ws.upgrade").unwrap();
+    assert_eq!(up["parentId"], P2, "{up}");
+    assert_eq!(up["tags"]["url.path"], "/ws", "{up}");
+    assert_eq!(up["tags"]["http.response.status_code"], "101", "{up}");
+    // The 401 (multi-header B3) is in the same trace as the upgrade, as its own span.
+    let refused = spans
+        .iter()
+        .find(|s| s["traceId"] == T2 && s["name"] == "http.request")
+        .expect("the refused request's span");
+    assert_eq!(
+        refused["tags"]["http.response.status_code"], "401",
+        "{refused}"
+    );
+    assert_eq!(refused["parentId"], P2);
+    // The DM: one trace, dm.send the root, store.append its child, within its time.
+    let dm = spans
+        .iter()
+        .find(|s| s["name"] == "dm.send" && s["tags"]["message.id"] == msg_id.as_str())
+        .unwrap_or_else(|| panic!("no dm.send for {msg_id}: {spans:?}"));
+    assert!(dm.get("parentId").is_none(), "{dm}");
+    assert_eq!(dm["tags"]["enduser.id"], "alice", "{dm}");
+    let store = spans
+        .iter()
+        .find(|s| s["name"] == "store.append" && s["parentId"] == dm["id"])
+        .unwrap_or_else(|| panic!("no store.append under {dm}: {spans:?}"));
+    assert_eq!(store["traceId"], dm["traceId"]);
+    let (dm_t, dm_d) = (
+        dm["timestamp"].as_u64().unwrap(),
+        dm["duration"].as_u64().unwrap(),
+    );
+    let st_t = store["timestamp"].as_u64().unwrap();
+    assert!(st_t >= dm_t && st_t <= dm_t + dm_d, "{dm} {store}");
+    let dm5 = zipkin_find(&spans, T5, "dm.send").unwrap();
+    assert_eq!(dm5["parentId"], P5, "{dm5}");
+    assert!(
+        zipkin_spans(&stub).iter().any(|s| s["traceId"] == T5
+            && s["name"] == "store.append"
+            && s["parentId"] == dm5["id"]),
+        "no store.append in the client's trace"
+    );
+
+    // Log lines inside the upgrade's span carry its ids (text format).
+    let logs = s.logs();
+    let line = logs
+        .lines()
+        .find(|l| l.contains("connected") && l.contains(&format!("trace_id={T2}")))
+        .unwrap_or_else(|| panic!("no log line with the upgrade's trace id:\n{logs}"));
+    let up_id = up["id"].as_str().unwrap();
+    assert!(line.contains(&format!("span_id={up_id}")), "{line}");
+    alice.close();
+}
+
+#[test]
+fn otlp_spans_and_json_logs() {
+    let stub = collector("/v1/traces");
+    let s = server(
+        "otlp",
+        &stub.url("/v1/traces"),
+        &[("SWITCHBOARD_LOG_FORMAT", "json")],
+    );
+    let tp1 = format!("00-{T1}-{P1}-01");
+    assert_eq!(stats(&s, &[("traceparent", &tp1)]), 200);
+    let tp2 = format!("00-{T2}-{P2}-01");
+    let c = s.connect_with("/ws?user_id=bob", &[("traceparent", &tp2)]);
+    let spans = wait_for(
+        "the API and upgrade spans",
+        || otlp_spans(&stub),
+        |spans| {
+            spans.iter().any(|(_, s)| s["traceId"] == T1)
+                && spans.iter().any(|(_, s)| s["traceId"] == T2)
+        },
+    );
+    let attr = |s: &Value, k: &str| -> Value {
+        s["attributes"]
+            .as_array()
+            .expect("attributes")
+            .iter()
+            .find(|a| a["key"] == k)
+            .map(|a| a["value"].clone())
+            .unwrap_or(Value::Null)
+    };
+    let (service, api) = spans.iter().find(|(_, s)| s["traceId"] == T1).unwrap();
+    assert_eq!(service, "sb-test");
+    assert_eq!(api["name"], "http.request", "{api}");
+    assert_eq!(api["parentSpanId"], P1, "{api}");
+    assert_eq!(api["kind"], 2, "{api}");
+    let start: u64 = api["startTimeUnixNano"]
+        .as_str()
+        .expect("a string")
+        .parse()
+        .unwrap();
+    let end: u64 = api["endTimeUnixNano"]
+        .as_str()
+        .expect("a string")
+        .parse()
+        .unwrap();
+    assert!(start > 1_600_000_000_000_000_000 && end >= start, "{api}");
+    assert_eq!(
+        attr(api, "http.request.method"),
+        json!({"stringValue": "GET"})
+    );
+    assert_eq!(
+        attr(api, "http.response.status_code"),
+        json!({"intValue": "200"})
+    );
+    let (_, up) = spans.iter().find(|(_, s)| s["traceId"] == T2).unwrap();
+    assert_eq!(up["name"], "ws.upgrade");
+    assert_eq!(up["parentSpanId"], P2);
+    assert_eq!(
+        attr(up, "enduser.id"),
+        json!({"stringValue": "bob"}),
+        "{up}"
+    );
+    assert_eq!(
+        attr(up, "http.response.status_code"),
+        json!({"intValue": "101"})
+    );
+
+    // JSON log lines inside the upgrade's span have the ids as top-level fields.
+    let logs = s.logs();
+    let line: Value = logs
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v["trace_id"] == T2 && v["message"] == "connected")
+        .unwrap_or_else(|| panic!("no JSON log line with the upgrade's trace id:\n{logs}"));
+    assert_eq!(line["span_id"], up["spanId"], "{line}");
+    // Every line is still one JSON object.
+    for l in logs.lines().filter(|l| !l.trim().is_empty()) {
+        serde_json::from_str::<Value>(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
+    }
+    c.close();
+}
+
+#[test]
+fn a_collector_that_is_down_costs_spans_not_service() {
+    let s = server("otlp", &closed_url("/v1/traces"), &[]);
+    for i in 0..20 {
+        let tp = format!("00-{T1}-{:016x}-01", i + 1);
+        assert_eq!(stats(&s, &[("traceparent", &tp)]), 200);
+    }
+    s.assert_serving();
+    let text = s.wait_metrics("dropped spans", |t| {
+        metric(t, "switchboard_trace_spans_dropped_total").is_some_and(|n| n >= 20)
+    });
+    assert!(
+        metric(&text, "switchboard_trace_export_failures_total").is_some_and(|n| n >= 1),
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "switchboard_trace_spans_exported_total"),
+        Some(0)
+    );
+    assert!(text.contains("switchboard_trace_spans_dropped_total{reason=\"export_failed\"}"));
+    // Still serving, after the failures.
+    assert_eq!(stats(&s, &[]), 200);
+    s.assert_serving();
+    assert!(s
+        .logs()
+        .contains("trace exporter: the collector did not take spans"));
+}
+
+#[test]
+fn tracing_off_shows_nothing() {
+    let s = TestServer::start(&[("SWITCHBOARD_API_KEY", KEY)]);
+    let tp = format!("00-{T1}-{P1}-01");
+    assert_eq!(stats(&s, &[("traceparent", &tp)]), 200);
+    let (_, text) = s.http_get("/metrics");
+    assert!(!text.contains("switchboard_trace_"), "{text}");
+    assert!(!s.logs().contains("trace_id"));
+}
+
+#[test]
+fn the_jwt_check_is_a_child_of_the_upgrade() {
+    use common::jwt;
+    let stub = collector("/api/v2/spans");
+    let s = server(
+        "zipkin",
+        &stub.url("/api/v2/spans"),
+        &[
+            ("SWITCHBOARD_AUTH_MODE", "jwt"),
+            ("SWITCHBOARD_JWT_SECRET", jwt::SECRET),
+        ],
+    );
+    let now = common::now_s() as i64;
+    let good = jwt::hs256(&json!({"sub": "carol", "iat": now, "exp": now + 300}));
+    let tp = format!("00-{T1}-{P1}-01");
+    let auth = format!("Bearer {good}");
+    let c = s.connect_with("/ws", &[("traceparent", &tp), ("Authorization", &auth)]);
+    let bad = format!("Bearer {}x", good);
+    let tp3 = format!("00-{T3}-{P3}-01");
+    let r = s.raw_upgrade("/ws", &[("traceparent", &tp3), ("Authorization", &bad)]);
+    assert_eq!(r.status, 401);
+    let spans = wait_for(
+        "the upgrade and auth spans",
+        || zipkin_spans(&stub),
+        |spans| {
+            [T1, T3].iter().all(|t| {
+                zipkin_find(spans, t, "ws.upgrade").is_some()
+                    && zipkin_find(spans, t, "auth").is_some()
+            })
+        },
+    );
+    let up = zipkin_find(&spans, T1, "ws.upgrade").unwrap();
+    let check = zipkin_find(&spans, T1, "auth").unwrap();
+    assert_eq!(check["parentId"], up["id"], "{check}");
+    assert_eq!(check["tags"]["auth.mode"], "jwt");
+    assert_eq!(check["tags"]["auth.result"], "ok");
+    assert_eq!(up["tags"]["enduser.id"], "carol");
+    let refused = zipkin_find(&spans, T3, "ws.upgrade").unwrap();
+    assert_eq!(
+        refused["tags"]["http.response.status_code"], "401",
+        "{refused}"
+    );
+    let check = zipkin_find(&spans, T3, "auth").unwrap();
+    assert_eq!(check["parentId"], refused["id"]);
+    assert_ne!(check["tags"]["auth.result"], "ok", "{check}");
+    c.close();
+}
+
+/// Kafka (librdkafka's in-process mock cluster): a traced DM's record carries a `traceparent`
+/// naming its `kafka.produce` span (child of `dm.send`), and a notification record that
+/// carries one is handled in a `kafka.notify` span of that trace.
+#[test]
+fn kafka_records_carry_the_trace_on() {
+    use common::kafka::{self, Mock};
+    let mock = Mock::start(1);
+    mock.create_topic("dm-trace", 1);
+    mock.create_topic("trace.joined", 1);
+    mock.create_topic("trace-dlq", 1);
+    let stub = collector("/api/v2/spans");
+    let bootstrap = mock.bootstrap();
+    let rules = json!([
+        {"topic": "trace.joined", "room": "/community", "kind": "user.joined", "data": ["/userId"]},
+    ])
+    .to_string();
+    let group = kafka::unique_group("trace");
+    let s = server(
+        "zipkin",
+        &stub.url("/api/v2/spans"),
+        &[
+            ("SWITCHBOARD_KAFKA_BROKERS", &bootstrap),
+            ("SWITCHBOARD_KAFKA_DM_TOPIC", "dm-trace"),
+            ("SWITCHBOARD_KAFKA_NOTIFICATIONS", &rules),
+            ("SWITCHBOARD_KAFKA_GROUP_ID", &group),
+            ("SWITCHBOARD_KAFKA_DEAD_LETTER_TOPIC", "trace-dlq"),
+            ("SWITCHBOARD_KAFKA_FROM_BEGINNING", "true"),
+            ("SWITCHBOARD_KAFKA_SESSION_TIMEOUT", "3s"),
+        ],
+    );
+    s.wait_ready();
+    let mut alice = s.connect("/ws?user_id=alice");
+    let mut acked = false;
+    for i in 0..20 {
+        alice.send_json(json!({"type": "message.send", "clientMsgId": format!("k-{i}"), "to": "bob", "content": "hi"}));
+        let v = alice.recv_json();
+        if v["type"] == "message.ack" {
+            acked = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(acked, "no DM acked through the mock broker");
+    let recs = kafka::read_all(&bootstrap, "dm-trace", 1, kafka::READ_TIMEOUT);
+    let tp = recs
+        .iter()
+        .rev()
+        .find_map(|r| r.header("traceparent"))
+        .unwrap_or_else(|| panic!("no traceparent header: {recs:?}"))
+        .to_owned();
+    let parts: Vec<&str> = tp.split('-').collect();
+    assert_eq!((parts.len(), parts[0], parts[3]), (4, "00", "01"), "{tp}");
+    let (trace, parent) = (parts[1].to_owned(), parts[2].to_owned());
+    let spans = wait_for(
+        "the kafka.produce span the header names",
+        || zipkin_spans(&stub),
+        |spans| spans.iter().any(|s| s["id"] == parent.as_str()),
+    );
+    let produce = spans.iter().find(|s| s["id"] == parent.as_str()).unwrap();
+    assert_eq!(produce["name"], "kafka.produce", "{produce}");
+    assert_eq!(produce["traceId"], trace.as_str());
+    assert_eq!(produce["kind"], "PRODUCER");
+    assert_eq!(produce["tags"]["messaging.destination.name"], "dm-trace");
+    let dm = zipkin_find(&spans, &trace, "dm.send").expect("the dm.send span");
+    assert_eq!(produce["parentId"], dm["id"]);
+
+    // A notification record with the producer's context.
+    let mut ann = s.connect("/ws?user_id=ann");
+    ann.subscribe("c1");
+    let tp3 = format!("00-{T3}-{P3}-01");
+    kafka::produce(
+        &bootstrap,
+        "trace.joined",
+        None,
+        r#"{"userId":"dan","community":"c1"}"#,
+        &[("traceparent", &tp3)],
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(!left.is_zero(), "no notification within 30 s");
+        match ann.next_event(left) {
+            common::Event::Json(v) if v["type"] == "notification" => break,
+            common::Event::Close(..) | common::Event::Closed(_) => panic!("ann was closed"),
+            _ => {}
+        }
+    }
+    let spans = wait_for(
+        "the kafka.notify span",
+        || zipkin_spans(&stub),
+        |spans| zipkin_find(spans, T3, "kafka.notify").is_some(),
+    );
+    let n = zipkin_find(&spans, T3, "kafka.notify").unwrap();
+    assert_eq!(n["parentId"], P3, "{n}");
+    assert_eq!(n["kind"], "CONSUMER");
+    assert_eq!(n["tags"]["messaging.destination.name"], "trace.joined");
+    alice.close();
+    ann.close();
+}
