@@ -26,8 +26,12 @@ function takeKeyFromUrl() {
   // script; removed from the address bar at once.
   const m = /(?:^#|&)key=([^&]*)/.exec(location.hash);
   if (!m) return;
-  sessionStorage.setItem(KEY_STORE, decodeURIComponent(m[1]));
   history.replaceState(null, "", location.pathname + location.search);
+  try {
+    sessionStorage.setItem(KEY_STORE, decodeURIComponent(m[1]));
+  } catch (_) {
+    // A malformed fragment (`%zz`): ignore it; the form asks for the key.
+  }
 }
 
 function setText(id, v) {
