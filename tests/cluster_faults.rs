@@ -226,6 +226,23 @@ fn the_path_to_redis_cut_then_swallowing() {
     assert_no_panic(&[&a, &b]);
 }
 
+/// (dropped, failed, queued) since `before` once they account for all `sent` envelopes, or
+/// after 5 s. A pipeline the publisher wrote before it saw Redis go is counted (failed) only
+/// when its error or `redis_timeout` (2 s) arrives: until then its envelopes are in none of
+/// the three.
+fn accounted(a: &TestServer, before: (u64, u64, u64), sent: u64) -> (u64, u64, u64) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let dropped = counter(a, "switchboard_redis_dropped_total") - before.0;
+        let failed = counter(a, "switchboard_redis_publish_failed_total") - before.1;
+        let queued = counter(a, "switchboard_redis_queued");
+        if dropped + failed + queued.saturating_sub(before.2) == sent || Instant::now() > deadline {
+            return (dropped, failed, queued);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn the_queue_for_redis_is_bounded_and_its_drops_counted() {
     let mut redis = RedisServer::start();
@@ -250,11 +267,10 @@ fn the_queue_for_redis_is_bounded_and_its_drops_counted() {
         publisher.send_json(json!({"type": "publish", "room": "q", "data": n}));
         assert_eq!(publisher.expect_type("message")["data"], n);
     }
-    let dropped = counter(&a, "switchboard_redis_dropped_total") - dropped_before;
-    let failed = counter(&a, "switchboard_redis_publish_failed_total") - failed_before;
-    let queued = counter(&a, "switchboard_redis_queued");
     // Every publish was queued (up to the bound), or dropped and counted, or in the pipeline
     // that found the connection dead (counted as failed).
+    let (dropped, failed, queued) =
+        accounted(&a, (dropped_before, failed_before, queued_before), SENT);
     assert_eq!(queued, 1024, "queued {queued}");
     assert_eq!(
         dropped + failed + (queued - queued_before),
@@ -334,18 +350,7 @@ fn the_queue_for_redis_is_bounded_in_bytes_too() {
         publisher.send_json(json!({"type": "publish", "room": "qb", "data": {"n": n, "pad": big}}));
         assert_eq!(publisher.expect_type("message")["data"]["n"], n);
     }
-    // A pipeline the publisher wrote before it saw Redis go is counted (failed) only when its
-    // error or redis_timeout arrives: every envelope is accounted for once that has happened.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let (dropped, failed, queued) = loop {
-        let dropped = counter(&a, "switchboard_redis_dropped_total") - dropped_before;
-        let failed = counter(&a, "switchboard_redis_publish_failed_total") - failed_before;
-        let queued = counter(&a, "switchboard_redis_queued");
-        if dropped + failed + queued == SENT || Instant::now() > deadline {
-            break (dropped, failed, queued);
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let (dropped, failed, queued) = accounted(&a, (dropped_before, failed_before, 0), SENT);
     assert!((50..=64).contains(&queued), "queued {queued}");
     assert_eq!(
         dropped + failed + queued,
