@@ -185,6 +185,37 @@ fn https_get(port: u16, ca_file: &str, path: &str) -> (u16, String) {
     (status, body)
 }
 
+/// A request and the client's close_notify in one write (one read on the server), with
+/// keep-alive (`close`: false) or `Connection: close`: the answer still arrives, then the
+/// server's close_notify.
+fn request_then_close_notify(port: u16, ca_file: &str, close: bool) -> String {
+    let mut s = tls_stream(port, ca_file).expect("TLS handshake");
+    let conn = if close { "Connection: close\r\n" } else { "" };
+    let req = format!("GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n{conn}\r\n");
+    s.conn.writer().write_all(req.as_bytes()).unwrap();
+    s.conn.send_close_notify();
+    let mut wire = Vec::new();
+    while s.conn.wants_write() {
+        s.conn.write_tls(&mut wire).unwrap();
+    }
+    s.sock.write_all(&wire).unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = Instant::now() + RECV_TIMEOUT;
+    while Instant::now() < deadline {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == ErrorKind::UnexpectedEof => break,
+            Err(e) => panic!(
+                "reading the answer: {e} (so far {:?})",
+                String::from_utf8_lossy(&out)
+            ),
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 fn keys(v: &Value) -> Vec<String> {
     let mut k: Vec<String> = v.as_object().expect("an object").keys().cloned().collect();
     k.sort();
@@ -276,6 +307,22 @@ fn wss_round_trip_beside_the_plain_port() {
     metric_becomes(&server, "switchboard_tls_connections", |v| v == 0);
     bob.send_json(json!({"type": "ping"}));
     bob.expect_type("pong");
+}
+
+/// A peer that sends its request and close_notify together (a client done sending) gets its
+/// answer before the connection closes, as a plain client that half-closes does.
+#[test]
+fn an_answer_is_sent_before_the_peers_close_notify_is_honoured() {
+    let certs = Certs::new("close-notify");
+    let (server, port) = tls_server(&certs, &[]);
+    for close in [false, true] {
+        let text = request_then_close_notify(port, &certs.a.ca, close);
+        assert!(
+            text.starts_with("HTTP/1.1 200"),
+            "Connection: close {close}: {text:?}"
+        );
+    }
+    server.assert_serving();
 }
 
 #[test]

@@ -256,8 +256,19 @@ impl Shard {
                 break None;
             }
             if closed {
-                // close_notify: the peer is done, as at EOF.
-                self.peer_gone(slot);
+                // close_notify: the peer sends no more. An HTTP answer still queued goes out
+                // first, then our close_notify (a plain connection's FIN is likewise read only
+                // after the turn's flush); a close already under way finishes as it is; a
+                // WebSocket gone without a close frame is dropped, as at EOF.
+                let (phase, queued) = self
+                    .clients
+                    .get(slot as usize)
+                    .map_or((Phase::Closing, false), |c| (c.phase, !c.queue.is_empty()));
+                match phase {
+                    Phase::Http if queued => self.close_with(slot, 0, ""),
+                    Phase::Closing => {}
+                    _ => self.peer_gone(slot),
+                }
                 break None;
             }
         };
