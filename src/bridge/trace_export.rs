@@ -52,6 +52,25 @@ pub struct Exporter {
     up: bool,
 }
 
+/// Spans taken from the queue for one request: counted as `export_failed` when dropped before
+/// the collector took them (a failed request, or one abandoned by the exit's abort), so every
+/// span is exported or counted.
+struct Taken<'a> {
+    n: u64,
+    stats: &'a crate::trace::TraceStats,
+    exported: bool,
+}
+
+impl Drop for Taken<'_> {
+    fn drop(&mut self) {
+        if !self.exported {
+            self.stats
+                .dropped_export_failed
+                .fetch_add(self.n, Ordering::Relaxed);
+        }
+    }
+}
+
 impl Exporter {
     /// The exporter for `cfg` (validated: the URL parses), or None when tracing is off.
     pub fn new(p: &'static Pipeline, cfg: &Config) -> Option<Exporter> {
@@ -103,6 +122,13 @@ impl Exporter {
         let n = spans.len() as u64;
         drop(spans);
         let stats = &self.p.stats;
+        // Counted dropped unless the collector takes them, also when this future is dropped
+        // mid-request (the task aborted at exit).
+        let mut taken = Taken {
+            n,
+            stats,
+            exported: false,
+        };
         let why = match self
             .client
             .post_json(&self.url, &[], &body, timeout, ANSWER_BYTES_MAX)
@@ -110,6 +136,7 @@ impl Exporter {
         {
             Ok(r) if (200..300).contains(&r.status) => {
                 stats.exported.fetch_add(n, Ordering::Relaxed);
+                taken.exported = true;
                 if !self.up {
                     self.up = true;
                     tracing::info!(url = %self.url.authority(), "trace exporter: the collector takes spans again");
@@ -119,7 +146,7 @@ impl Exporter {
             Ok(r) => format!("answered {}", r.status),
             Err(e) => format!("{e:?}"),
         };
-        stats.dropped_export_failed.fetch_add(n, Ordering::Relaxed);
+        drop(taken);
         stats.export_failures.fetch_add(1, Ordering::Relaxed);
         if self.up {
             self.up = false;
