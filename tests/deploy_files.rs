@@ -760,26 +760,40 @@ fn alert_rules_parse_with_alert_expr_for_and_labels() {
     assert!(problems.is_empty(), "{ALERTS}:\n{}", problems.join("\n"));
 }
 
-/// The real node, with Redis and Kafka configured so that their families are rendered: its
-/// `/metrics` names every metric the dashboard and the rules use.
+/// The real node, with Redis, Kafka, the TLS listener and tracing configured so that their
+/// families are rendered: its `/metrics` names every metric the dashboard and the rules use.
 #[test]
 fn every_metric_named_is_exported() {
     let redis = RedisServer::start();
     let kafka = Mock::start(1);
     let dm_topic = "switchboard.direct-messages";
     kafka.create_topic(dm_topic, 1);
+    let dir = std::env::temp_dir().join(format!("sb-deploy-files-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let certs = common::redis::TestCerts::generate(&dir);
+    let tls_port = common::free_port().to_string();
+    let collector = common::http_stub::closed_url("/v1/traces");
     let server = TestServer::start(&[
         ("SWITCHBOARD_REDIS_URL", &redis.url()),
         ("SWITCHBOARD_KAFKA_BROKERS", &kafka.bootstrap()),
         ("SWITCHBOARD_KAFKA_DM_TOPIC", dm_topic),
+        ("SWITCHBOARD_TLS_PORT", &tls_port),
+        ("SWITCHBOARD_TLS_CERT_FILE", &certs.server_cert),
+        ("SWITCHBOARD_TLS_KEY_FILE", &certs.server_key),
+        ("SWITCHBOARD_TRACE_EXPORTER", "otlp"),
+        ("SWITCHBOARD_TRACE_ENDPOINT", &collector),
     ]);
     // Ready: the store, Redis and Kafka all answered, so every family has its lines.
     server.wait_ready();
-    let text = server.wait_metrics("the Redis and Kafka families", |t| {
+    let text = server.wait_metrics("the Redis, Kafka, TLS and tracing families", |t| {
         t.contains("# TYPE switchboard_redis_up gauge")
             && t.contains("# TYPE switchboard_kafka_up gauge")
             && t.contains("# TYPE switchboard_kafka_consumer_lag gauge")
+            && t.contains("# TYPE switchboard_tls_reloads_total counter")
+            && t.contains("# TYPE switchboard_trace_spans_dropped_total counter")
     });
+    let _ = std::fs::remove_dir_all(&dir);
     let exported = exported_names(&text);
     assert!(exported.len() > 100, "too few names:\n{text}");
 
@@ -1591,10 +1605,16 @@ fn a_wrong_metric_name_fails_the_check() {
             .any(|p| p.contains("switchboard_redis_up is not in /metrics")),
         "{problems:?}"
     );
-    // Only those: everything else is exported by a plain node.
+    // Only those, and the TLS reload and tracing families (with tls_port and trace_exporter):
+    // everything else is exported by a plain node.
     let plain: Vec<&String> = problems
         .iter()
-        .filter(|p| !p.contains("switchboard_redis_") && !p.contains("switchboard_kafka_"))
+        .filter(|p| {
+            !p.contains("switchboard_redis_")
+                && !p.contains("switchboard_kafka_")
+                && !p.contains("switchboard_tls_reload")
+                && !p.contains("switchboard_trace_")
+        })
         .collect();
     assert!(plain.is_empty(), "{plain:?}");
     // One letter wrong in one expression: caught.
