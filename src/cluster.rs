@@ -28,7 +28,10 @@
 //!
 //! **The envelope** is binary and starts with the version byte [`VERSION`]:
 //! `version, origin node (u32 LE), kind, flags, [except ConnRef], [name len u16 LE, name],
-//! wire bytes`. The wire bytes are the encoded WebSocket frame as the origin queued it, so a
+//! wire bytes`. A delivery made inside a traced span (tracing on, the trace sampled) is
+//! [`VERSION_TRACED`] instead, with `trace id (u128 LE), span id (u64 LE)` after the flags:
+//! the receiving node continues that trace (`redis.receive`). A node of a build before it
+//! drops such an envelope as of an unknown version (counted), never misreads it. The wire bytes are the encoded WebSocket frame as the origin queued it, so a
 //! receiving node wraps them in its shared [`Frame`] as they are (one copy, no re-encoding)
 //! and dialect connections re-encode once per dialect per shard, as for local frames.
 //! A node hears its own publishes on channels it holds and drops them by the origin id.
@@ -48,6 +51,12 @@ use crate::route::{ConnRef, Target};
 ///
 /// The envelope's version byte; a node drops (and counts) anything else.
 pub const VERSION: u8 = 1;
+
+/// The version byte of a delivery envelope that carries a trace context (see the module).
+pub const VERSION_TRACED: u8 = 2;
+
+/// Bytes of the trace context of a [`VERSION_TRACED`] envelope: trace id u128, span id u64.
+const TRACE_BYTES: usize = 24;
 
 /// Bytes of a [`ConnRef`] in the envelope: node u32, shard u16, slot u32, gen u32.
 const CONN_BYTES: usize = 14;
@@ -458,6 +467,8 @@ pub enum Inbound<'a> {
         target: Target,
         droppable: bool,
         wire: &'a [u8],
+        /// The origin's trace id and span id when the delivery was traced.
+        trace: Option<(u128, u64)>,
     },
     /// A node's canary (only its own node reads it).
     Canary { origin: u32, nonce: u64 },
@@ -508,6 +519,17 @@ pub fn encode_service(origin: u32, service: u8, body: &[u8]) -> Vec<u8> {
 
 /// The envelope of a delivery of `frame` to `target` from node `origin`.
 pub fn encode(origin: u32, target: &Target, frame: &Frame) -> Vec<u8> {
+    encode_traced(origin, target, frame, None)
+}
+
+/// [`encode`], carrying `trace` (trace id, the span the receiver's span is a child of) when
+/// it is Some ([`VERSION_TRACED`]).
+pub fn encode_traced(
+    origin: u32,
+    target: &Target,
+    frame: &Frame,
+    trace: Option<(u128, u64)>,
+) -> Vec<u8> {
     let wire = frame.wire();
     let (kind, name, conn) = match target {
         Target::Room { room, .. } => (KIND_ROOM, Some(&**room), None),
@@ -525,11 +547,21 @@ pub fn encode(origin: u32, target: &Target, frame: &Frame) -> Vec<u8> {
         flags |= FLAG_DROPPABLE;
     }
     let name = name.map(|n| &n.as_bytes()[..n.len().min(NAME_BYTES_MAX)]);
-    let mut v = Vec::with_capacity(7 + CONN_BYTES + 2 + name.map_or(0, <[u8]>::len) + wire.len());
-    v.push(VERSION);
+    let mut v = Vec::with_capacity(
+        7 + TRACE_BYTES + CONN_BYTES + 2 + name.map_or(0, <[u8]>::len) + wire.len(),
+    );
+    v.push(if trace.is_some() {
+        VERSION_TRACED
+    } else {
+        VERSION
+    });
     v.extend_from_slice(&origin.to_le_bytes());
     v.push(kind);
     v.push(flags);
+    if let Some((trace_id, span_id)) = trace {
+        v.extend_from_slice(&trace_id.to_le_bytes());
+        v.extend_from_slice(&span_id.to_le_bytes());
+    }
     if let Some(c) = except.or(conn) {
         put_conn(&mut v, c);
     }
@@ -599,12 +631,27 @@ pub struct Malformed(pub &'static str);
 /// Decode an envelope. Never panics on any input.
 pub fn decode(b: &[u8]) -> Result<Inbound<'_>, Malformed> {
     let mut r = Reader { b, at: 0 };
-    if r.u8()? != VERSION {
+    let version = r.u8()?;
+    if version != VERSION && version != VERSION_TRACED {
         return Err(Malformed("unknown envelope version"));
     }
     let origin = r.u32()?;
     let kind = r.u8()?;
     let flags = r.u8()?;
+    let trace = if version == VERSION_TRACED {
+        if !matches!(
+            kind,
+            KIND_ROOM | KIND_USER | KIND_TOPIC | KIND_ALL | KIND_CONN
+        ) {
+            return Err(Malformed("a trace context on a kind that carries none"));
+        }
+        let t = r.take(TRACE_BYTES)?;
+        let trace_id = u128::from_le_bytes(t[..16].try_into().expect("16 bytes"));
+        let span_id = u64::from_le_bytes(t[16..].try_into().expect("8 bytes"));
+        Some((trace_id, span_id))
+    } else {
+        None
+    };
     if kind == KIND_CANARY {
         return Ok(Inbound::Canary {
             origin,
@@ -683,6 +730,7 @@ pub fn decode(b: &[u8]) -> Result<Inbound<'_>, Malformed> {
         target,
         droppable: flags & FLAG_DROPPABLE != 0,
         wire,
+        trace,
     })
 }
 
@@ -1005,11 +1053,36 @@ mod tests {
                         target,
                         droppable,
                         wire,
+                        trace,
                     }) => {
                         assert_eq!(origin, 7);
                         assert_eq!(&target, t);
                         assert_eq!(droppable, f.is_droppable());
                         assert_eq!(wire, f.wire());
+                        assert_eq!(trace, None);
+                    }
+                    other => panic!("{other:?}"),
+                }
+                // The same with a trace context: version 2, the rest unchanged.
+                let ctx = Some((
+                    0x0af7_6519_16cd_43dd_8448_eb21_1c80_319c,
+                    0xb7ad_6b71_6920_3331,
+                ));
+                let env = encode_traced(7, t, f, ctx);
+                assert_eq!(env[0], VERSION_TRACED);
+                match decode(&env) {
+                    Ok(Inbound::Deliver {
+                        origin,
+                        target,
+                        droppable,
+                        wire,
+                        trace,
+                    }) => {
+                        assert_eq!(origin, 7);
+                        assert_eq!(&target, t);
+                        assert_eq!(droppable, f.is_droppable());
+                        assert_eq!(wire, f.wire());
+                        assert_eq!(trace, ctx);
                     }
                     other => panic!("{other:?}"),
                 }
@@ -1034,21 +1107,37 @@ mod tests {
             },
             &Frame::text_from_json(b"{}", 0),
         );
+        let traced = encode_traced(
+            7,
+            &Target::Room {
+                room: "lobby".into(),
+                except: Some(conn(1)),
+            },
+            &Frame::text_from_json(b"{}", 0),
+            Some((1, 2)),
+        );
         // Every truncation is refused or decodes to a shorter frame, and no byte flip panics.
-        for n in 0..env.len() {
-            let _ = decode(&env[..n]);
-        }
-        for i in 0..env.len() {
-            for x in [0x01u8, 0x80, 0xff] {
-                let mut e = env.clone();
-                e[i] ^= x;
-                let _ = decode(&e);
+        for env in [&env, &traced] {
+            for n in 0..env.len() {
+                let _ = decode(&env[..n]);
+            }
+            for i in 0..env.len() {
+                for x in [0x01u8, 0x80, 0xff] {
+                    let mut e = env.clone();
+                    e[i] ^= x;
+                    let _ = decode(&e);
+                }
             }
         }
+        assert_eq!(decode(&traced[..20]), Err(Malformed("truncated")));
         assert_eq!(decode(b""), Err(Malformed("truncated")));
         assert_eq!(
-            decode(&[2, 0, 0, 0, 0, 0, 0]),
+            decode(&[3, 0, 0, 0, 0, 0, 0]),
             Err(Malformed("unknown envelope version"))
+        );
+        assert_eq!(
+            decode(&[VERSION_TRACED, 0, 0, 0, 0, KIND_CANARY, 0, 0, 0]),
+            Err(Malformed("a trace context on a kind that carries none"))
         );
         assert_eq!(
             decode(&[VERSION, 0, 0, 0, 0, 9, 0, 0x81, 0]),

@@ -57,6 +57,20 @@ impl TraceExporter {
     }
 }
 
+/// Whose "sampled" flag (W3C `traceparent`, B3) decides a trace (`crate::trace`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TraceParentSampled {
+    /// Callers holding the server API key and Kafka records; a WebSocket client's or a REST
+    /// user's flag is not followed (their trace id and parent are kept, the ratio decides),
+    /// so no end user can make the node record every one of their messages.
+    Api,
+    /// Everyone's (a gateway in front sets the flags and clients cannot reach the node
+    /// directly).
+    All,
+    /// Nobody's: `trace_sample_ratio` alone decides, by the trace id when one is given.
+    Ignore,
+}
+
 /// Who a user may address with typing, receipts, calls and presence watches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AddressPolicy {
@@ -363,8 +377,10 @@ pub struct Config {
     /// The collector's full URL (`http://host:port/path`); empty = the exporter's default.
     pub trace_endpoint: String,
     /// Share of new traces recorded (head sampling at the root), 0.0 to 1.0; a sampled
-    /// parent from a request's headers is always honoured.
+    /// flag from a trusted caller overrides it (`trace_parent_sampled`).
     pub trace_sample_ratio: f64,
+    /// Whose sampled flag is followed.
+    pub trace_parent_sampled: TraceParentSampled,
     /// The service name spans carry; empty = `service_name`.
     pub trace_service_name: String,
     /// How often queued spans are sent.
@@ -536,6 +552,7 @@ impl Default for Config {
             trace_exporter: TraceExporter::Off,
             trace_endpoint: String::new(),
             trace_sample_ratio: 0.01,
+            trace_parent_sampled: TraceParentSampled::Api,
             trace_service_name: String::new(),
             trace_export_interval: Duration::from_secs(1),
             trace_export_batch_max: 512,
@@ -935,6 +952,20 @@ impl Kind for TraceExporterKind {
     }
 }
 
+struct TraceParentSampledKind;
+impl Kind for TraceParentSampledKind {
+    type Out = TraceParentSampled;
+    const HINT: &'static str = "<api|all|ignore>";
+    fn parse(raw: &Raw) -> Result<TraceParentSampled, String> {
+        match raw.text()?.trim().to_ascii_lowercase().as_str() {
+            "api" => Ok(TraceParentSampled::Api),
+            "all" => Ok(TraceParentSampled::All),
+            "ignore" | "none" => Ok(TraceParentSampled::Ignore),
+            _ => Err("expected api, all or ignore".into()),
+        }
+    }
+}
+
 /// A share between 0 and 1 (`0.25`, or `25%`).
 struct Ratio;
 impl Kind for Ratio {
@@ -1266,7 +1297,9 @@ config_keys! {
     trace_endpoint: Text = "", "SWITCHBOARD_TRACE_ENDPOINT",
         "The collector's full URL (http:// only in this build); empty = http://127.0.0.1:4318/v1/traces for otlp, http://127.0.0.1:9411/api/v2/spans for zipkin.";
     trace_sample_ratio: Ratio = "0.01", "SWITCHBOARD_TRACE_SAMPLE_RATIO",
-        "Share of new traces recorded, 0.0 to 1.0, decided once at the root span; a request whose traceparent or B3 headers say sampled is always recorded, one that says not sampled never.";
+        "Share of new traces recorded, 0.0 to 1.0, decided once at the root span (by the caller's trace id when it sends one, so every service agrees); trace_parent_sampled says whose sampled flag overrides it.";
+    trace_parent_sampled: TraceParentSampledKind = "api", "SWITCHBOARD_TRACE_PARENT_SAMPLED",
+        "Whose sampled flag (traceparent, B3) decides a trace: api (requests carrying api_key, and Kafka records; a WebSocket client's or REST user's trace id is continued but the ratio decides, so no end user can force every message of theirs to be recorded), all (everyone's: a gateway in front sets the flags) or ignore (the ratio alone).";
     trace_service_name: Text = "", "SWITCHBOARD_TRACE_SERVICE_NAME",
         "service.name of the spans (Zipkin's localEndpoint.serviceName); empty = service_name.";
     trace_export_interval: Dur = "1s", "SWITCHBOARD_TRACE_EXPORT_INTERVAL",
@@ -5002,6 +5035,10 @@ mod tests {
         assert_eq!(d.trace_url(), "http://127.0.0.1:4318/v1/traces");
         assert!((d.trace_sample_ratio - 0.01).abs() < 1e-9);
         assert_eq!(Config::default().trace_exporter, TraceExporter::Off);
+        assert_eq!(d.trace_parent_sampled, TraceParentSampled::Api);
+        let all =
+            Config::load(&[], &env_of(&[("SWITCHBOARD_TRACE_PARENT_SAMPLED", "ALL")])).unwrap();
+        assert_eq!(all.trace_parent_sampled, TraceParentSampled::All);
         for (env, v, key) in [
             (
                 "SWITCHBOARD_TRACE_SAMPLE_RATIO",
@@ -5014,6 +5051,11 @@ mod tests {
                 "trace_sample_ratio",
             ),
             ("SWITCHBOARD_TRACE_EXPORTER", "jaeger", "trace_exporter"),
+            (
+                "SWITCHBOARD_TRACE_PARENT_SAMPLED",
+                "yes",
+                "trace_parent_sampled",
+            ),
             ("SWITCHBOARD_TRACE_ENDPOINT", "https://x/", "trace_endpoint"),
             (
                 "SWITCHBOARD_TRACE_EXPORT_INTERVAL",

@@ -3,7 +3,8 @@
 //! and a WebSocket upgrade carrying the caller's `traceparent` (and B3 headers) arrive as
 //! spans of the caller's trace with the caller's span as parent and the right attributes; a
 //! direct message is one trace from `message.send` to `message.ack` with its `store.append`
-//! child; a caller that says "not sampled" is not recorded; log lines inside a span carry its
+//! child; a caller that says "not sampled" is not recorded, and an end user's "sampled"
+//! does not force a trace; log lines inside a span carry its
 //! `trace_id` and `span_id` (text and JSON); and with the collector down the node serves on
 //! while `/metrics` counts the dropped spans. Every wait is bounded.
 
@@ -386,6 +387,170 @@ fn a_collector_that_is_down_costs_spans_not_service() {
         .contains("trace exporter: the collector did not take spans"));
 }
 
+/// Two nodes and one Redis: a client's publish on node A to a room with a subscriber on
+/// node B is one trace, `room.publish` (A, under the client's `traceparent` field) ->
+/// `redis.publish` (A, until Redis answers) -> `redis.receive` (B, to the hand-off to its
+/// shards) -> `shard.deliver` (B, to the socket write); a server API publish likewise under
+/// its `http.request`. Untraced publishes cross
+/// in version-1 envelopes, as before.
+#[test]
+fn a_cross_node_publish_is_one_trace() {
+    use common::redis::RedisServer;
+    let stub = collector("/api/v2/spans");
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let endpoint = stub.url("/api/v2/spans");
+    let extra = [("SWITCHBOARD_REDIS_URL", url.as_str())];
+    let a = server("zipkin", &endpoint, &extra);
+    let b = server("zipkin", &endpoint, &extra);
+    a.wait_ready();
+    b.wait_ready();
+    let mut bob = b.connect("/ws?user_id=bob");
+    bob.subscribe("lobby");
+    let mut alice = a.connect("/ws?user_id=alice");
+    alice.subscribe("lobby");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while redis.numsub("sb:{room:lobby}") != 2 {
+        assert!(Instant::now() < deadline, "both nodes never held the room");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let tp1 = format!("00-{T1}-{P1}-01");
+    alice.send_json(
+        json!({"type": "publish", "room": "lobby", "data": {"n": 1}, "traceparent": tp1}),
+    );
+    assert_eq!(alice.expect_type("message")["data"]["n"], 1);
+    assert_eq!(bob.expect_type("message")["data"]["n"], 1);
+    let tp3 = format!("00-{T3}-{P3}-01");
+    let (status, _) = http_json(
+        &a,
+        "POST",
+        "/api/publish",
+        &[("X-API-Key", KEY), ("traceparent", &tp3)],
+        Some(&json!({"room": "lobby", "data": {"n": 2}})),
+        false,
+    );
+    assert_eq!(status, 200);
+    assert_eq!(bob.expect_type("message")["data"]["n"], 2);
+    let names = ["redis.publish", "redis.receive"];
+    let spans = wait_for(
+        "both publishes' spans on both nodes",
+        || zipkin_spans(&stub),
+        |spans| {
+            [T1, T3]
+                .iter()
+                .all(|t| names.iter().all(|n| zipkin_find(spans, t, n).is_some()))
+                && zipkin_find(spans, T1, "room.publish").is_some()
+                && zipkin_find(spans, T3, "http.request").is_some()
+                && zipkin_find(spans, T1, "shard.deliver").is_some()
+        },
+    );
+    let publish = zipkin_find(&spans, T1, "room.publish").unwrap();
+    assert_eq!(publish["parentId"], P1, "{publish}");
+    assert_eq!(publish["kind"], "SERVER", "{publish}");
+    assert_eq!(publish["tags"]["messaging.destination.name"], "lobby");
+    assert_eq!(publish["tags"]["enduser.id"], "alice");
+    let api = zipkin_find(&spans, T3, "http.request").unwrap();
+    for (t, parent) in [(T1, publish), (T3, api)] {
+        let out = zipkin_find(&spans, t, "redis.publish").unwrap();
+        assert_eq!(out["parentId"], parent["id"], "{out}");
+        assert_eq!(out["kind"], "PRODUCER", "{out}");
+        assert_eq!(out["tags"]["messaging.system"], "redis");
+        assert_eq!(out["tags"]["messaging.destination.name"], "sb:{room:lobby}");
+        assert!(
+            out.get("tags").and_then(|t| t.get("error")).is_none(),
+            "{out}"
+        );
+        let inn = zipkin_find(&spans, t, "redis.receive").unwrap();
+        assert_eq!(inn["parentId"], out["id"], "{inn}");
+        assert_eq!(inn["kind"], "CONSUMER", "{inn}");
+        assert_eq!(inn["tags"]["messaging.system"], "redis");
+        assert_eq!(
+            inn["tags"]["origin.node"].as_str().map(str::len),
+            Some(8),
+            "{inn}"
+        );
+    }
+    // On B, the shard holding bob: its part, to the turn's socket writes.
+    let inn = zipkin_find(&spans, T1, "redis.receive").unwrap();
+    let d = zipkin_find(&spans, T1, "shard.deliver").unwrap();
+    assert_eq!(d["parentId"], inn["id"], "{d}");
+    // One receive per publish: node A drops its own envelopes by the origin id.
+    assert_eq!(
+        spans
+            .iter()
+            .filter(|x| x["traceId"] == T1 && x["name"] == "redis.receive")
+            .count(),
+        1
+    );
+    bob.close();
+    alice.close();
+}
+
+/// At ratio 0, only the API key's holder can ask for a trace: an end user's sampled flag, on
+/// the upgrade, on `message.send` and on a REST request, is not followed (default
+/// `trace_parent_sampled` = api), so no client can make the node record its traffic.
+#[test]
+fn an_end_user_cannot_force_a_trace() {
+    let stub = collector("/api/v2/spans");
+    let s = server(
+        "zipkin",
+        &stub.url("/api/v2/spans"),
+        &[("SWITCHBOARD_TRACE_SAMPLE_RATIO", "0")],
+    );
+    let tp2 = format!("00-{T2}-{P2}-01");
+    let mut alice = s.connect_with("/ws?user_id=alice", &[("traceparent", &tp2)]);
+    let tp5 = format!("00-{T5}-{P5}-01");
+    alice.send_json(json!({"type": "message.send", "clientMsgId": "c-1", "to": "bob", "content": "hi", "traceparent": tp5}));
+    alice.expect_type("message.ack");
+    let tp6 = format!("00-{T6}-{P6}-01");
+    let rest = http_json(
+        &s,
+        "GET",
+        "/api/v1/messages/threads",
+        &[("X-User-Id", "alice"), ("traceparent", &tp6)],
+        None,
+        false,
+    );
+    assert_eq!(rest.0, 200, "{rest:?}");
+    let wrong_key = http_json(
+        &s,
+        "GET",
+        "/api/stats",
+        &[("X-API-Key", "nope"), ("b3", &format!("{T4}-{P1}-1"))],
+        None,
+        false,
+    );
+    assert_eq!(wrong_key.0, 401);
+    // The trusted caller last: once its span is in, the others would have been too.
+    let tp1 = format!("00-{T1}-{P1}-01");
+    assert_eq!(stats(&s, &[("traceparent", &tp1)]), 200);
+    let spans = wait_for(
+        "the API key holder's span",
+        || zipkin_spans(&stub),
+        |spans| zipkin_find(spans, T1, "http.request").is_some(),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let spans = zipkin_spans(&stub)
+        .into_iter()
+        .chain(spans)
+        .collect::<Vec<_>>();
+    for t in [T2, T4, T5, T6] {
+        assert!(
+            spans.iter().all(|x| x["traceId"] != t),
+            "an end user's flag started trace {t}: {spans:?}"
+        );
+    }
+    let text = s.wait_metrics("the sampled count", |t| {
+        metric(t, "switchboard_trace_traces_sampled_total").is_some()
+    });
+    assert_eq!(
+        metric(&text, "switchboard_trace_traces_sampled_total"),
+        Some(1),
+        "{text}"
+    );
+    alice.close();
+}
+
 #[test]
 fn tracing_off_shows_nothing() {
     let s = TestServer::start(&[("SWITCHBOARD_API_KEY", KEY)]);
@@ -446,7 +611,8 @@ fn the_jwt_check_is_a_child_of_the_upgrade() {
 
 /// Kafka (librdkafka's in-process mock cluster): a traced DM's record carries a `traceparent`
 /// naming its `kafka.produce` span (child of `dm.send`), and a notification record that
-/// carries one is handled in a `kafka.notify` span of that trace.
+/// carries one is handled in a `kafka.notify` span of that trace, with the recipient shard's
+/// `shard.deliver` under it.
 #[test]
 fn kafka_records_carry_the_trace_on() {
     use common::kafka::{self, Mock};
@@ -532,14 +698,21 @@ fn kafka_records_carry_the_trace_on() {
         }
     }
     let spans = wait_for(
-        "the kafka.notify span",
+        "the kafka.notify span and its shard's part",
         || zipkin_spans(&stub),
-        |spans| zipkin_find(spans, T3, "kafka.notify").is_some(),
+        |spans| {
+            zipkin_find(spans, T3, "kafka.notify").is_some()
+                && zipkin_find(spans, T3, "shard.deliver").is_some()
+        },
     );
     let n = zipkin_find(&spans, T3, "kafka.notify").unwrap();
     assert_eq!(n["parentId"], P3, "{n}");
     assert_eq!(n["kind"], "CONSUMER");
     assert_eq!(n["tags"]["messaging.destination.name"], "trace.joined");
+    // To the socket write: the shard that holds ann ends its span after the turn's writes.
+    let d = zipkin_find(&spans, T3, "shard.deliver").unwrap();
+    assert_eq!(d["parentId"], n["id"], "{d}");
+    assert!(d["tags"]["shard"].as_str().is_some(), "{d}");
     alice.close();
     ann.close();
 }

@@ -47,6 +47,10 @@ pub enum BridgeMsg {
     /// A delivery whose recipients may be on other nodes (room publish, broadcast, a user's
     /// devices, a connection of another node).
     Deliver { target: Target, frame: Frame },
+    /// [`BridgeMsg::Deliver`] made inside a traced span (tracing on, the trace sampled): its
+    /// `redis.publish` span is a child of that span, and the envelope carries the context to
+    /// the other nodes. Boxed: rare, and the common variant stays small.
+    DeliverTraced(Box<(Target, Frame, tracing::Span)>),
     /// A room's first subscriber on this node arrived, or its last one left. Reports from two
     /// shards may arrive in either order: act on [`Directory::room_shards`], not on the order.
     Room { room: Arc<str>, t: Transition },

@@ -392,7 +392,7 @@ fn record_span(m: &OwnedMessage) -> tracing::Span {
         }
     }
     crate::root_span!(
-        crate::trace::root_for(&h),
+        crate::trace::root_for(&h, || crate::trace::Caller::Trusted),
         "kafka.notify",
         otel.kind = "consumer",
         messaging.system = "kafka",

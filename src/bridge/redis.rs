@@ -415,6 +415,20 @@ struct Out {
     _held: Option<Held>,
     channel: Arc<str>,
     payload: Vec<u8>,
+    /// A traced delivery's `redis.publish` span, which ends when this is dropped (its
+    /// pipeline answered or failed, or the envelope given up); boxed, as it is rare.
+    span: Option<Box<tracing::Span>>,
+}
+
+impl Out {
+    /// Mark the traced ones of `batch` failed (their pipeline did not publish them).
+    fn failed(batch: &[Out]) {
+        for o in batch {
+            if let Some(s) = &o.span {
+                s.record("otel.status_code", "ERROR");
+            }
+        }
+    }
 }
 
 /// Bytes an envelope holds of the publish queue's budget (`redis_queue_bytes_max`), given
@@ -1890,14 +1904,49 @@ impl Redis {
         };
         // The envelope's header is a few dozen bytes beside the frame.
         let hint = frame.wire().len() + 64;
-        self.enqueue(channel, hint, || {
+        self.enqueue_with(channel, hint, None, || {
             cluster::encode(self.node.id, target, frame)
+        });
+    }
+
+    /// [`Redis::publish`] of a delivery made inside the traced span `parent`: a
+    /// `redis.publish` span (until Redis answers), whose context the envelope carries to the
+    /// receiving nodes' `redis.receive` spans.
+    pub fn publish_traced(&self, target: &Target, frame: &Frame, parent: &tracing::Span) {
+        let Some(channel) = self.ch.of(target, self.node.id) else {
+            return;
+        };
+        let span = crate::child_span!(
+            parent,
+            "redis.publish",
+            otel.kind = "producer",
+            messaging.system = "redis",
+            messaging.destination.name = &*channel,
+            messaging.message.body.size = frame.wire().len() as u64,
+            otel.status_code = tracing::field::Empty,
+        );
+        let ctx = crate::trace::context_of(&span);
+        let hint = frame.wire().len() + 64;
+        self.enqueue_with(channel, hint, Some(Box::new(span)), || {
+            cluster::encode_traced(self.node.id, target, frame, ctx)
         });
     }
 
     /// Queue the envelope `payload` makes on `channel`, or drop it (counted) when
     /// `redis_queue_max` envelopes wait already (then it is never encoded).
     fn enqueue(&self, channel: Arc<str>, size_hint: usize, payload: impl FnOnce() -> Vec<u8>) {
+        self.enqueue_with(channel, size_hint, None, payload)
+    }
+
+    /// [`Redis::enqueue`] with the `redis.publish` span of a traced delivery (ended, marked
+    /// failed, when the envelope is dropped here).
+    fn enqueue_with(
+        &self,
+        channel: Arc<str>,
+        size_hint: usize,
+        span: Option<Box<tracing::Span>>,
+        payload: impl FnOnce() -> Vec<u8>,
+    ) {
         let mut q = self.queue.borrow_mut();
         let cfg = &self.node.cfg;
         if q.len() + self.staged.get() >= cfg.redis_queue_max
@@ -1907,6 +1956,9 @@ impl Redis {
                 .redis_stats
                 .dropped
                 .fetch_add(1, Ordering::Relaxed);
+            if let Some(s) = span {
+                s.record("otel.status_code", "ERROR");
+            }
             return;
         }
         let payload = payload();
@@ -1919,6 +1971,7 @@ impl Redis {
             }),
             channel,
             payload,
+            span,
         });
         self.node
             .redis_stats
@@ -2291,6 +2344,9 @@ impl Redis {
                 }
                 let n = (batch.len() - canaries) as u64;
                 let r = tokio::time::timeout(timeout, pipe.exec_async(&mut conn)).await;
+                if !matches!(r, Ok(Ok(()))) {
+                    Out::failed(&batch);
+                }
                 batch.clear();
                 match r {
                     Ok(Ok(())) => {
@@ -2465,6 +2521,7 @@ impl Redis {
                 target,
                 droppable: d,
                 wire,
+                trace,
             }) => {
                 if origin == self.node.id {
                     return; // our own publish, heard on a channel we hold
@@ -2472,6 +2529,27 @@ impl Redis {
                 let born = self.node.now_us();
                 let frame = Frame::from_wire(wire, if d { droppable(born) } else { born });
                 stats.received.fetch_add(1, Ordering::Relaxed);
+                // A traced delivery: this node's part of its trace, from the envelope to the
+                // hand-off to the shards (another node of ours: its flag is followed).
+                let span = match trace {
+                    Some((trace_id, span_id)) => crate::root_span!(
+                        crate::trace::root(
+                            Some(crate::trace::Incoming::Parent {
+                                trace_id,
+                                span_id,
+                                sampled: Some(true),
+                            }),
+                            crate::trace::Caller::Trusted,
+                        ),
+                        "redis.receive",
+                        otel.kind = "consumer",
+                        messaging.system = "redis",
+                        messaging.message.body.size = wire.len() as u64,
+                        origin.node = %format!("{origin:08x}"),
+                    ),
+                    None => tracing::Span::none(),
+                };
+                let _entered = span.enter();
                 if let Some(f) = &*self.deliver.borrow() {
                     f(target, &frame);
                 }
@@ -2555,6 +2633,7 @@ impl Redis {
                 self.canary_sent.set(Some((nonce, now)));
                 *self.canary_out.borrow_mut() = Some(Out {
                     _held: None,
+                    span: None,
                     channel: own.clone(),
                     payload: cluster::encode_canary(self.node.id, nonce),
                 });

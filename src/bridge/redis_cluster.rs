@@ -915,6 +915,7 @@ impl Sharded {
                                         }
                                     } else {
                                         failed += u64::from(message);
+                                        Out::failed(std::slice::from_ref(&o));
                                         refused = Some(e);
                                     }
                                 }
@@ -933,6 +934,7 @@ impl Sharded {
                         }
                     }
                     Ok(Ok(_)) => {
+                        Out::failed(&batch);
                         batch.clear();
                         stats.publish_failed.fetch_add(n, Ordering::Relaxed);
                         self.r
@@ -940,12 +942,14 @@ impl Sharded {
                         break;
                     }
                     Ok(Err(e)) => {
+                        Out::failed(&batch);
                         batch.clear();
                         stats.publish_failed.fetch_add(n, Ordering::Relaxed);
                         self.r.log_error("publish failed", &e);
                         break;
                     }
                     Err(_) => {
+                        Out::failed(&batch);
                         batch.clear();
                         stats.publish_failed.fetch_add(n, Ordering::Relaxed);
                         self.r
@@ -1203,6 +1207,7 @@ impl Sharded {
                     m.canary_sent.set(Some((nonce, now)));
                     *m.canary_out.borrow_mut() = Some(Out {
                         _held: None,
+                        span: None,
                         channel,
                         payload: cluster::encode_canary(self.r.node.id, nonce),
                     });

@@ -393,6 +393,12 @@ async fn serve<S: Store + 'static>(
                         r.publish(&target, &frame);
                     }
                 }
+                BridgeMsg::DeliverTraced(d) => {
+                    if let Some(r) = &ctx.redis {
+                        let (target, frame, span) = *d;
+                        r.publish_traced(&target, &frame, &span);
+                    }
+                }
                 BridgeMsg::Room { room, t } => {
                     if let Some(r) = &ctx.redis {
                         r.room(&room, t);
@@ -852,7 +858,14 @@ fn live<S>(
 /// ([`deliver_here`]) and, clustered, on the other nodes (one envelope to Redis).
 fn deliver<S>(ctx: &Ctx<S>, target: Target, frame: &Frame) {
     if let Some(r) = &ctx.redis {
-        r.publish(&target, frame);
+        // Inside a traced span (a notification record's, a REST send's): the other nodes
+        // continue the trace.
+        let span = crate::trace::current();
+        if span.is_none() {
+            r.publish(&target, frame);
+        } else {
+            r.publish_traced(&target, frame, &span);
+        }
     }
     deliver_here(ctx, target, frame);
 }
@@ -860,14 +873,29 @@ fn deliver<S>(ctx: &Ctx<S>, target: Target, frame: &Frame) {
 /// Hand `frame` to every shard of this node holding recipients of `target`, through the
 /// backlog: a shard with messages held back gets this one after them, so what one shard
 /// receives from the bridge stays in order.
+///
+/// Inside a traced span (`kafka.notify`, `redis.receive`, a DM's `dm.send`; with tracing
+/// off, one atomic load) each shard's part is a `shard.deliver` child span, which ends after
+/// that shard's socket writes.
 fn deliver_here<S>(ctx: &Ctx<S>, target: Target, frame: &Frame) {
     let mut bits = super::recipient_shards(&ctx.shards, &ctx.node.dir, &target);
+    let parent = crate::trace::current();
     while bits != 0 {
         let shard = bits.trailing_zeros() as usize;
         bits &= bits - 1;
-        let msg = ShardMsg::Deliver {
-            target: target.clone(),
-            frame: frame.clone(),
+        let msg = if parent.is_none() {
+            ShardMsg::Deliver {
+                target: target.clone(),
+                frame: frame.clone(),
+            }
+        } else {
+            let span = crate::child_span!(
+                &parent,
+                "shard.deliver",
+                otel.kind = "internal",
+                shard = shard as u64,
+            );
+            ShardMsg::Traced(Box::new((target.clone(), frame.clone(), span)))
         };
         to_shard(ctx, shard, msg);
     }

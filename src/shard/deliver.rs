@@ -89,9 +89,16 @@ impl Shard {
             }
         }
         if bridge {
-            let msg = BridgeMsg::Deliver {
-                target: target.clone(),
-                frame: frame.clone(),
+            // Inside a traced span (a sampled publish, API request, upgrade): the other nodes
+            // continue its trace. With tracing off `current` is one atomic load.
+            let span = crate::trace::current();
+            let msg = if span.is_none() {
+                BridgeMsg::Deliver {
+                    target: target.clone(),
+                    frame: frame.clone(),
+                }
+            } else {
+                BridgeMsg::DeliverTraced(Box::new((target.clone(), frame.clone(), span)))
             };
             if self.node.bridge_tx.try_send(msg).is_err() {
                 self.out.stats.bridge_dropped += 1;
@@ -284,6 +291,14 @@ impl Shard {
             };
             match msg {
                 ShardMsg::Deliver { target, frame } => self.deliver_local(&target, &frame),
+                ShardMsg::Traced(d) => {
+                    let (target, frame, span) = *d;
+                    {
+                        let _entered = span.enter();
+                        self.deliver_local(&target, &frame);
+                    }
+                    self.traced.push(span);
+                }
                 ShardMsg::Service(m) => service::on_msg(self, *m),
                 ShardMsg::Drain => self.start_drain(),
             }

@@ -35,7 +35,9 @@ impl Shard {
                         // Traced (when sampled) until the 101 or the refusal; a parked upgrade
                         // keeps the span until the auth service's verdict.
                         let span = crate::root_span!(
-                            crate::trace::root_for(&req.trace),
+                            crate::trace::root_for(&req.trace, || {
+                                crate::trace::Caller::EndUser
+                            }),
                             "ws.upgrade",
                             otel.kind = "server",
                             url.path = req.path,
@@ -96,8 +98,14 @@ impl Shard {
         // Only the APIs are traced (not the probes: /health, /ready, /metrics are scraped
         // every few seconds and say nothing a trace would).
         let span = if req.path.starts_with("/api/") {
+            // The API key's holders are our own services: their sampled flag decides; a
+            // REST user's does not (trace_parent_sampled).
+            let caller = || match &self.node.cfg.api_key {
+                Some(k) if crate::http::api_key_ok(req, k) => crate::trace::Caller::Trusted,
+                _ => crate::trace::Caller::EndUser,
+            };
             crate::root_span!(
-                crate::trace::root_for(&req.trace),
+                crate::trace::root_for(&req.trace, caller),
                 "http.request",
                 otel.kind = "server",
                 http.request.method = req.method,

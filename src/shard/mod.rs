@@ -68,6 +68,11 @@ const CLOSING_GRACE_TICKS: u32 = 20;
 pub enum ShardMsg {
     /// Deliver `frame` to this shard's recipients of `target`.
     Deliver { target: Target, frame: Frame },
+    /// [`ShardMsg::Deliver`] handed on inside a traced span (a notification's `kafka.notify`,
+    /// a cross-node `redis.receive`; tracing on and the trace sampled): `span` is this shard's
+    /// `shard.deliver`, which ends after the turn's socket writes. Boxed: rare, and the
+    /// common variant stays small.
+    Traced(Box<(Target, Frame, tracing::Span)>),
     /// A message for one service module (see `service::ServiceMsg`), boxed: service messages
     /// are the rare ones and some are large, while every inbox slot is as large as the
     /// largest variant (65,536 slots per shard, all touched when the channel is built).
@@ -113,7 +118,9 @@ impl Inboxes {
     /// [`Inboxes::send`], handing the message back when it could not be queued (to keep it
     /// for a retry).
     pub fn try_send(&self, shard: usize, msg: ShardMsg) -> Result<(), (SendFailure, ShardMsg)> {
-        if matches!(msg, ShardMsg::Deliver { .. }) && self.1.refuse_delivery(shard) {
+        if matches!(msg, ShardMsg::Deliver { .. } | ShardMsg::Traced(_))
+            && self.1.refuse_delivery(shard)
+        {
             return Err((SendFailure::Full, msg));
         }
         // A shard index can come from another node (a connection reference in an envelope):
@@ -313,6 +320,9 @@ pub struct Shard {
     fb: FrameBuilder,
     out: Outbox,
     resume: Vec<u32>,
+    /// `shard.deliver` spans of this turn's traced deliveries, ended after its writes (at
+    /// most `INBOX_PER_TURN_MAX`; empty unless tracing is on).
+    traced: Vec<tracing::Span>,
     wheel: timer::Wheel,
     fired: Vec<TimerKey>,
     hist: hdrhistogram::Histogram<u64>,
@@ -462,6 +472,7 @@ impl Shard {
                 edge: std::collections::HashMap::new(),
             },
             resume: Vec::new(),
+            traced: Vec::new(),
             wheel: timer::Wheel::new(now_tick),
             fired: Vec::new(),
             hist: new_latency_histogram(),
@@ -563,6 +574,11 @@ impl Shard {
             self.release_deferred();
             self.flush_dirty();
             self.process_doomed();
+            if !self.traced.is_empty() {
+                // The traced deliveries' frames were written (or queued behind a full
+                // socket): their spans end here.
+                self.traced.clear();
+            }
             if self.now_ms.saturating_sub(self.last_stats_ms) >= STATS_PUBLISH_MS {
                 self.publish_stats();
             }

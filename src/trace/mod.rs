@@ -1,9 +1,10 @@
 //! Distributed tracing: spans for what a person debugging follows (an upgrade and its
 //! authentication, each server API and REST request, a direct message from `message.send` to
-//! `message.ack` with its store commit and Kafka produce, a notification record from Kafka),
-//! continued from the caller's W3C `traceparent` or Zipkin B3 headers ([`propagation`]; a
-//! `message.send` field, a Kafka record's headers) and handed on (a DM record's
-//! `traceparent` header), exported over OTLP/HTTP JSON or Zipkin's v2 JSON API
+//! `message.ack` with its store commit and Kafka produce, a notification record from Kafka, a
+//! room publish and its way through Redis to the other nodes), continued from the caller's
+//! W3C `traceparent` or Zipkin B3 headers ([`propagation`]; a `message.send` or `publish`
+//! field, a Kafka record's headers) and handed on (a DM record's `traceparent` header, the
+//! trace context of a version-2 cluster envelope, `crate::cluster`), exported over OTLP/HTTP JSON or Zipkin's v2 JSON API
 //! (`crate::bridge::trace_export`), and stamped on every log line written inside them.
 //!
 //! **Our own small exporter, not the OpenTelemetry crates.** `opentelemetry-otlp` brings
@@ -20,9 +21,11 @@
 //!   put beside the log formatter. With tracing off there is no pipeline: [`root`] answers
 //!   None after one atomic load, no span is created, nothing is queued, no task runs.
 //! - A root span is decided *before* it is made: [`root`] takes what the request's headers
-//!   say ([`propagation::Incoming`]): a parent that says sampled is always followed, one that
-//!   says not sampled never; otherwise the `trace_sample_ratio` decides (by the trace id when
-//!   the caller gave one, as OpenTelemetry's ratio sampler does, so every service agrees).
+//!   say ([`propagation::Incoming`]). A trusted caller's flag (`trace_parent_sampled`: by
+//!   default callers with the API key, and Kafka records) is followed: sampled always, not
+//!   sampled never. Otherwise `trace_sample_ratio` decides, by the trace id when the caller
+//!   gave one (as OpenTelemetry's ratio sampler does, so every service agrees): an end user
+//!   cannot make the node record every message of theirs, yet a sampled trace still links.
 //!   An unsampled root is `Span::none()`: no allocation, no registry slot, no export. A
 //!   sampled one is made through [`Root::span`] (the [`root_span!`] macro), which hands the
 //!   layer its trace id and remote parent.
@@ -49,7 +52,7 @@ use std::sync::OnceLock;
 
 use crossbeam_channel::{Receiver, Sender};
 
-use crate::config::{Config, TraceExporter};
+use crate::config::{Config, TraceExporter, TraceParentSampled};
 use crate::limits::TRACE_QUEUE_SPANS_MAX;
 pub use encode::{AttrValue, SpanKind, SpanRecord};
 pub use propagation::Incoming;
@@ -64,6 +67,8 @@ pub struct Pipeline {
     threshold: u64,
     /// `trace_sample_ratio` is 1.0: every trace (the threshold cannot say "all").
     always: bool,
+    /// Whose sampled flag is followed.
+    follow: TraceParentSampled,
     tx: Sender<SpanRecord>,
     rx: Receiver<SpanRecord>,
     pub exporter: TraceExporter,
@@ -105,6 +110,7 @@ pub fn install(cfg: &Config) -> Option<layer::TraceLayer> {
         // ratio * 2^64, saturating; 1.0 is `always`.
         threshold: (ratio * 18_446_744_073_709_551_616.0) as u64,
         always: ratio >= 1.0,
+        follow: cfg.trace_parent_sampled,
         tx,
         rx,
         exporter: cfg.trace_exporter,
@@ -186,12 +192,22 @@ pub struct Root {
     pub remote_parent: Option<u64>,
 }
 
+/// Who sent a trace context: whether its sampled flag may decide (`trace_parent_sampled`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Caller {
+    /// A caller holding the API key, or a Kafka record (our own services).
+    Trusted,
+    /// A WebSocket client, a REST user, an upgrade request.
+    EndUser,
+}
+
 /// Decide a new root span: None when tracing is off or the trace is not sampled (make no
-/// span), Some to make one with [`Root::span`]. `incoming`: what the request's headers say.
+/// span), Some to make one with [`Root::span`]. `incoming`: what the request's headers say;
+/// `caller`: who said it.
 #[inline]
-pub fn root(incoming: Option<Incoming>) -> Option<Root> {
+pub fn root(incoming: Option<Incoming>, caller: Caller) -> Option<Root> {
     let p = pipeline()?;
-    decide(p, incoming)
+    decide(p, incoming, caller)
 }
 
 /// Tracing is on (one atomic load): guard work done only for tracing, such as parsing a
@@ -218,11 +234,15 @@ pub fn context_of(span: &tracing::Span) -> Option<(u128, u64)> {
     .flatten()
 }
 
-/// [`root`] for a request: its trace headers are parsed only when tracing is on.
+/// [`root`] for a request: its trace headers are parsed, and `caller` asked, only when
+/// tracing is on.
 #[inline]
-pub fn root_for(headers: &propagation::Headers<'_>) -> Option<Root> {
+pub fn root_for(
+    headers: &propagation::Headers<'_>,
+    caller: impl FnOnce() -> Caller,
+) -> Option<Root> {
     let p = pipeline()?;
-    decide(p, headers.parse())
+    decide(p, headers.parse(), caller())
 }
 
 /// The current span when tracing is on, else `Span::none()` without asking the subscriber.
@@ -246,7 +266,24 @@ pub fn record_status(span: &tracing::Span, status: u16) {
     }
 }
 
-fn decide(p: &Pipeline, incoming: Option<Incoming>) -> Option<Root> {
+fn decide(p: &Pipeline, incoming: Option<Incoming>, caller: Caller) -> Option<Root> {
+    let follow = match p.follow {
+        TraceParentSampled::All => true,
+        TraceParentSampled::Api => caller == Caller::Trusted,
+        TraceParentSampled::Ignore => false,
+    };
+    // A flag not followed: the trace id and parent are kept, the ratio decides.
+    let incoming = match incoming {
+        Some(Incoming::Parent {
+            trace_id, span_id, ..
+        }) if !follow => Some(Incoming::Parent {
+            trace_id,
+            span_id,
+            sampled: None,
+        }),
+        Some(Incoming::Decision(_)) if !follow => None,
+        other => other,
+    };
     let r = match incoming {
         Some(Incoming::Parent {
             trace_id,
@@ -359,11 +396,18 @@ pub fn render(out: &mut String) {
 mod tests {
     use super::*;
 
+    const T: Caller = Caller::Trusted;
+
     fn pipeline_of(ratio: f64) -> Pipeline {
+        pipeline_following(ratio, TraceParentSampled::Api)
+    }
+
+    fn pipeline_following(ratio: f64, follow: TraceParentSampled) -> Pipeline {
         let (tx, rx) = crossbeam_channel::bounded(4);
         Pipeline {
             threshold: (ratio * 18_446_744_073_709_551_616.0) as u64,
             always: ratio >= 1.0,
+            follow,
             tx,
             rx,
             exporter: TraceExporter::Otlp,
@@ -382,35 +426,71 @@ mod tests {
                 sampled,
             })
         };
-        assert_eq!(decide(&none, None), None);
-        assert!(decide(&all, None).is_some_and(|r| r.remote_parent.is_none() && r.trace_id != 0));
+        assert_eq!(decide(&none, None, T), None);
+        assert!(decide(&all, None, T).is_some_and(|r| r.remote_parent.is_none() && r.trace_id != 0));
         // A sampled parent is followed at ratio 0, an unsampled one refused at ratio 1.
         assert_eq!(
-            decide(&none, parent(Some(true))),
+            decide(&none, parent(Some(true)), T),
             Some(Root {
                 trace_id: 7,
                 remote_parent: Some(9)
             })
         );
-        assert_eq!(decide(&all, parent(Some(false))), None);
-        assert_eq!(decide(&none, Some(Incoming::Decision(false))), None);
-        assert!(decide(&none, Some(Incoming::Decision(true))).is_some());
+        assert_eq!(decide(&all, parent(Some(false)), T), None);
+        assert_eq!(decide(&none, Some(Incoming::Decision(false)), T), None);
+        assert!(decide(&none, Some(Incoming::Decision(true)), T).is_some());
         // Deferred: by the trace id's low 64 bits against the ratio.
         let half = pipeline_of(0.5);
-        assert!(decide(&half, parent(None)).is_some());
+        assert!(decide(&half, parent(None), T).is_some());
         let high = Some(Incoming::Parent {
             trace_id: u128::from(u64::MAX),
             span_id: 9,
             sampled: None,
         });
-        assert_eq!(decide(&half, high), None);
+        assert_eq!(decide(&half, high, T), None);
         assert_eq!(all.stats.traces_sampled.load(Ordering::Relaxed), 1);
         // About the ratio of fresh traces.
         let tenth = pipeline_of(0.1);
         let n = (0..10_000)
-            .filter(|_| decide(&tenth, None).is_some())
+            .filter(|_| decide(&tenth, None, T).is_some())
             .count();
         assert!((700..1300).contains(&n), "{n}");
+    }
+
+    #[test]
+    fn an_end_users_flag_is_followed_only_when_configured() {
+        let parent = |sampled| {
+            Some(Incoming::Parent {
+                trace_id: 7,
+                span_id: 9,
+                sampled: Some(sampled),
+            })
+        };
+        let u = Caller::EndUser;
+        // Default (api): an end user's "sampled" does not force a trace at ratio 0, nor does
+        // "not sampled" refuse one at ratio 1; the ratio decides, by the trace id, and the
+        // parent is kept.
+        let none = pipeline_of(0.0);
+        assert_eq!(decide(&none, parent(true), u), None);
+        assert_eq!(decide(&none, Some(Incoming::Decision(true)), u), None);
+        let all = pipeline_of(1.0);
+        assert_eq!(
+            decide(&all, parent(false), u),
+            Some(Root {
+                trace_id: 7,
+                remote_parent: Some(9)
+            })
+        );
+        assert!(decide(&all, Some(Incoming::Decision(false)), u).is_some());
+        // Trusted callers are followed.
+        assert!(decide(&none, parent(true), T).is_some());
+        // all: everyone's flag; ignore: nobody's.
+        let gw = pipeline_following(0.0, TraceParentSampled::All);
+        assert!(decide(&gw, parent(true), u).is_some());
+        let ig = pipeline_following(0.0, TraceParentSampled::Ignore);
+        assert_eq!(decide(&ig, parent(true), T), None);
+        let ig_all = pipeline_following(1.0, TraceParentSampled::Ignore);
+        assert!(decide(&ig_all, parent(false), T).is_some());
     }
 
     #[test]

@@ -139,7 +139,7 @@ pub fn send(sh: &mut Shard, slot: u32, cmd: &Cmd<'_>) {
         _ => None,
     };
     let span = crate::root_span!(
-        crate::trace::root(incoming),
+        crate::trace::root(incoming, crate::trace::Caller::EndUser),
         "dm.send",
         otel.kind = "server",
         shard = sh.id as u64,

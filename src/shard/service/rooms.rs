@@ -180,6 +180,9 @@ struct RoomCmd<'a> {
     data: Option<LazyValue<'a>>,
     #[serde(borrow, default)]
     since: Option<Since<'a>>,
+    /// A publish's trace context (W3C `traceparent`), continued when tracing is on.
+    #[serde(borrow, default)]
+    traceparent: Option<Cow<'a, str>>,
 }
 
 /// `since: {offset, epoch}` of a resuming subscribe.
@@ -281,6 +284,22 @@ pub fn publish(sh: &mut Shard, slot: u32, cmd: &Cmd<'_>) {
     let name = sh.svc.rooms.table.name_of(rid).clone();
     let opts = sh.svc.rooms.table.room(rid).opts;
     sh.out.stats.publishes += 1;
+    // Traced (when sampled): the local fan-out and the hand-off to the other shards and the
+    // bridge, whose `redis.publish` (and the other nodes' `redis.receive`) are its children.
+    // Never per recipient. With tracing off: one atomic load.
+    let incoming = match &c.traceparent {
+        Some(tp) if crate::trace::on() => crate::trace::propagation::parse_traceparent(tp),
+        _ => None,
+    };
+    let span = crate::root_span!(
+        crate::trace::root(incoming, crate::trace::Caller::EndUser),
+        "room.publish",
+        otel.kind = "server",
+        shard = sh.id as u64,
+        messaging.destination.name = &*name,
+        enduser.id = user.as_deref().unwrap_or(""),
+    );
+    let _entered = span.enter();
     let data = raw_or_null(&c.data);
     if let Routed::Busy = route_publish(sh, name, opts, client_id, user, data, "message", None) {
         sh.send_error(
