@@ -1046,45 +1046,40 @@ mod tests {
         ];
         for t in &targets {
             for f in [&frame, &typing] {
-                let env = encode(7, t, f);
-                match decode(&env) {
-                    Ok(Inbound::Deliver {
-                        origin,
-                        target,
-                        droppable,
-                        wire,
-                        trace,
-                    }) => {
-                        assert_eq!(origin, 7);
-                        assert_eq!(&target, t);
-                        assert_eq!(droppable, f.is_droppable());
-                        assert_eq!(wire, f.wire());
-                        assert_eq!(trace, None);
-                    }
-                    other => panic!("{other:?}"),
-                }
-                // The same with a trace context: version 2, the rest unchanged.
-                let ctx = Some((
+                // Without and with a trace context (version 2, the rest unchanged).
+                let traced = Some((
                     0x0af7_6519_16cd_43dd_8448_eb21_1c80_319c,
                     0xb7ad_6b71_6920_3331,
                 ));
-                let env = encode_traced(7, t, f, ctx);
-                assert_eq!(env[0], VERSION_TRACED);
-                match decode(&env) {
-                    Ok(Inbound::Deliver {
-                        origin,
-                        target,
-                        droppable,
-                        wire,
-                        trace,
-                    }) => {
-                        assert_eq!(origin, 7);
-                        assert_eq!(&target, t);
-                        assert_eq!(droppable, f.is_droppable());
-                        assert_eq!(wire, f.wire());
-                        assert_eq!(trace, ctx);
+                for ctx in [None, traced] {
+                    let env = encode_traced(7, t, f, ctx);
+                    assert_eq!(
+                        env[0],
+                        if ctx.is_some() {
+                            VERSION_TRACED
+                        } else {
+                            VERSION
+                        }
+                    );
+                    if ctx.is_none() {
+                        assert_eq!(env, encode(7, t, f));
                     }
-                    other => panic!("{other:?}"),
+                    match decode(&env) {
+                        Ok(Inbound::Deliver {
+                            origin,
+                            target,
+                            droppable,
+                            wire,
+                            trace,
+                        }) => {
+                            assert_eq!(origin, 7);
+                            assert_eq!(&target, t);
+                            assert_eq!(droppable, f.is_droppable());
+                            assert_eq!(wire, f.wire());
+                            assert_eq!(trace, ctx);
+                        }
+                        other => panic!("{other:?}"),
+                    }
                 }
             }
         }

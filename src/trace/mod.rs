@@ -245,6 +245,15 @@ pub fn root_for(
     decide(p, headers.parse(), caller())
 }
 
+/// [`root`] for a client frame's optional `traceparent` field (an end user's: its flag does
+/// not decide, `trace_parent_sampled`); parsed only when tracing is on.
+#[inline]
+pub fn root_for_field(traceparent: Option<&str>) -> Option<Root> {
+    let p = pipeline()?;
+    let incoming = traceparent.and_then(propagation::parse_traceparent);
+    decide(p, incoming, Caller::EndUser)
+}
+
 /// The current span when tracing is on, else `Span::none()` without asking the subscriber.
 #[inline]
 pub fn current() -> tracing::Span {

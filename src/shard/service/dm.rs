@@ -134,12 +134,8 @@ pub fn send(sh: &mut Shard, slot: u32, cmd: &Cmd<'_>) {
     };
     // Traced (when sampled) from here to the ack: the span goes with the job to the bridge,
     // which adds `store.append` (and `kafka.produce`) under it.
-    let incoming = match &m.traceparent {
-        Some(tp) if crate::trace::on() => crate::trace::propagation::parse_traceparent(tp),
-        _ => None,
-    };
     let span = crate::root_span!(
-        crate::trace::root(incoming, crate::trace::Caller::EndUser),
+        crate::trace::root_for_field(m.traceparent.as_deref()),
         "dm.send",
         otel.kind = "server",
         shard = sh.id as u64,

@@ -287,12 +287,8 @@ pub fn publish(sh: &mut Shard, slot: u32, cmd: &Cmd<'_>) {
     // Traced (when sampled): the local fan-out and the hand-off to the other shards and the
     // bridge, whose `redis.publish` (and the other nodes' `redis.receive`) are its children.
     // Never per recipient. With tracing off: one atomic load.
-    let incoming = match &c.traceparent {
-        Some(tp) if crate::trace::on() => crate::trace::propagation::parse_traceparent(tp),
-        _ => None,
-    };
     let span = crate::root_span!(
-        crate::trace::root(incoming, crate::trace::Caller::EndUser),
+        crate::trace::root_for_field(c.traceparent.as_deref()),
         "room.publish",
         otel.kind = "server",
         shard = sh.id as u64,
