@@ -257,6 +257,9 @@ struct Ctx<S> {
     backlog_wake: Notify,
     /// Content bytes of the queued sends.
     queued_bytes: Cell<usize>,
+    /// The health check has answered once: until then `switchboard_store_up` 0 means "not
+    /// known yet" (the node just started), not "down", and sends are tried.
+    health_known: Cell<bool>,
     /// Failed messages not yet logged, and when the last line was.
     unlogged_failures: Cell<u64>,
     last_failure_log: Cell<Option<tokio::time::Instant>>,
@@ -332,6 +335,7 @@ async fn serve<S: Store + 'static>(
         backlog_len: Cell::new(0),
         backlog_wake: Notify::new(),
         queued_bytes: Cell::new(0),
+        health_known: Cell::new(false),
         unlogged_failures: Cell::new(0),
         last_failure_log: Cell::new(None),
         kafka,
@@ -700,8 +704,11 @@ async fn writer<S: Store + 'static>(ctx: Rc<Ctx<S>>) {
         let bytes: usize = jobs.iter().map(Send::bytes).sum();
         ctx.queued_bytes.set(ctx.queued_bytes.get() - bytes);
         // A send that already waited store_timeout is failed unstored (its origin is about to
-        // give up); while the store is known down, every send fails at once.
-        let store_down = ctx.node.store_stats.up.load(Ordering::Relaxed) == 0;
+        // give up); while the store is known down, every send fails at once. Before the first
+        // health check has answered (the first milliseconds after start) it is not known:
+        // sends are tried (a DM sent then once failed here as "down").
+        let store_down =
+            ctx.health_known.get() && ctx.node.store_stats.up.load(Ordering::Relaxed) == 0;
         let (jobs, expired): (Vec<Send>, Vec<Send>) = jobs
             .into_iter()
             .partition(|j| !store_down && j.queued_at.elapsed() < ctx.timeout);
@@ -1365,6 +1372,7 @@ async fn health<S: Store>(ctx: Rc<Ctx<S>>) {
             .is_ok();
         let stats = &ctx.node.store_stats;
         stats.up.store(u64::from(up), Ordering::Relaxed);
+        ctx.health_known.set(true);
         if let Some(m) = ctx.store.memory_stats() {
             stats
                 .memory_bytes
