@@ -483,7 +483,10 @@ fn judged_present(redis: &RedisServer, room: &str, user: &str) {
     let key = format!("sb:{{room:{room}}}:present");
     let deadline = Instant::now() + Duration::from_secs(5);
     while redis.int(&["HEXISTS", &key, user]) != 1 {
-        assert!(Instant::now() < deadline, "{user} never judged present in {room}");
+        assert!(
+            Instant::now() < deadline,
+            "{user} never judged present in {room}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
