@@ -175,10 +175,12 @@ fn zipkin_spans_continue_the_callers_trace() {
         .as_str()
         .expect("serverMsgId")
         .to_owned();
-    // A client continuing its own trace in the envelope.
+    // A client continuing its own trace in the envelope, to a recipient who is connected.
+    let mut bob = s.connect("/ws?user_id=bob");
     let tp5 = format!("00-{T5}-{P5}-01");
     alice.send_json(json!({"type": "message.send", "clientMsgId": "c-2", "to": "bob", "content": "again", "traceparent": tp5}));
     alice.expect_type("message.ack");
+    bob.expect_type("message.create");
 
     let spans = wait_for(
         "the API, upgrade and DM spans",
@@ -190,6 +192,7 @@ fn zipkin_spans_continue_the_callers_trace() {
                 && spans.iter().any(|s| s["name"] == "store.append")
                 && spans.iter().any(|s| s["name"] == "dm.send")
                 && zipkin_find(spans, T5, "dm.send").is_some()
+                && zipkin_find(spans, T5, "shard.deliver").is_some()
                 && zipkin_find(spans, T6, "http.request").is_some()
         },
     );
@@ -260,6 +263,9 @@ fn zipkin_spans_continue_the_callers_trace() {
     assert!(st_t >= dm_t && st_t <= dm_t + dm_d, "{dm} {store}");
     let dm5 = zipkin_find(&spans, T5, "dm.send").unwrap();
     assert_eq!(dm5["parentId"], P5, "{dm5}");
+    // bob's shard's part of the delivery, to its socket write.
+    let d5 = zipkin_find(&spans, T5, "shard.deliver").unwrap();
+    assert_eq!(d5["parentId"], dm5["id"], "{d5}");
     assert!(
         zipkin_spans(&stub).iter().any(|s| s["traceId"] == T5
             && s["name"] == "store.append"

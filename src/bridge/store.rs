@@ -811,7 +811,10 @@ fn complete<S>(ctx: &Ctx<S>, job: &Send, out: Appended) {
             stats.stored.fetch_add(1, Ordering::Relaxed);
             let frame = message_create(ctx, message);
             let origin = matches!(job.answer, Answer::Ws { .. }).then_some(job.origin);
-            live(ctx, message, participants, origin, &frame);
+            // Inside the send's span (`dm.send`, a REST send's `http.request`; nothing when
+            // it is not traced): each shard's part and the other nodes' are in its trace.
+            job.span
+                .in_scope(|| live(ctx, message, participants, origin, &frame));
         }
         Appended::Duplicate(_) => {
             stats.duplicates.fetch_add(1, Ordering::Relaxed);
