@@ -69,7 +69,8 @@ pub enum ShardMsg {
     /// Deliver `frame` to this shard's recipients of `target`.
     Deliver { target: Target, frame: Frame },
     /// [`ShardMsg::Deliver`] handed on inside a traced span (a notification's `kafka.notify`,
-    /// a cross-node `redis.receive`; tracing on and the trace sampled): `span` is this shard's
+    /// a cross-node `redis.receive`, a stored DM's `dm.send`; tracing on and the trace
+    /// sampled): `span` is this shard's
     /// `shard.deliver`, which ends after the turn's socket writes. Boxed: rare, and the
     /// common variant stays small.
     Traced(Box<(Target, Frame, tracing::Span)>),
