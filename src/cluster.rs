@@ -31,8 +31,9 @@
 //! wire bytes`. A delivery made inside a traced span (tracing on, the trace sampled) is
 //! [`VERSION_TRACED`] instead, with `trace id (u128 LE), span id (u64 LE)` after the flags:
 //! the receiving node continues that trace (`redis.receive`). A node of a build before it
-//! drops such an envelope as of an unknown version (counted), never misreads it. The wire bytes are the encoded WebSocket frame as the origin queued it, so a
-//! receiving node wraps them in its shared [`Frame`] as they are (one copy, no re-encoding)
+//! drops such an envelope as of an unknown version (counted), never misreads it. The wire
+//! bytes are the encoded WebSocket frame as the origin queued it, so a receiving node wraps
+//! them in its shared [`Frame`] as they are (one copy, no re-encoding)
 //! and dialect connections re-encode once per dialect per shard, as for local frames.
 //! A node hears its own publishes on channels it holds and drops them by the origin id.
 
@@ -645,10 +646,9 @@ pub fn decode(b: &[u8]) -> Result<Inbound<'_>, Malformed> {
         ) {
             return Err(Malformed("a trace context on a kind that carries none"));
         }
-        let t = r.take(TRACE_BYTES)?;
-        let trace_id = u128::from_le_bytes(t[..16].try_into().expect("16 bytes"));
-        let span_id = u64::from_le_bytes(t[16..].try_into().expect("8 bytes"));
-        Some((trace_id, span_id))
+        // The trace id's 16 LE bytes are its low then its high 64 bits.
+        let (lo, hi, span_id) = (r.u64()?, r.u64()?, r.u64()?);
+        Some((u128::from(hi) << 64 | u128::from(lo), span_id))
     } else {
         None
     };

@@ -867,17 +867,17 @@ fn live<S>(
 /// Deliver `frame` to every recipient of `target`: on this node's shards
 /// ([`deliver_here`]) and, clustered, on the other nodes (one envelope to Redis).
 fn deliver<S>(ctx: &Ctx<S>, target: Target, frame: &Frame) {
+    // Inside a traced span (a notification record's, a DM's): the other nodes and this
+    // node's shards continue the trace. With tracing off, one atomic load.
+    let span = crate::trace::current();
     if let Some(r) = &ctx.redis {
-        // Inside a traced span (a notification record's, a REST send's): the other nodes
-        // continue the trace.
-        let span = crate::trace::current();
         if span.is_none() {
             r.publish(&target, frame);
         } else {
             r.publish_traced(&target, frame, &span);
         }
     }
-    deliver_here(ctx, target, frame);
+    deliver_here_in(ctx, target, frame, &span);
 }
 
 /// Hand `frame` to every shard of this node holding recipients of `target`, through the
@@ -888,8 +888,12 @@ fn deliver<S>(ctx: &Ctx<S>, target: Target, frame: &Frame) {
 /// off, one atomic load) each shard's part is a `shard.deliver` child span, which ends after
 /// that shard's socket writes.
 fn deliver_here<S>(ctx: &Ctx<S>, target: Target, frame: &Frame) {
+    deliver_here_in(ctx, target, frame, &crate::trace::current());
+}
+
+/// [`deliver_here`] under `parent` (the current span, `Span::none()` when not traced).
+fn deliver_here_in<S>(ctx: &Ctx<S>, target: Target, frame: &Frame, parent: &tracing::Span) {
     let mut bits = super::recipient_shards(&ctx.shards, &ctx.node.dir, &target);
-    let parent = crate::trace::current();
     while bits != 0 {
         let shard = bits.trailing_zeros() as usize;
         bits &= bits - 1;
@@ -900,7 +904,7 @@ fn deliver_here<S>(ctx: &Ctx<S>, target: Target, frame: &Frame) {
             }
         } else {
             let span = crate::child_span!(
-                &parent,
+                parent,
                 "shard.deliver",
                 otel.kind = "internal",
                 shard = shard as u64,

@@ -4,8 +4,9 @@
 //! room publish and its way through Redis to the other nodes), continued from the caller's
 //! W3C `traceparent` or Zipkin B3 headers ([`propagation`]; a `message.send` or `publish`
 //! field, a Kafka record's headers) and handed on (a DM record's `traceparent` header, the
-//! trace context of a version-2 cluster envelope, `crate::cluster`), exported over OTLP/HTTP JSON or Zipkin's v2 JSON API
-//! (`crate::bridge::trace_export`), and stamped on every log line written inside them.
+//! trace context of a version-2 cluster envelope, `crate::cluster`), exported over OTLP/HTTP
+//! JSON or Zipkin's v2 JSON API (`crate::bridge::trace_export`), and stamped on every log
+//! line written inside them.
 //!
 //! **Our own small exporter, not the OpenTelemetry crates.** `opentelemetry-otlp` brings
 //! hyper/reqwest or tonic (some 60 crates to build here) and OpenTelemetry's Zipkin exporter
