@@ -27,6 +27,26 @@ pub enum AuthMode {
     Service,
 }
 
+/// The shards' I/O backend (`crate::io`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IoBackend {
+    /// epoll through mio: readiness, then `recv`/`send` per connection.
+    Epoll,
+    /// io_uring (`crate::io::uring`): multishot accept and receive into a per-shard provided
+    /// buffer ring; falls back to epoll with one log line when the kernel refuses it.
+    IoUring,
+}
+
+impl IoBackend {
+    /// The config value.
+    pub fn label(self) -> &'static str {
+        match self {
+            IoBackend::Epoll => "epoll",
+            IoBackend::IoUring => "io_uring",
+        }
+    }
+}
+
 /// Log output format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LogFormat {
@@ -103,6 +123,8 @@ pub struct Config {
     pub so_sndbuf: u32,
     /// SO_RCVBUF per connection in bytes; 0 = kernel default (autotuned).
     pub so_rcvbuf: u32,
+    /// The shards' I/O backend.
+    pub io_backend: IoBackend,
     /// Per-shard read buffer (bytes read per recv call).
     pub read_buffer_size: usize,
     /// Most bytes handed to one send/sendmsg call.
@@ -431,6 +453,7 @@ impl Default for Config {
             tls_cert_file: None,
             tls_key_file: None,
             tls_handshake_timeout: Duration::from_secs(5),
+            io_backend: IoBackend::Epoll,
             read_buffer_size: 64 * 1024,
             write_buffer_size: 256 * 1024,
             ws_paths: vec![
@@ -925,6 +948,19 @@ impl Kind for AuthModeKind {
     }
 }
 
+struct IoBackendKind;
+impl Kind for IoBackendKind {
+    type Out = IoBackend;
+    const HINT: &'static str = "<epoll|io_uring>";
+    fn parse(raw: &Raw) -> Result<IoBackend, String> {
+        match raw.text()?.trim().to_ascii_lowercase().as_str() {
+            "epoll" => Ok(IoBackend::Epoll),
+            "io_uring" | "io-uring" | "uring" => Ok(IoBackend::IoUring),
+            _ => Err("expected epoll or io_uring".into()),
+        }
+    }
+}
+
 struct LogFormatKind;
 impl Kind for LogFormatKind {
     type Out = LogFormat;
@@ -1063,6 +1099,8 @@ config_keys! {
         "SO_SNDBUF per connection; 0 = kernel default (autotuned).";
     so_rcvbuf: BytesU32 = "0", "SWITCHBOARD_SO_RCVBUF",
         "SO_RCVBUF per connection; 0 = kernel default (autotuned).";
+    io_backend: IoBackendKind = "epoll", "SWITCHBOARD_IO_BACKEND",
+        "The shards' I/O: epoll (mio readiness, a recv and a send per connection) or io_uring (multishot accept and receive into a per-shard buffer ring, kernel 6.0 or newer; falls back to epoll with one log line when the kernel refuses it, and `switchboard doctor` says which would run). TLS connections (tls_port) stay on epoll under either.";
     read_buffer_size: Bytes = "64KiB", "SWITCHBOARD_READ_BUFFER_SIZE",
         "Per-shard read buffer (bytes read per recv call). At least 4096.";
     write_buffer_size: Bytes = "256KiB", "SWITCHBOARD_WRITE_BUFFER_SIZE",

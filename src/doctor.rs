@@ -1159,6 +1159,54 @@ pub fn check_tls_listener(cfg: &crate::config::Config) -> Option<Finding> {
     })
 }
 
+fn configured_io() -> Finding {
+    let backend = crate::config::Config::load(&[], &|k| std::env::var(k).ok())
+        .map_or(crate::config::IoBackend::Epoll, |c| c.io_backend);
+    check_io_backend(backend, crate::io::uring::probe())
+}
+
+/// The `I/O backend` finding: which backend the shards would run on, and why.
+pub fn check_io_backend(backend: crate::config::IoBackend, uring: Result<(), String>) -> Finding {
+    use crate::config::IoBackend;
+    let name = "I/O backend";
+    let required = "io_backend epoll, or io_uring on a kernel that allows it".to_string();
+    match (backend, uring) {
+        (IoBackend::Epoll, Ok(())) => Finding {
+            name,
+            current: "epoll (io_backend); io_uring is available here too".into(),
+            required,
+            severity: Severity::Ok,
+            why: "the shards run on epoll; io_backend io_uring would run on this kernel".into(),
+            fix: String::new(),
+        },
+        (IoBackend::Epoll, Err(why)) => Finding {
+            name,
+            current: format!("epoll (io_backend); io_uring is not available: {why}"),
+            required,
+            severity: Severity::Ok,
+            why: "the shards run on epoll".into(),
+            fix: String::new(),
+        },
+        (IoBackend::IoUring, Ok(())) => Finding {
+            name,
+            current: "io_uring (io_backend)".into(),
+            required,
+            severity: Severity::Ok,
+            why: "the kernel set up a ring with a provided buffer ring: the shards run on io_uring"
+                .into(),
+            fix: String::new(),
+        },
+        (IoBackend::IoUring, Err(why)) => Finding {
+            name,
+            current: format!("io_uring (io_backend) refused: {why}"),
+            required,
+            severity: Severity::Warn,
+            why: "the shards would run on epoll instead (one log line at start says so)".into(),
+            fix: "sysctl -w kernel.io_uring_disabled=0   # or allow io_uring_setup/io_uring_enter/io_uring_register in the seccomp profile".into(),
+        },
+    }
+}
+
 /// `switchboard doctor [--connections N] [--json]` (args after "doctor"). Human table by default,
 /// --json one JSON object. Exit 0 when nothing blocks N, 1 when something blocks, 2 on bad usage.
 /// Default N: [`derived_target`].
@@ -1184,6 +1232,7 @@ pub fn cli_main(args: &[String]) -> i32 {
     let mut findings = check(&limits, plan.target);
     findings.extend(redis_findings);
     findings.extend(configured_tls());
+    findings.push(configured_io());
     if json {
         println!("{}", render_json(&limits, &plan, &findings));
     } else {
@@ -1218,6 +1267,35 @@ mod tests {
             cores: 4,
             privilege: Privilege::Unprivileged,
         }
+    }
+
+    #[test]
+    fn the_io_backend_finding_says_what_runs_and_why() {
+        use crate::config::IoBackend;
+        let f = check_io_backend(IoBackend::IoUring, Ok(()));
+        assert_eq!(
+            (f.severity, f.current.as_str()),
+            (Severity::Ok, "io_uring (io_backend)")
+        );
+        let f = check_io_backend(
+            IoBackend::IoUring,
+            Err("io_uring_setup refused: EPERM".into()),
+        );
+        assert_eq!(f.severity, Severity::Warn);
+        assert!(
+            f.current.contains("refused: io_uring_setup refused: EPERM"),
+            "{}",
+            f.current
+        );
+        assert!(f.why.contains("epoll"), "{}", f.why);
+        assert!(f.fix.contains("kernel.io_uring_disabled=0"), "{}", f.fix);
+        let f = check_io_backend(IoBackend::Epoll, Err("old kernel".into()));
+        assert_eq!(f.severity, Severity::Ok);
+        assert!(
+            f.current.contains("not available: old kernel"),
+            "{}",
+            f.current
+        );
     }
 
     /// fd_reserve of [`roomy`]'s 4 cores: 64 + 4 x 4.

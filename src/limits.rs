@@ -17,6 +17,26 @@ pub const BRIDGE_INBOX_CAPACITY: usize = 65_536;
 /// mio events fetched per `poll` call.
 pub const EVENTS_PER_POLL_MAX: usize = 1024;
 
+/// io_uring backend: submission queue entries per shard ring. Each loop turn submits its
+/// receives to arm, polls and cancels at once; a turn that queues more submits early.
+pub const URING_SQ_ENTRIES: u32 = 1024;
+
+/// io_uring backend: completion queue entries per shard ring (a receive, an accept or a poll
+/// each take one). Past it the kernel keeps completions on its overflow list (no loss); the
+/// shard reaps them all every turn.
+pub const URING_CQ_ENTRIES: u32 = 16_384;
+
+/// io_uring backend: receive buffers in the shard's provided buffer ring (a power of two,
+/// at most 32,768). Every receive completion holds one until the shard has decoded it, in the
+/// same turn; when the kernel finds none, the receive ends with ENOBUFS and is armed again
+/// after the turn gives buffers back: nothing is lost.
+pub const URING_BUFFERS: u16 = 2048;
+
+/// io_uring backend: bytes per receive buffer. 2,048 x 4 KiB = 8 MiB per shard, in place of
+/// epoll's single `read_buffer_size` buffer; a frame larger than a buffer arrives in pieces
+/// and is reassembled as under epoll (`RxState::partial`).
+pub const URING_BUFFER_BYTES: usize = 4096;
+
 /// Connections accepted per listener readiness event before the loop turns (fairness).
 pub const ACCEPTS_PER_TURN_MAX: usize = 256;
 

@@ -42,6 +42,15 @@ pub struct Server {
 impl Server {
     /// Bind, spawn every thread and return; the node serves until [`Server::shutdown`].
     pub fn start(cfg: Config) -> Result<Server, StartError> {
+        let mut cfg = cfg;
+        if cfg.io_backend == crate::config::IoBackend::IoUring {
+            if let Err(why) = crate::io::uring::probe() {
+                // One line, and the node serves on epoll: io_uring is a speed choice, never
+                // a reason not to serve.
+                tracing::warn!("io_backend io_uring: {why}; the shards run on epoll");
+                cfg.io_backend = crate::config::IoBackend::Epoll;
+            }
+        }
         // Limits first: the fd limit decides how many connections are possible.
         let (soft, hard) = crate::doctor::raise_nofile_limit()
             .map_err(|e| StartError(format!("cannot read or raise RLIMIT_NOFILE: {e}")))?;
@@ -271,6 +280,7 @@ impl Server {
         tracing::info!(
             %addr,
             shards = n,
+            io = node.cfg.io_backend.label(),
             max_connections,
             auth = ?node.cfg.auth_mode,
             echo_path = node.cfg.echo_path.as_deref().unwrap_or("off"),

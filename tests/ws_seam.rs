@@ -17,11 +17,13 @@ fn a_dead_shard_takes_the_node_down_cleanly() {
     let mut server = TestServer::start(&[
         EXPOSE,
         ("SWITCHBOARD_SHUTDOWN_TIMEOUT", "4s"),
-        ("SWITCHBOARD_TEST_FAULT", "shard_panic_after:1:1500"),
+        // Long enough after start for the connection below to land on shard 0 even on a
+        // loaded machine (shard 1's listener dies with it).
+        ("SWITCHBOARD_TEST_FAULT", "shard_panic_after:1:3000"),
     ]);
     let mut c = server.connect_on_shard("/ws", 0);
     // /ready turns red with the reason while the live shard drains.
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + Duration::from_secs(15);
     let mut saw_red = false;
     while Instant::now() < deadline {
         match server.try_http_get("/ready") {

@@ -8,6 +8,8 @@
 //! epoll through mio is the backend. io_uring is planned behind this same narrow surface; it
 //! is not built yet.
 
+pub mod uring;
+
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 use std::os::fd::RawFd;

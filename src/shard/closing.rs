@@ -96,6 +96,10 @@ impl Shard {
         // No epoll_ctl(DEL): the fd is never duplicated, so closing it (dropping `c`) removes
         // it from the epoll set; events of this batch still queued for it are stale by
         // generation. One system call less per disconnect.
+        if self.uring.on && !self.is_tls(slot) {
+            let gen = self.clients[slot as usize].gen;
+            self.uring_gone(slot, gen);
+        }
         self.tls_gone(slot);
         let c = self.clients.remove(slot as usize);
         // A server API request still waiting for another shard's answer: nobody to answer.

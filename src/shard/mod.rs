@@ -25,6 +25,7 @@ pub mod service;
 mod timer;
 mod timers;
 mod tls;
+mod uring;
 mod write;
 
 use write::Outbox;
@@ -351,6 +352,8 @@ pub struct Shard {
     last_stats_ms: u64,
     // Config in the units the loop uses.
     t: Timing,
+    /// The io_uring backend's side (`shard::uring`); off under epoll.
+    uring: uring::UringSide,
 }
 
 /// Config durations converted to ticks and floats once.
@@ -489,6 +492,7 @@ impl Shard {
             now_tick,
             last_stats_ms: 0,
             t,
+            uring: Default::default(),
         })
     }
 
@@ -503,8 +507,24 @@ impl Shard {
         (self.now_us / 1000) as u32
     }
 
-    /// Run until drained. An error is a fault that ends the shard (the node then stops).
-    pub fn run(mut self) -> io::Result<()> {
+    /// Run until drained, on the configured backend (io_uring falls back to epoll, with one
+    /// log line, when this thread cannot set up its ring). An error is a fault that ends the
+    /// shard (the node then stops).
+    pub fn run(self) -> io::Result<()> {
+        if self.node.cfg.io_backend == crate::config::IoBackend::IoUring {
+            match crate::io::uring::Ring::new() {
+                Ok(ring) => return self.run_uring(ring),
+                Err(e) => tracing::warn!(
+                    shard = self.id,
+                    error = %e,
+                    "io_uring ring setup failed; this shard runs on epoll"
+                ),
+            }
+        }
+        self.run_epoll()
+    }
+
+    fn run_epoll(mut self) -> io::Result<()> {
         let panic_at_ms = match self.node.faults.shard_panic_after {
             Some((shard, ms)) if shard == self.id => Some(self.now_ms + ms),
             _ => None,
@@ -534,60 +554,74 @@ impl Shard {
             // woke us arrived is applied first (a call's end releases its caller's place
             // before the caller's next offer is judged, however the turn's events fell).
             self.drain_inbox();
-            for ev in events.iter() {
-                match ev.token() {
-                    LISTENER => self.accept(),
-                    TLS_LISTENER => self.accept_tls(),
-                    WAKER => {}
-                    Token(t) => {
-                        let slot = (t & 0xFFFF_FFFF) as u32;
-                        let gen = (t >> 32) as u32;
-                        if !self.live(slot, gen) {
-                            continue;
-                        }
-                        if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
-                            self.on_readable(slot);
-                        }
-                        if ev.is_writable() && self.live(slot, gen) {
-                            self.mark_dirty(slot);
-                        }
-                    }
-                }
-            }
-            if self.accept_pending {
-                self.accept();
-            }
-            if self.tls_accept_pending {
-                self.accept_tls();
-            }
-            for (slot, keep) in std::mem::take(&mut self.http_resume) {
-                self.http_resume(slot, keep);
-            }
-            let resume = std::mem::take(&mut self.resume);
-            for slot in &resume {
-                if let Some(c) = self.clients.get_mut(*slot as usize) {
-                    c.flags &= !flag::RESUME_READ;
-                    self.on_readable(*slot);
-                }
-            }
-            self.run_timers();
-            self.process_doomed();
-            self.release_deferred();
-            self.flush_dirty();
-            self.process_doomed();
-            if !self.traced.is_empty() {
-                // The traced deliveries' frames were written (or queued behind a full
-                // socket): their spans end here.
-                self.traced.clear();
-            }
-            if self.now_ms.saturating_sub(self.last_stats_ms) >= STATS_PUBLISH_MS {
-                self.publish_stats();
-            }
-            if self.drain.is_some() && self.drain_step() {
-                self.publish_stats();
+            self.on_events(&events);
+            if self.end_turn() {
                 return Ok(());
             }
         }
+    }
+
+    /// mio's events of this turn: the listeners, the waker, connections on epoll.
+    fn on_events(&mut self, events: &Events) {
+        for ev in events.iter() {
+            match ev.token() {
+                LISTENER => self.accept(),
+                TLS_LISTENER => self.accept_tls(),
+                WAKER => {}
+                Token(t) => {
+                    let slot = (t & 0xFFFF_FFFF) as u32;
+                    let gen = (t >> 32) as u32;
+                    if !self.live(slot, gen) {
+                        continue;
+                    }
+                    if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
+                        self.on_readable(slot);
+                    }
+                    if ev.is_writable() && self.live(slot, gen) {
+                        self.mark_dirty(slot);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The rest of a loop turn, the same on either backend: accepts and reads left for this
+    /// turn, timers, closes, the flush, stats, the drain. True when the shard is done.
+    fn end_turn(&mut self) -> bool {
+        if self.accept_pending {
+            self.accept();
+        }
+        if self.tls_accept_pending {
+            self.accept_tls();
+        }
+        for (slot, keep) in std::mem::take(&mut self.http_resume) {
+            self.http_resume(slot, keep);
+        }
+        let resume = std::mem::take(&mut self.resume);
+        for slot in &resume {
+            if let Some(c) = self.clients.get_mut(*slot as usize) {
+                c.flags &= !flag::RESUME_READ;
+                self.on_readable(*slot);
+            }
+        }
+        self.run_timers();
+        self.process_doomed();
+        self.release_deferred();
+        self.flush_dirty();
+        self.process_doomed();
+        if !self.traced.is_empty() {
+            // The traced deliveries' frames were written (or queued behind a full
+            // socket): their spans end here.
+            self.traced.clear();
+        }
+        if self.now_ms.saturating_sub(self.last_stats_ms) >= STATS_PUBLISH_MS {
+            self.publish_stats();
+        }
+        if self.drain.is_some() && self.drain_step() {
+            self.publish_stats();
+            return true;
+        }
+        false
     }
 
     fn live(&self, slot: u32, gen: u32) -> bool {

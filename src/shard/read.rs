@@ -14,7 +14,7 @@ impl Shard {
             };
             match crate::io::accept(listener) {
                 Ok(stream) => {
-                    self.on_accept(stream);
+                    self.on_accept(stream, true);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -31,9 +31,14 @@ impl Shard {
         self.accept_pending = true;
     }
 
-    /// Take a new connection into the slab, its handshake timer set. Returns its slot (None:
-    /// no slot or registration failed, and the socket is closed).
-    pub(super) fn on_accept(&mut self, mut stream: mio::net::TcpStream) -> Option<u32> {
+    /// Take a new connection into the slab, its handshake timer set, registered with epoll
+    /// when `epoll` (under io_uring a plain connection's receive is armed by the caller).
+    /// Returns its slot (None: no slot or registration failed, and the socket is closed).
+    pub(super) fn on_accept(
+        &mut self,
+        mut stream: mio::net::TcpStream,
+        epoll: bool,
+    ) -> Option<u32> {
         // Socket options come from the listener (`io::StreamOptions`): no syscall here.
         let gen = self.next_gen;
         self.next_gen = self.next_gen.wrapping_add(1).max(1);
@@ -46,7 +51,7 @@ impl Shard {
         if slot > timer::SLOT_MAX as usize {
             return None;
         }
-        if crate::io::register(&self.poll, &mut stream, token(slot, gen)).is_err() {
+        if epoll && crate::io::register(&self.poll, &mut stream, token(slot, gen)).is_err() {
             return None;
         }
         let c = Client::new(stream, gen, self.now_tick, self.t.burst, rel_ms);

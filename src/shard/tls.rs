@@ -110,7 +110,7 @@ impl Shard {
             }
         };
         conn.set_buffer_limit(Some(TLS_SEND_BUFFER_BYTES_MAX));
-        let Some(slot) = self.on_accept(stream) else {
+        let Some(slot) = self.on_accept(stream, true) else {
             return;
         };
         if self.tls.len() <= slot as usize {

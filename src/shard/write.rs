@@ -173,7 +173,13 @@ impl Shard {
                 }
             }
         }
-        if c.queue.is_empty() {
+        if !c.queue.is_empty() {
+            // The socket is full. Under epoll its writable edge marks it dirty again; under
+            // io_uring a one-shot POLLOUT poll does.
+            if self.uring.on {
+                self.uring_wants_write(slot);
+            }
+        } else {
             if c.queue.capacity() > SEND_QUEUE_RETAIN_SLOTS {
                 c.queue = std::collections::VecDeque::new();
             }

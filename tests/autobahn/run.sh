@@ -23,7 +23,10 @@ HERE="$ROOT/tests/autobahn"
 TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 case "$TARGET_DIR" in /*) ;; *) TARGET_DIR="$ROOT/$TARGET_DIR" ;; esac
 VENV="$TARGET_DIR/ci-venv"
-OUT="$TARGET_DIR/autobahn"
+# AUTOBAHN_IO_BACKEND=epoll|io_uring runs the server on that I/O backend (default: the
+# server's default), with its results under $TARGET_DIR/autobahn-<backend>.
+IO_BACKEND="${AUTOBAHN_IO_BACKEND:-}"
+OUT="$TARGET_DIR/autobahn${IO_BACKEND:+-$IO_BACKEND}"
 KOSOKU_VERSION="0.1.0"
 
 # Autobahn case groups run one kosoku process each; 12 and 13 are permessage-deflate, which
@@ -145,6 +148,7 @@ env "${unset_args[@]}" \
   SWITCHBOARD_RATE_LIMIT_PER_SEC=100000 \
   SWITCHBOARD_RATE_LIMIT_BURST=100000 \
   SWITCHBOARD_SHUTDOWN_TIMEOUT=5s \
+  ${IO_BACKEND:+SWITCHBOARD_IO_BACKEND="$IO_BACKEND"} \
   "$SERVER_BIN" >"$SERVER_LOG" 2>&1 &
 SERVER_PID=$!
 
