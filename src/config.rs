@@ -125,6 +125,8 @@ pub struct Config {
     pub so_rcvbuf: u32,
     /// The shards' I/O backend.
     pub io_backend: IoBackend,
+    /// Under io_uring: sends through the ring (true) or `send`/`sendmsg` calls (false).
+    pub io_uring_sends: bool,
     /// Per-shard read buffer (bytes read per recv call).
     pub read_buffer_size: usize,
     /// Most bytes handed to one send/sendmsg call.
@@ -454,6 +456,7 @@ impl Default for Config {
             tls_key_file: None,
             tls_handshake_timeout: Duration::from_secs(5),
             io_backend: IoBackend::Epoll,
+            io_uring_sends: true,
             read_buffer_size: 64 * 1024,
             write_buffer_size: 256 * 1024,
             ws_paths: vec![
@@ -1101,6 +1104,8 @@ config_keys! {
         "SO_RCVBUF per connection; 0 = kernel default (autotuned).";
     io_backend: IoBackendKind = "epoll", "SWITCHBOARD_IO_BACKEND",
         "The shards' I/O: epoll (mio readiness, a recv and a send per connection) or io_uring (multishot accept and receive into a per-shard buffer ring, kernel 6.0 or newer; falls back to epoll with one log line when the kernel refuses it, and `switchboard doctor` says which would run). TLS connections (tls_port) stay on epoll under either.";
+    io_uring_sends: Flag = "true", "SWITCHBOARD_IO_URING_SENDS",
+        "With io_backend io_uring: each connection's writes are sendmsg requests in the ring, submitted together once per loop turn, one in flight per connection (true), or send/sendmsg calls as under epoll, with a POLLOUT poll when a socket fills (false).";
     read_buffer_size: Bytes = "64KiB", "SWITCHBOARD_READ_BUFFER_SIZE",
         "Per-shard read buffer (bytes read per recv call). At least 4096.";
     write_buffer_size: Bytes = "256KiB", "SWITCHBOARD_WRITE_BUFFER_SIZE",

@@ -17,8 +17,9 @@
 //! ring and builds the submission entries, nothing more.
 //!
 //! Every entry this module submits is pointer-free (accept, receive into a buffer group,
-//! poll, cancel), so no user memory has to outlive a submission except the buffer ring,
-//! which lives as long as the ring (it is dropped after it: field order).
+//! poll, cancel) except a send ([`Ring::submit_send`], unsafe: its caller keeps the message
+//! and its buffers until the completion), and the buffer ring lives as long as the ring (it
+//! is dropped after it: field order).
 
 use std::io;
 use std::os::fd::RawFd;
@@ -38,10 +39,17 @@ const UD_ACCEPT: u64 = u64::MAX;
 const UD_EPOLL: u64 = u64::MAX - 1;
 /// user_data of cancel requests (their own completions are not looked at).
 const UD_CANCEL: u64 = u64::MAX - 2;
-/// Bit 31 of a connection's user_data: a `POLLOUT` poll (clear: its receive). Slots stay
-/// below 2^31 (`shard::timer::SLOT_MAX`), and no generation is `u32::MAX`, so connection
-/// user_data never collide with the three constants above.
-const POLLOUT_BIT: u64 = 1 << 31;
+/// Bits 30-31 of a connection's user_data say which of its requests a completion is for:
+/// its receive (0), its `POLLOUT` poll (1) or its send (2). Slots under io_uring stay below
+/// 2^30 ([`SLOT_LIMIT`]) and no generation is `u32::MAX`, so connection user_data never
+/// collide with the three constants above.
+const KIND_SHIFT: u32 = 30;
+const KIND_POLLOUT: u64 = 1 << KIND_SHIFT;
+const KIND_SEND: u64 = 2 << KIND_SHIFT;
+const SLOT_MASK: u64 = (1 << KIND_SHIFT) - 1;
+
+/// Slots a shard on io_uring can use (the user_data's slot field).
+pub const SLOT_LIMIT: u32 = 1 << KIND_SHIFT;
 
 /// What a completion is about.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,19 +62,26 @@ pub enum Tag {
     Recv { slot: u32, gen: u32 },
     /// A connection's socket has room again.
     PollOut { slot: u32, gen: u32 },
+    /// A connection's send: `result` is the bytes the kernel took, or an error.
+    Send { slot: u32, gen: u32 },
     /// A cancel request's own completion.
     Cancel,
 }
 
 /// The user_data of a connection's receive.
 pub fn recv_data(slot: u32, gen: u32) -> u64 {
-    debug_assert!(u64::from(slot) < POLLOUT_BIT);
+    debug_assert!(slot < SLOT_LIMIT);
     (u64::from(gen) << 32) | u64::from(slot)
 }
 
 /// The user_data of a connection's `POLLOUT` poll.
 pub fn pollout_data(slot: u32, gen: u32) -> u64 {
-    recv_data(slot, gen) | POLLOUT_BIT
+    recv_data(slot, gen) | KIND_POLLOUT
+}
+
+/// The user_data of a connection's send.
+pub fn send_data(slot: u32, gen: u32) -> u64 {
+    recv_data(slot, gen) | KIND_SEND
 }
 
 impl Tag {
@@ -76,12 +91,12 @@ impl Tag {
             UD_EPOLL => Tag::Epoll,
             UD_CANCEL => Tag::Cancel,
             d => {
-                let slot = (d & (POLLOUT_BIT - 1)) as u32;
+                let slot = (d & SLOT_MASK) as u32;
                 let gen = (d >> 32) as u32;
-                if d & POLLOUT_BIT != 0 {
-                    Tag::PollOut { slot, gen }
-                } else {
-                    Tag::Recv { slot, gen }
+                match d & (3 << KIND_SHIFT) {
+                    KIND_POLLOUT => Tag::PollOut { slot, gen },
+                    KIND_SEND => Tag::Send { slot, gen },
+                    _ => Tag::Recv { slot, gen },
                 }
             }
         }
@@ -284,7 +299,8 @@ impl Ring {
 
     fn push(&mut self, e: squeue::Entry) -> io::Result<()> {
         loop {
-            // SAFETY: every entry this module builds is pointer-free (see the module doc).
+            // SAFETY: an entry's pointers (a send's message) are valid until its completion, by
+            // `submit_send`'s contract; the others carry none.
             if unsafe { self.ring.submission().push(&e) }.is_ok() {
                 return Ok(());
             }
@@ -333,6 +349,26 @@ impl Ring {
             opcode::PollAdd::new(types::Fd(fd), libc::POLLOUT as u32)
                 .build()
                 .user_data(pollout_data(slot, gen)),
+        )
+    }
+
+    /// Submit `msg` on `fd` as a `sendmsg` (MSG_NOSIGNAL) under `user_data`.
+    ///
+    /// # Safety
+    /// `msg`, its iovec array and every buffer it names must stay valid and unmoved until
+    /// this request's completion has been reaped (`shard::uring::SendOp` holds them, and the
+    /// frames' `Arc`s, until then).
+    pub unsafe fn submit_send(
+        &mut self,
+        fd: RawFd,
+        msg: *const libc::msghdr,
+        user_data: u64,
+    ) -> io::Result<()> {
+        self.push(
+            opcode::SendMsg::new(types::Fd(fd), msg)
+                .flags(libc::MSG_NOSIGNAL as u32)
+                .build()
+                .user_data(user_data),
         )
     }
 
@@ -430,12 +466,14 @@ mod tests {
 
     #[test]
     fn user_data_round_trips_and_never_collides_with_the_constants() {
-        for (slot, gen) in [(0, 1), (1, 7), ((1 << 31) - 1, u32::MAX - 1)] {
+        for (slot, gen) in [(0, 1), (1, 7), (SLOT_LIMIT - 1, u32::MAX - 1)] {
             assert_eq!(Tag::of(recv_data(slot, gen)), Tag::Recv { slot, gen });
             assert_eq!(Tag::of(pollout_data(slot, gen)), Tag::PollOut { slot, gen });
+            assert_eq!(Tag::of(send_data(slot, gen)), Tag::Send { slot, gen });
             for c in [UD_ACCEPT, UD_EPOLL, UD_CANCEL] {
                 assert_ne!(recv_data(slot, gen), c);
                 assert_ne!(pollout_data(slot, gen), c);
+                assert_ne!(send_data(slot, gen), c);
             }
         }
         assert_eq!(Tag::of(UD_ACCEPT), Tag::Accept);
@@ -623,6 +661,106 @@ mod tests {
             assert_eq!(c.result, -libc::ECANCELED, "{c:?}");
             assert!(!c.more());
         }
+    }
+
+    /// A sendmsg of `data` through the ring (the message and iovec live on the caller's
+    /// stack frame, which outlives the completion in these tests).
+    fn send_all(
+        ring: &mut Ring,
+        fd: RawFd,
+        iov: &mut libc::iovec,
+        msg: &mut libc::msghdr,
+        ud: u64,
+    ) {
+        msg.msg_iov = iov;
+        msg.msg_iovlen = 1;
+        // SAFETY (test): `msg`, `iov` and the buffer outlive the completion, which each test
+        // reaps before returning.
+        unsafe { ring.submit_send(fd, msg, ud).unwrap() };
+    }
+
+    #[test]
+    fn a_send_to_a_full_socket_waits_in_the_ring_until_the_peer_reads() {
+        let Some(mut ring) = ring(2) else { return };
+        let (mut client, server) = pair();
+        let mut s = &server;
+        let chunk = [0u8; 65536];
+        while s.write(&chunk).is_ok() {}
+        let data: Vec<u8> = (0..100_000u32).map(|i| i as u8).collect();
+        let mut iov = libc::iovec {
+            iov_base: data.as_ptr() as *mut libc::c_void,
+            iov_len: data.len(),
+        };
+        // SAFETY (test): plain data.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        send_all(
+            &mut ring,
+            server.as_raw_fd(),
+            &mut iov,
+            &mut msg,
+            send_data(4, 4),
+        );
+        let mut got = Vec::new();
+        ring.submit_and_wait(Duration::from_millis(50)).unwrap();
+        ring.reap(&mut got);
+        assert!(
+            got.is_empty(),
+            "a send to a full socket completed at once: {got:?}"
+        );
+        // The peer reads: the send completes with what the kernel took (all of it, or a
+        // short count the shard would commit and send the rest of).
+        client.set_nonblocking(true).unwrap();
+        let mut sink = vec![0u8; 1 << 20];
+        let mut read = 0usize;
+        let started = std::time::Instant::now();
+        while got.is_empty() && started.elapsed() < Duration::from_secs(5) {
+            read += client.read(&mut sink).unwrap_or(0);
+            ring.submit_and_wait(Duration::from_millis(10)).unwrap();
+            ring.reap(&mut got);
+        }
+        assert_eq!(got[0].tag(), Tag::Send { slot: 4, gen: 4 });
+        assert!(
+            got[0].result > 0 && got[0].result as usize <= data.len(),
+            "{got:?}"
+        );
+        assert!(read > 0);
+    }
+
+    #[test]
+    fn a_send_cancelled_in_the_ring_completes_before_its_buffer_is_freed() {
+        let Some(mut ring) = ring(2) else { return };
+        let (_client, server) = pair();
+        let mut s = &server;
+        let chunk = [0u8; 65536];
+        while s.write(&chunk).is_ok() {}
+        let data = vec![7u8; 50_000];
+        let mut iov = libc::iovec {
+            iov_base: data.as_ptr() as *mut libc::c_void,
+            iov_len: data.len(),
+        };
+        // SAFETY (test): plain data.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        send_all(
+            &mut ring,
+            server.as_raw_fd(),
+            &mut iov,
+            &mut msg,
+            send_data(6, 1),
+        );
+        ring.submit_and_wait(Duration::ZERO).unwrap();
+        // What a connection closed with a send in flight does: cancel, keep the buffer until
+        // the send's own completion.
+        ring.cancel(send_data(6, 1)).unwrap();
+        let mut got = Vec::new();
+        wait_for(&mut ring, &mut got, |g| {
+            g.iter().any(|c| c.tag() == Tag::Send { slot: 6, gen: 1 })
+        });
+        let c = got
+            .iter()
+            .find(|c| c.tag() == Tag::Send { slot: 6, gen: 1 })
+            .unwrap();
+        assert!(c.result == -libc::ECANCELED || c.result >= 0, "{c:?}");
+        drop(data);
     }
 
     #[test]

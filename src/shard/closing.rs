@@ -28,7 +28,8 @@ impl Shard {
         }
         if code == close::SLOW_CONSUMER {
             // Free the backlog; only a partly written frame must finish.
-            let keep = usize::from(c.head_off > 0);
+            // Under io_uring the kernel may be reading the first frames still: those stay.
+            let keep = usize::from(c.head_off > 0).max(self.uring.frames_in_flight(slot));
             let dropped: usize = c.queue.iter().skip(keep).map(|f| f.wire().len()).sum();
             c.queue.truncate(keep);
             c.queued -= dropped as u32;

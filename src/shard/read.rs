@@ -48,7 +48,9 @@ impl Shard {
         let rel_ms = self.rel_ms();
         let entry = self.clients.vacant_entry();
         let slot = entry.key();
-        if slot > timer::SLOT_MAX as usize {
+        if slot > timer::SLOT_MAX as usize
+            || (self.uring.on && slot >= crate::io::uring::SLOT_LIMIT as usize)
+        {
             return None;
         }
         if epoll && crate::io::register(&self.poll, &mut stream, token(slot, gen)).is_err() {

@@ -5,18 +5,25 @@
 //! events when the epoll fd is readable (the inbox waker, the TLS listener and TLS
 //! connections, which stay on epoll); handle completions: a new socket from the multishot
 //! accept, bytes from a connection's multishot receive (decoded in place in the ring's buffer,
-//! which goes back to the ring in the same turn), EOF or a reset, a socket with room again;
-//! then timers, closes and the flush, as under epoll. Sends are `send`/`sendmsg` as under
-//! epoll; a socket that fills arms a one-shot `POLLOUT` poll instead of waiting for an
-//! edge-triggered writable event.
+//! which goes back to the ring in the same turn), EOF or a reset, a send's bytes taken, a
+//! socket with room again; then timers, closes and the flush, as under epoll.
 //!
-//! A closed connection's receive (and its `POLLOUT` poll, if armed) is cancelled by
-//! user_data, which names the slot and generation: its last completions, and any buffer they
-//! carry, are recognised as stale and the buffer goes back to the ring.
+//! Sends (`io_uring_sends`, the default): the flush prepares one `sendmsg` per dirty
+//! connection ([`SendOp`]: the message, its iovecs and the frames' `Arc`s) and the next wait
+//! submits them all in one `io_uring_enter`; at most one per connection is in the ring, and
+//! its completion commits what the kernel took with the same accounting as under epoll. With
+//! `io_uring_sends: false` they are `send`/`sendmsg` calls as under epoll, and a socket that
+//! fills arms a one-shot `POLLOUT` poll in place of the edge-triggered writable event.
+//!
+//! A closed connection's receive, `POLLOUT` poll and send are cancelled by user_data, which
+//! names the slot and generation: their last completions, and any buffer they carry, are
+//! recognised as stale; a receive buffer goes back to the ring, and a send's op (with its
+//! frames) is freed only at its completion.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsRawFd, FromRawFd};
 
+use super::write::gather;
 use super::*;
 use crate::io::uring::{self, Completion, RecvOutcome, Ring, Tag};
 
@@ -24,18 +31,103 @@ use crate::io::uring::{self, Completion, RecvOutcome, Ring, Tag};
 /// not the shard's, so the handlers that decide these can borrow the shard freely).
 #[derive(Clone, Copy, Debug)]
 pub(super) enum Op {
-    Recv { fd: i32, slot: u32, gen: u32 },
-    PollOut { fd: i32, slot: u32, gen: u32 },
+    Recv {
+        fd: i32,
+        slot: u32,
+        gen: u32,
+    },
+    PollOut {
+        fd: i32,
+        slot: u32,
+        gen: u32,
+    },
+    /// Submit the send prepared in `UringSide::sends` for `slot` (skipped when the
+    /// connection closed before the submit).
+    Send {
+        slot: u32,
+    },
     Cancel(u64),
 }
+
+/// One send in the ring (`io_uring_sends`): the message, its iovecs, and the frames they
+/// point into, held (their `Arc`s) until the completion, so a connection closed or a queue
+/// cut while the kernel reads them never frees them early. Boxed, so the message and the
+/// iovecs keep their address while the box moves between maps; reused (`UringSide::pool`).
+pub(super) struct SendOp {
+    gen: u32,
+    fd: i32,
+    submitted: bool,
+    /// Bytes gathered (what a complete send takes).
+    total: usize,
+    msg: libc::msghdr,
+    iov: [libc::iovec; IOVECS_PER_WRITE_MAX],
+    frames: Vec<Frame>,
+}
+
+// SAFETY: the raw pointers in `msg` and `iov` point only into this op's own `iov` array and
+// into the frames it holds; they are used by the kernel and by the shard thread that owns the
+// op, never shared. The op moves between threads only before the shard runs (empty).
+unsafe impl Send for SendOp {}
+
+impl SendOp {
+    fn new() -> Box<SendOp> {
+        Box::new(SendOp {
+            gen: 0,
+            fd: -1,
+            submitted: false,
+            total: 0,
+            // SAFETY: msghdr is plain data; all-zero is a valid empty message.
+            msg: unsafe { std::mem::zeroed() },
+            iov: [libc::iovec {
+                iov_base: std::ptr::null_mut(),
+                iov_len: 0,
+            }; IOVECS_PER_WRITE_MAX],
+            frames: Vec::with_capacity(IOVECS_PER_WRITE_MAX),
+        })
+    }
+}
+
+/// Waits of 10 ms for the cancelled sends' completions when a shard on io_uring ends.
+const SETTLE_WAITS_MAX: usize = 20;
+
+/// Spare send ops kept for reuse per shard; past it a finished op is freed.
+const SEND_OP_POOL_MAX: usize = 1024;
 
 /// The shard's io_uring side: off under epoll (then nothing here is ever touched).
 #[derive(Default)]
 pub(super) struct UringSide {
     pub(super) on: bool,
+    /// Sends go through the ring (`io_uring_sends`); false: `send`/`sendmsg` as under epoll.
+    pub(super) ring_sends: bool,
     pub(super) ops: Vec<Op>,
     /// Connections with a `POLLOUT` poll armed (at most one each; bounded by the slab).
     pub(super) pollout: HashSet<u32>,
+    /// The send in the ring per connection: at most `URING_SENDS_PER_CONNECTION_MAX` (1), so
+    /// bounded by the slab; the next is prepared when it completes.
+    pub(super) sends: HashMap<u32, Box<SendOp>>,
+    /// Sends of connections that closed while the kernel had them, by user_data, until their
+    /// completion (cancelled at the close, so it comes soon). Bounded by the slab too: a slot
+    /// is reused only by a later generation, whose user_data differs.
+    pub(super) orphans: HashMap<u64, Box<SendOp>>,
+    /// Boxed on purpose: an op's message points at its own iovecs, so it must keep its
+    /// address when it moves between this pool and the maps.
+    #[allow(clippy::vec_box)]
+    pub(super) pool: Vec<Box<SendOp>>,
+}
+
+impl UringSide {
+    /// Frames of `slot`'s queue the kernel may be reading (a cut of the queue keeps them).
+    pub(super) fn frames_in_flight(&self, slot: u32) -> usize {
+        self.sends.get(&slot).map_or(0, |op| op.frames.len())
+    }
+
+    fn recycle(&mut self, mut op: Box<SendOp>) {
+        op.frames.clear();
+        op.submitted = false;
+        if self.pool.len() < SEND_OP_POOL_MAX {
+            self.pool.push(op);
+        }
+    }
 }
 
 impl Shard {
@@ -49,13 +141,100 @@ impl Shard {
         });
     }
 
-    /// A plain connection is being dropped under io_uring: cancel what it has armed.
+    /// A plain connection is being dropped under io_uring: cancel what it has armed. A send
+    /// the kernel has is kept (with its frames) until its completion.
     pub(super) fn uring_gone(&mut self, slot: u32, gen: u32) {
         self.uring.ops.push(Op::Cancel(uring::recv_data(slot, gen)));
         if self.uring.pollout.remove(&slot) {
             self.uring
                 .ops
                 .push(Op::Cancel(uring::pollout_data(slot, gen)));
+        }
+        if let Some(op) = self.uring.sends.remove(&slot) {
+            if op.submitted {
+                let ud = uring::send_data(slot, op.gen);
+                self.uring.ops.push(Op::Cancel(ud));
+                self.uring.orphans.insert(ud, op);
+            } else {
+                // Prepared this turn, not yet in the ring: its `Op::Send` finds nothing.
+                self.uring.recycle(op);
+            }
+        }
+    }
+
+    /// `flush` with `io_uring_sends`: gather what the queue holds into a send op and have it
+    /// submitted before the next wait, with every other connection's of this turn (one
+    /// `io_uring_enter` for all). One send per connection in the ring at a time; its
+    /// completion commits and flushes again.
+    pub(super) fn flush_ring(&mut self, slot: u32) {
+        if self.uring.sends.contains_key(&slot) {
+            return; // its completion flushes the rest
+        }
+        let write_max = self.node.cfg.write_buffer_size;
+        let c = &self.clients[slot as usize];
+        if c.queue.is_empty() {
+            self.flushed(slot);
+            return;
+        }
+        let mut op = self.uring.pool.pop().unwrap_or_else(SendOp::new);
+        let mut iov: [IoSlice; IOVECS_PER_WRITE_MAX] = [IoSlice::new(&[]); IOVECS_PER_WRITE_MAX];
+        let (n_iov, total) = gather(&c.queue, c.head_off, write_max, &mut iov);
+        for (dst, src) in op.iov.iter_mut().zip(&iov[..n_iov]) {
+            dst.iov_base = src.as_ptr() as *mut libc::c_void;
+            dst.iov_len = src.len();
+        }
+        op.frames.clear();
+        op.frames.extend(c.queue.iter().take(n_iov).cloned());
+        op.gen = c.gen;
+        op.fd = c.sock.as_raw_fd();
+        op.total = total;
+        op.submitted = false;
+        // SAFETY: msghdr is plain data; all-zero is a valid empty message.
+        op.msg = unsafe { std::mem::zeroed() };
+        op.msg.msg_iov = op.iov.as_mut_ptr();
+        op.msg.msg_iovlen = n_iov as _;
+        self.out.stats.writev_calls += 1;
+        self.uring.sends.insert(slot, op);
+        self.uring.ops.push(Op::Send { slot });
+    }
+
+    /// A send's completion: commit what the kernel took and flush the rest, or drop the
+    /// connection on an error. A closed connection's send only frees its op.
+    fn on_send_completion(&mut self, c: &Completion, slot: u32, gen: u32) {
+        let ud = c.user_data;
+        if let Some(op) = self.uring.orphans.remove(&ud) {
+            self.uring.recycle(op);
+            return;
+        }
+        let Some(op) = self.uring.sends.remove(&slot) else {
+            return;
+        };
+        if op.gen != gen || !self.live(slot, gen) {
+            // Not this send's (cannot happen: a close moves a submitted send to `orphans`);
+            // put it back untouched.
+            self.uring.sends.insert(slot, op);
+            return;
+        }
+        let total = op.total;
+        self.uring.recycle(op);
+        match c.result {
+            n if n > 0 => {
+                self.wrote(slot, n as usize);
+                if self.clients[slot as usize].queue.is_empty() {
+                    self.flushed(slot);
+                } else {
+                    // The rest (a short send, or frames queued meanwhile) goes out this turn.
+                    debug_assert!(n as usize <= total);
+                    self.make_urgent(slot);
+                }
+            }
+            e if e == -libc::EINTR || e == -libc::EAGAIN => self.make_urgent(slot),
+            _ => {
+                // 0 or an error (a reset, a cancel by the write-stall timer's close).
+                self.out
+                    .doomed
+                    .push((slot, gen, Doom::Drop(CloseKind::Abnormal)));
+            }
         }
     }
 
@@ -73,8 +252,54 @@ impl Shard {
     }
 
     /// Run until drained, on `ring`.
-    pub(super) fn run_uring(mut self, mut ring: Ring) -> io::Result<()> {
+    pub(super) fn run_uring(mut self, ring: Ring) -> io::Result<()> {
+        // A local, so it is dropped before `self` (and the send ops' buffers in it), also
+        // when a panic unwinds.
+        let mut ring = ring;
+        let r = self.uring_loop(&mut ring);
+        if r.is_ok() {
+            self.uring_settle(&mut ring);
+        }
+        drop(ring);
+        r
+    }
+
+    /// At exit: cancel the sends still in the ring and wait a little for their completions,
+    /// so no request can still read a frame when the shard frees it.
+    fn uring_settle(&mut self, ring: &mut Ring) {
+        let uds: Vec<u64> = self
+            .uring
+            .sends
+            .iter()
+            .filter(|(_, op)| op.submitted)
+            .map(|(slot, op)| uring::send_data(*slot, op.gen))
+            .chain(self.uring.orphans.keys().copied())
+            .collect();
+        if uds.is_empty() {
+            return;
+        }
+        for ud in &uds {
+            let _ = ring.cancel(*ud);
+        }
+        let mut pending: HashSet<u64> = uds.into_iter().collect();
+        let mut done = Vec::new();
+        for _ in 0..SETTLE_WAITS_MAX {
+            if pending.is_empty() || ring.submit_and_wait(Duration::from_millis(10)).is_err() {
+                break;
+            }
+            ring.reap(&mut done);
+            for c in done.drain(..) {
+                if let Tag::Send { .. } = c.tag() {
+                    pending.remove(&c.user_data);
+                }
+            }
+        }
+    }
+
+    fn uring_loop(&mut self, ring: &mut Ring) -> io::Result<()> {
+        let ring = &mut *ring;
         self.uring.on = true;
+        self.uring.ring_sends = self.node.cfg.io_uring_sends;
         let listener_fd = match self.listener.as_mut() {
             Some(l) => {
                 // Plain connections arrive through the ring, not through epoll.
@@ -101,10 +326,24 @@ impl Shard {
         let mut epoll_tick = self.now_tick;
         let mut accept_rearm_tick: Option<u32> = None;
         loop {
-            for op in self.uring.ops.drain(..) {
+            let UringSide { ops, sends, .. } = &mut self.uring;
+            for op in ops.drain(..) {
                 match op {
                     Op::Recv { fd, slot, gen } => ring.arm_recv(fd, slot, gen)?,
                     Op::PollOut { fd, slot, gen } => ring.arm_pollout(fd, slot, gen)?,
+                    Op::Send { slot } => {
+                        if let Some(op) = sends.get_mut(&slot) {
+                            if !op.submitted {
+                                op.submitted = true;
+                                let ud = uring::send_data(slot, op.gen);
+                                // SAFETY: the op (message, iovecs, the frames' Arcs) stays
+                                // boxed in `sends` or `orphans` until this send's
+                                // completion is reaped (`on_send_completion`), and is only
+                                // freed then; the ring is dropped before the shard's maps.
+                                unsafe { ring.submit_send(op.fd, &op.msg, ud)? };
+                            }
+                        }
+                    }
                     Op::Cancel(ud) => ring.cancel(ud)?,
                 }
             }
@@ -164,8 +403,9 @@ impl Shard {
                         }
                     }
                     Tag::Recv { slot, gen } => {
-                        self.on_recv_completion(&mut ring, &c, slot, gen, &mut rearm)
+                        self.on_recv_completion(ring, &c, slot, gen, &mut rearm)
                     }
+                    Tag::Send { slot, gen } => self.on_send_completion(&c, slot, gen),
                     Tag::PollOut { slot, gen } => {
                         if self.live(slot, gen) {
                             self.uring.pollout.remove(&slot);

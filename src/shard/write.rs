@@ -124,15 +124,49 @@ impl Shard {
         }
     }
 
+    /// The kernel took `n` bytes of `slot`'s queue: count them, record the frames written
+    /// whole, and pop them (`commit`).
+    pub(super) fn wrote(&mut self, slot: u32, n: usize) {
+        let now_us = self.now_us;
+        let c = &mut self.clients[slot as usize];
+        c.last_write_ms = (now_us / 1000) as u32;
+        self.out.stats.bytes_out += n as u64;
+        self.out.stats.queued_bytes -= n as u64;
+        c.queued -= n as u32;
+        c.stall_tick = self.now_tick;
+        let hist = &mut self.hist;
+        let frames = commit(&mut c.queue, &mut c.head_off, n, |f| {
+            let _ = hist.record(now_us.saturating_sub(f.born_us()).max(1));
+        });
+        self.out.stats.frames_out += frames;
+    }
+
+    /// `slot`'s queue is empty: give back a large queue's memory, and after a closing
+    /// connection's last frame shut the write side.
+    pub(super) fn flushed(&mut self, slot: u32) {
+        let c = &mut self.clients[slot as usize];
+        if c.queue.capacity() > SEND_QUEUE_RETAIN_SLOTS {
+            c.queue = std::collections::VecDeque::new();
+        }
+        if c.phase == Phase::Closing && !c.has(flag::WRITE_SHUT) {
+            c.flags |= flag::WRITE_SHUT;
+            crate::io::shutdown_write(&c.sock);
+        }
+    }
+
     /// Write as much of the client's queue as the socket takes: gather, one send, commit.
+    /// Under io_uring with `io_uring_sends`, the send is submitted to the ring instead and
+    /// committed on its completion (`shard::uring`).
     pub(super) fn flush(&mut self, slot: u32) {
         if self.is_tls(slot) {
             return self.flush_tls(slot);
         }
+        if self.uring.ring_sends {
+            return self.flush_ring(slot);
+        }
         let write_max = self.node.cfg.write_buffer_size;
-        let now_us = self.now_us;
-        let c = &mut self.clients[slot as usize];
         loop {
+            let c = &mut self.clients[slot as usize];
             if c.queue.is_empty() {
                 break;
             }
@@ -149,16 +183,7 @@ impl Shard {
                     return;
                 }
                 Ok(n) => {
-                    c.last_write_ms = (now_us / 1000) as u32;
-                    self.out.stats.bytes_out += n as u64;
-                    self.out.stats.queued_bytes -= n as u64;
-                    c.queued -= n as u32;
-                    c.stall_tick = self.now_tick;
-                    let hist = &mut self.hist;
-                    let frames = commit(&mut c.queue, &mut c.head_off, n, |f| {
-                        let _ = hist.record(now_us.saturating_sub(f.born_us()).max(1));
-                    });
-                    self.out.stats.frames_out += frames;
+                    self.wrote(slot, n);
                     if n != total {
                         break; // the socket is full: wait for writable
                     }
@@ -173,20 +198,14 @@ impl Shard {
                 }
             }
         }
-        if !c.queue.is_empty() {
+        if !self.clients[slot as usize].queue.is_empty() {
             // The socket is full. Under epoll its writable edge marks it dirty again; under
             // io_uring a one-shot POLLOUT poll does.
             if self.uring.on {
                 self.uring_wants_write(slot);
             }
         } else {
-            if c.queue.capacity() > SEND_QUEUE_RETAIN_SLOTS {
-                c.queue = std::collections::VecDeque::new();
-            }
-            if c.phase == Phase::Closing && !c.has(flag::WRITE_SHUT) {
-                c.flags |= flag::WRITE_SHUT;
-                crate::io::shutdown_write(&c.sock);
-            }
+            self.flushed(slot);
         }
     }
 }
