@@ -27,7 +27,8 @@ pub enum AuthMode {
     Service,
 }
 
-/// The shards' I/O backend (`crate::io`).
+/// The shards' I/O backend (`crate::io`); io_uring by default (the faster here, see
+/// docs/BENCHMARKS.md), epoll where the kernel refuses it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum IoBackend {
     /// epoll through mio: readiness, then `recv`/`send` per connection.
@@ -455,7 +456,7 @@ impl Default for Config {
             tls_cert_file: None,
             tls_key_file: None,
             tls_handshake_timeout: Duration::from_secs(5),
-            io_backend: IoBackend::Epoll,
+            io_backend: IoBackend::IoUring,
             io_uring_sends: true,
             read_buffer_size: 64 * 1024,
             write_buffer_size: 256 * 1024,
@@ -1102,8 +1103,8 @@ config_keys! {
         "SO_SNDBUF per connection; 0 = kernel default (autotuned).";
     so_rcvbuf: BytesU32 = "0", "SWITCHBOARD_SO_RCVBUF",
         "SO_RCVBUF per connection; 0 = kernel default (autotuned).";
-    io_backend: IoBackendKind = "epoll", "SWITCHBOARD_IO_BACKEND",
-        "The shards' I/O: epoll (mio readiness, a recv and a send per connection) or io_uring (multishot accept and receive into a per-shard buffer ring, kernel 6.0 or newer; falls back to epoll with one log line when the kernel refuses it, and `switchboard doctor` says which would run). TLS connections (tls_port) stay on epoll under either.";
+    io_backend: IoBackendKind = "io_uring", "SWITCHBOARD_IO_BACKEND",
+        "The shards' I/O: io_uring (multishot accept and receive into a per-shard buffer ring, sends of a loop turn submitted together; kernel 6.0 or newer; falls back to epoll with one log line when the kernel refuses it, and `switchboard doctor` says which would run) or epoll (mio readiness, a recv and a send per connection). The default by measurement: docs/BENCHMARKS.md. TLS connections (tls_port) stay on epoll under either.";
     io_uring_sends: Flag = "true", "SWITCHBOARD_IO_URING_SENDS",
         "With io_backend io_uring: each connection's writes are sendmsg requests in the ring, submitted together once per loop turn, one in flight per connection (true), or send/sendmsg calls as under epoll, with a POLLOUT poll when a socket fills (false).";
     read_buffer_size: Bytes = "64KiB", "SWITCHBOARD_READ_BUFFER_SIZE",

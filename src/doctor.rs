@@ -1161,7 +1161,9 @@ pub fn check_tls_listener(cfg: &crate::config::Config) -> Option<Finding> {
 
 fn configured_io() -> Finding {
     let backend = crate::config::Config::load(&[], &|k| std::env::var(k).ok())
-        .map_or(crate::config::IoBackend::Epoll, |c| c.io_backend);
+        .map_or(crate::config::Config::default().io_backend, |c| {
+            c.io_backend
+        });
     check_io_backend(backend, crate::io::uring::probe())
 }
 

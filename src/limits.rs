@@ -30,11 +30,11 @@ pub const URING_CQ_ENTRIES: u32 = 16_384;
 /// at most 32,768). Every receive completion holds one until the shard has decoded it, in the
 /// same turn; when the kernel finds none, the receive ends with ENOBUFS and is armed again
 /// after the turn gives buffers back: nothing is lost.
-pub const URING_BUFFERS: u16 = 2048;
+pub const URING_BUFFERS: u16 = 1024;
 
-/// io_uring backend: bytes per receive buffer. 2,048 x 4 KiB = 8 MiB per shard, in place of
-/// epoll's single `read_buffer_size` buffer; a frame larger than a buffer arrives in pieces
-/// and is reassembled as under epoll (`RxState::partial`).
+/// io_uring backend: bytes per receive buffer. 1,024 x 4 KiB = 4 MiB per shard, resident
+/// from the start, in place of epoll's single `read_buffer_size` buffer; a frame larger than
+/// a buffer arrives in pieces and is reassembled as under epoll (`RxState::partial`).
 pub const URING_BUFFER_BYTES: usize = 4096;
 
 /// Connections accepted per listener readiness event before the loop turns (fairness).

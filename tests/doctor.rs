@@ -161,7 +161,12 @@ fn json_carries_the_verdicts() {
     assert_ne!(v["verdict"], "blocking");
     assert!(v["limits"]["nofile_hard"].as_u64().is_some_and(|h| h > 0));
     let findings = v["findings"].as_array().expect("findings array");
-    assert_eq!(findings.len(), 10);
+    // The limits' ten findings and the I/O backend's.
+    assert_eq!(findings.len(), 11);
+    assert!(
+        findings.iter().any(|f| f["name"] == "I/O backend"),
+        "{findings:?}"
+    );
     for f in findings {
         assert!(f["name"].is_string(), "{f}");
         let sev = f["severity"].as_str().expect("severity string");

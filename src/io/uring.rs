@@ -199,10 +199,17 @@ impl BufRing {
         if ptr == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
+        // Written once now, so the buffers are resident from the start: the kernel takes them
+        // in ring order, so every one is touched within the first `count` receives anyway,
+        // and the process's memory should not seem to grow with its first connections.
+        let mut mem = vec![0u8; usize::from(count) * size].into_boxed_slice();
+        for page in mem.chunks_mut(4096) {
+            page[0] = 1;
+        }
         let mut ring = BufRing {
             entries: ptr.cast(),
             entries_bytes,
-            mem: vec![0u8; usize::from(count) * size].into_boxed_slice(),
+            mem,
             count,
             size,
             tail: 0,
@@ -369,6 +376,30 @@ impl Ring {
                 .flags(libc::MSG_NOSIGNAL as u32)
                 .build()
                 .user_data(user_data),
+        )
+    }
+
+    /// Submit one buffer on `fd` as a `send` (MSG_NOSIGNAL) under `user_data`: no message
+    /// header for the kernel to copy in, as `io::send_vectored` prefers `send` for one buffer.
+    ///
+    /// # Safety
+    /// The buffer `iov` names must stay valid and unmoved until this request's completion has
+    /// been reaped.
+    pub unsafe fn submit_send_one(
+        &mut self,
+        fd: RawFd,
+        iov: &libc::iovec,
+        user_data: u64,
+    ) -> io::Result<()> {
+        self.push(
+            opcode::Send::new(
+                types::Fd(fd),
+                iov.iov_base as *const u8,
+                iov.iov_len.min(u32::MAX as usize) as u32,
+            )
+            .flags(libc::MSG_NOSIGNAL)
+            .build()
+            .user_data(user_data),
         )
     }
 

@@ -60,7 +60,10 @@ pub(super) struct SendOp {
     /// Bytes gathered (what a complete send takes).
     total: usize,
     msg: libc::msghdr,
-    iov: [libc::iovec; IOVECS_PER_WRITE_MAX],
+    /// At most `IOVECS_PER_WRITE_MAX`; on the heap, sized to what sends needed, so an op
+    /// costs about 130 B plus 24 B per frame (a fan-out to 19,500 connections has as many
+    /// ops in the ring at once).
+    iov: Vec<libc::iovec>,
     frames: Vec<Frame>,
 }
 
@@ -78,11 +81,8 @@ impl SendOp {
             total: 0,
             // SAFETY: msghdr is plain data; all-zero is a valid empty message.
             msg: unsafe { std::mem::zeroed() },
-            iov: [libc::iovec {
-                iov_base: std::ptr::null_mut(),
-                iov_len: 0,
-            }; IOVECS_PER_WRITE_MAX],
-            frames: Vec::with_capacity(IOVECS_PER_WRITE_MAX),
+            iov: Vec::new(),
+            frames: Vec::new(),
         })
     }
 }
@@ -90,8 +90,9 @@ impl SendOp {
 /// Waits of 10 ms for the cancelled sends' completions when a shard on io_uring ends.
 const SETTLE_WAITS_MAX: usize = 20;
 
-/// Spare send ops kept for reuse per shard; past it a finished op is freed.
-const SEND_OP_POOL_MAX: usize = 1024;
+/// Spare send ops kept for reuse per shard; past it a finished op is freed (so the memory of
+/// a fan-out's burst of ops goes back).
+const SEND_OP_POOL_MAX: usize = 256;
 
 /// The shard's io_uring side: off under epoll (then nothing here is ever touched).
 #[derive(Default)]
@@ -102,9 +103,10 @@ pub(super) struct UringSide {
     pub(super) ops: Vec<Op>,
     /// Connections with a `POLLOUT` poll armed (at most one each; bounded by the slab).
     pub(super) pollout: HashSet<u32>,
-    /// The send in the ring per connection: at most `URING_SENDS_PER_CONNECTION_MAX` (1), so
-    /// bounded by the slab; the next is prepared when it completes.
-    pub(super) sends: HashMap<u32, Box<SendOp>>,
+    /// The send in the ring per connection, by slot: at most one each (the next is prepared
+    /// when it completes). A side table like `Shard::tls`: 8 B per slot up to the highest slot
+    /// that sent through the ring, nothing in `Client`.
+    pub(super) sends: Vec<Option<Box<SendOp>>>,
     /// Sends of connections that closed while the kernel had them, by user_data, until their
     /// completion (cancelled at the close, so it comes soon). Bounded by the slab too: a slot
     /// is reused only by a later generation, whose user_data differs.
@@ -118,11 +120,15 @@ pub(super) struct UringSide {
 impl UringSide {
     /// Frames of `slot`'s queue the kernel may be reading (a cut of the queue keeps them).
     pub(super) fn frames_in_flight(&self, slot: u32) -> usize {
-        self.sends.get(&slot).map_or(0, |op| op.frames.len())
+        self.sends
+            .get(slot as usize)
+            .and_then(Option::as_ref)
+            .map_or(0, |op| op.frames.len())
     }
 
     fn recycle(&mut self, mut op: Box<SendOp>) {
         op.frames.clear();
+        op.iov.clear();
         op.submitted = false;
         if self.pool.len() < SEND_OP_POOL_MAX {
             self.pool.push(op);
@@ -150,7 +156,12 @@ impl Shard {
                 .ops
                 .push(Op::Cancel(uring::pollout_data(slot, gen)));
         }
-        if let Some(op) = self.uring.sends.remove(&slot) {
+        if let Some(op) = self
+            .uring
+            .sends
+            .get_mut(slot as usize)
+            .and_then(Option::take)
+        {
             if op.submitted {
                 let ud = uring::send_data(slot, op.gen);
                 self.uring.ops.push(Op::Cancel(ud));
@@ -167,7 +178,12 @@ impl Shard {
     /// `io_uring_enter` for all). One send per connection in the ring at a time; its
     /// completion commits and flushes again.
     pub(super) fn flush_ring(&mut self, slot: u32) {
-        if self.uring.sends.contains_key(&slot) {
+        if self
+            .uring
+            .sends
+            .get(slot as usize)
+            .is_some_and(Option::is_some)
+        {
             return; // its completion flushes the rest
         }
         let write_max = self.node.cfg.write_buffer_size;
@@ -179,10 +195,11 @@ impl Shard {
         let mut op = self.uring.pool.pop().unwrap_or_else(SendOp::new);
         let mut iov: [IoSlice; IOVECS_PER_WRITE_MAX] = [IoSlice::new(&[]); IOVECS_PER_WRITE_MAX];
         let (n_iov, total) = gather(&c.queue, c.head_off, write_max, &mut iov);
-        for (dst, src) in op.iov.iter_mut().zip(&iov[..n_iov]) {
-            dst.iov_base = src.as_ptr() as *mut libc::c_void;
-            dst.iov_len = src.len();
-        }
+        op.iov.clear();
+        op.iov.extend(iov[..n_iov].iter().map(|b| libc::iovec {
+            iov_base: b.as_ptr() as *mut libc::c_void,
+            iov_len: b.len(),
+        }));
         op.frames.clear();
         op.frames.extend(c.queue.iter().take(n_iov).cloned());
         op.gen = c.gen;
@@ -194,7 +211,11 @@ impl Shard {
         op.msg.msg_iov = op.iov.as_mut_ptr();
         op.msg.msg_iovlen = n_iov as _;
         self.out.stats.writev_calls += 1;
-        self.uring.sends.insert(slot, op);
+        let sends = &mut self.uring.sends;
+        if sends.len() <= slot as usize {
+            sends.resize_with(slot as usize + 1, || None);
+        }
+        sends[slot as usize] = Some(op);
         self.uring.ops.push(Op::Send { slot });
     }
 
@@ -202,19 +223,21 @@ impl Shard {
     /// connection on an error. A closed connection's send only frees its op.
     fn on_send_completion(&mut self, c: &Completion, slot: u32, gen: u32) {
         let ud = c.user_data;
-        if let Some(op) = self.uring.orphans.remove(&ud) {
-            self.uring.recycle(op);
-            return;
+        if !self.uring.orphans.is_empty() {
+            if let Some(op) = self.uring.orphans.remove(&ud) {
+                self.uring.recycle(op);
+                return;
+            }
         }
-        let Some(op) = self.uring.sends.remove(&slot) else {
+        let live = self.live(slot, gen);
+        let Some(entry) = self.uring.sends.get_mut(slot as usize) else {
             return;
         };
-        if op.gen != gen || !self.live(slot, gen) {
-            // Not this send's (cannot happen: a close moves a submitted send to `orphans`);
-            // put it back untouched.
-            self.uring.sends.insert(slot, op);
+        if entry.as_ref().is_none_or(|op| op.gen != gen) || !live {
+            // Not this send's (cannot happen: a close moves a submitted send to `orphans`).
             return;
         }
+        let Some(op) = entry.take() else { return };
         let total = op.total;
         self.uring.recycle(op);
         match c.result {
@@ -271,8 +294,10 @@ impl Shard {
             .uring
             .sends
             .iter()
+            .enumerate()
+            .filter_map(|(slot, op)| op.as_ref().map(|op| (slot as u32, op)))
             .filter(|(_, op)| op.submitted)
-            .map(|(slot, op)| uring::send_data(*slot, op.gen))
+            .map(|(slot, op)| uring::send_data(slot, op.gen))
             .chain(self.uring.orphans.keys().copied())
             .collect();
         if uds.is_empty() {
@@ -332,7 +357,7 @@ impl Shard {
                     Op::Recv { fd, slot, gen } => ring.arm_recv(fd, slot, gen)?,
                     Op::PollOut { fd, slot, gen } => ring.arm_pollout(fd, slot, gen)?,
                     Op::Send { slot } => {
-                        if let Some(op) = sends.get_mut(&slot) {
+                        if let Some(op) = sends.get_mut(slot as usize).and_then(Option::as_mut) {
                             if !op.submitted {
                                 op.submitted = true;
                                 let ud = uring::send_data(slot, op.gen);
@@ -340,7 +365,13 @@ impl Shard {
                                 // boxed in `sends` or `orphans` until this send's
                                 // completion is reaped (`on_send_completion`), and is only
                                 // freed then; the ring is dropped before the shard's maps.
-                                unsafe { ring.submit_send(op.fd, &op.msg, ud)? };
+                                unsafe {
+                                    if op.msg.msg_iovlen == 1 {
+                                        ring.submit_send_one(op.fd, &op.iov[0], ud)?
+                                    } else {
+                                        ring.submit_send(op.fd, &op.msg, ud)?
+                                    }
+                                };
                             }
                         }
                     }
