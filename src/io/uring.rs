@@ -413,6 +413,15 @@ impl Ring {
         )
     }
 
+    /// Close the ring and leak the receive buffers (and their ring of entries): the kernel
+    /// ends a closed ring's requests in the background, and a multishot receive could still
+    /// fill a buffer. Only when a shard ends, so at most once per shard.
+    pub fn close_leaking_buffers(self) {
+        let Ring { ring, bufs } = self;
+        drop(ring);
+        std::mem::forget(bufs);
+    }
+
     /// Submit what was armed and wait up to `timeout` for at least one completion (zero:
     /// do not wait).
     pub fn submit_and_wait(&mut self, timeout: Duration) -> io::Result<()> {
@@ -571,6 +580,15 @@ mod tests {
         panic!("completions never arrived: {got:?}");
     }
 
+    /// A connected pair whose server side cannot take another byte (nobody reads the client).
+    fn full_pair() -> (std::net::TcpStream, std::net::TcpStream) {
+        let (client, server) = pair();
+        let mut s = &server;
+        let chunk = [0u8; 65536];
+        while s.write(&chunk).is_ok() {}
+        (client, server)
+    }
+
     fn pair() -> (std::net::TcpStream, std::net::TcpStream) {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
@@ -674,12 +692,9 @@ mod tests {
     #[test]
     fn cancelling_a_receive_and_a_pollout_ends_both() {
         let Some(mut ring) = ring(2) else { return };
-        let (_client, server) = pair();
+        // A full socket, so POLLOUT stays pending.
+        let (_client, server) = full_pair();
         ring.arm_recv(server.as_raw_fd(), 3, 4).unwrap();
-        // Fill the socket so POLLOUT stays pending.
-        let mut s = &server;
-        let chunk = [0u8; 65536];
-        while s.write(&chunk).is_ok() {}
         ring.arm_pollout(server.as_raw_fd(), 3, 4).unwrap();
         ring.submit_and_wait(Duration::ZERO).unwrap();
         ring.cancel(recv_data(3, 4)).unwrap();
@@ -713,10 +728,7 @@ mod tests {
     #[test]
     fn a_send_to_a_full_socket_waits_in_the_ring_until_the_peer_reads() {
         let Some(mut ring) = ring(2) else { return };
-        let (mut client, server) = pair();
-        let mut s = &server;
-        let chunk = [0u8; 65536];
-        while s.write(&chunk).is_ok() {}
+        let (mut client, server) = full_pair();
         let data: Vec<u8> = (0..100_000u32).map(|i| i as u8).collect();
         let mut iov = libc::iovec {
             iov_base: data.as_ptr() as *mut libc::c_void,
@@ -760,10 +772,7 @@ mod tests {
     #[test]
     fn a_send_cancelled_in_the_ring_completes_before_its_buffer_is_freed() {
         let Some(mut ring) = ring(2) else { return };
-        let (_client, server) = pair();
-        let mut s = &server;
-        let chunk = [0u8; 65536];
-        while s.write(&chunk).is_ok() {}
+        let (_client, server) = full_pair();
         let data = vec![7u8; 50_000];
         let mut iov = libc::iovec {
             iov_base: data.as_ptr() as *mut libc::c_void,
@@ -797,10 +806,7 @@ mod tests {
     #[test]
     fn pollout_fires_once_the_peer_reads() {
         let Some(mut ring) = ring(2) else { return };
-        let (mut client, server) = pair();
-        let mut s = &server;
-        let chunk = [0u8; 65536];
-        while s.write(&chunk).is_ok() {}
+        let (mut client, server) = full_pair();
         ring.arm_pollout(server.as_raw_fd(), 2, 2).unwrap();
         let mut got = Vec::new();
         ring.submit_and_wait(Duration::from_millis(50)).unwrap();

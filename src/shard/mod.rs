@@ -531,15 +531,7 @@ impl Shard {
         };
         let mut events = Events::with_capacity(EVENTS_PER_POLL_MAX);
         loop {
-            let timeout =
-                if !self.resume.is_empty() || self.accept_pending || self.tls_accept_pending {
-                    Duration::ZERO
-                } else if let Some(std::cmp::Reverse((due, _, _))) = self.deferred.peek() {
-                    let now_ms = self.node.now_us() / 1000;
-                    Duration::from_millis(due.saturating_sub(now_ms).min(TIMER_TICK_MS))
-                } else {
-                    Duration::from_millis(TIMER_TICK_MS)
-                };
+            let timeout = self.wait_timeout(self.accept_pending);
             if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
                 if e.kind() != io::ErrorKind::Interrupted {
                     return Err(e);
@@ -558,6 +550,20 @@ impl Shard {
             if self.end_turn() {
                 return Ok(());
             }
+        }
+    }
+
+    /// How long the next wait may last: zero when this turn left work (reads to resume, a
+    /// TLS accept, or `more` from the backend), else until the next held write is due, at most
+    /// a timer tick.
+    fn wait_timeout(&self, more: bool) -> Duration {
+        if more || !self.resume.is_empty() || self.tls_accept_pending {
+            Duration::ZERO
+        } else if let Some(std::cmp::Reverse((due, _, _))) = self.deferred.peek() {
+            let now_ms = self.node.now_us() / 1000;
+            Duration::from_millis(due.saturating_sub(now_ms).min(TIMER_TICK_MS))
+        } else {
+            Duration::from_millis(TIMER_TICK_MS)
         }
     }
 

@@ -126,6 +126,12 @@ impl UringSide {
             .map_or(0, |op| op.frames.len())
     }
 
+    /// Whether `slot` has a send in the ring (or prepared for the next submit).
+    #[inline]
+    pub(super) fn send_in_flight(&self, slot: u32) -> bool {
+        self.sends.get(slot as usize).is_some_and(Option::is_some)
+    }
+
     fn recycle(&mut self, mut op: Box<SendOp>) {
         op.frames.clear();
         op.iov.clear();
@@ -178,12 +184,7 @@ impl Shard {
     /// `io_uring_enter` for all). One send per connection in the ring at a time; its
     /// completion commits and flushes again.
     pub(super) fn flush_ring(&mut self, slot: u32) {
-        if self
-            .uring
-            .sends
-            .get(slot as usize)
-            .is_some_and(Option::is_some)
-        {
+        if self.uring.send_in_flight(slot) {
             return; // its completion flushes the rest
         }
         let write_max = self.node.cfg.write_buffer_size;
@@ -243,12 +244,21 @@ impl Shard {
         match c.result {
             n if n > 0 => {
                 self.wrote(slot, n as usize);
-                if self.clients[slot as usize].queue.is_empty() {
+                let c = &mut self.clients[slot as usize];
+                if c.queue.is_empty() {
+                    c.flags &= !(flag::DIRTY | flag::URGENT);
                     self.flushed(slot);
+                } else if (n as usize) < total {
+                    // A short send: the rest of what was gathered goes out this turn.
+                    c.flags |= flag::URGENT | flag::DIRTY;
+                    self.out.dirty.push(slot);
+                } else if c.has(flag::DIRTY) {
+                    // Frames queued while the send was in the ring (`flush_dirty` left the
+                    // connection DIRTY, and URGENT if a reply is among them): flushed now
+                    // under the same `write_coalesce` rule as any other.
+                    self.out.dirty.push(slot);
                 } else {
-                    // The rest (a short send, or frames queued meanwhile) goes out this turn.
-                    debug_assert!(n as usize <= total);
-                    self.make_urgent(slot);
+                    self.mark_dirty(slot);
                 }
             }
             e if e == -libc::EINTR || e == -libc::EAGAIN => self.make_urgent(slot),
@@ -274,21 +284,30 @@ impl Shard {
         });
     }
 
-    /// Run until drained, on `ring`.
+    /// Run until drained, on `ring`. On every way out (done, an error, a panic) the sends
+    /// still in the ring are cancelled and waited for; what cannot be confirmed finished, and
+    /// the receive buffers, are leaked rather than freed, because the kernel ends a closed
+    /// ring's requests in the background and could still read a frame or fill a buffer.
     pub(super) fn run_uring(mut self, ring: Ring) -> io::Result<()> {
-        // A local, so it is dropped before `self` (and the send ops' buffers in it), also
-        // when a panic unwinds.
         let mut ring = ring;
-        let r = self.uring_loop(&mut ring);
-        if r.is_ok() {
-            self.uring_settle(&mut ring);
+        let r =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.uring_loop(&mut ring)));
+        self.uring_settle(&mut ring);
+        for op in self.uring.sends.drain(..).flatten() {
+            std::mem::forget(op);
         }
-        drop(ring);
-        r
+        for (_, op) in self.uring.orphans.drain() {
+            std::mem::forget(op);
+        }
+        ring.close_leaking_buffers();
+        match r {
+            Ok(r) => r,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
     }
 
-    /// At exit: cancel the sends still in the ring and wait a little for their completions,
-    /// so no request can still read a frame when the shard frees it.
+    /// At exit: cancel the sends still in the ring and wait a little for their completions;
+    /// the ops confirmed finished are freed.
     fn uring_settle(&mut self, ring: &mut Ring) {
         let uds: Vec<u64> = self
             .uring
@@ -300,6 +319,12 @@ impl Shard {
             .map(|(slot, op)| uring::send_data(slot, op.gen))
             .chain(self.uring.orphans.keys().copied())
             .collect();
+        // Prepared but never submitted: the kernel never saw them.
+        for entry in self.uring.sends.iter_mut() {
+            if entry.as_ref().is_some_and(|op| !op.submitted) {
+                *entry = None;
+            }
+        }
         if uds.is_empty() {
             return;
         }
@@ -314,8 +339,18 @@ impl Shard {
             }
             ring.reap(&mut done);
             for c in done.drain(..) {
-                if let Tag::Send { .. } = c.tag() {
-                    pending.remove(&c.user_data);
+                if let Tag::Send { slot, .. } = c.tag() {
+                    if pending.remove(&c.user_data) {
+                        // Finished: its op may be freed.
+                        self.uring.orphans.remove(&c.user_data);
+                        if let Some(e) = self.uring.sends.get_mut(slot as usize) {
+                            if e.as_ref()
+                                .is_some_and(|op| uring::send_data(slot, op.gen) == c.user_data)
+                            {
+                                *e = None;
+                            }
+                        }
+                    }
                 }
             }
         }
@@ -351,11 +386,21 @@ impl Shard {
         let mut epoll_tick = self.now_tick;
         let mut accept_rearm_tick: Option<u32> = None;
         loop {
+            let clients = &self.clients;
+            // A connection closed after its op was queued has closed its fd, whose number the
+            // kernel may already have given to a new socket: its ops are skipped.
+            let live =
+                |slot: u32, gen: u32| clients.get(slot as usize).is_some_and(|c| c.gen == gen);
             let UringSide { ops, sends, .. } = &mut self.uring;
             for op in ops.drain(..) {
                 match op {
-                    Op::Recv { fd, slot, gen } => ring.arm_recv(fd, slot, gen)?,
-                    Op::PollOut { fd, slot, gen } => ring.arm_pollout(fd, slot, gen)?,
+                    Op::Recv { fd, slot, gen } if live(slot, gen) => {
+                        ring.arm_recv(fd, slot, gen)?
+                    }
+                    Op::PollOut { fd, slot, gen } if live(slot, gen) => {
+                        ring.arm_pollout(fd, slot, gen)?
+                    }
+                    Op::Recv { .. } | Op::PollOut { .. } => {}
                     Op::Send { slot } => {
                         if let Some(op) = sends.get_mut(slot as usize).and_then(Option::as_mut) {
                             if !op.submitted {
@@ -378,14 +423,7 @@ impl Shard {
                     Op::Cancel(ud) => ring.cancel(ud)?,
                 }
             }
-            let timeout = if !self.resume.is_empty() || self.tls_accept_pending || epoll_ready {
-                Duration::ZERO
-            } else if let Some(std::cmp::Reverse((due, _, _))) = self.deferred.peek() {
-                let now_ms = self.node.now_us() / 1000;
-                Duration::from_millis(due.saturating_sub(now_ms).min(TIMER_TICK_MS))
-            } else {
-                Duration::from_millis(TIMER_TICK_MS)
-            };
+            let timeout = self.wait_timeout(epoll_ready);
             ring.submit_and_wait(timeout)?;
             ring.reap(&mut done);
             self.refresh_clock();
@@ -410,7 +448,11 @@ impl Shard {
             if epoll_ready {
                 epoll_ready = false;
                 match self.poll.poll(&mut events, Some(Duration::ZERO)) {
-                    Ok(()) => self.on_events(&events),
+                    Ok(()) => {
+                        self.on_events(&events);
+                        // A full batch may have left events behind: look again next turn.
+                        epoll_ready = events.iter().count() == EVENTS_PER_POLL_MAX;
+                    }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(e) => return Err(e),
                 }
@@ -430,7 +472,12 @@ impl Shard {
                             tracing::warn!(shard = self.id, error = %e, "accept failed; retrying");
                         }
                         if !c.more() && accept_rearm_tick.is_none() {
-                            accept_rearm_tick = Some(self.now_tick + 1);
+                            // Out of fds or memory: the backlog waits a tick. Otherwise (a
+                            // full completion queue ended it, an aborted connection) at once.
+                            let wait =
+                                [-libc::EMFILE, -libc::ENFILE, -libc::ENOMEM, -libc::ENOBUFS]
+                                    .contains(&c.result);
+                            accept_rearm_tick = Some(self.now_tick + u32::from(wait));
                         }
                     }
                     Tag::Recv { slot, gen } => {
@@ -490,12 +537,23 @@ impl Shard {
                     rearm.push((slot, gen));
                 }
             }
+            RecvOutcome::Error(e) if e == libc::EAGAIN || e == libc::EINTR => {
+                if live {
+                    rearm.push((slot, gen));
+                }
+            }
             RecvOutcome::Eof | RecvOutcome::Error(_) => {
                 if live {
                     self.peer_gone(slot);
                 }
             }
-            RecvOutcome::Cancelled => {}
+            RecvOutcome::Cancelled => {
+                // Ours come only after a close (then it is not live); one on a live
+                // connection is the kernel's: the connection still needs its receive.
+                if live {
+                    rearm.push((slot, gen));
+                }
+            }
         }
     }
 }

@@ -57,6 +57,11 @@ impl Shard {
                     // A duplicate entry (see `make_urgent`) already flushed this turn.
                     continue;
                 }
+                if self.uring.ring_sends && self.uring.send_in_flight(slot) {
+                    // Its send's completion puts it back on the list; DIRTY (and URGENT)
+                    // stay set until then.
+                    continue;
+                }
                 if coalesce > 0
                     && self.coalesce_on
                     && self.deferred.len() < deferred_max
