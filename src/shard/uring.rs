@@ -261,7 +261,13 @@ impl Shard {
                     self.mark_dirty(slot);
                 }
             }
-            e if e == -libc::EINTR || e == -libc::EAGAIN => self.make_urgent(slot),
+            e if e == -libc::EINTR || e == -libc::EAGAIN => {
+                // Nothing taken: send again this turn (flags may still be set from while it
+                // was in the ring, so `make_urgent` could not be relied on to list it).
+                let c = &mut self.clients[slot as usize];
+                c.flags |= flag::URGENT | flag::DIRTY;
+                self.out.dirty.push(slot);
+            }
             _ => {
                 // 0 or an error (a reset, a cancel by the write-stall timer's close).
                 self.out
@@ -431,12 +437,24 @@ impl Shard {
                 panic!("injected fault: {}=shard_panic_after", crate::fault::ENV);
             }
             self.update_rate_gate();
+            // Our own writes' progress first: under epoll a send is committed when it is made,
+            // so the queue (and its `send_queue_bytes_max`) counts only what the kernel has not
+            // taken; a send's completion reaped this turn is applied before this turn's input
+            // can queue more behind it.
             for c in &done {
-                if c.tag() == Tag::Epoll {
-                    epoll_ready = true;
-                    if !c.more() {
-                        ring.arm_epoll(epoll_fd)?;
+                match c.tag() {
+                    Tag::Epoll => {
+                        epoll_ready = true;
+                        if !c.more() {
+                            ring.arm_epoll(epoll_fd)?;
+                        }
                     }
+                    Tag::Send { slot, gen } => self.on_send_completion(c, slot, gen),
+                    Tag::PollOut { slot, gen } if self.live(slot, gen) => {
+                        self.uring.pollout.remove(&slot);
+                        self.mark_dirty(slot);
+                    }
+                    _ => {}
                 }
             }
             if self.now_tick != epoll_tick {
@@ -483,14 +501,7 @@ impl Shard {
                     Tag::Recv { slot, gen } => {
                         self.on_recv_completion(ring, &c, slot, gen, &mut rearm)
                     }
-                    Tag::Send { slot, gen } => self.on_send_completion(&c, slot, gen),
-                    Tag::PollOut { slot, gen } => {
-                        if self.live(slot, gen) {
-                            self.uring.pollout.remove(&slot);
-                            self.mark_dirty(slot);
-                        }
-                    }
-                    Tag::Epoll | Tag::Cancel => {}
+                    Tag::Send { .. } | Tag::PollOut { .. } | Tag::Epoll | Tag::Cancel => {}
                 }
             }
             ring.bufs.publish();
