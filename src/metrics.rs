@@ -541,6 +541,24 @@ pub fn render(view: &NodeView) -> String {
     out
 }
 
+/// The I/O backend the shards run on, as an info gauge (always 1): `backend` is the one in use
+/// after the start-up probe (a refused io_uring reads `epoll` here), `sends` says who writes
+/// (`ring`: io_uring send operations; `syscall`: the shard's own sendmsg/writev, as on epoll).
+pub fn render_io_backend(backend: crate::config::IoBackend, ring_sends: bool, out: &mut String) {
+    let sends = match backend {
+        crate::config::IoBackend::IoUring if ring_sends => "ring",
+        _ => "syscall",
+    };
+    // Writing to a String cannot fail.
+    let _ = writeln!(
+        out,
+        "# HELP switchboard_io_backend The I/O backend this node's shards run on (the value is always 1)\n\
+         # TYPE switchboard_io_backend gauge\n\
+         switchboard_io_backend{{backend=\"{}\",sends=\"{sends}\"}} 1",
+        backend.label()
+    );
+}
+
 /// Bucket bounds in seconds for the publish-to-flush histogram.
 const LATENCY_BUCKETS_US: [u64; 14] = [
     50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 1_000_000,

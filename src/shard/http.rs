@@ -696,6 +696,7 @@ fn endpoint(node: &Node, r: Route) -> (Status, &'static str, Vec<u8>) {
                 crate::tls::render(t, &mut text);
             }
             crate::trace::render(&mut text);
+            crate::metrics::render_io_backend(cfg.io_backend, cfg.io_uring_sends, &mut text);
             (Status::OK, "text/plain; version=0.0.4", text.into_bytes())
         }
         Route::Admin(_) if !node.cfg.admin_page => {

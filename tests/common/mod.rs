@@ -166,6 +166,16 @@ impl TestServer {
     /// [`TestServer::start`], giving the port through the variable `port_var` (e.g. the
     /// messaging service's `PORT`) instead of `SWITCHBOARD_PORT`.
     pub fn start_port_as(port_var: &str, env: &[(&str, &str)]) -> TestServer {
+        TestServer::start_with_hook(port_var, env, &|_| {})
+    }
+
+    /// [`TestServer::start_port_as`], with `hook` applied to the command last (e.g. a
+    /// `pre_exec` that puts the server under a seccomp filter).
+    pub fn start_with_hook(
+        port_var: &str,
+        env: &[(&str, &str)],
+        hook: &dyn Fn(&mut Command),
+    ) -> TestServer {
         let mut last_log = String::new();
         for _ in 0..START_ATTEMPTS_MAX {
             let port = free_port();
@@ -190,6 +200,7 @@ impl TestServer {
             cmd.stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::from(log));
+            hook(&mut cmd);
             let child = cmd.spawn().expect("spawn switchboard");
             let mut server = TestServer {
                 child,
