@@ -709,20 +709,34 @@ mod tests {
         }
     }
 
-    /// A sendmsg of `data` through the ring (the message and iovec live on the caller's
-    /// stack frame, which outlives the completion in these tests).
-    fn send_all(
-        ring: &mut Ring,
-        fd: RawFd,
-        iov: &mut libc::iovec,
-        msg: &mut libc::msghdr,
-        ud: u64,
-    ) {
-        msg.msg_iov = iov;
-        msg.msg_iovlen = 1;
-        // SAFETY (test): `msg`, `iov` and the buffer outlive the completion, which each test
-        // reaps before returning.
-        unsafe { ring.submit_send(fd, msg, ud).unwrap() };
+    /// A sendmsg of `data` through the ring, owning what the kernel reads until the test
+    /// drops it (after reaping the completion): the bytes, the iovec and the message, boxed
+    /// so their addresses stay put.
+    struct RingSend {
+        data: Vec<u8>,
+        _iov: Box<libc::iovec>,
+        _msg: Box<libc::msghdr>,
+    }
+
+    impl RingSend {
+        fn submit(ring: &mut Ring, fd: RawFd, data: Vec<u8>, ud: u64) -> RingSend {
+            let mut iov = Box::new(libc::iovec {
+                iov_base: data.as_ptr() as *mut libc::c_void,
+                iov_len: data.len(),
+            });
+            // SAFETY (test): plain data.
+            let mut msg: Box<libc::msghdr> = Box::new(unsafe { std::mem::zeroed() });
+            msg.msg_iov = &mut *iov;
+            msg.msg_iovlen = 1;
+            // SAFETY (test): `msg`, `iov` and `data` are owned by the returned value, which
+            // each test keeps until the send's completion is reaped.
+            unsafe { ring.submit_send(fd, &*msg, ud).unwrap() };
+            RingSend {
+                data,
+                _iov: iov,
+                _msg: msg,
+            }
+        }
     }
 
     #[test]
@@ -730,19 +744,7 @@ mod tests {
         let Some(mut ring) = ring(2) else { return };
         let (mut client, server) = full_pair();
         let data: Vec<u8> = (0..100_000u32).map(|i| i as u8).collect();
-        let mut iov = libc::iovec {
-            iov_base: data.as_ptr() as *mut libc::c_void,
-            iov_len: data.len(),
-        };
-        // SAFETY (test): plain data.
-        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        send_all(
-            &mut ring,
-            server.as_raw_fd(),
-            &mut iov,
-            &mut msg,
-            send_data(4, 4),
-        );
+        let send = RingSend::submit(&mut ring, server.as_raw_fd(), data, send_data(4, 4));
         let mut got = Vec::new();
         ring.submit_and_wait(Duration::from_millis(50)).unwrap();
         ring.reap(&mut got);
@@ -763,28 +765,21 @@ mod tests {
         }
         assert_eq!(got[0].tag(), Tag::Send { slot: 4, gen: 4 });
         assert!(
-            got[0].result > 0 && got[0].result as usize <= data.len(),
+            got[0].result > 0 && got[0].result as usize <= send.data.len(),
             "{got:?}"
         );
         assert!(read > 0);
+        drop(send);
     }
 
     #[test]
     fn a_send_cancelled_in_the_ring_completes_before_its_buffer_is_freed() {
         let Some(mut ring) = ring(2) else { return };
         let (_client, server) = full_pair();
-        let data = vec![7u8; 50_000];
-        let mut iov = libc::iovec {
-            iov_base: data.as_ptr() as *mut libc::c_void,
-            iov_len: data.len(),
-        };
-        // SAFETY (test): plain data.
-        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        send_all(
+        let send = RingSend::submit(
             &mut ring,
             server.as_raw_fd(),
-            &mut iov,
-            &mut msg,
+            vec![7u8; 50_000],
             send_data(6, 1),
         );
         ring.submit_and_wait(Duration::ZERO).unwrap();
@@ -800,7 +795,7 @@ mod tests {
             .find(|c| c.tag() == Tag::Send { slot: 6, gen: 1 })
             .unwrap();
         assert!(c.result == -libc::ECANCELED || c.result >= 0, "{c:?}");
-        drop(data);
+        drop(send);
     }
 
     #[test]
