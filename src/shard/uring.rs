@@ -90,9 +90,21 @@ impl SendOp {
 /// Waits of 10 ms for the cancelled sends' completions when a shard on io_uring ends.
 const SETTLE_WAITS_MAX: usize = 20;
 
-/// Spare send ops kept for reuse per shard; past it a finished op is freed (so the memory of
-/// a fan-out's burst of ops goes back).
-const SEND_OP_POOL_MAX: usize = 256;
+/// Spare send ops a shard may always keep for reuse, whatever its recent peak.
+const SEND_OP_POOL_MIN: usize = 256;
+/// The most spare send ops a shard keeps, whatever its recent peak; past it a finished op is
+/// freed. At most about 520 B each (`SEND_OP_ARRAYS_KEPT`), so at most 17 MiB per shard, held
+/// only while a fan-out of that many connections per flush goes on.
+const SEND_OP_POOL_MAX: usize = 32_768;
+/// How often the pool's bound follows the peak number of ops in use: a shard that flushes N
+/// connections at once (a room's fan-out under `write_coalesce`) keeps N spare ops between
+/// flushes instead of freeing and allocating them again every flush (the allocator's share
+/// of a fan-out on io_uring was 3-5 % of the shard's time with a fixed 256), and a second
+/// after the burst ends the spares beyond the new peak are freed.
+const SEND_OP_POOL_WINDOW_MS: u64 = 1_000;
+/// Iovec and frame slots a spare op keeps allocated; a larger array (a send of many small
+/// frames) is shrunk to this when the op goes back to the pool, so a spare stays small.
+const SEND_OP_ARRAYS_KEPT: usize = 16;
 
 /// The shard's io_uring side: off under epoll (then nothing here is ever touched).
 #[derive(Default)]
@@ -115,6 +127,15 @@ pub(super) struct UringSide {
     /// address when it moves between this pool and the maps.
     #[allow(clippy::vec_box)]
     pub(super) pool: Vec<Box<SendOp>>,
+    /// How many spare ops `pool` may hold: the peak of `ops_out` over the last window,
+    /// between `SEND_OP_POOL_MIN` and `SEND_OP_POOL_MAX`.
+    pool_keep: usize,
+    /// Ops out of the pool (prepared, in the ring, or orphaned).
+    ops_out: usize,
+    /// The most ops out at once in the current window.
+    ops_out_peak: usize,
+    /// When the current window began (the shard's `now_ms`).
+    pool_window_start_ms: u64,
 }
 
 impl UringSide {
@@ -132,12 +153,42 @@ impl UringSide {
         self.sends.get(slot as usize).is_some_and(Option::is_some)
     }
 
+    /// A send op for a new send: a spare one when there is one.
+    fn take_op(&mut self) -> Box<SendOp> {
+        self.ops_out += 1;
+        self.ops_out_peak = self.ops_out_peak.max(self.ops_out);
+        self.pool.pop().unwrap_or_else(SendOp::new)
+    }
+
+    /// A finished op back to the pool (or freed past the pool's bound).
     fn recycle(&mut self, mut op: Box<SendOp>) {
+        self.ops_out = self.ops_out.saturating_sub(1);
         op.frames.clear();
         op.iov.clear();
         op.submitted = false;
-        if self.pool.len() < SEND_OP_POOL_MAX {
+        if self.pool.len() < self.pool_keep.max(SEND_OP_POOL_MIN) {
+            if op.iov.capacity() > SEND_OP_ARRAYS_KEPT {
+                op.iov.shrink_to(SEND_OP_ARRAYS_KEPT);
+            }
+            if op.frames.capacity() > SEND_OP_ARRAYS_KEPT {
+                op.frames.shrink_to(SEND_OP_ARRAYS_KEPT);
+            }
             self.pool.push(op);
+        }
+    }
+
+    /// Once a `SEND_OP_POOL_WINDOW_MS` window: the pool may keep as many spares as were out
+    /// at once in the window that ended; the spares beyond that are freed.
+    pub(super) fn follow_peak(&mut self, now_ms: u64) {
+        if now_ms.saturating_sub(self.pool_window_start_ms) < SEND_OP_POOL_WINDOW_MS {
+            return;
+        }
+        self.pool_window_start_ms = now_ms;
+        self.pool_keep = self.ops_out_peak.clamp(SEND_OP_POOL_MIN, SEND_OP_POOL_MAX);
+        self.ops_out_peak = self.ops_out;
+        if self.pool.len() > self.pool_keep {
+            self.pool.truncate(self.pool_keep);
+            self.pool.shrink_to(self.pool_keep);
         }
     }
 }
@@ -193,7 +244,7 @@ impl Shard {
             self.flushed(slot);
             return;
         }
-        let mut op = self.uring.pool.pop().unwrap_or_else(SendOp::new);
+        let mut op = self.uring.take_op();
         let mut iov: [IoSlice; IOVECS_PER_WRITE_MAX] = [IoSlice::new(&[]); IOVECS_PER_WRITE_MAX];
         let (n_iov, total) = gather(&c.queue, c.head_off, write_max, &mut iov);
         op.iov.clear();
@@ -437,6 +488,7 @@ impl Shard {
                 panic!("injected fault: {}=shard_panic_after", crate::fault::ENV);
             }
             self.update_rate_gate();
+            self.uring.follow_peak(self.now_ms);
             // Our own writes' progress first: under epoll a send is committed when it is made,
             // so the queue (and its `send_queue_bytes_max`) counts only what the kernel has not
             // taken; a send's completion reaped this turn is applied before this turn's input
@@ -566,5 +618,77 @@ impl Shard {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn burst(u: &mut UringSide, n: usize) {
+        let ops: Vec<_> = (0..n).map(|_| u.take_op()).collect();
+        assert_eq!(u.ops_out, n);
+        for op in ops {
+            u.recycle(op);
+        }
+        assert_eq!(u.ops_out, 0);
+    }
+
+    #[test]
+    fn the_send_op_pool_keeps_the_last_windows_peak_and_frees_the_spares_after_it() {
+        let mut u = UringSide::default();
+        // A fan-out flush of 1,000 connections at once: in the first window only the floor
+        // is kept.
+        burst(&mut u, 1_000);
+        assert_eq!(u.pool.len(), SEND_OP_POOL_MIN);
+        // Not a window yet: nothing changes.
+        u.follow_peak(SEND_OP_POOL_WINDOW_MS - 1);
+        assert_eq!(u.pool_keep, 0);
+        u.follow_peak(SEND_OP_POOL_WINDOW_MS);
+        assert_eq!(u.pool_keep, 1_000);
+        // The next flushes reuse them: no op is freed and allocated again.
+        burst(&mut u, 1_000);
+        assert_eq!(u.pool.len(), 1_000);
+        burst(&mut u, 1_000);
+        assert_eq!(u.pool.len(), 1_000);
+        u.follow_peak(2 * SEND_OP_POOL_WINDOW_MS);
+        assert_eq!(u.pool_keep, 1_000);
+        assert_eq!(u.pool.len(), 1_000);
+        // A quiet window: the spares past the floor are freed at its end.
+        u.follow_peak(3 * SEND_OP_POOL_WINDOW_MS);
+        assert_eq!(u.pool_keep, SEND_OP_POOL_MIN);
+        assert_eq!(u.pool.len(), SEND_OP_POOL_MIN);
+        // Ops still out at a window's end count for the next window's peak.
+        let held: Vec<_> = (0..300).map(|_| u.take_op()).collect();
+        u.follow_peak(4 * SEND_OP_POOL_WINDOW_MS);
+        assert_eq!(u.ops_out_peak, 300);
+        for op in held {
+            u.recycle(op);
+        }
+        u.follow_peak(5 * SEND_OP_POOL_WINDOW_MS);
+        assert_eq!(u.pool_keep, 300);
+    }
+
+    #[test]
+    fn the_send_op_pool_is_bounded_and_keeps_its_spares_small() {
+        let mut u = UringSide {
+            ops_out_peak: 10 * SEND_OP_POOL_MAX,
+            ..UringSide::default()
+        };
+        u.follow_peak(SEND_OP_POOL_WINDOW_MS);
+        assert_eq!(u.pool_keep, SEND_OP_POOL_MAX);
+        let mut op = u.take_op();
+        op.iov.reserve(IOVECS_PER_WRITE_MAX);
+        op.frames.reserve(IOVECS_PER_WRITE_MAX);
+        assert!(op.iov.capacity() > SEND_OP_ARRAYS_KEPT);
+        u.recycle(op);
+        let op = u.pool.last().expect("kept");
+        assert!(
+            op.iov.capacity() <= SEND_OP_ARRAYS_KEPT,
+            "{}",
+            op.iov.capacity()
+        );
+        assert!(op.frames.capacity() <= SEND_OP_ARRAYS_KEPT);
+        assert!(!op.submitted && op.iov.is_empty() && op.frames.is_empty());
     }
 }
