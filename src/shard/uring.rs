@@ -93,17 +93,21 @@ const SETTLE_WAITS_MAX: usize = 20;
 /// Spare send ops a shard may always keep for reuse, whatever its recent peak.
 const SEND_OP_POOL_MIN: usize = 256;
 /// The most spare send ops a shard keeps, whatever its recent peak; past it a finished op is
-/// freed. At most about 520 B each (`SEND_OP_ARRAYS_KEPT`), so at most 17 MiB per shard, held
-/// only while a fan-out of that many connections per flush goes on.
+/// freed. A spare is about 700 B with its allocator headers once `follow_peak` has cut its
+/// arrays to `SEND_OP_ARRAYS_KEPT` (about 2.2 KB until then, at most a second), so at most
+/// about 22 MiB per shard, held only while a fan-out of that many connections per flush goes
+/// on.
 const SEND_OP_POOL_MAX: usize = 32_768;
 /// How often the pool's bound follows the peak number of ops in use: a shard that flushes N
 /// connections at once (a room's fan-out under `write_coalesce`) keeps N spare ops between
 /// flushes instead of freeing and allocating them again every flush (the allocator's share
 /// of a fan-out on io_uring was 3-5 % of the shard's time with a fixed 256), and a second
-/// after the burst ends the spares beyond the new peak are freed.
+/// after the burst ends the spares beyond the new peak are freed. (A room that publishes
+/// less than once a second sees its peak only every other window: its flushes allocate.)
 const SEND_OP_POOL_WINDOW_MS: u64 = 1_000;
-/// Iovec and frame slots a spare op keeps allocated; a larger array (a send of many small
-/// frames) is shrunk to this when the op goes back to the pool, so a spare stays small.
+/// Iovec and frame slots a spare op keeps allocated past a window's end; a larger array (a
+/// backlog's send of up to `IOVECS_PER_WRITE_MAX` frames) is cut to this by `follow_peak`,
+/// once a second, never on the send path, where a pooled op keeps what it grew to.
 const SEND_OP_ARRAYS_KEPT: usize = 16;
 
 /// The shard's io_uring side: off under epoll (then nothing here is ever touched).
@@ -162,17 +166,12 @@ impl UringSide {
 
     /// A finished op back to the pool (or freed past the pool's bound).
     fn recycle(&mut self, mut op: Box<SendOp>) {
+        debug_assert!(self.ops_out > 0, "an op recycled twice or not from take_op");
         self.ops_out = self.ops_out.saturating_sub(1);
         op.frames.clear();
         op.iov.clear();
         op.submitted = false;
         if self.pool.len() < self.pool_keep.max(SEND_OP_POOL_MIN) {
-            if op.iov.capacity() > SEND_OP_ARRAYS_KEPT {
-                op.iov.shrink_to(SEND_OP_ARRAYS_KEPT);
-            }
-            if op.frames.capacity() > SEND_OP_ARRAYS_KEPT {
-                op.frames.shrink_to(SEND_OP_ARRAYS_KEPT);
-            }
             self.pool.push(op);
         }
     }
@@ -189,6 +188,14 @@ impl UringSide {
         if self.pool.len() > self.pool_keep {
             self.pool.truncate(self.pool_keep);
             self.pool.shrink_to(self.pool_keep);
+        }
+        for op in &mut self.pool {
+            if op.iov.capacity() > SEND_OP_ARRAYS_KEPT {
+                op.iov.shrink_to(SEND_OP_ARRAYS_KEPT);
+            }
+            if op.frames.capacity() > SEND_OP_ARRAYS_KEPT {
+                op.frames.shrink_to(SEND_OP_ARRAYS_KEPT);
+            }
         }
     }
 }
@@ -670,7 +677,7 @@ mod tests {
     }
 
     #[test]
-    fn the_send_op_pool_is_bounded_and_keeps_its_spares_small() {
+    fn the_send_op_pool_is_bounded_and_cuts_its_spares_arrays_once_a_window() {
         let mut u = UringSide {
             ops_out_peak: 10 * SEND_OP_POOL_MAX,
             ..UringSide::default()
@@ -680,8 +687,15 @@ mod tests {
         let mut op = u.take_op();
         op.iov.reserve(IOVECS_PER_WRITE_MAX);
         op.frames.reserve(IOVECS_PER_WRITE_MAX);
-        assert!(op.iov.capacity() > SEND_OP_ARRAYS_KEPT);
+        let grown = op.iov.capacity();
+        assert!(grown > SEND_OP_ARRAYS_KEPT);
         u.recycle(op);
+        // On the send path a pooled op keeps what it grew to (no realloc per send)...
+        let op = u.pool.last().expect("kept");
+        assert_eq!(op.iov.capacity(), grown);
+        assert!(!op.submitted && op.iov.is_empty() && op.frames.is_empty());
+        // ...and the window's end cuts it.
+        u.follow_peak(2 * SEND_OP_POOL_WINDOW_MS);
         let op = u.pool.last().expect("kept");
         assert!(
             op.iov.capacity() <= SEND_OP_ARRAYS_KEPT,
@@ -689,6 +703,5 @@ mod tests {
             op.iov.capacity()
         );
         assert!(op.frames.capacity() <= SEND_OP_ARRAYS_KEPT);
-        assert!(!op.submitted && op.iov.is_empty() && op.frames.is_empty());
     }
 }
