@@ -544,6 +544,8 @@ pub fn render(view: &NodeView) -> String {
 /// The I/O backend the shards run on, as an info gauge (always 1): `backend` is the one in use
 /// after the start-up probe (a refused io_uring reads `epoll` here), `sends` says who writes
 /// (`ring`: io_uring send operations; `syscall`: the shard's own sendmsg/writev, as on epoll).
+/// Node-wide: a shard whose own ring then fails to set up runs on epoll and says so in the log
+/// (`this shard runs on epoll`), not here.
 pub fn render_io_backend(backend: crate::config::IoBackend, ring_sends: bool, out: &mut String) {
     let sends = match backend {
         crate::config::IoBackend::IoUring if ring_sends => "ring",
