@@ -234,6 +234,30 @@ impl Server {
         let bridge = BridgeHandle::start(node.clone(), bridge_rx)
             .map_err(|e| StartError(format!("cannot start the bridge thread: {e}")))?;
 
+        // Said before the shards start: the sockets already listen, and a client the node
+        // answers (a test's /live poll included) can count on these lines being in the log.
+        if node.cfg.api_key.is_some() {
+            tracing::info!("server API on: /api/publish, /api/broadcast, /api/users/{{id}}/send, /api/users/{{id}}/disconnect, /api/stats (X-API-Key or Authorization: apikey)");
+        } else {
+            tracing::info!("server API off: no api_key configured (SWITCHBOARD_API_KEY)");
+        }
+        if let (Some(a), Some(t)) = (tls_addr, node.tls.as_ref()) {
+            tracing::info!(
+                addr = %a,
+                cert = %t.cert_file,
+                key = %t.key_file,
+                "TLS listener on (wss://, https://); SIGHUP reloads the certificate and key"
+            );
+        }
+        tracing::info!(
+            %addr,
+            shards = n,
+            io = node.cfg.io_backend.label(),
+            max_connections,
+            auth = ?node.cfg.auth_mode,
+            echo_path = node.cfg.echo_path.as_deref().unwrap_or("off"),
+            "switchboard listening"
+        );
         let mut shards = Vec::with_capacity(n);
         for (i, (((poll, listener), tls_listener), rx)) in polls
             .into_iter()
@@ -264,28 +288,6 @@ impl Server {
                 .map_err(|e| StartError(format!("cannot spawn shard {i}: {e}")))?;
             shards.push(handle);
         }
-        if node.cfg.api_key.is_some() {
-            tracing::info!("server API on: /api/publish, /api/broadcast, /api/users/{{id}}/send, /api/users/{{id}}/disconnect, /api/stats (X-API-Key or Authorization: apikey)");
-        } else {
-            tracing::info!("server API off: no api_key configured (SWITCHBOARD_API_KEY)");
-        }
-        if let (Some(a), Some(t)) = (tls_addr, node.tls.as_ref()) {
-            tracing::info!(
-                addr = %a,
-                cert = %t.cert_file,
-                key = %t.key_file,
-                "TLS listener on (wss://, https://); SIGHUP reloads the certificate and key"
-            );
-        }
-        tracing::info!(
-            %addr,
-            shards = n,
-            io = node.cfg.io_backend.label(),
-            max_connections,
-            auth = ?node.cfg.auth_mode,
-            echo_path = node.cfg.echo_path.as_deref().unwrap_or("off"),
-            "switchboard listening"
-        );
         Ok(Server {
             node,
             shards,
