@@ -262,6 +262,8 @@ pub struct Instance {
     pub host_name: String,
     pub ip_addr: String,
     pub port: u16,
+    /// The TLS listener's port (`tls_port`), registered enabled; None: `securePort` disabled.
+    pub secure_port: Option<u16>,
     /// The app name in lower case (what Spring Cloud's load balancers look up).
     pub vip_address: String,
     pub home_page_url: String,
@@ -291,9 +293,14 @@ impl Instance {
         field(&mut o, "status", status.as_str());
         o.extend_from_slice(b"\"port\":{\"$\":");
         json::write_u64(&mut o, u64::from(self.port));
-        o.extend_from_slice(
-            b",\"@enabled\":\"true\"},\"securePort\":{\"$\":443,\"@enabled\":\"false\"},",
-        );
+        o.extend_from_slice(b",\"@enabled\":\"true\"},\"securePort\":{\"$\":");
+        // Eureka's own default (443, disabled) when there is no TLS listener.
+        json::write_u64(&mut o, u64::from(self.secure_port.unwrap_or(443)));
+        o.extend_from_slice(if self.secure_port.is_some() {
+            b",\"@enabled\":\"true\"},"
+        } else {
+            b",\"@enabled\":\"false\"},"
+        });
         field(&mut o, "homePageUrl", &self.home_page_url);
         field(&mut o, "statusPageUrl", &self.status_page_url);
         field(&mut o, "healthCheckUrl", &self.health_check_url);
@@ -323,6 +330,8 @@ pub struct Identity {
     pub host_name: Option<String>,
     pub prefer_ip: bool,
     pub port: u16,
+    /// `tls_port` when the TLS listener is on.
+    pub secure_port: Option<u16>,
     pub health_check_url: String,
     pub status_page_url: String,
     pub home_page_url: String,
@@ -359,6 +368,7 @@ impl Identity {
             host_name,
             prefer_ip: cfg.eureka_prefer_ip_address,
             port,
+            secure_port: (cfg.tls_port != 0).then_some(cfg.tls_port),
             health_check_url: cfg.eureka_health_check_url.clone(),
             status_page_url: cfg.eureka_status_page_url.clone(),
             home_page_url: cfg.eureka_home_page_url.clone(),
@@ -399,6 +409,7 @@ impl Identity {
             host_name,
             ip_addr,
             port: self.port,
+            secure_port: self.secure_port,
             vip_address: self.app.to_ascii_lowercase(),
             renewal_interval_secs: self.renewal_interval_secs,
             duration_secs: self.duration_secs,
@@ -1041,6 +1052,27 @@ mod tests {
         let oos = instance().encode(Status::OutOfService, 1);
         let v: serde_json::Value = serde_json::from_slice(&oos).unwrap();
         assert_eq!(v["instance"]["status"], "OUT_OF_SERVICE");
+    }
+
+    #[test]
+    fn a_tls_listener_is_registered_as_the_enabled_secure_port() {
+        let mut cfg = Config {
+            port: 8081,
+            tls_port: 8443,
+            service_name: "chat-gateway".into(),
+            ..Config::default()
+        };
+        cfg.eureka_hostname = "node-a.internal".into();
+        let body = Identity::from_config(&cfg, None)
+            .instance("10.1.2.3".parse().unwrap())
+            .encode(Status::Up, 1);
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["instance"]["securePort"]["$"], 8443);
+        assert_eq!(v["instance"]["securePort"]["@enabled"], "true");
+        assert_eq!(v["instance"]["port"]["$"], 8081);
+        assert_eq!(v["instance"]["port"]["@enabled"], "true");
+        // Without one, Eureka's own default: 443, disabled.
+        assert_eq!(instance().secure_port, None);
     }
 
     #[test]
