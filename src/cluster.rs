@@ -209,6 +209,12 @@ impl Channels {
         format!("{}{{room:{room}}}:e", self.prefix)
     }
 
+    /// Node `node`'s append mark in a room with history: `<seq> <offset> <epoch>` of its last
+    /// message there, expiring (`bridge::redis::history::APPEND_LUA`).
+    pub fn history_mark(&self, room: &str, node: u32) -> String {
+        format!("{}{{room:{room}}}:n:{node:08x}", self.prefix)
+    }
+
     pub fn all(&self) -> Arc<str> {
         format!("{}{{all}}", self.prefix).into()
     }
@@ -1202,6 +1208,11 @@ mod tests {
         let c = Channels::new("sb:");
         assert_eq!(c.history("lobby"), "sb:{room:lobby}:h");
         assert_eq!(c.history_meta("lobby"), "sb:{room:lobby}:e");
+        assert_eq!(c.history_mark("lobby", 0xab), "sb:{room:lobby}:n:000000ab");
+        assert_eq!(
+            slot(c.history_mark("lobby", 0xab).as_bytes()),
+            slot(c.room("lobby").as_bytes())
+        );
         assert_eq!(
             slot(c.history("lobby").as_bytes()),
             slot(c.room("lobby").as_bytes())

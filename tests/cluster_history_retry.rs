@@ -89,6 +89,27 @@ fn a_stalled_append_is_delivered_once_everywhere(canary: &str) {
     assert!(retried.unwrap_or(0) >= 1, "the append was sent again");
     assert_eq!(xlen, "2", "one stream entry per message");
     assert_eq!(offset, "2");
+    // The room's state hash keeps the epoch and offset only; the publishing node's mark of
+    // its last append is a key of its own that expires (APPEND_MARK_TTL), so the marks of
+    // node processes long gone do not pile up in the room.
+    let fields = redis.cmd_value(&["HKEYS", "sb:{room:h-1}:e"]).to_string();
+    assert!(
+        fields.contains("epoch") && fields.contains("offset") && !fields.contains("n:"),
+        "{fields}"
+    );
+    let marks = redis.cmd_value(&["KEYS", "sb:{room:h-1}:n:*"]).to_string();
+    assert!(marks.contains("sb:{room:h-1}:n:"), "{marks}");
+    let mark = marks
+        .split(|c: char| c.is_whitespace() || c == '"' || c == '[' || c == ']' || c == ',')
+        .find(|k| k.starts_with("sb:{room:h-1}:n:"))
+        .expect("a mark key")
+        .to_string();
+    assert!(
+        redis.cmd(&["GET", &mark]).starts_with("2 2 "),
+        "the mark holds <seq> <offset> <epoch> of the last append"
+    );
+    let pttl: i64 = redis.cmd(&["PTTL", &mark]).parse().expect("PTTL");
+    assert!(pttl > 0 && pttl <= 60_000, "PTTL {pttl}");
 }
 
 /// No publish in flight during the stall: the shared connection survives, and the first

@@ -68,6 +68,11 @@ pub const APPEND_TRIES_MAX: u32 = 6;
 /// connection to come back); past it it is given up as at [`APPEND_TRIES_MAX`].
 pub const APPEND_RETRY_FOR: std::time::Duration = std::time::Duration::from_secs(3);
 
+/// How long a node's append mark in a room (`<p>{room:x}:n:<node hex>`, [`APPEND_LUA`])
+/// lives after its last append there: far past [`APPEND_RETRY_FOR`] plus a `redis_timeout`,
+/// the last moment a copy of an append can still arrive.
+pub const APPEND_MARK_TTL: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// The pause before a pipeline Redis did not answer is sent again (or, while the publisher's
 /// connection is down, between looks for it).
 pub const APPEND_RETRY_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
@@ -82,22 +87,25 @@ pub const READ_BATCH_MAX: usize = 64;
 /// How often parked reads are checked against `redis_timeout`.
 pub const PARKED_CHECK: std::time::Duration = std::time::Duration::from_millis(100);
 
-/// One message into a room's history: KEYS stream, state hash; ARGV channel, envelope
-/// prefix, head, candidate epoch, history_size, history_ttl ms (0: none), `1` to start a new
-/// epoch, the publish command (`PUBLISH`, or `SPUBLISH` on a Redis Cluster), the origin's
-/// field in the state hash (`n:<node hex>`), the message's per-node sequence number.
+/// One message into a room's history: KEYS stream, state hash, the origin's mark
+/// (`<p>{room:x}:n:<node hex>`); ARGV channel, envelope prefix, head, candidate epoch,
+/// history_size, history_ttl ms (0: none), `1` to start a new epoch, the publish command
+/// (`PUBLISH`, or `SPUBLISH` on a Redis Cluster), the mark's lifetime in ms
+/// ([`APPEND_MARK_TTL`]), the message's per-node sequence number.
 /// Returns `{offset, epoch, 0}`.
 ///
-/// Idempotent per origin: the state hash keeps, per node, `<seq> <offset> <epoch>` of the
-/// last message it appended. A node sends its messages in sequence order and sends a
-/// message again only when Redis did not answer (its first copy may have run): a sequence
-/// number at or below the one kept ran already, and the script returns `{offset, epoch, 1}`
-/// (the kept offset and epoch for that very message, `{0, epoch, 1}` for an earlier one)
-/// without appending or publishing anything. The check comes before the new-epoch request:
-/// a retried restart does not start a second epoch.
+/// Idempotent per origin: the origin's mark keeps `<seq> <offset> <epoch>` of the last
+/// message it appended to the room. A node sends its messages in sequence order and sends a
+/// message again only when Redis did not answer (its first copy may have run), for at most
+/// [`APPEND_RETRY_FOR`]: a sequence number at or below the one kept ran already, and the
+/// script returns `{offset, epoch, 1}` (the kept offset and epoch for that very message,
+/// `{0, epoch, 1}` for an earlier one) without appending or publishing anything. The check
+/// comes before the new-epoch request: a retried restart does not start a second epoch. The
+/// mark expires [`APPEND_MARK_TTL`] after the node's last append to the room, so the marks of
+/// node processes that are gone (node ids are random per process) do not pile up.
 pub const APPEND_LUA: &str = r#"
 local seq = tonumber(ARGV[10])
-local last = redis.call('HGET', KEYS[2], ARGV[9])
+local last = redis.call('GET', KEYS[3])
 if last then
   local lseq, off, ep = string.match(last, '^(%d+) (%d+) (.+)$')
   if lseq and seq <= tonumber(lseq) then
@@ -116,7 +124,7 @@ local t = redis.call('TIME')
 local ms = string.format('%d', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
 local id = string.format('%d', offset)
 redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[5], id .. '-0', 'd', ARGV[3], 't', ms)
-redis.call('HSET', KEYS[2], ARGV[9], ARGV[10] .. ' ' .. id .. ' ' .. epoch)
+redis.call('SET', KEYS[3], ARGV[10] .. ' ' .. id .. ' ' .. epoch, 'PX', ARGV[9])
 local ttl = tonumber(ARGV[6])
 if ttl > 0 then
   redis.call('PEXPIRE', KEYS[1], ttl)
@@ -572,7 +580,7 @@ impl Redis {
         let stats = &self.node.redis_stats;
         let mut loaded_gen = 0u64;
         let mut batch: Vec<Append> = Vec::with_capacity(super::PIPELINE_MAX);
-        let origin = format!("n:{:08x}", self.node.id);
+        let mark_ttl_ms = APPEND_MARK_TTL.as_millis() as u64;
         loop {
             if self.hist.appends.borrow().is_empty() {
                 self.hist.wake_append.notified().await;
@@ -610,9 +618,10 @@ impl Redis {
                 } else {
                     pipe.cmd("EVALSHA").arg(APPEND.get_hash());
                 }
-                pipe.arg(2)
+                pipe.arg(3)
                     .arg(self.ch.history(&a.room))
                     .arg(self.ch.history_meta(&a.room))
+                    .arg(self.ch.history_mark(&a.room, self.node.id))
                     .arg(&*self.ch.room(&a.room))
                     .arg(prefix)
                     .arg(&a.head[..])
@@ -621,7 +630,7 @@ impl Redis {
                     .arg(a.ttl_ms)
                     .arg(if a.restart { "1" } else { "0" })
                     .arg(self.publish_command())
-                    .arg(&origin)
+                    .arg(mark_ttl_ms)
                     .arg(a.seq);
             }
             let r = tokio::time::timeout(
