@@ -385,6 +385,7 @@ fn main() {
                     restart: false,
                     owner: 0,
                     api: None,
+                    trace: None,
                 })),
                 None => BridgeMsg::Deliver {
                     target: target.clone(),

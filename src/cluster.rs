@@ -45,7 +45,8 @@ use crate::proto::Frame;
 use crate::route::{ConnRef, Target};
 
 /// A history envelope (KIND_HISTORY) is written in two parts: the origin writes
-/// `version, origin, kind, 0, name len u16 LE, name` ([`encode_history_prefix`]) and the
+/// `version, origin, kind, 0, [trace id, span id], name len u16 LE, name`
+/// ([`encode_history_prefix`]; the trace context only in a [`VERSION_TRACED`] one) and the
 /// append script, which gives the offset, appends `<offset> <epoch> <head>` (decimal offset,
 /// the epoch's text, each followed by one space; `head` is the message's JSON object without
 /// its closing brace, [`history_frame`] completes it).
@@ -488,6 +489,8 @@ pub enum Inbound<'a> {
         offset: u64,
         epoch: &'a str,
         head: &'a [u8],
+        /// Trace id and parent span of a traced publish (a [`VERSION_TRACED`] envelope).
+        trace: Option<(u128, u64)>,
     },
     /// A service's message to this node (its body is the service's own encoding).
     Service {
@@ -581,14 +584,24 @@ pub fn encode_traced(
 }
 
 /// The part of a history envelope the origin writes; the append script adds
-/// `<offset> <epoch> <head>` (see [`VERSION`]).
-pub fn encode_history_prefix(origin: u32, room: &str) -> Vec<u8> {
+/// `<offset> <epoch> <head>` (see [`VERSION`]). With `trace` (a traced publish: its trace id
+/// and the `redis.publish` span) it is [`VERSION_TRACED`], the trace context after the flags
+/// as in a delivery envelope.
+pub fn encode_history_prefix(origin: u32, room: &str, trace: Option<(u128, u64)>) -> Vec<u8> {
     let name = &room.as_bytes()[..room.len().min(NAME_BYTES_MAX)];
-    let mut v = Vec::with_capacity(9 + name.len());
-    v.push(VERSION);
+    let mut v = Vec::with_capacity(9 + TRACE_BYTES + name.len());
+    v.push(if trace.is_some() {
+        VERSION_TRACED
+    } else {
+        VERSION
+    });
     v.extend_from_slice(&origin.to_le_bytes());
     v.push(KIND_HISTORY);
     v.push(0);
+    if let Some((trace_id, span_id)) = trace {
+        v.extend_from_slice(&trace_id.to_le_bytes());
+        v.extend_from_slice(&span_id.to_le_bytes());
+    }
     v.extend_from_slice(&(name.len() as u16).to_le_bytes());
     v.extend_from_slice(name);
     v
@@ -648,7 +661,7 @@ pub fn decode(b: &[u8]) -> Result<Inbound<'_>, Malformed> {
     let trace = if version == VERSION_TRACED {
         if !matches!(
             kind,
-            KIND_ROOM | KIND_USER | KIND_TOPIC | KIND_ALL | KIND_CONN
+            KIND_ROOM | KIND_USER | KIND_TOPIC | KIND_ALL | KIND_CONN | KIND_HISTORY
         ) {
             return Err(Malformed("a trace context on a kind that carries none"));
         }
@@ -689,6 +702,7 @@ pub fn decode(b: &[u8]) -> Result<Inbound<'_>, Malformed> {
             offset,
             epoch,
             head,
+            trace,
         });
     }
     if kind == KIND_SERVICE {
@@ -1228,7 +1242,7 @@ mod tests {
 
         // What the append script publishes: the prefix, then `<offset> <epoch> <head>`.
         let head = br#"{"type":"message","room":"lobby","data":{"a":" b "},"timestamp":5"#;
-        let mut env = encode_history_prefix(3, "lobby");
+        let mut env = encode_history_prefix(3, "lobby", None);
         env.extend_from_slice(b"42 00ff00ff00ff00ff ");
         env.extend_from_slice(head);
         match decode(&env) {
@@ -1238,14 +1252,47 @@ mod tests {
                 offset,
                 epoch,
                 head: h,
+                trace,
             }) => {
                 assert_eq!(
                     (origin, &*room, offset, epoch),
                     (3, "lobby", 42, "00ff00ff00ff00ff")
                 );
                 assert_eq!(h, head);
+                assert_eq!(trace, None);
             }
             other => panic!("{other:?}"),
+        }
+        // A traced publish's prefix: version 2, the trace context after the flags, the rest
+        // as before.
+        let ctx = (
+            0x0af7_6519_16cd_43dd_8448_eb21_1c80_319c_u128,
+            0xb7ad_6b71_6920_3331,
+        );
+        let mut traced = encode_history_prefix(3, "lobby", Some(ctx));
+        assert_eq!(traced[0], VERSION_TRACED);
+        assert_eq!(
+            traced.len(),
+            encode_history_prefix(3, "lobby", None).len() + TRACE_BYTES
+        );
+        traced.extend_from_slice(b"42 00ff00ff00ff00ff ");
+        traced.extend_from_slice(head);
+        match decode(&traced) {
+            Ok(Inbound::History {
+                origin,
+                room,
+                offset,
+                head: h,
+                trace,
+                ..
+            }) => {
+                assert_eq!((origin, &*room, offset, h), (3, "lobby", 42, &head[..]));
+                assert_eq!(trace, Some(ctx));
+            }
+            other => panic!("{other:?}"),
+        }
+        for n in 0..traced.len() {
+            let _ = decode(&traced[..n]);
         }
         let f = history_frame(head, 42, "00ff00ff00ff00ff", 0);
         let v: serde_json::Value = serde_json::from_slice(f.payload()).unwrap();
@@ -1257,10 +1304,10 @@ mod tests {
         for n in 0..env.len() {
             let _ = decode(&env[..n]);
         }
-        let mut bad = encode_history_prefix(3, "lobby");
+        let mut bad = encode_history_prefix(3, "lobby", None);
         bad.extend_from_slice(b"x1 e {}");
         assert_eq!(decode(&bad), Err(Malformed("bad offset")));
-        let mut bad = encode_history_prefix(3, "lobby");
+        let mut bad = encode_history_prefix(3, "lobby", None);
         bad.extend_from_slice(b"1 e nope");
         assert_eq!(decode(&bad), Err(Malformed("no frame")));
     }

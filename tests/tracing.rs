@@ -31,6 +31,8 @@ const T5: &str = "5b8aa5a2d2c872e8321cf37308d69df2";
 const P5: &str = "051581bf3cb55c13";
 const T6: &str = "6e0c63257de34c92bf9efcd03927272e";
 const P6: &str = "3b9aca07d8f1c2e4";
+const T7: &str = "7d1f4c0a9b8e4f2a8c3b5d6e7f809112";
+const P7: &str = "9a8b7c6d5e4f3a2b";
 
 fn collector(path: &'static str) -> Stub {
     Stub::start(move |p, _| {
@@ -487,6 +489,118 @@ fn a_cross_node_publish_is_one_trace() {
             .filter(|x| x["traceId"] == T1 && x["name"] == "redis.receive")
             .count(),
         1
+    );
+    bob.close();
+    alice.close();
+}
+
+/// A room with history across nodes: Redis sequences the message (the append script), and
+/// the trace goes with it: the publisher's `room.publish` (on whichever shard owns the room:
+/// the publish is handed there with its span), the append's `redis.publish` until Redis
+/// answers, and on every node, the origin too (it delivers when Redis says), a
+/// `redis.receive` whose `shard.deliver` is the owner shard's delivery.
+#[test]
+fn a_cross_node_publish_into_a_room_with_history_is_one_trace() {
+    use common::redis::RedisServer;
+    let stub = collector("/api/v2/spans");
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let endpoint = stub.url("/api/v2/spans");
+    let extra = [
+        ("SWITCHBOARD_REDIS_URL", url.as_str()),
+        (
+            "SWITCHBOARD_ROOMS",
+            r#"[{"pattern": "h-*", "history_size": 10}]"#,
+        ),
+    ];
+    let a = server("zipkin", &endpoint, &extra);
+    let b = server("zipkin", &endpoint, &extra);
+    a.wait_ready();
+    b.wait_ready();
+    let mut bob = b.connect("/ws?user_id=bob");
+    bob.subscribe("h-lobby");
+    let mut alice = a.connect("/ws?user_id=alice");
+    alice.subscribe("h-lobby");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while redis.numsub("sb:{room:h-lobby}") != 2 {
+        assert!(Instant::now() < deadline, "both nodes never held the room");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let tp = format!("00-{T7}-{P7}-01");
+    alice.send_json(
+        json!({"type": "publish", "room": "h-lobby", "data": {"n": 1}, "traceparent": tp}),
+    );
+    let got = alice.expect_type("message");
+    assert_eq!(
+        (got["data"]["n"].as_u64(), got["offset"].as_u64()),
+        (Some(1), Some(1))
+    );
+    let got = bob.expect_type("message");
+    assert_eq!(
+        (got["data"]["n"].as_u64(), got["offset"].as_u64()),
+        (Some(1), Some(1))
+    );
+    let count = |spans: &[Value], name: &str| {
+        spans
+            .iter()
+            .filter(|x| x["traceId"] == T7 && x["name"] == name)
+            .count()
+    };
+    let spans = wait_for(
+        "the history publish's spans on both nodes",
+        || zipkin_spans(&stub),
+        |spans| {
+            zipkin_find(spans, T7, "room.publish").is_some()
+                && zipkin_find(spans, T7, "redis.publish").is_some()
+                && count(spans, "redis.receive") == 2
+                && count(spans, "shard.deliver") == 2
+        },
+    );
+    let publish = zipkin_find(&spans, T7, "room.publish").unwrap();
+    assert_eq!(publish["parentId"], P7, "{publish}");
+    assert_eq!(publish["tags"]["messaging.destination.name"], "h-lobby");
+    let out = zipkin_find(&spans, T7, "redis.publish").unwrap();
+    assert_eq!(out["parentId"], publish["id"], "{out}");
+    assert_eq!(out["kind"], "PRODUCER", "{out}");
+    assert_eq!(
+        out["tags"]["messaging.destination.name"], "sb:{room:h-lobby}",
+        "{out}"
+    );
+    assert!(
+        out.get("tags").and_then(|t| t.get("error")).is_none(),
+        "{out}"
+    );
+    let receives: Vec<&Value> = spans
+        .iter()
+        .filter(|x| x["traceId"] == T7 && x["name"] == "redis.receive")
+        .collect();
+    for inn in &receives {
+        assert_eq!(inn["parentId"], out["id"], "{inn}");
+        assert_eq!(inn["kind"], "CONSUMER", "{inn}");
+        assert_eq!(
+            inn["tags"]["messaging.destination.name"], "h-lobby",
+            "{inn}"
+        );
+        assert_eq!(
+            inn["tags"]["messaging.message.id"], "1",
+            "the offset: {inn}"
+        );
+        let d = spans
+            .iter()
+            .find(|x| x["name"] == "shard.deliver" && x["parentId"] == inn["id"])
+            .unwrap_or_else(|| panic!("no shard.deliver under {inn}"));
+        assert_eq!(d["traceId"], T7, "{d}");
+    }
+    assert_ne!(receives[0]["id"], receives[1]["id"]);
+    // An untraced publish into the room adds nothing to any trace (version-1 envelope).
+    alice.send_json(json!({"type": "publish", "room": "h-lobby", "data": {"n": 2}}));
+    assert_eq!(bob.expect_type("message")["offset"], 2);
+    std::thread::sleep(Duration::from_millis(300));
+    let after = zipkin_spans(&stub);
+    assert_eq!(
+        count(&after, "redis.receive"),
+        2,
+        "only the traced publish's"
     );
     bob.close();
     alice.close();

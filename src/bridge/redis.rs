@@ -2560,9 +2560,10 @@ impl Redis {
                 offset,
                 epoch,
                 head,
+                trace,
             }) => {
                 // Every node, the origin too, delivers it when Redis says (offset order).
-                self.history_received(room, offset, epoch, head);
+                self.history_received(room, offset, epoch, head, trace);
             }
             Ok(Inbound::Service {
                 origin,

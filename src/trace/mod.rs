@@ -264,6 +264,14 @@ pub fn current() -> tracing::Span {
     tracing::Span::current()
 }
 
+/// The current span, boxed, when it is traced (to carry in a message to another shard or
+/// the bridge, which continue it); None, with tracing off after one atomic load.
+#[inline]
+pub fn current_traced() -> Option<Box<tracing::Span>> {
+    let span = current();
+    (!span.is_none()).then(|| Box::new(span))
+}
+
 /// Record the HTTP status a traced span answered with (`http.response.status_code`; a 5xx
 /// marks the span failed). Nothing when the span is not traced.
 pub fn record_status(span: &tracing::Span, status: u16) {

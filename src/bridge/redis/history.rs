@@ -195,6 +195,8 @@ pub enum HistoryJob {
         restart: bool,
         owner: usize,
         api: Option<ApiReply>,
+        /// The publish's span when it is traced: the append's `redis.publish` is its child.
+        trace: Option<Box<tracing::Span>>,
     },
     /// Read the room's position and its kept entries from `from` (`None`: the position only).
     Read {
@@ -221,6 +223,9 @@ struct Append {
     /// Sent this many times without an answer, the first time then.
     tries: u32,
     first_sent: Option<Instant>,
+    /// A traced publish's `redis.publish` span (until Redis answers; marked failed when the
+    /// message goes back to its owner) and its context, which the envelope carries.
+    span: Option<(Box<tracing::Span>, (u128, u64))>,
 }
 
 struct Read {
@@ -373,7 +378,21 @@ impl Redis {
                 restart,
                 owner,
                 api,
+                trace,
             } => {
+                let span = trace.and_then(|parent| {
+                    let span = crate::child_span!(
+                        &*parent,
+                        "redis.publish",
+                        otel.kind = "producer",
+                        messaging.system = "redis",
+                        messaging.destination.name = &*self.ch.room(&room),
+                        messaging.message.body.size = head.len() as u64,
+                        otel.status_code = tracing::field::Empty,
+                    );
+                    let ctx = crate::trace::context_of(&span)?;
+                    Some((Box::new(span), ctx))
+                });
                 let seq = self.hist.last_seq.get() + 1;
                 self.hist.last_seq.set(seq);
                 let a = Append {
@@ -388,6 +407,7 @@ impl Redis {
                     seq,
                     tries: 0,
                     first_sent: None,
+                    span,
                 };
                 let mut q = self.hist.appends.borrow_mut();
                 // Without a connection a message goes back to its owner at once, unless
@@ -457,6 +477,9 @@ impl Redis {
 
     /// Redis cannot sequence this message: its owner does, under a node-local epoch.
     fn fall_back(&self, a: Append) {
+        if let Some((span, _)) = &a.span {
+            span.record("otel.status_code", "ERROR");
+        }
         self.to_owner(
             a.owner,
             rooms::Msg::Fallback {
@@ -546,7 +569,14 @@ impl Redis {
 
     /// A history envelope heard on a room channel: to the room's owner shard, which delivers
     /// it here (dropping what it delivered already).
-    pub(super) fn history_received(&self, room: Arc<str>, offset: u64, epoch: &str, head: &[u8]) {
+    pub(super) fn history_received(
+        &self,
+        room: Arc<str>,
+        offset: u64,
+        epoch: &str,
+        head: &[u8],
+        trace: Option<(u128, u64)>,
+    ) {
         let s = &self.node.redis_stats;
         let held = self.hist.holds.borrow().get(&room).copied();
         let Some((tag, opts)) = held.or_else(|| self.history_options(&room).map(|o| (0, o))) else {
@@ -556,6 +586,35 @@ impl Redis {
         let frame = cluster::history_frame(head, offset, epoch, self.node.now_us());
         s.history_received.fetch_add(1, Ordering::Relaxed);
         let owner = self.owner_of(&room);
+        // A traced publish: this node's part of its trace (the origin's too: it delivers
+        // when Redis says), `redis.receive` to the hand-off and the owner's `shard.deliver`.
+        let trace = trace.and_then(|(trace_id, span_id)| {
+            let receive = crate::root_span!(
+                crate::trace::root(
+                    Some(crate::trace::Incoming::Parent {
+                        trace_id,
+                        span_id,
+                        sampled: Some(true),
+                    }),
+                    crate::trace::Caller::Trusted,
+                ),
+                "redis.receive",
+                otel.kind = "consumer",
+                messaging.system = "redis",
+                messaging.message.body.size = head.len() as u64,
+                messaging.destination.name = &*room,
+                messaging.message.id = offset,
+            );
+            if receive.is_none() {
+                return None;
+            }
+            Some(Box::new(crate::child_span!(
+                &receive,
+                "shard.deliver",
+                otel.kind = "internal",
+                shard = owner as u64,
+            )))
+        });
         self.to_owner(
             owner,
             rooms::Msg::Clustered {
@@ -566,6 +625,7 @@ impl Redis {
                 frame,
                 tag,
                 gen,
+                trace,
             },
         );
     }
@@ -612,7 +672,11 @@ impl Redis {
                 pipe.cmd("SCRIPT").arg("LOAD").arg(APPEND_LUA).ignore();
             }
             for a in &batch {
-                let prefix = cluster::encode_history_prefix(self.node.id, &a.room);
+                let prefix = cluster::encode_history_prefix(
+                    self.node.id,
+                    &a.room,
+                    a.span.as_ref().map(|(_, ctx)| *ctx),
+                );
                 if sharded {
                     pipe.cmd("EVAL").arg(APPEND_LUA);
                 } else {

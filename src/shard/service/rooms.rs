@@ -118,6 +118,9 @@ pub enum Msg {
         kind: Box<str>,
         /// Set for a server API publish: the owner answers its HTTP request.
         api: Option<ApiReply>,
+        /// The publish's span when it is traced: the owner's delivery, and the hand-off to
+        /// the bridge, continue it.
+        trace: Option<Box<tracing::Span>>,
     },
     /// A subscribe to a room with history on another shard: the position, and what was
     /// missed since `since`, please.
@@ -151,6 +154,8 @@ pub enum Msg {
         frame: Frame,
         tag: u64,
         gen: u64,
+        /// A traced publish's `shard.deliver` span on this node (the owner's delivery).
+        trace: Option<Box<tracing::Span>>,
     },
     /// Cluster, from the bridge: the tag of the room channel's subscription now (0: not
     /// held).
@@ -343,6 +348,7 @@ fn route_publish(
                 data: data.into(),
                 kind: kind.into(),
                 api,
+                trace: crate::trace::current_traced(),
             }));
             return if sh.node.inboxes.send(own, msg).is_ok() {
                 sh.out.stats.cross_shard_sent += 1;
@@ -402,6 +408,7 @@ fn cluster_append(
         restart,
         owner: sh.id,
         api,
+        trace: crate::trace::current_traced(),
     };
     if let Err(e) = sh
         .node
@@ -623,7 +630,11 @@ pub fn on_msg(sh: &mut Shard, m: Msg) {
             data,
             kind,
             api,
+            trace,
         } => {
+            // The publisher's span, when traced, goes on here (the owner's fan-out, the
+            // append through Redis).
+            let _entered = trace.as_deref().map(tracing::Span::enter);
             if clustered_history(sh, opts) {
                 cluster_append(
                     sh,
@@ -700,7 +711,18 @@ pub fn on_msg(sh: &mut Shard, m: Msg) {
             frame,
             tag,
             gen,
-        } => clustered(sh, room, opts, offset, &epoch, frame, tag, gen),
+            trace,
+        } => match trace {
+            None => clustered(sh, room, opts, offset, &epoch, frame, tag, gen),
+            Some(span) => {
+                {
+                    let _entered = span.enter();
+                    clustered(sh, room, opts, offset, &epoch, frame, tag, gen);
+                }
+                // Ended with the turn, after its socket writes (as a bridge delivery's).
+                sh.traced.push(*span);
+            }
+        },
         Msg::Hold { room, tag } => history(sh).set_hold(&room, tag),
         Msg::Fallback {
             room,
