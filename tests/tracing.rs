@@ -5,7 +5,8 @@
 //! direct message is one trace from `message.send` to `message.ack` with its `store.append`
 //! child; a caller that says "not sampled" is not recorded, and an end user's "sampled"
 //! does not force a trace; log lines inside a span carry its
-//! `trace_id` and `span_id` (text and JSON); and with the collector down the node serves on
+//! `trace_id` and `span_id` (text and JSON); a Kafka notification record's
+//! `traceparent` or B3 headers are continued; with the collector down the node serves on
 //! while `/metrics` counts the dropped spans. Every wait is bounded.
 
 mod common;
@@ -31,6 +32,10 @@ const T5: &str = "5b8aa5a2d2c872e8321cf37308d69df2";
 const P5: &str = "051581bf3cb55c13";
 const T6: &str = "6e0c63257de34c92bf9efcd03927272e";
 const P6: &str = "3b9aca07d8f1c2e4";
+const T7: &str = "7d3efb1a9c2e4f6081b2c3d4e5f60718";
+const P7: &str = "7a1b2c3d4e5f6071";
+const T8: &str = "8e4f0c2b1a3d5e7f9081726354aabbcc";
+const P8: &str = "8b7c6d5e4f3a2b1c";
 
 fn collector(path: &'static str) -> Stub {
     Stub::start(move |p, _| {
@@ -282,6 +287,42 @@ fn zipkin_spans_continue_the_callers_trace() {
     let up_id = up["id"].as_str().unwrap();
     assert!(line.contains(&format!("span_id={up_id}")), "{line}");
     alice.close();
+}
+
+/// B3 on the upgrade request, in both forms: the `ws.upgrade` span continues the caller's
+/// trace with the caller's span as its parent (as `traceparent` does above).
+#[test]
+fn b3_headers_on_the_upgrade_are_continued() {
+    let stub = collector("/api/v2/spans");
+    let s = server("zipkin", &stub.url("/api/v2/spans"), &[]);
+    let single = format!("{T7}-{P7}-1");
+    let a = s.connect_with("/ws?user_id=ann", &[("b3", &single)]);
+    let b = s.connect_with(
+        "/ws?user_id=ben",
+        &[
+            ("X-B3-TraceId", T8),
+            ("X-B3-SpanId", P8),
+            ("X-B3-Sampled", "1"),
+        ],
+    );
+    let spans = wait_for(
+        "both upgrades' spans",
+        || zipkin_spans(&stub),
+        |spans| {
+            zipkin_find(spans, T7, "ws.upgrade").is_some()
+                && zipkin_find(spans, T8, "ws.upgrade").is_some()
+        },
+    );
+    for (t, parent, user) in [(T7, P7, "ann"), (T8, P8, "ben")] {
+        let up = zipkin_find(&spans, t, "ws.upgrade").unwrap();
+        assert_eq!(up["parentId"], parent, "{up}");
+        assert_eq!(up["kind"], "SERVER", "{up}");
+        assert_eq!(up["tags"]["url.path"], "/ws", "{up}");
+        assert_eq!(up["tags"]["enduser.id"], user, "{up}");
+        assert_eq!(up["tags"]["http.response.status_code"], "101", "{up}");
+    }
+    a.close();
+    b.close();
 }
 
 #[test]
@@ -719,6 +760,46 @@ fn kafka_records_carry_the_trace_on() {
     let d = zipkin_find(&spans, T3, "shard.deliver").unwrap();
     assert_eq!(d["parentId"], n["id"], "{d}");
     assert!(d["tags"]["shard"].as_str().is_some(), "{d}");
+
+    // Records with B3 headers instead, single and multi: continued the same way.
+    let single = format!("{T5}-{P5}-1");
+    let multi = [
+        ("X-B3-TraceId", T6),
+        ("X-B3-SpanId", P6),
+        ("X-B3-Sampled", "1"),
+    ];
+    for (user, headers) in [("eve", &[("b3", single.as_str())][..]), ("fay", &multi[..])] {
+        let payload = json!({"userId": user, "community": "c1"}).to_string();
+        kafka::produce(&bootstrap, "trace.joined", None, &payload, headers);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "no notification for {user} within 30 s");
+            match ann.next_event(left) {
+                common::Event::Json(v) if v["type"] == "notification" => break,
+                common::Event::Close(..) | common::Event::Closed(_) => panic!("ann was closed"),
+                _ => {}
+            }
+        }
+    }
+    let spans = wait_for(
+        "the B3 records' kafka.notify spans",
+        || zipkin_spans(&stub),
+        |spans| {
+            [T5, T6].iter().all(|t| {
+                zipkin_find(spans, t, "kafka.notify").is_some()
+                    && zipkin_find(spans, t, "shard.deliver").is_some()
+            })
+        },
+    );
+    for (t, parent) in [(T5, P5), (T6, P6)] {
+        let n = zipkin_find(&spans, t, "kafka.notify").unwrap();
+        assert_eq!(n["parentId"], parent, "{n}");
+        assert_eq!(n["kind"], "CONSUMER", "{n}");
+        assert_eq!(n["tags"]["messaging.destination.name"], "trace.joined");
+        let d = zipkin_find(&spans, t, "shard.deliver").unwrap();
+        assert_eq!(d["parentId"], n["id"], "{d}");
+    }
     alice.close();
     ann.close();
 }
