@@ -5,7 +5,8 @@
 //! direct message is one trace from `message.send` to `message.ack` with its `store.append`
 //! child; a caller that says "not sampled" is not recorded, and an end user's "sampled"
 //! does not force a trace; log lines inside a span carry its
-//! `trace_id` and `span_id` (text and JSON); a Kafka notification record's
+//! `trace_id` and `span_id` (text and JSON); in OTLP form our own spans link by
+//! `parentSpanId` with the right `kind` and typed attributes; a Kafka notification record's
 //! `traceparent` or B3 headers are continued; with the collector down the node serves on
 //! while `/metrics` counts the dropped spans. Every wait is bounded.
 
@@ -336,13 +337,28 @@ fn otlp_spans_and_json_logs() {
     let tp1 = format!("00-{T1}-{P1}-01");
     assert_eq!(stats(&s, &[("traceparent", &tp1)]), 200);
     let tp2 = format!("00-{T2}-{P2}-01");
-    let c = s.connect_with("/ws?user_id=bob", &[("traceparent", &tp2)]);
+    let mut c = s.connect_with("/ws?user_id=bob", &[("traceparent", &tp2)]);
+    // A direct message continuing the client's trace: dm.send and its store.append child.
+    let tp5 = format!("00-{T5}-{P5}-01");
+    c.send_json(json!({"type": "message.send", "clientMsgId": "o-1", "to": "carol", "content": "hi", "traceparent": tp5}));
+    let ack = c.expect_type("message.ack");
+    let msg_id = ack["data"]["serverMsgId"]
+        .as_str()
+        .expect("serverMsgId")
+        .to_owned();
+    let named = |spans: &[(String, Value)], t: &str, n: &str| {
+        spans
+            .iter()
+            .any(|(_, s)| s["traceId"] == t && s["name"] == n)
+    };
     let spans = wait_for(
-        "the API and upgrade spans",
+        "the API, upgrade and DM spans",
         || otlp_spans(&stub),
         |spans| {
             spans.iter().any(|(_, s)| s["traceId"] == T1)
                 && spans.iter().any(|(_, s)| s["traceId"] == T2)
+                && named(spans, T5, "dm.send")
+                && named(spans, T5, "store.append")
         },
     );
     let attr = |s: &Value, k: &str| -> Value {
@@ -389,6 +405,51 @@ fn otlp_spans_and_json_logs() {
     assert_eq!(
         attr(up, "http.response.status_code"),
         json!({"intValue": "101"})
+    );
+    assert_eq!(up["kind"], 2, "{up}");
+    assert_eq!(attr(up, "url.path"), json!({"stringValue": "/ws"}), "{up}");
+    assert!(attr(up, "shard")["intValue"].as_str().is_some(), "{up}");
+
+    // Our own spans link to each other by parentSpanId: dm.send (SERVER, 2) under the
+    // client's span, store.append (INTERNAL, 1) under dm.send, in dm.send's time.
+    let find = |t: &str, n: &str| -> &Value {
+        spans
+            .iter()
+            .map(|(_, s)| s)
+            .find(|s| s["traceId"] == t && s["name"] == n)
+            .unwrap_or_else(|| panic!("no {n} in {t}: {spans:?}"))
+    };
+    let dm = find(T5, "dm.send");
+    assert_eq!(dm["parentSpanId"], P5, "{dm}");
+    assert_eq!(dm["kind"], 2, "{dm}");
+    assert_eq!(
+        attr(dm, "enduser.id"),
+        json!({"stringValue": "bob"}),
+        "{dm}"
+    );
+    assert_eq!(
+        attr(dm, "message.id"),
+        json!({"stringValue": msg_id}),
+        "{dm}"
+    );
+    assert!(attr(dm, "shard")["intValue"].as_str().is_some(), "{dm}");
+    assert!(dm.get("status").is_none(), "{dm}");
+    let store = find(T5, "store.append");
+    assert_eq!(store["parentSpanId"], dm["spanId"], "{store}");
+    assert_ne!(store["spanId"], dm["spanId"], "{store}");
+    assert_eq!(store["kind"], 1, "{store}");
+    let n = attr(store, "batch.size");
+    let n: u64 = n["intValue"]
+        .as_str()
+        .unwrap_or_else(|| panic!("batch.size is not an intValue: {store}"))
+        .parse()
+        .unwrap();
+    assert!(n >= 1, "{store}");
+    let ns = |s: &Value, k: &str| -> u64 { s[k].as_str().expect("a string").parse().unwrap() };
+    assert!(
+        ns(store, "startTimeUnixNano") >= ns(dm, "startTimeUnixNano")
+            && ns(store, "endTimeUnixNano") <= ns(dm, "endTimeUnixNano"),
+        "{dm} {store}"
     );
 
     // JSON log lines inside the upgrade's span have the ids as top-level fields.
