@@ -8,7 +8,8 @@
 //! `trace_id` and `span_id` (text and JSON); in OTLP form our own spans link by
 //! `parentSpanId` with the right `kind` and typed attributes; a Kafka notification record's
 //! `traceparent` or B3 headers are continued; with the collector down the node serves on
-//! while `/metrics` counts the dropped spans. Every wait is bounded.
+//! while `/metrics` counts the dropped spans, and with it hung the queue fills to its bound
+//! and no further. Every wait is bounded.
 
 mod common;
 
@@ -493,6 +494,101 @@ fn a_collector_that_is_down_costs_spans_not_service() {
     assert!(s
         .logs()
         .contains("trace exporter: the collector did not take spans"));
+}
+
+/// A collector that takes the connection and never answers (a hung collector), with a long
+/// `trace_export_timeout`: the exporter's one request holds its batch, nothing drains, and
+/// the queue fills to [`TRACE_QUEUE_SPANS_MAX`] and drops the rest, counted as `queue_full`.
+/// Every publish at ratio 1.0 is a sampled `room.publish` span, so publishing well past the
+/// bound plus the one batch in flight must drop; the queue gauge never passes the bound, and
+/// the node answers a ping and delivers a publish promptly while the collector still hangs.
+/// The bound has no config key (a fixed limit, `src/limits.rs`, not worth a knob: a slower
+/// collector wants a shorter `trace_export_interval` or a larger `trace_export_batch_max`), so
+/// the test makes twice the bound in spans: a debug build publishes 16,384 in about a second.
+#[test]
+fn a_hung_collector_fills_the_queue_to_its_bound_and_no_further() {
+    use switchboard::limits::TRACE_QUEUE_SPANS_MAX as BOUND;
+    const BATCH: usize = 512;
+    const PUBLISHES: usize = 2 * BOUND;
+    const CHUNK: usize = 500;
+    // Accepted by the kernel (the listen backlog), never read, never answered.
+    let hung = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}/v1/traces", hung.local_addr().unwrap());
+    let batch = BATCH.to_string();
+    let s = server(
+        "otlp",
+        &endpoint,
+        &[
+            ("SWITCHBOARD_TRACE_EXPORT_TIMEOUT", "60s"),
+            ("SWITCHBOARD_TRACE_EXPORT_BATCH_MAX", &batch),
+            ("SWITCHBOARD_RATE_LIMIT_PER_SEC", "1000000"),
+            ("SWITCHBOARD_RATE_LIMIT_BURST", "1000000"),
+            ("SWITCHBOARD_LOG_LEVEL", "info"),
+        ],
+    );
+    let queued = |t: &str| metric(t, "switchboard_trace_queue_spans").expect("the queue gauge");
+    let queue_full = |t: &str| {
+        t.lines()
+            .find_map(|l| {
+                l.strip_prefix("switchboard_trace_spans_dropped_total{reason=\"queue_full\"} ")
+            })
+            .map(|v| v.trim().parse::<u64>().expect("a count"))
+            .unwrap_or_else(|| panic!("no queue_full drop counter:\n{t}"))
+    };
+    let mut pubr = s.connect("/ws?user_id=flood");
+    pubr.subscribe("flood");
+    let mut sent = 0;
+    while sent < PUBLISHES {
+        let n = CHUNK.min(PUBLISHES - sent);
+        for i in sent..sent + n {
+            pubr.send_json(json!({"type": "publish", "room": "flood", "data": {"n": i}}));
+        }
+        // Our own copies back, so the publisher's send queue never fills.
+        for _ in 0..n {
+            pubr.expect_type("message");
+        }
+        sent += n;
+        let (_, text) = s.http_get("/metrics");
+        assert!(
+            queued(&text) <= BOUND as u64,
+            "the queue passed its bound after {sent} publishes:\n{text}"
+        );
+    }
+    let text = s.wait_metrics("the spans made past the bound dropped", |t| {
+        queue_full(t) >= (PUBLISHES - BOUND - BATCH) as u64
+    });
+    // Nothing drains while the one request hangs: the queue is exactly full.
+    assert_eq!(queued(&text), BOUND as u64, "{text}");
+    assert_eq!(
+        metric(&text, "switchboard_trace_spans_exported_total"),
+        Some(0),
+        "{text}"
+    );
+    // The request has not failed yet (60 s): the collector hangs, it does not refuse.
+    assert_eq!(
+        metric(&text, "switchboard_trace_export_failures_total"),
+        Some(0),
+        "{text}"
+    );
+
+    // Still serving, promptly, while the collector hangs and the queue stays full.
+    let t0 = Instant::now();
+    let mut c = s.connect("/ws?user_id=late");
+    c.send_json(json!({"type": "ping", "id": "p"}));
+    assert_eq!(c.expect_type("pong")["id"], "p");
+    let mut sub = s.connect("/ws?user_id=sub");
+    sub.subscribe("after");
+    c.subscribe("after");
+    c.send_json(json!({"type": "publish", "room": "after", "data": {"n": 1}}));
+    assert_eq!(sub.expect_type("message")["data"]["n"], 1);
+    let took = t0.elapsed();
+    assert!(took < Duration::from_secs(2), "serving took {took:?}");
+    let (_, text) = s.http_get("/metrics");
+    assert_eq!(queued(&text), BOUND as u64, "{text}");
+    drop(hung);
+    pubr.close();
+    c.close();
+    sub.close();
 }
 
 /// Two nodes and one Redis: a client's publish on node A to a room with a subscriber on
