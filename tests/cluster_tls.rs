@@ -5,14 +5,17 @@
 //! answers `/ready` 503, logs why (the certificate's unknown issuer), and still serves its own
 //! clients; a Redis that wants client certificates (mutual TLS) takes a node that presents one
 //! and refuses one that does not; a key that is not the certificate's stops the start; the
-//! doctor says TLS is on and whether each handshake succeeds.
+//! doctor says TLS is on and whether each handshake succeeds. And a Redis Cluster that speaks
+//! only TLS (`RedisCluster::start_tls`: clients, bus and replication): two nodes given its
+//! `rediss://` seeds carry room messages both ways through sharded pub/sub and are ready; a
+//! node trusting the wrong CA is 503 and still delivers locally.
 
 mod common;
 
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::redis::RedisServer;
+use common::redis::{RedisCluster, RedisServer};
 use common::{Client, TestServer};
 use serde_json::{json, Value};
 
@@ -254,4 +257,94 @@ fn the_doctor_says_tls_is_on_and_whether_the_handshake_succeeds() {
         out.contains(&format!("--tls --cacert {}", certs.other_ca)),
         "{out}"
     );
+}
+
+fn cluster_node(seeds: &str, ca: &str) -> TestServer {
+    node(
+        seeds,
+        &[
+            ("SWITCHBOARD_REDIS_CLUSTER", "true"),
+            ("SWITCHBOARD_REDIS_TLS_CA_FILE", ca),
+        ],
+    )
+}
+
+#[test]
+fn two_nodes_over_a_tls_redis_cluster_carry_room_messages_both_ways_and_are_ready() {
+    let cluster = RedisCluster::start_tls(3);
+    let certs = cluster.certs();
+    let seeds = cluster.seeds();
+    assert!(seeds.starts_with("rediss://"), "{seeds}");
+    let a = cluster_node(&seeds, &certs.ca);
+    let b = cluster_node(&seeds, &certs.ca);
+    wait_ready_is(&a, 200, Duration::from_secs(20));
+    wait_ready_is(&b, 200, Duration::from_secs(20));
+    // Several rooms (their channels' slots spread over the masters), each way: the nodes
+    // share nothing but the cluster.
+    for room in ["tls-c-lobby", "tls-c-news", "tls-c-ops"] {
+        crosses(&a, &b, room);
+        crosses(&b, &a, &format!("{room}-back"));
+    }
+    for n in [&a, &b] {
+        let log = n.logs();
+        assert!(log.contains("redis: TLS (rediss://)"), "{log}");
+        assert!(
+            log.contains("redis: cluster mode, sharded pub/sub on every master"),
+            "{log}"
+        );
+    }
+    // While both nodes hold a room, its channel is a shard channel of both on the master of
+    // its slot (over TLS, as the test's client sees it through redis-cli).
+    let mut on_a = a.connect("/ws?user_id=ha");
+    on_a.subscribe("tls-c-held");
+    let mut on_b = b.connect("/ws?user_id=hb");
+    on_b.subscribe("tls-c-held");
+    let numsub = || -> i64 {
+        cluster
+            .nodes()
+            .iter()
+            .filter_map(|n| {
+                let out = n
+                    .cli(
+                        &["PUBSUB", "SHARDNUMSUB", "sb:{room:tls-c-held}"],
+                        Duration::from_secs(5),
+                    )
+                    .ok()?;
+                out.lines().nth(1)?.trim().parse::<i64>().ok()
+            })
+            .max()
+            .unwrap_or(0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while numsub() != 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the cluster never had both nodes on the room's shard channel: {}",
+            numsub()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    publish(&mut on_a, "tls-c-held", json!({"n": 1}));
+    assert_eq!(on_b.expect_type("message")["data"]["n"], 1);
+}
+
+#[test]
+fn a_wrong_ca_for_a_tls_redis_cluster_is_503_and_the_node_serves_locally() {
+    let cluster = RedisCluster::start_tls(3);
+    let certs = cluster.certs();
+    let n = cluster_node(&cluster.seeds(), &certs.other_ca);
+    wait_ready_is(&n, 503, Duration::from_secs(10));
+    let log = wait_log(&n, "UnknownIssuer", Duration::from_secs(10));
+    assert!(log.contains("invalid peer certificate"), "{log}");
+    n.assert_serving();
+    let mut bob = n.connect("/ws?user_id=bob");
+    bob.subscribe("local");
+    let mut alice = n.connect("/ws?user_id=alice");
+    alice.subscribe("local");
+    publish(&mut alice, "local", json!({"here": true}));
+    assert_eq!(bob.expect_type("message")["data"], json!({"here": true}));
+    std::thread::sleep(Duration::from_millis(1500));
+    let (code, body) = n.http_get("/ready");
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("redis"), "{body}");
 }

@@ -5,8 +5,11 @@
 //! direct message is one trace from `message.send` to `message.ack` with its `store.append`
 //! child; a caller that says "not sampled" is not recorded, and an end user's "sampled"
 //! does not force a trace; log lines inside a span carry its
-//! `trace_id` and `span_id` (text and JSON); and with the collector down the node serves on
-//! while `/metrics` counts the dropped spans. Every wait is bounded.
+//! `trace_id` and `span_id` (text and JSON); in OTLP form our own spans link by
+//! `parentSpanId` with the right `kind` and typed attributes; a Kafka notification record's
+//! `traceparent` or B3 headers are continued; with the collector down the node serves on
+//! while `/metrics` counts the dropped spans, and with it hung the queue fills to its bound
+//! and no further. Every wait is bounded.
 
 mod common;
 
@@ -31,8 +34,12 @@ const T5: &str = "5b8aa5a2d2c872e8321cf37308d69df2";
 const P5: &str = "051581bf3cb55c13";
 const T6: &str = "6e0c63257de34c92bf9efcd03927272e";
 const P6: &str = "3b9aca07d8f1c2e4";
-const T7: &str = "7d1f4c0a9b8e4f2a8c3b5d6e7f809112";
-const P7: &str = "9a8b7c6d5e4f3a2b";
+const T7: &str = "7d3efb1a9c2e4f6081b2c3d4e5f60718";
+const P7: &str = "7a1b2c3d4e5f6071";
+const T8: &str = "8e4f0c2b1a3d5e7f9081726354aabbcc";
+const P8: &str = "8b7c6d5e4f3a2b1c";
+const T9: &str = "7d1f4c0a9b8e4f2a8c3b5d6e7f809112";
+const P9: &str = "9a8b7c6d5e4f3a2b";
 
 fn collector(path: &'static str) -> Stub {
     Stub::start(move |p, _| {
@@ -286,6 +293,42 @@ fn zipkin_spans_continue_the_callers_trace() {
     alice.close();
 }
 
+/// B3 on the upgrade request, in both forms: the `ws.upgrade` span continues the caller's
+/// trace with the caller's span as its parent (as `traceparent` does above).
+#[test]
+fn b3_headers_on_the_upgrade_are_continued() {
+    let stub = collector("/api/v2/spans");
+    let s = server("zipkin", &stub.url("/api/v2/spans"), &[]);
+    let single = format!("{T7}-{P7}-1");
+    let a = s.connect_with("/ws?user_id=ann", &[("b3", &single)]);
+    let b = s.connect_with(
+        "/ws?user_id=ben",
+        &[
+            ("X-B3-TraceId", T8),
+            ("X-B3-SpanId", P8),
+            ("X-B3-Sampled", "1"),
+        ],
+    );
+    let spans = wait_for(
+        "both upgrades' spans",
+        || zipkin_spans(&stub),
+        |spans| {
+            zipkin_find(spans, T7, "ws.upgrade").is_some()
+                && zipkin_find(spans, T8, "ws.upgrade").is_some()
+        },
+    );
+    for (t, parent, user) in [(T7, P7, "ann"), (T8, P8, "ben")] {
+        let up = zipkin_find(&spans, t, "ws.upgrade").unwrap();
+        assert_eq!(up["parentId"], parent, "{up}");
+        assert_eq!(up["kind"], "SERVER", "{up}");
+        assert_eq!(up["tags"]["url.path"], "/ws", "{up}");
+        assert_eq!(up["tags"]["enduser.id"], user, "{up}");
+        assert_eq!(up["tags"]["http.response.status_code"], "101", "{up}");
+    }
+    a.close();
+    b.close();
+}
+
 #[test]
 fn otlp_spans_and_json_logs() {
     let stub = collector("/v1/traces");
@@ -297,13 +340,28 @@ fn otlp_spans_and_json_logs() {
     let tp1 = format!("00-{T1}-{P1}-01");
     assert_eq!(stats(&s, &[("traceparent", &tp1)]), 200);
     let tp2 = format!("00-{T2}-{P2}-01");
-    let c = s.connect_with("/ws?user_id=bob", &[("traceparent", &tp2)]);
+    let mut c = s.connect_with("/ws?user_id=bob", &[("traceparent", &tp2)]);
+    // A direct message continuing the client's trace: dm.send and its store.append child.
+    let tp5 = format!("00-{T5}-{P5}-01");
+    c.send_json(json!({"type": "message.send", "clientMsgId": "o-1", "to": "carol", "content": "hi", "traceparent": tp5}));
+    let ack = c.expect_type("message.ack");
+    let msg_id = ack["data"]["serverMsgId"]
+        .as_str()
+        .expect("serverMsgId")
+        .to_owned();
+    let named = |spans: &[(String, Value)], t: &str, n: &str| {
+        spans
+            .iter()
+            .any(|(_, s)| s["traceId"] == t && s["name"] == n)
+    };
     let spans = wait_for(
-        "the API and upgrade spans",
+        "the API, upgrade and DM spans",
         || otlp_spans(&stub),
         |spans| {
             spans.iter().any(|(_, s)| s["traceId"] == T1)
                 && spans.iter().any(|(_, s)| s["traceId"] == T2)
+                && named(spans, T5, "dm.send")
+                && named(spans, T5, "store.append")
         },
     );
     let attr = |s: &Value, k: &str| -> Value {
@@ -351,6 +409,51 @@ fn otlp_spans_and_json_logs() {
         attr(up, "http.response.status_code"),
         json!({"intValue": "101"})
     );
+    assert_eq!(up["kind"], 2, "{up}");
+    assert_eq!(attr(up, "url.path"), json!({"stringValue": "/ws"}), "{up}");
+    assert!(attr(up, "shard")["intValue"].as_str().is_some(), "{up}");
+
+    // Our own spans link to each other by parentSpanId: dm.send (SERVER, 2) under the
+    // client's span, store.append (INTERNAL, 1) under dm.send, in dm.send's time.
+    let find = |t: &str, n: &str| -> &Value {
+        spans
+            .iter()
+            .map(|(_, s)| s)
+            .find(|s| s["traceId"] == t && s["name"] == n)
+            .unwrap_or_else(|| panic!("no {n} in {t}: {spans:?}"))
+    };
+    let dm = find(T5, "dm.send");
+    assert_eq!(dm["parentSpanId"], P5, "{dm}");
+    assert_eq!(dm["kind"], 2, "{dm}");
+    assert_eq!(
+        attr(dm, "enduser.id"),
+        json!({"stringValue": "bob"}),
+        "{dm}"
+    );
+    assert_eq!(
+        attr(dm, "message.id"),
+        json!({"stringValue": msg_id}),
+        "{dm}"
+    );
+    assert!(attr(dm, "shard")["intValue"].as_str().is_some(), "{dm}");
+    assert!(dm.get("status").is_none(), "{dm}");
+    let store = find(T5, "store.append");
+    assert_eq!(store["parentSpanId"], dm["spanId"], "{store}");
+    assert_ne!(store["spanId"], dm["spanId"], "{store}");
+    assert_eq!(store["kind"], 1, "{store}");
+    let n = attr(store, "batch.size");
+    let n: u64 = n["intValue"]
+        .as_str()
+        .unwrap_or_else(|| panic!("batch.size is not an intValue: {store}"))
+        .parse()
+        .unwrap();
+    assert!(n >= 1, "{store}");
+    let ns = |s: &Value, k: &str| -> u64 { s[k].as_str().expect("a string").parse().unwrap() };
+    assert!(
+        ns(store, "startTimeUnixNano") >= ns(dm, "startTimeUnixNano")
+            && ns(store, "endTimeUnixNano") <= ns(dm, "endTimeUnixNano"),
+        "{dm} {store}"
+    );
 
     // JSON log lines inside the upgrade's span have the ids as top-level fields.
     let logs = s.logs();
@@ -393,6 +496,101 @@ fn a_collector_that_is_down_costs_spans_not_service() {
     assert!(s
         .logs()
         .contains("trace exporter: the collector did not take spans"));
+}
+
+/// A collector that takes the connection and never answers (a hung collector), with a long
+/// `trace_export_timeout`: the exporter's one request holds its batch, nothing drains, and
+/// the queue fills to [`TRACE_QUEUE_SPANS_MAX`] and drops the rest, counted as `queue_full`.
+/// Every publish at ratio 1.0 is a sampled `room.publish` span, so publishing well past the
+/// bound plus the one batch in flight must drop; the queue gauge never passes the bound, and
+/// the node answers a ping and delivers a publish promptly while the collector still hangs.
+/// The bound has no config key (a fixed limit, `src/limits.rs`, not worth a knob: a slower
+/// collector wants a shorter `trace_export_interval` or a larger `trace_export_batch_max`), so
+/// the test makes twice the bound in spans: a debug build publishes 16,384 in about a second.
+#[test]
+fn a_hung_collector_fills_the_queue_to_its_bound_and_no_further() {
+    use switchboard::limits::TRACE_QUEUE_SPANS_MAX as BOUND;
+    const BATCH: usize = 512;
+    const PUBLISHES: usize = 2 * BOUND;
+    const CHUNK: usize = 500;
+    // Accepted by the kernel (the listen backlog), never read, never answered.
+    let hung = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}/v1/traces", hung.local_addr().unwrap());
+    let batch = BATCH.to_string();
+    let s = server(
+        "otlp",
+        &endpoint,
+        &[
+            ("SWITCHBOARD_TRACE_EXPORT_TIMEOUT", "60s"),
+            ("SWITCHBOARD_TRACE_EXPORT_BATCH_MAX", &batch),
+            ("SWITCHBOARD_RATE_LIMIT_PER_SEC", "1000000"),
+            ("SWITCHBOARD_RATE_LIMIT_BURST", "1000000"),
+            ("SWITCHBOARD_LOG_LEVEL", "info"),
+        ],
+    );
+    let queued = |t: &str| metric(t, "switchboard_trace_queue_spans").expect("the queue gauge");
+    let queue_full = |t: &str| {
+        t.lines()
+            .find_map(|l| {
+                l.strip_prefix("switchboard_trace_spans_dropped_total{reason=\"queue_full\"} ")
+            })
+            .map(|v| v.trim().parse::<u64>().expect("a count"))
+            .unwrap_or_else(|| panic!("no queue_full drop counter:\n{t}"))
+    };
+    let mut pubr = s.connect("/ws?user_id=flood");
+    pubr.subscribe("flood");
+    let mut sent = 0;
+    while sent < PUBLISHES {
+        let n = CHUNK.min(PUBLISHES - sent);
+        for i in sent..sent + n {
+            pubr.send_json(json!({"type": "publish", "room": "flood", "data": {"n": i}}));
+        }
+        // Our own copies back, so the publisher's send queue never fills.
+        for _ in 0..n {
+            pubr.expect_type("message");
+        }
+        sent += n;
+        let (_, text) = s.http_get("/metrics");
+        assert!(
+            queued(&text) <= BOUND as u64,
+            "the queue passed its bound after {sent} publishes:\n{text}"
+        );
+    }
+    let text = s.wait_metrics("the spans made past the bound dropped", |t| {
+        queue_full(t) >= (PUBLISHES - BOUND - BATCH) as u64
+    });
+    // Nothing drains while the one request hangs: the queue is exactly full.
+    assert_eq!(queued(&text), BOUND as u64, "{text}");
+    assert_eq!(
+        metric(&text, "switchboard_trace_spans_exported_total"),
+        Some(0),
+        "{text}"
+    );
+    // The request has not failed yet (60 s): the collector hangs, it does not refuse.
+    assert_eq!(
+        metric(&text, "switchboard_trace_export_failures_total"),
+        Some(0),
+        "{text}"
+    );
+
+    // Still serving, promptly, while the collector hangs and the queue stays full.
+    let t0 = Instant::now();
+    let mut c = s.connect("/ws?user_id=late");
+    c.send_json(json!({"type": "ping", "id": "p"}));
+    assert_eq!(c.expect_type("pong")["id"], "p");
+    let mut sub = s.connect("/ws?user_id=sub");
+    sub.subscribe("after");
+    c.subscribe("after");
+    c.send_json(json!({"type": "publish", "room": "after", "data": {"n": 1}}));
+    assert_eq!(sub.expect_type("message")["data"]["n"], 1);
+    let took = t0.elapsed();
+    assert!(took < Duration::from_secs(2), "serving took {took:?}");
+    let (_, text) = s.http_get("/metrics");
+    assert_eq!(queued(&text), BOUND as u64, "{text}");
+    drop(hung);
+    pubr.close();
+    c.close();
+    sub.close();
 }
 
 /// Two nodes and one Redis: a client's publish on node A to a room with a subscriber on
@@ -526,7 +724,7 @@ fn a_cross_node_publish_into_a_room_with_history_is_one_trace() {
         assert!(Instant::now() < deadline, "both nodes never held the room");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let tp = format!("00-{T7}-{P7}-01");
+    let tp = format!("00-{T9}-{P9}-01");
     alice.send_json(
         json!({"type": "publish", "room": "h-lobby", "data": {"n": 1}, "traceparent": tp}),
     );
@@ -543,23 +741,23 @@ fn a_cross_node_publish_into_a_room_with_history_is_one_trace() {
     let count = |spans: &[Value], name: &str| {
         spans
             .iter()
-            .filter(|x| x["traceId"] == T7 && x["name"] == name)
+            .filter(|x| x["traceId"] == T9 && x["name"] == name)
             .count()
     };
     let spans = wait_for(
         "the history publish's spans on both nodes",
         || zipkin_spans(&stub),
         |spans| {
-            zipkin_find(spans, T7, "room.publish").is_some()
-                && zipkin_find(spans, T7, "redis.publish").is_some()
+            zipkin_find(spans, T9, "room.publish").is_some()
+                && zipkin_find(spans, T9, "redis.publish").is_some()
                 && count(spans, "redis.receive") == 2
                 && count(spans, "shard.deliver") == 2
         },
     );
-    let publish = zipkin_find(&spans, T7, "room.publish").unwrap();
-    assert_eq!(publish["parentId"], P7, "{publish}");
+    let publish = zipkin_find(&spans, T9, "room.publish").unwrap();
+    assert_eq!(publish["parentId"], P9, "{publish}");
     assert_eq!(publish["tags"]["messaging.destination.name"], "h-lobby");
-    let out = zipkin_find(&spans, T7, "redis.publish").unwrap();
+    let out = zipkin_find(&spans, T9, "redis.publish").unwrap();
     assert_eq!(out["parentId"], publish["id"], "{out}");
     assert_eq!(out["kind"], "PRODUCER", "{out}");
     assert_eq!(
@@ -572,7 +770,7 @@ fn a_cross_node_publish_into_a_room_with_history_is_one_trace() {
     );
     let receives: Vec<&Value> = spans
         .iter()
-        .filter(|x| x["traceId"] == T7 && x["name"] == "redis.receive")
+        .filter(|x| x["traceId"] == T9 && x["name"] == "redis.receive")
         .collect();
     for inn in &receives {
         assert_eq!(inn["parentId"], out["id"], "{inn}");
@@ -589,7 +787,7 @@ fn a_cross_node_publish_into_a_room_with_history_is_one_trace() {
             .iter()
             .find(|x| x["name"] == "shard.deliver" && x["parentId"] == inn["id"])
             .unwrap_or_else(|| panic!("no shard.deliver under {inn}"));
-        assert_eq!(d["traceId"], T7, "{d}");
+        assert_eq!(d["traceId"], T9, "{d}");
     }
     assert_ne!(receives[0]["id"], receives[1]["id"]);
     // An untraced publish into the room adds nothing to any trace (version-1 envelope).
@@ -833,6 +1031,46 @@ fn kafka_records_carry_the_trace_on() {
     let d = zipkin_find(&spans, T3, "shard.deliver").unwrap();
     assert_eq!(d["parentId"], n["id"], "{d}");
     assert!(d["tags"]["shard"].as_str().is_some(), "{d}");
+
+    // Records with B3 headers instead, single and multi: continued the same way.
+    let single = format!("{T5}-{P5}-1");
+    let multi = [
+        ("X-B3-TraceId", T6),
+        ("X-B3-SpanId", P6),
+        ("X-B3-Sampled", "1"),
+    ];
+    for (user, headers) in [("eve", &[("b3", single.as_str())][..]), ("fay", &multi[..])] {
+        let payload = json!({"userId": user, "community": "c1"}).to_string();
+        kafka::produce(&bootstrap, "trace.joined", None, &payload, headers);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "no notification for {user} within 30 s");
+            match ann.next_event(left) {
+                common::Event::Json(v) if v["type"] == "notification" => break,
+                common::Event::Close(..) | common::Event::Closed(_) => panic!("ann was closed"),
+                _ => {}
+            }
+        }
+    }
+    let spans = wait_for(
+        "the B3 records' kafka.notify spans",
+        || zipkin_spans(&stub),
+        |spans| {
+            [T5, T6].iter().all(|t| {
+                zipkin_find(spans, t, "kafka.notify").is_some()
+                    && zipkin_find(spans, t, "shard.deliver").is_some()
+            })
+        },
+    );
+    for (t, parent) in [(T5, P5), (T6, P6)] {
+        let n = zipkin_find(&spans, t, "kafka.notify").unwrap();
+        assert_eq!(n["parentId"], parent, "{n}");
+        assert_eq!(n["kind"], "CONSUMER", "{n}");
+        assert_eq!(n["tags"]["messaging.destination.name"], "trace.joined");
+        let d = zipkin_find(&spans, t, "shard.deliver").unwrap();
+        assert_eq!(d["parentId"], n["id"], "{d}");
+    }
     alice.close();
     ann.close();
 }

@@ -4,7 +4,7 @@
 //! ([`RedisServer`]: no persistence, every option given on the command line; killed, frozen,
 //! thawed and restarted on the same port by the fault tests; killed and removed on drop, its log
 //! printed when a test fails), a Redis Cluster of N masters made of such servers and joined with
-//! `redis-cli --cluster create` ([`RedisCluster`]), and the test's own RESP2 client over a
+//! `redis-cli --cluster create` ([`RedisCluster`], also one speaking only TLS), and the test's own RESP2 client over a
 //! `std::net::TcpStream` ([`RespConn`], [`Resp`]; no redis-cli, no client crate), so a test
 //! checks what Redis holds independently of the bridge's `redis` crate. The server under test
 //! connects to [`RedisServer::url`] or [`RedisCluster::seeds`] through its environment
@@ -394,6 +394,17 @@ fn clean_stale() {
     }
 }
 
+/// A fresh directory of this harness (removed by its owner; by a later test process's
+/// [`clean_stale`] if this one dies first).
+fn new_dir() -> PathBuf {
+    CLEAN_STALE.call_once(clean_stale);
+    let seq = SERVER_SEQ.fetch_add(1, Ordering::Relaxed);
+    let dir = root_dir().join(format!("{DIR_PREFIX}{}-{seq}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
+    dir
+}
+
 /// One `redis-server` process on a loopback port, in its own temporary directory (killed and
 /// removed on drop; its log is printed when the test is failing).
 pub struct RedisServer {
@@ -406,6 +417,8 @@ pub struct RedisServer {
     frozen: bool,
     /// TLS only ([`RedisServer::start_tls`]): `--tls-auth-clients` yes (mutual TLS) or no.
     tls: Option<bool>,
+    /// TLS only: the directory of its [`TestCerts`] (its own, or a TLS cluster's shared one).
+    certs_dir: PathBuf,
 }
 
 impl RedisServer {
@@ -452,7 +465,7 @@ impl RedisServer {
     /// The throwaway certificates of a [`RedisServer::start_tls`] server.
     pub fn certs(&self) -> TestCerts {
         assert!(self.tls.is_some(), "certs: not a TLS server");
-        TestCerts::at(&self.dir)
+        TestCerts::at(&self.certs_dir)
     }
 
     /// Start on a free port; `extra(dir)` gives the options after the fixed ones (called once
@@ -462,22 +475,29 @@ impl RedisServer {
     }
 
     fn launch_tls(tls: Option<bool>, extra: &dyn Fn(&Path) -> Vec<String>) -> RedisServer {
+        RedisServer::launch_tls_with(tls, None, extra)
+    }
+
+    /// [`RedisServer::launch_tls`]; a TLS server uses the certificates in `certs_dir` when
+    /// given (a TLS cluster's, one CA for every node), else makes its own.
+    fn launch_tls_with(
+        tls: Option<bool>,
+        certs_dir: Option<&Path>,
+        extra: &dyn Fn(&Path) -> Vec<String>,
+    ) -> RedisServer {
         let bin = server_bin();
-        CLEAN_STALE.call_once(clean_stale);
-        let seq = SERVER_SEQ.fetch_add(1, Ordering::Relaxed);
-        let dir = root_dir().join(format!("{DIR_PREFIX}{}-{seq}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
+        let dir = new_dir();
         let mut server = RedisServer {
             child: None,
             port: 0,
             extra: Vec::new(),
+            certs_dir: certs_dir.unwrap_or(&dir).to_owned(),
             dir,
             bin,
             frozen: false,
             tls,
         };
-        if tls.is_some() {
+        if tls.is_some() && certs_dir.is_none() {
             TestCerts::generate(&server.dir);
         }
         for _ in 0..START_ATTEMPTS_MAX {
@@ -526,7 +546,7 @@ impl RedisServer {
         .map(|s| (*s).to_owned())
         .collect();
         if let Some(auth_clients) = self.tls {
-            let c = TestCerts::at(&self.dir);
+            let c = TestCerts::at(&self.certs_dir);
             // Later options win: no plain port, TLS on the port picked.
             a.extend([
                 "--port".to_owned(),
@@ -676,6 +696,45 @@ impl RedisServer {
     /// not answer (refused, frozen, closed).
     pub fn try_cmd(&self, args: &[&str], timeout: Duration) -> std::io::Result<Resp> {
         command(self.addr(), args, timeout)
+    }
+
+    /// `redis-cli` against this server (with `--tls --cacert` for a TLS one, which the test's
+    /// own RESP client cannot reach), bounded by `timeout`: its output, or an error when it
+    /// failed or did not finish.
+    pub fn cli(&self, args: &[&str], timeout: Duration) -> std::io::Result<String> {
+        let mut cmd = Command::new(cli_bin());
+        cmd.args(["-h", "127.0.0.1", "-p", &self.port.to_string()]);
+        if self.tls.is_some() {
+            cmd.args(["--tls", "--cacert", &self.certs().ca]);
+        }
+        let mut child = cmd
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let deadline = Instant::now() + timeout;
+        while child.try_wait()?.is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(std::io::Error::new(
+                    ErrorKind::TimedOut,
+                    format!("redis-cli {args:?} did not finish within {timeout:?}"),
+                ));
+            }
+            std::thread::sleep(POLL);
+        }
+        let out = child.wait_with_output()?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if !out.status.success() {
+            return Err(bad(format!(
+                "redis-cli {args:?}: {}: {text}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            )));
+        }
+        Ok(text)
     }
 
     /// A connection of the test's own (subscriptions, pipelining, a request left waiting).
@@ -892,8 +951,20 @@ impl Drop for RedisServer {
 /// A Redis Cluster of N masters (no replicas) on loopback, created with
 /// `redis-cli --cluster create`; every node a [`RedisServer`] (kill, freeze, thaw and restart
 /// it through [`RedisCluster::node_mut`]; a restarted node rejoins from its `nodes.conf`).
+/// [`RedisCluster::start_tls`] makes one that speaks only TLS, clients, bus and replication.
 pub struct RedisCluster {
     nodes: Vec<RedisServer>,
+    /// A TLS cluster's certificates, one CA for every node (removed after the nodes).
+    certs: Option<CertsDir>,
+}
+
+/// The directory of a TLS cluster's [`TestCerts`], removed on drop.
+struct CertsDir(PathBuf);
+
+impl Drop for CertsDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 impl RedisCluster {
@@ -909,15 +980,65 @@ impl RedisCluster {
     /// master with [`RedisCluster::master_of_slot`], not by index). Killing a master makes its
     /// replica take over after [`CLUSTER_NODE_TIMEOUT_MS`].
     pub fn start_replicated(masters: usize, replicas: usize) -> RedisCluster {
+        RedisCluster::launch(masters, replicas, false)
+    }
+
+    /// [`RedisCluster::start`] speaking only TLS: every node `--port 0 --tls-port <port>`
+    /// with `--tls-cluster yes` (the bus) and `--tls-replication yes`, its server
+    /// certificate signed by one throwaway CA ([`RedisCluster::certs`]; clients are asked
+    /// for no certificate, the nodes present the client one to each other on the bus),
+    /// joined with `redis-cli --tls --cacert <ca> --cluster create`.
+    /// [`RedisCluster::seeds`] are `rediss://`. The test's plain RESP client cannot reach
+    /// the nodes ([`RedisCluster::master_of_slot`] neither): use [`RedisServer::cli`].
+    pub fn start_tls(masters: usize) -> RedisCluster {
+        RedisCluster::launch(masters, 0, true)
+    }
+
+    /// The certificates of a [`RedisCluster::start_tls`] cluster.
+    pub fn certs(&self) -> TestCerts {
+        let d = self.certs.as_ref().expect("certs: not a TLS cluster");
+        TestCerts::at(&d.0)
+    }
+
+    fn launch(masters: usize, replicas: usize, tls: bool) -> RedisCluster {
         assert!(
             masters >= 3,
             "redis-cli --cluster create needs at least 3 masters, got {masters}"
         );
         let cli = cli_bin();
         let timeout = CLUSTER_NODE_TIMEOUT_MS.to_string();
+        let certs = tls.then(|| {
+            let d = CertsDir(new_dir());
+            TestCerts::generate(&d.0);
+            d
+        });
+        let certs_dir = certs.as_ref().map(|d| d.0.as_path());
+        // The bus always wants a client certificate (Redis accepts bus connections with
+        // TLS_CLIENT_AUTH_YES whatever tls-auth-clients says), and the server certificate is
+        // for serverAuth only: nodes present the client one on their bus and replication
+        // connections.
+        let tls_args: Vec<String> = match certs_dir {
+            Some(d) => {
+                let c = TestCerts::at(d);
+                [
+                    "--tls-cluster",
+                    "yes",
+                    "--tls-replication",
+                    "yes",
+                    "--tls-client-cert-file",
+                    &c.client_cert,
+                    "--tls-client-key-file",
+                    &c.client_key,
+                ]
+                .iter()
+                .map(|s| (*s).to_owned())
+                .collect()
+            }
+            None => Vec::new(),
+        };
         let nodes: Vec<RedisServer> = (0..masters * (1 + replicas))
             .map(|_| {
-                RedisServer::launch(&|dir| {
+                RedisServer::launch_tls_with(tls.then_some(false), certs_dir, &|dir| {
                     // The bus port: its own free port, not port + 10000 (which may not exist).
                     let bus = super::free_port().to_string();
                     [
@@ -936,12 +1057,16 @@ impl RedisCluster {
                     ]
                     .iter()
                     .map(|s| (*s).to_owned())
+                    .chain(tls_args.iter().cloned())
                     .collect()
                 })
             })
             .collect();
-        let cluster = RedisCluster { nodes };
+        let cluster = RedisCluster { nodes, certs };
         let mut cmd = Command::new(&cli);
+        if tls {
+            cmd.args(["--tls", "--cacert", &cluster.certs().ca]);
+        }
         cmd.arg("--cluster").arg("create");
         for n in &cluster.nodes {
             cmd.arg(format!("127.0.0.1:{}", n.port()));
@@ -991,9 +1116,14 @@ impl RedisCluster {
                 .nodes
                 .iter()
                 .filter(|s| s.child.is_some() && !s.frozen)
-                .map(|s| match s.try_cmd(&["CLUSTER", "INFO"], PROBE_TIMEOUT) {
-                    Ok(r) => r.to_string(),
-                    Err(e) => format!("({e})"),
+                .map(|s| {
+                    let info = if s.tls.is_some() {
+                        s.cli(&["CLUSTER", "INFO"], CMD_TIMEOUT)
+                    } else {
+                        s.try_cmd(&["CLUSTER", "INFO"], PROBE_TIMEOUT)
+                            .map(|r| r.to_string())
+                    };
+                    info.unwrap_or_else(|e| format!("({e})"))
                 })
                 .collect();
             let done = infos.iter().all(|i| {
@@ -1019,8 +1149,8 @@ impl RedisCluster {
         self.wait_state("ok", Instant::now() + CLUSTER_TIMEOUT);
     }
 
-    /// Comma-separated `redis://` URLs of every node, for `SWITCHBOARD_REDIS_URL` with
-    /// `SWITCHBOARD_REDIS_CLUSTER=true`.
+    /// Comma-separated `redis://` URLs of every node (`rediss://` for a TLS cluster), for
+    /// `SWITCHBOARD_REDIS_URL` with `SWITCHBOARD_REDIS_CLUSTER=true`.
     pub fn seeds(&self) -> String {
         self.nodes
             .iter()
