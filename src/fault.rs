@@ -9,7 +9,9 @@
 //! - `panic_on_command:TYPE`: handling a client command of type TYPE panics (inside the
 //!   command: the connection is closed with 1011, the shard goes on);
 //! - `refuse_bridge_presence:N`: the first N presence changes a shard hands the bridge fail as
-//!   if the bridge's inbox were full.
+//!   if the bridge's inbox were full;
+//! - `refuse_bridge_room_presence:N`: the same for the first N room presence changes (first
+//!   tries only: a change the shard hands again is not refused).
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -22,6 +24,7 @@ pub struct Faults {
     pub shard_panic_after: Option<(usize, u64)>,
     pub panic_on_command: Option<String>,
     pub refuse_bridge_presence: Option<AtomicU32>,
+    pub refuse_bridge_room_presence: Option<AtomicU32>,
 }
 
 impl Faults {
@@ -52,6 +55,11 @@ impl Faults {
                         f.refuse_bridge_presence = Some(AtomicU32::new(n));
                     }
                 }
+                ["refuse_bridge_room_presence", n] => {
+                    if let Ok(n) = n.parse() {
+                        f.refuse_bridge_room_presence = Some(AtomicU32::new(n));
+                    }
+                }
                 _ => eprintln!("{ENV}: ignoring unknown fault {entry:?}"),
             }
         }
@@ -70,18 +78,29 @@ impl Faults {
 
     /// Whether a presence change for the bridge must fail now (and count it).
     pub fn refuse_bridge_presence(&self) -> bool {
-        self.refuse_bridge_presence.as_ref().is_some_and(|left| {
-            left.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
-                .is_ok()
-        })
+        count_down(&self.refuse_bridge_presence)
+    }
+
+    /// Whether a room presence change for the bridge must fail now (and count it).
+    pub fn refuse_bridge_room_presence(&self) -> bool {
+        count_down(&self.refuse_bridge_room_presence)
     }
 
     pub fn is_active(&self) -> bool {
         self.refuse_bridge_presence.is_some()
+            || self.refuse_bridge_room_presence.is_some()
             || self.refuse_deliveries.is_some()
             || self.shard_panic_after.is_some()
             || self.panic_on_command.is_some()
     }
+}
+
+/// Take one from `left` (false once it is at zero, or unset).
+fn count_down(left: &Option<AtomicU32>) -> bool {
+    left.as_ref().is_some_and(|left| {
+        left.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .is_ok()
+    })
 }
 
 #[cfg(test)]
@@ -104,5 +123,9 @@ mod tests {
         assert!(f.is_active());
         assert!(f.refuse_bridge_presence());
         assert!(!f.refuse_bridge_presence());
+        let f = Faults::parse("refuse_bridge_room_presence:1");
+        assert!(f.is_active() && !f.refuse_bridge_presence());
+        assert!(f.refuse_bridge_room_presence());
+        assert!(!f.refuse_bridge_room_presence());
     }
 }
