@@ -11,7 +11,9 @@
 //! - `refuse_bridge_presence:N`: the first N presence changes a shard hands the bridge fail as
 //!   if the bridge's inbox were full;
 //! - `refuse_bridge_room_presence:N`: the same for the first N room presence changes (first
-//!   tries only: a change the shard hands again is not refused).
+//!   tries only: a change the shard hands again is not refused);
+//! - `drop_call_held:N`: the first N call confirmations (`CALL_HELD`) other nodes send this
+//!   node are dropped on arrival, as if lost on the way.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -25,6 +27,7 @@ pub struct Faults {
     pub panic_on_command: Option<String>,
     pub refuse_bridge_presence: Option<AtomicU32>,
     pub refuse_bridge_room_presence: Option<AtomicU32>,
+    pub drop_call_held: Option<AtomicU32>,
 }
 
 impl Faults {
@@ -55,6 +58,11 @@ impl Faults {
                         f.refuse_bridge_presence = Some(AtomicU32::new(n));
                     }
                 }
+                ["drop_call_held", n] => {
+                    if let Ok(n) = n.parse() {
+                        f.drop_call_held = Some(AtomicU32::new(n));
+                    }
+                }
                 ["refuse_bridge_room_presence", n] => {
                     if let Ok(n) = n.parse() {
                         f.refuse_bridge_room_presence = Some(AtomicU32::new(n));
@@ -81,6 +89,11 @@ impl Faults {
         count_down(&self.refuse_bridge_presence)
     }
 
+    /// Whether a call confirmation from another node must be dropped now (and count it).
+    pub fn drop_call_held(&self) -> bool {
+        count_down(&self.drop_call_held)
+    }
+
     /// Whether a room presence change for the bridge must fail now (and count it).
     pub fn refuse_bridge_room_presence(&self) -> bool {
         count_down(&self.refuse_bridge_room_presence)
@@ -89,6 +102,7 @@ impl Faults {
     pub fn is_active(&self) -> bool {
         self.refuse_bridge_presence.is_some()
             || self.refuse_bridge_room_presence.is_some()
+            || self.drop_call_held.is_some()
             || self.refuse_deliveries.is_some()
             || self.shard_panic_after.is_some()
             || self.panic_on_command.is_some()
@@ -127,5 +141,7 @@ mod tests {
         assert!(f.is_active() && !f.refuse_bridge_presence());
         assert!(f.refuse_bridge_room_presence());
         assert!(!f.refuse_bridge_room_presence());
+        let f = Faults::parse("drop_call_held:1");
+        assert!(f.is_active() && f.drop_call_held() && !f.drop_call_held());
     }
 }

@@ -2026,6 +2026,8 @@ impl Redis {
                 }
             },
             // For the shard that forwarded the command: the owner of its pair here.
+            // Fault injection (`SWITCHBOARD_TEST_FAULT`): lost on the way.
+            cluster::service::CALL_HELD if self.node.faults.drop_call_held() => return,
             cluster::service::CALL_HELD => match calls::decode_held(origin, body) {
                 Some(input @ calls::Input::Held { conn, .. }) if conn.node == self.node.id => (
                     calls::owner_of_input(&input, self.node.inboxes.len()),
