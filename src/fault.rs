@@ -13,9 +13,12 @@
 //! - `refuse_bridge_room_presence:N`: the same for the first N room presence changes (first
 //!   tries only: a change the shard hands again is not refused);
 //! - `drop_call_held:N`: the first N call confirmations (`CALL_HELD`) other nodes send this
-//!   node are dropped on arrival, as if lost on the way.
+//!   node are dropped on arrival, as if lost on the way;
+//! - `subscriber_panic_on:TEXT`: on a Redis Cluster, a master's subscriber task panics once,
+//!   right after that master confirmed a channel whose name contains TEXT (the task's
+//!   supervisor starts it again).
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 /// The environment variable that carries the faults.
 pub const ENV: &str = "SWITCHBOARD_TEST_FAULT";
@@ -28,6 +31,8 @@ pub struct Faults {
     pub refuse_bridge_presence: Option<AtomicU32>,
     pub refuse_bridge_room_presence: Option<AtomicU32>,
     pub drop_call_held: Option<AtomicU32>,
+    /// The channel text and whether the panic is still to come.
+    pub subscriber_panic_on: Option<(String, AtomicBool)>,
 }
 
 impl Faults {
@@ -57,6 +62,9 @@ impl Faults {
                     if let Ok(n) = n.parse() {
                         f.refuse_bridge_presence = Some(AtomicU32::new(n));
                     }
+                }
+                ["subscriber_panic_on", t] => {
+                    f.subscriber_panic_on = Some(((*t).to_owned(), AtomicBool::new(true)));
                 }
                 ["drop_call_held", n] => {
                     if let Ok(n) = n.parse() {
@@ -89,6 +97,13 @@ impl Faults {
         count_down(&self.refuse_bridge_presence)
     }
 
+    /// Whether a cluster subscriber that just subscribed `channels` must panic now (once).
+    pub fn subscriber_panic(&self, channels: &[std::sync::Arc<str>]) -> bool {
+        self.subscriber_panic_on.as_ref().is_some_and(|(t, left)| {
+            channels.iter().any(|c| c.contains(t.as_str())) && left.swap(false, Ordering::AcqRel)
+        })
+    }
+
     /// Whether a call confirmation from another node must be dropped now (and count it).
     pub fn drop_call_held(&self) -> bool {
         count_down(&self.drop_call_held)
@@ -103,6 +118,7 @@ impl Faults {
         self.refuse_bridge_presence.is_some()
             || self.refuse_bridge_room_presence.is_some()
             || self.drop_call_held.is_some()
+            || self.subscriber_panic_on.is_some()
             || self.refuse_deliveries.is_some()
             || self.shard_panic_after.is_some()
             || self.panic_on_command.is_some()
@@ -143,5 +159,11 @@ mod tests {
         assert!(!f.refuse_bridge_room_presence());
         let f = Faults::parse("drop_call_held:1");
         assert!(f.is_active() && f.drop_call_held() && !f.drop_call_held());
+        let f = Faults::parse("subscriber_panic_on:boom");
+        let (quiet, boom): (Vec<std::sync::Arc<str>>, _) =
+            (vec!["a".into()], vec!["x{boom}".into()]);
+        assert!(f.is_active() && !f.subscriber_panic(&quiet));
+        assert!(f.subscriber_panic(&boom));
+        assert!(!f.subscriber_panic(&boom));
     }
 }
