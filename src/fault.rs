@@ -9,9 +9,16 @@
 //! - `panic_on_command:TYPE`: handling a client command of type TYPE panics (inside the
 //!   command: the connection is closed with 1011, the shard goes on);
 //! - `refuse_bridge_presence:N`: the first N presence changes a shard hands the bridge fail as
-//!   if the bridge's inbox were full.
+//!   if the bridge's inbox were full;
+//! - `refuse_bridge_room_presence:N`: the same for the first N room presence changes (first
+//!   tries only: a change the shard hands again is not refused);
+//! - `drop_call_held:N`: the first N call confirmations (`CALL_HELD`) other nodes send this
+//!   node are dropped on arrival, as if lost on the way;
+//! - `subscriber_panic_on:TEXT`: on a Redis Cluster, a master's subscriber task panics once,
+//!   right after that master confirmed a channel whose name contains TEXT (the task's
+//!   supervisor starts it again).
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 /// The environment variable that carries the faults.
 pub const ENV: &str = "SWITCHBOARD_TEST_FAULT";
@@ -22,6 +29,10 @@ pub struct Faults {
     pub shard_panic_after: Option<(usize, u64)>,
     pub panic_on_command: Option<String>,
     pub refuse_bridge_presence: Option<AtomicU32>,
+    pub refuse_bridge_room_presence: Option<AtomicU32>,
+    pub drop_call_held: Option<AtomicU32>,
+    /// The channel text and whether the panic is still to come.
+    pub subscriber_panic_on: Option<(String, AtomicBool)>,
 }
 
 impl Faults {
@@ -52,6 +63,19 @@ impl Faults {
                         f.refuse_bridge_presence = Some(AtomicU32::new(n));
                     }
                 }
+                ["subscriber_panic_on", t] => {
+                    f.subscriber_panic_on = Some(((*t).to_owned(), AtomicBool::new(true)));
+                }
+                ["drop_call_held", n] => {
+                    if let Ok(n) = n.parse() {
+                        f.drop_call_held = Some(AtomicU32::new(n));
+                    }
+                }
+                ["refuse_bridge_room_presence", n] => {
+                    if let Ok(n) = n.parse() {
+                        f.refuse_bridge_room_presence = Some(AtomicU32::new(n));
+                    }
+                }
                 _ => eprintln!("{ENV}: ignoring unknown fault {entry:?}"),
             }
         }
@@ -70,18 +94,43 @@ impl Faults {
 
     /// Whether a presence change for the bridge must fail now (and count it).
     pub fn refuse_bridge_presence(&self) -> bool {
-        self.refuse_bridge_presence.as_ref().is_some_and(|left| {
-            left.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
-                .is_ok()
+        count_down(&self.refuse_bridge_presence)
+    }
+
+    /// Whether a cluster subscriber that just subscribed `channels` must panic now (once).
+    pub fn subscriber_panic(&self, channels: &[std::sync::Arc<str>]) -> bool {
+        self.subscriber_panic_on.as_ref().is_some_and(|(t, left)| {
+            channels.iter().any(|c| c.contains(t.as_str())) && left.swap(false, Ordering::AcqRel)
         })
+    }
+
+    /// Whether a call confirmation from another node must be dropped now (and count it).
+    pub fn drop_call_held(&self) -> bool {
+        count_down(&self.drop_call_held)
+    }
+
+    /// Whether a room presence change for the bridge must fail now (and count it).
+    pub fn refuse_bridge_room_presence(&self) -> bool {
+        count_down(&self.refuse_bridge_room_presence)
     }
 
     pub fn is_active(&self) -> bool {
         self.refuse_bridge_presence.is_some()
+            || self.refuse_bridge_room_presence.is_some()
+            || self.drop_call_held.is_some()
+            || self.subscriber_panic_on.is_some()
             || self.refuse_deliveries.is_some()
             || self.shard_panic_after.is_some()
             || self.panic_on_command.is_some()
     }
+}
+
+/// Take one from `left` (false once it is at zero, or unset).
+fn count_down(left: &Option<AtomicU32>) -> bool {
+    left.as_ref().is_some_and(|left| {
+        left.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .is_ok()
+    })
 }
 
 #[cfg(test)]
@@ -104,5 +153,17 @@ mod tests {
         assert!(f.is_active());
         assert!(f.refuse_bridge_presence());
         assert!(!f.refuse_bridge_presence());
+        let f = Faults::parse("refuse_bridge_room_presence:1");
+        assert!(f.is_active() && !f.refuse_bridge_presence());
+        assert!(f.refuse_bridge_room_presence());
+        assert!(!f.refuse_bridge_room_presence());
+        let f = Faults::parse("drop_call_held:1");
+        assert!(f.is_active() && f.drop_call_held() && !f.drop_call_held());
+        let f = Faults::parse("subscriber_panic_on:boom");
+        let (quiet, boom): (Vec<std::sync::Arc<str>>, _) =
+            (vec!["a".into()], vec!["x{boom}".into()]);
+        assert!(f.is_active() && !f.subscriber_panic(&quiet));
+        assert!(f.subscriber_panic(&boom));
+        assert!(!f.subscriber_panic(&boom));
     }
 }

@@ -143,6 +143,13 @@ pub const PRESENCE_OFFLINE_USERS_MAX: usize = 100_000;
 /// tracks presence) waiting on one shard for an owner whose inbox was full, retried every
 /// tick in order; past it a report is dropped and counted (`switchboard_presence_reports_dropped_total`).
 pub const PRESENCE_OWED_MAX: usize = 65_536;
+/// Clustered: room presence changes (a user's first device in a room on this node, or its last
+/// one out) waiting on one shard for the bridge, whose inbox was full, retried every tick in
+/// order (a join and its leave that both wait cancel out). An entry is its bridge message (the
+/// event frame shared, ~150 B) and a map entry, ~300 B: ~5 MiB per shard at the bound. Past it
+/// a change is told on this node only, as this node judged it, and counted
+/// (`switchboard_presence_room_bridge_lost_total`): Redis and the other nodes never hear it.
+pub const PRESENCE_ROOM_BRIDGE_OWED_MAX: usize = 16_384;
 // ---- the REST API
 /// How long a shard reuses its sorted list of the node's online users for
 /// `GET /api/v1/presence/online`, in ms. Building it is one pass over the node's users plus a

@@ -251,6 +251,9 @@ stats! {
     presence_queries: Counter("switchboard_presence_queries_total", "presence.query and presence.watch commands answered with presence.state"),
     presence_reports_owed: Counter("switchboard_presence_reports_owed_total", "Presence reports queued for retry because the owner shard's inbox was full"),
     presence_reports_dropped: Counter("switchboard_presence_reports_dropped_total", "Presence reports dropped because PRESENCE_OWED_MAX reports already waited"),
+    presence_room_bridge_owed: Counter("switchboard_presence_room_bridge_owed_total", "Clustered: room presence changes (a user's first device in a room on this node, or its last out) the bridge's full inbox refused, held on the shard and handed to it again in order"),
+    presence_room_bridge_coalesced: Counter("switchboard_presence_room_bridge_coalesced_total", "Clustered: room presence changes that cancelled one of the same user and room still held for the bridge (a join and its leave): neither was told"),
+    presence_room_bridge_lost: Counter("switchboard_presence_room_bridge_lost_total", "Clustered: room presence changes the bridge refused with PRESENCE_ROOM_BRIDGE_OWED_MAX already held: told on this node only, never judged in Redis"),
     presence_forgotten: Counter("switchboard_presence_forgotten_total", "Offline users forgotten at PRESENCE_OFFLINE_USERS_MAX (they read as never seen)"),
     presence_read_local: Counter("switchboard_presence_read_local_total", "Clustered: presence.state answers with users held only by other nodes that were answered from this node's state (Redis down, slow, or the bridge busy)"),
     // ---- cross-shard

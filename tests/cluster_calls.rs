@@ -322,3 +322,64 @@ fn late_commands_across_nodes_get_unknown_call_and_release_the_answers_entry() {
     bob_b.expect_silence(2500);
     alice.expect_silence(100);
 }
+
+#[test]
+fn an_answer_whose_confirmation_is_lost_ends_the_call_on_both_nodes() {
+    // Bob's node drops the first confirmation it gets (`CALL_HELD`): his answer, accepted on
+    // alice's node, looks unknown to his after the wait. Both must then agree the call is over.
+    let redis = RedisServer::start();
+    let a = node(&redis);
+    let url = redis.url();
+    let b = TestServer::start(&[
+        ("SWITCHBOARD_REDIS_URL", url.as_str()),
+        ("SWITCHBOARD_RING_TIMEOUT", "10s"),
+        ("SWITCHBOARD_TEST_FAULT", "drop_call_held:1"),
+    ]);
+    b.wait_ready();
+    let mut alice = a.connect("/ws?user_id=alice");
+    let mut bob = b.connect("/ws?user_id=bob");
+    held(&redis, "bob", 1);
+    held(&redis, "alice", 1);
+    send(&mut alice, "call.offer", "bob", "lost", json!({"sdp": "o"}));
+    expect(&mut bob, "call.incoming", "lost");
+    let asked = Instant::now();
+    send(
+        &mut bob,
+        "call.answer",
+        "alice",
+        "lost",
+        json!({"id": "ans", "sdp": "a"}),
+    );
+    // Accepted where the call is held: alice hears the answer.
+    let v = expect(&mut alice, "call.answer", "lost");
+    assert_eq!(v["data"]["from"], "bob", "{v}");
+    // No confirmation reached B: bob is told `unknown call` after the wait...
+    assert_eq!(
+        untimed(bob.expect_error("unknown call")),
+        unknown("ans", "lost")
+    );
+    assert!(asked.elapsed() < UNKNOWN_WITHIN, "{:?}", asked.elapsed());
+    // ...and the call ends on A too, as if bob had left.
+    let v = expect(&mut alice, "call.ended", "lost");
+    assert_eq!(v["data"]["reason"], "disconnected", "{v}");
+    assert!(asked.elapsed() < UNKNOWN_WITHIN, "{:?}", asked.elapsed());
+    // Gone everywhere: the id rings again, and bob's answer is confirmed this time.
+    send(
+        &mut alice,
+        "call.offer",
+        "bob",
+        "lost",
+        json!({"sdp": "o2"}),
+    );
+    expect(&mut bob, "call.incoming", "lost");
+    send(
+        &mut bob,
+        "call.answer",
+        "alice",
+        "lost",
+        json!({"id": "ans2", "sdp": "a2"}),
+    );
+    expect(&mut alice, "call.answer", "lost");
+    bob.expect_silence(2_500);
+    alice.expect_silence(100);
+}

@@ -708,3 +708,50 @@ fn an_online_the_bridge_never_got_reaches_the_other_nodes_within_a_heartbeat() {
     wa.expect_silence(500);
     wb.expect_silence(1);
 }
+
+#[test]
+fn a_room_change_the_bridge_refused_reaches_the_other_nodes_once() {
+    // A's first two room presence changes for the bridge (wa's join, then mo's) are refused
+    // as if its inbox were full: each waits on the shard and is handed to the bridge again at
+    // the next tick, then judged in Redis and told everywhere once, A's members included.
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let a = TestServer::start(&[
+        ("SWITCHBOARD_REDIS_URL", url.as_str()),
+        ("SWITCHBOARD_PRESENCE_OFFLINE_GRACE", GRACE),
+        ("SWITCHBOARD_REDIS_CANARY_INTERVAL", "200ms"),
+        ("SWITCHBOARD_ROOMS", ROOMS),
+        ("SWITCHBOARD_TEST_FAULT", "refuse_bridge_room_presence:2"),
+    ]);
+    a.wait_ready();
+    let b = room_node(&redis);
+    let mut wb = member(&b, &redis, "wb", "jl-r", 1);
+    judged_present(&redis, "jl-r", "wb");
+    let mut wa = member(&a, &redis, "wa", "jl-r", 2);
+    room_event(&mut wb, "presence.join", "jl-r", "wa");
+    judged_present(&redis, "jl-r", "wa");
+    let mo = member(&a, &redis, "mo", "jl-r", 2);
+    room_event(&mut wa, "presence.join", "jl-r", "mo");
+    room_event(&mut wb, "presence.join", "jl-r", "mo");
+    judged_present(&redis, "jl-r", "mo");
+    assert_eq!(
+        room_query(&mut wb, "jl-r"),
+        json!({"users": [{"user_id": "mo", "devices": 1}, {"user_id": "wa", "devices": 1}, {"user_id": "wb", "devices": 1}], "count": 3, "truncated": false})
+    );
+    // Once each.
+    wa.expect_silence(500);
+    wb.expect_silence(1);
+    let text = a.http_get("/metrics").1;
+    assert_eq!(
+        common::metric(&text, "switchboard_presence_room_bridge_owed_total"),
+        Some(2),
+        "{text}"
+    );
+    // mo's leave takes the normal path.
+    mo.close_and_wait();
+    room_event(&mut wa, "presence.leave", "jl-r", "mo");
+    room_event(&mut wb, "presence.leave", "jl-r", "mo");
+    wa.expect_silence(500);
+    wb.expect_silence(1);
+    assert_eq!(redis.int(&["HEXISTS", "sb:{room:jl-r}:present", "mo"]), 0);
+}

@@ -623,3 +623,47 @@ fn a_master_killed_fails_over_to_its_replica_and_every_node_delivers_again() {
     assert_eq!(e["data"]["status"], "online", "{e}");
     assert_no_panic(&[&a, &b]);
 }
+
+#[test]
+fn a_masters_subscriber_that_panics_is_counted_and_started_again() {
+    let cluster = RedisCluster::start(3);
+    let seeds = cluster.seeds();
+    let mut env = vec![
+        ("SWITCHBOARD_REDIS_URL", seeds.as_str()),
+        ("SWITCHBOARD_TEST_FAULT", "subscriber_panic_on:boom"),
+    ];
+    env.extend_from_slice(FAST);
+    let a = TestServer::start(&env);
+    a.wait_ready();
+    let b = node(&cluster);
+    // Rooms on every master, read on A, before anything goes wrong.
+    let mut pairs: Vec<Pair> = (0..3)
+        .map(|m| Pair::new(&b, &a, &room_on(&cluster, m, "sup")))
+        .collect();
+    for p in &mut pairs {
+        p.crossing_within(Duration::from_secs(3));
+    }
+    assert_eq!(counter(&a, "switchboard_redis_task_restarts_total"), 0);
+    // A room on master 0 makes A's subscriber of master 0 panic once it is held there.
+    let boom = room_on(&cluster, 0, "boom");
+    let mut c = a.connect("/ws");
+    c.subscribe(&boom);
+    a.wait_metrics("the subscriber's restart", |t| {
+        metric(t, "switchboard_redis_task_restarts_total") == Some(1)
+    });
+    // Started again on a new connection, with every channel it held: each master delivers
+    // to A again, the room that was held before the panic included.
+    for p in &mut pairs {
+        p.crossing_within(Duration::from_secs(5));
+    }
+    wait_ready_is(&a, 200, Duration::from_secs(5));
+    let mut boom_pair = Pair::new(&b, &a, &boom);
+    boom_pair.crossing_within(Duration::from_secs(3));
+    let logs = a.logs();
+    assert!(
+        logs.contains("a bridge task panicked") && logs.contains("cluster subscriber"),
+        "{logs}"
+    );
+    assert_eq!(counter(&a, "switchboard_redis_task_restarts_total"), 1);
+    assert_no_panic(&[&b]);
+}

@@ -2026,6 +2026,8 @@ impl Redis {
                 }
             },
             // For the shard that forwarded the command: the owner of its pair here.
+            // Fault injection (`SWITCHBOARD_TEST_FAULT`): lost on the way.
+            cluster::service::CALL_HELD if self.node.faults.drop_call_held() => return,
             cluster::service::CALL_HELD => match calls::decode_held(origin, body) {
                 Some(input @ calls::Input::Held { conn, .. }) if conn.node == self.node.id => (
                     calls::owner_of_input(&input, self.node.inboxes.len()),
@@ -2654,6 +2656,24 @@ where
     F: Fn(Rc<Redis>) -> Fut + 'static,
     Fut: std::future::Future<Output = ()> + 'static,
 {
+    supervise_with(name, redis.node.clone(), redis.clone(), make)
+}
+
+/// [`supervise`] for a task of another context `ctx` (Redis Cluster mode's tasks, and its
+/// per-master ones), counted in the node's `switchboard_redis_task_restarts_total` all the
+/// same. `make` is called again for each restart: the task starts from its beginning, so it
+/// must (re)make what it needs there (a connection, its up flags).
+pub(super) fn supervise_with<C, F, Fut>(
+    name: &'static str,
+    node: Arc<Node>,
+    ctx: C,
+    make: F,
+) -> tokio::task::JoinHandle<()>
+where
+    C: Clone + 'static,
+    F: Fn(C) -> Fut + 'static,
+    Fut: std::future::Future<Output = ()> + 'static,
+{
     /// Aborts the task when the supervisor is dropped (aborted).
     struct AbortOnDrop(tokio::task::JoinHandle<()>);
     impl Drop for AbortOnDrop {
@@ -2661,15 +2681,12 @@ where
             self.0.abort();
         }
     }
-    let redis = redis.clone();
     tokio::task::spawn_local(async move {
         loop {
-            let mut task = AbortOnDrop(tokio::task::spawn_local(make(redis.clone())));
+            let mut task = AbortOnDrop(tokio::task::spawn_local(make(ctx.clone())));
             match (&mut task.0).await {
                 Err(e) if e.is_panic() => {
-                    redis
-                        .node
-                        .redis_stats
+                    node.redis_stats
                         .task_restarts
                         .fetch_add(1, Ordering::Relaxed);
                     tracing::error!(
@@ -2678,7 +2695,7 @@ where
                     );
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
-                // Ended on its own (the bridge is stopping), or aborted.
+                // Ended on its own (the bridge is stopping, a retired master), or aborted.
                 _ => return,
             }
         }

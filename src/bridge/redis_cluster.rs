@@ -53,6 +53,12 @@
 //!   when a `MOVED` or an unasked `sunsubscribe` says it changed (at most once per
 //!   [`TOPOLOGY_REFRESH_MIN`]). A new master gets its connections; a master that owns no slot
 //!   any more is retired and its channels and staged envelopes go to the new owners.
+//! - **Supervision.** Every task here, each master's publisher and subscriber too, runs under
+//!   [`supervise_with`] (the same restart and counter as the shared tasks' `supervise`): a
+//!   panic is logged, counted and the task started again from its beginning a second later.
+//!   A master's task marks its connection down as it unwinds ([`DownOnPanic`]) and makes a
+//!   new one when started again; the dispatcher, router and canary wait for the first slot
+//!   map, which the topology task reads.
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashSet, VecDeque};
@@ -73,7 +79,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::{Ordering, SUBSCRIBE_BATCH_MAX};
+use super::{supervise_with, Ordering, SUBSCRIBE_BATCH_MAX};
 use super::{Out, Redis, CLIENT_PIPELINE_BUFFER, CLIENT_WRITE_BOUNDARY, INBOUND_MAX, PIPELINE_MAX};
 use crate::cluster::{self, Backoff, Changes, Inbound, SlotMap, Subscriptions};
 
@@ -414,6 +420,25 @@ impl Master {
 
 type PushTx = mpsc::Sender<(u64, u64, PushInfo)>;
 
+/// Marks a master's publisher or subscriber connection down (`master`, and the node's
+/// `node` flag) at once when its task panics, rather than when the supervisor starts it
+/// again: Cells and an atomic only, nothing borrowed while unwinding.
+struct DownOnPanic<'a> {
+    r: &'a Redis,
+    master: &'a Cell<bool>,
+    node: &'a Cell<bool>,
+}
+
+impl Drop for DownOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.master.set(false);
+            self.node.set(false);
+            self.r.update_up();
+        }
+    }
+}
+
 /// The cluster side of one node's [`Redis`].
 struct Sharded {
     r: Rc<Redis>,
@@ -428,10 +453,15 @@ struct Sharded {
     /// Channels wanted whose slot no master owns (an uncovered cluster).
     unrouted: RefCell<HashSet<Arc<str>>>,
     push_tx: PushTx,
+    /// The per-master tasks' supervisors.
     tasks: RefCell<Vec<JoinHandle<()>>>,
+    /// The first slot map was taken: nothing is routed before it.
+    mapped: Cell<bool>,
+    mapped_now: Notify,
 }
 
-/// Aborts the per-master tasks when the cluster's main task is aborted (the bridge stops).
+/// Aborts the per-master tasks when the bridge stops (it aborts the tasks [`start`] returns,
+/// one of which holds this).
 struct AbortTasks(Rc<Sharded>);
 
 impl Drop for AbortTasks {
@@ -443,7 +473,9 @@ impl Drop for AbortTasks {
 }
 
 /// Start cluster mode for `r` (instead of its single-Redis publisher, subscriber, inbound and
-/// canary tasks).
+/// canary tasks). Every task, the per-master ones too, runs under [`supervise_with`]: a
+/// panic is logged, counted (`switchboard_redis_task_restarts_total`) and the task started
+/// again a second later, from its beginning (a per-master task makes its connection again).
 pub(super) fn start(r: Rc<Redis>) -> Vec<JoinHandle<()>> {
     let seeds: Vec<ConnectionInfo> = r
         .urls
@@ -462,6 +494,8 @@ pub(super) fn start(r: Rc<Redis>) -> Vec<JoinHandle<()>> {
         unrouted: RefCell::new(HashSet::new()),
         push_tx,
         tasks: RefCell::new(Vec::new()),
+        mapped: Cell::new(false),
+        mapped_now: Notify::new(),
     });
     // A channel is held once the master of its slot confirmed it (the node-wide set only
     // routes). Weak: the Redis clients own the cluster side.
@@ -474,21 +508,62 @@ pub(super) fn start(r: Rc<Redis>) -> Vec<JoinHandle<()>> {
                 .any(|m| m.subs.borrow().holds(channel))
         })
     }));
-    vec![tokio::task::spawn_local(s.run(rx))]
+    let rx = Rc::new(tokio::sync::Mutex::new(rx));
+    let node = s.r.node.clone();
+    let keeper = s.clone();
+    vec![
+        // Holds the per-master tasks' guard; never ends until aborted.
+        tokio::task::spawn_local(async move {
+            let _guard = AbortTasks(keeper);
+            std::future::pending::<()>().await
+        }),
+        supervise_with("cluster command connection", node.clone(), s.clone(), |s| {
+            s.command_connection()
+        }),
+        supervise_with("cluster inbound", node.clone(), s.clone(), move |s| {
+            s.inbound(rx.clone())
+        }),
+        supervise_with("cluster dispatcher", node.clone(), s.clone(), |s| {
+            s.dispatcher()
+        }),
+        supervise_with("cluster router", node.clone(), s.clone(), |s| s.router()),
+        supervise_with("cluster canary", node.clone(), s.clone(), |s| s.canary()),
+        supervise_with("cluster topology", node, s, |s| s.topology()),
+    ]
 }
 
 impl Sharded {
-    fn spawn(&self, f: impl Future<Output = ()> + 'static) {
+    /// Run a per-master task under [`supervise_with`] (`make` makes it again after a panic).
+    fn spawn<F, Fut>(self: &Rc<Self>, name: &'static str, m: &Rc<Master>, make: F)
+    where
+        F: Fn((Rc<Self>, Rc<Master>)) -> Fut + 'static,
+        Fut: Future<Output = ()> + 'static,
+    {
+        let h = supervise_with(name, self.r.node.clone(), (self.clone(), m.clone()), make);
         let mut t = self.tasks.borrow_mut();
         t.retain(|h| !h.is_finished());
-        t.push(tokio::task::spawn_local(f));
+        t.push(h);
     }
 
-    async fn run(self: Rc<Self>, rx: mpsc::Receiver<(u64, u64, PushInfo)>) {
-        let _guard = AbortTasks(self.clone());
-        self.spawn(self.clone().command_connection());
-        self.spawn(self.clone().inbound(rx));
-        // The first slot map: nothing is routed before it.
+    /// Wait until the first slot map is taken (nothing is routed before it).
+    async fn first_map(&self) {
+        while !self.mapped.get() {
+            self.mapped_now.notified().await;
+        }
+    }
+
+    /// Read the first slot map, then follow the cluster's topology
+    /// ([`Sharded::follow_topology`]).
+    async fn topology(self: Rc<Self>) {
+        if !self.mapped.get() {
+            self.first_topology().await;
+        }
+        self.follow_topology().await;
+    }
+
+    /// The first slot map, asked of the seeds until one answers (with backoff); then the
+    /// tasks waiting in [`Sharded::first_map`] go on.
+    async fn first_topology(self: &Rc<Self>) {
         let mut backoff = Backoff::new(
             self.r.node.cfg.redis_reconnect_max,
             u64::from(self.r.node.id) ^ 0x5eed,
@@ -509,10 +584,8 @@ impl Sharded {
             masters = self.masters.borrow().len(),
             "redis: cluster mode, sharded pub/sub on every master"
         );
-        self.spawn(self.clone().dispatcher());
-        self.spawn(self.clone().router());
-        self.spawn(self.clone().canary());
-        self.topology().await;
+        self.mapped.set(true);
+        self.mapped_now.notify_waiters();
     }
 
     /// Make the cluster connection for key commands (presence, heartbeat, reaper); the crate
@@ -605,7 +678,7 @@ impl Sharded {
     }
 
     /// Read the slot map again when asked (or every [`TOPOLOGY_REFRESH_INTERVAL`]).
-    async fn topology(self: &Rc<Self>) {
+    async fn follow_topology(self: &Rc<Self>) {
         let mut tick = tokio::time::interval(TOPOLOGY_REFRESH_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;
@@ -656,8 +729,8 @@ impl Sharded {
             let id = self.next_id.get();
             self.next_id.set(id + 1);
             let m = Rc::new(Master::new(id, addr.clone(), info));
-            self.spawn(self.clone().publisher(m.clone()));
-            self.spawn(self.clone().subscriber(m.clone()));
+            self.spawn("cluster publisher", &m, |(s, m)| s.publisher(m));
+            self.spawn("cluster subscriber", &m, |(s, m)| s.subscriber(m));
             list.push(m);
         }
         tracing::info!(
@@ -784,6 +857,7 @@ impl Sharded {
 
     /// Move what [`Redis::publish`] queues to the masters' staging queues.
     async fn dispatcher(self: Rc<Self>) {
+        self.first_map().await;
         loop {
             if self.r.queue.borrow().is_empty() {
                 self.r.wake_pub.notified().await;
@@ -797,6 +871,8 @@ impl Sharded {
     /// Hand the node's wanted channels ([`Redis`]'s subscription set) to the masters of their
     /// slots.
     async fn router(self: Rc<Self>) {
+        self.first_map().await;
+        self.route_all();
         loop {
             let c = self.r.subs.borrow_mut().changes(usize::MAX);
             if c.is_empty() {
@@ -838,6 +914,43 @@ impl Sharded {
         }
     }
 
+    /// Route every channel the node wants to the master of its slot, and take from the
+    /// masters (and the unrouted set) the ones it does not want, their canaries aside: what a
+    /// router that panicked between taking a batch of changes and routing them left undone.
+    /// Run as the router starts (the first time it finds nothing to do that its first batch
+    /// would not do anyway; every step is idempotent).
+    fn route_all(&self) {
+        let want: HashSet<Arc<str>> = self.r.subs.borrow().desired().cloned().collect();
+        let map = self.map.borrow();
+        let masters = self.masters.borrow();
+        self.unrouted.borrow_mut().retain(|c| want.contains(c));
+        for m in masters.iter() {
+            let canary = m.canary.borrow().clone();
+            let unwanted: Vec<Arc<str>> = m
+                .subs
+                .borrow()
+                .desired()
+                .filter(|c| !want.contains(*c) && canary.as_ref() != Some(*c))
+                .cloned()
+                .collect();
+            let mut s = m.subs.borrow_mut();
+            for c in unwanted {
+                s.set(c, false);
+            }
+        }
+        for c in want {
+            match map.owner_of(&c) {
+                Some(o) => masters[o].subs.borrow_mut().set(c, true),
+                None => {
+                    self.unrouted.borrow_mut().insert(c);
+                }
+            }
+        }
+        for m in masters.iter() {
+            m.wake_sub.notify_one();
+        }
+    }
+
     /// One master's publisher: its staged envelopes as pipelines of `SPUBLISH`, one in flight.
     async fn publisher(self: Rc<Self>, m: Rc<Master>) {
         let stats = &self.r.node.redis_stats;
@@ -848,6 +961,13 @@ impl Sharded {
         );
         let mut first = true;
         let mut batch: Vec<Out> = Vec::with_capacity(PIPELINE_MAX);
+        // A panic takes the connection (and the batch in flight, unanswered) with the task,
+        // which the supervisor starts again.
+        let _down = DownOnPanic {
+            r: &self.r,
+            master: &m.pub_up,
+            node: &self.r.pub_up,
+        };
         while !m.retired.get() {
             let mut conn = match connect_node(&self.r, &m.info, None).await {
                 Ok(c) => c,
@@ -973,6 +1093,19 @@ impl Sharded {
             u64::from(self.r.node.id).rotate_left(17) ^ m.id,
         );
         let mut first = true;
+        // A panic takes the connection with the task, which the supervisor starts again: a
+        // new generation then, so that nothing the old one's pushes left queued (its
+        // disconnection) touches the next, and no history cache is current (pushes were
+        // lost).
+        let _down = DownOnPanic {
+            r: &self.r,
+            master: &m.sub_up,
+            node: &self.r.sub_up,
+        };
+        if m.sub_gen.get() > 0 {
+            self.r.history_lost();
+        }
+        m.sub_gen.set(m.sub_gen.get() + 1);
         while !m.retired.get() {
             let gen = m.sub_gen.get();
             let push = Some((self.push_tx.clone(), m.id, gen));
@@ -1020,6 +1153,9 @@ impl Sharded {
                             }
                             self.r.history_subscribed(&out.done.subscribe);
                             self.gauge_held();
+                            if self.r.node.faults.subscriber_panic(&out.done.subscribe) {
+                                panic!("fault injected: subscriber_panic_on");
+                            }
                             if let Some(e) = out.broken {
                                 self.r.log_error("subscribe failed", &e);
                                 break 'conn;
@@ -1074,8 +1210,12 @@ impl Sharded {
 
     /// What the masters' subscriber connections receive: envelopes to this node's shards,
     /// canaries to their master, a slot's `sunsubscribe` to a new slot map.
-    async fn inbound(self: Rc<Self>, mut rx: mpsc::Receiver<(u64, u64, PushInfo)>) {
+    async fn inbound(
+        self: Rc<Self>,
+        rx: Rc<tokio::sync::Mutex<mpsc::Receiver<(u64, u64, PushInfo)>>>,
+    ) {
         let stats = &self.r.node.redis_stats;
+        let mut rx = rx.lock().await;
         let mut batch = Vec::with_capacity(256);
         while rx.recv_many(&mut batch, 256).await > 0 {
             for (id, gen, push) in batch.drain(..) {
@@ -1168,6 +1308,7 @@ impl Sharded {
     /// A canary on every master every `redis_canary_interval`; one not back in
     /// `redis_canary_timeout` makes that master's subscriber connection be made again.
     async fn canary(self: Rc<Self>) {
+        self.first_map().await;
         let cfg = &self.r.node.cfg;
         let mut tick = tokio::time::interval(cfg.redis_canary_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -34,9 +34,11 @@
 //! nobody confirms in time (the call ended or timed out meanwhile, its node died, or the
 //! `call_id` was made up) gets `unknown call`, the frame one node would have sent, and an
 //! answer's tracked entry is released, so every forwarded command has a definite outcome
-//! within the wait. The rare confirmation of an accepted answer that comes after the wait
-//! (Redis or the holding node later than [`CALL_REMOTE_WAIT`]) ends that call on its node as
-//! if the answering connection had left: it was told `unknown call`. This was chosen over
+//! within the wait. An answer is the one command whose call a node may have accepted
+//! unconfirmed (its confirmation late or lost): when its wait runs out, every other node is
+//! told the answering connection left ([`Input::Gone`]), so a node that made it a party ends
+//! that call as if it had left (it was told `unknown call`) and both sides agree; a
+//! confirmation that comes after the wait does the same for its node. This was chosen over
 //! routing commands straight to the holding node (learning it from the `call.incoming` it
 //! relayed): that needs a route table per ringing call on every callee node and still a
 //! deadline for a holder that died or a route that was never heard, where the wait alone
@@ -575,6 +577,8 @@ struct Call {
 struct Pending {
     gen: u32,
     conn: ConnRef,
+    /// The requester's user (an answer's [`Input::Gone`] names it).
+    user: Arc<str>,
     id: Option<Box<str>>,
     peer: Arc<str>,
     call_id: Box<str>,
@@ -738,7 +742,11 @@ impl Calls {
 
     /// A command sent to the other nodes: no node confirmed it within its wait, so no node
     /// holds its call (or none could say so in time): `unknown call`, as on one node, and an
-    /// answer's entry is released.
+    /// answer's entry is released. An answer may still have been accepted by a node whose
+    /// confirmation was lost or late: every other node is told the requester left the call
+    /// ([`Input::Gone`], as its shard's `on_detach` would), so a node that made it a party
+    /// ends the call there (`disconnected` for the caller) and both sides agree it is over;
+    /// a node where it is no party ignores it.
     fn pending_timer(&mut self, key: u64, cx: Ctx, out: &mut Vec<Action>) {
         let Some(i) = self.pending_of(key) else {
             return; // confirmed: a stale entry
@@ -756,7 +764,7 @@ impl Calls {
         if p.tracked {
             out.push(Action::Untrack {
                 conn: p.conn,
-                peer: p.peer,
+                peer: p.peer.clone(),
                 call_id: p.call_id.clone(),
             });
         }
@@ -764,8 +772,20 @@ impl Calls {
             conn: p.conn,
             id: p.id,
             err: CallError::UnknownCall,
-            call_id: p.call_id,
+            call_id: p.call_id.clone(),
         });
+        if p.tracked {
+            out.push(Action::Elsewhere {
+                input: Input::Gone {
+                    conn: p.conn,
+                    user: p.user,
+                    peer: p.peer,
+                    call_id: p.call_id,
+                },
+                ask: None,
+                node: None,
+            });
+        }
     }
 
     /// Node `node` holds the call of the command forwarded under `key` and ran it: the wait is
@@ -869,6 +889,7 @@ impl Calls {
             let i = self.pending.insert(Pending {
                 gen,
                 conn: req.conn,
+                user: req.user.clone(),
                 id: req.id.clone(),
                 peer: peer.clone(),
                 call_id: call_id.clone(),
@@ -2722,14 +2743,25 @@ mod tests {
                 key
             }]
         );
-        // Unconfirmed at the deadline: the answer's entry is released, and every command
-        // gets the single-node `unknown call`.
+        // Unconfirmed at the deadline: the answer's entry is released, every command gets
+        // the single-node `unknown call`, and the other nodes hear the answer's connection
+        // left the call (in case one did make it a party).
         t.now += 1;
         assert_eq!(
             t.run(Input::Timer { key }),
             vec![
                 untrack(b, "alice", "late"),
-                err(b, CallError::UnknownCall, "late")
+                err(b, CallError::UnknownCall, "late"),
+                Action::Elsewhere {
+                    input: Input::Gone {
+                        conn: b,
+                        user: u("bob"),
+                        peer: u("alice"),
+                        call_id: "late".into(),
+                    },
+                    ask: None,
+                    node: None,
+                }
             ]
         );
         assert_eq!(
@@ -2792,6 +2824,84 @@ mod tests {
         );
         assert_eq!(t.m.stats.remote_late, 1);
         assert_eq!(t.m.stats.remote_unanswered, 0);
+    }
+
+    #[test]
+    fn an_accepted_answer_whose_confirmation_is_lost_ends_the_call_on_both_nodes() {
+        // alice on node 1 (`holder`) calls bob; bob answers on node 2 (`asker`), whose owner
+        // does not hold the call and forwards the answer.
+        let a = conn(0, 1);
+        let b = ConnRef {
+            node: 2,
+            shard: 0,
+            slot: 9,
+            gen: 1,
+        };
+        let mut holder = T::new(4);
+        holder.clustered = true;
+        holder.offer("alice", a, "bob", "c1");
+        let mut asker = T::new(4);
+        asker.clustered = true;
+        let out = asker.answer("bob", b, "alice", "c1");
+        let key = elsewhere_key(&out);
+        let Some(Action::Elsewhere { input, .. }) = out.into_iter().last() else {
+            panic!("the answer goes to the other nodes");
+        };
+        // The holder accepts it (alice gets the answer) and confirms; the confirmation is
+        // lost on the way.
+        holder.remote = true;
+        holder.ask = Some(key);
+        let out = holder.run(input);
+        assert_eq!(
+            out.first(),
+            Some(&ev(
+                Dest::Conn(a),
+                "c1",
+                Event::Answer {
+                    from: u("bob"),
+                    sdp: "\"a\"".into()
+                }
+            ))
+        );
+        assert!(
+            matches!(out.last(), Some(Action::Held { party: true, .. })),
+            "{out:?}"
+        );
+        assert_eq!(holder.count("alice"), 1);
+        // The asker's wait runs out: bob is told `unknown call` and untracked, and the other
+        // nodes hear bob's connection left the call.
+        asker.now += WAIT;
+        let out = asker.run(Input::Timer { key });
+        assert_eq!(
+            out[..2],
+            [
+                untrack(b, "alice", "c1"),
+                err(b, CallError::UnknownCall, "c1")
+            ]
+        );
+        let Some(Action::Elsewhere {
+            input: gone @ Input::Gone { .. },
+            ask: None,
+            node: None,
+        }) = out.get(2).cloned()
+        else {
+            panic!("{out:?}");
+        };
+        // The holder ends the call as if bob had left: alice hears it, the call is gone (the
+        // parties' entries released; bob's is already, so his untrack finds nothing).
+        holder.ask = None;
+        assert_eq!(
+            holder.run(gone.clone()),
+            vec![
+                end(Dest::Conn(a), "c1", "disconnected"),
+                untrack(a, "bob", "c1"),
+                untrack(b, "alice", "c1")
+            ]
+        );
+        assert!(holder.m.is_empty());
+        assert_eq!(holder.count("alice"), 0);
+        // Told twice (a late confirmation also sends it): nothing more.
+        assert!(holder.run(gone).is_empty());
     }
 
     #[test]

@@ -28,6 +28,8 @@
 //!
 //! Reports are state, so one that finds the owner's inbox full is not dropped: it waits in
 //! `State::owed` (bounded by `PRESENCE_OWED_MAX`, in order) and is retried every tick.
+//! Clustered, a room presence change the bridge's full inbox refuses waits the same way
+//! (`State::bridge_owed`, bounded by `PRESENCE_ROOM_BRIDGE_OWED_MAX`, [`room_event`]).
 //! Requests (`presence.update`, a room query) answer `server busy, retry later` instead.
 
 pub mod state;
@@ -42,8 +44,8 @@ use serde::Deserialize;
 
 use super::{identity, parse, Cmd, ServiceMsg};
 use crate::limits::{
-    ID_BYTES_MAX, PRESENCE_OFFLINE_USERS_MAX, PRESENCE_OWED_MAX, PRESENCE_TEXT_BYTES_MAX,
-    TIMER_TICK_MS,
+    ID_BYTES_MAX, PRESENCE_OFFLINE_USERS_MAX, PRESENCE_OWED_MAX, PRESENCE_ROOM_BRIDGE_OWED_MAX,
+    PRESENCE_TEXT_BYTES_MAX, TIMER_TICK_MS,
 };
 use crate::metrics::ErrorReason;
 use crate::proto::envelope::non_empty;
@@ -64,6 +66,9 @@ pub struct State {
     owner: state::Owner,
     /// Reports whose owner's inbox was full, in send order.
     owed: VecDeque<(usize, Msg)>,
+    /// Clustered: room presence changes the bridge's full inbox refused, in order
+    /// ([`room_event`]; at most `PRESENCE_ROOM_BRIDGE_OWED_MAX`).
+    bridge_owed: state::BridgeOwed<crate::bridge::BridgeMsg>,
     retry_scheduled: bool,
 }
 
@@ -242,8 +247,13 @@ fn owe(sh: &mut Shard, to: usize, msg: Msg) {
     }
     sh.out.stats.presence_reports_owed += 1;
     st.owed.push_back((to, msg));
-    if !st.retry_scheduled {
-        st.retry_scheduled = true;
+    schedule_retry(sh);
+}
+
+/// The next tick retries what waits (owed reports, room changes owed to the bridge).
+fn schedule_retry(sh: &mut Shard) {
+    if !sh.svc.presence.retry_scheduled {
+        sh.svc.presence.retry_scheduled = true;
         let tick = sh.now_tick + 1;
         sh.schedule_service(tick, super::id::PRESENCE, RETRY_KEY);
     }
@@ -251,6 +261,9 @@ fn owe(sh: &mut Shard, to: usize, msg: Msg) {
 
 fn retry_owed(sh: &mut Shard) {
     sh.svc.presence.retry_scheduled = false;
+    if !retry_bridge(sh) {
+        schedule_retry(sh);
+    }
     while let Some((to, msg)) = sh.svc.presence.owed.pop_front() {
         let copy = msg.clone();
         if sh
@@ -263,11 +276,32 @@ fn retry_owed(sh: &mut Shard) {
             continue;
         }
         sh.svc.presence.owed.push_front((to, copy));
-        sh.svc.presence.retry_scheduled = true;
-        let tick = sh.now_tick + 1;
-        sh.schedule_service(tick, super::id::PRESENCE, RETRY_KEY);
+        schedule_retry(sh);
         return;
     }
+}
+
+/// Hand the bridge the room presence changes it refused, in order, until it refuses one
+/// again; true when none waits any more. Each one taken is as if taken the first time: its
+/// event reaches this node's members from the bridge, once Redis judged it.
+fn retry_bridge(sh: &mut Shard) -> bool {
+    let st = &mut sh.svc.presence;
+    if st.bridge_owed.is_empty() {
+        return true;
+    }
+    let tx = &sh.node.bridge_tx;
+    let mut events = 0;
+    st.bridge_owed.retry(|msg| {
+        let has_frame = matches!(
+            &msg,
+            crate::bridge::BridgeMsg::RoomPresence { frame: Some(_), .. }
+        );
+        tx.try_send(msg)
+            .map(|()| events += u64::from(has_frame))
+            .map_err(|e| e.into_inner())
+    });
+    sh.out.stats.presence_room_events += events;
+    st.bridge_owed.is_empty()
 }
 
 /// Send a request to its owner (handled here when this shard owns it); false when the
@@ -502,7 +536,11 @@ fn handle(sh: &mut Shard, m: Msg) {
 /// cluster's first or last (the room's hash of users, `<p>{room:<name>}:present`) and its
 /// script publishes the event, which this node's members hear once the verdict is back
 /// ([`crate::bridge::redis::Redis::room_presence`]); rooms with `presence: true` only (no
-/// events) are judged all the same, for the room query.
+/// events) are judged all the same, for the room query. A change the bridge's full inbox
+/// refuses waits in `State::bridge_owed` (in order, ahead of any newer one, retried every
+/// tick; a join and its leave that both wait cancel out) and is then taken as if the first
+/// time; past `PRESENCE_ROOM_BRIDGE_OWED_MAX` it is told here as this node judged it, and
+/// never reaches Redis (counted).
 fn room_event(
     sh: &mut Shard,
     room: Arc<str>,
@@ -521,20 +559,56 @@ fn room_event(
     if sh.node.clustered {
         let msg = crate::bridge::BridgeMsg::RoomPresence {
             room: room.clone(),
-            user,
+            user: user.clone(),
             join,
             frame: frame.clone(),
             except,
         };
-        match sh.node.bridge_tx.try_send(msg) {
-            Ok(()) => {
-                if frame.is_some() {
-                    sh.out.stats.presence_room_events += 1;
+        // Behind the changes the bridge refused before, if any still wait: a pair's changes
+        // reach Redis in order.
+        let msg = if retry_bridge(sh) {
+            if sh.node.faults.refuse_bridge_room_presence() {
+                msg
+            } else {
+                match sh.node.bridge_tx.try_send(msg) {
+                    Ok(()) => {
+                        if frame.is_some() {
+                            sh.out.stats.presence_room_events += 1;
+                        }
+                        return;
+                    }
+                    Err(e) => e.into_inner(),
                 }
+            }
+        } else {
+            msg
+        };
+        // The bridge is full: the change waits here and goes at the next tick, judged and
+        // told as if taken now (this node's members hear it then, from the bridge).
+        let max = PRESENCE_ROOM_BRIDGE_OWED_MAX;
+        match sh
+            .svc
+            .presence
+            .bridge_owed
+            .push(&room, &user, join, msg, max)
+        {
+            state::Owed::Queued => {
+                sh.out.stats.presence_room_bridge_owed += 1;
+                schedule_retry(sh);
                 return;
             }
-            // The bridge is full: this node's judgement, told here as it is.
-            Err(_) => sh.out.stats.bridge_dropped += 1,
+            // A join and its leave (or a leave and the join back) that never reached Redis:
+            // neither is told anywhere.
+            state::Owed::Coalesced => {
+                sh.out.stats.presence_room_bridge_coalesced += 1;
+                return;
+            }
+            // Past the bound: this node's judgement, told here as it is; Redis and the other
+            // nodes never hear it.
+            state::Owed::Full => {
+                sh.out.stats.bridge_dropped += 1;
+                sh.out.stats.presence_room_bridge_lost += 1;
+            }
         }
     }
     if let Some(f) = frame {

@@ -666,6 +666,127 @@ impl Owner {
     }
 }
 
+/// What [`BridgeOwed::push`] did with a change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Owed {
+    /// It waits, behind the changes queued before it.
+    Queued,
+    /// It undid the change of the same (room, user) still waiting (a join and its leave, or
+    /// a leave and the join back): both are gone, and Redis keeps what it had.
+    Coalesced,
+    /// `max` changes wait already: it is the caller's to tell as it is.
+    Full,
+}
+
+type RoomUser = (Arc<str>, Arc<str>);
+
+/// A waiting change: its pair, join or leave, the message.
+type OwedEntry<T> = (RoomUser, bool, T);
+
+/// Clustered: room presence changes (a user's first device in a room on this node, or its
+/// last one out) the bridge refused because its inbox was full, in the order they happened,
+/// to hand to it again before any newer one (the glue retries every tick). Each entry is
+/// `T` (the bridge message) under its (room, user) pair. Sans-IO: [`BridgeOwed::retry`]
+/// is given the send.
+///
+/// A pair's changes alternate (join, leave, join...), so a change of a pair that still has
+/// one waiting is always its opposite: the two cancel out ([`Owed::Coalesced`]) and neither
+/// reaches Redis, whose state of the pair was the one before both. A cancelled entry stays
+/// as a hole until it reaches the front (or the back); holes count against `max`.
+pub struct BridgeOwed<T> {
+    q: std::collections::VecDeque<Option<OwedEntry<T>>>,
+    /// The sequence number of `q[0]`.
+    head: u64,
+    /// The sequence number of each pair's waiting change.
+    last: HashMap<RoomUser, u64>,
+}
+
+impl<T> Default for BridgeOwed<T> {
+    fn default() -> Self {
+        BridgeOwed {
+            q: Default::default(),
+            head: 0,
+            last: HashMap::new(),
+        }
+    }
+}
+
+impl<T> BridgeOwed<T> {
+    /// Changes waiting (not holes).
+    pub fn len(&self) -> usize {
+        self.last.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.q.is_empty()
+    }
+
+    /// Queue `item`, the change `join` of (`room`, `user`), behind the others; at most `max`
+    /// entries (holes included) wait.
+    pub fn push(
+        &mut self,
+        room: &Arc<str>,
+        user: &Arc<str>,
+        join: bool,
+        item: T,
+        max: usize,
+    ) -> Owed {
+        let key = (room.clone(), user.clone());
+        if let Some(seq) = self.last.remove(&key) {
+            let slot = &mut self.q[(seq - self.head) as usize];
+            debug_assert!(
+                slot.as_ref().is_some_and(|(_, j, _)| *j != join),
+                "a pair's changes alternate"
+            );
+            *slot = None;
+            while matches!(self.q.back(), Some(None)) {
+                self.q.pop_back();
+            }
+            self.trim_front();
+            return Owed::Coalesced;
+        }
+        if self.q.len() >= max {
+            return Owed::Full;
+        }
+        self.last
+            .insert(key.clone(), self.head + self.q.len() as u64);
+        self.q.push_back(Some((key, join, item)));
+        Owed::Queued
+    }
+
+    /// Hand the waiting changes to `send` in order until it refuses one (which stays at the
+    /// front, to be tried first next time). Returns how many it took.
+    pub fn retry(&mut self, mut send: impl FnMut(T) -> Result<(), T>) -> usize {
+        let mut sent = 0;
+        loop {
+            self.trim_front();
+            let Some(Some((key, join, item))) = self.q.pop_front() else {
+                return sent;
+            };
+            match send(item) {
+                Ok(()) => {
+                    // A live entry is its pair's waiting change (a newer one would have
+                    // cancelled it).
+                    self.head += 1;
+                    self.last.remove(&key);
+                    sent += 1;
+                }
+                Err(item) => {
+                    self.q.push_front(Some((key, join, item)));
+                    return sent;
+                }
+            }
+        }
+    }
+
+    fn trim_front(&mut self) {
+        while matches!(self.q.front(), Some(None)) {
+            self.q.pop_front();
+            self.head += 1;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1048,5 +1169,57 @@ mod tests {
         assert!(o.room_leave("r", "b"));
         assert_eq!(o.room_users("r", 10), (Vec::new(), 0));
         assert!(o.rooms.is_empty());
+    }
+
+    #[test]
+    fn refused_room_changes_are_retried_in_order_and_a_pairs_opposites_cancel() {
+        let mut q: BridgeOwed<&str> = BridgeOwed::default();
+        let (r, s) = (u("r"), u("s"));
+        let (ann, bob) = (u("ann"), u("bob"));
+        assert_eq!(q.push(&r, &ann, true, "r ann +", 4), Owed::Queued);
+        assert_eq!(q.push(&r, &bob, true, "r bob +", 4), Owed::Queued);
+        assert_eq!(q.push(&s, &ann, true, "s ann +", 4), Owed::Queued);
+        // bob leaves before his join reached Redis: neither goes.
+        assert_eq!(q.push(&r, &bob, false, "r bob -", 4), Owed::Coalesced);
+        assert_eq!(q.len(), 2);
+        // The hole counts against the bound until it reaches the front.
+        assert_eq!(q.push(&s, &bob, true, "s bob +", 4), Owed::Queued);
+        assert_eq!(q.push(&r, &u("cy"), true, "r cy +", 4), Owed::Full);
+        // The send refuses the second: it stays first.
+        let mut sent = Vec::new();
+        let mut budget = 1;
+        let n = q.retry(|m| {
+            if budget == 0 {
+                return Err(m);
+            }
+            budget -= 1;
+            sent.push(m);
+            Ok(())
+        });
+        assert_eq!((n, &sent[..]), (1, &["r ann +"][..]));
+        // ann leaves r after her join went: her leave is queued (nothing to cancel).
+        assert_eq!(q.push(&r, &ann, false, "r ann -", 4), Owed::Queued);
+        let n = q.retry(|m| {
+            sent.push(m);
+            Ok(())
+        });
+        assert_eq!(n, 3);
+        assert_eq!(sent, ["r ann +", "s ann +", "s bob +", "r ann -"]);
+        assert!(q.is_empty());
+        assert_eq!(q.len(), 0);
+        // A cancelled change at the back leaves no hole; nor at the front.
+        assert_eq!(q.push(&r, &bob, true, "j", 1), Owed::Queued);
+        assert_eq!(q.push(&r, &bob, false, "l", 1), Owed::Coalesced);
+        assert!(q.is_empty());
+        assert_eq!(q.push(&r, &bob, true, "j", 2), Owed::Queued);
+        assert_eq!(q.push(&s, &bob, true, "k", 2), Owed::Queued);
+        assert_eq!(q.push(&r, &bob, false, "l", 2), Owed::Coalesced);
+        assert_eq!(q.push(&r, &ann, true, "m", 2), Owed::Queued);
+        let mut sent = Vec::new();
+        q.retry(|m| {
+            sent.push(m);
+            Ok(())
+        });
+        assert_eq!(sent, ["k", "m"]);
     }
 }
