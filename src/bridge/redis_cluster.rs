@@ -427,6 +427,9 @@ struct DownOnPanic<'a> {
     r: &'a Redis,
     master: &'a Cell<bool>,
     node: &'a Cell<bool>,
+    /// A subscriber's: its pushes stop with it, so no history cache is current from the
+    /// panic on (not only from the restart a second later).
+    pushes: bool,
 }
 
 impl Drop for DownOnPanic<'_> {
@@ -435,6 +438,13 @@ impl Drop for DownOnPanic<'_> {
             self.master.set(false);
             self.node.set(false);
             self.r.update_up();
+            if self.pushes {
+                self.r
+                    .node
+                    .redis_stats
+                    .history_gen
+                    .fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 }
@@ -967,6 +977,7 @@ impl Sharded {
             r: &self.r,
             master: &m.pub_up,
             node: &self.r.pub_up,
+            pushes: false,
         };
         while !m.retired.get() {
             let mut conn = match connect_node(&self.r, &m.info, None).await {
@@ -1101,6 +1112,7 @@ impl Sharded {
             r: &self.r,
             master: &m.sub_up,
             node: &self.r.sub_up,
+            pushes: true,
         };
         if m.sub_gen.get() > 0 {
             self.r.history_lost();

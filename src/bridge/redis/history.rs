@@ -69,9 +69,17 @@ pub const APPEND_TRIES_MAX: u32 = 6;
 pub const APPEND_RETRY_FOR: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// How long a node's append mark in a room (`<p>{room:x}:n:<node hex>`, [`APPEND_LUA`])
-/// lives after its last append there: far past [`APPEND_RETRY_FOR`] plus a `redis_timeout`,
-/// the last moment a copy of an append can still arrive.
+/// lives after its last append there, at least: the script is given the longer of this and
+/// [`APPEND_RETRY_FOR`] plus two `redis_timeout`s ([`append_mark_ttl`]), past the last moment
+/// a copy of an append can still arrive.
 pub const APPEND_MARK_TTL: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The mark's lifetime for `redis_timeout`: [`APPEND_MARK_TTL`], or longer with a long
+/// timeout (a copy sent at the end of the retry window may wait a timeout to be sent and
+/// another to run).
+pub fn append_mark_ttl(redis_timeout: std::time::Duration) -> std::time::Duration {
+    APPEND_MARK_TTL.max(APPEND_RETRY_FOR + redis_timeout * 2)
+}
 
 /// The pause before a pipeline Redis did not answer is sent again (or, while the publisher's
 /// connection is down, between looks for it).
@@ -640,7 +648,7 @@ impl Redis {
         let stats = &self.node.redis_stats;
         let mut loaded_gen = 0u64;
         let mut batch: Vec<Append> = Vec::with_capacity(super::PIPELINE_MAX);
-        let mark_ttl_ms = APPEND_MARK_TTL.as_millis() as u64;
+        let mark_ttl_ms = append_mark_ttl(self.node.cfg.redis_timeout).as_millis() as u64;
         loop {
             if self.hist.appends.borrow().is_empty() {
                 self.hist.wake_append.notified().await;
@@ -977,6 +985,17 @@ fn is_history_frame(f: &crate::proto::Frame) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_append_mark_outlives_every_copy_of_an_append() {
+        use std::time::Duration;
+        assert_eq!(append_mark_ttl(Duration::from_secs(2)), APPEND_MARK_TTL);
+        // The longest redis_timeout the config takes (60 s): the retry window plus two.
+        assert_eq!(
+            append_mark_ttl(Duration::from_secs(60)),
+            APPEND_RETRY_FOR + Duration::from_secs(120)
+        );
+    }
 
     fn bulk(s: &str) -> Value {
         Value::BulkString(s.as_bytes().to_vec())
