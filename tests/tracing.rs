@@ -704,12 +704,16 @@ fn a_cross_node_publish_into_a_room_with_history_is_one_trace() {
     let redis = RedisServer::start();
     let url = redis.url();
     let endpoint = stub.url("/api/v2/spans");
+    // Ratio 0, every caller's flag followed: only a publish that asks is traced, so the
+    // second, plain one below must leave no span at all.
     let extra = [
         ("SWITCHBOARD_REDIS_URL", url.as_str()),
         (
             "SWITCHBOARD_ROOMS",
             r#"[{"pattern": "h-*", "history_size": 10}]"#,
         ),
+        ("SWITCHBOARD_TRACE_SAMPLE_RATIO", "0"),
+        ("SWITCHBOARD_TRACE_PARENT_SAMPLED", "all"),
     ];
     let a = server("zipkin", &endpoint, &extra);
     let b = server("zipkin", &endpoint, &extra);
@@ -790,15 +794,23 @@ fn a_cross_node_publish_into_a_room_with_history_is_one_trace() {
         assert_eq!(d["traceId"], T9, "{d}");
     }
     assert_ne!(receives[0]["id"], receives[1]["id"]);
-    // An untraced publish into the room adds nothing to any trace (version-1 envelope).
+    // An untraced publish into the room makes no span anywhere (a version-1 envelope): the
+    // only redis.receive spans in the collector stay the traced one's two.
     alice.send_json(json!({"type": "publish", "room": "h-lobby", "data": {"n": 2}}));
     assert_eq!(bob.expect_type("message")["offset"], 2);
-    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(alice.expect_type("message")["offset"], 2);
+    std::thread::sleep(Duration::from_millis(500));
     let after = zipkin_spans(&stub);
-    assert_eq!(
-        count(&after, "redis.receive"),
-        2,
-        "only the traced publish's"
+    let receives: Vec<&Value> = after
+        .iter()
+        .filter(|x| x["name"] == "redis.receive")
+        .collect();
+    assert_eq!(receives.len(), 2, "only the traced publish's: {receives:?}");
+    assert!(
+        after
+            .iter()
+            .all(|x| x["tags"]["messaging.message.id"] != "2"),
+        "a span of the untraced publish"
     );
     bob.close();
     alice.close();
