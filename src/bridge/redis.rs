@@ -2535,14 +2535,7 @@ impl Redis {
                 // hand-off to the shards (another node of ours: its flag is followed).
                 let span = match trace {
                     Some((trace_id, span_id)) => crate::root_span!(
-                        crate::trace::root(
-                            Some(crate::trace::Incoming::Parent {
-                                trace_id,
-                                span_id,
-                                sampled: Some(true),
-                            }),
-                            crate::trace::Caller::Trusted,
-                        ),
+                        crate::trace::root_from_node(trace_id, span_id),
                         "redis.receive",
                         otel.kind = "consumer",
                         messaging.system = "redis",

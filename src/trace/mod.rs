@@ -255,6 +255,19 @@ pub fn root_for_field(traceparent: Option<&str>) -> Option<Root> {
     decide(p, incoming, Caller::EndUser)
 }
 
+/// [`root`] for a span continuing another node of ours (a cluster envelope's trace id and
+/// parent span): its sampled flag is followed, as a trusted caller's.
+pub fn root_from_node(trace_id: u128, span_id: u64) -> Option<Root> {
+    root(
+        Some(Incoming::Parent {
+            trace_id,
+            span_id,
+            sampled: Some(true),
+        }),
+        Caller::Trusted,
+    )
+}
+
 /// The current span when tracing is on, else `Span::none()` without asking the subscriber.
 #[inline]
 pub fn current() -> tracing::Span {

@@ -598,14 +598,7 @@ impl Redis {
         // when Redis says), `redis.receive` to the hand-off and the owner's `shard.deliver`.
         let trace = trace.and_then(|(trace_id, span_id)| {
             let receive = crate::root_span!(
-                crate::trace::root(
-                    Some(crate::trace::Incoming::Parent {
-                        trace_id,
-                        span_id,
-                        sampled: Some(true),
-                    }),
-                    crate::trace::Caller::Trusted,
-                ),
+                crate::trace::root_from_node(trace_id, span_id),
                 "redis.receive",
                 otel.kind = "consumer",
                 messaging.system = "redis",
