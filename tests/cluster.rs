@@ -1,6 +1,7 @@
 //! Three nodes and one Redis (real processes): every kind of delivery crosses nodes through
 //! the bridge's Redis pub/sub: room messages (one envelope per publish, whatever the number
-//! of subscribers), broadcasts, a user's devices on every node (direct messages, typing),
+//! of subscribers), broadcasts, a user's devices on every node (direct messages, typing,
+//! read and delivered receipts), room typing,
 //! one connection of another node, and the server API from any node. A node subscribes to a
 //! room's channel only while it has subscribers, and the cross-node frames are exactly the
 //! frames local subscribers get.
@@ -195,6 +196,77 @@ fn broadcasts_users_and_the_server_api_cross_nodes() {
         let f = c.recv_json();
         assert_eq!(f["data"], json!({"all": true}), "{f}");
     }
+}
+
+/// Receipts and room typing across nodes: a `mark.read` / `mark.delivered` reaches every
+/// device of its `to` and the reader's other devices on every node, once each and as the same
+/// frame; a room's typing reaches the room's subscribers on the other nodes, and the typist's
+/// own connection hears nothing.
+#[test]
+fn receipts_and_room_typing_cross_nodes() {
+    let redis = RedisServer::start();
+    let a = node(&redis, &[]);
+    let b = node(&redis, &[]);
+    let c = node(&redis, &[]);
+    let mut bob_a = a.connect("/ws?user_id=bob");
+    let mut bob_c = c.connect("/ws?user_id=bob");
+    let mut alice_b = b.connect("/ws?user_id=alice");
+    let mut alice_c = c.connect("/ws?user_id=alice");
+    let mut carol_b = b.connect("/ws?user_id=carol");
+    wait_numsub(&redis, "sb:{user:bob}", 2);
+    wait_numsub(&redis, "sb:{user:alice}", 2);
+    wait_numsub(&redis, "sb:{user:carol}", 1);
+
+    // bob (node A) read alice's messages: alice's devices on B and C, and bob's device on C.
+    let ids = json!(["m-1", 42]);
+    bob_a.send_json(
+        json!({"type": "mark.read", "to": "alice", "conversationId": "conv-1",
+                           "messageIds": ids}),
+    );
+    let first = alice_b.expect_type("message.read");
+    assert_eq!(first["data"]["conversationId"], "conv-1", "{first}");
+    assert_eq!(first["data"]["messageIds"], ids, "{first}");
+    assert_eq!(first["data"]["by"], "bob", "{first}");
+    same_frame(&first, &alice_c.expect_type("message.read"));
+    same_frame(&first, &bob_c.expect_type("message.read"));
+    // bob's device on C says delivered: alice's two devices and bob's device on A.
+    bob_c.send_json(
+        json!({"type": "mark.delivered", "to": "alice", "conversationId": "conv-1",
+                           "messageIds": [7]}),
+    );
+    let d = alice_c.expect_type("message.delivered");
+    assert_eq!(
+        (&d["data"]["messageIds"], &d["data"]["by"]),
+        (&json!([7]), &json!("bob")),
+        "{d}"
+    );
+    same_frame(&d, &alice_b.expect_type("message.delivered"));
+    same_frame(&d, &bob_a.expect_type("message.delivered"));
+    // Once each: nothing more for anyone, and nothing for carol.
+    for cl in [
+        &mut bob_a,
+        &mut bob_c,
+        &mut alice_b,
+        &mut alice_c,
+        &mut carol_b,
+    ] {
+        cl.expect_silence(300);
+    }
+
+    // Room typing: carol (B) types in a room with subscribers on A and C.
+    for cl in [&mut bob_a, &mut alice_c, &mut carol_b] {
+        cl.subscribe("chat");
+    }
+    wait_numsub(&redis, "sb:{room:chat}", 3);
+    carol_b.send_json(json!({"type": "typing.start", "room": "chat"}));
+    let t = bob_a.expect_type("typing.start");
+    assert_eq!(t["data"]["user_id"], "carol", "{t}");
+    assert_eq!(t["data"]["room"], "chat", "{t}");
+    same_frame(&t, &alice_c.expect_type("typing.start"));
+    carol_b.send_json(json!({"type": "typing.stop", "room": "chat"}));
+    let t = alice_c.expect_type("typing.stop");
+    same_frame(&t, &bob_a.expect_type("typing.stop"));
+    carol_b.expect_silence(300);
 }
 
 fn api(server: &TestServer, method: &str, path: &str, body: &Value) -> (u16, String) {

@@ -3,7 +3,8 @@
 //! Covered: a user notification with the target from a JSON pointer and from the key, the
 //! exact `data` of each, a room notification, dead-lettering with the reason header (read back
 //! from the dead-letter topic) while the partition goes on, consumer lag per partition in
-//! `/metrics`, and a SIGKILLed consumer restarted on the same PostgreSQL store: each
+//! `/metrics`, notifications for users and rooms held by another node (through Redis), and a
+//! SIGKILLed consumer restarted on the same PostgreSQL store: each
 //! notification reaches the user once, and REST lists each once.
 //!
 //! Needs `tansu` (see `common::kafka::tansu_install_command`) and PostgreSQL binaries for the
@@ -230,6 +231,74 @@ fn room_notifications_reach_the_subscribers_and_are_not_stored() {
         listed(&server, "ann").is_empty(),
         "room notifications are not stored"
     );
+}
+
+/// Clustered: the node that consumes a record is not where its user or room is. Node A
+/// consumes (Kafka and Redis), node B has Redis only: bob's devices on both nodes get the
+/// user notification, the room's subscriber on B the room one, each once and the same frame
+/// as on A.
+#[test]
+fn notifications_reach_users_and_rooms_on_other_nodes() {
+    use common::redis::RedisServer;
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let broker = Tansu::start();
+    let b = broker.bootstrap();
+    kafka::create_topic(&b, "jobs.posted", 1);
+    kafka::create_topic(&b, "users.joined", 1);
+    let s = setup("cluster");
+    let rules = json!([
+        {"topic": "jobs.posted", "user": "/client/id", "kind": "job.posted",
+         "data": {"jobId": "/jobId"}},
+        {"topic": "users.joined", "room": "/community", "kind": "user.joined"},
+    ]);
+    let a = start(&broker, &s, &rules, &[("SWITCHBOARD_REDIS_URL", &url)]);
+    let other = TestServer::start(&[("SWITCHBOARD_REDIS_URL", &url)]);
+    other.wait_ready();
+    let mut bob_a = a.connect("/ws?user_id=bob");
+    let mut bob_b = other.connect("/ws?user_id=bob");
+    let mut ann_b = other.connect("/ws?user_id=ann");
+    let mut ann_a = a.connect("/ws?user_id=ann");
+    ann_b.subscribe("c1");
+    ann_a.subscribe("c1");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while redis.numsub("sb:{user:bob}") != 2 || redis.numsub("sb:{room:c1}") != 2 {
+        assert!(Instant::now() < deadline, "the nodes never held bob and c1");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    let (p, o) = kafka::produce(
+        &b,
+        "jobs.posted",
+        None,
+        r#"{"jobId":"j9","client":{"id":"bob"}}"#,
+        &[],
+    );
+    let here = notification(&mut bob_a);
+    assert_eq!(here["id"], format!("jobs.posted/{p}/{o}"));
+    assert_eq!(here["data"], json!({"jobId": "j9"}));
+    assert_eq!(
+        notification(&mut bob_b),
+        here,
+        "the same notification on node B"
+    );
+    let (p, o) = kafka::produce(
+        &b,
+        "users.joined",
+        None,
+        r#"{"userId":"dan","community":"c1"}"#,
+        &[],
+    );
+    let here = notification(&mut ann_a);
+    assert_eq!(here["id"], format!("users.joined/{p}/{o}"));
+    assert_eq!(
+        notification(&mut ann_b),
+        here,
+        "the same notification on node B"
+    );
+    for c in [&mut bob_a, &mut bob_b, &mut ann_a, &mut ann_b] {
+        c.expect_silence(300);
+    }
 }
 
 #[test]
