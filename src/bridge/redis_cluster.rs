@@ -731,6 +731,9 @@ impl Sharded {
             }
         }
         let mut list: Vec<Rc<Master>> = Vec::with_capacity(map.masters().len());
+        // New masters' tasks start once the new map and list are stored (below): a panic
+        // before that leaves no task of a master that no list holds.
+        let mut fresh: Vec<Rc<Master>> = Vec::new();
         for (addr, info) in map.masters().iter().zip(infos) {
             if let Some(m) = old.iter().find(|m| &m.addr == addr) {
                 list.push(m.clone());
@@ -739,8 +742,7 @@ impl Sharded {
             let id = self.next_id.get();
             self.next_id.set(id + 1);
             let m = Rc::new(Master::new(id, addr.clone(), info));
-            self.spawn("cluster publisher", &m, |(s, m)| s.publisher(m));
-            self.spawn("cluster subscriber", &m, |(s, m)| s.subscriber(m));
+            fresh.push(m.clone());
             list.push(m);
         }
         tracing::info!(
@@ -809,6 +811,10 @@ impl Sharded {
         }
         *self.map.borrow_mut() = map;
         *self.masters.borrow_mut() = list;
+        for m in &fresh {
+            self.spawn("cluster publisher", m, |(s, m)| s.publisher(m));
+            self.spawn("cluster subscriber", m, |(s, m)| s.subscriber(m));
+        }
         for m in old.iter().chain(self.masters.borrow().iter()) {
             m.wake_pub.notify_one();
             m.wake_sub.notify_one();
